@@ -1,0 +1,139 @@
+"""The authenticate step: a bearer credential becomes a Principal, or Unauthenticated."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from proxy.context import Principal
+from proxy.errors import Unauthenticated
+from proxy.keys.format import PREFIX, KeyFormatError, parse_key
+from proxy.keys.hashing import verify_secret
+from proxy.store import KeyRecord, KeyStore
+
+# RFC 6750 b64token: covers API keys and JWTs. Anything longer is not ours.
+_BEARER_RE = re.compile(r"bearer ([A-Za-z0-9\-._~+/]+=*)", re.ASCII | re.IGNORECASE)
+_MAX_HEADER = 4096
+
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_bearer(header: str | None) -> str:
+    """The token from `Authorization: Bearer <token>` (HTTP) or gRPC `authorization` metadata.
+
+    Strict on purpose: one space, one token, nothing around it. Raises
+    Unauthenticated("missing_credentials") when absent, ("malformed") otherwise.
+    """
+    if header is None or header == "":
+        raise Unauthenticated("missing_credentials")
+    if len(header) > _MAX_HEADER:
+        raise Unauthenticated("malformed")
+    m = _BEARER_RE.fullmatch(header)
+    if m is None:
+        raise Unauthenticated("malformed")
+    return m.group(1)
+
+
+async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: str,
+                       now: float) -> Principal:
+    """Verify a bearer token against the store; no caching, so a revocation counts at once.
+
+    Reasons (audit only; the client sees one body): malformed, bad_checksum,
+    unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent.
+    A store failure propagates as StoreUnavailable (503), never as success.
+    """
+    if not token.startswith(PREFIX):
+        # Seam for session JWTs (a later issue): verify the JWT here (pinned algorithm,
+        # aud/iss/exp required), then run `check_chain` on the chain of its parent key
+        # so that revoking the user/app key ends its sessions on the next request.
+        raise Unauthenticated("malformed")
+    return await _authenticate_api_key(token, store, pepper, client_ip, now)
+
+
+async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, client_ip: str,
+                                now: float) -> Principal:
+    try:
+        parsed = parse_key(token)
+    except KeyFormatError as exc:
+        # A typo or a random probe is turned away before any store lookup.
+        raise Unauthenticated(exc.reason) from None
+    chain = await store.get_chain(parsed.key_id)
+    if not chain or chain[0].key_id != parsed.key_id:
+        raise Unauthenticated("unknown_key")
+    key = chain[0]
+    # The secret is checked before any state, so someone holding only a key id
+    # learns nothing about whether it is revoked, expired or IP-bound.
+    if not verify_secret(pepper, token, key.secret_hash):
+        raise Unauthenticated("hash_mismatch")
+    check_chain(chain, client_ip, now)
+    return Principal(
+        key_id=key.key_id, tier=key.tier, owner=key.owner, roles=key.roles,
+        labels=dict(key.labels), models=effective_models(chain),
+        parents=tuple(r.key_id for r in chain[1:]),
+    )
+
+
+def check_chain(chain: list[KeyRecord], client_ip: str, now: float) -> None:
+    """Refuse if the key or any ancestor is revoked/expired, or the client IP is not bound.
+
+    `chain` is the key then its ancestors, nearest first. The key's own expiry reads
+    "expired"; a dead ancestor reads "revoked", since revoking covers descendants.
+    """
+    key, ancestors = chain[0], chain[1:]
+    if key.revoked_at is not None:
+        raise Unauthenticated("revoked")
+    if _expired(key, now):
+        raise Unauthenticated("expired")
+    for rec in ancestors:
+        if rec.revoked_at is not None or _expired(rec, now):
+            raise Unauthenticated("revoked")
+    addr: _IPAddress | None = None
+    for rec in chain:
+        if not rec.allowed_cidrs:
+            continue
+        if addr is None:
+            addr = _parse_ip(client_ip)
+        if addr is None or not _ip_in_any(addr, rec.allowed_cidrs):
+            raise Unauthenticated("ip_not_allowed")
+
+
+def effective_models(chain: list[KeyRecord]) -> tuple[str, ...]:
+    """The models a key may use: its own list narrowed by every ancestor's; () means any.
+
+    A child may not reach past its parent. If the narrowing leaves nothing the key
+    is refused, because () would read as "any model".
+    """
+    allowed: tuple[str, ...] = ()
+    for rec in chain:
+        if not rec.models:
+            continue
+        allowed = rec.models if not allowed else tuple(m for m in allowed if m in rec.models)
+        if not allowed:
+            raise Unauthenticated("models_outside_parent")
+    return allowed
+
+
+def _expired(rec: KeyRecord, now: float) -> bool:
+    return rec.expires_at is not None and now >= rec.expires_at
+
+
+def _parse_ip(client_ip: str) -> _IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; match them as IPv4.
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _ip_in_any(addr: _IPAddress, cidrs: tuple[str, ...]) -> bool:
+    for cidr in cidrs:
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue  # a bad stored entry matches nothing: fail closed
+        if addr.version == net.version and addr in net:
+            return True
+    return False

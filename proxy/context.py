@@ -1,0 +1,57 @@
+"""Plain data passed along the request path: Principal, Resource, RequestContext."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as established by `authn`. Policies read these attributes."""
+
+    key_id: str
+    tier: str                      # app | device | user | session
+    owner: str
+    roles: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    models: tuple[str, ...] = ()   # models the key may use; () means any
+    parents: tuple[str, ...] = ()  # ancestor key ids, nearest first
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """What a route touches, as decided by `classify`."""
+
+    resource: str                  # model:<name> | server | repository | sharedmemory | ...
+    action: str                    # infer | read | admin | health
+    model: str | None = None
+    public: bool = False           # health probes: no credential required
+    stream: bool = False           # generate_stream / ModelStreamInfer
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One per request; every step fills in its part, audit reads all of it."""
+
+    request_id: str
+    client_ip: str
+    protocol: str = "http"         # http | grpc
+    method: str = ""
+    path: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)
+    principal: Principal | None = None
+    resource: Resource | None = None
+    status: str = "allowed"        # allowed | denied | error
+    http_status: int = 0
+    reason: str = ""
+    rule: str = ""
+    upstream_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0

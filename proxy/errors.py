@@ -1,0 +1,107 @@
+"""The error tree: every refusal knows its HTTP status and gRPC code.
+
+    SeekgateError                      500 INTERNAL
+    ├── BadRequest                     400 INVALID_ARGUMENT
+    │   └── PayloadTooLarge            413 RESOURCE_EXHAUSTED
+    ├── NotFound                       404 NOT_FOUND          (route Triton does not have)
+    ├── Unauthenticated                401 UNAUTHENTICATED    (one body for every reason)
+    ├── Forbidden                      403 PERMISSION_DENIED
+    ├── RateLimited                    429 RESOURCE_EXHAUSTED (+ Retry-After)
+    ├── UpstreamUnavailable            503 UNAVAILABLE        (+ Retry-After)
+    │   └── StoreUnavailable           503 UNAVAILABLE
+    └── UpstreamTimeout                504 DEADLINE_EXCEEDED
+
+`public_message` is what the client sees; `reason` goes to the audit record only,
+so a refusal never tells a prober why a key was rejected or which rule denied.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SeekgateError(Exception):
+    http_status: int = 500
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_message: str = "internal error"
+    audit_status: str = "error"
+
+    def __init__(self, reason: str = "", public_message: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(reason or self.default_message)
+        self.reason = reason or self.default_message
+        self.public_message = public_message or self.default_message
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class BadRequest(SeekgateError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    default_message = "bad request"
+    audit_status = "denied"
+
+
+class PayloadTooLarge(BadRequest):
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_message = "request body too large"
+
+
+class NotFound(SeekgateError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    default_message = "not found"
+    audit_status = "denied"
+
+
+class Unauthenticated(SeekgateError):
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    default_message = "invalid or missing credentials"
+    audit_status = "denied"
+
+    def __init__(self, reason: str = "") -> None:
+        # The public message is fixed on purpose: same body whatever the reason.
+        super().__init__(reason or "missing_credentials")
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="seekgate"'}
+
+
+class Forbidden(SeekgateError):
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    default_message = "forbidden by policy"
+    audit_status = "denied"
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "policy_denied")
+
+
+class RateLimited(SeekgateError):
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_message = "rate limit exceeded"
+    audit_status = "denied"
+
+
+class UpstreamUnavailable(SeekgateError):
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    default_message = "inference server unavailable"
+
+    def __init__(self, reason: str = "", retry_after: int = 1) -> None:
+        super().__init__(reason or "upstream_unavailable", retry_after=retry_after)
+
+
+class StoreUnavailable(UpstreamUnavailable):
+    default_message = "service temporarily unavailable"
+
+
+class UpstreamTimeout(SeekgateError):
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_message = "inference server timed out"

@@ -1,0 +1,65 @@
+"""Keyed hashing of API key secrets and the pepper that keys it.
+
+Why HMAC-SHA256 and not PBKDF2/scrypt: keys are 256-bit random, so there is nothing
+to brute-force; a slow KDF (PBKDF2 at 100k iterations, ~60 ms) would only add that
+much latency to every request for no security gain. The pepper keeps a stolen
+database useless without the pepper file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+PEPPER_BYTES = 32
+
+
+def hash_secret(pepper: bytes, token: str) -> str:
+    """Hex HMAC-SHA256(pepper, token): what the store keeps instead of the key."""
+    return hmac.new(pepper, token.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def verify_secret(pepper: bytes, token: str, stored_hex: str) -> bool:
+    """Constant-time check of a token against a stored hash; False on any garbage."""
+    computed = hash_secret(pepper, token).encode("ascii")
+    try:
+        stored = stored_hex.encode("ascii")
+    except (AttributeError, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(computed, stored)
+
+
+def load_or_create_pepper(data_dir: Path) -> bytes:
+    """Read `<data_dir>/secrets/pepper`, creating it (0600, dir 0700) if missing.
+
+    Creation is race-free across processes: the pepper is written to a temp file and
+    hard-linked into place, so a reader never sees a half-written file and two
+    starters agree on one pepper.
+    """
+    sdir = Path(data_dir) / "secrets"
+    if not sdir.exists():
+        sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(sdir, 0o700)  # mkdir's mode is masked by the umask
+    path = sdir / "pepper"
+    if not path.exists():
+        tmp = sdir / f".pepper.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(PEPPER_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race; use its pepper
+        finally:
+            tmp.unlink(missing_ok=True)
+    pepper = path.read_bytes()
+    if len(pepper) != PEPPER_BYTES:
+        # Fail closed: a truncated pepper would silently invalidate (or weaken) every key.
+        raise ValueError(f"{path}: expected {PEPPER_BYTES} bytes, found {len(pepper)}")
+    return pepper

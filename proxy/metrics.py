@@ -1,0 +1,187 @@
+"""Prometheus metrics on a private registry, with every label bounded to a known set."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+from .context import RequestContext
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+NONE = "none"
+
+# 0.5 ms (a refused request) .. 60 s (a long generation).
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# What the proxy itself adds should sit well under 10 ms; resolve that range finely.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 1.0)
+
+ACTIONS = frozenset({"infer", "read", "admin", "health"})
+TIERS = frozenset({"root", "app", "device", "user", "session"})
+STATUSES = frozenset({"allowed", "denied", "error"})
+PROTOCOLS = frozenset({"http", "grpc"})
+AUTH_REASONS = frozenset({
+    # proxy.authn's reasons, then the session-JWT ones it is expected to grow.
+    "missing_credentials", "malformed", "bad_checksum", "unknown_key", "hash_mismatch",
+    "revoked", "expired", "ip_not_allowed", "models_outside_parent",
+    "invalid_token", "bad_signature", "wrong_audience", "wrong_issuer", "not_yet_valid",
+})
+HTTP_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429,
+                        499, 500, 501, 502, 503, 504})
+
+
+class _Bounded:
+    """Maps a raw value onto a bounded label set: known values pass, others become `other`.
+
+    `spare` admits that many not-yet-known values first come, first served, for label
+    sets ops control but we cannot enumerate up front (policy rule ids).
+    """
+
+    def __init__(self, known: Iterable[str] = (), spare: int = 0) -> None:
+        self.known = frozenset(known)
+        self._spare = spare
+        self._admitted: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return NONE
+        if value in self.known or value in self._admitted:
+            return value
+        if len(self._admitted) < self._spare:
+            self._admitted.add(value)
+            return value
+        return OTHER
+
+
+def _reason_key(reason: str) -> str:
+    # Reasons may carry detail ("revoked: parent k_123"); only the kind is a label.
+    return reason.split(":", 1)[0].strip().lower()
+
+
+def _code(status: int) -> str:
+    if not status:
+        return NONE
+    if status in HTTP_CODES:
+        return str(status)
+    return f"{status // 100}xx" if 100 <= status < 600 else OTHER
+
+
+class Metrics:
+    """Everything an operator watches, on its own `CollectorRegistry`."""
+
+    def __init__(self, known_models: Iterable[str] = (), *,
+                 auth_reasons: Iterable[str] = AUTH_REASONS,
+                 known_rules: Iterable[str] = (), spare_rules: int = 64) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._model = _Bounded(known_models)
+        self._action = _Bounded(ACTIONS)
+        self._tier = _Bounded(TIERS)
+        self._status = _Bounded(STATUSES)
+        self._protocol = _Bounded(PROTOCOLS)
+        self._reason = _Bounded(auth_reasons)
+        self._rule = _Bounded(known_rules, spare=spare_rules)
+
+        self.requests = Counter("seekgate_requests", "Requests handled, by outcome.",
+                                ("model", "action", "tier", "status", "code", "protocol"),
+                                registry=r)
+        self.request_duration = Histogram(
+            "seekgate_request_duration_seconds", "Time from request arrival to response end.",
+            ("model", "action", "protocol"), buckets=DURATION_BUCKETS, registry=r)
+        self.upstream_duration = Histogram(
+            "seekgate_upstream_duration_seconds", "Time spent waiting on Triton.",
+            ("model", "action", "protocol"), buckets=DURATION_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "seekgate_overhead_seconds",
+            "Request time minus upstream time, for requests forwarded to Triton.",
+            ("protocol",), buckets=OVERHEAD_BUCKETS, registry=r)
+        self.auth_failures = Counter("seekgate_auth_failures", "Requests refused with 401.",
+                                     ("reason", "protocol"), registry=r)
+        self.policy_denials = Counter("seekgate_policy_denials", "Requests refused with 403.",
+                                      ("rule",), registry=r)
+        self.tokens = Counter("seekgate_tokens", "Tokens processed.",
+                              ("model", "direction", "tier"), registry=r)
+        self.policy_reloads = Counter("seekgate_policy_reloads",
+                                      "Successful policy reloads.", registry=r)
+        self.policy_reload_errors = Counter(
+            "seekgate_policy_reload_errors",
+            "Policy reloads rejected; the last good policy stays in force.", registry=r)
+        self.policy_version = Gauge("seekgate_policy_version",
+                                    "Version of the policy in force.", registry=r)
+        self.audit_queue_depth = Gauge("seekgate_audit_queue_depth",
+                                       "Audit records waiting to be written.", registry=r)
+        self.audit_write_errors = Counter("seekgate_audit_write_errors",
+                                          "Failed audit write attempts (records are retried).",
+                                          registry=r)
+        self.upstream_up = Gauge("seekgate_upstream_up",
+                                 "1 if Triton answered its last health check, else 0.",
+                                 registry=r)
+        self.audit_queue_depth.set_function(lambda: 0.0)
+
+    # -- label bounds ------------------------------------------------------------
+
+    def set_known_models(self, models: Iterable[str]) -> None:
+        """Replace the model names that get their own label value (others are `other`)."""
+        self._model = _Bounded(models)
+
+    def set_known_rules(self, rules: Iterable[str]) -> None:
+        """Policy rule ids after a reload; unknown ids still get the spare allowance."""
+        self._rule = _Bounded(rules, spare=self._rule._spare)
+
+    # -- events ------------------------------------------------------------------
+
+    def observe_request(self, ctx: RequestContext, duration_s: float | None = None) -> None:
+        """Record one finished request. `duration_s` defaults to time since ctx.started."""
+        duration = ctx.elapsed_ms() / 1000.0 if duration_s is None else duration_s
+        res, who = ctx.resource, ctx.principal
+        model = self._model(res.model if res else None)
+        action = self._action(res.action if res else None)
+        tier = self._tier(who.tier if who else None)
+        protocol = self._protocol(ctx.protocol)
+
+        self.requests.labels(model, action, tier, self._status(ctx.status),
+                             _code(ctx.http_status), protocol).inc()
+        self.request_duration.labels(model, action, protocol).observe(duration)
+        if ctx.upstream_ms is not None:
+            upstream = ctx.upstream_ms / 1000.0
+            self.upstream_duration.labels(model, action, protocol).observe(upstream)
+            self.overhead.labels(protocol).observe(max(0.0, duration - upstream))
+        if ctx.input_tokens:
+            self.tokens.labels(model, "input", tier).inc(ctx.input_tokens)
+        if ctx.output_tokens:
+            self.tokens.labels(model, "output", tier).inc(ctx.output_tokens)
+        if ctx.http_status == 401:
+            self.auth_failures.labels(self._reason(_reason_key(ctx.reason)), protocol).inc()
+        elif ctx.http_status == 403:
+            self.policy_denials.labels(self._rule(ctx.rule)).inc()
+
+    def policy_reloaded(self, version: float | int | str) -> None:
+        """A reload succeeded; `version` should be numeric (a counter or an mtime)."""
+        self.policy_reloads.inc()
+        try:
+            self.policy_version.set(float(version))
+        except (TypeError, ValueError):
+            log.warning("policy version %r is not numeric; gauge left unchanged", version)
+
+    def policy_reload_failed(self) -> None:
+        self.policy_reload_errors.inc()
+
+    def audit_write_failed(self) -> None:
+        self.audit_write_errors.inc()
+
+    def set_upstream_up(self, up: bool) -> None:
+        self.upstream_up.set(1.0 if up else 0.0)
+
+    def set_audit_depth_fn(self, fn: Callable[[], float]) -> None:
+        """Read at scrape time, e.g. `metrics.set_audit_depth_fn(writer.queue_depth)`."""
+        self.audit_queue_depth.set_function(fn)
+
+    def render(self) -> tuple[bytes, str]:
+        """Exposition body and its content type, for the /metrics handler."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

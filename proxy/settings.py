@@ -1,0 +1,327 @@
+"""Every setting declared once: frozen dataclasses loaded from YAML, then SEEKGATE_* env, then overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+MiB = 1024 * 1024
+ENV_PREFIX = "SEEKGATE_"
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _help("Address the HTTP, gRPC and metrics listeners bind (loopback by default)", "127.0.0.1")
+    http_port: int = _help("Port of the HTTP/REST front end (KServe v2 + admin API)", 8000)
+    grpc_port: int = _help("Port of the gRPC front end (inference.GRPCInferenceService)", 8001)
+    metrics_port: int = _help("Port serving Prometheus /metrics", 8002)
+    base_path: str = _help("Path prefix stripped before routing, e.g. /triton ('' for none)", "")
+    max_body_bytes: int = _help("Largest HTTP request body accepted (64 MiB)", 64 * MiB)
+    grpc_max_message_bytes: int = _help("Largest gRPC message accepted or sent (64 MiB)", 64 * MiB)
+    read_timeout_s: float = _help("Seconds to wait for a client to send its request body", 30.0)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    http_url: str = _help("Triton HTTP endpoint requests are forwarded to", "http://127.0.0.1:18000")
+    grpc_target: str = _help("Triton gRPC endpoint (host:port) requests are forwarded to", "127.0.0.1:18001")
+    metrics_url: str = _help("Triton's Prometheus endpoint, re-exported on our metrics port",
+                             "http://127.0.0.1:18002/metrics")
+    connect_timeout_s: float = _help("Seconds to wait for a connection to Triton", 2.0)
+    request_timeout_s: float = _help("Seconds a forwarded request may take end to end", 300.0)
+    pool_size: int = _help("Most concurrent connections to Triton", 100)
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    model_repository: str = _help("Model repository the local tritonserver serves", "triton_models")
+    checkpoint: str = _help("Hugging Face checkpoint dir for the model ('' builds a tiny one under data_dir)", "")
+    http_port: int = _help("HTTP port of the local tritonserver (loopback only)", 18000)
+    grpc_port: int = _help("gRPC port of the local tritonserver (loopback only)", 18001)
+    metrics_port: int = _help("Metrics port of the local tritonserver (loopback only)", 18002)
+    startup_timeout_s: float = _help("Seconds to wait for the local tritonserver to become ready", 120.0)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    key_cache_ttl_s: float = _help("Seconds a verified key stays cached (bounds how late a revocation bites)", 5.0)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    directory: str = _help("Directory of YAML policy files", "policies")
+    reload_interval_s: float = _help("Seconds between checks of the policy files for changes", 0.5)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    max_bytes: int = _help("Size at which the audit JSONL file is rotated (100 MiB)", 100 * MiB)
+    retention_days: int = _help("Days rotated audit files are kept", 180)
+    queue_max: int = _help("Most audit records buffered in memory while waiting to be written", 100_000)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = _help("Directory for the key store, audit log and built checkpoint", ".seekgate")
+    server: ServerSettings = _help("The proxy's own listeners", default_factory=ServerSettings)
+    upstream: UpstreamSettings = _help("How to reach Triton", default_factory=UpstreamSettings)
+    triton: TritonSettings = _help("The local tritonserver `seekgate up` runs", default_factory=TritonSettings)
+    auth: AuthSettings = _help("Authentication", default_factory=AuthSettings)
+    policy: PolicySettings = _help("Authorization policies", default_factory=PolicySettings)
+    audit: AuditSettings = _help("Audit log", default_factory=AuditSettings)
+
+
+class SettingsError(ValueError):
+    """Every problem found in the configuration, each naming its field path."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid settings:\n  " + "\n  ".join(errors))
+        self.errors = errors
+
+
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_SECTIONS: dict[str, type] = {n: t for n, t in _types(Settings).items() if dataclasses.is_dataclass(t)}
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_env_value(raw: str, kind: type) -> Any:
+    """Coerce an environment string to `kind` (int, float, bool or str); ValueError if it can't."""
+    if kind is str:
+        return raw
+    try:
+        return _BOOLS[raw.strip().lower()] if kind is bool else kind(raw.strip())
+    except (KeyError, ValueError):
+        raise ValueError(f"must be {_KIND_NAMES[kind]}, got {raw!r}") from None
+
+
+def _type_error(value: Any, kind: type) -> str | None:
+    """YAML values are typed already: check, don't coerce (except int -> float)."""
+    allowed = (int, float) if kind is float else kind
+    if isinstance(value, allowed) and (kind is bool or not isinstance(value, bool)):
+        return None
+    return f"must be {_KIND_NAMES[kind]}, got {type(value).__name__} {value!r}"
+
+
+def _read_yaml(path: Path | None, errors: list[str]) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        errors.append(f"{path}: cannot read: {exc}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        errors.append(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def _env_layer(env: Mapping[str, str], errors: list[str]) -> dict[str, Any]:
+    """SEEKGATE_<SECTION>_<FIELD> (or SEEKGATE_<FIELD> at top level), coerced to the field's type."""
+    layer: dict[str, Any] = {}
+    for var, raw in env.items():
+        rest = var[len(ENV_PREFIX):].lower() if var.startswith(ENV_PREFIX) else None
+        if rest is None:
+            continue
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), "")
+        if not section and rest not in _types(Settings):
+            continue  # other SEEKGATE_* variables (CLI credentials, ...) are not settings
+        name = rest[len(section) + 1:] if section else rest
+        kind = _types(_SECTIONS[section] if section else Settings).get(name)
+        path = f"{section}.{name}" if section else name
+        if kind is None:
+            errors.append(f"{path} (from {var}): unknown setting")
+            continue
+        try:
+            (layer.setdefault(section, {}) if section else layer)[name] = parse_env_value(raw, kind)
+        except ValueError as exc:
+            errors.append(f"{path} (from {var}): {exc}")
+    return layer
+
+
+def _expand_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept {"server.http_port": 1} as well as {"server": {"http_port": 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        out = _merge(out, {section: {name: value}} if name else {key: value})
+    return out
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls: type, raw: Mapping[str, Any], errors: list[str], prefix: str = "") -> Any:
+    """Instantiate `cls` from raw values, recording (not raising) every unknown key and bad type."""
+    hints = _types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path, kind = f"{prefix}{key}", hints.get(key)
+        if kind is None:
+            errors.append(f"{path}: unknown setting")
+        elif dataclasses.is_dataclass(kind):
+            if value is None:  # a section whose keys are all commented out
+                continue
+            if not isinstance(value, Mapping):
+                errors.append(f"{path}: must be a mapping, got {type(value).__name__}")
+                continue
+            kwargs[key] = _build(kind, value, errors, f"{path}.")
+        elif (problem := _type_error(value, kind)) is not None:
+            errors.append(f"{path}: {problem}")
+        else:
+            kwargs[key] = float(value) if kind is float else value
+    return cls(**kwargs)
+
+
+_PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
+          "triton.http_port", "triton.grpc_port", "triton.metrics_port")
+_POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
+             "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.pool_size",
+             "triton.startup_timeout_s", "policy.reload_interval_s", "audit.max_bytes",
+             "audit.retention_days", "audit.queue_max")
+_NON_NEGATIVE = ("auth.key_cache_ttl_s",)
+_NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory")
+_INT32_MAX = 2**31 - 1  # grpc's max message length option is a C int
+_BASE_PATH_RE = re.compile(r"(/[A-Za-z0-9_~.-]+)*")
+
+
+def _get(settings: Settings, path: str) -> Any:
+    value: Any = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_url(path: str, url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{path}: must be an http:// or https:// URL, got {url!r}"
+    return None
+
+
+def validate(settings: Settings) -> list[str]:
+    """Every problem with `settings`, each as 'field.path: what is wrong'; [] if none."""
+    errors: list[str] = []
+    for path in _PORTS:
+        port = _get(settings, path)
+        if not 1 <= port <= 65535:
+            errors.append(f"{path}: must be 1-65535, got {port}")
+    # Everything binds on this host, so any shared port fails at start-up.
+    seen: dict[int, str] = {}
+    for path in _PORTS:
+        port = _get(settings, path)
+        if port in seen:
+            errors.append(f"{path}: port {port} clashes with {seen[port]}")
+        seen.setdefault(port, path)
+    for path in _POSITIVE + _NON_NEGATIVE:
+        value, strict = _get(settings, path), path in _POSITIVE
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            errors.append(f"{path}: must be {'greater than 0' if strict else '0 or more'}, got {value}")
+    for path in _NON_EMPTY:
+        if not _get(settings, path).strip():
+            errors.append(f"{path}: must not be empty")
+    if settings.server.grpc_max_message_bytes > _INT32_MAX:
+        errors.append(f"server.grpc_max_message_bytes: must be at most {_INT32_MAX}, "
+                      f"got {settings.server.grpc_max_message_bytes}")
+    base = settings.server.base_path
+    if _BASE_PATH_RE.fullmatch(base) is None or any(s in (".", "..") for s in base.split("/")):
+        errors.append(f"server.base_path: must be '' or like /prefix (no trailing slash), got {base!r}")
+    for path in ("upstream.http_url", "upstream.metrics_url"):
+        problem = _check_url(path, _get(settings, path))
+        if problem:
+            errors.append(problem)
+    target = settings.upstream.grpc_target
+    if ":" not in target or any(c.isspace() for c in target) or target.startswith(("http:", "https:")):
+        errors.append(f"upstream.grpc_target: must be a gRPC target like host:port, got {target!r}")
+    return errors
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] = os.environ,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults <- YAML file (a missing file means defaults) <- SEEKGATE_* env <- overrides.
+
+    Raises SettingsError listing every problem at once.
+    """
+    errors: list[str] = []
+    raw = _read_yaml(path, errors)
+    raw = _merge(raw, _env_layer(env, errors))
+    raw = _merge(raw, _expand_dotted(overrides or {}))
+    # Fields with a bad type or value keep their default, so validation still
+    # runs and the operator sees every problem in one go.
+    settings = _build(Settings, raw, errors)
+    errors += validate(settings)
+    if errors:
+        raise SettingsError(errors)
+    return settings
+
+
+def _walk() -> list[tuple[str, str, dataclasses.Field[Any], Any]]:
+    """(section, path, field, default) for every scalar setting, in declaration order."""
+    rows = []
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += [(f.name, f"{f.name}.{g.name}", g, getattr(value, g.name))
+                     for g in dataclasses.fields(value)]
+        else:
+            rows.append(("", f.name, f, value))
+    return rows
+
+
+def env_var(path: str) -> str:
+    """The environment variable that overrides a setting: server.http_port -> SEEKGATE_SERVER_HTTP_PORT."""
+    return ENV_PREFIX + path.replace(".", "_").upper()
+
+
+def format_settings_help() -> str:
+    """Every setting with its default, environment variable and help, for docs and --help."""
+    lines = []
+    for _section, path, f, default in _walk():
+        lines.append(f"{path} = {default!r}  [{env_var(path)}]")
+        lines.append(f"    {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_settings_yaml() -> str:
+    """A YAML file listing every setting at its default, each with its help as a comment."""
+    lines = ["# seekgate configuration: every setting at its default.",
+             "# Override any of them with SEEKGATE_<SECTION>_<FIELD> (e.g. SEEKGATE_SERVER_HTTP_PORT).",
+             ""]
+    current = None
+    section_help = {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
+    for section, path, f, default in _walk():
+        if section != current and section:
+            lines += ["", f"# {section_help[section]}", f"{section}:"]
+        current = section
+        indent = "  " if section else ""
+        lines.append(f"{indent}# {f.metadata['help']}")
+        lines.append(f"{indent}{f.name}: {yaml.safe_dump(default, default_style=None).splitlines()[0]}")
+    return "\n".join(lines) + "\n"

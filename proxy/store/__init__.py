@@ -1,0 +1,65 @@
+"""Key storage: the KeyRecord row and the KeyStore interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+TIERS = ("app", "device", "user", "session")
+
+
+class StoreConflict(ValueError):
+    """A write the store refused: duplicate key id, or a parent that does not exist."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRecord:
+    """One stored key. Never holds the secret, only its keyed hash."""
+
+    key_id: str
+    secret_hash: str
+    tier: str                                   # app | device | user | session
+    owner: str
+    roles: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    models: tuple[str, ...] = ()                # () means any model
+    allowed_cidrs: tuple[str, ...] = ()         # () means any client address
+    parent_id: str | None = None
+    prefix: str = ""                            # "sgk_<key_id>", for listings
+    last4: str = ""
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """What authn, the admin API and the CLI need from a key store.
+
+    Every read failure surfaces as `proxy.errors.StoreUnavailable` (fail closed).
+    """
+
+    async def close(self) -> None: ...
+
+    async def create_key(self, rec: KeyRecord) -> None: ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def get_chain(self, key_id: str) -> list[KeyRecord]:
+        """The key, then its ancestors nearest first; [] if the key is unknown."""
+        ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, key_id: str, now: float) -> int:
+        """Revoke the key and every descendant; returns how many were newly revoked."""
+        ...
+
+    async def has_any_admin(self) -> bool: ...
+
+    async def revision(self) -> int:
+        """A counter bumped by every change, so caches elsewhere can notice cheaply."""
+        ...
+
+
+__all__ = ["TIERS", "KeyRecord", "KeyStore", "StoreConflict"]

@@ -1,0 +1,253 @@
+"""The default key store: one SQLite file in WAL mode, over aiosqlite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from proxy.errors import StoreUnavailable
+from proxy.store import KeyRecord, StoreConflict
+
+# Chains are app->device or user->session; anything deeper is corruption, and the cap
+# also stops a parent cycle in a hand-edited database from looping forever.
+MAX_DEPTH = 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id        TEXT PRIMARY KEY,
+    secret_hash   TEXT NOT NULL,
+    tier          TEXT NOT NULL,
+    owner         TEXT NOT NULL,
+    roles         TEXT NOT NULL DEFAULT '[]',   -- JSON array
+    labels        TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    models        TEXT NOT NULL DEFAULT '[]',   -- JSON array
+    allowed_cidrs TEXT NOT NULL DEFAULT '[]',   -- JSON array
+    parent_id     TEXT REFERENCES keys(key_id),
+    prefix        TEXT NOT NULL DEFAULT '',
+    last4         TEXT NOT NULL DEFAULT '',
+    created_at    REAL NOT NULL,
+    expires_at    REAL,
+    revoked_at    REAL
+);
+CREATE INDEX IF NOT EXISTS keys_parent ON keys(parent_id);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
+"""
+
+_COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_cidrs, "
+            "parent_id, prefix, last4, created_at, expires_at, revoked_at")
+
+_CHAIN_SQL = f"""
+WITH RECURSIVE chain(id, depth) AS (
+    SELECT ?, 0
+    UNION ALL
+    SELECT k.parent_id, chain.depth + 1 FROM keys k JOIN chain ON k.key_id = chain.id
+    WHERE k.parent_id IS NOT NULL AND chain.depth < {MAX_DEPTH}
+)
+SELECT {", ".join("k." + c.strip() for c in _COLUMNS.split(","))}
+FROM chain JOIN keys k ON k.key_id = chain.id ORDER BY chain.depth
+"""
+
+# The CTE sits inside the subquery: with a leading WITH, sqlite3 reports rowcount -1.
+_REVOKE_SQL = f"""
+UPDATE keys SET revoked_at = ?
+WHERE revoked_at IS NULL AND key_id IN (
+    WITH RECURSIVE tree(id, depth) AS (
+        SELECT ?, 0
+        UNION ALL
+        SELECT k.key_id, tree.depth + 1 FROM keys k JOIN tree ON k.parent_id = tree.id
+        WHERE tree.depth < {MAX_DEPTH}
+    )
+    SELECT id FROM tree
+)
+"""
+
+_HAS_ADMIN_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM keys, json_each(keys.roles) AS r
+    WHERE keys.revoked_at IS NULL AND r.value = 'admin'
+)
+"""
+
+# What a broken, locked, missing or corrupt database can raise; all of it means
+# "can't tell", which must deny rather than let a request through.
+_STORE_ERRORS = (sqlite3.Error, OSError, ValueError, TypeError, KeyError)
+
+
+def _to_row(rec: KeyRecord) -> tuple[Any, ...]:
+    return (rec.key_id, rec.secret_hash, rec.tier, rec.owner,
+            json.dumps(list(rec.roles)), json.dumps(dict(rec.labels), sort_keys=True),
+            json.dumps(list(rec.models)), json.dumps(list(rec.allowed_cidrs)),
+            rec.parent_id, rec.prefix, rec.last4, rec.created_at, rec.expires_at,
+            rec.revoked_at)
+
+
+def _str_tuple(raw: str) -> tuple[str, ...]:
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a JSON array of strings, got {raw!r}")
+    return tuple(value)
+
+
+def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
+    labels = json.loads(row[5])
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ValueError(f"expected a JSON object of strings, got {row[5]!r}")
+    return KeyRecord(
+        key_id=row[0], secret_hash=row[1], tier=row[2], owner=row[3],
+        roles=_str_tuple(row[4]), labels=labels, models=_str_tuple(row[6]),
+        allowed_cidrs=_str_tuple(row[7]), parent_id=row[8], prefix=row[9], last4=row[10],
+        created_at=float(row[11]),
+        expires_at=None if row[12] is None else float(row[12]),
+        revoked_at=None if row[13] is None else float(row[13]),
+    )
+
+
+@asynccontextmanager
+async def _guard(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except _STORE_ERRORS as exc:
+        raise StoreUnavailable(f"store_unavailable: {what}: {exc.__class__.__name__}: {exc}") \
+            from exc
+
+
+class SqliteStore:
+    """KeyStore over one SQLite file. Use `await SqliteStore.open(path)`, then `close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        # One connection is shared by every coroutine; serialise write transactions on it.
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SqliteStore:
+        """Open (creating if needed) the database: WAL, busy timeout, foreign keys, schema."""
+        path = Path(path)
+        async with _guard("open"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Hashes are not secrets, but nobody else needs to read them; SQLite
+                # gives the -wal/-shm files the same mode as the database.
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            # Fail on an unopenable path here: aiosqlite leaves its worker thread to
+            # finish a failed connect after we have returned.
+            await asyncio.to_thread(lambda: sqlite3.connect(path).close())
+            # isolation_level=None: we issue BEGIN ourselves, so a write and its
+            # revision bump commit together.
+            db = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                async with db.execute("PRAGMA journal_mode = WAL") as cur:
+                    row = await cur.fetchone()
+                if row is None or str(row[0]).lower() != "wal":
+                    raise sqlite3.OperationalError(f"could not enable WAL: {row!r}")
+                await db.execute("PRAGMA foreign_keys = ON")
+                await db.executescript(_SCHEMA)
+            except BaseException:
+                await db.close()
+                raise
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _write(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock, _guard(what):
+            # IMMEDIATE takes the write lock up front, so busy_timeout applies here
+            # rather than failing half-way through.
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                # Some errors end the transaction themselves; don't mask them with
+                # "no transaction is active".
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _bump(self) -> None:
+        await self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+
+    async def create_key(self, rec: KeyRecord) -> None:
+        """Insert a key. Raises StoreConflict on a duplicate id or an unknown parent."""
+        try:
+            async with self._write("create_key") as db:
+                await db.execute(f"INSERT INTO keys ({_COLUMNS}) VALUES "
+                                 f"({', '.join('?' * 14)})", _to_row(rec))
+                await self._bump()
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise StoreConflict(f"key {rec.key_id!r}: {exc.__cause__}") from exc.__cause__
+            raise
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with _guard("get_key"):
+            async with self._db.execute(f"SELECT {_COLUMNS} FROM keys WHERE key_id = ?",
+                                        (key_id,)) as cur:
+                row = await cur.fetchone()
+            return None if row is None else _from_row(row)
+
+    async def get_chain(self, key_id: str) -> list[KeyRecord]:
+        """The key, then its ancestors nearest first; [] if the key is unknown."""
+        async with _guard("get_chain"):
+            async with self._db.execute(_CHAIN_SQL, (key_id,)) as cur:
+                rows = await cur.fetchall()
+            chain = [_from_row(r) for r in rows]
+            if len({r.key_id for r in chain}) != len(chain):
+                raise ValueError(f"parent cycle above key {key_id!r}")
+            return chain
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async with _guard("list_keys"):
+            async with self._db.execute(
+                    f"SELECT {_COLUMNS} FROM keys ORDER BY created_at, key_id") as cur:
+                rows = await cur.fetchall()
+            return [_from_row(r) for r in rows]
+
+    async def revoke_key(self, key_id: str, now: float) -> int:
+        """Revoke the key and every descendant; returns how many were newly revoked.
+
+        Keys already revoked keep their original revocation time.
+        """
+        async with self._write("revoke_key") as db:
+            cur = await db.execute(_REVOKE_SQL, (now, key_id))
+            count = cur.rowcount
+            await cur.close()
+            if count:
+                await self._bump()
+        return count
+
+    async def has_any_admin(self) -> bool:
+        """Whether any unrevoked key has the role "admin" (bootstrap check)."""
+        async with _guard("has_any_admin"):
+            async with self._db.execute(_HAS_ADMIN_SQL) as cur:
+                row = await cur.fetchone()
+            return bool(row and row[0])
+
+    async def revision(self) -> int:
+        async with _guard("revision"):
+            async with self._db.execute(
+                    "SELECT value FROM meta WHERE name = 'revision'") as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise ValueError("revision row missing")
+            return int(row[0])

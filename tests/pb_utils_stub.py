@@ -1,0 +1,77 @@
+"""A stand-in for `triton_python_backend_utils`, for unit tests of model.py outside Triton."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class TritonError:
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self._array = name, array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None) -> None:
+        self.output_tensors = output_tensors or []
+        self.error = error
+
+    def output(self, name: str) -> np.ndarray:
+        return next(t.as_numpy() for t in self.output_tensors if t.name() == name)
+
+
+class ResponseSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.cancel_after: int | None = None
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+    def is_cancelled(self) -> bool:
+        # Real Triton frees the response factory after the final flag: asking then crashes it.
+        if any(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, flags in self.sent):
+            raise AssertionError("is_cancelled() called after the final response")
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+
+class InferenceRequest:
+    def __init__(self, **inputs: np.ndarray) -> None:
+        self.inputs = inputs
+        self.sender = ResponseSender()
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    return Tensor(name, request.inputs[name]) if name in request.inputs else None
+
+
+def using_decoupled_model_transaction_policy(config: dict[str, Any]) -> bool:
+    return bool(config.get("model_transaction_policy", {}).get("decoupled"))
+
+
+class Logger:
+    messages: list[str] = []
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.messages.append(message)

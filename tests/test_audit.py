@@ -1,0 +1,239 @@
+"""Tests for proxy.audit: record shape, durability, rotation, retention, failures, queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import audit
+from proxy.audit import FIELDS, AuditWriter, build_record, query_audit, tail_audit
+from proxy.context import Principal, RequestContext, Resource
+
+SECRET = "sk-seekgate-THIS-IS-A-SECRET"
+
+
+def _ctx(**kw: Any) -> RequestContext:
+    ctx = RequestContext(request_id="req-1", client_ip="10.0.0.7", protocol="http",
+                         method="POST", path="/v2/models/deepseek/generate",
+                         started_wall=1_700_000_000.1234)
+    ctx.principal = Principal(key_id="k_app1", tier="app", owner="team-a")
+    ctx.resource = Resource(resource="model:deepseek", action="infer", model="deepseek")
+    ctx.http_status, ctx.upstream_ms, ctx.input_tokens, ctx.output_tokens = 200, 12.34567, 5, 7
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def _rec(i: int, **kw: Any) -> dict[str, Any]:
+    rec = build_record(_ctx(request_id=f"req-{i}"), duration_ms=1.0)
+    rec.update(kw)
+    return rec
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _rows(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+
+
+def test_record_has_exactly_the_schema_fields() -> None:
+    ctx = _ctx(path="/v2/models/deepseek/generate?api_key=" + SECRET,
+               extra={"authorization": "Bearer " + SECRET})
+    rec = build_record(ctx, duration_ms=3.14159)
+    assert tuple(rec) == FIELDS
+    assert rec["timestamp"] == "2023-11-14T22:13:20.123Z"
+    assert len(rec["event_id"]) == 32 and int(rec["event_id"], 16) >= 0
+    assert (rec["actor"], rec["key_id"], rec["tier"]) == ("team-a", "k_app1", "app")
+    assert (rec["action"], rec["resource"], rec["model"]) == ("infer", "model:deepseek", "deepseek")
+    assert (rec["status"], rec["http_status"], rec["client_ip"]) == ("allowed", 200, "10.0.0.7")
+    assert (rec["duration_ms"], rec["upstream_ms"]) == (3.142, 12.346)
+    assert (rec["input_tokens"], rec["output_tokens"]) == (5, 7)
+    assert (rec["protocol"], rec["method"], rec["path"]) == ("http", "POST",
+                                                              "/v2/models/deepseek/generate")
+    assert SECRET not in json.dumps(rec)
+    assert build_record(ctx)["event_id"] != rec["event_id"]
+
+
+def test_record_for_unauthenticated_request_has_null_actor() -> None:
+    ctx = _ctx(principal=None, resource=None, status="denied", http_status=401,
+               reason="unknown_key", upstream_ms=None, input_tokens=None, output_tokens=None)
+    rec = build_record(ctx)
+    assert rec["actor"] is rec["key_id"] is rec["tier"] is rec["model"] is None
+    assert rec["upstream_ms"] is None and rec["reason"] == "unknown_key"
+    assert isinstance(rec["duration_ms"], float) and rec["duration_ms"] >= 0
+
+
+async def test_thousand_submits_all_written(tmp_path: Path) -> None:
+    writer = AuditWriter(tmp_path, batch_size=64)
+    await writer.start()
+    for i in range(1000):
+        writer.submit(_rec(i))
+    assert writer.queue_depth() > 0
+    await writer.close()
+    lines = _lines(tmp_path / "audit" / "audit.jsonl")
+    assert [r["request_id"] for r in lines] == [f"req-{i}" for i in range(1000)]
+    assert _rows(tmp_path / "audit" / "audit.db") == 1000
+    assert writer.queue_depth() == 0
+    with sqlite3.connect(tmp_path / "audit" / "audit.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"audit_ts", "audit_actor", "audit_key_id"} <= indexes
+
+
+async def test_submit_before_start_and_after_close(tmp_path: Path) -> None:
+    writer = AuditWriter(tmp_path)
+    writer.submit(_rec(0))  # queued, written once started
+    await writer.start()
+    await writer.close()
+    writer.submit(_rec(1))  # must not raise
+    assert len(_lines(tmp_path / "audit" / "audit.jsonl")) == 1
+
+
+async def test_rotation_by_size(tmp_path: Path) -> None:
+    writer = AuditWriter(tmp_path, max_bytes=4096, batch_size=8)
+    await writer.start()
+    for i in range(100):
+        writer.submit(_rec(i))
+    await writer.close()
+    audit_dir = tmp_path / "audit"
+    rotated = audit.rotated_files(audit_dir)
+    assert rotated, "expected at least one rotated file"
+    for path in [*rotated, audit_dir / "audit.jsonl"]:
+        assert path.stat().st_size <= 4096
+        assert path.name == "audit.jsonl" or path.name.startswith("audit-2")
+    everything = [r for p in [*rotated, audit_dir / "audit.jsonl"] for r in _lines(p)]
+    assert [r["request_id"] for r in everything] == [f"req-{i}" for i in range(100)]
+    assert [r["request_id"] for r in tail_audit(tmp_path, 30)] == \
+        [f"req-{i}" for i in range(70, 100)]
+
+
+async def test_retention_deletes_old_files_and_rows(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    old = audit_dir / "audit-20000101T000000.000000Z.jsonl"
+    fresh_stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    fresh = audit_dir / f"audit-{fresh_stamp}.jsonl"
+    old.write_text("{}\n")
+    fresh.write_text("{}\n")
+    writer = AuditWriter(tmp_path, retention_days=30)
+    await writer.start()  # retention runs at start
+    assert not old.exists() and fresh.exists()
+    writer.submit(_rec(1, timestamp="2000-01-01T00:00:00.000Z"))
+    writer.submit(_rec(2, timestamp=datetime.now(timezone.utc).isoformat()))
+    await writer.close()
+    assert _rows(audit_dir / "audit.db") == 2
+    async with AuditWriter(tmp_path, retention_days=30) as again:
+        await again.prune()
+    assert [r["request_id"] for r in await query_audit(tmp_path)] == ["req-2"]
+
+
+async def test_file_write_failure_retries_and_reports(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = audit._write_all
+    failures = {"left": 3}
+
+    def flaky(fd: int, data: bytes) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            os.write(fd, data[: len(data) // 2])  # a torn write, as on a full disk
+            raise OSError(28, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(audit, "_write_all", flaky)
+    errors: list[int] = []
+    writer = AuditWriter(tmp_path, on_error=lambda: errors.append(1), retry_base_s=0.005)
+    await writer.start()
+    for i in range(50):
+        writer.submit(_rec(i))
+    await writer.close()
+    assert len(errors) == 3
+    lines = _lines(tmp_path / "audit" / "audit.jsonl")  # no torn line left behind
+    assert sorted(r["request_id"] for r in lines) == sorted(f"req-{i}" for i in range(50))
+    assert _rows(tmp_path / "audit" / "audit.db") == 50
+
+
+async def test_db_write_failure_retries_without_duplicating_lines(tmp_path: Path) -> None:
+    errors: list[int] = []
+    writer = AuditWriter(tmp_path, on_error=lambda: errors.append(1), retry_base_s=0.005)
+    await writer.start()
+    real_insert = writer._insert_rows
+    failures = {"left": 2}
+
+    async def flaky(batch: list[dict[str, Any]]) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        await real_insert(batch)
+
+    writer._insert_rows = flaky  # type: ignore[method-assign]
+    for i in range(20):
+        writer.submit(_rec(i))
+    await writer.close()
+    assert len(errors) == 2
+    assert len(_lines(tmp_path / "audit" / "audit.jsonl")) == 20
+    assert _rows(tmp_path / "audit" / "audit.db") == 20
+
+
+async def test_close_gives_up_after_timeout_without_hanging(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    def broken(fd: int, data: bytes) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit, "_write_all", broken)
+    writer = AuditWriter(tmp_path, retry_base_s=0.01, retry_max_s=0.01)
+    await writer.start()
+    writer.submit(_rec(0))
+    writer.submit(_rec(1))
+    await writer.close(timeout=0.1)
+    assert "could not persist 2 records" in caplog.text
+    assert "req-1" in caplog.text  # the record itself survives in the log
+
+
+async def test_query_filters(tmp_path: Path) -> None:
+    base = float(int(time.time()) - 100)  # whole seconds: datetime keeps only microseconds
+    writer = AuditWriter(tmp_path)
+    await writer.start()
+    for i in range(10):
+        stamp = datetime.fromtimestamp(base + i, timezone.utc).isoformat()
+        writer.submit(_rec(i, timestamp=stamp, actor="alice" if i % 2 else "bob",
+                           key_id=f"k{i % 3}", status="denied" if i >= 7 else "allowed"))
+    await writer.close()
+
+    def ids(rows: list[dict[str, Any]]) -> list[str]:
+        return [r["request_id"] for r in rows]
+
+    assert ids(await query_audit(tmp_path)) == [f"req-{i}" for i in range(9, -1, -1)]
+    assert ids(await query_audit(tmp_path, actor="alice")) == ["req-9", "req-7", "req-5",
+                                                              "req-3", "req-1"]
+    assert ids(await query_audit(tmp_path, key_id="k0")) == ["req-9", "req-6", "req-3", "req-0"]
+    assert ids(await query_audit(tmp_path, status="denied")) == ["req-9", "req-8", "req-7"]
+    assert ids(await query_audit(tmp_path, since=base + 3, until=base + 6)) == \
+        ["req-5", "req-4", "req-3"]
+    assert ids(await query_audit(tmp_path, actor="bob", status="allowed", limit=2)) == \
+        ["req-6", "req-4"]
+    row = (await query_audit(tmp_path, limit=1))[0]
+    assert tuple(row) == FIELDS and row["http_status"] == 200 and row["upstream_ms"] == 12.346
+    assert await query_audit(tmp_path / "nowhere") == []
+
+
+def test_tail_reads_last_lines(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    (audit_dir / "audit.jsonl").write_text("".join(json.dumps({"n": i}) + "\n"
+                                                   for i in range(5000)))
+    assert [r["n"] for r in tail_audit(tmp_path, 3)] == [4997, 4998, 4999]
+    assert len(tail_audit(tmp_path, 10_000)) == 5000
+    assert tail_audit(tmp_path, 0) == []
+    assert tail_audit(tmp_path / "nowhere", 5) == []

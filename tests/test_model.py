@@ -1,0 +1,175 @@
+"""model.py helpers and TritonPythonModel.execute, outside Triton (pb_utils stubbed at the module boundary)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from tests import pb_utils_stub
+
+MODEL_PY = Path(__file__).resolve().parent.parent / "triton_models" / "deepseek" / "1" / "model.py"
+
+
+def load_model_module() -> ModuleType:
+    sys.modules["triton_python_backend_utils"] = pb_utils_stub  # type: ignore[assignment]
+    spec = importlib.util.spec_from_file_location("deepseek_model", MODEL_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+m = load_model_module()
+LIMITS = m.Limits(max_tokens_cap=64, default_max_tokens=8, context_length=128)
+
+
+def b(text: str) -> np.ndarray:
+    return np.array([[text.encode()]], dtype=np.object_)
+
+
+def test_parse_prompt_and_params() -> None:
+    assert m.parse_prompt({"text_input": b("hi")}) == "hi"
+    p = m.parse_params({"max_tokens": np.array([[5]], np.int32), "temperature": np.array([[0.5]], np.float32),
+                        "top_p": np.array([[0.9]], np.float32), "stop": np.array([[b"x", b"yz"]], np.object_),
+                        "seed": np.array([[7]], np.int64)}, LIMITS)
+    assert (p.max_tokens, p.stop, p.seed) == (5, ("x", "yz"), 7)
+    assert p.temperature == pytest.approx(0.5) and p.top_p == pytest.approx(0.9)
+    assert m.parse_params({}, LIMITS).max_tokens == LIMITS.default_max_tokens
+
+
+@pytest.mark.parametrize("values, message", [
+    ({}, "missing required input 'text_input'"),
+    ({"text_input": b("   ")}, "is empty"),
+    ({"text_input": np.array([[b"\xff\xfe"]], np.object_)}, "not valid UTF-8"),
+    ({"text_input": np.array([[b"a", b"b"]], np.object_)}, "exactly one value"),
+    ({"text_input": np.array([[3]], np.int32)}, "must be a string"),
+])
+def test_bad_prompt(values: dict, message: str) -> None:
+    with pytest.raises(m.RequestError, match=message):
+        m.parse_prompt(values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_tokens": np.array([[65]], np.int32)}, "over this model's cap of 64"),
+    ({"max_tokens": np.array([[0]], np.int32)}, "at least 1"),
+    ({"temperature": np.array([[-1.0]], np.float32)}, "temperature"),
+    ({"top_p": np.array([[0.0]], np.float32)}, "top_p"),
+])
+def test_bad_params(values: dict, message: str) -> None:
+    with pytest.raises(m.RequestError, match=message):
+        m.parse_params(values, LIMITS)
+
+
+def test_context_length_check() -> None:
+    m.check_context(120, m.GenerationParams(8), LIMITS)
+    with pytest.raises(m.RequestError, match="context length of 128"):
+        m.check_context(121, m.GenerationParams(8), LIMITS)
+
+
+def test_left_pad_keeps_last_token_in_last_column() -> None:
+    ids, mask = m.left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_cut_at_stop_and_safe_delta() -> None:
+    assert m.cut_at_stop("hello world", ["o w", "ld"]) == ("hell", True)
+    assert m.cut_at_stop("hello", ["z"]) == ("hello", False)
+    assert m.safe_delta("ab\ufffd", 1) == ""
+    assert m.safe_delta("abc", 1) == "bc"
+
+
+def test_resolve_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    assert m.resolve_checkpoint({"checkpoint": "ck"}, {}, str(tmp_path)) == str(tmp_path / "ck")
+    assert m.resolve_checkpoint({"checkpoint": "nope"}, {"SEEKGATE_CHECKPOINT": str(tmp_path / "ck")},
+                                str(tmp_path)) == str(tmp_path / "ck")
+    with pytest.raises(RuntimeError, match="no config.json"):
+        m.resolve_checkpoint({"checkpoint": "nope"}, {}, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> object:
+    config = {"model_transaction_policy": {"decoupled": False},
+              "parameters": {"checkpoint": {"string_value": str(tiny_checkpoint)},
+                             "max_tokens_cap": {"string_value": "64"}}}
+    instance = m.TritonPythonModel()
+    instance.initialize({"model_config": json.dumps(config), "model_repository": "/nonexistent/deepseek",
+                         "model_instance_kind": "CPU", "model_instance_device_id": "0", "model_name": "deepseek"})
+    return instance
+
+
+def request(text: str, max_tokens: int, **extra: np.ndarray) -> pb_utils_stub.InferenceRequest:
+    return pb_utils_stub.InferenceRequest(text_input=b(text), max_tokens=np.array([[max_tokens]], np.int32), **extra)
+
+
+def test_batch_equals_one_at_a_time_and_honours_max_tokens(model: object) -> None:
+    prompts = [("Hello world", 3), ("The quick brown fox jumps over the lazy", 9), ("a", 5), ("seekgate", 12)]
+    batched = model.execute([request(t, n) for t, n in prompts])
+    for (text, n), response in zip(prompts, batched):
+        single = model.execute([request(text, n)])[0]
+        assert response.output("text_output")[0, 0] == single.output("text_output")[0, 0]
+        assert response.output("output_tokens")[0, 0] == single.output("output_tokens")[0, 0] <= n
+    assert [int(r.output("output_tokens")[0, 0]) for r in batched] == [n for _, n in prompts]
+
+
+def test_bad_request_in_batch_gets_its_own_error(model: object) -> None:
+    responses = model.execute([request("Hello", 4), pb_utils_stub.InferenceRequest(text_input=b("")),
+                               request("Hello", 1000), request("world", 2)])
+    assert responses[0].error is None and responses[3].error is None
+    assert "empty" in responses[1].error.message()
+    assert "cap of 64" in responses[2].error.message()
+    assert int(responses[3].output("output_tokens")[0, 0]) == 2
+
+
+def test_seeded_sampling_is_reproducible(model: object) -> None:
+    def sampled(seed: int) -> bytes:
+        extra = {"temperature": np.array([[5.0]], np.float32), "seed": np.array([[seed]], np.int64)}
+        return model.execute([request("Hello world", 10, **extra)])[0].output("text_output")[0, 0]
+    assert sampled(1) == sampled(1)
+    assert len({sampled(s) for s in range(6)}) > 1
+
+
+def test_stop_string_cuts_output(model: object) -> None:
+    full = model.execute([request("Hello world", 10)])[0].output("text_output")[0, 0].decode()
+    stop = full[3:5]
+    cut = model.execute([request("Hello world", 10, stop=np.array([[stop.encode()]], np.object_))])[0]
+    text = cut.output("text_output")[0, 0].decode()
+    assert stop not in text and full.startswith(text) and len(text) <= 3
+
+
+def test_decoupled_streams_one_response_per_token(model: object) -> None:
+    model.decoupled = True
+    try:
+        good, bad = request("Hello world", 6), pb_utils_stub.InferenceRequest(text_input=b(" "))
+        assert model.execute([good, bad]) is None
+    finally:
+        model.decoupled = False
+    assert len(good.sender.sent) >= 2
+    assert good.sender.sent[-1][1] == pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert all(flags == 0 for _, flags in good.sender.sent[:-1])
+    counts = [int(r.output("output_tokens")[0, 0]) for r, _ in good.sender.sent]
+    assert counts == sorted(counts) and counts[-1] <= 6
+    (response, flags), = bad.sender.sent
+    assert "empty" in response.error.message() and flags == pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def test_cancelled_stream_stops_early_and_is_released(model: object) -> None:
+    model.decoupled = True
+    try:
+        cancelled, other = request("Hello world", 12), request("The quick brown fox", 12)
+        cancelled.sender.cancel_after = 2
+        model.execute([cancelled, other])
+    finally:
+        model.decoupled = False
+    sent = cancelled.sender.sent
+    assert len(sent) == 3 and sent[-1] == (None, pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    assert int(other.sender.sent[-1][0].output("output_tokens")[0, 0]) == 12

@@ -1,0 +1,231 @@
+"""Tests for proxy.settings: defaults, YAML, env overrides, all-errors-at-once, the shipped config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.settings import (
+    MiB,
+    Settings,
+    SettingsError,
+    env_var,
+    format_settings_help,
+    format_settings_yaml,
+    load_settings,
+    parse_env_value,
+    validate,
+)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config" / "seekgate.yaml"
+
+
+def all_paths() -> list[str]:
+    paths = []
+    for f in dataclasses.fields(Settings):
+        value = getattr(Settings(), f.name)
+        if dataclasses.is_dataclass(value):
+            paths += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+        else:
+            paths.append(f.name)
+    return paths
+
+
+def errors_of(**kwargs: object) -> list[str]:
+    with pytest.raises(SettingsError) as info:
+        load_settings(**kwargs)  # type: ignore[arg-type]
+    return info.value.errors
+
+
+def test_defaults() -> None:
+    s = load_settings(None, env={})
+    assert s == Settings()
+    assert s.data_dir == ".seekgate"
+    assert (s.server.host, s.server.http_port, s.server.grpc_port, s.server.metrics_port) == (
+        "127.0.0.1", 8000, 8001, 8002)
+    assert s.server.base_path == "" and s.server.max_body_bytes == 64 * MiB
+    assert s.server.grpc_max_message_bytes == 64 * MiB and s.server.read_timeout_s == 30
+    assert s.upstream.http_url == "http://127.0.0.1:18000"
+    assert s.upstream.grpc_target == "127.0.0.1:18001"
+    assert s.upstream.metrics_url == "http://127.0.0.1:18002/metrics"
+    assert (s.upstream.connect_timeout_s, s.upstream.request_timeout_s, s.upstream.pool_size) == (2, 300, 100)
+    assert (s.triton.model_repository, s.triton.checkpoint) == ("triton_models", "")
+    assert (s.triton.http_port, s.triton.grpc_port, s.triton.metrics_port) == (18000, 18001, 18002)
+    assert s.triton.startup_timeout_s == 120
+    assert s.auth.key_cache_ttl_s == 5
+    assert (s.policy.directory, s.policy.reload_interval_s) == ("policies", 0.5)
+    assert (s.audit.max_bytes, s.audit.retention_days, s.audit.queue_max) == (100 * MiB, 180, 100_000)
+    assert validate(s) == []
+
+
+def test_settings_are_frozen_and_every_field_has_help() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().server.http_port = 1  # type: ignore[misc]
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["help"]
+        value = getattr(Settings(), f.name)
+        if dataclasses.is_dataclass(value):
+            assert all(g.metadata["help"] for g in dataclasses.fields(value))
+
+
+def test_missing_file_means_defaults(tmp_path: Path) -> None:
+    assert load_settings(tmp_path / "absent.yaml", env={}) == Settings()
+
+
+def test_yaml_values_are_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "data_dir: /var/lib/seekgate\n"
+        "server:\n  http_port: 9000\n  base_path: /triton\n  read_timeout_s: 5\n"
+        "audit:\n  retention_days: 30\n"
+        "policy:\n",  # a section with every key commented out
+        encoding="utf-8")
+    s = load_settings(path, env={})
+    assert s.data_dir == "/var/lib/seekgate"
+    assert (s.server.http_port, s.server.base_path) == (9000, "/triton")
+    assert s.server.read_timeout_s == 5.0 and isinstance(s.server.read_timeout_s, float)
+    assert s.audit.retention_days == 30
+    assert s.server.grpc_port == 8001 and s.policy == Settings().policy
+
+
+def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("# nothing\n", encoding="utf-8")
+    assert load_settings(path, env={}) == Settings()
+
+
+def test_env_overrides_yaml_and_are_coerced(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("server:\n  http_port: 9000\n", encoding="utf-8")
+    env = {
+        "SEEKGATE_SERVER_HTTP_PORT": "9100",
+        "SEEKGATE_SERVER_READ_TIMEOUT_S": " 2.5 ",
+        "SEEKGATE_UPSTREAM_HTTP_URL": "http://triton:8000",
+        "SEEKGATE_DATA_DIR": "/data",
+        "SEEKGATE_AUDIT_QUEUE_MAX": "5",
+        "SEEKGATE_ADMIN_KEY": "not a setting, ignored",
+        "UNRELATED": "x",
+    }
+    s = load_settings(path, env=env)
+    assert s.server.http_port == 9100
+    assert s.server.read_timeout_s == 2.5
+    assert s.upstream.http_url == "http://triton:8000"
+    assert s.data_dir == "/data"
+    assert s.audit.queue_max == 5
+
+
+def test_overrides_win_over_env_nested_or_dotted() -> None:
+    env = {"SEEKGATE_SERVER_HTTP_PORT": "9100"}
+    s = load_settings(None, env=env, overrides={"server": {"http_port": 9200}, "audit.queue_max": 7})
+    assert (s.server.http_port, s.audit.queue_max) == (9200, 7)
+    s = load_settings(None, env=env, overrides={"server.http_port": 9300})
+    assert s.server.http_port == 9300
+
+
+@pytest.mark.parametrize(("raw", "kind", "expected"), [
+    ("42", int, 42), (" 7 ", int, 7), ("1.5", float, 1.5), ("3", float, 3.0),
+    ("true", bool, True), ("Yes", bool, True), ("0", bool, False), ("off", bool, False),
+    (" keep spaces ", str, " keep spaces "),
+])
+def test_parse_env_value(raw: str, kind: type, expected: object) -> None:
+    value = parse_env_value(raw, kind)
+    assert value == expected and type(value) is kind
+
+
+@pytest.mark.parametrize(("raw", "kind"), [("x", int), ("1.5", int), ("fast", float), ("maybe", bool)])
+def test_parse_env_value_rejects(raw: str, kind: type) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        parse_env_value(raw, kind)
+
+
+def test_all_problems_reported_at_once_with_field_names(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "server:\n  http_port: 70000\n  htp_port: 1\n  max_body_bytes: '64'\n"
+        "  grpc_port: 8002\n  base_path: /x/\n"
+        "upstream:\n  http_url: ftp://triton\n  grpc_target: http://triton:1\n  pool_size: 0\n"
+        "auth:\n  key_cache_ttl_s: -1\n"
+        "policy: [1, 2]\n"
+        "sever:\n  http_port: 1\n",
+        encoding="utf-8")
+    env = {"SEEKGATE_AUDIT_QUEUE_MAX": "lots", "SEEKGATE_AUDIT_QUEUE_SIZE": "1"}
+    errors = errors_of(path=path, env=env)
+    expected = [
+        "server.http_port: must be 1-65535, got 70000",
+        "server.htp_port: unknown setting",
+        "server.max_body_bytes: must be an integer, got str '64'",
+        "server.metrics_port: port 8002 clashes with server.grpc_port",
+        "server.base_path: must be '' or like /prefix (no trailing slash), got '/x/'",
+        "upstream.http_url: must be an http:// or https:// URL, got 'ftp://triton'",
+        "upstream.grpc_target: must be a gRPC target like host:port, got 'http://triton:1'",
+        "upstream.pool_size: must be greater than 0, got 0",
+        "auth.key_cache_ttl_s: must be 0 or more, got -1.0",
+        "policy: must be a mapping, got list",
+        "sever: unknown setting",
+        "audit.queue_max (from SEEKGATE_AUDIT_QUEUE_MAX): must be an integer, got 'lots'",
+        "audit.queue_size (from SEEKGATE_AUDIT_QUEUE_SIZE): unknown setting",
+    ]
+    assert sorted(errors) == sorted(expected)
+    message = str(SettingsError(errors))
+    assert all(e in message for e in expected)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"server.grpc_port": 8000}, "server.grpc_port: port 8000 clashes with server.http_port"),
+    ({"triton.http_port": 8000}, "triton.http_port: port 8000 clashes with server.http_port"),
+    ({"triton.metrics_port": 0}, "triton.metrics_port: must be 1-65535, got 0"),
+    ({"server.grpc_max_message_bytes": 2**31}, "server.grpc_max_message_bytes: must be at most"),
+    ({"server.read_timeout_s": float("inf")}, "server.read_timeout_s: must be greater than 0"),
+    ({"server.http_port": True}, "server.http_port: must be an integer, got bool"),
+    ({"server.host": " "}, "server.host: must not be empty"),
+    ({"data_dir": ""}, "data_dir: must not be empty"),
+    ({"data_dir": 5}, "data_dir: must be a string, got int"),
+    ({"server.base_path": "/a/../b"}, "server.base_path"),
+    ({"upstream.grpc_target": "triton"}, "upstream.grpc_target"),
+])
+def test_single_problems_name_their_field(overrides: dict[str, object], fragment: str) -> None:
+    errors = errors_of(path=None, env={}, overrides=overrides)
+    assert len(errors) == 1 and errors[0].startswith(fragment), errors
+
+
+@pytest.mark.parametrize("text", ["server: [\n", "- just\n- a list\n"])
+def test_unreadable_yaml_is_a_settings_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert errors_of(path=path, env={})[0].startswith(str(path))
+
+
+@pytest.mark.parametrize("good", ["", "/triton", "/a/b-c_d.e"])
+def test_good_base_paths(good: str) -> None:
+    assert load_settings(None, env={}, overrides={"server.base_path": good}).server.base_path == good
+
+
+def test_shipped_config_loads_and_equals_defaults() -> None:
+    assert load_settings(SHIPPED, env={}) == Settings()
+
+
+def test_shipped_config_lists_every_setting_with_a_comment() -> None:
+    data = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
+    listed = [f"{k}.{n}" for k, v in data.items() if isinstance(v, dict) for n in v]
+    listed += [k for k, v in data.items() if not isinstance(v, dict)]
+    assert sorted(listed) == sorted(all_paths())
+    text = SHIPPED.read_text(encoding="utf-8")
+    for path in all_paths():
+        name = path.rsplit(".", 1)[-1]
+        line_no = next(i for i, line in enumerate(text.splitlines()) if line.strip().startswith(f"{name}:"))
+        assert text.splitlines()[line_no - 1].strip().startswith("#"), path
+
+
+def test_generated_yaml_round_trips() -> None:
+    assert load_settings(None, env={}, overrides=yaml.safe_load(format_settings_yaml())) == Settings()
+
+
+def test_help_lists_every_setting_with_default_and_env_var() -> None:
+    text = format_settings_help()
+    for path in all_paths():
+        assert f"{path} = " in text and env_var(path) in text
+    assert "server.http_port = 8000  [SEEKGATE_SERVER_HTTP_PORT]" in text
+    assert env_var("data_dir") == "SEEKGATE_DATA_DIR"

@@ -1,0 +1,1 @@
+../../deepseek/1/model.py
