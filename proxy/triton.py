@@ -89,6 +89,9 @@ def stub_environment(checkpoint: Path | None) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (libdir, bundled, env.get("LD_LIBRARY_PATH", "")) if p)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    # The stub starts its interpreter in isolated mode (PYTHONPATH ignored) and finds
+    # it as `python3` on PATH: put this environment's bin first so it sees our packages.
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH", "")) if p)
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     if checkpoint is not None:
@@ -226,14 +229,22 @@ class TritonProcess:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return proc.returncode if proc else None
-        proc.send_signal(signal.SIGTERM)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # The Python backend's stub processes share Triton's process group; a Triton
+        # that died hard leaves them orphaned, so the group is swept either way.
         try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.returncode
 
     def __enter__(self) -> "TritonProcess":
         self.start()

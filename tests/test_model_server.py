@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -95,9 +96,16 @@ def test_grpc_stream_infer(triton: TritonProcess) -> None:
 
 
 def stats(triton: TritonProcess) -> tuple[int, int]:
-    with urllib.request.urlopen(triton.http_url + "/v2/models/deepseek/stats") as r:
-        s = json.loads(r.read())["model_stats"][0]
-    return s["inference_count"], s["execution_count"]
+    """(inferences, executions) once they stop moving: Triton records them after responding."""
+    previous = None
+    while True:
+        with urllib.request.urlopen(triton.http_url + "/v2/models/deepseek/stats") as r:
+            s = json.loads(r.read())["model_stats"][0]
+        current = (s["inference_count"], s["execution_count"])
+        if current == previous:
+            return current
+        previous = current
+        time.sleep(0.2)
 
 
 def test_dynamic_batching_is_real_and_does_not_change_results(triton: TritonProcess) -> None:
