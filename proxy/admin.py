@@ -1,0 +1,179 @@
+"""The /admin/v1/keys API: create, list, show and revoke keys (the pipeline has already authorised the caller)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .app_state import CTX, STATE
+from .keys.issue import TIER_DEFAULT, ExpiresIn, is_key_id, issue_key, parse_duration, public_view
+from .store import StoreConflict
+
+PREFIX = ("admin", "v1", "keys")
+# Everything POST /admin/v1/keys accepts; anything else is a typo and refused, not ignored.
+_CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models",
+                            "allowed_cidrs", "parent_id", "expires"})
+
+
+class _Reply(Exception):
+    """An error reply in Triton's format, raised from deep inside a handler."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _segments(request: web.Request) -> tuple[str, ...]:
+    """Path segments after the base path and /admin/v1/keys ("" segments dropped)."""
+    path = request.path
+    base = request.app[STATE].settings.server.base_path
+    if base and (path == base or path.startswith(base + "/")):
+        path = path[len(base):]
+    parts = tuple(p for p in path.split("/") if p)
+    if parts[:3] != PREFIX:
+        raise _Reply(404, "not found")
+    return parts[3:]
+
+
+def _note(request: web.Request, action: str, target: str | None = None) -> None:
+    """What the audit record says this admin call did."""
+    ctx = request.get(CTX)
+    if ctx is not None:
+        ctx.extra["admin_action"] = action
+        if target is not None:
+            ctx.extra["admin_target"] = target
+
+
+async def handle_admin(request: web.Request, body: bytes | None = None) -> web.Response:
+    """Route one /admin/v1/keys request. `body`: the request body if the caller already read it."""
+    try:
+        rest = _segments(request)
+        method = request.method
+        if not rest:
+            if method == "POST":
+                return await _create(request, body)
+            if method == "GET":
+                return await _list(request)
+            raise _Reply(405, f"method {method} not allowed", {"Allow": "GET, POST"})
+        key_id = rest[0]
+        if len(rest) == 1:
+            if method == "GET":
+                return await _show(request, key_id)
+            if method == "DELETE":
+                return await _revoke(request, key_id)
+            raise _Reply(405, f"method {method} not allowed", {"Allow": "GET, DELETE"})
+        if len(rest) == 2 and rest[1] == "revoke":
+            if method == "POST":
+                return await _revoke(request, key_id)
+            raise _Reply(405, f"method {method} not allowed", {"Allow": "POST"})
+        raise _Reply(404, "not found")
+    except _Reply as r:
+        return _error(r.status, r.message, r.headers)
+
+
+async def _list(request: web.Request) -> web.Response:
+    _note(request, "keys.list")
+    state = request.app[STATE]
+    now = time.time()
+    return web.json_response({"keys": [public_view(r, now) for r in await state.store.list_keys()]})
+
+
+async def _show(request: web.Request, key_id: str) -> web.Response:
+    _note(request, "keys.show", key_id)
+    rec = await request.app[STATE].store.get_key(key_id) if is_key_id(key_id) else None
+    if rec is None:
+        raise _Reply(404, f"key {key_id!r} not found")
+    return web.json_response(public_view(rec))
+
+
+async def _revoke(request: web.Request, key_id: str) -> web.Response:
+    _note(request, "keys.revoke", key_id)
+    store = request.app[STATE].store
+    if not is_key_id(key_id) or await store.get_key(key_id) is None:
+        raise _Reply(404, f"key {key_id!r} not found")
+    # Revoking an already revoked key is not an error: it reports 0 newly revoked.
+    return web.json_response({"revoked": await store.revoke_key(key_id, time.time())})
+
+
+async def _create(request: web.Request, body: bytes | None) -> web.Response:
+    _note(request, "keys.create")
+    state = request.app[STATE]
+    spec = _parse_create(await request.read() if body is None else body)
+    try:
+        rec, token = await issue_key(state.store, state.pepper, now=time.time(), **spec)
+    except (ValueError, StoreConflict) as exc:   # StoreConflict is a ValueError; named for clarity
+        raise _Reply(400, str(exc)) from None
+    _note(request, "keys.create", rec.key_id)
+    return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
+                             headers={"Cache-Control": "no-store"})   # the only time the key is shown
+
+
+def _parse_create(raw: bytes) -> dict[str, Any]:
+    """The JSON body of POST /admin/v1/keys as issue_key keyword arguments; 400 on anything odd."""
+    if not raw.strip():
+        raise _Reply(400, "request body is empty: send a JSON object with at least tier and name")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Reply(400, "request body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise _Reply(400, "request body must be a JSON object")
+    unknown = sorted(set(doc) - _CREATE_FIELDS)
+    if unknown:
+        raise _Reply(400, f"unknown field(s): {', '.join(unknown)}")
+    name, owner = doc.get("name"), doc.get("owner")
+    if name is not None and owner is not None and name != owner:
+        raise _Reply(400, "give either name or owner (they are the same thing), not both")
+    if not isinstance(doc.get("tier"), str):
+        raise _Reply(400, "tier is required: app, device or user")
+    spec: dict[str, Any] = {
+        "tier": doc["tier"],
+        "owner": _string(owner if owner is not None else name, "name"),
+        "roles": _string_list(doc.get("roles"), "roles"),
+        "models": _string_list(doc.get("models"), "models"),
+        "allowed_cidrs": _string_list(doc.get("allowed_cidrs"), "allowed_cidrs"),
+        "labels": _labels(doc.get("labels")),
+        "parent_id": None if doc.get("parent_id") is None else _string(doc["parent_id"], "parent_id"),
+        "expires_in_s": _expires(doc.get("expires")),
+    }
+    return spec
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Reply(400, f"{field} is required and must be a non-empty string")
+    return value
+
+
+def _string_list(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Reply(400, f"{field} must be a list of strings")
+    return value
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _Reply(400, "labels must be an object of string values")
+    return value
+
+
+def _expires(value: Any) -> ExpiresIn:
+    if value is None:
+        return TIER_DEFAULT
+    if not isinstance(value, str):
+        raise _Reply(400, 'expires must be a duration string such as "90d", "12h" or "never"')
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _Reply(400, f"expires: {exc}") from None

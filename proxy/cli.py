@@ -1,0 +1,331 @@
+"""The `seekgate` command: up, serve, triton, keys, policy, audit, model, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
+from .errors import SeekgateError
+from .keys.hashing import load_or_create_pepper
+from .keys.issue import TIER_DEFAULT, issue_key, parse_duration, public_view
+from .paths import store_path
+from .settings import Settings, SettingsError, load_settings
+from .store.sqlite import SqliteStore
+
+DEFAULT_CONFIG = Path("config/seekgate.yaml")
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A one-line failure for stderr, with the exit code to return."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+def load(args: argparse.Namespace) -> Settings:
+    """Settings from --config (or config/seekgate.yaml if present), env, and --data-dir."""
+    config = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if args.config and not config.exists():  # type: ignore[union-attr]
+        raise CliError(f"config file {config} does not exist", 2)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else None
+    return load_settings(config, overrides=overrides)
+
+
+def with_store(settings: Settings, fn: Callable[[SqliteStore], Coroutine[Any, Any, T]]) -> T:
+    """Run `fn(store)` on the server's key store, closing it afterwards."""
+    async def go() -> T:
+        store = await SqliteStore.open(store_path(Path(settings.data_dir)))
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def parse_time(text: str, now: float) -> float:
+    """"1h"-style durations mean that long ago; anything else is ISO-8601 (naive = UTC)."""
+    try:
+        seconds = parse_duration(text)
+        if seconds is not None:
+            return now - seconds
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"bad time {text!r}: use a duration like 1h or 7d, or ISO-8601", 2) from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .policy import check_policy_dir
+    settings = load(args)
+    print("config ok")
+    errors = check_policy_dir(Path(settings.policy.directory))
+    for line in errors:
+        print(line, file=sys.stderr)
+    return 2 if errors else 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = load(args)
+    labels: dict[str, str] = {}
+    for item in args.label:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise CliError(f"bad --label {item!r}: use key=value", 2)
+        labels[k] = v
+    try:
+        expires = TIER_DEFAULT if args.expires is None else parse_duration(args.expires)
+    except ValueError as exc:
+        raise CliError(f"--expires: {exc}", 2) from None
+    pepper = load_or_create_pepper(Path(settings.data_dir))
+
+    async def create(store: SqliteStore) -> tuple[Any, str]:
+        return await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
+                               labels=labels, models=args.model, allowed_cidrs=args.cidr,
+                               parent_id=args.parent, expires_in_s=expires, now=time.time())
+    try:
+        rec, token = with_store(settings, create)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.json:
+        _out({"key_id": rec.key_id, "key": token, **public_view(rec)})
+    else:
+        view = public_view(rec)
+        print(f"created {rec.tier} key {rec.key_id} for {rec.owner} "
+              f"(roles: {', '.join(rec.roles) or '-'}; expires: {view['expires_at'] or 'never'})")
+        print(token)
+        print("store this key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    recs = with_store(load(args), lambda s: s.list_keys())
+    views = [public_view(r) for r in recs]
+    if args.json:
+        _out({"keys": views})
+        return 0
+    rows = [("ID", "TIER", "OWNER", "ROLES", "STATUS", "EXPIRES", "PARENT")] + [
+        (v["id"], v["tier"], v["owner"], ",".join(v["roles"]) or "-", v["status"],
+         v["expires_at"] or "never", v["parent_id"] or "-") for v in views]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    rec = with_store(load(args), lambda s: s.get_key(args.id))
+    if rec is None:
+        raise CliError(f"key {args.id!r} not found")
+    view = public_view(rec)
+    if args.json:
+        _out(view)
+    else:
+        for k, v in view.items():
+            print(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else ('-' if v is None else v)}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def revoke(store: SqliteStore) -> int | None:
+        if await store.get_key(args.id) is None:
+            return None
+        return await store.revoke_key(args.id, time.time())
+    n = with_store(load(args), revoke)
+    if n is None:
+        raise CliError(f"key {args.id!r} not found")
+    print(f"revoked {n} key(s)" + (" (already revoked)" if n == 0 else ""))
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from .policy import PolicyError, load_policy_dir
+    directory = Path(args.dir) if args.dir else Path(load(args).policy.directory)
+    try:
+        policy = load_policy_dir(directory)
+    except PolicyError as exc:
+        for line in exc.errors:
+            print(line)
+        return 1
+    print(f"policy ok: {len(policy.rules)} rules in {len(policy.files)} files")
+    return 0
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from .audit import tail_audit
+    for rec in tail_audit(Path(load(args).data_dir), args.n):
+        _out(rec)
+    return 0
+
+
+def cmd_audit_query(args: argparse.Namespace) -> int:
+    from .audit import query_audit
+    settings, now = load(args), time.time()
+    since = None if args.since is None else parse_time(args.since, now)
+    until = None if args.until is None else parse_time(args.until, now)
+    recs = asyncio.run(query_audit(Path(settings.data_dir), actor=args.actor, key_id=args.key_id,
+                                   since=since, until=until, status=args.status, limit=args.limit))
+    for rec in recs:
+        _out(rec)
+    return 0
+
+
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    from .tinymodel import build_tiny_checkpoint
+    print(build_tiny_checkpoint(Path(args.out), seed=args.seed))
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from .triton import TritonLaunchError, run_foreground
+    settings = load(args)
+    try:
+        return run_foreground(triton_launch(settings))
+    except TritonLaunchError as exc:
+        raise CliError(f"triton: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers != 1:
+        raise CliError("--workers: only 1 worker is supported so far", 2)
+    from .http_server import serve
+    serve(load(args))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .http_server import serve
+    from .triton import TritonLaunchError, TritonProcess
+    settings = load(args)
+    if (mismatch := upstream_mismatch(settings)) is not None:
+        raise CliError(f"{mismatch}: the proxy would not reach the Triton it starts", 2)
+    try:
+        triton = TritonProcess(triton_launch(settings))
+    except TritonLaunchError as exc:
+        raise CliError(f"triton: {exc}") from None
+    try:
+        try:
+            triton.start()
+            triton.wait_ready()
+        except TritonLaunchError as exc:
+            raise CliError(f"triton: {exc}") from None
+        print(f"triton ready at {triton.http_url} (log {triton.log_path})", flush=True)
+        key = bootstrap_admin(settings)
+        if key is not None:
+            print(bootstrap_message(settings, key), flush=True)
+        serve(settings)   # blocks until SIGINT/SIGTERM
+    finally:
+        triton.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options work before or after the command. The copy on each command defaults
+    # to SUPPRESS so that, when unset there, it leaves the value given before the command;
+    # it is a separate parser because argparse shares action objects with its children.
+    def global_options(p: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=default,
+                       help=f"YAML config file (default: {DEFAULT_CONFIG} if it exists)")
+        p.add_argument("--data-dir", default=default,
+                       help="directory for keys, audit and checkpoints (overrides config and env)")
+        return p
+    common = global_options(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+    parser = global_options(argparse.ArgumentParser(
+        prog="seekgate", description="Auth proxy in front of Triton Inference Server."), None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=fn)
+        return p
+
+    cmd(sub, "check-config", cmd_check_config, "validate the configuration and the policy directory")
+    cmd(sub, "up", cmd_up, "start Triton and the proxy together (first start prints an admin key)")
+    p = cmd(sub, "serve", cmd_serve, "run the proxy in the foreground")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (only 1 is supported yet)")
+    cmd(sub, "triton", cmd_triton, "run the local tritonserver in the foreground")
+
+    keys = sub.add_parser("keys", help="create, list, show and revoke API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    p = cmd(keys, "create", cmd_keys_create, "create a key; the key is printed once")
+    p.add_argument("--tier", required=True, choices=("app", "device", "user"))
+    p.add_argument("--name", required=True, help="owner: the person, app or device the key is for")
+    p.add_argument("--role", action="append", default=[], help="role (repeatable)")
+    p.add_argument("--label", action="append", default=[], help="label key=value (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="model the key may use (repeatable; none = any)")
+    p.add_argument("--cidr", action="append", default=[], help="client CIDR the key is bound to (repeatable)")
+    p.add_argument("--parent", help="parent app key id (device keys)")
+    p.add_argument("--expires", help="90d, 12h, 30m, 3600s or never (default: app 365d, user 90d, "
+                                     "device its parent's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = cmd(keys, "list", cmd_keys_list, "list keys (never the secrets)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = cmd(keys, "show", cmd_keys_show, "show one key")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = cmd(keys, "revoke", cmd_keys_revoke, "revoke a key and every key under it")
+    p.add_argument("id")
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION")
+    p = cmd(policy, "check", cmd_policy_check, "validate a policy directory")
+    p.add_argument("dir", nargs="?", help="policy directory (default: policy.directory from config)")
+
+    audit = sub.add_parser("audit", help="read the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION")
+    p = cmd(audit, "tail", cmd_audit_tail, "the last records, oldest first, as JSON lines")
+    p.add_argument("-n", type=int, default=20, help="how many records (default 20)")
+    p = cmd(audit, "query", cmd_audit_query, "matching records, newest first, as JSON lines")
+    p.add_argument("--actor")
+    p.add_argument("--key-id")
+    p.add_argument("--since", help="1h, 7d, ... ago, or ISO-8601")
+    p.add_argument("--until", help="1h, 7d, ... ago, or ISO-8601")
+    p.add_argument("--status", choices=("allowed", "denied", "error"))
+    p.add_argument("--limit", type=int, default=100)
+
+    model = sub.add_parser("model", help="model checkpoints").add_subparsers(
+        dest="model_command", required=True, metavar="ACTION")
+    p = cmd(model, "tiny", cmd_model_tiny, "build the tiny random-weight DeepSeek checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"seekgate: {exc}", file=sys.stderr)
+        return exc.code
+    except SeekgateError as exc:   # e.g. the store could not be opened
+        print(f"seekgate: {exc.reason}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,118 @@
+"""The forward step: one request to Triton over the shared session, the answer streamed back unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import tokens
+from .context import RequestContext
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+# Headers a client may not pass to Triton: the credential, identities only seekgate
+# may assert, and the header that unlocks Triton's shared-memory API.
+_DROPPED = frozenset({"authorization", "host", "content-length", "cookie", "forwarded", "expect"})
+_DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "seekgate-internal")
+# aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
+_RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
+BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop, credentials and spoofable identity headers."""
+    listed = {h.strip().lower() for h in incoming.get("Connection", "").split(",") if h.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in _DROPPED or low in listed or low.startswith(_DROPPED_PREFIXES):
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    listed = {h.strip().lower() for h in upstream.get("Connection", "").split(",") if h.strip()}
+    return CIMultiDict((k, v) for k, v in upstream.items()
+                       if k.lower() not in HOP_BY_HOP and k.lower() not in _RESPONSE_DROPPED
+                       and k.lower() not in listed)
+
+
+async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.ClientSession,
+                  upstream_url: str, path_qs: str, body: bytes, extra_headers: dict[str, str],
+                  server_timing: str) -> web.StreamResponse:
+    """Sends the request to Triton and streams the answer, event by event for SSE."""
+    headers = upstream_headers(request.headers)
+    headers.update(extra_headers)
+    started = time.perf_counter()
+    try:
+        upstream = await session.request(
+            request.method, upstream_url + path_qs, data=body if body else None, headers=headers,
+            allow_redirects=False, auto_decompress=False)
+    except asyncio.TimeoutError as exc:
+        raise UpstreamTimeout("upstream_timeout") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream_unreachable: {type(exc).__name__}") from exc
+    ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
+    try:
+        return await _relay(request, ctx, upstream, server_timing)
+    finally:
+        upstream.release()
+
+
+async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.ClientResponse,
+                 server_timing: str) -> web.StreamResponse:
+    headers = response_headers(upstream.headers)
+    headers["Server-Timing"] = (f"{server_timing}, "
+                                f"upstream;dur={ctx.upstream_ms:.3f};desc=\"time to Triton's response headers\"")
+    headers["X-Request-Id"] = ctx.request_id
+    ctx.http_status = upstream.status
+    if upstream.status >= 300 and upstream.status < 400:
+        # Never follow or relay a redirect from the inference server.
+        ctx.status, ctx.reason = "error", "upstream_redirect"
+        ctx.http_status = 502
+        return web.json_response({"error": "unexpected redirect from inference server"}, status=502)
+    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    length = upstream.headers.get("Content-Length")
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if length is not None and not is_sse:
+        response.content_length = int(length)
+    await response.prepare(request)
+    counter = tokens.SseTokenCounter() if is_sse else None
+    kept: list[bytes] = []
+    kept_size = 0
+    want_counts = ctx.resource is not None and ctx.resource.action == "infer"
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+            if counter is not None:
+                counter.feed(chunk)
+            elif want_counts and kept_size < BUFFERED_LIMIT:
+                kept.append(chunk)
+                kept_size += len(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        # Headers are gone already: the best we can do is end the stream and say so in the audit.
+        ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {type(exc).__name__}"
+    if counter is not None:
+        ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
+    elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:
+        _count(ctx, b"".join(kept), upstream.headers)
+    await response.write_eof()
+    return response
+
+
+def _count(ctx: RequestContext, body: bytes, headers: CIMultiDictProxy[str]) -> None:
+    assert ctx.resource is not None
+    if ctx.path.endswith("/generate"):
+        ctx.input_tokens, ctx.output_tokens = tokens.from_generate(body)
+        return
+    header_length = headers.get("Inference-Header-Content-Length")
+    ctx.input_tokens, ctx.output_tokens = tokens.from_infer(
+        body, int(header_length) if header_length and header_length.isdigit() else None)

@@ -1,0 +1,296 @@
+"""The gRPC front end: every GRPCInferenceService method through the same pipeline as HTTP, plus health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+from tritonclient.grpc import service_pb2
+
+from .app_state import AppState
+from .authn import authenticate, parse_bearer
+from .classify import GRPC_SERVICE, classify_grpc
+from .context import RequestContext, Resource
+from .errors import BadRequest, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
+                           parameter_names, service_methods, token_counts, upstream_metadata)
+from .pipeline import admit, authorize, check_body, finish, refuse
+from .triton import INTERNAL_HEADER
+
+log = logging.getLogger("seekgate.grpc")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"
+SERVING, NOT_SERVING = 1, 2
+_HEALTH_TIMEOUT_S = 2.0
+GRPC_INTERNAL_HEADER = f"triton-grpc-protocol-{INTERNAL_HEADER}"
+_Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _health_messages() -> tuple[type[Message], type[Message]]:
+    """grpc.health.v1 request/response, built here: grpcio-health-checking is not a dependency."""
+    f = descriptor_pb2.FileDescriptorProto(name="seekgate/grpc_health.proto", package="grpc.health.v1",
+                                           syntax="proto3")
+    req = f.message_type.add(name="HealthCheckRequest")
+    req.field.add(name="service", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                  label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    resp = f.message_type.add(name="HealthCheckResponse")
+    enum = resp.enum_type.add(name="ServingStatus")
+    for i, name in enumerate(("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")):
+        enum.value.add(name=name, number=i)
+    resp.field.add(name="status", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
+                   type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
+                   label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()   # private: never clashes with grpc_health if installed
+    pool.Add(f)
+    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest")),
+            message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse")))
+
+
+HealthCheckRequest, HealthCheckResponse = _health_messages()
+
+
+class GrpcFrontEnd:
+    """The grpc.aio server and its one shared channel to Triton; start() after the AppState exists."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.methods = {m.path: m for m in service_methods()}
+        self.server: grpc.aio.Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self._upstream: dict[str, Any] = {}   # method path -> multicallable on the shared channel
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        cap = self.state.settings.server.grpc_max_message_bytes
+        caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
+        # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
+        backoff = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+        self.channel = grpc.aio.insecure_channel(self.state.settings.upstream.grpc_target, options=caps + backoff)
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for m in self.methods.values():
+            self._upstream[m.path] = (self.channel.stream_stream(m.path) if m.streaming
+                                      else self.channel.unary_unary(m.path))
+            # No (de)serializers: messages travel as the client's bytes; requests are parsed only to read fields.
+            handlers[m.name] = (grpc.stream_stream_rpc_method_handler(self._stream) if m.streaming
+                                else grpc.unary_unary_rpc_method_handler(self._unary_for(m)))
+        self.server = grpc.aio.server(options=caps)
+        self.server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),
+            grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+                "Check": grpc.unary_unary_rpc_method_handler(self._health)}),
+        ))
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        await self.server.start()
+        log.info("seekgate gRPC listening on %s:%d -> %s", host, self.port, self.state.settings.upstream.grpc_target)
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Finishes in-flight calls for `grace` seconds, so their audit records are submitted."""
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.channel is not None:
+            await self.channel.close()
+
+    # ------------------------------------------------------------------ unary calls
+
+    def _unary_for(self, method: GrpcMethod) -> _Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await self._unary(method, request, context)
+        return handle
+
+    async def _unary(self, method: GrpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """context -> authenticate -> classify -> authorize -> forward -> audit + metrics."""
+        state, ctx = self.state, self._context(context, method.path)
+        try:
+            if method.name in ("ServerLive", "ServerReady"):
+                # Liveness probes need no key, exactly like /v2/health/* over HTTP.
+                ctx.resource = classify_grpc(method.name, "")
+            else:
+                request = _parse(method.request_type, raw)
+                await admit(state, ctx, _authorization(context),
+                            lambda: classify_grpc(method.name, model_name_of(method.name, request)))
+                check_body(ctx, parameter_names(request))
+            assert ctx.resource is not None
+            started = asyncio.get_running_loop().time()
+            try:
+                response: bytes = await self._upstream[method.path](raw, metadata=self._metadata(context, ctx.resource),
+                                             timeout=self._timeout(context))
+            finally:
+                ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
+            ctx.http_status = 200
+            if method.name == "ModelInfer":
+                ctx.input_tokens, ctx.output_tokens = token_counts(service_pb2.ModelInferResponse.FromString(response))
+            return response
+        except grpc.aio.AioRpcError as exc:
+            await self._upstream_failed(context, ctx, exc)
+        except SeekgateError as err:
+            await self._abort(context, ctx, err)
+        except asyncio.CancelledError:
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
+            raise
+        finally:
+            finish(state, ctx)
+        raise AssertionError("unreachable: abort raises")
+
+    # ------------------------------------------------------------------ ModelStreamInfer
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Authenticated when it opens; every message classified and authorised before it is forwarded."""
+        state, ctx = self.state, self._context(context, f"/{GRPC_SERVICE}/ModelStreamInfer")
+        counter = StreamTokenCounter()
+        call: Any = None
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            # admit() needs the resource, which only the first message names: authenticate now, so a
+            # client without a valid key is refused before it sends anything.
+            ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
+                                               ctx.client_ip, time.time())
+            incoming = requests.__aiter__()
+
+            async def admitted(timeout: float | None = None) -> bytes | None:
+                raw = await asyncio.wait_for(anext(incoming, None), timeout)
+                if raw is not None:
+                    request = _parse(service_pb2.ModelInferRequest, raw)
+                    resource = classify_grpc("ModelStreamInfer", request.model_name)
+                    authorize(state, ctx, resource)
+                    ctx.resource = ctx.resource or resource
+                    check_body(ctx, parameter_names(request))
+                return raw
+
+            try:
+                first = await admitted(state.settings.server.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise BadRequest("no_message_before_read_timeout") from None
+            if first is None:
+                ctx.http_status = 200
+                return
+            assert ctx.resource is not None
+            call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
+                                            timeout=context.time_remaining())
+            started = asyncio.get_running_loop().time()
+
+            async def pump() -> None:
+                raw: bytes | None = first
+                while raw is not None:
+                    try:
+                        await call.write(raw)
+                    except asyncio.InvalidStateError:
+                        return   # the upstream call is over; relay() reports how it ended
+                    raw = await admitted()
+                await call.done_writing()
+
+            async def relay() -> None:
+                while (raw := await call.read()) is not grpc.aio.EOF:
+                    if ctx.upstream_ms is None:
+                        ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
+                    counter.feed(raw)
+                    await context.write(raw)
+
+            reader = asyncio.create_task(relay())
+            tasks = {asyncio.create_task(pump()), reader}
+            while reader in tasks:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()   # a refused message or an upstream error ends the stream here
+            ctx.http_status = 200
+        except grpc.aio.AioRpcError as exc:
+            await self._upstream_failed(context, ctx, exc)
+        except SeekgateError as err:
+            await self._abort(context, ctx, err)
+        except asyncio.CancelledError:
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            if call is not None:
+                call.cancel()   # a client that went away takes its upstream call with it
+            ctx.input_tokens, ctx.output_tokens = counter.totals()
+            finish(state, ctx)
+
+    # ------------------------------------------------------------------ health
+
+    async def _health(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """SERVING while Triton says it is ready; public, like /v2/health/ready."""
+        ctx = self._context(context, HEALTH_CHECK)
+        ctx.resource = classify_grpc("ServerReady", "")
+        try:
+            request = _parse(HealthCheckRequest, raw)
+            if getattr(request, "service") not in ("", GRPC_SERVICE):
+                ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
+                await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            ready = service_pb2.ServerReadyResponse(ready=False)
+            try:
+                ready = service_pb2.ServerReadyResponse.FromString(
+                    await self._upstream[f"/{GRPC_SERVICE}/ServerReady"](
+                        service_pb2.ServerReadyRequest().SerializeToString(), timeout=_HEALTH_TIMEOUT_S))
+            except grpc.aio.AioRpcError as exc:
+                ctx.reason = f"upstream_not_ready: {exc.code().name}"
+            ctx.http_status = 200
+            return bytes(HealthCheckResponse(status=SERVING if ready.ready else NOT_SERVING).SerializeToString())
+        except SeekgateError as err:
+            await self._abort(context, ctx, err)
+            raise AssertionError("unreachable: abort raises")
+        finally:
+            finish(self.state, ctx)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _context(self, context: grpc.aio.ServicerContext, path: str) -> RequestContext:
+        return RequestContext(request_id=uuid.uuid4().hex, client_ip=client_ip(context.peer()),
+                              protocol="grpc", method="POST", path=path)
+
+    def _metadata(self, context: grpc.aio.ServicerContext, resource: Resource) -> list[tuple[str, Any]]:
+        metadata = upstream_metadata(context.invocation_metadata())
+        if resource.resource == "sharedmemory" and self.state.internal_key:
+            # Triton's --grpc-restricted-protocol reads the key from "triton-grpc-protocol-<header>".
+            metadata.append((GRPC_INTERNAL_HEADER, self.state.internal_key))
+        return metadata
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """The client's deadline, capped by upstream.request_timeout_s."""
+        remaining = context.time_remaining()
+        limit = self.state.settings.upstream.request_timeout_s
+        return limit if remaining is None else min(remaining, limit)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, ctx: RequestContext, err: SeekgateError) -> None:
+        refuse(ctx, err)
+        trailing: tuple[tuple[str, str], ...] = (("x-request-id", ctx.request_id),)
+        if err.retry_after is not None:
+            trailing += (("retry-after", str(err.retry_after)),)
+        await context.abort(err.grpc_code, err.public_message, trailing)
+
+    async def _upstream_failed(self, context: grpc.aio.ServicerContext, ctx: RequestContext,
+                               exc: grpc.aio.AioRpcError) -> None:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # Connection details name internal addresses: the client gets our message, the audit the cause.
+            await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {exc.details()}"))
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            await self._abort(context, ctx, UpstreamTimeout("upstream_timeout"))
+        # Triton's own refusals (unknown model, bad tensor) pass through, as over HTTP.
+        ctx.http_status = http_status_of(code)
+        ctx.reason = f"upstream_{code.name.lower()}"
+        await context.abort(code, exc.details() or "", (("x-request-id", ctx.request_id),))
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+def _parse(message_type: type[Message], raw: bytes) -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise BadRequest("malformed_message") from exc

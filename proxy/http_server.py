@@ -1,0 +1,245 @@
+"""The HTTP front end: the request path in one middleware, the resources in cleanup_ctx, and serve()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from .admin import handle_admin
+from .app_state import CTX, STATE, AppState
+from .audit import AuditWriter
+from .authz import Authorizer, PolicyWatcher
+from .classify import classify_http
+from .context import RequestContext
+from .errors import NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
+from .forward import forward
+from .grpc_server import GrpcFrontEnd
+from .keys.hashing import load_or_create_pepper
+from .metrics import Metrics
+from .paths import store_path
+from .pipeline import admit, check_body, finish, refuse
+from .settings import Settings
+from .store.sqlite import SqliteStore
+from .triton import INTERNAL_HEADER
+
+log = logging.getLogger("seekgate.http")
+
+PUBLIC_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
+# Credentials in a URL end up in access logs and browser history: refused outright.
+KEY_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "authorization"})
+KNOWN_MODELS = ("deepseek", "deepseek_stream")
+
+
+# ------------------------------------------------------------------ the request path
+
+@web.middleware
+async def request_path(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """context -> authenticate -> classify -> authorize -> (limit) -> forward -> audit + metrics."""
+    state = request.app[STATE]
+    ctx = new_context(request)
+    request[CTX] = ctx
+    try:
+        path = route_path(request.raw_path, state.settings.server.base_path)
+        if request.method == "GET" and path in PUBLIC_PROBES:
+            # Load balancers probe health without a key; nothing else is public.
+            ctx.resource = classify_http(request.method, path)
+        else:
+            if not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
+                raise Unauthenticated("key_in_query_string")
+            await admit(state, ctx, request.headers.get("Authorization"),
+                        lambda: classify_http(request.method, path))
+        assert ctx.resource is not None
+        body = await read_body(request, state.settings.server.max_body_bytes)
+        check_body(ctx, body)
+        if ctx.resource.resource == "admin:keys":
+            response = await handle_admin(request, body)
+            ctx.http_status = response.status
+            return response
+        extra = ({INTERNAL_HEADER: state.internal_key}
+                 if ctx.resource.resource == "sharedmemory" and state.internal_key else {})
+        path_qs = path + (("?" + request.query_string) if request.query_string else "")
+        return await forward(request, ctx, state.upstream, state.settings.upstream.http_url, path_qs, body,
+                             extra, server_timing(ctx))
+    except SeekgateError as err:
+        return error_response(ctx, err)
+    except asyncio.CancelledError:
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        raise
+    finally:
+        finish(state, ctx)
+
+
+def new_context(request: web.Request) -> RequestContext:
+    # The peer address only: X-Forwarded-For is client-controlled and never trusted.
+    return RequestContext(request_id=uuid.uuid4().hex, client_ip=request.remote or "",
+                          protocol="http", method=request.method, path=request.raw_path.split("?", 1)[0])
+
+
+def route_path(raw_path: str, base_path: str) -> str:
+    """The raw (still percent-encoded) path after any configured base path, as Triton will see it."""
+    path = raw_path.split("?", 1)[0]
+    if base_path:
+        if path != base_path and not path.startswith(base_path + "/"):
+            raise NotFound("outside_base_path")
+        path = path[len(base_path):] or "/"
+    return path
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, counted as it arrives, so chunked uploads cannot slip past the cap."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body_too_large: {declared}")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body_too_large: over {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def server_timing(ctx: RequestContext) -> str:
+    return f"seekgate;dur={ctx.elapsed_ms():.3f};desc=\"seekgate checks before forwarding\""
+
+
+def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
+    """Triton's error format; the reason stays in the audit record, never in the body."""
+    refuse(ctx, err)
+    headers = {"X-Request-Id": ctx.request_id, "Server-Timing": server_timing(ctx), **err.headers()}
+    return web.json_response({"error": err.public_message}, status=err.http_status, headers=headers)
+
+
+async def catch_all(request: web.Request) -> web.StreamResponse:
+    raise NotFound("no_route")  # unreachable: request_path answers every request
+
+
+# ------------------------------------------------------------------ resources
+
+def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics(KNOWN_MODELS)
+        authorizer = Authorizer.from_dir(Path(settings.policy.directory))  # a broken policy stops the start
+        metrics.policy_reloaded(authorizer.version)
+        metrics.set_known_rules(r.id for r in authorizer.policy.rules)
+
+        def reloaded() -> None:
+            metrics.policy_reloaded(authorizer.version)
+            metrics.set_known_rules(r.id for r in authorizer.policy.rules)
+
+        def reload_failed(message: str) -> None:
+            log.error("policy reload failed, keeping the last good policy: %s", message)
+            metrics.policy_reload_failed()
+
+        watcher = PolicyWatcher(authorizer, Path(settings.policy.directory),
+                                interval=settings.policy.reload_interval_s,
+                                on_reload=reloaded, on_error=reload_failed)
+        audit = AuditWriter(data_dir, max_bytes=settings.audit.max_bytes,
+                            retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed)
+        metrics.set_audit_depth_fn(audit.queue_depth)
+        store = await SqliteStore.open(store_path(data_dir))
+        up = settings.upstream
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=up.pool_size),
+            timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.request_timeout_s),
+            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+        key_file = data_dir / "secrets" / "triton-internal-key"
+        state = AppState(settings, data_dir, store, load_or_create_pepper(data_dir), authorizer, watcher,
+                         audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None)
+        app[STATE] = state
+        await audit.start()
+        await watcher.start()
+        health = asyncio.create_task(watch_upstream(state))
+        try:
+            yield
+        finally:
+            health.cancel()
+            await watcher.stop()
+            await session.close()
+            # Last: requests still finishing above submit their records before the final flush.
+            await audit.close()
+            await store.close()
+    return lifecycle
+
+
+async def watch_upstream(state: AppState, interval: float = 2.0) -> None:
+    url = state.settings.upstream.http_url + "/v2/health/ready"
+    while True:
+        try:
+            async with state.upstream.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                state.metrics.set_upstream_up(r.status == 200)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            state.metrics.set_upstream_up(False)
+        await asyncio.sleep(interval)
+
+
+def build_app(settings: Settings) -> web.Application:
+    # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
+    app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
+    app.cleanup_ctx.append(resources(settings))
+    app.router.add_route("*", "/{tail:.*}", catch_all)
+    return app
+
+
+def build_metrics_app(main: web.Application) -> web.Application:
+    async def metrics_handler(_: web.Request) -> web.Response:
+        body, content_type = main[STATE].metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+async def run(settings: Settings, ready: asyncio.Event | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    """Runs the proxy and its metrics endpoint until `stop` is set (or SIGINT/SIGTERM)."""
+    app = build_app(settings)
+    # Bodies and binary tensors pass through untouched: no server-side decompression.
+    runner = web.AppRunner(app, auto_decompress=False, access_log=None)
+    await runner.setup()
+    metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
+    await metrics_runner.setup()
+    s = settings.server
+    sites = [web.TCPSite(runner, s.host, s.http_port), web.TCPSite(metrics_runner, s.host, s.metrics_port)]
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    grpc_front = GrpcFrontEnd(runner.app[STATE])   # the cleanup_ctx has built the state by now
+    try:
+        await grpc_front.start(s.host, s.grpc_port)
+        for site in sites:
+            await site.start()
+        log.info("seekgate listening on http://%s:%d (metrics :%d)", s.host, s.http_port, s.metrics_port)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await grpc_front.stop(grace=2.0)   # before cleanup, so its last audit records are in the final flush
+        await runner.cleanup()   # stops accepting, finishes in-flight requests, flushes the audit
+        await metrics_runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    """Blocking entry point for `seekgate serve`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(run(settings))

@@ -1,0 +1,111 @@
+"""Runs a real seekgate (proxy.http_server.run) in a background thread for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.http_server import run
+from proxy.paths import store_path
+from proxy.keys.hashing import load_or_create_pepper
+from proxy.keys.format import generate_key, key_prefix_and_last4
+from proxy.keys.hashing import hash_secret
+from proxy.settings import Settings, load_settings
+from proxy.store import KeyRecord
+from proxy.store.sqlite import SqliteStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Gateway:
+    def __init__(self, root: Path, upstream_http: str, ports: list[int], triton_data_dir: Path | None = None,
+                 **overrides: Any) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        if triton_data_dir is not None:
+            # As under `seekgate up`, where both share one data dir: the header value
+            # that unlocks Triton's shared-memory API for admins.
+            secret = triton_data_dir / "secrets" / "triton-internal-key"
+            (self.data_dir / "secrets").mkdir(parents=True, exist_ok=True, mode=0o700)
+            shutil.copy2(secret, self.data_dir / "secrets" / secret.name)
+        self.policy_dir = root / "policies"
+        if not self.policy_dir.exists():
+            shutil.copytree(REPO / "policies", self.policy_dir)
+        http, grpc_, metrics = ports
+        self.settings: Settings = load_settings(None, env={}, overrides={
+            "data_dir": str(self.data_dir),
+            "server.http_port": http, "server.grpc_port": grpc_, "server.metrics_port": metrics,
+            "upstream.http_url": upstream_http,
+            "policy.directory": str(self.policy_dir), "policy.reload_interval_s": 0.2,
+            **overrides,
+        })
+        self.url = f"http://127.0.0.1:{http}"
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> "Gateway":
+        ready = threading.Event()
+
+        def main() -> None:
+            async def go() -> None:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                started = asyncio.Event()
+                task = asyncio.create_task(run(self.settings, started, self._stop))
+                await asyncio.wait([task, asyncio.create_task(started.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                ready.set()
+                await task
+            try:
+                asyncio.run(go())
+            except BaseException as exc:  # surfaced to the test through .error
+                self.error = exc
+                ready.set()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if self.error:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread:
+            self._thread.join(30)
+
+    def key(self, tier: str = "user", owner: str = "alice", roles: tuple[str, ...] = ("user",),
+            expires_in_s: float | None = 3600, **kw: Any) -> tuple[str, str]:
+        """Issues a key straight into the store (as `seekgate keys create` would); returns (key_id, token)."""
+        async def go() -> tuple[str, str]:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            key_id, token = generate_key()
+            prefix, last4 = key_prefix_and_last4(token)
+            now = time.time()
+            rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(load_or_create_pepper(self.data_dir), token),
+                            tier=tier, owner=owner, roles=roles, prefix=prefix, last4=last4, created_at=now,
+                            expires_at=None if expires_in_s is None else now + expires_in_s, **kw)
+            store = await SqliteStore.open(store_path(self.data_dir))
+            try:
+                await store.create_key(rec)
+            finally:
+                await store.close()
+            return key_id, token
+        return asyncio.run(go())
+
+    def revoke(self, key_id: str) -> None:
+        async def go() -> None:
+            store = await SqliteStore.open(store_path(self.data_dir))
+            try:
+                await store.revoke_key(key_id, time.time())
+            finally:
+                await store.close()
+        asyncio.run(go())

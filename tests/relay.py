@@ -1,0 +1,84 @@
+"""A byte-level TCP relay between seekgate and the real Triton, recording what crossed it.
+
+Tests use it to prove a refused request never reached Triton: the bytes of that
+request must not appear in what the relay saw. It also lets a test cut Triton off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class TcpRelay:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._seen = bytearray()
+        self._lock = threading.Lock()
+        self.port = 0
+        self.blocked = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "TcpRelay":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if record:
+                    with self._lock:
+                        self._seen += data
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except RuntimeError:  # the relay's loop is already stopping
+                pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blocked:  # Triton "down": refuse like a closed port would
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+
+    def block(self, blocked: bool = True) -> None:
+        """Triton unreachable: new connections refused, pooled ones cut."""
+        self.blocked = blocked
+        if blocked:
+            def cut() -> None:
+                for w in list(self._writers):
+                    w.close()
+                self._writers.clear()
+            self._loop.call_soon_threadsafe(cut)
+
+    def seen(self) -> bytes:
+        with self._lock:
+            return bytes(self._seen)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)

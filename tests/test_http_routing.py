@@ -1,0 +1,31 @@
+"""Pure helpers of the HTTP front end: base paths and the request body cap."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import NotFound
+from proxy.forward import upstream_headers
+from proxy.http_server import route_path
+from multidict import CIMultiDict, CIMultiDictProxy
+
+
+def test_route_path_keeps_the_raw_path_after_the_base() -> None:
+    assert route_path("/v2/models/deepseek/infer?x=1", "") == "/v2/models/deepseek/infer"
+    assert route_path("/base/v2/models/deep%2fseek", "/base") == "/v2/models/deep%2fseek"
+    with pytest.raises(NotFound):
+        route_path("/other/v2", "/base")
+    with pytest.raises(NotFound):
+        route_path("/basement/v2", "/base")
+
+
+def test_upstream_headers_drop_credentials_identity_and_hop_by_hop() -> None:
+    incoming = CIMultiDictProxy(CIMultiDict([
+        ("Authorization", "Bearer sgk_x"), ("X-Forwarded-For", "1.2.3.4"), ("Forwarded", "for=1.2.3.4"),
+        ("X-Seekgate-Owner", "root"), ("seekgate-internal", "guess"), ("Connection", "keep-alive, X-Private"),
+        ("X-Private", "1"), ("Transfer-Encoding", "chunked"), ("Content-Encoding", "gzip"),
+        ("Inference-Header-Content-Length", "120"), ("Content-Type", "application/octet-stream"),
+        ("triton-grpc-protocol-seekgate-internal", "guess"),
+    ]))
+    out = upstream_headers(incoming)
+    assert sorted(out.keys()) == ["Content-Encoding", "Content-Type", "Inference-Header-Content-Length"]

@@ -1,0 +1,391 @@
+"""seekgate's HTTP front end against the real Triton: forwarding, refusals, reload, audit, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aiohttpclient
+
+from proxy.triton import TritonProcess
+from tests.conftest import free_ports
+from tests.gateway import Gateway
+from tests.relay import TcpRelay
+
+ISSUED: list[str] = []
+BODY_CAP = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
+    r = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(relay: TcpRelay, triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw"), f"http://127.0.0.1:{relay.port}", free_ports(3),
+                triton_data_dir=triton.launch.data_dir, **{"server.max_body_bytes": BODY_CAP}).start()
+    yield g
+    g.stop()
+
+
+def issue(gw: Gateway, **kw: Any) -> tuple[str, str]:
+    key_id, token = gw.key(**kw)
+    ISSUED.append(token)
+    return key_id, token
+
+
+@pytest.fixture(scope="module")
+def user_key(gw: Gateway) -> str:
+    return issue(gw, owner="alice", roles=("user",))[1]
+
+
+@pytest.fixture(scope="module")
+def admin_key(gw: Gateway) -> str:
+    return issue(gw, owner="root-ops", roles=("admin",))[1]
+
+
+def call(url: str, method: str = "GET", body: Any = None, key: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def infer_inputs(module: Any, text: str, max_tokens: int, binary: bool) -> list[Any]:
+    a = module.InferInput("text_input", [1, 1], "BYTES")
+    a.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_), binary_data=binary)
+    b = module.InferInput("max_tokens", [1, 1], "INT32")
+    b.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32), binary_data=binary)
+    return [a, b]
+
+
+# ------------------------------------------------------------------ forwarding
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_infer_same_as_direct(gw: Gateway, triton: TritonProcess, user_key: str, binary: bool) -> None:
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary)
+               for n in ("text_output", "input_tokens", "output_tokens")]
+    direct = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://")).infer(
+        "deepseek", infer_inputs(httpclient, "Hello world", 5, binary), outputs=outputs)
+    proxied = httpclient.InferenceServerClient(gw.url.removeprefix("http://")).infer(
+        "deepseek", infer_inputs(httpclient, "Hello world", 5, binary), outputs=outputs, headers=bearer(user_key))
+    for name in ("text_output", "input_tokens", "output_tokens"):
+        assert (proxied.as_numpy(name) == direct.as_numpy(name)).all()
+    assert proxied.as_numpy("output_tokens")[0, 0] == 5
+
+
+def test_tritonclient_aio_infer_and_metadata(gw: Gateway, triton: TritonProcess, user_key: str) -> None:
+    async def go() -> None:
+        proxied = aiohttpclient.InferenceServerClient(gw.url.removeprefix("http://"))
+        direct = aiohttpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
+        try:
+            a = await proxied.infer("deepseek", infer_inputs(aiohttpclient, "aio", 4, True), headers=bearer(user_key))
+            b = await direct.infer("deepseek", infer_inputs(aiohttpclient, "aio", 4, True))
+            assert a.as_numpy("text_output")[0, 0] == b.as_numpy("text_output")[0, 0]
+            assert await proxied.get_model_metadata("deepseek", headers=bearer(user_key)) == \
+                await direct.get_model_metadata("deepseek")
+            assert await proxied.get_model_config("deepseek", headers=bearer(user_key)) == \
+                await direct.get_model_config("deepseek")
+        finally:
+            await proxied.close()
+            await direct.close()
+    asyncio.run(go())
+
+
+def test_generate_byte_identical_with_server_timing(gw: Gateway, triton: TritonProcess, user_key: str) -> None:
+    body = {"text_input": "The quick brown fox", "max_tokens": 9}
+    status, headers, proxied = call(gw.url + "/v2/models/deepseek/generate", "POST", body, user_key)
+    _, _, direct = call(triton.http_url + "/v2/models/deepseek/generate", "POST", body)
+    assert status == 200 and proxied == direct
+    assert "seekgate;dur=" in headers["Server-Timing"] and "upstream;dur=" in headers["Server-Timing"]
+
+
+def test_generate_stream_passes_events_through(gw: Gateway, triton: TritonProcess, user_key: str) -> None:
+    body = {"text_input": "Hello world", "max_tokens": 12}
+    status, headers, proxied = call(gw.url + "/v2/models/deepseek_stream/generate_stream", "POST", body, user_key)
+    _, _, direct = call(triton.http_url + "/v2/models/deepseek_stream/generate_stream", "POST", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert proxied == direct and proxied.count(b"data: ") > 1
+
+
+def test_gzip_infer_body_passes_through_compressed(gw: Gateway, triton: TritonProcess, user_key: str) -> None:
+    import gzip
+    body = gzip.compress(json.dumps({"inputs": [
+        {"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["zipped"]},
+        {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [3]}]}).encode())
+    gz = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, _, proxied = call(gw.url + "/v2/models/deepseek/infer", "POST", body, user_key, gz)
+    _, _, direct = call(triton.http_url + "/v2/models/deepseek/infer", "POST", body, None, gz)
+    assert status == 200 and proxied == direct
+
+
+def test_health_is_public_and_unknown_route_is_404(gw: Gateway, user_key: str, relay: TcpRelay) -> None:
+    assert call(gw.url + "/v2/health/ready")[0] == 200
+    assert call(gw.url + "/v2/health/live")[0] == 200
+    relay.clear()
+    status, _, body = call(gw.url + "/v2/nothing-here-xyz", key=user_key)
+    assert status == 404 and b"nothing-here-xyz" not in relay.seen()
+
+
+# ------------------------------------------------------------------ authentication
+
+
+def test_401_for_every_bad_credential_with_one_body(gw: Gateway, user_key: str) -> None:
+    url = gw.url + "/v2/models/deepseek"
+    key_id, revoked = issue(gw, owner="bob")
+    assert call(url, key=revoked)[0] == 200
+    gw.revoke(key_id)
+    _, expired = issue(gw, owner="carol", expires_in_s=0.5)
+    time.sleep(1.0)
+    flipped = user_key[:-1] + ("A" if user_key[-1] != "A" else "B")
+    cases = {
+        "none": call(url),
+        "malformed": call(url, headers={"Authorization": "Bearer not-a-key"}),
+        "basic": call(url, headers={"Authorization": "Basic YWxhZGRpbjpvcGVuc2VzYW1l"}),
+        "bad checksum": call(url, key=flipped),
+        "unknown": call(url, key=_unknown_key()),
+        "expired": call(url, key=expired),
+        "revoked": call(url, key=revoked),
+        "query string": call(url + "?key=" + user_key),
+    }
+    bodies = set()
+    for name, (status, headers, body) in cases.items():
+        assert status == 401, name
+        assert headers.get("WWW-Authenticate", "").startswith("Bearer"), name
+        bodies.add(body)
+    assert len(bodies) == 1
+
+
+def _unknown_key() -> str:
+    from proxy.keys.format import generate_key
+    return generate_key()[1]
+
+
+# ------------------------------------------------------------------ classification + policy
+
+ADMIN_ROUTES = [
+    ("POST", "/v2/repository/index", b"{}"),
+    ("POST", "/v2/repository/models/deepseek/unload", b"{}"),
+    ("POST", "/v2/repository/models/deepseek/load", b"{}"),
+    ("GET", "/v2/systemsharedmemory/status", None),
+    ("POST", "/v2/systemsharedmemory/region/r1/unregister", b""),
+    ("GET", "/v2/cudasharedmemory/status", None),
+    ("GET", "/v2/trace/setting", None),
+    ("GET", "/v2/models/deepseek/trace/setting", None),
+    ("GET", "/v2/logging", None),
+    ("GET", "/v2/models/stats", None),
+    ("GET", "/admin/v1/keys", None),
+]
+
+
+@pytest.mark.parametrize("method, path, body", ADMIN_ROUTES)
+def test_user_key_gets_403_on_admin_routes_and_triton_sees_nothing(
+        gw: Gateway, relay: TcpRelay, user_key: str, method: str, path: str, body: bytes | None) -> None:
+    relay.clear()
+    status, _, raw = call(gw.url + path, method, body, user_key)
+    assert status == 403 and json.loads(raw) == {"error": "forbidden by policy"}
+    assert path.encode() not in relay.seen()
+
+
+# Safe admin routes (no state change) must work for an admin key end to end.
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v2/repository/index"), ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/cudasharedmemory/status"), ("GET", "/v2/trace/setting"), ("GET", "/v2/logging"),
+    ("GET", "/v2/models/stats"), ("GET", "/admin/v1/keys"),
+])
+def test_admin_key_gets_200_on_admin_routes(gw: Gateway, admin_key: str, method: str, path: str) -> None:
+    status, _, raw = call(gw.url + path, method, b"{}" if method == "POST" else None, admin_key)
+    assert status == 200, raw
+
+
+def test_user_may_read_config_and_own_stats(gw: Gateway, user_key: str) -> None:
+    assert call(gw.url + "/v2/models/deepseek/config", key=user_key)[0] == 200
+    assert call(gw.url + "/v2/models/deepseek/stats", key=user_key)[0] == 200
+    assert call(gw.url + "/v2", key=user_key)[0] == 200
+
+
+def test_shared_memory_in_infer_body_is_refused_for_users(gw: Gateway, relay: TcpRelay, user_key: str) -> None:
+    body = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES",
+                        "parameters": {"shared_memory_region": "stolen-xyz", "shared_memory_byte_size": 64}}]}
+    relay.clear()
+    status, _, _ = call(gw.url + "/v2/models/deepseek/infer", "POST", body, user_key)
+    assert status == 403 and b"stolen-xyz" not in relay.seen()
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/models/../repository/index", "/v2/models/%2e%2e/repository/index", "/v2/models/deep%2fseek/infer",
+    "/v2//models/deepseek", "/v2/models/./deepseek", "/v2/models/deep%00seek", "/v2/models/deepseek/",
+    "/v2/models/deep%5cseek", "/v2/models/" + "a" * 200,
+])
+def test_400_for_path_tricks_and_triton_sees_nothing(gw: Gateway, relay: TcpRelay, admin_key: str,
+                                                     path: str) -> None:
+    relay.clear()
+    status, _, _ = call(gw.url + path, "POST" if "index" in path else "GET", None, admin_key)
+    assert status == 400
+    assert path.encode() not in relay.seen()
+
+
+def test_policy_hot_reload_and_broken_edit(gw: Gateway, user_key: str) -> None:
+    url = gw.url + "/v2/models/deepseek"
+    extra = gw.policy_dir / "zz-test.yaml"
+    assert call(url, key=user_key)[0] == 200
+    try:
+        extra.write_text("rules:\n  - id: block-alice\n    effect: deny\n    subject: {owners: [alice]}\n"
+                         "    resources: ['model:deepseek']\n    actions: ['*']\n")
+        assert wait_for(lambda: call(url, key=user_key)[0] == 403, 2.0)
+        errors_before = metric(gw, "seekgate_policy_reload_errors_total")
+        extra.write_text("rules:\n  - id: block-alice\n    effect: alow\n")
+        assert wait_for(lambda: metric(gw, "seekgate_policy_reload_errors_total") > errors_before, 2.0)
+        assert call(url, key=user_key)[0] == 403   # last good policy still in force
+    finally:
+        extra.unlink()
+    assert wait_for(lambda: call(url, key=user_key)[0] == 200, 2.0)
+
+
+def wait_for(check: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(gw.metrics_url).read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# ------------------------------------------------------------------ audit + metrics
+
+
+def audit_records(gw: Gateway) -> list[dict[str, Any]]:
+    path = gw.data_dir / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def audit_for(gw: Gateway, request_id: str) -> list[dict[str, Any]]:
+    wait_for(lambda: any(r["request_id"] == request_id for r in audit_records(gw)), 3.0)
+    return [r for r in audit_records(gw) if r["request_id"] == request_id]
+
+
+def test_audit_one_record_per_request_with_token_counts(gw: Gateway, user_key: str) -> None:
+    _, h1, raw = call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "count me", "max_tokens": 7},
+                      user_key)
+    _, h2, stream = call(gw.url + "/v2/models/deepseek_stream/generate_stream", "POST",
+                         {"text_input": "count me", "max_tokens": 6}, user_key)
+    _, h3, _ = call(gw.url + "/v2/logging", key=user_key)
+    _, h4, _ = call(gw.url + "/v2/models/deepseek")
+    (gen,) = audit_for(gw, h1["X-Request-Id"])
+    assert gen["status"] == "allowed" and gen["http_status"] == 200 and gen["actor"] == "alice"
+    assert gen["input_tokens"] == json.loads(raw)["input_tokens"] and gen["output_tokens"] == 7
+    assert gen["resource"] == "model:deepseek" and gen["action"] == "infer" and gen["upstream_ms"] > 0
+    (st,) = audit_for(gw, h2["X-Request-Id"])
+    assert st["output_tokens"] == 6 and st["model"] == "deepseek_stream"
+    (denied,) = audit_for(gw, h3["X-Request-Id"])
+    assert denied["status"] == "denied" and denied["http_status"] == 403 and denied["rule"]
+    (anon,) = audit_for(gw, h4["X-Request-Id"])
+    assert anon["status"] == "denied" and anon["http_status"] == 401 and anon["reason"] == "missing_credentials"
+    for rec in (gen, st, denied, anon):
+        assert set(rec) >= {"timestamp", "event_id", "request_id", "actor", "key_id", "tier", "action", "resource",
+                            "model", "status", "http_status", "reason", "client_ip", "duration_ms", "upstream_ms",
+                            "input_tokens", "output_tokens"}
+
+
+def test_metrics_count_a_known_sequence(gw: Gateway, user_key: str) -> None:
+    labels = {"model": "deepseek", "action": "infer", "tier": "user", "status": "allowed", "protocol": "http"}
+    before = metric(gw, "seekgate_requests_total", **labels)
+    tokens_before = metric(gw, "seekgate_tokens_total", model="deepseek", direction="output")
+    auth_before = metric(gw, "seekgate_auth_failures_total", reason="missing_credentials")
+    for _ in range(3):
+        call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "m", "max_tokens": 4}, user_key)
+    call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "m", "max_tokens": 4})
+    call(gw.url + "/v2/models/" + "random-model-abc" + "/generate", "POST", {"text_input": "m"}, user_key)
+    assert wait_for(lambda: metric(gw, "seekgate_requests_total", **labels) == before + 3, 2.0)
+    assert metric(gw, "seekgate_tokens_total", model="deepseek", direction="output") == tokens_before + 12
+    assert metric(gw, "seekgate_auth_failures_total", reason="missing_credentials") == auth_before + 1
+    assert metric(gw, "seekgate_upstream_up") == 1
+    text = urllib.request.urlopen(gw.metrics_url).read().decode()
+    assert "random-model-abc" not in text and "seekgate_request_duration_seconds_bucket" in text
+
+
+def test_triton_down_gives_503_then_recovers(gw: Gateway, relay: TcpRelay, user_key: str) -> None:
+    url = gw.url + "/v2/models/deepseek/generate"
+    body = {"text_input": "are you there", "max_tokens": 2}
+    relay.block()
+    try:
+        status, headers, raw = call(url, "POST", body, user_key)
+        assert status == 503 and headers.get("Retry-After") and json.loads(raw)["error"]
+    finally:
+        relay.block(False)
+    assert wait_for(lambda: call(url, "POST", body, user_key)[0] == 200, 5.0)
+
+
+def test_zz_no_plaintext_key_anywhere_on_disk(gw: Gateway, user_key: str, admin_key: str) -> None:
+    assert len(ISSUED) >= 2
+    blobs = [p.read_bytes() for p in gw.root.rglob("*") if p.is_file()]
+    blobs.append(urllib.request.urlopen(gw.metrics_url).read())
+    for token in ISSUED:
+        assert not any(token.encode() in blob for blob in blobs)
+
+
+def test_admin_api_issues_a_working_key_and_revokes_it(gw: Gateway, admin_key: str, user_key: str) -> None:
+    status, headers, raw = call(gw.url + "/admin/v1/keys", "POST",
+                                {"tier": "user", "owner": "dave", "roles": ["user"], "expires": "1d"}, admin_key)
+    assert status == 201, raw
+    created = json.loads(raw)
+    ISSUED.append(created["key"])
+    assert call(gw.url + "/v2/models/deepseek", key=created["key"])[0] == 200
+    status, _, listing = call(gw.url + "/admin/v1/keys", key=admin_key)
+    assert status == 200 and created["key"].encode() not in listing and created["key_id"].encode() in listing
+    assert call(gw.url + f"/admin/v1/keys/{created['key_id']}/revoke", "POST", b"", admin_key)[0] == 200
+    assert call(gw.url + "/v2/models/deepseek", key=created["key"])[0] == 401
+    assert call(gw.url + "/admin/v1/keys", "POST", {"tier": "user", "owner": "x"}, user_key)[0] == 403
+
+
+def test_body_over_the_cap_is_413_declared_or_chunked(gw: Gateway, relay: TcpRelay, user_key: str) -> None:
+    big = b'{"text_input": "' + b"x" * BODY_CAP + b'"}'
+    relay.clear()
+    assert call(gw.url + "/v2/models/deepseek/generate", "POST", big, user_key)[0] == 413
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(BODY_CAP // 65536 + 2):
+            yield b"y" * 65536
+    req = urllib.request.Request(gw.url + "/v2/models/deepseek/generate", data=chunks(), method="POST",
+                                 headers={"Authorization": f"Bearer {user_key}", "Transfer-Encoding": "chunked"})
+    try:
+        status = urllib.request.urlopen(req, timeout=30).status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (ConnectionError, urllib.error.URLError):
+        status = 413  # the server may close before the client finishes sending; checked below
+    assert status == 413 and b"xxxxxxxx" not in relay.seen() and b"yyyyyyyy" not in relay.seen()

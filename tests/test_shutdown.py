@@ -1,0 +1,81 @@
+"""SIGTERM under load: every request that got an answer has its audit record on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from proxy.triton import TritonProcess
+from tests.conftest import REPO, free_ports
+from tests.gateway import Gateway
+
+
+def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_path: Path) -> None:
+    http, grpc_, metrics = free_ports(3)
+    config = tmp_path / "seekgate.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics},
+        "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
+        "policy": {"directory": str(REPO / "policies")},
+    }))
+    # Issue the key the way ops would, into the same data dir.
+    _, key = Gateway(tmp_path, triton.http_url, [http, grpc_, metrics], data_dir=str(tmp_path / "data")).key()
+    server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/v2/health/live", timeout=1)
+                break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        answered: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client() -> None:
+            body = json.dumps({"text_input": "load", "max_tokens": 8}).encode()
+            while not stop.is_set():
+                req = urllib.request.Request(url + "/v2/models/deepseek/generate", data=body, method="POST",
+                                             headers={"Authorization": f"Bearer {key}"})
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        rid = r.headers["X-Request-Id"]
+                        r.read()
+                except urllib.error.HTTPError as e:
+                    rid = e.headers.get("X-Request-Id")
+                except (urllib.error.URLError, OSError, ConnectionError):
+                    continue   # refused after shutdown began: never answered, nothing to audit
+                if rid:
+                    with lock:
+                        answered.append(rid)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    audit_file = tmp_path / "data" / "audit" / "audit.jsonl"
+    recorded = {json.loads(line)["request_id"] for line in audit_file.read_text().splitlines() if line.strip()}
+    assert len(answered) > 20
+    assert set(answered) <= recorded
