@@ -389,3 +389,56 @@ def test_body_over_the_cap_is_413_declared_or_chunked(gw: Gateway, relay: TcpRel
     except (ConnectionError, urllib.error.URLError):
         status = 413  # the server may close before the client finishes sending; checked below
     assert status == 413 and b"xxxxxxxx" not in relay.seen() and b"yyyyyyyy" not in relay.seen()
+
+
+def long_answer_prompt(triton: TritonProcess) -> str:
+    """A prompt the tiny random model answers at length (greedy decoding may hit EOS early)."""
+    for prompt in ("Hello world", "The quick brown fox", "seekgate", "Banks", "0123", "a b c", "Triton", "xyz"):
+        _, _, raw = call(triton.http_url + "/v2/models/deepseek/generate", "POST",
+                         {"text_input": prompt, "max_tokens": 200})
+        if json.loads(raw)["output_tokens"] >= 100:
+            return prompt
+    raise AssertionError("no prompt gives a long answer with this checkpoint")
+
+
+def test_sse_events_are_relayed_as_they_come_not_buffered(gw: Gateway, triton: TritonProcess,
+                                                         user_key: str) -> None:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=60)
+    body = json.dumps({"text_input": long_answer_prompt(triton), "max_tokens": 200})
+    started = time.perf_counter()
+    conn.request("POST", "/v2/models/deepseek_stream/generate_stream", body,
+                 {"Authorization": f"Bearer {user_key}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.read1(65536)  # the first chunk, de-chunked
+    first_at = time.perf_counter() - started
+    rest = response.read()
+    total = time.perf_counter() - started
+    conn.close()
+    assert first.startswith(b"data: ") and rest.count(b"data: ") > 50
+    # A buffering proxy would deliver the first event only with the last one.
+    assert first_at < total / 2, (first_at, total)
+
+
+def test_tritonclient_with_a_base_path(triton: TritonProcess, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, triton.http_url, free_ports(3), **{"server.base_path": "/triton"}).start()
+    try:
+        _, key = gw.key(owner="erin")
+        client = httpclient.InferenceServerClient(gw.url.removeprefix("http://") + "/triton")
+        result = client.infer("deepseek", infer_inputs(httpclient, "base path", 3, True), headers=bearer(key))
+        assert result.as_numpy("output_tokens")[0, 0] == 3
+        assert call(gw.url + "/v2/models/deepseek", key=key)[0] == 404
+    finally:
+        gw.stop()
+
+
+def test_slow_triton_gives_504(triton: TritonProcess, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, triton.http_url, free_ports(3), **{"upstream.request_timeout_s": 0.05}).start()
+    try:
+        _, key = gw.key(owner="frank")
+        status, _, raw = call(gw.url + "/v2/models/deepseek/generate", "POST",
+                              {"text_input": "take your time", "max_tokens": 200}, key)
+        assert status == 504 and json.loads(raw) == {"error": "inference server timed out"}
+    finally:
+        gw.stop()
