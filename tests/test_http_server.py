@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -32,8 +33,32 @@ def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
     r.stop()
 
 
+class LogCapture(logging.Handler):
+    """Everything seekgate logs during this module, to prove no key ever reaches a log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+LOGS = LogCapture()
+
+
 @pytest.fixture(scope="module")
 def gw(relay: TcpRelay, triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    root = logging.getLogger()
+    root.addHandler(LOGS)
+    previous_level = root.level
+    root.setLevel(logging.DEBUG)
+    yield from _gateway(relay, triton, tmp_path_factory)
+    root.removeHandler(LOGS)
+    root.setLevel(previous_level)
+
+
+def _gateway(relay: TcpRelay, triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = Gateway(tmp_path_factory.mktemp("gw"), f"http://127.0.0.1:{relay.port}", free_ports(3),
                 triton_data_dir=triton.launch.data_dir, **{"server.max_body_bytes": BODY_CAP}).start()
     yield g
@@ -350,10 +375,13 @@ def test_triton_down_gives_503_then_recovers(gw: Gateway, relay: TcpRelay, user_
     assert wait_for(lambda: call(url, "POST", body, user_key)[0] == 200, 5.0)
 
 
-def test_zz_no_plaintext_key_anywhere_on_disk(gw: Gateway, user_key: str, admin_key: str) -> None:
-    assert len(ISSUED) >= 2
-    blobs = [p.read_bytes() for p in gw.root.rglob("*") if p.is_file()]
+def test_zz_no_plaintext_key_anywhere_on_disk_in_logs_or_metrics(gw: Gateway, triton: TritonProcess,
+                                                                  user_key: str, admin_key: str) -> None:
+    assert len(ISSUED) >= 2 and LOGS.lines
+    files = [*gw.root.rglob("*"), *triton.launch.data_dir.rglob("*")]
+    blobs = [p.read_bytes() for p in files if p.is_file()]
     blobs.append(urllib.request.urlopen(gw.metrics_url).read())
+    blobs.append("\n".join(LOGS.lines).encode())
     for token in ISSUED:
         assert not any(token.encode() in blob for blob in blobs)
 
