@@ -10,12 +10,13 @@ from aiohttp import web
 
 from .app_state import CTX, STATE
 from .keys.issue import TIER_DEFAULT, ExpiresIn, is_key_id, issue_key, parse_duration, public_view
+from .limits import parse_limits
 from .store import StoreConflict
 
 PREFIX = ("admin", "v1", "keys")
 # Everything POST /admin/v1/keys accepts; anything else is a typo and refused, not ignored.
 _CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models",
-                            "allowed_cidrs", "parent_id", "expires"})
+                            "allowed_cidrs", "parent_id", "expires", "limits"})
 
 
 class _Reply(Exception):
@@ -142,6 +143,7 @@ def _parse_create(raw: bytes) -> dict[str, Any]:
         "labels": _labels(doc.get("labels")),
         "parent_id": None if doc.get("parent_id") is None else _string(doc["parent_id"], "parent_id"),
         "expires_in_s": _expires(doc.get("expires")),
+        "limits": _limits(doc.get("limits")),
     }
     return spec
 
@@ -166,6 +168,18 @@ def _labels(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise _Reply(400, "labels must be an object of string values")
     return value
+
+
+def _limits(value: Any) -> dict[str, int]:
+    """{"rpm": 60, "tpm": 0, ...}: the limits the key sets itself (0 = unlimited, absent = tier default)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Reply(400, "limits must be an object such as {\"rpm\": 60, \"daily_tokens\": 100000}")
+    try:
+        return parse_limits(value)
+    except ValueError as exc:
+        raise _Reply(400, f"limits: {exc}") from None
 
 
 def _expires(value: Any) -> ExpiresIn:

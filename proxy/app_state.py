@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +11,8 @@ from aiohttp import web
 from .audit import AuditWriter
 from .authz import Authorizer, PolicyWatcher
 from .context import RequestContext
+from .keys.sessions import SessionAuthority
+from .limits import Limiter, LocalLimiter
 from .metrics import Metrics
 from .settings import Settings
 from .store.sqlite import SqliteStore
@@ -28,6 +30,8 @@ class AppState:
     metrics: Metrics
     upstream: aiohttp.ClientSession
     internal_key: str | None = None   # unlocks Triton's shared-memory API; None if Triton runs elsewhere
+    limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
+    sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
 
 
 STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)

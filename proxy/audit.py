@@ -1,11 +1,9 @@
-"""Audit trail: one record per request, appended off the hot path to JSONL and SQLite."""
+"""Audit trail: one record per request, written off the hot path (or durably, in strict mode) to JSONL and SQLite."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import sqlite3
 import time
 import uuid
@@ -16,44 +14,18 @@ from typing import Any
 
 import aiosqlite
 
+from .audit_db import FIELDS, INSERT, connect, query_audit, row
+from .audit_file import JsonlFile, dumps, last_records, rotated_epoch, rotated_files, tail_audit
 from .context import RequestContext
+from .errors import AuditUnavailable
+
+__all__ = ["FIELDS", "AuditWriter", "build_record", "query_audit", "rotated_files", "tail_audit"]
 
 log = logging.getLogger(__name__)
-
-# Order is the JSONL key order and the SQLite column order; never add a credential here.
-FIELDS: tuple[str, ...] = (
-    "timestamp", "event_id", "request_id", "actor", "key_id", "tier", "action", "resource",
-    "model", "status", "http_status", "reason", "client_ip", "duration_ms", "upstream_ms",
-    "input_tokens", "output_tokens", "protocol", "method", "path", "rule",
-)
-_INT_FIELDS = {"http_status", "input_tokens", "output_tokens"}
-_REAL_FIELDS = {"duration_ms", "upstream_ms"}
-_ROTATED_FMT = "%Y%m%dT%H%M%S.%fZ"
-
-_COLUMNS = ", ".join(
-    f"{f} {'INTEGER' if f in _INT_FIELDS else 'REAL' if f in _REAL_FIELDS else 'TEXT'}"
-    + (" PRIMARY KEY" if f == "event_id" else "")
-    for f in FIELDS
-)
-_SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, {_COLUMNS})",
-    "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
-    "CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, ts)",
-    "CREATE INDEX IF NOT EXISTS audit_key_id ON audit (key_id, ts)",
-)
-# OR IGNORE makes a retried batch idempotent: event_id is the primary key.
-_INSERT = (f"INSERT OR IGNORE INTO audit (ts, {', '.join(FIELDS)}) "
-           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
-
 
 def _iso_utc(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds") \
         .replace("+00:00", "Z")
-
-
-def _epoch(iso: str) -> float:
-    # fromisoformat only accepts "Z" from 3.11; the project still declares 3.10.
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[str, Any]:
@@ -86,29 +58,15 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
     }
 
 
-def _row(rec: dict[str, Any]) -> tuple[Any, ...]:
-    def cell(v: Any) -> Any:
-        return v if v is None or isinstance(v, (str, int, float)) else json.dumps(v, default=str)
-    try:
-        ts = _epoch(str(rec["timestamp"]))
-    except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
-        ts = time.time()
-    return (ts, *(cell(rec.get(f)) for f in FIELDS))
-
-
-def _dumps(rec: dict[str, Any]) -> str:
-    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=str, skipkeys=True)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write may write less than asked; loop until everything is down."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class AuditWriter:
     """Single background task: batches queued records into audit.jsonl and audit.db.
+
+    Durability: in `batched` mode the JSONL file is fsynced at least every `fsync_interval_s`
+    while anything is unsynced, so a crash of the host loses at most that window (a kill -9 of
+    the process loses only what is still queued: written lines are in the page cache). In `strict`
+    mode every batch is fsynced before the records' `submit_durable` futures resolve: group
+    commit, one fsync for every request that arrived while the previous one ran. The JSONL file
+    is the durable record; audit.db is the queryable index, committed right after in the same cycle.
 
     A failed write keeps its batch and retries with backoff (calling `on_error` per
     failure), so records are delayed, never dropped. `close()` drains everything.
@@ -117,28 +75,32 @@ class AuditWriter:
     def __init__(self, data_dir: Path, max_bytes: int = 100 * 1024 * 1024,
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
-                 fsync_interval_s: float = 1.0) -> None:
+                 fsync_interval_s: float = 0.1, durability: str = "batched") -> None:
         self.dir = Path(data_dir) / "audit"
-        self.jsonl_path = self.dir / "audit.jsonl"
         self.db_path = self.dir / "audit.db"
-        self.max_bytes = max_bytes
+        self.file = JsonlFile(self.dir, max_bytes)
+        self.jsonl_path = self.file.path
         self.retention_days = retention_days
         self.on_error = on_error
+        self.strict = durability == "strict"
+        # False from a failed JSONL write until the next one succeeds; strict mode refuses meanwhile.
+        self.healthy = True
         self._batch_size = batch_size
         self._retry = (retry_base_s, retry_max_s)
         self._fsync_interval = fsync_interval_s
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._inflight: list[dict[str, Any]] = []
+        self._waiters: dict[str, asyncio.Future[None]] = {}   # event_id -> durable-write future
         self._task: asyncio.Task[None] | None = None
         self._db: aiosqlite.Connection | None = None
-        self._fd: int | None = None
-        self._last_fsync = 0.0
+        self._unsynced_since: float | None = None   # monotonic time of the oldest unsynced write
         self._next_prune = 0.0
         self._closed = False
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         await self._connect()
+        await self._recover()
         await self.prune()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
@@ -146,14 +108,27 @@ class AuditWriter:
         """Queue a record; never blocks, never raises."""
         try:
             if self._closed:
-                log.error("audit writer closed, record not persisted: %s", _dumps(record))
+                log.error("audit writer closed, record not persisted: %s", dumps(record))
                 return
-            if "event_id" not in record or "timestamp" not in record:
-                record = {"timestamp": _iso_utc(time.time()), "event_id": uuid.uuid4().hex,
-                          **record}
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(_complete(record))
         except Exception:  # the request path must not fail because of auditing
             log.exception("audit submit failed")
+
+    def submit_durable(self, record: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue a record; the future resolves once it is fsynced in audit.jsonl.
+
+        It fails with AuditUnavailable when the writer is closed or the write fails: the caller
+        refuses its response (fail closed) and the record is not kept, since the caller audits the
+        refusal instead.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed or self._task is None:
+            fut.set_exception(AuditUnavailable("audit_writer_closed"))
+            return fut
+        record = _complete(record)
+        self._waiters[record["event_id"]] = fut
+        self._queue.put_nowait(record)
+        return fut
 
     def queue_depth(self) -> int:
         """Records waiting to be written, including a batch being retried."""
@@ -174,12 +149,13 @@ class AuditWriter:
                 self._task.cancel()
                 await asyncio.wait({self._task})
                 left = self._inflight + [r for r in self._drain_nowait() if r is not None]
+        self._resolve(left, AuditUnavailable("audit_writer_closed"))
         if left:
             log.error("audit writer could not persist %d records at close", len(left))
             for rec in left:  # last resort: the log is better than nowhere
-                log.error("audit record not persisted: %s", _dumps(rec))
+                log.error("audit record not persisted: %s", dumps(rec))
         try:
-            await asyncio.to_thread(self._close_file)
+            await asyncio.to_thread(self.file.close)
         except OSError:
             log.exception("audit file fsync/close failed")
         if self._db is not None:
@@ -210,11 +186,28 @@ class AuditWriter:
             items.append(self._queue.get_nowait())
         return items
 
+    async def _next(self) -> dict[str, Any] | None:
+        """The next queued item; fsyncs an unsynced file when its window runs out while waiting."""
+        while self._unsynced_since is not None:
+            left = self._unsynced_since + self._fsync_interval - time.monotonic()
+            if left > 0:
+                try:
+                    return await asyncio.wait_for(self._queue.get(), left)
+                except asyncio.TimeoutError:
+                    pass
+            try:
+                await asyncio.to_thread(self.file.fsync)
+                self._unsynced_since = None
+            except OSError as exc:
+                self._failed(exc, 1, self._fsync_interval)
+                self._unsynced_since = time.monotonic()
+        return await self._queue.get()
+
     async def _run(self) -> None:
         stop = False
         while not stop:
             batch: list[dict[str, Any]] = []
-            item = await self._queue.get()
+            item = await self._next()
             while True:
                 if item is None:
                     stop = True
@@ -227,6 +220,9 @@ class AuditWriter:
                 self._inflight = batch
                 await self._persist(batch)
                 self._inflight = []
+            if self.file.rotated:
+                self.file.rotated = False
+                self._next_prune = 0.0  # a rotation is a good moment to apply retention
             if time.monotonic() >= self._next_prune:
                 try:
                     await self.prune()
@@ -239,8 +235,10 @@ class AuditWriter:
         while True:
             try:
                 if not file_done:
-                    await asyncio.to_thread(self._append_jsonl, batch)
+                    await asyncio.to_thread(self._append, batch)
                     file_done = True
+                    self.healthy = True
+                    self._resolve(batch, None)
                 if not db_done:
                     await self._insert_rows(batch)
                     db_done = True
@@ -248,34 +246,64 @@ class AuditWriter:
             except Exception as exc:  # disk full, I/O error, locked db: keep the batch
                 attempt += 1
                 delay = min(self._retry[1], self._retry[0] * 2 ** (attempt - 1))
-                log.error("audit write failed (%s, attempt %d, %d records held); retry in %.2fs",
-                          exc, attempt, len(batch), delay)
-                if self.on_error is not None:
-                    try:
-                        self.on_error()
-                    except Exception:
-                        log.exception("audit on_error callback failed")
+                if not file_done:
+                    self.healthy = False
+                    # Strict callers refuse their responses now and audit the refusal instead,
+                    # so their records leave the batch; the rest are retried.
+                    failed = [r for r in batch if r["event_id"] in self._waiters]
+                    self._resolve(failed, AuditUnavailable(f"audit_write_failed: {exc}"))
+                    batch[:] = [r for r in batch if r not in failed]
+                self._failed(exc, attempt, delay, len(batch))
+                if not batch:
+                    return
                 await asyncio.sleep(delay)
 
+    def _failed(self, exc: BaseException, attempt: int, delay: float, held: int = 0) -> None:
+        # ERROR with a fixed prefix: an alert rule can match it as well as the metric.
+        log.error("AUDIT WRITE FAILED (%s, attempt %d, %d records held); retry in %.2fs",
+                  exc, attempt, held, delay)
+        if self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception:
+                log.exception("audit on_error callback failed")
+
+    def _append(self, batch: list[dict[str, Any]]) -> None:
+        """Runs in a worker thread: the lines, and an fsync when strict or when the window is up."""
+        now = time.monotonic()
+        since = self._unsynced_since if self._unsynced_since is not None else now
+        sync = self.strict or now - since >= self._fsync_interval
+        self.file.append([dumps(r) for r in batch], fsync=sync)
+        self._unsynced_since = None if sync else since
+
+    def _resolve(self, records: list[dict[str, Any]], error: BaseException | None) -> None:
+        for rec in records:
+            fut = self._waiters.pop(rec["event_id"], None)
+            if fut is None or fut.done():   # a caller that went away cancelled its future
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
     async def _connect(self) -> None:
-        db = await aiosqlite.connect(self.db_path)
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            for stmt in _SCHEMA:
-                await db.execute(stmt)
-            await db.commit()
-        except BaseException:
-            await db.close()
-            raise
-        self._db = db
+        self._db = await connect(self.db_path)
+
+    async def _recover(self, lines: int = 10_000) -> None:
+        """After a crash, lines fsynced to audit.jsonl may be missing from audit.db: index them again.
+
+        INSERT OR IGNORE on event_id makes this a no-op for rows already there.
+        """
+        if self.jsonl_path.exists():
+            recs = await asyncio.to_thread(last_records, self.jsonl_path, lines)
+            await self._insert_rows([r for r in recs if "event_id" in r])
 
     async def _insert_rows(self, batch: list[dict[str, Any]]) -> None:
         if self._db is None:
             await self._connect()
         assert self._db is not None
         try:
-            await self._db.executemany(_INSERT, [_row(r) for r in batch])
+            await self._db.executemany(INSERT, [row(r) for r in batch])
             await self._db.commit()
         except sqlite3.Error:
             try:
@@ -285,116 +313,13 @@ class AuditWriter:
                 self._db = None
             raise
 
-    # -- file side (runs in a worker thread, one call at a time) -------------------
-
-    def _append_jsonl(self, batch: list[dict[str, Any]]) -> None:
-        data = "".join(_dumps(r) + "\n" for r in batch).encode()
-        if self._fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        size = os.fstat(self._fd).st_size
-        if size and size + len(data) > self.max_bytes:
-            self._rotate()
-            size = 0
-        assert self._fd is not None
-        try:
-            _write_all(self._fd, data)
-        except OSError:
-            # Cut a half-written batch so the retry doesn't leave a torn line behind.
-            try:
-                os.ftruncate(self._fd, size)
-            except OSError:
-                self._close_file()
-            raise
-        now = time.monotonic()
-        if now - self._last_fsync >= self._fsync_interval:
-            os.fsync(self._fd)
-            self._last_fsync = now
-
-    def _rotate(self) -> None:
-        self._close_file()
-        stamp = datetime.now(timezone.utc)
-        target = self.dir / f"audit-{stamp.strftime(_ROTATED_FMT)}.jsonl"
-        os.rename(self.jsonl_path, target)
-        self._fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._next_prune = 0.0  # a rotation is a good moment to apply retention
-
-    def _close_file(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _prune_files(self, cutoff: float) -> None:
         for path in rotated_files(self.dir):
-            if _rotated_epoch(path) < cutoff:
+            if rotated_epoch(path) < cutoff:
                 path.unlink(missing_ok=True)
 
 
-def _rotated_epoch(path: Path) -> float:
-    try:
-        stamp = datetime.strptime(path.stem[len("audit-"):], _ROTATED_FMT)
-        return stamp.replace(tzinfo=timezone.utc).timestamp()
-    except ValueError:
-        return path.stat().st_mtime
-
-
-def rotated_files(audit_dir: Path) -> list[Path]:
-    """Rotated JSONL files, oldest first (the timestamp format sorts lexically)."""
-    return sorted(audit_dir.glob("audit-*.jsonl"))
-
-
-def _last_lines(path: Path, n: int, block: int = 65536) -> list[bytes]:
-    with path.open("rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        buf = b""
-        while end > 0 and buf.count(b"\n") <= n:
-            start = max(0, end - block)
-            f.seek(start)
-            buf = f.read(end - start) + buf
-            end = start
-    lines = [ln for ln in buf.split(b"\n") if ln.strip()]
-    return lines[-n:] if end == 0 else lines[1:][-n:]  # first chunk line may be partial
-
-
-def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
-    """The last `n` records, oldest first; reaches into rotated files when needed."""
-    audit_dir = Path(data_dir) / "audit"
-    files = [*rotated_files(audit_dir), audit_dir / "audit.jsonl"]
-    out: list[dict[str, Any]] = []
-    for path in reversed(files):
-        if len(out) >= n:
-            break
-        if not path.exists():
-            continue
-        chunk = []
-        for line in _last_lines(path, n - len(out)):
-            try:
-                chunk.append(json.loads(line))
-            except ValueError:  # a torn line from a crash: skip rather than fail the CLI
-                continue
-        out = chunk + out
-    return out[-n:] if n > 0 else []
-
-
-async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,
-                      since: float | None = None, until: float | None = None,
-                      status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Records matching every given filter, newest first. `since`/`until` are epoch seconds."""
-    db_path = Path(data_dir) / "audit" / "audit.db"
-    if not db_path.exists():
-        return []
-    where, args = [], []
-    for clause, value in (("actor = ?", actor), ("key_id = ?", key_id), ("ts >= ?", since),
-                          ("ts < ?", until), ("status = ?", status)):
-        if value is not None:
-            where.append(clause)
-            args.append(value)
-    sql = (f"SELECT {', '.join(FIELDS)} FROM audit"
-           + (f" WHERE {' AND '.join(where)}" if where else "")
-           + " ORDER BY ts DESC, rowid DESC LIMIT ?")
-    async with aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True) as db:
-        async with db.execute(sql, (*args, max(0, limit))) as cur:
-            return [dict(zip(FIELDS, row)) for row in await cur.fetchall()]
+def _complete(record: dict[str, Any]) -> dict[str, Any]:
+    if "event_id" not in record or "timestamp" not in record:
+        return {"timestamp": _iso_utc(time.time()), "event_id": uuid.uuid4().hex, **record}
+    return record

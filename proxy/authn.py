@@ -9,6 +9,7 @@ from proxy.context import Principal
 from proxy.errors import Unauthenticated
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
 from proxy.keys.hashing import verify_secret
+from proxy.keys.sessions import MINTING_TIERS, SessionAuthority
 from proxy.store import KeyRecord, KeyStore
 
 # RFC 6750 b64token: covers API keys and JWTs. Anything longer is not ours.
@@ -35,19 +36,46 @@ def parse_bearer(header: str | None) -> str:
 
 
 async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: str,
-                       now: float) -> Principal:
+                       now: float, sessions: SessionAuthority | None = None) -> Principal:
     """Verify a bearer token against the store; no caching, so a revocation counts at once.
 
     Reasons (audit only; the client sees one body): malformed, bad_checksum,
-    unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent.
+    unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent, and
+    for session JWTs (tokens without the key prefix) the session_* reasons of keys/sessions.py.
     A store failure propagates as StoreUnavailable (503), never as success.
     """
     if not token.startswith(PREFIX):
-        # Seam for session JWTs (a later issue): verify the JWT here (pinned algorithm,
-        # aud/iss/exp required), then run `check_chain` on the chain of its parent key
-        # so that revoking the user/app key ends its sessions on the next request.
-        raise Unauthenticated("malformed")
+        if sessions is None:
+            raise Unauthenticated("malformed")
+        return await _authenticate_session(token, store, sessions, client_ip, now)
     return await _authenticate_api_key(token, store, pepper, client_ip, now)
+
+
+async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAuthority,
+                                client_ip: str, now: float) -> Principal:
+    """A session JWT: signature and claims, then its own revocation, then its parent's whole chain.
+
+    The chain is read on every request, so revoking the parent key (or any ancestor) ends
+    its sessions at once. The session's scope is recomputed from the parent as it is now,
+    never wider than the roles the token was minted with.
+    """
+    claims = sessions.verify(token, now)
+    if await sessions.revoked(claims.jti):
+        raise Unauthenticated("session_revoked")
+    chain = await store.get_chain(claims.parent)
+    if not chain or chain[0].key_id != claims.parent:
+        raise Unauthenticated("unknown_key")
+    parent = chain[0]
+    if parent.tier not in MINTING_TIERS:
+        raise Unauthenticated("session_from_wrong_tier")
+    check_chain(chain, client_ip, now)
+    return Principal(
+        key_id=claims.jti, tier="session", owner=parent.owner,
+        roles=tuple(r for r in claims.roles if r in parent.roles), labels=dict(parent.labels),
+        models=effective_models(chain), parents=tuple(r.key_id for r in chain),
+        # A session sets no limits of its own; its parent's (and their ancestors') bind it.
+        limits=((claims.jti, "session", {}), *((r.key_id, r.tier, dict(r.limits)) for r in chain)),
+    )
 
 
 async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, client_ip: str,
@@ -70,6 +98,7 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
         key_id=key.key_id, tier=key.tier, owner=key.owner, roles=key.roles,
         labels=dict(key.labels), models=effective_models(chain),
         parents=tuple(r.key_id for r in chain[1:]),
+        limits=tuple((r.key_id, r.tier, dict(r.limits)) for r in chain),
     )
 
 

@@ -1,4 +1,4 @@
-"""The `seekgate` command: up, serve, triton, keys, policy, audit, model, check-config."""
+"""The `seekgate` command: up, serve, triton, keys, sessions, policy, audit, model, check-config."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstre
 from .errors import SeekgateError
 from .keys.hashing import load_or_create_pepper
 from .keys.issue import TIER_DEFAULT, issue_key, parse_duration, public_view
+from .limits import LIMIT_FIELDS
 from .paths import store_path
 from .settings import Settings, SettingsError, load_settings
 from .store.sqlite import SqliteStore
@@ -97,12 +98,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         expires = TIER_DEFAULT if args.expires is None else parse_duration(args.expires)
     except ValueError as exc:
         raise CliError(f"--expires: {exc}", 2) from None
+    limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
     pepper = load_or_create_pepper(Path(settings.data_dir))
 
     async def create(store: SqliteStore) -> tuple[Any, str]:
         return await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
                                labels=labels, models=args.model, allowed_cidrs=args.cidr,
-                               parent_id=args.parent, expires_in_s=expires, now=time.time())
+                               parent_id=args.parent, expires_in_s=expires, limits=limits, now=time.time())
     try:
         rec, token = with_store(settings, create)
     except ValueError as exc:
@@ -155,6 +157,20 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if n is None:
         raise CliError(f"key {args.id!r} not found")
     print(f"revoked {n} key(s)" + (" (already revoked)" if n == 0 else ""))
+    return 0
+
+
+def cmd_sessions_revoke(args: argparse.Namespace) -> int:
+    from .keys.sessions import is_jti
+    from .store.sqlite_secrets import SqliteSecretRows
+    if not is_jti(args.jti):
+        raise CliError(f"{args.jti!r} is not a session id (jti: 32 hex digits)")
+
+    async def revoke(store: SqliteStore) -> bool:
+        return await (await SqliteSecretRows.open(store)).revoke_session(args.jti, time.time())
+    # No lookup first: session tokens are not stored, so any jti can be revoked ahead of its use.
+    added = with_store(load(args), revoke)
+    print(f"revoked session {args.jti}" + ("" if added else " (already revoked)"))
     return 0
 
 
@@ -279,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", help="parent app key id (device keys)")
     p.add_argument("--expires", help="90d, 12h, 30m, 3600s or never (default: app 365d, user 90d, "
                                      "device its parent's)")
+    for flag, what in (("rpm", "requests per minute"), ("tpm", "tokens (input + output) per minute"),
+                       ("concurrency", "requests in flight at once"),
+                       ("daily-tokens", "tokens per UTC day"), ("monthly-tokens", "tokens per UTC month")):
+        p.add_argument(f"--{flag}", type=int, metavar="N",
+                       help=f"{what} (0 = unlimited; default: the tier's default in config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "list", cmd_keys_list, "list keys (never the secrets)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -287,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "revoke", cmd_keys_revoke, "revoke a key and every key under it")
     p.add_argument("id")
+
+    sessions = sub.add_parser("sessions", help="session tokens").add_subparsers(
+        dest="sessions_command", required=True, metavar="ACTION")
+    p = cmd(sessions, "revoke", cmd_sessions_revoke, "revoke one session token by its jti")
+    p.add_argument("jti")
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION")

@@ -18,6 +18,9 @@ class Principal:
     labels: dict[str, str] = field(default_factory=dict)
     models: tuple[str, ...] = ()   # models the key may use; () means any
     parents: tuple[str, ...] = ()  # ancestor key ids, nearest first
+    # (key id, tier, limits the key sets itself) for the key, then each ancestor: the limit
+    # step fills in the tier defaults, and every entry binds the request.
+    limits: tuple[tuple[str, str, dict[str, int]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class RequestContext:
     input_tokens: int | None = None
     output_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    limit_grant: Any = None        # the limits.Grant of an admitted request; finish settles it
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0

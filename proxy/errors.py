@@ -8,7 +8,8 @@
     ├── Forbidden                      403 PERMISSION_DENIED
     ├── RateLimited                    429 RESOURCE_EXHAUSTED (+ Retry-After)
     ├── UpstreamUnavailable            503 UNAVAILABLE        (+ Retry-After)
-    │   └── StoreUnavailable           503 UNAVAILABLE
+    │   ├── StoreUnavailable           503 UNAVAILABLE
+    │   └── AuditUnavailable           503 UNAVAILABLE        (strict audit: record not durable)
     └── UpstreamTimeout                504 DEADLINE_EXCEEDED
 
 `public_message` is what the client sees; `reason` goes to the audit record only,
@@ -98,6 +99,12 @@ class UpstreamUnavailable(SeekgateError):
 
 
 class StoreUnavailable(UpstreamUnavailable):
+    default_message = "service temporarily unavailable"
+
+
+class AuditUnavailable(UpstreamUnavailable):
+    """Strict audit mode fails closed: no response without a durable audit record."""
+
     default_message = "service temporarily unavailable"
 
 

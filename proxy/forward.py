@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -11,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import tokens
 from .context import RequestContext
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from .errors import AuditUnavailable, UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -24,6 +25,7 @@ _DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "se
 # aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
 _RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
 BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
+BeforeSend = Callable[[], Awaitable[None]]
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -47,8 +49,15 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.ClientSession,
                   upstream_url: str, path_qs: str, body: bytes, extra_headers: dict[str, str],
-                  server_timing: str) -> web.StreamResponse:
-    """Sends the request to Triton and streams the answer, event by event for SSE."""
+                  server_timing: str, before_send: BeforeSend | None = None) -> web.StreamResponse:
+    """Sends the request to Triton and streams the answer, event by event for SSE.
+
+    `before_send` (strict audit) runs once the response is known and before it is complete on the
+    wire: a plain body is read whole first, so the record carries its token counts and the
+    client gets nothing until the record is durable; an SSE stream is relayed event by event
+    and the terminating chunk waits for it (holding events back would stall every token).
+    If it raises, a plain response becomes that error; a stream is cut without its end.
+    """
     headers = upstream_headers(request.headers)
     headers.update(extra_headers)
     started = time.perf_counter()
@@ -62,13 +71,13 @@ async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.Cl
         raise UpstreamUnavailable(f"upstream_unreachable: {type(exc).__name__}") from exc
     ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
     try:
-        return await _relay(request, ctx, upstream, server_timing)
+        return await _relay(request, ctx, upstream, server_timing, before_send)
     finally:
         upstream.release()
 
 
 async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.ClientResponse,
-                 server_timing: str) -> web.StreamResponse:
+                 server_timing: str, before_send: BeforeSend | None) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     headers["Server-Timing"] = (f"{server_timing}, "
                                 f"upstream;dur={ctx.upstream_ms:.3f};desc=\"time to Triton's response headers\"")
@@ -78,8 +87,13 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
         # Never follow or relay a redirect from the inference server.
         ctx.status, ctx.reason = "error", "upstream_redirect"
         ctx.http_status = 502
+        if before_send is not None:
+            await before_send()
         return web.json_response({"error": "unexpected redirect from inference server"}, status=502)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    want_counts = ctx.resource is not None and ctx.resource.action == "infer"
+    if before_send is not None and not is_sse:
+        return await _relay_whole(ctx, upstream, headers, want_counts, before_send)
     length = upstream.headers.get("Content-Length")
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if length is not None and not is_sse:
@@ -88,10 +102,15 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
     counter = tokens.SseTokenCounter() if is_sse else None
     kept: list[bytes] = []
     kept_size = 0
-    want_counts = ctx.resource is not None and ctx.resource.action == "infer"
     try:
         async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                # The client went away: releasing `upstream` closes Triton's side, which
+                # cancels the request there.
+                ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+                break
             if counter is not None:
                 counter.feed(chunk)
             elif want_counts and kept_size < BUFFERED_LIMIT:
@@ -104,8 +123,33 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
         ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
     elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:
         _count(ctx, b"".join(kept), upstream.headers)
+    if ctx.reason == "client_disconnected":
+        return response
+    if before_send is not None:
+        try:
+            await before_send()
+        except AuditUnavailable as exc:
+            # Headers and events are out: all that is left is to withhold the end of the stream.
+            ctx.status, ctx.reason = "error", f"stream_cut: {exc.reason}"
+            if request.transport is not None:
+                request.transport.abort()
+            return response
     await response.write_eof()
     return response
+
+
+async def _relay_whole(ctx: RequestContext, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                       want_counts: bool, before_send: BeforeSend) -> web.Response:
+    """The whole body read first, then `before_send`, then the response (handed to aiohttp to send)."""
+    try:
+        body = await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        # Nothing sent yet, so unlike a streamed relay the client gets a clean error.
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {type(exc).__name__}") from exc
+    if want_counts and upstream.status == 200 and len(body) < BUFFERED_LIMIT:
+        _count(ctx, body, upstream.headers)
+    await before_send()
+    return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
 
 
 def _count(ctx: RequestContext, body: bytes, headers: CIMultiDictProxy[str]) -> None:

@@ -14,14 +14,15 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
+from . import estimate
 from .app_state import AppState
 from .authn import authenticate, parse_bearer
 from .classify import GRPC_SERVICE, classify_grpc
 from .context import RequestContext, Resource
-from .errors import BadRequest, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from .errors import AuditUnavailable, BadRequest, SeekgateError, UpstreamTimeout, UpstreamUnavailable
 from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
                            parameter_names, service_methods, token_counts, upstream_metadata)
-from .pipeline import admit, authorize, check_body, finish, refuse
+from .pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
 from .triton import INTERNAL_HEADER
 
 log = logging.getLogger("seekgate.grpc")
@@ -118,7 +119,9 @@ class GrpcFrontEnd:
                 await admit(state, ctx, _authorization(context),
                             lambda: classify_grpc(method.name, model_name_of(method.name, request)))
                 check_body(ctx, parameter_names(request))
+                await limit(state, ctx, estimate.from_grpc(request))
             assert ctx.resource is not None
+            audit_ready(state)   # strict audit fails closed before anything is forwarded
             started = asyncio.get_running_loop().time()
             try:
                 response: bytes = await self._upstream[method.path](raw, metadata=self._metadata(context, ctx.resource),
@@ -128,6 +131,7 @@ class GrpcFrontEnd:
             ctx.http_status = 200
             if method.name == "ModelInfer":
                 ctx.input_tokens, ctx.output_tokens = token_counts(service_pb2.ModelInferResponse.FromString(response))
+            await commit_audit(state, ctx)   # strict audit: durable before grpc sends the response
             return response
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(context, ctx, exc)
@@ -152,7 +156,7 @@ class GrpcFrontEnd:
             # admit() needs the resource, which only the first message names: authenticate now, so a
             # client without a valid key is refused before it sends anything.
             ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
-                                               ctx.client_ip, time.time())
+                                               ctx.client_ip, time.time(), state.sessions)
             incoming = requests.__aiter__()
 
             async def admitted(timeout: float | None = None) -> bytes | None:
@@ -171,7 +175,12 @@ class GrpcFrontEnd:
                 raise BadRequest("no_message_before_read_timeout") from None
             if first is None:
                 ctx.http_status = 200
+                await commit_audit(state, ctx)
                 return
+            audit_ready(state)
+            # One admission per stream, charged the first request's estimate; the slot is held
+            # until the stream ends and the charge corrected to the stream's token totals.
+            await limit(state, ctx, estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
             assert ctx.resource is not None
             call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
                                             timeout=context.time_remaining())
@@ -201,6 +210,9 @@ class GrpcFrontEnd:
                 for task in done:
                     task.result()   # a refused message or an upstream error ends the stream here
             ctx.http_status = 200
+            # Strict audit: the responses are out, the OK status (the stream's end) waits for the record.
+            ctx.input_tokens, ctx.output_tokens = counter.totals()
+            await commit_audit(state, ctx)
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(context, ctx, exc)
         except SeekgateError as err:
@@ -263,9 +275,15 @@ class GrpcFrontEnd:
 
     async def _abort(self, context: grpc.aio.ServicerContext, ctx: RequestContext, err: SeekgateError) -> None:
         refuse(ctx, err)
+        try:
+            await commit_audit(self.state, ctx)   # strict audit: the refusal is durable before it is sent
+        except AuditUnavailable as audit_err:
+            err = audit_err
+            refuse(ctx, err)
         trailing: tuple[tuple[str, str], ...] = (("x-request-id", ctx.request_id),)
-        if err.retry_after is not None:
-            trailing += (("retry-after", str(err.retry_after)),)
+        # Retry-After and X-RateLimit-* as trailing metadata; other HTTP headers mean nothing here.
+        trailing += tuple((k.lower(), v) for k, v in err.headers().items()
+                          if k.lower() == "retry-after" or k.lower().startswith("x-ratelimit-"))
         await context.abort(err.grpc_code, err.public_message, trailing)
 
     async def _upstream_failed(self, context: grpc.aio.ServicerContext, ctx: RequestContext,
@@ -279,6 +297,10 @@ class GrpcFrontEnd:
         # Triton's own refusals (unknown model, bad tensor) pass through, as over HTTP.
         ctx.http_status = http_status_of(code)
         ctx.reason = f"upstream_{code.name.lower()}"
+        try:
+            await commit_audit(self.state, ctx)
+        except AuditUnavailable as audit_err:
+            await self._abort(context, ctx, audit_err)
         await context.abort(code, exc.details() or "", (("x-request-id", ctx.request_id),))
 
 

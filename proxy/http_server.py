@@ -12,19 +12,23 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from . import estimate
 from .admin import handle_admin
+from .session_api import handle_sessions
 from .app_state import CTX, STATE, AppState
 from .audit import AuditWriter
 from .authz import Authorizer, PolicyWatcher
 from .classify import classify_http
 from .context import RequestContext
-from .errors import NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
+from .errors import AuditUnavailable, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
 from .forward import forward
 from .grpc_server import GrpcFrontEnd
 from .keys.hashing import load_or_create_pepper
+from .keys.secrets_setup import open_sessions
+from .limits import LocalLimiter
 from .metrics import Metrics
 from .paths import store_path
-from .pipeline import admit, check_body, finish, refuse
+from .pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
 from .settings import Settings
 from .store.sqlite import SqliteStore
 from .triton import INTERNAL_HEADER
@@ -42,7 +46,7 @@ KNOWN_MODELS = ("deepseek", "deepseek_stream")
 @web.middleware
 async def request_path(request: web.Request,
                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """context -> authenticate -> classify -> authorize -> (limit) -> forward -> audit + metrics."""
+    """context -> authenticate -> classify -> authorize -> limit -> forward -> audit + metrics."""
     state = request.app[STATE]
     ctx = new_context(request)
     request[CTX] = ctx
@@ -59,17 +63,24 @@ async def request_path(request: web.Request,
         assert ctx.resource is not None
         body = await read_body(request, state.settings.server.max_body_bytes)
         check_body(ctx, body)
-        if ctx.resource.resource == "admin:keys":
-            response = await handle_admin(request, body)
+        audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
+        # After every check that may refuse for free: a request refused above costs no quota.
+        await limit(state, ctx, estimate.from_http(path, body,
+                                                   request.headers.get("Inference-Header-Content-Length")))
+        if ctx.resource.resource in ("admin:keys", "sessions"):
+            response = (await handle_admin(request, body) if ctx.resource.resource == "admin:keys"
+                        else handle_sessions(ctx, state.sessions))
             ctx.http_status = response.status
+            await commit_audit(state, ctx)   # strict audit: durable before aiohttp sends it
             return response
         extra = ({INTERNAL_HEADER: state.internal_key}
                  if ctx.resource.resource == "sharedmemory" and state.internal_key else {})
         path_qs = path + (("?" + request.query_string) if request.query_string else "")
         return await forward(request, ctx, state.upstream, state.settings.upstream.http_url, path_qs, body,
-                             extra, server_timing(ctx))
+                             extra, server_timing(ctx),
+                             (lambda: commit_audit(state, ctx)) if state.audit.strict else None)
     except SeekgateError as err:
-        return error_response(ctx, err)
+        return await refused(state, ctx, err)
     except asyncio.CancelledError:
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
         raise
@@ -118,6 +129,16 @@ def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
     return web.json_response({"error": err.public_message}, status=err.http_status, headers=headers)
 
 
+async def refused(state: AppState, ctx: RequestContext, err: SeekgateError) -> web.Response:
+    """The refusal; under strict audit sent only once its record is durable, else a 503 instead."""
+    response = error_response(ctx, err)
+    try:
+        await commit_audit(state, ctx)
+    except AuditUnavailable as audit_err:
+        return error_response(ctx, audit_err)
+    return response
+
+
 async def catch_all(request: web.Request) -> web.StreamResponse:
     raise NotFound("no_route")  # unreachable: request_path answers every request
 
@@ -145,9 +166,17 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
                                 interval=settings.policy.reload_interval_s,
                                 on_reload=reloaded, on_error=reload_failed)
         audit = AuditWriter(data_dir, max_bytes=settings.audit.max_bytes,
-                            retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed)
+                            retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed,
+                            durability=settings.audit.durability,
+                            fsync_interval_s=settings.audit.fsync_interval_s)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await SqliteStore.open(store_path(data_dir))
+        # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).
+        try:
+            sessions = await open_sessions(settings, data_dir, store)
+        except BaseException:
+            await store.close()
+            raise
         up = settings.upstream
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=up.pool_size),
@@ -155,7 +184,8 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
             auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
         key_file = data_dir / "secrets" / "triton-internal-key"
         state = AppState(settings, data_dir, store, load_or_create_pepper(data_dir), authorizer, watcher,
-                         audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None)
+                         audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None,
+                         limiter=LocalLimiter(), sessions=sessions)
         app[STATE] = state
         await audit.start()
         await watcher.start()
@@ -187,8 +217,16 @@ def build_app(settings: Settings) -> web.Application:
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
     app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
     app.cleanup_ctx.append(resources(settings))
+    app.on_response_prepare.append(rate_limit_headers)
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app
+
+
+async def rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """X-RateLimit-* of the key's rpm window on admitted requests (refusals carry their own)."""
+    ctx = request.get(CTX)
+    if ctx is not None and ctx.limit_grant is not None:
+        response.headers.update(ctx.limit_grant.headers())
 
 
 def build_metrics_app(main: web.Application) -> web.Application:

@@ -14,7 +14,10 @@ from .app_state import AppState
 from .audit import build_record
 from .authn import authenticate, parse_bearer
 from .context import RequestContext, Resource
-from .errors import Forbidden, SeekgateError
+from .errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
+from .keys.sessions import MINTING_TIERS
+from .limits import LIMIT_FIELDS, Limits, Scope, max_tokens_cap, parse_role_caps
+from .settings import LimitsSettings
 
 
 async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
@@ -25,8 +28,13 @@ async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
     the same 401 for every route and learns nothing about which routes exist.
     """
     token = parse_bearer(authorization)
-    ctx.principal = await authenticate(token, state.store, state.pepper, ctx.client_ip, time.time())
+    ctx.principal = await authenticate(token, state.store, state.pepper, ctx.client_ip, time.time(),
+                                       state.sessions)
     ctx.resource = classify()
+    if ctx.resource.resource == "sessions" and ctx.principal.tier not in MINTING_TIERS:
+        # Whatever the policy says: only a user or app key is exchanged for a session, so a
+        # stolen session token cannot renew itself. An authentication refusal: 401.
+        raise Unauthenticated("session_from_wrong_tier")
     authorize(state, ctx, ctx.resource)
 
 
@@ -52,15 +60,87 @@ def check_body(ctx: RequestContext, body: bytes) -> None:
         raise Forbidden("shared_memory_in_body")
 
 
+def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
+    """A tier's default limits from config; tiers without defaults (session) are unlimited on their own."""
+    if tier not in ("app", "device", "user"):
+        return Limits()
+    return Limits(**{f: getattr(settings, f"{tier}_{f}") for f in LIMIT_FIELDS})
+
+
+async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) -> None:
+    """The limit step: the role's max_tokens cap, then the key's and every ancestor's rates and budgets.
+
+    `max_tokens` is what the request asks for (None: it names none). An admitted request
+    holds a grant until finish() settles it with the real token count.
+    """
+    p, resource = ctx.principal, ctx.resource
+    if p is None or resource is None or resource.public:
+        return
+    settings = state.settings.limits
+    infer = resource.action == "infer"
+    cap = max_tokens_cap(p.roles, parse_role_caps(settings.max_tokens_by_role))
+    if infer and cap is not None and max_tokens is not None and max_tokens > cap:
+        raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
+    scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
+              for i, (key_id, tier, own) in enumerate(p.limits)]
+    if all(s.limits.unlimited() for s in scopes):
+        return
+    # Inferences are charged their estimate up front (at least one token); other calls only count.
+    tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens) if infer else 0
+    ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
+
+
+def _used_tokens(ctx: RequestContext, charged: int) -> int:
+    """The real count when the response said it; none when Triton refused; else the estimate.
+
+    A client that disconnects mid-response (499) keeps its estimate: Triton may have generated it all.
+    """
+    if ctx.input_tokens is not None or ctx.output_tokens is not None:
+        return (ctx.input_tokens or 0) + (ctx.output_tokens or 0)
+    if ctx.upstream_ms is not None and ctx.http_status not in (0, 499) and not 200 <= ctx.http_status < 300:
+        return 0
+    return charged
+
+
 def refuse(ctx: RequestContext, err: SeekgateError) -> None:
     """Records a refusal on the context; the front end renders it in its own protocol."""
     ctx.status, ctx.reason, ctx.http_status = err.audit_status, err.reason, err.http_status
 
 
+_COMMITTED = "audit_committed"   # ctx.extra key: the record is durable already, finish() must not add another
+
+
+def audit_ready(state: AppState) -> None:
+    """Strict audit fails closed: nothing is forwarded while the audit log is known to be unwritable."""
+    if state.audit.strict and not state.audit.healthy:
+        raise AuditUnavailable("audit_unwritable")
+
+
+async def commit_audit(state: AppState, ctx: RequestContext) -> None:
+    """Strict audit: ctx's record made durable now, before the response leaves. No-op in batched mode.
+
+    The front ends call this once the response is known and before its last byte is sent; the
+    record then says what the client is about to get. Raises AuditUnavailable when the write fails:
+    the caller answers 503 instead and `finish` audits that refusal (best effort: the log is failing).
+    """
+    if not state.audit.strict or ctx.extra.get(_COMMITTED):
+        return
+    audit_ready(state)   # known unwritable: refuse now rather than wait out the writer's retries
+    if ctx.http_status >= 500 and ctx.status == "allowed":
+        ctx.status = "error"
+    await state.audit.submit_durable(build_record(ctx))
+    ctx.extra[_COMMITTED] = True
+
+
 def finish(state: AppState, ctx: RequestContext) -> None:
     """One audit record and one metrics observation per request, whatever happened."""
+    if ctx.limit_grant is not None:
+        # Every path ends here (errors, disconnects, streams): the slot is freed, the charge corrected.
+        # Settling is idempotent; the grant stays on ctx for the response's X-RateLimit-* headers.
+        state.limiter.settle(ctx.limit_grant, _used_tokens(ctx, ctx.limit_grant.tokens))
     if ctx.http_status >= 500 and ctx.status == "allowed":
         ctx.status = "error"
     duration_ms = ctx.elapsed_ms()
-    state.audit.submit(build_record(ctx, duration_ms=duration_ms))
+    if not ctx.extra.get(_COMMITTED):
+        state.audit.submit(build_record(ctx, duration_ms=duration_ms))
     state.metrics.observe_request(ctx, duration_s=duration_ms / 1000.0)

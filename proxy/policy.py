@@ -16,9 +16,9 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Kept closed on purpose: a typo ("infr", "repositry") must fail the load, not
 # silently never match. Extend these when the classifier grows new routes.
-ACTIONS = frozenset({"infer", "read", "admin"})
+ACTIONS = frozenset({"infer", "read", "admin", "create"})
 RESOURCES = frozenset({"server", "repository", "sharedmemory", "trace", "logging",
-                       "statistics", "admin:keys"})
+                       "statistics", "admin:keys", "sessions"})
 TIERS = frozenset({"app", "device", "user", "session"})
 DEFAULT_DENY = "default_deny"
 

@@ -15,6 +15,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .limits import LIMIT_FIELDS, parse_role_caps
+
+SESSION_MAX_TTL_S = 900   # the design's 15 minutes; keys/sessions.py enforces it again on verify
+
 MiB = 1024 * 1024
 ENV_PREFIX = "SEEKGATE_"
 
@@ -59,6 +63,9 @@ class TritonSettings:
 @dataclass(frozen=True)
 class AuthSettings:
     key_cache_ttl_s: float = _help("Seconds a verified key stays cached (bounds how late a revocation bites)", 5.0)
+    session_ttl_s: float = _help("Seconds a session token (POST /v1/sessions) lives; at most 900", 900.0)
+    session_issuer: str = _help("The iss claim of session tokens; verification requires exactly this", "seekgate")
+    session_audience: str = _help("The aud claim of session tokens; verification requires exactly this", "seekgate")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,36 @@ class AuditSettings:
     max_bytes: int = _help("Size at which the audit JSONL file is rotated (100 MiB)", 100 * MiB)
     retention_days: int = _help("Days rotated audit files are kept", 180)
     queue_max: int = _help("Most audit records buffered in memory while waiting to be written", 100_000)
+    durability: str = _help("batched: fsync at least every fsync_interval_s (a host crash loses at most "
+                            "that window); strict: no response leaves before its record is fsynced "
+                            "(group commit), and requests are refused with 503 while the log is unwritable",
+                            "batched")
+    fsync_interval_s: float = _help("Batched mode: longest time a written audit record waits for its fsync", 0.1)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Per-tier defaults for the limits a key does not set itself (`seekgate keys create --rpm ...`)."""
+
+    app_rpm: int = _help("Requests per minute for app keys (a device key is also bound by its app key's limits); 0 = unlimited", 0)
+    app_tpm: int = _help("Tokens (input + output) per minute for app keys; 0 = unlimited", 0)
+    app_concurrency: int = _help("Requests in flight at once per app key; 0 = unlimited", 0)
+    app_daily_tokens: int = _help("Tokens per UTC day per app key; 0 = unlimited", 0)
+    app_monthly_tokens: int = _help("Tokens per UTC month per app key; 0 = unlimited", 0)
+    device_rpm: int = _help("Requests per minute for device keys; 0 = unlimited", 0)
+    device_tpm: int = _help("Tokens (input + output) per minute for device keys; 0 = unlimited", 0)
+    device_concurrency: int = _help("Requests in flight at once per device key; 0 = unlimited", 0)
+    device_daily_tokens: int = _help("Tokens per UTC day per device key; 0 = unlimited", 0)
+    device_monthly_tokens: int = _help("Tokens per UTC month per device key; 0 = unlimited", 0)
+    user_rpm: int = _help("Requests per minute for user keys; 0 = unlimited", 0)
+    user_tpm: int = _help("Tokens (input + output) per minute for user keys; 0 = unlimited", 0)
+    user_concurrency: int = _help("Requests in flight at once per user key; 0 = unlimited", 0)
+    user_daily_tokens: int = _help("Tokens per UTC day per user key; 0 = unlimited", 0)
+    user_monthly_tokens: int = _help("Tokens per UTC month per user key; 0 = unlimited", 0)
+    max_tokens_by_role: str = _help("Cap on a request's max_tokens per role, e.g. 'user=512,guest=64' "
+                                    "(the most generous of a key's capped roles applies; 0 = no cap)", "")
+    default_estimate_tokens: int = _help("Tokens charged up front for an inference that names no max_tokens "
+                                         "(corrected to the real count afterwards)", 16)
 
 
 @dataclass(frozen=True)
@@ -83,6 +120,8 @@ class Settings:
     auth: AuthSettings = _help("Authentication", default_factory=AuthSettings)
     policy: PolicySettings = _help("Authorization policies", default_factory=PolicySettings)
     audit: AuditSettings = _help("Audit log", default_factory=AuditSettings)
+    limits: LimitsSettings = _help("Rate limits and token budgets (defaults per key tier)",
+                                   default_factory=LimitsSettings)
 
 
 class SettingsError(ValueError):
@@ -205,9 +244,12 @@ _PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
 _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "audit.max_bytes",
-             "audit.retention_days", "audit.queue_max")
-_NON_NEGATIVE = ("auth.key_cache_ttl_s",)
-_NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory")
+             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
+_NON_NEGATIVE = ("auth.key_cache_ttl_s", "limits.default_estimate_tokens",
+                 *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
+_NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
+              "auth.session_issuer", "auth.session_audience")
+AUDIT_DURABILITY = ("batched", "strict")
 _INT32_MAX = 2**31 - 1  # grpc's max message length option is a C int
 _BASE_PATH_RE = re.compile(r"(/[A-Za-z0-9_~.-]+)*")
 
@@ -257,9 +299,19 @@ def validate(settings: Settings) -> list[str]:
         problem = _check_url(path, _get(settings, path))
         if problem:
             errors.append(problem)
+    if settings.audit.durability not in AUDIT_DURABILITY:
+        errors.append(f"audit.durability: must be one of {', '.join(AUDIT_DURABILITY)}, "
+                      f"got {settings.audit.durability!r}")
     target = settings.upstream.grpc_target
     if ":" not in target or any(c.isspace() for c in target) or target.startswith(("http:", "https:")):
         errors.append(f"upstream.grpc_target: must be a gRPC target like host:port, got {target!r}")
+    ttl = settings.auth.session_ttl_s
+    if not (math.isfinite(ttl) and 1 <= ttl <= SESSION_MAX_TTL_S):
+        errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
+    try:
+        parse_role_caps(settings.limits.max_tokens_by_role)
+    except ValueError as exc:
+        errors.append(f"limits.max_tokens_by_role: {exc}")
     return errors
 
 

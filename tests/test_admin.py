@@ -151,6 +151,9 @@ async def test_wrong_method_is_405(client: Client, method: str, path: str, allow
     (b'{"tier": "session", "name": "a"}', "session tokens"),
     (b'{"tier": "device", "name": "a"}', "needs a parent"),
     (b'{"tier": "user", "name": "a", "allowed_cidrs": ["300.1.1.1"]}', "bad CIDR"),
+    (b'{"tier": "user", "name": "a", "limits": [1]}', "limits must be an object"),
+    (b'{"tier": "user", "name": "a", "limits": {"rps": 1}}', "unknown limit 'rps'"),
+    (b'{"tier": "user", "name": "a", "limits": {"rpm": -1}}', "limit rpm must be an integer 0 or more"),
 ])
 async def test_bad_create_is_400_and_stores_nothing(client: Client, body: bytes, message: str) -> None:
     resp = await client.post("/admin/v1/keys", data=body, headers={"Content-Type": "application/json"})

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy import audit
+from proxy import audit, audit_file
 from proxy.audit import FIELDS, AuditWriter, build_record, query_audit, tail_audit
 from proxy.context import Principal, RequestContext, Resource
 
@@ -139,7 +139,7 @@ async def test_retention_deletes_old_files_and_rows(tmp_path: Path) -> None:
 
 async def test_file_write_failure_retries_and_reports(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = audit._write_all
+    real_write = audit_file._write_all
     failures = {"left": 3}
 
     def flaky(fd: int, data: bytes) -> None:
@@ -149,7 +149,7 @@ async def test_file_write_failure_retries_and_reports(tmp_path: Path,
             raise OSError(28, "No space left on device")
         real_write(fd, data)
 
-    monkeypatch.setattr(audit, "_write_all", flaky)
+    monkeypatch.setattr(audit_file, "_write_all", flaky)
     errors: list[int] = []
     writer = AuditWriter(tmp_path, on_error=lambda: errors.append(1), retry_base_s=0.005)
     await writer.start()
@@ -191,7 +191,7 @@ async def test_close_gives_up_after_timeout_without_hanging(tmp_path: Path,
     def broken(fd: int, data: bytes) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(audit, "_write_all", broken)
+    monkeypatch.setattr(audit_file, "_write_all", broken)
     writer = AuditWriter(tmp_path, retry_base_s=0.01, retry_max_s=0.01)
     await writer.start()
     writer.submit(_rec(0))
@@ -237,3 +237,109 @@ def test_tail_reads_last_lines(tmp_path: Path) -> None:
     assert len(tail_audit(tmp_path, 10_000)) == 5000
     assert tail_audit(tmp_path, 0) == []
     assert tail_audit(tmp_path / "nowhere", 5) == []
+
+
+# -- durability: strict group commit, batched fsync window, torn lines, crash recovery -----------
+
+async def test_strict_group_commit_resolves_after_one_shared_fsync(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    writer = AuditWriter(tmp_path, durability="strict")
+    await writer.start()
+    monkeypatch.setattr(os, "fsync", counting)
+    futures = [writer.submit_durable(_rec(i)) for i in range(200)]
+    await asyncio.gather(*futures)
+    # Every record is on disk the moment its future resolves, before close() flushes anything.
+    assert len(_lines(tmp_path / "audit" / "audit.jsonl")) == 200
+    assert 1 <= len(fsyncs) < 20   # 200 concurrent records share a handful of fsyncs, not one each
+    await writer.close()
+
+
+async def test_batched_fsyncs_an_idle_file_within_the_window(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    fsyncs: list[float] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs.append(time.monotonic())
+        real_fsync(fd)
+
+    writer = AuditWriter(tmp_path, fsync_interval_s=0.1)
+    await writer.start()
+    monkeypatch.setattr(os, "fsync", counting)
+    await asyncio.sleep(0.15)   # start-up settled: the fsyncs counted below are the window's
+    fsyncs.clear()
+    written = time.monotonic()
+    writer.submit(_rec(1))
+    await asyncio.sleep(0.03)
+    writer.submit(_rec(2))      # lands inside the window: written, not yet synced
+    await asyncio.sleep(0.25)   # no further traffic: the timer alone must sync it
+    assert fsyncs and fsyncs[0] - written <= 0.1 + 0.05
+    assert len(fsyncs) <= 2     # ... and a quiet file is not synced again and again
+    await writer.close()
+
+
+async def test_strict_write_failure_fails_the_waiters_and_recovers(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.errors import AuditUnavailable
+    real_write = audit_file._write_all
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    errors: list[int] = []
+    writer = AuditWriter(tmp_path, durability="strict", on_error=lambda: errors.append(1),
+                         retry_base_s=0.01, retry_max_s=0.01)
+    await writer.start()
+    monkeypatch.setattr(audit_file, "_write_all", full)
+    with pytest.raises(AuditUnavailable):
+        await writer.submit_durable(_rec(1))
+    assert not writer.healthy and errors
+    # The refused request is audited as a refusal instead: its durable record is not kept.
+    writer.submit(_rec(2, status="error", http_status=503, reason="audit_unwritable"))
+    monkeypatch.setattr(audit_file, "_write_all", real_write)
+    await writer.submit_durable(_rec(3))
+    assert writer.healthy
+    await writer.close()
+    assert [r["request_id"] for r in _lines(tmp_path / "audit" / "audit.jsonl")] == ["req-2", "req-3"]
+
+
+async def test_torn_last_line_is_ended_not_glued_to_the_next_record(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    good = audit_file.dumps(_rec(1))
+    (audit_dir / "audit.jsonl").write_text(good + "\n" + good[:40])   # a crash mid-write
+    async with AuditWriter(tmp_path) as writer:
+        writer.submit(_rec(2))
+    lines = (audit_dir / "audit.jsonl").read_text().splitlines()
+    assert lines == [good, good[:40], audit_file.dumps(_rec(2) | {"event_id": json.loads(lines[2])["event_id"]})]
+    assert [r["request_id"] for r in tail_audit(tmp_path, 10)] == ["req-1", "req-2"]
+
+
+async def test_start_indexes_lines_the_crash_kept_out_of_the_db(tmp_path: Path) -> None:
+    now = {"timestamp": datetime.now(timezone.utc).isoformat()}   # inside retention
+    async with AuditWriter(tmp_path) as writer:
+        writer.submit(_rec(1, **now))
+    # As after a kill between the fsync of audit.jsonl and the commit of audit.db.
+    with (tmp_path / "audit" / "audit.jsonl").open("a") as f:
+        f.write(audit_file.dumps(_rec(2, **now)) + "\n")
+    async with AuditWriter(tmp_path):
+        pass
+    assert sorted(r["request_id"] for r in await query_audit(tmp_path)) == ["req-1", "req-2"]
+
+
+async def test_submit_durable_after_close_fails_closed(tmp_path: Path) -> None:
+    from proxy.errors import AuditUnavailable
+    writer = AuditWriter(tmp_path, durability="strict")
+    await writer.start()
+    await writer.close()
+    with pytest.raises(AuditUnavailable):
+        await writer.submit_durable(_rec(1))

@@ -98,7 +98,8 @@ async def test_valid_key_becomes_a_principal(store: SqliteStore) -> None:
     principal = await authenticate(token, store, PEPPER, IP, NOW)
     assert principal == Principal(key_id=dev_id, tier="device", owner="sensor-1",
                                   roles=("infer",), labels={"site": "lab"},
-                                  models=("deepseek",), parents=(app_id,))
+                                  models=("deepseek",), parents=(app_id,),
+                                  limits=((dev_id, "device", {}), (app_id, "app", {})))
 
 
 async def test_child_inherits_parent_model_limit(store: SqliteStore) -> None:

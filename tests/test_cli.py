@@ -279,3 +279,13 @@ def test_upstream_must_point_at_the_triton_up_starts(cli: Cli, monkeypatch: pyte
     monkeypatch.setenv("SEEKGATE_TRITON_HTTP_PORT", "28000")
     code, _, err = cli("up")   # refused before anything starts
     assert code == 2 and "would not reach" in err
+
+
+def test_keys_create_with_limits(cli: Cli) -> None:
+    made = cli.json("keys", "create", "--tier", "user", "--name", "quota", "--rpm", "60", "--tpm", "0",
+                    "--concurrency", "2", "--daily-tokens", "1000", "--monthly-tokens", "20000", "--json")
+    want = {"rpm": 60, "tpm": 0, "concurrency": 2, "daily_tokens": 1000, "monthly_tokens": 20000}
+    assert made["limits"] == want
+    assert cli.json("keys", "show", made["key_id"], "--json")["limits"] == want
+    plain = cli.json("keys", "create", "--tier", "user", "--name", "defaults", "--json")
+    assert plain["limits"] == {}   # unset: the tier's defaults from config apply

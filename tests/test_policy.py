@@ -27,7 +27,7 @@ def write(d: Path, name: str, text: str) -> Path:
 def test_shipped_default_policy_is_valid() -> None:
     assert check_policy_dir(DEFAULT_DIR) == []
     ids = [r.id for r in load_policy_dir(DEFAULT_DIR).rules]
-    assert ids == ["admin-all", "models-use", "server-read", "deny-triton-admin"]
+    assert ids == ["admin-all", "models-use", "sessions-mint", "server-read", "deny-triton-admin"]
 
 
 def test_rule_fields_are_parsed(tmp_path: Path) -> None:

@@ -185,6 +185,8 @@ def test_all_problems_reported_at_once_with_field_names(tmp_path: Path) -> None:
     ({"data_dir": 5}, "data_dir: must be a string, got int"),
     ({"server.base_path": "/a/../b"}, "server.base_path"),
     ({"upstream.grpc_target": "triton"}, "upstream.grpc_target"),
+    ({"audit.durability": "paranoid"}, "audit.durability: must be one of batched, strict, got 'paranoid'"),
+    ({"audit.fsync_interval_s": 0}, "audit.fsync_interval_s: must be greater than 0"),
 ])
 def test_single_problems_name_their_field(overrides: dict[str, object], fragment: str) -> None:
     errors = errors_of(path=None, env={}, overrides=overrides)

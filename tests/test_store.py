@@ -172,3 +172,24 @@ async def test_open_on_an_unusable_path_is_store_unavailable(tmp_path: Path) -> 
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(StoreUnavailable):
         await SqliteStore.open(tmp_path / "dir.db")
+
+
+async def test_limits_round_trip_and_old_databases_gain_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as raw:   # a database from before limits existed
+        raw.executescript("""
+            CREATE TABLE keys (key_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, tier TEXT NOT NULL,
+                owner TEXT NOT NULL, roles TEXT NOT NULL DEFAULT '[]', labels TEXT NOT NULL DEFAULT '{}',
+                models TEXT NOT NULL DEFAULT '[]', allowed_cidrs TEXT NOT NULL DEFAULT '[]',
+                parent_id TEXT REFERENCES keys(key_id), prefix TEXT NOT NULL DEFAULT '',
+                last4 TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, expires_at REAL, revoked_at REAL);
+            INSERT INTO keys (key_id, secret_hash, tier, owner, created_at) VALUES ('old', 'ab', 'app', 'o', 1.0);
+        """)
+    async with await SqliteStore.open(path) as s:
+        old = await s.get_key("old")
+        assert old is not None and old.limits == {}
+        await s.create_key(KeyRecord(key_id="new", secret_hash="ab", tier="user", owner="n", created_at=2.0,
+                                     limits={"rpm": 5, "daily_tokens": 0}))
+    async with await SqliteStore.open(path) as s:   # reopening does not add the column twice
+        new = await s.get_key("new")
+        assert new is not None and new.limits == {"rpm": 5, "daily_tokens": 0}

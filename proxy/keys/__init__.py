@@ -1,4 +1,4 @@
-"""API keys: the token format and the keyed hash the store keeps instead of the secret."""
+"""Keys: the API key format, the keyed hash the store keeps, session JWTs and envelope-encrypted secrets."""
 
 from proxy.keys.format import (KeyFormatError, ParsedKey, generate_key, key_prefix_and_last4,
                                parse_key)

@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 
 from proxy.keys.format import generate_key, key_prefix_and_last4
 from proxy.keys.hashing import hash_secret
+from proxy.limits import parse_limits
 from proxy.store import KeyRecord, KeyStore
 
 DAY = 86400.0
@@ -67,7 +68,7 @@ def public_view(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
         "id": rec.key_id, "prefix": rec.prefix, "last4": rec.last4, "tier": rec.tier,
         "owner": rec.owner, "roles": list(rec.roles), "labels": dict(rec.labels),
         "models": list(rec.models), "allowed_cidrs": list(rec.allowed_cidrs),
-        "parent_id": rec.parent_id,
+        "parent_id": rec.parent_id, "limits": dict(rec.limits),
         "created_at": iso_utc(rec.created_at), "expires_at": iso_utc(rec.expires_at),
         "revoked_at": iso_utc(rec.revoked_at),
         "status": key_status(rec, time.time() if now is None else now),
@@ -167,7 +168,7 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
                     roles: Iterable[str] = (), labels: Mapping[str, str] | None = None,
                     models: Iterable[str] = (), allowed_cidrs: Iterable[str] = (),
                     parent_id: str | None = None, expires_in_s: ExpiresIn = TIER_DEFAULT,
-                    now: float) -> tuple[KeyRecord, str]:
+                    limits: Mapping[str, int] | None = None, now: float) -> tuple[KeyRecord, str]:
     """Create and store a key; returns (record, plaintext token). The token is shown once.
 
     `expires_in_s`: seconds from `now`, None for never, TIER_DEFAULT for the tier's
@@ -184,6 +185,9 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
     role_t, model_t = _names(roles, "role"), _names(models, "model")
     label_d, cidr_t = _labels(labels), parse_cidrs(allowed_cidrs)
     expires_at = _expiry(expires_in_s, now, tier)
+    # Only what is given is stored: unset limits follow the tier's defaults in config. A device
+    # key needs no bound by its parent here: the parent's limits bind its requests anyway.
+    limit_d = parse_limits(limits)
 
     if tier != "device":
         if parent_id is not None:
@@ -206,7 +210,7 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
     prefix, last4 = key_prefix_and_last4(token)
     rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(pepper, token), tier=tier,
                     owner=owner, roles=role_t, labels=label_d, models=model_t,
-                    allowed_cidrs=cidr_t, parent_id=parent_id if tier == "device" else None,
+                    allowed_cidrs=cidr_t, limits=limit_d, parent_id=parent_id if tier == "device" else None,
                     prefix=prefix, last4=last4, created_at=now, expires_at=expires_at)
     await store.create_key(rec)
     return rec, token

@@ -24,6 +24,7 @@ class KeyRecord:
     labels: dict[str, str] = field(default_factory=dict)
     models: tuple[str, ...] = ()                # () means any model
     allowed_cidrs: tuple[str, ...] = ()         # () means any client address
+    limits: dict[str, int] = field(default_factory=dict)   # set limits only; the rest: tier defaults
     parent_id: str | None = None
     prefix: str = ""                            # "sgk_<key_id>", for listings
     last4: str = ""

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS keys (
     last4         TEXT NOT NULL DEFAULT '',
     created_at    REAL NOT NULL,
     expires_at    REAL,
-    revoked_at    REAL
+    revoked_at    REAL,
+    limits        TEXT NOT NULL DEFAULT '{}'    -- JSON object: the limits the key sets itself
 );
 CREATE INDEX IF NOT EXISTS keys_parent ON keys(parent_id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -43,7 +44,9 @@ INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
 """
 
 _COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_cidrs, "
-            "parent_id, prefix, last4, created_at, expires_at, revoked_at")
+            "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits")
+# Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
+_ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"),)
 
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain(id, depth) AS (
@@ -87,7 +90,7 @@ def _to_row(rec: KeyRecord) -> tuple[Any, ...]:
             json.dumps(list(rec.roles)), json.dumps(dict(rec.labels), sort_keys=True),
             json.dumps(list(rec.models)), json.dumps(list(rec.allowed_cidrs)),
             rec.parent_id, rec.prefix, rec.last4, rec.created_at, rec.expires_at,
-            rec.revoked_at)
+            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True))
 
 
 def _str_tuple(raw: str) -> tuple[str, ...]:
@@ -109,7 +112,25 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         created_at=float(row[11]),
         expires_at=None if row[12] is None else float(row[12]),
         revoked_at=None if row[13] is None else float(row[13]),
+        limits=_int_map(row[14]),
     )
+
+
+def _int_map(raw: str) -> dict[str, int]:
+    value = json.loads(raw)
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
+        raise ValueError(f"expected a JSON object of integers, got {raw!r}")
+    return value
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Add the columns a database made by an older seekgate lacks (CREATE IF NOT EXISTS skips them)."""
+    async with db.execute("PRAGMA table_info(keys)") as cur:
+        have = {row[1] for row in await cur.fetchall()}
+    for name, definition in _ADDED_COLUMNS:
+        if name not in have:
+            await db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
 
 
 @asynccontextmanager
@@ -154,6 +175,7 @@ class SqliteStore:
                     raise sqlite3.OperationalError(f"could not enable WAL: {row!r}")
                 await db.execute("PRAGMA foreign_keys = ON")
                 await db.executescript(_SCHEMA)
+                await _migrate(db)
             except BaseException:
                 await db.close()
                 raise
@@ -192,7 +214,7 @@ class SqliteStore:
         try:
             async with self._write("create_key") as db:
                 await db.execute(f"INSERT INTO keys ({_COLUMNS}) VALUES "
-                                 f"({', '.join('?' * 14)})", _to_row(rec))
+                                 f"({', '.join('?' * len(_COLUMNS.split(',')))})", _to_row(rec))
                 await self._bump()
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):

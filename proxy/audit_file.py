@@ -1,0 +1,150 @@
+"""The audit JSONL files: append + fsync, size rotation, torn-tail repair, and reading the last records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROTATED_FMT = "%Y%m%dT%H%M%S.%fZ"
+
+
+def dumps(rec: dict[str, Any]) -> str:
+    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=str, skipkeys=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked; loop until everything is down."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class JsonlFile:
+    """audit.jsonl opened for appending. Not thread-safe: the writer calls it from one thread at a time."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory
+        self.path = directory / "audit.jsonl"
+        self.max_bytes = max_bytes
+        self.rotated = False        # set by a rotation; the writer applies retention then
+        self._fd: int | None = None
+        self._dirty = False         # written since the last fsync
+
+    def append(self, lines: list[str], fsync: bool) -> None:
+        """Appends whole lines; on error nothing of this call stays in the file."""
+        data = "".join(line + "\n" for line in lines).encode()
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size and size + len(data) > self.max_bytes:
+            self._rotate()
+            size = 0
+        try:
+            _write_all(self._fd, data)
+        except OSError:
+            # Cut a half-written batch so the retry doesn't leave a torn line behind.
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                self.close()
+            raise
+        self._dirty = True
+        if fsync:
+            self.fsync()
+
+    def fsync(self) -> None:
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """A crash mid-write can leave a partial last line; end it so the next record starts on its own line.
+
+        The partial bytes are kept (evidence of the crash, and readers skip lines that do not parse)
+        rather than truncated: an audit file is never shortened.
+        """
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            log.warning("audit file %s ended in a torn line (crash?); terminating it", self.path)
+            _write_all(self._fd, b"\n")
+            os.fsync(self._fd)
+
+    def _rotate(self) -> None:
+        self.close()
+        stamp = datetime.now(timezone.utc)
+        os.rename(self.path, self.dir / f"audit-{stamp.strftime(ROTATED_FMT)}.jsonl")
+        self._open()
+        self.rotated = True
+
+
+def rotated_epoch(path: Path) -> float:
+    try:
+        stamp = datetime.strptime(path.stem[len("audit-"):], ROTATED_FMT)
+        return stamp.replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return path.stat().st_mtime
+
+
+def rotated_files(audit_dir: Path) -> list[Path]:
+    """Rotated JSONL files, oldest first (the timestamp format sorts lexically)."""
+    return sorted(audit_dir.glob("audit-*.jsonl"))
+
+
+def _last_lines(path: Path, n: int, block: int = 65536) -> list[bytes]:
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        buf = b""
+        while end > 0 and buf.count(b"\n") <= n:
+            start = max(0, end - block)
+            f.seek(start)
+            buf = f.read(end - start) + buf
+            end = start
+    lines = [ln for ln in buf.split(b"\n") if ln.strip()]
+    return lines[-n:] if end == 0 else lines[1:][-n:]  # first chunk line may be partial
+
+
+def last_records(path: Path, n: int) -> list[dict[str, Any]]:
+    """The last `n` parseable records of one file, oldest first; torn or corrupt lines are skipped."""
+    out = []
+    for line in _last_lines(path, n):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a torn line from a crash: skip rather than fail the reader
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
+    """The last `n` records, oldest first; reaches into rotated files when needed."""
+    audit_dir = Path(data_dir) / "audit"
+    files = [*rotated_files(audit_dir), audit_dir / "audit.jsonl"]
+    out: list[dict[str, Any]] = []
+    for path in reversed(files):
+        if len(out) >= n:
+            break
+        if path.exists():
+            out = last_records(path, n - len(out)) + out
+    return out[-n:] if n > 0 else []

@@ -1,0 +1,173 @@
+"""Session tokens: short-lived EdDSA (Ed25519) JWTs minted from a user or app key, and their strict verifier.
+
+Every choice an attacker could steer is fixed here rather than read from the token:
+the algorithm is EdDSA only; `kid` is a lookup in the in-memory key set, never a
+path or URL; headers that point elsewhere for a key (jku, x5u, jwk, x5c) or ask
+for extensions (crit) are refused; every claim is required; lifetimes are capped.
+Times are checked against the caller's `now`, so tests drive a clock, not sleeps.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from proxy.context import Principal
+from proxy.errors import Unauthenticated
+from proxy.keys.envelope import Envelope
+
+ALGORITHM = "EdDSA"                  # pinned: the only algorithm verify() accepts
+MAX_TTL_S = 900                      # 15 minutes, from the design article; settings may only lower it
+MAX_TOKEN_CHARS = 2048               # ours are ~450; anything much larger is not ours
+CLOCK_SKEW_S = 5                     # tolerated for nbf/iat only (replicas' clocks); never for exp
+MINTING_TIERS = ("user", "app")      # sessions cannot mint sessions; device keys stay with their app
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "jti", "iat", "nbf", "exp", "tier", "roles", "parent")
+SIGNING_KEY_PREFIX = "jwt-signing/"  # envelope secret names: jwt-signing/<kid>
+_ALLOWED_HEADERS = frozenset({"alg", "typ", "kid"})
+_KID_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
+_JTI_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
+_KEY_ID_RE = re.compile(r"[a-z2-7]{12}", re.ASCII)
+
+
+def is_jti(text: str) -> bool:
+    """Whether `text` has the shape of a session id (so junk never reaches the store)."""
+    return isinstance(text, str) and _JTI_RE.fullmatch(text) is not None
+
+
+class Revocations(Protocol):
+    async def session_revoked(self, jti: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClaims:
+    """What a verified token says; the parent chain is still to be checked against the store."""
+
+    jti: str
+    sub: str
+    parent: str
+    roles: tuple[str, ...]
+    iat: int
+    exp: int
+
+
+@dataclass(frozen=True, slots=True)
+class MintedSession:
+    token: str
+    jti: str
+    expires_at: int
+
+
+async def load_signing_keys(envelope: Envelope) -> tuple[dict[str, Ed25519PrivateKey], str]:
+    """Every stored signing key (kid -> key) and the kid new tokens use, creating the first one.
+
+    The private keys are envelope-encrypted in the store; their plaintext exists only here, in memory.
+    """
+    names = await envelope.names(SIGNING_KEY_PREFIX)
+    if not names:
+        kid = secrets.token_hex(8)
+        raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        await envelope.add(SIGNING_KEY_PREFIX + kid, raw)
+        names = await envelope.names(SIGNING_KEY_PREFIX)   # another starter may have added its own
+    keys: dict[str, Ed25519PrivateKey] = {}
+    for name in names:
+        raw = await envelope.get(name)
+        assert raw is not None   # listed a moment ago, and secrets are never deleted
+        keys[name[len(SIGNING_KEY_PREFIX):]] = Ed25519PrivateKey.from_private_bytes(raw)
+    return keys, names[-1][len(SIGNING_KEY_PREFIX):]   # newest signs
+
+
+class SessionAuthority:
+    """Mints and verifies session tokens with an in-memory Ed25519 key set."""
+
+    def __init__(self, keys: Mapping[str, Ed25519PrivateKey], active_kid: str, *, issuer: str,
+                 audience: str, ttl_s: float, revocations: Revocations | None = None) -> None:
+        if active_kid not in keys:
+            raise ValueError(f"active kid {active_kid!r} is not in the key set")
+        if not 0 < ttl_s <= MAX_TTL_S:
+            raise ValueError(f"session ttl must be in (0, {MAX_TTL_S}] seconds, got {ttl_s}")
+        self._signing = keys[active_kid]
+        self._active_kid = active_kid
+        self._public: dict[str, Ed25519PublicKey] = {k: v.public_key() for k, v in keys.items()}
+        self.issuer, self.audience, self.ttl_s = issuer, audience, int(ttl_s)
+        self._revocations = revocations
+
+    def mint(self, parent: Principal, now: float) -> MintedSession:
+        """A token for `parent`'s holder; its scope (roles) is the parent's, checked again on every use."""
+        if parent.tier not in MINTING_TIERS:
+            raise Unauthenticated("session_from_wrong_tier")
+        iat = int(now)
+        jti = secrets.token_hex(16)
+        claims = {"iss": self.issuer, "aud": self.audience, "sub": parent.owner, "jti": jti,
+                  "iat": iat, "nbf": iat, "exp": iat + self.ttl_s, "tier": "session",
+                  "roles": list(parent.roles), "parent": parent.key_id}
+        token = jwt.encode(claims, self._signing, algorithm=ALGORITHM,
+                           headers={"kid": self._active_kid, "typ": "JWT"})
+        return MintedSession(token=token, jti=jti, expires_at=iat + self.ttl_s)
+
+    def verify(self, token: str, now: float) -> SessionClaims:
+        """The token's claims if it is one of ours, unexpired; Unauthenticated(reason) otherwise.
+
+        Does not consult revocation or the parent chain: authn does, on every request.
+        """
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthenticated("session_token_too_large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed") from None
+        if not _ALLOWED_HEADERS.issuperset(header):
+            raise Unauthenticated("session_header_refused")   # jku, x5u, jwk, x5c, crit, ...
+        if header.get("alg") != ALGORITHM or header.get("typ", "JWT") != "JWT":
+            raise Unauthenticated("session_bad_alg")
+        kid = header.get("kid")
+        public = self._public.get(kid) if isinstance(kid, str) and _KID_RE.fullmatch(kid) else None
+        if public is None:
+            raise Unauthenticated("session_unknown_kid")
+        try:
+            claims = jwt.decode(token, public, algorithms=[ALGORITHM], audience=self.audience,
+                                issuer=self.issuer,
+                                # Times are checked below against the caller's clock.
+                                options={"require": list(REQUIRED_CLAIMS), "verify_signature": True,
+                                         "verify_aud": True, "verify_iss": True, "strict_aud": True,
+                                         "verify_exp": False, "verify_nbf": False, "verify_iat": False})
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("session_bad_signature") from None
+        except jwt.MissingRequiredClaimError:
+            raise Unauthenticated("session_missing_claim") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise Unauthenticated("session_wrong_audience_or_issuer") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed") from None
+        return self._check_claims(claims, now)
+
+    def _check_claims(self, c: dict[str, Any], now: float) -> SessionClaims:
+        # Exact types: PyJWT checked presence; a bool or a string here is a forgery or a bug.
+        if c["iss"] != self.issuer or c["aud"] != self.audience:
+            raise Unauthenticated("session_wrong_audience_or_issuer")
+        iat, nbf, exp = c["iat"], c["nbf"], c["exp"]
+        if not all(type(t) is int for t in (iat, nbf, exp)):
+            raise Unauthenticated("malformed")
+        if now >= exp:
+            raise Unauthenticated("session_expired")
+        if nbf > now + CLOCK_SKEW_S or iat > now + CLOCK_SKEW_S:
+            raise Unauthenticated("session_not_yet_valid")
+        if exp - iat > MAX_TTL_S or exp <= iat or nbf < iat:
+            raise Unauthenticated("session_lifetime_too_long")
+        roles, parent, jti, sub = c["roles"], c["parent"], c["jti"], c["sub"]
+        if c["tier"] != "session" or not isinstance(sub, str) \
+                or not isinstance(roles, list) or not all(isinstance(r, str) for r in roles) \
+                or not isinstance(parent, str) or not _KEY_ID_RE.fullmatch(parent) \
+                or not isinstance(jti, str) or not _JTI_RE.fullmatch(jti):
+            raise Unauthenticated("malformed")
+        return SessionClaims(jti=jti, sub=sub, parent=parent, roles=tuple(roles), iat=iat, exp=exp)
+
+    async def revoked(self, jti: str) -> bool:
+        """Whether the session `jti` was revoked by an operator; store errors propagate (fail closed)."""
+        return self._revocations is not None and await self._revocations.session_revoked(jti)

@@ -1,0 +1,281 @@
+"""Audit durability end to end: kill -9 in strict and batched mode, torn lines, an unwritable audit log."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+
+from proxy import audit_file
+from proxy.audit import AuditWriter, build_record
+from proxy.context import RequestContext
+from proxy.triton import TritonProcess
+from tests.conftest import REPO, free_ports
+from tests.gateway import Gateway
+from tests.relay import TcpRelay
+
+GENERATE = "/v2/models/deepseek/generate"
+_REAL_WRITE = audit_file._write_all
+
+
+def _records(data_dir: Path) -> list[dict[str, Any]]:
+    """Every parseable line of audit.jsonl (a crash may leave the last one torn)."""
+    out = []
+    for line in (data_dir / "audit" / "audit.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _post(url: str, key: str, body: dict[str, Any], timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# ------------------------------------------------------------------ kill -9 of `seekgate serve`
+
+def _serve(tmp_path: Path, triton: TritonProcess, durability: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+    http, grpc_, metrics = free_ports(3)
+    config = tmp_path / "seekgate.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics},
+        "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
+        "policy": {"directory": str(REPO / "policies")},
+        "audit": {"durability": durability},
+    }))
+    _, key = Gateway(tmp_path, triton.http_url, [http, grpc_, metrics], data_dir=str(tmp_path / "data")).key()
+    server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{http}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/v2/health/live", timeout=1)
+            return server, url, key, config
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    server.kill()
+    raise AssertionError("seekgate serve did not start")
+
+
+def _load_then_kill(server: subprocess.Popen[bytes], url: str, key: str,
+                    seconds: float = 3.0) -> tuple[list[tuple[str, float]], float]:
+    """8 clients in a loop; SIGKILL after `seconds`. Returns (request id, monotonic time answered), kill time."""
+    answered: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                status, headers, _ = _post(url + GENERATE, key, {"text_input": "crash", "max_tokens": 1})
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                continue   # cut by the kill: never answered
+            if status == 200:
+                with lock:
+                    answered.append((headers["X-Request-Id"], time.monotonic()))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(seconds)
+        killed_at = time.monotonic()
+        server.send_signal(signal.SIGKILL)
+        server.wait(30)
+    finally:
+        stop.set()
+        if server.poll() is None:
+            server.kill()
+        for t in threads:
+            t.join(30)
+    return answered, killed_at
+
+
+def test_kill_9_in_strict_mode_keeps_every_answered_record(triton: TritonProcess, tmp_path: Path) -> None:
+    server, url, key, config = _serve(tmp_path, triton, "strict")
+    answered, _ = _load_then_kill(server, url, key)
+    recorded = {r["request_id"] for r in _records(tmp_path / "data")}
+    assert len(answered) > 50
+    missing = {rid for rid, _ in answered} - recorded
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests have no record"
+    # The log stays readable after the crash, and the next writer starts on a fresh line.
+    for args in (["audit", "tail", "-n", "5"], ["audit", "query", "--limit", "5"]):
+        out = subprocess.run([sys.executable, "-m", "proxy", *args, "--config", str(config)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 5
+    _restart_and_append(tmp_path / "data")
+
+
+def test_kill_9_in_batched_mode_loses_at_most_the_window(triton: TritonProcess, tmp_path: Path) -> None:
+    server, url, key, _ = _serve(tmp_path, triton, "batched")
+    answered, killed_at = _load_then_kill(server, url, key)
+    recorded = {r["request_id"] for r in _records(tmp_path / "data")}
+    older = [rid for rid, at in answered if at < killed_at - 0.1]
+    assert len(older) > 50
+    assert set(older) <= recorded
+    _restart_and_append(tmp_path / "data")
+
+
+def _restart_and_append(data_dir: Path) -> None:
+    import asyncio
+
+    async def go() -> None:
+        async with AuditWriter(data_dir) as writer:
+            writer.submit(build_record(RequestContext(request_id="after-restart", client_ip="127.0.0.1")))
+    asyncio.run(go())
+    last = (data_dir / "audit" / "audit.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["request_id"] == "after-restart"
+
+
+def test_cli_reads_past_a_torn_last_line(tmp_path: Path) -> None:
+    import asyncio
+
+    async def go() -> None:
+        async with AuditWriter(tmp_path) as writer:
+            for i in range(3):
+                writer.submit(build_record(RequestContext(request_id=f"req-{i}", client_ip="10.0.0.1")))
+    asyncio.run(go())
+    with (tmp_path / "audit" / "audit.jsonl").open("a") as f:
+        f.write('{"timestamp":"2026-01-01T00:00:00.000Z","event_id":"torn","reque')
+    for args, want in ((["audit", "tail", "-n", "10"], ["req-0", "req-1", "req-2"]),
+                       (["audit", "query"], ["req-2", "req-1", "req-0"])):
+        out = subprocess.run([sys.executable, "-m", "proxy", *args, "--data-dir", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == want
+
+
+# ------------------------------------------------------------------ an unwritable audit log, in process
+
+@pytest.fixture
+def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
+    r = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    yield r
+    r.stop()
+
+
+def _gateway(tmp_path: Path, triton: TritonProcess, upstream: str, durability: str) -> Gateway:
+    return Gateway(tmp_path, upstream, free_ports(3), **{
+        "audit.durability": durability, "upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"})
+
+
+def _disk_full(fd: int, data: bytes) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_strict_mode_refuses_with_503_while_the_audit_log_is_unwritable(
+        triton: TritonProcess, relay: TcpRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = _gateway(tmp_path, triton, f"http://127.0.0.1:{relay.port}", "strict")
+    _, key = gw.key()
+    gw.start()
+    try:
+        status, headers, _ = _post(gw.url + GENERATE, key, {"text_input": "ok", "max_tokens": 2})
+        assert status == 200
+        # Strict: the record is on disk, with its token counts, by the time the client has the answer.
+        rec = next(r for r in _records(gw.data_dir) if r["request_id"] == headers["X-Request-Id"])
+        assert rec["http_status"] == 200 and rec["output_tokens"] == 2
+
+        monkeypatch.setattr(audit_file, "_write_all", _disk_full)
+        # The writer still believes the disk is fine: the stream goes out, but its end is withheld.
+        conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=30)
+        conn.request("POST", "/v2/models/deepseek_stream/generate_stream",
+                     json.dumps({"text_input": "cut", "max_tokens": 4}), {"Authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+        conn.close()
+        # Now it is known to be unwritable: refused before Triton sees a byte.
+        relay.clear()
+        status, headers, body = _post(gw.url + GENERATE, key, {"text_input": "refused", "max_tokens": 2})
+        assert status == 503 and headers.get("Retry-After") == "1"
+        assert b"audit" not in body   # the reason stays in the audit record
+        assert GENERATE.encode() not in relay.seen()
+
+        monkeypatch.setattr(audit_file, "_write_all", _REAL_WRITE)
+        deadline = time.monotonic() + 10   # the refusals' own records, written again, bring it back
+        while (status := _post(gw.url + GENERATE, key, {"text_input": "back", "max_tokens": 1})[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        gw.stop()
+    reasons = [r["reason"] for r in _records(gw.data_dir)]
+    assert "audit_unwritable" in reasons
+    assert any(r.startswith("stream_cut: audit_write_failed") for r in reasons)
+
+
+def test_batched_mode_keeps_serving_and_alerts_while_the_audit_log_is_unwritable(
+        triton: TritonProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    gw = _gateway(tmp_path, triton, triton.http_url, "batched")
+    _, key = gw.key()
+    gw.start()
+    ids = []
+    try:
+        monkeypatch.setattr(audit_file, "_write_all", _disk_full)
+        with caplog.at_level(logging.ERROR, logger="proxy.audit"):
+            for _ in range(3):
+                status, headers, _ = _post(gw.url + GENERATE, key, {"text_input": "on", "max_tokens": 1})
+                assert status == 200
+                ids.append(headers["X-Request-Id"])
+            time.sleep(0.3)
+            metrics = urllib.request.urlopen(gw.metrics_url).read().decode()
+        errors = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("seekgate_audit_write_errors_total")]
+        assert errors and errors[0] >= 1
+        assert "AUDIT WRITE FAILED" in caplog.text
+        monkeypatch.setattr(audit_file, "_write_all", _REAL_WRITE)
+    finally:
+        gw.stop()
+    # Held and retried, never dropped: every record lands once the disk is back.
+    assert set(ids) <= {r["request_id"] for r in _records(gw.data_dir)}
+
+
+def test_strict_mode_streams_and_grpc_have_their_record_before_the_response_ends(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    gw = _gateway(tmp_path, triton, triton.http_url, "strict")
+    _, key = gw.key()
+    gw.start()
+    try:
+        status, headers, body = _post(gw.url + "/v2/models/deepseek_stream/generate_stream", key,
+                                      {"text_input": "stream", "max_tokens": 3})
+        assert status == 200 and body.count(b"data:") == 3
+        rec = next(r for r in _records(gw.data_dir) if r["request_id"] == headers["X-Request-Id"])
+        assert rec["status"] == "allowed" and rec["output_tokens"] == 3
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{gw.settings.server.grpc_port}")
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"hello"]], dtype=object))
+        tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+        tokens.set_data_from_numpy(np.array([[2]], dtype=np.int32))
+        client.infer("deepseek", [text, tokens], headers={"authorization": f"Bearer {key}"})
+        grpc_recs = [r for r in _records(gw.data_dir) if r["protocol"] == "grpc"]
+        assert grpc_recs and grpc_recs[-1]["http_status"] == 200 and grpc_recs[-1]["output_tokens"] == 2
+        client.close()
+    finally:
+        gw.stop()

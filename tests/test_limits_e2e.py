@@ -1,0 +1,191 @@
+"""The limit step end to end, against the real Triton over HTTP and gRPC: 429 / RESOURCE_EXHAUSTED,
+headers, audit reasons, shared concurrency slots, token budgets, and nothing forwarded when refused."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2_grpc
+
+from proxy.triton import TritonProcess
+from tests.conftest import free_ports
+from tests.gateway import Gateway
+from tests.relay import TcpRelay
+from tests.test_grpc_server import STREAM_MODEL, infer_request, md, quiet
+from tests.test_http_server import audit_records, call, wait_for
+
+GEN = "/v2/models/deepseek/generate"
+
+
+@pytest.fixture(scope="module")
+def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, TcpRelay]]:
+    http_relay = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    grpc_relay = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
+    yield http_relay, grpc_relay
+    http_relay.stop()
+    grpc_relay.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    http_relay, grpc_relay = relays
+    g = Gateway(tmp_path_factory.mktemp("gw-limits"), f"http://127.0.0.1:{http_relay.port}", free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}",
+                   "limits.max_tokens_by_role": "capped=4"}).start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(gw: Gateway) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def generate(gw: Gateway, key: str, text: str, max_tokens: int = 3) -> tuple[int, dict[str, str], bytes]:
+    return call(gw.url + GEN, "POST", {"text_input": text, "max_tokens": max_tokens}, key)
+
+
+def reasons(gw: Gateway, key_id: str, count: int) -> list[str]:
+    """The audit reasons of a key's first `count` records, oldest first."""
+    assert wait_for(lambda: sum(r["key_id"] == key_id for r in audit_records(gw)) >= count, 3.0)
+    mine = sorted((r for r in audit_records(gw) if r["key_id"] == key_id), key=lambda r: r["timestamp"])
+    return [r["reason"] for r in mine]
+
+
+def test_rpm_exceeded_is_429_with_headers_audited_and_never_forwarded(gw: Gateway, relays: Any) -> None:
+    key_id, key = gw.key(owner="rpm", limits={"rpm": 2})
+    status, headers, _ = generate(gw, key, "one")
+    assert status == 200 and headers["X-RateLimit-Limit"] == "2" and headers["X-RateLimit-Remaining"] == "1"
+    status, headers, _ = generate(gw, key, "two")
+    assert status == 200 and headers["X-RateLimit-Remaining"] == "0"
+    relays[0].clear()
+    marker = f"refused-{uuid.uuid4().hex}"
+    status, headers, body = generate(gw, key, marker)
+    assert status == 429 and json.loads(body) == {"error": "rate limit exceeded"}
+    assert headers["X-RateLimit-Limit"] == "2" and headers["X-RateLimit-Remaining"] == "0"
+    assert 1 <= int(headers["Retry-After"]) <= 60 and 1 <= int(headers["X-RateLimit-Reset"]) <= 60
+    assert marker.encode() not in relays[0].seen()
+    assert reasons(gw, key_id, 3)[-1] == "rate_limited:rpm"
+    rec = [r for r in audit_records(gw) if r["key_id"] == key_id][-1]
+    assert rec["status"] == "denied" and rec["http_status"] == 429
+
+
+def test_token_budget_exhausted_after_a_known_generate(gw: Gateway) -> None:
+    _, free = gw.key(owner="probe")
+    status, _, raw = generate(gw, free, "budget prompt", 4)
+    counts = json.loads(raw)
+    used = counts["input_tokens"] + counts["output_tokens"]
+    assert status == 200 and counts["output_tokens"] == 4
+    # One token more than that generate costs: the first fits its 4-token estimate, then the
+    # real count is charged and the next 4-token estimate no longer fits.
+    key_id, key = gw.key(owner="budget", limits={"daily_tokens": used + 1})
+    assert generate(gw, key, "budget prompt", 4)[0] == 200
+    status, headers, _ = generate(gw, key, "budget prompt", 4)
+    assert status == 429 and headers["X-RateLimit-Remaining"] == "1"
+    assert headers["X-RateLimit-Limit"] == str(used + 1) and 1 <= int(headers["Retry-After"]) <= 86400
+    assert generate(gw, key, "budget prompt", 1)[0] == 200   # the last token still fits
+    assert reasons(gw, key_id, 3) == ["", "rate_limited:daily_tokens", ""]
+
+
+def test_device_keys_are_bound_by_their_app_keys_limits(gw: Gateway) -> None:
+    app_id, app_key = gw.key(tier="app", owner="fleet", limits={"rpm": 2})
+    dev_id, dev_key = gw.key(tier="device", owner="sensor", parent_id=app_id)
+    _, dev2_key = gw.key(tier="device", owner="sensor-2", parent_id=app_id)
+    assert generate(gw, dev_key, "a")[0] == 200
+    assert generate(gw, dev2_key, "b")[0] == 200
+    assert generate(gw, dev_key, "c")[0] == 429      # the app key's window is shared by its devices
+    assert generate(gw, app_key, "d")[0] == 429
+    assert reasons(gw, dev_id, 2)[-1] == f"rate_limited:rpm@{app_id}"
+
+
+def test_role_cap_on_max_tokens(gw: Gateway, relays: Any) -> None:
+    _, key = gw.key(owner="capped", roles=("capped",))
+    assert generate(gw, key, "small", 4)[0] == 200
+    relays[0].clear()
+    status, _, body = generate(gw, key, "too-big-marker", 5)
+    assert status == 400 and json.loads(body) == {"error": "max_tokens is over this key's cap of 4"}
+    assert b"too-big-marker" not in relays[0].seen()
+
+
+def test_admin_api_creates_a_key_with_limits_that_bind(gw: Gateway) -> None:
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    status, _, raw = call(gw.url + "/admin/v1/keys", "POST",
+                          {"tier": "user", "name": "limited", "roles": ["user"], "limits": {"rpm": 1}}, admin)
+    made = json.loads(raw)
+    assert status == 201 and made["limits"] == {"rpm": 1}
+    assert generate(gw, made["key"], "x")[0] == 200
+    assert generate(gw, made["key"], "y")[0] == 429
+
+
+def test_grpc_over_the_limit_is_resource_exhausted_and_never_forwarded(gw: Gateway, stub: Any,
+                                                                       relays: Any) -> None:
+    key_id, key = gw.key(owner="grpc-rpm", limits={"rpm": 1})
+    stub.ModelInfer(infer_request("deepseek"), metadata=md(key))
+    quiet(relays[1])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(infer_request("deepseek", text="grpc-refused-marker"), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(info.value.trailing_metadata())
+    assert trailers["x-ratelimit-limit"] == "1" and 1 <= int(trailers["retry-after"]) <= 60
+    assert b"grpc-refused-marker" not in relays[1].seen()
+    assert reasons(gw, key_id, 2)[-1] == "rate_limited:rpm"
+
+
+class HeldStream:
+    """A ModelStreamInfer call kept open after its first request: it holds a concurrency slot."""
+
+    def __init__(self, stub: Any, key: str) -> None:
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.q.put(infer_request(STREAM_MODEL, max_tokens=2))
+        self.responses = stub.ModelStreamInfer(iter(self.q.get, None), metadata=md(key))
+        next(self.responses)   # the server has admitted it
+
+    def close(self) -> None:
+        self.q.put(None)
+        for _ in self.responses:   # ends when the server's handler has finished (and settled)
+            pass
+
+
+def test_concurrency_is_shared_by_parallel_streams_over_both_protocols(gw: Gateway, stub: Any,
+                                                                       relays: Any) -> None:
+    key_id, key = gw.key(owner="conc", limits={"concurrency": 2})
+    first, second = HeldStream(stub, key), HeldStream(stub, key)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            HeldStream(stub, key)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        relays[0].clear()
+        status, headers, _ = call(gw.url + "/v2/models/deepseek_stream/generate_stream", "POST",
+                                  {"text_input": "http-conc-marker", "max_tokens": 2}, key)
+        assert status == 429 and headers["X-RateLimit-Limit"] == "2"
+        assert b"http-conc-marker" not in relays[0].seen()
+        first.close()
+        third = HeldStream(stub, key)   # the freed slot is usable at once
+        third.close()
+    finally:
+        second.close()
+    assert generate(gw, key, "after")[0] == 200
+    assert reasons(gw, key_id, 3).count("rate_limited:concurrency") == 2
+
+
+def test_client_dropping_an_sse_stream_frees_its_slot(gw: Gateway) -> None:
+    key_id, key = gw.key(owner="dropper", limits={"concurrency": 1})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.settings.server.http_port, timeout=30)
+    conn.request("POST", "/v2/models/deepseek_stream/generate_stream",
+                 json.dumps({"text_input": "drop me", "max_tokens": 200}),
+                 {"Authorization": f"Bearer {key}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.read1(64)
+    conn.close()   # mid-stream
+    assert wait_for(lambda: generate(gw, key, "next")[0] == 200, 10.0)
+    dropped = min((r for r in audit_records(gw) if r["key_id"] == key_id), key=lambda r: r["timestamp"])
+    assert dropped["status"] == "error" and dropped["output_tokens"] < 200   # cut short, and settled
+    assert dropped["reason"] == "client_disconnected" and dropped["http_status"] == 499
