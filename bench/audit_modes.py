@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.model_throughput import free_ports, percentile  # noqa: E402
+from bench.model_throughput import percentile  # noqa: E402
+from proxy.triton import free_ports  # noqa: E402
 
 MODES = ("batched", "strict")
 

@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -73,19 +72,6 @@ PROMPTS = [
 
 def prompt_for(worker: int, seq: int) -> str:
     return f"{PROMPTS[(worker + seq) % len(PROMPTS)]} #{worker}.{seq % 10}"
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS just handed out; tritonserver cannot bind port 0 itself."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -239,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url.rstrip("/")
             checkpoint_desc = "(external Triton)"
         else:
-            from proxy.triton import TritonLaunch, TritonProcess
+            from proxy.triton import TritonLaunch, TritonProcess, free_ports
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="seekgate-bench-")))
             if args.checkpoint:

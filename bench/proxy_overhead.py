@@ -62,7 +62,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -111,19 +110,6 @@ def process_cpu(pid: int) -> CpuClock:
 def add_cpu(sample: Sample, before: float | None, after: float | None) -> None:
     if before is not None and after is not None:
         sample.cpu_s = (sample.cpu_s or 0.0) + (after - before)
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS just handed out (tritonserver and seekgate cannot be given port 0)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -366,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from proxy.tinymodel import build_tiny_checkpoint
-    from proxy.triton import TritonLaunch, TritonProcess
+    from proxy.triton import TritonLaunch, TritonProcess, free_ports
 
     # The Python backend stub finds its interpreter as `python3` on PATH (see README).
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

@@ -128,6 +128,19 @@ def internal_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS just handed out, for tests and benchmarks: tritonserver cannot bind port 0."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def check_port_free(host: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As Triton does: connections left in TIME_WAIT must not count as "in use".

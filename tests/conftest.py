@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from proxy.tinymodel import build_tiny_checkpoint
-from proxy.triton import TritonLaunch, TritonProcess
+from proxy.triton import TritonLaunch, TritonProcess, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS just handed out; tritonserver cannot bind port 0 itself."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from proxy.http_server import run
-from proxy.paths import store_path
-from proxy.keys.hashing import load_or_create_pepper
 from proxy.keys.format import generate_key, key_prefix_and_last4
-from proxy.keys.hashing import hash_secret
+from proxy.keys.hashing import hash_secret, load_or_create_pepper
+from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> bool:
+    """Polls `check` until it holds or `timeout` passes; for effects that land asynchronously."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def metric(gw: "Gateway", name: str, **labels: str) -> float:
+    """The sum of a metric's samples matching `labels`, as scraped from the gateway now."""
+    text = urllib.request.urlopen(gw.metrics_url).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def audit_records(gw: "Gateway") -> list[dict[str, Any]]:
+    path = gw.data_dir / "audit" / "audit.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Gateway:

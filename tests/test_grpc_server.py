@@ -23,7 +23,7 @@ from proxy.grpc_forward import StreamTokenCounter, client_ip, model_name_of, tok
 from proxy.grpc_server import SERVING, HealthCheckRequest, HealthCheckResponse
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
 
 STREAM_MODEL = "deepseek_stream"
@@ -359,27 +359,6 @@ def test_health_check_reflects_triton(target: str, relay: TcpRelay, stub: Any, u
             relay.block(False)
         assert wait_for(lambda: check(HealthCheckRequest()).status == SERVING, 10.0)
     stub.ModelInfer(infer_request("deepseek"), metadata=md(user_key))
-
-
-def wait_for(check: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    text = urllib.request.urlopen(gw.metrics_url).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def audit_records(gw: Gateway) -> list[dict[str, Any]]:
-    path = gw.data_dir / "audit" / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def test_audit_records_for_grpc_calls_with_token_counts(gw: Gateway, stub: Any) -> None:

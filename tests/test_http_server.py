@@ -19,7 +19,7 @@ import tritonclient.http.aio as aiohttpclient
 
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
 
 ISSUED: list[str] = []
@@ -290,32 +290,7 @@ def test_policy_hot_reload_and_broken_edit(gw: Gateway, user_key: str) -> None:
     assert wait_for(lambda: call(url, key=user_key)[0] == 200, 2.0)
 
 
-def wait_for(check: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def metric(gw: Gateway, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    text = urllib.request.urlopen(gw.metrics_url).read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 # ------------------------------------------------------------------ audit + metrics
-
-
-def audit_records(gw: Gateway) -> list[dict[str, Any]]:
-    path = gw.data_dir / "audit" / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def audit_for(gw: Gateway, request_id: str) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ from tests.conftest import free_ports
 from tests.gateway import Gateway
 from tests.relay import TcpRelay
 from tests.test_grpc_server import STREAM_MODEL, infer_request, md, quiet
-from tests.test_http_server import audit_records, call, wait_for
+from tests.gateway import audit_records, wait_for
+from tests.test_http_server import call
 
 GEN = "/v2/models/deepseek/generate"
 
