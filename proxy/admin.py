@@ -1,4 +1,4 @@
-"""The /admin/v1/keys API: create, list, show and revoke keys (the pipeline has already authorised the caller)."""
+"""The /admin/v1/keys API: create, list, show, rotate and revoke keys (the pipeline has already authorised the caller)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .app_state import CTX, STATE
 from .keys.issue import TIER_DEFAULT, ExpiresIn, is_key_id, issue_key, parse_duration, public_view
+from .keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key
 from .limits import parse_limits
 from .store import StoreConflict
 
@@ -43,13 +44,16 @@ def _segments(request: web.Request) -> tuple[str, ...]:
     return parts[3:]
 
 
-def _note(request: web.Request, action: str, target: str | None = None) -> None:
-    """What the audit record says this admin call did."""
+def _note(request: web.Request, action: str, target: str | None = None,
+          detail: str | None = None) -> None:
+    """What the audit record says this admin call did (ids only, never a key)."""
     ctx = request.get(CTX)
     if ctx is not None:
         ctx.extra["admin_action"] = action
         if target is not None:
             ctx.extra["admin_target"] = target
+        if detail is not None:
+            ctx.extra["admin_detail"] = detail
 
 
 async def handle_admin(request: web.Request, body: bytes | None = None) -> web.Response:
@@ -70,10 +74,17 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
             if method == "DELETE":
                 return await _revoke(request, key_id)
             raise _Reply(405, f"method {method} not allowed", {"Allow": "GET, DELETE"})
-        if len(rest) == 2 and rest[1] == "revoke":
-            if method == "POST":
-                return await _revoke(request, key_id)
-            raise _Reply(405, f"method {method} not allowed", {"Allow": "POST"})
+        if len(rest) == 2 and rest[1] in ("revoke", "rotate"):
+            if method != "POST":
+                raise _Reply(405, f"method {method} not allowed", {"Allow": "POST"})
+            doc = _optional_json(await request.read() if body is None else body)
+            if rest[1] == "rotate":
+                return await _rotate(request, key_id, doc)
+            if doc.get("compromised") is True:
+                return await _compromised(request, key_id)
+            if set(doc) - {"compromised"} or doc.get("compromised") not in (None, False):
+                raise _Reply(400, 'revoke takes {} or {"compromised": true}')
+            return await _revoke(request, key_id)
         raise _Reply(404, "not found")
     except _Reply as r:
         return _error(r.status, r.message, r.headers)
@@ -83,7 +94,16 @@ async def _list(request: web.Request) -> web.Response:
     _note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
-    return web.json_response({"keys": [public_view(r, now) for r in await state.store.list_keys()]})
+    recs = await state.store.list_keys()
+    if (within := request.query.get("expiring")) is not None:
+        try:
+            within_s = parse_duration(within)
+        except ValueError as exc:
+            raise _Reply(400, f"expiring: {exc}") from None
+        if within_s is None:
+            raise _Reply(400, 'expiring must be a duration such as "72h"')
+        recs = expiring(recs, within_s, now)
+    return web.json_response({"keys": [public_view(r, now) for r in recs]})
 
 
 async def _show(request: web.Request, key_id: str) -> web.Response:
@@ -114,6 +134,61 @@ async def _create(request: web.Request, body: bytes | None) -> web.Response:
     _note(request, "keys.create", rec.key_id)
     return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
                              headers={"Cache-Control": "no-store"})   # the only time the key is shown
+
+
+async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web.Response:
+    """POST /admin/v1/keys/<id>/rotate {"grace": "24h"}: a successor now, the old key until the grace ends."""
+    _note(request, "keys.rotate", key_id)
+    if set(doc) - {"grace"} or not isinstance(doc.get("grace"), str):
+        raise _Reply(400, 'rotate takes {"grace": "24h"} (a duration: d, h, m or s)')
+    try:
+        grace = parse_duration(doc["grace"])
+    except ValueError as exc:
+        raise _Reply(400, f"grace: {exc}") from None
+    if grace is None:
+        raise _Reply(400, "grace must be a duration, not never")
+    state = request.app[STATE]
+    try:
+        rot = await rotate_key(state.store, state.pepper, key_id if is_key_id(key_id) else "", grace,
+                               now=time.time())
+    except LifecycleError as exc:
+        raise _Reply(404 if exc.not_found else 400, str(exc)) from None
+    _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}")
+    return web.json_response({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
+                              **public_view(rot.new)}, status=201, headers={"Cache-Control": "no-store"})
+
+
+async def _compromised(request: web.Request, key_id: str) -> web.Response:
+    """POST /admin/v1/keys/<id>/revoke {"compromised": true}: revoke the subtree, replace, report."""
+    _note(request, "keys.revoke_compromised", key_id)
+    state = request.app[STATE]
+    ctx = request.get(CTX)
+    actor = ctx.principal.key_id if ctx is not None and ctx.principal is not None else None
+    try:
+        done = await compromise_key(state.store, state.pepper, state.data_dir,
+                                    key_id if is_key_id(key_id) else "", now=time.time(), actor=actor)
+    except LifecycleError as exc:
+        raise _Reply(404 if exc.not_found else 400, str(exc)) from None
+    _note(request, "keys.revoke_compromised", key_id,
+          f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}")
+    return web.json_response({"revoked": done.revoked,
+                              "replacement": {"key_id": done.new.key_id, "key": done.token,
+                                              **public_view(done.new)},
+                              "report": done.report, "report_path": str(done.report_path)},
+                             headers={"Cache-Control": "no-store"})
+
+
+def _optional_json(raw: bytes) -> dict[str, Any]:
+    """An optional JSON object body: empty means {}."""
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Reply(400, "request body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise _Reply(400, "request body must be a JSON object")
+    return doc
 
 
 def _parse_create(raw: bytes) -> dict[str, Any]:

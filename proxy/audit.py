@@ -32,7 +32,7 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
     """The audit record for a finished request. `duration_ms` defaults to time since start."""
     p, r = ctx.principal, ctx.resource
     elapsed = ctx.elapsed_ms() if duration_ms is None else duration_ms
-    return {
+    record: dict[str, Any] = {
         "timestamp": _iso_utc(ctx.started_wall),
         "event_id": uuid.uuid4().hex,
         "request_id": ctx.request_id,
@@ -56,6 +56,11 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         "path": ctx.path.split("?", 1)[0],
         "rule": ctx.rule,
     }
+    if ctx.extra.get("admin_action"):
+        # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
+        record["admin"] = {k: ctx.extra[f"admin_{k}"] for k in ("action", "target", "detail")
+                           if ctx.extra.get(f"admin_{k}") is not None}
+    return record
 
 
 class AuditWriter:

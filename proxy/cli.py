@@ -121,7 +121,18 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    from .keys.lifecycle import expiring
+    within = None
+    if args.expiring is not None:
+        try:
+            within = parse_duration(args.expiring)
+        except ValueError as exc:
+            raise CliError(f"--expiring: {exc}", 2) from None
+        if within is None:
+            raise CliError("--expiring: give a duration such as 72h", 2)
     recs = with_store(load(args), lambda s: s.list_keys())
+    if within is not None:
+        recs = expiring(recs, within, time.time())
     views = [public_view(r) for r in recs]
     if args.json:
         _out({"keys": views})
@@ -148,7 +159,63 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from .keys.lifecycle import LifecycleError, Rotation, rotate_key
+    try:
+        grace = parse_duration(args.grace)
+    except ValueError as exc:
+        raise CliError(f"--grace: {exc}", 2) from None
+    if grace is None:
+        raise CliError("--grace: give a duration such as 24h, not never", 2)
+    settings = load(args)
+    pepper = load_or_create_pepper(Path(settings.data_dir))
+
+    async def rotate(store: SqliteStore) -> Rotation:
+        return await rotate_key(store, pepper, args.id, grace, now=time.time())
+    try:
+        rot = with_store(settings, rotate)
+    except LifecycleError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        _out({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
+              **public_view(rot.new)})
+    else:
+        print(f"rotated {rot.old.key_id} -> {rot.new.key_id}; the old key works until "
+              f"{public_view(rot.old)['expires_at']}")
+        print(rot.token)
+        print("store this key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
+    from .keys.lifecycle import Compromise, LifecycleError, compromise_key
+    settings = load(args)
+    pepper = load_or_create_pepper(Path(settings.data_dir))
+
+    async def compromise(store: SqliteStore) -> Compromise:
+        return await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=time.time(),
+                                    actor="cli")
+    try:
+        done = with_store(settings, compromise)
+    except LifecycleError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        _out({"revoked": done.revoked,
+              "replacement": {"key_id": done.new.key_id, "key": done.token, **public_view(done.new)},
+              "report": done.report, "report_path": str(done.report_path)})
+    else:
+        print(f"revoked {len(done.revoked)} key(s): {', '.join(done.revoked)}")
+        print(f"replacement {done.new.tier} key {done.new.key_id}:")
+        print(done.token)
+        print(f"report: {done.report_path} ({done.report['uses']} use(s) since creation)")
+        print("store this key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    if args.compromised:
+        return cmd_keys_revoke_compromised(args)
+
     async def revoke(store: SqliteStore) -> int | None:
         if await store.get_key(args.id) is None:
             return None
@@ -156,6 +223,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     n = with_store(load(args), revoke)
     if n is None:
         raise CliError(f"key {args.id!r} not found")
+    if args.json:
+        _out({"revoked": n})
+        return 0
     print(f"revoked {n} key(s)" + (" (already revoked)" if n == 0 else ""))
     return 0
 
@@ -302,12 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (0 = unlimited; default: the tier's default in config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "list", cmd_keys_list, "list keys (never the secrets)")
+    p.add_argument("--expiring", metavar="DURATION",
+                   help="only active keys expiring within this long, soonest first (e.g. 72h)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "show", cmd_keys_show, "show one key")
     p.add_argument("id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "revoke", cmd_keys_revoke, "revoke a key and every key under it")
     p.add_argument("id")
+    p.add_argument("--compromised", action="store_true",
+                   help="leak response: also issue a replacement (shown once) and write a usage "
+                        "report under <data-dir>/reports/")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = cmd(keys, "rotate", cmd_keys_rotate,
+            "issue a successor with the same scope; the old key works until the grace ends")
+    p.add_argument("id")
+    p.add_argument("--grace", required=True, help="how long the old key keeps working (e.g. 24h)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     sessions = sub.add_parser("sessions", help="session tokens").add_subparsers(
         dest="sessions_command", required=True, metavar="ACTION")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import AuditUnavailable, NotFound, PayloadTooLarge, SeekgateError, 
 from .forward import forward
 from .grpc_server import GrpcFrontEnd
 from .keys.hashing import load_or_create_pepper
+from .keys.lifecycle import expiring_by_tier
 from .keys.secrets_setup import open_sessions
 from .limits import LocalLimiter
 from .metrics import Metrics
@@ -190,10 +192,12 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
         await audit.start()
         await watcher.start()
         health = asyncio.create_task(watch_upstream(state))
+        expiry = asyncio.create_task(watch_expiring(state))
         try:
             yield
         finally:
             health.cancel()
+            expiry.cancel()
             await watcher.stop()
             await session.close()
             # Last: requests still finishing above submit their records before the final flush.
@@ -210,6 +214,17 @@ async def watch_upstream(state: AppState, interval: float = 2.0) -> None:
                 state.metrics.set_upstream_up(r.status == 200)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             state.metrics.set_upstream_up(False)
+        await asyncio.sleep(interval)
+
+
+async def watch_expiring(state: AppState, interval: float = 60.0, window_s: float = 72 * 3600.0) -> None:
+    """Refresh seekgate_keys_expiring{tier} from the store, so an alert fires days before a key dies."""
+    while True:
+        try:
+            state.metrics.set_keys_expiring(
+                expiring_by_tier(await state.store.list_keys(), window_s, time.time()))
+        except Exception:   # a store hiccup must not end the loop; the next pass retries
+            log.exception("refreshing the expiring-keys gauge failed")
         await asyncio.sleep(interval)
 
 

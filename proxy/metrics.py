@@ -122,6 +122,9 @@ class Metrics:
         self.upstream_up = Gauge("seekgate_upstream_up",
                                  "1 if Triton answered its last health check, else 0.",
                                  registry=r)
+        self.keys_expiring = Gauge("seekgate_keys_expiring",
+                                   "Active keys expiring within the warning window (72 h), by tier.",
+                                   ("tier",), registry=r)
         self.audit_queue_depth.set_function(lambda: 0.0)
 
     # -- label bounds ------------------------------------------------------------
@@ -174,6 +177,11 @@ class Metrics:
 
     def audit_write_failed(self) -> None:
         self.audit_write_errors.inc()
+
+    def set_keys_expiring(self, counts: dict[str, int]) -> None:
+        """Per-tier counts from the store (keys.lifecycle.expiring_by_tier); tiers bounded."""
+        for tier, n in counts.items():
+            self.keys_expiring.labels(self._tier(tier)).set(float(n))
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up.set(1.0 if up else 0.0)

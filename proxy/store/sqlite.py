@@ -258,6 +258,18 @@ class SqliteStore:
                 await self._bump()
         return count
 
+    async def shorten_expiry(self, key_id: str, expires_at: float) -> bool:
+        """Bring the key's expiry forward to `expires_at`; never extends it. True if it changed."""
+        async with self._write("shorten_expiry") as db:
+            cur = await db.execute(
+                "UPDATE keys SET expires_at = ? WHERE key_id = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)", (expires_at, key_id, expires_at))
+            count = cur.rowcount
+            await cur.close()
+            if count:
+                await self._bump()
+        return count > 0
+
     async def has_any_admin(self) -> bool:
         """Whether any unrevoked key has the role "admin" (bootstrap check)."""
         async with _guard("has_any_admin"):

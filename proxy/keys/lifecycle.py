@@ -1,0 +1,184 @@
+"""Key lifecycle shared by the CLI and the admin API: rotate with grace, leak response, expiry warning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.audit import query_audit
+from proxy.keys.issue import ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
+from proxy.store import KeyRecord
+from proxy.store.sqlite import SqliteStore
+
+# A report lists every use, but a key hammered for months would make it unreadable; the
+# aggregates (ips, models, tokens) always cover everything, the event list stops here.
+MAX_REPORT_EVENTS = 10_000
+# Read from the audit index per key; more than this and the report says it is truncated.
+MAX_AUDIT_ROWS = 1_000_000
+_EVENT_FIELDS = ("timestamp", "key_id", "client_ip", "model", "action", "status", "http_status",
+                 "input_tokens", "output_tokens", "protocol", "path")
+
+
+class LifecycleError(ValueError):
+    """A refused lifecycle operation; `not_found` tells the admin API to answer 404, not 400."""
+
+    def __init__(self, message: str, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    old: KeyRecord          # as stored after the rotation (expiry brought forward)
+    new: KeyRecord
+    token: str              # the successor's plaintext key, shown once
+
+
+@dataclass(frozen=True, slots=True)
+class Compromise:
+    revoked: list[str]      # the leaked key and its subtree
+    new: KeyRecord
+    token: str              # the replacement's plaintext key, shown once
+    report: dict[str, Any]
+    report_path: Path
+
+
+async def _get(store: SqliteStore, key_id: str) -> KeyRecord:
+    rec = await store.get_key(key_id)
+    if rec is None:
+        raise LifecycleError(f"key {key_id!r} not found", not_found=True)
+    if rec.tier not in ISSUABLE_TIERS:
+        raise LifecycleError(f"{rec.tier} keys cannot be rotated or replaced")
+    return rec
+
+
+async def _successor(store: SqliteStore, pepper: bytes, rec: KeyRecord, now: float
+                     ) -> tuple[KeyRecord, str]:
+    """A new key with the same scope: tier, owner, roles, labels, models, CIDRs, parent, limits.
+
+    It gets as long a life as the old key was given (never, if it never expired); a device's
+    is still clamped to its parent's expiry by issue_key.
+    """
+    lifetime: ExpiresIn = None if rec.expires_at is None else max(1.0, rec.expires_at - rec.created_at)
+    try:
+        return await issue_key(store, pepper, tier=rec.tier, owner=rec.owner, roles=rec.roles,
+                               labels=rec.labels, models=rec.models, allowed_cidrs=rec.allowed_cidrs,
+                               parent_id=rec.parent_id, expires_in_s=lifetime, limits=rec.limits,
+                               now=now)
+    except ValueError as exc:
+        raise LifecycleError(f"cannot issue a successor for {rec.key_id}: {exc}") from None
+
+
+async def rotate_key(store: SqliteStore, pepper: bytes, key_id: str, grace_s: float, *,
+                     now: float) -> Rotation:
+    """Issue a successor with the same scope; the old key works until now + grace, then never.
+
+    The old key's expiry is only ever brought forward: a key due to expire before the grace
+    ends keeps its earlier expiry. Refused for a revoked or expired key.
+    """
+    if not grace_s >= 0:
+        raise LifecycleError(f"grace must be zero or more seconds, got {grace_s!r}")
+    rec = await _get(store, key_id)
+    status = key_status(rec, now)
+    if status != "active":
+        raise LifecycleError(f"key {key_id} is {status}: nothing to rotate")
+    new, token = await _successor(store, pepper, rec, now)
+    await store.shorten_expiry(key_id, now + grace_s)
+    old = await store.get_key(key_id)
+    assert old is not None
+    return Rotation(old, new, token)
+
+
+def subtree(keys: Iterable[KeyRecord], key_id: str) -> list[str]:
+    """`key_id` and every descendant, breadth first."""
+    children: dict[str, list[str]] = {}
+    for k in keys:
+        if k.parent_id is not None:
+            children.setdefault(k.parent_id, []).append(k.key_id)
+    out, todo = [key_id], [key_id]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            if child not in out:
+                out.append(child)
+                todo.append(child)
+    return out
+
+
+async def compromise_key(store: SqliteStore, pepper: bytes, data_dir: Path, key_id: str, *,
+                         now: float, actor: str | None = None) -> Compromise:
+    """Leak response: revoke the key and its subtree first, then replace it, then report its use.
+
+    The revocation comes first so the leaked credential stops working before anything slower
+    runs. The report (every audited use of the key and its subtree since the key was created)
+    is also written as JSON under `<data_dir>/reports/`.
+    """
+    rec = await _get(store, key_id)
+    await store.revoke_key(key_id, now)
+    ids = subtree(await store.list_keys(), key_id)
+    new, token = await _successor(store, pepper, rec, now)
+    report = await usage_report(Path(data_dir), rec, ids, now=now)
+    report.update({"replacement_key_id": new.key_id, "revoked": ids, "actor": actor})
+    path = await asyncio.to_thread(write_report, Path(data_dir), key_id, report, now)
+    return Compromise(ids, new, token, report, path)
+
+
+async def usage_report(data_dir: Path, rec: KeyRecord, key_ids: list[str], *, now: float
+                       ) -> dict[str, Any]:
+    """Every audited use of `key_ids` since `rec` was created: aggregates plus the events, oldest first."""
+    rows: list[dict[str, Any]] = []
+    truncated = False
+    for kid in key_ids:
+        got = await query_audit(data_dir, key_id=kid, since=rec.created_at, limit=MAX_AUDIT_ROWS)
+        truncated |= len(got) >= MAX_AUDIT_ROWS
+        rows.extend(got)
+    rows.sort(key=lambda r: str(r.get("timestamp")))
+    ips: Counter[str] = Counter(str(r["client_ip"]) for r in rows if r.get("client_ip"))
+    models: Counter[str] = Counter(str(r["model"]) for r in rows if r.get("model"))
+    statuses: Counter[str] = Counter(str(r["status"]) for r in rows if r.get("status"))
+    per_key: Counter[str] = Counter(str(r["key_id"]) for r in rows)
+    events = [{f: r.get(f) for f in _EVENT_FIELDS} for r in rows[:MAX_REPORT_EVENTS]]
+    return {
+        "key_id": rec.key_id, "tier": rec.tier, "owner": rec.owner,
+        "key_created_at": iso_utc(rec.created_at), "generated_at": iso_utc(now),
+        "keys": key_ids, "uses": len(rows),
+        "uses_by_key": dict(per_key), "by_status": dict(statuses),
+        "first_use": rows[0]["timestamp"] if rows else None,
+        "last_use": rows[-1]["timestamp"] if rows else None,
+        "client_ips": dict(ips.most_common()), "models": dict(models.most_common()),
+        "tokens": {"input": sum(int(r.get("input_tokens") or 0) for r in rows),
+                   "output": sum(int(r.get("output_tokens") or 0) for r in rows)},
+        "events": events, "events_truncated": truncated or len(rows) > MAX_REPORT_EVENTS,
+    }
+
+
+def write_report(data_dir: Path, key_id: str, report: dict[str, Any], now: float) -> Path:
+    """<data_dir>/reports/compromised-<key id>-<epoch ms>.json, readable by the owner only."""
+    directory = Path(data_dir) / "reports"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"compromised-{key_id}-{int(now * 1000)}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+    return path
+
+
+def expiring(keys: Iterable[KeyRecord], within_s: float, now: float) -> list[KeyRecord]:
+    """Active keys whose expiry falls within the next `within_s` seconds, soonest first."""
+    soon = [k for k in keys if key_status(k, now) == "active" and k.expires_at is not None
+            and k.expires_at <= now + within_s]
+    return sorted(soon, key=lambda k: (k.expires_at or 0.0, k.key_id))
+
+
+def expiring_by_tier(keys: Iterable[KeyRecord], within_s: float, now: float) -> dict[str, int]:
+    """Counts per tier, every issuable tier present (0 when none), for the gauge."""
+    counts = {t: 0 for t in ISSUABLE_TIERS}
+    for k in expiring(keys, within_s, now):
+        counts[k.tier] = counts.get(k.tier, 0) + 1
+    return counts

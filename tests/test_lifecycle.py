@@ -1,0 +1,249 @@
+"""Key lifecycle: rotation with grace, leak response with a usage report, expiry warning (lib, CLI, admin API)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app_state import STATE
+from proxy.audit import AuditWriter, build_record
+from proxy.authn import authenticate
+from proxy.context import Principal, RequestContext, Resource
+from proxy.errors import Unauthenticated
+from proxy.http_server import watch_expiring
+from proxy.keys.issue import issue_key
+from proxy.keys.lifecycle import (LifecycleError, compromise_key, expiring, expiring_by_tier,
+                                  rotate_key, subtree)
+from proxy.metrics import Metrics
+from proxy.paths import store_path
+from proxy.store.sqlite import SqliteStore
+from tests.test_admin import PEPPER, SEEN, make_app
+from tests.test_cli import Cli, cli  # noqa: F401  (the fixture)
+
+H = 3600.0
+T0 = 1_900_000_000.0   # a fixed clock: authn takes `now`, so grace ends are exact, no sleeps
+
+
+async def _store(tmp_path: Path) -> SqliteStore:
+    return await SqliteStore.open(tmp_path / "seekgate.db")
+
+
+async def _auth(store: SqliteStore, token: str, now: float, ip: str = "10.0.0.7") -> Principal:
+    return await authenticate(token, store, PEPPER, ip, now)
+
+
+async def _write_audit(data_dir: Path, uses: list[tuple[float, Principal, str, str, int, int]]) -> None:
+    """Real audit records (build_record + AuditWriter) for (time, principal, ip, model, in, out)."""
+    writer = AuditWriter(data_dir)
+    await writer.start()
+    for when, who, ip, model, tin, tout in uses:
+        ctx = RequestContext(request_id=f"r{when}", client_ip=ip, method="POST",
+                             path=f"/v2/models/{model}/generate", started_wall=when, principal=who,
+                             resource=Resource(f"model:{model}", "infer", model=model),
+                             http_status=200, input_tokens=tin, output_tokens=tout)
+        writer.submit(build_record(ctx, duration_ms=1.0))
+    await writer.close()
+
+
+# ---------------------------------------------------------------- rotation
+
+async def test_rotation_grace_end_to_end_with_a_controlled_clock(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        old, old_token = await issue_key(store, PEPPER, tier="app", owner="svc", roles=["user"],
+                                         labels={"team": "nlp"}, models=["deepseek"],
+                                         allowed_cidrs=["10.0.0.0/24"], limits={"rpm": 60},
+                                         expires_in_s=365 * 24 * H, now=T0)
+        rot = await rotate_key(store, PEPPER, old.key_id, 24 * H, now=T0 + H)
+        new = rot.new
+        assert new.key_id != old.key_id and rot.token.startswith(f"sgk_{new.key_id}_")
+        scope = ("tier", "owner", "roles", "labels", "models", "allowed_cidrs", "parent_id", "limits")
+        assert all(getattr(new, f) == getattr(old, f) for f in scope)
+        assert rot.old.expires_at == T0 + 25 * H and new.expires_at == T0 + H + 365 * 24 * H
+        # Both work during the grace; at its end the old key stops, the successor goes on.
+        assert (await _auth(store, old_token, T0 + 25 * H - 1)).key_id == old.key_id
+        assert (await _auth(store, rot.token, T0 + 25 * H - 1)).key_id == new.key_id
+        with pytest.raises(Unauthenticated, match="expired"):
+            await _auth(store, old_token, T0 + 25 * H)
+        assert (await _auth(store, rot.token, T0 + 30 * H)).key_id == new.key_id
+
+
+async def test_rotation_never_extends_and_refuses_dead_or_unknown_keys(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        soon, _ = await issue_key(store, PEPPER, tier="user", owner="bob", expires_in_s=2 * H, now=T0)
+        rot = await rotate_key(store, PEPPER, soon.key_id, 24 * H, now=T0)
+        assert rot.old.expires_at == T0 + 2 * H   # the earlier expiry stands
+        forever, _ = await issue_key(store, PEPPER, tier="user", owner="bob", expires_in_s=None, now=T0)
+        rot = await rotate_key(store, PEPPER, forever.key_id, 24 * H, now=T0)
+        assert rot.old.expires_at == T0 + 24 * H and rot.new.expires_at is None
+        await store.revoke_key(forever.key_id, T0)
+        with pytest.raises(LifecycleError, match="revoked"):
+            await rotate_key(store, PEPPER, forever.key_id, H, now=T0)
+        with pytest.raises(LifecycleError, match="not found") as info:
+            await rotate_key(store, PEPPER, "aaaaaaaaaaaa", H, now=T0)
+        assert info.value.not_found
+
+
+async def test_rotating_a_device_key_keeps_its_parent(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        app, _ = await issue_key(store, PEPPER, tier="app", owner="svc", roles=["user"],
+                                 allowed_cidrs=["10.0.0.0/16"], expires_in_s=100 * H, now=T0)
+        dev, _ = await issue_key(store, PEPPER, tier="device", owner="cam", parent_id=app.key_id,
+                                 allowed_cidrs=["10.0.1.0/24"], now=T0)
+        rot = await rotate_key(store, PEPPER, dev.key_id, H, now=T0 + H)
+        assert rot.new.parent_id == app.key_id and rot.new.allowed_cidrs == ("10.0.1.0/24",)
+        assert rot.new.expires_at == app.expires_at   # clamped to the parent
+
+
+# ---------------------------------------------------------------- leak response
+
+async def test_compromise_revokes_subtree_replaces_and_reports_real_audit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with await _store(tmp_path) as store:
+        app, app_token = await issue_key(store, PEPPER, tier="app", owner="svc", roles=["user"],
+                                         models=["deepseek"], expires_in_s=None, now=T0)
+        dev, dev_token = await issue_key(store, PEPPER, tier="device", owner="cam",
+                                         parent_id=app.key_id, now=T0)
+        other, other_token = await issue_key(store, PEPPER, tier="user", owner="eve", now=T0)
+        p_app = await _auth(store, app_token, T0 + 1)
+        p_dev = await _auth(store, dev_token, T0 + 1)
+        p_other = await _auth(store, other_token, T0 + 1)
+        await _write_audit(data, [
+            (T0 - 100, p_app, "1.1.1.1", "deepseek", 1, 1),           # before creation: not in report
+            (T0 + 10, p_app, "10.0.0.1", "deepseek", 5, 7),
+            (T0 + 20, p_dev, "203.0.113.9", "deepseek", 3, 4),
+            (T0 + 30, p_app, "203.0.113.9", "deepseek", 2, 0),
+            (T0 + 40, p_other, "10.9.9.9", "deepseek", 100, 100),     # someone else's key
+        ])
+        done = await compromise_key(store, PEPPER, data, app.key_id, now=T0 + 50, actor="admin1")
+        assert done.revoked == [app.key_id, dev.key_id]
+        for token in (app_token, dev_token):
+            with pytest.raises(Unauthenticated, match="revoked"):
+                await _auth(store, token, T0 + 51)
+        assert (await _auth(store, done.token, T0 + 51)).key_id == done.new.key_id
+        assert (done.new.roles, done.new.models, done.new.owner) == (app.roles, app.models, app.owner)
+        assert (await _auth(store, other_token, T0 + 51)).key_id == other.key_id
+
+    r = done.report
+    assert r["uses"] == 3 and r["uses_by_key"] == {app.key_id: 2, dev.key_id: 1}
+    assert r["client_ips"] == {"203.0.113.9": 2, "10.0.0.1": 1}
+    assert r["models"] == {"deepseek": 3} and r["tokens"] == {"input": 10, "output": 11}
+    assert [e["client_ip"] for e in r["events"]] == ["10.0.0.1", "203.0.113.9", "203.0.113.9"]
+    assert r["first_use"] < r["last_use"] and r["replacement_key_id"] == done.new.key_id
+    assert done.report_path.parent == data / "reports"
+    assert json.loads(done.report_path.read_text())["uses"] == 3
+    assert done.report_path.stat().st_mode & 0o077 == 0
+    assert done.token not in done.report_path.read_text()
+
+
+def test_subtree_walks_every_level() -> None:
+    from proxy.store import KeyRecord
+    recs = [KeyRecord(key_id=k, secret_hash="", tier="app", owner="o", parent_id=p, created_at=0)
+            for k, p in (("a", None), ("b", "a"), ("c", "b"), ("d", None), ("e", "a"))]
+    assert subtree(recs, "a") == ["a", "b", "e", "c"] and subtree(recs, "d") == ["d"]
+
+
+# ---------------------------------------------------------------- expiry warning
+
+async def test_expiring_lists_active_keys_within_the_window_and_the_gauge(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        now = time.time()
+        soon, _ = await issue_key(store, PEPPER, tier="user", owner="a", expires_in_s=10 * H, now=now)
+        later, _ = await issue_key(store, PEPPER, tier="app", owner="b", expires_in_s=100 * H, now=now)
+        dead, _ = await issue_key(store, PEPPER, tier="user", owner="c", expires_in_s=H, now=now)
+        await store.revoke_key(dead.key_id, now)
+        await issue_key(store, PEPPER, tier="user", owner="d", expires_in_s=None, now=now)
+        keys = await store.list_keys()
+        assert [k.key_id for k in expiring(keys, 72 * H, now)] == [soon.key_id]
+        assert [k.key_id for k in expiring(keys, 200 * H, now)] == [soon.key_id, later.key_id]
+        assert expiring_by_tier(keys, 72 * H, now) == {"app": 0, "device": 0, "user": 1}
+
+        metrics = Metrics()
+        state = cast(Any, type("S", (), {"store": store, "metrics": metrics})())
+        task = asyncio.create_task(watch_expiring(state, interval=0.01))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        text = metrics.render()[0].decode()
+        assert 'seekgate_keys_expiring{tier="user"} 1.0' in text
+        assert 'seekgate_keys_expiring{tier="app"} 0.0' in text
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_rotate_list_expiring_and_revoke_compromised(cli: Cli) -> None:  # noqa: F811
+    made = cli.json("keys", "create", "--tier", "user", "--name", "alice", "--role", "user",
+                    "--expires", "30d", "--json")
+    rot = cli.json("keys", "rotate", made["key_id"], "--grace", "24h", "--json")
+    assert rot["key"].startswith("sgk_" + rot["key_id"]) and rot["old"]["id"] == made["key_id"]
+    assert rot["roles"] == ["user"] and rot["owner"] == "alice"
+    listed = cli.json("keys", "list", "--expiring", "72h", "--json")["keys"]
+    assert [k["id"] for k in listed] == [made["key_id"]]   # the old key, in its grace
+    code, _, err = cli("keys", "rotate", made["key_id"], "--grace", "never")
+    assert code == 2 and "--grace" in err
+
+    child_parent = cli.json("keys", "create", "--tier", "app", "--name", "svc", "--role", "user", "--json")
+    dev = cli.json("keys", "create", "--tier", "device", "--name", "cam", "--parent",
+                   child_parent["key_id"], "--json")
+    leak = cli.json("keys", "revoke", child_parent["key_id"], "--compromised", "--json")
+    assert leak["revoked"] == [child_parent["key_id"], dev["key_id"]]
+    assert leak["replacement"]["key"].startswith("sgk_" + leak["replacement"]["key_id"])
+    assert leak["report"]["uses"] == 0 and leak["report"]["keys"] == leak["revoked"]
+    assert Path(leak["report_path"]).parent == cli.data / "reports"
+    statuses = {k["id"]: k["status"] for k in cli.json("keys", "list", "--json")["keys"]}
+    assert statuses[child_parent["key_id"]] == statuses[dev["key_id"]] == "revoked"
+    assert statuses[leak["replacement"]["key_id"]] == "active"
+    assert store_path(cli.data).exists()
+    code, _, err = cli("keys", "revoke", "aaaaaaaaaaaa", "--compromised")
+    assert code == 1 and "not found" in err
+
+
+# ---------------------------------------------------------------- admin API
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_admin_rotate_compromise_expiring_and_audited(aiohttp_client: Any, tmp_path: Path) -> None:
+    SEEN.clear()
+    client: TestClient = await aiohttp_client(await make_app(tmp_path))  # type: ignore[type-arg]
+    resp = await client.post("/admin/v1/keys", json={"tier": "user", "name": "alice", "roles": ["user"],
+                                                     "expires": "30d"})
+    made = await resp.json()
+
+    resp = await client.post(f"/admin/v1/keys/{made['key_id']}/rotate", json={"grace": "24h"})
+    assert resp.status == 201, await resp.text()
+    rot = await resp.json()
+    assert rot["old"]["id"] == made["key_id"] and rot["key"].startswith("sgk_" + rot["key_id"])
+    assert resp.headers["Cache-Control"] == "no-store"
+    rec = build_record(SEEN[-1])
+    assert rec["admin"] == {"action": "keys.rotate", "target": made["key_id"],
+                            "detail": f"successor {rot['key_id']}"}
+    assert rot["key"] not in json.dumps(rec)
+    for body, status in (({"grace": "never"}, 400), ({}, 400), ({"grace": "1h", "x": 1}, 400)):
+        assert (await client.post(f"/admin/v1/keys/{made['key_id']}/rotate", json=body)).status == status
+    assert (await client.post("/admin/v1/keys/aaaaaaaaaaaa/rotate", json={"grace": "1h"})).status == 404
+    assert (await client.get(f"/admin/v1/keys/{made['key_id']}/rotate")).status == 405
+
+    resp = await client.get("/admin/v1/keys", params={"expiring": "72h"})
+    assert [k["id"] for k in (await resp.json())["keys"]] == [made["key_id"]]
+    assert (await client.get("/admin/v1/keys", params={"expiring": "soon"})).status == 400
+
+    resp = await client.post(f"/admin/v1/keys/{rot['key_id']}/revoke", json={"compromised": True})
+    assert resp.status == 200, await resp.text()
+    leak = await resp.json()
+    assert leak["revoked"] == [rot["key_id"]] and leak["report"]["key_id"] == rot["key_id"]
+    new_token = leak["replacement"]["key"]
+    state = client.app[STATE]
+    assert (await authenticate(new_token, state.store, PEPPER, "127.0.0.1", time.time())).roles == ("user",)
+    rec = build_record(SEEN[-1])
+    assert rec["admin"]["action"] == "keys.revoke_compromised" and rec["admin"]["target"] == rot["key_id"]
+    assert leak["replacement"]["key_id"] in rec["admin"]["detail"] and new_token not in json.dumps(rec)
+    assert list((tmp_path / "reports").glob(f"compromised-{rot['key_id']}-*.json"))
+
+    # A plain revoke still answers the count; an odd body is refused, not ignored.
+    assert (await client.post(f"/admin/v1/keys/{made['key_id']}/revoke", json={"compromised": "yes"})).status == 400
+    resp = await client.post(f"/admin/v1/keys/{made['key_id']}/revoke")
+    assert (await resp.json()) == {"revoked": 1}
+    assert "admin" not in build_record(RequestContext(request_id="x", client_ip="1.2.3.4"))
