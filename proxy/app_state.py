@@ -11,6 +11,7 @@ from aiohttp import web
 from .audit import AuditWriter
 from .authz import Authorizer, PolicyWatcher
 from .context import RequestContext
+from .key_cache import KeyCache
 from .keys.sessions import SessionAuthority
 from .limits import Limiter, LocalLimiter
 from .metrics import Metrics
@@ -32,6 +33,7 @@ class AppState:
     internal_key: str | None = None   # unlocks Triton's shared-memory API; None if Triton runs elsewhere
     limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
+    key_cache: KeyCache | None = None   # verified keys and sessions (key_cache.py); None: every request reads the store
 
 
 STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)

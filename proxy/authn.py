@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 
 from proxy.context import Principal
 from proxy.errors import Unauthenticated
+from proxy.key_cache import KeyCache
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
 from proxy.keys.hashing import verify_secret
 from proxy.keys.sessions import MINTING_TIERS, SessionAuthority
@@ -36,23 +38,38 @@ def parse_bearer(header: str | None) -> str:
 
 
 async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: str,
-                       now: float, sessions: SessionAuthority | None = None) -> Principal:
-    """Verify a bearer token against the store; no caching, so a revocation counts at once.
+                       now: float, sessions: SessionAuthority | None = None,
+                       cache: KeyCache | None = None) -> Principal:
+    """Verify a bearer token against the store, or take it from `cache`; a revocation counts at once.
+
+    The cache holds verified chains, not decisions: expiry and the IP binding are checked
+    on every request, cached or not (see key_cache.py for how entries are invalidated).
 
     Reasons (audit only; the client sees one body): malformed, bad_checksum,
     unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent, and
     for session JWTs (tokens without the key prefix) the session_* reasons of keys/sessions.py.
     A store failure propagates as StoreUnavailable (503), never as success.
     """
+    revision: int | None = None
+    if cache is not None:
+        hit, revision = await cache.lookup(token, store, now)
+        if hit is not None:
+            check_chain(hit.chain, client_ip, now)
+            return hit.principal
+    exp: float | None = None
     if not token.startswith(PREFIX):
         if sessions is None:
             raise Unauthenticated("malformed")
-        return await _authenticate_session(token, store, sessions, client_ip, now)
-    return await _authenticate_api_key(token, store, pepper, client_ip, now)
+        principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now)
+    else:
+        principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now)
+    if cache is not None:
+        cache.put(token, revision, chain, principal, now, exp)
+    return principal
 
 
 async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAuthority,
-                                client_ip: str, now: float) -> Principal:
+                                client_ip: str, now: float) -> tuple[Principal, list[KeyRecord], float]:
     """A session JWT: signature and claims, then its own revocation, then its parent's whole chain.
 
     The chain is read on every request, so revoking the parent key (or any ancestor) ends
@@ -75,11 +92,11 @@ async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAu
         models=effective_models(chain), parents=tuple(r.key_id for r in chain),
         # A session sets no limits of its own; its parent's (and their ancestors') bind it.
         limits=((claims.jti, "session", {}), *((r.key_id, r.tier, dict(r.limits)) for r in chain)),
-    )
+    ), chain, float(claims.exp)
 
 
 async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, client_ip: str,
-                                now: float) -> Principal:
+                                now: float) -> tuple[Principal, list[KeyRecord]]:
     try:
         parsed = parse_key(token)
     except KeyFormatError as exc:
@@ -99,10 +116,10 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
         labels=dict(key.labels), models=effective_models(chain),
         parents=tuple(r.key_id for r in chain[1:]),
         limits=tuple((r.key_id, r.tier, dict(r.limits)) for r in chain),
-    )
+    ), chain
 
 
-def check_chain(chain: list[KeyRecord], client_ip: str, now: float) -> None:
+def check_chain(chain: Sequence[KeyRecord], client_ip: str, now: float) -> None:
     """Refuse if the key or any ancestor is revoked/expired, or the client IP is not bound.
 
     `chain` is the key then its ancestors, nearest first. The key's own expiry reads

@@ -25,6 +25,7 @@ _DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "se
 # aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
 _RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
 BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
+UPSTREAM_ERROR_KEPT = 512  # bytes of a Triton 5xx body kept, in the audit reason only
 BeforeSend = Callable[[], Awaitable[None]]
 
 
@@ -90,6 +91,8 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
         if before_send is not None:
             await before_send()
         return web.json_response({"error": "unexpected redirect from inference server"}, status=502)
+    if upstream.status >= 500:
+        return await _generic_error(ctx, upstream, headers, before_send)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     want_counts = ctx.resource is not None and ctx.resource.action == "infer"
     if before_send is not None and not is_sse:
@@ -150,6 +153,21 @@ async def _relay_whole(ctx: RequestContext, upstream: aiohttp.ClientResponse, he
         _count(ctx, body, upstream.headers)
     await before_send()
     return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
+
+
+async def _generic_error(ctx: RequestContext, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                         before_send: BeforeSend | None) -> web.Response:
+    """Triton's 5xx bodies may carry stack traces and file paths: the client gets a generic error
+    (same status), the audit record the start of the original. 4xx bodies pass: clients need them."""
+    try:
+        original = await upstream.content.read(UPSTREAM_ERROR_KEPT)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        original = b""
+    ctx.status, ctx.reason = "error", "upstream_error: " + original.decode("utf-8", "replace")
+    if before_send is not None:
+        await before_send()
+    kept = {k: headers[k] for k in ("X-Request-Id", "Server-Timing", "Retry-After") if k in headers}
+    return web.json_response({"error": "inference server error"}, status=upstream.status, headers=kept)
 
 
 def _count(ctx: RequestContext, body: bytes, headers: CIMultiDictProxy[str]) -> None:

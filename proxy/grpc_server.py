@@ -156,7 +156,7 @@ class GrpcFrontEnd:
             # admit() needs the resource, which only the first message names: authenticate now, so a
             # client without a valid key is refused before it sends anything.
             ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
-                                               ctx.client_ip, time.time(), state.sessions)
+                                               ctx.client_ip, time.time(), state.sessions, state.key_cache)
             incoming = requests.__aiter__()
 
             async def admitted(timeout: float | None = None) -> bytes | None:

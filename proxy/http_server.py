@@ -23,7 +23,9 @@ from .classify import classify_http
 from .context import RequestContext
 from .errors import AuditUnavailable, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
 from .forward import forward
+from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
 from .grpc_server import GrpcFrontEnd
+from .key_cache import KeyCache
 from .keys.hashing import load_or_create_pepper
 from .keys.lifecycle import expiring_by_tier
 from .keys.secrets_setup import open_sessions
@@ -53,6 +55,8 @@ async def request_path(request: web.Request,
     ctx = new_context(request)
     request[CTX] = ctx
     try:
+        # First: framing aiohttp's parser let through but a proxy must not (http_guard's doc).
+        check_framing(request)
         path = route_path(request.raw_path, state.settings.server.base_path)
         if request.method == "GET" and path in PUBLIC_PROBES:
             # Load balancers probe health without a key; nothing else is public.
@@ -63,7 +67,9 @@ async def request_path(request: web.Request,
             await admit(state, ctx, request.headers.get("Authorization"),
                         lambda: classify_http(request.method, path))
         assert ctx.resource is not None
-        body = await read_body(request, state.settings.server.max_body_bytes)
+        body = await read_body(request, state.settings.server.max_body_bytes, state.settings.server.read_timeout_s)
+        # The decoded size counts against the cap too (gzip bombs); the compressed bytes are forwarded.
+        decoded_size_within(body, request.headers.get("Content-Encoding"), state.settings.server.max_body_bytes)
         check_body(ctx, body)
         audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
         # After every check that may refuse for free: a request refused above costs no quota.
@@ -82,7 +88,10 @@ async def request_path(request: web.Request,
                              extra, server_timing(ctx),
                              (lambda: commit_audit(state, ctx)) if state.audit.strict else None)
     except SeekgateError as err:
-        return await refused(state, ctx, err)
+        response = await refused(state, ctx, err)
+        if closes_connection(err):
+            response.force_close()
+        return response
     except asyncio.CancelledError:
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
         raise
@@ -106,17 +115,24 @@ def route_path(raw_path: str, base_path: str) -> str:
     return path
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, counted as it arrives, so chunked uploads cannot slip past the cap."""
+async def read_body(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, counted as it arrives, so chunked uploads cannot slip past the cap.
+
+    `timeout_s` bounds the whole read, not each chunk: a body trickled a byte at a time is cut (408).
+    """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body_too_large: {declared}")
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body_too_large: over {limit}")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body_too_large: over {limit}")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"body_read_timeout: {size} bytes in {timeout_s}s") from exc
     return b"".join(chunks)
 
 
@@ -187,7 +203,7 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
         key_file = data_dir / "secrets" / "triton-internal-key"
         state = AppState(settings, data_dir, store, load_or_create_pepper(data_dir), authorizer, watcher,
                          audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None,
-                         limiter=LocalLimiter(), sessions=sessions)
+                         limiter=LocalLimiter(), sessions=sessions, key_cache=KeyCache.from_settings(settings.auth))
         app[STATE] = state
         await audit.start()
         await watcher.start()
@@ -259,7 +275,9 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
     """Runs the proxy and its metrics endpoint until `stop` is set (or SIGINT/SIGTERM)."""
     app = build_app(settings)
     # Bodies and binary tensors pass through untouched: no server-side decompression.
-    runner = web.AppRunner(app, auto_decompress=False, access_log=None)
+    # GuardedRunner: a header-read deadline aiohttp lacks, and parser errors in Triton's format.
+    runner = GuardedRunner(app, header_timeout_s=settings.server.read_timeout_s,
+                           auto_decompress=False, access_log=None)
     await runner.setup()
     metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
     await metrics_runner.setup()

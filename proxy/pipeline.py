@@ -29,7 +29,7 @@ async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
     """
     token = parse_bearer(authorization)
     ctx.principal = await authenticate(token, state.store, state.pepper, ctx.client_ip, time.time(),
-                                       state.sessions)
+                                       state.sessions, state.key_cache)
     ctx.resource = classify()
     if ctx.resource.resource == "sessions" and ctx.principal.tier not in MINTING_TIERS:
         # Whatever the policy says: only a user or app key is exchanged for a session, so a

@@ -62,7 +62,12 @@ class TritonSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    key_cache_ttl_s: float = _help("Seconds a verified key stays cached (bounds how late a revocation bites)", 5.0)
+    key_cache_ttl_s: float = _help("Seconds a verified key or session token stays cached; a revocation still "
+                                   "counts on the next request (the store revision is checked); 0 = no cache", 5.0)
+    key_cache_size: int = _help("Most verified keys and session tokens cached (LRU); 0 = no cache", 10000)
+    key_cache_revision_check_ms: float = _help(
+        "Milliseconds between reads of the store revision; a revocation made elsewhere may take this long "
+        "to count. 0 = read on every request (revocation effective on the very next request)", 0.0)
     session_ttl_s: float = _help("Seconds a session token (POST /v1/sessions) lives; at most 900", 900.0)
     session_issuer: str = _help("The iss claim of session tokens; verification requires exactly this", "seekgate")
     session_audience: str = _help("The aud claim of session tokens; verification requires exactly this", "seekgate")
@@ -245,7 +250,7 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
-_NON_NEGATIVE = ("auth.key_cache_ttl_s", "limits.default_estimate_tokens",
+_NON_NEGATIVE = ("auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")

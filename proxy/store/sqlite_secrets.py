@@ -90,6 +90,8 @@ class SqliteSecretRows:
                                    (jti, now))
             added = cur.rowcount == 1
             await cur.close()
+            if added:
+                await self._store._bump()   # verified-session caches (key_cache.py) watch the revision
         return added
 
     async def session_revoked(self, jti: str) -> bool:

@@ -1,0 +1,180 @@
+"""Hostile-HTTP guards aiohttp lacks: odd framing, slow clients, compressed-size caps, clean parser errors.
+
+What aiohttp 3.14's parsers (the C one and the pure-Python one alike, both tested) already refuse
+with 400 and a closed connection, before any handler runs: Content-Length with Transfer-Encoding,
+duplicate or malformed Content-Length, `chunked` not last (`chunked, identity`), unknown codings
+(`xchunked`, `identity`), duplicate Transfer-Encoding, bare LF line endings, obs-fold
+continuation lines, whitespace before a header name or colon. What they let through, refused
+here by `check_framing`: a Transfer-Encoding other than exactly `chunked` with `chunked` last
+(`gzip, chunked`: the gzip coding would reach Triton undeclared) and Transfer-Encoding on an
+HTTP/1.0 request (RFC 9112 6.1: framing is faulty). Leading whitespace in the value
+(`Transfer-Encoding:  chunked`) is legal OWS that both parsers strip: not an ambiguity.
+
+aiohttp has no timeout for reading a request line and headers (only a 3630 s keep-alive), so
+`GuardedRunner` installs a request handler that answers 408 and closes a connection whose
+next request's headers are not complete `header_timeout_s` after its first byte (or after the
+connection opened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import BadRequest, PayloadTooLarge
+
+log = logging.getLogger("seekgate.http")
+
+_408 = json.dumps({"error": "request timed out"}).encode()
+_408_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: " + str(len(_408)).encode() + b"\r\n\r\n" + _408)
+DECODE_STEP = 64 * 1024   # bytes of decompressed output per step: a bomb never inflates past cap + this
+
+
+class FramingError(BadRequest):
+    """A request whose length two parsers could read differently: refused and the connection closed."""
+
+
+class RequestTimeout(BadRequest):
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_message = "request timed out"
+
+
+def closes_connection(err: Exception) -> bool:
+    """After these the rest of the connection's bytes cannot be trusted (or never came)."""
+    return isinstance(err, (FramingError, RequestTimeout))
+
+
+def check_framing(request: web.BaseRequest) -> None:
+    """Refuses the framing shapes aiohttp's parser accepts but a proxy must not (see module doc)."""
+    codings = request.headers.getall("Transfer-Encoding", [])
+    if not codings:
+        return
+    if request.version < HttpVersion11:
+        raise FramingError("framing: transfer_encoding_on_http_1_0")
+    if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+        raise FramingError("framing: transfer_encoding_not_plain_chunked")
+
+
+def decoded_size_within(body: bytes, content_encoding: str | None, limit: int) -> None:
+    """Raises unless `body`, decoded per Content-Encoding, fits in `limit` bytes.
+
+    Decompresses in bounded steps and stops at the cap, so a gzip bomb costs at most
+    `limit + DECODE_STEP` bytes of memory; the decoded bytes are thrown away (the compressed
+    body is what is forwarded, byte for byte).
+    """
+    coding = (content_encoding or "").strip().lower()
+    if coding in ("", "identity"):
+        return
+    if coding in ("gzip", "x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif coding == "deflate":
+        decoder = zlib.decompressobj()   # Triton's deflate is zlib-wrapped
+    else:
+        raise BadRequest(f"unsupported_content_encoding: {coding[:40]}",
+                         public_message="unsupported content encoding")
+    size = 0
+    data = body
+    try:
+        while True:
+            size += len(decoder.decompress(data, DECODE_STEP))
+            if size > limit:
+                raise PayloadTooLarge(f"body_too_large: decoded over {limit}")
+            data = decoder.unconsumed_tail
+            if not data:
+                break
+        size += len(decoder.flush())
+    except zlib.error as exc:
+        raise BadRequest("bad_compressed_body", public_message="malformed compressed body") from exc
+    if size > limit:
+        raise PayloadTooLarge(f"body_too_large: decoded over {limit}")
+
+
+# ------------------------------------------------------------------ the connection level
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's handler plus a header-read deadline and Triton-format parser errors."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._requests_seen = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A connection that never sends a byte is held to the same deadline.
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # The first byte of a new request (none queued, none being handled) starts the clock.
+        if self._header_timer is None and self._current_request is None and not self._messages:
+            self._arm()
+        super().data_received(data)
+        if self._request_count != self._requests_seen:   # the parser completed a request's headers
+            self._requests_seen = self._request_count
+            self._disarm()
+
+    def _arm(self) -> None:
+        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.warning("request headers not complete within %.3gs from %s: connection closed",
+                    self._header_timeout_s, self.peername)
+        transport.write(_408_RESPONSE)
+        self.force_close()
+        transport.close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        # A malformed request: the parser's message quotes the offending header line, which may
+        # hold a credential, so neither the log nor the client gets it.
+        log.warning("malformed HTTP request from %s refused: %s", request.remote, type(exc).__name__)
+        response = web.json_response({"error": "bad request"}, status=status)
+        response.force_close()
+        return response
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections are served by `GuardedRequestHandler`."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    @property
+    def server(self) -> Callable[[], RequestHandler] | None:   # the protocol factory sites listen with
+        inner = super().server
+        if inner is None:
+            return None
+
+        def factory() -> RequestHandler:
+            # Server.__call__ builds RequestHandler(server, loop=..., **handler kwargs); the same here.
+            return GuardedRequestHandler(inner, loop=inner._loop, header_timeout_s=self._header_timeout_s,
+                                         **inner._kwargs)
+        return factory

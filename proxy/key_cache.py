@@ -1,0 +1,126 @@
+"""A bounded LRU of verified credentials (API keys and session JWTs), invalidated exactly by the store's revision.
+
+What is cached is the *chain* (the key's and its ancestors' records) and the Principal built
+from it, never a decision: the client IP and the expiry of every record are still checked per
+request by `authn.check_chain`, since they differ per request.
+
+Invalidation, all exact:
+- every create/revoke/expiry change bumps `store.revision()`, in this process or any other (the
+  CLI, another worker); so does a session (jti) revocation. The revision is read before the store
+  read it guards, and an entry is used only while the revision it was made at is still current.
+  With `revision_check_ms = 0` (the default) it is read on every request: a revocation counts on
+  the very next request. With N > 0 it is read at most every N ms, and a revocation made elsewhere
+  may take up to N ms to count.
+- an entry lives at most `ttl_s` after it was verified, and never past the expiry of the key,
+  any ancestor, or the session token's `exp`.
+- while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
+  uncached credential still fails with StoreUnavailable (503), as without the cache.
+
+Entries are keyed by a BLAKE2b MAC of the presented token under a random per-process key, so
+the plaintext token is never kept as a dict key and a memory dump yields nothing replayable.
+Only successes are cached; unknown or wrong credentials always go to the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from proxy.context import Principal
+from proxy.errors import StoreUnavailable
+from proxy.settings import AuthSettings
+from proxy.store import KeyRecord, KeyStore
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAuth:
+    """A verified credential: the chain to re-check per request and the Principal it yields."""
+
+    chain: tuple[KeyRecord, ...]
+    principal: Principal
+    revision: int          # store revision read before the chain was
+    valid_until: float     # min(verified + ttl, every record's expiry, the session's exp)
+
+
+class KeyCache:
+    """Verified credentials by keyed token digest; see the module docstring for the invalidation rules."""
+
+    def __init__(self, *, size: int, ttl_s: float, revision_check_ms: float = 0.0) -> None:
+        if size < 0 or ttl_s < 0 or revision_check_ms < 0:
+            raise ValueError("key cache size, ttl and revision interval must be 0 or more")
+        self.size, self.ttl_s = size, ttl_s
+        self._check_s = revision_check_ms / 1000.0
+        self._mac_key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, CachedAuth] = OrderedDict()
+        self._revision: int | None = None   # the last revision read; None before the first read
+        self._checked_at = float("-inf")
+
+    @classmethod
+    def from_settings(cls, auth: AuthSettings) -> KeyCache:
+        return cls(size=auth.key_cache_size, ttl_s=auth.key_cache_ttl_s,
+                   revision_check_ms=auth.key_cache_revision_check_ms)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and self.ttl_s > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def digest(self, token: str) -> bytes:
+        return hashlib.blake2b(token.encode(), key=self._mac_key, digest_size=32).digest()
+
+    async def revision(self, store: KeyStore, now: float) -> int | None:
+        """The store revision as of now (or of the last read, within revision_check_ms); None if unreadable.
+
+        A changed revision clears the cache. Called before any store read whose result is cached.
+        """
+        if self._revision is not None and 0 <= now - self._checked_at < self._check_s:
+            return self._revision
+        try:
+            rev = await store.revision()
+        except StoreUnavailable:
+            return None
+        if rev != self._revision:
+            self._entries.clear()
+            self._revision = rev
+        self._checked_at = now
+        return rev
+
+    async def lookup(self, token: str, store: KeyStore, now: float) -> tuple[CachedAuth | None, int | None]:
+        """(the usable entry or None, the revision a fresh verification should be stored under or None)."""
+        if not self.enabled:
+            return None, None
+        rev = await self.revision(store, now)
+        key = self.digest(token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None, rev
+        # rev None: the store is unreadable; the entry made at the last known revision serves out its TTL.
+        if entry.revision != self._revision or now >= entry.valid_until:
+            del self._entries[key]
+            return None, rev
+        self._entries.move_to_end(key)
+        return entry, rev
+
+    def put(self, token: str, revision: int | None, chain: list[KeyRecord], principal: Principal,
+            now: float, expires_at: float | None = None) -> None:
+        """Remember a credential verified from a chain read after `revision` was (None: don't)."""
+        if not self.enabled or revision is None or revision != self._revision:
+            return   # verified against a revision already superseded: not safe to keep
+        until = now + self.ttl_s
+        for when in (expires_at, *(r.expires_at for r in chain)):
+            if when is not None:
+                until = min(until, when)
+        if now >= until:
+            return
+        key = self.digest(token)
+        self._entries[key] = CachedAuth(tuple(chain), principal, revision, until)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,335 @@
+"""Hostile HTTP against a real seekgate and Triton: smuggling shapes, slow clients, compressed bombs, 5xx bodies.
+
+Each case: the right status, Triton receives nothing (the relay saw none of it), and the
+proxy keeps serving others.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.http_guard import decoded_size_within
+from proxy.triton import TritonProcess
+from tests.conftest import free_ports
+from tests.gateway import Gateway, audit_records, wait_for
+from tests.relay import TcpRelay
+from tests.test_http_server import call
+
+BODY_CAP = 1 << 20
+READ_TIMEOUT = 1.0
+GENERATE = "/v2/models/deepseek/generate"
+
+
+@pytest.fixture(scope="module")
+def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
+    r = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw"), f"http://127.0.0.1:{relay.port}", free_ports(3),
+                **{"server.max_body_bytes": BODY_CAP, "server.read_timeout_s": READ_TIMEOUT}).start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def key(gw: Gateway) -> str:
+    return gw.key(owner="mallory")[1]
+
+
+def port(gw: Gateway) -> int:
+    return int(gw.url.rsplit(":", 1)[1])
+
+
+def exchange(gw: Gateway, raw: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Sends `raw`, reads until the server closes; (everything read, whether it closed in time)."""
+    with socket.create_connection(("127.0.0.1", port(gw)), timeout=timeout) as s:
+        s.sendall(raw)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            return data, False
+        return data, True
+
+
+def still_serving(gw: Gateway, key: str) -> None:
+    status, _, raw = call(gw.url + GENERATE, "POST", {"text_input": "still here", "max_tokens": 2}, key)
+    assert status == 200, raw
+
+
+def body_of(response: bytes) -> bytes:
+    return response.split(b"\r\n\r\n", 1)[1]
+
+
+# ------------------------------------------------------------------ request smuggling shapes
+
+MARK = b"smuggled-xyz"
+SMUGGLED = b"0\r\n\r\nGET /v2/models/" + MARK + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+SHAPES = {
+    # refused by aiohttp's parser (C and pure-Python alike, see proxy/http_guard.py)
+    "cl_and_te": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "duplicate_cl": b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % ((len(SMUGGLED),) * 2) + SMUGGLED,
+    "conflicting_cl": b"Content-Length: 5\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "cl_list": b"Content-Length: 5, %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "te_chunked_identity": b"Transfer-Encoding: chunked, identity\r\n\r\n" + SMUGGLED,
+    "te_xchunked": b"Transfer-Encoding: xchunked\r\n\r\n" + SMUGGLED,
+    "te_name_leading_space": b" Transfer-Encoding: chunked\r\n\r\n" + SMUGGLED,
+    "te_space_before_colon": b"Transfer-Encoding : chunked\r\n\r\n" + SMUGGLED,
+    "duplicate_te": b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n" + SMUGGLED,
+    "bare_lf": b"Content-Length: %d\n\n" % len(SMUGGLED) + SMUGGLED,
+    "obs_fold": b"X-Note: a\r\n folded\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED,
+    "obs_fold_te": b"Transfer-Encoding:\r\n chunked\r\n\r\n" + SMUGGLED,
+    # let through by aiohttp, refused by http_guard.check_framing
+    "te_gzip_chunked": b"Transfer-Encoding: gzip, chunked\r\n\r\n" + SMUGGLED,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_smuggling_shapes_are_400_and_closed(gw: Gateway, relay: TcpRelay, key: str, shape: str) -> None:
+    relay.clear()
+    head = b"POST " + GENERATE.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
+    response, closed = exchange(gw, head + SHAPES[shape])
+    assert response.split(b"\r\n", 1)[0].split(b" ")[1] == b"400", response
+    assert json.loads(body_of(response)) == {"error": "bad request"}
+    assert closed and response.count(b"HTTP/1.") == 1   # no second (smuggled) response
+    assert b"generate" not in relay.seen() and MARK not in relay.seen()
+    still_serving(gw, key)
+
+
+def test_transfer_encoding_on_http_1_0_is_400_and_closed(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    relay.clear()
+    raw = (b"POST " + GENERATE.encode() + b" HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+           + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b"5\r\nhello\r\n0\r\n\r\n")
+    response, closed = exchange(gw, raw)
+    assert b" 400 " in response.split(b"\r\n", 1)[0] and closed, response
+    assert b"generate" not in relay.seen()
+    # Let through by aiohttp's parser: refused by http_guard.check_framing, so audited.
+    assert wait_for(lambda: any(r["reason"] == "framing: transfer_encoding_on_http_1_0"
+                                for r in audit_records(gw)), 5)
+
+
+def test_uppercase_and_padded_chunked_is_legal_and_reframed(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    """`chunked` in any case with OWS is plain HTTP/1.1: served, and Triton gets a Content-Length."""
+    relay.clear()
+    payload = json.dumps({"text_input": "reframe-me", "max_tokens": 2}).encode()
+    raw = (b"POST " + GENERATE.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+           + key.encode() + b"\r\nTransfer-Encoding:  CHUNKED\r\n\r\n"
+           + b"%x\r\n" % 7 + payload[:7] + b"\r\n" + b"%x\r\n" % (len(payload) - 7) + payload[7:] + b"\r\n0\r\n\r\n")
+    response, _ = exchange(gw, raw)
+    assert b" 200 " in response.split(b"\r\n", 1)[0], response
+    seen = relay.seen()
+    request = seen[seen.index(b"POST " + GENERATE.encode()):]
+    head = request.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"content-length: %d" % len(payload) in head and b"transfer-encoding" not in head
+    assert payload in request
+
+
+# ------------------------------------------------------------------ slow clients
+
+def test_trickled_headers_are_cut_and_others_served(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    relay.clear()
+    head = (b"POST " + GENERATE.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+            + b"\r\nX-Slow: " + b"s" * 200)
+    with socket.create_connection(("127.0.0.1", port(gw)), timeout=10) as s:
+        started = time.monotonic()
+        got = b""
+        try:
+            for byte in head:
+                s.sendall(bytes([byte]))
+                time.sleep(0.05)
+                if time.monotonic() - started > 0.3 and not got:
+                    still_serving(gw, key)   # others are served while the trickle goes on
+                    got = b"-"
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        s.settimeout(5)
+        response = b""
+        try:
+            while chunk := s.recv(4096):
+                response += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        elapsed = time.monotonic() - started
+    assert response.startswith(b"HTTP/1.1 408"), response
+    assert json.loads(body_of(response)) == {"error": "request timed out"}
+    assert READ_TIMEOUT * 0.9 < elapsed < READ_TIMEOUT + 4
+    assert b"X-Slow" not in relay.seen()
+    still_serving(gw, key)
+
+
+def test_silent_connection_is_closed_after_the_read_timeout(gw: Gateway) -> None:
+    started = time.monotonic()
+    response, closed = exchange(gw, b"", timeout=READ_TIMEOUT + 5)
+    assert closed and response.startswith(b"HTTP/1.1 408") and time.monotonic() - started < READ_TIMEOUT + 3
+
+
+def test_trickled_body_is_cut_with_408(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    relay.clear()
+    payload = json.dumps({"text_input": "trickle-" + "t" * 60, "max_tokens": 2}).encode()
+    head = (b"POST " + GENERATE.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(payload))
+    with socket.create_connection(("127.0.0.1", port(gw)), timeout=10) as s:
+        s.sendall(head)
+        started = time.monotonic()
+        response = b""
+        s.setblocking(False)
+        for byte in payload:
+            try:
+                s.sendall(bytes([byte]))
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.05)
+            try:
+                response += s.recv(4096)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                break
+            if response:
+                break
+        elapsed = time.monotonic() - started
+    assert b" 408 " in response.split(b"\r\n", 1)[0], response
+    assert json.loads(body_of(response)) == {"error": "request timed out"}
+    assert elapsed < READ_TIMEOUT + 2
+    assert b"trickle-" not in relay.seen()
+    assert wait_for(lambda: any(r["reason"].startswith("body_read_timeout") for r in audit_records(gw)), 5)
+    still_serving(gw, key)
+
+
+# ------------------------------------------------------------------ compressed bodies
+
+def test_gzip_bomb_is_413_and_never_forwarded(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    relay.clear()
+    bomb = gzip.compress(b'{"text_input": "' + b"0" * (64 * BODY_CAP) + b'"}')
+    assert len(bomb) < BODY_CAP   # under the cap on the wire, 64x over it decoded
+    status, _, raw = call(gw.url + GENERATE, "POST", bomb, key,
+                          {"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert status == 413 and json.loads(raw) == {"error": "request body too large"}
+    assert b"generate" not in relay.seen()
+    still_serving(gw, key)
+
+
+@pytest.mark.parametrize("encoding,body,status", [
+    ("deflate", zlib.compress(b"0" * (8 * BODY_CAP)), 413),
+    ("gzip", b"\x1f\x8b not gzip at all", 400),
+    ("br", b"whatever", 400),
+])
+def test_other_compressed_bodies_refused(gw: Gateway, relay: TcpRelay, key: str, encoding: str, body: bytes,
+                                         status: int) -> None:
+    relay.clear()
+    assert call(gw.url + GENERATE, "POST", body, key, {"Content-Encoding": encoding})[0] == status
+    assert b"generate" not in relay.seen()
+
+
+def test_gzip_within_the_cap_is_forwarded_compressed_with_a_content_length(
+        gw: Gateway, relay: TcpRelay, key: str, triton: TritonProcess) -> None:
+    body = gzip.compress(json.dumps({"inputs": [
+        {"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["zipped-ok"]},
+        {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [2]}]}).encode())
+    relay.clear()
+    gz = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, _, raw = call(gw.url + "/v2/models/deepseek/infer", "POST", iter([body[:10], body[10:]]), key,
+                          {**gz, "Transfer-Encoding": "chunked"})
+    assert status == 200, raw
+    seen = relay.seen()
+    head, rest = seen[seen.index(b"POST /v2/models/deepseek/infer"):].split(b"\r\n\r\n", 1)
+    assert b"content-length: %d" % len(body) in head.lower() and b"transfer-encoding" not in head.lower()
+    assert rest.startswith(body)
+
+
+def test_decoded_size_within_unit() -> None:
+    decoded_size_within(gzip.compress(b"a" * 100), "gzip", 100)
+    decoded_size_within(b"plain", None, 10)
+    with pytest.raises(PayloadTooLarge):
+        decoded_size_within(gzip.compress(b"a" * 101), "gzip", 100)
+    with pytest.raises(PayloadTooLarge):   # concatenated members are not a way round the cap
+        decoded_size_within(zlib.compress(b"b" * 10_000), "deflate", 9_999)
+    with pytest.raises(BadRequest):
+        decoded_size_within(b"junk", "deflate", 100)
+
+
+# ------------------------------------------------------------------ upstream errors
+
+TRACE = b'Traceback (most recent call last):\n  File "/opt/tritonserver/backends/python/model.py", line 42'
+
+
+class FakeTriton(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self._send(200, b"")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        what = json.loads(body)["text_input"]
+        if what == "500":
+            self._send(500, json.dumps({"error": TRACE.decode()}).encode())
+        elif what == "400":
+            self._send(400, b'{"error":"unexpected inference input \'bogus\' for model \'deepseek\'"}')
+        else:
+            self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fake_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    g = Gateway(tmp_path_factory.mktemp("fake"), f"http://127.0.0.1:{server.server_address[1]}",
+                free_ports(3)).start()
+    yield g
+    g.stop()
+    server.shutdown()
+
+
+def test_upstream_5xx_body_is_replaced_and_kept_in_the_audit(fake_gw: Gateway) -> None:
+    _, key = fake_gw.key(owner="oscar")
+    status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "500"}, key)
+    assert status == 500 and json.loads(raw) == {"error": "inference server error"}
+    assert b"Traceback" not in raw and b"/opt/" not in raw and headers.get("X-Request-Id")
+    assert wait_for(lambda: any("model.py" in r["reason"] and r["request_id"] == headers["X-Request-Id"]
+                                for r in audit_records(fake_gw)), 5), audit_records(fake_gw)[-1:]
+
+
+def test_upstream_4xx_message_passes_through(fake_gw: Gateway) -> None:
+    _, key = fake_gw.key(owner="olga")
+    status, _, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "400"}, key)
+    assert status == 400 and b"unexpected inference input 'bogus'" in raw
+
+
+def test_upstream_redirect_is_not_followed(fake_gw: Gateway) -> None:
+    _, key = fake_gw.key(owner="otto")
+    status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "302"}, key)
+    assert status == 502 and "Location" not in headers and b"169.254" not in raw
+
+
+def test_real_triton_400_message_passes_through(gw: Gateway, triton: TritonProcess, key: str) -> None:
+    body = {"inputs": [{"name": "bogus", "shape": [1], "datatype": "INT32", "data": [1]}]}
+    status, _, proxied = call(gw.url + "/v2/models/deepseek/infer", "POST", body, key)
+    _, _, direct = call(triton.http_url + "/v2/models/deepseek/infer", "POST", body)
+    assert status == 400 and proxied == direct and json.loads(proxied)["error"]
