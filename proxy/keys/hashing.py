@@ -14,6 +14,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .private_file import create_once
+
 PEPPER_BYTES = 32
 
 
@@ -45,19 +47,7 @@ def load_or_create_pepper(data_dir: Path) -> bytes:
         os.chmod(sdir, 0o700)  # mkdir's mode is masked by the umask
     path = sdir / "pepper"
     if not path.exists():
-        tmp = sdir / f".pepper.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(PEPPER_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race; use its pepper
-        finally:
-            tmp.unlink(missing_ok=True)
+        create_once(path, secrets.token_bytes(PEPPER_BYTES))
     pepper = path.read_bytes()
     if len(pepper) != PEPPER_BYTES:
         # Fail closed: a truncated pepper would silently invalidate (or weaken) every key.

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .private_file import create_once
+
 ROOT_BYTES = 32          # AES-256
 NONCE_BYTES = 12         # AES-GCM's standard nonce; random per wrap (2^32 wraps is far off)
 _WRAP_VERSION = b"\x01"
@@ -65,7 +67,7 @@ class FileKek:
             os.chmod(sdir, 0o700)   # mkdir's mode is masked by the umask
         path = sdir / "root.key"
         if not path.exists():
-            _create_exclusive(path, secrets.token_bytes(ROOT_BYTES))
+            create_once(path, secrets.token_bytes(ROOT_BYTES))
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             raise KekError(f"{path}: not a regular file")
@@ -91,18 +93,3 @@ class FileKek:
                            "or the stored data key was altered") from None
 
 
-def _create_exclusive(path: Path, data: bytes) -> None:
-    """Write to a temp file and hard-link it into place: two starters agree on one root."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass   # another process won the race; use its root
-    finally:
-        tmp.unlink(missing_ok=True)
