@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -111,28 +112,39 @@ class GrpcFrontEnd:
         """context -> authenticate -> classify -> authorize -> forward -> audit + metrics."""
         state, ctx = self.state, self._context(context, method.path)
         try:
-            if method.name in ("ServerLive", "ServerReady"):
-                # Liveness probes need no key, exactly like /v2/health/* over HTTP.
-                ctx.resource = classify_grpc(method.name, "")
-            else:
-                request = _parse(method.request_type, raw)
-                await admit(state, ctx, _authorization(context),
-                            lambda: classify_grpc(method.name, model_name_of(method.name, request)))
-                check_body(ctx, parameter_names(request))
-                await limit(state, ctx, estimate.from_grpc(request))
-            assert ctx.resource is not None
-            audit_ready(state)   # strict audit fails closed before anything is forwarded
-            started = asyncio.get_running_loop().time()
-            try:
-                response: bytes = await self._upstream[method.path](raw, metadata=self._metadata(context, ctx.resource),
-                                             timeout=self._timeout(context))
-            finally:
-                ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
-            ctx.http_status = 200
-            if method.name == "ModelInfer":
-                ctx.input_tokens, ctx.output_tokens = token_counts(service_pb2.ModelInferResponse.FromString(response))
-            await commit_audit(state, ctx)   # strict audit: durable before grpc sends the response
-            return response
+            async with self._refusals(context, ctx):
+                if method.name in ("ServerLive", "ServerReady"):
+                    # Liveness probes need no key, exactly like /v2/health/* over HTTP.
+                    ctx.resource = classify_grpc(method.name, "")
+                else:
+                    request = _parse(method.request_type, raw)
+                    await admit(state, ctx, _authorization(context),
+                                lambda: classify_grpc(method.name, model_name_of(method.name, request)))
+                    check_body(ctx, parameter_names(request))
+                    await limit(state, ctx, estimate.from_grpc(request))
+                assert ctx.resource is not None
+                audit_ready(state)   # strict audit fails closed before anything is forwarded
+                started = asyncio.get_running_loop().time()
+                try:
+                    response: bytes = await self._upstream[method.path](
+                        raw, metadata=self._metadata(context, ctx.resource), timeout=self._timeout(context))
+                finally:
+                    ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
+                ctx.http_status = 200
+                if method.name == "ModelInfer":
+                    ctx.input_tokens, ctx.output_tokens = token_counts(
+                        service_pb2.ModelInferResponse.FromString(response))
+                await commit_audit(state, ctx)   # strict audit: durable before grpc sends the response
+                return response
+        finally:
+            finish(state, ctx)
+        raise AssertionError("unreachable: abort raises")
+
+    @contextlib.asynccontextmanager
+    async def _refusals(self, context: grpc.aio.ServicerContext, ctx: RequestContext) -> AsyncIterator[None]:
+        """Turns whatever ends a call early into its gRPC status and audit fields (abort raises)."""
+        try:
+            yield
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(context, ctx, exc)
         except SeekgateError as err:
@@ -140,9 +152,6 @@ class GrpcFrontEnd:
         except asyncio.CancelledError:
             ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
             raise
-        finally:
-            finish(state, ctx)
-        raise AssertionError("unreachable: abort raises")
 
     # ------------------------------------------------------------------ ModelStreamInfer
 
@@ -153,73 +162,67 @@ class GrpcFrontEnd:
         call: Any = None
         tasks: set[asyncio.Task[None]] = set()
         try:
-            # admit() needs the resource, which only the first message names: authenticate now, so a
-            # client without a valid key is refused before it sends anything.
-            ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
-                                               ctx.client_ip, time.time(), state.sessions, state.key_cache)
-            incoming = requests.__aiter__()
+            async with self._refusals(context, ctx):
+                # admit() needs the resource, which only the first message names: authenticate now, so a
+                # client without a valid key is refused before it sends anything.
+                ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
+                                                   ctx.client_ip, time.time(), state.sessions, state.key_cache)
+                incoming = requests.__aiter__()
 
-            async def admitted(timeout: float | None = None) -> bytes | None:
-                raw = await asyncio.wait_for(anext(incoming, None), timeout)
-                if raw is not None:
-                    request = _parse(service_pb2.ModelInferRequest, raw)
-                    resource = classify_grpc("ModelStreamInfer", request.model_name)
-                    authorize(state, ctx, resource)
-                    ctx.resource = ctx.resource or resource
-                    check_body(ctx, parameter_names(request))
-                return raw
+                async def admitted(timeout: float | None = None) -> bytes | None:
+                    raw = await asyncio.wait_for(anext(incoming, None), timeout)
+                    if raw is not None:
+                        request = _parse(service_pb2.ModelInferRequest, raw)
+                        resource = classify_grpc("ModelStreamInfer", request.model_name)
+                        authorize(state, ctx, resource)
+                        ctx.resource = ctx.resource or resource
+                        check_body(ctx, parameter_names(request))
+                    return raw
 
-            try:
-                first = await admitted(state.settings.server.read_timeout_s)
-            except asyncio.TimeoutError:
-                raise BadRequest("no_message_before_read_timeout") from None
-            if first is None:
+                try:
+                    first = await admitted(state.settings.server.read_timeout_s)
+                except asyncio.TimeoutError:
+                    raise BadRequest("no_message_before_read_timeout") from None
+                if first is None:
+                    ctx.http_status = 200
+                    await commit_audit(state, ctx)
+                    return
+                audit_ready(state)
+                # One admission per stream, charged the first request's estimate; the slot is held
+                # until the stream ends and the charge corrected to the stream's token totals.
+                await limit(state, ctx, estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
+                assert ctx.resource is not None
+                call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
+                                                timeout=context.time_remaining())
+                started = asyncio.get_running_loop().time()
+
+                async def pump() -> None:
+                    raw: bytes | None = first
+                    while raw is not None:
+                        try:
+                            await call.write(raw)
+                        except asyncio.InvalidStateError:
+                            return   # the upstream call is over; relay() reports how it ended
+                        raw = await admitted()
+                    await call.done_writing()
+
+                async def relay() -> None:
+                    while (raw := await call.read()) is not grpc.aio.EOF:
+                        if ctx.upstream_ms is None:
+                            ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
+                        counter.feed(raw)
+                        await context.write(raw)
+
+                reader = asyncio.create_task(relay())
+                tasks = {asyncio.create_task(pump()), reader}
+                while reader in tasks:
+                    done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()   # a refused message or an upstream error ends the stream here
                 ctx.http_status = 200
+                # Strict audit: the responses are out, the OK status (the stream's end) waits for the record.
+                ctx.input_tokens, ctx.output_tokens = counter.totals()
                 await commit_audit(state, ctx)
-                return
-            audit_ready(state)
-            # One admission per stream, charged the first request's estimate; the slot is held
-            # until the stream ends and the charge corrected to the stream's token totals.
-            await limit(state, ctx, estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
-            assert ctx.resource is not None
-            call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
-                                            timeout=context.time_remaining())
-            started = asyncio.get_running_loop().time()
-
-            async def pump() -> None:
-                raw: bytes | None = first
-                while raw is not None:
-                    try:
-                        await call.write(raw)
-                    except asyncio.InvalidStateError:
-                        return   # the upstream call is over; relay() reports how it ended
-                    raw = await admitted()
-                await call.done_writing()
-
-            async def relay() -> None:
-                while (raw := await call.read()) is not grpc.aio.EOF:
-                    if ctx.upstream_ms is None:
-                        ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
-                    counter.feed(raw)
-                    await context.write(raw)
-
-            reader = asyncio.create_task(relay())
-            tasks = {asyncio.create_task(pump()), reader}
-            while reader in tasks:
-                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()   # a refused message or an upstream error ends the stream here
-            ctx.http_status = 200
-            # Strict audit: the responses are out, the OK status (the stream's end) waits for the record.
-            ctx.input_tokens, ctx.output_tokens = counter.totals()
-            await commit_audit(state, ctx)
-        except grpc.aio.AioRpcError as exc:
-            await self._upstream_failed(context, ctx, exc)
-        except SeekgateError as err:
-            await self._abort(context, ctx, err)
-        except asyncio.CancelledError:
-            ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
-            raise
         finally:
             for task in tasks:
                 task.cancel()
