@@ -88,7 +88,10 @@ def test_arbitrary_text_only_ever_raises_key_format_error(text: str) -> None:
 def test_every_single_character_substitution_is_rejected(data: st.DataObject) -> None:
     _, token = generate_key()
     pos = data.draw(st.integers(0, len(token) - 1))
-    char = data.draw(st.characters().filter(lambda c: c != token[pos]))
+    # No filter on the random token: hypothesis replays draws and needs them independent of it.
+    char = data.draw(st.characters())
+    if char == token[pos]:
+        char = "!"   # never in a key's alphabet
     mutated = token[:pos] + char + token[pos + 1:]
     with pytest.raises(KeyFormatError) as err:
         parse_key(mutated)
@@ -100,7 +103,8 @@ def test_every_single_character_substitution_is_rejected(data: st.DataObject) ->
 def test_in_alphabet_typos_in_the_secret_are_caught_by_the_checksum(data: st.DataObject) -> None:
     _, token = generate_key()
     pos = data.draw(st.integers(17, 59))  # inside the secret: only the checksum can tell
-    char = data.draw(st.sampled_from(TOKEN_ALPHABET).filter(lambda c: c != token[pos]))
+    shift = data.draw(st.integers(1, len(TOKEN_ALPHABET) - 1))   # any other character of the alphabet
+    char = TOKEN_ALPHABET[(TOKEN_ALPHABET.index(token[pos]) + shift) % len(TOKEN_ALPHABET)]
     with pytest.raises(KeyFormatError) as err:
         parse_key(token[:pos] + char + token[pos + 1:])
     assert err.value.reason == "bad_checksum"
