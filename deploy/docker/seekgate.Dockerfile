@@ -1,0 +1,30 @@
+# seekgate: the auth proxy, as a non-root image meant to run with a read-only root filesystem.
+# Build from the repository root:  docker build -f deploy/docker/seekgate.Dockerfile -t seekgate:0.1.0 .
+FROM python:3.11.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11.11-slim-bookworm
+# The proxy side only: torch/transformers/tritonserver live in the Triton image.
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+ && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin seekgate \
+ && mkdir -p /data /etc/seekgate && chown 10001:10001 /data
+COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
+COPY policies /etc/seekgate/policies
+COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
+# Settings the image fixes; everything else comes from seekgate.yaml or SEEKGATE_* (see .env.example).
+ENV SEEKGATE_DATA_DIR=/data \
+    SEEKGATE_SERVER_HOST=0.0.0.0 \
+    SEEKGATE_POLICY_DIRECTORY=/etc/seekgate/policies \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+VOLUME ["/data"]
+USER 10001:10001
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
+ENTRYPOINT ["python", "/usr/local/bin/seekgate-entrypoint"]
+CMD ["seekgate", "serve", "--config", "/etc/seekgate/seekgate.yaml"]

@@ -1,0 +1,53 @@
+"""Container entrypoint: installs mounted secrets into the data dir as seekgate expects them, then execs the command.
+
+Docker secrets and Kubernetes Secret volumes appear under /run/secrets with their own
+owners and modes (and, in Kubernetes, as symlinks); seekgate wants regular 0600 files
+in `<data_dir>/secrets/`. An existing KEK that differs from the mounted one is never
+overwritten: the data keys in the store are wrapped under it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SECRETS = Path(os.environ.get("SEEKGATE_SECRETS_MOUNT", "/run/secrets"))
+# mounted name -> (file name under <data_dir>/secrets, may an existing copy be replaced?)
+INSTALL = {
+    "seekgate_kek": ("root.key", False),
+    "triton_internal_key": ("triton-internal-key", True),
+}
+
+
+def install(src: Path, dst: Path, replace: bool) -> None:
+    data = src.read_bytes()
+    if dst.exists():
+        if dst.read_bytes() == data:
+            return
+        if not replace:
+            sys.exit(f"seekgate-entrypoint: {dst} exists and differs from {src}; refusing to replace "
+                     f"the key-encryption key (the stored data keys are wrapped under the existing one)")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit("seekgate-entrypoint: no command given")
+    target = Path(os.environ.get("SEEKGATE_DATA_DIR", "/data")) / "secrets"
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, (file_name, replace) in INSTALL.items():
+        src = SECRETS / name
+        if src.is_file():
+            install(src, target / file_name, replace)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

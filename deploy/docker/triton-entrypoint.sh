@@ -1,0 +1,30 @@
+#!/bin/sh
+# Starts tritonserver as `seekgate triton` does (proxy/triton.py build_command), with the
+# inference ports bound to TRITON_BIND_ADDRESS only (the network seekgate shares with Triton)
+# and the shared-memory API locked behind the header only seekgate knows. Ports default to
+# 8000/8001/8002 (compose); in a Kubernetes pod, where seekgate holds those, 18000/18001/18002.
+# The header value is read from a mounted secret file, never from the command line of compose.
+set -eu
+
+key_file="${TRITON_INTERNAL_KEY_FILE:-/run/secrets/triton_internal_key}"
+if [ ! -s "$key_file" ]; then
+  echo "triton-entrypoint: $key_file is missing or empty (the shared secret seekgate sends to unlock Triton's shared-memory API)" >&2
+  exit 1
+fi
+key="$(cat "$key_file")"
+bind="${TRITON_BIND_ADDRESS:?set TRITON_BIND_ADDRESS: the address Triton's HTTP and gRPC ports listen on}"
+
+exec tritonserver \
+  --model-repository="${TRITON_MODEL_REPOSITORY:-/models}" \
+  --http-address="$bind" --http-port="${TRITON_HTTP_PORT:-8000}" \
+  --grpc-address="$bind" --grpc-port="${TRITON_GRPC_PORT:-8001}" \
+  --metrics-address="${TRITON_METRICS_ADDRESS:-0.0.0.0}" --metrics-port="${TRITON_METRICS_PORT:-8002}" \
+  --model-control-mode=none \
+  --strict-readiness=true \
+  --exit-on-error=true \
+  --allow-sagemaker=false --allow-vertex-ai=false \
+  --http-restricted-api="shared-memory:seekgate-internal=$key" \
+  --grpc-restricted-protocol="shared-memory:seekgate-internal=$key" \
+  --model-config-name="${TRITON_MODEL_CONFIG_NAME:-gpu}" \
+  --log-info=true \
+  "$@"
