@@ -2,14 +2,17 @@
 
     SeekgateError                      500 INTERNAL
     ├── BadRequest                     400 INVALID_ARGUMENT
-    │   └── PayloadTooLarge            413 RESOURCE_EXHAUSTED
+    │   ├── PayloadTooLarge            413 RESOURCE_EXHAUSTED
+    │   ├── FramingError               400 INVALID_ARGUMENT   (+ connection closed)
+    │   └── RequestTimeout             408 DEADLINE_EXCEEDED  (+ connection closed)
     ├── NotFound                       404 NOT_FOUND          (route Triton does not have)
     ├── Unauthenticated                401 UNAUTHENTICATED    (one body for every reason)
     ├── Forbidden                      403 PERMISSION_DENIED
     ├── RateLimited                    429 RESOURCE_EXHAUSTED (+ Retry-After)
     ├── UpstreamUnavailable            503 UNAVAILABLE        (+ Retry-After)
     │   ├── StoreUnavailable           503 UNAVAILABLE
-    │   └── AuditUnavailable           503 UNAVAILABLE        (strict audit: record not durable)
+    │   ├── AuditUnavailable           503 UNAVAILABLE        (strict audit: record not durable)
+    │   └── Draining                   503 UNAVAILABLE        (readiness during shutdown)
     └── UpstreamTimeout                504 DEADLINE_EXCEEDED
 
 `public_message` is what the client sees; `reason` goes to the audit record only,
@@ -49,6 +52,24 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_message = "request body too large"
+
+
+class FramingError(BadRequest):
+    """A request whose length two parsers could read differently: refused and the connection closed."""
+
+
+class RequestTimeout(BadRequest):
+    """Headers or body not in within server.read_timeout_s: refused and the connection closed."""
+
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_message = "request timed out"
+    audit_status = "error"   # nothing was decided about the request: it never arrived whole
+
+
+def closes_connection(err: Exception) -> bool:
+    """After these the rest of the connection's bytes cannot be trusted (or never came)."""
+    return isinstance(err, (FramingError, RequestTimeout))
 
 
 class NotFound(SeekgateError):
@@ -100,6 +121,15 @@ class UpstreamUnavailable(SeekgateError):
 
 class StoreUnavailable(UpstreamUnavailable):
     default_message = "service temporarily unavailable"
+
+
+class Draining(UpstreamUnavailable):
+    """Readiness after SIGTERM: this process is finishing its requests and takes no new traffic."""
+
+    default_message = "shutting down"
+
+    def __init__(self) -> None:
+        super().__init__("draining")
 
 
 class AuditUnavailable(UpstreamUnavailable):

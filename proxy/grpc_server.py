@@ -20,7 +20,8 @@ from .app_state import AppState
 from .authn import authenticate, parse_bearer
 from .classify import GRPC_SERVICE, classify_grpc
 from .context import RequestContext, Resource
-from .errors import AuditUnavailable, BadRequest, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from .errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
+                     UpstreamUnavailable)
 from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
                            parameter_names, service_methods, token_counts, upstream_metadata)
 from .pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
@@ -34,6 +35,10 @@ SERVING, NOT_SERVING = 1, 2
 _HEALTH_TIMEOUT_S = 2.0
 GRPC_INTERNAL_HEADER = f"triton-grpc-protocol-{INTERNAL_HEADER}"
 _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# grpc core refuses a message over grpc_max_message_bytes itself: the handler sees the request stream
+# end, then the call cancelled. A cancellation this soon after an end with no message is that refusal.
+_OVER_CAP_GRACE_S = 1.0
+_OVER_CAP = "grpc_message_over_cap"   # ctx.extra: refused by core for its size, audited as such
 
 
 def _health_messages() -> tuple[type[Message], type[Message]]:
@@ -70,7 +75,8 @@ class GrpcFrontEnd:
         self._upstream: dict[str, Any] = {}   # method path -> multicallable on the shared channel
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen on host:port; `reuse_port` lets the workers of `serve --workers N` share it."""
         cap = self.state.settings.server.grpc_max_message_bytes
         caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
         # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
@@ -81,9 +87,12 @@ class GrpcFrontEnd:
             self._upstream[m.path] = (self.channel.stream_stream(m.path) if m.streaming
                                       else self.channel.unary_unary(m.path))
             # No (de)serializers: messages travel as the client's bytes; requests are parsed only to read fields.
+            # Unary methods take their one message as a stream (same bytes on the wire): a unary handler
+            # never runs for a message core refused over the cap, and that refusal must be audited.
             handlers[m.name] = (grpc.stream_stream_rpc_method_handler(self._stream) if m.streaming
-                                else grpc.unary_unary_rpc_method_handler(self._unary_for(m)))
-        self.server = grpc.aio.server(options=caps)
+                                else grpc.stream_unary_rpc_method_handler(self._unary_for(m)))
+        # grpc sets SO_REUSEPORT by default: off unless asked, so a second seekgate on a taken port fails.
+        self.server = grpc.aio.server(options=[*caps, ("grpc.so_reuseport", int(reuse_port))])
         self.server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),
             grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
@@ -104,18 +113,30 @@ class GrpcFrontEnd:
     # ------------------------------------------------------------------ unary calls
 
     def _unary_for(self, method: GrpcMethod) -> _Handler:
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return await self._unary(method, request, context)
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            return await self._unary(method, requests, context)
         return handle
 
-    async def _unary(self, method: GrpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def _unary(self, method: GrpcMethod, requests: AsyncIterator[bytes],
+                     context: grpc.aio.ServicerContext) -> bytes:
         """context -> authenticate -> classify -> authorize -> forward -> audit + metrics."""
         state, ctx = self.state, self._context(context, method.path)
         try:
             async with self._refusals(context, ctx):
+                try:
+                    # asyncio.timeout, not wait_for: a read in another task never sees core's cancellation.
+                    async with asyncio.timeout(state.settings.server.read_timeout_s):
+                        raw = await anext(requests.__aiter__(), None)
+                except TimeoutError:
+                    raise BadRequest("no_message_before_read_timeout") from None
+                if raw is None:
+                    await _refused_by_core(ctx)
+                    raise BadRequest("no_request_message")
                 if method.name in ("ServerLive", "ServerReady"):
                     # Liveness probes need no key, exactly like /v2/health/* over HTTP.
                     ctx.resource = classify_grpc(method.name, "")
+                    if method.name == "ServerReady" and state.draining:
+                        raise Draining()
                 else:
                     request = _parse(method.request_type, raw)
                     await admit(state, ctx, _authorization(context),
@@ -150,7 +171,8 @@ class GrpcFrontEnd:
         except SeekgateError as err:
             await self._abort(context, ctx, err)
         except asyncio.CancelledError:
-            ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
+            if not ctx.extra.get(_OVER_CAP):
+                ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
             raise
 
     # ------------------------------------------------------------------ ModelStreamInfer
@@ -170,7 +192,8 @@ class GrpcFrontEnd:
                 incoming = requests.__aiter__()
 
                 async def admitted(timeout: float | None = None) -> bytes | None:
-                    raw = await asyncio.wait_for(anext(incoming, None), timeout)
+                    async with asyncio.timeout(timeout):   # in this task: see _unary
+                        raw = await anext(incoming, None)
                     if raw is not None:
                         request = _parse(service_pb2.ModelInferRequest, raw)
                         resource = classify_grpc("ModelStreamInfer", request.model_name)
@@ -184,6 +207,7 @@ class GrpcFrontEnd:
                 except asyncio.TimeoutError:
                     raise BadRequest("no_message_before_read_timeout") from None
                 if first is None:
+                    await _refused_by_core(ctx)   # an over-cap first message also ends the stream here
                     ctx.http_status = 200
                     await commit_audit(state, ctx)
                     return
@@ -243,6 +267,9 @@ class GrpcFrontEnd:
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
                 await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
             ready = service_pb2.ServerReadyResponse(ready=False)
+            if self.state.draining:
+                ctx.reason = "draining"
+                return bytes(HealthCheckResponse(status=NOT_SERVING).SerializeToString())
             try:
                 ready = service_pb2.ServerReadyResponse.FromString(
                     await self._upstream[f"/{GRPC_SERVICE}/ServerReady"](
@@ -305,6 +332,18 @@ class GrpcFrontEnd:
         except AuditUnavailable as audit_err:
             await self._abort(context, ctx, audit_err)
         await context.abort(code, exc.details() or "", (("x-request-id", ctx.request_id),))
+
+
+async def _refused_by_core(ctx: RequestContext) -> None:
+    """The request stream ended with no message: waits briefly for the cancellation that follows when
+    grpc core refused the message over grpc_max_message_bytes (RESOURCE_EXHAUSTED to the client), and
+    records that refusal on ctx, so finish() audits it as body_too_large (413, as over HTTP)."""
+    try:
+        await asyncio.sleep(_OVER_CAP_GRACE_S)
+    except asyncio.CancelledError:
+        refuse(ctx, PayloadTooLarge("body_too_large: over server.grpc_max_message_bytes"))
+        ctx.extra[_OVER_CAP] = True
+        raise
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:

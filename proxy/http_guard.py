@@ -13,24 +13,38 @@ HTTP/1.0 request (RFC 9112 6.1: framing is faulty). Leading whitespace in the va
 aiohttp has no timeout for reading a request line and headers (only a 3630 s keep-alive), so
 `GuardedRunner` installs a request handler that answers 408 and closes a connection whose
 next request's headers are not complete `header_timeout_s` after its first byte (or after the
-connection opened).
+connection opened); the cut is audited like any refusal (reason `header_timeout`).
+
+That handler subclasses aiohttp's `RequestHandler` and reads a few of its private attributes
+(`AIOHTTP_INTERNALS`), tested against aiohttp 3.14 only: `check_aiohttp_internals` runs when a
+`GuardedRunner` is made and stops the start with one clear line if an aiohttp upgrade moved them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import uuid
 import zlib
 from collections.abc import Callable
 from typing import Any
 
-import grpc
+import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 
-from .errors import BadRequest, PayloadTooLarge
+from .app_state import STATE
+from .context import RequestContext
+# FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
+from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, closes_connection
+from .pipeline import finish, refuse
+
+__all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
+           "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within"]
 
 log = logging.getLogger("seekgate.http")
 
@@ -39,20 +53,31 @@ _408_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/jso
                  b"Connection: close\r\nContent-Length: " + str(len(_408)).encode() + b"\r\n\r\n" + _408)
 DECODE_STEP = 64 * 1024   # bytes of decompressed output per step: a bomb never inflates past cap + this
 
+SUPPORTED_AIOHTTP = "aiohttp>=3.14,<3.15"
+# What GuardedRequestHandler / GuardedRunner read or override that aiohttp does not document.
+AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
+    RequestHandler: ("_request_count", "_current_request", "_messages", "_loop", "transport",
+                     "force_close", "peername", "handle_error", "data_received", "connection_made",
+                     "connection_lost"),
+    Server: ("__call__",),
+}
+_SERVER_INIT_ATTRS = ("self._loop", "self._kwargs")   # instance attributes the runner's factory copies
+_HANDLE_ERROR_PARAMS = ("request", "status", "exc", "message")
 
-class FramingError(BadRequest):
-    """A request whose length two parsers could read differently: refused and the connection closed."""
 
-
-class RequestTimeout(BadRequest):
-    http_status = 408
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_message = "request timed out"
-
-
-def closes_connection(err: Exception) -> bool:
-    """After these the rest of the connection's bytes cannot be trusted (or never came)."""
-    return isinstance(err, (FramingError, RequestTimeout))
+def check_aiohttp_internals(internals: dict[type, tuple[str, ...]] | None = None) -> None:
+    """Raises RuntimeError (one line) unless the aiohttp internals this module relies on are there."""
+    missing = [f"{cls.__name__}.{name}" for cls, names in (internals or AIOHTTP_INTERNALS).items()
+               for name in names if not hasattr(cls, name)]
+    if internals is None:
+        source = inspect.getsource(Server.__init__)
+        missing += [f"Server.{a[5:]}" for a in _SERVER_INIT_ATTRS if a not in source]
+        params = tuple(inspect.signature(RequestHandler.handle_error).parameters)[1:]
+        if params != _HANDLE_ERROR_PARAMS:
+            missing.append(f"RequestHandler.handle_error{_HANDLE_ERROR_PARAMS}")
+    if missing:
+        raise RuntimeError(f"aiohttp {aiohttp.__version__} lacks what seekgate's HTTP guard relies on "
+                           f"({', '.join(missing)}): install {SUPPORTED_AIOHTTP}")
 
 
 def check_framing(request: web.BaseRequest) -> None:
@@ -105,11 +130,14 @@ def decoded_size_within(body: bytes, content_encoding: str | None, limit: int) -
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's handler plus a header-read deadline and Triton-format parser errors."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float,
+                 on_header_timeout: Callable[[str, int], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
+        self._on_header_timeout = on_header_timeout   # (client ip, bytes received) -> audit the cut
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
+        self._header_bytes = 0   # bytes of the request whose headers are being waited for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -124,12 +152,15 @@ class GuardedRequestHandler(RequestHandler):
         # The first byte of a new request (none queued, none being handled) starts the clock.
         if self._header_timer is None and self._current_request is None and not self._messages:
             self._arm()
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
         super().data_received(data)
         if self._request_count != self._requests_seen:   # the parser completed a request's headers
             self._requests_seen = self._request_count
             self._disarm()
 
     def _arm(self) -> None:
+        self._header_bytes = 0
         self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_too_slow)
 
     def _disarm(self) -> None:
@@ -147,6 +178,13 @@ class GuardedRequestHandler(RequestHandler):
         transport.write(_408_RESPONSE)
         self.force_close()
         transport.close()
+        if self._on_header_timeout is not None:
+            peer = self.peername
+            try:
+                self._on_header_timeout(peer[0] if isinstance(peer, tuple) else str(peer or ""),
+                                        self._header_bytes)
+            except Exception:   # the audit must never take the event loop's callback down with it
+                log.exception("auditing a header timeout failed")
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -160,10 +198,25 @@ class GuardedRequestHandler(RequestHandler):
         return response
 
 
+def audit_header_timeout(app: web.Application, client_ip: str, received: int, timeout_s: float) -> None:
+    """One audit record (and metrics) for a connection cut before its headers were complete.
+
+    No request object exists yet, so the record has the peer address and no key: the headers
+    (and any credential in them) never arrived whole and are not read.
+    """
+    state = app.get(STATE)
+    if state is None:   # cut before the cleanup_ctx built the state: nothing to write to
+        return
+    ctx = RequestContext(request_id=uuid.uuid4().hex, client_ip=client_ip, protocol="http")
+    refuse(ctx, RequestTimeout(f"header_timeout: {received} bytes in {timeout_s:g}s"))
+    finish(state, ctx)
+
+
 class GuardedRunner(web.AppRunner):
-    """An AppRunner whose connections are served by `GuardedRequestHandler`."""
+    """An AppRunner whose connections are served by `GuardedRequestHandler`; header cuts are audited."""
 
     def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        check_aiohttp_internals()   # fail at start, in one line, rather than on the first connection
         super().__init__(app, **kwargs)
         self._header_timeout_s = header_timeout_s
 
@@ -176,5 +229,8 @@ class GuardedRunner(web.AppRunner):
         def factory() -> RequestHandler:
             # Server.__call__ builds RequestHandler(server, loop=..., **handler kwargs); the same here.
             return GuardedRequestHandler(inner, loop=inner._loop, header_timeout_s=self._header_timeout_s,
-                                         **inner._kwargs)
+                                         on_header_timeout=self._audit_cut, **inner._kwargs)
         return factory
+
+    def _audit_cut(self, client_ip: str, received: int) -> None:
+        audit_header_timeout(self.app, client_ip, received, self._header_timeout_s)

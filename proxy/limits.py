@@ -12,11 +12,17 @@ Algorithms of `LocalLimiter` (all exact, no approximation):
   admission, corrected to the response's real count when it is known.
 - concurrency: a counter of requests in flight, released on every path by `settle`.
 - daily / monthly budgets: counters for the current UTC calendar day / month, reset
-  when the calendar moves on.
+  when the calendar moves on. With a `BudgetStore` they survive a restart: `start()` loads
+  the current windows, a background task writes what changed every `flush_interval_s` and
+  `close()` writes the rest. The in-memory counters stay authoritative while running; the
+  request path never waits on the store (a crash loses at most one interval of charges).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -26,7 +32,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from .budget_store import BudgetStore
 from .errors import RateLimited
+
+log = logging.getLogger("seekgate.limits")
 
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
 WINDOW_S = 60.0
@@ -103,7 +112,7 @@ class OverLimit(RateLimited):
                  retry_after_s: float) -> None:
         where = f"@{scope.key_id}" if scope.inherited else ""
         super().__init__(f"rate_limited:{kind}{where}", retry_after=max(1, math.ceil(retry_after_s)))
-        self.kind, self.limit, self.remaining = kind, limit, max(0, remaining)
+        self.kind, self.scope, self.limit, self.remaining = kind, scope, limit, max(0, remaining)
         self.reset_s = max(1, math.ceil(reset_s))
 
     def headers(self) -> dict[str, str]:
@@ -185,6 +194,12 @@ class Limiter(ABC):
         admitted; a networked backend queues the write.
         """
 
+    async def start(self) -> None:
+        """Loads persisted state and starts any background work; before the first request."""
+
+    async def close(self) -> None:
+        """Stops background work and persists what must outlive the process; after the last request."""
+
 
 def _windows(now: float) -> tuple[str, str, float, float]:
     """(day id, month id, seconds to the next UTC midnight, seconds to the next UTC month)."""
@@ -197,11 +212,79 @@ def _windows(now: float) -> tuple[str, str, float, float]:
 
 
 class LocalLimiter(Limiter):
-    """In-process counters (see the module docstring for the algorithms); `clock` is wall time."""
+    """In-process counters (see the module docstring for the algorithms); `clock` is wall time.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    `budgets`: where day / month budgets persist (None: they reset with the process).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, budgets: BudgetStore | None = None,
+                 flush_interval_s: float = 1.0) -> None:
         self.clock = clock
         self._keys: dict[str, _KeyState] = {}
+        self._budgets = budgets
+        self._flush_interval_s = flush_interval_s
+        self._unsaved: dict[tuple[str, str], int] = {}   # (key id, window) -> tokens not yet in the store
+        self._flusher: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ persistence
+
+    async def start(self) -> None:
+        if self._budgets is None:
+            return
+        day, month, _, _ = _windows(self.clock())
+        for (key_id, window), used in (await self._budgets.load((day, month))).items():
+            st = self._keys.setdefault(key_id, _KeyState())
+            budget = st.day if window == day else st.month
+            if budget.window != window:   # a fresh state: take the stored window as it is
+                budget = _Budget(window)
+                if window == day:
+                    st.day = budget
+                else:
+                    st.month = budget
+            budget.used += used
+        self._flusher = asyncio.create_task(self._flush_every())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            # Never cancelled mid-write: a commit that lands after its cancellation would count twice.
+            self._stopping.set()
+            await self._flusher
+            self._flusher = None
+        if self._budgets is not None:
+            await self.flush()   # every request has settled by now: the last charges go in
+            await self._budgets.close()
+
+    async def flush(self) -> None:
+        """Writes the charges since the last flush; on failure they are kept for the next one."""
+        if self._budgets is None or not self._unsaved:
+            return
+        # Taken in one step on the loop: charges made while the write runs go to the next flush.
+        pending, self._unsaved = self._unsaved, {}
+        try:
+            await self._budgets.add(pending)
+        except BaseException:
+            for k, v in pending.items():
+                self._unsaved[k] = self._unsaved.get(k, 0) + v
+            raise
+
+    async def _flush_every(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._flush_interval_s)
+            try:
+                await self.flush()
+            except Exception:   # a full disk must not stop limiting; the counts stay in memory
+                log.exception("writing token budgets failed; retrying in %.3gs", self._flush_interval_s)
+
+    def _charged(self, key_id: str, day: _Budget, month: _Budget, tokens: int) -> None:
+        if self._budgets is None or not tokens:
+            return
+        for window in (day.window, month.window):
+            k = (key_id, window)
+            self._unsaved[k] = self._unsaved.get(k, 0) + tokens
+
+    # ------------------------------------------------------------------ admission
 
     async def acquire(self, scopes: Sequence[Scope], tokens: int) -> Grant:
         # No await in here: on one event loop the check-then-commit below is atomic.
@@ -230,6 +313,7 @@ class LocalLimiter(Limiter):
             st.tpm_used += tokens
             st.day.used += tokens
             st.month.used += tokens
+            self._charged(scope.key_id, st.day, st.month, tokens)
             grant.charges.append((st, charge, st.day, st.month))
         return grant
 
@@ -266,14 +350,16 @@ class LocalLimiter(Limiter):
             return
         grant.settled = True
         delta = tokens - grant.tokens
-        for st, charge, day, month in grant.charges:
+        for key_id, (st, charge, day, month) in zip(grant.key_ids, grant.charges):
             st.inflight -= 1
             charge.tokens += delta
             if charge.live:   # a charge already out of the window no longer counts
                 st.tpm_used += delta
-            # A budget whose calendar window has passed is gone; its correction goes with it.
+            # A budget whose calendar window has passed is gone; its correction goes with it
+            # (in the store too: the row of a past window is never read again).
             day.used += delta
             month.used += delta
+            self._charged(key_id, day, month, delta)
         for key_id in grant.key_ids:
             st = self._keys.get(key_id)
             if st is not None and st.idle():

@@ -15,14 +15,22 @@ import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
+import tritonclient.grpc as grpcclient
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
+from proxy import http_guard
 from proxy.errors import BadRequest, PayloadTooLarge
-from proxy.http_guard import decoded_size_within
+from proxy.http_guard import check_aiohttp_internals, decoded_size_within
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.relay import TcpRelay
+from tests.test_grpc_server import STREAM_MODEL, assert_nothing_forwarded, infer_inputs, infer_request, md, quiet
 from tests.test_http_server import call
 
 BODY_CAP = 1 << 20
@@ -170,12 +178,35 @@ def test_trickled_headers_are_cut_and_others_served(gw: Gateway, relay: TcpRelay
     assert READ_TIMEOUT * 0.9 < elapsed < READ_TIMEOUT + 4
     assert b"X-Slow" not in relay.seen()
     still_serving(gw, key)
+    # The cut is audited: no key (the headers never arrived whole), the peer address, 408.
+    assert wait_for(lambda: any(r["reason"].startswith("header_timeout:") for r in audit_records(gw)), 5)
+    cut = [r for r in audit_records(gw) if r["reason"].startswith("header_timeout:")
+           and not r["reason"].startswith("header_timeout: 0 bytes")]
+    assert len(cut) == 1, cut
+    assert cut[0]["status"] == "error" and cut[0]["http_status"] == 408
+    assert cut[0]["client_ip"] == "127.0.0.1" and cut[0]["key_id"] in ("", None)
+    sent = int(cut[0]["reason"].split()[1])
+    assert 0 < sent < len(head) and key not in json.dumps(cut[0])
 
 
 def test_silent_connection_is_closed_after_the_read_timeout(gw: Gateway) -> None:
     started = time.monotonic()
     response, closed = exchange(gw, b"", timeout=READ_TIMEOUT + 5)
     assert closed and response.startswith(b"HTTP/1.1 408") and time.monotonic() - started < READ_TIMEOUT + 3
+    assert wait_for(lambda: any(r["reason"] == f"header_timeout: 0 bytes in {READ_TIMEOUT:g}s"
+                                and r["http_status"] == 408 for r in audit_records(gw)), 5)
+
+
+def test_missing_aiohttp_internals_stop_the_start_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_aiohttp_internals()   # the installed aiohttp has them
+    monkeypatch.setitem(http_guard.AIOHTTP_INTERNALS, RequestHandler, ("_request_count", "_renamed_by_aiohttp"))
+    with pytest.raises(RuntimeError, match=r"RequestHandler\._renamed_by_aiohttp\): install aiohttp>=3\.14"):
+        http_guard.GuardedRunner(web.Application(), header_timeout_s=1.0)
+    with pytest.raises(RuntimeError) as info:
+        check_aiohttp_internals({RequestHandler: ("_request_count", "_gone_in_a_future_aiohttp")})
+    message = str(info.value)
+    assert "\n" not in message and "RequestHandler._gone_in_a_future_aiohttp" in message
+    assert "_request_count" not in message and http_guard.SUPPORTED_AIOHTTP in message
 
 
 def test_trickled_body_is_cut_with_408(gw: Gateway, relay: TcpRelay, key: str) -> None:
@@ -333,3 +364,73 @@ def test_real_triton_400_message_passes_through(gw: Gateway, triton: TritonProce
     status, _, proxied = call(gw.url + "/v2/models/deepseek/infer", "POST", body, key)
     _, _, direct = call(triton.http_url + "/v2/models/deepseek/infer", "POST", body)
     assert status == 400 and proxied == direct and json.loads(proxied)["error"]
+
+
+# ------------------------------------------------------------------ gRPC messages over the cap
+
+GRPC_CAP = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def grpc_relay(triton: TritonProcess) -> Iterator[TcpRelay]:
+    r = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_gw(triton: TritonProcess, grpc_relay: TcpRelay,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-grpc-cap"), triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}",
+                   "server.grpc_max_message_bytes": GRPC_CAP}).start()
+    yield g
+    g.stop()
+
+
+def over_cap_records(gw: Gateway) -> list[dict[str, object]]:
+    return [r for r in audit_records(gw) if str(r["reason"]).startswith("body_too_large")]
+
+
+def test_grpc_message_over_the_cap_is_refused_and_audited(grpc_gw: Gateway, grpc_relay: TcpRelay) -> None:
+    _, key = grpc_gw.key(owner="mallory-grpc")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}")
+    headers = {"authorization": f"Bearer {key}"}
+    quiet(grpc_relay)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("deepseek", infer_inputs(grpcclient, "x" * (2 * GRPC_CAP), 2), headers=headers)
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert_nothing_forwarded(grpc_relay)
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == 1, 5), json.dumps(audit_records(grpc_gw)[-3:])
+    (rec,) = over_cap_records(grpc_gw)
+    assert rec["status"] == "denied" and rec["http_status"] == 413 and rec["client_ip"] == "127.0.0.1"
+    assert rec["reason"] == "body_too_large: over server.grpc_max_message_bytes"
+    # Under the cap: served as before, and not audited as too large.
+    result = client.infer("deepseek", infer_inputs(grpcclient, "small", 2), headers=headers)
+    assert result.as_numpy("output_tokens") is not None and len(over_cap_records(grpc_gw)) == 1
+    client.close()
+
+
+def test_grpc_stream_whose_first_message_is_over_the_cap_is_audited(grpc_gw: Gateway) -> None:
+    _, key = grpc_gw.key(owner="mallory-stream")
+    before = len(over_cap_records(grpc_gw))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        responses = stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, "y" * (2 * GRPC_CAP))]),
+                                          metadata=md(key))
+        with pytest.raises(grpc.RpcError) as info:
+            list(responses)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5)
+    assert over_cap_records(grpc_gw)[-1]["http_status"] == 413
+
+
+def test_grpc_unary_call_without_a_message_is_invalid_argument(grpc_gw: Gateway) -> None:
+    """A unary method given no message at all (only a hand-made client can) is refused, not taken as over-cap."""
+    _, key = grpc_gw.key(owner="mallory-empty")
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}") as channel:
+        call = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(iter([]), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert wait_for(lambda: any(r["reason"] == "no_request_message" for r in audit_records(grpc_gw)), 5)

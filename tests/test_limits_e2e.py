@@ -190,3 +190,43 @@ def test_client_dropping_an_sse_stream_frees_its_slot(gw: Gateway) -> None:
     dropped = min((r for r in audit_records(gw) if r["key_id"] == key_id), key=lambda r: r["timestamp"])
     assert dropped["status"] == "error" and dropped["output_tokens"] < 200   # cut short, and settled
     assert dropped["reason"] == "client_disconnected" and dropped["http_status"] == 499
+
+
+def test_token_budget_survives_a_restart(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("gw-restart")
+    first = Gateway(root, triton.http_url, free_ports(3)).start()
+    try:
+        key_id, key = first.key(owner="restart", limits={"daily_tokens": 100, "monthly_tokens": 1000})
+        status, _, raw = generate(first, key, "before the restart", 4)
+        assert status == 200
+        counts = json.loads(raw)
+        used = counts["input_tokens"] + counts["output_tokens"]
+    finally:
+        first.stop()   # the shutdown flush writes the settled charge
+    second = Gateway(root, triton.http_url, free_ports(3)).start()
+    try:
+        left = 100 - used
+        status, headers, _ = generate(second, key, "after the restart", left + 1)
+        assert status == 429, "the restart forgot the day's usage"
+        assert headers["X-RateLimit-Limit"] == "100" and headers["X-RateLimit-Remaining"] == str(left)
+        assert wait_for(lambda: any(r["key_id"] == key_id and r["reason"] == "rate_limited:daily_tokens"
+                                    and r["http_status"] == 429 for r in audit_records(second)), 3.0)
+        assert generate(second, key, "what is left", left)[0] == 200
+    finally:
+        second.stop()
+
+
+def test_minting_sessions_counts_against_the_presenting_keys_rpm(gw: Gateway, relays: Any) -> None:
+    key_id, key = gw.key(owner="minter", limits={"rpm": 3})
+    status, headers, raw = call(gw.url + "/v1/sessions", "POST", b"", key)
+    assert status == 200 and headers["X-RateLimit-Limit"] == "3" and headers["X-RateLimit-Remaining"] == "2"
+    session = json.loads(raw)["token"]
+    assert call(gw.url + "/v1/sessions", "POST", b"", key)[0] == 200
+    # A session is bound by its parent's limits: its inference takes the parent's last place...
+    assert generate(gw, session, "as the session")[0] == 200
+    # ...so neither minting another session nor using one gets round the parent's rpm.
+    status, headers, body = call(gw.url + "/v1/sessions", "POST", b"", key)
+    assert status == 429 and json.loads(body) == {"error": "rate limit exceeded"} and "Retry-After" in headers
+    assert generate(gw, session, "still the session")[0] == 429
+    assert wait_for(lambda: any(r["key_id"] == key_id and r["reason"] == "rate_limited:rpm"
+                                and r["resource"] == "sessions" for r in audit_records(gw)), 3.0)
