@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from proxy.context import Principal
-from proxy.errors import Unauthenticated
+from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.key_cache import KeyCache
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
-from proxy.keys.hashing import verify_secret
+from proxy.keys.hashing import hash_secret, pepper_for, pepper_version, verify_secret
 from proxy.keys.sessions import MINTING_TIERS, SessionAuthority
 from proxy.store import KeyRecord, KeyStore
 
@@ -19,6 +21,12 @@ _BEARER_RE = re.compile(r"bearer ([A-Za-z0-9\-._~+/]+=*)", re.ASCII | re.IGNOREC
 _MAX_HEADER = 4096
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("seekgate.authn")
+
+
+@runtime_checkable
+class _Rehashes(Protocol):
+    async def rehash_secret(self, key_id: str, old_hash: str, new_hash: str, pepper_version: int) -> bool: ...
 
 
 def parse_bearer(header: str | None) -> str:
@@ -76,7 +84,13 @@ async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAu
     its sessions at once. The session's scope is recomputed from the parent as it is now,
     never wider than the roles the token was minted with.
     """
-    claims = sessions.verify(token, now)
+    try:
+        claims = sessions.verify(token, now)
+    except Unauthenticated as exc:
+        # A kid another process made a moment ago: reload the key set once, then decide.
+        if exc.reason != "session_unknown_kid" or sessions.reload is None or not await sessions.reload():
+            raise
+        claims = sessions.verify(token, now)
     if await sessions.revoked(claims.jti):
         raise Unauthenticated("session_revoked")
     chain = await store.get_chain(claims.parent)
@@ -108,15 +122,31 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
     key = chain[0]
     # The secret is checked before any state, so someone holding only a key id
     # learns nothing about whether it is revoked, expired or IP-bound.
-    if not verify_secret(pepper, token, key.secret_hash):
+    row_pepper = pepper_for(pepper, key.pepper_version)
+    if row_pepper is None or not verify_secret(row_pepper, token, key.secret_hash):
         raise Unauthenticated("hash_mismatch")
     check_chain(chain, client_ip, now)
+    if key.pepper_version < pepper_version(pepper):
+        await _rehash(store, key, token, pepper)
     return Principal(
         key_id=key.key_id, tier=key.tier, owner=key.owner, roles=key.roles,
         labels=dict(key.labels), models=effective_models(chain),
         parents=tuple(r.key_id for r in chain[1:]),
         limits=tuple((r.key_id, r.tier, dict(r.limits)) for r in chain),
     ), chain
+
+
+async def _rehash(store: KeyStore, key: KeyRecord, token: str, pepper: bytes) -> None:
+    """Pepper rotation: re-hash a row made under an older pepper, now that its key was used.
+
+    Best effort: the request has succeeded already, and a failed write is retried on the next use.
+    """
+    if not isinstance(store, _Rehashes):
+        return
+    try:
+        await store.rehash_secret(key.key_id, key.secret_hash, hash_secret(pepper, token), pepper_version(pepper))
+    except StoreUnavailable as exc:
+        log.warning("re-hashing key %s under pepper %d failed: %s", key.key_id, pepper_version(pepper), exc)
 
 
 def check_chain(chain: Sequence[KeyRecord], client_ip: str, now: float) -> None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .keys.hashing import load_or_create_pepper
+from .keys.secrets_setup import load_pepper_sync
 from .keys.issue import issue_key, parse_duration
 from .paths import store_path, tiny_checkpoint_path
 from .settings import Settings
@@ -51,7 +51,7 @@ def bootstrap_admin(settings: Settings, now: float | None = None) -> str | None:
     Returns None when an admin key exists already, so the secret is printed only once.
     """
     data_dir = Path(settings.data_dir)
-    pepper = load_or_create_pepper(data_dir)
+    pepper = load_pepper_sync(settings)
 
     async def go() -> str | None:
         store = await SqliteStore.open(store_path(data_dir))

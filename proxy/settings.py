@@ -37,6 +37,10 @@ class ServerSettings:
     max_body_bytes: int = _help("Largest HTTP request body accepted (64 MiB)", 64 * MiB)
     grpc_max_message_bytes: int = _help("Largest gRPC message accepted or sent (64 MiB)", 64 * MiB)
     read_timeout_s: float = _help("Seconds to wait for a client to send its request body", 30.0)
+    workers: int = _help("Server processes sharing the ports (SO_REUSEPORT); limits stay exact across them", 1)
+    shutdown_delay_s: float = _help("On SIGTERM, seconds readiness answers 503 while requests are still "
+                                    "taken, so load balancers move away first", 0.0)
+    drain_timeout_s: float = _help("On SIGTERM, seconds in-flight requests and streams get to finish", 30.0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class AuthSettings:
     session_ttl_s: float = _help("Seconds a session token (POST /v1/sessions) lives; at most 900", 900.0)
     session_issuer: str = _help("The iss claim of session tokens; verification requires exactly this", "seekgate")
     session_audience: str = _help("The aud claim of session tokens; verification requires exactly this", "seekgate")
+    expiry_warning_s: float = _help("Seconds before a key expires that one key_expiring audit event is written "
+                                    "for it (72 h)", 72 * 3600.0)
+    expiry_check_interval_s: float = _help("Seconds between checks for keys entering the expiry warning window",
+                                           300.0)
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,32 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class CryptoSettings:
+    """Envelope encryption of the recoverable secrets (keys/envelope.py) and the root (KEK) that wraps them."""
+
+    provider: str = _help("Where the root key lives: file (<data_dir>/secrets/root.key), pkcs11 (an HSM) "
+                          "or vault (HashiCorp Vault transit)", "file")
+    dek_rotation_days: float = _help("Days between data-key rotations (old rows re-encrypted in the "
+                                     "background); 0 = only on demand", 30.0)
+    root_rotation_days: float = _help("Days between root rotations (data keys re-wrapped, data untouched); "
+                                      "0 = only on demand", 90.0)
+    jwt_retire_leeway_s: float = _help("Seconds a replaced session signing key keeps verifying beyond the "
+                                       "session TTL, for clock skew and in-flight tokens", 60.0)
+    refresh_interval_s: float = _help("Seconds between checks for rotations made by another process and for "
+                                      "due scheduled rotations", 2.0)
+    pkcs11_module: str = _help("pkcs11: path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so", "")
+    pkcs11_token_label: str = _help("pkcs11: label of the token holding the root", "seekgate")
+    pkcs11_key_label: str = _help("pkcs11: label prefix of the root keys (a version is appended)",
+                                  "seekgate-root")
+    pkcs11_pin_env: str = _help("pkcs11: environment variable holding the user PIN (never put it in YAML)",
+                                "SEEKGATE_PKCS11_PIN")
+    vault_addr: str = _help("vault: address of the Vault server", "http://127.0.0.1:8200")
+    vault_token_env: str = _help("vault: environment variable holding the Vault token", "VAULT_TOKEN")
+    vault_mount: str = _help("vault: mount path of the transit secrets engine", "transit")
+    vault_key: str = _help("vault: name of the transit key that wraps data keys", "seekgate")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = _help("Directory for the key store, audit log and built checkpoint", ".seekgate")
     server: ServerSettings = _help("The proxy's own listeners", default_factory=ServerSettings)
@@ -127,6 +161,7 @@ class Settings:
     audit: AuditSettings = _help("Audit log", default_factory=AuditSettings)
     limits: LimitsSettings = _help("Rate limits and token budgets (defaults per key tier)",
                                    default_factory=LimitsSettings)
+    crypto: CryptoSettings = _help("Envelope encryption and key rotation", default_factory=CryptoSettings)
 
 
 class SettingsError(ValueError):
@@ -247,10 +282,12 @@ def _build(cls: type, raw: Mapping[str, Any], errors: list[str], prefix: str = "
 _PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
           "triton.http_port", "triton.grpc_port", "triton.metrics_port")
 _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
+             "server.workers", "server.drain_timeout_s",
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.pool_size",
-             "triton.startup_timeout_s", "policy.reload_interval_s", "audit.max_bytes",
+             "triton.startup_timeout_s", "policy.reload_interval_s",
+             "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
-_NON_NEGATIVE = ("auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "limits.default_estimate_tokens",
+_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")
@@ -313,10 +350,38 @@ def validate(settings: Settings) -> list[str]:
     ttl = settings.auth.session_ttl_s
     if not (math.isfinite(ttl) and 1 <= ttl <= SESSION_MAX_TTL_S):
         errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
+    errors += _validate_crypto(settings.crypto)
     try:
         parse_role_caps(settings.limits.max_tokens_by_role)
     except ValueError as exc:
         errors.append(f"limits.max_tokens_by_role: {exc}")
+    return errors
+
+
+KEK_PROVIDERS = ("file", "pkcs11", "vault")
+
+
+def _validate_crypto(c: CryptoSettings) -> list[str]:
+    errors = []
+    if c.provider not in KEK_PROVIDERS:
+        errors.append(f"crypto.provider: must be one of {', '.join(KEK_PROVIDERS)}, got {c.provider!r}")
+    for name in ("dek_rotation_days", "root_rotation_days", "jwt_retire_leeway_s"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value >= 0):
+            errors.append(f"crypto.{name}: must be 0 or more, got {value}")
+    if not (math.isfinite(c.refresh_interval_s) and c.refresh_interval_s > 0):
+        errors.append(f"crypto.refresh_interval_s: must be greater than 0, got {c.refresh_interval_s}")
+    if c.provider == "pkcs11":
+        for name in ("pkcs11_module", "pkcs11_token_label", "pkcs11_key_label", "pkcs11_pin_env"):
+            if not getattr(c, name).strip():
+                errors.append(f"crypto.{name}: must not be empty with provider pkcs11")
+    if c.provider == "vault":
+        problem = _check_url("crypto.vault_addr", c.vault_addr)
+        if problem:
+            errors.append(problem)
+        for name in ("vault_token_env", "vault_mount", "vault_key"):
+            if not getattr(c, name).strip():
+                errors.append(f"crypto.{name}: must not be empty with provider vault")
     return errors
 
 

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.http_server import run
 from proxy.keys.format import generate_key, key_prefix_and_last4
-from proxy.keys.hashing import hash_secret, load_or_create_pepper
+from proxy.keys.hashing import hash_secret, pepper_version
+from proxy.keys.secrets_setup import open_pepper
 from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
@@ -118,11 +119,13 @@ class Gateway:
             key_id, token = generate_key()
             prefix, last4 = key_prefix_and_last4(token)
             now = time.time()
-            rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(load_or_create_pepper(self.data_dir), token),
-                            tier=tier, owner=owner, roles=roles, prefix=prefix, last4=last4, created_at=now,
-                            expires_at=None if expires_in_s is None else now + expires_in_s, **kw)
             store = await SqliteStore.open(store_path(self.data_dir))
             try:
+                pepper = await open_pepper(self.settings, store)   # the envelope's, as the server uses
+                rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(pepper, token),
+                                pepper_version=pepper_version(pepper),
+                                tier=tier, owner=owner, roles=roles, prefix=prefix, last4=last4, created_at=now,
+                                expires_at=None if expires_in_s is None else now + expires_in_s, **kw)
                 await store.create_key(rec)
             finally:
                 await store.close()

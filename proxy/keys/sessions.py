@@ -5,13 +5,17 @@ the algorithm is EdDSA only; `kid` is a lookup in the in-memory key set, never a
 path or URL; headers that point elsewhere for a key (jku, x5u, jwk, x5c) or ask
 for extensions (crit) are refused; every claim is required; lifetimes are capped.
 Times are checked against the caller's `now`, so tests drive a clock, not sleeps.
+
+Signing keys rotate (`rotate_signing_key`): the newest key signs at once, and an older
+one keeps verifying until every token it signed has expired (the session TTL plus a
+leeway after its successor appeared), then `retire_signing_keys` drops it for good.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,16 +75,43 @@ async def load_signing_keys(envelope: Envelope) -> tuple[dict[str, Ed25519Privat
     """
     names = await envelope.names(SIGNING_KEY_PREFIX)
     if not names:
-        kid = secrets.token_hex(8)
-        raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        await envelope.add(SIGNING_KEY_PREFIX + kid, raw)
+        await rotate_signing_key(envelope)
         names = await envelope.names(SIGNING_KEY_PREFIX)   # another starter may have added its own
     keys: dict[str, Ed25519PrivateKey] = {}
     for name in names:
         raw = await envelope.get(name)
-        assert raw is not None   # listed a moment ago, and secrets are never deleted
-        keys[name[len(SIGNING_KEY_PREFIX):]] = Ed25519PrivateKey.from_private_bytes(raw)
-    return keys, names[-1][len(SIGNING_KEY_PREFIX):]   # newest signs
+        if raw is not None:   # None: retired since it was listed
+            keys[name[len(SIGNING_KEY_PREFIX):]] = Ed25519PrivateKey.from_private_bytes(raw)
+    return keys, names[-1][len(SIGNING_KEY_PREFIX):]   # newest signs; never retired
+
+
+def _new_signing_key() -> tuple[str, bytes]:
+    raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return secrets.token_hex(8), raw
+
+
+async def rotate_signing_key(envelope: Envelope) -> str:
+    """A new signing key, which signs every token minted from now on; returns its kid."""
+    kid, raw = _new_signing_key()
+    await envelope.add(SIGNING_KEY_PREFIX + kid, raw)
+    return kid
+
+
+def retiring(listing: list[tuple[str, float]], now: float, keep_s: float) -> list[str]:
+    """The signing-key names whose every token has expired: replaced more than `keep_s` ago.
+
+    `listing` is (name, created_at) oldest first; a key stopped signing when the next one appeared.
+    """
+    return [name for (name, _), (_, successor_at) in zip(listing, listing[1:]) if now >= successor_at + keep_s]
+
+
+async def retire_signing_keys(envelope: Envelope, now: float, keep_s: float) -> list[str]:
+    """Delete the replaced signing keys no unexpired token can name any more; returns their kids."""
+    gone = []
+    for name in retiring(await envelope.listing(SIGNING_KEY_PREFIX), now, keep_s):
+        if await envelope.delete(name):
+            gone.append(name[len(SIGNING_KEY_PREFIX):])
+    return gone
 
 
 class SessionAuthority:
@@ -88,15 +119,30 @@ class SessionAuthority:
 
     def __init__(self, keys: Mapping[str, Ed25519PrivateKey], active_kid: str, *, issuer: str,
                  audience: str, ttl_s: float, revocations: Revocations | None = None) -> None:
-        if active_kid not in keys:
-            raise ValueError(f"active kid {active_kid!r} is not in the key set")
         if not 0 < ttl_s <= MAX_TTL_S:
             raise ValueError(f"session ttl must be in (0, {MAX_TTL_S}] seconds, got {ttl_s}")
-        self._signing = keys[active_kid]
-        self._active_kid = active_kid
-        self._public: dict[str, Ed25519PublicKey] = {k: v.public_key() for k, v in keys.items()}
+        self.replace_keys(keys, active_kid)
         self.issuer, self.audience, self.ttl_s = issuer, audience, int(ttl_s)
         self._revocations = revocations
+        # Set by the keyring: reloads the key set from the store (a kid another process just made).
+        self.reload: Callable[[], Awaitable[bool]] | None = None
+
+    def replace_keys(self, keys: Mapping[str, Ed25519PrivateKey], active_kid: str) -> None:
+        """Swap in a rotated key set: `active_kid` signs from now on, every kid in `keys` verifies."""
+        if active_kid not in keys:
+            raise ValueError(f"active kid {active_kid!r} is not in the key set")
+        public: dict[str, Ed25519PublicKey] = {k: v.public_key() for k, v in keys.items()}
+        # One assignment per attribute, signing key last: a mint in between uses a kid verify knows.
+        self._public = public
+        self._signing, self._active_kid = keys[active_kid], active_kid
+
+    @property
+    def active_kid(self) -> str:
+        return self._active_kid
+
+    @property
+    def kids(self) -> list[str]:
+        return sorted(self._public)
 
     def mint(self, parent: Principal, now: float) -> MintedSession:
         """A token for `parent`'s holder; its scope (roles) is the parent's, checked again on every use."""
@@ -118,6 +164,8 @@ class SessionAuthority:
         """
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated("session_token_too_large")
+        if not token.isascii():   # a JWT is base64url and dots; PyJWT would choke on a lone surrogate
+            raise Unauthenticated("malformed")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

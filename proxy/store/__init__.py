@@ -31,6 +31,7 @@ class KeyRecord:
     created_at: float
     expires_at: float | None = None
     revoked_at: float | None = None
+    pepper_version: int = 1                     # the pepper secret_hash was made with (keys/hashing.py)
 
 
 @runtime_checkable
@@ -54,6 +55,21 @@ class KeyStore(Protocol):
 
     async def revoke_key(self, key_id: str, now: float) -> int:
         """Revoke the key and every descendant; returns how many were newly revoked."""
+        ...
+
+    async def shorten_expiry(self, key_id: str, expires_at: float) -> bool:
+        """Bring the key's expiry forward to `expires_at`, never later; True if it changed."""
+        ...
+
+    async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
+        """Move every unrevoked child of `old_parent_id` under `new_parent_id`; the moved ids."""
+        ...
+
+    async def claim_expiry_notice(self, key_id: str, expires_at: float, now: float) -> bool:
+        """Record that the expiry `expires_at` of `key_id` is announced; False if it already was.
+
+        Atomic, so of several processes sharing the store exactly one announces each expiry.
+        """
         ...
 
     async def has_any_admin(self) -> bool: ...

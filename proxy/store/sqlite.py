@@ -36,17 +36,25 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at    REAL NOT NULL,
     expires_at    REAL,
     revoked_at    REAL,
-    limits        TEXT NOT NULL DEFAULT '{}'    -- JSON object: the limits the key sets itself
+    limits        TEXT NOT NULL DEFAULT '{}',   -- JSON object: the limits the key sets itself
+    pepper_version INTEGER NOT NULL DEFAULT 1   -- which pepper secret_hash was made with (keys/hashing.py)
 );
 CREATE INDEX IF NOT EXISTS keys_parent ON keys(parent_id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Expiry warnings already written to the audit log: one per key and expiry, across restarts.
+CREATE TABLE IF NOT EXISTS expiry_notices (
+    key_id       TEXT NOT NULL REFERENCES keys(key_id),
+    expires_at   REAL NOT NULL,
+    announced_at REAL NOT NULL,
+    PRIMARY KEY (key_id, expires_at)
+);
 INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
 """
 
 _COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_cidrs, "
-            "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits")
+            "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits, pepper_version")
 # Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
-_ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"),)
+_ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"))
 
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain(id, depth) AS (
@@ -90,7 +98,7 @@ def _to_row(rec: KeyRecord) -> tuple[Any, ...]:
             json.dumps(list(rec.roles)), json.dumps(dict(rec.labels), sort_keys=True),
             json.dumps(list(rec.models)), json.dumps(list(rec.allowed_cidrs)),
             rec.parent_id, rec.prefix, rec.last4, rec.created_at, rec.expires_at,
-            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True))
+            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True), rec.pepper_version)
 
 
 def _str_tuple(raw: str) -> tuple[str, ...]:
@@ -113,6 +121,7 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         expires_at=None if row[12] is None else float(row[12]),
         revoked_at=None if row[13] is None else float(row[13]),
         limits=_int_map(row[14]),
+        pepper_version=int(row[15]),
     )
 
 
@@ -269,6 +278,51 @@ class SqliteStore:
             if count:
                 await self._bump()
         return count > 0
+
+    async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
+        """Move every unrevoked child of `old_parent_id` under `new_parent_id`; the moved ids.
+
+        Revoked children stay where they were revoked, so the record of what was under whom holds.
+        """
+        async with self._write("reparent_children") as db:
+            async with db.execute("SELECT key_id FROM keys WHERE parent_id = ? AND revoked_at IS NULL "
+                                  "ORDER BY created_at, key_id", (old_parent_id,)) as cur:
+                moved = [str(r[0]) for r in await cur.fetchall()]
+            if moved:
+                await db.execute("UPDATE keys SET parent_id = ? WHERE parent_id = ? AND revoked_at IS NULL",
+                                 (new_parent_id, old_parent_id))
+                await self._bump()
+        return moved
+
+    async def claim_expiry_notice(self, key_id: str, expires_at: float, now: float) -> bool:
+        """Record that `key_id`'s expiry `expires_at` is announced; False if it already was."""
+        async with self._write("claim_expiry_notice") as db:
+            cur = await db.execute("INSERT OR IGNORE INTO expiry_notices (key_id, expires_at, announced_at) "
+                                   "VALUES (?, ?, ?)", (key_id, expires_at, now))
+            claimed = cur.rowcount == 1
+            await cur.close()
+        return claimed
+
+    async def rehash_secret(self, key_id: str, old_hash: str, new_hash: str, pepper_version: int) -> bool:
+        """Replace a key's hash with one under a newer pepper, only if it still holds `old_hash`.
+
+        No revision bump: the key's meaning is unchanged, so caches stay valid.
+        """
+        async with self._write("rehash_secret") as db:
+            cur = await db.execute("UPDATE keys SET secret_hash = ?, pepper_version = ? "
+                                   "WHERE key_id = ? AND secret_hash = ? AND pepper_version < ?",
+                                   (new_hash, pepper_version, key_id, old_hash, pepper_version))
+            count = cur.rowcount
+            await cur.close()
+        return count == 1
+
+    async def pepper_versions(self, now: float) -> dict[int, int]:
+        """How many live (unrevoked, unexpired) keys are hashed under each pepper version."""
+        async with _guard("pepper_versions"):
+            async with self._db.execute(
+                    "SELECT pepper_version, count(*) FROM keys WHERE revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?) GROUP BY pepper_version", (now,)) as cur:
+                return {int(r[0]): int(r[1]) for r in await cur.fetchall()}
 
     async def has_any_admin(self) -> bool:
         """Whether any unrevoked key has the role "admin" (bootstrap check)."""

@@ -1,4 +1,4 @@
-"""Envelope-encrypted secrets, wrapped data keys and revoked session ids, in the key store's SQLite file.
+"""Envelope-encrypted secrets, wrapped data keys, rotation times and revoked session ids, in the key store's file.
 
 Only ciphertext lands here: `deks.wrapped` is a DEK wrapped by the KEK provider,
 `secrets.blob` is AES-256-GCM under a DEK (see proxy/keys/envelope.py).
@@ -22,6 +22,10 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS revoked_sessions (
         jti        TEXT PRIMARY KEY,
         revoked_at REAL NOT NULL)""",
+    # When each kind of rotation last happened (dek, root, jwt, pepper): the schedules read it.
+    """CREATE TABLE IF NOT EXISTS crypto_events (
+        name       TEXT PRIMARY KEY,
+        at         REAL NOT NULL)""",
 )
 
 
@@ -82,6 +86,77 @@ class SqliteSecretRows:
             added = cur.rowcount == 1
             await cur.close()
         return added
+
+    async def list_deks(self) -> list[tuple[str, str, float, int]]:
+        """(dek_id, kek_id, created_at, how many secrets it encrypts) of every data key, oldest first."""
+        async with _guard("list_deks"):
+            async with self._store._db.execute(
+                    "SELECT d.dek_id, d.kek_id, d.created_at, "
+                    "(SELECT count(*) FROM secrets s WHERE s.dek_id = d.dek_id) "
+                    "FROM deks d ORDER BY d.created_at, d.dek_id") as cur:
+                return [(str(r[0]), str(r[1]), float(r[2]), int(r[3])) for r in await cur.fetchall()]
+
+    async def rewrap_dek(self, dek_id: str, old_kek_id: str, new_kek_id: str, wrapped: bytes) -> bool:
+        """Replace a DEK's wrapping, only if it is still wrapped by `old_kek_id` (another process may race)."""
+        async with self._store._write("rewrap_dek") as db:
+            cur = await db.execute("UPDATE deks SET kek_id = ?, wrapped = ? WHERE dek_id = ? AND kek_id = ?",
+                                   (new_kek_id, wrapped, dek_id, old_kek_id))
+            done = cur.rowcount == 1
+            await cur.close()
+        return done
+
+    async def secrets_not_under(self, dek_id: str) -> list[str]:
+        """Names of the secrets encrypted under any data key but `dek_id`."""
+        async with _guard("secrets_not_under"):
+            async with self._store._db.execute(
+                    "SELECT name FROM secrets WHERE dek_id != ? ORDER BY created_at, name", (dek_id,)) as cur:
+                return [str(r[0]) for r in await cur.fetchall()]
+
+    async def replace_secret(self, name: str, old_dek_id: str, new_dek_id: str, blob: bytes) -> bool:
+        """Re-encryption: swap the row's ciphertext, only if it is still under `old_dek_id`."""
+        async with self._store._write("replace_secret") as db:
+            cur = await db.execute("UPDATE secrets SET dek_id = ?, blob = ? WHERE name = ? AND dek_id = ?",
+                                   (new_dek_id, blob, name, old_dek_id))
+            done = cur.rowcount == 1
+            await cur.close()
+        return done
+
+    async def delete_unused_deks(self, keep: str) -> list[str]:
+        """Delete the data keys (but `keep`, the current one) that no secret is encrypted under."""
+        async with self._store._write("delete_unused_deks") as db:
+            async with db.execute("SELECT dek_id FROM deks WHERE dek_id != ? AND NOT EXISTS "
+                                  "(SELECT 1 FROM secrets s WHERE s.dek_id = deks.dek_id)", (keep,)) as cur:
+                gone = [str(r[0]) for r in await cur.fetchall()]
+            for dek_id in gone:
+                await db.execute("DELETE FROM deks WHERE dek_id = ?", (dek_id,))
+        return gone
+
+    async def secret_listing(self, prefix: str) -> list[tuple[str, float]]:
+        """(name, created_at) of the secrets whose name starts with `prefix`, oldest first."""
+        async with _guard("secret_listing"):
+            async with self._store._db.execute(
+                    "SELECT name, created_at FROM secrets WHERE substr(name, 1, ?) = ? ORDER BY created_at, name",
+                    (len(prefix), prefix)) as cur:
+                return [(str(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+    async def delete_secret(self, name: str) -> bool:
+        async with self._store._write("delete_secret") as db:
+            cur = await db.execute("DELETE FROM secrets WHERE name = ?", (name,))
+            done = cur.rowcount == 1
+            await cur.close()
+        return done
+
+    async def event_time(self, name: str) -> float | None:
+        """When the rotation `name` (dek, root, jwt, pepper) last happened; None if never recorded."""
+        async with _guard("event_time"):
+            async with self._store._db.execute("SELECT at FROM crypto_events WHERE name = ?", (name,)) as cur:
+                row = await cur.fetchone()
+        return None if row is None else float(row[0])
+
+    async def record_event(self, name: str, at: float, *, only_if_absent: bool = False) -> None:
+        verb = "INSERT OR IGNORE" if only_if_absent else "INSERT OR REPLACE"
+        async with self._store._write("record_event") as db:
+            await db.execute(f"{verb} INTO crypto_events (name, at) VALUES (?, ?)", (name, at))
 
     async def revoke_session(self, jti: str, now: float) -> bool:
         """Mark one session token revoked; False if it already was."""
