@@ -1,20 +1,32 @@
-"""The /admin/v1/keys API: create, list, show, rotate and revoke keys (the pipeline has already authorised the caller)."""
+"""The /admin/v1 API: keys (create, list, show, rotate, revoke) and session revocation, for an authorised caller.
+
+Every call is audited by the pipeline's record for it: `admin.action` and `admin.target` say what
+was done to which key or session, and for changes `admin.before` / `admin.after` map each key id it
+changed to the key's public view (as listings show it; never a secret or its hash) before and after.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from .app_state import CTX, STATE
 from .keys.issue import TIER_DEFAULT, ExpiresIn, is_key_id, issue_key, parse_duration, public_view
-from .keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key
+from .keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key, subtree
+from .keys.sessions import is_jti
 from .limits import parse_limits
-from .store import StoreConflict
+from .store import KeyRecord, KeyStore, StoreConflict
+from .store.sqlite_secrets import SqliteSecretRows
 
-PREFIX = ("admin", "v1", "keys")
+PREFIX = ("admin", "v1")
+RESOURCES = ("keys", "sessions")
+# An audit record names at most this many changed keys (a revoked app key may have thousands of
+# devices); `admin.detail` then says how many there were.
+MAX_AUDITED_KEYS = 100
 # Everything POST /admin/v1/keys accepts; anything else is a typo and refused, not ignored.
 _CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models",
                             "allowed_cidrs", "parent_id", "expires", "limits"})
@@ -32,35 +44,49 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def _segments(request: web.Request) -> tuple[str, ...]:
-    """Path segments after the base path and /admin/v1/keys ("" segments dropped)."""
+def _segments(request: web.Request) -> tuple[str, tuple[str, ...]]:
+    """("keys" | "sessions", the path segments after /admin/v1/<that>), base path and "" segments dropped."""
     path = request.path
     base = request.app[STATE].settings.server.base_path
     if base and (path == base or path.startswith(base + "/")):
         path = path[len(base):]
     parts = tuple(p for p in path.split("/") if p)
-    if parts[:3] != PREFIX:
+    if parts[:2] != PREFIX or len(parts) < 3 or parts[2] not in RESOURCES:
         raise _Reply(404, "not found")
-    return parts[3:]
+    return parts[2], parts[3:]
 
 
-def _note(request: web.Request, action: str, target: str | None = None,
-          detail: str | None = None) -> None:
-    """What the audit record says this admin call did (ids only, never a key)."""
+def _note(request: web.Request, action: str, target: str | None = None, detail: str | None = None, *,
+          before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> None:
+    """What the audit record says this admin call did: ids and public views only, never a key."""
     ctx = request.get(CTX)
     if ctx is not None:
         ctx.extra["admin_action"] = action
-        if target is not None:
-            ctx.extra["admin_target"] = target
-        if detail is not None:
-            ctx.extra["admin_detail"] = detail
+        for name, value in (("target", target), ("detail", detail), ("before", before), ("after", after)):
+            if value is not None:
+                ctx.extra[f"admin_{name}"] = value
+
+
+def _views(recs: Sequence[KeyRecord | None], now: float) -> dict[str, Any]:
+    """key id -> public view, for admin.before / admin.after (at most MAX_AUDITED_KEYS of them)."""
+    return {r.key_id: public_view(r, now) for r in recs[:MAX_AUDITED_KEYS] if r is not None}
+
+
+async def _records(store: KeyStore, ids: list[str]) -> list[KeyRecord | None]:
+    return [await store.get_key(i) for i in ids[:MAX_AUDITED_KEYS]]
+
+
+async def _subtree_ids(store: KeyStore, key_id: str) -> list[str]:
+    return subtree(await store.list_keys(), key_id)
 
 
 async def handle_admin(request: web.Request, body: bytes | None = None) -> web.Response:
-    """Route one /admin/v1/keys request. `body`: the request body if the caller already read it."""
+    """Route one /admin/v1 request. `body`: the request body if the caller already read it."""
     try:
-        rest = _segments(request)
+        kind, rest = _segments(request)
         method = request.method
+        if kind == "sessions":
+            return await _sessions(request, rest, body)
         if not rest:
             if method == "POST":
                 return await _create(request, body)
@@ -119,8 +145,40 @@ async def _revoke(request: web.Request, key_id: str) -> web.Response:
     store = request.app[STATE].store
     if not is_key_id(key_id) or await store.get_key(key_id) is None:
         raise _Reply(404, f"key {key_id!r} not found")
+    ids = await _subtree_ids(store, key_id)
+    before = await _records(store, ids)
+    now = time.time()
     # Revoking an already revoked key is not an error: it reports 0 newly revoked.
-    return web.json_response({"revoked": await store.revoke_key(key_id, time.time())})
+    count = await store.revoke_key(key_id, now)
+    _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(ids)} key(s)",
+          before=_views(before, now), after=_views(await _records(store, ids), now))
+    return web.json_response({"revoked": count})
+
+
+async def _sessions(request: web.Request, rest: tuple[str, ...], body: bytes | None) -> web.Response:
+    """POST /admin/v1/sessions/<jti>/revoke: that session token is refused from the next request on.
+
+    Session tokens are not stored, so a well-formed jti can't be told apart from one never issued:
+    it is revoked either way (ahead of its use, if need be) and the answer says whether it was new,
+    {"jti": ..., "revoked": 1 | 0}, as `seekgate sessions revoke` does. A malformed jti was never
+    issued: 404.
+    """
+    if len(rest) != 2 or rest[1] != "revoke":
+        raise _Reply(404, "not found")
+    jti = rest[0]
+    _note(request, "sessions.revoke", jti if is_jti(jti) else None)
+    if request.method != "POST":
+        raise _Reply(405, f"method {request.method} not allowed", {"Allow": "POST"})
+    if not is_jti(jti):
+        raise _Reply(404, "session not found: a session id (jti) is 32 hex digits")
+    if _optional_json(await request.read() if body is None else body):
+        raise _Reply(400, "revoking a session takes no body (or {})")
+    rows = await SqliteSecretRows.open(request.app[STATE].store)
+    was = await rows.session_revoked(jti)
+    added = await rows.revoke_session(jti, time.time())
+    _note(request, "sessions.revoke", jti, None if added else "already revoked",
+          before={jti: {"revoked": was}}, after={jti: {"revoked": True}})
+    return web.json_response({"jti": jti, "revoked": int(added)})
 
 
 async def _create(request: web.Request, body: bytes | None) -> web.Response:
@@ -131,7 +189,7 @@ async def _create(request: web.Request, body: bytes | None) -> web.Response:
         rec, token = await issue_key(state.store, state.pepper, now=time.time(), **spec)
     except (ValueError, StoreConflict) as exc:   # StoreConflict is a ValueError; named for clarity
         raise _Reply(400, str(exc)) from None
-    _note(request, "keys.create", rec.key_id)
+    _note(request, "keys.create", rec.key_id, before={}, after=_views([rec], rec.created_at))
     return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
                              headers={"Cache-Control": "no-store"})   # the only time the key is shown
 
@@ -148,14 +206,21 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
     if grace is None:
         raise _Reply(400, "grace must be a duration, not never")
     state = request.app[STATE]
+    key_id = key_id if is_key_id(key_id) else ""
+    # The key and its children: the devices of an app key move to the successor.
+    before = [r for r in await state.store.list_keys() if key_id in (r.key_id, r.parent_id)]
+    now = time.time()
     try:
-        rot = await rotate_key(state.store, state.pepper, key_id if is_key_id(key_id) else "", grace,
-                               now=time.time())
+        rot = await rotate_key(state.store, state.pepper, key_id, grace, now=now)
     except LifecycleError as exc:
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
-    _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}")
+    _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
+          + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
+          before=_views(before, now),
+          after=_views([rot.old, rot.new, *await _records(state.store, list(rot.moved))], now))
     return web.json_response({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
-                              **public_view(rot.new)}, status=201, headers={"Cache-Control": "no-store"})
+                              **public_view(rot.new), "moved": list(rot.moved)},
+                             status=201, headers={"Cache-Control": "no-store"})
 
 
 async def _compromised(request: web.Request, key_id: str) -> web.Response:
@@ -164,13 +229,19 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
     state = request.app[STATE]
     ctx = request.get(CTX)
     actor = ctx.principal.key_id if ctx is not None and ctx.principal is not None else None
+    key_id = key_id if is_key_id(key_id) else ""
+    before = await _records(state.store, await _subtree_ids(state.store, key_id))
+    now = time.time()
     try:
-        done = await compromise_key(state.store, state.pepper, state.data_dir,
-                                    key_id if is_key_id(key_id) else "", now=time.time(), actor=actor)
+        # The writer is flushed first, so uses up to this moment are in the report.
+        done = await compromise_key(state.store, state.pepper, state.data_dir, key_id, now=now, actor=actor,
+                                    audit=state.audit)
     except LifecycleError as exc:
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
     _note(request, "keys.revoke_compromised", key_id,
-          f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}")
+          f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
+          before=_views(before, now),
+          after=_views([*await _records(state.store, done.revoked), done.new], now))
     return web.json_response({"revoked": done.revoked,
                               "replacement": {"key_id": done.new.key_id, "key": done.token,
                                               **public_view(done.new)},

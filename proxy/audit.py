@@ -15,7 +15,7 @@ from typing import Any
 import aiosqlite
 
 from .audit_db import FIELDS, INSERT, connect, query_audit, row
-from .audit_file import JsonlFile, dumps, last_records, rotated_epoch, rotated_files, tail_audit
+from .audit_file import JsonlFile, active_name, dumps, last_records, rotated_epoch, rotated_files, tail_audit
 from .context import RequestContext
 from .errors import AuditUnavailable
 
@@ -58,7 +58,8 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
     }
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
-        record["admin"] = {k: ctx.extra[f"admin_{k}"] for k in ("action", "target", "detail")
+        # before/after: the public views of the key records it changed (admin.py), never a secret or hash.
+        record["admin"] = {k: ctx.extra[f"admin_{k}"] for k in ("action", "target", "detail", "before", "after")
                            if ctx.extra.get(f"admin_{k}") is not None}
     return record
 
@@ -80,10 +81,10 @@ class AuditWriter:
     def __init__(self, data_dir: Path, max_bytes: int = 100 * 1024 * 1024,
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
-                 fsync_interval_s: float = 0.1, durability: str = "batched") -> None:
+                 fsync_interval_s: float = 0.1, durability: str = "batched", worker: int = 0) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
-        self.file = JsonlFile(self.dir, max_bytes)
+        self.file = JsonlFile(self.dir, max_bytes, active_name(worker))
         self.jsonl_path = self.file.path
         self.retention_days = retention_days
         self.on_error = on_error
@@ -93,7 +94,8 @@ class AuditWriter:
         self._batch_size = batch_size
         self._retry = (retry_base_s, retry_max_s)
         self._fsync_interval = fsync_interval_s
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # Records; None: close; a Future: a flush() barrier, resolved once what precedes it is persisted.
+        self._queue: asyncio.Queue[dict[str, Any] | None | asyncio.Future[None]] = asyncio.Queue()
         self._inflight: list[dict[str, Any]] = []
         self._waiters: dict[str, asyncio.Future[None]] = {}   # event_id -> durable-write future
         self._task: asyncio.Task[None] | None = None
@@ -135,6 +137,18 @@ class AuditWriter:
         self._queue.put_nowait(record)
         return fut
 
+    async def flush(self) -> None:
+        """Wait until every record submitted before this call is in audit.jsonl and audit.db.
+
+        For readers of the index that must see the latest uses (the leak report). A failing write
+        keeps the caller waiting while it is retried: bound the wait with asyncio.timeout.
+        """
+        if self._closed or self._task is None:
+            return   # close() has drained everything, or nothing was ever written
+        barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(barrier)
+        await barrier
+
     def queue_depth(self) -> int:
         """Records waiting to be written, including a batch being retried."""
         return self._queue.qsize() + len(self._inflight)
@@ -146,14 +160,14 @@ class AuditWriter:
         self._closed = True
         left: list[dict[str, Any]] = []
         if self._task is None:
-            left = [r for r in self._drain_nowait() if r is not None]
+            left = self._records(self._drain_nowait())
         else:
             self._queue.put_nowait(None)  # FIFO: everything submitted before close goes first
             done, _ = await asyncio.wait({self._task}, timeout=timeout)
             if not done:
                 self._task.cancel()
                 await asyncio.wait({self._task})
-                left = self._inflight + [r for r in self._drain_nowait() if r is not None]
+                left = self._inflight + self._records(self._drain_nowait())
         self._resolve(left, AuditUnavailable("audit_writer_closed"))
         if left:
             log.error("audit writer could not persist %d records at close", len(left))
@@ -185,13 +199,21 @@ class AuditWriter:
 
     # -- writer task -------------------------------------------------------------
 
-    def _drain_nowait(self) -> list[dict[str, Any] | None]:
+    @staticmethod
+    def _records(items: list[dict[str, Any] | None | asyncio.Future[None]]) -> list[dict[str, Any]]:
+        """The records among drained queue items; flush barriers among them are released."""
+        for item in items:
+            if isinstance(item, asyncio.Future) and not item.done():
+                item.set_exception(AuditUnavailable("audit_writer_closed"))
+        return [item for item in items if isinstance(item, dict)]
+
+    def _drain_nowait(self) -> list[dict[str, Any] | None | asyncio.Future[None]]:
         items = []
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
         return items
 
-    async def _next(self) -> dict[str, Any] | None:
+    async def _next(self) -> dict[str, Any] | None | asyncio.Future[None]:
         """The next queued item; fsyncs an unsynced file when its window runs out while waiting."""
         while self._unsynced_since is not None:
             left = self._unsynced_since + self._fsync_interval - time.monotonic()
@@ -212,10 +234,14 @@ class AuditWriter:
         stop = False
         while not stop:
             batch: list[dict[str, Any]] = []
+            barrier: asyncio.Future[None] | None = None
             item = await self._next()
             while True:
                 if item is None:
                     stop = True
+                    break
+                if isinstance(item, asyncio.Future):
+                    barrier = item   # flush(): the batch ends here, released once it is persisted
                     break
                 batch.append(item)
                 if len(batch) >= self._batch_size or self._queue.empty():
@@ -225,6 +251,8 @@ class AuditWriter:
                 self._inflight = batch
                 await self._persist(batch)
                 self._inflight = []
+            if barrier is not None and not barrier.done():   # done: its waiter gave up
+                barrier.set_result(None)
             if self.file.rotated:
                 self.file.rotated = False
                 self._next_prune = 0.0  # a rotation is a good moment to apply retention
@@ -325,6 +353,10 @@ class AuditWriter:
 
 
 def _complete(record: dict[str, Any]) -> dict[str, Any]:
+    """Every record carries every schema field (None where it has no value), so consumers never miss a key."""
     if "event_id" not in record or "timestamp" not in record:
-        return {"timestamp": _iso_utc(time.time()), "event_id": uuid.uuid4().hex, **record}
+        record = {"timestamp": _iso_utc(time.time()), "event_id": uuid.uuid4().hex, **record}
+    missing = [f for f in FIELDS if f not in record]
+    if missing:
+        record = {**record, **dict.fromkeys(missing)}
     return record

@@ -183,8 +183,8 @@ def classify_http(method: str, raw_path: str) -> Resource:
         raise _not_found(method, raw_path)
     if segments[0] == "v2":
         return _classify_v2(method, segments[1:], raw_path)
-    if segments[:3] == ("admin", "v1", "keys"):
-        return _ADMIN_KEYS
+    if segments[:3] in (("admin", "v1", "keys"), ("admin", "v1", "sessions")):
+        return _ADMIN_KEYS   # revoking a session is key administration: the same resource, the same rules
     if segments == ("v1", "sessions"):
         return _require(method, _POST, _SESSIONS, raw_path)
     raise _not_found(method, raw_path)

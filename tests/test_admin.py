@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,10 +15,14 @@ from aiohttp.test_utils import TestClient
 
 from proxy.admin import handle_admin
 from proxy.app_state import CTX, STATE, AppState
+from proxy.audit import build_record
 from proxy.authn import authenticate
 from proxy.context import RequestContext
 from proxy.settings import ServerSettings, Settings
 from proxy.store.sqlite import SqliteStore
+from proxy.triton import TritonProcess, free_ports
+from tests.gateway import Gateway, audit_records, wait_for
+from tests.test_http_server import call
 
 # pytest-aiohttp's aiohttp_client lives on the session loop (the fixture loop scope in
 # pyproject), so these tests run there too.
@@ -76,7 +82,9 @@ async def test_create_returns_key_once_and_it_authenticates(client: Client) -> N
     assert (made["tier"], made["owner"], made["roles"], made["status"]) == ("user", "alice", ["user"], "active")
     assert made["labels"] == {"team": "nlp"} and made["models"] == ["deepseek"]
     assert "secret_hash" not in made
-    assert SEEN[-1].extra == {"admin_action": "keys.create", "admin_target": made["key_id"]}
+    extra = SEEN[-1].extra
+    assert (extra["admin_action"], extra["admin_target"], extra["admin_before"]) == ("keys.create", made["key_id"], {})
+    assert extra["admin_after"] == {made["key_id"]: {k: v for k, v in made.items() if k not in ("key", "key_id")}}
     state = client.app[STATE]
     principal = await authenticate(made["key"], state.store, PEPPER, "127.0.0.1", 0)
     assert principal.key_id == made["key_id"]
@@ -107,7 +115,18 @@ async def test_revoke_by_post_and_delete_cascades_to_devices(client: Client) -> 
     assert device["allowed_cidrs"] == ["10.0.0.0/8"] and device["parent_id"] == app_key["key_id"]
     resp = await client.post(f"/admin/v1/keys/{app_key['key_id']}/revoke")
     assert (resp.status, await resp.json()) == (200, {"revoked": 2})
-    assert SEEN[-1].extra == {"admin_action": "keys.revoke", "admin_target": app_key["key_id"]}
+    extra = SEEN[-1].extra
+    assert (extra["admin_action"], extra["admin_target"]) == ("keys.revoke", app_key["key_id"])
+    assert extra["admin_detail"] == "2 newly revoked of 2 key(s)"
+    # Who: the caller's key in the record; what: the action; before/after: both keys' public views.
+    assert {k: v["status"] for k, v in extra["admin_before"].items()} == \
+        {app_key["key_id"]: "active", device["key_id"]: "active"}
+    assert {k: v["status"] for k, v in extra["admin_after"].items()} == \
+        {app_key["key_id"]: "revoked", device["key_id"]: "revoked"}
+    audited = json.dumps(build_record(SEEN[-1]))
+    for made in (app_key, device):
+        stored = await client.app[STATE].store.get_key(made["key_id"])
+        assert made["key"] not in audited and stored is not None and stored.secret_hash not in audited
     shown = await (await client.get(f"/admin/v1/keys/{device['key_id']}")).json()
     assert shown["status"] == "revoked" and shown["revoked_at"].endswith("Z")
     resp = await client.delete(f"/admin/v1/keys/{device['key_id']}")
@@ -121,6 +140,9 @@ async def test_revoke_by_post_and_delete_cascades_to_devices(client: Client) -> 
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa"), ("DELETE", "/admin/v1/keys/aaaaaaaaaaaa"),
     ("POST", "/admin/v1/keys/aaaaaaaaaaaa/revoke"), ("GET", "/admin/v1/keys/not-a-key-id"),
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa/other"), ("GET", "/admin/v2/keys"),
+    ("POST", "/admin/v1/sessions"), ("POST", f"/admin/v1/sessions/{'a' * 32}"),
+    ("POST", f"/admin/v1/sessions/{'a' * 32}/other"), ("POST", "/admin/v1/sessions/not-a-jti/revoke"),
+    ("POST", f"/admin/v1/sessions/{'A' * 32}/revoke"), ("GET", "/admin/v1/other"),
 ])
 async def test_unknown_is_404(client: Client, method: str, path: str) -> None:
     resp = await client.request(method, path)
@@ -132,6 +154,7 @@ async def test_unknown_is_404(client: Client, method: str, path: str) -> None:
     ("PUT", "/admin/v1/keys", "GET, POST"), ("DELETE", "/admin/v1/keys", "GET, POST"),
     ("POST", "/admin/v1/keys/aaaaaaaaaaaa", "GET, DELETE"),
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa/revoke", "POST"),
+    ("GET", f"/admin/v1/sessions/{'a' * 32}/revoke", "POST"),
 ])
 async def test_wrong_method_is_405(client: Client, method: str, path: str, allow: str) -> None:
     resp = await client.request(method, path)
@@ -171,3 +194,66 @@ async def test_base_path_and_pre_read_body(aiohttp_client: Any, tmp_path: Path) 
     assert made["expires_at"] is None and made["owner"] == "svc"
     listed = await (await client.get("/triton/admin/v1/keys")).json()
     assert [k["id"] for k in listed["keys"]] == [made["key_id"]]
+
+
+async def test_session_revoke_is_idempotent_and_audited(client: Client) -> None:
+    from proxy.store.sqlite_secrets import SqliteSecretRows
+    jti = "0123456789abcdef" * 2
+    resp = await client.post(f"/admin/v1/sessions/{jti}/revoke")
+    assert (resp.status, await resp.json()) == (200, {"jti": jti, "revoked": 1})
+    extra = SEEN[-1].extra
+    assert (extra["admin_action"], extra["admin_target"]) == ("sessions.revoke", jti)
+    assert (extra["admin_before"], extra["admin_after"]) == ({jti: {"revoked": False}}, {jti: {"revoked": True}})
+    assert await (await SqliteSecretRows.open(client.app[STATE].store)).session_revoked(jti)
+    resp = await client.post(f"/admin/v1/sessions/{jti}/revoke")
+    assert (resp.status, await resp.json()) == (200, {"jti": jti, "revoked": 0})
+    assert SEEN[-1].extra["admin_before"] == {jti: {"revoked": True}}
+    assert SEEN[-1].extra["admin_detail"] == "already revoked"
+    resp = await client.post(f"/admin/v1/sessions/{jti}/revoke", json={"compromised": True})
+    assert resp.status == 400 and "no body" in (await resp.json())["error"]
+    assert (await client.post(f"/admin/v1/sessions/{jti}/revoke", json={})).status == 200
+
+
+# ---------------------------------------------------------------- through the real server
+
+@pytest.fixture(scope="module")
+def gw(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-admin"), triton.http_url, free_ports(3)).start()
+    yield g
+    g.stop()
+
+
+async def test_an_admin_revokes_a_session_and_its_next_request_is_refused(gw: Gateway) -> None:
+    # Blocking calls (urllib, gw.key's own event loop) run in a thread; the gateway has its own loop.
+    await asyncio.to_thread(_session_revoked_through_the_proxy, gw)
+
+
+def _session_revoked_through_the_proxy(gw: Gateway) -> None:
+    admin_id, admin = gw.key(owner="ops", roles=("admin",))
+    _, user = gw.key(owner="alice", roles=("user",))
+    minted, other = (json.loads(call(gw.url + "/v1/sessions", "POST", b"", key=user)[2]) for _ in range(2))
+    generate = gw.url + "/v2/models/deepseek/generate"
+    body = {"text_input": "hi", "max_tokens": 2}
+    assert call(generate, "POST", body, minted["token"])[0] == 200   # verified, and cached
+    revoke = f"{gw.url}/admin/v1/sessions/{minted['jti']}/revoke"
+    assert call(revoke, "POST", b"", user)[0] == 403                  # admin only, like every admin route
+    assert call(revoke, "POST", b"", minted["token"])[0] == 403
+    status, _, raw = call(revoke, "POST", b"", admin)
+    assert (status, json.loads(raw)) == (200, {"jti": minted["jti"], "revoked": 1})
+    assert call(generate, "POST", body, minted["token"])[0] == 401   # the very next request
+    assert call(generate, "POST", body, other["token"])[0] == 200    # the user's other session is untouched
+    assert call(revoke, "POST", b"", admin)[0] == 200                 # idempotent
+    # The refusals (403) are audited too, but as policy denials: they never reached the admin API.
+    def done() -> list[dict[str, Any]]:
+        return [r for r in audit_records(gw) if r.get("admin", {}).get("action") == "sessions.revoke"]
+    assert wait_for(lambda: len(done()) == 2, 10), audit_records(gw)
+    denied = [r for r in audit_records(gw) if r["path"] == f"/admin/v1/sessions/{minted['jti']}/revoke"
+              and r["http_status"] == 403]
+    assert len(denied) == 2 and {r["status"] for r in denied} == {"denied"}
+    first, again = done()
+    assert [(r["key_id"], r["actor"], r["admin"]["target"]) for r in (first, again)] == \
+        [(admin_id, "ops", minted["jti"])] * 2
+    assert (first["admin"]["before"], first["admin"]["after"]) == \
+        ({minted["jti"]: {"revoked": False}}, {minted["jti"]: {"revoked": True}})
+    assert again["admin"]["before"] == {minted["jti"]: {"revoked": True}}
+    assert minted["token"] not in json.dumps(audit_records(gw))

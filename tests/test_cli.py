@@ -15,7 +15,8 @@ import pytest
 from proxy.audit import AuditWriter
 from proxy.bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from proxy.cli import main, parse_time
-from proxy.keys.hashing import load_or_create_pepper, verify_secret
+from proxy.keys.hashing import verify_secret
+from proxy.keys.secrets_setup import load_pepper_sync
 from proxy.paths import store_path, tiny_checkpoint_path
 from proxy.settings import load_settings
 
@@ -71,7 +72,9 @@ def test_keys_create_json_prints_key_once_and_store_keeps_only_hash(cli: Cli) ->
             rec = await store.get_key(key_id)
             assert rec is not None
             return rec.secret_hash
-    assert verify_secret(load_or_create_pepper(cli.data), token, asyncio.run(stored_hash()))
+    # The pepper lives in the envelope (keys/hashing.py), not in a file.
+    pepper = load_pepper_sync(load_settings(None, env={}, overrides={"data_dir": str(cli.data)}))
+    assert verify_secret(pepper, token, asyncio.run(stored_hash()))
 
 
 def test_keys_create_human_output_and_options_after_command(cli: Cli, tmp_path: Path) -> None:
@@ -231,9 +234,9 @@ def test_model_tiny_builds_checkpoint(cli: Cli, tmp_path: Path) -> None:
     assert json.loads((out_dir / "seekgate-tiny.json").read_text())["seed"] == 1
 
 
-def test_serve_rejects_more_workers(cli: Cli) -> None:
-    code, _, err = cli("serve", "--workers", "2")
-    assert code == 2 and "only 1 worker" in err
+def test_serve_rejects_zero_workers(cli: Cli) -> None:
+    code, _, err = cli("serve", "--workers", "0")
+    assert code == 2 and "--workers: must be 1 or more" in err
 
 
 def test_triton_launch_error_is_one_line(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,3 +292,60 @@ def test_keys_create_with_limits(cli: Cli) -> None:
     assert cli.json("keys", "show", made["key_id"], "--json")["limits"] == want
     plain = cli.json("keys", "create", "--tier", "user", "--name", "defaults", "--json")
     assert plain["limits"] == {}   # unset: the tier's defaults from config apply
+
+
+def test_the_issue_command_shapes(cli: Cli) -> None:
+    """The exact commands of the key-lifecycle issue: --allow-ip, a device under --parent, a leak, --expiring."""
+    app = cli.json("keys", "create", "--tier", "app", "--allow-ip", "10.0.0.0/24", "--allow-ip", "192.168.7.9",
+                   "--json")
+    assert app["allowed_cidrs"] == ["10.0.0.0/24", "192.168.7.9/32"] and app["tier"] == "app"
+    assert app["owner"] == app["key_id"]   # no --name: the key is named by its id
+    dev = cli.json("keys", "create", "--tier", "device", "--parent", app["key_id"], "--json")
+    assert (dev["parent_id"], dev["owner"], dev["allowed_cidrs"]) == (app["key_id"], app["owner"],
+                                                                      app["allowed_cidrs"])
+    code, out, err = cli("keys", "create", "--tier", "device", "--parent", app["key_id"],
+                         "--allow-ip", "10.0.1.0/24")
+    assert code == 2 and "outside parent key" in err
+
+    soon = cli.json("keys", "create", "--tier", "user", "--name", "temp", "--expires", "24h", "--json")
+    _write_audit(cli.data, [{"key_id": app["key_id"], "actor": app["owner"], "client_ip": "10.0.0.5",
+                             "model": "deepseek", "status": "allowed", "http_status": 200,
+                             "input_tokens": 4, "output_tokens": 6}])
+    code, out, err = cli("keys", "revoke", app["key_id"], "--compromised", "--json")
+    assert code == 0, err
+    leak = json.loads(out)
+    assert {"revoked", "replacement", "report"} <= set(leak)
+    assert leak["revoked"] == [app["key_id"], dev["key_id"]]
+    replacement = leak["replacement"]
+    assert replacement["key"].startswith(f"sgk_{replacement['key_id']}_")
+    assert replacement["allowed_cidrs"] == app["allowed_cidrs"]
+    report = leak["report"]
+    assert report["uses"] == 1 and report["client_ips"] == {"10.0.0.5": 1}
+    assert report["tokens"] == {"input": 4, "output": 6} and report["revoked"] == leak["revoked"]
+
+    listed = cli.json("keys", "list", "--expiring", "72h", "--json")["keys"]
+    assert [k["id"] for k in listed] == [soon["key_id"]]   # the app replacement lives a year
+    code, out, _ = cli("keys", "list", "--expiring", "72h")
+    assert code == 0 and len(out.splitlines()) == 2 and soon["key_id"] in out
+    code, _, err = cli("keys", "list", "--expiring", "never")
+    assert code == 2 and "--expiring" in err
+
+
+def test_sessions_revoke(cli: Cli) -> None:
+    jti = "ab" * 16
+    code, out, _ = cli("sessions", "revoke", jti)
+    assert code == 0 and out.strip() == f"revoked session {jti}"
+    code, out, _ = cli("sessions", "revoke", jti)
+    assert code == 0 and "already revoked" in out
+    code, _, err = cli("sessions", "revoke", "nope")
+    assert code == 1 and "not a session id" in err
+
+
+def test_rotating_an_app_key_moves_its_devices(cli: Cli) -> None:
+    app = cli.json("keys", "create", "--tier", "app", "--name", "svc", "--allow-ip", "10.0.0.0/24", "--json")
+    dev = cli.json("keys", "create", "--tier", "device", "--parent", app["key_id"], "--json")
+    rot = cli.json("keys", "rotate", app["key_id"], "--grace", "1h", "--json")
+    assert rot["moved"] == [dev["key_id"]] and rot["allowed_cidrs"] == ["10.0.0.0/24"]
+    assert cli.json("keys", "show", dev["key_id"], "--json")["parent_id"] == rot["key_id"]
+    code, out, _ = cli("keys", "rotate", rot["key_id"], "--grace", "1h")
+    assert code == 0 and "moved 1 device key(s) to " in out and dev["key_id"] in out

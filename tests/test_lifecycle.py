@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,8 +24,11 @@ from proxy.keys.lifecycle import (LifecycleError, compromise_key, expiring, expi
 from proxy.metrics import Metrics
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
+from proxy.triton import TritonProcess, free_ports
+from tests.gateway import Gateway, audit_records
 from tests.test_admin import PEPPER, SEEN, make_app
 from tests.test_cli import Cli, cli  # noqa: F401  (the fixture)
+from tests.test_http_server import call
 
 H = 3600.0
 T0 = 1_900_000_000.0   # a fixed clock: authn takes `now`, so grace ends are exact, no sleeps
@@ -89,6 +93,41 @@ async def test_rotation_never_extends_and_refuses_dead_or_unknown_keys(tmp_path:
         assert info.value.not_found
 
 
+async def test_rotating_an_app_key_moves_its_devices_to_the_successor(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        app, app_token = await issue_key(store, PEPPER, tier="app", owner="svc", roles=["user"],
+                                         models=["deepseek"], allowed_cidrs=["10.0.0.0/24"],
+                                         limits={"rpm": 60}, expires_in_s=100 * H, now=T0)
+        dev, dev_token = await issue_key(store, PEPPER, tier="device", owner="cam", parent_id=app.key_id,
+                                         allowed_cidrs=["10.0.0.0/28"], now=T0)
+        gone, _ = await issue_key(store, PEPPER, tier="device", owner="old-cam", parent_id=app.key_id, now=T0)
+        await store.revoke_key(gone.key_id, T0)
+        rot = await rotate_key(store, PEPPER, app.key_id, 24 * H, now=T0 + H)
+        assert rot.moved == (dev.key_id,)
+        assert (await store.get_key(dev.key_id)).parent_id == rot.new.key_id   # type: ignore[union-attr]
+        assert (await store.get_key(gone.key_id)).parent_id == app.key_id      # type: ignore[union-attr]
+        assert rot.new.expires_at is not None and dev.expires_at is not None
+        assert rot.new.expires_at >= dev.expires_at   # the device still never outlives its parent
+
+        # After the grace the old app key is dead; the device works on, under the successor now:
+        # its chain, limits and model list are the successor's, and its CIDR still binds it.
+        after = T0 + 25 * H + 1
+        with pytest.raises(Unauthenticated, match="expired"):
+            await _auth(store, app_token, after)
+        p = await _auth(store, dev_token, after, ip="10.0.0.3")
+        assert p.parents == (rot.new.key_id,) and p.models == ("deepseek",)
+        assert [k for k, _, _ in p.limits] == [dev.key_id, rot.new.key_id]
+        assert p.limits[1][2] == {"rpm": 60}
+        with pytest.raises(Unauthenticated, match="ip_not_allowed"):
+            await _auth(store, dev_token, after, ip="10.0.0.99")   # in the app's /24, not the device's /28
+        # Revoking the old key no longer touches the device; revoking the successor does.
+        await store.revoke_key(app.key_id, after)
+        assert (await _auth(store, dev_token, after, ip="10.0.0.3")).key_id == dev.key_id
+        assert await store.revoke_key(rot.new.key_id, after) == 2
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await _auth(store, dev_token, after, ip="10.0.0.3")
+
+
 async def test_rotating_a_device_key_keeps_its_parent(tmp_path: Path) -> None:
     async with await _store(tmp_path) as store:
         app, _ = await issue_key(store, PEPPER, tier="app", owner="svc", roles=["user"],
@@ -139,6 +178,54 @@ async def test_compromise_revokes_subtree_replaces_and_reports_real_audit(tmp_pa
     assert json.loads(done.report_path.read_text())["uses"] == 3
     assert done.report_path.stat().st_mode & 0o077 == 0
     assert done.token not in done.report_path.read_text()
+
+
+async def test_leak_report_flushes_the_audit_writer_first(tmp_path: Path) -> None:
+    """A use still queued in the audit writer when the key is revoked is in the report."""
+    data = tmp_path / "data"
+    async with await _store(tmp_path) as store:
+        app, token = await issue_key(store, PEPPER, tier="app", owner="svc", expires_in_s=None, now=T0)
+        who = await _auth(store, token, T0 + 1)
+        writer = AuditWriter(data)
+        await writer.start()
+        # The index write is held until someone flushes: without the flush the report reads an
+        # index that lacks the use, however the tasks happen to be scheduled.
+        gate = asyncio.Event()
+        insert_rows, flush = writer._insert_rows, writer.flush
+
+        async def held_insert(batch: list[dict[str, Any]]) -> None:
+            await gate.wait()
+            await insert_rows(batch)
+
+        async def opening_flush() -> None:
+            gate.set()
+            await flush()
+        writer._insert_rows = held_insert  # type: ignore[method-assign]
+        writer.flush = opening_flush  # type: ignore[method-assign]
+        ctx = RequestContext(request_id="last-use", client_ip="198.51.100.7", method="POST",
+                             path="/v2/models/deepseek/generate", started_wall=T0 + 5, principal=who,
+                             resource=Resource("model:deepseek", "infer", model="deepseek"), http_status=200,
+                             input_tokens=2, output_tokens=3)
+        writer.submit(build_record(ctx, duration_ms=1.0))
+        done = await compromise_key(store, PEPPER, data, app.key_id, now=T0 + 6, audit=writer)
+        gate.set()
+        await writer.close()
+    assert done.report["audit_flushed"] is True
+    assert done.report["uses"] == 1 and done.report["client_ips"] == {"198.51.100.7": 1}
+    assert done.report["tokens"] == {"input": 2, "output": 3}
+
+
+async def test_leak_report_says_when_the_audit_flush_timed_out(tmp_path: Path) -> None:
+    class Stuck:
+        async def flush(self) -> None:
+            await asyncio.Event().wait()
+    async with await _store(tmp_path) as store:
+        app, _ = await issue_key(store, PEPPER, tier="user", owner="u", now=T0)
+        done = await compromise_key(store, PEPPER, tmp_path / "data", app.key_id, now=T0 + 1, audit=Stuck(),
+                                    flush_timeout_s=0.01)
+        assert done.report["audit_flushed"] is False and done.revoked == [app.key_id]
+        cli_done = await compromise_key(store, PEPPER, tmp_path / "data", done.new.key_id, now=T0 + 2)
+        assert cli_done.report["audit_flushed"] is None   # no writer in this process
 
 
 def test_subtree_walks_every_level() -> None:
@@ -218,9 +305,17 @@ async def test_admin_rotate_compromise_expiring_and_audited(aiohttp_client: Any,
     assert rot["old"]["id"] == made["key_id"] and rot["key"].startswith("sgk_" + rot["key_id"])
     assert resp.headers["Cache-Control"] == "no-store"
     rec = build_record(SEEN[-1])
-    assert rec["admin"] == {"action": "keys.rotate", "target": made["key_id"],
-                            "detail": f"successor {rot['key_id']}"}
-    assert rot["key"] not in json.dumps(rec)
+    admin = rec["admin"]
+    assert (admin["action"], admin["target"], admin["detail"]) == ("keys.rotate", made["key_id"],
+                                                                   f"successor {rot['key_id']}")
+    # Before and after: the old key's expiry brought forward, the successor made.
+    assert list(admin["before"]) == [made["key_id"]] and admin["before"][made["key_id"]]["expires_at"] == \
+        made["expires_at"]
+    assert admin["after"][made["key_id"]]["expires_at"] == rot["old"]["expires_at"] != made["expires_at"]
+    assert admin["after"][rot["key_id"]]["status"] == "active"
+    stored = await client.app[STATE].store.get_key(made["key_id"])
+    assert rot["key"] not in json.dumps(rec) and made["key"] not in json.dumps(rec)
+    assert stored.secret_hash not in json.dumps(rec)
     for body, status in (({"grace": "never"}, 400), ({}, 400), ({"grace": "1h", "x": 1}, 400)):
         assert (await client.post(f"/admin/v1/keys/{made['key_id']}/rotate", json=body)).status == status
     assert (await client.post("/admin/v1/keys/aaaaaaaaaaaa/rotate", json={"grace": "1h"})).status == 404
@@ -240,6 +335,9 @@ async def test_admin_rotate_compromise_expiring_and_audited(aiohttp_client: Any,
     rec = build_record(SEEN[-1])
     assert rec["admin"]["action"] == "keys.revoke_compromised" and rec["admin"]["target"] == rot["key_id"]
     assert leak["replacement"]["key_id"] in rec["admin"]["detail"] and new_token not in json.dumps(rec)
+    assert rec["admin"]["before"][rot["key_id"]]["status"] == "active"
+    assert rec["admin"]["after"][rot["key_id"]]["status"] == "revoked"
+    assert rec["admin"]["after"][leak["replacement"]["key_id"]]["status"] == "active"
     assert list((tmp_path / "reports").glob(f"compromised-{rot['key_id']}-*.json"))
 
     # A plain revoke still answers the count; an odd body is refused, not ignored.
@@ -247,3 +345,61 @@ async def test_admin_rotate_compromise_expiring_and_audited(aiohttp_client: Any,
     resp = await client.post(f"/admin/v1/keys/{made['key_id']}/revoke")
     assert (await resp.json()) == {"revoked": 1}
     assert "admin" not in build_record(RequestContext(request_id="x", client_ip="1.2.3.4"))
+
+
+# ---------------------------------------------------------------- through the real server
+
+@pytest.fixture(scope="module")
+def gw(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-lifecycle"), triton.http_url, free_ports(3)).start()
+    yield g
+    g.stop()
+
+
+def _generate(gw: Gateway, key: str) -> int:
+    return call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "hi", "max_tokens": 2}, key)[0]
+
+
+def _admin(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, _, raw = call(gw.url + path, "POST", body, key)
+    return status, json.loads(raw)
+
+
+def _end_grace(gw: Gateway, key_id: str) -> None:
+    """The grace ends now: the old key's expiry brought to the present, instead of waiting for it."""
+    async def go() -> None:
+        async with await SqliteStore.open(store_path(gw.data_dir)) as store:
+            assert await store.shorten_expiry(key_id, time.time())
+    asyncio.run(go())
+
+
+def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) -> None:
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    app_id, app_key = gw.key(tier="app", owner="billing", roles=(), expires_in_s=30 * 24 * H)
+    dev_id, dev_key = gw.key(tier="device", owner="edge-1", roles=(), parent_id=app_id, expires_in_s=24 * H)
+    assert _generate(gw, dev_key) == 200
+    status, rot = _admin(gw, admin, f"/admin/v1/keys/{app_id}/rotate", {"grace": "24h"})
+    assert status == 201, rot
+    _end_grace(gw, app_id)
+    assert _generate(gw, app_key) == 401                   # the old app key is over
+    assert _generate(gw, dev_key) == 200                   # its device is not: it moved to the successor
+    assert _generate(gw, rot["key"]) == 200
+    record = [r for r in audit_records(gw) if r.get("admin", {}).get("action") == "keys.rotate"][-1]
+    assert record["admin"]["before"][dev_id]["parent_id"] == app_id
+    assert record["admin"]["after"][dev_id]["parent_id"] == rot["key_id"]
+    status, revoked = _admin(gw, admin, f"/admin/v1/keys/{rot['key_id']}/revoke", {})
+    assert (status, revoked) == (200, {"revoked": 2})
+    assert _generate(gw, dev_key) == 401                   # revoking the successor revoked the device
+
+
+def test_the_leak_report_holds_the_use_just_before_the_revocation(gw: Gateway) -> None:
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    app_id, app_key = gw.key(tier="app", owner="leaky", roles=())
+    assert _generate(gw, app_key) == 200
+    status, leak = _admin(gw, admin, f"/admin/v1/keys/{app_id}/revoke", {"compromised": True})
+    assert status == 200, leak
+    report = leak["report"]
+    assert report["audit_flushed"] is True and report["uses"] == 1
+    assert report["events"][-1]["path"] == "/v2/models/deepseek/generate"
+    assert report["events"][-1]["http_status"] == 200
+    assert _generate(gw, app_key) == 401 and _generate(gw, leak["replacement"]["key"]) == 200

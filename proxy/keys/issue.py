@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
 from proxy.keys.format import generate_key, key_prefix_and_last4
-from proxy.keys.hashing import hash_secret
+from proxy.keys.hashing import hash_secret, pepper_version
 from proxy.limits import parse_limits
 from proxy.store import KeyRecord, KeyStore
 
@@ -164,7 +164,7 @@ async def _live_parent(store: KeyStore, parent_id: str, now: float) -> KeyRecord
 
 # ---------------------------------------------------------------- issuance
 
-async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
+async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str | None,
                     roles: Iterable[str] = (), labels: Mapping[str, str] | None = None,
                     models: Iterable[str] = (), allowed_cidrs: Iterable[str] = (),
                     parent_id: str | None = None, expires_in_s: ExpiresIn = TIER_DEFAULT,
@@ -175,13 +175,14 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
     default (app 365 days, user 90 days, device its parent's expiry). A device key
     lives inside its parent app key's bounds: CIDRs, models and roles are inherited
     when not given and must lie within the parent's when given; its labels extend the
-    parent's; its expiry is clamped to the parent's. Raises ValueError on bad input.
+    parent's; its expiry is clamped to the parent's. `owner` None: a device takes its
+    parent's owner, any other key its own key id. Raises ValueError on bad input.
     """
     if tier == "session":
         raise ValueError("session tokens are minted from a user or app key, not issued here")
     if tier not in ISSUABLE_TIERS:
         raise ValueError(f"tier must be one of {', '.join(ISSUABLE_TIERS)}, got {tier!r}")
-    owner = _owner(owner)
+    owner = None if owner is None else _owner(owner)
     role_t, model_t = _names(roles, "role"), _names(models, "model")
     label_d, cidr_t = _labels(labels), parse_cidrs(allowed_cidrs)
     expires_at = _expiry(expires_in_s, now, tier)
@@ -196,6 +197,7 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
         if not parent_id:
             raise ValueError("a device key needs a parent app key (parent_id)")
         parent = await _live_parent(store, parent_id, now)
+        owner = parent.owner if owner is None else owner
         role_t, model_t, label_d, cidr_t = _bound_by_parent(parent, role_t, model_t, label_d,
                                                              cidr_t)
         if expires_in_s == TIER_DEFAULT:
@@ -209,7 +211,8 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str,
     key_id, token = generate_key()
     prefix, last4 = key_prefix_and_last4(token)
     rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(pepper, token), tier=tier,
-                    owner=owner, roles=role_t, labels=label_d, models=model_t,
+                    pepper_version=pepper_version(pepper),
+                    owner=key_id if owner is None else owner, roles=role_t, labels=label_d, models=model_t,
                     allowed_cidrs=cidr_t, limits=limit_d, parent_id=parent_id if tier == "device" else None,
                     prefix=prefix, last4=last4, created_at=now, expires_at=expires_at)
     await store.create_key(rec)

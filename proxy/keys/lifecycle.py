@@ -9,18 +9,20 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.audit import query_audit
+from proxy.errors import AuditUnavailable
 from proxy.keys.issue import ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
-from proxy.store import KeyRecord
-from proxy.store.sqlite import SqliteStore
+from proxy.store import KeyRecord, KeyStore
 
 # A report lists every use, but a key hammered for months would make it unreadable; the
 # aggregates (ips, models, tokens) always cover everything, the event list stops here.
 MAX_REPORT_EVENTS = 10_000
 # Read from the audit index per key; more than this and the report says it is truncated.
 MAX_AUDIT_ROWS = 1_000_000
+# How long the leak report waits for the audit writer to persist the uses queued before the revocation.
+AUDIT_FLUSH_TIMEOUT_S = 10.0
 _EVENT_FIELDS = ("timestamp", "key_id", "client_ip", "model", "action", "status", "http_status",
                  "input_tokens", "output_tokens", "protocol", "path")
 
@@ -33,11 +35,18 @@ class LifecycleError(ValueError):
         self.not_found = not_found
 
 
+class AuditFlush(Protocol):
+    """The audit writer, as the leak report needs it (proxy.audit.AuditWriter)."""
+
+    async def flush(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Rotation:
     old: KeyRecord          # as stored after the rotation (expiry brought forward)
     new: KeyRecord
     token: str              # the successor's plaintext key, shown once
+    moved: tuple[str, ...] = ()   # device keys re-parented from the old app key to the successor
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +58,7 @@ class Compromise:
     report_path: Path
 
 
-async def _get(store: SqliteStore, key_id: str) -> KeyRecord:
+async def _get(store: KeyStore, key_id: str) -> KeyRecord:
     rec = await store.get_key(key_id)
     if rec is None:
         raise LifecycleError(f"key {key_id!r} not found", not_found=True)
@@ -58,7 +67,7 @@ async def _get(store: SqliteStore, key_id: str) -> KeyRecord:
     return rec
 
 
-async def _successor(store: SqliteStore, pepper: bytes, rec: KeyRecord, now: float
+async def _successor(store: KeyStore, pepper: bytes, rec: KeyRecord, now: float
                      ) -> tuple[KeyRecord, str]:
     """A new key with the same scope: tier, owner, roles, labels, models, CIDRs, parent, limits.
 
@@ -75,12 +84,20 @@ async def _successor(store: SqliteStore, pepper: bytes, rec: KeyRecord, now: flo
         raise LifecycleError(f"cannot issue a successor for {rec.key_id}: {exc}") from None
 
 
-async def rotate_key(store: SqliteStore, pepper: bytes, key_id: str, grace_s: float, *,
+async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float, *,
                      now: float) -> Rotation:
     """Issue a successor with the same scope; the old key works until now + grace, then never.
 
     The old key's expiry is only ever brought forward: a key due to expire before the grace
     ends keeps its earlier expiry. Refused for a revoked or expired key.
+
+    Rotating an app key rotates the app's credential, not its devices: the unrevoked device
+    keys under it are re-parented to the successor at once, so they keep working through and
+    after the grace, bounded from now on by the successor's scope, limits and expiry (the same
+    scope the old key had, and an expiry no earlier than the old one, so a device never outlives
+    its parent). Revoking the successor revokes them; revoking the old key after the rotation
+    does not, since they are no longer under it. A leaked app key is not rotated but revoked
+    with `compromise_key`, which revokes its devices too.
     """
     if not grace_s >= 0:
         raise LifecycleError(f"grace must be zero or more seconds, got {grace_s!r}")
@@ -89,10 +106,12 @@ async def rotate_key(store: SqliteStore, pepper: bytes, key_id: str, grace_s: fl
     if status != "active":
         raise LifecycleError(f"key {key_id} is {status}: nothing to rotate")
     new, token = await _successor(store, pepper, rec, now)
+    # Before the old key's expiry is brought forward: no moment where its devices die with it.
+    moved = await store.reparent_children(key_id, new.key_id) if rec.tier == "app" else []
     await store.shorten_expiry(key_id, now + grace_s)
     old = await store.get_key(key_id)
     assert old is not None
-    return Rotation(old, new, token)
+    return Rotation(old, new, token, tuple(moved))
 
 
 def subtree(keys: Iterable[KeyRecord], key_id: str) -> list[str]:
@@ -110,20 +129,32 @@ def subtree(keys: Iterable[KeyRecord], key_id: str) -> list[str]:
     return out
 
 
-async def compromise_key(store: SqliteStore, pepper: bytes, data_dir: Path, key_id: str, *,
-                         now: float, actor: str | None = None) -> Compromise:
+async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id: str, *,
+                         now: float, actor: str | None = None, audit: AuditFlush | None = None,
+                         flush_timeout_s: float = AUDIT_FLUSH_TIMEOUT_S) -> Compromise:
     """Leak response: revoke the key and its subtree first, then replace it, then report its use.
 
     The revocation comes first so the leaked credential stops working before anything slower
     runs. The report (every audited use of the key and its subtree since the key was created)
-    is also written as JSON under `<data_dir>/reports/`.
+    is also written as JSON under `<data_dir>/reports/`. `audit`: this process's audit writer,
+    flushed before the report reads the log so that uses up to the revocation are in it
+    (`audit_flushed` in the report says whether that finished within `flush_timeout_s`).
     """
     rec = await _get(store, key_id)
     await store.revoke_key(key_id, now)
     ids = subtree(await store.list_keys(), key_id)
     new, token = await _successor(store, pepper, rec, now)
+    flushed: bool | None = None   # None: no writer in this process (the CLI); the server's may lag
+    if audit is not None:
+        try:
+            async with asyncio.timeout(flush_timeout_s):
+                await audit.flush()
+            flushed = True
+        except (TimeoutError, AuditUnavailable):   # the log is failing; the report says what it holds
+            flushed = False
     report = await usage_report(Path(data_dir), rec, ids, now=now)
-    report.update({"replacement_key_id": new.key_id, "revoked": ids, "actor": actor})
+    report.update({"replacement_key_id": new.key_id, "revoked": ids, "actor": actor,
+                   "audit_flushed": flushed})
     path = await asyncio.to_thread(write_report, Path(data_dir), key_id, report, now)
     return Compromise(ids, new, token, report, path)
 
