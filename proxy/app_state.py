@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,11 @@ class AppState:
     limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
     key_cache: KeyCache | None = None   # verified keys and sessions (key_cache.py); None: every request reads the store
+    # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
+    # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the
+    # audit writer closes only after its last records.
+    draining: bool = False
+    grpc_stopped: asyncio.Event | None = None
 
 
 STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)

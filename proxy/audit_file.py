@@ -25,12 +25,22 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class JsonlFile:
-    """audit.jsonl opened for appending. Not thread-safe: the writer calls it from one thread at a time."""
+ACTIVE = "audit.jsonl"
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+
+def active_name(worker: int) -> str:
+    """The file a process appends to: one per worker, since appends from several processes could interleave."""
+    return ACTIVE if worker == 0 else f"audit.w{worker}.jsonl"
+
+
+class JsonlFile:
+    """One process's active audit file, opened for appending. Not thread-safe: one writer thread at a time."""
+
+    def __init__(self, directory: Path, max_bytes: int, name: str = ACTIVE) -> None:
         self.dir = directory
-        self.path = directory / "audit.jsonl"
+        self.path = directory / name
+        # audit.jsonl rotates to audit-<stamp>.jsonl, audit.w2.jsonl to audit-<stamp>.w2.jsonl.
+        self._rotated_suffix = name[len("audit"):]
         self.max_bytes = max_bytes
         self.rotated = False        # set by a rotation; the writer applies retention then
         self._fd: int | None = None
@@ -93,14 +103,15 @@ class JsonlFile:
     def _rotate(self) -> None:
         self.close()
         stamp = datetime.now(timezone.utc)
-        os.rename(self.path, self.dir / f"audit-{stamp.strftime(ROTATED_FMT)}.jsonl")
+        os.rename(self.path, self.dir / f"audit-{stamp.strftime(ROTATED_FMT)}{self._rotated_suffix}")
         self._open()
         self.rotated = True
 
 
 def rotated_epoch(path: Path) -> float:
     try:
-        stamp = datetime.strptime(path.stem[len("audit-"):], ROTATED_FMT)
+        # audit-<stamp>.jsonl or, from a worker, audit-<stamp>.w2.jsonl; the stamp ends in "Z".
+        stamp = datetime.strptime(path.name[len("audit-"):].split("Z", 1)[0] + "Z", ROTATED_FMT)
         return stamp.replace(tzinfo=timezone.utc).timestamp()
     except ValueError:
         return path.stat().st_mtime
@@ -109,6 +120,11 @@ def rotated_epoch(path: Path) -> float:
 def rotated_files(audit_dir: Path) -> list[Path]:
     """Rotated JSONL files, oldest first (the timestamp format sorts lexically)."""
     return sorted(audit_dir.glob("audit-*.jsonl"))
+
+
+def active_files(audit_dir: Path) -> list[Path]:
+    """The files being appended to: audit.jsonl, and one per worker under `serve --workers N`."""
+    return sorted(p for p in audit_dir.glob("audit*.jsonl") if not p.name.startswith("audit-"))
 
 
 def _last_lines(path: Path, n: int, block: int = 65536) -> list[bytes]:
@@ -138,9 +154,21 @@ def last_records(path: Path, n: int) -> list[dict[str, Any]]:
 
 
 def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
-    """The last `n` records, oldest first; reaches into rotated files when needed."""
+    """The last `n` records, oldest first; reaches into rotated files when needed.
+
+    With several workers each file is one worker's stream; their tails are merged by time.
+    """
     audit_dir = Path(data_dir) / "audit"
-    files = [*rotated_files(audit_dir), audit_dir / "audit.jsonl"]
+    active = active_files(audit_dir)
+    if len(active) <= 1:
+        return _tail_stream([*rotated_files(audit_dir), audit_dir / ACTIVE], n)
+    merged = [rec for path in active
+              for rec in _tail_stream([*sorted(audit_dir.glob(f"audit-*{path.name[len('audit'):]}")), path], n)]
+    merged.sort(key=lambda r: str(r.get("timestamp", "")))   # ISO-8601 UTC sorts as text
+    return merged[-n:] if n > 0 else []
+
+
+def _tail_stream(files: list[Path], n: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in reversed(files):
         if len(out) >= n:

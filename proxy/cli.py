@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import sys
@@ -12,9 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .crypto_cli import add_crypto_commands
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .errors import SeekgateError
-from .keys.hashing import load_or_create_pepper
+from .keys.envelope import EnvelopeError
+from .keys.kek import KekError
+from .keys.secrets_setup import load_pepper_sync
 from .keys.issue import TIER_DEFAULT, issue_key, parse_duration, public_view
 from .limits import LIMIT_FIELDS
 from .paths import store_path
@@ -99,7 +103,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--expires: {exc}", 2) from None
     limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
-    pepper = load_or_create_pepper(Path(settings.data_dir))
+    pepper = load_pepper_sync(settings)
 
     async def create(store: SqliteStore) -> tuple[Any, str]:
         return await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
@@ -168,7 +172,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     if grace is None:
         raise CliError("--grace: give a duration such as 24h, not never", 2)
     settings = load(args)
-    pepper = load_or_create_pepper(Path(settings.data_dir))
+    pepper = load_pepper_sync(settings)
 
     async def rotate(store: SqliteStore) -> Rotation:
         return await rotate_key(store, pepper, args.id, grace, now=time.time())
@@ -178,10 +182,12 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.json:
         _out({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
-              **public_view(rot.new)})
+              **public_view(rot.new), "moved": list(rot.moved)})
     else:
         print(f"rotated {rot.old.key_id} -> {rot.new.key_id}; the old key works until "
               f"{public_view(rot.old)['expires_at']}")
+        if rot.moved:
+            print(f"moved {len(rot.moved)} device key(s) to {rot.new.key_id}: {', '.join(rot.moved)}")
         print(rot.token)
         print("store this key now: it is not shown again", file=sys.stderr)
     return 0
@@ -190,7 +196,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
     from .keys.lifecycle import Compromise, LifecycleError, compromise_key
     settings = load(args)
-    pepper = load_or_create_pepper(Path(settings.data_dir))
+    pepper = load_pepper_sync(settings)
 
     async def compromise(store: SqliteStore) -> Compromise:
         return await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=time.time(),
@@ -292,10 +298,13 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.workers != 1:
-        raise CliError("--workers: only 1 worker is supported so far", 2)
     from .http_server import serve
-    serve(load(args))
+    settings = load(args)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise CliError(f"--workers: must be 1 or more, got {args.workers}", 2)
+        settings = dataclasses.replace(settings, server=dataclasses.replace(settings.server, workers=args.workers))
+    serve(settings)
     return 0
 
 
@@ -350,18 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "check-config", cmd_check_config, "validate the configuration and the policy directory")
     cmd(sub, "up", cmd_up, "start Triton and the proxy together (first start prints an admin key)")
     p = cmd(sub, "serve", cmd_serve, "run the proxy in the foreground")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (only 1 is supported yet)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes sharing the ports, limits exact across them (default: server.workers)")
     cmd(sub, "triton", cmd_triton, "run the local tritonserver in the foreground")
+    add_crypto_commands(sub, cmd)
 
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")
     p = cmd(keys, "create", cmd_keys_create, "create a key; the key is printed once")
     p.add_argument("--tier", required=True, choices=("app", "device", "user"))
-    p.add_argument("--name", required=True, help="owner: the person, app or device the key is for")
+    p.add_argument("--name", help="owner: the person, app or device the key is for "
+                                  "(default: a device key's parent's owner, else the new key's id)")
     p.add_argument("--role", action="append", default=[], help="role (repeatable)")
     p.add_argument("--label", action="append", default=[], help="label key=value (repeatable)")
     p.add_argument("--model", action="append", default=[], help="model the key may use (repeatable; none = any)")
-    p.add_argument("--cidr", action="append", default=[], help="client CIDR the key is bound to (repeatable)")
+    p.add_argument("--allow-ip", "--cidr", dest="cidr", action="append", default=[], metavar="CIDR",
+                   help="client address or CIDR the key is bound to (repeatable; none = any)")
     p.add_argument("--parent", help="parent app key id (device keys)")
     p.add_argument("--expires", help="90d, 12h, 30m, 3600s or never (default: app 365d, user 90d, "
                                      "device its parent's)")
@@ -431,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"seekgate: {exc}", file=sys.stderr)
         return exc.code
+    except (KekError, EnvelopeError) as exc:   # a missing or wrong root: refuse, in one line
+        print(f"seekgate: {exc}", file=sys.stderr)
+        return 1
     except SeekgateError as exc:   # e.g. the store could not be opened
         print(f"seekgate: {exc.reason}", file=sys.stderr)
         return 1

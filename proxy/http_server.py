@@ -21,21 +21,24 @@ from .audit import AuditWriter
 from .authz import Authorizer, PolicyWatcher
 from .classify import classify_http
 from .context import RequestContext
-from .errors import AuditUnavailable, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
+from .errors import AuditUnavailable, Draining, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
 from .forward import forward
 from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
 from .grpc_server import GrpcFrontEnd
 from .key_cache import KeyCache
-from .keys.hashing import load_or_create_pepper
+from .keys.expiry_events import watch_expiry_events
 from .keys.lifecycle import expiring_by_tier
-from .keys.secrets_setup import open_sessions
+from .keys.secrets_setup import open_keyring
+from .budget_store import BudgetStore, budget_store_path
 from .limits import LocalLimiter
+from .shared_limiter import SocketLimiter
 from .metrics import Metrics
 from .paths import store_path
 from .pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
 from .settings import Settings
 from .store.sqlite import SqliteStore
 from .triton import INTERNAL_HEADER
+from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
 
@@ -61,6 +64,8 @@ async def request_path(request: web.Request,
         if request.method == "GET" and path in PUBLIC_PROBES:
             # Load balancers probe health without a key; nothing else is public.
             ctx.resource = classify_http(request.method, path)
+            if state.draining and path == "/v2/health/ready":
+                raise Draining()   # else readiness is Triton's own, forwarded below
         else:
             if not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")
@@ -163,7 +168,8 @@ async def catch_all(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ resources
 
-def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The process's long-lived resources; a `worker` of `serve --workers N` shares its limiter with the others."""
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -186,12 +192,15 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
         audit = AuditWriter(data_dir, max_bytes=settings.audit.max_bytes,
                             retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed,
                             durability=settings.audit.durability,
-                            fsync_interval_s=settings.audit.fsync_interval_s)
+                            fsync_interval_s=settings.audit.fsync_interval_s,
+                            worker=worker.index if worker else 0)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await SqliteStore.open(store_path(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).
         try:
-            sessions = await open_sessions(settings, data_dir, store)
+            keyring = await open_keyring(settings, data_dir, store)
+            # Day/month token budgets survive a restart; with workers the supervisor's limiter keeps them.
+            budgets = None if worker else await BudgetStore.open(budget_store_path(data_dir))
         except BaseException:
             await store.close()
             raise
@@ -201,24 +210,42 @@ def resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[N
             timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.request_timeout_s),
             auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
         key_file = data_dir / "secrets" / "triton-internal-key"
-        state = AppState(settings, data_dir, store, load_or_create_pepper(data_dir), authorizer, watcher,
+        state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None,
-                         limiter=LocalLimiter(), sessions=sessions, key_cache=KeyCache.from_settings(settings.auth))
+                         limiter=SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets),
+                         sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth))
         app[STATE] = state
+        keyring.on_pepper = lambda pepper: setattr(state, "pepper", pepper)   # a rotated pepper, reloaded
+        await state.limiter.start()   # loads today's and this month's budgets before the first request
         await audit.start()
         await watcher.start()
         health = asyncio.create_task(watch_upstream(state))
-        expiry = asyncio.create_task(watch_expiring(state))
+        crypto = asyncio.create_task(keyring.run())   # scheduled rotations; others' rotations picked up
+        expiry = asyncio.create_task(watch_expiring(state, window_s=settings.auth.expiry_warning_s))
+        expiry_events = asyncio.create_task(watch_expiry_events(
+            store, audit.submit, settings.auth.expiry_warning_s, settings.auth.expiry_check_interval_s))
+        gauges = asyncio.create_task(refresh_gauges(metrics)) if worker else None
         try:
             yield
         finally:
             health.cancel()
+            crypto.cancel()
             expiry.cancel()
+            expiry_events.cancel()
+            if gauges is not None:
+                gauges.cancel()
             await watcher.stop()
             await session.close()
+            if isinstance(state.limiter, SocketLimiter):
+                await state.limiter.close()
+            if state.grpc_stopped is not None:   # its last requests audit into the writer closed below
+                await state.grpc_stopped.wait()
+            if isinstance(state.limiter, LocalLimiter):
+                await state.limiter.close()   # after the last request settled: its charges are written
             # Last: requests still finishing above submit their records before the final flush.
             await audit.close()
             await store.close()
+            keyring.close()
     return lifecycle
 
 
@@ -244,10 +271,17 @@ async def watch_expiring(state: AppState, interval: float = 60.0, window_s: floa
         await asyncio.sleep(interval)
 
 
-def build_app(settings: Settings) -> web.Application:
+async def refresh_gauges(metrics: Metrics, interval: float = 1.0) -> None:
+    """Workers only: scrape-time gauges copied into the shared metric files the supervisor serves."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(interval)
+
+
+def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Application:
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
     app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
-    app.cleanup_ctx.append(resources(settings))
+    app.cleanup_ctx.append(resources(settings, worker))
     app.on_response_prepare.append(rate_limit_headers)
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app
@@ -271,18 +305,26 @@ def build_metrics_app(main: web.Application) -> web.Application:
 
 
 async def run(settings: Settings, ready: asyncio.Event | None = None,
-              stop: asyncio.Event | None = None) -> None:
-    """Runs the proxy and its metrics endpoint until `stop` is set (or SIGINT/SIGTERM)."""
-    app = build_app(settings)
+              stop: asyncio.Event | None = None, worker: WorkerRole | None = None) -> None:
+    """Runs the proxy (and, unless a `worker`, its metrics endpoint) until `stop` is set or SIGINT/SIGTERM.
+
+    Shutdown: readiness fails at once, requests are still taken for `shutdown_delay_s` (load
+    balancers move away), then the listeners close and in-flight requests and streams get
+    `drain_timeout_s` to finish before the audit log is flushed and fsynced.
+    """
+    s = settings.server
+    app = build_app(settings, worker)
     # Bodies and binary tensors pass through untouched: no server-side decompression.
     # GuardedRunner: a header-read deadline aiohttp lacks, and parser errors in Triton's format.
-    runner = GuardedRunner(app, header_timeout_s=settings.server.read_timeout_s,
-                           auto_decompress=False, access_log=None)
+    runner = GuardedRunner(app, header_timeout_s=s.read_timeout_s, auto_decompress=False, access_log=None,
+                           shutdown_timeout=s.drain_timeout_s)
     await runner.setup()
-    metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
-    await metrics_runner.setup()
-    s = settings.server
-    sites = [web.TCPSite(runner, s.host, s.http_port), web.TCPSite(metrics_runner, s.host, s.metrics_port)]
+    sites = [web.TCPSite(runner, s.host, s.http_port, reuse_port=worker is not None)]
+    metrics_runner = None
+    if worker is None:   # under --workers the supervisor serves the metrics of all of them
+        metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
+        await metrics_runner.setup()
+        sites.append(web.TCPSite(metrics_runner, s.host, s.metrics_port))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -290,27 +332,49 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    grpc_front = GrpcFrontEnd(runner.app[STATE])   # the cleanup_ctx has built the state by now
+    state = runner.app[STATE]   # the cleanup_ctx has built the state by now
+    state.grpc_stopped = asyncio.Event()
+    grpc_front = GrpcFrontEnd(state)
     try:
-        await grpc_front.start(s.host, s.grpc_port)
+        await grpc_front.start(s.host, s.grpc_port, reuse_port=worker is not None)
         for site in sites:
             await site.start()
-        log.info("seekgate listening on http://%s:%d (metrics :%d)", s.host, s.http_port, s.metrics_port)
+        log.info("seekgate%s listening on http://%s:%d, grpc :%d%s", f" worker {worker.index}" if worker else "",
+                 s.host, s.http_port, s.grpc_port, "" if worker else f", metrics :{s.metrics_port}")
         if ready is not None:
             ready.set()
         await stop.wait()
+        state.draining = True
+        log.info("draining: readiness fails now; in-flight requests get %.0f s", s.drain_timeout_s)
+        if s.shutdown_delay_s:
+            await asyncio.sleep(s.shutdown_delay_s)
     finally:
-        await grpc_front.stop(grace=2.0)   # before cleanup, so its last audit records are in the final flush
-        await runner.cleanup()   # stops accepting, finishes in-flight requests, flushes the audit
-        await metrics_runner.cleanup()
+        async def stop_grpc() -> None:
+            try:
+                await grpc_front.stop(grace=s.drain_timeout_s)
+            finally:
+                assert state.grpc_stopped is not None
+                state.grpc_stopped.set()
+        # Both front ends drain at once; the cleanup_ctx closes the audit writer after both.
+        await asyncio.gather(stop_grpc(), runner.cleanup())
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
 
 
-def serve(settings: Settings) -> None:
-    """Blocking entry point for `seekgate serve`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def install_uvloop() -> None:
     try:
         import uvloop
         uvloop.install()
-    except ImportError:
+    except ImportError:   # an optional speed-up; asyncio's own loop works the same
         pass
+
+
+def serve(settings: Settings) -> None:
+    """Blocking entry point for `seekgate serve`; `server.workers` > 1 hands over to the supervisor."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.server.workers > 1:
+        from .workers import serve_workers
+        serve_workers(settings)
+        return
+    install_uvloop()
     asyncio.run(run(settings))

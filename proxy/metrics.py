@@ -112,19 +112,22 @@ class Metrics:
         self.policy_reload_errors = Counter(
             "seekgate_policy_reload_errors",
             "Policy reloads rejected; the last good policy stays in force.", registry=r)
+        # multiprocess_mode: how `serve --workers N` folds the workers' values into one series.
         self.policy_version = Gauge("seekgate_policy_version",
-                                    "Version of the policy in force.", registry=r)
+                                    "Version of the policy in force.", registry=r, multiprocess_mode="livemax")
         self.audit_queue_depth = Gauge("seekgate_audit_queue_depth",
-                                       "Audit records waiting to be written.", registry=r)
+                                       "Audit records waiting to be written.", registry=r,
+                                       multiprocess_mode="livesum")
         self.audit_write_errors = Counter("seekgate_audit_write_errors",
                                           "Failed audit write attempts (records are retried).",
                                           registry=r)
         self.upstream_up = Gauge("seekgate_upstream_up",
                                  "1 if Triton answered its last health check, else 0.",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livemin")
         self.keys_expiring = Gauge("seekgate_keys_expiring",
                                    "Active keys expiring within the warning window (72 h), by tier.",
-                                   ("tier",), registry=r)
+                                   ("tier",), registry=r, multiprocess_mode="livemax")
+        self._audit_depth_fn: Callable[[], float] = lambda: 0.0
         self.audit_queue_depth.set_function(lambda: 0.0)
 
     # -- label bounds ------------------------------------------------------------
@@ -187,8 +190,17 @@ class Metrics:
         self.upstream_up.set(1.0 if up else 0.0)
 
     def set_audit_depth_fn(self, fn: Callable[[], float]) -> None:
-        """Read at scrape time, e.g. `metrics.set_audit_depth_fn(writer.queue_depth)`."""
+        """Read at scrape time, e.g. `metrics.set_audit_depth_fn(writer.queue_depth)`.
+
+        Under `serve --workers N` the supervisor scrapes the workers' files, not this registry,
+        so a worker copies the value into its file instead (`refresh`, about once a second).
+        """
+        self._audit_depth_fn = fn
         self.audit_queue_depth.set_function(fn)
+
+    def refresh(self) -> None:
+        """Copy scrape-time values into the gauge (multi-process mode, where set_function isn't read)."""
+        self.audit_queue_depth.set(float(self._audit_depth_fn()))
 
     def render(self) -> tuple[bytes, str]:
         """Exposition body and its content type, for the /metrics handler."""

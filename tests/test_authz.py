@@ -255,3 +255,33 @@ async def test_watcher_survives_a_failing_callback_and_a_vanished_dir(tmp_path: 
     finally:
         await watcher.stop()
     await watcher.stop()  # idempotent
+
+
+# ---------------------------------------------------------------- the decision cache
+
+def test_cached_decisions_never_outlive_what_they_depend_on() -> None:
+    """Warm the cache with an allow, then change one input at a time: each must be decided afresh."""
+    from dataclasses import replace
+    a = authz(rule("ml-team", resources=("model:*",), subject={"roles": ["ml"], "labels": {"team": "nlp"},
+                                                              "tiers": ["user"], "owners": ["bob"],
+                                                              "key_may_use_model": True},
+                   environment={"client_ips": ["10.0.0.0/8"], "hours": "08:00-18:00"}))
+    p = Principal("k_ml", "user", "bob", roles=("ml",), labels={"team": "nlp"}, models=("deepseek",))
+    at = lambda h, m=0: datetime(2024, 5, 1, h, m, tzinfo=timezone.utc)  # noqa: E731
+    for _ in range(2):   # the second pass is served from the cache
+        assert decide(a, p, "model:deepseek", "infer", now=at(17, 59)) == Decision(True, "ml-team")
+    changed = [replace(p, roles=("ops",)), replace(p, labels={"team": "vision"}), replace(p, tier="app"),
+               replace(p, owner="eve"), replace(p, models=("other",))]
+    for q in changed:
+        assert not decide(a, q, "model:deepseek", "infer", now=at(17, 59)).allowed, q
+    assert not decide(a, p, "model:deepseek", "infer", ip="192.168.0.1", now=at(17, 59)).allowed
+    assert not decide(a, p, "model:deepseek", "infer", now=at(18, 0)).allowed   # the next minute: closed
+    assert decide(a, p, "model:deepseek", "infer", now=at(17, 59)).allowed      # and the old one still open
+
+
+def test_decision_cache_stays_bounded() -> None:
+    from proxy import authz as authz_module
+    a = authz(rule("all"))
+    for i in range(authz_module._CACHE_MAX + 500):
+        decide(a, Principal(f"k{i}", "user", "bob"), "server", "read")
+    assert 0 < len(a._state.cache) <= authz_module._CACHE_MAX

@@ -345,9 +345,13 @@ def test_triton_down_gives_503_then_recovers(gw: Gateway, relay: TcpRelay, user_
     try:
         status, headers, raw = call(url, "POST", body, user_key)
         assert status == 503 and headers.get("Retry-After") and json.loads(raw)["error"]
+        # Readiness is Triton's: a load balancer takes this proxy out while Triton is away.
+        assert call(gw.url + "/v2/health/ready")[0] == 503
     finally:
         relay.block(False)
+    # Back within seconds of Triton's return, without a restart.
     assert wait_for(lambda: call(url, "POST", body, user_key)[0] == 200, 5.0)
+    assert call(gw.url + "/v2/health/ready")[0] == 200
 
 
 def test_zz_no_plaintext_key_anywhere_on_disk_in_logs_or_metrics(gw: Gateway, triton: TritonProcess,

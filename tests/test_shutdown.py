@@ -12,12 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from proxy.triton import TritonProcess
 from tests.conftest import REPO, free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, wait_for
 
 
 def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_path: Path) -> None:
@@ -79,3 +80,58 @@ def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_pat
     recorded = {json.loads(line)["request_id"] for line in audit_file.read_text().splitlines() if line.strip()}
     assert len(answered) > 20
     assert set(answered) <= recorded
+
+
+def test_sigterm_fails_readiness_at_once_and_lets_a_stream_finish(triton: TritonProcess, tmp_path: Path) -> None:
+    http, grpc_, metrics = free_ports(3)
+    config = tmp_path / "seekgate.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics,
+                   "shutdown_delay_s": 1.0, "drain_timeout_s": 20.0},
+        "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
+        "policy": {"directory": str(REPO / "policies")},
+    }))
+    _, key = Gateway(tmp_path, triton.http_url, [http, grpc_, metrics], data_dir=str(tmp_path / "data")).key()
+    server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http}"
+
+    def ready() -> int:
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, OSError):
+            return 0
+    try:
+        assert wait_for(lambda: ready() == 200, 30)
+
+        def open_stream() -> Any:
+            req = urllib.request.Request(url + "/v2/models/deepseek_stream/generate_stream", method="POST",
+                                         data=json.dumps({"text_input": "drain", "max_tokens": 48}).encode(),
+                                         headers={"Authorization": f"Bearer {key}"})
+            return urllib.request.urlopen(req, timeout=60)
+
+        def events(raw: bytes) -> list[dict[str, Any]]:
+            return [json.loads(line[5:]) for line in raw.splitlines() if line.startswith(b"data:")]
+        with open_stream() as whole:   # greedy decoding: the reference for the drained stream
+            expected = events(whole.read())
+        assert len(expected) > 5
+        stream = open_stream()
+        first = stream.readline()   # the stream is under way
+        assert first.startswith(b"data:")
+        server.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: ready() == 503, 1.0)   # at once, while still taking requests
+        got = events(first + stream.read())   # no reset: the stream runs to its end
+        assert got == expected
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    audit_file = tmp_path / "data" / "audit" / "audit.jsonl"
+    streams = [json.loads(line) for line in audit_file.read_text().splitlines()
+               if '"deepseek_stream"' in line]
+    assert len(streams) == 2 and all(r["http_status"] == 200 for r in streams)
+    assert streams[1]["output_tokens"] == expected[-1]["output_tokens"]
