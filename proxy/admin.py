@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from .app_state import CTX, STATE
-from .keys.issue import TIER_DEFAULT, ExpiresIn, is_key_id, issue_key, parse_duration, public_view
+from .keys.issue import (MAX_AUDITED_KEYS, TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key,
+                         parse_duration, public_view)
 from .keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key, subtree
 from .keys.sessions import is_jti
 from .limits import parse_limits
@@ -24,9 +24,6 @@ from .store.sqlite_secrets import SqliteSecretRows
 
 PREFIX = ("admin", "v1")
 RESOURCES = ("keys", "sessions")
-# An audit record names at most this many changed keys (a revoked app key may have thousands of
-# devices); `admin.detail` then says how many there were.
-MAX_AUDITED_KEYS = 100
 # Everything POST /admin/v1/keys accepts; anything else is a typo and refused, not ignored.
 _CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models",
                             "allowed_cidrs", "parent_id", "expires", "limits"})
@@ -65,11 +62,6 @@ def _note(request: web.Request, action: str, target: str | None = None, detail: 
         for name, value in (("target", target), ("detail", detail), ("before", before), ("after", after)):
             if value is not None:
                 ctx.extra[f"admin_{name}"] = value
-
-
-def _views(recs: Sequence[KeyRecord | None], now: float) -> dict[str, Any]:
-    """key id -> public view, for admin.before / admin.after (at most MAX_AUDITED_KEYS of them)."""
-    return {r.key_id: public_view(r, now) for r in recs[:MAX_AUDITED_KEYS] if r is not None}
 
 
 async def _records(store: KeyStore, ids: list[str]) -> list[KeyRecord | None]:
@@ -151,7 +143,7 @@ async def _revoke(request: web.Request, key_id: str) -> web.Response:
     # Revoking an already revoked key is not an error: it reports 0 newly revoked.
     count = await store.revoke_key(key_id, now)
     _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(ids)} key(s)",
-          before=_views(before, now), after=_views(await _records(store, ids), now))
+          before=audited_views(before, now), after=audited_views(await _records(store, ids), now))
     return web.json_response({"revoked": count})
 
 
@@ -189,7 +181,7 @@ async def _create(request: web.Request, body: bytes | None) -> web.Response:
         rec, token = await issue_key(state.store, state.pepper, now=time.time(), **spec)
     except (ValueError, StoreConflict) as exc:   # StoreConflict is a ValueError; named for clarity
         raise _Reply(400, str(exc)) from None
-    _note(request, "keys.create", rec.key_id, before={}, after=_views([rec], rec.created_at))
+    _note(request, "keys.create", rec.key_id, before={}, after=audited_views([rec], rec.created_at))
     return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
                              headers={"Cache-Control": "no-store"})   # the only time the key is shown
 
@@ -216,8 +208,8 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
     _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
           + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
-          before=_views(before, now),
-          after=_views([rot.old, rot.new, *await _records(state.store, list(rot.moved))], now))
+          before=audited_views(before, now),
+          after=audited_views([rot.old, rot.new, *await _records(state.store, list(rot.moved))], now))
     return web.json_response({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
                               **public_view(rot.new), "moved": list(rot.moved)},
                              status=201, headers={"Cache-Control": "no-store"})
@@ -240,8 +232,8 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
     _note(request, "keys.revoke_compromised", key_id,
           f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
-          before=_views(before, now),
-          after=_views([*await _records(state.store, done.revoked), done.new], now))
+          before=audited_views(before, now),
+          after=audited_views([*await _records(state.store, done.revoked), done.new], now))
     return web.json_response({"revoked": done.revoked,
                               "replacement": {"key_id": done.new.key_id, "key": done.token,
                                               **public_view(done.new)},

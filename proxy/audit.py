@@ -15,7 +15,7 @@ from typing import Any
 import aiosqlite
 
 from .audit_db import FIELDS, INSERT, connect, query_audit, row
-from .audit_file import JsonlFile, active_name, dumps, last_records, rotated_epoch, rotated_files, tail_audit
+from .audit_file import ACTIVE, JsonlFile, dumps, last_records, rotated_epoch, rotated_files, tail_audit
 from .context import RequestContext
 from .errors import AuditUnavailable
 
@@ -81,10 +81,10 @@ class AuditWriter:
     def __init__(self, data_dir: Path, max_bytes: int = 100 * 1024 * 1024,
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
-                 fsync_interval_s: float = 0.1, durability: str = "batched", worker: int = 0) -> None:
+                 fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
-        self.file = JsonlFile(self.dir, max_bytes, active_name(worker))
+        self.file = JsonlFile(self.dir, max_bytes, file_name)
         self.jsonl_path = self.file.path
         self.retention_days = retention_days
         self.on_error = on_error

@@ -159,13 +159,18 @@ def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
     With several workers each file is one worker's stream; their tails are merged by time.
     """
     audit_dir = Path(data_dir) / "audit"
-    active = active_files(audit_dir)
-    if len(active) <= 1:
-        return _tail_stream([*rotated_files(audit_dir), audit_dir / ACTIVE], n)
-    merged = [rec for path in active
-              for rec in _tail_stream([*sorted(audit_dir.glob(f"audit-*{path.name[len('audit'):]}")), path], n)]
+    streams = [[*rotated_of(audit_dir, path.name), path] for path in active_files(audit_dir)]
+    if len(streams) == 1:
+        return _tail_stream(streams[0], n)
+    merged = [rec for files in streams for rec in _tail_stream(files, n)]
     merged.sort(key=lambda r: str(r.get("timestamp", "")))   # ISO-8601 UTC sorts as text
     return merged[-n:] if n > 0 else []
+
+
+def rotated_of(audit_dir: Path, active: str) -> list[Path]:
+    """The rotated files of one stream, oldest first: audit.w2.jsonl's are audit-<stamp>.w2.jsonl."""
+    suffix = active[len("audit"):]
+    return [p for p in rotated_files(audit_dir) if p.name[len("audit-"):].split("Z", 1)[-1] == suffix]
 
 
 def _tail_stream(files: list[Path], n: int) -> list[dict[str, Any]]:

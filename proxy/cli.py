@@ -19,10 +19,11 @@ from .errors import SeekgateError
 from .keys.envelope import EnvelopeError
 from .keys.kek import KekError
 from .keys.secrets_setup import load_pepper_sync
-from .keys.issue import TIER_DEFAULT, issue_key, parse_duration, public_view
+from .keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
 from .limits import LIMIT_FIELDS
 from .paths import store_path
 from .settings import Settings, SettingsError, load_settings
+from .store import KeyRecord
 from .store.sqlite import SqliteStore
 
 DEFAULT_CONFIG = Path("config/seekgate.yaml")
@@ -61,6 +62,23 @@ def with_store(settings: Settings, fn: Callable[[SqliteStore], Coroutine[Any, An
         finally:
             await store.close()
     return asyncio.run(go())
+
+
+async def audit(settings: Settings, action: str, target: str | None, **fields: Any) -> None:
+    """The audit record of a change just made; the command fails (exit 1) if it cannot be written."""
+    from .cli_audit import cli_record, write_cli_audit
+    try:
+        await write_cli_audit(settings, cli_record(action, target, **fields))
+    except Exception as exc:
+        raise CliError(f"{action} {target}: done, but its audit record could not be written: {exc}") from None
+
+
+async def subtree_records(store: SqliteStore, key_id: str) -> list[KeyRecord]:
+    """`key_id` and every key under it, as stored now (for an audit record's before/after)."""
+    from .keys.lifecycle import subtree
+    recs = await store.list_keys()
+    ids = set(subtree(recs, key_id))
+    return [r for r in recs if r.key_id in ids]
 
 
 def parse_time(text: str, now: float) -> float:
@@ -106,9 +124,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     pepper = load_pepper_sync(settings)
 
     async def create(store: SqliteStore) -> tuple[Any, str]:
-        return await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
-                               labels=labels, models=args.model, allowed_cidrs=args.cidr,
-                               parent_id=args.parent, expires_in_s=expires, limits=limits, now=time.time())
+        now = time.time()
+        rec, token = await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
+                                     labels=labels, models=args.model, allowed_cidrs=args.cidr,
+                                     parent_id=args.parent, expires_in_s=expires, limits=limits, now=now)
+        await audit(settings, "keys.create", rec.key_id, before={}, after=audited_views([rec], now))
+        return rec, token
     try:
         rec, token = with_store(settings, create)
     except ValueError as exc:
@@ -175,7 +196,13 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     pepper = load_pepper_sync(settings)
 
     async def rotate(store: SqliteStore) -> Rotation:
-        return await rotate_key(store, pepper, args.id, grace, now=time.time())
+        now = time.time()
+        before = [r for r in await store.list_keys() if args.id in (r.key_id, r.parent_id)]
+        rot = await rotate_key(store, pepper, args.id, grace, now=now)
+        after = [rot.old, rot.new, *[await store.get_key(i) for i in rot.moved]]
+        await audit(settings, "keys.rotate", args.id, detail=f"successor {rot.new.key_id}",
+                    before=audited_views(before, now), after=audited_views(after, now))
+        return rot
     try:
         rot = with_store(settings, rotate)
     except LifecycleError as exc:
@@ -199,8 +226,13 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
     pepper = load_pepper_sync(settings)
 
     async def compromise(store: SqliteStore) -> Compromise:
-        return await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=time.time(),
-                                    actor="cli")
+        now = time.time()
+        before = await subtree_records(store, args.id)
+        done = await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=now, actor="cli")
+        after = [*[await store.get_key(i) for i in done.revoked], done.new]
+        await audit(settings, "keys.revoke_compromised", args.id, detail=f"replacement {done.new.key_id}",
+                    before=audited_views(before, now), after=audited_views(after, now))
+        return done
     try:
         done = with_store(settings, compromise)
     except LifecycleError as exc:
@@ -222,11 +254,19 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if args.compromised:
         return cmd_keys_revoke_compromised(args)
 
+    settings = load(args)
+
     async def revoke(store: SqliteStore) -> int | None:
         if await store.get_key(args.id) is None:
             return None
-        return await store.revoke_key(args.id, time.time())
-    n = with_store(load(args), revoke)
+        now = time.time()
+        before = await subtree_records(store, args.id)
+        n = await store.revoke_key(args.id, now)
+        after = [await store.get_key(r.key_id) for r in before]
+        await audit(settings, "keys.revoke", args.id, before=audited_views(before, now),
+                    after=audited_views(after, now))
+        return n
+    n = with_store(settings, revoke)
     if n is None:
         raise CliError(f"key {args.id!r} not found")
     if args.json:
@@ -242,10 +282,15 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     if not is_jti(args.jti):
         raise CliError(f"{args.jti!r} is not a session id (jti: 32 hex digits)")
 
+    settings = load(args)
+
     async def revoke(store: SqliteStore) -> bool:
-        return await (await SqliteSecretRows.open(store)).revoke_session(args.jti, time.time())
+        added = await (await SqliteSecretRows.open(store)).revoke_session(args.jti, time.time())
+        await audit(settings, "sessions.revoke", args.jti, before={args.jti: {"revoked": not added}},
+                    after={args.jti: {"revoked": True}})
+        return added
     # No lookup first: session tokens are not stored, so any jti can be revoked ahead of its use.
-    added = with_store(load(args), revoke)
+    added = with_store(settings, revoke)
     print(f"revoked session {args.jti}" + ("" if added else " (already revoked)"))
     return 0
 

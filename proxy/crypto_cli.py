@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cli_audit import cli_record, write_cli_audit
+from .errors import AuditUnavailable
 from .keys.envelope import EnvelopeError
 from .keys.kek import KekError
 from .keys.rotation import Keyring
@@ -44,6 +46,8 @@ async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
             result: dict[str, Any] = await fn(keyring)
             if action != "status":
                 await keyring.maintain()   # finish what the rotation started (re-wrap, retire)
+                # What it printed is ids and times only, so it is also the audit record's detail.
+                await write_cli_audit(settings, cli_record(f"crypto.{action}", detail=result))
             return result
         finally:
             keyring.close()
@@ -55,7 +59,7 @@ def cmd_crypto(args: argparse.Namespace) -> int:
     from .cli import CliError, load
     try:
         result = asyncio.run(run_crypto(args.crypto_action, load(args)))
-    except (KekError, EnvelopeError, ValueError) as exc:
+    except (KekError, EnvelopeError, ValueError, AuditUnavailable) as exc:
         raise CliError(f"crypto {args.crypto_action}: {exc}") from None
     print(json.dumps(result, sort_keys=True, default=str))
     return 0

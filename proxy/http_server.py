@@ -18,6 +18,7 @@ from .admin import handle_admin
 from .session_api import handle_sessions
 from .app_state import CTX, STATE, AppState
 from .audit import AuditWriter
+from .audit_file import active_name
 from .authz import Authorizer, PolicyWatcher
 from .classify import classify_http
 from .context import RequestContext
@@ -193,7 +194,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed,
                             durability=settings.audit.durability,
                             fsync_interval_s=settings.audit.fsync_interval_s,
-                            worker=worker.index if worker else 0)
+                            file_name=active_name(worker.index if worker else 0))
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await SqliteStore.open(store_path(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).

@@ -6,7 +6,7 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final, Literal
 
@@ -60,6 +60,16 @@ def key_status(rec: KeyRecord, now: float) -> str:
     if rec.expires_at is not None and now >= rec.expires_at:
         return "expired"
     return "active"
+
+
+# An audit record names at most this many changed keys (a revoked app key may have thousands of
+# devices); `admin.detail` then says how many there were.
+MAX_AUDITED_KEYS = 100
+
+
+def audited_views(recs: Sequence[KeyRecord | None], now: float) -> dict[str, Any]:
+    """key id -> public view, for an audit record's admin.before / admin.after (never a secret or hash)."""
+    return {r.key_id: public_view(r, now) for r in recs[:MAX_AUDITED_KEYS] if r is not None}
 
 
 def public_view(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
