@@ -6,11 +6,13 @@ request by `authn.check_chain`, since they differ per request.
 
 Invalidation, all exact:
 - every create/revoke/expiry change bumps `store.revision()`, in this process or any other (the
-  CLI, another worker); so does a session (jti) revocation. The revision is read before the store
-  read it guards, and an entry is used only while the revision it was made at is still current.
-  With `revision_check_ms = 0` (the default) it is read on every request: a revocation counts on
-  the very next request. With N > 0 it is read at most every N ms, and a revocation made elsewhere
-  may take up to N ms to count.
+  CLI, another worker); so does a session (jti) revocation. An entry is used only while the
+  revision it was made at is still current. Reading the revision is a database query, so every
+  request instead reads the store's change signal (store/change_signal.py, a shared-memory word
+  every committed change rewrites): while it is unchanged the revision is too, and the query runs
+  only when it moved or `revision_check_ms` passed (a backstop for a writer that died between its
+  commit and the signal). A revocation reported done counts on the very next request, in every
+  process. `revision_check_ms = 0` reads the revision on every request regardless.
 - an entry lives at most `ttl_s` after it was verified, and never past the expiry of the key,
   any ancestor, or the session token's `exp`.
 - while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
@@ -55,6 +57,7 @@ class KeyCache:
         self._mac_key = secrets.token_bytes(32)
         self._entries: OrderedDict[bytes, CachedAuth] = OrderedDict()
         self._revision: int | None = None   # the last revision read; None before the first read
+        self._signal: int | None = None     # the change signal as it was just before that read
         self._checked_at = float("-inf")
 
     @classmethod
@@ -73,11 +76,13 @@ class KeyCache:
         return hashlib.blake2b(token.encode(), key=self._mac_key, digest_size=32).digest()
 
     async def revision(self, store: KeyStore, now: float) -> int | None:
-        """The store revision as of now (or of the last read, within revision_check_ms); None if unreadable.
+        """The store revision as of now (the last one read while the change signal is still); None if unreadable.
 
         A changed revision clears the cache. Called before any store read whose result is cached.
         """
-        if self._revision is not None and 0 <= now - self._checked_at < self._check_s:
+        signal = store.change_signal()
+        if (self._revision is not None and signal is not None and signal == self._signal
+                and 0 <= now - self._checked_at < self._check_s):
             return self._revision
         try:
             rev = await store.revision()
@@ -86,6 +91,8 @@ class KeyCache:
         if rev != self._revision:
             self._entries.clear()
             self._revision = rev
+        # Read before the revision: a change committed in between moves the signal again.
+        self._signal = signal
         self._checked_at = now
         return rev
 

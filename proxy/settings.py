@@ -70,8 +70,9 @@ class AuthSettings:
                                    "counts on the next request (the store revision is checked); 0 = no cache", 5.0)
     key_cache_size: int = _help("Most verified keys and session tokens cached (LRU); 0 = no cache", 10000)
     key_cache_revision_check_ms: float = _help(
-        "Milliseconds between reads of the store revision; a revocation made elsewhere may take this long "
-        "to count. 0 = read on every request (revocation effective on the very next request)", 0.0)
+        "Most milliseconds between reads of the store revision while the store's change signal is still "
+        "(a backstop: every change reported done counts on the next request anyway). 0 = read it on "
+        "every request", 1000.0)
     session_ttl_s: float = _help("Seconds a session token (POST /v1/sessions) lives; at most 900", 900.0)
     session_issuer: str = _help("The iss claim of session tokens; verification requires exactly this", "seekgate")
     session_audience: str = _help("The aud claim of session tokens; verification requires exactly this", "seekgate")

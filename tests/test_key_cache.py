@@ -156,13 +156,35 @@ async def test_the_ttl_bounds_an_entry(store: Counting) -> None:
     assert await reason(token, store, c, now=NOW + TTL) == "revoked"
 
 
-async def test_a_revision_interval_delays_a_foreign_revocation_by_at_most_that_long(
-        store: Counting, tmp_path: Path) -> None:
+async def test_a_foreign_revocation_counts_on_the_next_request_without_a_revision_query(
+        store: Counting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_id, token = await issue(store.store)
+    c = cache(revision_check_ms=60_000)
+    queries = {"n": 0}
+    real = store.store.revision
+
+    async def counted() -> int:
+        queries["n"] += 1
+        return await real()
+    monkeypatch.setattr(store.store, "revision", counted)
+    await auth(token, store, c)
+    for i in range(5):   # the change signal is still: no revision query, no chain read
+        await auth(token, store, c, now=NOW + i)
+    assert queries["n"] == 1 and store.chains == 1
+    async with await SqliteStore.open(tmp_path / "keys.db") as other:   # the CLI, another worker
+        await other.revoke_key(key_id, NOW)
+    assert await reason(token, store, c, now=NOW + 5) == "revoked"   # the very next request
+    assert queries["n"] == 2
+
+
+async def test_an_unsignalled_change_is_caught_by_the_revision_interval(store: Counting, tmp_path: Path) -> None:
+    """A writer that died between its commit and the signal: the periodic revision read bounds the delay."""
     key_id, token = await issue(store.store)
     c = cache(revision_check_ms=500)
     await auth(token, store, c)
-    async with await SqliteStore.open(tmp_path / "keys.db") as other:
-        await other.revoke_key(key_id, NOW)
+    with sqlite3.connect(tmp_path / "keys.db") as raw:   # commits, but never touches the signal
+        raw.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ?", (NOW, key_id))
+        raw.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
     assert (await auth(token, store, c, now=NOW + 0.4)).key_id == key_id   # within the documented bound
     assert await reason(token, store, c, now=NOW + 0.5) == "revoked"
 
@@ -207,7 +229,7 @@ async def test_zero_size_or_ttl_disables_the_cache(store: Counting, kw: dict[str
 
 def test_built_from_settings() -> None:
     c = KeyCache.from_settings(AuthSettings())
-    assert (c.size, c.ttl_s, c._check_s) == (10000, 5.0, 0.0)
+    assert (c.size, c.ttl_s, c._check_s) == (10000, 5.0, 1.0)
 
 
 # --- store down -----------------------------------------------------------------------

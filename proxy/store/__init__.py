@@ -75,7 +75,11 @@ class KeyStore(Protocol):
     async def has_any_admin(self) -> bool: ...
 
     async def revision(self) -> int:
-        """A counter bumped by every change, so caches elsewhere can notice cheaply."""
+        """A counter bumped by every change, so caches elsewhere can notice."""
+        ...
+
+    def change_signal(self) -> int | None:
+        """Changes whenever any process commits a change; a memory read, for the key cache's hot path."""
         ...
 
 

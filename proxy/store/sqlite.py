@@ -15,6 +15,7 @@ import aiosqlite
 
 from proxy.errors import StoreUnavailable
 from proxy.store import KeyRecord, StoreConflict
+from proxy.store.change_signal import ChangeSignal
 
 # Chains are app->device or user->session; anything deeper is corruption, and the cap
 # also stops a parent cycle in a hand-edited database from looping forever.
@@ -154,11 +155,13 @@ async def _guard(what: str) -> AsyncIterator[None]:
 class SqliteStore:
     """KeyStore over one SQLite file. Use `await SqliteStore.open(path)`, then `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, signal: ChangeSignal) -> None:
         self._db = db
         self.path = path
         # One connection is shared by every coroutine; serialise write transactions on it.
         self._write_lock = asyncio.Lock()
+        self._signal = signal   # tells every process's key cache of a change
+        self._bumped = False                       # this transaction changed the revision
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SqliteStore:
@@ -185,13 +188,15 @@ class SqliteStore:
                 await db.execute("PRAGMA foreign_keys = ON")
                 await db.executescript(_SCHEMA)
                 await _migrate(db)
+                signal = ChangeSignal.beside(path)
             except BaseException:
                 await db.close()
                 raise
-        return cls(db, path)
+        return cls(db, path, signal)
 
     async def close(self) -> None:
         await self._db.close()
+        self._signal.close()
 
     async def __aenter__(self) -> SqliteStore:
         return self
@@ -205,6 +210,7 @@ class SqliteStore:
             # IMMEDIATE takes the write lock up front, so busy_timeout applies here
             # rather than failing half-way through.
             await self._db.execute("BEGIN IMMEDIATE")
+            self._bumped = False
             try:
                 yield self._db
             except BaseException:
@@ -214,9 +220,12 @@ class SqliteStore:
                     await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+            if self._bumped:   # after the commit, before the caller hears it is done (change_signal.py)
+                self._signal.changed()
 
     async def _bump(self) -> None:
         await self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+        self._bumped = True
 
     async def create_key(self, rec: KeyRecord) -> None:
         """Insert a key. Raises StoreConflict on a duplicate id or an unknown parent."""
@@ -330,6 +339,10 @@ class SqliteStore:
             async with self._db.execute(_HAS_ADMIN_SQL) as cur:
                 row = await cur.fetchone()
             return bool(row and row[0])
+
+    def change_signal(self) -> int | None:
+        """Differs from its last value once any process has committed a change (store/change_signal.py)."""
+        return self._signal.value()
 
     async def revision(self) -> int:
         async with _guard("revision"):
