@@ -51,16 +51,20 @@ MODES = ("batched", "strict")
 def issue_key(data_dir: Path) -> str:
     """A user key straight into the store, as `seekgate keys create` would."""
     from proxy.keys.format import generate_key, key_prefix_and_last4
-    from proxy.keys.hashing import hash_secret, load_or_create_pepper
+    from proxy.keys.hashing import hash_secret, pepper_version
+    from proxy.keys.secrets_setup import load_pepper_sync
     from proxy.paths import store_path
+    from proxy.settings import load_settings
     from proxy.store import KeyRecord
     from proxy.store.sqlite import SqliteStore
 
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pepper = load_pepper_sync(load_settings(None, env={}, overrides={"data_dir": str(data_dir)}))
+
     async def go() -> str:
-        data_dir.mkdir(parents=True, exist_ok=True)
         key_id, token = generate_key()
         prefix, last4 = key_prefix_and_last4(token)
-        rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(load_or_create_pepper(data_dir), token),
+        rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(pepper, token), pepper_version=pepper_version(pepper),
                         tier="user", owner="bench", roles=("user",), prefix=prefix, last4=last4,
                         created_at=time.time(), expires_at=None)
         store = await SqliteStore.open(store_path(data_dir))

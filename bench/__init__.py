@@ -1,0 +1,1 @@
+"""Benchmarks for seekgate: scripts that measure and print, never tests."""

@@ -1,0 +1,230 @@
+"""The benchmark's pieces, for correctness only (no timing): passthrough, policy, load generator, report."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from bench import loadgen, matrix, memory, micro, report, stack
+from bench.passthrough import build_app
+from proxy.authz import Authorizer
+from proxy.context import Principal, Resource
+from proxy.policy import load_policy_dir
+from proxy.triton import TritonProcess
+from tests.conftest import start_triton
+
+NOON = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def bench_triton(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    """Triton on the bench's repository (deepseek + trivial): the session `triton` serves triton_models/ only."""
+    root = tmp_path_factory.mktemp("bench-triton")
+    proc = start_triton(root / "data", tiny_checkpoint, repository=stack.model_repository(root))
+    yield proc
+    proc.stop()
+
+
+def bench_principal(**overrides: Any) -> Principal:
+    fields: dict[str, Any] = {"key_id": "benchkey0001", "tier": "user", "owner": "bench",
+                              "roles": stack.BENCH_ROLES, "labels": dict(stack.BENCH_LABELS),
+                              "models": stack.BENCH_MODELS}
+    return Principal(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------- passthrough (b)
+
+# pytest-aiohttp's aiohttp_client lives on the session loop (the fixture loop scope in pyproject).
+@pytest.mark.asyncio(loop_scope="session")
+async def test_passthrough_forwards_to_real_triton(bench_triton: TritonProcess, aiohttp_client: Any) -> None:
+    client: TestClient = await aiohttp_client(build_app(bench_triton.http_url))
+    path, body = matrix.request_for("trivial", 8)
+    async with client.post(path, data=body, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200
+        out = await r.json()
+    assert out["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+
+    path, body = matrix.request_for("deepseek", 4)
+    async with client.post(path, data=body) as r:
+        assert r.status == 200
+        proxied = await r.json()
+    status, direct = post(bench_triton.http_url + path, body)
+    assert status == 200 and proxied["output_tokens"] == 4
+    assert proxied["text_output"] == json.loads(direct)["text_output"]
+
+    # Triton's own refusals pass through with their status and body.
+    status, direct = post(bench_triton.http_url + "/v2/models/nope/infer", b"{}")
+    async with client.post("/v2/models/nope/infer", data=b"{}") as r:
+        assert (r.status, await r.read()) == (status, direct) and status >= 400
+
+
+def post(url: str, body: bytes) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60) as r:
+            return r.status, bytes(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, bytes(exc.read())
+
+
+def test_passthrough_process_under_wrk(bench_triton: TritonProcess, tmp_path: Path) -> None:
+    """`python -m bench.passthrough` serves, and the load generator's POST is a valid request (no errors)."""
+    service = stack.start_passthrough(bench_triton.http_url, tmp_path / "passthrough.log")
+    try:
+        load = matrix.load_for(service.url, "trivial", 8, key=None)
+        measured = loadgen.measure(loadgen.find_tool(), load, concurrency=2, seconds=1)
+    finally:
+        service.stop()
+    assert measured.errors == 0, measured.first_error
+    assert measured.requests > 0 and measured.p50_ms is not None and measured.p99_ms is not None
+
+
+# ---------------------------------------------------------------- seekgate (c), as the matrix starts it
+
+def test_seekgate_with_bench_policy_and_cli_key(bench_triton: TritonProcess, tmp_path: Path) -> None:
+    config = stack.seekgate_config(tmp_path / "gate", stack.upstream_of(bench_triton))
+    key = stack.create_key(config)
+    gate = stack.start_seekgate(config)
+    try:
+        for model in ("trivial", "deepseek"):
+            matrix.check_once(matrix.load_for(gate.url, model, 2, key))
+        with pytest.raises(RuntimeError, match="answered 401"):
+            matrix.check_once(matrix.load_for(gate.url, "trivial", 2, key=None))
+    finally:
+        gate.stop()
+    records = [json.loads(line) for line in (tmp_path / "gate" / "data" / "audit" / "audit.jsonl").open()]
+    # The allowed request was decided by the bench key's rule, late in the list; the keyless one refused.
+    assert any(r.get("model") == "trivial" and r.get("status") == "allowed" and r.get("rule") == "bench-loopback"
+               for r in records)
+    assert any(r.get("status") == "denied" and r.get("http_status") == 401 for r in records)
+
+
+def test_seekgate_that_cannot_start_is_unavailable(tmp_path: Path) -> None:
+    config = stack.seekgate_config(tmp_path / "gate", {"http_url": "http://127.0.0.1:9"},
+                                   policy_dir=tmp_path / "missing")
+    with pytest.raises(stack.Unavailable, match="exited with"):
+        stack.start_seekgate(config)
+
+
+# ---------------------------------------------------------------- the 50-rule policy
+
+def test_bench_policy_allows_the_bench_key_late_and_denies_others() -> None:
+    policy = load_policy_dir(stack.POLICY_DIR)
+    ids = [r.id for r in policy.rules]
+    assert len(ids) == 50 and ids.index("bench-loopback") >= 45
+    authz = Authorizer(policy)
+    infer = Resource("model:trivial", "infer", model="trivial")
+
+    def decide(p: Principal, resource: Resource = infer, ip: str = "127.0.0.1") -> tuple[bool, str]:
+        d = authz.authorize(p, resource, ip, NOON)
+        return d.allowed, d.rule
+
+    assert decide(bench_principal()) == (True, "bench-loopback")
+    assert decide(bench_principal(), Resource("model:deepseek", "infer", model="deepseek"), "::1") == \
+        (True, "bench-loopback")
+    assert decide(bench_principal(roles=("guest",))) == (False, "default_deny")
+    assert decide(bench_principal(labels={"team": "perf"})) == (False, "default_deny")
+    assert decide(bench_principal(), ip="10.9.9.9") == (False, "default_deny")
+    assert decide(bench_principal(models=("deepseek",))) == (False, "default_deny")
+    assert decide(bench_principal(roles=("bench", "offboarded"))) == (False, "deny-offboarded")
+    assert decide(bench_principal(), Resource("repository", "admin")) == (False, "deny-triton-admin")
+
+
+# ---------------------------------------------------------------- load generator output
+
+def test_wrk_script_and_parsers() -> None:
+    script = loadgen.wrk_script(loadgen.Load("http://x/y", b'{"a": "]]"}', (("Authorization", "Bearer k"),)))
+    assert 'wrk.body = [=[{"a": "]]"}]=]' in script and "wrk.headers[ [[Authorization]] ] = [[Bearer k]]" in script
+    wrk_out = ("Running 1s test\n"
+               'BENCHJSON {"requests": 110, "duration_us": 2000000, "p50_us": 1500, "p99_us": 9000, '
+               '"connect": 0, "read": 0, "write": 0, "status": 10, "timeout": 0}\n')
+    m = loadgen.parse_wrk(wrk_out, 4)
+    assert (m.requests, m.errors, m.requests_per_s, m.p50_ms, m.p99_ms) == (110, 10, 50.0, 1.5, 9.0)
+    assert m.first_error is not None and "10 non-2xx" in m.first_error
+    hey_out = ("response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
+               + "".join(f"0.00{i},0,0,0,0,0,200,0.1\n" for i in range(1, 10)) + "0.5,0,0,0,0,0,503,0.2\n")
+    h = loadgen.parse_hey_csv(hey_out, 2, 3.0)
+    assert (h.requests, h.errors, h.requests_per_s, h.p50_ms) == (10, 1, 3.0, 5.0)
+    # Rounds of one cell: counts and time summed, req/s over the summed time, median percentiles.
+    both = loadgen.combine([m, loadgen.Measured("wrk", 4, 300, 0, 3.0, 100.0, 2.5, 7.0)])
+    assert (both.requests, both.errors, both.seconds, both.requests_per_s) == (410, 10, 5.0, 80.0)
+    assert (both.p50_ms, both.p99_ms) == (2.0, 8.0) and both.first_error == m.first_error
+
+
+# ---------------------------------------------------------------- the table and the JSON
+
+def rows_for_report() -> list[report.Row]:
+    def m(rps: float, p50: float) -> dict[str, Any]:
+        return {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p50 * 3, "requests": int(rps * 10), "errors": 0}
+    return report.add_ratios([
+        report.cell("trivial", 1, "a", m(1000, 1.0)), report.cell("trivial", 1, "b", m(800, 1.2)),
+        report.cell("trivial", 1, "c", m(400, 1.7), proxy_cpu_ms_per_request=0.5),
+        report.cell("trivial", 1, "d", unavailable="seekgate x2 exited with 2: no --workers"),
+        report.cell("deepseek", 32, "a", m(100, 50.0)), report.cell("deepseek", 32, "b", m(99, 51.0)),
+        report.cell("deepseek", 32, "c", m(98, 52.0)),
+    ])
+
+
+def test_report_has_ratio_columns_and_targets() -> None:
+    rows = rows_for_report()
+    c = next(r for r in rows if (r["model"], r["path"]) == ("trivial", "c"))
+    assert (c["ratio_vs_b"], c["ratio_vs_a"], c["added_p50_ms_vs_a"]) == (0.5, 0.4, 0.7)
+    table = report.format_table(rows)
+    header = table.splitlines()[0].split()
+    assert {"req/s", "/b", "/a", "+p50/a"} <= set(header)
+    c_line = next(line for line in table.splitlines() if line.startswith("trivial") and " c seekgate " in line)
+    assert "0.50" in c_line and "0.40" in c_line and "+0.70" in c_line
+    assert "unavailable: seekgate x2 exited with 2" in table
+    # trivial c1 c/b 0.5, trivial c32 (no rows), trivial c1 +0.7 ms, deepseek c32 c/a 0.98
+    assert [t["verdict"] for t in report.targets(rows)] == ["NOT MET", "n/a", "NOT MET", "MET"]
+    doc = json.loads(json.dumps(report.document(rows, {"duration_s": 1}, {"cpu_count": 2}, "now")))
+    assert doc["results"][2]["ratio_vs_b"] == 0.5 and doc["targets"][-1]["verdict"] == "MET"
+    rows[0]["rounds_requests_per_s"] = [900.0, 1100.0]
+    rows[1]["rounds_requests_per_s"] = [100.0, 1500.0]
+    assert report.noisy(rows) == ["trivial c1 b: rounds 100, 1500 req/s"]
+
+
+# ---------------------------------------------------------------- the commands, scaled down
+
+def test_matrix_end_to_end_on_a_running_triton(bench_triton: TritonProcess, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "matrix.json"
+    code = matrix.main(["--triton-url", bench_triton.http_url, "--triton-grpc",
+                        f"127.0.0.1:{bench_triton.launch.grpc_port}", "--models", "trivial",
+                        "--concurrency", "1,2", "--duration", "1", "--warmup", "0", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    cells = {(r["concurrency"], r["path"]): r for r in doc["results"]}
+    assert set(cells) == {(c, p) for c in (1, 2) for p in "abcd"}
+    for conc in (1, 2):
+        assert all(cells[conc, p]["requests"] > 0 and cells[conc, p]["errors"] == 0 for p in "abc")
+        assert cells[conc, "c"]["ratio_vs_b"] is not None and cells[conc, "c"]["ratio_vs_a"] is not None
+        d = cells[conc, "d"]
+        assert d["unavailable"] or (d["requests"] > 0 and d["errors"] == 0)
+    assert "/b" in capsys.readouterr().out
+
+
+def test_micro_runs_every_operation(tmp_path: Path) -> None:
+    assert micro.main(["--seconds", "0.02", "--json", str(tmp_path / "micro.json")]) == 0
+    rows = json.loads((tmp_path / "micro.json").read_text())["results"]
+    names = {r["name"] for r in rows}
+    assert {"key verify, cold", "key verify, cached r0", "session verify, cold", "session verify, cached r0",
+            "ABAC decision, cold", "ABAC decision, cached"} <= names
+    # The configured interval has its own row (the one the target reads), unless it is 0 already.
+    assert any(r["name"].startswith("key verify, cached") and r["note"].endswith("(the default)") for r in rows)
+    assert all(r["ops"] > 0 for r in rows)
+
+
+def test_memory_drives_the_request_path_with_many_keys(tmp_path: Path) -> None:
+    assert memory.main(["--requests", "300", "--keys", "30", "--json", str(tmp_path / "mem.json")]) == 0
+    out = json.loads((tmp_path / "mem.json").read_text())
+    assert set(out["marks"]) == {"30", "300"}
+    assert out["marks"]["300"]["key_cache"] == 30 and out["marks"]["300"]["limiter_keys"] == 30
+    assert out["verdict"] in ("MET", "NOT MET")
