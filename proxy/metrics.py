@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
@@ -128,7 +129,17 @@ class Metrics:
                                    "Active keys expiring within the warning window (72 h), by tier.",
                                    ("tier",), registry=r, multiprocess_mode="livemax")
         self._audit_depth_fn: Callable[[], float] = lambda: 0.0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.audit_queue_depth.set_function(lambda: 0.0)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: labels() validates and locks on every call, and
+        the label sets are bounded, so the per-request cost becomes one dict lookup."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     # -- label bounds ------------------------------------------------------------
 
@@ -151,17 +162,18 @@ class Metrics:
         tier = self._tier(who.tier if who else None)
         protocol = self._protocol(ctx.protocol)
 
-        self.requests.labels(model, action, tier, self._status(ctx.status),
-                             _code(ctx.http_status), protocol).inc()
-        self.request_duration.labels(model, action, protocol).observe(duration)
+        child = self._child
+        child(self.requests, model, action, tier, self._status(ctx.status), _code(ctx.http_status),
+              protocol).inc()
+        child(self.request_duration, model, action, protocol).observe(duration)
         if ctx.upstream_ms is not None:
             upstream = ctx.upstream_ms / 1000.0
-            self.upstream_duration.labels(model, action, protocol).observe(upstream)
-            self.overhead.labels(protocol).observe(max(0.0, duration - upstream))
+            child(self.upstream_duration, model, action, protocol).observe(upstream)
+            child(self.overhead, protocol).observe(max(0.0, duration - upstream))
         if ctx.input_tokens:
-            self.tokens.labels(model, "input", tier).inc(ctx.input_tokens)
+            child(self.tokens, model, "input", tier).inc(ctx.input_tokens)
         if ctx.output_tokens:
-            self.tokens.labels(model, "output", tier).inc(ctx.output_tokens)
+            child(self.tokens, model, "output", tier).inc(ctx.output_tokens)
         if ctx.http_status == 401:
             self.auth_failures.labels(self._reason(_reason_key(ctx.reason)), protocol).inc()
         elif ctx.http_status == 403:

@@ -279,9 +279,27 @@ def test_cached_decisions_never_outlive_what_they_depend_on() -> None:
     assert decide(a, p, "model:deepseek", "infer", now=at(17, 59)).allowed      # and the old one still open
 
 
-def test_decision_cache_stays_bounded() -> None:
+def test_keys_alike_share_one_entry_and_unread_environment_is_not_keyed() -> None:
+    a = authz(rule("all"))   # no rule reads the client address or the time
+    for i in range(50):
+        decide(a, Principal(f"k{i}", "user", "bob"), "server", "read", ip=f"10.0.0.{i}",
+               now=NOON + timedelta(minutes=i))
+    assert len(a._state.cache) == 1
+    b = authz(rule("vpn", environment={"client_ips": ["10.0.0.0/8"]}))
+    for i in range(5):
+        decide(b, USER, "server", "read", ip=f"10.0.0.{i}", now=NOON + timedelta(minutes=i))
+    assert len(b._state.cache) == 5   # the address matters here; the minute still does not
+
+
+def test_decision_cache_stays_bounded_and_keeps_the_recently_used() -> None:
     from proxy import authz as authz_module
     a = authz(rule("all"))
+    hot = Principal("k_hot", "user", "hot-owner")
     for i in range(authz_module._CACHE_MAX + 500):
-        decide(a, Principal(f"k{i}", "user", "bob"), "server", "read")
-    assert 0 < len(a._state.cache) <= authz_module._CACHE_MAX
+        decide(a, Principal(f"k{i}", "user", f"owner{i}"), "server", "read")
+        if i % 1000 == 0:
+            decide(a, hot, "server", "read")
+    cache = a._state.cache
+    assert len(cache) == authz_module._CACHE_MAX
+    assert any(k[1] == "hot-owner" for k in cache)          # used lately: kept
+    assert not any(k[1] == "owner0" for k in cache)         # the oldest: evicted
