@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,7 @@ import aiosqlite
 
 from .audit_db import FIELDS, INSERT, connect, query_audit, row
 from .audit_file import ACTIVE, JsonlFile, dumps, last_records, rotated_epoch, rotated_files, tail_audit
-from .context import RequestContext
+from .context import RequestContext, new_id
 from .errors import AuditUnavailable
 
 __all__ = ["FIELDS", "AuditWriter", "build_record", "query_audit", "rotated_files", "tail_audit"]
@@ -34,7 +33,7 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
     elapsed = ctx.elapsed_ms() if duration_ms is None else duration_ms
     record: dict[str, Any] = {
         "timestamp": _iso_utc(ctx.started_wall),
-        "event_id": uuid.uuid4().hex,
+        "event_id": new_id(),
         "request_id": ctx.request_id,
         "actor": p.owner if p else None,
         "key_id": p.key_id if p else None,
@@ -336,7 +335,8 @@ class AuditWriter:
             await self._connect()
         assert self._db is not None
         try:
-            await self._db.executemany(INSERT, [row(r) for r in batch])
+            # A generator: the rows are built in aiosqlite's thread, off the event loop.
+            await self._db.executemany(INSERT, (row(r) for r in batch))
             await self._db.commit()
         except sqlite3.Error:
             try:
@@ -355,7 +355,7 @@ class AuditWriter:
 def _complete(record: dict[str, Any]) -> dict[str, Any]:
     """Every record carries every schema field (None where it has no value), so consumers never miss a key."""
     if "event_id" not in record or "timestamp" not in record:
-        record = {"timestamp": _iso_utc(time.time()), "event_id": uuid.uuid4().hex, **record}
+        record = {"timestamp": _iso_utc(time.time()), "event_id": new_id(), **record}
     missing = [f for f in FIELDS if f not in record]
     if missing:
         record = {**record, **dict.fromkeys(missing)}

@@ -64,6 +64,7 @@ class Env:
         return cls(_parse_ip(client_ip), now.hour * 60 + now.minute)
 
 
+@lru_cache(maxsize=4096)   # clients repeat; ipaddress parsing is ~10 us a call
 def _parse_ip(client_ip: str) -> IPAddress | None:
     try:
         ip = ipaddress.ip_address(client_ip)

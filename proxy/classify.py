@@ -18,6 +18,7 @@ _VERSION_RE = re.compile(r"[0-9]{1,19}")
 # RFC 3986 pchar plus "/", minus "%" (every escape is refused, see _check_raw_path).
 _PATH_CHARS_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 _PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 # Escapes that smuggle path structure get their own reason, for the audit log.
 _ESCAPE_REASONS: dict[str, str] = {
@@ -74,7 +75,7 @@ def _check_raw_path(raw_path: str) -> tuple[str, ...]:
         raise BadRequest("path too long")
     if not raw_path.isascii():
         raise BadRequest("non-ASCII character in path")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw_path):
+    if _CONTROL_RE.search(raw_path) is not None:
         raise BadRequest("control character in path")
     if "\\" in raw_path:
         raise BadRequest("backslash in path")

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+# Request and event ids: unique, not secret. A random per-process prefix and a counter cost
+# nothing per request, where uuid4's getrandom call took ~9 us on a loaded VM.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_id() -> str:
+    """32 hex digits like uuid4().hex, unique across processes (64 random bits + a 64-bit counter)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from . import estimate
 from .app_state import AppState
 from .authn import authenticate, parse_bearer
 from .classify import GRPC_SERVICE, classify_grpc
-from .context import RequestContext, Resource
+from .context import RequestContext, Resource, new_id
 from .errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
                      UpstreamUnavailable)
 from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
@@ -287,7 +286,7 @@ class GrpcFrontEnd:
     # ------------------------------------------------------------------ shared pieces
 
     def _context(self, context: grpc.aio.ServicerContext, path: str) -> RequestContext:
-        return RequestContext(request_id=uuid.uuid4().hex, client_ip=client_ip(context.peer()),
+        return RequestContext(request_id=new_id(), client_ip=client_ip(context.peer()),
                               protocol="grpc", method="POST", path=path)
 
     def _metadata(self, context: grpc.aio.ServicerContext, resource: Resource) -> list[tuple[str, Any]]:

@@ -26,7 +26,6 @@ import asyncio
 import inspect
 import json
 import logging
-import uuid
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from .app_state import STATE
-from .context import RequestContext
+from .context import RequestContext, new_id
 # FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
 from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, closes_connection
 from .pipeline import finish, refuse
@@ -207,7 +206,7 @@ def audit_header_timeout(app: web.Application, client_ip: str, received: int, ti
     state = app.get(STATE)
     if state is None:   # cut before the cleanup_ctx built the state: nothing to write to
         return
-    ctx = RequestContext(request_id=uuid.uuid4().hex, client_ip=client_ip, protocol="http")
+    ctx = RequestContext(request_id=new_id(), client_ip=client_ip, protocol="http")
     refuse(ctx, RequestTimeout(f"header_timeout: {received} bytes in {timeout_s:g}s"))
     finish(state, ctx)
 

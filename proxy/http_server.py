@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from .audit import AuditWriter
 from .audit_file import active_name
 from .authz import Authorizer, PolicyWatcher
 from .classify import classify_http
-from .context import RequestContext
-from .errors import AuditUnavailable, Draining, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
+from .context import RequestContext, new_id
+from .errors import (AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError,
+                     Unauthenticated)
 from .forward import forward
 from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
 from .grpc_server import GrpcFrontEnd
@@ -107,7 +107,7 @@ async def request_path(request: web.Request,
 
 def new_context(request: web.Request) -> RequestContext:
     # The peer address only: X-Forwarded-For is client-controlled and never trusted.
-    return RequestContext(request_id=uuid.uuid4().hex, client_ip=request.remote or "",
+    return RequestContext(request_id=new_id(), client_ip=request.remote or "",
                           protocol="http", method=request.method, path=request.raw_path.split("?", 1)[0])
 
 
@@ -129,16 +129,32 @@ async def read_body(request: web.Request, limit: int, timeout_s: float | None = 
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body_too_large: {declared}")
+    if declared == 0:
+        return b""
+    stream = request.content
+    if declared is not None and stream.is_eof():
+        # Everything arrived with the headers (most inference calls): no wait, no timer.
+        body = stream.read_nowait()
+        if len(body) == declared:
+            return body
+        raise BadRequest(f"body_shorter_than_content_length: {len(body)} of {declared}")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_any():
+            if declared is not None:   # one read, nothing to count chunk by chunk
+                try:
+                    return await stream.readexactly(declared)
+                except asyncio.IncompleteReadError as exc:
+                    size = len(exc.partial)
+                    raise BadRequest(f"body_shorter_than_content_length: {size} of {declared}") from exc
+            async for chunk in stream.iter_any():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"body_too_large: over {limit}")
                 chunks.append(chunk)
     except TimeoutError as exc:
-        raise RequestTimeout(f"body_read_timeout: {size} bytes in {timeout_s}s") from exc
+        got = f"{declared} bytes declared, not all" if declared is not None else f"{size} bytes"
+        raise RequestTimeout(f"body_read_timeout: {got} in {timeout_s}s") from exc
     return b"".join(chunks)
 
 

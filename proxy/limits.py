@@ -53,6 +53,8 @@ class Limits:
 
     def with_overrides(self, overrides: Mapping[str, int]) -> Limits:
         """These limits (a tier's defaults) with the fields a key sets itself."""
+        if not overrides:   # most keys: no copy on the request path
+            return self
         return replace(self, **{k: v for k, v in overrides.items() if k in LIMIT_FIELDS})
 
     def unlimited(self) -> bool:

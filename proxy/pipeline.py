@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from .app_state import AppState
 from .audit import build_record
@@ -60,6 +61,7 @@ def check_body(ctx: RequestContext, body: bytes) -> None:
         raise Forbidden("shared_memory_in_body")
 
 
+@lru_cache(maxsize=16)   # settings are frozen and tiers few: built once, not per request
 def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
     """A tier's default limits from config; tiers without defaults (session) are unlimited on their own."""
     if tier not in ("app", "device", "user"):
@@ -78,7 +80,7 @@ async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) ->
         return
     settings = state.settings.limits
     infer = resource.action == "infer"
-    cap = max_tokens_cap(p.roles, parse_role_caps(settings.max_tokens_by_role))
+    cap = max_tokens_cap(p.roles, _role_caps(settings.max_tokens_by_role))
     if infer and cap is not None and max_tokens is not None and max_tokens > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
@@ -88,6 +90,11 @@ async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) ->
     # Inferences are charged their estimate up front (at least one token); other calls only count.
     tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens) if infer else 0
     ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
+
+
+@lru_cache(maxsize=4)
+def _role_caps(text: str) -> dict[str, int]:
+    return parse_role_caps(text)   # settings validated it at start
 
 
 def _used_tokens(ctx: RequestContext, charged: int) -> int:

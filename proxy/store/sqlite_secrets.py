@@ -98,12 +98,9 @@ class SqliteSecretRows:
 
     async def rewrap_dek(self, dek_id: str, old_kek_id: str, new_kek_id: str, wrapped: bytes) -> bool:
         """Replace a DEK's wrapping, only if it is still wrapped by `old_kek_id` (another process may race)."""
-        async with self._store._write("rewrap_dek") as db:
-            cur = await db.execute("UPDATE deks SET kek_id = ?, wrapped = ? WHERE dek_id = ? AND kek_id = ?",
-                                   (new_kek_id, wrapped, dek_id, old_kek_id))
-            done = cur.rowcount == 1
-            await cur.close()
-        return done
+        return await self._update_one("rewrap_dek",
+                                      "UPDATE deks SET kek_id = ?, wrapped = ? WHERE dek_id = ? AND kek_id = ?",
+                                      (new_kek_id, wrapped, dek_id, old_kek_id))
 
     async def secrets_not_under(self, dek_id: str) -> list[str]:
         """Names of the secrets encrypted under any data key but `dek_id`."""
@@ -114,9 +111,14 @@ class SqliteSecretRows:
 
     async def replace_secret(self, name: str, old_dek_id: str, new_dek_id: str, blob: bytes) -> bool:
         """Re-encryption: swap the row's ciphertext, only if it is still under `old_dek_id`."""
-        async with self._store._write("replace_secret") as db:
-            cur = await db.execute("UPDATE secrets SET dek_id = ?, blob = ? WHERE name = ? AND dek_id = ?",
-                                   (new_dek_id, blob, name, old_dek_id))
+        return await self._update_one("replace_secret",
+                                      "UPDATE secrets SET dek_id = ?, blob = ? WHERE name = ? AND dek_id = ?",
+                                      (new_dek_id, blob, name, old_dek_id))
+
+    async def _update_one(self, what: str, sql: str, params: tuple[object, ...]) -> bool:
+        """A compare-and-swap UPDATE: True if it changed the one row it names (no other process got there first)."""
+        async with self._store._write(what) as db:
+            cur = await db.execute(sql, params)
             done = cur.rowcount == 1
             await cur.close()
         return done
