@@ -37,18 +37,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from aiohttp import web  # noqa: E402
 
-from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR  # noqa: E402
+from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR, run_loop  # noqa: E402
 from proxy.app_state import STATE, AppState  # noqa: E402
 from proxy.classify import classify_http  # noqa: E402
 from proxy.context import RequestContext  # noqa: E402
@@ -162,15 +160,6 @@ async def run(requests: int, keys: int, checkpoint_at: int, rpm: int = 10 ** 9) 
             "rss_before_requests": rss_start, "marks": marks, "growth": round(growth, 4),
             "requests_per_s": round(requests / elapsed), "target": f"growth <= {TARGET_GROWTH:.0%}",
             "verdict": "MET" if growth <= TARGET_GROWTH else "NOT MET"}
-
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """On uvloop, as `seekgate serve` runs; without touching the global event loop policy."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:

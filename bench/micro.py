@@ -37,24 +37,22 @@ Usage
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR  # noqa: E402
+from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR, run_loop  # noqa: E402
 from proxy.authn import authenticate, check_chain  # noqa: E402
 from proxy.authz import Authorizer  # noqa: E402
 from proxy.context import Principal, Resource  # noqa: E402
@@ -206,15 +204,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['name']:<30} {r['ops_per_s'] or 0:>10,} {r['ops_per_cpu_s'] or 0:>10,} "
                      f"{r['us_per_op'] or 0:>8.2f}  {r['note']}")
     return "\n".join(lines)
-
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """On uvloop, as `seekgate serve` runs; without touching the global event loop policy."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import struct
 import subprocess
 import sys
@@ -83,6 +82,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.stack import stop_process  # noqa: E402
 
 MODEL = "deepseek"
 PROMPT = "hi"
@@ -324,16 +325,6 @@ def wait_live(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
             pass
         time.sleep(0.2)
     raise RuntimeError(f"seekgate not live after {timeout:.0f}s; log: {log}")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

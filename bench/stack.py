@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,12 +11,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
 
 from proxy.triton import TritonLaunch, TritonProcess, free_ports
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -156,6 +161,15 @@ def _last_line(service: Service) -> str:
     text = service.log.read_text(errors="replace") if service.log is not None and service.log.is_file() else ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """On uvloop, as `seekgate serve` runs; without touching the global event loop policy."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
