@@ -21,20 +21,25 @@ from tests.conftest import REPO, free_ports
 from tests.gateway import Gateway, wait_for
 
 
-def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_path: Path) -> None:
+def serve(tmp_path: Path, triton: TritonProcess, **server: float) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`seekgate serve` as its own process over a fresh data dir, and a key issued the way ops would."""
     http, grpc_, metrics = free_ports(3)
     config = tmp_path / "seekgate.yaml"
     config.write_text(yaml.safe_dump({
         "data_dir": str(tmp_path / "data"),
-        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics},
+        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics, **server},
         "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
         "policy": {"directory": str(REPO / "policies")},
     }))
-    # Issue the key the way ops would, into the same data dir.
     _, key = Gateway(tmp_path, triton.http_url, [http, grpc_, metrics], data_dir=str(tmp_path / "data")).key()
-    server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}"
+    # A file, not a pipe nobody reads: a full pipe would block the server mid-test.
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
+                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{http}", key
+
+
+def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_path: Path) -> None:
+    server, url, key = serve(tmp_path, triton)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -83,19 +88,7 @@ def test_sigterm_under_load_loses_no_audit_record(triton: TritonProcess, tmp_pat
 
 
 def test_sigterm_fails_readiness_at_once_and_lets_a_stream_finish(triton: TritonProcess, tmp_path: Path) -> None:
-    http, grpc_, metrics = free_ports(3)
-    config = tmp_path / "seekgate.yaml"
-    config.write_text(yaml.safe_dump({
-        "data_dir": str(tmp_path / "data"),
-        "server": {"http_port": http, "grpc_port": grpc_, "metrics_port": metrics,
-                   "shutdown_delay_s": 1.0, "drain_timeout_s": 20.0},
-        "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
-        "policy": {"directory": str(REPO / "policies")},
-    }))
-    _, key = Gateway(tmp_path, triton.http_url, [http, grpc_, metrics], data_dir=str(tmp_path / "data")).key()
-    server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}"
+    server, url, key = serve(tmp_path, triton, shutdown_delay_s=1.0, drain_timeout_s=20.0)
 
     def ready() -> int:
         try:
