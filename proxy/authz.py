@@ -19,6 +19,7 @@ import casbin
 from casbin.model import Model
 
 from .context import Principal, Resource
+from .limits import Limits
 from .policy import (DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond,
                      load_policy_dir, policy_files)
 
@@ -166,12 +167,14 @@ class _Loaded:
     # the memo key, so one decision serves every address and every minute.
     uses_ip: bool = False
     uses_time: bool = False
+    rule_limits: dict[str, Limits] = field(default_factory=dict)   # rule id -> what it imposes
 
     @classmethod
     def compile(cls, policy: PolicySet, version: int) -> _Loaded:
         return cls(policy, build_enforcer(policy), version,
                    uses_ip=any(r.environment.client_ips for r in policy.rules),
-                   uses_time=any(r.environment.hours for r in policy.rules))
+                   uses_time=any(r.environment.hours for r in policy.rules),
+                   rule_limits={r.id: Limits(**dict(r.limits)) for r in policy.rules if r.limits})
 
 
 _CACHE_MAX = 8192   # distinct (attributes, route, environment) combinations, least recently used out
@@ -204,6 +207,10 @@ class Authorizer:
         if not policy.rules:
             log.warning("policy has no rules: every request will be denied")
         self._state = state
+
+    def rule_limits(self, rule_id: str | None) -> Limits | None:
+        """The limits the allow rule `rule_id` imposes on the keys it allows; None if none."""
+        return self._state.rule_limits.get(rule_id) if rule_id else None
 
     def reload(self, path: Path) -> None:
         """Load `path` and install it; on PolicyError the current policy stays in force."""

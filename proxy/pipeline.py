@@ -85,6 +85,11 @@ async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) ->
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
               for i, (key_id, tier, own) in enumerate(p.limits)]
+    imposed = state.authorizer.rule_limits(ctx.rule)
+    if imposed is not None:
+        # Counted per API key (a session counts against its parent's), like the key's own limits.
+        owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
+        scopes.append(Scope(f"rule:{ctx.rule}:{owner}", imposed, inherited=True))
     if all(s.limits.unlimited() for s in scopes):
         return
     # Inferences are charged their estimate up front (at least one token); other calls only count.

@@ -11,6 +11,8 @@ from typing import Any, Union
 
 import yaml
 
+from .limits import LIMIT_FIELDS, parse_limits
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -22,7 +24,7 @@ RESOURCES = frozenset({"server", "repository", "sharedmemory", "trace", "logging
 TIERS = frozenset({"app", "device", "user", "session"})
 DEFAULT_DENY = "default_deny"
 
-_RULE_KEYS = {"id", "effect", "description", "subject", "resources", "actions", "environment"}
+_RULE_KEYS = {"id", "effect", "description", "subject", "resources", "actions", "environment", "limits"}
 _SUBJECT_LISTS = ("roles", "not_roles", "tiers", "owners")
 _SUBJECT_KEYS = {*_SUBJECT_LISTS, "labels", "key_may_use_model"}
 _ENV_KEYS = {"client_ips", "hours"}
@@ -67,6 +69,9 @@ class Rule:
     environment: EnvCond = EnvCond()
     description: str = ""
     source: str = ""                 # file:line, for messages
+    # Allow rules only: limits (limits.LIMIT_FIELDS) every key this rule allows is held to, per key,
+    # on top of the key's own; e.g. interns get rpm 10 whatever their keys say.
+    limits: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +207,25 @@ class _Checker:
                          f"unknown action {act!r} (expected *, {', '.join(sorted(ACTIONS))})")
         subject = self.subject(raw.get("subject", {}), kl("subject"))
         env = self.environment(raw.get("environment", {}), kl("environment"))
+        limits = self.limits(raw, effect, kl("limits"))
         if len(self.errors) > n_err or rid is None:
             return None
-        return Rule(rid, effect, resources, actions, subject, env, desc, f"{self.source}:{line}")
+        return Rule(rid, effect, resources, actions, subject, env, desc, f"{self.source}:{line}", limits)
+
+    def limits(self, raw: dict[Any, Any], effect: Any, line: int) -> tuple[tuple[str, int], ...]:
+        if "limits" not in raw:
+            return ()
+        if effect == "deny":
+            self.err(line, "limits on a deny rule would never apply (it refuses the request)")
+            return ()
+        value = raw["limits"]
+        try:
+            if not isinstance(value, dict) or not value:
+                raise ValueError(f"limits must be a non-empty mapping of {', '.join(LIMIT_FIELDS)}")
+            return tuple(sorted(parse_limits(value).items()))
+        except ValueError as exc:
+            self.err(line, str(exc))
+            return ()
 
     def subject(self, raw: Any, line: int) -> SubjectCond:
         raw = self.mapping(raw, "subject", _SUBJECT_KEYS, line)

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from tritonclient.grpc import service_pb2_grpc
 
 from proxy.triton import TritonProcess
@@ -230,3 +231,23 @@ def test_minting_sessions_counts_against_the_presenting_keys_rpm(gw: Gateway, re
     assert generate(gw, session, "still the session")[0] == 429
     assert wait_for(lambda: any(r["key_id"] == key_id and r["reason"] == "rate_limited:rpm"
                                 and r["resource"] == "sessions" for r in audit_records(gw)), 3.0)
+
+
+def test_a_policy_rule_imposes_limits_on_the_keys_it_allows(gw: Gateway, relays: Any) -> None:
+    rule_file = gw.policy_dir / "00-interns.yaml"   # sorts first: the rule that allows interns
+    rule_file.write_text(yaml.safe_dump({"rules": [{
+        "id": "interns-slow", "effect": "allow", "subject": {"roles": ["intern"]},
+        "resources": ["model:*"], "actions": ["infer", "read"], "limits": {"rpm": 2}}]}))
+    try:
+        intern_id, intern = gw.key(owner="intern", roles=("intern", "user"))   # no limits of its own
+        _, other = gw.key(owner="not-an-intern", roles=("user",))
+        assert wait_for(lambda: generate(gw, intern, "probe")[0] == 429, 5.0)   # the reload took effect
+        status, headers, _ = generate(gw, intern, "again")
+        assert status == 429 and headers["X-RateLimit-Limit"] == "2"
+        assert reasons(gw, intern_id, 3)[-1] == f"rate_limited:rpm@rule:interns-slow:{intern_id}"
+        # A session minted from the key counts against the same per-key rule window.
+        minted = json.loads(call(gw.url + "/v1/sessions", "POST", b"", key=intern)[2])
+        assert generate(gw, minted["token"], "via session")[0] == 429
+        assert all(generate(gw, other, f"free {i}")[0] == 200 for i in range(3))   # the rule is not theirs
+    finally:
+        rule_file.unlink()

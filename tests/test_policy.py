@@ -239,3 +239,34 @@ def test_random_rules_compile_or_raise_policy_error(raw: object) -> None:
         Principal("k", "user", "o", roles=("admin",), labels={"a": "b"}, models=("m",)),
         Resource("model:m", "infer"), "10.0.0.1", datetime(2024, 1, 1, 9, tzinfo=timezone.utc))
     assert isinstance(decision, Decision)
+
+
+def test_rule_limits_are_parsed_and_checked(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", """
+        rules:
+          - id: interns
+            effect: allow
+            subject: {roles: [intern]}
+            resources: ["model:*"]
+            actions: [infer]
+            limits: {rpm: 10, tpm: 5000}
+    """)
+    (r,) = load_policy_dir(tmp_path).rules
+    assert r.limits == (("rpm", 10), ("tpm", 5000))
+    a = Authorizer(load_policy_dir(tmp_path))
+    assert a.rule_limits("interns") is not None and a.rule_limits("interns").rpm == 10
+    assert a.rule_limits("other") is None and a.rule_limits(None) is None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write(bad, "b.yaml", """
+        rules:
+          - {id: d, effect: deny, resources: [server], actions: [read], limits: {rpm: 1}}
+          - {id: u, effect: allow, resources: [server], actions: [read], limits: {rps: 1}}
+          - {id: n, effect: allow, resources: [server], actions: [read], limits: {rpm: -1}}
+          - {id: e, effect: allow, resources: [server], actions: [read], limits: {}}
+    """)
+    errors = check_policy_dir(bad)
+    assert len(errors) == 4
+    assert "rule 'd': limits on a deny rule would never apply" in errors[0]
+    assert "unknown limit 'rps'" in errors[1] and "must be an integer 0 or more" in errors[2]
+    assert "non-empty mapping" in errors[3]
