@@ -362,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(yaml.safe_dump({
             "data_dir": str(tmp / "seekgate-data"),
             "server": {"http_port": g_http, "grpc_port": g_grpc, "metrics_port": g_metrics},
-            "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{t_grpc}",
-                         "metrics_url": f"http://127.0.0.1:{t_metrics}/metrics"},
+            "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{t_grpc}"},
             "policy": {"directory": str(REPO / "policies")},
         }))
         made = subprocess.run(

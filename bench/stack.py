@@ -75,8 +75,7 @@ def triton_on_bench_models(root: Path, checkpoint: Path) -> TritonProcess:
 def upstream_of(triton: TritonProcess) -> dict[str, str]:
     """The `upstream` config section pointing at a TritonProcess."""
     t = triton.launch
-    return {"http_url": triton.http_url, "grpc_target": f"{t.host}:{t.grpc_port}",
-            "metrics_url": f"http://{t.host}:{t.metrics_port}/metrics"}
+    return {"http_url": triton.http_url, "grpc_target": f"{t.host}:{t.grpc_port}"}
 
 
 def seekgate_config(root: Path, upstream: dict[str, str], policy_dir: Path = POLICY_DIR) -> Path:

@@ -47,8 +47,6 @@ class ServerSettings:
 class UpstreamSettings:
     http_url: str = _help("Triton HTTP endpoint requests are forwarded to", "http://127.0.0.1:18000")
     grpc_target: str = _help("Triton gRPC endpoint (host:port) requests are forwarded to", "127.0.0.1:18001")
-    metrics_url: str = _help("Triton's Prometheus endpoint, re-exported on our metrics port",
-                             "http://127.0.0.1:18002/metrics")
     connect_timeout_s: float = _help("Seconds to wait for a connection to Triton", 2.0)
     request_timeout_s: float = _help("Seconds a forwarded request may take end to end", 300.0)
     pool_size: int = _help("Most concurrent connections to Triton", 100)
@@ -338,7 +336,7 @@ def validate(settings: Settings) -> list[str]:
     base = settings.server.base_path
     if _BASE_PATH_RE.fullmatch(base) is None or any(s in (".", "..") for s in base.split("/")):
         errors.append(f"server.base_path: must be '' or like /prefix (no trailing slash), got {base!r}")
-    for path in ("upstream.http_url", "upstream.metrics_url"):
+    for path in ("upstream.http_url",):
         problem = _check_url(path, _get(settings, path))
         if problem:
             errors.append(problem)

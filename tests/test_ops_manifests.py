@@ -118,7 +118,7 @@ def test_seekgate_env_is_real_settings() -> None:
     env = {**image_env, **{k: interpolate(v) for k, v in env_of(SERVICES["seekgate"]).items()}}
     s = load_settings(REPO / "config" / "seekgate.yaml", env=env)
     assert (s.data_dir, s.server.host, s.policy.directory) == ("/data", "0.0.0.0", "/etc/seekgate/policies")
-    assert s.upstream.http_url == "http://triton:8000" and s.upstream.metrics_url == "http://triton:8002/metrics"
+    assert s.upstream.http_url == "http://triton:8000" and s.upstream.grpc_target == "triton:8001"
     k8s_env = {e["name"]: e["value"] for c in k8s("Deployment")["spec"]["template"]["spec"]["containers"]
                if c["name"] == "seekgate" for e in c["env"]}
     s = load_settings(None, env={**image_env, **k8s_env})

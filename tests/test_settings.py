@@ -50,7 +50,6 @@ def test_defaults() -> None:
     assert s.server.grpc_max_message_bytes == 64 * MiB and s.server.read_timeout_s == 30
     assert s.upstream.http_url == "http://127.0.0.1:18000"
     assert s.upstream.grpc_target == "127.0.0.1:18001"
-    assert s.upstream.metrics_url == "http://127.0.0.1:18002/metrics"
     assert (s.upstream.connect_timeout_s, s.upstream.request_timeout_s, s.upstream.pool_size) == (2, 300, 100)
     assert (s.triton.model_repository, s.triton.checkpoint) == ("triton_models", "")
     assert (s.triton.http_port, s.triton.grpc_port, s.triton.metrics_port) == (18000, 18001, 18002)
