@@ -40,6 +40,8 @@ log = logging.getLogger("seekgate.workers")
 _SPAWN = multiprocessing.get_context("spawn")   # no fork: a forked event loop or SQLite handle is unsafe
 _WORKER_START_S = 60.0
 _CHECK_INTERVAL_S = 0.5
+_STABLE_S = 60.0        # a worker up this long that dies is restarted at once
+_BACKOFF_MAX_S = 30.0
 
 
 def worker_main(settings: Settings, role: WorkerRole, started: ProcessEvent) -> None:
@@ -74,6 +76,9 @@ class Supervisor:
         self.limiter_socket = run_dir / "limiter.sock"
         self.workers: dict[int, SpawnProcess] = {}
         self._stopping = False
+        # index -> (restarts in a row, loop time of the last start): a worker that keeps dying at
+        # start (a port taken, a broken config) is retried ever more slowly, not in a hot loop.
+        self._restarts: dict[int, tuple[int, float]] = {}
 
     def _spawn(self, index: int) -> tuple[SpawnProcess, ProcessEvent]:
         started = _SPAWN.Event()
@@ -97,11 +102,19 @@ class Supervisor:
     async def watch(self, stop: asyncio.Event) -> None:
         """Restart a worker that died while not stopping; a crash must not shrink the pool for good."""
         while not stop.is_set():
+            now = asyncio.get_running_loop().time()
             for index, proc in list(self.workers.items()):
-                if proc.exitcode is not None and not self._stopping:
-                    log.error("worker %d (pid %s) exited with %s; restarting it", index, proc.pid, proc.exitcode)
-                    multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
-                    self._spawn(index)
+                if proc.exitcode is None or self._stopping:
+                    continue
+                streak, started = self._restarts.get(index, (0, float("-inf")))
+                if now - started > _STABLE_S:
+                    streak = 0   # it ran a good while: a fresh crash, restart at once
+                if now - started < min(_BACKOFF_MAX_S, 2.0 ** streak) - 1.0:
+                    continue
+                log.error("worker %d (pid %s) exited with %s; restarting it", index, proc.pid, proc.exitcode)
+                multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
+                self._spawn(index)
+                self._restarts[index] = (streak + 1, now)
             try:
                 await asyncio.wait_for(stop.wait(), _CHECK_INTERVAL_S)
             except asyncio.TimeoutError:
