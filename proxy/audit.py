@@ -80,7 +80,8 @@ class AuditWriter:
     def __init__(self, data_dir: Path, max_bytes: int = 100 * 1024 * 1024,
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
-                 fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE) -> None:
+                 fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE,
+                 queue_max: int | None = None) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
         self.file = JsonlFile(self.dir, max_bytes, file_name)
@@ -88,6 +89,8 @@ class AuditWriter:
         self.retention_days = retention_days
         self.on_error = on_error
         self.strict = durability == "strict"
+        self.queue_max = queue_max
+        self.dropped_refusals = 0
         # False from a failed JSONL write until the next one succeeds; strict mode refuses meanwhile.
         self.healthy = True
         self._batch_size = batch_size
@@ -110,11 +113,28 @@ class AuditWriter:
         await self.prune()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
+    def backlogged(self) -> bool:
+        """More records waiting than `queue_max`: the request path stops admitting (pipeline.audit_ready)."""
+        return self.queue_max is not None and self.queue_depth() >= self.queue_max
+
     def submit(self, record: dict[str, Any]) -> None:
-        """Queue a record; never blocks, never raises."""
+        """Queue a record; never blocks, never raises.
+
+        Memory stays bounded when the log cannot keep up: once the backlog is over queue_max no
+        request is admitted, so what still arrives is refusals, and past twice queue_max those
+        are counted (`dropped_refusals`, logged) instead of queued. A served request's record is
+        never dropped.
+        """
         try:
             if self._closed:
                 log.error("audit writer closed, record not persisted: %s", dumps(record))
+                return
+            if (self.queue_max is not None and record.get("status") != "allowed"
+                    and self.queue_depth() >= 2 * self.queue_max):
+                self.dropped_refusals += 1
+                if self.dropped_refusals % 1000 == 1:
+                    log.error("AUDIT BACKLOG: %d refusal records not kept so far (queue at %d)",
+                              self.dropped_refusals, self.queue_depth())
                 return
             self._queue.put_nowait(_complete(record))
         except Exception:  # the request path must not fail because of auditing

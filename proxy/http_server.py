@@ -210,7 +210,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed,
                             durability=settings.audit.durability,
                             fsync_interval_s=settings.audit.fsync_interval_s,
-                            file_name=active_name(worker.index if worker else 0))
+                            file_name=active_name(worker.index if worker else 0),
+                            queue_max=settings.audit.queue_max)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await SqliteStore.open(store_path(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).

@@ -123,9 +123,12 @@ _COMMITTED = "audit_committed"   # ctx.extra key: the record is durable already,
 
 
 def audit_ready(state: AppState) -> None:
-    """Strict audit fails closed: nothing is forwarded while the audit log is known to be unwritable."""
+    """Nothing is forwarded that the audit log could not take: strict mode while the log is known to be
+    unwritable, either mode while the writer is more than audit.queue_max records behind."""
     if state.audit.strict and not state.audit.healthy:
         raise AuditUnavailable("audit_unwritable")
+    if state.audit.backlogged():
+        raise AuditUnavailable("audit_backlog")
 
 
 async def commit_audit(state: AppState, ctx: RequestContext) -> None:

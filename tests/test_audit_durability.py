@@ -187,9 +187,10 @@ def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
     r.stop()
 
 
-def _gateway(tmp_path: Path, triton: TritonProcess, upstream: str, durability: str) -> Gateway:
+def _gateway(tmp_path: Path, triton: TritonProcess, upstream: str, durability: str, **more: Any) -> Gateway:
     return Gateway(tmp_path, upstream, free_ports(3), **{
-        "audit.durability": durability, "upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"})
+        "audit.durability": durability, "upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+        **more})
 
 
 def _disk_full(fd: int, data: bytes) -> None:
@@ -262,6 +263,43 @@ def test_batched_mode_keeps_serving_and_alerts_while_the_audit_log_is_unwritable
         gw.stop()
     # Held and retried, never dropped: every record lands once the disk is back.
     assert set(ids) <= {r["request_id"] for r in _records(gw.data_dir)}
+
+
+def test_a_backlog_over_queue_max_refuses_new_requests_and_memory_stays_bounded(
+        triton: TritonProcess, relay: TcpRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    gw = _gateway(tmp_path, triton, f"http://127.0.0.1:{relay.port}", "batched", **{"audit.queue_max": 5})
+    _, key = gw.key()
+    gw.start()
+    served = []
+    try:
+        monkeypatch.setattr(audit_file, "_write_all", _disk_full)   # the writer holds everything
+        for _ in range(10):   # served while the backlog (these, plus the key's expiry notice) is under 5
+            status, headers, _ = _post(gw.url + GENERATE, key, {"text_input": "held", "max_tokens": 1})
+            if status != 200:
+                break
+            served.append(headers["X-Request-Id"])
+        assert status == 503 and 2 <= len(served) <= 5
+        relay.clear()
+        with caplog.at_level(logging.ERROR, logger="proxy.audit"):
+            for _ in range(20):   # over the cap: refused before Triton; past 2x refusals are counted only
+                status, headers, _ = _post(gw.url + GENERATE, key, {"text_input": "backlog", "max_tokens": 1})
+                assert status == 503 and headers.get("Retry-After")
+        assert b"backlog" not in relay.seen()
+        depth = [float(line.split()[-1]) for line in urllib.request.urlopen(gw.metrics_url).read().decode()
+                 .splitlines() if line.startswith("seekgate_audit_queue_depth")]
+        assert depth and depth[0] <= 10   # 2 x queue_max: not one record per refused request
+        assert "AUDIT BACKLOG" in caplog.text
+        monkeypatch.setattr(audit_file, "_write_all", _REAL_WRITE)
+        deadline = time.monotonic() + 20   # the writer's retry backoff is at most 5 s
+        while _post(gw.url + GENERATE, key, {"text_input": "back", "max_tokens": 1})[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        gw.stop()
+    records = _records(gw.data_dir)
+    assert set(served) <= {r["request_id"] for r in records}   # served requests: never dropped
+    assert any(r["reason"] == "audit_backlog" for r in records)
 
 
 def test_strict_mode_streams_and_grpc_have_their_record_before_the_response_ends(
