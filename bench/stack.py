@@ -115,13 +115,7 @@ def start_seekgate(config: Path, workers: int = 1) -> Service:
         cmd += ["--workers", str(workers)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    service = Service(f"seekgate x{workers}", url, proc, log)
-    try:
-        wait_live(service)
-    except BaseException:
-        service.stop()
-        raise
-    return service
+    return live(Service(f"seekgate x{workers}", url, proc, log))
 
 
 def start_passthrough(upstream: str, log: Path) -> Service:
@@ -130,7 +124,11 @@ def start_passthrough(upstream: str, log: Path) -> Service:
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bench.passthrough", "--port", str(port),
                                  "--upstream", upstream], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    service = Service("passthrough", f"http://127.0.0.1:{port}", proc, log)
+    return live(Service("passthrough", f"http://127.0.0.1:{port}", proc, log))
+
+
+def live(service: Service) -> Service:
+    """`service` once it answers its liveness probe; stopped (and the error raised) if it never does."""
     try:
         wait_live(service)
     except BaseException:
