@@ -14,12 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from .app_state import CTX, STATE
-from .keys.issue import (MAX_AUDITED_KEYS, TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key,
-                         parse_duration, public_view)
-from .keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key, subtree
+from .keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration,
+                         public_view)
+from .keys.lifecycle import (LifecycleError, compromise_key, expiring, key_and_children, records_of, rotate_key,
+                             subtree_records)
 from .keys.sessions import is_jti
 from .limits import parse_limits
-from .store import KeyRecord, KeyStore, StoreConflict
+from .store import StoreConflict
 from .store.sqlite_secrets import SqliteSecretRows
 
 PREFIX = ("admin", "v1")
@@ -62,14 +63,6 @@ def _note(request: web.Request, action: str, target: str | None = None, detail: 
         for name, value in (("target", target), ("detail", detail), ("before", before), ("after", after)):
             if value is not None:
                 ctx.extra[f"admin_{name}"] = value
-
-
-async def _records(store: KeyStore, ids: list[str]) -> list[KeyRecord | None]:
-    return [await store.get_key(i) for i in ids[:MAX_AUDITED_KEYS]]
-
-
-async def _subtree_ids(store: KeyStore, key_id: str) -> list[str]:
-    return subtree(await store.list_keys(), key_id)
 
 
 async def handle_admin(request: web.Request, body: bytes | None = None) -> web.Response:
@@ -137,13 +130,13 @@ async def _revoke(request: web.Request, key_id: str) -> web.Response:
     store = request.app[STATE].store
     if not is_key_id(key_id) or await store.get_key(key_id) is None:
         raise _Reply(404, f"key {key_id!r} not found")
-    ids = await _subtree_ids(store, key_id)
-    before = await _records(store, ids)
+    before = await subtree_records(store, key_id)
     now = time.time()
     # Revoking an already revoked key is not an error: it reports 0 newly revoked.
     count = await store.revoke_key(key_id, now)
-    _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(ids)} key(s)",
-          before=audited_views(before, now), after=audited_views(await _records(store, ids), now))
+    _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(before)} key(s)",
+          before=audited_views(before, now),
+          after=audited_views(await records_of(store, (r.key_id for r in before)), now))
     return web.json_response({"revoked": count})
 
 
@@ -200,7 +193,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
     state = request.app[STATE]
     key_id = key_id if is_key_id(key_id) else ""
     # The key and its children: the devices of an app key move to the successor.
-    before = [r for r in await state.store.list_keys() if key_id in (r.key_id, r.parent_id)]
+    before = await key_and_children(state.store, key_id)
     now = time.time()
     try:
         rot = await rotate_key(state.store, state.pepper, key_id, grace, now=now)
@@ -209,7 +202,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
     _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
           + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
           before=audited_views(before, now),
-          after=audited_views([rot.old, rot.new, *await _records(state.store, list(rot.moved))], now))
+          after=audited_views([rot.old, rot.new, *await records_of(state.store, rot.moved)], now))
     return web.json_response({"old": public_view(rot.old), "key_id": rot.new.key_id, "key": rot.token,
                               **public_view(rot.new), "moved": list(rot.moved)},
                              status=201, headers={"Cache-Control": "no-store"})
@@ -222,7 +215,7 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
     ctx = request.get(CTX)
     actor = ctx.principal.key_id if ctx is not None and ctx.principal is not None else None
     key_id = key_id if is_key_id(key_id) else ""
-    before = await _records(state.store, await _subtree_ids(state.store, key_id))
+    before = await subtree_records(state.store, key_id)
     now = time.time()
     try:
         # The writer is flushed first, so uses up to this moment are in the report.
@@ -233,7 +226,7 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
     _note(request, "keys.revoke_compromised", key_id,
           f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
           before=audited_views(before, now),
-          after=audited_views([*await _records(state.store, done.revoked), done.new], now))
+          after=audited_views([*await records_of(state.store, done.revoked), done.new], now))
     return web.json_response({"revoked": done.revoked,
                               "replacement": {"key_id": done.new.key_id, "key": done.token,
                                               **public_view(done.new)},
@@ -258,12 +251,7 @@ def _parse_create(raw: bytes) -> dict[str, Any]:
     """The JSON body of POST /admin/v1/keys as issue_key keyword arguments; 400 on anything odd."""
     if not raw.strip():
         raise _Reply(400, "request body is empty: send a JSON object with at least tier and name")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _Reply(400, "request body must be a JSON object") from None
-    if not isinstance(doc, dict):
-        raise _Reply(400, "request body must be a JSON object")
+    doc = _optional_json(raw)
     unknown = sorted(set(doc) - _CREATE_FIELDS)
     if unknown:
         raise _Reply(400, f"unknown field(s): {', '.join(unknown)}")

@@ -23,7 +23,6 @@ from .keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, 
 from .limits import LIMIT_FIELDS
 from .paths import store_path
 from .settings import Settings, SettingsError, load_settings
-from .store import KeyRecord
 from .store.sqlite import SqliteStore
 
 DEFAULT_CONFIG = Path("config/seekgate.yaml")
@@ -71,14 +70,6 @@ async def audit(settings: Settings, action: str, target: str | None, **fields: A
         await write_cli_audit(settings, cli_record(action, target, **fields))
     except Exception as exc:
         raise CliError(f"{action} {target}: done, but its audit record could not be written: {exc}") from None
-
-
-async def subtree_records(store: SqliteStore, key_id: str) -> list[KeyRecord]:
-    """`key_id` and every key under it, as stored now (for an audit record's before/after)."""
-    from .keys.lifecycle import subtree
-    recs = await store.list_keys()
-    ids = set(subtree(recs, key_id))
-    return [r for r in recs if r.key_id in ids]
 
 
 def parse_time(text: str, now: float) -> float:
@@ -185,7 +176,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from .keys.lifecycle import LifecycleError, Rotation, rotate_key
+    from .keys.lifecycle import LifecycleError, Rotation, key_and_children, records_of, rotate_key
     try:
         grace = parse_duration(args.grace)
     except ValueError as exc:
@@ -197,9 +188,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     async def rotate(store: SqliteStore) -> Rotation:
         now = time.time()
-        before = [r for r in await store.list_keys() if args.id in (r.key_id, r.parent_id)]
+        before = await key_and_children(store, args.id)
         rot = await rotate_key(store, pepper, args.id, grace, now=now)
-        after = [rot.old, rot.new, *[await store.get_key(i) for i in rot.moved]]
+        after = [rot.old, rot.new, *await records_of(store, rot.moved)]
         await audit(settings, "keys.rotate", args.id, detail=f"successor {rot.new.key_id}",
                     before=audited_views(before, now), after=audited_views(after, now))
         return rot
@@ -221,7 +212,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
-    from .keys.lifecycle import Compromise, LifecycleError, compromise_key
+    from .keys.lifecycle import Compromise, LifecycleError, compromise_key, records_of, subtree_records
     settings = load(args)
     pepper = load_pepper_sync(settings)
 
@@ -229,7 +220,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
         now = time.time()
         before = await subtree_records(store, args.id)
         done = await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=now, actor="cli")
-        after = [*[await store.get_key(i) for i in done.revoked], done.new]
+        after = [*await records_of(store, done.revoked), done.new]
         await audit(settings, "keys.revoke_compromised", args.id, detail=f"replacement {done.new.key_id}",
                     before=audited_views(before, now), after=audited_views(after, now))
         return done
@@ -253,7 +244,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if args.compromised:
         return cmd_keys_revoke_compromised(args)
-
+    from .keys.lifecycle import records_of, subtree_records
     settings = load(args)
 
     async def revoke(store: SqliteStore) -> int | None:
@@ -262,7 +253,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         now = time.time()
         before = await subtree_records(store, args.id)
         n = await store.revoke_key(args.id, now)
-        after = [await store.get_key(r.key_id) for r in before]
+        after = await records_of(store, (r.key_id for r in before))
         await audit(settings, "keys.revoke", args.id, before=audited_views(before, now),
                     after=audited_views(after, now))
         return n

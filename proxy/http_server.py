@@ -254,12 +254,9 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                 gauges.cancel()
             await watcher.stop()
             await session.close()
-            if isinstance(state.limiter, SocketLimiter):
-                await state.limiter.close()
             if state.grpc_stopped is not None:   # its last requests audit into the writer closed below
                 await state.grpc_stopped.wait()
-            if isinstance(state.limiter, LocalLimiter):
-                await state.limiter.close()   # after the last request settled: its charges are written
+            await state.limiter.close()   # after the last request settled: its charges are written
             # Last: requests still finishing above submit their records before the final flush.
             await audit.close()
             await store.close()

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from proxy.audit import query_audit
 from proxy.errors import AuditUnavailable
-from proxy.keys.issue import ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
+from proxy.keys.issue import MAX_AUDITED_KEYS, ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
 from proxy.store import KeyRecord, KeyStore
 
 # A report lists every use, but a key hammered for months would make it unreadable; the
@@ -127,6 +127,23 @@ def subtree(keys: Iterable[KeyRecord], key_id: str) -> list[str]:
                 out.append(child)
                 todo.append(child)
     return out
+
+
+async def subtree_records(store: KeyStore, key_id: str) -> list[KeyRecord]:
+    """`key_id` and every key under it as stored now, breadth first (an audit record's before/after)."""
+    recs = await store.list_keys()
+    by_id = {r.key_id: r for r in recs}
+    return [by_id[i] for i in subtree(recs, key_id) if i in by_id]
+
+
+async def key_and_children(store: KeyStore, key_id: str) -> list[KeyRecord]:
+    """`key_id` and its direct children: what a rotation changes (an app key's devices move)."""
+    return [r for r in await store.list_keys() if key_id in (r.key_id, r.parent_id)]
+
+
+async def records_of(store: KeyStore, ids: Iterable[str]) -> list[KeyRecord | None]:
+    """The stored records of `ids`, at most MAX_AUDITED_KEYS of them (an audit record's `after`)."""
+    return [await store.get_key(i) for i in list(ids)[:MAX_AUDITED_KEYS]]
 
 
 async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id: str, *,
