@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from .audit import AuditWriter
@@ -18,6 +17,7 @@ from .limits import Limiter, LocalLimiter
 from .metrics import Metrics
 from .settings import Settings
 from .store.sqlite import SqliteStore
+from .upstream_http import UpstreamPool
 
 
 @dataclass
@@ -30,7 +30,7 @@ class AppState:
     watcher: PolicyWatcher
     audit: AuditWriter
     metrics: Metrics
-    upstream: aiohttp.ClientSession
+    upstream: UpstreamPool
     internal_key: str | None = None   # unlocks Triton's shared-memory API; None if Triton runs elsewhere
     limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only

@@ -1,18 +1,17 @@
-"""The forward step: one request to Triton over the shared session, the answer streamed back unchanged."""
+"""The forward step: one request to Triton over the upstream pool, the answer relayed back unchanged."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import tokens
+from . import tokens, upstream_http
 from .context import RequestContext
-from .errors import AuditUnavailable, UpstreamTimeout, UpstreamUnavailable
+from .errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
+from .upstream_http import UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -25,19 +24,22 @@ _DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "se
 # aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
 _RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
 BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
+# A plain answer up to this size is read whole and sent in one write; larger ones are streamed.
+WHOLE_LIMIT = 64 * 1024
 UPSTREAM_ERROR_KEPT = 512  # bytes of a Triton 5xx body kept, in the audit reason only
 BeforeSend = Callable[[], Awaitable[None]]
 
 
-def upstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def upstream_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """Client headers minus hop-by-hop, credentials and spoofable identity headers."""
-    listed = {h.strip().lower() for h in incoming.get("Connection", "").split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
+    connection = incoming.get("Connection")
+    listed = {h.strip().lower() for h in connection.split(",") if h.strip()} if connection else ()
+    out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in _DROPPED or low in listed or low.startswith(_DROPPED_PREFIXES):
             continue
-        out.add(name, value)
+        out.append((name, value))
     return out
 
 
@@ -48,9 +50,9 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
                        and k.lower() not in listed)
 
 
-async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.ClientSession,
-                  upstream_url: str, path_qs: str, body: bytes, extra_headers: dict[str, str],
-                  server_timing: str, before_send: BeforeSend | None = None) -> web.StreamResponse:
+async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool, path_qs: str, body: bytes,
+                  extra_headers: dict[str, str], server_timing: str,
+                  before_send: BeforeSend | None = None) -> web.StreamResponse:
     """Sends the request to Triton and streams the answer, event by event for SSE.
 
     `before_send` (strict audit) runs once the response is known and before it is complete on the
@@ -60,16 +62,19 @@ async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.Cl
     If it raises, a plain response becomes that error; a stream is cut without its end.
     """
     headers = upstream_headers(request.headers)
-    headers.update(extra_headers)
+    if extra_headers:
+        headers += extra_headers.items()
     started = time.perf_counter()
     try:
-        upstream = await session.request(
-            request.method, upstream_url + path_qs, data=body if body else None, headers=headers,
-            allow_redirects=False, auto_decompress=False)
-    except asyncio.TimeoutError as exc:
+        upstream = await pool.request(request.method, path_qs, headers, body)
+    except ValueError as exc:   # aiohttp's parser refuses CR/LF already; this is the last line of defence
+        raise BadRequest("unforwardable_header", public_message="malformed request header") from exc
+    except upstream_http.UpstreamTimeout as exc:
         raise UpstreamTimeout("upstream_timeout") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream_unreachable: {type(exc).__name__}") from exc
+    except upstream_http.UpstreamConnectError as exc:
+        raise UpstreamUnavailable(str(exc)) from exc
+    except upstream_http.UpstreamBroken as exc:
+        raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
     ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
     try:
         return await _relay(request, ctx, upstream, server_timing, before_send)
@@ -77,7 +82,7 @@ async def forward(request: web.Request, ctx: RequestContext, session: aiohttp.Cl
         upstream.release()
 
 
-async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.ClientResponse,
+async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamResponse,
                  server_timing: str, before_send: BeforeSend | None) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     headers["Server-Timing"] = (f"{server_timing}, "
@@ -95,9 +100,10 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
         return await _generic_error(ctx, upstream, headers, before_send)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     want_counts = ctx.resource is not None and ctx.resource.action == "infer"
-    if before_send is not None and not is_sse:
-        return await _relay_whole(ctx, upstream, headers, want_counts, before_send)
     length = upstream.headers.get("Content-Length")
+    if not is_sse and (before_send is not None or (length is not None and length.isdigit()
+                                                   and int(length) <= WHOLE_LIMIT)):
+        return await _relay_whole(ctx, upstream, headers, want_counts, before_send)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if length is not None and not is_sse:
         response.content_length = int(length)
@@ -106,7 +112,7 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
     kept: list[bytes] = []
     kept_size = 0
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_any():
             try:
                 await response.write(chunk)
             except ConnectionError:
@@ -119,9 +125,9 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
             elif want_counts and kept_size < BUFFERED_LIMIT:
                 kept.append(chunk)
                 kept_size += len(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except upstream_http.UpstreamError as exc:
         # Headers are gone already: the best we can do is end the stream and say so in the audit.
-        ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {type(exc).__name__}"
+        ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {exc}"
     if counter is not None:
         ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
     elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:
@@ -141,27 +147,28 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: aiohttp.Cl
     return response
 
 
-async def _relay_whole(ctx: RequestContext, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
-                       want_counts: bool, before_send: BeforeSend) -> web.Response:
+async def _relay_whole(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str],
+                       want_counts: bool, before_send: BeforeSend | None) -> web.Response:
     """The whole body read first, then `before_send`, then the response (handed to aiohttp to send)."""
     try:
         body = await upstream.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except upstream_http.UpstreamError as exc:
         # Nothing sent yet, so unlike a streamed relay the client gets a clean error.
-        raise UpstreamUnavailable(f"upstream_broke_mid_response: {type(exc).__name__}") from exc
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
     if want_counts and upstream.status == 200 and len(body) < BUFFERED_LIMIT:
         _count(ctx, body, upstream.headers)
-    await before_send()
+    if before_send is not None:
+        await before_send()
     return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
 
 
-async def _generic_error(ctx: RequestContext, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+async def _generic_error(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str],
                          before_send: BeforeSend | None) -> web.Response:
     """Triton's 5xx bodies may carry stack traces and file paths: the client gets a generic error
     (same status), the audit record the start of the original. 4xx bodies pass: clients need them."""
     try:
-        original = await upstream.content.read(UPSTREAM_ERROR_KEPT)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+        original = await upstream.read_upto(UPSTREAM_ERROR_KEPT)
+    except upstream_http.UpstreamError:
         original = b""
     ctx.status, ctx.reason = "error", "upstream_error: " + original.decode("utf-8", "replace")
     if before_send is not None:

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from . import estimate
@@ -39,6 +38,7 @@ from .pipeline import admit, audit_ready, check_body, commit_audit, finish, limi
 from .settings import Settings
 from .store.sqlite import SqliteStore
 from .triton import INTERNAL_HEADER
+from .upstream_http import UpstreamError, UpstreamPool
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
@@ -89,9 +89,10 @@ async def request_path(request: web.Request,
             return response
         extra = ({INTERNAL_HEADER: state.internal_key}
                  if ctx.resource.resource == "sharedmemory" and state.internal_key else {})
-        path_qs = path + (("?" + request.query_string) if request.query_string else "")
-        return await forward(request, ctx, state.upstream, state.settings.upstream.http_url, path_qs, body,
-                             extra, server_timing(ctx),
+        # The query as the client sent it (still encoded), like the path: Triton sees what was authorized.
+        raw_query = request.raw_path.partition("?")[2]
+        path_qs = path + ("?" + raw_query if raw_query else "")
+        return await forward(request, ctx, state.upstream, path_qs, body, extra, server_timing(ctx),
                              (lambda: commit_audit(state, ctx)) if state.audit.strict else None)
     except SeekgateError as err:
         response = await refused(state, ctx, err)
@@ -223,13 +224,10 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             await store.close()
             raise
         up = settings.upstream
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=up.pool_size),
-            timeout=aiohttp.ClientTimeout(total=None, connect=up.connect_timeout_s, sock_read=up.request_timeout_s),
-            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+        pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.request_timeout_s)
         key_file = data_dir / "secrets" / "triton-internal-key"
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
-                         audit, metrics, session, key_file.read_text().strip() if key_file.exists() else None,
+                         audit, metrics, pool, key_file.read_text().strip() if key_file.exists() else None,
                          limiter=SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets),
                          sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth))
         app[STATE] = state
@@ -253,7 +251,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             if gauges is not None:
                 gauges.cancel()
             await watcher.stop()
-            await session.close()
+            await pool.close()
             if state.grpc_stopped is not None:   # its last requests audit into the writer closed below
                 await state.grpc_stopped.wait()
             await state.limiter.close()   # after the last request settled: its charges are written
@@ -265,12 +263,18 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
 
 
 async def watch_upstream(state: AppState, interval: float = 2.0) -> None:
-    url = state.settings.upstream.http_url + "/v2/health/ready"
+    async def ready() -> bool:
+        answer = await state.upstream.request("GET", "/v2/health/ready", ())
+        try:
+            await answer.read()
+        finally:
+            answer.release()
+        return answer.status == 200
+
     while True:
         try:
-            async with state.upstream.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                state.metrics.set_upstream_up(r.status == 200)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            state.metrics.set_upstream_up(await asyncio.wait_for(ready(), 2))
+        except (UpstreamError, asyncio.TimeoutError):
             state.metrics.set_upstream_up(False)
         await asyncio.sleep(interval)
 
