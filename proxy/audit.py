@@ -81,7 +81,7 @@ class AuditWriter:
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
                  fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE,
-                 queue_max: int | None = None) -> None:
+                 queue_max: int | None = None, batch_linger_s: float = 0.0) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
         self.file = JsonlFile(self.dir, max_bytes, file_name)
@@ -96,6 +96,10 @@ class AuditWriter:
         self._batch_size = batch_size
         self._retry = (retry_base_s, retry_max_s)
         self._fsync_interval = fsync_interval_s
+        # Batched mode: how long a batch waits for company after its first record. At low concurrency
+        # a write per record (a thread hand-off, a write(2), an index commit) costs more CPU than the
+        # request it records; strict mode never waits, its callers are waiting already.
+        self._linger = 0.0 if self.strict else max(0.0, min(batch_linger_s, fsync_interval_s))
         # Records; None: close; a Future: a flush() barrier, resolved once what precedes it is persisted.
         self._queue: asyncio.Queue[dict[str, Any] | None | asyncio.Future[None]] = asyncio.Queue()
         self._inflight: list[dict[str, Any]] = []
@@ -255,6 +259,8 @@ class AuditWriter:
             batch: list[dict[str, Any]] = []
             barrier: asyncio.Future[None] | None = None
             item = await self._next()
+            if self._linger and isinstance(item, dict) and self._queue.qsize() < self._batch_size:
+                await asyncio.sleep(self._linger)
             while True:
                 if item is None:
                     stop = True

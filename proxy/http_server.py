@@ -59,6 +59,19 @@ async def request_path(request: web.Request,
     ctx = new_context(request)
     request[CTX] = ctx
     try:
+        response = await answer(request, state, ctx)
+        await send_now(request, ctx, response)
+        return response
+    except asyncio.CancelledError:
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        raise
+    finally:
+        finish(state, ctx)
+
+
+async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> web.StreamResponse:
+    """The checks and the forward, or the refusal; what the client gets, on ctx what the audit says."""
+    try:
         # First: framing aiohttp's parser let through but a proxy must not (http_guard's doc).
         check_framing(request)
         path = route_path(request.raw_path, state.settings.server.base_path)
@@ -99,11 +112,22 @@ async def request_path(request: web.Request,
         if closes_connection(err):
             response.force_close()
         return response
-    except asyncio.CancelledError:
-        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-        raise
-    finally:
-        finish(state, ctx)
+
+
+async def send_now(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:
+    """The answer on the wire before finish(): the audit record and metrics then cost the client no time.
+
+    aiohttp would send it only after the middleware returns, that is after finish(). A streamed
+    answer is out already; sending again later is a no-op for aiohttp.
+    """
+    if response.prepared:
+        return
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        if ctx.status == "allowed":
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
 
 
 def new_context(request: web.Request) -> RequestContext:
@@ -211,6 +235,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             retention_days=settings.audit.retention_days, on_error=metrics.audit_write_failed,
                             durability=settings.audit.durability,
                             fsync_interval_s=settings.audit.fsync_interval_s,
+                            batch_linger_s=settings.audit.batch_linger_ms / 1000.0,
                             file_name=active_name(worker.index if worker else 0),
                             queue_max=settings.audit.queue_max)
         metrics.set_audit_depth_fn(audit.queue_depth)

@@ -96,6 +96,9 @@ class AuditSettings:
                             "(group commit), and requests are refused with 503 while the log is unwritable",
                             "batched")
     fsync_interval_s: float = _help("Batched mode: longest time a written audit record waits for its fsync", 0.1)
+    batch_linger_ms: float = _help("Batched mode: how long the writer waits after a record for more to write "
+                                   "with it (fewer, larger writes; a kill -9 may lose this much more); "
+                                   "at most fsync_interval_s. 0 = write each record at once", 20.0)
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "triton.startup_timeout_s", "policy.reload_interval_s",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
-_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "limits.default_estimate_tokens",
+_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")

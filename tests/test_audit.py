@@ -287,6 +287,35 @@ async def test_batched_fsyncs_an_idle_file_within_the_window(tmp_path: Path,
     await writer.close()
 
 
+async def test_batched_linger_gathers_a_trickle_into_one_write_and_strict_never_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    writes: list[int] = []
+    real_append = audit_file.JsonlFile.append
+
+    def counting(self: audit_file.JsonlFile, lines: list[str], fsync: bool) -> None:
+        writes.append(len(lines))
+        real_append(self, lines, fsync=fsync)
+
+    monkeypatch.setattr(audit_file.JsonlFile, "append", counting)
+    writer = AuditWriter(tmp_path / "batched", batch_linger_s=0.08)
+    await writer.start()
+    for i in range(5):   # one record every 5 ms, as a single client at a time sends them
+        writer.submit(_rec(i))
+        await asyncio.sleep(0.005)
+    await writer.flush()
+    assert writes == [5]   # one write for the trickle, not one per record
+    await writer.close()
+
+    writes.clear()
+    strict = AuditWriter(tmp_path / "strict", durability="strict", batch_linger_s=0.5)
+    await strict.start()
+    started = time.monotonic()
+    await strict.submit_durable(_rec(1))
+    assert time.monotonic() - started < 0.4 and writes == [1]   # durable at once: no linger in strict mode
+    await strict.close()
+
+
 async def test_strict_write_failure_fails_the_waiters_and_recovers(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from proxy.errors import AuditUnavailable

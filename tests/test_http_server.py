@@ -449,3 +449,30 @@ def test_slow_triton_gives_504(triton: TritonProcess, tmp_path: Path) -> None:
         assert status == 504 and json.loads(raw) == {"error": "inference server timed out"}
     finally:
         gw.stop()
+
+
+# ------------------------------------------------------------------ ordering
+
+def test_the_answer_leaves_before_the_audit_and_metrics_step(gw: Gateway, user_key: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """finish() (audit record, metrics) runs only once the client holds its answer, refusals included."""
+    import threading
+    from proxy import http_server
+    real_finish = http_server.finish
+    received = threading.Event()
+    seen_by_finish: list[bool] = []
+
+    def finish_once_answered(state: Any, ctx: Any) -> None:
+        # Blocks the gateway's loop until the test thread has the whole answer (bounded): were the
+        # answer sent after finish(), it could not arrive while this waits.
+        seen_by_finish.append(received.wait(5))
+        real_finish(state, ctx)
+
+    monkeypatch.setattr(http_server, "finish", finish_once_answered)
+    for key, want in ((user_key, 200), (None, 401)):
+        received.clear()
+        status, _, body = call(gw.url + "/v2/models/deepseek/generate", "POST",
+                               {"text_input": "order", "max_tokens": 2}, key=key)
+        received.set()
+        assert status == want and body
+    assert wait_for(lambda: len(seen_by_finish) == 2, 5.0) and seen_by_finish == [True, True]
