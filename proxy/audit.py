@@ -8,13 +8,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from .audit_db import FIELDS, INSERT, connect, query_audit, row
-from .audit_file import ACTIVE, JsonlFile, dumps, last_records, rotated_epoch, rotated_files, tail_audit
+from .audit_file import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
 from .context import RequestContext, new_id
 from .errors import AuditUnavailable
 
@@ -23,8 +24,14 @@ __all__ = ["FIELDS", "AuditWriter", "build_record", "query_audit", "rotated_file
 log = logging.getLogger(__name__)
 
 def _iso_utc(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+    """2026-11-29T09:00:00.123Z; the part up to the second is formatted once per second."""
+    millis = int(epoch * 1000)
+    return f"{_iso_second(millis // 1000)}.{millis % 1000:03d}Z"
+
+
+@lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[str, Any]:
@@ -331,7 +338,7 @@ class AuditWriter:
         now = time.monotonic()
         since = self._unsynced_since if self._unsynced_since is not None else now
         sync = self.strict or now - since >= self._fsync_interval
-        self.file.append([dumps(r) for r in batch], fsync=sync)
+        self.file.append([line_of(r) for r in batch], fsync=sync)
         self._unsynced_since = None if sync else since
 
     def _resolve(self, records: list[dict[str, Any]], error: BaseException | None) -> None:

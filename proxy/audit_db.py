@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,27 @@ INSERT = (f"INSERT OR IGNORE INTO audit (ts, {', '.join(FIELDS)}) "
 
 
 def _epoch(iso: str) -> float:
+    if len(iso) == 24 and iso[19] == "." and iso[23] == "Z" and iso[20:23].isdigit():
+        # The shape build_record writes: the second parsed once per second, the milliseconds added.
+        return _second(iso[:19]) + int(iso[20:23]) / 1000.0
     # fromisoformat only accepts "Z" from 3.11; the project still declares 3.10.
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+@lru_cache(maxsize=8)
+def _second(iso_seconds: str) -> float:
+    return datetime.fromisoformat(iso_seconds + "+00:00").timestamp()
+
+
+_PLAIN = (str, int, float, type(None))
+
+
 def row(rec: dict[str, Any]) -> tuple[Any, ...]:
-    def cell(v: Any) -> Any:
-        return v if v is None or isinstance(v, (str, int, float)) else json.dumps(v, default=str)
     try:
         ts = _epoch(str(rec["timestamp"]))
     except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
         ts = time.time()
-    return (ts, *(cell(rec.get(f)) for f in FIELDS))
+    return (ts, *[v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in map(rec.get, FIELDS)])
 
 
 

@@ -9,13 +9,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 ROTATED_FMT = "%Y%m%dT%H%M%S.%fZ"
 
 
+def line_of(rec: dict[str, Any]) -> bytes:
+    """One JSONL line, newline included. orjson: a tenth of json's CPU, and this runs per request."""
+    try:
+        return orjson.dumps(rec, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        # A lone surrogate (undecodable bytes in a path or header): escaped by json, never dropped.
+        return json.dumps(rec, ensure_ascii=True, separators=(",", ":"), default=str, skipkeys=True).encode() + b"\n"
+
+
 def dumps(rec: dict[str, Any]) -> str:
-    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=str, skipkeys=True)
+    """The record as its audit line reads, without the newline (for logs and tests)."""
+    return line_of(rec)[:-1].decode("utf-8")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -46,9 +58,10 @@ class JsonlFile:
         self._fd: int | None = None
         self._dirty = False         # written since the last fsync
 
-    def append(self, lines: list[str], fsync: bool) -> None:
-        """Appends whole lines; on error nothing of this call stays in the file."""
-        data = "".join(line + "\n" for line in lines).encode()
+    def append(self, lines: list[bytes], fsync: bool) -> None:
+        """Appends whole lines (each ending in a newline, as line_of makes them); on error nothing of
+        this call stays in the file."""
+        data = b"".join(lines)
         if self._fd is None:
             self._open()
         assert self._fd is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from proxy.context import Resource
 from proxy.errors import BadRequest, NotFound
@@ -171,6 +172,7 @@ def _classify_v2(method: str, rest: tuple[str, ...], path: str) -> Resource:
     raise _not_found(method, path)
 
 
+@lru_cache(maxsize=4096)   # a pure function of its arguments; refusals raise and are never cached
 def classify_http(method: str, raw_path: str) -> Resource:
     """Map an HTTP request to the Resource policies judge.
 

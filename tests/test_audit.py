@@ -293,7 +293,7 @@ async def test_batched_linger_gathers_a_trickle_into_one_write_and_strict_never_
     writes: list[int] = []
     real_append = audit_file.JsonlFile.append
 
-    def counting(self: audit_file.JsonlFile, lines: list[str], fsync: bool) -> None:
+    def counting(self: audit_file.JsonlFile, lines: list[bytes], fsync: bool) -> None:
         writes.append(len(lines))
         real_append(self, lines, fsync=fsync)
 
@@ -372,3 +372,14 @@ async def test_submit_durable_after_close_fails_closed(tmp_path: Path) -> None:
     await writer.close()
     with pytest.raises(AuditUnavailable):
         await writer.submit_durable(_rec(1))
+
+
+def test_a_record_with_undecodable_bytes_is_still_one_valid_line() -> None:
+    # aiohttp hands undecodable request bytes on as lone surrogates; orjson refuses them, json escapes them.
+    rec = _rec(1, path="/v2/models/\udcff/infer", reason="ünïcode ok")
+    line = audit_file.line_of(rec)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    back = json.loads(line)
+    assert back["path"] == "/v2/models/\udcff/infer" and back["reason"] == "ünïcode ok"
+    plain = audit_file.line_of(_rec(2, reason="ünïcode ok"))
+    assert "ünïcode ok".encode() in plain   # the fast path keeps UTF-8 as is, like the old ensure_ascii=False

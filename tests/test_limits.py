@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxy.limits import (Limits, LocalLimiter, OverLimit, Scope, max_tokens_cap, parse_limits,
+from proxy.limits import (LIMIT_FIELDS, Limits, LocalLimiter, OverLimit, Scope, max_tokens_cap, parse_limits,
                           parse_role_caps)
 from proxy.pipeline import tier_limits
 from proxy.settings import LimitsSettings
@@ -230,3 +230,10 @@ def test_tier_defaults_and_key_overrides() -> None:
     assert tier_limits(cfg, "user").with_overrides({"rpm": 0, "daily_tokens": 5}) == \
         Limits(rpm=0, tpm=1000, daily_tokens=5)
 
+
+
+def test_any_one_limit_set_is_not_unlimited() -> None:
+    # unlimited() names the fields one by one for speed: a new field must be added there too.
+    assert Limits().unlimited()
+    for field in LIMIT_FIELDS:
+        assert not Limits(**{field: 1}).unlimited(), field
