@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -12,9 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from .audit_db import FIELDS, INSERT, connect, query_audit, row
+from .audit_db import FIELDS, AuditIndex, query_audit
 from .audit_file import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
 from .context import RequestContext, new_id
 from .errors import AuditUnavailable
@@ -112,14 +109,14 @@ class AuditWriter:
         self._inflight: list[dict[str, Any]] = []
         self._waiters: dict[str, asyncio.Future[None]] = {}   # event_id -> durable-write future
         self._task: asyncio.Task[None] | None = None
-        self._db: aiosqlite.Connection | None = None
+        self._index = AuditIndex(self.db_path)
         self._unsynced_since: float | None = None   # monotonic time of the oldest unsynced write
         self._next_prune = 0.0
         self._closed = False
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        await self._connect()
+        await asyncio.to_thread(self._index.insert, [])   # opens audit.db now: a broken one stops the start
         await self._recover()
         await self.prune()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -207,9 +204,7 @@ class AuditWriter:
             await asyncio.to_thread(self.file.close)
         except OSError:
             log.exception("audit file fsync/close failed")
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        await asyncio.to_thread(self._index.close)
 
     async def __aenter__(self) -> AuditWriter:
         await self.start()
@@ -222,9 +217,7 @@ class AuditWriter:
         """Retention: drop rotated files and rows older than `retention_days`."""
         cutoff = (time.time() if now is None else now) - self.retention_days * 86400
         await asyncio.to_thread(self._prune_files, cutoff)
-        if self._db is not None:
-            await self._db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,))
-            await self._db.commit()
+        await asyncio.to_thread(self._index.prune, cutoff)
         self._next_prune = time.monotonic() + 3600
 
     # -- writer task -------------------------------------------------------------
@@ -351,9 +344,6 @@ class AuditWriter:
             else:
                 fut.set_exception(error)
 
-    async def _connect(self) -> None:
-        self._db = await connect(self.db_path)
-
     async def _recover(self, lines: int = 10_000) -> None:
         """After a crash, lines fsynced to audit.jsonl may be missing from audit.db: index them again.
 
@@ -364,20 +354,7 @@ class AuditWriter:
             await self._insert_rows([r for r in recs if "event_id" in r])
 
     async def _insert_rows(self, batch: list[dict[str, Any]]) -> None:
-        if self._db is None:
-            await self._connect()
-        assert self._db is not None
-        try:
-            # A generator: the rows are built in aiosqlite's thread, off the event loop.
-            await self._db.executemany(INSERT, (row(r) for r in batch))
-            await self._db.commit()
-        except sqlite3.Error:
-            try:
-                await self._db.rollback()
-            except sqlite3.Error:  # connection unusable: reconnect on the next attempt
-                await self._db.close()
-                self._db = None
-            raise
+        await asyncio.to_thread(self._index.insert, batch)
 
     def _prune_files(self, cutoff: float) -> None:
         for path in rotated_files(self.dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import datetime
 from functools import lru_cache
@@ -61,25 +62,84 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
 
 
 
-async def connect(db_path: Path) -> aiosqlite.Connection:
-    """The writer's connection, schema created.
+_ROWS_PER_STATEMENT = 64   # 64 x 22 bound values, far below SQLite's 32766
+
+
+@lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _insert_rows_sql(n: int) -> str:
+    one = f"({', '.join('?' * (len(FIELDS) + 1))})"
+    return INSERT.rsplit(" VALUES ", 1)[0] + " VALUES " + ", ".join([one] * n)
+
+
+class AuditIndex:
+    """The writer's connection to audit.db, used from one worker thread at a time (asyncio.to_thread).
+
+    Synchronous on purpose: the writer's thread appends to the JSONL file and then indexes the same
+    batch in one hand-off. Rows go in 64 to a statement because sqlite3 releases the GIL around every
+    statement it steps: with a row per statement the thread waited for the GIL once per row, and a
+    busy event loop hands the GIL over only every 5 ms, which throttled the index to a few hundred
+    rows a second under load while the queue, and the memory holding it, grew.
 
     WAL with synchronous=NORMAL survives a process crash; a host crash can lose the last commits,
     which is why the fsynced JSONL file, not this index, is the durable record: the writer
     re-indexes the file's tail at start. A second fsync per group commit would cost strict mode
     throughput for nothing.
     """
-    db = await aiosqlite.connect(db_path)
-    try:
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        for stmt in _SCHEMA:
-            await db.execute(stmt)
-        await db.commit()
-    except BaseException:
-        await db.close()
-        raise
-    return db
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def insert(self, records: list[dict[str, Any]]) -> None:
+        """Indexes records (OR IGNORE: one already there is skipped); all or nothing."""
+        db = self._connection()
+        rows = [row(r) for r in records]
+        try:
+            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                chunk = rows[start:start + _ROWS_PER_STATEMENT]
+                db.execute(_insert_rows_sql(len(chunk)), [cell for r in chunk for cell in r])
+            db.commit()
+        except sqlite3.Error:
+            self._abandon()
+            raise
+
+    def prune(self, cutoff: float) -> None:
+        db = self._connection()
+        try:
+            db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,))
+            db.commit()
+        except sqlite3.Error:
+            self._abandon()
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            # sqlite3 opens a transaction before the first INSERT or DELETE (not before PRAGMA or
+            # CREATE), so each insert() or prune() is one transaction, ended by its commit().
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _abandon(self) -> None:
+        """After a failed statement: roll back, or drop a connection that cannot; the next call reconnects."""
+        assert self._db is not None
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            self.close()
 
 
 async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,

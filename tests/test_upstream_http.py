@@ -62,8 +62,16 @@ async def raw_server(handler: Callable[[RawServer, asyncio.StreamReader, asyncio
         server.close()
 
 
-def ok(body: bytes = b"hello", extra: str = "") -> bytes:
-    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+def ok(body: bytes = b"hello") -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def answer_each(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive server: every request on the connection gets ok()."""
+    while True:
+        await raw.read_request(reader)
+        writer.write(ok())
+        await writer.drain()
 
 
 # ------------------------------------------------------------------ the real Triton
@@ -210,13 +218,7 @@ async def test_head_answers_end_at_their_headers_and_are_not_reused() -> None:
 
 
 async def test_the_target_goes_out_byte_for_byte_and_injection_is_refused() -> None:
-    async def echo(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await raw.read_request(reader)
-            writer.write(ok())
-            await writer.drain()
-
-    async with raw_server(echo) as raw:
+    async with raw_server(answer_each) as raw:
         pool = UpstreamPool(f"http://127.0.0.1:{raw.port}")
         target = "/v2/models/a%2Fb/../x/infer?q=%41&r=1"
         answer = await pool.request("POST", target, [("X-Custom", "1")], b"{}")
@@ -261,13 +263,7 @@ async def test_a_slow_reader_pauses_the_upstream_and_release_mid_body_closes_it(
 
 
 async def test_a_full_pool_waits_for_a_slot_then_times_out() -> None:
-    async def echo(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await raw.read_request(reader)
-            writer.write(ok())
-            await writer.drain()
-
-    async with raw_server(echo) as raw:
+    async with raw_server(answer_each) as raw:
         pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", limit=1, connect_timeout_s=0.2)
         held = await pool.request("GET", "/one", ())
         with pytest.raises(UpstreamTimeout, match="pool"):
