@@ -383,3 +383,23 @@ def test_a_record_with_undecodable_bytes_is_still_one_valid_line() -> None:
     assert back["path"] == "/v2/models/\udcff/infer" and back["reason"] == "ünïcode ok"
     plain = audit_file.line_of(_rec(2, reason="ünïcode ok"))
     assert "ünïcode ok".encode() in plain   # the fast path keeps UTF-8 as is, like the old ensure_ascii=False
+
+
+def test_the_index_takes_batches_across_statement_boundaries_all_or_nothing(tmp_path: Path) -> None:
+    from proxy.audit_db import AuditIndex
+    index = AuditIndex(tmp_path / "audit.db")
+    first = [_rec(i) for i in range(150)]   # 64 + 64 + 22 rows: three statements, one transaction
+    index.insert(first)
+    index.insert(first[100:] + [_rec(150)])   # already indexed rows are skipped, the new one added
+    assert _rows(tmp_path / "audit.db") == 151
+    with sqlite3.connect(tmp_path / "audit.db") as conn:   # a failure inside the batch's second statement
+        conn.execute("CREATE TRIGGER boom BEFORE INSERT ON audit WHEN NEW.request_id = 'boom' "
+                     "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    bad = [_rec(200 + i) for i in range(100)]
+    bad[80] = {**bad[80], "request_id": "boom"}
+    with pytest.raises(sqlite3.IntegrityError, match="disk trouble"):
+        index.insert(bad)
+    assert _rows(tmp_path / "audit.db") == 151   # the first 64 of the failed batch were rolled back
+    index.insert(bad[:80])
+    assert _rows(tmp_path / "audit.db") == 231
+    index.close()
