@@ -26,6 +26,8 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
+from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,9 +140,44 @@ class _Budget:
     used: int = 0
 
 
+class _TimeLog:
+    """Admission times of the last minute, oldest first, kept as raw doubles in one array.
+
+    A deque of floats held a Python object per admitted request for 60 s; under steady load those
+    objects, interleaved with everything else the request path allocates, spread the heap and RSS
+    crept upwards long after every structure had reached its size. Expired times are skipped by
+    bisection and dropped in bulk once they are half of the array.
+    """
+
+    __slots__ = ("_times", "_head")
+
+    def __init__(self) -> None:
+        self._times = array("d")
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._times) - self._head
+
+    def append(self, at: float) -> None:
+        self._times.append(at)
+
+    def oldest(self) -> float:
+        return self._times[self._head]
+
+    def expire(self, cutoff: float) -> None:
+        """Forgets every time at or before `cutoff`."""
+        times = self._times
+        head = bisect_right(times, cutoff, self._head)
+        if head * 2 >= len(times):
+            del times[:head]
+            head = 0
+        self._head = head
+
+
 @dataclass(eq=False)
 class _KeyState:
-    requests: deque[float] = field(default_factory=deque)
+    requests: _TimeLog = field(default_factory=_TimeLog)
+    # Only scopes with a tpm limit keep charges: they exist to count tokens in the window.
     charges: deque[_Charge] = field(default_factory=deque)
     tpm_used: int = 0
     inflight: int = 0
@@ -148,8 +185,7 @@ class _KeyState:
     month: _Budget = field(default_factory=lambda: _Budget(""))
 
     def expire(self, now: float, day: str, month: str) -> None:
-        while self.requests and self.requests[0] <= now - WINDOW_S:
-            self.requests.popleft()
+        self.requests.expire(now - WINDOW_S)
         while self.charges and self.charges[0].at <= now - WINDOW_S:
             old = self.charges.popleft()
             old.live = False
@@ -169,7 +205,7 @@ class Grant:
 
     key_ids: tuple[str, ...]
     tokens: int
-    charges: list[tuple[_KeyState, _Charge, _Budget, _Budget]] = field(default_factory=list)
+    charges: list[tuple[_KeyState, _Charge | None, _Budget, _Budget]] = field(default_factory=list)
     settled: bool = False
     # The tightest rpm window after admission, for X-RateLimit-* on a successful response.
     rpm_window: tuple[int, int, float] | None = None    # (limit, remaining, seconds to reset)
@@ -305,15 +341,17 @@ class LocalLimiter(Limiter):
             states.append(st)
         grant = Grant(tuple(s.key_id for s in bound), tokens)
         for scope, st in zip(bound, states):
-            st.requests.append(now)
-            if scope.limits.rpm:
-                window = (scope.limits.rpm, scope.limits.rpm - len(st.requests), st.requests[0] + WINDOW_S - now)
+            if scope.limits.rpm:   # the log exists for rpm alone
+                st.requests.append(now)
+                window = (scope.limits.rpm, scope.limits.rpm - len(st.requests),
+                          st.requests.oldest() + WINDOW_S - now)
                 if grant.rpm_window is None or window[1] < grant.rpm_window[1]:
                     grant.rpm_window = window
             st.inflight += 1
-            charge = _Charge(now, tokens)
-            st.charges.append(charge)
-            st.tpm_used += tokens
+            charge = _Charge(now, tokens) if scope.limits.tpm else None
+            if charge is not None:
+                st.charges.append(charge)
+                st.tpm_used += tokens
             st.day.used += tokens
             st.month.used += tokens
             self._charged(scope.key_id, st.day, st.month, tokens)
@@ -328,7 +366,7 @@ class LocalLimiter(Limiter):
             raise OverLimit("concurrency", scope, lim.concurrency, 0, 1, 1)
         if lim.rpm and len(st.requests) >= lim.rpm:
             # The window frees a place when its oldest request turns 60 s old.
-            wait = st.requests[0] + WINDOW_S - now
+            wait = st.requests.oldest() + WINDOW_S - now
             raise OverLimit("rpm", scope, lim.rpm, 0, wait, wait)
         if not tokens:
             return
@@ -355,17 +393,18 @@ class LocalLimiter(Limiter):
         delta = tokens - grant.tokens
         for key_id, (st, charge, day, month) in zip(grant.key_ids, grant.charges):
             st.inflight -= 1
-            charge.tokens += delta
-            if charge.live:   # a charge already out of the window no longer counts
-                st.tpm_used += delta
+            if charge is not None:
+                charge.tokens += delta
+                if charge.live:   # a charge already out of the window no longer counts
+                    st.tpm_used += delta
             # A budget whose calendar window has passed is gone; its correction goes with it
             # (in the store too: the row of a past window is never read again).
             day.used += delta
             month.used += delta
             self._charged(key_id, day, month, delta)
         for key_id in grant.key_ids:
-            st = self._keys.get(key_id)
-            if st is not None and st.idle():
+            left = self._keys.get(key_id)
+            if left is not None and left.idle():
                 del self._keys[key_id]   # memory stays bounded by the keys in use
 
     def in_flight(self, key_id: str) -> int:

@@ -237,3 +237,30 @@ def test_any_one_limit_set_is_not_unlimited() -> None:
     assert Limits().unlimited()
     for field in LIMIT_FIELDS:
         assert not Limits(**{field: 1}).unlimited(), field
+
+
+@given(st.lists(st.tuples(st.floats(0, 5), st.booleans()), max_size=300))
+def test_time_log_matches_a_plain_list(steps: list[tuple[float, bool]]) -> None:
+    from proxy.limits import _TimeLog
+    log, model, now = _TimeLog(), [], 0.0
+    for gap, expire in steps:
+        now += gap
+        if expire:
+            log.expire(now - 60.0)
+            model = [t for t in model if t > now - 60.0]
+        else:
+            log.append(now)
+            model.append(now)
+        assert len(log) == len(model) and bool(log) == bool(model)
+        if model:
+            assert log.oldest() == model[0]
+
+
+def test_only_scopes_with_a_tpm_limit_keep_charges() -> None:
+    limiter = LocalLimiter(clock=lambda: 1000.0)
+    rpm_only, both = scope("a", rpm=100), scope("b", rpm=100, tpm=1000)
+    for _ in range(5):
+        limiter.settle(limiter.acquire_now([rpm_only, both], 10), 12)
+    a, b = limiter._keys["a"], limiter._keys["b"]
+    assert len(a.requests) == 5 and not a.charges and a.tpm_used == 0
+    assert len(b.requests) == 5 and len(b.charges) == 5 and b.tpm_used == 60
