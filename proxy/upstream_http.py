@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._paused = False
         self._head_only = False
+        self._until_close = False   # the answer's body ends where the connection does (no length)
         self.closed = False
         self.reused = False
 
@@ -170,7 +171,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._response is not None:
-            self._response._fail(UpstreamBroken("upstream_closed_mid_response"))
+            if self._until_close:
+                self._response._finish()   # llhttp would only say so if asked to finish; its end is ours
+            else:
+                self._response._fail(UpstreamBroken("upstream_closed_mid_response"))
         else:
             self._pool._forget(self)   # an idle connection Triton closed
 
@@ -183,6 +187,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, response: UpstreamResponse, head_only: bool) -> None:
         assert self._transport is not None
         self._response, self._keep_alive, self._head_only = response, False, head_only
+        self._until_close = False
         if self.closed:
             # Lost between connecting (or leaving the pool) and now: a write would vanish unanswered.
             response._fail(UpstreamBroken("upstream_closed_before_request"))
@@ -238,7 +243,11 @@ class _Connection(asyncio.Protocol):
         if self._response is None:
             self._broken(UpstreamBroken("upstream_unsolicited_response"))
             return
-        self._response._headers_done(self._parser.get_status_code())
+        status = self._parser.get_status_code()
+        self._response._headers_done(status)
+        headers = self._response.headers
+        self._until_close = (status >= 200 and status not in (204, 304) and "Content-Length" not in headers
+                             and "chunked" not in headers.get("Transfer-Encoding", "").lower())
         if self._head_only:
             # llhttp cannot be told that a HEAD answer has no body: end it here; the connection is not reused.
             self._response._finish()

@@ -202,6 +202,22 @@ async def test_a_body_cut_short_or_garbage_is_broken() -> None:
         assert not pool._open
 
 
+async def test_a_body_without_a_length_ends_with_the_connection() -> None:
+    async def until_close(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart one, ")
+        await writer.drain()
+        writer.write(b"part two")
+        await writer.drain()
+
+    async with raw_server(until_close) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=2)
+        answer = await pool.request("GET", "/v2", ())
+        assert await answer.read() == b"part one, part two"
+        answer.release()
+        assert not pool._open
+
+
 async def test_head_answers_end_at_their_headers_and_are_not_reused() -> None:
     async def head(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await raw.read_request(reader)
