@@ -291,6 +291,20 @@ def test_keys_alike_share_one_entry_and_unread_environment_is_not_keyed() -> Non
     assert len(b._state.cache) == 5   # the address matters here; the minute still does not
 
 
+def test_minutes_inside_the_same_time_windows_share_one_memo_entry() -> None:
+    a = authz(rule("office", resources=("server",), environment={"hours": "08:00-18:00"}),
+              rule("night", resources=("server",), effect="deny", environment={"hours": ["17:00-19:00"]}))
+    at = lambda h, m=0: datetime(2024, 5, 1, h, m, tzinfo=timezone.utc)  # noqa: E731
+    for minute in range(0, 60, 7):   # 09:00..09:56: office open, night closed: one class
+        assert decide(a, USER, "server", "read", now=at(9, minute)).allowed
+    assert len(a._state.cache) == 1
+    assert not decide(a, USER, "server", "read", now=at(17, 30)).allowed   # both windows: deny wins
+    assert not decide(a, USER, "server", "read", now=at(18, 30)).allowed   # night only
+    assert not decide(a, USER, "server", "read", now=at(3)).allowed        # neither
+    assert decide(a, USER, "server", "read", now=at(16, 59)).allowed       # back in the first class
+    assert len(a._state.cache) == 4   # one entry per combination of open windows, not per minute
+
+
 def test_decision_cache_stays_bounded_and_keeps_the_recently_used() -> None:
     from proxy import authz as authz_module
     a = authz(rule("all"))
