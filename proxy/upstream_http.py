@@ -274,6 +274,7 @@ class UpstreamPool:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
         self._host_header = parts.netloc.rsplit("@", 1)[-1]
+        self._prefix = parts.path.rstrip("/")   # Triton behind a path prefix: prepended to every target
         self._limit = max(1, limit)
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
@@ -322,7 +323,7 @@ class UpstreamPool:
                 waiter.set_exception(UpstreamConnectError("upstream_pool_closed"))
 
     def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {self._host_header}\r\n"]
+        lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", f"Host: {self._host_header}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
             lines.append(f"Content-Length: {len(body)}\r\n")

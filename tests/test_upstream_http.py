@@ -242,6 +242,12 @@ async def test_the_target_goes_out_byte_for_byte_and_injection_is_refused() -> N
         answer.release()
         assert raw.received.startswith(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{raw.port}\r\n".encode())
         assert b"\r\nContent-Length: 2\r\n\r\n{}" in raw.received
+        prefixed = UpstreamPool(f"http://127.0.0.1:{raw.port}/triton/")   # Triton behind a path prefix
+        answer = await prefixed.request("GET", "/v2/health/ready", ())
+        await answer.read()
+        answer.release()
+        await prefixed.close()
+        assert b"GET /triton/v2/health/ready HTTP/1.1\r\n" in raw.received
         sent = len(raw.received)
         for headers, path in (([("X-Evil", "1\r\nAuthorization: Bearer x")], "/v2"),
                               ([("X-Evil\r\nHost", "x")], "/v2"), ((), "/v2 HTTP/1.0\r\n\r\nGET /admin")):
