@@ -116,7 +116,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._index.insert, [])   # opens audit.db now: a broken one stops the start
+        await asyncio.to_thread(self._index.open)   # a broken audit.db stops the start
         await self._recover()
         await self.prune()
         self._task = asyncio.create_task(self._run(), name="audit-writer")

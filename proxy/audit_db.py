@@ -33,8 +33,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS audit_key_id ON audit (key_id, ts)",
 )
 # OR IGNORE makes a retried batch idempotent: event_id is the primary key.
-INSERT = (f"INSERT OR IGNORE INTO audit (ts, {', '.join(FIELDS)}) "
-           f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})")
+_INSERT_HEAD = f"INSERT OR IGNORE INTO audit (ts, {', '.join(FIELDS)}) VALUES "
+_ROW_MARKS = f"({', '.join('?' * (len(FIELDS) + 1))})"
 
 
 def _epoch(iso: str) -> float:
@@ -61,24 +61,23 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     return (ts, *[v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in map(rec.get, FIELDS)])
 
 
-
 _ROWS_PER_STATEMENT = 64   # 64 x 22 bound values, far below SQLite's 32766
 
 
 @lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _insert_rows_sql(n: int) -> str:
-    one = f"({', '.join('?' * (len(FIELDS) + 1))})"
-    return INSERT.rsplit(" VALUES ", 1)[0] + " VALUES " + ", ".join([one] * n)
+    return _INSERT_HEAD + ", ".join([_ROW_MARKS] * n)
 
 
 class AuditIndex:
     """The writer's connection to audit.db, used from one worker thread at a time (asyncio.to_thread).
 
-    Synchronous on purpose: the writer's thread appends to the JSONL file and then indexes the same
-    batch in one hand-off. Rows go in 64 to a statement because sqlite3 releases the GIL around every
-    statement it steps: with a row per statement the thread waited for the GIL once per row, and a
-    busy event loop hands the GIL over only every 5 ms, which throttled the index to a few hundred
-    rows a second under load while the queue, and the memory holding it, grew.
+    Synchronous, so that a whole batch is indexed in one call on the worker thread (aiosqlite would
+    make every statement and the commit a hand-off of their own). Rows go in 64 to a statement
+    because sqlite3 releases the GIL around every statement it steps: with a row per statement the
+    thread waited for the GIL once per row, and a busy event loop hands the GIL over only every
+    5 ms, which throttled the index to a few hundred rows a second under load while the queue, and
+    the memory holding it, grew.
 
     WAL with synchronous=NORMAL survives a process crash; a host crash can lose the last commits,
     which is why the fsynced JSONL file, not this index, is the durable record: the writer
@@ -89,6 +88,10 @@ class AuditIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        """Opens audit.db (schema included) now, so that a broken one is known at start."""
+        self._connection()
 
     def insert(self, records: list[dict[str, Any]]) -> None:
         """Indexes records (OR IGNORE: one already there is skipped); all or nothing."""

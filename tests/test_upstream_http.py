@@ -111,7 +111,7 @@ async def test_concurrent_requests_stay_within_the_pool_limit(triton: TritonProc
 
     try:
         assert await asyncio.gather(*(one() for _ in range(12))) == [200] * 12
-        assert 1 <= peak <= 3
+        assert peak == 3   # 12 at once: the pool opens up to its limit, and not one past it
     finally:
         await pool.close()
 
