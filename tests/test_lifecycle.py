@@ -25,7 +25,7 @@ from proxy.metrics import Metrics
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
 from proxy.triton import TritonProcess, free_ports
-from tests.gateway import Gateway, audit_records
+from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_admin import PEPPER, SEEN, make_app
 from tests.test_cli import Cli, cli  # noqa: F401  (the fixture)
 from tests.test_http_server import call
@@ -384,6 +384,7 @@ def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) ->
     assert _generate(gw, app_key) == 401                   # the old app key is over
     assert _generate(gw, dev_key) == 200                   # its device is not: it moved to the successor
     assert _generate(gw, rot["key"]) == 200
+    assert wait_for(lambda: any(r.get("admin", {}).get("action") == "keys.rotate" for r in audit_records(gw)), 3.0)
     record = [r for r in audit_records(gw) if r.get("admin", {}).get("action") == "keys.rotate"][-1]
     assert record["admin"]["before"][dev_id]["parent_id"] == app_id
     assert record["admin"]["after"][dev_id]["parent_id"] == rot["key_id"]

@@ -188,6 +188,8 @@ def test_client_dropping_an_sse_stream_frees_its_slot(gw: Gateway) -> None:
     assert response.status == 200 and response.read1(64)
     conn.close()   # mid-stream
     assert wait_for(lambda: generate(gw, key, "next")[0] == 200, 10.0)
+    # Records reach the file a batch (audit.batch_linger_ms) after their responses: wait for the drop's.
+    assert wait_for(lambda: any(r["key_id"] == key_id and r["status"] == "error" for r in audit_records(gw)), 3.0)
     dropped = min((r for r in audit_records(gw) if r["key_id"] == key_id), key=lambda r: r["timestamp"])
     assert dropped["status"] == "error" and dropped["output_tokens"] < 200   # cut short, and settled
     assert dropped["reason"] == "client_disconnected" and dropped["http_status"] == 499
