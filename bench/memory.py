@@ -53,6 +53,7 @@ from proxy.context import RequestContext  # noqa: E402
 from proxy.http_server import build_app  # noqa: E402
 from proxy.keys.format import generate_key, key_prefix_and_last4  # noqa: E402
 from proxy.keys.hashing import hash_secret  # noqa: E402
+from proxy.keys.issue import DEFAULT_EXPIRY_S  # noqa: E402
 from proxy.pipeline import admit, finish, limit  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 from proxy.store import KeyRecord  # noqa: E402
@@ -82,7 +83,9 @@ async def issue_keys(state: AppState, n: int) -> list[str]:
         await state.store.create_key(KeyRecord(
             key_id=key_id, secret_hash=hash_secret(pepper, token), tier="user", owner=f"bench-{i}",
             roles=BENCH_ROLES, labels=dict(BENCH_LABELS), models=BENCH_MODELS, prefix=prefix, last4=last4,
-            created_at=now, expires_at=now + 86400))
+            # The user tier's default validity: a fleet whose every key is in the expiry warning window
+            # (72 h) would have the periodic expiry checks handle all 10k keys, which no fleet does.
+            created_at=now, expires_at=now + DEFAULT_EXPIRY_S["user"]))
         tokens.append(token)
     return tokens
 

@@ -194,7 +194,7 @@ class Metrics:
         self.audit_write_errors.inc()
 
     def set_keys_expiring(self, counts: dict[str, int]) -> None:
-        """Per-tier counts from the store (keys.lifecycle.expiring_by_tier); tiers bounded."""
+        """Per-tier counts from the store (store.count_expiring); tiers bounded."""
         for tier, n in counts.items():
             self.keys_expiring.labels(self._tier(tier)).set(float(n))
 

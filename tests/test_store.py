@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ async def test_list_keys(store: SqliteStore) -> None:
     await store.create_key(rec("b", created=2.0))
     await store.create_key(rec("a", created=1.0))
     assert [r.key_id for r in await store.list_keys()] == ["a", "b"]
+
+
+async def test_list_expiring_returns_only_unrevoked_keys_due_within_the_window(store: SqliteStore) -> None:
+    now = 10_000.0
+    for key_id, expires in (("later", now + 7200), ("soon", now + 600), ("sooner", now + 60), ("gone", now - 1),
+                            ("edge", now + 3600), ("never", None), ("revoked", now + 30)):
+        await store.create_key(replace(rec(key_id), expires_at=expires))
+    await store.revoke_key("revoked", now)
+    assert [r.key_id for r in await store.list_expiring(3600, now)] == ["sooner", "soon", "edge"]
+    assert await store.list_expiring(3600, now + 7200) == []   # everything due has expired by then
 
 
 async def test_conflicts(store: SqliteStore) -> None:

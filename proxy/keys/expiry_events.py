@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from proxy.keys.issue import iso_utc
-from proxy.keys.lifecycle import expiring
 from proxy.store import KeyRecord, KeyStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ async def announce_expiring(store: KeyStore, submit: Submit, window_s: float, no
     brought it forward) is a new pair and is announced again. Returns the keys announced now.
     """
     announced: list[KeyRecord] = []
-    for rec in expiring(await store.list_keys(), window_s, now):
+    for rec in await store.list_expiring(window_s, now):
         assert rec.expires_at is not None
         if await store.claim_expiry_notice(rec.key_id, rec.expires_at, now):
             submit(expiry_event(rec, now))

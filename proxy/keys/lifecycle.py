@@ -222,11 +222,3 @@ def expiring(keys: Iterable[KeyRecord], within_s: float, now: float) -> list[Key
     soon = [k for k in keys if key_status(k, now) == "active" and k.expires_at is not None
             and k.expires_at <= now + within_s]
     return sorted(soon, key=lambda k: (k.expires_at or 0.0, k.key_id))
-
-
-def expiring_by_tier(keys: Iterable[KeyRecord], within_s: float, now: float) -> dict[str, int]:
-    """Counts per tier, every issuable tier present (0 when none), for the gauge."""
-    counts = {t: 0 for t in ISSUABLE_TIERS}
-    for k in expiring(keys, within_s, now):
-        counts[k.tier] = counts.get(k.tier, 0) + 1
-    return counts

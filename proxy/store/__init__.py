@@ -53,6 +53,17 @@ class KeyStore(Protocol):
 
     async def list_keys(self) -> list[KeyRecord]: ...
 
+    async def list_expiring(self, within_s: float, now: float) -> list[KeyRecord]:
+        """Unrevoked keys that expire after `now` and within `within_s` of it, soonest first.
+
+        For the periodic expiry events: they must not load every key of a large fleet.
+        """
+        ...
+
+    async def count_expiring(self, within_s: float, now: float) -> dict[str, int]:
+        """How many keys of each tier `list_expiring` would return (tiers with none left out); for the gauge."""
+        ...
+
     async def revoke_key(self, key_id: str, now: float) -> int:
         """Revoke the key and every descendant; returns how many were newly revoked."""
         ...

@@ -263,6 +263,21 @@ class SqliteStore:
                 rows = await cur.fetchall()
             return [_from_row(r) for r in rows]
 
+    async def list_expiring(self, within_s: float, now: float) -> list[KeyRecord]:
+        async with _guard("list_expiring"):
+            async with self._db.execute(
+                    f"SELECT {_COLUMNS} FROM keys WHERE revoked_at IS NULL AND expires_at > ? AND expires_at <= ? "
+                    "ORDER BY expires_at, key_id", (now, now + within_s)) as cur:
+                rows = await cur.fetchall()
+            return [_from_row(r) for r in rows]
+
+    async def count_expiring(self, within_s: float, now: float) -> dict[str, int]:
+        async with _guard("count_expiring"):
+            async with self._db.execute(
+                    "SELECT tier, count(*) FROM keys WHERE revoked_at IS NULL AND expires_at > ? AND expires_at <= ? "
+                    "GROUP BY tier", (now, now + within_s)) as cur:
+                return {tier: n for tier, n in await cur.fetchall()}
+
     async def revoke_key(self, key_id: str, now: float) -> int:
         """Revoke the key and every descendant; returns how many were newly revoked.
 
