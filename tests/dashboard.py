@@ -123,3 +123,37 @@ def metric_names(expr: str) -> set[str]:
 def uses_gpu_metrics(expr: str) -> bool:
     return any(name.startswith("nv_gpu_") or name == "nv_energy_consumption" for name in metric_names(expr))
 
+
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+_QUANTILE = re.compile(r"\bhistogram_quantile\(\s*([0-9.]+)\s*,")
+
+
+def equality_matchers(selector: str) -> dict[str, str]:
+    """The `label="value"` matchers of one selector (regex and negative matchers left out)."""
+    _, _, body = selector.partition("{")
+    return {label: value for label, op, value in _MATCHER.findall(body) if op == "="}
+
+
+def quantiles(expr: str) -> set[float]:
+    """The φ of every histogram_quantile() in the expression."""
+    return {float(q) for q in _QUANTILE.findall(expr)}
+
+
+def division_operands(expr: str) -> list[str]:
+    """The operands of the expression's top-level `/` chain: `a / b / c` -> [a, b, c]; no `/` -> [expr]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(expr):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "/" and depth == 0:
+            parts.append(expr[start:i].strip())
+            start = i + 1
+    parts.append(expr[start:].strip())
+    return parts
+
+
+def rated(expr: str, metric: str) -> bool:
+    """The counter `metric` is read through rate() or increase(), never as a raw total."""
+    return re.search(rf"\b(?:rate|irate|increase)\(\s*{re.escape(metric)}\b", expr) is not None
