@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -80,11 +81,26 @@ def test_triton_is_unpublished_and_reachable_only_from_seekgate() -> None:
     assert address.rsplit(".", 1)[0] == subnet.split("/")[0].rsplit(".", 1)[0]
     assert "inference" not in SERVICES["prometheus"]["networks"]
     assert "monitoring" in triton["networks"] and "monitoring" in SERVICES["prometheus"]["networks"]
-    # seekgate reaches it by service name.
-    env = env_of(seekgate)
-    assert env["SEEKGATE_UPSTREAM_HTTP_URL"] == "http://triton:8000"
-    assert env["SEEKGATE_UPSTREAM_GRPC_TARGET"] == "triton:8001"
     assert seekgate["depends_on"]["triton"]["condition"] == "service_healthy"
+
+
+def test_seekgate_reaches_triton_by_a_name_only_the_inference_network_resolves() -> None:
+    # seekgate and Triton share `inference` and `monitoring`: the service name resolves to
+    # either address, and only the inference one has a listener. The upstream host must be
+    # an alias Triton has on `inference` and on no other network (nor any other service).
+    env = env_of(SERVICES["seekgate"])
+    http_url = urlsplit(env["SEEKGATE_UPSTREAM_HTTP_URL"])
+    grpc_host, _, grpc_port = env["SEEKGATE_UPSTREAM_GRPC_TARGET"].rpartition(":")
+    assert (http_url.scheme, http_url.port, grpc_port) == ("http", 8000, "8001")
+    assert http_url.hostname == grpc_host == "triton-inference"
+    answers = []   # (service, network) pairs on which Docker's DNS resolves the name
+    for name, svc in SERVICES.items():
+        nets = svc.get("networks", [])
+        for net, cfg in (nets.items() if isinstance(nets, dict) else ((n, None) for n in nets)):
+            if grpc_host in (name, *(cfg or {}).get("aliases", [])):
+                answers.append((name, net))
+    assert answers == [("triton", "inference")]
+    assert grpc_host not in SERVICES   # not a service name, which every network would resolve
 
 
 def test_triton_gets_gpus_models_and_checkpoint_read_only() -> None:
@@ -118,7 +134,7 @@ def test_seekgate_env_is_real_settings() -> None:
     env = {**image_env, **{k: interpolate(v) for k, v in env_of(SERVICES["seekgate"]).items()}}
     s = load_settings(REPO / "config" / "seekgate.yaml", env=env)
     assert (s.data_dir, s.server.host, s.policy.directory) == ("/data", "0.0.0.0", "/etc/seekgate/policies")
-    assert s.upstream.http_url == "http://triton:8000" and s.upstream.grpc_target == "triton:8001"
+    assert s.upstream.http_url == "http://triton-inference:8000" and s.upstream.grpc_target == "triton-inference:8001"
     k8s_env = {e["name"]: e["value"] for c in k8s("Deployment")["spec"]["template"]["spec"]["containers"]
                if c["name"] == "seekgate" for e in c["env"]}
     s = load_settings(None, env={**image_env, **k8s_env})
