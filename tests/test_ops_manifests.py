@@ -2,7 +2,8 @@
 
 No Docker engine, cluster or GPU here: these tests check what the files say (and run
 what can run without them: seekgate's settings loader on the env they set, the policy
-loader on the ConfigMap, the container entrypoint on a temp dir).
+loader on the ConfigMap, the container entrypoint on a temp dir, the health check commands
+against a real seekgate, `kubectl kustomize` on deploy/k8s).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -448,6 +450,33 @@ def test_kustomization_lists_every_manifest_but_the_adapters() -> None:
     kust = yaml.safe_load((REPO / "deploy/k8s/kustomization.yaml").read_text())
     files = {p.name for p in (REPO / "deploy/k8s").glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == files - {"prometheus-adapter.yaml"}
+
+
+def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("kubectl")
+    assert binary, "kubectl missing: scripts/system-packages installs Debian's kubernetes-client"
+    # No cluster here: an empty kubeconfig makes sure nothing tries to reach one.
+    return subprocess.run([binary, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KUBECONFIG": os.devnull})
+
+
+def test_kubectl_kustomize_builds_what_the_files_say() -> None:
+    # `kubectl apply -k deploy/k8s` renders this first; --dry-run would need a cluster.
+    out = kubectl("kustomize", "deploy/k8s")
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    resources = yaml.safe_load((REPO / "deploy/k8s/kustomization.yaml").read_text())["resources"]
+    listed = [d for f in resources for d in yaml.safe_load_all((REPO / "deploy/k8s" / f).read_text()) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in built) == \
+        sorted((d["kind"], d["metadata"]["name"]) for d in listed)
+    assert next(d for d in built if d["kind"] == "Deployment") == k8s("Deployment")
+
+
+def test_kubectl_kustomize_fails_on_a_broken_kustomization(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "deploy/k8s", tmp_path / "k8s")
+    (tmp_path / "k8s" / "service.yaml").unlink()
+    out = kubectl("kustomize", str(tmp_path / "k8s"))
+    assert out.returncode != 0 and "service.yaml" in out.stderr
 
 
 @pytest.mark.parametrize("path", ["docker-compose.yml", ".env.example", ".dockerignore"])
