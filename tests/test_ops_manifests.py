@@ -2,7 +2,8 @@
 
 No Docker engine, cluster or GPU here: these tests check what the files say (and run
 what can run without them: seekgate's settings loader on the env they set, the policy
-loader on the ConfigMap, the container entrypoint on a temp dir).
+loader on the ConfigMap, the container entrypoint on a temp dir, the health check commands
+against a real seekgate, `kubectl kustomize` on deploy/k8s).
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from proxy.policy import check_policy_dir
 from proxy.settings import load_settings
-from proxy.triton import TritonInstall, TritonLaunch, build_command
+from proxy.triton import TritonInstall, TritonLaunch, build_command, free_ports
 from tests.conftest import REPO
+from tests.gateway import Gateway
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -46,6 +52,14 @@ def k8s(kind: str, name: str | None = None) -> dict[str, Any]:
 def env_of(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     return dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
+
+
+def call_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def image_pinned(image: str) -> bool:
@@ -80,11 +94,26 @@ def test_triton_is_unpublished_and_reachable_only_from_seekgate() -> None:
     assert address.rsplit(".", 1)[0] == subnet.split("/")[0].rsplit(".", 1)[0]
     assert "inference" not in SERVICES["prometheus"]["networks"]
     assert "monitoring" in triton["networks"] and "monitoring" in SERVICES["prometheus"]["networks"]
-    # seekgate reaches it by service name.
-    env = env_of(seekgate)
-    assert env["SEEKGATE_UPSTREAM_HTTP_URL"] == "http://triton:8000"
-    assert env["SEEKGATE_UPSTREAM_GRPC_TARGET"] == "triton:8001"
     assert seekgate["depends_on"]["triton"]["condition"] == "service_healthy"
+
+
+def test_seekgate_reaches_triton_by_a_name_only_the_inference_network_resolves() -> None:
+    # seekgate and Triton share `inference` and `monitoring`: the service name resolves to
+    # either address, and only the inference one has a listener. The upstream host must be
+    # an alias Triton has on `inference` and on no other network (nor any other service).
+    env = env_of(SERVICES["seekgate"])
+    http_url = urlsplit(env["SEEKGATE_UPSTREAM_HTTP_URL"])
+    grpc_host, _, grpc_port = env["SEEKGATE_UPSTREAM_GRPC_TARGET"].rpartition(":")
+    assert (http_url.scheme, http_url.port, grpc_port) == ("http", 8000, "8001")
+    assert http_url.hostname == grpc_host == "triton-inference"
+    answers = []   # (service, network) pairs on which Docker's DNS resolves the name
+    for name, svc in SERVICES.items():
+        nets = svc.get("networks", [])
+        for net, cfg in (nets.items() if isinstance(nets, dict) else ((n, None) for n in nets)):
+            if grpc_host in (name, *(cfg or {}).get("aliases", [])):
+                answers.append((name, net))
+    assert answers == [("triton", "inference")]
+    assert grpc_host not in SERVICES   # not a service name, which every network would resolve
 
 
 def test_triton_gets_gpus_models_and_checkpoint_read_only() -> None:
@@ -118,7 +147,7 @@ def test_seekgate_env_is_real_settings() -> None:
     env = {**image_env, **{k: interpolate(v) for k, v in env_of(SERVICES["seekgate"]).items()}}
     s = load_settings(REPO / "config" / "seekgate.yaml", env=env)
     assert (s.data_dir, s.server.host, s.policy.directory) == ("/data", "0.0.0.0", "/etc/seekgate/policies")
-    assert s.upstream.http_url == "http://triton:8000" and s.upstream.grpc_target == "triton:8001"
+    assert s.upstream.http_url == "http://triton-inference:8000" and s.upstream.grpc_target == "triton-inference:8001"
     k8s_env = {e["name"]: e["value"] for c in k8s("Deployment")["spec"]["template"]["spec"]["containers"]
                if c["name"] == "seekgate" for e in c["env"]}
     s = load_settings(None, env={**image_env, **k8s_env})
@@ -296,17 +325,78 @@ def test_k8s_pod_triton_on_loopback_seekgate_sidecar() -> None:
         assert image_pinned(container["image"]), name
 
 
-def test_k8s_seekgate_non_root_read_only_and_probed_through_itself() -> None:
+def test_k8s_seekgate_non_root_read_only_and_ready_through_itself() -> None:
     sg = _containers()["seekgate"]
     sc = sg["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     ports = {p["name"]: p["containerPort"] for p in sg["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    for probe in ("startupProbe", "readinessProbe"):
-        assert sg[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}, probe
-    assert sg["livenessProbe"]["httpGet"]["port"] == "http"
+    # Ready: the whole path, through seekgate to Triton.
+    assert sg["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert "startupProbe" in _containers()["triton"] and "livenessProbe" in _containers()["triton"]
+
+
+def _probe_url(command: list[str]) -> str:
+    """The URL a `python -c "...urlopen('URL'...)"` probe command opens."""
+    assert command[:2] == ["python", "-c"], command
+    m = re.search(r"urlopen\('([^']+)'", command[2])
+    assert m, command
+    return m.group(1)
+
+
+def _seekgate_local_checks() -> dict[str, list[str]]:
+    """Every check that decides whether the seekgate container is restarted or marked unhealthy."""
+    sg = _containers()["seekgate"]
+    dockerfile = DOCKERFILES["seekgate.Dockerfile"]
+    healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.M | re.S)
+    assert healthcheck, "seekgate.Dockerfile has no HEALTHCHECK"
+    compose = SERVICES["seekgate"]["healthcheck"]["test"]
+    assert compose[0] == "CMD"
+    return {"k8s livenessProbe": sg["livenessProbe"]["exec"]["command"],
+            "k8s startupProbe": sg["startupProbe"]["exec"]["command"],
+            "compose healthcheck": compose[1:],
+            "Dockerfile HEALTHCHECK": json.loads(healthcheck.group(1))}
+
+
+def test_seekgate_liveness_does_not_depend_on_triton(tmp_path: Path) -> None:
+    # A liveness or startup probe through seekgate's public /v2/health/* is forwarded to
+    # Triton: a dead Triton would restart seekgate too. They ask seekgate's metrics port,
+    # the one its settings give in each deployment.
+    image_env = dict(re.findall(r"(SEEKGATE_\w+)=(\S+)", DOCKERFILES["seekgate.Dockerfile"]))
+    compose_env = {k: interpolate(v) for k, v in env_of(SERVICES["seekgate"]).items()}
+    image_port = load_settings(REPO / "config" / "seekgate.yaml", env=image_env).server.metrics_port
+    compose_port = load_settings(REPO / "config" / "seekgate.yaml", env={**image_env, **compose_env}).server.metrics_port
+    (tmp_path / "seekgate.yaml").write_text(k8s("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
+    k8s_env = {e["name"]: e["value"] for e in _containers()["seekgate"]["env"]}
+    k8s_port = load_settings(tmp_path / "seekgate.yaml", env={**image_env, **k8s_env}).server.metrics_port
+    expected = {"k8s livenessProbe": k8s_port, "k8s startupProbe": k8s_port,
+                "compose healthcheck": compose_port, "Dockerfile HEALTHCHECK": image_port}
+    for where, command in _seekgate_local_checks().items():
+        url = urlsplit(_probe_url(command))
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", expected[where], "/metrics"), where
+    sg = _containers()["seekgate"]
+    assert not any("httpGet" in sg[p] or "tcpSocket" in sg[p] for p in ("livenessProbe", "startupProbe"))
+
+
+def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down(tmp_path: Path) -> None:
+    # Each check command, run for real against a real seekgate whose Triton is unreachable.
+    dead_triton = free_ports(1)[0]   # nothing listens there
+    gw = Gateway(tmp_path, f"http://127.0.0.1:{dead_triton}", free_ports(3))
+    port = int(gw.metrics_url.split(":")[2].split("/")[0])
+    checks = {where: [sys.executable, "-c", c[2].replace("127.0.0.1:8002/", f"127.0.0.1:{port}/")]
+              for where, c in _seekgate_local_checks().items()}
+    gw.start()
+    try:
+        # Readiness through seekgate does fail: the pod leaves the Service, seekgate stays up.
+        assert call_status(gw.url + "/v2/health/ready") >= 400
+        for where, command in checks.items():
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, (where, out.stderr)
+    finally:
+        gw.stop()
+    for where, command in checks.items():
+        assert subprocess.run(command, capture_output=True, timeout=30).returncode != 0, where
 
 
 def test_k8s_service_exposes_only_seekgate() -> None:
@@ -360,6 +450,33 @@ def test_kustomization_lists_every_manifest_but_the_adapters() -> None:
     kust = yaml.safe_load((REPO / "deploy/k8s/kustomization.yaml").read_text())
     files = {p.name for p in (REPO / "deploy/k8s").glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == files - {"prometheus-adapter.yaml"}
+
+
+def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("kubectl")
+    assert binary, "kubectl missing: scripts/system-packages installs Debian's kubernetes-client"
+    # No cluster here: an empty kubeconfig makes sure nothing tries to reach one.
+    return subprocess.run([binary, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KUBECONFIG": os.devnull})
+
+
+def test_kubectl_kustomize_builds_what_the_files_say() -> None:
+    # `kubectl apply -k deploy/k8s` renders this first; --dry-run would need a cluster.
+    out = kubectl("kustomize", "deploy/k8s")
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    resources = yaml.safe_load((REPO / "deploy/k8s/kustomization.yaml").read_text())["resources"]
+    listed = [d for f in resources for d in yaml.safe_load_all((REPO / "deploy/k8s" / f).read_text()) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in built) == \
+        sorted((d["kind"], d["metadata"]["name"]) for d in listed)
+    assert next(d for d in built if d["kind"] == "Deployment") == k8s("Deployment")
+
+
+def test_kubectl_kustomize_fails_on_a_broken_kustomization(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "deploy/k8s", tmp_path / "k8s")
+    (tmp_path / "k8s" / "service.yaml").unlink()
+    out = kubectl("kustomize", str(tmp_path / "k8s"))
+    assert out.returncode != 0 and "service.yaml" in out.stderr
 
 
 @pytest.mark.parametrize("path", ["docker-compose.yml", ".env.example", ".dockerignore"])

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from tests.conftest import REPO
+from tests.dashboard import Query, dashboard_queries, metric_names, uses_gpu_metrics
 
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
 ALERTS = ("GpuUtilizationHigh", "ApiErrorRateHigh", "ApiKeyExpiringSoon", "TritonDown", "AuditWriteErrors")
+GPU_QUERY_TESTS = "dashboard_gpu_test.yml"
+# The labels a scraped Triton GPU series has: gpu_uuid from Triton, job and instance from the scrape.
+TRITON_GPU_LABELS = frozenset({"job", "instance", "gpu_uuid"})
+# promtool's samples are a minute apart: Grafana's windows, widened to hold several of them.
+PROMTOOL_GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "10m"}
+_SERIES = re.compile(r"^([A-Za-z_:][\w:]*)\{(.*)\}$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
@@ -84,3 +94,61 @@ def test_prometheus_adapter_query_is_valid_promql(tmp_path: Path) -> None:
     out = promtool("check", "rules", "adapter.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert rule["name"]["as"] == "triton_gpu_utilization"
+
+
+# ------------------------------------------------------------------ the dashboard's GPU queries
+
+def parse_series(text: str) -> tuple[str, dict[str, str]]:
+    """`name{a="b", ...}` as promtool's input_series and exp_samples write it."""
+    m = _SERIES.match(text.strip())
+    assert m, text
+    return m.group(1), dict(_LABEL.findall(m.group(2)))
+
+
+def gpu_dashboard_queries() -> list[Query]:
+    return [q for q in dashboard_queries() if uses_gpu_metrics(q.expr)]
+
+
+def gpu_query_cases() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(test group, promql_expr_test case) for every case in the GPU query tests."""
+    doc = yaml.safe_load((PROMETHEUS_DIR / GPU_QUERY_TESTS).read_text())
+    return [(group, case) for group in doc["tests"] for case in group.get("promql_expr_test", [])]
+
+
+def test_dashboard_gpu_queries_pass_promtool() -> None:
+    out = promtool("test", "rules", GPU_QUERY_TESTS)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def test_every_dashboard_gpu_query_has_a_promtool_case() -> None:
+    queries = gpu_dashboard_queries()
+    read = set().union(*(metric_names(q.expr) for q in queries))
+    assert {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"} <= read
+    cases = {case["expr"].strip(): (group, case) for group, case in gpu_query_cases()}
+    wanted = {q.with_variables(PROMTOOL_GRAFANA_VARIABLES): q for q in queries}
+    assert set(wanted) - set(cases) == set(), "dashboard GPU queries without a promtool case"
+    assert set(cases) - set(wanted) == set(), "promtool cases for queries no dashboard has"
+    for expr, query in wanted.items():
+        group, case = cases[expr]
+        where = f"{query.dashboard} panel {query.panel!r}: {expr}"
+        assert case["exp_samples"], f"{where}: a case expecting no data proves nothing"
+        # Fed what a real scrape of Triton gives, and nothing more.
+        gpu_inputs = [parse_series(s["series"]) for s in group["input_series"]
+                      if uses_gpu_metrics(s["series"])]
+        assert gpu_inputs, where
+        for name, labels in gpu_inputs:
+            assert set(labels) == TRITON_GPU_LABELS, f"{where}: input {name}{labels} lacks Triton's label set"
+        # What the legend shows is in every result series.
+        for sample in case["exp_samples"]:
+            _, labels = parse_series(sample["labels"])
+            assert query.legend_labels() <= set(labels), f"{where}: legend {query.legend!r} vs {labels}"
+
+
+def test_a_wrong_gpu_query_expectation_is_caught(tmp_path: Path) -> None:
+    doc = yaml.safe_load((PROMETHEUS_DIR / GPU_QUERY_TESTS).read_text())
+    sample = doc["tests"][0]["promql_expr_test"][0]["exp_samples"][0]
+    sample["value"] = float(sample["value"]) + 0.01
+    (tmp_path / "broken_test.yml").write_text(yaml.safe_dump(doc))
+    out = promtool("test", "rules", "broken_test.yml", cwd=tmp_path)
+    assert out.returncode != 0 and "FAILED" in out.stdout + out.stderr

@@ -24,7 +24,8 @@ ENV SEEKGATE_DATA_DIR=/data \
 VOLUME ["/data"]
 USER 10001:10001
 EXPOSE 8000 8001 8002
+# seekgate's own health (its metrics endpoint), not Triton's: /v2/health/ready is forwarded.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8002/metrics', timeout=2)"]
 ENTRYPOINT ["python", "/usr/local/bin/seekgate-entrypoint"]
 CMD ["seekgate", "serve", "--config", "/etc/seekgate/seekgate.yaml"]
