@@ -6,7 +6,7 @@ What it does
     cleanup_ctx under an AppRunner: SQLite store, 50-rule policy from bench/policies/,
     key cache, limiter, audit writer, metrics), issues --keys user keys into the store,
     and then drives the protocol-free request path for --requests requests, cycling
-    through the keys: `admit` (authenticate, classify, authorize), `limit` (every key
+    through the keys: `admit` (authenticate, classify, authorize), `audit_ready`, `limit` (every key
     has an rpm limit, so the limiter keeps per-key state) and `finish` (one audit record
     and one metrics observation). Nothing is forwarded: Triton is not needed, and the
     request path's own state is what is measured.
@@ -54,7 +54,7 @@ from proxy.http_server import build_app  # noqa: E402
 from proxy.keys.format import generate_key, key_prefix_and_last4  # noqa: E402
 from proxy.keys.hashing import hash_secret  # noqa: E402
 from proxy.keys.issue import DEFAULT_EXPIRY_S  # noqa: E402
-from proxy.pipeline import admit, finish, limit  # noqa: E402
+from proxy.pipeline import admit, audit_ready, finish, limit  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
 from proxy.store import KeyRecord  # noqa: E402
 from proxy.triton import free_ports  # noqa: E402
@@ -95,6 +95,7 @@ async def one_request(state: AppState, token: str) -> None:
                          method="POST", path=PATH)
     try:
         await admit(state, ctx, f"Bearer {token}", lambda: classify_http("POST", PATH))
+        await audit_ready(state)   # as the fronts do: over audit.queue_soft_max it waits for the writer
         await limit(state, ctx, None)
         ctx.http_status, ctx.upstream_ms = 200, 0.1   # as if Triton had answered
     finally:

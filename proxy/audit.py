@@ -85,7 +85,8 @@ class AuditWriter:
                  retention_days: int = 180, on_error: Callable[[], None] | None = None,
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
                  fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE,
-                 queue_max: int | None = None, batch_linger_s: float = 0.0) -> None:
+                 queue_max: int | None = None, batch_linger_s: float = 0.0, queue_soft_max: int = 0,
+                 room_wait_s: float = 1.0) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
         self.file = JsonlFile(self.dir, max_bytes, file_name)
@@ -94,6 +95,9 @@ class AuditWriter:
         self.on_error = on_error
         self.strict = durability == "strict"
         self.queue_max = queue_max
+        self.queue_soft_max = queue_soft_max
+        self._room_wait_s = room_wait_s
+        self._progress = asyncio.Event()   # set (and at once cleared) after every batch written
         self.dropped_refusals = 0
         # False from a failed JSONL write until the next one succeeds; strict mode refuses meanwhile.
         self.healthy = True
@@ -124,6 +128,23 @@ class AuditWriter:
     def backlogged(self) -> bool:
         """More records waiting than `queue_max`: the request path stops admitting (pipeline.audit_ready)."""
         return self.queue_max is not None and self.queue_depth() >= self.queue_max
+
+    async def room(self) -> None:
+        """Backpressure: while more than `queue_soft_max` records wait, return only once the writer caught up.
+
+        A loop that outruns the writer (it shares the GIL with it) otherwise grows the queue until
+        queue_max refuses requests, and RSS keeps the peak of every backlog. Waiting hands the writer
+        the CPU it needs, so admissions settle at the rate the log can take. Never waits while the log
+        is failing (the queue then fills up to queue_max, which refuses), nor longer than `room_wait_s`.
+        """
+        if not self.queue_soft_max or self.queue_depth() < self.queue_soft_max or not self.healthy:
+            return
+        try:
+            async with asyncio.timeout(self._room_wait_s):
+                while self.queue_depth() >= self.queue_soft_max and self.healthy and not self._closed:
+                    await self._progress.wait()
+        except TimeoutError:
+            pass
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue a record; never blocks, never raises.
@@ -276,6 +297,8 @@ class AuditWriter:
                 self._inflight = batch
                 await self._persist(batch)
                 self._inflight = []
+                self._progress.set()   # wakes room()'s waiters; clear() leaves them woken
+                self._progress.clear()
             if barrier is not None and not barrier.done():   # done: its waiter gave up
                 barrier.set_result(None)
             if self.file.rotated:

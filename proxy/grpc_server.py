@@ -143,7 +143,7 @@ class GrpcFrontEnd:
                     check_body(ctx, parameter_names(request))
                     await limit(state, ctx, estimate.from_grpc(request))
                 assert ctx.resource is not None
-                audit_ready(state)   # strict audit fails closed before anything is forwarded
+                await audit_ready(state)   # strict audit fails closed before anything is forwarded
                 started = asyncio.get_running_loop().time()
                 try:
                     response: bytes = await self._upstream[method.path](
@@ -210,7 +210,7 @@ class GrpcFrontEnd:
                     ctx.http_status = 200
                     await commit_audit(state, ctx)
                     return
-                audit_ready(state)
+                await audit_ready(state)
                 # One admission per stream, charged the first request's estimate; the slot is held
                 # until the stream ends and the charge corrected to the stream's token totals.
                 await limit(state, ctx, estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))

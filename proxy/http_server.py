@@ -90,7 +90,7 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         # The decoded size counts against the cap too (gzip bombs); the compressed bytes are forwarded.
         decoded_size_within(body, request.headers.get("Content-Encoding"), state.settings.server.max_body_bytes)
         check_body(ctx, body)
-        audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
+        await audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
         # After every check that may refuse for free: a request refused above costs no quota.
         await limit(state, ctx, estimate.from_http(path, body,
                                                    request.headers.get("Inference-Header-Content-Length")))
@@ -237,7 +237,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             fsync_interval_s=settings.audit.fsync_interval_s,
                             batch_linger_s=settings.audit.batch_linger_ms / 1000.0,
                             file_name=active_name(worker.index if worker else 0),
-                            queue_max=settings.audit.queue_max)
+                            queue_max=settings.audit.queue_max, queue_soft_max=settings.audit.queue_soft_max)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await SqliteStore.open(store_path(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).

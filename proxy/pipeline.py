@@ -122,13 +122,20 @@ def refuse(ctx: RequestContext, err: SeekgateError) -> None:
 _COMMITTED = "audit_committed"   # ctx.extra key: the record is durable already, finish() must not add another
 
 
-def audit_ready(state: AppState) -> None:
+def _audit_can_take(state: AppState) -> None:
     """Nothing is forwarded that the audit log could not take: strict mode while the log is known to be
     unwritable, either mode while the writer is more than audit.queue_max records behind."""
     if state.audit.strict and not state.audit.healthy:
         raise AuditUnavailable("audit_unwritable")
     if state.audit.backlogged():
         raise AuditUnavailable("audit_backlog")
+
+
+async def audit_ready(state: AppState) -> None:
+    """The audit step before anything is spent or forwarded: refused as `_audit_can_take` says, and
+    over audit.queue_soft_max held until the writer catches up (AuditWriter.room)."""
+    _audit_can_take(state)
+    await state.audit.room()
 
 
 async def commit_audit(state: AppState, ctx: RequestContext) -> None:
@@ -140,7 +147,7 @@ async def commit_audit(state: AppState, ctx: RequestContext) -> None:
     """
     if not state.audit.strict or ctx.extra.get(_COMMITTED):
         return
-    audit_ready(state)   # known unwritable: refuse now rather than wait out the writer's retries
+    _audit_can_take(state)   # known unwritable: refuse now rather than wait out the writer's retries
     if ctx.http_status >= 500 and ctx.status == "allowed":
         ctx.status = "error"
     await state.audit.submit_durable(build_record(ctx))

@@ -91,6 +91,9 @@ class AuditSettings:
     max_bytes: int = _help("Size at which the audit JSONL file is rotated (100 MiB)", 100 * MiB)
     retention_days: int = _help("Days rotated audit files are kept", 180)
     queue_max: int = _help("Most audit records buffered in memory while waiting to be written", 100_000)
+    queue_soft_max: int = _help("Audit records waiting above which a new request first waits (at most 1 s) for "
+                                "the writer to catch up: backpressure instead of a growing backlog; 0 = never wait",
+                                4096)
     durability: str = _help("batched: fsync at least every fsync_interval_s (a host crash loses at most "
                             "that window); strict: no response leaves before its record is fsynced "
                             "(group commit), and requests are refused with 503 while the log is unwritable",
@@ -289,7 +292,8 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "triton.startup_timeout_s", "policy.reload_interval_s",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
-_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "limits.default_estimate_tokens",
+_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
+                 "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")

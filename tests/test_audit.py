@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -403,3 +405,64 @@ def test_the_index_takes_batches_across_statement_boundaries_all_or_nothing(tmp_
     index.insert(bad[:80])
     assert _rows(tmp_path / "audit.db") == 231
     index.close()
+
+
+# ---------------------------------------------------------------- backpressure
+
+async def _held_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[AuditWriter, Any]:
+    """A started writer whose file writes wait for the returned threading.Event, with 20 records queued."""
+    gate = threading.Event()
+    real_append = audit_file.JsonlFile.append
+
+    def held_append(self: audit_file.JsonlFile, lines: list[bytes], fsync: bool = False) -> None:
+        gate.wait(10)
+        real_append(self, lines, fsync=fsync)
+
+    monkeypatch.setattr(audit_file.JsonlFile, "append", held_append)
+    writer = AuditWriter(tmp_path, batch_size=4, **kw)
+    await writer.start()
+    for i in range(20):
+        writer.submit(_rec(i))
+    return writer, gate
+
+
+async def test_room_holds_a_request_until_the_writer_is_back_under_the_soft_max(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, gate = await _held_writer(tmp_path, monkeypatch, queue_soft_max=10, room_wait_s=30)
+    try:
+        waiting = asyncio.create_task(writer.room())
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and writer.queue_depth() == 20
+        gate.set()
+        await asyncio.wait_for(waiting, 5)
+        assert writer.queue_depth() < 10
+    finally:
+        gate.set()
+        await writer.close()
+    assert len(_lines(tmp_path / "audit" / "audit.jsonl")) == 20
+
+
+async def test_room_waits_at_most_its_bound_and_never_while_the_log_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, gate = await _held_writer(tmp_path, monkeypatch, queue_soft_max=10, room_wait_s=0.2)
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(writer.room(), 5)
+        assert 0.15 <= time.monotonic() - started and writer.queue_depth() == 20   # bounded, still behind
+        writer.healthy = False   # a failing log: the backlog runs into queue_max, which refuses instead
+        started = time.monotonic()
+        await writer.room()
+        assert time.monotonic() - started < 0.1
+    finally:
+        gate.set()
+        await writer.close()
+
+
+async def test_room_never_waits_without_a_soft_max(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, gate = await _held_writer(tmp_path, monkeypatch, queue_soft_max=0, room_wait_s=30)
+    try:
+        await asyncio.wait_for(writer.room(), 0.5)
+        assert writer.queue_depth() == 20
+    finally:
+        gate.set()
+        await writer.close()
