@@ -343,6 +343,8 @@ class AuditWriter:
         # ERROR with a fixed prefix: an alert rule can match it as well as the metric.
         log.error("AUDIT WRITE FAILED (%s, attempt %d, %d records held); retry in %.2fs",
                   exc, attempt, held, delay)
+        self._progress.set()   # room()'s waiters re-check: a failing log holds no request back
+        self._progress.clear()
         if self.on_error is not None:
             try:
                 self.on_error()
