@@ -35,6 +35,7 @@ Usage
     python bench/matrix.py                  # 10 s cells, about 4 minutes
     python bench/matrix.py --quick          # 2 s cells: a smoke run
     python bench/matrix.py --duration 20 --models trivial --concurrency 1,32,64 --json out.json
+    python bench/matrix.py --models deepseek --model-cpus 0   # Triton on CPU 0, proxies and wrk on the rest
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--triton-url", help="use this running Triton (serving deepseek and trivial, e.g. "
                                         "started on bench/models) instead of starting one")
     p.add_argument("--triton-grpc", help="its gRPC host:port, for seekgate's config (default: host:8001)")
+    p.add_argument("--model-cpus", help="run Triton on these CPUs only (e.g. 0 or 0-3) and everything else (the "
+                                        "proxies, the load generator) on the others: a GPU host's split, where the "
+                                        "model does not compete with the proxy for CPU")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "matrix.json",
                    help="where the JSON goes (default bench/results/matrix.json)")
     args = p.parse_args(argv)
@@ -116,7 +120,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--models takes trivial,deepseek and --paths a,b,c,d")
     if args.duration <= 0 or args.warmup < 0 or min(args.concurrency) < 1 or args.rounds < 1:
         p.error("--duration, --concurrency and --rounds must be > 0, --warmup >= 0")
+    if args.model_cpus:
+        if args.triton_url:
+            p.error("--model-cpus places the Triton this script starts; it cannot move one at --triton-url")
+        try:
+            args.model_cpus = cpu_list(args.model_cpus)
+        except ValueError as exc:
+            p.error(f"--model-cpus: {exc}")
     return args
+
+
+def cpu_list(text: str) -> set[int]:
+    """'0', '0,2' or '0-3' as a set of CPUs, which must leave this machine at least one for the rest."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus < available:
+        raise ValueError(f"{text!r} must name some, not all, of the CPUs available here ({sorted(available)})")
+    return cpus
 
 
 def run_cells(args: argparse.Namespace, tool: tuple[str, str], services: dict[str, stack.Service | str],
@@ -186,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checkpoint = args.checkpoint or build_tiny_checkpoint(tmp / "deepseek-tiny", seed=0)
             print("starting tritonserver (deepseek + trivial) ...", file=sys.stderr, flush=True)
-            triton = stack.triton_on_bench_models(tmp, checkpoint)
+            everything = os.sched_getaffinity(0)
+            if args.model_cpus:   # Triton and its model stubs inherit the CPUs they start on
+                os.sched_setaffinity(0, args.model_cpus)
+            try:
+                triton = stack.triton_on_bench_models(tmp, checkpoint)
+            finally:
+                # The proxies and the load generator, started from here on, get the remaining CPUs.
+                os.sched_setaffinity(0, everything - args.model_cpus if args.model_cpus else everything)
             cleanup.callback(triton.stop)
             triton_url, upstream = triton.http_url, stack.upstream_of(triton)
         services: dict[str, stack.Service | str] = {"a": stack.Service("triton", triton_url)}
@@ -215,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     high = max(args.concurrency)
     print(f"\nseekgate benchmark matrix: {tool[0]}, {args.duration:g} s per cell in {args.rounds} round(s) "
           f"after {args.warmup:g} s warm-up, "
-          f"deepseek max_tokens {args.max_tokens}, {os.cpu_count()} CPUs")
+          f"deepseek max_tokens {args.max_tokens}, {os.cpu_count()} CPUs"
+          + (f", Triton on CPUs {sorted(args.model_cpus)} and the rest on the others" if args.model_cpus else ""))
     print(report.format_table(rows))
     print("/b, /a: req/s over (b) passthrough's and (a) Triton direct's (c/b and c/a on the c rows); "
           "+p50/a: p50 minus (a)'s")
@@ -230,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"errors on {r['model']} c{r['concurrency']} {r['path']}: {r.get('first_error')}")
     settings = {"duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "models": args.models,
                 "concurrency": args.concurrency, "paths": args.paths, "workers_d": args.workers,
-                "max_tokens": args.max_tokens, "tool": tool[0], "prompt": PROMPT, "trivial_body": TRIVIAL_BODY,
+                "max_tokens": args.max_tokens, "tool": tool[0],
+                "model_cpus": sorted(args.model_cpus) if args.model_cpus else None,
+                "prompt": PROMPT, "trivial_body": TRIVIAL_BODY,
                 "policy": "bench/policies (50 rules, the bench key matches rule 48)"}
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                "python": platform.python_version()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -209,6 +210,17 @@ def test_matrix_end_to_end_on_a_running_triton(bench_triton: TritonProcess, tmp_
         d = cells[conc, "d"]
         assert d["unavailable"] or (d["requests"] > 0 and d["errors"] == 0)
     assert "/b" in capsys.readouterr().out
+
+
+def test_model_cpus_take_some_but_never_all_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert matrix.cpu_list("0") == {0} and matrix.cpu_list("0,2") == {0, 2} and matrix.cpu_list("1-3") == {1, 2, 3}
+    for bad in ("0-3", "4", "7-9", "x", ""):
+        with pytest.raises(ValueError):
+            matrix.cpu_list(bad)
+    assert matrix.parse_args(["--model-cpus", "0-1"]).model_cpus == {0, 1}
+    with pytest.raises(SystemExit):   # an external Triton cannot be placed
+        matrix.parse_args(["--model-cpus", "0", "--triton-url", "http://127.0.0.1:8000"])
 
 
 def test_micro_runs_every_operation(tmp_path: Path) -> None:
