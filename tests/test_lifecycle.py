@@ -365,14 +365,6 @@ def _admin(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> tuple[int,
     return status, json.loads(raw)
 
 
-def _end_grace(gw: Gateway, key_id: str) -> None:
-    """The grace ends now: the old key's expiry brought to the present, instead of waiting for it."""
-    async def go() -> None:
-        async with await SqliteStore.open(store_path(gw.data_dir)) as store:
-            assert await store.shorten_expiry(key_id, time.time())
-    asyncio.run(go())
-
-
 def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) -> None:
     _, admin = gw.key(owner="ops", roles=("admin",))
     app_id, app_key = gw.key(tier="app", owner="billing", roles=(), expires_in_s=30 * 24 * H)
@@ -380,7 +372,7 @@ def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) ->
     assert _generate(gw, dev_key) == 200
     status, rot = _admin(gw, admin, f"/admin/v1/keys/{app_id}/rotate", {"grace": "24h"})
     assert status == 201, rot
-    _end_grace(gw, app_id)
+    gw.end_grace(app_id)
     assert _generate(gw, app_key) == 401                   # the old app key is over
     assert _generate(gw, dev_key) == 200                   # its device is not: it moved to the successor
     assert _generate(gw, rot["key"]) == 200

@@ -185,21 +185,26 @@ def test_cli_crypto_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 class Load:
-    """A thread sending requests with an API key and with a session token until stopped, counting failures."""
+    """A thread sending requests with each credential in turn until stopped, counting failures.
 
-    def __init__(self, gw: Gateway, key: str, session: str) -> None:
-        self.gw, self.key, self.session = gw, key, session
+    `credentials` (name -> key or session token) may grow while it runs: a rotation's successor joins.
+    """
+
+    def __init__(self, gw: Gateway, credentials: dict[str, str]) -> None:
+        self.gw, self.credentials = gw, credentials
         self.ok = 0
+        self.ok_by_name: dict[str, int] = {}
         self.failures: list[tuple[str, int, bytes]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name, credential in (("key", self.key), ("session", self.session)):
+            for name, credential in list(self.credentials.items()):
                 status, _, body = call(self.gw.url + "/v2/models/deepseek", key=credential)
                 if status == 200:
                     self.ok += 1
+                    self.ok_by_name[name] = self.ok_by_name.get(name, 0) + 1
                 else:
                     self.failures.append((name, status, body))
 
@@ -258,7 +263,8 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         seen.update(secrets_now(gw))
         return result
 
-    with Load(gw, key, old_session) as load:
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    with Load(gw, {"key": key, "session": old_session}) as load:
         load.wait_more()
         dek = rotate("rotate-dek")
         load.wait_more()
@@ -280,7 +286,24 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         # Re-hashed on a successful use once every process holds the new pepper.
         assert wait_for(rehashed, 30)
         load.wait_more()
-    assert load.failures == [] and load.ok >= 50   # each wait_more saw 10 more successes
+        # Key rotation with a grace: the successor joins the load, the old key keeps working.
+        status, _, body = call(gw.url + f"/admin/v1/keys/{key_id}/rotate", "POST", {"grace": "24h"}, admin)
+        assert status == 201, body
+        successor = json.loads(body)
+        old_key_uses = load.ok_by_name["key"]
+        load.credentials["successor"] = successor["key"]
+        load.wait_more(20)
+    assert load.failures == [] and load.ok >= 70   # each wait_more saw 10 (the last 20) more successes
+    assert load.ok_by_name.get("successor", 0) > 0 and load.ok_by_name["key"] > old_key_uses
+
+    # The grace ends: the old key (and the session it minted) is refused, the successor is not.
+    gw.end_grace(key_id)
+    expected_401 = call(gw.url + "/v2/models/deepseek")[2]
+    with Load(gw, {"successor": successor["key"]}) as after:
+        for credential in (key, old_session):
+            assert call(gw.url + "/v2/models/deepseek", key=credential)[::2] == (401, expected_401)
+        after.wait_more()
+    assert after.failures == [] and after.ok >= 10
     status = asyncio.run(run_crypto("status", gw.settings))
     assert status["dek"]["current"] == dek["dek_id"] and status["dek"]["rows_not_reencrypted"] == 0
     assert status["root"]["key_id"] == root["root"] and status["root"]["deks_not_rewrapped"] == 0
