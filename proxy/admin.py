@@ -54,7 +54,7 @@ def _segments(request: web.Request) -> tuple[str, tuple[str, ...]]:
     return parts[2], parts[3:]
 
 
-def _note(request: web.Request, action: str, target: str | None = None, detail: str | None = None, *,
+def note(request: web.Request, action: str, target: str | None = None, detail: str | dict[str, Any] | None = None, *,
           before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> None:
     """What the audit record says this admin call did: ids and public views only, never a key."""
     ctx = request.get(CTX)
@@ -88,7 +88,7 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
         if len(rest) == 2 and rest[1] in ("revoke", "rotate"):
             if method != "POST":
                 raise _Reply(405, f"method {method} not allowed", {"Allow": "POST"})
-            doc = _optional_json(await request.read() if body is None else body)
+            doc = optional_json(await request.read() if body is None else body)
             if rest[1] == "rotate":
                 return await _rotate(request, key_id, doc)
             if doc.get("compromised") is True:
@@ -102,7 +102,7 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
 
 
 async def _list(request: web.Request) -> web.Response:
-    _note(request, "keys.list")
+    note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
     recs = await state.store.list_keys()
@@ -118,7 +118,7 @@ async def _list(request: web.Request) -> web.Response:
 
 
 async def _show(request: web.Request, key_id: str) -> web.Response:
-    _note(request, "keys.show", key_id)
+    note(request, "keys.show", key_id)
     rec = await request.app[STATE].store.get_key(key_id) if is_key_id(key_id) else None
     if rec is None:
         raise _Reply(404, f"key {key_id!r} not found")
@@ -126,7 +126,7 @@ async def _show(request: web.Request, key_id: str) -> web.Response:
 
 
 async def _revoke(request: web.Request, key_id: str) -> web.Response:
-    _note(request, "keys.revoke", key_id)
+    note(request, "keys.revoke", key_id)
     store = request.app[STATE].store
     if not is_key_id(key_id) or await store.get_key(key_id) is None:
         raise _Reply(404, f"key {key_id!r} not found")
@@ -134,7 +134,7 @@ async def _revoke(request: web.Request, key_id: str) -> web.Response:
     now = time.time()
     # Revoking an already revoked key is not an error: it reports 0 newly revoked.
     count = await store.revoke_key(key_id, now)
-    _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(before)} key(s)",
+    note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(before)} key(s)",
           before=audited_views(before, now),
           after=audited_views(await records_of(store, (r.key_id for r in before)), now))
     return web.json_response({"revoked": count})
@@ -151,37 +151,37 @@ async def _sessions(request: web.Request, rest: tuple[str, ...], body: bytes | N
     if len(rest) != 2 or rest[1] != "revoke":
         raise _Reply(404, "not found")
     jti = rest[0]
-    _note(request, "sessions.revoke", jti if is_jti(jti) else None)
+    note(request, "sessions.revoke", jti if is_jti(jti) else None)
     if request.method != "POST":
         raise _Reply(405, f"method {request.method} not allowed", {"Allow": "POST"})
     if not is_jti(jti):
         raise _Reply(404, "session not found: a session id (jti) is 32 hex digits")
-    if _optional_json(await request.read() if body is None else body):
+    if optional_json(await request.read() if body is None else body):
         raise _Reply(400, "revoking a session takes no body (or {})")
     rows = await SqliteSecretRows.open(request.app[STATE].store)
     was = await rows.session_revoked(jti)
     added = await rows.revoke_session(jti, time.time())
-    _note(request, "sessions.revoke", jti, None if added else "already revoked",
+    note(request, "sessions.revoke", jti, None if added else "already revoked",
           before={jti: {"revoked": was}}, after={jti: {"revoked": True}})
     return web.json_response({"jti": jti, "revoked": int(added)})
 
 
 async def _create(request: web.Request, body: bytes | None) -> web.Response:
-    _note(request, "keys.create")
+    note(request, "keys.create")
     state = request.app[STATE]
     spec = _parse_create(await request.read() if body is None else body)
     try:
         rec, token = await issue_key(state.store, state.pepper, now=time.time(), **spec)
     except (ValueError, StoreConflict) as exc:   # StoreConflict is a ValueError; named for clarity
         raise _Reply(400, str(exc)) from None
-    _note(request, "keys.create", rec.key_id, before={}, after=audited_views([rec], rec.created_at))
+    note(request, "keys.create", rec.key_id, before={}, after=audited_views([rec], rec.created_at))
     return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
                              headers={"Cache-Control": "no-store"})   # the only time the key is shown
 
 
 async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web.Response:
     """POST /admin/v1/keys/<id>/rotate {"grace": "24h"}: a successor now, the old key until the grace ends."""
-    _note(request, "keys.rotate", key_id)
+    note(request, "keys.rotate", key_id)
     if set(doc) - {"grace"} or not isinstance(doc.get("grace"), str):
         raise _Reply(400, 'rotate takes {"grace": "24h"} (a duration: d, h, m or s)')
     try:
@@ -199,7 +199,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
         rot = await rotate_key(state.store, state.pepper, key_id, grace, now=now)
     except LifecycleError as exc:
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
-    _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
+    note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
           + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
           before=audited_views(before, now),
           after=audited_views([rot.old, rot.new, *await records_of(state.store, rot.moved)], now))
@@ -210,7 +210,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
 
 async def _compromised(request: web.Request, key_id: str) -> web.Response:
     """POST /admin/v1/keys/<id>/revoke {"compromised": true}: revoke the subtree, replace, report."""
-    _note(request, "keys.revoke_compromised", key_id)
+    note(request, "keys.revoke_compromised", key_id)
     state = request.app[STATE]
     ctx = request.get(CTX)
     actor = ctx.principal.key_id if ctx is not None and ctx.principal is not None else None
@@ -223,7 +223,7 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
                                     audit=state.audit)
     except LifecycleError as exc:
         raise _Reply(404 if exc.not_found else 400, str(exc)) from None
-    _note(request, "keys.revoke_compromised", key_id,
+    note(request, "keys.revoke_compromised", key_id,
           f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
           before=audited_views(before, now),
           after=audited_views([*await records_of(state.store, done.revoked), done.new], now))
@@ -234,7 +234,7 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
                              headers={"Cache-Control": "no-store"})
 
 
-def _optional_json(raw: bytes) -> dict[str, Any]:
+def optional_json(raw: bytes) -> dict[str, Any]:
     """An optional JSON object body: empty means {}."""
     if not raw.strip():
         return {}
@@ -251,7 +251,7 @@ def _parse_create(raw: bytes) -> dict[str, Any]:
     """The JSON body of POST /admin/v1/keys as issue_key keyword arguments; 400 on anything odd."""
     if not raw.strip():
         raise _Reply(400, "request body is empty: send a JSON object with at least tier and name")
-    doc = _optional_json(raw)
+    doc = optional_json(raw)
     unknown = sorted(set(doc) - _CREATE_FIELDS)
     if unknown:
         raise _Reply(400, f"unknown field(s): {', '.join(unknown)}")
