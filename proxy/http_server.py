@@ -263,6 +263,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                          keyring=keyring)
         app[STATE] = state
         keyring.on_pepper = lambda pepper: setattr(state, "pepper", pepper)   # a rotated pepper, reloaded
+        keyring.on_scheduled = audit.submit
         await state.limiter.start()   # loads today's and this month's budgets before the first request
         await audit.start()
         await watcher.start()

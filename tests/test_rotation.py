@@ -65,17 +65,26 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 async def test_dek_and_root_rotate_on_their_schedules(tmp_path: Path, store: SqliteStore) -> None:
     clock = Clock()
     ring = await open_keyring(tmp_path, store, clock)
+    audited: list[dict[str, Any]] = []
+    ring.on_scheduled = audited.append
     dek, root = await ring.envelope.current_dek_id(), ring.envelope.kek.key_id
     assert await ring.maintain() == {}
     clock.now = T0 + 29 * DAY_S
     assert await ring.maintain() == {}
+    assert audited == []
     clock.now = T0 + 30 * DAY_S
     done = await ring.maintain()
     assert done["dek"] != dek and done["reencrypted"] == 2   # the pepper and the signing key
     assert await ring.envelope.current_dek_id() == done["dek"]
+    assert [(r["admin"]["action"], r["admin"]["before"], r["admin"]["after"]) for r in audited] == \
+        [("crypto.scheduled-rotate-dek", {"dek": dek}, {"dek": done["dek"]})]
     clock.now = T0 + 90 * DAY_S
     done = await ring.maintain()
     assert done["root"] != root and ring.envelope.kek.key_id == done["root"]
+    # The data key was due again too (day 60): root first, then the data key, one record each.
+    assert [r["admin"]["action"] for r in audited] == \
+        ["crypto.scheduled-rotate-dek", "crypto.scheduled-rotate-root", "crypto.scheduled-rotate-dek"]
+    assert (audited[1]["admin"]["before"], audited[1]["admin"]["after"]) == ({"root": root}, {"root": done["root"]})
     status = await ring.status()
     assert status["root"]["deks_not_rewrapped"] == 0 and status["dek"]["rows_not_reencrypted"] == 0
     assert status["root"]["due_at"] == T0 + 180 * DAY_S
@@ -322,6 +331,30 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         assert value not in disk and value.hex().encode() not in disk, name
     for credential in (key, old_session):
         assert credential.encode() not in disk
+
+
+def test_a_running_server_rotates_its_data_key_on_schedule_and_audits_each_rotation(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    """Keyring.run inside a real server, with a schedule of one second instead of 30 days."""
+    g = Gateway(tmp_path, triton.http_url, free_ports(3),
+                **{"crypto.dek_rotation_days": 1.0 / DAY_S, "crypto.refresh_interval_s": 0.2}).start()
+    try:
+        _, key = g.key()
+
+        def scheduled() -> list[dict[str, Any]]:
+            return [r for r in audit_records(g) if r.get("admin", {}).get("action") == "crypto.scheduled-rotate-dek"]
+        assert wait_for(lambda: len(scheduled()) >= 2, 30), scheduled()
+        assert call(g.url + "/v2/models/deepseek", key=key)[0] == 200
+    finally:
+        g.stop()
+    records = scheduled()
+    # One record per rotation, each taking over from the one before: none missed, none doubled.
+    changes = [(r["admin"]["before"]["dek"], r["admin"]["after"]["dek"]) for r in records]
+    assert all(old != new for old, new in changes)
+    assert [new for _, new in changes[:-1]] == [old for old, _ in changes[1:]]
+    assert {(r["actor"], r["resource"], r["status"]) for r in records} == {("seekgate", "admin:crypto", "allowed")}
+    current = asyncio.run(run_crypto("status", g.settings))["dek"]["current"]
+    assert current == changes[-1][1]
 
 
 async def _pepper_version(gw: Gateway, key_id: str) -> int:
