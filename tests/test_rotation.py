@@ -381,3 +381,23 @@ def test_a_server_with_the_wrong_root_refuses_to_start_and_says_why(tmp_path: Pa
     second._thread.join(30)   # the start ends: never ready, never listening
     assert isinstance(second.error, EnvelopeError)
     assert "wrapped by root" in str(second.error) and "\n" not in str(second.error)
+
+
+def test_a_server_whose_root_file_is_gone_refuses_to_start_and_names_the_file(tmp_path: Path) -> None:
+    from proxy.keys.kek import KekError
+    first = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
+    first.key()   # the store now holds a DEK wrapped by this data dir's root
+    root_file = first.data_dir / "secrets" / "root.key"
+    root_id = FileKek.load_or_create(first.data_dir).key_id
+    root_file.unlink()
+    second = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
+    try:
+        second.start()
+    except KekError:
+        pass
+    assert second._thread is not None
+    second._thread.join(30)   # the start ends: never ready, never listening
+    assert isinstance(second.error, KekError)
+    assert str(second.error) == (f"root key missing: {root_file}; the store's DEKs are wrapped by root {root_id} "
+                                 "(restore the root file from its backup)")
+    assert not root_file.exists()   # no new root that would unwrap nothing
