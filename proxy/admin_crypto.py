@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .admin import _Reply, _error, note, optional_json
+from .admin import Reply, error_reply, note, optional_json
 from .app_state import STATE
 from .crypto_cli import perform, summary
 from .keys.envelope import EnvelopeError
@@ -25,18 +25,18 @@ async def handle_crypto(request: web.Request, body: bytes | None = None) -> web.
     note(request, action)
     try:
         if optional_json(await request.read() if body is None else body):
-            raise _Reply(400, f"{operation} takes no body (or {{}})")
+            raise Reply(400, f"{operation} takes no body (or {{}})")
         keyring = request.app[STATE].keyring
         if keyring is None:
-            raise _Reply(503, "this process holds no keyring")
+            raise Reply(503, "this process holds no keyring")
         if operation == "status":
             return web.json_response(await perform(keyring, operation))
         before = summary(await keyring.status())
         try:
             result = await perform(keyring, operation)
         except (KekError, EnvelopeError) as exc:   # the KMS or HSM refused: nothing was rotated
-            raise _Reply(503, f"{operation} failed: {exc}") from None
+            raise Reply(503, f"{operation} failed: {exc}") from None
         note(request, action, detail=result, before=before, after=summary(await keyring.status()))
         return web.json_response(result)
-    except _Reply as r:
-        return _error(r.status, r.message, r.headers)
+    except Reply as r:
+        return error_reply(r.status, r.message, r.headers)
