@@ -30,7 +30,7 @@ _CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models"
                             "allowed_cidrs", "parent_id", "expires", "limits"})
 
 
-class _Reply(Exception):
+class Reply(Exception):
     """An error reply in Triton's format, raised from deep inside a handler."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -38,7 +38,7 @@ class _Reply(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
@@ -50,11 +50,11 @@ def _segments(request: web.Request) -> tuple[str, tuple[str, ...]]:
         path = path[len(base):]
     parts = tuple(p for p in path.split("/") if p)
     if parts[:2] != PREFIX or len(parts) < 3 or parts[2] not in RESOURCES:
-        raise _Reply(404, "not found")
+        raise Reply(404, "not found")
     return parts[2], parts[3:]
 
 
-def _note(request: web.Request, action: str, target: str | None = None, detail: str | None = None, *,
+def note(request: web.Request, action: str, target: str | None = None, detail: str | dict[str, Any] | None = None, *,
           before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> None:
     """What the audit record says this admin call did: ids and public views only, never a key."""
     ctx = request.get(CTX)
@@ -77,32 +77,32 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
                 return await _create(request, body)
             if method == "GET":
                 return await _list(request)
-            raise _Reply(405, f"method {method} not allowed", {"Allow": "GET, POST"})
+            raise Reply(405, f"method {method} not allowed", {"Allow": "GET, POST"})
         key_id = rest[0]
         if len(rest) == 1:
             if method == "GET":
                 return await _show(request, key_id)
             if method == "DELETE":
                 return await _revoke(request, key_id)
-            raise _Reply(405, f"method {method} not allowed", {"Allow": "GET, DELETE"})
+            raise Reply(405, f"method {method} not allowed", {"Allow": "GET, DELETE"})
         if len(rest) == 2 and rest[1] in ("revoke", "rotate"):
             if method != "POST":
-                raise _Reply(405, f"method {method} not allowed", {"Allow": "POST"})
-            doc = _optional_json(await request.read() if body is None else body)
+                raise Reply(405, f"method {method} not allowed", {"Allow": "POST"})
+            doc = optional_json(await request.read() if body is None else body)
             if rest[1] == "rotate":
                 return await _rotate(request, key_id, doc)
             if doc.get("compromised") is True:
                 return await _compromised(request, key_id)
             if set(doc) - {"compromised"} or doc.get("compromised") not in (None, False):
-                raise _Reply(400, 'revoke takes {} or {"compromised": true}')
+                raise Reply(400, 'revoke takes {} or {"compromised": true}')
             return await _revoke(request, key_id)
-        raise _Reply(404, "not found")
-    except _Reply as r:
-        return _error(r.status, r.message, r.headers)
+        raise Reply(404, "not found")
+    except Reply as r:
+        return error_reply(r.status, r.message, r.headers)
 
 
 async def _list(request: web.Request) -> web.Response:
-    _note(request, "keys.list")
+    note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
     recs = await state.store.list_keys()
@@ -110,31 +110,31 @@ async def _list(request: web.Request) -> web.Response:
         try:
             within_s = parse_duration(within)
         except ValueError as exc:
-            raise _Reply(400, f"expiring: {exc}") from None
+            raise Reply(400, f"expiring: {exc}") from None
         if within_s is None:
-            raise _Reply(400, 'expiring must be a duration such as "72h"')
+            raise Reply(400, 'expiring must be a duration such as "72h"')
         recs = expiring(recs, within_s, now)
     return web.json_response({"keys": [public_view(r, now) for r in recs]})
 
 
 async def _show(request: web.Request, key_id: str) -> web.Response:
-    _note(request, "keys.show", key_id)
+    note(request, "keys.show", key_id)
     rec = await request.app[STATE].store.get_key(key_id) if is_key_id(key_id) else None
     if rec is None:
-        raise _Reply(404, f"key {key_id!r} not found")
+        raise Reply(404, f"key {key_id!r} not found")
     return web.json_response(public_view(rec))
 
 
 async def _revoke(request: web.Request, key_id: str) -> web.Response:
-    _note(request, "keys.revoke", key_id)
+    note(request, "keys.revoke", key_id)
     store = request.app[STATE].store
     if not is_key_id(key_id) or await store.get_key(key_id) is None:
-        raise _Reply(404, f"key {key_id!r} not found")
+        raise Reply(404, f"key {key_id!r} not found")
     before = await subtree_records(store, key_id)
     now = time.time()
     # Revoking an already revoked key is not an error: it reports 0 newly revoked.
     count = await store.revoke_key(key_id, now)
-    _note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(before)} key(s)",
+    note(request, "keys.revoke", key_id, f"{count} newly revoked of {len(before)} key(s)",
           before=audited_views(before, now),
           after=audited_views(await records_of(store, (r.key_id for r in before)), now))
     return web.json_response({"revoked": count})
@@ -149,47 +149,47 @@ async def _sessions(request: web.Request, rest: tuple[str, ...], body: bytes | N
     issued: 404.
     """
     if len(rest) != 2 or rest[1] != "revoke":
-        raise _Reply(404, "not found")
+        raise Reply(404, "not found")
     jti = rest[0]
-    _note(request, "sessions.revoke", jti if is_jti(jti) else None)
+    note(request, "sessions.revoke", jti if is_jti(jti) else None)
     if request.method != "POST":
-        raise _Reply(405, f"method {request.method} not allowed", {"Allow": "POST"})
+        raise Reply(405, f"method {request.method} not allowed", {"Allow": "POST"})
     if not is_jti(jti):
-        raise _Reply(404, "session not found: a session id (jti) is 32 hex digits")
-    if _optional_json(await request.read() if body is None else body):
-        raise _Reply(400, "revoking a session takes no body (or {})")
+        raise Reply(404, "session not found: a session id (jti) is 32 hex digits")
+    if optional_json(await request.read() if body is None else body):
+        raise Reply(400, "revoking a session takes no body (or {})")
     rows = await SqliteSecretRows.open(request.app[STATE].store)
     was = await rows.session_revoked(jti)
     added = await rows.revoke_session(jti, time.time())
-    _note(request, "sessions.revoke", jti, None if added else "already revoked",
+    note(request, "sessions.revoke", jti, None if added else "already revoked",
           before={jti: {"revoked": was}}, after={jti: {"revoked": True}})
     return web.json_response({"jti": jti, "revoked": int(added)})
 
 
 async def _create(request: web.Request, body: bytes | None) -> web.Response:
-    _note(request, "keys.create")
+    note(request, "keys.create")
     state = request.app[STATE]
     spec = _parse_create(await request.read() if body is None else body)
     try:
         rec, token = await issue_key(state.store, state.pepper, now=time.time(), **spec)
     except (ValueError, StoreConflict) as exc:   # StoreConflict is a ValueError; named for clarity
-        raise _Reply(400, str(exc)) from None
-    _note(request, "keys.create", rec.key_id, before={}, after=audited_views([rec], rec.created_at))
+        raise Reply(400, str(exc)) from None
+    note(request, "keys.create", rec.key_id, before={}, after=audited_views([rec], rec.created_at))
     return web.json_response({"key_id": rec.key_id, "key": token, **public_view(rec)}, status=201,
                              headers={"Cache-Control": "no-store"})   # the only time the key is shown
 
 
 async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web.Response:
     """POST /admin/v1/keys/<id>/rotate {"grace": "24h"}: a successor now, the old key until the grace ends."""
-    _note(request, "keys.rotate", key_id)
+    note(request, "keys.rotate", key_id)
     if set(doc) - {"grace"} or not isinstance(doc.get("grace"), str):
-        raise _Reply(400, 'rotate takes {"grace": "24h"} (a duration: d, h, m or s)')
+        raise Reply(400, 'rotate takes {"grace": "24h"} (a duration: d, h, m or s)')
     try:
         grace = parse_duration(doc["grace"])
     except ValueError as exc:
-        raise _Reply(400, f"grace: {exc}") from None
+        raise Reply(400, f"grace: {exc}") from None
     if grace is None:
-        raise _Reply(400, "grace must be a duration, not never")
+        raise Reply(400, "grace must be a duration, not never")
     state = request.app[STATE]
     key_id = key_id if is_key_id(key_id) else ""
     # The key and its children: the devices of an app key move to the successor.
@@ -198,8 +198,8 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
     try:
         rot = await rotate_key(state.store, state.pepper, key_id, grace, now=now)
     except LifecycleError as exc:
-        raise _Reply(404 if exc.not_found else 400, str(exc)) from None
-    _note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
+        raise Reply(404 if exc.not_found else 400, str(exc)) from None
+    note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
           + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
           before=audited_views(before, now),
           after=audited_views([rot.old, rot.new, *await records_of(state.store, rot.moved)], now))
@@ -210,7 +210,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
 
 async def _compromised(request: web.Request, key_id: str) -> web.Response:
     """POST /admin/v1/keys/<id>/revoke {"compromised": true}: revoke the subtree, replace, report."""
-    _note(request, "keys.revoke_compromised", key_id)
+    note(request, "keys.revoke_compromised", key_id)
     state = request.app[STATE]
     ctx = request.get(CTX)
     actor = ctx.principal.key_id if ctx is not None and ctx.principal is not None else None
@@ -222,8 +222,8 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
         done = await compromise_key(state.store, state.pepper, state.data_dir, key_id, now=now, actor=actor,
                                     audit=state.audit)
     except LifecycleError as exc:
-        raise _Reply(404 if exc.not_found else 400, str(exc)) from None
-    _note(request, "keys.revoke_compromised", key_id,
+        raise Reply(404 if exc.not_found else 400, str(exc)) from None
+    note(request, "keys.revoke_compromised", key_id,
           f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
           before=audited_views(before, now),
           after=audited_views([*await records_of(state.store, done.revoked), done.new], now))
@@ -234,32 +234,32 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
                              headers={"Cache-Control": "no-store"})
 
 
-def _optional_json(raw: bytes) -> dict[str, Any]:
+def optional_json(raw: bytes) -> dict[str, Any]:
     """An optional JSON object body: empty means {}."""
     if not raw.strip():
         return {}
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise _Reply(400, "request body must be a JSON object") from None
+        raise Reply(400, "request body must be a JSON object") from None
     if not isinstance(doc, dict):
-        raise _Reply(400, "request body must be a JSON object")
+        raise Reply(400, "request body must be a JSON object")
     return doc
 
 
 def _parse_create(raw: bytes) -> dict[str, Any]:
     """The JSON body of POST /admin/v1/keys as issue_key keyword arguments; 400 on anything odd."""
     if not raw.strip():
-        raise _Reply(400, "request body is empty: send a JSON object with at least tier and name")
-    doc = _optional_json(raw)
+        raise Reply(400, "request body is empty: send a JSON object with at least tier and name")
+    doc = optional_json(raw)
     unknown = sorted(set(doc) - _CREATE_FIELDS)
     if unknown:
-        raise _Reply(400, f"unknown field(s): {', '.join(unknown)}")
+        raise Reply(400, f"unknown field(s): {', '.join(unknown)}")
     name, owner = doc.get("name"), doc.get("owner")
     if name is not None and owner is not None and name != owner:
-        raise _Reply(400, "give either name or owner (they are the same thing), not both")
+        raise Reply(400, "give either name or owner (they are the same thing), not both")
     if not isinstance(doc.get("tier"), str):
-        raise _Reply(400, "tier is required: app, device or user")
+        raise Reply(400, "tier is required: app, device or user")
     spec: dict[str, Any] = {
         "tier": doc["tier"],
         "owner": _string(owner if owner is not None else name, "name"),
@@ -276,7 +276,7 @@ def _parse_create(raw: bytes) -> dict[str, Any]:
 
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _Reply(400, f"{field} is required and must be a non-empty string")
+        raise Reply(400, f"{field} is required and must be a non-empty string")
     return value
 
 
@@ -284,7 +284,7 @@ def _string_list(value: Any, field: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Reply(400, f"{field} must be a list of strings")
+        raise Reply(400, f"{field} must be a list of strings")
     return value
 
 
@@ -292,7 +292,7 @@ def _labels(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise _Reply(400, "labels must be an object of string values")
+        raise Reply(400, "labels must be an object of string values")
     return value
 
 
@@ -301,19 +301,19 @@ def _limits(value: Any) -> dict[str, int]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Reply(400, "limits must be an object such as {\"rpm\": 60, \"daily_tokens\": 100000}")
+        raise Reply(400, "limits must be an object such as {\"rpm\": 60, \"daily_tokens\": 100000}")
     try:
         return parse_limits(value)
     except ValueError as exc:
-        raise _Reply(400, f"limits: {exc}") from None
+        raise Reply(400, f"limits: {exc}") from None
 
 
 def _expires(value: Any) -> ExpiresIn:
     if value is None:
         return TIER_DEFAULT
     if not isinstance(value, str):
-        raise _Reply(400, 'expires must be a duration string such as "90d", "12h" or "never"')
+        raise Reply(400, 'expires must be a duration string such as "90d", "12h" or "never"')
     try:
         return parse_duration(value)
     except ValueError as exc:
-        raise _Reply(400, f"expires: {exc}") from None
+        raise Reply(400, f"expires: {exc}") from None

@@ -12,6 +12,7 @@ from .audit import AuditWriter
 from .authz import Authorizer, PolicyWatcher
 from .context import RequestContext
 from .key_cache import KeyCache
+from .keys.rotation import Keyring
 from .keys.sessions import SessionAuthority
 from .limits import Limiter, LocalLimiter
 from .metrics import Metrics
@@ -35,6 +36,7 @@ class AppState:
     limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
     key_cache: KeyCache | None = None   # verified keys and sessions (key_cache.py); None: every request reads the store
+    keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
     # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
     # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the
     # audit writer closes only after its last records.

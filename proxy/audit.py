@@ -58,6 +58,8 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         # A query string can carry a credential (?api_key=...); the record never does.
         "path": ctx.path.split("?", 1)[0],
         "rule": ctx.rule,
+        # Whose subtree this principal is in: the leak report finds a leaked key's sessions by it.
+        "parent_key_ids": list(p.parents) if p and p.parents else None,
     }
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.

@@ -17,15 +17,22 @@ FIELDS: tuple[str, ...] = (
     "timestamp", "event_id", "request_id", "actor", "key_id", "tier", "action", "resource",
     "model", "status", "http_status", "reason", "client_ip", "duration_ms", "upstream_ms",
     "input_tokens", "output_tokens", "protocol", "method", "path", "rule",
+    # The principal's ancestor key ids, nearest first (a session's parent key, a device's app
+    # key): the leak report finds a leaked key's sessions by it. Last, because an audit.db made
+    # before it gets it by ALTER TABLE, which appends.
+    "parent_key_ids",
 )
+# Decoded from their JSON text when read back from the index.
+_JSON_FIELDS = {"parent_key_ids"}
 _INT_FIELDS = {"http_status", "input_tokens", "output_tokens"}
 _REAL_FIELDS = {"duration_ms", "upstream_ms"}
 
-_COLUMNS = ", ".join(
-    f"{f} {'INTEGER' if f in _INT_FIELDS else 'REAL' if f in _REAL_FIELDS else 'TEXT'}"
-    + (" PRIMARY KEY" if f == "event_id" else "")
-    for f in FIELDS
-)
+
+def _column_type(field: str) -> str:
+    return "INTEGER" if field in _INT_FIELDS else "REAL" if field in _REAL_FIELDS else "TEXT"
+
+
+_COLUMNS = ", ".join(f"{f} {_column_type(f)}" + (" PRIMARY KEY" if f == "event_id" else "") for f in FIELDS)
 _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, {_COLUMNS})",
     "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
@@ -61,12 +68,20 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     return (ts, *[v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in map(rec.get, FIELDS)])
 
 
-_ROWS_PER_STATEMENT = 64   # 64 x 22 bound values, far below SQLite's 32766
+_ROWS_PER_STATEMENT = 64   # 64 x 23 bound values, far below SQLite's 32766
 
 
 @lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _insert_rows_sql(n: int) -> str:
     return _INSERT_HEAD + ", ".join([_ROW_MARKS] * n)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """An audit.db from an older version lacks the fields added since: add them (NULL in old rows)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    for field in FIELDS:
+        if field not in have:
+            db.execute(f"ALTER TABLE audit ADD COLUMN {field} {_column_type(field)}")
 
 
 class AuditIndex:
@@ -130,6 +145,7 @@ class AuditIndex:
                 db.execute("PRAGMA synchronous=NORMAL")
                 for stmt in _SCHEMA:
                     db.execute(stmt)
+                _add_missing_columns(db)
             except BaseException:
                 db.close()
                 raise
@@ -147,20 +163,40 @@ class AuditIndex:
 
 async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,
                       since: float | None = None, until: float | None = None,
-                      status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Records matching every given filter, newest first. `since`/`until` are epoch seconds."""
+                      status: str | None = None, limit: int = 100,
+                      ancestor: str | None = None) -> list[dict[str, Any]]:
+    """Records matching every given filter, newest first. `since`/`until` are epoch seconds.
+
+    `ancestor`: records of principals under that key (its sessions, devices and their uses),
+    found in parent_key_ids. No index serves it: bound it with `since`, which one does.
+    """
     db_path = Path(data_dir) / "audit" / "audit.db"
     if not db_path.exists():
         return []
     where, args = [], []
     for clause, value in (("actor = ?", actor), ("key_id = ?", key_id), ("ts >= ?", since),
-                          ("ts < ?", until), ("status = ?", status)):
+                          ("ts < ?", until), ("status = ?", status),
+                          ("EXISTS (SELECT 1 FROM json_each(audit.parent_key_ids) WHERE value = ?)",
+                           ancestor)):
         if value is not None:
             where.append(clause)
             args.append(value)
-    sql = (f"SELECT {', '.join(FIELDS)} FROM audit"
-           + (f" WHERE {' AND '.join(where)}" if where else "")
-           + " ORDER BY ts DESC, rowid DESC LIMIT ?")
     async with aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True) as db:
+        # Read-only: an audit.db no writer has opened since an upgrade may lack newer columns.
+        async with db.execute("PRAGMA table_info(audit)") as cur:
+            have = {r[1] for r in await cur.fetchall()}
+        if ancestor is not None and "parent_key_ids" not in have:
+            return []
+        columns = ", ".join(f if f in have else f"NULL AS {f}" for f in FIELDS)
+        sql = (f"SELECT {columns} FROM audit"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY ts DESC, rowid DESC LIMIT ?")
         async with db.execute(sql, (*args, max(0, limit))) as cur:
-            return [dict(zip(FIELDS, row)) for row in await cur.fetchall()]
+            return [_decoded(dict(zip(FIELDS, r))) for r in await cur.fetchall()]
+
+
+def _decoded(record: dict[str, Any]) -> dict[str, Any]:
+    for field in _JSON_FIELDS:
+        if isinstance(record.get(field), str):
+            record[field] = json.loads(record[field])
+    return record

@@ -37,6 +37,7 @@ _SHARED_MEMORY = Resource("sharedmemory", "admin")
 _TRACE = Resource("trace", "admin")
 _LOGGING = Resource("logging", "admin")
 _ADMIN_KEYS = Resource("admin:keys", "admin")
+_ADMIN_CRYPTO = Resource("admin:crypto", "admin")
 _SESSIONS = Resource("sessions", "create")
 
 _GET = frozenset({"GET"})
@@ -52,6 +53,10 @@ _MODEL_TAILS: dict[tuple[str, ...], tuple[frozenset[str], str, bool]] = {
     ("infer",): (_POST, "infer", False),
     ("generate",): (_POST, "infer", False),
     ("generate_stream",): (_POST, "infer", True),
+}
+# /admin/v1/crypto/<operation> (admin_crypto.py): the method each one takes.
+CRYPTO_OPS: dict[str, frozenset[str]] = {
+    "status": _GET, "rotate-dek": _POST, "rotate-root": _POST, "rotate-jwt": _POST, "rotate-pepper": _POST,
 }
 _SHM_OPS: dict[str, frozenset[str]] = {
     "status": _GET, "register": _POST, "unregister": _POST,
@@ -188,6 +193,8 @@ def classify_http(method: str, raw_path: str) -> Resource:
         return _classify_v2(method, segments[1:], raw_path)
     if segments[:3] in (("admin", "v1", "keys"), ("admin", "v1", "sessions")):
         return _ADMIN_KEYS   # revoking a session is key administration: the same resource, the same rules
+    if segments[:3] == ("admin", "v1", "crypto") and len(segments) == 4 and segments[3] in CRYPTO_OPS:
+        return _require(method, CRYPTO_OPS[segments[3]], _ADMIN_CRYPTO, raw_path)
     if segments == ("v1", "sessions"):
         return _require(method, _POST, _SESSIONS, raw_path)
     raise _not_found(method, raw_path)

@@ -32,20 +32,33 @@ ACTIONS: dict[str, tuple[str, Callable[[Keyring], Any]]] = {
 }
 
 
+async def perform(keyring: Keyring, action: str) -> dict[str, Any]:
+    """One ACTIONS entry on `keyring` (the CLI's own, or a server's for the admin API); ids and times only."""
+    _, fn = ACTIONS[action]
+    result: dict[str, Any] = await fn(keyring)
+    if action != "status":
+        await keyring.maintain()   # finish what the rotation started (re-wrap, retire)
+    return result
+
+
+def summary(status: dict[str, Any]) -> dict[str, Any]:
+    """What a rotation changes, from `status`: an audit record's before/after (ids only, never a secret)."""
+    return {"root": status["root"]["key_id"], "dek": status["dek"]["current"],
+            "jwt_kid": status["jwt"]["active_kid"], "pepper_versions": status["pepper"]["versions"]}
+
+
 async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
     """Run one `seekgate crypto` action on the server's store; what it prints, as a dict.
 
     Safe while servers run: they pick the change up within crypto.refresh_interval_s.
     """
-    _, fn = ACTIONS[action]
     data_dir = Path(settings.data_dir)
     store = await SqliteStore.open(store_path(data_dir))
     try:
         keyring = await open_keyring(settings, data_dir, store)
         try:
-            result: dict[str, Any] = await fn(keyring)
+            result = await perform(keyring, action)
             if action != "status":
-                await keyring.maintain()   # finish what the rotation started (re-wrap, retire)
                 # What it printed is ids and times only, so it is also the audit record's detail.
                 await write_cli_audit(settings, cli_record(f"crypto.{action}", detail=result))
             return result

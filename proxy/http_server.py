@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import estimate
 from .admin import handle_admin
+from .admin_crypto import handle_crypto
 from .session_api import handle_sessions
 from .app_state import CTX, STATE, AppState
 from .audit import AuditWriter
@@ -47,6 +48,8 @@ PUBLIC_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
 # Credentials in a URL end up in access logs and browser history: refused outright.
 KEY_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "authorization"})
 KNOWN_MODELS = ("deepseek", "deepseek_stream")
+# Resources seekgate answers itself (the key, crypto and session APIs); everything else goes to Triton.
+_LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions"})
 
 
 # ------------------------------------------------------------------ the request path
@@ -94,8 +97,10 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         # After every check that may refuse for free: a request refused above costs no quota.
         await limit(state, ctx, estimate.from_http(path, body,
                                                    request.headers.get("Inference-Header-Content-Length")))
-        if ctx.resource.resource in ("admin:keys", "sessions"):
-            response = (await handle_admin(request, body) if ctx.resource.resource == "admin:keys"
+        if ctx.resource.resource in _LOCAL_RESOURCES:   # answered here, never forwarded
+            kind = ctx.resource.resource
+            response = (await handle_admin(request, body) if kind == "admin:keys"
+                        else await handle_crypto(request, body) if kind == "admin:crypto"
                         else handle_sessions(ctx, state.sessions))
             ctx.http_status = response.status
             await commit_audit(state, ctx)   # strict audit: durable before aiohttp sends it
@@ -254,9 +259,11 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, pool, key_file.read_text().strip() if key_file.exists() else None,
                          limiter=SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets),
-                         sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth))
+                         sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth),
+                         keyring=keyring)
         app[STATE] = state
         keyring.on_pepper = lambda pepper: setattr(state, "pepper", pepper)   # a rotated pepper, reloaded
+        keyring.on_scheduled = audit.submit
         await state.limiter.start()   # loads today's and this month's budgets before the first request
         await audit.start()
         await watcher.start()

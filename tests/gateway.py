@@ -132,6 +132,13 @@ class Gateway:
             return key_id, token
         return asyncio.run(go())
 
+    def end_grace(self, key_id: str) -> None:
+        """A rotated key's grace ends now: its expiry brought to the present, instead of waiting for it."""
+        async def go() -> None:
+            async with await SqliteStore.open(store_path(self.data_dir)) as store:
+                assert await store.shorten_expiry(key_id, time.time())
+        asyncio.run(go())
+
     def revoke(self, key_id: str) -> None:
         async def go() -> None:
             store = await SqliteStore.open(store_path(self.data_dir))

@@ -230,6 +230,32 @@ async def test_query_filters(tmp_path: Path) -> None:
     assert await query_audit(tmp_path / "nowhere") == []
 
 
+async def test_an_audit_db_without_parent_key_ids_still_opens_and_gains_the_column(tmp_path: Path) -> None:
+    """An audit.db made before the ancestry field: read as it is, then migrated by the writer."""
+    (tmp_path / "audit").mkdir()
+    db_path = tmp_path / "audit" / "audit.db"
+    old_fields = [f for f in FIELDS if f != "parent_key_ids"]
+    old = _rec(0)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"CREATE TABLE audit (ts REAL NOT NULL, {', '.join(old_fields)})")
+        conn.execute(f"INSERT INTO audit VALUES ({', '.join('?' * (len(old_fields) + 1))})",
+                     (time.time() - 10, *[old[f] for f in old_fields]))
+    # Read-only, before any writer opened it: the missing column reads as None.
+    rows = await query_audit(tmp_path)
+    assert [r["request_id"] for r in rows] == ["req-0"] and rows[0]["parent_key_ids"] is None
+    assert await query_audit(tmp_path, ancestor="k_app1") == []
+
+    session = Principal(key_id="a" * 32, tier="session", owner="team-a", parents=("k_app1",))
+    async with AuditWriter(tmp_path) as writer:
+        writer.submit(build_record(_ctx(request_id="req-1", principal=session, started_wall=time.time()),
+                                   duration_ms=1.0))
+    with sqlite3.connect(db_path) as conn:
+        assert "parent_key_ids" in {r[1] for r in conn.execute("PRAGMA table_info(audit)")}
+    under = await query_audit(tmp_path, ancestor="k_app1")
+    assert [(r["request_id"], r["parent_key_ids"]) for r in under] == [("req-1", ["k_app1"])]
+    assert [r["request_id"] for r in await query_audit(tmp_path)] == ["req-1", "req-0"]
+
+
 def test_tail_reads_last_lines(tmp_path: Path) -> None:
     audit_dir = tmp_path / "audit"
     audit_dir.mkdir()

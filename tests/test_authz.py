@@ -21,7 +21,8 @@ USER = Principal("k_user", "user", "bob", models=("deepseek",))
 ADMIN = Principal("k_admin", "user", "ops", roles=("admin",))
 
 ADMIN_ONLY = [("repository", "admin"), ("sharedmemory", "admin"), ("trace", "admin"),
-              ("logging", "admin"), ("statistics", "admin"), ("admin:keys", "admin")]
+              ("logging", "admin"), ("statistics", "admin"), ("admin:keys", "admin"),
+              ("admin:crypto", "admin")]
 
 
 def authz(*rules: dict[str, Any]) -> Authorizer:

@@ -28,6 +28,7 @@ TRACE = Resource("trace", "admin")
 LOGGING = Resource("logging", "admin")
 STATS = Resource("statistics", "admin")
 KEYS = Resource("admin:keys", "admin")
+CRYPTO = Resource("admin:crypto", "admin")
 
 HTTP_ROUTES: list[tuple[str, str, Resource]] = [
     ("GET", "/v2/health/live", HEALTH),
@@ -68,6 +69,8 @@ HTTP_ROUTES += [
     ("POST", "/admin/v1/keys", KEYS),
     ("DELETE", "/admin/v1/keys/k_123", KEYS),
     ("POST", "/admin/v1/keys/k_123/rotate", KEYS),
+    ("GET", "/admin/v1/crypto/status", CRYPTO),
+    *(("POST", f"/admin/v1/crypto/rotate-{what}", CRYPTO) for what in ("dek", "root", "jwt", "pepper")),
     ("POST", "/v1/sessions", Resource("sessions", "create")),
     # Model names that look like route words are still just model names.
     ("GET", "/v2/models/stats/stats", model("read", "stats")),
@@ -175,6 +178,12 @@ NOT_FOUND = [
     ("HEAD", "/v2/health/live"),
     ("get", "/v2/health/live"),
     ("GET", "/v1/sessions"),
+    ("GET", "/admin/v1/crypto"),
+    ("POST", "/admin/v1/crypto/rotate-everything"),
+    ("POST", "/admin/v1/crypto/rotate-dek/now"),
+    ("GET", "/admin/v1/crypto/rotate-dek"),      # rotations are POST only
+    ("POST", "/admin/v1/crypto/status"),
+    ("DELETE", "/admin/v1/crypto/rotate-root"),
 ]
 
 

@@ -52,6 +52,19 @@ def test_truncated_root_key_refuses_to_start(tmp_path: Path) -> None:
         FileKek.load_or_create(tmp_path)
 
 
+def test_a_missing_root_is_not_replaced_when_the_store_names_one(tmp_path: Path) -> None:
+    root_id = FileKek.load_or_create(tmp_path).key_id
+    path = tmp_path / "secrets" / "root.key"
+    path.unlink()
+    with pytest.raises(KekError) as info:
+        FileKek.load_or_create(tmp_path, stored_roots=[root_id, root_id])
+    assert str(info.value) == (f"root key missing: {path}; the store's DEKs are wrapped by root {root_id} "
+                               "(restore the root file from its backup)")
+    assert not path.exists()
+    # Nothing wrapped yet: a first start, and a root is made.
+    assert FileKek.load_or_create(tmp_path, stored_roots=[]).key_id != root_id and path.exists()
+
+
 def test_wrap_is_authenticated_and_tied_to_its_root(tmp_path: Path) -> None:
     a, b = FileKek(b"a" * 32), FileKek(b"b" * 32)
     blob = a.wrap(b"k" * 32)

@@ -367,14 +367,6 @@ def _admin(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> tuple[int,
     return status, json.loads(raw)
 
 
-def _end_grace(gw: Gateway, key_id: str) -> None:
-    """The grace ends now: the old key's expiry brought to the present, instead of waiting for it."""
-    async def go() -> None:
-        async with await SqliteStore.open(store_path(gw.data_dir)) as store:
-            assert await store.shorten_expiry(key_id, time.time())
-    asyncio.run(go())
-
-
 def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) -> None:
     _, admin = gw.key(owner="ops", roles=("admin",))
     app_id, app_key = gw.key(tier="app", owner="billing", roles=(), expires_in_s=30 * 24 * H)
@@ -382,7 +374,7 @@ def test_devices_outlive_their_rotated_app_key_through_the_proxy(gw: Gateway) ->
     assert _generate(gw, dev_key) == 200
     status, rot = _admin(gw, admin, f"/admin/v1/keys/{app_id}/rotate", {"grace": "24h"})
     assert status == 201, rot
-    _end_grace(gw, app_id)
+    gw.end_grace(app_id)
     assert _generate(gw, app_key) == 401                   # the old app key is over
     assert _generate(gw, dev_key) == 200                   # its device is not: it moved to the successor
     assert _generate(gw, rot["key"]) == 200
@@ -406,3 +398,24 @@ def test_the_leak_report_holds_the_use_just_before_the_revocation(gw: Gateway) -
     assert report["events"][-1]["path"] == "/v2/models/deepseek/generate"
     assert report["events"][-1]["http_status"] == 200
     assert _generate(gw, app_key) == 401 and _generate(gw, leak["replacement"]["key"]) == 200
+
+
+def test_the_leak_report_holds_the_uses_of_sessions_minted_from_the_leaked_key(gw: Gateway) -> None:
+    """Sessions are no stored keys: their uses are found through the parent_key_ids of their records."""
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    app_id, app_key = gw.key(tier="app", owner="minter", roles=())
+    dev_id, dev_key = gw.key(tier="device", owner="edge-9", roles=(), parent_id=app_id)
+    status, _, raw = call(gw.url + "/v1/sessions", "POST", b"", app_key)
+    assert status == 200, raw
+    session = json.loads(raw)
+    assert [_generate(gw, session["token"]) for _ in range(2)] == [200, 200]
+    assert _generate(gw, dev_key) == 200
+    status, leak = _admin(gw, admin, f"/admin/v1/keys/{app_id}/revoke", {"compromised": True})
+    assert status == 200, leak
+    report = leak["report"]
+    assert report["audit_flushed"] is True
+    assert report["uses_by_key"] == {app_id: 1, session["jti"]: 2, dev_id: 1}   # the app key's use: the mint
+    session_uses = [e for e in report["events"] if e["key_id"] == session["jti"]]
+    assert [(e["tier"], e["parent_key_ids"], e["path"], e["http_status"]) for e in session_uses] == \
+        [("session", [app_id], "/v2/models/deepseek/generate", 200)] * 2
+    assert _generate(gw, session["token"]) == 401

@@ -65,17 +65,26 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 async def test_dek_and_root_rotate_on_their_schedules(tmp_path: Path, store: SqliteStore) -> None:
     clock = Clock()
     ring = await open_keyring(tmp_path, store, clock)
+    audited: list[dict[str, Any]] = []
+    ring.on_scheduled = audited.append
     dek, root = await ring.envelope.current_dek_id(), ring.envelope.kek.key_id
     assert await ring.maintain() == {}
     clock.now = T0 + 29 * DAY_S
     assert await ring.maintain() == {}
+    assert audited == []
     clock.now = T0 + 30 * DAY_S
     done = await ring.maintain()
     assert done["dek"] != dek and done["reencrypted"] == 2   # the pepper and the signing key
     assert await ring.envelope.current_dek_id() == done["dek"]
+    assert [(r["admin"]["action"], r["admin"]["before"], r["admin"]["after"]) for r in audited] == \
+        [("crypto.scheduled-rotate-dek", {"dek": dek}, {"dek": done["dek"]})]
     clock.now = T0 + 90 * DAY_S
     done = await ring.maintain()
     assert done["root"] != root and ring.envelope.kek.key_id == done["root"]
+    # The data key was due again too (day 60): root first, then the data key, one record each.
+    assert [r["admin"]["action"] for r in audited] == \
+        ["crypto.scheduled-rotate-dek", "crypto.scheduled-rotate-root", "crypto.scheduled-rotate-dek"]
+    assert (audited[1]["admin"]["before"], audited[1]["admin"]["after"]) == ({"root": root}, {"root": done["root"]})
     status = await ring.status()
     assert status["root"]["deks_not_rewrapped"] == 0 and status["dek"]["rows_not_reencrypted"] == 0
     assert status["root"]["due_at"] == T0 + 180 * DAY_S
@@ -185,21 +194,26 @@ def test_cli_crypto_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 class Load:
-    """A thread sending requests with an API key and with a session token until stopped, counting failures."""
+    """A thread sending requests with each credential in turn until stopped, counting failures.
 
-    def __init__(self, gw: Gateway, key: str, session: str) -> None:
-        self.gw, self.key, self.session = gw, key, session
+    `credentials` (name -> key or session token) may grow while it runs: a rotation's successor joins.
+    """
+
+    def __init__(self, gw: Gateway, credentials: dict[str, str]) -> None:
+        self.gw, self.credentials = gw, credentials
         self.ok = 0
+        self.ok_by_name: dict[str, int] = {}
         self.failures: list[tuple[str, int, bytes]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name, credential in (("key", self.key), ("session", self.session)):
+            for name, credential in list(self.credentials.items()):
                 status, _, body = call(self.gw.url + "/v2/models/deepseek", key=credential)
                 if status == 200:
                     self.ok += 1
+                    self.ok_by_name[name] = self.ok_by_name.get(name, 0) + 1
                 else:
                     self.failures.append((name, status, body))
 
@@ -258,7 +272,8 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         seen.update(secrets_now(gw))
         return result
 
-    with Load(gw, key, old_session) as load:
+    _, admin = gw.key(owner="ops", roles=("admin",))
+    with Load(gw, {"key": key, "session": old_session}) as load:
         load.wait_more()
         dek = rotate("rotate-dek")
         load.wait_more()
@@ -280,7 +295,24 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         # Re-hashed on a successful use once every process holds the new pepper.
         assert wait_for(rehashed, 30)
         load.wait_more()
-    assert load.failures == [] and load.ok >= 50   # each wait_more saw 10 more successes
+        # Key rotation with a grace: the successor joins the load, the old key keeps working.
+        status, _, body = call(gw.url + f"/admin/v1/keys/{key_id}/rotate", "POST", {"grace": "24h"}, admin)
+        assert status == 201, body
+        successor = json.loads(body)
+        old_key_uses = load.ok_by_name["key"]
+        load.credentials["successor"] = successor["key"]
+        load.wait_more(20)
+    assert load.failures == [] and load.ok >= 70   # each wait_more saw 10 (the last 20) more successes
+    assert load.ok_by_name.get("successor", 0) > 0 and load.ok_by_name["key"] > old_key_uses
+
+    # The grace ends: the old key (and the session it minted) is refused, the successor is not.
+    gw.end_grace(key_id)
+    expected_401 = call(gw.url + "/v2/models/deepseek")[2]
+    with Load(gw, {"successor": successor["key"]}) as after:
+        for credential in (key, old_session):
+            assert call(gw.url + "/v2/models/deepseek", key=credential)[::2] == (401, expected_401)
+        after.wait_more()
+    assert after.failures == [] and after.ok >= 10
     status = asyncio.run(run_crypto("status", gw.settings))
     assert status["dek"]["current"] == dek["dek_id"] and status["dek"]["rows_not_reencrypted"] == 0
     assert status["root"]["key_id"] == root["root"] and status["root"]["deks_not_rewrapped"] == 0
@@ -299,6 +331,30 @@ def test_every_rotation_under_steady_load_fails_no_request(gw: Gateway) -> None:
         assert value not in disk and value.hex().encode() not in disk, name
     for credential in (key, old_session):
         assert credential.encode() not in disk
+
+
+def test_a_running_server_rotates_its_data_key_on_schedule_and_audits_each_rotation(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    """Keyring.run inside a real server, with a schedule of one second instead of 30 days."""
+    g = Gateway(tmp_path, triton.http_url, free_ports(3),
+                **{"crypto.dek_rotation_days": 1.0 / DAY_S, "crypto.refresh_interval_s": 0.2}).start()
+    try:
+        _, key = g.key()
+
+        def scheduled() -> list[dict[str, Any]]:
+            return [r for r in audit_records(g) if r.get("admin", {}).get("action") == "crypto.scheduled-rotate-dek"]
+        assert wait_for(lambda: len(scheduled()) >= 2, 30), scheduled()
+        assert call(g.url + "/v2/models/deepseek", key=key)[0] == 200
+    finally:
+        g.stop()
+    records = scheduled()
+    # One record per rotation, each taking over from the one before: none missed, none doubled.
+    changes = [(r["admin"]["before"]["dek"], r["admin"]["after"]["dek"]) for r in records]
+    assert all(old != new for old, new in changes)
+    assert [new for _, new in changes[:-1]] == [old for old, _ in changes[1:]]
+    assert {(r["actor"], r["resource"], r["status"]) for r in records} == {("seekgate", "admin:crypto", "allowed")}
+    current = asyncio.run(run_crypto("status", g.settings))["dek"]["current"]
+    assert current == changes[-1][1]
 
 
 async def _pepper_version(gw: Gateway, key_id: str) -> int:
@@ -325,3 +381,23 @@ def test_a_server_with_the_wrong_root_refuses_to_start_and_says_why(tmp_path: Pa
     second._thread.join(30)   # the start ends: never ready, never listening
     assert isinstance(second.error, EnvelopeError)
     assert "wrapped by root" in str(second.error) and "\n" not in str(second.error)
+
+
+def test_a_server_whose_root_file_is_gone_refuses_to_start_and_names_the_file(tmp_path: Path) -> None:
+    from proxy.keys.kek import KekError
+    first = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
+    first.key()   # the store now holds a DEK wrapped by this data dir's root
+    root_file = first.data_dir / "secrets" / "root.key"
+    root_id = FileKek.load_or_create(first.data_dir).key_id
+    root_file.unlink()
+    second = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
+    try:
+        second.start()
+    except KekError:
+        pass
+    assert second._thread is not None
+    second._thread.join(30)   # the start ends: never ready, never listening
+    assert isinstance(second.error, KekError)
+    assert str(second.error) == (f"root key missing: {root_file}; the store's DEKs are wrapped by root {root_id} "
+                                 "(restore the root file from its backup)")
+    assert not root_file.exists()   # no new root that would unwrap nothing

@@ -104,10 +104,12 @@ class FileKek:
         self.key_id = _key_id(root)
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> FileKek:
+    def load_or_create(cls, data_dir: Path, stored_roots: Iterable[str] = ()) -> FileKek:
         """Read every root generation under `<data_dir>/secrets/`, creating root.key (0600, dir 0700) on first start.
 
-        Refuses (KekError) a file readable or writable by anyone but its owner: the
+        `stored_roots`: the roots the store's wrapped DEKs name. When there are any, this is no
+        first start: a missing root file is refused (KekError) rather than replaced by a new root
+        that unwraps nothing. Refuses a file readable or writable by anyone but its owner: the
         mode bits are checked rather than access(2), which says yes to root anyway.
         """
         sdir = Path(data_dir) / "secrets"
@@ -115,6 +117,10 @@ class FileKek:
             sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(sdir, 0o700)   # mkdir's mode is masked by the umask
         if not (sdir / "root.key").exists() and not _generations(sdir):
+            wrapped_by = sorted(set(stored_roots))
+            if wrapped_by:
+                raise KekError(f"root key missing: {sdir / 'root.key'}; the store's DEKs are wrapped by "
+                               f"root {', '.join(wrapped_by)} (restore the root file from its backup)")
             create_once(sdir / "root.key", secrets.token_bytes(ROOT_BYTES))
         kek = cls.__new__(cls)
         kek._sdir = sdir

@@ -23,8 +23,8 @@ MAX_REPORT_EVENTS = 10_000
 MAX_AUDIT_ROWS = 1_000_000
 # How long the leak report waits for the audit writer to persist the uses queued before the revocation.
 AUDIT_FLUSH_TIMEOUT_S = 10.0
-_EVENT_FIELDS = ("timestamp", "key_id", "client_ip", "model", "action", "status", "http_status",
-                 "input_tokens", "output_tokens", "protocol", "path")
+_EVENT_FIELDS = ("timestamp", "key_id", "tier", "parent_key_ids", "client_ip", "model", "action",
+                 "status", "http_status", "input_tokens", "output_tokens", "protocol", "path")
 
 
 class LifecycleError(ValueError):
@@ -178,13 +178,22 @@ async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id:
 
 async def usage_report(data_dir: Path, rec: KeyRecord, key_ids: list[str], *, now: float
                        ) -> dict[str, Any]:
-    """Every audited use of `key_ids` since `rec` was created: aggregates plus the events, oldest first."""
-    rows: list[dict[str, Any]] = []
+    """Every audited use of `key_ids` since `rec` was created: aggregates plus the events, oldest first.
+
+    A use counts when it was made with one of the keys or by a principal under one of them
+    (a session minted from it, a device of it: `parent_key_ids` in the record), so sessions,
+    which are not stored keys, are covered, and so are a device's uses from before a rotation
+    moved it elsewhere.
+    """
+    by_event: dict[str, dict[str, Any]] = {}
     truncated = False
     for kid in key_ids:
-        got = await query_audit(data_dir, key_id=kid, since=rec.created_at, limit=MAX_AUDIT_ROWS)
-        truncated |= len(got) >= MAX_AUDIT_ROWS
-        rows.extend(got)
+        own = await query_audit(data_dir, key_id=kid, since=rec.created_at, limit=MAX_AUDIT_ROWS)
+        under = await query_audit(data_dir, ancestor=kid, since=rec.created_at, limit=MAX_AUDIT_ROWS)
+        for got in (own, under):
+            truncated |= len(got) >= MAX_AUDIT_ROWS
+            by_event.update((str(r["event_id"]), r) for r in got)
+    rows = list(by_event.values())
     rows.sort(key=lambda r: str(r.get("timestamp")))
     ips: Counter[str] = Counter(str(r["client_ip"]) for r in rows if r.get("client_ip"))
     models: Counter[str] = Counter(str(r["model"]) for r in rows if r.get("model"))

@@ -25,7 +25,7 @@ from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import PEPPER_PREFIX, Pepper, add_pepper_version, load_pepper
 from proxy.keys.sessions import (SIGNING_KEY_PREFIX, SessionAuthority, load_signing_keys, retire_signing_keys,
                                  rotate_signing_key)
-from proxy.settings import Settings
+from proxy.settings import CryptoSettings, Settings
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
 
@@ -44,6 +44,8 @@ class Keyring:
         self.settings, self.data_dir, self._clock = settings, Path(data_dir), clock
         self.sessions, self.pepper = sessions, pepper
         self.on_pepper: Callable[[Pepper], None] | None = None   # e.g. swap AppState.pepper
+        # A scheduled rotation done by maintain(): its audit record (the server sets AuditWriter.submit).
+        self.on_scheduled: Callable[[dict[str, Any]], None] | None = None
         self._reloaded_at = float("-inf")
         sessions.reload = self.reload_sessions
 
@@ -91,9 +93,13 @@ class Keyring:
         done: dict[str, Any] = {}
         now, c = self._clock(), self.settings.crypto
         if _due(await self.rows.event_time("root"), c.root_rotation_days, now):
+            old_root = self.envelope.kek.key_id
             done["root"] = await self.envelope.rotate_root()
+            self._scheduled("root", old_root, done["root"])
         if _due(await self.rows.event_time("dek"), c.dek_rotation_days, now):
+            old_dek = await self.envelope.current_dek_id()
             done["dek"] = await self.envelope.rotate_dek()
+            self._scheduled("dek", old_dek, done["dek"])
         moved = await self.envelope.reencrypt()
         rewrapped = await self.envelope.rewrap()
         if moved or rewrapped:
@@ -168,6 +174,10 @@ class Keyring:
 
     # ------------------------------------------------------------ helpers
 
+    def _scheduled(self, what: str, before: str | None, after: str) -> None:
+        if self.on_scheduled is not None:
+            self.on_scheduled(scheduled_rotation_record(what, before, after, self.settings.crypto))
+
     def _jwt_keep_s(self) -> float:
         return self.settings.auth.session_ttl_s + self.settings.crypto.jwt_retire_leeway_s
 
@@ -186,6 +196,20 @@ class Keyring:
 
     def close(self) -> None:
         self.envelope.kek.close()
+
+
+def scheduled_rotation_record(what: str, before: str | None, after: str, crypto: CryptoSettings) -> dict[str, Any]:
+    """The audit record of a scheduled `what` ("dek" or "root") rotation: ids only, never key material.
+
+    Shaped like an admin call's record (the CLI's and the API's `crypto.rotate-*`), with the server
+    itself as the actor; the writer adds the time and event id.
+    """
+    action = f"crypto.scheduled-rotate-{what}"
+    days = crypto.dek_rotation_days if what == "dek" else crypto.root_rotation_days
+    return {"actor": "seekgate", "action": "admin", "resource": "admin:crypto", "status": "allowed",
+            "reason": action, "protocol": "internal",
+            "admin": {"action": action, "detail": f"every {days:g} days (crypto.{what}_rotation_days)",
+                      "before": {what: before}, "after": {what: after}}}
 
 
 def publish_s(settings: Settings) -> float:

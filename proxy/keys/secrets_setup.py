@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from proxy.keys.envelope import Envelope
@@ -18,11 +18,16 @@ from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
 
 
-def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] = os.environ) -> KekProvider:
-    """The configured KEK provider; KekError (one line: what is missing or wrong) if it cannot be used."""
+def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] = os.environ,
+             stored_roots: Iterable[str] = ()) -> KekProvider:
+    """The configured KEK provider; KekError (one line: what is missing or wrong) if it cannot be used.
+
+    `stored_roots`: the roots the store's DEKs are wrapped by; the file provider creates a root
+    only when there are none.
+    """
     c = None if settings is None else settings.crypto
     if c is None or c.provider == "file":
-        return FileKek.load_or_create(data_dir)
+        return FileKek.load_or_create(data_dir, stored_roots)
     if c.provider == "pkcs11":
         try:
             from proxy.keys.kek_pkcs11 import Pkcs11Kek
@@ -49,7 +54,9 @@ async def open_envelope(data_dir: Path, store: SqliteStore, settings: Settings |
                         kek: KekProvider | None = None) -> tuple[Envelope, SqliteSecretRows]:
     """The envelope over the store's secret rows, keyed by the configured KEK (`file` without settings)."""
     rows = await SqliteSecretRows.open(store)
-    return Envelope(rows, kek if kek is not None else open_kek(settings, data_dir)), rows
+    if kek is None:
+        kek = open_kek(settings, data_dir, stored_roots=[kek_id for _, kek_id, _, _ in await rows.list_deks()])
+    return Envelope(rows, kek), rows
 
 
 async def open_keyring(settings: Settings, data_dir: Path, store: SqliteStore,
