@@ -461,22 +461,23 @@ def test_the_answer_leaves_before_the_audit_and_metrics_step(gw: Gateway,
     allowed_id, allowed = issue(gw, owner="order-probe", roles=("user",))
     denied_id, denied = issue(gw, owner="order-probe-other", models=("not-deepseek",))   # 403: other model
     real_finish = http_server.finish
-    received = threading.Event()
+    # One event per request: with a shared one cleared between requests, a first finish() that
+    # ran late would wait for the second answer, which its own blocking holds back.
+    received = {allowed_id: threading.Event(), denied_id: threading.Event()}
     seen_by_finish: list[bool] = []
 
     def finish_once_answered(state: Any, ctx: Any) -> None:
         # Blocks the gateway's loop until the test thread has the whole answer (bounded): were the
         # answer sent after finish(), it could not arrive while this waits. Other requests (a
         # previous test's late finish) pass straight through.
-        if ctx.principal is not None and ctx.principal.key_id in (allowed_id, denied_id):
-            seen_by_finish.append(received.wait(20))   # generous: a loaded CI machine is slow
+        if ctx.principal is not None and ctx.principal.key_id in received:
+            seen_by_finish.append(received[ctx.principal.key_id].wait(20))   # generous: CI machines are slow
         real_finish(state, ctx)
 
     monkeypatch.setattr(http_server, "finish", finish_once_answered)
-    for key, want in ((allowed, 200), (denied, 403)):
-        received.clear()
+    for key_id, key, want in ((allowed_id, allowed, 200), (denied_id, denied, 403)):
         status, _, body = call(gw.url + "/v2/models/deepseek/generate", "POST",
                                {"text_input": "order", "max_tokens": 2}, key=key)
-        received.set()
+        received[key_id].set()
         assert status == want and body
     assert wait_for(lambda: len(seen_by_finish) == 2, 20.0) and seen_by_finish == [True, True]
