@@ -244,11 +244,16 @@ class Authorizer:
         """Decide (principal, resource, action) in the environment (client_ip, now in UTC)."""
         state, env = self._state, Env.at(client_ip, now)
         p = principal
+        minute_class = state.minute_class[env.minute] if state.uses_time else None
+        if minute_class is not None and state.cache and next(reversed(state.cache))[-1] != minute_class:
+            # The most recently used entry is of another class: a time window opened or closed
+            # since. The entries decided before would sit unused until the same windows hold again
+            # (hours away), as much memory again as the live ones.
+            state.cache.clear()
         # Everything a rule can read, and nothing else (not the key id: keys alike share an
         # entry). Extend this key with any new condition.
         key = (p.tier, p.owner, p.roles, tuple(sorted(p.labels.items())), p.models,
-               resource.resource, resource.action,
-               env.ip if state.uses_ip else None, state.minute_class[env.minute] if state.uses_time else None)
+               resource.resource, resource.action, env.ip if state.uses_ip else None, minute_class)
         decision = state.cache.get(key)
         if decision is not None:
             state.cache.move_to_end(key)

@@ -299,11 +299,15 @@ def test_minutes_inside_the_same_time_windows_share_one_memo_entry() -> None:
     for minute in range(0, 60, 7):   # 09:00..09:56: office open, night closed: one class
         assert decide(a, USER, "server", "read", now=at(9, minute)).allowed
     assert len(a._state.cache) == 1
-    assert not decide(a, USER, "server", "read", now=at(17, 30)).allowed   # both windows: deny wins
-    assert not decide(a, USER, "server", "read", now=at(18, 30)).allowed   # night only
-    assert not decide(a, USER, "server", "read", now=at(3)).allowed        # neither
-    assert decide(a, USER, "server", "read", now=at(16, 59)).allowed       # back in the first class
-    assert len(a._state.cache) == 4   # one entry per combination of open windows, not per minute
+    decide(a, ADMIN, "server", "read", now=at(9, 59))
+    assert len(a._state.cache) == 2   # another principal, same class: both kept
+    # Each change of open windows is decided afresh, and the entries of the windows that ended go.
+    for when, allowed in ((at(17, 30), False),    # both windows: deny wins
+                          (at(18, 30), False),    # night only
+                          (at(3), False),         # neither
+                          (at(16, 59), True)):    # back in the first class
+        assert decide(a, USER, "server", "read", now=when).allowed is allowed
+        assert len(a._state.cache) == 1
 
 
 def test_decision_cache_stays_bounded_and_keeps_the_recently_used() -> None:
