@@ -287,6 +287,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             if state.grpc_stopped is not None:   # its last requests audit into the writer closed below
                 await state.grpc_stopped.wait()
             await state.limiter.close()   # after the last request settled: its charges are written
+            metrics.flush()   # workers: the last second's batched updates into the shared files
             # Last: requests still finishing above submit their records before the final flush.
             await audit.close()
             await store.close()
@@ -325,7 +326,7 @@ async def watch_expiring(state: AppState, interval: float = 60.0, window_s: floa
 
 
 async def refresh_gauges(metrics: Metrics, interval: float = 1.0) -> None:
-    """Workers only: scrape-time gauges copied into the shared metric files the supervisor serves."""
+    """Workers only: batched updates and scrape-time gauges copied into the shared files the supervisor serves."""
     while True:
         metrics.refresh()
         await asyncio.sleep(interval)

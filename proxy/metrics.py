@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -73,8 +74,53 @@ def _code(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else OTHER
 
 
+class _Pending:
+    """One labelled counter or histogram child's observations since the last flush, in plain Python.
+
+    prometheus_client takes a lock per value it touches and scans a histogram's buckets one by
+    one: five such updates per request were the metrics step's cost. Here an update is a bisect
+    and two additions; `flush` hands the totals over in one update per bucket. The event loop is
+    the only writer, so nothing needs a lock until then.
+    """
+
+    __slots__ = ("child", "bounds", "counts", "total", "dirty")
+
+    def __init__(self, child: Any, bounds: tuple[float, ...] = ()) -> None:
+        self.child, self.bounds = child, bounds
+        self.counts = [0] * len(bounds)   # per bucket (the last bound is +Inf); empty for a counter
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1   # the first bound >= value, as prometheus_client
+        self.total += value
+        self.dirty = True
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.total += amount
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        if self.bounds:
+            # prometheus_client's own per-child values (the same objects its observe() updates).
+            for i, n in enumerate(self.counts):
+                if n:
+                    self.child._buckets[i].inc(n)
+                    self.counts[i] = 0
+            self.child._sum.inc(self.total)
+        else:
+            self.child.inc(self.total)
+        self.total, self.dirty = 0.0, False
+
+
 class Metrics:
-    """Everything an operator watches, on its own `CollectorRegistry`."""
+    """Everything an operator watches, on its own `CollectorRegistry`.
+
+    Per-request updates are batched (`_Pending`) and flushed into the registry when it is read:
+    by `render()`, and by `refresh()` about once a second under `serve --workers N`.
+    """
 
     def __init__(self, known_models: Iterable[str] = (), *,
                  auth_reasons: Iterable[str] = AUTH_REASONS,
@@ -130,6 +176,7 @@ class Metrics:
                                    ("tier",), registry=r, multiprocess_mode="livemax")
         self._audit_depth_fn: Callable[[], float] = lambda: 0.0
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._pending: dict[tuple[int, tuple[str, ...]], _Pending] = {}
         self.audit_queue_depth.set_function(lambda: 0.0)
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
@@ -140,6 +187,21 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def _batched(self, metric: Counter | Histogram, *labels: str) -> _Pending:
+        """The batch of `metric.labels(*labels)`'s updates, made on first use (label sets are bounded)."""
+        key = (id(metric), labels)
+        found = self._pending.get(key)
+        if found is None:
+            child = self._child(metric, *labels)
+            bounds = tuple(child._upper_bounds) if isinstance(metric, Histogram) else ()
+            found = self._pending[key] = _Pending(child, bounds)
+        return found
+
+    def flush(self) -> None:
+        """Hand every batched update over to the registry."""
+        for pending in self._pending.values():
+            pending.flush()
 
     # -- label bounds ------------------------------------------------------------
 
@@ -162,18 +224,18 @@ class Metrics:
         tier = self._tier(who.tier if who else None)
         protocol = self._protocol(ctx.protocol)
 
-        child = self._child
-        child(self.requests, model, action, tier, self._status(ctx.status), _code(ctx.http_status),
-              protocol).inc()
-        child(self.request_duration, model, action, protocol).observe(duration)
+        batched = self._batched
+        batched(self.requests, model, action, tier, self._status(ctx.status), _code(ctx.http_status),
+                protocol).inc()
+        batched(self.request_duration, model, action, protocol).observe(duration)
         if ctx.upstream_ms is not None:
             upstream = ctx.upstream_ms / 1000.0
-            child(self.upstream_duration, model, action, protocol).observe(upstream)
-            child(self.overhead, protocol).observe(max(0.0, duration - upstream))
+            batched(self.upstream_duration, model, action, protocol).observe(upstream)
+            batched(self.overhead, protocol).observe(max(0.0, duration - upstream))
         if ctx.input_tokens:
-            child(self.tokens, model, "input", tier).inc(ctx.input_tokens)
+            batched(self.tokens, model, "input", tier).inc(ctx.input_tokens)
         if ctx.output_tokens:
-            child(self.tokens, model, "output", tier).inc(ctx.output_tokens)
+            batched(self.tokens, model, "output", tier).inc(ctx.output_tokens)
         if ctx.http_status == 401:
             self.auth_failures.labels(self._reason(_reason_key(ctx.reason)), protocol).inc()
         elif ctx.http_status == 403:
@@ -211,9 +273,11 @@ class Metrics:
         self.audit_queue_depth.set_function(fn)
 
     def refresh(self) -> None:
-        """Copy scrape-time values into the gauge (multi-process mode, where set_function isn't read)."""
+        """Multi-process mode: batched updates and scrape-time values into the shared metric files."""
+        self.flush()
         self.audit_queue_depth.set(float(self._audit_depth_fn()))
 
     def render(self) -> tuple[bytes, str]:
         """Exposition body and its content type, for the /metrics handler."""
+        self.flush()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

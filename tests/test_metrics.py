@@ -145,3 +145,51 @@ def test_own_registry_not_global() -> None:
     assert _get(_scrape(a), "seekgate_audit_write_errors_total") == 1
     assert _get(_scrape(b), "seekgate_audit_write_errors_total") == 0
     assert REGISTRY.get_sample_value("seekgate_audit_write_errors_total") is None
+
+
+def test_batched_updates_scrape_exactly_as_prometheus_clients_own() -> None:
+    """The batch (_Pending) counts what prometheus_client's observe/inc would, bucket for bucket."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from proxy.metrics import DURATION_BUCKETS, _Pending
+
+    def families(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples
+                if not s.name.endswith("_created")}
+
+    # Bounds exactly, between, below the first and above the last (+Inf), and a negative value.
+    values = [0.0005, 0.0007, 1.0, 59.9, 60.0, 61.0, 1e9, 0.0, -1.0] + [i / 997 for i in range(300)]
+    scraped = []
+    for batched in (False, True):
+        registry = CollectorRegistry()
+        hist = Histogram("h_seconds", "h", ("x",), buckets=DURATION_BUCKETS, registry=registry)
+        count = Counter("c", "c", ("x",), registry=registry)
+        h, c = hist.labels("a"), count.labels("a")
+        pending_h, pending_c = _Pending(h, tuple(h._upper_bounds)), _Pending(c)
+        for i, v in enumerate(values):
+            if batched:
+                pending_h.observe(v)
+                pending_c.inc(v if v > 0 else 1)
+                if i == 5:
+                    pending_h.flush()   # several flushes add up
+                    pending_c.flush()
+            else:
+                h.observe(v)
+                c.inc(v if v > 0 else 1)
+        pending_h.flush()
+        pending_c.flush()
+        pending_h.flush()   # nothing new: no change
+        scraped.append(families(registry))
+    assert scraped[0] == pytest.approx(scraped[1])   # sums added in another order: the last bits may differ
+    assert scraped[1][("h_seconds_count", frozenset({("x", "a")}))] == len(values)
+
+
+def test_a_scrape_sees_every_request_observed_before_it() -> None:
+    m = Metrics(known_models=("deepseek",))
+    for n, new in ((1, 1), (3, 2), (3, 0)):
+        for _ in range(new):
+            m.observe_request(_ctx(upstream_ms=1.0), duration_s=0.01)
+        s = _scrape(m)
+        assert _get(s, "seekgate_request_duration_seconds_count", model="deepseek", action="infer",
+                    protocol="http") == n
