@@ -15,6 +15,11 @@ aiohttp has no timeout for reading a request line and headers (only a 3630 s kee
 next request's headers are not complete `header_timeout_s` after its first byte (or after the
 connection opened); the cut is audited like any refusal (reason `header_timeout`).
 
+The same handler bounds a connection's drain on shutdown by one `shutdown_timeout`: aiohttp
+waits that long for a running handler, then as long again after failing its body read (ours
+have read their bodies by then), so a stream outliving the drain kept the process for twice
+`server.drain_timeout_s`.
+
 That handler subclasses aiohttp's `RequestHandler` and reads a few of its private attributes
 (`AIOHTTP_INTERNALS`), tested against aiohttp 3.14 only: `check_aiohttp_internals` runs when a
 `GuardedRunner` is made and stops the start with one clear line if an aiohttp upgrade moved them.
@@ -57,7 +62,7 @@ SUPPORTED_AIOHTTP = "aiohttp>=3.14,<3.15"
 AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
     RequestHandler: ("_request_count", "_current_request", "_messages", "_loop", "transport",
                      "force_close", "peername", "handle_error", "data_received", "connection_made",
-                     "connection_lost"),
+                     "connection_lost", "shutdown", "_task_handler"),
     Server: ("__call__",),
 }
 _SERVER_INIT_ATTRS = ("self._loop", "self._kwargs")   # instance attributes the runner's factory copies
@@ -184,6 +189,19 @@ class GuardedRequestHandler(RequestHandler):
                                         self._header_bytes)
             except Exception:   # the audit must never take the event loop's callback down with it
                 log.exception("auditing a header timeout failed")
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if timeout is None:
+            await super().shutdown(None)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await super().shutdown(timeout)
+        except TimeoutError:
+            # Cut short mid-wait: end the handler and the connection as aiohttp would have after its second wait.
+            if self._task_handler is not None:
+                self._task_handler.cancel()
+            self.force_close()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
