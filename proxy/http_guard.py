@@ -20,6 +20,10 @@ waits that long for a running handler, then as long again after failing its body
 have read their bodies by then), so a stream outliving the drain kept the process for twice
 `server.drain_timeout_s`.
 
+It also keeps a `lost` future per connection, resolved when the client's connection goes:
+`client_gone(request)` lets a long relay notice a client that left without waiting for its next
+failed write (which, upstream stalled, may never come).
+
 That handler subclasses aiohttp's `RequestHandler` and reads a few of its private attributes
 (`AIOHTTP_INTERNALS`), tested against aiohttp 3.14 only: `check_aiohttp_internals` runs when a
 `GuardedRunner` is made and stops the start with one clear line if an aiohttp upgrade moved them.
@@ -48,7 +52,7 @@ from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, c
 from .pipeline import finish, refuse
 
 __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
-           "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within"]
+           "check_aiohttp_internals", "check_framing", "client_gone", "closes_connection", "decoded_size_within"]
 
 log = logging.getLogger("seekgate.http")
 
@@ -142,6 +146,7 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
         self._header_bytes = 0   # bytes of the request whose headers are being waited for
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -150,6 +155,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if not self.lost.done():
+            self.lost.set_result(None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -213,6 +220,12 @@ class GuardedRequestHandler(RequestHandler):
         response = web.json_response({"error": "bad request"}, status=status)
         response.force_close()
         return response
+
+
+def client_gone(request: web.BaseRequest) -> asyncio.Future[None] | None:
+    """Resolves when the connection `request` came on is lost; None where aiohttp's own handler serves it."""
+    protocol = request.protocol
+    return protocol.lost if isinstance(protocol, GuardedRequestHandler) else None
 
 
 def audit_header_timeout(app: web.Application, client_ip: str, received: int, timeout_s: float) -> None:
