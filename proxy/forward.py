@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import tokens, upstream_http
 from .context import RequestContext
 from .errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
+from .http_guard import client_gone
 from .upstream_http import UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset({
@@ -111,13 +113,22 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     counter = tokens.SseTokenCounter() if is_sse else None
     kept: list[bytes] = []
     kept_size = 0
+    # A client that goes away is noticed when it goes, not at the next write: between two events
+    # Triton may think for long. The relay is cancelled then, and releasing `upstream` closes
+    # Triton's side, which cancels the request there.
+    gone = client_gone(request)
+    relaying = asyncio.current_task()
+    assert relaying is not None
+
+    def interrupt(_: object) -> None:
+        relaying.cancel()
+    if gone is not None:
+        gone.add_done_callback(interrupt)
     try:
         async for chunk in upstream.iter_any():
             try:
                 await response.write(chunk)
             except ConnectionError:
-                # The client went away: releasing `upstream` closes Triton's side, which
-                # cancels the request there.
                 ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
                 break
             if counter is not None:
@@ -128,6 +139,14 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     except upstream_http.UpstreamError as exc:
         # Headers are gone already: the best we can do is end the stream and say so in the audit.
         ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {exc}"
+    except asyncio.CancelledError:
+        if gone is None or not gone.done():
+            raise   # not ours: the drain timeout's
+        relaying.uncancel()
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+    finally:
+        if gone is not None:
+            gone.remove_done_callback(interrupt)
     if counter is not None:
         ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
     elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:

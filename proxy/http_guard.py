@@ -15,6 +15,15 @@ aiohttp has no timeout for reading a request line and headers (only a 3630 s kee
 next request's headers are not complete `header_timeout_s` after its first byte (or after the
 connection opened); the cut is audited like any refusal (reason `header_timeout`).
 
+The same handler bounds a connection's drain on shutdown by one `shutdown_timeout`: aiohttp
+waits that long for a running handler, then as long again after failing its body read (ours
+have read their bodies by then), so a stream outliving the drain kept the process for twice
+`server.drain_timeout_s`.
+
+It also keeps a `lost` future per connection, resolved when the client's connection goes:
+`client_gone(request)` lets a long relay notice a client that left without waiting for its next
+failed write (which, upstream stalled, may never come).
+
 That handler subclasses aiohttp's `RequestHandler` and reads a few of its private attributes
 (`AIOHTTP_INTERNALS`), tested against aiohttp 3.14 only: `check_aiohttp_internals` runs when a
 `GuardedRunner` is made and stops the start with one clear line if an aiohttp upgrade moved them.
@@ -43,7 +52,7 @@ from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, c
 from .pipeline import finish, refuse
 
 __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
-           "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within"]
+           "check_aiohttp_internals", "check_framing", "client_gone", "closes_connection", "decoded_size_within"]
 
 log = logging.getLogger("seekgate.http")
 
@@ -57,7 +66,7 @@ SUPPORTED_AIOHTTP = "aiohttp>=3.14,<3.15"
 AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
     RequestHandler: ("_request_count", "_current_request", "_messages", "_loop", "transport",
                      "force_close", "peername", "handle_error", "data_received", "connection_made",
-                     "connection_lost"),
+                     "connection_lost", "shutdown", "_task_handler"),
     Server: ("__call__",),
 }
 _SERVER_INIT_ATTRS = ("self._loop", "self._kwargs")   # instance attributes the runner's factory copies
@@ -137,6 +146,7 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
         self._header_bytes = 0   # bytes of the request whose headers are being waited for
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -145,6 +155,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if not self.lost.done():
+            self.lost.set_result(None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -185,6 +197,19 @@ class GuardedRequestHandler(RequestHandler):
             except Exception:   # the audit must never take the event loop's callback down with it
                 log.exception("auditing a header timeout failed")
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if timeout is None:
+            await super().shutdown(None)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await super().shutdown(timeout)
+        except TimeoutError:
+            # Cut short mid-wait: end the handler and the connection as aiohttp would have after its second wait.
+            if self._task_handler is not None:
+                self._task_handler.cancel()
+            self.force_close()
+
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if status >= 500:
@@ -195,6 +220,12 @@ class GuardedRequestHandler(RequestHandler):
         response = web.json_response({"error": "bad request"}, status=status)
         response.force_close()
         return response
+
+
+def client_gone(request: web.BaseRequest) -> asyncio.Future[None] | None:
+    """Resolves when the connection `request` came on is lost; None where aiohttp's own handler serves it."""
+    protocol = request.protocol
+    return protocol.lost if isinstance(protocol, GuardedRequestHandler) else None
 
 
 def audit_header_timeout(app: web.Application, client_ip: str, received: int, timeout_s: float) -> None:

@@ -66,7 +66,10 @@ async def request_path(request: web.Request,
         await send_now(request, ctx, response)
         return response
     except asyncio.CancelledError:
-        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        # With handler_cancellation off, aiohttp cancels a handler when the drain timeout ends it;
+        # 499 either way: the client got no complete answer.
+        reason = "drain_timeout" if state.draining else "client_disconnected"
+        ctx.status, ctx.reason, ctx.http_status = "error", reason, 499
         raise
     finally:
         finish(state, ctx)
@@ -337,6 +340,7 @@ def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Appli
     app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
     app.cleanup_ctx.append(resources(settings, worker))
     app.on_response_prepare.append(rate_limit_headers)
+    app.on_response_prepare.append(close_when_draining)
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app
 
@@ -346,6 +350,18 @@ async def rate_limit_headers(request: web.Request, response: web.StreamResponse)
     ctx = request.get(CTX)
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
+
+
+async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, every answer ends its connection and says so (`Connection: close`).
+
+    Else a keep-alive client would send its next request on a connection the shutdown closes
+    under it (a reset or an empty answer to a request already sent); told to close, it connects
+    afresh, and once the listener is gone is refused before sending anything.
+    """
+    if request.app[STATE].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"   # the headers were built before this hook runs
 
 
 def build_metrics_app(main: web.Application) -> web.Application:
@@ -363,8 +379,9 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
     """Runs the proxy (and, unless a `worker`, its metrics endpoint) until `stop` is set or SIGINT/SIGTERM.
 
     Shutdown: readiness fails at once, requests are still taken for `shutdown_delay_s` (load
-    balancers move away), then the listeners close and in-flight requests and streams get
-    `drain_timeout_s` to finish before the audit log is flushed and fsynced.
+    balancers move away; each answer closes its connection), then the listeners close and
+    in-flight requests and streams get `drain_timeout_s` to finish before the audit log is
+    flushed and fsynced.
     """
     s = settings.server
     app = build_app(settings, worker)

@@ -1,13 +1,22 @@
 """A byte-level TCP relay between seekgate and the real Triton, recording what crossed it.
 
 Tests use it to prove a refused request never reached Triton: the bytes of that
-request must not appear in what the relay saw. It also lets a test cut Triton off.
+request must not appear in what the relay saw. It also lets a test cut Triton off, hold
+Triton's answers back mid-stream, and see when seekgate closed a given upstream connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RelayedConnection:
+    """One connection from seekgate to Triton: what seekgate sent on it, and whether seekgate closed it."""
+    seen: bytearray = field(default_factory=bytearray)
+    closed: threading.Event = field(default_factory=threading.Event)
 
 
 class TcpRelay:
@@ -18,6 +27,10 @@ class TcpRelay:
         self.port = 0
         self.blocked = False
         self._writers: set[asyncio.StreamWriter] = set()
+        self.connections: list[RelayedConnection] = []
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._hold_marker: bytes | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -34,17 +47,27 @@ class TcpRelay:
         self._ready.set()
         self._loop.run_forever()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    conn: RelayedConnection | None) -> None:
+        """Copies one direction; `conn` for seekgate's side (recorded), None for Triton's answers."""
         try:
             while data := await reader.read(65536):
-                if record:
+                if conn is not None:
                     with self._lock:
                         self._seen += data
+                        conn.seen += data
+                else:
+                    await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
+                if conn is None and self._hold_marker is not None and self._hold_marker in data:
+                    self._hold_marker = None
+                    self._flowing.clear()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            if conn is not None:   # seekgate's side ended (EOF or reset): it closed the connection
+                conn.closed.set()
             try:
                 writer.close()
             except RuntimeError:  # the relay's loop is already stopping
@@ -60,7 +83,13 @@ class TcpRelay:
             writer.close()
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+        conn = RelayedConnection()
+        with self._lock:
+            self.connections.append(conn)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, conn), self._pipe(up_reader, writer, None))
+        except asyncio.CancelledError:   # stop(): asyncio logs a handler task that ends cancelled
+            pass
 
     def block(self, blocked: bool = True) -> None:
         """Triton unreachable: new connections refused, pooled ones cut."""
@@ -72,6 +101,18 @@ class TcpRelay:
                 self._writers.clear()
             self._loop.call_soon_threadsafe(cut)
 
+    def hold_after(self, marker: bytes) -> None:
+        """Triton's answers stop flowing (held, not dropped) right after the next chunk holding `marker`."""
+        self._loop.call_soon_threadsafe(setattr, self, "_hold_marker", marker)
+
+    def let_flow(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def connection_carrying(self, marker: bytes) -> RelayedConnection | None:
+        """The upstream connection that carried `marker` from seekgate to Triton, if one did."""
+        with self._lock:
+            return next((c for c in self.connections if marker in c.seen), None)
+
     def seen(self) -> bytes:
         with self._lock:
             return bytes(self._seen)
@@ -79,6 +120,8 @@ class TcpRelay:
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
+            for conn in self.connections:
+                conn.seen.clear()
 
     def stop(self) -> None:
         async def shutdown() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -325,3 +326,33 @@ def test_strict_mode_streams_and_grpc_have_their_record_before_the_response_ends
         client.close()
     finally:
         gw.stop()
+
+
+def test_stopping_the_server_fsyncs_every_audit_record(triton: TritonProcess, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A window far longer than the test: no periodic fsync, so only the stop's can cover the records.
+    gw = Gateway(tmp_path, triton.http_url, free_ports(3), **{"audit.fsync_interval_s": 600}).start()
+    audit_path = gw.data_dir / "audit" / "audit.jsonl"
+    synced_sizes: list[int] = []   # the audit file's size at each fsync of it
+    real_fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(audit_path):
+            synced_sizes.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    try:
+        _, key = gw.key()
+        for i in range(3):
+            req = urllib.request.Request(gw.url + "/v2/models/deepseek/generate", method="POST",
+                                         data=json.dumps({"text_input": f"sync {i}", "max_tokens": 2}).encode(),
+                                         headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+        assert synced_sizes == []
+    finally:
+        gw.stop()
+    assert gw.error is None
+    records = [json.loads(line) for line in audit_path.read_text().splitlines() if line.strip()]
+    assert sum(r.get("path", "").endswith("/generate") for r in records) == 3
+    assert synced_sizes and synced_sizes[-1] == audit_path.stat().st_size

@@ -7,10 +7,12 @@ proxy keeps serving others.
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import socket
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -310,6 +312,11 @@ class FakeTriton(BaseHTTPRequestHandler):
             self._send(500, json.dumps({"error": TRACE.decode()}).encode())
         elif what == "400":
             self._send(400, b'{"error":"unexpected inference input \'bogus\' for model \'deepseek\'"}')
+        elif what == "hop":
+            self._send(200, b'{"text_output":"hop"}', {
+                "Connection": "X-Hop-Private", "X-Hop-Private": "1", "Keep-Alive": "timeout=99",
+                "Proxy-Authenticate": "Basic", "Proxy-Connection": "keep-alive", "Trailer": "X-Sum",
+                "Upgrade": "h2c", "X-Kept": "yes"})
         else:
             self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})
 
@@ -357,6 +364,40 @@ def test_upstream_redirect_is_not_followed(fake_gw: Gateway) -> None:
     _, key = fake_gw.key(owner="otto")
     status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "302"}, key)
     assert status == 502 and "Location" not in headers and b"169.254" not in raw
+
+
+HOP_BY_HOP_SENT = {"Connection": "keep-alive, X-Hop-Private", "X-Hop-Private": "1", "Keep-Alive": "timeout=99",
+                   "TE": "trailers", "Upgrade": "h2c", "Proxy-Authorization": "Basic c2VjcmV0",
+                   "Proxy-Connection": "keep-alive"}
+
+
+def test_hop_by_hop_request_headers_never_reach_triton(gw: Gateway, relay: TcpRelay, key: str) -> None:
+    marker = f"hop-{uuid.uuid4().hex}"
+    # http.client, not urllib: urllib replaces the client's Connection header with its own.
+    conn = http.client.HTTPConnection("127.0.0.1", gw.settings.server.http_port, timeout=30)
+    conn.request("POST", GENERATE, json.dumps({"text_input": marker, "max_tokens": 2}),
+                 {**HOP_BY_HOP_SENT, "X-Kept": "yes", "Authorization": f"Bearer {key}"})
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+    assert answer.status == 200
+    upstream = relay.connection_carrying(marker.encode())
+    assert upstream is not None
+    request = bytes(upstream.seen)[:bytes(upstream.seen).index(marker.encode())]
+    head = request[request.rindex(b"POST " + GENERATE.encode()):].split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nx-kept: yes" in head
+    for name in HOP_BY_HOP_SENT:
+        assert b"\r\n" + name.lower().encode() + b":" not in head, name
+
+
+def test_hop_by_hop_response_headers_never_reach_the_client(fake_gw: Gateway) -> None:
+    _, key = fake_gw.key(owner="hopper")
+    status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "hop"}, key)
+    assert status == 200 and raw == b'{"text_output":"hop"}' and headers["X-Kept"] == "yes"
+    received = {name.lower() for name in headers}
+    assert not received & {"x-hop-private", "keep-alive", "proxy-authenticate", "proxy-connection", "trailer",
+                           "upgrade"}
+    assert headers.get("Connection", "keep-alive").lower() in ("keep-alive", "close")
 
 
 def test_real_triton_400_message_passes_through(gw: Gateway, triton: TritonProcess, key: str) -> None:

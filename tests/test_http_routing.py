@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import NotFound
-from proxy.forward import upstream_headers
+from proxy.forward import response_headers, upstream_headers
 from proxy.http_server import route_path
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -29,3 +29,15 @@ def test_upstream_headers_drop_credentials_identity_and_hop_by_hop() -> None:
     ]))
     out = upstream_headers(incoming)
     assert sorted(name for name, _ in out) == ["Content-Encoding", "Content-Type", "Inference-Header-Content-Length"]
+
+
+def test_response_headers_drop_hop_by_hop_those_connection_names_and_what_aiohttp_frames() -> None:
+    upstream = CIMultiDictProxy(CIMultiDict([
+        ("Connection", "keep-alive, X-Hop-Private"), ("Keep-Alive", "timeout=5"), ("X-Hop-Private", "1"),
+        ("Transfer-Encoding", "chunked"), ("Trailer", "X-Checksum"), ("Upgrade", "h2c"), ("TE", "trailers"),
+        ("Proxy-Authenticate", "Basic"), ("Proxy-Connection", "keep-alive"), ("Content-Length", "12"),
+        ("Server", "triton"), ("Date", "today"),
+        ("Content-Type", "text/event-stream"), ("Inference-Header-Content-Length", "40"), ("X-Kept", "yes"),
+    ]))
+    out = response_headers(upstream)
+    assert sorted(out) == ["Content-Type", "Inference-Header-Content-Length", "X-Kept"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import threading
 import time
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -383,19 +386,30 @@ def test_body_over_the_cap_is_413_declared_or_chunked(gw: Gateway, relay: TcpRel
     big = b'{"text_input": "' + b"x" * BODY_CAP + b'"}'
     relay.clear()
     assert call(gw.url + "/v2/models/deepseek/generate", "POST", big, user_key)[0] == 413
+    sock = socket.create_connection(("127.0.0.1", gw.settings.server.http_port), timeout=30)
+    sock.sendall(b"POST /v2/models/deepseek/generate HTTP/1.1\r\nHost: seekgate\r\n"
+                 + f"Authorization: Bearer {user_key}\r\n".encode() + b"Transfer-Encoding: chunked\r\n\r\n")
 
-    def chunks() -> Iterator[bytes]:
-        for _ in range(BODY_CAP // 65536 + 2):
-            yield b"y" * 65536
-    req = urllib.request.Request(gw.url + "/v2/models/deepseek/generate", data=chunks(), method="POST",
-                                 headers={"Authorization": f"Bearer {user_key}", "Transfer-Encoding": "chunked"})
+    def send_chunks() -> None:
+        try:
+            for _ in range(BODY_CAP // 65536 + 2):
+                sock.sendall(b"10000\r\n" + b"y" * 65536 + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:   # the server may close once it has answered: the status is read below
+            pass
+    # Read while sending: the answer is in hand before the server's close can reset the connection.
+    sender = threading.Thread(target=send_chunks)
+    sender.start()
     try:
-        status = urllib.request.urlopen(req, timeout=30).status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except (ConnectionError, urllib.error.URLError):
-        status = 413  # the server may close before the client finishes sending; checked below
-    assert status == 413 and b"xxxxxxxx" not in relay.seen() and b"yyyyyyyy" not in relay.seen()
+        status_line = read_until(sock, b"\r\n").split(b"\r\n", 1)[0]
+    finally:
+        sender.join(30)
+        sock.close()
+    assert status_line.startswith(b"HTTP/1.1 413 ")
+    assert b"xxxxxxxx" not in relay.seen() and b"yyyyyyyy" not in relay.seen()
+    # The refused uploads cost nobody else anything.
+    assert call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "after", "max_tokens": 2},
+                user_key)[0] == 200
 
 
 def long_answer_prompt(triton: TritonProcess) -> str:
@@ -426,6 +440,47 @@ def test_sse_events_are_relayed_as_they_come_not_buffered(gw: Gateway, triton: T
     assert first.startswith(b"data: ") and rest.count(b"data: ") > 50
     # A buffering proxy would deliver the first event only with the last one.
     assert first_at < total / 2, (first_at, total)
+
+
+def raw_request(gw: Gateway, method: str, path: str, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """A request sent over a plain socket: the test decides when it closes and reads the status itself."""
+    sock = socket.create_connection(("127.0.0.1", gw.settings.server.http_port), timeout=30)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "seekgate", "Content-Length": str(len(body)),
+                                                   **headers}.items())
+    sock.sendall(f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        data = sock.recv(65536)
+        assert data, f"connection closed before {marker!r}: {got[:200]!r}"
+        got += data
+    return got
+
+
+def test_client_dropping_a_stream_cancels_the_upstream_request_within_a_second(gw: Gateway, relay: TcpRelay
+                                                                               ) -> None:
+    key_id, key = issue(gw, owner="dropper")
+    marker = f"drop-{uuid.uuid4().hex}"
+    # Triton's next events wait in the relay: seekgate has nothing to write, so only watching the
+    # client's connection can tell it the client left.
+    relay.hold_after(b"data:")
+    try:
+        sock = raw_request(gw, "POST", "/v2/models/deepseek_stream/generate_stream",
+                           json.dumps({"text_input": marker, "max_tokens": 200}).encode(), bearer(key))
+        assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
+        upstream = relay.connection_carrying(marker.encode())
+        assert upstream is not None and not upstream.closed.is_set()
+        sock.close()
+        assert upstream.closed.wait(1.0), "Triton's request outlived its client by over a second"
+    finally:
+        relay.let_flow()
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 3.0)
+    (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
+    assert rec["status"] == "error" and rec["reason"] == "client_disconnected" and rec["http_status"] == 499
+    assert rec["output_tokens"] >= 1
 
 
 def test_tritonclient_with_a_base_path(triton: TritonProcess, tmp_path: Path) -> None:

@@ -9,15 +9,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tritonclient.grpc import service_pb2_grpc
 
 from proxy.authn import authenticate
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.key_cache import KeyCache
 from proxy.keys.sessions import SessionAuthority
+from proxy.paths import store_path
 from proxy.settings import AuthSettings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
@@ -26,6 +29,8 @@ from proxy.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway
 from tests.test_authn import IP, NOW, PEPPER, issue
+from tests.relay import TcpRelay
+from tests.test_grpc_server import assert_nothing_forwarded, code_of, infer_request, md, quiet
 from tests.test_http_server import call
 
 TTL = 5.0
@@ -329,3 +334,68 @@ def test_a_revocation_by_the_cli_in_another_process_counts_on_the_next_request(g
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert call(gw.url + "/v2/models/deepseek", key=key)[0] == 401
+
+
+# --- end to end: the store locked by another process, through both fronts --------------------
+
+class StoreLock:
+    """Another process holding the locks a WAL reader of the key store must take.
+
+    In WAL mode no SQL statement of another connection (BEGIN EXCLUSIVE included) keeps a reader
+    out, so this holds SQLite's own reader locks: every byte of the WAL-index lock region
+    (offsets 120-127 of the -shm file: write, checkpoint, recover and the five read marks). A
+    reader then retries for about 10 s and fails ("locking protocol"), as it would behind a
+    process stuck in recovery. A separate process, since POSIX locks never conflict within one.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self._holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, sys\n"
+             "shm = open(sys.argv[1] + '-shm', 'r+b')\n"
+             "fcntl.lockf(shm, fcntl.LOCK_EX | fcntl.LOCK_NB, 8, 120, os.SEEK_SET)\n"
+             "print('held', flush=True)\n"
+             "sys.stdin.read()\n", str(db)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._holder.stdout is not None and self._holder.stdout.readline() == "held\n"
+
+    def release(self) -> None:
+        assert self._holder.stdin is not None
+        self._holder.stdin.close()
+        assert self._holder.wait(10) == 0
+
+
+def test_a_locked_store_refuses_cold_keys_with_503_and_unavailable_and_serves_cached_ones(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    http_relay = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    grpc_relay = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
+    # A TTL and a revision backstop longer than the test: the cached key never needs the store.
+    g = Gateway(tmp_path, f"http://127.0.0.1:{http_relay.port}", free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}", "auth.key_cache_ttl_s": 600,
+                   "auth.key_cache_revision_check_ms": 600_000}).start()
+    lock: StoreLock | None = None
+    try:
+        _, cached = g.key(owner="cached", roles=("user",))
+        _, cold = g.key(owner="cold", roles=("user",))
+        generate = g.url + "/v2/models/deepseek/generate"
+        assert call(generate, "POST", {"text_input": "warm", "max_tokens": 2}, cached)[0] == 200
+        lock = StoreLock(store_path(g.data_dir))
+        http_relay.clear()
+        status, headers, _ = call(generate, "POST", {"text_input": "cold-over-http", "max_tokens": 2}, cold)
+        assert status == 503 and int(headers["Retry-After"]) >= 1
+        with grpc.insecure_channel(f"127.0.0.1:{g.settings.server.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            quiet(grpc_relay)
+            assert code_of(lambda: stub.ModelInfer(infer_request("deepseek", "cold-over-grpc"),
+                                                   metadata=md(cold))) == grpc.StatusCode.UNAVAILABLE
+            assert_nothing_forwarded(grpc_relay)
+        assert b"cold-over-http" not in http_relay.seen()
+        assert call(generate, "POST", {"text_input": "cached", "max_tokens": 2}, cached)[0] == 200
+        lock.release()
+        lock = None
+        assert call(generate, "POST", {"text_input": "cold again", "max_tokens": 2}, cold)[0] == 200
+    finally:
+        if lock is not None:
+            lock.release()
+        g.stop()
+        http_relay.stop()
+        grpc_relay.stop()

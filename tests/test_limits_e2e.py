@@ -256,3 +256,19 @@ def test_a_policy_rule_imposes_limits_on_the_keys_it_allows(gw: Gateway, relays:
         assert all(generate(gw, other, f"free {i}")[0] == 200 for i in range(3))   # the rule is not theirs
     finally:
         rule_file.unlink()
+
+
+def test_a_tier_default_binds_a_key_without_limits_of_its_own(triton: TritonProcess,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    g = Gateway(tmp_path_factory.mktemp("gw-tier"), triton.http_url, free_ports(3),
+                **{"limits.user_rpm": 2}).start()
+    try:
+        key_id, key = g.key(tier="user", owner="tiered")   # no limits of its own
+        assert [generate(g, key, f"tier {i}")[0] for i in range(2)] == [200, 200]
+        status, headers, _ = generate(g, key, "tier 2")
+        assert status == 429 and headers["X-RateLimit-Limit"] == "2"
+        assert reasons(g, key_id, 3)[-1] == "rate_limited:rpm"
+        _, other = g.key(tier="app", owner="other tier", roles=("user",))   # the user tier's default only
+        assert [generate(g, other, f"app {i}")[0] for i in range(3)] == [200, 200, 200]
+    finally:
+        g.stop()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.authz import Authorizer, Decision, build_enforcer
 from proxy.context import Principal, Resource
-from proxy.policy import (PolicyError, check_policy_dir, compile_rules, load_policy_dir,
+from proxy.policy import (ACTIONS, DEFAULT_DENY, PolicyError, check_policy_dir, compile_rules, load_policy_dir,
                           policy_files)
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"
@@ -270,3 +270,40 @@ def test_rule_limits_are_parsed_and_checked(tmp_path: Path) -> None:
     assert "rule 'd': limits on a deny rule would never apply" in errors[0]
     assert "unknown limit 'rps'" in errors[1] and "must be an integer 0 or more" in errors[2]
     assert "non-empty mapping" in errors[3]
+
+
+# ---------------------------------------------------------------- deny wins, and nothing allows by default
+
+_principal = st.builds(
+    lambda tier, owner, roles, labels, models: Principal("k", tier, owner, roles=roles, labels=labels,
+                                                         models=models),
+    st.sampled_from(["app", "device", "user", "session"]), st.sampled_from(["admin", "ml", "bob"]),
+    st.lists(st.sampled_from(["admin", "ml", "user", "bob"]), max_size=3).map(tuple),
+    st.dictionaries(st.sampled_from(["a", "env"]), st.sampled_from(["b", "prod"]), max_size=2),
+    st.lists(st.sampled_from(["m", "deepseek", "*"]), max_size=2).map(tuple))
+_resource = st.builds(Resource, st.sampled_from(["model:m", "model:deepseek", "server", "repository",
+                                                  "admin:keys", "sessions", "statistics"]),
+                      st.sampled_from(sorted(ACTIONS)))
+_request = st.tuples(_principal, _resource, st.sampled_from(["10.0.0.1", "192.168.1.1", "::1"]),
+                     st.datetimes(min_value=datetime(2024, 1, 1), max_value=datetime(2024, 1, 2),
+                                  timezones=st.just(timezone.utc)))
+_unique_rules = st.lists(_valid_rule, max_size=4, unique_by=lambda r: r["id"])
+DENY_ALL = {"id": "zz-deny-all", "effect": "deny", "resources": ["*"], "actions": ["*"]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(_unique_rules, st.lists(_request, min_size=1, max_size=5))
+def test_no_allow_rule_or_a_matching_deny_rule_never_allows(rules: list[dict[str, object]],
+                                                             requests: list[tuple[Principal, Resource, str,
+                                                                                  datetime]]) -> None:
+    only_denies = compile_rules([{**r, "effect": "deny"} for r in rules])
+    with_deny_all = compile_rules([*rules, DENY_ALL])
+    as_written = compile_rules(rules)
+    allow_ids = {r["id"] for r in rules if r["effect"] == "allow"}
+    deny_ids = {r["id"] for r in rules if r["effect"] == "deny"}
+    for principal, resource, ip, now in requests:
+        assert not Authorizer(only_denies).authorize(principal, resource, ip, now).allowed
+        assert not Authorizer(with_deny_all).authorize(principal, resource, ip, now).allowed
+        decision = Authorizer(as_written).authorize(principal, resource, ip, now)
+        # An allow is always some allow rule's doing; a refusal names a deny rule or the default.
+        assert decision.rule in (allow_ids if decision.allowed else deny_ids | {DEFAULT_DENY})
