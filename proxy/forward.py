@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -106,6 +106,17 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     if not is_sse and (before_send is not None or (length is not None and length.isdigit()
                                                    and int(length) <= WHOLE_LIMIT)):
         return await _relay_whole(ctx, upstream, headers, want_counts, before_send)
+    first = b""
+    if not is_sse and length is None:
+        # A chunked plain answer (Triton's generate) is complete before Triton sends it: a small
+        # one goes out whole, with a length, in one write instead of three (headers, the chunk,
+        # the last chunk). A bigger one is streamed on from what was read.
+        try:
+            first, complete = await upstream.read_ahead(WHOLE_LIMIT)
+        except upstream_http.UpstreamError as exc:
+            raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+        if complete:
+            return _whole(ctx, upstream, headers, first, want_counts)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if length is not None and not is_sse:
         response.content_length = int(length)
@@ -125,7 +136,7 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     if gone is not None:
         gone.add_done_callback(interrupt)
     try:
-        async for chunk in upstream.iter_any():
+        async for chunk in _body(first, upstream):
             try:
                 await response.write(chunk)
             except ConnectionError:
@@ -174,11 +185,26 @@ async def _relay_whole(ctx: RequestContext, upstream: UpstreamResponse, headers:
     except upstream_http.UpstreamError as exc:
         # Nothing sent yet, so unlike a streamed relay the client gets a clean error.
         raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
-    if want_counts and upstream.status == 200 and len(body) < BUFFERED_LIMIT:
-        _count(ctx, body, upstream.headers)
+    response = _whole(ctx, upstream, headers, body, want_counts)   # the counts go into the durable record
     if before_send is not None:
         await before_send()
+    return response
+
+
+def _whole(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str], body: bytes,
+           want_counts: bool) -> web.Response:
+    """The answer with its whole body, token counts read from it onto ctx."""
+    if want_counts and upstream.status == 200 and len(body) < BUFFERED_LIMIT:
+        _count(ctx, body, upstream.headers)
     return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
+
+
+async def _body(first: bytes, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    """`first` (what was read ahead, if anything), then the rest of the body as it arrives."""
+    if first:
+        yield first
+    async for chunk in upstream.iter_any():
+        yield chunk
 
 
 async def _generic_error(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str],

@@ -74,6 +74,18 @@ class UpstreamResponse:
         parts = [chunk async for chunk in self.iter_any()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def read_ahead(self, limit: int) -> tuple[bytes, bool]:
+        """(the whole body, True) if it ends within `limit` bytes; else (the first pieces read, False)."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = await self._next()
+            if not chunk:
+                return (parts[0] if len(parts) == 1 else b"".join(parts)), True
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts), False
+
     async def read_upto(self, limit: int) -> bytes:
         """At most `limit` bytes of the body (what is left stays unread; release() then closes the connection)."""
         parts: list[bytes] = []

@@ -312,6 +312,8 @@ class FakeTriton(BaseHTTPRequestHandler):
             self._send(500, json.dumps({"error": TRACE.decode()}).encode())
         elif what == "400":
             self._send(400, b'{"error":"unexpected inference input \'bogus\' for model \'deepseek\'"}')
+        elif what == "big-chunked":
+            self._send_chunked([b'{"text_output":"', *[b"x" * 1000] * 100, b'"}'])
         elif what == "hop":
             self._send(200, b'{"text_output":"hop"}', {
                 "Connection": "X-Hop-Private", "X-Hop-Private": "1", "Keep-Alive": "timeout=99",
@@ -328,6 +330,15 @@ class FakeTriton(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _send_chunked(self, pieces: list[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for piece in pieces:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
 
     def log_message(self, *args: object) -> None:
         pass
@@ -358,6 +369,14 @@ def test_upstream_4xx_message_passes_through(fake_gw: Gateway) -> None:
     _, key = fake_gw.key(owner="olga")
     status, _, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "400"}, key)
     assert status == 400 and b"unexpected inference input 'bogus'" in raw
+
+
+def test_a_chunked_answer_over_the_read_ahead_is_streamed_on_whole(fake_gw: Gateway) -> None:
+    """Past forward.WHOLE_LIMIT a chunked plain answer is relayed as it comes, from what was read ahead."""
+    _, key = fake_gw.key(owner="bigby")
+    status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "big-chunked"}, key)
+    assert status == 200 and headers.get("Transfer-Encoding") == "chunked"
+    assert json.loads(raw) == {"text_output": "x" * 100_000}
 
 
 def test_upstream_redirect_is_not_followed(fake_gw: Gateway) -> None:

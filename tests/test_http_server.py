@@ -146,9 +146,12 @@ def test_tritonclient_aio_infer_and_metadata(gw: Gateway, triton: TritonProcess,
 def test_generate_byte_identical_with_server_timing(gw: Gateway, triton: TritonProcess, user_key: str) -> None:
     body = {"text_input": "The quick brown fox", "max_tokens": 9}
     status, headers, proxied = call(gw.url + "/v2/models/deepseek/generate", "POST", body, user_key)
-    _, _, direct = call(triton.http_url + "/v2/models/deepseek/generate", "POST", body)
+    _, direct_headers, direct = call(triton.http_url + "/v2/models/deepseek/generate", "POST", body)
     assert status == 200 and proxied == direct
     assert "seekgate;dur=" in headers["Server-Timing"] and "upstream;dur=" in headers["Server-Timing"]
+    # Triton sends its generate answer chunked; seekgate, having it whole, sends it with its length.
+    assert direct_headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in direct_headers
+    assert headers["Content-Length"] == str(len(proxied)) and "Transfer-Encoding" not in headers
 
 
 def test_generate_stream_passes_events_through(gw: Gateway, triton: TritonProcess, user_key: str) -> None:

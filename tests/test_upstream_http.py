@@ -298,3 +298,31 @@ async def test_a_full_pool_waits_for_a_slot_then_times_out() -> None:
         assert await third.read() == b"hello" and raw.connections == 1
         third.release()
         await pool.close()
+
+
+async def test_read_ahead_takes_a_short_body_whole_and_leaves_a_long_one_to_stream() -> None:
+    pieces = [b"a" * 300, b"b" * 300, b"c" * 300]
+
+    async def chunked(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await raw.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.01)   # separate pieces, as a streaming answer arrives
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(chunked) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=2)
+        answer = await pool.request("GET", "/v2", ())
+        assert await answer.read_ahead(900) == (b"".join(pieces), True)   # ends within the limit
+        answer.release()
+        answer = await pool.request("GET", "/v2", ())
+        first, complete = await answer.read_ahead(400)   # over the limit: what was read, and more to come
+        assert not complete and b"".join(pieces).startswith(first) and 400 < len(first) < 900
+        assert first + await answer.read() == b"".join(pieces)
+        answer.release()
+        assert raw.connections == 1   # both answers read to their end: the connection was kept
+        await pool.close()
