@@ -160,18 +160,24 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # The first byte of a new request (none queued, none being handled) starts the clock.
-        if self._header_timer is None and self._current_request is None and not self._messages:
-            self._arm()
-        if self._header_timer is not None:
+        # The first bytes of a new request (none queued, none being handled) start the clock.
+        starts = self._header_timer is None and self._current_request is None and not self._messages
+        if starts:
+            self._header_bytes = 0
+        if starts or self._header_timer is not None:
             self._header_bytes += len(data)
         super().data_received(data)
         if self._request_count != self._requests_seen:   # the parser completed a request's headers
             self._requests_seen = self._request_count
             self._disarm()
+        elif starts and self._current_request is None and not self._messages:
+            # Armed only now, in the same loop turn as those bytes: a request whose headers came
+            # whole in one read (nearly all) never needs a timer.
+            self._arm(reset=False)
 
-    def _arm(self) -> None:
-        self._header_bytes = 0
+    def _arm(self, reset: bool = True) -> None:
+        if reset:
+            self._header_bytes = 0
         self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_too_slow)
 
     def _disarm(self) -> None:

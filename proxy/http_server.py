@@ -87,7 +87,7 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             if state.draining and path == "/v2/health/ready":
                 raise Draining()   # else readiness is Triton's own, forwarded below
         else:
-            if not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
+            if "?" in request.raw_path and not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")
             await admit(state, ctx, request.headers.get("Authorization"),
                         lambda: classify_http(request.method, path))
@@ -339,26 +339,23 @@ def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Appli
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
     app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
     app.cleanup_ctx.append(resources(settings, worker))
-    app.on_response_prepare.append(rate_limit_headers)
-    app.on_response_prepare.append(close_when_draining)
+    app.on_response_prepare.append(last_headers)
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app
 
 
-async def rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """X-RateLimit-* of the key's rpm window on admitted requests (refusals carry their own)."""
+async def last_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """What every answer carries that is known only as it leaves (one hook: each costs a coroutine an answer).
+
+    - X-RateLimit-* of the key's rpm window on admitted requests (refusals carry their own).
+    - While draining, every answer ends its connection and says so (`Connection: close`). Else a
+      keep-alive client would send its next request on a connection the shutdown closes under it
+      (a reset or an empty answer to a request already sent); told to close, it connects afresh,
+      and once the listener is gone is refused before sending anything.
+    """
     ctx = request.get(CTX)
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
-
-
-async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """While draining, every answer ends its connection and says so (`Connection: close`).
-
-    Else a keep-alive client would send its next request on a connection the shutdown closes
-    under it (a reset or an empty answer to a request already sent); told to close, it connects
-    afresh, and once the listener is gone is refused before sending anything.
-    """
     if request.app[STATE].draining:
         response.force_close()
         response.headers["Connection"] = "close"   # the headers were built before this hook runs
