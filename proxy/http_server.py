@@ -1,4 +1,4 @@
-"""The HTTP front end: the request path in one middleware, the resources in cleanup_ctx, and serve()."""
+"""The HTTP front end: the request path as the handler of its one route, the resources in cleanup_ctx, and serve()."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -54,10 +54,12 @@ _LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions"})
 
 # ------------------------------------------------------------------ the request path
 
-@web.middleware
-async def request_path(request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """context -> authenticate -> classify -> authorize -> limit -> forward -> audit + metrics."""
+async def request_path(request: web.Request) -> web.StreamResponse:
+    """context -> authenticate -> classify -> authorize -> limit -> forward -> audit + metrics.
+
+    The handler of the app's one route, which matches every method and path: no request reaches
+    anything else, and no middleware layer costs every request a coroutine of its own.
+    """
     state = request.app[STATE]
     ctx = new_context(request)
     request[CTX] = ctx
@@ -125,7 +127,7 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
 async def send_now(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:
     """The answer on the wire before finish(): the audit record and metrics then cost the client no time.
 
-    aiohttp would send it only after the middleware returns, that is after finish(). A streamed
+    aiohttp would send it only after the handler returns, that is after finish(). A streamed
     answer is out already; sending again later is a no-op for aiohttp.
     """
     if response.prepared:
@@ -210,10 +212,6 @@ async def refused(state: AppState, ctx: RequestContext, err: SeekgateError) -> w
     except AuditUnavailable as audit_err:
         return error_response(ctx, audit_err)
     return response
-
-
-async def catch_all(request: web.Request) -> web.StreamResponse:
-    raise NotFound("no_route")  # unreachable: request_path answers every request
 
 
 # ------------------------------------------------------------------ resources
@@ -337,10 +335,10 @@ async def refresh_gauges(metrics: Metrics, interval: float = 1.0) -> None:
 
 def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Application:
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
-    app = web.Application(middlewares=[request_path], client_max_size=settings.server.max_body_bytes)
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
     app.cleanup_ctx.append(resources(settings, worker))
     app.on_response_prepare.append(last_headers)
-    app.router.add_route("*", "/{tail:.*}", catch_all)
+    app.router.add_route("*", "/{tail:.*}", request_path)
     return app
 
 

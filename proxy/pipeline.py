@@ -1,6 +1,6 @@
 """The protocol-free request path: authenticate -> classify -> authorize, and the audit+metrics finish.
 
-The HTTP middleware and the gRPC servicer are thin adapters over these calls, so
+The HTTP handler and the gRPC servicer are thin adapters over these calls, so
 the two front ends can never disagree about who may do what.
 """
 
