@@ -34,7 +34,9 @@ def cli_record(action: str, target: str | None = None, *, detail: Any = None,
                before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> dict[str, Any]:
     admin = {k: v for k, v in (("action", action), ("target", target), ("detail", detail),
                                ("before", before), ("after", after)) if v is not None}
-    return {"actor": operator(), "action": "admin", "resource": "admin:keys", "status": "allowed",
+    # The resource the same operation has through the admin API (admin_crypto.py for crypto.*).
+    resource = "admin:crypto" if action.startswith("crypto.") else "admin:keys"
+    return {"actor": operator(), "action": "admin", "resource": resource, "status": "allowed",
             "reason": action, "protocol": "cli", "admin": admin}
 
 

@@ -118,6 +118,10 @@ def test_every_jwt_attack_is_a_401_with_the_same_body(gw: Gateway) -> None:
     kid, private = signing_key(gw)
     good = jwt.decode(minted["token"], options={"verify_signature": False})
     tokens = attack_tokens(private, kid, good, int(time.time()))
+    # An API key where a JWT is expected and the reverse.
+    tokens["session dressed as an API key"] = "sgk_" + minted["token"]
+    tokens["API key glued to a session"] = minted["token"] + "." + key
+    tokens["API key as a JWT header"] = key + "." + minted["token"].split(".", 1)[1]
     for name, token in tokens.items():
         for route, method in (("/v2/models/deepseek", "GET"), ("/v1/sessions", "POST")):
             status, _, body = call(gw.url + route, method, b"" if method == "POST" else None, key=token)
