@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny checkpoint and a real tritonserver, started once per test session."""
+"""Shared fixtures: the tiny checkpoint, a real tritonserver started once per test session, and relays to it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from proxy.tinymodel import build_tiny_checkpoint
 from proxy.triton import TritonLaunch, TritonProcess, free_ports
+from tests.relay import TcpRelay, relays_to
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,3 +31,10 @@ def triton(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     proc = start_triton(tmp_path_factory.mktemp("triton-data"), tiny_checkpoint)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, ...]]:
+    """Recording relays to Triton's HTTP and gRPC ports, one pair per test module (a module may use its own)."""
+    with relays_to(triton.launch.http_port, triton.launch.grpc_port) as pair:
+        yield pair

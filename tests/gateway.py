@@ -8,7 +8,8 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
+from proxy.triton import free_ports
+from tests.relay import TcpRelay
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,3 +150,15 @@ class Gateway:
             finally:
                 await store.close()
         asyncio.run(go())
+
+
+@contextmanager
+def gateway_via(root: Path, http: TcpRelay, grpc: TcpRelay | None = None, **overrides: Any) -> Iterator[Gateway]:
+    """A started Gateway whose upstream is the relay `http` (and `grpc`), so a test sees what reached Triton."""
+    if grpc is not None:
+        overrides["upstream.grpc_target"] = f"127.0.0.1:{grpc.port}"
+    gw = Gateway(root, f"http://127.0.0.1:{http.port}", free_ports(3), **overrides).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -132,3 +134,14 @@ class TcpRelay:
             self._loop.stop()
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(10)
+
+
+@contextmanager
+def relays_to(*ports: int) -> Iterator[tuple[TcpRelay, ...]]:
+    """A started relay to 127.0.0.1:<port> for each port (Triton's HTTP, gRPC), stopped at exit."""
+    relays = tuple(TcpRelay("127.0.0.1", port).start() for port in ports)
+    try:
+        yield relays
+    finally:
+        for relay in relays:
+            relay.stop()

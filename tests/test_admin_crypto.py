@@ -9,9 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.triton import TritonProcess
-from tests.conftest import free_ports
-from tests.gateway import Gateway, audit_records, wait_for
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
 from tests.test_http_server import call
 from tests.test_rotation import secrets_now
@@ -20,17 +18,14 @@ BASE = "/admin/v1/crypto"
 
 
 @pytest.fixture(scope="module")
-def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
-    r = TcpRelay("127.0.0.1", triton.launch.http_port).start()
-    yield r
-    r.stop()
+def relay(relays: tuple[TcpRelay, TcpRelay]) -> TcpRelay:
+    return relays[0]
 
 
 @pytest.fixture(scope="module")
 def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gw-admin-crypto"), f"http://127.0.0.1:{relay.port}", free_ports(3)).start()
-    yield g
-    g.stop()
+    with gateway_via(tmp_path_factory.mktemp("gw-admin-crypto"), relay) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

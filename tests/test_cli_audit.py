@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from proxy.audit import query_audit, tail_audit
 from tests.test_cli import Cli, all_bytes, cli  # noqa: F401  (the fixture)

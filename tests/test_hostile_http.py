@@ -30,7 +30,7 @@ from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.http_guard import check_aiohttp_internals, decoded_size_within
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
-from tests.gateway import Gateway, audit_records, wait_for
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
 from tests.test_grpc_server import STREAM_MODEL, assert_nothing_forwarded, infer_inputs, infer_request, md, quiet
 from tests.test_http_server import call
@@ -41,18 +41,15 @@ GENERATE = "/v2/models/deepseek/generate"
 
 
 @pytest.fixture(scope="module")
-def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
-    r = TcpRelay("127.0.0.1", triton.launch.http_port).start()
-    yield r
-    r.stop()
+def relay(relays: tuple[TcpRelay, TcpRelay]) -> TcpRelay:
+    return relays[0]
 
 
 @pytest.fixture(scope="module")
 def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gw"), f"http://127.0.0.1:{relay.port}", free_ports(3),
-                **{"server.max_body_bytes": BODY_CAP, "server.read_timeout_s": READ_TIMEOUT}).start()
-    yield g
-    g.stop()
+    with gateway_via(tmp_path_factory.mktemp("gw"), relay,
+                     **{"server.max_body_bytes": BODY_CAP, "server.read_timeout_s": READ_TIMEOUT}) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from proxy.context import Principal
 from proxy.keys.sessions import SessionAuthority
-from proxy.triton import TritonProcess
-from tests.conftest import free_ports
-from tests.gateway import Gateway, audit_records, wait_for
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
 from tests.test_grpc_server import infer_request, md, quiet
 from tests.test_http_server import call
@@ -29,20 +27,9 @@ GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @pytest.fixture(scope="module")
-def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, TcpRelay]]:
-    http, grpc_ = (TcpRelay("127.0.0.1", p).start() for p in (triton.launch.http_port, triton.launch.grpc_port))
-    yield http, grpc_
-    http.stop()
-    grpc_.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    http, grpc_ = relays
-    g = Gateway(tmp_path_factory.mktemp("gw-ip-binding"), f"http://127.0.0.1:{http.port}", free_ports(3),
-                **{"upstream.grpc_target": f"127.0.0.1:{grpc_.port}"}).start()
-    yield g
-    g.stop()
+    with gateway_via(tmp_path_factory.mktemp("gw-ip-binding"), *relays) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

@@ -17,32 +17,18 @@ from tritonclient.grpc import service_pb2_grpc
 
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
 from tests.test_grpc_server import STREAM_MODEL, infer_request, md, quiet
-from tests.gateway import audit_records, wait_for
 from tests.test_http_server import call
 
 GEN = "/v2/models/deepseek/generate"
 
 
 @pytest.fixture(scope="module")
-def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, TcpRelay]]:
-    http_relay = TcpRelay("127.0.0.1", triton.launch.http_port).start()
-    grpc_relay = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
-    yield http_relay, grpc_relay
-    http_relay.stop()
-    grpc_relay.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    http_relay, grpc_relay = relays
-    g = Gateway(tmp_path_factory.mktemp("gw-limits"), f"http://127.0.0.1:{http_relay.port}", free_ports(3),
-                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}",
-                   "limits.max_tokens_by_role": "capped=4"}).start()
-    yield g
-    g.stop()
+    with gateway_via(tmp_path_factory.mktemp("gw-limits"), *relays, **{"limits.max_tokens_by_role": "capped=4"}) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

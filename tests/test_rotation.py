@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -367,37 +367,39 @@ async def _pepper_version(gw: Gateway, key_id: str) -> int:
         await store.close()
 
 
-def test_a_server_with_the_wrong_root_refuses_to_start_and_says_why(tmp_path: Path) -> None:
-    from proxy.keys.envelope import EnvelopeError
+def _start_refused(tmp_path: Path, break_root: Callable[[Path], None]) -> BaseException | None:
+    """A server whose data dir held a DEK wrapped by its root, started again once `break_root(secrets)` ran:
+    the error its start ended with (never ready, never listening)."""
     first = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
     first.key()   # the store now holds a DEK wrapped by this data dir's root
-    (first.data_dir / "secrets" / "root.key").write_bytes(bytes(32))
+    break_root(first.data_dir / "secrets")
     second = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
     try:
         second.start()
-    except EnvelopeError:
+    except Exception:
         pass
     assert second._thread is not None
-    second._thread.join(30)   # the start ends: never ready, never listening
-    assert isinstance(second.error, EnvelopeError)
-    assert "wrapped by root" in str(second.error) and "\n" not in str(second.error)
+    second._thread.join(30)
+    return second.error
+
+
+def test_a_server_with_the_wrong_root_refuses_to_start_and_says_why(tmp_path: Path) -> None:
+    from proxy.keys.envelope import EnvelopeError
+    error = _start_refused(tmp_path, lambda secrets: (secrets / "root.key").write_bytes(bytes(32)))
+    assert isinstance(error, EnvelopeError)
+    assert "wrapped by root" in str(error) and "\n" not in str(error)
 
 
 def test_a_server_whose_root_file_is_gone_refuses_to_start_and_names_the_file(tmp_path: Path) -> None:
     from proxy.keys.kek import KekError
-    first = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
-    first.key()   # the store now holds a DEK wrapped by this data dir's root
-    root_file = first.data_dir / "secrets" / "root.key"
-    root_id = FileKek.load_or_create(first.data_dir).key_id
-    root_file.unlink()
-    second = Gateway(tmp_path, "http://127.0.0.1:9", free_ports(3))
-    try:
-        second.start()
-    except KekError:
-        pass
-    assert second._thread is not None
-    second._thread.join(30)   # the start ends: never ready, never listening
-    assert isinstance(second.error, KekError)
-    assert str(second.error) == (f"root key missing: {root_file}; the store's DEKs are wrapped by root {root_id} "
-                                 "(restore the root file from its backup)")
+    gone: list[str] = []
+
+    def remove_root(secrets: Path) -> None:
+        gone.append(FileKek.load_or_create(secrets.parent).key_id)
+        (secrets / "root.key").unlink()
+    error = _start_refused(tmp_path, remove_root)
+    root_file = tmp_path / "data" / "secrets" / "root.key"
+    assert isinstance(error, KekError)
+    assert str(error) == (f"root key missing: {root_file}; the store's DEKs are wrapped by root {gone[0]} "
+                          "(restore the root file from its backup)")
     assert not root_file.exists()   # no new root that would unwrap nothing
