@@ -96,7 +96,7 @@ async def one_request(state: AppState, token: str) -> None:
     try:
         await admit(state, ctx, f"Bearer {token}", lambda: classify_http("POST", PATH))
         await audit_ready(state)   # as the fronts do: over audit.queue_soft_max it waits for the writer
-        await limit(state, ctx, None)
+        await limit(state, ctx, lambda: None)
         ctx.http_status, ctx.upstream_ms = 200, 0.1   # as if Triton had answered
     finally:
         finish(state, ctx)

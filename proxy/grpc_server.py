@@ -141,7 +141,7 @@ class GrpcFrontEnd:
                     await admit(state, ctx, _authorization(context),
                                 lambda: classify_grpc(method.name, model_name_of(method.name, request)))
                     check_body(ctx, parameter_names(request))
-                    await limit(state, ctx, estimate.from_grpc(request))
+                    await limit(state, ctx, lambda: estimate.from_grpc(request))
                 assert ctx.resource is not None
                 await audit_ready(state)   # strict audit fails closed before anything is forwarded
                 started = asyncio.get_running_loop().time()
@@ -213,7 +213,7 @@ class GrpcFrontEnd:
                 await audit_ready(state)
                 # One admission per stream, charged the first request's estimate; the slot is held
                 # until the stream ends and the charge corrected to the stream's token totals.
-                await limit(state, ctx, estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
+                await limit(state, ctx, lambda: estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
                 assert ctx.resource is not None
                 call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
                                                 timeout=context.time_remaining())

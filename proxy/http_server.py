@@ -100,8 +100,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         check_body(ctx, body)
         await audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
         # After every check that may refuse for free: a request refused above costs no quota.
-        await limit(state, ctx, estimate.from_http(path, body,
-                                                   request.headers.get("Inference-Header-Content-Length")))
+        await limit(state, ctx, lambda: estimate.from_http(path, body,
+                                                           request.headers.get("Inference-Header-Content-Length")))
         if ctx.resource.resource in _LOCAL_RESOURCES:   # answered here, never forwarded
             kind = ctx.resource.resource
             response = (await handle_admin(request, body) if kind == "admin:keys"

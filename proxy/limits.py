@@ -63,6 +63,9 @@ class Limits:
         # Spelled out, not a loop over LIMIT_FIELDS: this runs for every scope of every request.
         return not (self.rpm or self.tpm or self.concurrency or self.daily_tokens or self.monthly_tokens)
 
+    def counts_tokens(self) -> bool:
+        return bool(self.tpm or self.daily_tokens or self.monthly_tokens)
+
 
 def parse_limits(raw: Mapping[str, Any] | None) -> dict[str, int]:
     """Validate the limits a key sets (a subset of LIMIT_FIELDS, each an int >= 0); ValueError otherwise."""

@@ -69,10 +69,11 @@ def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
     return Limits(**{f: getattr(settings, f"{tier}_{f}") for f in LIMIT_FIELDS})
 
 
-async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) -> None:
+async def limit(state: AppState, ctx: RequestContext, asked: Callable[[], int | None]) -> None:
     """The limit step: the role's max_tokens cap, then the key's and every ancestor's rates and budgets.
 
-    `max_tokens` is what the request asks for (None: it names none). An admitted request
+    `asked()` reads the max_tokens the request asks for (None: it names none). It parses the
+    body, so it is called only when a cap or a token limit needs the figure. An admitted request
     holds a grant until finish() settles it with the real token count.
     """
     p, resource = ctx.principal, ctx.resource
@@ -81,7 +82,8 @@ async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) ->
     settings = state.settings.limits
     infer = resource.action == "infer"
     cap = max_tokens_cap(p.roles, _role_caps(settings.max_tokens_by_role))
-    if infer and cap is not None and max_tokens is not None and max_tokens > cap:
+    max_tokens = asked() if infer and cap is not None else None
+    if max_tokens is not None and cap is not None and max_tokens > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
               for i, (key_id, tier, own) in enumerate(p.limits)]
@@ -92,8 +94,13 @@ async def limit(state: AppState, ctx: RequestContext, max_tokens: int | None) ->
         scopes.append(Scope(f"rule:{ctx.rule}:{owner}", imposed, inherited=True))
     if all(s.limits.unlimited() for s in scopes):
         return
-    # Inferences are charged their estimate up front (at least one token); other calls only count.
-    tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens) if infer else 0
+    # Inferences are charged their estimate up front (at least one token) where tokens are counted;
+    # other calls, and scopes that count only requests, are charged nothing.
+    tokens = 0
+    if infer and any(s.limits.counts_tokens() for s in scopes):
+        if max_tokens is None and cap is None:
+            max_tokens = asked()
+        tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens)
     ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
 
 
