@@ -16,7 +16,7 @@ from aiohttp import web
 from .app_state import CTX, STATE
 from .keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration,
                          public_view)
-from .keys.lifecycle import (LifecycleError, compromise_key, expiring, key_and_children, records_of, rotate_key,
+from .keys.lifecycle import (LifecycleError, compromise_key, key_and_children, records_of, rotate_key,
                              subtree_records)
 from .keys.sessions import is_jti
 from .limits import parse_limits
@@ -105,15 +105,16 @@ async def _list(request: web.Request) -> web.Response:
     note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
-    recs = await state.store.list_keys()
-    if (within := request.query.get("expiring")) is not None:
+    if (within := request.query.get("expiring")) is None:
+        recs = await state.store.list_keys()
+    else:
         try:
             within_s = parse_duration(within)
         except ValueError as exc:
             raise Reply(400, f"expiring: {exc}") from None
         if within_s is None:
             raise Reply(400, 'expiring must be a duration such as "72h"')
-        recs = expiring(recs, within_s, now)
+        recs = await state.store.list_expiring(within_s, now)
     return web.json_response({"keys": [public_view(r, now) for r in recs]})
 
 

@@ -137,7 +137,6 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from .keys.lifecycle import expiring
     within = None
     if args.expiring is not None:
         try:
@@ -146,9 +145,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             raise CliError(f"--expiring: {exc}", 2) from None
         if within is None:
             raise CliError("--expiring: give a duration such as 72h", 2)
-    recs = with_store(load(args), lambda s: s.list_keys())
-    if within is not None:
-        recs = expiring(recs, within, time.time())
+    recs = with_store(load(args), lambda s: s.list_keys() if within is None
+                      else s.list_expiring(within, time.time()))
     views = [public_view(r) for r in recs]
     if args.json:
         _out({"keys": views})

@@ -18,9 +18,10 @@ from proxy.authn import authenticate
 from proxy.context import Principal, RequestContext, Resource
 from proxy.errors import Unauthenticated
 from proxy.http_server import watch_expiring
-from proxy.keys.issue import issue_key
-from proxy.keys.lifecycle import LifecycleError, compromise_key, expiring, rotate_key, subtree
+from proxy.keys.issue import issue_key, key_status
+from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree
 from proxy.metrics import Metrics
+from proxy.store import KeyRecord
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
 from proxy.triton import TritonProcess, free_ports
@@ -228,13 +229,19 @@ async def test_leak_report_says_when_the_audit_flush_timed_out(tmp_path: Path) -
 
 
 def test_subtree_walks_every_level() -> None:
-    from proxy.store import KeyRecord
     recs = [KeyRecord(key_id=k, secret_hash="", tier="app", owner="o", parent_id=p, created_at=0)
             for k, p in (("a", None), ("b", "a"), ("c", "b"), ("d", None), ("e", "a"))]
     assert subtree(recs, "a") == ["a", "b", "e", "c"] and subtree(recs, "d") == ["d"]
 
 
 # ---------------------------------------------------------------- expiry warning
+
+def expiring(keys: list[KeyRecord], within_s: float, now: float) -> list[KeyRecord]:
+    """The reference the store's expiry queries are checked against: active keys due within `within_s`."""
+    soon = [k for k in keys if key_status(k, now) == "active" and k.expires_at is not None
+            and k.expires_at <= now + within_s]
+    return sorted(soon, key=lambda k: (k.expires_at or 0.0, k.key_id))
+
 
 async def test_expiring_lists_active_keys_within_the_window_and_the_gauge(tmp_path: Path) -> None:
     async with await _store(tmp_path) as store:

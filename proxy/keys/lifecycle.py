@@ -224,10 +224,3 @@ def write_report(data_dir: Path, key_id: str, report: dict[str, Any], now: float
         json.dump(report, f, indent=2, default=str)
         f.write("\n")
     return path
-
-
-def expiring(keys: Iterable[KeyRecord], within_s: float, now: float) -> list[KeyRecord]:
-    """Active keys whose expiry falls within the next `within_s` seconds, soonest first."""
-    soon = [k for k in keys if key_status(k, now) == "active" and k.expires_at is not None
-            and k.expires_at <= now + within_s]
-    return sorted(soon, key=lambda k: (k.expires_at or 0.0, k.key_id))
