@@ -131,19 +131,22 @@ class AuditWriter:
         """More records waiting than `queue_max`: the request path stops admitting (pipeline.audit_ready)."""
         return self.queue_max is not None and self.queue_depth() >= self.queue_max
 
+    def behind(self) -> bool:
+        """More than `queue_soft_max` records wait on a healthy log: a new request should wait for `room()`."""
+        return bool(self.queue_soft_max) and self.queue_depth() >= self.queue_soft_max and self.healthy \
+            and not self._closed
+
     async def room(self) -> None:
-        """Backpressure: while more than `queue_soft_max` records wait, return only once the writer caught up.
+        """Backpressure: while the writer is `behind()`, return only once it caught up.
 
         A loop that outruns the writer (it shares the GIL with it) otherwise grows the queue until
         queue_max refuses requests, and RSS keeps the peak of every backlog. Waiting hands the writer
         the CPU it needs, so admissions settle at the rate the log can take. Never waits while the log
         is failing (the queue then fills up to queue_max, which refuses), nor longer than `room_wait_s`.
         """
-        if not self.queue_soft_max or self.queue_depth() < self.queue_soft_max or not self.healthy:
-            return
         try:
             async with asyncio.timeout(self._room_wait_s):
-                while self.queue_depth() >= self.queue_soft_max and self.healthy and not self._closed:
+                while self.behind():
                     await self._progress.wait()
         except TimeoutError:
             pass
@@ -299,8 +302,7 @@ class AuditWriter:
                 self._inflight = batch
                 await self._persist(batch)
                 self._inflight = []
-                self._progress.set()   # wakes room()'s waiters; clear() leaves them woken
-                self._progress.clear()
+                self._wake_room_waiters()
             if barrier is not None and not barrier.done():   # done: its waiter gave up
                 barrier.set_result(None)
             if self.file.rotated:
@@ -345,8 +347,7 @@ class AuditWriter:
         # ERROR with a fixed prefix: an alert rule can match it as well as the metric.
         log.error("AUDIT WRITE FAILED (%s, attempt %d, %d records held); retry in %.2fs",
                   exc, attempt, held, delay)
-        self._progress.set()   # room()'s waiters re-check: a failing log holds no request back
-        self._progress.clear()
+        self._wake_room_waiters()   # they re-check: a failing log holds no request back
         if self.on_error is not None:
             try:
                 self.on_error()
@@ -360,6 +361,10 @@ class AuditWriter:
         sync = self.strict or now - since >= self._fsync_interval
         self.file.append([line_of(r) for r in batch], fsync=sync)
         self._unsynced_since = None if sync else since
+
+    def _wake_room_waiters(self) -> None:
+        self._progress.set()   # clear() at once leaves the woken waiters woken
+        self._progress.clear()
 
     def _resolve(self, records: list[dict[str, Any]], error: BaseException | None) -> None:
         for rec in records:

@@ -142,7 +142,8 @@ async def audit_ready(state: AppState) -> None:
     """The audit step before anything is spent or forwarded: refused as `_audit_can_take` says, and
     over audit.queue_soft_max held until the writer catches up (AuditWriter.room)."""
     _audit_can_take(state)
-    await state.audit.room()
+    if state.audit.behind():   # checked here: most requests then cost no coroutine for it
+        await state.audit.room()
 
 
 async def commit_audit(state: AppState, ctx: RequestContext) -> None:
