@@ -7,6 +7,7 @@ import sqlite3
 import time
 from datetime import datetime
 from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,26 @@ def _second(iso_seconds: str) -> float:
 _PLAIN = (str, int, float, type(None))
 
 
+_values = itemgetter(*FIELDS)
+_PLAIN_TYPES = frozenset(_PLAIN)
+_PARENTS = FIELDS.index("parent_key_ids")
+
+
 def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     try:
         ts = _epoch(str(rec["timestamp"]))
     except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
         ts = time.time()
-    return (ts, *[v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in map(rec.get, FIELDS)])
+    try:
+        values = list(_values(rec))   # one C call for the record build_record makes
+    except KeyError:
+        values = list(map(rec.get, FIELDS))
+    parents = values[_PARENTS]
+    if parents is not None and not isinstance(parents, str):
+        values[_PARENTS] = json.dumps(parents, default=str)
+    if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds only plain values
+        values = [v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in values]
+    return (ts, *values)
 
 
 _ROWS_PER_STATEMENT = 64   # 64 x 23 bound values, far below SQLite's 32766

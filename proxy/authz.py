@@ -60,9 +60,13 @@ class Env:
 
     @classmethod
     def at(cls, client_ip: str, now: datetime) -> "Env":
-        if now.tzinfo is not None:
-            now = now.astimezone(timezone.utc)  # naive datetimes are taken as UTC already
-        return cls(_parse_ip(client_ip), now.hour * 60 + now.minute)
+        return cls(_parse_ip(client_ip), _minute_of_day(now))
+
+
+def _minute_of_day(now: datetime) -> int:
+    if now.tzinfo is not None and now.tzinfo is not timezone.utc:
+        now = now.astimezone(timezone.utc)  # naive datetimes are taken as UTC already
+    return now.hour * 60 + now.minute
 
 
 @lru_cache(maxsize=4096)   # clients repeat; ipaddress parsing is ~10 us a call
@@ -242,9 +246,8 @@ class Authorizer:
     def authorize(self, principal: Principal, resource: Resource, client_ip: str,
                   now: datetime) -> Decision:
         """Decide (principal, resource, action) in the environment (client_ip, now in UTC)."""
-        state, env = self._state, Env.at(client_ip, now)
-        p = principal
-        minute_class = state.minute_class[env.minute] if state.uses_time else None
+        state, p = self._state, principal
+        minute_class = state.minute_class[_minute_of_day(now)] if state.uses_time else None
         if minute_class is not None and state.cache and next(reversed(state.cache))[-1] != minute_class:
             # The most recently used entry is of another class: a time window opened or closed
             # since. The entries decided before would sit unused until the same windows hold again
@@ -253,12 +256,13 @@ class Authorizer:
         # Everything a rule can read, and nothing else (not the key id: keys alike share an
         # entry). Extend this key with any new condition.
         key = (p.tier, p.owner, p.roles, tuple(sorted(p.labels.items())), p.models,
-               resource.resource, resource.action, env.ip if state.uses_ip else None, minute_class)
+               resource.resource, resource.action, client_ip if state.uses_ip else None, minute_class)
         decision = state.cache.get(key)
         if decision is not None:
             state.cache.move_to_end(key)
             return decision
-        allowed, explain = state.enforcer.enforce_ex(p, resource.resource, resource.action, env)
+        allowed, explain = state.enforcer.enforce_ex(p, resource.resource, resource.action,
+                                                     Env.at(client_ip, now))
         if not explain or (not allowed and explain[4] != "deny"):
             decision = Decision(False, DEFAULT_DENY)
         else:

@@ -25,6 +25,7 @@ _DROPPED = frozenset({"authorization", "host", "content-length", "cookie", "forw
 _DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "seekgate-internal")
 # aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
 _RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
+_RESPONSE_SKIP = HOP_BY_HOP | _RESPONSE_DROPPED
 BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
 # A plain answer up to this size is read whole and sent in one write; larger ones are streamed.
 WHOLE_LIMIT = 64 * 1024
@@ -46,10 +47,11 @@ def upstream_headers(incoming: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    listed = {h.strip().lower() for h in upstream.get("Connection", "").split(",") if h.strip()}
-    return CIMultiDict((k, v) for k, v in upstream.items()
-                       if k.lower() not in HOP_BY_HOP and k.lower() not in _RESPONSE_DROPPED
-                       and k.lower() not in listed)
+    """Triton's headers minus hop-by-hop ones (and those its Connection header names) and aiohttp's own."""
+    connection = upstream.get("Connection")
+    skip = _RESPONSE_SKIP if connection is None else _RESPONSE_SKIP.union(
+        h.strip().lower() for h in connection.split(",") if h.strip())
+    return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in skip])
 
 
 async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool, path_qs: str, body: bytes,

@@ -85,9 +85,11 @@ async def limit(state: AppState, ctx: RequestContext, asked: Callable[[], int | 
     max_tokens = asked() if infer and cap is not None else None
     if max_tokens is not None and cap is not None and max_tokens > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
+    imposed = state.authorizer.rule_limits(ctx.rule)
+    if imposed is None and _no_limits(settings, p.limits):
+        return   # the common case, decided without building a scope per key
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
               for i, (key_id, tier, own) in enumerate(p.limits)]
-    imposed = state.authorizer.rule_limits(ctx.rule)
     if imposed is not None:
         # Counted per API key (a session counts against its parent's), like the key's own limits.
         owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
@@ -102,6 +104,14 @@ async def limit(state: AppState, ctx: RequestContext, asked: Callable[[], int | 
             max_tokens = asked()
         tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens)
     ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
+
+
+def _no_limits(settings: LimitsSettings, chain: tuple[tuple[str, str, dict[str, int]], ...]) -> bool:
+    """True when no key in the chain sets limits of its own and no tier in it has defaults."""
+    for _, tier, own in chain:
+        if own or not tier_limits(settings, tier).unlimited():
+            return False
+    return True
 
 
 @lru_cache(maxsize=4)

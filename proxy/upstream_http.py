@@ -71,11 +71,15 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._eof and self._error is None:
+            return self._take_all()   # all in already, as a small answer usually is: nothing to wait for
         parts = [chunk async for chunk in self.iter_any()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_ahead(self, limit: int) -> tuple[bytes, bool]:
         """(the whole body, True) if it ends within `limit` bytes; else (the first pieces read, False)."""
+        if self._eof and self._error is None and self._buffered <= limit:
+            return self._take_all(), True
         parts: list[bytes] = []
         size = 0
         while size <= limit:
@@ -106,6 +110,14 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._conn.done(reusable=self._eof and self._error is None)
+
+    def _take_all(self) -> bytes:
+        """Every buffered piece at once, once the answer is complete (so reading never pauses Triton)."""
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
 
     async def _next(self) -> bytes:
         while not self._chunks:

@@ -413,6 +413,23 @@ def test_a_record_with_undecodable_bytes_is_still_one_valid_line() -> None:
     assert "ünïcode ok".encode() in plain   # the fast path keeps UTF-8 as is, like the old ensure_ascii=False
 
 
+def test_index_rows_bind_plain_values_and_json_for_the_rest() -> None:
+    from proxy.audit_db import row
+
+    def reference(rec: dict[str, Any]) -> tuple[Any, ...]:   # the definition: plain values as they are
+        return tuple(v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str)
+                     for v in map(rec.get, FIELDS))
+
+    full = _rec(1)
+    cases = [full, {**full, "parent_key_ids": ["k_app", "k_user"]}, {**full, "parent_key_ids": "k_one"},
+             {**full, "reason": {"odd": 1}, "http_status": True}, {"timestamp": full["timestamp"], "actor": "x"},
+             {**full, "timestamp": "not a time"}]
+    for rec in cases:
+        got = row(rec)
+        assert got[1:] == reference(rec) and isinstance(got[0], float)
+    assert row(full)[0] == datetime.fromisoformat(full["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
 def test_the_index_takes_batches_across_statement_boundaries_all_or_nothing(tmp_path: Path) -> None:
     from proxy.audit_db import AuditIndex
     index = AuditIndex(tmp_path / "audit.db")

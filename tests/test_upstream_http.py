@@ -326,3 +326,34 @@ async def test_read_ahead_takes_a_short_body_whole_and_leaves_a_long_one_to_stre
         answer.release()
         assert raw.connections == 1   # both answers read to their end: the connection was kept
         await pool.close()
+
+
+async def test_an_answer_complete_before_it_is_read_is_taken_whole_and_the_connection_kept() -> None:
+    pieces = [b"a" * 300, b"b" * 300, b"c" * 300]
+
+    async def in_pieces(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await raw.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(in_pieces) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=2)
+        for read in (lambda a: a.read(), lambda a: a.read_ahead(900), lambda a: a.read_ahead(400)):
+            answer = await pool.request("GET", "/v2", ())
+            while not answer._eof:   # every piece is in before the first read
+                await asyncio.sleep(0.01)
+            got = await read(answer)
+            if isinstance(got, tuple) and not got[1]:   # over the limit: the rest streams on
+                assert len(got[0]) > 400
+                got = (got[0] + await answer.read(), True)
+            assert got in (b"".join(pieces), (b"".join(pieces), True))
+            assert answer._buffered == 0 and not answer._chunks
+            answer.release()
+        assert raw.connections == 1   # each answer was read to its end: one connection for all three
+        await pool.close()
