@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
           f"deepseek max_tokens {args.max_tokens}, {os.cpu_count()} CPUs"
           + (f", Triton on CPUs {sorted(args.model_cpus)} and the rest on the others" if args.model_cpus else ""))
     print(report.format_table(rows))
-    print("/b, /a: req/s over (b) passthrough's and (a) Triton direct's (c/b and c/a on the c rows); "
-          "+p50/a: p50 minus (a)'s")
+    print("/b, /a: req/s over (b) passthrough's and (a) Triton direct's (c/b and c/a on the c rows; "
+          "b/a on the b rows: the hop alone); +p50/a: p50 minus (a)'s")
     print("targets (reported, not asserted):")
     print(report.format_targets(report.targets(rows, high)))
     unsteady = report.noisy(rows)

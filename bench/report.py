@@ -32,14 +32,16 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def add_ratios(rows: list[Row]) -> list[Row]:
-    """On the seekgate rows (c, d): req/s over (b)'s and over (a)'s, and p50 minus (a)'s p50."""
+    """On the proxy rows (b, c, d): req/s over (a)'s and p50 minus (a)'s p50; on the seekgate rows (c, d)
+    also req/s over (b)'s. The passthrough's own b/a shows what any Python hop costs in that cell."""
     by_key = {(r["model"], r["concurrency"], r["path"]): r for r in rows}
     for r in rows:
-        if r["path"] not in ("c", "d"):
+        if r["path"] not in ("b", "c", "d"):
             continue
         a = by_key.get((r["model"], r["concurrency"], "a"), {})
         b = by_key.get((r["model"], r["concurrency"], "b"), {})
-        r["ratio_vs_b"] = _ratio(r["requests_per_s"], b.get("requests_per_s"))
+        if r["path"] != "b":
+            r["ratio_vs_b"] = _ratio(r["requests_per_s"], b.get("requests_per_s"))
         r["ratio_vs_a"] = _ratio(r["requests_per_s"], a.get("requests_per_s"))
         pa, pr = a.get("p50_ms"), r["p50_ms"]
         r["added_p50_ms_vs_a"] = round(pr - pa, 3) if pa is not None and pr is not None else None
@@ -66,6 +68,9 @@ def targets(rows: list[Row], high: int = 32) -> list[dict[str, Any]]:
           "added_p50_ms_vs_a", lambda v: v <= 0.5)
     check(f"deepseek generate c{high}: seekgate >= 0.97 x Triton direct (c/a)", _find(rows, "deepseek", high, "c"),
           "ratio_vs_a", lambda v: v >= 0.97)
+    passthrough = _find(rows, "deepseek", high, "b")
+    if out[-1]["value"] is not None and passthrough is not None and passthrough.get("ratio_vs_a") is not None:
+        out[-1]["passthrough_vs_a"] = passthrough["ratio_vs_a"]   # the same hop with no checks at all
     return out
 
 
@@ -105,7 +110,9 @@ def noisy(rows: list[Row], spread: float = 0.5) -> list[str]:
 
 def format_targets(results: list[dict[str, Any]]) -> str:
     return "\n".join(f"  {t['verdict']:<8} {t['target']}"
-                     + ("" if t["value"] is None else f"  (measured {t['value']:g})") for t in results)
+                     + ("" if t["value"] is None else f"  (measured {t['value']:g}"
+                        + (f"; the bare passthrough: b/a {t['passthrough_vs_a']:g}" if "passthrough_vs_a" in t else "")
+                        + ")") for t in results)
 
 
 def document(rows: list[Row], settings: dict[str, Any], machine: dict[str, Any], date: str,
@@ -113,6 +120,6 @@ def document(rows: list[Row], settings: dict[str, Any], machine: dict[str, Any],
     """The JSON the matrix writes: the same rows as the table, plus the settings and the targets."""
     return {"date": date, "machine": machine, "settings": settings, "paths": PATHS,
             "columns": {"ratio_vs_b": "req/s over (b) passthrough's (c/b on the c rows)",
-                        "ratio_vs_a": "req/s over (a) Triton direct's (c/a on the c rows)",
+                        "ratio_vs_a": "req/s over (a) Triton direct's (b/a, c/a, d/a on those rows)",
                         "added_p50_ms_vs_a": "p50 minus (a)'s p50, ms"},
             "results": rows, "targets": targets(rows, high), "noisy_cells": noisy(rows)}

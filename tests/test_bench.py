@@ -187,6 +187,10 @@ def test_report_has_ratio_columns_and_targets() -> None:
     assert [t["verdict"] for t in report.targets(rows)] == ["NOT MET", "n/a", "NOT MET", "MET"]
     doc = json.loads(json.dumps(report.document(rows, {"duration_s": 1}, {"cpu_count": 2}, "now")))
     assert doc["results"][2]["ratio_vs_b"] == 0.5 and doc["targets"][-1]["verdict"] == "MET"
+    b = next(r for r in rows if (r["model"], r["path"]) == ("trivial", "b"))
+    assert b["ratio_vs_a"] == 0.8 and "ratio_vs_b" not in b   # the passthrough's own cost of the hop
+    assert doc["targets"][-1]["passthrough_vs_a"] == 0.99
+    assert "(measured 0.98; the bare passthrough: b/a 0.99)" in report.format_targets(report.targets(rows))
     rows[0]["rounds_requests_per_s"] = [900.0, 1100.0]
     rows[1]["rounds_requests_per_s"] = [100.0, 1500.0]
     assert report.noisy(rows) == ["trivial c1 b: rounds 100, 1500 req/s"]
