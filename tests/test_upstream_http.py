@@ -300,21 +300,25 @@ async def test_a_full_pool_waits_for_a_slot_then_times_out() -> None:
         await pool.close()
 
 
-async def test_read_ahead_takes_a_short_body_whole_and_leaves_a_long_one_to_stream() -> None:
-    pieces = [b"a" * 300, b"b" * 300, b"c" * 300]
+PIECES = [b"a" * 300, b"b" * 300, b"c" * 300]
 
-    async def chunked(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await raw.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for piece in pieces:
-                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await writer.drain()
-                await asyncio.sleep(0.01)   # separate pieces, as a streaming answer arrives
-            writer.write(b"0\r\n\r\n")
+
+async def answer_in_pieces(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive server: every request gets PIECES as chunks 10 ms apart, as a streaming answer arrives."""
+    while True:
+        await raw.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in PIECES:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
 
-    async with raw_server(chunked) as raw:
+
+async def test_read_ahead_takes_a_short_body_whole_and_leaves_a_long_one_to_stream() -> None:
+    pieces = PIECES
+    async with raw_server(answer_in_pieces) as raw:
         pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=2)
         answer = await pool.request("GET", "/v2", ())
         assert await answer.read_ahead(900) == (b"".join(pieces), True)   # ends within the limit
@@ -329,20 +333,8 @@ async def test_read_ahead_takes_a_short_body_whole_and_leaves_a_long_one_to_stre
 
 
 async def test_an_answer_complete_before_it_is_read_is_taken_whole_and_the_connection_kept() -> None:
-    pieces = [b"a" * 300, b"b" * 300, b"c" * 300]
-
-    async def in_pieces(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await raw.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for piece in pieces:
-                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await writer.drain()
-                await asyncio.sleep(0.01)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    async with raw_server(in_pieces) as raw:
+    pieces = PIECES
+    async with raw_server(answer_in_pieces) as raw:
         pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=2)
         for read in (lambda a: a.read(), lambda a: a.read_ahead(900), lambda a: a.read_ahead(400)):
             answer = await pool.request("GET", "/v2", ())
