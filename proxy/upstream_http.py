@@ -112,7 +112,7 @@ class UpstreamResponse:
             self._conn.done(reusable=self._eof and self._error is None)
 
     def _take_all(self) -> bytes:
-        """Every buffered piece at once, once the answer is complete (so reading never pauses Triton)."""
+        """Every buffered piece at once; only for a complete answer, which has nothing left to wait for."""
         chunks = self._chunks
         body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
