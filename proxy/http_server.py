@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -370,8 +371,11 @@ def build_metrics_app(main: web.Application) -> web.Application:
 
 
 async def run(settings: Settings, ready: asyncio.Event | None = None,
-              stop: asyncio.Event | None = None, worker: WorkerRole | None = None) -> None:
+              stop: asyncio.Event | None = None, worker: WorkerRole | None = None,
+              freeze_heap: bool = False) -> None:
     """Runs the proxy (and, unless a `worker`, its metrics endpoint) until `stop` is set or SIGINT/SIGTERM.
+
+    `freeze_heap`: the process is seekgate's own (`serve`, a worker), see `freeze_startup_heap`.
 
     Shutdown: readiness fails at once, requests are still taken for `shutdown_delay_s` (load
     balancers move away; each answer closes its connection), then the listeners close and
@@ -407,6 +411,8 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             await site.start()
         log.info("seekgate%s listening on http://%s:%d, grpc :%d%s", f" worker {worker.index}" if worker else "",
                  s.host, s.http_port, s.grpc_port, "" if worker else f", metrics :{s.metrics_port}")
+        if freeze_heap:
+            freeze_startup_heap()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -427,6 +433,17 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             await metrics_runner.cleanup()
 
 
+def freeze_startup_heap() -> None:
+    """What start-up built lives as long as the process: moved out of the cyclic collector's reach.
+
+    A full collection then walks only what requests allocated. It walked start-up's 70k objects
+    too, a 20-25 ms pause of the event loop every few seconds under load: p99 at trivial c32
+    fell from 10.8 to 9.7 ms (median of 8 rounds, bench/README.md).
+    """
+    gc.collect()   # start-up's garbage goes first: frozen, it would never be freed
+    gc.freeze()
+
+
 def install_uvloop() -> None:
     try:
         import uvloop
@@ -443,4 +460,4 @@ def serve(settings: Settings) -> None:
         serve_workers(settings)
         return
     install_uvloop()
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, freeze_heap=True))

@@ -55,7 +55,7 @@ def worker_main(settings: Settings, role: WorkerRole, started: ProcessEvent) -> 
 
     async def main() -> None:
         ready = asyncio.Event()
-        server = asyncio.create_task(run(settings, ready, worker=role))
+        server = asyncio.create_task(run(settings, ready, worker=role, freeze_heap=True))
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():

@@ -55,8 +55,9 @@ def audit_records(gw: "Gateway") -> list[dict[str, Any]]:
 
 class Gateway:
     def __init__(self, root: Path, upstream_http: str, ports: list[int], triton_data_dir: Path | None = None,
-                 **overrides: Any) -> None:
+                 freeze_heap: bool = False, **overrides: Any) -> None:
         self.root = root
+        self.freeze_heap = freeze_heap   # as `serve` runs it; off here, where the process is pytest's
         self.data_dir = root / "data"
         if triton_data_dir is not None:
             # As under `seekgate up`, where both share one data dir: the header value
@@ -90,7 +91,7 @@ class Gateway:
                 self._loop = asyncio.get_running_loop()
                 self._stop = asyncio.Event()
                 started = asyncio.Event()
-                task = asyncio.create_task(run(self.settings, started, self._stop))
+                task = asyncio.create_task(run(self.settings, started, self._stop, freeze_heap=self.freeze_heap))
                 await asyncio.wait([task, asyncio.create_task(started.wait())],
                                    return_when=asyncio.FIRST_COMPLETED)
                 ready.set()

@@ -539,3 +539,28 @@ def test_the_answer_leaves_before_the_audit_and_metrics_step(gw: Gateway,
         received[key_id].set()
         assert status == want and body
     assert wait_for(lambda: len(seen_by_finish) == 2, 20.0) and seen_by_finish == [True, True]
+
+
+def test_a_served_process_freezes_its_start_up_heap_and_an_embedded_server_does_not(tmp_path: Path) -> None:
+    import gc
+    before = gc.get_freeze_count()
+    dead_upstream = f"http://127.0.0.1:{free_ports(1)[0]}"   # the server starts whatever Triton's state
+    embedded = Gateway(tmp_path / "embedded", dead_upstream, free_ports(3)).start()
+    try:
+        assert gc.get_freeze_count() == before   # pytest's heap is not the server's to freeze
+    finally:
+        embedded.stop()
+    served = Gateway(tmp_path / "served", dead_upstream, free_ports(3), freeze_heap=True).start()
+    try:
+        # What start-up built (the app, the policy, the store's state) is out of the collector's
+        # walks; what requests allocate is still collected.
+        assert gc.get_freeze_count() > before + 10_000
+        with urllib.request.urlopen(served.metrics_url) as answer:   # seekgate's own, Triton or not
+            assert answer.status == 200
+        garbage = [object()]
+        garbage.append(garbage)   # a cycle made after the freeze
+        del garbage
+        assert gc.collect() >= 1
+    finally:
+        served.stop()
+        gc.unfreeze()
