@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -37,6 +38,18 @@ async def test_open_creates_wal_database_with_private_mode(tmp_path: Path) -> No
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_connections_creating_one_new_database_at_once_all_open_it(tmp_path: Path) -> None:
+    """The workers of a first start open a store nobody has made yet, at the same moment."""
+    for attempt in range(60):   # a collision is a matter of timing: a few in 60 rounds without the retry
+        path = tmp_path / f"round{attempt}" / "keys.db"
+        opened = await asyncio.gather(*[SqliteStore.open(path) for _ in range(8)], return_exceptions=True)
+        failed = [r for r in opened if isinstance(r, BaseException)]
+        for store in opened:
+            if isinstance(store, SqliteStore):
+                await store.close()
+        assert not failed, (attempt, failed)
 
 
 async def test_round_trip_every_field(store: SqliteStore) -> None:

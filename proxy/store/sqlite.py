@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -152,6 +153,17 @@ async def _guard(what: str) -> AsyncIterator[None]:
             from exc
 
 
+async def _prepare(db: aiosqlite.Connection) -> None:
+    """WAL, foreign keys, the schema and its migrations on a new connection."""
+    async with db.execute("PRAGMA journal_mode = WAL") as cur:
+        row = await cur.fetchone()
+    if row is None or str(row[0]).lower() != "wal":
+        raise sqlite3.OperationalError(f"could not enable WAL: {row!r}")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.executescript(_SCHEMA)
+    await _migrate(db)
+
+
 class SqliteStore:
     """KeyStore over one SQLite file. Use `await SqliteStore.open(path)`, then `close()`."""
 
@@ -178,20 +190,26 @@ class SqliteStore:
             await asyncio.to_thread(lambda: sqlite3.connect(path).close())
             # isolation_level=None: we issue BEGIN ourselves, so a write and its
             # revision bump commit together.
-            db = await aiosqlite.connect(path, isolation_level=None)
-            try:
-                await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                async with db.execute("PRAGMA journal_mode = WAL") as cur:
-                    row = await cur.fetchone()
-                if row is None or str(row[0]).lower() != "wal":
-                    raise sqlite3.OperationalError(f"could not enable WAL: {row!r}")
-                await db.execute("PRAGMA foreign_keys = ON")
-                await db.executescript(_SCHEMA)
-                await _migrate(db)
-                signal = ChangeSignal.beside(path)
-            except BaseException:
-                await db.close()
-                raise
+            deadline = time.monotonic() + busy_timeout_ms / 1000.0
+            while True:
+                db = await aiosqlite.connect(path, isolation_level=None)
+                try:
+                    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                    await _prepare(db)
+                    signal = ChangeSignal.beside(path)
+                    break
+                except sqlite3.OperationalError as exc:
+                    await db.close()
+                    # Processes that create the database together (the workers of a first start,
+                    # the CLI beside a starting server) collide on switching it to WAL, and SQLite
+                    # answers "locked" at once there instead of calling the busy handler: retried
+                    # within the same busy timeout.
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+                except BaseException:
+                    await db.close()
+                    raise
         return cls(db, path, signal)
 
     async def close(self) -> None:
