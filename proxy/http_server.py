@@ -33,6 +33,7 @@ from .keys.issue import ISSUABLE_TIERS
 from .keys.secrets_setup import open_keyring
 from .budget_store import BudgetStore, budget_store_path
 from .limits import LocalLimiter
+from .listener import ListeningSocket, quiesce
 from .shared_limiter import SocketLimiter
 from .metrics import Metrics
 from .paths import store_path
@@ -427,10 +428,19 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             finally:
                 assert state.grpc_stopped is not None
                 state.grpc_stopped.set()
+        # The HTTP listener closes without resetting the connections queued on it (listener.py).
+        left = await quiesce(_listening_sockets(sites[0]))
+        if left:
+            log.warning("%d connections still queued when the HTTP listener closed: the kernel resets them", left)
         # Both front ends drain at once; the cleanup_ctx closes the audit writer after both.
         await asyncio.gather(stop_grpc(), runner.cleanup())
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+
+
+def _listening_sockets(site: web.BaseSite) -> list[ListeningSocket]:
+    server = getattr(site, "_server", None)   # aiohttp's own; None before start() or if it failed
+    return list(getattr(server, "sockets", None) or ())
 
 
 def freeze_startup_heap() -> None:
