@@ -63,7 +63,6 @@ _PLAIN = (str, int, float, type(None))
 
 _values = itemgetter(*FIELDS)
 _PLAIN_TYPES = frozenset(_PLAIN)
-_PARENTS = FIELDS.index("parent_key_ids")
 
 
 def row(rec: dict[str, Any]) -> tuple[Any, ...]:
@@ -72,14 +71,11 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
         ts = time.time()
     try:
-        values = list(_values(rec))   # one C call for the record build_record makes
+        values = _values(rec)   # one C call for the record build_record makes
     except KeyError:
-        values = list(map(rec.get, FIELDS))
-    parents = values[_PARENTS]
-    if parents is not None and not isinstance(parents, str):
-        values[_PARENTS] = json.dumps(parents, default=str)
-    if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds only plain values
-        values = [v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in values]
+        values = tuple(map(rec.get, FIELDS))
+    if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds plain values only (not parent_key_ids)
+        values = tuple(v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in values)
     return (ts, *values)
 
 
