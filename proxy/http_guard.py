@@ -173,11 +173,9 @@ class GuardedRequestHandler(RequestHandler):
         elif starts and self._current_request is None and not self._messages:
             # Armed only now, in the same loop turn as those bytes: a request whose headers came
             # whole in one read (nearly all) never needs a timer.
-            self._arm(reset=False)
+            self._arm()
 
-    def _arm(self, reset: bool = True) -> None:
-        if reset:
-            self._header_bytes = 0
+    def _arm(self) -> None:
         self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_too_slow)
 
     def _disarm(self) -> None:
