@@ -16,7 +16,7 @@ from .audit_file import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated
 from .context import RequestContext, new_id
 from .errors import AuditUnavailable
 
-__all__ = ["FIELDS", "AuditWriter", "build_record", "query_audit", "rotated_files", "tail_audit"]
+__all__ = ["FIELDS", "AuditWriter", "admin_record", "build_record", "query_audit", "rotated_files", "tail_audit"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,18 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         record["admin"] = {k: ctx.extra[f"admin_{k}"] for k in ("action", "target", "detail", "before", "after")
                            if ctx.extra.get(f"admin_{k}") is not None}
     return record
+
+
+def admin_record(actor: str, protocol: str, action: str, target: str | None = None, *, detail: Any = None,
+                 before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An administrative change made outside a request (the CLI, a scheduled rotation), shaped like an
+    admin API call's record; ids and public views only, never a secret. The writer adds time and ids."""
+    admin = {k: v for k, v in (("action", action), ("target", target), ("detail", detail),
+                               ("before", before), ("after", after)) if v is not None}
+    # The resource the same operation has through the admin API (admin_crypto.py for crypto.*).
+    resource = "admin:crypto" if action.startswith("crypto.") else "admin:keys"
+    return {"actor": actor, "action": "admin", "resource": resource, "status": "allowed",
+            "reason": action, "protocol": protocol, "admin": admin}
 
 
 class AuditWriter:

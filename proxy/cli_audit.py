@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .audit import AuditWriter
+from .audit import AuditWriter, admin_record
 from .errors import AuditUnavailable
 from .settings import Settings
 
@@ -32,12 +32,7 @@ def operator() -> str:
 
 def cli_record(action: str, target: str | None = None, *, detail: Any = None,
                before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> dict[str, Any]:
-    admin = {k: v for k, v in (("action", action), ("target", target), ("detail", detail),
-                               ("before", before), ("after", after)) if v is not None}
-    # The resource the same operation has through the admin API (admin_crypto.py for crypto.*).
-    resource = "admin:crypto" if action.startswith("crypto.") else "admin:keys"
-    return {"actor": operator(), "action": "admin", "resource": resource, "status": "allowed",
-            "reason": action, "protocol": "cli", "admin": admin}
+    return admin_record(operator(), "cli", action, target, detail=detail, before=before, after=after)
 
 
 async def write_cli_audit(settings: Settings, record: dict[str, Any]) -> None:

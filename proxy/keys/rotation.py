@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proxy.audit import admin_record
 from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import PEPPER_PREFIX, Pepper, add_pepper_version, load_pepper
 from proxy.keys.sessions import (SIGNING_KEY_PREFIX, SessionAuthority, load_signing_keys, retire_signing_keys,
@@ -204,12 +205,10 @@ def scheduled_rotation_record(what: str, before: str | None, after: str, crypto:
     Shaped like an admin call's record (the CLI's and the API's `crypto.rotate-*`), with the server
     itself as the actor; the writer adds the time and event id.
     """
-    action = f"crypto.scheduled-rotate-{what}"
     days = crypto.dek_rotation_days if what == "dek" else crypto.root_rotation_days
-    return {"actor": "seekgate", "action": "admin", "resource": "admin:crypto", "status": "allowed",
-            "reason": action, "protocol": "internal",
-            "admin": {"action": action, "detail": f"every {days:g} days (crypto.{what}_rotation_days)",
-                      "before": {what: before}, "after": {what: after}}}
+    return admin_record("seekgate", "internal", f"crypto.scheduled-rotate-{what}",
+                        detail=f"every {days:g} days (crypto.{what}_rotation_days)",
+                        before={what: before}, after={what: after})
 
 
 def publish_s(settings: Settings) -> float:
