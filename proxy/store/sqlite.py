@@ -198,18 +198,16 @@ class SqliteStore:
                     await _prepare(db)
                     signal = ChangeSignal.beside(path)
                     break
-                except sqlite3.OperationalError as exc:
+                except BaseException as exc:
                     await db.close()
                     # Processes that create the database together (the workers of a first start,
                     # the CLI beside a starting server) collide on switching it to WAL, and SQLite
                     # answers "locked" at once there instead of calling the busy handler: retried
                     # within the same busy timeout.
-                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    if not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                            and time.monotonic() < deadline):
                         raise
-                    await asyncio.sleep(0.05)
-                except BaseException:
-                    await db.close()
-                    raise
+                await asyncio.sleep(0.05)
         return cls(db, path, signal)
 
     async def close(self) -> None:
