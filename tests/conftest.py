@@ -38,3 +38,9 @@ def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, ...]]:
     """Recording relays to Triton's HTTP and gRPC ports, one pair per test module (a module may use its own)."""
     with relays_to(triton.launch.http_port, triton.launch.grpc_port) as pair:
         yield pair
+
+
+@pytest.fixture(scope="module")
+def relay(relays: tuple[TcpRelay, ...]) -> TcpRelay:
+    """The pair's HTTP relay; a module with a relay of its own defines its own `relay`."""
+    return relays[0]

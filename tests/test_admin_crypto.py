@@ -18,11 +18,6 @@ BASE = "/admin/v1/crypto"
 
 
 @pytest.fixture(scope="module")
-def relay(relays: tuple[TcpRelay, TcpRelay]) -> TcpRelay:
-    return relays[0]
-
-
-@pytest.fixture(scope="module")
 def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with gateway_via(tmp_path_factory.mktemp("gw-admin-crypto"), relay) as g:
         yield g

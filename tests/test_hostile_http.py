@@ -41,11 +41,6 @@ GENERATE = "/v2/models/deepseek/generate"
 
 
 @pytest.fixture(scope="module")
-def relay(relays: tuple[TcpRelay, TcpRelay]) -> TcpRelay:
-    return relays[0]
-
-
-@pytest.fixture(scope="module")
 def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with gateway_via(tmp_path_factory.mktemp("gw"), relay,
                      **{"server.max_body_bytes": BODY_CAP, "server.read_timeout_s": READ_TIMEOUT}) as g:
