@@ -3,6 +3,7 @@
     SeekgateError                      500 INTERNAL
     ├── BadRequest                     400 INVALID_ARGUMENT
     │   ├── PayloadTooLarge            413 RESOURCE_EXHAUSTED
+    │   ├── UnsupportedMediaType       415 INVALID_ARGUMENT   (a Content-Encoding Triton would not apply)
     │   ├── FramingError               400 INVALID_ARGUMENT   (+ connection closed)
     │   └── RequestTimeout             408 DEADLINE_EXCEEDED  (+ connection closed)
     ├── NotFound                       404 NOT_FOUND          (route Triton does not have)
@@ -54,6 +55,11 @@ class PayloadTooLarge(BadRequest):
     default_message = "request body too large"
 
 
+class UnsupportedMediaType(BadRequest):
+    http_status = 415
+    default_message = "unsupported content encoding"
+
+
 class FramingError(BadRequest):
     """A request whose length two parsers could read differently: refused and the connection closed."""
 
@@ -99,8 +105,8 @@ class Forbidden(SeekgateError):
     default_message = "forbidden by policy"
     audit_status = "denied"
 
-    def __init__(self, reason: str = "") -> None:
-        super().__init__(reason or "policy_denied")
+    def __init__(self, reason: str = "", public_message: str | None = None) -> None:
+        super().__init__(reason or "policy_denied", public_message)
 
 
 class RateLimited(SeekgateError):

@@ -21,7 +21,8 @@ HOP_BY_HOP = frozenset({
 })
 # Headers a client may not pass to Triton: the credential, identities only seekgate
 # may assert, and the header that unlocks Triton's shared-memory API.
-_DROPPED = frozenset({"authorization", "host", "content-length", "cookie", "forwarded", "expect"})
+_DROPPED = frozenset({"authorization", "host", "content-length", "cookie", "forwarded", "expect", "x-real-ip",
+                      "x-client-ip", "true-client-ip"})
 _DROPPED_PREFIXES = ("x-seekgate-", "x-forwarded-", "triton-grpc-protocol-", "seekgate-internal")
 # aiohttp frames the response itself; Triton's Server and Date would only be duplicates.
 _RESPONSE_DROPPED = frozenset({"content-length", "server", "date"})
@@ -74,7 +75,7 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
     except ValueError as exc:   # aiohttp's parser refuses CR/LF already; this is the last line of defence
         raise BadRequest("unforwardable_header", public_message="malformed request header") from exc
     except upstream_http.UpstreamTimeout as exc:
-        raise UpstreamTimeout("upstream_timeout") from exc
+        raise UpstreamTimeout(str(exc)) from exc
     except upstream_http.UpstreamConnectError as exc:
         raise UpstreamUnavailable(str(exc)) from exc
     except upstream_http.UpstreamBroken as exc:
@@ -99,7 +100,9 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
         ctx.http_status = 502
         if before_send is not None:
             await before_send()
-        return web.json_response({"error": "unexpected redirect from inference server"}, status=502)
+        # Only seekgate's own headers: nothing of Triton's redirect (its Location least of all) goes out.
+        return web.json_response({"error": "unexpected redirect from inference server"}, status=502,
+                                 headers={"Server-Timing": headers["Server-Timing"], "X-Request-Id": ctx.request_id})
     if upstream.status >= 500:
         return await _generic_error(ctx, upstream, headers, before_send)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")

@@ -16,7 +16,8 @@ from .forward import _DROPPED_PREFIXES
 
 _SERVICE = service_pb2.DESCRIPTOR.services_by_name[GRPC_SERVICE.rsplit(".", 1)[1]]
 # Metadata grpc itself sets or that means something only on this hop.
-_DROPPED_KEYS = frozenset({"authorization", "user-agent", "te", "content-type", "host", "cookie", "forwarded"})
+_DROPPED_KEYS = frozenset({"authorization", "user-agent", "te", "content-type", "host", "cookie", "forwarded",
+                           "x-real-ip", "x-client-ip", "true-client-ip"})
 _DROPPED_KEY_PREFIXES = (":", "grpc-", *_DROPPED_PREFIXES)
 # Methods whose `name` field is a model name (in the shared-memory requests it is a region).
 _NAME_IS_MODEL = frozenset({"ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"})
@@ -49,16 +50,6 @@ def model_name_of(method: str, request: Message) -> str:
     if method in _NAME_IS_MODEL:
         return str(getattr(request, "name"))
     return ""
-
-
-def parameter_names(request: Message) -> bytes:
-    """Parameter keys of an infer request's inputs and outputs, for pipeline.check_body."""
-    if not isinstance(request, service_pb2.ModelInferRequest):
-        return b""
-    keys: list[str] = list(request.parameters)
-    for tensor in (*request.inputs, *request.outputs):
-        keys.extend(tensor.parameters)
-    return " ".join(keys).encode()
 
 
 def upstream_metadata(incoming: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:

@@ -14,15 +14,15 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
-from . import estimate
 from .app_state import AppState
 from .authn import authenticate, parse_bearer
+from .body_view import BodyView, view_grpc
 from .classify import GRPC_SERVICE, classify_grpc
 from .context import RequestContext, Resource, new_id
 from .errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
                      UpstreamUnavailable)
 from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
-                           parameter_names, service_methods, token_counts, upstream_metadata)
+                           service_methods, token_counts, upstream_metadata)
 from .pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
 from .triton import INTERNAL_HEADER
 
@@ -140,8 +140,9 @@ class GrpcFrontEnd:
                     request = _parse(method.request_type, raw)
                     await admit(state, ctx, _authorization(context),
                                 lambda: classify_grpc(method.name, model_name_of(method.name, request)))
-                    check_body(ctx, parameter_names(request))
-                    await limit(state, ctx, lambda: estimate.from_grpc(request))
+                    view = view_grpc(request)
+                    check_body(state, ctx, view)
+                    await limit(state, ctx, view.asked_tokens())
                 assert ctx.resource is not None
                 await audit_ready(state)   # strict audit fails closed before anything is forwarded
                 started = asyncio.get_running_loop().time()
@@ -189,6 +190,7 @@ class GrpcFrontEnd:
                 ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
                                                    ctx.client_ip, time.time(), state.sessions, state.key_cache)
                 incoming = requests.__aiter__()
+                first_view: list[BodyView] = []   # the first message's view: the stream's estimate
 
                 async def admitted(timeout: float | None = None) -> bytes | None:
                     async with asyncio.timeout(timeout):   # in this task: see _unary
@@ -198,7 +200,10 @@ class GrpcFrontEnd:
                         resource = classify_grpc("ModelStreamInfer", request.model_name)
                         authorize(state, ctx, resource)
                         ctx.resource = ctx.resource or resource
-                        check_body(ctx, parameter_names(request))
+                        view = view_grpc(request)
+                        check_body(state, ctx, view)
+                        if not first_view:
+                            first_view.append(view)
                     return raw
 
                 try:
@@ -213,10 +218,10 @@ class GrpcFrontEnd:
                 await audit_ready(state)
                 # One admission per stream, charged the first request's estimate; the slot is held
                 # until the stream ends and the charge corrected to the stream's token totals.
-                await limit(state, ctx, lambda: estimate.from_grpc(_parse(service_pb2.ModelInferRequest, first)))
+                await limit(state, ctx, first_view[0].asked_tokens())
                 assert ctx.resource is not None
                 call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
-                                                timeout=context.time_remaining())
+                                                timeout=self._timeout(context))
                 started = asyncio.get_running_loop().time()
 
                 async def pump() -> None:

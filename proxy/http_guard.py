@@ -48,7 +48,7 @@ from aiohttp.web_server import Server
 from .app_state import STATE
 from .context import RequestContext, new_id
 # FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
-from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, closes_connection
+from .errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, SeekgateError, closes_connection
 from .pipeline import finish, refuse
 
 __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
@@ -139,10 +139,12 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's handler plus a header-read deadline and Triton-format parser errors."""
 
     def __init__(self, *args: Any, header_timeout_s: float,
-                 on_header_timeout: Callable[[str, int], None] | None = None, **kwargs: Any) -> None:
+                 on_header_timeout: Callable[[str, int], None] | None = None,
+                 on_refused: Callable[[str, int, str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._on_header_timeout = on_header_timeout   # (client ip, bytes received) -> audit the cut
+        self._on_refused = on_refused   # (client ip, status, reason) -> audit a parser refusal
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
         self._header_bytes = 0   # bytes of the request whose headers are being waited for
@@ -221,6 +223,12 @@ class GuardedRequestHandler(RequestHandler):
         # A malformed request: the parser's message quotes the offending header line, which may
         # hold a credential, so neither the log nor the client gets it.
         log.warning("malformed HTTP request from %s refused: %s", request.remote, type(exc).__name__)
+        if self._on_refused is not None:
+            try:
+                # What is known: the peer and what the parser refused (its class: never its message).
+                self._on_refused(request.remote or "", status, f"http_parser: {type(exc).__name__}")
+            except Exception:   # auditing must never turn a 400 into a 500
+                log.exception("auditing a refused request failed")
         response = web.json_response({"error": "bad request"}, status=status)
         response.force_close()
         return response
@@ -232,17 +240,17 @@ def client_gone(request: web.BaseRequest) -> asyncio.Future[None] | None:
     return protocol.lost if isinstance(protocol, GuardedRequestHandler) else None
 
 
-def audit_header_timeout(app: web.Application, client_ip: str, received: int, timeout_s: float) -> None:
-    """One audit record (and metrics) for a connection cut before its headers were complete.
+def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError) -> None:
+    """One audit record (and metrics) for a request refused before it was parsed whole.
 
-    No request object exists yet, so the record has the peer address and no key: the headers
-    (and any credential in them) never arrived whole and are not read.
+    No request object exists, so the record has the peer address and no key: the headers
+    (and any credential in them) never arrived whole, or the parser refused them, and are not read.
     """
     state = app.get(STATE)
-    if state is None:   # cut before the cleanup_ctx built the state: nothing to write to
+    if state is None:   # refused before the cleanup_ctx built the state: nothing to write to
         return
     ctx = RequestContext(request_id=new_id(), client_ip=client_ip, protocol="http")
-    refuse(ctx, RequestTimeout(f"header_timeout: {received} bytes in {timeout_s:g}s"))
+    refuse(ctx, err)
     finish(state, ctx)
 
 
@@ -263,8 +271,15 @@ class GuardedRunner(web.AppRunner):
         def factory() -> RequestHandler:
             # Server.__call__ builds RequestHandler(server, loop=..., **handler kwargs); the same here.
             return GuardedRequestHandler(inner, loop=inner._loop, header_timeout_s=self._header_timeout_s,
-                                         on_header_timeout=self._audit_cut, **inner._kwargs)
+                                         on_header_timeout=self._audit_cut, on_refused=self._audit_refused,
+                                         **inner._kwargs)
         return factory
 
     def _audit_cut(self, client_ip: str, received: int) -> None:
-        audit_header_timeout(self.app, client_ip, received, self._header_timeout_s)
+        audit_unparsed(self.app, client_ip,
+                       RequestTimeout(f"header_timeout: {received} bytes in {self._header_timeout_s:g}s"))
+
+    def _audit_refused(self, client_ip: str, status: int, reason: str) -> None:
+        err = BadRequest(reason)
+        err.http_status = status   # the parser's own: 400, or 413/431 for what is too large
+        audit_unparsed(self.app, client_ip, err)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import estimate
 from .admin import handle_admin
 from .admin_crypto import handle_crypto
 from .session_api import handle_sessions
@@ -20,6 +19,7 @@ from .app_state import CTX, STATE, AppState
 from .audit import AuditWriter
 from .audit_file import active_name
 from .authz import Authorizer, PolicyWatcher
+from .body_view import EMPTY, BodyView, decode, route_kind, view_http
 from .classify import classify_http
 from .context import RequestContext, new_id
 from .errors import (AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError,
@@ -97,13 +97,13 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
                         lambda: classify_http(request.method, path))
         assert ctx.resource is not None
         body = await read_body(request, state.settings.server.max_body_bytes, state.settings.server.read_timeout_s)
-        # The decoded size counts against the cap too (gzip bombs); the compressed bytes are forwarded.
-        decoded_size_within(body, request.headers.get("Content-Encoding"), state.settings.server.max_body_bytes)
-        check_body(ctx, body)
+        # Every body-level check decides on the body as Triton will read it (body_view.py); the bytes
+        # received are what is forwarded. The decoded size counts against the cap too (gzip bombs).
+        view = body_view(request, ctx, path, body, state.settings.server.max_body_bytes)
+        check_body(state, ctx, view)
         await audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
         # After every check that may refuse for free: a request refused above costs no quota.
-        await limit(state, ctx, lambda: estimate.from_http(path, body,
-                                                           request.headers.get("Inference-Header-Content-Length")))
+        await limit(state, ctx, view.asked_tokens())
         if ctx.resource.resource in _LOCAL_RESOURCES:   # answered here, never forwarded
             kind = ctx.resource.resource
             response = (await handle_admin(request, body) if kind == "admin:keys"
@@ -195,6 +195,17 @@ async def read_body(request: web.Request, limit: int, timeout_s: float | None = 
     return b"".join(chunks)
 
 
+def body_view(request: web.Request, ctx: RequestContext, path: str, body: bytes, limit: int) -> BodyView:
+    """The parsed view of an inference body; other bodies only have their decoded size capped."""
+    encodings = request.headers.getall("Content-Encoding", [])
+    kind = route_kind(path) if ctx.resource is not None and ctx.resource.action == "infer" else ""
+    if not kind:
+        decoded_size_within(body, encodings[0] if encodings else None, limit)
+        return EMPTY
+    return view_http(kind, decode(body, encodings, kind, limit),
+                     request.headers.getall("Inference-Header-Content-Length", []))
+
+
 def server_timing(ctx: RequestContext) -> str:
     return f"seekgate;dur={ctx.elapsed_ms():.3f};desc=\"seekgate checks before forwarding\""
 
@@ -257,7 +268,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             await store.close()
             raise
         up = settings.upstream
-        pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.request_timeout_s)
+        pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.idle_timeout_s, up.request_timeout_s)
         key_file = data_dir / "secrets" / "triton-internal-key"
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, pool, key_file.read_text().strip() if key_file.exists() else None,

@@ -14,11 +14,12 @@ from functools import lru_cache
 from .app_state import AppState
 from .audit import build_record
 from .authn import authenticate, parse_bearer
+from .body_view import BodyView
 from .context import RequestContext, Resource
 from .errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
 from .keys.sessions import MINTING_TIERS
 from .limits import LIMIT_FIELDS, Limits, Scope, max_tokens_cap, parse_role_caps
-from .settings import LimitsSettings
+from .settings import BodySettings, LimitsSettings
 
 
 async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
@@ -48,17 +49,46 @@ def authorize(state: AppState, ctx: RequestContext, resource: Resource) -> None:
         raise Forbidden("policy_denied")
 
 
-def names_shared_memory(body: bytes) -> bool:
-    # Naming a region lets a caller read or overwrite memory that someone else registered.
-    return b"shared_memory_region" in body
+def check_body(state: AppState, ctx: RequestContext, view: BodyView) -> None:
+    """Body-level policy on the parsed view (every message of a gRPC stream has its own):
+
+    - the role's max_tokens cap (`limits.max_tokens_by_role`), 400 over it;
+    - a key without the admin role sets only the parameters `body.*` allows: a reserved one (shared
+      memory names another tenant's tensors) is 403, any other 400.
+    """
+    p = ctx.principal
+    if p is None or ctx.resource is None or ctx.resource.action != "infer":
+        return
+    asked = view.asked_tokens()   # a batch asks for the sum of its rows
+    if asked is not None:
+        cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
+        if cap is not None and asked > cap:
+            raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
+    if view.parameters and "admin" not in p.roles:
+        _check_parameters(ctx, view, state.settings.body)
 
 
-def check_body(ctx: RequestContext, body: bytes) -> None:
-    """Body-level policy: only admins may point an inference at shared memory."""
-    if ctx.resource is not None and ctx.resource.action == "infer" and names_shared_memory(body) \
-            and not (ctx.principal is not None and "admin" in ctx.principal.roles):
-        ctx.rule = "shared_memory_in_body"
-        raise Forbidden("shared_memory_in_body")
+def _check_parameters(ctx: RequestContext, view: BodyView, body: BodySettings) -> None:
+    allowed, reserved = _body_rules(body)
+    for p in view.parameters:
+        if p.key in allowed[p.where]:
+            continue
+        where = f"{p.where} {p.tensor!r}" if p.tensor else p.where
+        if p.key in reserved:
+            ctx.rule = "parameter_reserved"
+            raise Forbidden(f"parameter_reserved: {p.key} ({where})",
+                            public_message=f"parameter {p.key!r} is reserved for admins")
+        raise BadRequest(f"parameter_not_allowed: {p.key[:64]} ({where[:80]})",
+                         public_message=f"parameter {p.key[:64]!r} is not allowed ({p.where})")
+
+
+@lru_cache(maxsize=4)   # settings are frozen: the sets are built once
+def _body_rules(body: BodySettings) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    def names(text: str) -> frozenset[str]:
+        return frozenset(n.strip() for n in text.split(",") if n.strip())
+    allowed = {"request": names(body.request_parameters), "input": names(body.input_parameters),
+               "output": names(body.output_parameters), "generate": names(body.generate_fields)}
+    return allowed, names(body.admin_parameters)
 
 
 @lru_cache(maxsize=16)   # settings are frozen and tiers few: built once, not per request
@@ -69,22 +99,17 @@ def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
     return Limits(**{f: getattr(settings, f"{tier}_{f}") for f in LIMIT_FIELDS})
 
 
-async def limit(state: AppState, ctx: RequestContext, asked: Callable[[], int | None]) -> None:
-    """The limit step: the role's max_tokens cap, then the key's and every ancestor's rates and budgets.
+async def limit(state: AppState, ctx: RequestContext, asked_tokens: int | None) -> None:
+    """The limit step: the key's and every ancestor's rates and budgets (the role cap is check_body's).
 
-    `asked()` reads the max_tokens the request asks for (None: it names none). It parses the
-    body, so it is called only when a cap or a token limit needs the figure. An admitted request
-    holds a grant until finish() settles it with the real token count.
+    `asked_tokens`: what the request asks for in all (BodyView.asked_tokens; None: it names no
+    max_tokens). An admitted request holds a grant until finish() settles it with the real count.
     """
     p, resource = ctx.principal, ctx.resource
     if p is None or resource is None or resource.public:
         return
     settings = state.settings.limits
     infer = resource.action == "infer"
-    cap = max_tokens_cap(p.roles, _role_caps(settings.max_tokens_by_role))
-    max_tokens = asked() if infer and cap is not None else None
-    if max_tokens is not None and cap is not None and max_tokens > cap:
-        raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     imposed = state.authorizer.rule_limits(ctx.rule)
     if imposed is None and _no_limits(settings, p.limits):
         return   # the common case, decided without building a scope per key
@@ -100,9 +125,7 @@ async def limit(state: AppState, ctx: RequestContext, asked: Callable[[], int | 
     # other calls, and scopes that count only requests, are charged nothing.
     tokens = 0
     if infer and any(s.limits.counts_tokens() for s in scopes):
-        if max_tokens is None and cap is None:
-            max_tokens = asked()
-        tokens = max(1, settings.default_estimate_tokens if max_tokens is None else max_tokens)
+        tokens = max(1, settings.default_estimate_tokens if asked_tokens is None else asked_tokens)
     ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
 
 

@@ -48,7 +48,9 @@ class UpstreamSettings:
     http_url: str = _help("Triton HTTP endpoint requests are forwarded to", "http://127.0.0.1:18000")
     grpc_target: str = _help("Triton gRPC endpoint (host:port) requests are forwarded to", "127.0.0.1:18001")
     connect_timeout_s: float = _help("Seconds to wait for a connection to Triton", 2.0)
-    request_timeout_s: float = _help("Seconds a forwarded request may take end to end", 300.0)
+    request_timeout_s: float = _help("Seconds a forwarded request may take end to end, from sending it to the "
+                                     "last byte of Triton's answer (streams included)", 300.0)
+    idle_timeout_s: float = _help("Seconds Triton may go without sending a byte of its answer", 300.0)
     pool_size: int = _help("Most concurrent connections to Triton", 100)
 
 
@@ -130,6 +132,27 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class BodySettings:
+    """Which parameters a key without the admin role may set in an inference body (body_view.py reads them).
+
+    Comma-separated names. Anything a request sets that is not listed is refused: 403 when listed in
+    `admin_parameters`, else 400 naming it. Admins may set any parameter.
+    """
+
+    request_parameters: str = _help("Request-level `parameters` (HTTP infer and gRPC) non-admins may set",
+                                    "binary_data_output")
+    input_parameters: str = _help("Input tensors' `parameters` non-admins may set", "binary_data_size")
+    output_parameters: str = _help("Output tensors' `parameters` non-admins may set", "binary_data,classification")
+    generate_fields: str = _help("Fields of a generate / generate_stream body (top level or in its "
+                                 "`parameters`) non-admins may set: the model's inputs and sampling parameters",
+                                 "text_input,max_tokens,temperature,top_p,seed,stop")
+    admin_parameters: str = _help("Parameters reserved for admins (refused with 403): shared memory names "
+                                  "another tenant's tensors; sequence, priority and timeout steer the server",
+                                  "shared_memory_region,shared_memory_byte_size,shared_memory_offset,"
+                                  "sequence_id,sequence_start,sequence_end,priority,timeout")
+
+
+@dataclass(frozen=True)
 class CryptoSettings:
     """Envelope encryption of the recoverable secrets (keys/envelope.py) and the root (KEK) that wraps them."""
 
@@ -167,6 +190,8 @@ class Settings:
     limits: LimitsSettings = _help("Rate limits and token budgets (defaults per key tier)",
                                    default_factory=LimitsSettings)
     crypto: CryptoSettings = _help("Envelope encryption and key rotation", default_factory=CryptoSettings)
+    body: BodySettings = _help("Parameters non-admin keys may set in an inference body",
+                               default_factory=BodySettings)
 
 
 class SettingsError(ValueError):
@@ -288,7 +313,7 @@ _PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
           "triton.http_port", "triton.grpc_port", "triton.metrics_port")
 _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
              "server.workers", "server.drain_timeout_s",
-             "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.pool_size",
+             "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
@@ -361,7 +386,14 @@ def validate(settings: Settings) -> list[str]:
         parse_role_caps(settings.limits.max_tokens_by_role)
     except ValueError as exc:
         errors.append(f"limits.max_tokens_by_role: {exc}")
+    for f in dataclasses.fields(BodySettings):
+        bad = [n for n in getattr(settings.body, f.name).split(",") if not _PARAMETER_RE.fullmatch(n.strip())]
+        if bad and getattr(settings.body, f.name).strip():
+            errors.append(f"body.{f.name}: must be comma-separated parameter names, got {bad[0]!r}")
     return errors
+
+
+_PARAMETER_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 KEK_PROVIDERS = ("file", "pkcs11", "vault")

@@ -12,6 +12,7 @@ folding), so Triton sees the very path that seekgate classified and authorized.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -36,7 +37,8 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """No pool slot or connection within connect_timeout_s, or no byte from Triton for request_timeout_s."""
+    """No pool slot or connection within connect_timeout_s, no byte from Triton for idle_timeout_s, or the
+    answer not complete request_timeout_s after it was sent."""
 
 
 class UpstreamBroken(UpstreamError):
@@ -46,13 +48,15 @@ class UpstreamBroken(UpstreamError):
 class UpstreamResponse:
     """One answer from Triton: status and headers at once, the body as it arrives; `release()` when done."""
 
-    def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop, read_timeout_s: float) -> None:
+    def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop, read_timeout_s: float,
+                 deadline: float = math.inf) -> None:
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self._conn = conn
         self._loop = loop
         self._read_timeout_s = read_timeout_s
+        self._deadline = deadline   # loop time by which the whole answer must be in (request_timeout_s)
         self._raw_headers: list[tuple[str, str]] = []
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -133,18 +137,26 @@ class UpstreamResponse:
         return chunk
 
     async def _wait(self) -> None:
-        """Until the next piece of the answer, bounded by the read timeout between pieces."""
+        """Until the next piece of the answer, bounded by the idle timeout between pieces and the deadline.
+
+        The deadline makes the timeout end to end: an upstream that trickles a byte just inside
+        the idle timeout is still cut once the whole answer has taken request_timeout_s.
+        """
         self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._read_timeout_s, self._time_out, self._waiter)
+        left = self._deadline - self._loop.time()
+        reason = "upstream_timeout: no byte for idle_timeout_s"
+        if left <= self._read_timeout_s:
+            reason = "upstream_timeout: answer not complete within request_timeout_s"
+        timer = self._loop.call_later(min(self._read_timeout_s, max(0.0, left)), self._time_out, self._waiter, reason)
         try:
             await self._waiter
         finally:
             timer.cancel()
             self._waiter = None
 
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
+    def _time_out(self, waiter: asyncio.Future[None], reason: str) -> None:
         if not waiter.done():
-            self._error = UpstreamTimeout("upstream_timeout")
+            self._error = UpstreamTimeout(reason)
             waiter.set_result(None)
 
     def _wake(self) -> None:
@@ -290,7 +302,7 @@ class UpstreamPool:
     """Keep-alive connections to one Triton HTTP endpoint, at most `limit` open at once."""
 
     def __init__(self, url: str, limit: int = 100, connect_timeout_s: float = 2.0,
-                 read_timeout_s: float = 300.0) -> None:
+                 read_timeout_s: float = 300.0, total_timeout_s: float = math.inf) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream URL must be http:// or https://host[:port], not {url!r}")
@@ -302,6 +314,7 @@ class UpstreamPool:
         self._limit = max(1, limit)
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+        self._total_timeout_s = total_timeout_s
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
@@ -317,9 +330,10 @@ class UpstreamPool:
         """
         head = self._head(method, target, headers, body)
         loop = asyncio.get_running_loop()
+        started = loop.time()   # the end-to-end deadline counts the wait for a pool slot too
         for attempt in (0, 1):
             conn = await self._acquire(loop)
-            response = UpstreamResponse(conn, loop, self._read_timeout_s)
+            response = UpstreamResponse(conn, loop, self._read_timeout_s, started + self._total_timeout_s)
             conn.send(head, body, response, head_only=method == "HEAD")
             try:
                 while response.status == 0:

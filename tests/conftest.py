@@ -33,6 +33,18 @@ def triton(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def echo_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    """A real tritonserver serving tests/models (echo, echo_stream): each answers with the parameters and
+    inputs Triton handed the model, so a test sees what Triton made of a request body."""
+    http, grpc_, metrics = free_ports(3)
+    launch = TritonLaunch(REPO / "tests" / "models", tmp_path_factory.mktemp("echo-triton"), None, http_port=http,
+                          grpc_port=grpc_, metrics_port=metrics, config_name="default", startup_timeout_s=120)
+    proc = TritonProcess(launch).__enter__()
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture(scope="module")
 def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, ...]]:
     """Recording relays to Triton's HTTP and gRPC ports, one pair per test module (a module may use its own)."""

@@ -402,7 +402,7 @@ def test_audit_records_for_grpc_calls_with_token_counts(gw: Gateway, stub: Any) 
 def test_upstream_metadata_drops_credentials_and_identities() -> None:
     kept = upstream_metadata([("authorization", "Bearer x"), ("x-seekgate-owner", "root"), ("x-forwarded-for", "1"),
                               ("triton-grpc-protocol-seekgate-internal", "k"), ("seekgate-internal", "k"),
-                              ("user-agent", "u"),
+                              ("user-agent", "u"), ("x-real-ip", "6.6.6.6"), ("true-client-ip", "6.6.6.6"),
                               ("triton_grpc_error", "true"), ("trace-bin", b"\x00")])
     assert kept == [("triton_grpc_error", "true"), ("trace-bin", b"\x00")]
 

@@ -38,6 +38,7 @@ from tests.test_http_server import call
 BODY_CAP = 1 << 20
 READ_TIMEOUT = 1.0
 GENERATE = "/v2/models/deepseek/generate"
+INFER = "/v2/models/deepseek/infer"
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,31 @@ def test_smuggling_shapes_are_400_and_closed(gw: Gateway, relay: TcpRelay, key: 
     assert closed and response.count(b"HTTP/1.") == 1   # no second (smuggled) response
     assert b"generate" not in relay.seen() and MARK not in relay.seen()
     still_serving(gw, key)
+
+
+@pytest.mark.parametrize("name,headers", [
+    ("LineTooLong", b"X-Long: " + b"a" * 70_000 + b"\r\n"),
+    ("BadHttpMessage", b"".join(b"X-H%d: v\r\n" % i for i in range(300))),
+    ("BadHttpMessage", b"Content-Length: 5\r\nContent-Length: 6\r\n"),
+])
+def test_requests_the_parser_refuses_are_audited_with_what_is_known(gw: Gateway, relay: TcpRelay, key: str,
+                                                                   name: str, headers: bytes) -> None:
+    """Refused before any handler runs (no key read): one record with the peer and what the parser said."""
+    relay.clear()
+    marker = uuid.uuid4().hex.encode()
+    before = len(audit_records(gw))
+    response, closed = exchange(gw, b"POST /v2/models/" + marker + b"/generate HTTP/1.1\r\nHost: x\r\n"
+                                + headers + b"\r\n")
+    status = int(response.split(b"\r\n", 1)[0].split(b" ")[1])
+    assert 400 <= status < 500 and closed, response[:200]
+    assert marker not in relay.seen()
+
+    def audited() -> list[dict]:  # type: ignore[type-arg]
+        return [r for r in audit_records(gw)[before:] if r["reason"].startswith("http_parser: ")]
+    assert wait_for(lambda: len(audited()) == 1, 5), audit_records(gw)[before:]
+    rec = audited()[0]
+    assert rec["status"] == "denied" and rec["http_status"] == status and rec["client_ip"] == "127.0.0.1"
+    assert rec["key_id"] is None and name in rec["reason"] and key not in json.dumps(rec)
 
 
 def test_transfer_encoding_on_http_1_0_is_400_and_closed(gw: Gateway, relay: TcpRelay, key: str) -> None:
@@ -240,25 +266,28 @@ def test_trickled_body_is_cut_with_408(gw: Gateway, relay: TcpRelay, key: str) -
 
 def test_gzip_bomb_is_413_and_never_forwarded(gw: Gateway, relay: TcpRelay, key: str) -> None:
     relay.clear()
-    bomb = gzip.compress(b'{"text_input": "' + b"0" * (64 * BODY_CAP) + b'"}')
+    bomb = gzip.compress(b'{"inputs": [{"name": "text_input", "data": ["' + b"0" * (64 * BODY_CAP) + b'"]}]}')
     assert len(bomb) < BODY_CAP   # under the cap on the wire, 64x over it decoded
-    status, _, raw = call(gw.url + GENERATE, "POST", bomb, key,
+    status, _, raw = call(gw.url + INFER, "POST", bomb, key,
                           {"Content-Encoding": "gzip", "Content-Type": "application/json"})
     assert status == 413 and json.loads(raw) == {"error": "request body too large"}
-    assert b"generate" not in relay.seen()
+    assert b"/infer" not in relay.seen()
     still_serving(gw, key)
 
 
-@pytest.mark.parametrize("encoding,body,status", [
-    ("deflate", zlib.compress(b"0" * (8 * BODY_CAP)), 413),
-    ("gzip", b"\x1f\x8b not gzip at all", 400),
-    ("br", b"whatever", 400),
+@pytest.mark.parametrize("route,encoding,body,status", [
+    (INFER, "deflate", zlib.compress(b"0" * (8 * BODY_CAP)), 413),
+    (INFER, "gzip", b"\x1f\x8b not gzip at all", 400),
+    (INFER, "br", b"whatever", 415),
+    # Triton reads generate bodies as they come: a compressed one is refused there, and so here.
+    (GENERATE, "gzip", gzip.compress(b'{"text_input": "hi"}'), 415),
+    (GENERATE, "deflate", zlib.compress(b'{"text_input": "hi"}'), 415),
 ])
-def test_other_compressed_bodies_refused(gw: Gateway, relay: TcpRelay, key: str, encoding: str, body: bytes,
-                                         status: int) -> None:
+def test_other_compressed_bodies_refused(gw: Gateway, relay: TcpRelay, key: str, route: str, encoding: str,
+                                         body: bytes, status: int) -> None:
     relay.clear()
-    assert call(gw.url + GENERATE, "POST", body, key, {"Content-Encoding": encoding})[0] == status
-    assert b"generate" not in relay.seen()
+    assert call(gw.url + route, "POST", body, key, {"Content-Encoding": encoding})[0] == status
+    assert route.encode() not in relay.seen()
 
 
 def test_gzip_within_the_cap_is_forwarded_compressed_with_a_content_length(
@@ -375,11 +404,17 @@ def test_upstream_redirect_is_not_followed(fake_gw: Gateway) -> None:
     _, key = fake_gw.key(owner="otto")
     status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "302"}, key)
     assert status == 502 and "Location" not in headers and b"169.254" not in raw
+    # Like every answer: the request id the audit record carries, and the timing (README).
+    assert headers["Server-Timing"].startswith("seekgate;dur=") and "upstream;dur=" in headers["Server-Timing"]
+    assert wait_for(lambda: any(r["request_id"] == headers["X-Request-Id"] and r["reason"] == "upstream_redirect"
+                                for r in audit_records(fake_gw)), 5)
 
 
 HOP_BY_HOP_SENT = {"Connection": "keep-alive, X-Hop-Private", "X-Hop-Private": "1", "Keep-Alive": "timeout=99",
                    "TE": "trailers", "Upgrade": "h2c", "Proxy-Authorization": "Basic c2VjcmV0",
-                   "Proxy-Connection": "keep-alive"}
+                   "Proxy-Connection": "keep-alive",
+                   # Identities only seekgate may assert: a client's own never reaches Triton either.
+                   "X-Real-IP": "6.6.6.6", "X-Forwarded-For": "6.6.6.6", "True-Client-IP": "6.6.6.6"}
 
 
 def test_hop_by_hop_request_headers_never_reach_triton(gw: Gateway, relay: TcpRelay, key: str) -> None:

@@ -25,7 +25,8 @@ def test_upstream_headers_drop_credentials_identity_and_hop_by_hop() -> None:
         ("X-Seekgate-Owner", "root"), ("seekgate-internal", "guess"), ("Connection", "keep-alive, X-Private"),
         ("X-Private", "1"), ("Transfer-Encoding", "chunked"), ("Content-Encoding", "gzip"),
         ("Inference-Header-Content-Length", "120"), ("Content-Type", "application/octet-stream"),
-        ("triton-grpc-protocol-seekgate-internal", "guess"),
+        ("triton-grpc-protocol-seekgate-internal", "guess"), ("X-Real-IP", "6.6.6.6"), ("X-Client-IP", "6.6.6.6"),
+        ("True-Client-IP", "6.6.6.6"),
     ]))
     out = upstream_headers(incoming)
     assert sorted(name for name, _ in out) == ["Content-Encoding", "Content-Type", "Inference-Header-Content-Length"]

@@ -266,8 +266,9 @@ def test_only_scopes_with_a_tpm_limit_keep_charges() -> None:
     assert len(b.requests) == 5 and len(b.charges) == 5 and b.tpm_used == 60
 
 
-async def test_the_limit_step_reads_the_body_only_when_a_cap_or_a_token_limit_needs_it() -> None:
-    """issue 7: no request-body JSON parsing unless a check needs it (the estimate is what parses it)."""
+async def test_the_limit_step_charges_what_the_body_asks_for_only_where_tokens_are_counted() -> None:
+    """The estimate (the body view's max_tokens, else limits.default_estimate_tokens) is charged only
+    where a scope counts tokens; a key without limits gets no grant at all."""
     from types import SimpleNamespace
 
     from proxy.authz import Authorizer
@@ -275,27 +276,18 @@ async def test_the_limit_step_reads_the_body_only_when_a_cap_or_a_token_limit_ne
     from proxy.pipeline import limit
     from proxy.settings import load_settings
 
-    state = SimpleNamespace(settings=load_settings(None, env={}, overrides={"limits.max_tokens_by_role": "capped=4"}),
+    state = SimpleNamespace(settings=load_settings(None, env={}, overrides={"limits.default_estimate_tokens": 7}),
                             authorizer=Authorizer(), limiter=LocalLimiter(clock=Clock(T0)))
-    reads: list[int] = []
-
-    def asked() -> int:
-        reads.append(1)
-        return 3
-
-    cases = [((), {}, 0, None),                      # no cap, no token limit: the body is never parsed
-             ((), {"rpm": 10}, 0, 0),                # requests counted only: charged no tokens, never parsed
-             ((), {"tpm": 100}, 1, 3),               # a token limit: charged the estimate
-             (("capped",), {}, 1, None),             # a role cap: checked against it
-             (("capped",), {"tpm": 100}, 1, 3)]      # both: parsed once
-    for i, (roles, own, want_reads, charged) in enumerate(cases):
-        reads.clear()
+    cases = [({}, 3, None),             # no limit at all: no grant
+             ({"rpm": 10}, 3, 0),       # requests counted only: charged no tokens
+             ({"tpm": 100}, 3, 3),      # a token limit: charged what the body asks for
+             ({"tpm": 100}, None, 7)]   # names no max_tokens: charged the default estimate
+    for i, (own, asked, charged) in enumerate(cases):
         ctx = RequestContext(request_id=f"r{i}", client_ip="127.0.0.1")
-        ctx.principal = Principal(f"k{i}", "user", "u", roles=roles, limits=((f"k{i}", "user", own),))
+        ctx.principal = Principal(f"k{i}", "user", "u", limits=((f"k{i}", "user", own),))
         ctx.resource = Resource("model:deepseek", "infer", model="deepseek")
         await limit(state, ctx, asked)  # type: ignore[arg-type]
-        assert len(reads) == want_reads, (roles, own)
         if charged is None:
             assert ctx.limit_grant is None
         else:
-            assert ctx.limit_grant is not None and ctx.limit_grant.tokens == charged, (roles, own)
+            assert ctx.limit_grant is not None and ctx.limit_grant.tokens == charged, (own, asked)

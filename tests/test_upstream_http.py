@@ -174,6 +174,38 @@ async def test_silence_is_a_read_timeout_and_the_connection_is_dropped() -> None
         assert not pool._open
 
 
+async def test_request_timeout_is_end_to_end_however_the_bytes_trickle() -> None:
+    """A byte every 0.1 s never trips the idle timeout (0.5 s); the answer is cut at the 1 s deadline anyway."""
+    async def trickle(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):   # 10 s in all: served whole, were the timeout only between bytes
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async with raw_server(trickle) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=0.5, total_timeout_s=1.0)
+        answer = await pool.request("POST", "/v2/models/m/infer", JSON, b"{}")
+        assert answer.status == 200
+        with pytest.raises(UpstreamTimeout, match="request_timeout_s"):
+            await answer.read()
+        answer.release()
+        await pool.close()
+
+
+async def test_the_idle_timeout_still_cuts_a_silent_upstream_before_the_deadline() -> None:
+    async def silent(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        await reader.read()
+
+    async with raw_server(silent) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", read_timeout_s=0.2, total_timeout_s=60.0)
+        with pytest.raises(UpstreamTimeout, match="idle_timeout_s"):
+            await pool.request("POST", "/v2/models/m/infer", JSON, b"{}")
+        await pool.close()
+
+
 async def test_a_body_cut_short_or_garbage_is_broken() -> None:
     async def short(raw: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await raw.read_request(reader)
