@@ -22,6 +22,8 @@ _MAX_HEADER = 4096
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 log = logging.getLogger("seekgate.authn")
+# Stands in for the row of an unknown key id: its hash (64 hex digits, like every stored one) matches nothing.
+_DECOY = KeyRecord(key_id="", secret_hash="0" * 64, tier="", owner="", created_at=0.0)
 
 
 @runtime_checkable
@@ -117,13 +119,16 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
         # A typo or a random probe is turned away before any store lookup.
         raise Unauthenticated(exc.reason) from None
     chain = await store.get_chain(parsed.key_id)
-    if not chain or chain[0].key_id != parsed.key_id:
+    known = bool(chain) and chain[0].key_id == parsed.key_id
+    # The secret is checked before any state, so someone holding only a key id learns nothing
+    # about whether it is revoked, expired or IP-bound. An unknown id costs the same HMAC and
+    # compare against a decoy, so the answer time does not tell whether the id exists either.
+    key = chain[0] if known else _DECOY
+    row_pepper = pepper_for(pepper, key.pepper_version if known else pepper_version(pepper))
+    matches = row_pepper is not None and verify_secret(row_pepper, token, key.secret_hash)
+    if not known:
         raise Unauthenticated("unknown_key")
-    key = chain[0]
-    # The secret is checked before any state, so someone holding only a key id
-    # learns nothing about whether it is revoked, expired or IP-bound.
-    row_pepper = pepper_for(pepper, key.pepper_version)
-    if row_pepper is None or not verify_secret(row_pepper, token, key.secret_hash):
+    if not matches:
         raise Unauthenticated("hash_mismatch")
     check_chain(chain, client_ip, now)
     if key.pepper_version < pepper_version(pepper):

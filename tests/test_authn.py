@@ -144,6 +144,27 @@ async def test_forged_secret_with_a_real_key_id_is_hash_mismatch(store: SqliteSt
     assert await reason_for(body + _checksum(body), store) == "hash_mismatch"
 
 
+async def test_an_unknown_key_id_costs_the_same_work_as_a_wrong_secret(
+        store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both failures read one chain row and compute one HMAC, so the answer time does not tell whether
+    a key id exists (bench/auth_timing.py measures the medians)."""
+    import proxy.authn
+    import proxy.store.sqlite
+    hmacs: list[str] = []
+    rows: list[str] = []
+    real_verify, real_from_row = proxy.authn.verify_secret, proxy.store.sqlite._from_row
+    monkeypatch.setattr(proxy.authn, "verify_secret", lambda *a: hmacs.append("h") or real_verify(*a))
+    monkeypatch.setattr(proxy.store.sqlite, "_from_row", lambda r: rows.append(r[0]) or real_from_row(r))
+    key_id, _ = await issue(store)
+    body = f"sgk_{key_id}_{'A' * 43}_"
+    unknown_id, unknown = generate_key()
+    assert await reason_for(unknown, store) == "unknown_key"
+    assert (len(hmacs), len(rows)) == (1, 1) and rows == [""]   # the decoy row, converted like a real one
+    assert await reason_for(body + _checksum(body), store) == "hash_mismatch"
+    assert (len(hmacs), len(rows)) == (2, 2) and rows[1] == key_id
+    assert await store.get_chain(unknown_id) == []
+
+
 async def test_hash_is_checked_before_state(store: SqliteStore) -> None:
     key_id, token = await issue(store, expires_at=NOW - 1, allowed_cidrs=("10.0.0.0/8",))
     await store.revoke_key(key_id, NOW)

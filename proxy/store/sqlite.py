@@ -58,15 +58,24 @@ _COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_ci
 # Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
 _ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"))
 
+# An unknown key id gets one decoy row (key_id '', which no key has) in place of its chain: it is
+# fetched and converted like a real one, so the answer time does not tell whether the id exists.
+# Its values are as long as a typical key's, so even copying the row costs the same.
+_DECOY_ROW = ("'', '" + "0" * 64 + "', 'user', 'decoy-owner', '[\"user\"]', '{}', '[]', '[]', NULL, "
+              "'sgk_000000000000', '0000', 0, NULL, NULL, '{}', 1")
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain(id, depth) AS (
-    SELECT ?, 0
+    SELECT :key_id, 0
     UNION ALL
     SELECT k.parent_id, chain.depth + 1 FROM keys k JOIN chain ON k.key_id = chain.id
     WHERE k.parent_id IS NOT NULL AND chain.depth < {MAX_DEPTH}
 )
-SELECT {", ".join("k." + c.strip() for c in _COLUMNS.split(","))}
-FROM chain JOIN keys k ON k.key_id = chain.id ORDER BY chain.depth
+SELECT * FROM (
+    SELECT {", ".join("k." + c.strip() for c in _COLUMNS.split(","))}
+    FROM chain JOIN keys k ON k.key_id = chain.id ORDER BY chain.depth
+)
+UNION ALL
+SELECT {_DECOY_ROW} WHERE NOT EXISTS (SELECT 1 FROM keys WHERE key_id = :key_id)
 """
 
 # The CTE sits inside the subquery: with a leading WITH, sqlite3 reports rowcount -1.
@@ -263,11 +272,13 @@ class SqliteStore:
             return None if row is None else _from_row(row)
 
     async def get_chain(self, key_id: str) -> list[KeyRecord]:
-        """The key, then its ancestors nearest first; [] if the key is unknown."""
+        """The key, then its ancestors nearest first; [] if the key is unknown (after the same work)."""
         async with _guard("get_chain"):
-            async with self._db.execute(_CHAIN_SQL, (key_id,)) as cur:
+            async with self._db.execute(_CHAIN_SQL, {"key_id": key_id}) as cur:
                 rows = await cur.fetchall()
             chain = [_from_row(r) for r in rows]
+            if chain and chain[0].key_id == "":
+                return []   # the decoy
             if len({r.key_id for r in chain}) != len(chain):
                 raise ValueError(f"parent cycle above key {key_id!r}")
             return chain
