@@ -234,19 +234,32 @@ class GrpcFrontEnd:
                         raw = await admitted()
                     await call.done_writing()
 
+                writing = asyncio.Lock()
+
                 async def relay() -> None:
                     while (raw := await call.read()) is not grpc.aio.EOF:
                         if ctx.upstream_ms is None:
                             ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
                         counter.feed(raw)
-                        await context.write(raw)
+                        async with writing:
+                            await context.write(raw)
 
                 reader = asyncio.create_task(relay())
                 tasks = {asyncio.create_task(pump()), reader}
-                while reader in tasks:
-                    done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()   # a refused message or an upstream error ends the stream here
+                try:
+                    while reader in tasks:
+                        done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()   # a refused message or an upstream error ends the stream here
+                except Exception:
+                    # The refusal goes out as the call's status, which grpc refuses to send beside a
+                    # response write still in flight (TOO_MANY_OPERATIONS: the client then hangs to its
+                    # deadline). So the write in flight finishes, and the relay stops, first.
+                    async with writing:
+                        for task in tasks:
+                            task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise
                 ctx.http_status = 200
                 # Strict audit: the responses are out, the OK status (the stream's end) waits for the record.
                 ctx.input_tokens, ctx.output_tokens = counter.totals()
