@@ -57,8 +57,12 @@ __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "Guarde
 log = logging.getLogger("seekgate.http")
 
 _408 = json.dumps({"error": "request timed out"}).encode()
-_408_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                 b"Connection: close\r\nContent-Length: " + str(len(_408)).encode() + b"\r\n\r\n" + _408)
+
+
+def _408_response(request_id: str) -> bytes:
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nX-Request-Id: "
+            + request_id.encode() + b"\r\nConnection: close\r\nContent-Length: " + str(len(_408)).encode()
+            + b"\r\n\r\n" + _408)
 DECODE_STEP = 64 * 1024   # bytes of decompressed output per step: a bomb never inflates past cap + this
 
 SUPPORTED_AIOHTTP = "aiohttp>=3.14,<3.15"
@@ -139,12 +143,13 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's handler plus a header-read deadline and Triton-format parser errors."""
 
     def __init__(self, *args: Any, header_timeout_s: float,
-                 on_header_timeout: Callable[[str, int], None] | None = None,
-                 on_refused: Callable[[str, int, str], None] | None = None, **kwargs: Any) -> None:
+                 on_header_timeout: Callable[[str, int, str], None] | None = None,
+                 on_refused: Callable[[str, int, str, str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
-        self._on_header_timeout = on_header_timeout   # (client ip, bytes received) -> audit the cut
-        self._on_refused = on_refused   # (client ip, status, reason) -> audit a parser refusal
+        # Each audits what it refused under the request id the client was told: (client ip, ..., request id).
+        self._on_header_timeout = on_header_timeout   # (client ip, bytes received, request id)
+        self._on_refused = on_refused   # (client ip, status, reason, request id)
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
         self._header_bytes = 0   # bytes of the request whose headers are being waited for
@@ -192,14 +197,15 @@ class GuardedRequestHandler(RequestHandler):
             return
         log.warning("request headers not complete within %.3gs from %s: connection closed",
                     self._header_timeout_s, self.peername)
-        transport.write(_408_RESPONSE)
+        request_id = new_id()
+        transport.write(_408_response(request_id))
         self.force_close()
         transport.close()
         if self._on_header_timeout is not None:
             peer = self.peername
             try:
                 self._on_header_timeout(peer[0] if isinstance(peer, tuple) else str(peer or ""),
-                                        self._header_bytes)
+                                        self._header_bytes, request_id)
             except Exception:   # the audit must never take the event loop's callback down with it
                 log.exception("auditing a header timeout failed")
 
@@ -223,13 +229,14 @@ class GuardedRequestHandler(RequestHandler):
         # A malformed request: the parser's message quotes the offending header line, which may
         # hold a credential, so neither the log nor the client gets it.
         log.warning("malformed HTTP request from %s refused: %s", request.remote, type(exc).__name__)
+        request_id = new_id()
         if self._on_refused is not None:
             try:
                 # What is known: the peer and what the parser refused (its class: never its message).
-                self._on_refused(request.remote or "", status, f"http_parser: {type(exc).__name__}")
+                self._on_refused(request.remote or "", status, f"http_parser: {type(exc).__name__}", request_id)
             except Exception:   # auditing must never turn a 400 into a 500
                 log.exception("auditing a refused request failed")
-        response = web.json_response({"error": "bad request"}, status=status)
+        response = web.json_response({"error": "bad request"}, status=status, headers={"X-Request-Id": request_id})
         response.force_close()
         return response
 
@@ -240,7 +247,7 @@ def client_gone(request: web.BaseRequest) -> asyncio.Future[None] | None:
     return protocol.lost if isinstance(protocol, GuardedRequestHandler) else None
 
 
-def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError) -> None:
+def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError, request_id: str) -> None:
     """One audit record (and metrics) for a request refused before it was parsed whole.
 
     No request object exists, so the record has the peer address and no key: the headers
@@ -249,7 +256,7 @@ def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError) -> 
     state = app.get(STATE)
     if state is None:   # refused before the cleanup_ctx built the state: nothing to write to
         return
-    ctx = RequestContext(request_id=new_id(), client_ip=client_ip, protocol="http")
+    ctx = RequestContext(request_id=request_id, client_ip=client_ip, protocol="http")
     refuse(ctx, err)
     finish(state, ctx)
 
@@ -275,11 +282,11 @@ class GuardedRunner(web.AppRunner):
                                          **inner._kwargs)
         return factory
 
-    def _audit_cut(self, client_ip: str, received: int) -> None:
+    def _audit_cut(self, client_ip: str, received: int, request_id: str) -> None:
         audit_unparsed(self.app, client_ip,
-                       RequestTimeout(f"header_timeout: {received} bytes in {self._header_timeout_s:g}s"))
+                       RequestTimeout(f"header_timeout: {received} bytes in {self._header_timeout_s:g}s"), request_id)
 
-    def _audit_refused(self, client_ip: str, status: int, reason: str) -> None:
+    def _audit_refused(self, client_ip: str, status: int, reason: str, request_id: str) -> None:
         err = BadRequest(reason)
         err.http_status = status   # the parser's own: 400, or 413/431 for what is too large
-        audit_unparsed(self.app, client_ip, err)
+        audit_unparsed(self.app, client_ip, err, request_id)

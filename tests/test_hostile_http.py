@@ -124,17 +124,19 @@ def test_requests_the_parser_refuses_are_audited_with_what_is_known(gw: Gateway,
     """Refused before any handler runs (no key read): one record with the peer and what the parser said."""
     relay.clear()
     marker = uuid.uuid4().hex.encode()
-    before = len(audit_records(gw))
     response, closed = exchange(gw, b"POST /v2/models/" + marker + b"/generate HTTP/1.1\r\nHost: x\r\n"
                                 + headers + b"\r\n")
     status = int(response.split(b"\r\n", 1)[0].split(b" ")[1])
     assert 400 <= status < 500 and closed, response[:200]
     assert marker not in relay.seen()
+    head = response.split(b"\r\n\r\n", 1)[0].decode().lower()
+    request_id = head.split("\r\nx-request-id: ", 1)[1].split("\r\n", 1)[0]
 
     def audited() -> list[dict]:  # type: ignore[type-arg]
-        return [r for r in audit_records(gw)[before:] if r["reason"].startswith("http_parser: ")]
-    assert wait_for(lambda: len(audited()) == 1, 5), audit_records(gw)[before:]
+        return [r for r in audit_records(gw) if r["request_id"] == request_id]
+    assert wait_for(lambda: len(audited()) == 1, 5), audited()
     rec = audited()[0]
+    assert rec["reason"] == f"http_parser: {name}"
     assert rec["status"] == "denied" and rec["http_status"] == status and rec["client_ip"] == "127.0.0.1"
     assert rec["key_id"] is None and name in rec["reason"] and key not in json.dumps(rec)
 
@@ -205,6 +207,7 @@ def test_trickled_headers_are_cut_and_others_served(gw: Gateway, relay: TcpRelay
     assert len(cut) == 1, cut
     assert cut[0]["status"] == "error" and cut[0]["http_status"] == 408
     assert cut[0]["client_ip"] == "127.0.0.1" and cut[0]["key_id"] in ("", None)
+    assert b"\r\nX-Request-Id: " + cut[0]["request_id"].encode() + b"\r\n" in response
     sent = int(cut[0]["reason"].split()[1])
     assert 0 < sent < len(head) and key not in json.dumps(cut[0])
 
