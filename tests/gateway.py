@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.http_server import run
+from proxy.frontend.http import run
 from proxy.keys.format import generate_key, key_prefix_and_last4
 from proxy.keys.hashing import hash_secret, pepper_version
 from proxy.keys.secrets_setup import open_pepper
@@ -23,7 +23,7 @@ from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
-from proxy.triton import free_ports
+from proxy.local.triton import free_ports
 from tests.relay import TcpRelay
 
 REPO = Path(__file__).resolve().parent.parent

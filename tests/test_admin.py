@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.admin import handle_admin
-from proxy.app_state import CTX, STATE, AppState
-from proxy.audit import build_record
-from proxy.authn import authenticate
+from proxy.admin.keys import handle_admin
+from proxy.steps.app_state import CTX, STATE, AppState
+from proxy.audit.writer import build_record
+from proxy.steps.authn import authenticate
 from proxy.context import RequestContext
 from proxy.settings import ServerSettings, Settings
 from proxy.store.sqlite import SqliteStore
-from proxy.triton import TritonProcess, free_ports
+from proxy.local.triton import TritonProcess, free_ports
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_http_server import call
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from proxy import audit, audit_file
-from proxy.audit import FIELDS, AuditWriter, build_record, query_audit, tail_audit
+from proxy.audit import jsonl as audit_file, writer as audit
+from proxy.audit.writer import FIELDS, AuditWriter, build_record, query_audit, tail_audit
 from proxy.context import Principal, RequestContext, Resource
 
 SECRET = "sk-seekgate-THIS-IS-A-SECRET"
@@ -414,7 +414,7 @@ def test_a_record_with_undecodable_bytes_is_still_one_valid_line() -> None:
 
 
 def test_index_rows_bind_plain_values_and_json_for_the_rest() -> None:
-    from proxy.audit_db import row
+    from proxy.audit.index import row
 
     def reference(rec: dict[str, Any]) -> tuple[Any, ...]:   # the definition: plain values as they are
         return tuple(v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str)
@@ -431,7 +431,7 @@ def test_index_rows_bind_plain_values_and_json_for_the_rest() -> None:
 
 
 def test_the_index_takes_batches_across_statement_boundaries_all_or_nothing(tmp_path: Path) -> None:
-    from proxy.audit_db import AuditIndex
+    from proxy.audit.index import AuditIndex
     index = AuditIndex(tmp_path / "audit.db")
     first = [_rec(i) for i in range(150)]   # 64 + 64 + 22 rows: three statements, one transaction
     index.insert(first)

@@ -22,10 +22,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from proxy import audit_file
-from proxy.audit import AuditWriter, build_record
+from proxy.audit import jsonl as audit_file
+from proxy.audit.writer import AuditWriter, build_record
 from proxy.context import RequestContext
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import REPO, free_ports
 from tests.gateway import Gateway
 from tests.relay import TcpRelay

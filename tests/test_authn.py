@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from proxy.authn import authenticate, parse_bearer
+from proxy.steps.authn import authenticate, parse_bearer
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.keys import generate_key, hash_secret, key_prefix_and_last4

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import pytest
 
-from proxy.authz import Authorizer, Decision, Env, PolicyWatcher
+from proxy.steps.authz import Authorizer, Decision, Env, PolicyWatcher
 from proxy.context import Principal, Resource
-from proxy.policy import PolicyError, PolicySet, compile_rules
+from proxy.steps.policy import PolicyError, PolicySet, compile_rules
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"
 NOON = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -311,7 +311,7 @@ def test_minutes_inside_the_same_time_windows_share_one_memo_entry() -> None:
 
 
 def test_decision_cache_stays_bounded_and_keeps_the_recently_used() -> None:
-    from proxy import authz as authz_module
+    from proxy.steps import authz as authz_module
     a = authz(rule("all"))
     hot = Principal("k_hot", "user", "hot-owner")
     for i in range(authz_module._CACHE_MAX + 500):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.classify import GRPC_METHODS, classify_grpc, classify_http
+from proxy.steps.classify import GRPC_METHODS, classify_grpc, classify_http
 from proxy.context import Resource
 from proxy.errors import BadRequest, NotFound
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import AuditWriter
-from proxy.bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
-from proxy.cli import main, parse_time
+from proxy.audit.writer import AuditWriter
+from proxy.cli.bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
+from proxy.cli.main import main, parse_time
 from proxy.keys.hashing import verify_secret
 from proxy.keys.secrets_setup import load_pepper_sync
 from proxy.paths import store_path, tiny_checkpoint_path

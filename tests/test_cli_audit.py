@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from proxy.audit import query_audit, tail_audit
+from proxy.audit.writer import query_audit, tail_audit
 from tests.test_cli import Cli, all_bytes, cli  # noqa: F401  (the fixture)
 
 

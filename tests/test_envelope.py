@@ -336,7 +336,7 @@ async def test_a_new_pepper_version_hashes_only_once_published(tmp_path: Path) -
 
 async def test_a_wrong_or_missing_root_refuses_to_start_in_one_line(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
     from proxy.keys.secrets_setup import open_keyring
     from proxy.paths import store_path
     from proxy.settings import load_settings

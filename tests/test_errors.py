@@ -7,7 +7,8 @@ import re
 import grpc
 import pytest
 
-from proxy import errors, http_guard
+from proxy import errors
+from proxy.frontend import http_guard
 from proxy.errors import BadRequest, PayloadTooLarge
 
 

@@ -9,7 +9,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
 
-from proxy.estimate import from_grpc, from_http
+from proxy.steps.estimate import from_grpc, from_http
 
 GEN = "/v2/models/deepseek/generate"
 INFER = "/v2/models/deepseek/infer"

@@ -18,9 +18,9 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from proxy.grpc_forward import StreamTokenCounter, client_ip, model_name_of, token_counts, upstream_metadata
-from proxy.grpc_server import SERVING, HealthCheckRequest, HealthCheckResponse
-from proxy.triton import TritonProcess
+from proxy.upstream.grpc_forward import StreamTokenCounter, client_ip, model_name_of, token_counts, upstream_metadata
+from proxy.frontend.grpc import SERVING, HealthCheckRequest, HealthCheckResponse
+from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay

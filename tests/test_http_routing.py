@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import NotFound
-from proxy.forward import response_headers, upstream_headers
-from proxy.http_server import route_path
+from proxy.upstream.forward import response_headers, upstream_headers
+from proxy.frontend.http import route_path
 from multidict import CIMultiDict, CIMultiDictProxy
 
 

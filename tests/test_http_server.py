@@ -20,7 +20,7 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
@@ -515,7 +515,7 @@ def test_the_answer_leaves_before_the_audit_and_metrics_step(gw: Gateway,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """finish() (audit record, metrics) runs only once the client holds its answer, refusals included."""
     import threading
-    from proxy import http_server
+    from proxy.frontend import http as http_server
     allowed_id, allowed = issue(gw, owner="order-probe", roles=("user",))
     denied_id, denied = issue(gw, owner="order-probe-other", models=("not-deepseek",))   # 403: other model
     real_finish = http_server.finish

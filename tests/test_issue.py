@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from proxy.authn import authenticate
+from proxy.steps.authn import authenticate
 from proxy.keys.hashing import verify_secret
 from proxy.keys.issue import DAY, TIER_DEFAULT, issue_key, parse_duration, public_view
 from proxy.store.sqlite import SqliteStore

@@ -26,7 +26,7 @@ from proxy.keys.secrets_setup import open_kek
 from proxy.settings import load_settings
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.triton import free_ports
+from proxy.local.triton import free_ports
 
 
 class Bao:

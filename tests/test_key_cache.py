@@ -15,17 +15,17 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.grpc import service_pb2_grpc
 
-from proxy.authn import authenticate
+from proxy.steps.authn import authenticate
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
-from proxy.key_cache import KeyCache
+from proxy.keys.cache import KeyCache
 from proxy.keys.sessions import SessionAuthority
 from proxy.paths import store_path
 from proxy.settings import AuthSettings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway
 from tests.test_authn import IP, NOW, PEPPER, issue

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxy.limits import (LIMIT_FIELDS, Limits, LocalLimiter, OverLimit, Scope, max_tokens_cap, parse_limits,
+from proxy.state.limits import (LIMIT_FIELDS, Limits, LocalLimiter, OverLimit, Scope, max_tokens_cap, parse_limits,
                           parse_role_caps)
-from proxy.pipeline import tier_limits
+from proxy.steps.pipeline import tier_limits
 from proxy.settings import LimitsSettings
 
 
@@ -241,7 +241,7 @@ def test_any_one_limit_set_is_not_unlimited() -> None:
 
 @given(st.lists(st.tuples(st.floats(0, 5), st.booleans()), max_size=300))
 def test_time_log_matches_a_plain_list(steps: list[tuple[float, bool]]) -> None:
-    from proxy.limits import _TimeLog
+    from proxy.state.limits import _TimeLog
     log, model, now = _TimeLog(), [], 0.0
     for gap, expire in steps:
         now += gap
@@ -270,9 +270,9 @@ async def test_the_limit_step_reads_the_body_only_when_a_cap_or_a_token_limit_ne
     """issue 7: no request-body JSON parsing unless a check needs it (the estimate is what parses it)."""
     from types import SimpleNamespace
 
-    from proxy.authz import Authorizer
+    from proxy.steps.authz import Authorizer
     from proxy.context import Principal, RequestContext, Resource
-    from proxy.pipeline import limit
+    from proxy.steps.pipeline import limit
     from proxy.settings import load_settings
 
     state = SimpleNamespace(settings=load_settings(None, env={}, overrides={"limits.max_tokens_by_role": "capped=4"}),

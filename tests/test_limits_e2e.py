@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tritonclient.grpc import service_pb2_grpc
 
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay

@@ -7,7 +7,7 @@ import errno
 import select
 import socket
 
-from proxy.listener import queued, quiesce
+from proxy.frontend.listener import queued, quiesce
 
 
 async def test_a_listener_closes_serving_what_was_queued_and_refusing_what_came_after() -> None:

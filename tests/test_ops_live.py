@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy import audit_file
+from proxy.audit import jsonl as audit_file
 from proxy.keys.format import generate_key
-from proxy.triton import TritonProcess, free_ports
+from proxy.local.triton import TritonProcess, free_ports
 from tests.conftest import REPO
 from tests.dashboard import (TRITON_GPU_METRICS, dashboard_queries, grouping_labels, metric_name, selectors,
                              uses_gpu_metrics)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.authz import Authorizer, Decision, build_enforcer
+from proxy.steps.authz import Authorizer, Decision, build_enforcer
 from proxy.context import Principal, Resource
-from proxy.policy import (ACTIONS, DEFAULT_DENY, PolicyError, check_policy_dir, compile_rules, load_policy_dir,
+from proxy.steps.policy import (ACTIONS, DEFAULT_DENY, PolicyError, check_policy_dir, compile_rules, load_policy_dir,
                           policy_files)
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"

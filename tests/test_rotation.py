@@ -13,9 +13,9 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.authn import authenticate
-from proxy.cli import main
-from proxy.crypto_cli import run_crypto
+from proxy.steps.authn import authenticate
+from proxy.cli.main import main
+from proxy.cli.crypto import run_crypto
 from proxy.errors import Unauthenticated
 from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import PEPPER_PREFIX
@@ -27,7 +27,7 @@ from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.triton import TritonProcess, free_ports
+from proxy.local.triton import TritonProcess, free_ports
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_http_server import call
 

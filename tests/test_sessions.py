@@ -11,7 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.authn import authenticate
+from proxy.steps.authn import authenticate
 from proxy.context import Principal
 from proxy.errors import Unauthenticated
 from proxy.keys.envelope import Envelope

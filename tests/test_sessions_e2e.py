@@ -16,12 +16,12 @@ import tritonclient.http as httpclient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.utils import InferenceServerException
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.keys.secrets_setup import open_envelope
 from proxy.keys.sessions import load_signing_keys
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway
 from tests.relay import TcpRelay

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 from jwt.utils import base64url_decode
 
-from proxy.authn import parse_bearer
+from proxy.steps.authn import parse_bearer
 from proxy.context import Principal
 from proxy.errors import Unauthenticated
 from proxy.keys.sessions import MAX_TOKEN_CHARS, SessionAuthority

@@ -9,8 +9,8 @@ import pytest
 import pytest_asyncio
 
 from proxy.errors import StoreUnavailable
-from proxy.limits import Limits, LocalLimiter, OverLimit, Scope
-from proxy.shared_limiter import LimiterServer, SocketLimiter
+from proxy.state.limits import Limits, LocalLimiter, OverLimit, Scope
+from proxy.state.shared_limiter import LimiterServer, SocketLimiter
 
 
 @pytest_asyncio.fixture(loop_scope="function")   # on the test's own loop, where its clients run

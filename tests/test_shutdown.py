@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import REPO, free_ports
 from tests.gateway import Gateway, wait_for
 from tests.relay import TcpRelay

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
-from proxy import tokens
+from proxy.upstream import tokens
 
 
 def test_from_generate() -> None:

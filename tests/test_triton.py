@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.triton import (TritonLaunch, TritonLaunchError, TritonProcess, build_command, find_install,
+from proxy.local.triton import (TritonLaunch, TritonLaunchError, TritonProcess, build_command, find_install,
                           prepare_backends, stub_environment)
 from tests.conftest import REPO, free_ports
 

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from proxy.triton import TritonProcess, free_ports
-from proxy.upstream_http import (_HIGH_WATER, UpstreamBroken, UpstreamConnectError, UpstreamPool,
+from proxy.local.triton import TritonProcess, free_ports
+from proxy.upstream.pool import (_HIGH_WATER, UpstreamBroken, UpstreamConnectError, UpstreamPool,
                                  UpstreamTimeout)
 
 INFER = json.dumps({"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]},

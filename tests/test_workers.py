@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 from tests.conftest import REPO, free_ports
 from tests.gateway import Gateway, metric, wait_for
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.audit import query_audit
+from proxy.audit.writer import query_audit
 from proxy.errors import AuditUnavailable
 from proxy.keys.issue import MAX_AUDITED_KEYS, ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
 from proxy.store import KeyRecord, KeyStore

@@ -8,17 +8,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .audit import AuditWriter
+from ..audit.writer import AuditWriter
 from .authz import Authorizer, PolicyWatcher
-from .context import RequestContext
-from .key_cache import KeyCache
-from .keys.rotation import Keyring
-from .keys.sessions import SessionAuthority
-from .limits import Limiter, LocalLimiter
-from .metrics import Metrics
-from .settings import Settings
-from .store.sqlite import SqliteStore
-from .upstream_http import UpstreamPool
+from ..context import RequestContext
+from ..keys.cache import KeyCache
+from ..keys.rotation import Keyring
+from ..keys.sessions import SessionAuthority
+from ..state.limits import Limiter, LocalLimiter
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store.sqlite import SqliteStore
+from ..upstream.pool import UpstreamPool
 
 
 @dataclass

@@ -12,36 +12,36 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import estimate
-from .admin import handle_admin
-from .admin_crypto import handle_crypto
-from .session_api import handle_sessions
-from .app_state import CTX, STATE, AppState
-from .audit import AuditWriter
-from .audit_file import active_name
-from .authz import Authorizer, PolicyWatcher
-from .classify import classify_http
-from .context import RequestContext, new_id
-from .errors import (AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError,
+from ..steps import estimate
+from ..admin.keys import handle_admin
+from ..admin.crypto import handle_crypto
+from ..admin.sessions import handle_sessions
+from ..steps.app_state import CTX, STATE, AppState
+from ..audit.writer import AuditWriter
+from ..audit.jsonl import active_name
+from ..steps.authz import Authorizer, PolicyWatcher
+from ..steps.classify import classify_http
+from ..context import RequestContext, new_id
+from ..errors import (AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError,
                      Unauthenticated)
-from .forward import forward
+from ..upstream.forward import forward
 from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
-from .grpc_server import GrpcFrontEnd
-from .key_cache import KeyCache
-from .keys.expiry_events import watch_expiry_events
-from .keys.issue import ISSUABLE_TIERS
-from .keys.secrets_setup import open_keyring
-from .budget_store import BudgetStore, budget_store_path
-from .limits import LocalLimiter
+from .grpc import GrpcFrontEnd
+from ..keys.cache import KeyCache
+from ..keys.expiry_events import watch_expiry_events
+from ..keys.issue import ISSUABLE_TIERS
+from ..keys.secrets_setup import open_keyring
+from ..store.budgets import BudgetStore, budget_store_path
+from ..state.limits import LocalLimiter
 from .listener import ListeningSocket, quiesce
-from .shared_limiter import SocketLimiter
-from .metrics import Metrics
-from .paths import store_path
-from .pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
-from .settings import Settings
-from .store.sqlite import SqliteStore
-from .triton import INTERNAL_HEADER
-from .upstream_http import UpstreamError, UpstreamPool
+from ..state.shared_limiter import SocketLimiter
+from ..metrics import Metrics
+from ..paths import store_path
+from ..steps.pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
+from ..settings import Settings
+from ..store.sqlite import SqliteStore
+from ..local.triton import INTERNAL_HEADER
+from ..upstream.pool import UpstreamError, UpstreamPool
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")

@@ -13,15 +13,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .app_state import CTX, STATE
-from .keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration,
+from ..steps.app_state import CTX, STATE
+from ..keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration,
                          public_view)
-from .keys.lifecycle import (LifecycleError, compromise_key, key_and_children, records_of, rotate_key,
+from ..keys.lifecycle import (LifecycleError, compromise_key, key_and_children, records_of, rotate_key,
                              subtree_records)
-from .keys.sessions import is_jti
-from .limits import parse_limits
-from .store import StoreConflict
-from .store.sqlite_secrets import SqliteSecretRows
+from ..keys.sessions import is_jti
+from ..state.limits import parse_limits
+from ..store import StoreConflict
+from ..store.sqlite_secrets import SqliteSecretRows
 
 PREFIX = ("admin", "v1")
 RESOURCES = ("keys", "sessions")

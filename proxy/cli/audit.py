@@ -14,9 +14,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .audit import AuditWriter, admin_record
-from .errors import AuditUnavailable
-from .settings import Settings
+from ..audit.writer import AuditWriter, admin_record
+from ..errors import AuditUnavailable
+from ..settings import Settings
 
 CLI_AUDIT_FILE = "audit.cli.jsonl"
 

@@ -13,17 +13,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .crypto_cli import add_crypto_commands
+from .crypto import add_crypto_commands
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
-from .errors import SeekgateError
-from .keys.envelope import EnvelopeError
-from .keys.kek import KekError
-from .keys.secrets_setup import load_pepper_sync
-from .keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
-from .limits import LIMIT_FIELDS
-from .paths import store_path
-from .settings import Settings, SettingsError, load_settings
-from .store.sqlite import SqliteStore
+from ..errors import SeekgateError
+from ..keys.envelope import EnvelopeError
+from ..keys.kek import KekError
+from ..keys.secrets_setup import load_pepper_sync
+from ..keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
+from ..state.limits import LIMIT_FIELDS
+from ..paths import store_path
+from ..settings import Settings, SettingsError, load_settings
+from ..store.sqlite import SqliteStore
 
 DEFAULT_CONFIG = Path("config/seekgate.yaml")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def with_store(settings: Settings, fn: Callable[[SqliteStore], Coroutine[Any, An
 
 async def audit(settings: Settings, action: str, target: str | None, **fields: Any) -> None:
     """The audit record of a change just made; the command fails (exit 1) if it cannot be written."""
-    from .cli_audit import cli_record, write_cli_audit
+    from .audit import cli_record, write_cli_audit
     try:
         await write_cli_audit(settings, cli_record(action, target, **fields))
     except Exception as exc:
@@ -90,7 +90,7 @@ def parse_time(text: str, now: float) -> float:
 # ---------------------------------------------------------------- commands
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .policy import check_policy_dir
+    from ..steps.policy import check_policy_dir
     settings = load(args)
     print("config ok")
     errors = check_policy_dir(Path(settings.policy.directory))
@@ -174,7 +174,7 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from .keys.lifecycle import LifecycleError, Rotation, key_and_children, records_of, rotate_key
+    from ..keys.lifecycle import LifecycleError, Rotation, key_and_children, records_of, rotate_key
     try:
         grace = parse_duration(args.grace)
     except ValueError as exc:
@@ -210,7 +210,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
-    from .keys.lifecycle import Compromise, LifecycleError, compromise_key, records_of, subtree_records
+    from ..keys.lifecycle import Compromise, LifecycleError, compromise_key, records_of, subtree_records
     settings = load(args)
     pepper = load_pepper_sync(settings)
 
@@ -242,7 +242,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if args.compromised:
         return cmd_keys_revoke_compromised(args)
-    from .keys.lifecycle import records_of, subtree_records
+    from ..keys.lifecycle import records_of, subtree_records
     settings = load(args)
 
     async def revoke(store: SqliteStore) -> int | None:
@@ -266,8 +266,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_revoke(args: argparse.Namespace) -> int:
-    from .keys.sessions import is_jti
-    from .store.sqlite_secrets import SqliteSecretRows
+    from ..keys.sessions import is_jti
+    from ..store.sqlite_secrets import SqliteSecretRows
     if not is_jti(args.jti):
         raise CliError(f"{args.jti!r} is not a session id (jti: 32 hex digits)")
 
@@ -285,7 +285,7 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from .policy import PolicyError, load_policy_dir
+    from ..steps.policy import PolicyError, load_policy_dir
     directory = Path(args.dir) if args.dir else Path(load(args).policy.directory)
     try:
         policy = load_policy_dir(directory)
@@ -298,14 +298,14 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
-    from .audit import tail_audit
+    from ..audit.writer import tail_audit
     for rec in tail_audit(Path(load(args).data_dir), args.n):
         _out(rec)
     return 0
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
-    from .audit import query_audit
+    from ..audit.writer import query_audit
     settings, now = load(args), time.time()
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)
@@ -317,13 +317,13 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
 
 
 def cmd_model_tiny(args: argparse.Namespace) -> int:
-    from .tinymodel import build_tiny_checkpoint
+    from ..local.tinymodel import build_tiny_checkpoint
     print(build_tiny_checkpoint(Path(args.out), seed=args.seed))
     return 0
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from .triton import TritonLaunchError, run_foreground
+    from ..local.triton import TritonLaunchError, run_foreground
     settings = load(args)
     try:
         return run_foreground(triton_launch(settings))
@@ -332,7 +332,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .http_server import serve
+    from ..frontend.http import serve
     settings = load(args)
     if args.workers is not None:
         if args.workers < 1:
@@ -343,8 +343,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .http_server import serve
-    from .triton import TritonLaunchError, TritonProcess
+    from ..frontend.http import serve
+    from ..local.triton import TritonLaunchError, TritonProcess
     settings = load(args)
     if (mismatch := upstream_mismatch(settings)) is not None:
         raise CliError(f"{mismatch}: the proxy would not reach the Triton it starts", 2)

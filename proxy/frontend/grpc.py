@@ -14,17 +14,17 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
-from . import estimate
-from .app_state import AppState
-from .authn import authenticate, parse_bearer
-from .classify import GRPC_SERVICE, classify_grpc
-from .context import RequestContext, Resource, new_id
-from .errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
+from ..steps import estimate
+from ..steps.app_state import AppState
+from ..steps.authn import authenticate, parse_bearer
+from ..steps.classify import GRPC_SERVICE, classify_grpc
+from ..context import RequestContext, Resource, new_id
+from ..errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
                      UpstreamUnavailable)
-from .grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
+from ..upstream.grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
                            parameter_names, service_methods, token_counts, upstream_metadata)
-from .pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
-from .triton import INTERNAL_HEADER
+from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
+from ..local.triton import INTERNAL_HEADER
 
 log = logging.getLogger("seekgate.grpc")
 

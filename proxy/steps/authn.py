@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
-from proxy.key_cache import KeyCache
+from proxy.keys.cache import KeyCache
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
 from proxy.keys.hashing import hash_secret, pepper_for, pepper_version, verify_secret
 from proxy.keys.sessions import MINTING_TIERS, SessionAuthority

@@ -6,9 +6,9 @@ import time
 
 from aiohttp import web
 
-from .context import RequestContext
-from .errors import Unauthenticated
-from .keys.sessions import SessionAuthority
+from ..context import RequestContext
+from ..errors import Unauthenticated
+from ..keys.sessions import SessionAuthority
 
 
 def handle_sessions(ctx: RequestContext, sessions: SessionAuthority | None,

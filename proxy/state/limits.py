@@ -34,8 +34,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from .budget_store import BudgetStore
-from .errors import RateLimited
+from ..store.budgets import BudgetStore
+from ..errors import RateLimited
 
 log = logging.getLogger("seekgate.limits")
 

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2
 
-from .classify import GRPC_SERVICE
+from ..steps.classify import GRPC_SERVICE
 from .forward import _DROPPED_PREFIXES
 
 _SERVICE = service_pb2.DESCRIPTOR.services_by_name[GRPC_SERVICE.rsplit(".", 1)[1]]

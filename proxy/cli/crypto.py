@@ -9,15 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli_audit import cli_record, write_cli_audit
-from .errors import AuditUnavailable
-from .keys.envelope import EnvelopeError
-from .keys.kek import KekError
-from .keys.rotation import Keyring
-from .keys.secrets_setup import open_keyring
-from .paths import store_path
-from .settings import Settings
-from .store.sqlite import SqliteStore
+from .audit import cli_record, write_cli_audit
+from ..errors import AuditUnavailable
+from ..keys.envelope import EnvelopeError
+from ..keys.kek import KekError
+from ..keys.rotation import Keyring
+from ..keys.secrets_setup import open_keyring
+from ..paths import store_path
+from ..settings import Settings
+from ..store.sqlite import SqliteStore
 
 ACTIONS: dict[str, tuple[str, Callable[[Keyring], Any]]] = {
     "rotate-dek": ("new data key for new writes; re-encrypt every stored secret under it",
@@ -69,7 +69,7 @@ async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
 
 
 def cmd_crypto(args: argparse.Namespace) -> int:
-    from .cli import CliError, load
+    from .main import CliError, load
     try:
         result = asyncio.run(run_crypto(args.crypto_action, load(args)))
     except (KekError, EnvelopeError, ValueError, AuditUnavailable) as exc:

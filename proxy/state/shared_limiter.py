@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreUnavailable
+from ..errors import StoreUnavailable
 from .limits import LIMIT_FIELDS, Grant, Limiter, Limits, LocalLimiter, OverLimit, Scope
 
 log = logging.getLogger(__name__)

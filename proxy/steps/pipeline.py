@@ -12,13 +12,13 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 from .app_state import AppState
-from .audit import build_record
+from ..audit.writer import build_record
 from .authn import authenticate, parse_bearer
-from .context import RequestContext, Resource
-from .errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
-from .keys.sessions import MINTING_TIERS
-from .limits import LIMIT_FIELDS, Limits, Scope, max_tokens_cap, parse_role_caps
-from .settings import LimitsSettings
+from ..context import RequestContext, Resource
+from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
+from ..keys.sessions import MINTING_TIERS
+from ..state.limits import LIMIT_FIELDS, Limits, Scope, max_tokens_cap, parse_role_caps
+from ..settings import LimitsSettings
 
 
 async def admit(state: AppState, ctx: RequestContext, authorization: str | None,

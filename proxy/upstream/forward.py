@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import tokens, upstream_http
-from .context import RequestContext
-from .errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
-from .http_guard import client_gone
-from .upstream_http import UpstreamPool, UpstreamResponse
+from . import pool as upstream_http, tokens
+from ..context import RequestContext
+from ..errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
+from ..frontend.http_guard import client_gone
+from .pool import UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",

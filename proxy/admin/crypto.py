@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .admin import Reply, error_reply, note, optional_json
-from .app_state import STATE
-from .crypto_cli import perform, summary
-from .keys.envelope import EnvelopeError
-from .keys.kek import KekError
+from .keys import Reply, error_reply, note, optional_json
+from ..steps.app_state import STATE
+from ..cli.crypto import perform, summary
+from ..keys.envelope import EnvelopeError
+from ..keys.kek import KekError
 
 
 async def handle_crypto(request: web.Request, body: bytes | None = None) -> web.Response:

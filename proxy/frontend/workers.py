@@ -29,10 +29,10 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from .budget_store import BudgetStore, budget_store_path
-from .limits import LocalLimiter
-from .settings import Settings
-from .shared_limiter import LimiterServer
+from ..store.budgets import BudgetStore, budget_store_path
+from ..state.limits import LocalLimiter
+from ..settings import Settings
+from ..state.shared_limiter import LimiterServer
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.workers")
@@ -46,7 +46,7 @@ _BACKOFF_MAX_S = 30.0
 
 def worker_main(settings: Settings, role: WorkerRole, started: ProcessEvent) -> None:
     """A worker process: one seekgate sharing the ports; `started` is set once it listens."""
-    from .http_server import install_uvloop, run
+    from .http import install_uvloop, run
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s w{role.index} %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group; the supervisor's SIGTERM is what stops a worker,
     # so a terminal's SIGINT doesn't cut the drain short.

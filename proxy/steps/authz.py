@@ -18,8 +18,8 @@ from typing import Callable
 import casbin
 from casbin.model import Model
 
-from .context import Principal, Resource
-from .limits import Limits
+from ..context import Principal, Resource
+from ..state.limits import Limits
 from .policy import (DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond,
                      load_policy_dir, policy_files)
 
