@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .state.limits import LIMIT_FIELDS, parse_role_caps
+from .quotas import LIMIT_FIELDS, parse_role_caps
 
 SESSION_MAX_TTL_S = 900   # the design's 15 minutes; keys/sessions.py enforces it again on verify
 

@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxy.state.limits import (LIMIT_FIELDS, Limits, LocalLimiter, OverLimit, Scope, max_tokens_cap, parse_limits,
-                          parse_role_caps)
+from proxy.quotas import LIMIT_FIELDS, Limits, parse_limits, parse_role_caps
+from proxy.state.limits import LocalLimiter, OverLimit, Scope, max_tokens_cap
 from proxy.steps.pipeline import tier_limits
 from proxy.settings import LimitsSettings
 

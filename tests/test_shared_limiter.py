@@ -9,7 +9,8 @@ import pytest
 import pytest_asyncio
 
 from proxy.errors import StoreUnavailable
-from proxy.state.limits import Limits, LocalLimiter, OverLimit, Scope
+from proxy.quotas import Limits
+from proxy.state.limits import LocalLimiter, OverLimit, Scope
 from proxy.state.shared_limiter import LimiterServer, SocketLimiter
 
 

@@ -1,6 +1,6 @@
 """The /admin/v1/crypto API: rotate the data key, root, session signing key or pepper, and show their state.
 
-The same operations as `seekgate crypto` (crypto_cli.ACTIONS), run on this server's own keyring, so
+The same operations as `seekgate crypto` (keys/crypto_ops.py ACTIONS), run on this server's own keyring, so
 a rotated signing key signs here at once; other processes pick it up within crypto.refresh_interval_s.
 Audited by the pipeline's record for the call: `admin.action` is `crypto.<operation>`, `admin.detail`
 what it answered, `admin.before` / `admin.after` the root, data key, signing kid and pepper versions
@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .keys import Reply, error_reply, note, optional_json
 from ..steps.app_state import STATE
-from ..cli.crypto import perform, summary
+from ..keys.crypto_ops import perform, summary
 from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
 

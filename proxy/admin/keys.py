@@ -19,7 +19,7 @@ from ..keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, iss
 from ..keys.lifecycle import (LifecycleError, compromise_key, key_and_children, records_of, rotate_key,
                              subtree_records)
 from ..keys.sessions import is_jti
-from ..state.limits import parse_limits
+from ..quotas import parse_limits
 from ..store import StoreConflict
 from ..store.sqlite_secrets import SqliteSecretRows
 

@@ -9,43 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..keys.crypto_ops import ACTIONS, perform
 from .audit import cli_record, write_cli_audit
+from .common import CliError, load
 from ..errors import AuditUnavailable
 from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
-from ..keys.rotation import Keyring
 from ..keys.secrets_setup import open_keyring
 from ..paths import store_path
 from ..settings import Settings
 from ..store.sqlite import SqliteStore
-
-ACTIONS: dict[str, tuple[str, Callable[[Keyring], Any]]] = {
-    "rotate-dek": ("new data key for new writes; re-encrypt every stored secret under it",
-                   lambda k: k.rotate_dek()),
-    "rotate-root": ("new root at the KEK provider; re-wrap every data key (secrets untouched)",
-                    lambda k: k.rotate_root()),
-    "rotate-jwt": ("new session signing key; the old kid verifies for session TTL + leeway",
-                   lambda k: k.rotate_jwt()),
-    "rotate-pepper": ("new key-hashing pepper; keys are re-hashed on their next successful use",
-                      lambda k: k.rotate_pepper()),
-    "status": ("root, data keys, signing keys and pepper versions, with rotation times", lambda k: k.status()),
-}
-
-
-async def perform(keyring: Keyring, action: str) -> dict[str, Any]:
-    """One ACTIONS entry on `keyring` (the CLI's own, or a server's for the admin API); ids and times only."""
-    _, fn = ACTIONS[action]
-    result: dict[str, Any] = await fn(keyring)
-    if action != "status":
-        await keyring.maintain()   # finish what the rotation started (re-wrap, retire)
-    return result
-
-
-def summary(status: dict[str, Any]) -> dict[str, Any]:
-    """What a rotation changes, from `status`: an audit record's before/after (ids only, never a secret)."""
-    return {"root": status["root"]["key_id"], "dek": status["dek"]["current"],
-            "jwt_kid": status["jwt"]["active_kid"], "pepper_versions": status["pepper"]["versions"]}
-
 
 async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
     """Run one `seekgate crypto` action on the server's store; what it prints, as a dict.
@@ -69,7 +42,6 @@ async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
 
 
 def cmd_crypto(args: argparse.Namespace) -> int:
-    from .main import CliError, load
     try:
         result = asyncio.run(run_crypto(args.crypto_action, load(args)))
     except (KekError, EnvelopeError, ValueError, AuditUnavailable) as exc:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .common import DEFAULT_CONFIG, CliError, load
 from .crypto import add_crypto_commands
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from ..errors import SeekgateError
@@ -20,21 +21,12 @@ from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
 from ..keys.secrets_setup import load_pepper_sync
 from ..keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
-from ..state.limits import LIMIT_FIELDS
+from ..quotas import LIMIT_FIELDS
 from ..paths import store_path
-from ..settings import Settings, SettingsError, load_settings
+from ..settings import Settings, SettingsError
 from ..store.sqlite import SqliteStore
 
-DEFAULT_CONFIG = Path("config/seekgate.yaml")
 T = TypeVar("T")
-
-
-class CliError(Exception):
-    """A one-line failure for stderr, with the exit code to return."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _out(obj: Any) -> None:
@@ -42,15 +34,6 @@ def _out(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------- shared plumbing
-
-def load(args: argparse.Namespace) -> Settings:
-    """Settings from --config (or config/seekgate.yaml if present), env, and --data-dir."""
-    config = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    if args.config and not config.exists():  # type: ignore[union-attr]
-        raise CliError(f"config file {config} does not exist", 2)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else None
-    return load_settings(config, overrides=overrides)
-
 
 def with_store(settings: Settings, fn: Callable[[SqliteStore], Coroutine[Any, Any, T]]) -> T:
     """Run `fn(store)` on the server's key store, closing it afterwards."""
@@ -332,7 +315,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..frontend.http import serve
+    from ..frontend.workers import serve
     settings = load(args)
     if args.workers is not None:
         if args.workers < 1:
@@ -343,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ..frontend.http import serve
+    from ..frontend.workers import serve
     from ..local.triton import TritonLaunchError, TritonProcess
     settings = load(args)
     if (mismatch := upstream_mismatch(settings)) is not None:

@@ -461,13 +461,3 @@ def install_uvloop() -> None:
     except ImportError:   # an optional speed-up; asyncio's own loop works the same
         pass
 
-
-def serve(settings: Settings) -> None:
-    """Blocking entry point for `seekgate serve`; `server.workers` > 1 hands over to the supervisor."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.server.workers > 1:
-        from .workers import serve_workers
-        serve_workers(settings)
-        return
-    install_uvloop()
-    asyncio.run(run(settings, freeze_heap=True))

@@ -33,6 +33,7 @@ from ..store.budgets import BudgetStore, budget_store_path
 from ..state.limits import LocalLimiter
 from ..settings import Settings
 from ..state.shared_limiter import LimiterServer
+from .http import install_uvloop, run
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.workers")
@@ -46,7 +47,6 @@ _BACKOFF_MAX_S = 30.0
 
 def worker_main(settings: Settings, role: WorkerRole, started: ProcessEvent) -> None:
     """A worker process: one seekgate sharing the ports; `started` is set once it listens."""
-    from .http import install_uvloop, run
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s w{role.index} %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group; the supervisor's SIGTERM is what stops a worker,
     # so a terminal's SIGINT doesn't cut the drain short.
@@ -202,3 +202,13 @@ def serve_workers(settings: Settings) -> None:
     """Blocking entry point for `seekgate serve --workers N` (N > 1); exits non-zero if a worker failed."""
     if not asyncio.run(supervise(settings)):
         raise SystemExit(1)
+
+
+def serve(settings: Settings) -> None:
+    """Blocking entry point for `seekgate serve`; `server.workers` > 1 hands over to the supervisor."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.server.workers > 1:
+        serve_workers(settings)
+        return
+    install_uvloop()
+    asyncio.run(run(settings, freeze_heap=True))

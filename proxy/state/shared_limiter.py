@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreUnavailable
-from .limits import LIMIT_FIELDS, Grant, Limiter, Limits, LocalLimiter, OverLimit, Scope
+from ..quotas import LIMIT_FIELDS, Limits
+from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope
 
 log = logging.getLogger(__name__)
 

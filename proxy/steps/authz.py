@@ -19,7 +19,7 @@ import casbin
 from casbin.model import Model
 
 from ..context import Principal, Resource
-from ..state.limits import Limits
+from ..quotas import Limits
 from .policy import (DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond,
                      load_policy_dir, policy_files)
 

@@ -8,8 +8,8 @@ from functools import lru_cache
 
 from proxy.context import Resource
 from proxy.errors import BadRequest, NotFound
+from proxy.upstream.grpc_forward import GRPC_SERVICE
 
-GRPC_SERVICE = "inference.GRPCInferenceService"
 MAX_PATH_LENGTH = 2048
 
 # Names must be safe to use verbatim in a policy, an audit record and Triton's

@@ -17,7 +17,8 @@ from .authn import authenticate, parse_bearer
 from ..context import RequestContext, Resource
 from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
 from ..keys.sessions import MINTING_TIERS
-from ..state.limits import LIMIT_FIELDS, Limits, Scope, max_tokens_cap, parse_role_caps
+from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
+from ..state.limits import Scope, max_tokens_cap
 from ..settings import LimitsSettings
 
 

@@ -11,7 +11,7 @@ from typing import Any, Union
 
 import yaml
 
-from ..state.limits import LIMIT_FIELDS, parse_limits
+from ..quotas import LIMIT_FIELDS, parse_limits
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

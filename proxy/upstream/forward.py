@@ -12,7 +12,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import pool as upstream_http, tokens
 from ..context import RequestContext
 from ..errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
-from ..frontend.http_guard import client_gone
 from .pool import UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset({
@@ -129,7 +128,8 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     # A client that goes away is noticed when it goes, not at the next write: between two events
     # Triton may think for long. The relay is cancelled then, and releasing `upstream` closes
     # Triton's side, which cancels the request there.
-    gone = client_gone(request)
+    # The front end's connection handler (frontend/http_guard.py) keeps that future; aiohttp's own has none.
+    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
     relaying = asyncio.current_task()
     assert relaying is not None
 

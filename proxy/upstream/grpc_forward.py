@@ -11,8 +11,9 @@ import grpc
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2
 
-from ..steps.classify import GRPC_SERVICE
 from .forward import _DROPPED_PREFIXES
+
+GRPC_SERVICE = "inference.GRPCInferenceService"
 
 _SERVICE = service_pb2.DESCRIPTOR.services_by_name[GRPC_SERVICE.rsplit(".", 1)[1]]
 # Metadata grpc itself sets or that means something only on this hop.
