@@ -42,6 +42,7 @@ from ..settings import Settings
 from ..store.sqlite import SqliteStore
 from ..local.triton import INTERNAL_HEADER
 from ..upstream.pool import UpstreamError, UpstreamPool
+from ..upstream.models import refresh_models, watch_models
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
@@ -49,7 +50,6 @@ log = logging.getLogger("seekgate.http")
 PUBLIC_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
 # Credentials in a URL end up in access logs and browser history: refused outright.
 KEY_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "authorization"})
-KNOWN_MODELS = ("deepseek", "deepseek_stream")
 # Resources seekgate answers itself (the key, crypto and session APIs); everything else goes to Triton.
 _LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions"})
 
@@ -223,7 +223,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        metrics = Metrics(KNOWN_MODELS)
+        metrics = Metrics()   # model label values: Triton's repository index, read below
         authorizer = Authorizer.from_dir(Path(settings.policy.directory))  # a broken policy stops the start
         metrics.policy_reloaded(authorizer.version)
         metrics.set_known_rules(r.id for r in authorizer.policy.rules)
@@ -258,6 +258,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             raise
         up = settings.upstream
         pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.request_timeout_s)
+        models_known = await refresh_models(pool, metrics.set_known_models)
         key_file = data_dir / "secrets" / "triton-internal-key"
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, pool, key_file.read_text().strip() if key_file.exists() else None,
@@ -271,6 +272,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
         await audit.start()
         await watcher.start()
         health = asyncio.create_task(watch_upstream(state))
+        models = asyncio.create_task(watch_models(pool, metrics.set_known_models, models_known))
         crypto = asyncio.create_task(keyring.run())   # scheduled rotations; others' rotations picked up
         expiry = asyncio.create_task(watch_expiring(state, window_s=settings.auth.expiry_warning_s))
         expiry_events = asyncio.create_task(watch_expiry_events(
@@ -280,6 +282,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             yield
         finally:
             health.cancel()
+            models.cancel()
             crypto.cancel()
             expiry.cancel()
             expiry_events.cancel()

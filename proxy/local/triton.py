@@ -210,8 +210,8 @@ class TritonProcess:
 
     def start(self) -> None:
         launch = self.launch
-        if not (launch.model_repository / "deepseek" / "config.pbtxt").exists():
-            raise TritonLaunchError(f"no model repository at {launch.model_repository} (expected deepseek/config.pbtxt)")
+        if not any(launch.model_repository.glob("*/config.pbtxt")):
+            raise TritonLaunchError(f"no model repository at {launch.model_repository} (expected <model>/config.pbtxt)")
         for what, port in (("http", launch.http_port), ("grpc", launch.grpc_port), ("metrics", launch.metrics_port)):
             check_port_free(launch.host, port, what)
         install = find_install()
