@@ -445,7 +445,7 @@ def format_settings_yaml() -> str:
              ""]
     current = None
     section_help = {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
-    for section, path, f, default in _walk():
+    for section, _path, f, default in _walk():
         if section != current and section:
             lines += ["", f"# {section_help[section]}", f"{section}:"]
         current = section

@@ -14,13 +14,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.admin.keys import handle_admin
-from proxy.steps.app_state import CTX, STATE, AppState
 from proxy.audit.writer import build_record
-from proxy.steps.authn import authenticate
 from proxy.context import RequestContext
-from proxy.settings import ServerSettings, Settings
-from proxy.store.sqlite import SqliteStore
 from proxy.local.triton import TritonProcess, free_ports
+from proxy.settings import ServerSettings, Settings
+from proxy.steps.app_state import CTX, STATE, AppState
+from proxy.steps.authn import authenticate
+from proxy.store.sqlite import SqliteStore
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_http_server import call
 

@@ -52,7 +52,7 @@ def test_each_rotation_through_the_admin_api_changes_the_state_and_is_audited(gw
         assert status == 200, result
         now = _crypto(gw, admin, "status")[1]
         assert changed(result, now), (operation, result, now)
-        assert wait_for(lambda: len(_audited(gw, f"crypto.{operation}")) == 1, 5.0), operation
+        assert wait_for(lambda operation=operation: len(_audited(gw, f"crypto.{operation}")) == 1, 5.0), operation
         record = _audited(gw, f"crypto.{operation}")[0]
         assert (record["status"], record["http_status"], record["resource"]) == ("allowed", 200, "admin:crypto")
         assert record["admin"]["detail"] == result

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from proxy.audit import jsonl as audit_file, writer as audit
+from proxy.audit import jsonl as audit_file
+from proxy.audit import writer as audit
 from proxy.audit.writer import FIELDS, AuditWriter, build_record, query_audit, tail_audit
 from proxy.context import Principal, RequestContext, Resource
 

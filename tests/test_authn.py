@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from proxy.steps.authn import authenticate, parse_bearer
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.keys import generate_key, hash_secret, key_prefix_and_last4
 from proxy.keys.format import _checksum
+from proxy.steps.authn import authenticate, parse_bearer
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from proxy.steps.authz import Authorizer, Decision, Env, PolicyWatcher
 from proxy.context import Principal, Resource
+from proxy.steps.authz import Authorizer, Decision, Env, PolicyWatcher
 from proxy.steps.policy import PolicyError, PolicySet, compile_rules
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store.budgets import BudgetStore, budget_store_path
 from proxy.state.limits import LocalLimiter, OverLimit
+from proxy.store.budgets import BudgetStore, budget_store_path
 from tests.test_limits import Clock, at, scope
 
 T0 = at("2026-11-29T12:00:00")

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.steps.classify import GRPC_METHODS, classify_grpc, classify_http
 from proxy.context import Resource
 from proxy.errors import BadRequest, NotFound
+from proxy.steps.classify import GRPC_METHODS, classify_grpc, classify_http
 
 M = "deepseek"
 

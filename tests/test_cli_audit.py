@@ -10,7 +10,7 @@ from proxy.audit.writer import query_audit, tail_audit
 from tests.test_cli import Cli, all_bytes, cli  # noqa: F401  (the fixture)
 
 
-def cli_records(cli: Cli) -> list[dict[str, Any]]:
+def cli_records(cli: Cli) -> list[dict[str, Any]]:   # noqa: F811  (a Cli passed in, beside the fixture)
     path = cli.data / "audit" / "audit.cli.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

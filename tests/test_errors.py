@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from proxy import errors
-from proxy.frontend import http_guard
 from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.frontend import http_guard
 
 
 def test_timeout_and_framing_errors_are_in_the_error_tree() -> None:

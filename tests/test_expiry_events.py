@@ -11,10 +11,10 @@ import pytest
 
 from proxy.audit.writer import AuditWriter, query_audit
 from proxy.keys.expiry_events import ACTION, announce_expiring, expiry_event, watch_expiry_events
-from proxy.keys.issue import issue_key, iso_utc
+from proxy.keys.issue import iso_utc, issue_key
 from proxy.keys.lifecycle import rotate_key
-from proxy.store.sqlite import SqliteStore
 from proxy.local.triton import TritonProcess, free_ports
+from proxy.store.sqlite import SqliteStore
 from tests.gateway import Gateway, audit_records, wait_for
 
 PEPPER = b"e" * 32

@@ -18,9 +18,9 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from proxy.upstream.grpc_forward import StreamTokenCounter, client_ip, model_name_of, token_counts, upstream_metadata
 from proxy.frontend.grpc import SERVING, HealthCheckRequest, HealthCheckResponse
 from proxy.local.triton import TritonProcess
+from proxy.upstream.grpc_forward import StreamTokenCounter, client_ip, model_name_of, token_counts, upstream_metadata
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
@@ -199,7 +199,7 @@ def test_unauthenticated_for_missing_invalid_and_revoked_keys(gw: Gateway, stub:
     gw.revoke(key_id)
     flipped = user_key[:-1] + ("A" if user_key[-1] != "A" else "B")
     for metadata in ((), md("not-a-key"), md(flipped), md(revoked), (("authorization", "Basic Zm9vOmJhcg=="),)):
-        assert code_of(lambda: stub.ModelMetadata(req, metadata=metadata)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda metadata=metadata: stub.ModelMetadata(req, metadata=metadata)) == grpc.StatusCode.UNAUTHENTICATED
     # A stream without a key is refused before it forwards anything.
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL)]), metadata=md(revoked)))
@@ -247,7 +247,7 @@ def test_admin_key_passes_on_admin_methods(stub: Any, admin_key: str) -> None:
 def test_invalid_model_name_is_invalid_argument(stub: Any, relay: TcpRelay, user_key: str) -> None:
     quiet(relay)
     for name in ("../repository", "deep/seek", "a" * 200, ""):
-        assert code_of(lambda: stub.ModelInfer(infer_request(name), metadata=md(user_key))) == \
+        assert code_of(lambda name=name: stub.ModelInfer(infer_request(name), metadata=md(user_key))) == \
             grpc.StatusCode.INVALID_ARGUMENT, name
     assert_nothing_forwarded(relay)
 

@@ -25,8 +25,8 @@ from aiohttp.web_protocol import RequestHandler
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from proxy.frontend import http_guard
 from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.frontend import http_guard
 from proxy.frontend.http_guard import check_aiohttp_internals, decoded_size_within
 from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import NotFound
-from proxy.upstream.forward import response_headers, upstream_headers
 from proxy.frontend.http import route_path
-from multidict import CIMultiDict, CIMultiDictProxy
+from proxy.upstream.forward import response_headers, upstream_headers
 
 
 def test_route_path_keeps_the_raw_path_after_the_base() -> None:

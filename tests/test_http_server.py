@@ -8,9 +8,9 @@ import logging
 import socket
 import threading
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -515,6 +515,7 @@ def test_the_answer_leaves_before_the_audit_and_metrics_step(gw: Gateway,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """finish() (audit record, metrics) runs only once the client holds its answer, refusals included."""
     import threading
+
     from proxy.frontend import http as http_server
     allowed_id, allowed = issue(gw, owner="order-probe", roles=("user",))
     denied_id, denied = issue(gw, owner="order-probe-other", models=("not-deepseek",))   # 403: other model

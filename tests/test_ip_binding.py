@@ -111,5 +111,5 @@ def test_keys_under_an_app_key_bound_to_the_client_are_served_over_http_and_grpc
         # The relays do see what is served: their silence above meant something.
         assert marker.encode() in http_relay.seen() and marker.encode() in grpc_relay.seen()
         # Its inferences, one per protocol (the app key's session exchange above has a record too).
-        assert wait_for(lambda: sum(r["key_id"] == key_id and r["http_status"] == 200 and r["action"] == "infer"
+        assert wait_for(lambda key_id=key_id: sum(r["key_id"] == key_id and r["http_status"] == 200 and r["action"] == "infer"
                                     for r in audit_records(gw)) == 2, 5.0), name

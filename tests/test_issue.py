@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from proxy.steps.authn import authenticate
 from proxy.keys.hashing import verify_secret
 from proxy.keys.issue import DAY, TIER_DEFAULT, issue_key, parse_duration, public_view
+from proxy.steps.authn import authenticate
 from proxy.store.sqlite import SqliteStore
 
 PEPPER = b"p" * 32

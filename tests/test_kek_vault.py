@@ -23,10 +23,10 @@ from proxy.keys.envelope import Envelope
 from proxy.keys.kek import KekError, KekProvider
 from proxy.keys.kek_vault import VaultKek
 from proxy.keys.secrets_setup import open_kek
+from proxy.local.triton import free_ports
 from proxy.settings import load_settings
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.local.triton import free_ports
 
 
 class Bao:

@@ -15,21 +15,21 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.grpc import service_pb2_grpc
 
-from proxy.steps.authn import authenticate
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.keys.cache import KeyCache
 from proxy.keys.sessions import SessionAuthority
+from proxy.local.triton import TritonProcess
 from proxy.paths import store_path
 from proxy.settings import AuthSettings
+from proxy.steps.authn import authenticate
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway
-from tests.test_authn import IP, NOW, PEPPER, issue
 from tests.relay import TcpRelay
+from tests.test_authn import IP, NOW, PEPPER, issue
 from tests.test_grpc_server import assert_nothing_forwarded, code_of, infer_request, md, quiet
 from tests.test_http_server import call
 

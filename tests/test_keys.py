@@ -10,8 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.keys import (KeyFormatError, ParsedKey, generate_key, hash_secret,
-                        key_prefix_and_last4, load_or_create_pepper, parse_key, verify_secret)
+from proxy.keys import (
+    KeyFormatError,
+    ParsedKey,
+    generate_key,
+    hash_secret,
+    key_prefix_and_last4,
+    load_or_create_pepper,
+    parse_key,
+    verify_secret,
+)
 from proxy.keys.format import TOKEN_LEN
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits + "_-"

@@ -12,19 +12,19 @@ from typing import Any, cast
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.steps.app_state import STATE
 from proxy.audit.writer import AuditWriter, build_record
-from proxy.steps.authn import authenticate
 from proxy.context import Principal, RequestContext, Resource
 from proxy.errors import Unauthenticated
 from proxy.frontend.http import watch_expiring
 from proxy.keys.issue import issue_key, key_status
 from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree
-from proxy.metrics import Metrics
-from proxy.store import KeyRecord
-from proxy.paths import store_path
-from proxy.store.sqlite import SqliteStore
 from proxy.local.triton import TritonProcess, free_ports
+from proxy.metrics import Metrics
+from proxy.paths import store_path
+from proxy.steps.app_state import STATE
+from proxy.steps.authn import authenticate
+from proxy.store import KeyRecord
+from proxy.store.sqlite import SqliteStore
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_admin import PEPPER, SEEN, make_app
 from tests.test_cli import Cli, cli  # noqa: F401  (the fixture)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.quotas import LIMIT_FIELDS, Limits, parse_limits, parse_role_caps
+from proxy.settings import LimitsSettings
 from proxy.state.limits import LocalLimiter, OverLimit, Scope, max_tokens_cap
 from proxy.steps.pipeline import tier_limits
-from proxy.settings import LimitsSettings
 
 
 class Clock:
@@ -270,10 +271,10 @@ async def test_the_limit_step_reads_the_body_only_when_a_cap_or_a_token_limit_ne
     """issue 7: no request-body JSON parsing unless a check needs it (the estimate is what parses it)."""
     from types import SimpleNamespace
 
-    from proxy.steps.authz import Authorizer
     from proxy.context import Principal, RequestContext, Resource
-    from proxy.steps.pipeline import limit
     from proxy.settings import load_settings
+    from proxy.steps.authz import Authorizer
+    from proxy.steps.pipeline import limit
 
     state = SimpleNamespace(settings=load_settings(None, env={}, overrides={"limits.max_tokens_by_role": "capped=4"}),
                             authorizer=Authorizer(), limiter=LocalLimiter(clock=Clock(T0)))

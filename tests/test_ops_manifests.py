@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.steps.policy import check_policy_dir
-from proxy.settings import load_settings
 from proxy.local.triton import TritonInstall, TritonLaunch, build_command, free_ports
+from proxy.settings import load_settings
+from proxy.steps.policy import check_policy_dir
 from tests.conftest import REPO
 from tests.gateway import Gateway
 
@@ -240,6 +240,7 @@ def test_audit_shipping_is_an_optional_profile() -> None:
     assert parser["Time_Key"] == "timestamp"
     # The parser's time format reads the audit writer's timestamps.
     from datetime import datetime
+
     from proxy.audit.writer import _iso_utc
     fmt = parser["Time_Format"].replace("%L", "%f")
     assert datetime.strptime(_iso_utc(1795929560.123), fmt).microsecond == 123000

@@ -10,10 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.steps.authz import Authorizer, Decision, build_enforcer
 from proxy.context import Principal, Resource
-from proxy.steps.policy import (ACTIONS, DEFAULT_DENY, PolicyError, check_policy_dir, compile_rules, load_policy_dir,
-                          policy_files)
+from proxy.steps.authz import Authorizer, Decision, build_enforcer
+from proxy.steps.policy import (
+    ACTIONS,
+    DEFAULT_DENY,
+    PolicyError,
+    check_policy_dir,
+    compile_rules,
+    load_policy_dir,
+    policy_files,
+)
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"
 

@@ -13,9 +13,8 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.steps.authn import authenticate
-from proxy.cli.main import main
 from proxy.cli.crypto import run_crypto
+from proxy.cli.main import main
 from proxy.errors import Unauthenticated
 from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import PEPPER_PREFIX
@@ -23,11 +22,12 @@ from proxy.keys.issue import issue_key
 from proxy.keys.kek import FileKek
 from proxy.keys.rotation import DAY_S, Keyring
 from proxy.keys.sessions import SIGNING_KEY_PREFIX
+from proxy.local.triton import TritonProcess, free_ports
 from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
+from proxy.steps.authn import authenticate
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
-from proxy.local.triton import TritonProcess, free_ports
 from tests.gateway import Gateway, audit_records, wait_for
 from tests.test_http_server import call
 

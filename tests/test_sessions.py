@@ -11,7 +11,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proxy.steps.authn import authenticate
 from proxy.context import Principal
 from proxy.errors import Unauthenticated
 from proxy.keys.envelope import Envelope
@@ -19,6 +18,7 @@ from proxy.keys.issue import issue_key
 from proxy.keys.kek import FileKek
 from proxy.keys.sessions import MAX_TTL_S, SessionAuthority, load_signing_keys
 from proxy.settings import SettingsError, load_settings
+from proxy.steps.authn import authenticate
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
 from tests.sessiontokens import attack_tokens

@@ -19,9 +19,9 @@ from tritonclient.utils import InferenceServerException
 from proxy.cli.main import main
 from proxy.keys.secrets_setup import open_envelope
 from proxy.keys.sessions import load_signing_keys
+from proxy.local.triton import TritonProcess
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
-from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway
 from tests.relay import TcpRelay

@@ -12,13 +12,14 @@ import string
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 from jwt.utils import base64url_decode
 
-from proxy.steps.authn import parse_bearer
 from proxy.context import Principal
 from proxy.errors import Unauthenticated
 from proxy.keys.sessions import MAX_TOKEN_CHARS, SessionAuthority
+from proxy.steps.authn import parse_bearer
 from tests.sessiontokens import b64, raw_token
 
 KID = "00112233445566aa"

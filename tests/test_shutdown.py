@@ -63,7 +63,7 @@ class LoadClients:
         self._threads = [threading.Thread(target=self._fresh if i % 2 else self._keep_alive) for i in range(count)]
         self._body = json.dumps({"text_input": "load", "max_tokens": 8}).encode()
 
-    def __enter__(self) -> "LoadClients":
+    def __enter__(self) -> LoadClients:
         for t in self._threads:
             t.start()
         return self

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from proxy.local.triton import (TritonLaunch, TritonLaunchError, TritonProcess, build_command, find_install,
-                          prepare_backends, stub_environment)
+from proxy.local.triton import (
+    TritonLaunch,
+    TritonLaunchError,
+    TritonProcess,
+    build_command,
+    find_install,
+    prepare_backends,
+    stub_environment,
+)
 from tests.conftest import REPO, free_ports
 
 

@@ -11,8 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from proxy.local.triton import TritonProcess, free_ports
-from proxy.upstream.pool import (_HIGH_WATER, UpstreamBroken, UpstreamConnectError, UpstreamPool,
-                                 UpstreamTimeout)
+from proxy.upstream.pool import _HIGH_WATER, UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamTimeout
 
 INFER = json.dumps({"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]},
                                {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [2]}]}).encode()

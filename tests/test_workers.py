@@ -44,7 +44,7 @@ class Workers:
         self.log = root / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Workers":
+    def start(self) -> Workers:
         self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(self.config),
                                       "--workers", "2"], cwd=REPO, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .keys import Reply, error_reply, note, optional_json
-from ..steps.app_state import STATE
 from ..keys.crypto_ops import perform, summary
 from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
+from ..steps.app_state import STATE
+from .keys import Reply, error_reply, note, optional_json
 
 
 async def handle_crypto(request: web.Request, body: bytes | None = None) -> web.Response:

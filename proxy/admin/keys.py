@@ -13,13 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ..steps.app_state import CTX, STATE
-from ..keys.issue import (TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration,
-                         public_view)
-from ..keys.lifecycle import (LifecycleError, compromise_key, key_and_children, records_of, rotate_key,
-                             subtree_records)
+from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration, public_view
+from ..keys.lifecycle import LifecycleError, compromise_key, key_and_children, records_of, rotate_key, subtree_records
 from ..keys.sessions import is_jti
 from ..quotas import parse_limits
+from ..steps.app_state import CTX, STATE
 from ..store import StoreConflict
 from ..store.sqlite_secrets import SqliteSecretRows
 

@@ -203,7 +203,7 @@ async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | No
                + (f" WHERE {' AND '.join(where)}" if where else "")
                + " ORDER BY ts DESC, rowid DESC LIMIT ?")
         async with db.execute(sql, (*args, max(0, limit))) as cur:
-            return [_decoded(dict(zip(FIELDS, r))) for r in await cur.fetchall()]
+            return [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await cur.fetchall()]
 
 
 def _decoded(record: dict[str, Any]) -> dict[str, Any]:

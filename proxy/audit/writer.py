@@ -11,10 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .index import FIELDS, AuditIndex, query_audit
-from .jsonl import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
 from ..context import RequestContext, new_id
 from ..errors import AuditUnavailable
+from .index import FIELDS, AuditIndex, query_audit
+from .jsonl import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
 
 __all__ = ["FIELDS", "AuditWriter", "admin_record", "build_record", "query_audit", "rotated_files", "tail_audit"]
 

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..keys.secrets_setup import load_pepper_sync
 from ..keys.issue import issue_key, parse_duration
+from ..keys.secrets_setup import load_pepper_sync
+from ..local.triton import TritonLaunch, TritonLaunchError
 from ..paths import store_path, tiny_checkpoint_path
 from ..settings import Settings
 from ..store.sqlite import SqliteStore
-from ..local.triton import TritonLaunch, TritonLaunchError
 
 BOOTSTRAP_OWNER = "bootstrap-admin"
 
@@ -24,7 +24,7 @@ def triton_launch(settings: Settings) -> TritonLaunch:
         checkpoint = Path(t.checkpoint)
     else:
         try:
-            from ..local.tinymodel import ensure_tiny_checkpoint   # imports torch: only when needed
+            from ..local.tinymodel import ensure_tiny_checkpoint  # imports torch: only when needed
             checkpoint = ensure_tiny_checkpoint(tiny_checkpoint_path(data_dir))
         except ImportError as exc:
             raise TritonLaunchError(f"cannot build the tiny checkpoint ({exc}): run "

@@ -9,16 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..keys.crypto_ops import ACTIONS, perform
-from .audit import cli_record, write_cli_audit
-from .common import CliError, load
 from ..errors import AuditUnavailable
+from ..keys.crypto_ops import ACTIONS, perform
 from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
 from ..keys.secrets_setup import open_keyring
 from ..paths import store_path
 from ..settings import Settings
 from ..store.sqlite import SqliteStore
+from .audit import cli_record, write_cli_audit
+from .common import CliError, load
+
 
 async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
     """Run one `seekgate crypto` action on the server's store; what it prints, as a dict.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -13,18 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .common import DEFAULT_CONFIG, CliError, load
-from .crypto import add_crypto_commands
-from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from ..errors import SeekgateError
 from ..keys.envelope import EnvelopeError
+from ..keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
 from ..keys.kek import KekError
 from ..keys.secrets_setup import load_pepper_sync
-from ..keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
-from ..quotas import LIMIT_FIELDS
 from ..paths import store_path
+from ..quotas import LIMIT_FIELDS
 from ..settings import Settings, SettingsError
 from ..store.sqlite import SqliteStore
+from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
+from .common import DEFAULT_CONFIG, CliError, load
+from .crypto import add_crypto_commands
 
 T = TypeVar("T")
 
@@ -139,7 +139,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
          v["expires_at"] or "never", v["parent_id"] or "-") for v in views]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 

@@ -14,17 +14,33 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
+from ..context import RequestContext, Resource, new_id
+from ..errors import (
+    AuditUnavailable,
+    BadRequest,
+    Draining,
+    PayloadTooLarge,
+    SeekgateError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..local.triton import INTERNAL_HEADER
 from ..steps import estimate
 from ..steps.app_state import AppState
 from ..steps.authn import authenticate, parse_bearer
 from ..steps.classify import GRPC_SERVICE, classify_grpc
-from ..context import RequestContext, Resource, new_id
-from ..errors import (AuditUnavailable, BadRequest, Draining, PayloadTooLarge, SeekgateError, UpstreamTimeout,
-                     UpstreamUnavailable)
-from ..upstream.grpc_forward import (GrpcMethod, StreamTokenCounter, client_ip, http_status_of, model_name_of,
-                           parameter_names, service_methods, token_counts, upstream_metadata)
 from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
-from ..local.triton import INTERNAL_HEADER
+from ..upstream.grpc_forward import (
+    GrpcMethod,
+    StreamTokenCounter,
+    client_ip,
+    http_status_of,
+    model_name_of,
+    parameter_names,
+    service_methods,
+    token_counts,
+    upstream_metadata,
+)
 
 log = logging.getLogger("seekgate.grpc")
 
@@ -262,7 +278,7 @@ class GrpcFrontEnd:
         ctx.resource = classify_grpc("ServerReady", "")
         try:
             request = _parse(HealthCheckRequest, raw)
-            if getattr(request, "service") not in ("", GRPC_SERVICE):
+            if request.service not in ("", GRPC_SERVICE):
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
                 await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
             ready = service_pb2.ServerReadyResponse(ready=False)
@@ -279,7 +295,7 @@ class GrpcFrontEnd:
             return bytes(HealthCheckResponse(status=SERVING if ready.ready else NOT_SERVING).SerializeToString())
         except SeekgateError as err:
             await self._abort(context, ctx, err)
-            raise AssertionError("unreachable: abort raises")
+            raise AssertionError("unreachable: abort raises") from err
         finally:
             finish(self.state, ctx)
 

@@ -12,37 +12,36 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..steps import estimate
-from ..admin.keys import handle_admin
 from ..admin.crypto import handle_crypto
+from ..admin.keys import handle_admin
 from ..admin.sessions import handle_sessions
-from ..steps.app_state import CTX, STATE, AppState
-from ..audit.writer import AuditWriter
 from ..audit.jsonl import active_name
-from ..steps.authz import Authorizer, PolicyWatcher
-from ..steps.classify import classify_http
+from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
-from ..errors import (AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError,
-                     Unauthenticated)
-from ..upstream.forward import forward
-from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
-from .grpc import GrpcFrontEnd
+from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
 from ..keys.issue import ISSUABLE_TIERS
 from ..keys.secrets_setup import open_keyring
-from ..store.budgets import BudgetStore, budget_store_path
-from ..state.limits import LocalLimiter
-from .listener import ListeningSocket, quiesce
-from ..state.shared_limiter import SocketLimiter
+from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
 from ..paths import store_path
-from ..steps.pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
 from ..settings import Settings
+from ..state.limits import LocalLimiter
+from ..state.shared_limiter import SocketLimiter
+from ..steps import estimate
+from ..steps.app_state import CTX, STATE, AppState
+from ..steps.authz import Authorizer, PolicyWatcher
+from ..steps.classify import classify_http
+from ..steps.pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
+from ..store.budgets import BudgetStore, budget_store_path
 from ..store.sqlite import SqliteStore
-from ..local.triton import INTERNAL_HEADER
-from ..upstream.pool import UpstreamError, UpstreamPool
+from ..upstream.forward import forward
 from ..upstream.models import refresh_models, watch_models
+from ..upstream.pool import UpstreamError, UpstreamPool
+from .grpc import GrpcFrontEnd
+from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
+from .listener import ListeningSocket, quiesce
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
@@ -222,7 +221,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
     """The process's long-lived resources; a `worker` of `serve --workers N` shares its limiter with the others."""
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         data_dir = Path(settings.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)   # noqa: ASYNC240  (start-up: no request waits yet)
         metrics = Metrics()   # model label values: Triton's repository index, read below
         authorizer = Authorizer.from_dir(Path(settings.policy.directory))  # a broken policy stops the start
         metrics.policy_reloaded(authorizer.version)

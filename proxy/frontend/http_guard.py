@@ -45,10 +45,11 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from ..steps.app_state import STATE
 from ..context import RequestContext, new_id
+
 # FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
 from ..errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, closes_connection
+from ..steps.app_state import STATE
 from ..steps.pipeline import finish, refuse
 
 __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",

@@ -29,10 +29,10 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from ..store.budgets import BudgetStore, budget_store_path
-from ..state.limits import LocalLimiter
 from ..settings import Settings
+from ..state.limits import LocalLimiter
 from ..state.shared_limiter import LimiterServer
+from ..store.budgets import BudgetStore, budget_store_path
 from .http import install_uvloop, run
 from .worker_role import WorkerRole
 

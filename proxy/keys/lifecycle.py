@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from proxy.audit.writer import query_audit
 from proxy.errors import AuditUnavailable
-from proxy.keys.issue import MAX_AUDITED_KEYS, ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
+from proxy.keys.issue import ISSUABLE_TIERS, MAX_AUDITED_KEYS, ExpiresIn, iso_utc, issue_key, key_status
 from proxy.store import KeyRecord, KeyStore
 
 # A report lists every use, but a key hammered for months would make it unreadable; the

@@ -259,7 +259,7 @@ class TritonProcess:
             pass
         return proc.returncode
 
-    def __enter__(self) -> "TritonProcess":
+    def __enter__(self) -> TritonProcess:
         self.start()
         try:
             self.wait_ready()

@@ -32,11 +32,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
-from ..store.budgets import BudgetStore
 from ..errors import RateLimited
 from ..quotas import Limits
+from ..store.budgets import BudgetStore
 
 log = logging.getLogger("seekgate.limits")
 
@@ -187,10 +186,10 @@ class Limiter(ABC):
         admitted; a networked backend queues the write.
         """
 
-    async def start(self) -> None:
+    async def start(self) -> None:   # noqa: B027  (an optional hook: most backends need none)
         """Loads persisted state and starts any background work; before the first request."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:   # noqa: B027  (an optional hook, like start)
         """Stops background work and persists what must outlive the process; after the last request."""
 
 
@@ -294,7 +293,7 @@ class LocalLimiter(Limiter):
             self._check(scope, st, tokens, now, to_day, to_month)
             states.append(st)
         grant = Grant(tuple(s.key_id for s in bound), tokens)
-        for scope, st in zip(bound, states):
+        for scope, st in zip(bound, states, strict=True):
             if scope.limits.rpm:   # the log exists for rpm alone
                 st.requests.append(now)
                 window = (scope.limits.rpm, scope.limits.rpm - len(st.requests),
@@ -345,7 +344,7 @@ class LocalLimiter(Limiter):
             return
         grant.settled = True
         delta = tokens - grant.tokens
-        for key_id, (st, charge, day, month) in zip(grant.key_ids, grant.charges):
+        for key_id, (st, charge, day, month) in zip(grant.key_ids, grant.charges, strict=True):
             st.inflight -= 1
             if charge is not None:
                 charge.tokens += delta

@@ -40,7 +40,7 @@ def _encode_scope(scope: Scope) -> list[Any]:
 
 def _decode_scope(raw: list[Any]) -> Scope:
     key_id, inherited, values = raw
-    return Scope(str(key_id), Limits(**dict(zip(LIMIT_FIELDS, (int(v) for v in values)))), bool(inherited))
+    return Scope(str(key_id), Limits(**dict(zip(LIMIT_FIELDS, (int(v) for v in values), strict=True))), bool(inherited))
 
 
 @dataclass(eq=False)

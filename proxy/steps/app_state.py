@@ -9,16 +9,16 @@ from pathlib import Path
 from aiohttp import web
 
 from ..audit.writer import AuditWriter
-from .authz import Authorizer, PolicyWatcher
 from ..context import RequestContext
 from ..keys.cache import KeyCache
 from ..keys.rotation import Keyring
 from ..keys.sessions import SessionAuthority
-from ..state.limits import Limiter, LocalLimiter
 from ..metrics import Metrics
 from ..settings import Settings
+from ..state.limits import Limiter, LocalLimiter
 from ..store.sqlite import SqliteStore
 from ..upstream.pool import UpstreamPool
+from .authz import Authorizer, PolicyWatcher
 
 
 @dataclass

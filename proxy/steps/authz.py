@@ -8,20 +8,19 @@ import json
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import translate
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import casbin
 from casbin.model import Model
 
 from ..context import Principal, Resource
 from ..quotas import Limits
-from .policy import (DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond,
-                     load_policy_dir, policy_files)
+from .policy import DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond, load_policy_dir, policy_files
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class Env:
     minute: int
 
     @classmethod
-    def at(cls, client_ip: str, now: datetime) -> "Env":
+    def at(cls, client_ip: str, now: datetime) -> Env:
         return cls(_parse_ip(client_ip), _minute_of_day(now))
 
 
@@ -216,7 +215,7 @@ class Authorizer:
             self.install(policy)
 
     @classmethod
-    def from_dir(cls, path: Path) -> "Authorizer":
+    def from_dir(cls, path: Path) -> Authorizer:
         """Load at start-up; raises PolicyError so a broken policy stops the server (fail closed)."""
         return cls(load_policy_dir(Path(path)))
 

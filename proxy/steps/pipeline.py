@@ -11,15 +11,15 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from .app_state import AppState
 from ..audit.writer import build_record
-from .authn import authenticate, parse_bearer
 from ..context import RequestContext, Resource
 from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
 from ..keys.sessions import MINTING_TIERS
 from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
-from ..state.limits import Scope, max_tokens_cap
 from ..settings import LimitsSettings
+from ..state.limits import Scope, max_tokens_cap
+from .app_state import AppState
+from .authn import authenticate, parse_bearer
 
 
 async def admit(state: AppState, ctx: RequestContext, authorization: str | None,

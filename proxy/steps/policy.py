@@ -7,14 +7,14 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from ..quotas import LIMIT_FIELDS, parse_limits
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Kept closed on purpose: a typo ("infr", "repositry") must fail the load, not
 # silently never match. Extend these when the classifier grows new routes.

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import pool as upstream_http, tokens
 from ..context import RequestContext
 from ..errors import AuditUnavailable, BadRequest, UpstreamTimeout, UpstreamUnavailable
+from . import pool as upstream_http
+from . import tokens
 from .pool import UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset({

@@ -46,9 +46,9 @@ def model_name_of(method: str, request: Message) -> str:
     """The model a request names ("" for none), to be validated by classify_grpc."""
     fields = request.DESCRIPTOR.fields_by_name
     if "model_name" in fields:
-        return str(getattr(request, "model_name"))
+        return str(request.model_name)
     if method in _NAME_IS_MODEL:
-        return str(getattr(request, "name"))
+        return str(request.name)
     return ""
 
 
