@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ..errors import SeekgateError
 from ..keys.envelope import EnvelopeError
-from ..keys.issue import TIER_DEFAULT, audited_views, issue_key, parse_duration, public_view
+from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, issue_key, parse_duration, public_view
 from ..keys.kek import KekError
 from ..keys.secrets_setup import load_pepper_sync
 from ..paths import store_path
@@ -91,7 +91,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             raise CliError(f"bad --label {item!r}: use key=value", 2)
         labels[k] = v
     try:
-        expires = TIER_DEFAULT if args.expires is None else parse_duration(args.expires)
+        expires: ExpiresIn = TIER_DEFAULT if args.expires is None else parse_duration(args.expires)
     except ValueError as exc:
         raise CliError(f"--expires: {exc}", 2) from None
     limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}

@@ -256,7 +256,7 @@ class GuardedRunner(web.AppRunner):
         self._header_timeout_s = header_timeout_s
 
     @property
-    def server(self) -> Callable[[], RequestHandler] | None:   # the protocol factory sites listen with
+    def server(self) -> Callable[[], RequestHandler] | None:   # type: ignore[override]  # the protocol factory sites listen with
         inner = super().server
         if inner is None:
             return None

@@ -151,7 +151,7 @@ class SocketLimiter(Limiter):
             raise OverLimit(kind, Scope(key_id, Limits(), inherited), limit, remaining, reset_s, retry_after)
         window = msg.get("w")
         return RemoteGrant(tuple(s.key_id for s in bound), tokens,
-                           rpm_window=tuple(window) if window else None,  # type: ignore[arg-type]
+                           rpm_window=tuple(window) if window else None,
                            remote_id=request_id, held=bool(msg.get("held")))
 
     def settle(self, grant: Grant, tokens: int) -> None:

@@ -82,13 +82,13 @@ class PolicySet:
 
 # ---------------------------------------------------------------- YAML with lines
 
-class _LineDict(dict):  # type: ignore[type-arg]
+class _LineDict(dict):
     line: int = 0
     key_lines: dict[Any, int]
     dupes: list[tuple[Any, int]]
 
 
-class _LineList(list):  # type: ignore[type-arg]
+class _LineList(list):
     line: int = 0
     item_lines: list[int]
 
@@ -189,7 +189,7 @@ class _Checker:
         n_err = len(self.errors)
         self.mapping(raw, "rule", _RULE_KEYS, line)
         kl = lambda k: _key_line(raw, k, line)  # noqa: E731
-        effect = raw.get("effect")
+        effect: Any = raw.get("effect")   # checked below; a bad one ends in None, not a Rule
         if effect not in ("allow", "deny"):
             self.err(kl("effect"), f"unknown effect {effect!r} (expected allow or deny)")
         desc = raw.get("description", "")

@@ -147,6 +147,6 @@ class StreamTokenCounter:
         every = [*self._done, *self._open.values()]
 
         def total(i: int) -> int | None:
-            values = [c[i] for c in every if c[i] is not None]
+            values = [v for c in every if (v := c[i]) is not None]
             return sum(values) if values else None
         return total(0), total(1)
