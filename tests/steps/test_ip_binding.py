@@ -17,11 +17,11 @@ from tritonclient.grpc import service_pb2_grpc
 
 from proxy.context import Principal
 from proxy.keys.sessions import SessionAuthority
+from tests.admin.test_sessions import exchange, signing_key, unauthenticated_body
+from tests.frontend.test_grpc import infer_request, md, quiet
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
-from tests.test_grpc_server import infer_request, md, quiet
-from tests.test_http_server import call
-from tests.test_sessions_e2e import exchange, signing_key, unauthenticated_body
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 

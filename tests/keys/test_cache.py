@@ -27,11 +27,11 @@ from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
 from tests.conftest import free_ports
+from tests.frontend.test_grpc import assert_nothing_forwarded, code_of, infer_request, md, quiet
+from tests.frontend.test_http import call
 from tests.gateway import Gateway
 from tests.relay import TcpRelay
-from tests.test_authn import IP, NOW, PEPPER, issue
-from tests.test_grpc_server import assert_nothing_forwarded, code_of, infer_request, md, quiet
-from tests.test_http_server import call
+from tests.steps.test_authn import IP, NOW, PEPPER, issue
 
 TTL = 5.0
 

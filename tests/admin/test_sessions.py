@@ -23,10 +23,10 @@ from proxy.local.triton import TritonProcess
 from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
 from tests.conftest import free_ports
+from tests.frontend.test_http import call
 from tests.gateway import Gateway
 from tests.relay import TcpRelay
 from tests.sessiontokens import attack_tokens
-from tests.test_http_server import call
 
 
 @pytest.fixture(scope="module")

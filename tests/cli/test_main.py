@@ -20,7 +20,7 @@ from proxy.keys.secrets_setup import load_pepper_sync
 from proxy.paths import store_path, tiny_checkpoint_path
 from proxy.settings import load_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Cli:

@@ -16,7 +16,7 @@ from proxy.context import Principal, Resource
 from proxy.steps.authz import Authorizer, Decision, Env, PolicyWatcher
 from proxy.steps.policy import PolicyError, PolicySet, compile_rules
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "policies"
 NOON = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 USER = Principal("k_user", "user", "bob", models=("deepseek",))
 ADMIN = Principal("k_admin", "user", "ops", roles=("admin",))

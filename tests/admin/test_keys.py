@@ -21,8 +21,8 @@ from proxy.settings import ServerSettings, Settings
 from proxy.steps.app_state import CTX, STATE, AppState
 from proxy.steps.authn import authenticate
 from proxy.store.sqlite import SqliteStore
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, wait_for
-from tests.test_http_server import call
 
 # pytest-aiohttp's aiohttp_client lives on the session loop (the fixture loop scope in
 # pyproject), so these tests run there too.

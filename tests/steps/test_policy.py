@@ -22,7 +22,7 @@ from proxy.steps.policy import (
     policy_files,
 )
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "policies"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "policies"
 
 
 def write(d: Path, name: str, text: str) -> Path:

@@ -25,10 +25,10 @@ from proxy.steps.app_state import STATE
 from proxy.steps.authn import authenticate
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
+from tests.admin.test_keys import PEPPER, SEEN, make_app
+from tests.cli.test_main import Cli, cli  # noqa: F401  (the fixture)
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, wait_for
-from tests.test_admin import PEPPER, SEEN, make_app
-from tests.test_cli import Cli, cli  # noqa: F401  (the fixture)
-from tests.test_http_server import call
 
 H = 3600.0
 T0 = 1_900_000_000.0   # a fixed clock: authn takes `now`, so grace ends are exact, no sleeps

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.state.limits import LocalLimiter, OverLimit
 from proxy.store.budgets import BudgetStore, budget_store_path
-from tests.test_limits import Clock, at, scope
+from tests.state.test_limits import Clock, at, scope
 
 T0 = at("2026-11-29T12:00:00")
 BUDGET = [scope("k", daily_tokens=100, monthly_tokens=1000)]

@@ -30,10 +30,10 @@ from proxy.frontend import http_guard
 from proxy.frontend.http_guard import check_aiohttp_internals, decoded_size_within
 from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
+from tests.frontend.test_grpc import STREAM_MODEL, assert_nothing_forwarded, infer_inputs, infer_request, md, quiet
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
-from tests.test_grpc_server import STREAM_MODEL, assert_nothing_forwarded, infer_inputs, infer_request, md, quiet
-from tests.test_http_server import call
 
 BODY_CAP = 1 << 20
 READ_TIMEOUT = 1.0

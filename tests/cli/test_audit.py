@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from proxy.audit.writer import query_audit, tail_audit
-from tests.test_cli import Cli, all_bytes, cli  # noqa: F401  (the fixture)
+from tests.cli.test_main import Cli, all_bytes, cli  # noqa: F401  (the fixture)
 
 
 def cli_records(cli: Cli) -> list[dict[str, Any]]:   # noqa: F811  (a Cli passed in, beside the fixture)

@@ -17,10 +17,10 @@ from tritonclient.grpc import service_pb2_grpc
 
 from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
+from tests.frontend.test_grpc import STREAM_MODEL, infer_request, md, quiet
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
-from tests.test_grpc_server import STREAM_MODEL, infer_request, md, quiet
-from tests.test_http_server import call
 
 GEN = "/v2/models/deepseek/generate"
 

@@ -9,10 +9,10 @@ from typing import Any
 import jwt
 import pytest
 
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
+from tests.keys.test_rotation import secrets_now
 from tests.relay import TcpRelay
-from tests.test_http_server import call
-from tests.test_rotation import secrets_now
 
 BASE = "/admin/v1/crypto"
 

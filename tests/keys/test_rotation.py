@@ -28,8 +28,8 @@ from proxy.settings import Settings, load_settings
 from proxy.steps.authn import authenticate
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
+from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, wait_for
-from tests.test_http_server import call
 
 T0 = 1_800_000_000.0
 
