@@ -122,7 +122,7 @@ def sizes(state: AppState) -> dict[str, int]:
             "policy_memo": len(getattr(authz_state, "cache", {})), "limiter_keys": len(limiter_keys)}
 
 
-WINDOW_S = 60.0   # the limiter's rpm/tpm sliding log keeps 60 s of admissions (proxy/limits.py)
+WINDOW_S = 60.0   # the limiter's rpm/tpm sliding log keeps 60 s of admissions (proxy/state/limits.py)
 
 
 async def run(requests: int, keys: int, checkpoint_at: int, rpm: int = 10 ** 9) -> dict[str, Any]:

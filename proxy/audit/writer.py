@@ -63,7 +63,7 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
     }
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
-        # before/after: the public views of the key records it changed (admin.py), never a secret or hash.
+        # before/after: the public views of the key records it changed (admin/keys.py), never a secret or hash.
         record["admin"] = {k: ctx.extra[f"admin_{k}"] for k in ("action", "target", "detail", "before", "after")
                            if ctx.extra.get(f"admin_{k}") is not None}
     return record
@@ -75,7 +75,7 @@ def admin_record(actor: str, protocol: str, action: str, target: str | None = No
     admin API call's record; ids and public views only, never a secret. The writer adds time and ids."""
     admin = {k: v for k, v in (("action", action), ("target", target), ("detail", detail),
                                ("before", before), ("after", after)) if v is not None}
-    # The resource the same operation has through the admin API (admin_crypto.py for crypto.*).
+    # The resource the same operation has through the admin API (admin/crypto.py for crypto.*).
     resource = "admin:crypto" if action.startswith("crypto.") else "admin:keys"
     return {"actor": actor, "action": "admin", "resource": resource, "status": "allowed",
             "reason": action, "protocol": protocol, "admin": admin}

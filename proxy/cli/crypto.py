@@ -52,7 +52,7 @@ def cmd_crypto(args: argparse.Namespace) -> int:
 
 
 def add_crypto_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    """`seekgate crypto ACTION`, under the parser's subcommands `sub`, built with cli.py's `cmd` helper."""
+    """`seekgate crypto ACTION`, under the parser's subcommands `sub`, built with cli/main.py's `cmd` helper."""
     crypto = sub.add_parser("crypto", help="envelope encryption: rotation and status").add_subparsers(
         dest="crypto_command", required=True, metavar="ACTION")
     for action, (help_text, _) in ACTIONS.items():

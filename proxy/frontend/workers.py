@@ -1,6 +1,6 @@
 """`seekgate serve --workers N`: N server processes on the same ports, and a supervisor holding what they share.
 
-Each worker is a full seekgate (proxy.http_server.run) binding the HTTP and gRPC ports with
+Each worker is a full seekgate (proxy.frontend.http.run) binding the HTTP and gRPC ports with
 SO_REUSEPORT, so the kernel spreads connections across them. What must be one thing for the
 node stays in the supervisor:
 - the limit counters (`LimiterServer`): limits are exact, never multiplied by N;

@@ -7,7 +7,7 @@ database useless without the KEK that unwraps the pepper.
 
 Pepper rotation: peppers are envelope secrets `pepper/<version>`. Each key row records
 the version its hash was made with; a row under an older version is re-hashed with
-the current one the next time its key is used successfully (authn.py). A new version
+the current one the next time its key is used successfully (steps/authn.py). A new version
 starts hashing only after PEPPER_PUBLISH_S, by which time every process has loaded it
 (they reload every crypto.refresh_interval_s), so no process ever meets a row hashed
 with a pepper it does not hold yet.

@@ -36,7 +36,7 @@ class LifecycleError(ValueError):
 
 
 class AuditFlush(Protocol):
-    """The audit writer, as the leak report needs it (proxy.audit.AuditWriter)."""
+    """The audit writer, as the leak report needs it (proxy.audit.writer.AuditWriter)."""
 
     async def flush(self) -> None: ...
 

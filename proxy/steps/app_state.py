@@ -33,9 +33,9 @@ class AppState:
     metrics: Metrics
     upstream: UpstreamPool
     internal_key: str | None = None   # unlocks Triton's shared-memory API; None if Triton runs elsewhere
-    limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (limits.py)
+    limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (state/limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
-    key_cache: KeyCache | None = None   # verified keys and sessions (key_cache.py); None: every request reads the store
+    key_cache: KeyCache | None = None   # verified keys and sessions (keys/cache.py); None: every request reads the store
     keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
     # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
     # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the

@@ -54,7 +54,7 @@ _MODEL_TAILS: dict[tuple[str, ...], tuple[frozenset[str], str, bool]] = {
     ("generate",): (_POST, "infer", False),
     ("generate_stream",): (_POST, "infer", True),
 }
-# /admin/v1/crypto/<operation> (admin_crypto.py): the method each one takes.
+# /admin/v1/crypto/<operation> (admin/crypto.py): the method each one takes.
 CRYPTO_OPS: dict[str, frozenset[str]] = {
     "status": _GET, "rotate-dek": _POST, "rotate-root": _POST, "rotate-jwt": _POST, "rotate-pepper": _POST,
 }
