@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.model_throughput import percentile  # noqa: E402
-from proxy.triton import free_ports  # noqa: E402
+from proxy.local.triton import free_ports  # noqa: E402
 
 MODES = ("batched", "strict")
 
@@ -139,8 +139,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, help="HF checkpoint dir (default: build the tiny one)")
     args = parser.parse_args()
 
-    from proxy.tinymodel import build_tiny_checkpoint
-    from proxy.triton import TritonLaunch, TritonProcess
+    from proxy.local.tinymodel import build_tiny_checkpoint
+    from proxy.local.triton import TritonLaunch, TritonProcess
 
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="seekgate-audit-bench-") as tmp_name, ExitStack() as stack:

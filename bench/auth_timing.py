@@ -35,14 +35,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.authn import authenticate  # noqa: E402
 from proxy.errors import Unauthenticated  # noqa: E402
-from proxy.key_cache import KeyCache  # noqa: E402
+from proxy.keys.cache import KeyCache  # noqa: E402
 from proxy.keys.format import PREFIX, _checksum, generate_key, parse_key  # noqa: E402
 from proxy.keys.issue import issue_key  # noqa: E402
 from proxy.keys.secrets_setup import open_keyring  # noqa: E402
 from proxy.paths import store_path  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
+from proxy.steps.authn import authenticate  # noqa: E402
 from proxy.store.sqlite import SqliteStore  # noqa: E402
 
 TARGET_US = 5.0

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    from proxy.tinymodel import build_tiny_checkpoint
+    from proxy.local.tinymodel import build_tiny_checkpoint
 
     with ExitStack() as cleanup:
         tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="seekgate-matrix-")))

@@ -47,17 +47,17 @@ if str(REPO) not in sys.path:
 from aiohttp import web  # noqa: E402
 
 from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR, run_loop  # noqa: E402
-from proxy.app_state import STATE, AppState  # noqa: E402
-from proxy.classify import classify_http  # noqa: E402
 from proxy.context import RequestContext  # noqa: E402
-from proxy.http_server import build_app  # noqa: E402
+from proxy.frontend.http import build_app  # noqa: E402
 from proxy.keys.format import generate_key, key_prefix_and_last4  # noqa: E402
 from proxy.keys.hashing import hash_secret  # noqa: E402
 from proxy.keys.issue import DEFAULT_EXPIRY_S  # noqa: E402
-from proxy.pipeline import admit, audit_ready, finish, limit  # noqa: E402
+from proxy.local.triton import free_ports  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
+from proxy.steps.app_state import STATE, AppState  # noqa: E402
+from proxy.steps.classify import classify_http  # noqa: E402
+from proxy.steps.pipeline import admit, audit_ready, finish, limit  # noqa: E402
 from proxy.store import KeyRecord  # noqa: E402
-from proxy.triton import free_ports  # noqa: E402
 
 PATH = "/v2/models/trivial/infer"
 TARGET_GROWTH = 0.10
@@ -122,7 +122,7 @@ def sizes(state: AppState) -> dict[str, int]:
             "policy_memo": len(getattr(authz_state, "cache", {})), "limiter_keys": len(limiter_keys)}
 
 
-WINDOW_S = 60.0   # the limiter's rpm/tpm sliding log keeps 60 s of admissions (proxy/limits.py)
+WINDOW_S = 60.0   # the limiter's rpm/tpm sliding log keeps 60 s of admissions (proxy/state/limits.py)
 
 
 async def run(requests: int, keys: int, checkpoint_at: int, rpm: int = 10 ** 9) -> dict[str, Any]:

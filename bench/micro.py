@@ -53,16 +53,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.stack import BENCH_LABELS, BENCH_MODELS, BENCH_ROLES, POLICY_DIR, run_loop  # noqa: E402
-from proxy.authn import authenticate, check_chain  # noqa: E402
-from proxy.authz import Authorizer  # noqa: E402
 from proxy.context import Principal, Resource  # noqa: E402
-from proxy.key_cache import KeyCache  # noqa: E402
+from proxy.keys.cache import KeyCache  # noqa: E402
 from proxy.keys.format import parse_key  # noqa: E402
 from proxy.keys.hashing import verify_secret  # noqa: E402
 from proxy.keys.issue import issue_key  # noqa: E402
 from proxy.keys.secrets_setup import open_keyring  # noqa: E402
 from proxy.paths import store_path  # noqa: E402
 from proxy.settings import load_settings  # noqa: E402
+from proxy.steps.authn import authenticate, check_chain  # noqa: E402
+from proxy.steps.authz import Authorizer  # noqa: E402
 from proxy.store.sqlite import SqliteStore  # noqa: E402
 
 CLIENT_IP = "127.0.0.1"

@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url.rstrip("/")
             checkpoint_desc = "(external Triton)"
         else:
-            from proxy.triton import TritonLaunch, TritonProcess, free_ports
+            from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="seekgate-bench-")))
             if args.checkpoint:
                 checkpoint = args.checkpoint
             else:
-                from proxy.tinymodel import build_tiny_checkpoint
+                from proxy.local.tinymodel import build_tiny_checkpoint
 
                 print("building tiny checkpoint ...", file=sys.stderr, flush=True)
                 checkpoint = build_tiny_checkpoint(tmp / "deepseek-tiny", seed=0)

@@ -68,11 +68,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import grpc
@@ -342,8 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from proxy.tinymodel import build_tiny_checkpoint
-    from proxy.triton import TritonLaunch, TritonProcess, free_ports
+    from proxy.local.tinymodel import build_tiny_checkpoint
+    from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
 
     # The Python backend stub finds its interpreter as `python3` on PATH (see README).
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

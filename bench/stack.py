@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from proxy.triton import TritonLaunch, TritonProcess, free_ports
+from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
 
 T = TypeVar("T")
 

@@ -7,8 +7,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .context import RequestContext
 
@@ -29,7 +28,7 @@ TIERS = frozenset({"root", "app", "device", "user", "session"})
 STATUSES = frozenset({"allowed", "denied", "error"})
 PROTOCOLS = frozenset({"http", "grpc"})
 AUTH_REASONS = frozenset({
-    # proxy.authn's reasons, then the session-JWT ones it is expected to grow.
+    # proxy.steps.authn's reasons, then the session-JWT ones it is expected to grow.
     "missing_credentials", "malformed", "bad_checksum", "unknown_key", "hash_mismatch",
     "revoked", "expired", "ip_not_allowed", "models_outside_parent",
     "invalid_token", "bad_signature", "wrong_audience", "wrong_issuer", "not_yet_valid",

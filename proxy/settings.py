@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .limits import LIMIT_FIELDS, parse_role_caps
+from .quotas import LIMIT_FIELDS, parse_role_caps
 
 SESSION_MAX_TTL_S = 900   # the design's 15 minutes; keys/sessions.py enforces it again on verify
 
@@ -206,7 +206,7 @@ def _types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-_SECTIONS: dict[str, type] = {n: t for n, t in _types(Settings).items() if dataclasses.is_dataclass(t)}
+_SECTIONS: dict[str, type] = {n: t for n, t in _types(Settings).items() if isinstance(t, type) and dataclasses.is_dataclass(t)}
 _KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -295,7 +295,7 @@ def _build(cls: type, raw: Mapping[str, Any], errors: list[str], prefix: str = "
         path, kind = f"{prefix}{key}", hints.get(key)
         if kind is None:
             errors.append(f"{path}: unknown setting")
-        elif dataclasses.is_dataclass(kind):
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
             if value is None:  # a section whose keys are all commented out
                 continue
             if not isinstance(value, Mapping):
@@ -477,7 +477,7 @@ def format_settings_yaml() -> str:
              ""]
     current = None
     section_help = {f.name: f.metadata["help"] for f in dataclasses.fields(Settings)}
-    for section, path, f, default in _walk():
+    for section, _path, f, default in _walk():
         if section != current and section:
             lines += ["", f"# {section_help[section]}", f"{section}:"]
         current = section

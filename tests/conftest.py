@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.tinymodel import build_tiny_checkpoint
-from proxy.triton import TritonLaunch, TritonProcess, free_ports
+from proxy.local.tinymodel import build_tiny_checkpoint
+from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
 from tests.relay import TcpRelay, relays_to
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,15 +15,15 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.http_server import run
+from proxy.frontend.http import run
 from proxy.keys.format import generate_key, key_prefix_and_last4
 from proxy.keys.hashing import hash_secret, pepper_version
 from proxy.keys.secrets_setup import open_pepper
+from proxy.local.triton import free_ports
 from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
-from proxy.triton import free_ports
 from tests.relay import TcpRelay
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,14 +39,14 @@ def wait_for(check: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
-def metric(gw: "Gateway", name: str, **labels: str) -> float:
+def metric(gw: Gateway, name: str, **labels: str) -> float:
     """The sum of a metric's samples matching `labels`, as scraped from the gateway now."""
     text = urllib.request.urlopen(gw.metrics_url).read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def audit_records(gw: "Gateway") -> list[dict[str, Any]]:
+def audit_records(gw: Gateway) -> list[dict[str, Any]]:
     path = gw.data_dir / "audit" / "audit.jsonl"
     if not path.exists():
         return []
@@ -83,7 +83,7 @@ class Gateway:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def start(self) -> "Gateway":
+    def start(self) -> Gateway:
         ready = threading.Event()
 
         def main() -> None:

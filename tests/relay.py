@@ -37,7 +37,7 @@ class TcpRelay:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "TcpRelay":
+    def start(self) -> TcpRelay:
         self._thread.start()
         self._ready.wait(10)
         return self

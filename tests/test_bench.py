@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient
 
 from bench import loadgen, matrix, memory, micro, report, stack
 from bench.passthrough import build_app
-from proxy.authz import Authorizer
 from proxy.context import Principal, Resource
-from proxy.policy import load_policy_dir
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
+from proxy.steps.authz import Authorizer
+from proxy.steps.policy import load_policy_dir
 from tests.conftest import start_triton
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)

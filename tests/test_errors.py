@@ -7,8 +7,9 @@ import re
 import grpc
 import pytest
 
-from proxy import errors, http_guard
+from proxy import errors
 from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.frontend import http_guard
 
 
 def test_timeout_and_framing_errors_are_in_the_error_tree() -> None:

@@ -114,7 +114,7 @@ def request(text: str, max_tokens: int, **extra: np.ndarray) -> pb_utils_stub.In
 def test_batch_equals_one_at_a_time_and_honours_max_tokens(model: object) -> None:
     prompts = [("Hello world", 3), ("The quick brown fox jumps over the lazy", 9), ("a", 5), ("seekgate", 12)]
     batched = model.execute([request(t, n) for t, n in prompts])
-    for (text, n), response in zip(prompts, batched):
+    for (text, n), response in zip(prompts, batched, strict=True):
         single = model.execute([request(text, n)])[0]
         assert response.output("text_output")[0, 0] == single.output("text_output")[0, 0]
         assert response.output("output_tokens")[0, 0] == single.output("output_tokens")[0, 0] <= n

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from proxy.triton import TritonProcess
+from proxy.local.triton import TritonProcess
 
 
 def post(triton: TritonProcess, path: str, body: dict[str, Any]) -> tuple[int, bytes]:

@@ -12,8 +12,17 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.dashboard import (Panel, dashboard_panels, division_operands, equality_matchers,
-                             grouping_labels, metric_name, quantiles, rated, selectors)
+from tests.dashboard import (
+    Panel,
+    dashboard_panels,
+    division_operands,
+    equality_matchers,
+    grouping_labels,
+    metric_name,
+    quantiles,
+    rated,
+    selectors,
+)
 
 PERCENTILES = {0.5, 0.95, 0.99}
 

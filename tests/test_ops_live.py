@@ -16,12 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy import audit_file
+from proxy.audit import jsonl as audit_file
 from proxy.keys.format import generate_key
-from proxy.triton import TritonProcess, free_ports
+from proxy.local.triton import TritonProcess, free_ports
 from tests.conftest import REPO
-from tests.dashboard import (TRITON_GPU_METRICS, dashboard_queries, grouping_labels, metric_name, selectors,
-                             uses_gpu_metrics)
+from tests.dashboard import (
+    TRITON_GPU_METRICS,
+    dashboard_queries,
+    grouping_labels,
+    metric_name,
+    selectors,
+    uses_gpu_metrics,
+)
 from tests.gateway import Gateway, wait_for
 from tests.relay import TcpRelay
 
@@ -54,7 +60,7 @@ class Prometheus:
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         log = open(self.root / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={self.config_path}", f"--storage.tsdb.path={self.root / 'data'}",

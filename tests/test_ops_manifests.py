@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.policy import check_policy_dir
+from proxy.local.triton import TritonInstall, TritonLaunch, build_command, free_ports
 from proxy.settings import load_settings
-from proxy.triton import TritonInstall, TritonLaunch, build_command, free_ports
+from proxy.steps.policy import check_policy_dir
 from tests.conftest import REPO
 from tests.gateway import Gateway
 
@@ -240,7 +240,8 @@ def test_audit_shipping_is_an_optional_profile() -> None:
     assert parser["Time_Key"] == "timestamp"
     # The parser's time format reads the audit writer's timestamps.
     from datetime import datetime
-    from proxy.audit import _iso_utc
+
+    from proxy.audit.writer import _iso_utc
     fmt = parser["Time_Format"].replace("%L", "%f")
     assert datetime.strptime(_iso_utc(1795929560.123), fmt).microsecond == 123000
 
@@ -253,7 +254,7 @@ def test_ilm_policy_keeps_audit_180_days() -> None:
     setup = (REPO / "config/fluent-bit/es-setup.sh").read_text()
     name = re.search(r"_ilm/policy/(\S+)", setup).group(1)  # type: ignore[union-attr]
     assert template["template"]["settings"]["index.lifecycle.name"] == name
-    from proxy.audit import FIELDS
+    from proxy.audit.writer import FIELDS
     mapped = set(template["template"]["mappings"]["properties"])
     assert set(FIELDS) <= mapped, set(FIELDS) - mapped
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Starts tritonserver as `seekgate triton` does (proxy/triton.py build_command), with the
+# Starts tritonserver as `seekgate triton` does (proxy/local/triton.py build_command), with the
 # inference ports bound to TRITON_BIND_ADDRESS only (the network seekgate shares with Triton)
 # and the shared-memory API locked behind the header only seekgate knows. Ports default to
 # 8000/8001/8002 (compose); in a Kubernetes pod, where seekgate holds those, 18000/18001/18002.

@@ -7,7 +7,7 @@ database useless without the KEK that unwraps the pepper.
 
 Pepper rotation: peppers are envelope secrets `pepper/<version>`. Each key row records
 the version its hash was made with; a row under an older version is re-hashed with
-the current one the next time its key is used successfully (authn.py). A new version
+the current one the next time its key is used successfully (steps/authn.py). A new version
 starts hashing only after PEPPER_PUBLISH_S, by which time every process has loaded it
 (they reload every crypto.refresh_interval_s), so no process ever meets a row hashed
 with a pepper it does not hold yet.
@@ -133,7 +133,7 @@ async def load_pepper(envelope: Envelope, data_dir: Path, now: float,
 
 async def _migrate_pepper_file(envelope: Envelope, path: Path, name: str) -> None:
     try:
-        value = path.read_bytes()
+        value = path.read_bytes()   # noqa: ASYNC240  (once, at start-up)
     except FileNotFoundError:
         return   # another starter migrated it a moment ago
     if len(value) != PEPPER_BYTES:
@@ -143,7 +143,7 @@ async def _migrate_pepper_file(envelope: Envelope, path: Path, name: str) -> Non
         raise EnvelopeError(f"{path} differs from the pepper in the key store ({name}); keys hashed "
                          f"with the file would stop working, so it is left in place: move it away "
                          f"only if the store's pepper is the right one")
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)   # noqa: ASYNC240  (once, at start-up)
     log.info("moved the pepper file %s into the envelope as %s", path, name)
 
 

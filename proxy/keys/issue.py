@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 from proxy.keys.format import generate_key, key_prefix_and_last4
 from proxy.keys.hashing import hash_secret, pepper_version
-from proxy.limits import parse_limits
+from proxy.quotas import parse_limits
 from proxy.store import KeyRecord, KeyStore
 
 DAY = 86400.0

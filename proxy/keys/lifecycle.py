@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.audit import query_audit
+from proxy.audit.writer import query_audit
 from proxy.errors import AuditUnavailable
-from proxy.keys.issue import MAX_AUDITED_KEYS, ISSUABLE_TIERS, ExpiresIn, issue_key, iso_utc, key_status
+from proxy.keys.issue import ISSUABLE_TIERS, MAX_AUDITED_KEYS, ExpiresIn, iso_utc, issue_key, key_status
 from proxy.store import KeyRecord, KeyStore
 
 # A report lists every use, but a key hammered for months would make it unreadable; the
@@ -36,7 +36,7 @@ class LifecycleError(ValueError):
 
 
 class AuditFlush(Protocol):
-    """The audit writer, as the leak report needs it (proxy.audit.AuditWriter)."""
+    """The audit writer, as the leak report needs it (proxy.audit.writer.AuditWriter)."""
 
     async def flush(self) -> None: ...
 

@@ -21,11 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.audit import admin_record
+from proxy.audit.writer import admin_record
 from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import PEPPER_PREFIX, Pepper, add_pepper_version, load_pepper
-from proxy.keys.sessions import (SIGNING_KEY_PREFIX, SessionAuthority, load_signing_keys, retire_signing_keys,
-                                 rotate_signing_key)
+from proxy.keys.sessions import (
+    SIGNING_KEY_PREFIX,
+    SessionAuthority,
+    load_signing_keys,
+    retire_signing_keys,
+    rotate_signing_key,
+)
 from proxy.settings import CryptoSettings, Settings
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows

@@ -102,7 +102,7 @@ def retiring(listing: list[tuple[str, float]], now: float, keep_s: float) -> lis
 
     `listing` is (name, created_at) oldest first; a key stopped signing when the next one appeared.
     """
-    return [name for (name, _), (_, successor_at) in zip(listing, listing[1:]) if now >= successor_at + keep_s]
+    return [name for (name, _), (_, successor_at) in zip(listing, listing[1:], strict=False) if now >= successor_at + keep_s]
 
 
 async def retire_signing_keys(envelope: Envelope, now: float, keep_s: float) -> list[str]:

@@ -168,7 +168,7 @@ class SqliteSecretRows:
             added = cur.rowcount == 1
             await cur.close()
             if added:
-                await self._store._bump()   # verified-session caches (key_cache.py) watch the revision
+                await self._store._bump()   # verified-session caches (keys/cache.py) watch the revision
         return added
 
     async def session_revoked(self, jti: str) -> bool:

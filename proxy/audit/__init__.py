@@ -1,0 +1,1 @@
+"""The audit log: the writer, the JSONL file, the SQLite index."""

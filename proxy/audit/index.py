@@ -1,0 +1,213 @@
+"""The audit index in SQLite: schema, rows, connection settings, and `seekgate audit query`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from datetime import datetime
+from functools import lru_cache
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+# Order is the JSONL key order and the SQLite column order; never add a credential here.
+FIELDS: tuple[str, ...] = (
+    "timestamp", "event_id", "request_id", "actor", "key_id", "tier", "action", "resource",
+    "model", "status", "http_status", "reason", "client_ip", "duration_ms", "upstream_ms",
+    "input_tokens", "output_tokens", "protocol", "method", "path", "rule",
+    # The principal's ancestor key ids, nearest first (a session's parent key, a device's app
+    # key): the leak report finds a leaked key's sessions by it. Last, because an audit.db made
+    # before it gets it by ALTER TABLE, which appends.
+    "parent_key_ids",
+)
+# Decoded from their JSON text when read back from the index.
+_JSON_FIELDS = {"parent_key_ids"}
+_INT_FIELDS = {"http_status", "input_tokens", "output_tokens"}
+_REAL_FIELDS = {"duration_ms", "upstream_ms"}
+
+
+def _column_type(field: str) -> str:
+    return "INTEGER" if field in _INT_FIELDS else "REAL" if field in _REAL_FIELDS else "TEXT"
+
+
+_COLUMNS = ", ".join(f"{f} {_column_type(f)}" + (" PRIMARY KEY" if f == "event_id" else "") for f in FIELDS)
+_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, {_COLUMNS})",
+    "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
+    "CREATE INDEX IF NOT EXISTS audit_actor ON audit (actor, ts)",
+    "CREATE INDEX IF NOT EXISTS audit_key_id ON audit (key_id, ts)",
+)
+# OR IGNORE makes a retried batch idempotent: event_id is the primary key.
+_INSERT_HEAD = f"INSERT OR IGNORE INTO audit (ts, {', '.join(FIELDS)}) VALUES "
+_ROW_MARKS = f"({', '.join('?' * (len(FIELDS) + 1))})"
+
+
+def _epoch(iso: str) -> float:
+    if len(iso) == 24 and iso[19] == "." and iso[23] == "Z" and iso[20:23].isdigit():
+        # The shape build_record writes: the second parsed once per second, the milliseconds added.
+        return _second(iso[:19]) + int(iso[20:23]) / 1000.0
+    # fromisoformat only accepts "Z" from 3.11; the project still declares 3.10.
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@lru_cache(maxsize=8)
+def _second(iso_seconds: str) -> float:
+    return datetime.fromisoformat(iso_seconds + "+00:00").timestamp()
+
+
+_PLAIN = (str, int, float, type(None))
+
+
+_values = itemgetter(*FIELDS)
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
+def row(rec: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        ts = _epoch(str(rec["timestamp"]))
+    except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
+        ts = time.time()
+    try:
+        values = _values(rec)   # one C call for the record build_record makes
+    except KeyError:
+        values = tuple(map(rec.get, FIELDS))
+    if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds plain values only (not parent_key_ids)
+        values = tuple(v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in values)
+    return (ts, *values)
+
+
+_ROWS_PER_STATEMENT = 64   # 64 x 23 bound values, far below SQLite's 32766
+
+
+@lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _insert_rows_sql(n: int) -> str:
+    return _INSERT_HEAD + ", ".join([_ROW_MARKS] * n)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """An audit.db from an older version lacks the fields added since: add them (NULL in old rows)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    for field in FIELDS:
+        if field not in have:
+            db.execute(f"ALTER TABLE audit ADD COLUMN {field} {_column_type(field)}")
+
+
+class AuditIndex:
+    """The writer's connection to audit.db, used from one worker thread at a time (asyncio.to_thread).
+
+    Synchronous, so that a whole batch is indexed in one call on the worker thread (aiosqlite would
+    make every statement and the commit a hand-off of their own). Rows go in 64 to a statement
+    because sqlite3 releases the GIL around every statement it steps: with a row per statement the
+    thread waited for the GIL once per row, and a busy event loop hands the GIL over only every
+    5 ms, which throttled the index to a few hundred rows a second under load while the queue, and
+    the memory holding it, grew.
+
+    WAL with synchronous=NORMAL survives a process crash; a host crash can lose the last commits,
+    which is why the fsynced JSONL file, not this index, is the durable record: the writer
+    re-indexes the file's tail at start. A second fsync per group commit would cost strict mode
+    throughput for nothing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        """Opens audit.db (schema included) now, so that a broken one is known at start."""
+        self._connection()
+
+    def insert(self, records: list[dict[str, Any]]) -> None:
+        """Indexes records (OR IGNORE: one already there is skipped); all or nothing."""
+        db = self._connection()
+        rows = [row(r) for r in records]
+        try:
+            for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                chunk = rows[start:start + _ROWS_PER_STATEMENT]
+                db.execute(_insert_rows_sql(len(chunk)), [cell for r in chunk for cell in r])
+            db.commit()
+        except sqlite3.Error:
+            self._abandon()
+            raise
+
+    def prune(self, cutoff: float) -> None:
+        db = self._connection()
+        try:
+            db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,))
+            db.commit()
+        except sqlite3.Error:
+            self._abandon()
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            # sqlite3 opens a transaction before the first INSERT or DELETE (not before PRAGMA or
+            # CREATE), so each insert() or prune() is one transaction, ended by its commit().
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+                _add_missing_columns(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _abandon(self) -> None:
+        """After a failed statement: roll back, or drop a connection that cannot; the next call reconnects."""
+        assert self._db is not None
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            self.close()
+
+
+async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,
+                      since: float | None = None, until: float | None = None,
+                      status: str | None = None, limit: int = 100,
+                      ancestor: str | None = None) -> list[dict[str, Any]]:
+    """Records matching every given filter, newest first. `since`/`until` are epoch seconds.
+
+    `ancestor`: records of principals under that key (its sessions, devices and their uses),
+    found in parent_key_ids. No index serves it: bound it with `since`, which one does.
+    """
+    db_path = Path(data_dir) / "audit" / "audit.db"
+    if not db_path.exists():
+        return []
+    where, args = [], []
+    for clause, value in (("actor = ?", actor), ("key_id = ?", key_id), ("ts >= ?", since),
+                          ("ts < ?", until), ("status = ?", status),
+                          ("EXISTS (SELECT 1 FROM json_each(audit.parent_key_ids) WHERE value = ?)",
+                           ancestor)):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    async with aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True) as db:
+        # Read-only: an audit.db no writer has opened since an upgrade may lack newer columns.
+        async with db.execute("PRAGMA table_info(audit)") as cur:
+            have = {r[1] for r in await cur.fetchall()}
+        if ancestor is not None and "parent_key_ids" not in have:
+            return []
+        columns = ", ".join(f if f in have else f"NULL AS {f}" for f in FIELDS)
+        sql = (f"SELECT {columns} FROM audit"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY ts DESC, rowid DESC LIMIT ?")
+        async with db.execute(sql, (*args, max(0, limit))) as cur:
+            return [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await cur.fetchall()]
+
+
+def _decoded(record: dict[str, Any]) -> dict[str, Any]:
+    for field in _JSON_FIELDS:
+        if isinstance(record.get(field), str):
+            record[field] = json.loads(record[field])
+    return record

@@ -1,0 +1,1 @@
+"""The `seekgate` command and its subcommands: thin over the same operations as the admin API."""

@@ -1,0 +1,1 @@
+"""The doors clients use: the HTTP server (the request path composed in order), gRPC, the guards and workers."""

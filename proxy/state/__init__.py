@@ -1,0 +1,1 @@
+"""Per-key counters one process (or the workers' supervisor) holds: the limiter, local and shared."""

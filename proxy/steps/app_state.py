@@ -1,0 +1,48 @@
+"""The long-lived resources one seekgate process holds, shared by the HTTP and gRPC front ends."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from ..audit.writer import AuditWriter
+from ..context import RequestContext
+from ..keys.cache import KeyCache
+from ..keys.rotation import Keyring
+from ..keys.sessions import SessionAuthority
+from ..metrics import Metrics
+from ..settings import Settings
+from ..state.limits import Limiter, LocalLimiter
+from ..store.sqlite import SqliteStore
+from ..upstream.pool import UpstreamPool
+from .authz import Authorizer, PolicyWatcher
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    data_dir: Path
+    store: SqliteStore
+    pepper: bytes
+    authorizer: Authorizer
+    watcher: PolicyWatcher
+    audit: AuditWriter
+    metrics: Metrics
+    upstream: UpstreamPool
+    internal_key: str | None = None   # unlocks Triton's shared-memory API; None if Triton runs elsewhere
+    limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (state/limits.py)
+    sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
+    key_cache: KeyCache | None = None   # verified keys and sessions (keys/cache.py); None: every request reads the store
+    keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
+    # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
+    # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the
+    # audit writer closes only after its last records.
+    draining: bool = False
+    grpc_stopped: asyncio.Event | None = None
+
+
+STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)
+CTX: web.RequestKey[RequestContext] = web.RequestKey("seekgate_ctx", RequestContext)

@@ -1,0 +1,220 @@
+"""The authenticate step: a bearer credential becomes a Principal, or Unauthenticated."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from proxy.context import Principal
+from proxy.errors import StoreUnavailable, Unauthenticated
+from proxy.keys.cache import KeyCache
+from proxy.keys.format import PREFIX, KeyFormatError, parse_key
+from proxy.keys.hashing import hash_secret, pepper_for, pepper_version, verify_secret
+from proxy.keys.sessions import MINTING_TIERS, SessionAuthority
+from proxy.store import KeyRecord, KeyStore
+
+# RFC 6750 b64token: covers API keys and JWTs. Anything longer is not ours.
+_BEARER_RE = re.compile(r"bearer ([A-Za-z0-9\-._~+/]+=*)", re.ASCII | re.IGNORECASE)
+_MAX_HEADER = 4096
+
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("seekgate.authn")
+# Stands in for the row of an unknown key id: its hash (64 hex digits, like every stored one) matches nothing.
+_DECOY = KeyRecord(key_id="", secret_hash="0" * 64, tier="", owner="", created_at=0.0)
+
+
+@runtime_checkable
+class _Rehashes(Protocol):
+    async def rehash_secret(self, key_id: str, old_hash: str, new_hash: str, pepper_version: int) -> bool: ...
+
+
+def parse_bearer(header: str | None) -> str:
+    """The token from `Authorization: Bearer <token>` (HTTP) or gRPC `authorization` metadata.
+
+    Strict on purpose: one space, one token, nothing around it. Raises
+    Unauthenticated("missing_credentials") when absent, ("malformed") otherwise.
+    """
+    if header is None or header == "":
+        raise Unauthenticated("missing_credentials")
+    if len(header) > _MAX_HEADER:
+        raise Unauthenticated("malformed")
+    m = _BEARER_RE.fullmatch(header)
+    if m is None:
+        raise Unauthenticated("malformed")
+    return m.group(1)
+
+
+async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: str,
+                       now: float, sessions: SessionAuthority | None = None,
+                       cache: KeyCache | None = None) -> Principal:
+    """Verify a bearer token against the store, or take it from `cache`; a revocation counts at once.
+
+    The cache holds verified chains, not decisions: expiry and the IP binding are checked
+    on every request, cached or not (see keys/cache.py for how entries are invalidated).
+
+    Reasons (audit only; the client sees one body): malformed, bad_checksum,
+    unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent, and
+    for session JWTs (tokens without the key prefix) the session_* reasons of keys/sessions.py.
+    A store failure propagates as StoreUnavailable (503), never as success.
+    """
+    revision: int | None = None
+    if cache is not None:
+        hit, revision = await cache.lookup(token, store, now)
+        if hit is not None:
+            check_chain(hit.chain, client_ip, now)
+            return hit.principal
+    exp: float | None = None
+    if not token.startswith(PREFIX):
+        if sessions is None:
+            raise Unauthenticated("malformed")
+        principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now)
+    else:
+        principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now)
+    if cache is not None:
+        cache.put(token, revision, chain, principal, now, exp)
+    return principal
+
+
+async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAuthority,
+                                client_ip: str, now: float) -> tuple[Principal, list[KeyRecord], float]:
+    """A session JWT: signature and claims, then its own revocation, then its parent's whole chain.
+
+    The chain is read on every request, so revoking the parent key (or any ancestor) ends
+    its sessions at once. The session's scope is recomputed from the parent as it is now,
+    never wider than the roles the token was minted with.
+    """
+    try:
+        claims = sessions.verify(token, now)
+    except Unauthenticated as exc:
+        # A kid another process made a moment ago: reload the key set once, then decide.
+        if exc.reason != "session_unknown_kid" or sessions.reload is None or not await sessions.reload():
+            raise
+        claims = sessions.verify(token, now)
+    if await sessions.revoked(claims.jti):
+        raise Unauthenticated("session_revoked")
+    chain = await store.get_chain(claims.parent)
+    if not chain or chain[0].key_id != claims.parent:
+        raise Unauthenticated("unknown_key")
+    parent = chain[0]
+    if parent.tier not in MINTING_TIERS:
+        raise Unauthenticated("session_from_wrong_tier")
+    check_chain(chain, client_ip, now)
+    return Principal(
+        key_id=claims.jti, tier="session", owner=parent.owner,
+        roles=tuple(r for r in claims.roles if r in parent.roles), labels=dict(parent.labels),
+        models=effective_models(chain), parents=tuple(r.key_id for r in chain),
+        # A session sets no limits of its own; its parent's (and their ancestors') bind it.
+        limits=((claims.jti, "session", {}), *((r.key_id, r.tier, dict(r.limits)) for r in chain)),
+    ), chain, float(claims.exp)
+
+
+async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, client_ip: str,
+                                now: float) -> tuple[Principal, list[KeyRecord]]:
+    try:
+        parsed = parse_key(token)
+    except KeyFormatError as exc:
+        # A typo or a random probe is turned away before any store lookup.
+        raise Unauthenticated(exc.reason) from None
+    chain = await store.get_chain(parsed.key_id)
+    known = bool(chain) and chain[0].key_id == parsed.key_id
+    # The secret is checked before any state, so someone holding only a key id learns nothing
+    # about whether it is revoked, expired or IP-bound. An unknown id costs the same HMAC and
+    # compare against a decoy, so the answer time does not tell whether the id exists either.
+    key = chain[0] if known else _DECOY
+    row_pepper = pepper_for(pepper, key.pepper_version if known else pepper_version(pepper))
+    matches = row_pepper is not None and verify_secret(row_pepper, token, key.secret_hash)
+    if not known:
+        raise Unauthenticated("unknown_key")
+    if not matches:
+        raise Unauthenticated("hash_mismatch")
+    check_chain(chain, client_ip, now)
+    if key.pepper_version < pepper_version(pepper):
+        await _rehash(store, key, token, pepper)
+    return Principal(
+        key_id=key.key_id, tier=key.tier, owner=key.owner, roles=key.roles,
+        labels=dict(key.labels), models=effective_models(chain),
+        parents=tuple(r.key_id for r in chain[1:]),
+        limits=tuple((r.key_id, r.tier, dict(r.limits)) for r in chain),
+    ), chain
+
+
+async def _rehash(store: KeyStore, key: KeyRecord, token: str, pepper: bytes) -> None:
+    """Pepper rotation: re-hash a row made under an older pepper, now that its key was used.
+
+    Best effort: the request has succeeded already, and a failed write is retried on the next use.
+    """
+    if not isinstance(store, _Rehashes):
+        return
+    try:
+        await store.rehash_secret(key.key_id, key.secret_hash, hash_secret(pepper, token), pepper_version(pepper))
+    except StoreUnavailable as exc:
+        log.warning("re-hashing key %s under pepper %d failed: %s", key.key_id, pepper_version(pepper), exc)
+
+
+def check_chain(chain: Sequence[KeyRecord], client_ip: str, now: float) -> None:
+    """Refuse if the key or any ancestor is revoked/expired, or the client IP is not bound.
+
+    `chain` is the key then its ancestors, nearest first. The key's own expiry reads
+    "expired"; a dead ancestor reads "revoked", since revoking covers descendants.
+    """
+    key, ancestors = chain[0], chain[1:]
+    if key.revoked_at is not None:
+        raise Unauthenticated("revoked")
+    if _expired(key, now):
+        raise Unauthenticated("expired")
+    for rec in ancestors:
+        if rec.revoked_at is not None or _expired(rec, now):
+            raise Unauthenticated("revoked")
+    addr: _IPAddress | None = None
+    for rec in chain:
+        if not rec.allowed_cidrs:
+            continue
+        if addr is None:
+            addr = _parse_ip(client_ip)
+        if addr is None or not _ip_in_any(addr, rec.allowed_cidrs):
+            raise Unauthenticated("ip_not_allowed")
+
+
+def effective_models(chain: list[KeyRecord]) -> tuple[str, ...]:
+    """The models a key may use: its own list narrowed by every ancestor's; () means any.
+
+    A child may not reach past its parent. If the narrowing leaves nothing the key
+    is refused, because () would read as "any model".
+    """
+    allowed: tuple[str, ...] = ()
+    for rec in chain:
+        if not rec.models:
+            continue
+        allowed = rec.models if not allowed else tuple(m for m in allowed if m in rec.models)
+        if not allowed:
+            raise Unauthenticated("models_outside_parent")
+    return allowed
+
+
+def _expired(rec: KeyRecord, now: float) -> bool:
+    return rec.expires_at is not None and now >= rec.expires_at
+
+
+def _parse_ip(client_ip: str) -> _IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; match them as IPv4.
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _ip_in_any(addr: _IPAddress, cidrs: tuple[str, ...]) -> bool:
+    for cidr in cidrs:
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue  # a bad stored entry matches nothing: fail closed
+        if addr.version == net.version and addr in net:
+            return True
+    return False

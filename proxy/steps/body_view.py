@@ -1,0 +1,339 @@
+"""One parsed view of an inference body, read the way Triton reads it: every body-level check decides on it.
+
+Triton decodes JSON (escapes and all), undoes `Content-Encoding` on infer, splits binary tensors off
+at `Inference-Header-Content-Length`, and converts numbers to the tensor's datatype. A check that
+looked at the raw bytes instead (`b"shared_memory_region" in body`) was blind to
+`"shared\\u005fmemory_region"`, to a gzip body, and to `max_tokens` wrapped past int32: two parsers
+that disagree. So the body is parsed once, here, into a `BodyView`, and whatever this parser cannot
+read exactly as Triton would is refused (`BadRequest`), never waved through unchecked:
+
+- JSON that Triton's parser (rapidjson) and Python's could read differently: duplicate keys (Triton
+  takes the first, Python the last), bytes that are not UTF-8, a byte-order mark, lone surrogates,
+  NUL in a key (Triton's C strings end there), nesting deeper than Python's parser goes;
+- a `Content-Encoding` Triton would not apply on that route (415), several of them, or compressed
+  data followed by anything (Triton inflates one stream and ignores the rest);
+- an `Inference-Header-Content-Length` that is not plain digits (Triton's `stoi` reads "12abc" as 12)
+  or does not fit the body, and binary tensor sizes that do not add up to the bytes sent;
+- a `max_tokens` that is not an integer in its datatype's range (Triton wraps 2**32 + 200 to 200).
+
+Probed against tritonserver 2.51 (tests/test_body_view_triton.py keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from tritonclient.grpc import service_pb2
+
+from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+MAX_TOKENS = "max_tokens"
+DECODE_STEP = 64 * 1024   # bytes of output per inflate step: a bomb never inflates past the cap + this
+# Integer datatypes and their struct formats (little endian, as Triton's binary tensors are).
+_INT_FORMATS = {"INT8": "<b", "INT16": "<h", "INT32": "<i", "INT64": "<q",
+                "UINT8": "<B", "UINT16": "<H", "UINT32": "<I", "UINT64": "<Q"}
+_INT32 = (-(1 << 31), (1 << 31) - 1)   # generate's JSON numbers: the deepseek inputs are INT32
+_INT64, _UINT64_MAX = (-(1 << 63), (1 << 63) - 1), (1 << 64) - 1
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+@dataclass(frozen=True, slots=True)
+class Parameter:
+    """One parameter a request sets: `where` is request | input | output | generate (a generate field)."""
+
+    where: str
+    tensor: str
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class BodyView:
+    """What Triton will act on: every parameter the request sets, and the max_tokens values it asks for."""
+
+    parameters: tuple[Parameter, ...] = ()
+    max_tokens: tuple[int, ...] | None = None   # None: the request names no max_tokens
+
+    def asked_tokens(self) -> int | None:
+        """The tokens the request asks for in all: each row's max_tokens (negatives count as none)."""
+        return None if self.max_tokens is None else sum(max(0, v) for v in self.max_tokens)
+
+
+EMPTY = BodyView()
+
+
+def bad(reason: str, message: str) -> BadRequest:
+    return BadRequest(f"body: {reason}", public_message=message)
+
+
+# ------------------------------------------------------------------ HTTP: encoding
+
+def route_kind(path: str) -> str:
+    """generate (generate and generate_stream), infer, or "" for routes whose body is not an inference."""
+    if path.endswith(("/generate", "/generate_stream")):
+        return "generate"
+    return "infer" if path.endswith("/infer") else ""
+
+
+def decode(body: bytes, content_encodings: list[str], kind: str, limit: int) -> bytes:
+    """The body as Triton will read it: inflated where Triton inflates, refused where Triton would refuse.
+
+    Triton reads exactly `gzip` or `deflate` (zlib or gzip framing) on infer and nothing but
+    `identity` on generate; an empty or differently spelled value is refused there too.
+    """
+    if not content_encodings:
+        return body
+    if len(content_encodings) > 1:
+        raise bad("several_content_encodings", "send at most one Content-Encoding header")
+    coding = content_encodings[0].strip(" \t")
+    if coding == "identity":
+        return body
+    if kind != "infer" or coding not in ("gzip", "deflate"):
+        where = "generate accepts only identity" if kind == "generate" else "infer accepts gzip, deflate or identity"
+        raise UnsupportedMediaType(f"body: content_encoding_unsupported: {coding[:40]!r} on {kind or 'this route'}",
+                                   public_message=f"unsupported Content-Encoding: {where}")
+    # gzip: gzip framing only; deflate: zlib or gzip framing, as Triton's inflateInit2(15 + 32).
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if coding == "gzip" else 32 + zlib.MAX_WBITS)
+    out: list[bytes] = []
+    size, data = 0, body
+    try:
+        while data and not decoder.eof:
+            chunk = decoder.decompress(data, DECODE_STEP)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body_too_large: decoded over {limit}")
+            out.append(chunk)
+            data = decoder.unconsumed_tail
+    except zlib.error as exc:
+        raise bad("malformed_compressed_body", "malformed compressed body") from exc
+    if not decoder.eof:
+        raise bad("truncated_compressed_body", "compressed body ends early")
+    if decoder.unused_data:
+        # Triton inflates the first stream and ignores what follows; a check that read on would disagree.
+        raise bad("data_after_compressed_body", "bytes follow the compressed body")
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------ HTTP: JSON
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise bad("duplicate_key", f"duplicate JSON key {key[:64]!r}")
+        if "\x00" in key:
+            raise bad("nul_in_key", "JSON key contains NUL")
+        seen[key] = value
+    return seen
+
+
+def _int(literal: str) -> int:
+    value = int(literal)
+    if not _INT64[0] <= value <= _UINT64_MAX:
+        # rapidjson reads such a literal as a double, Python as an exact int: they would disagree.
+        raise bad("integer_out_of_range", f"integer {literal[:24]} is outside the 64-bit range")
+    return value
+
+
+def parse_json(data: bytes) -> dict[str, Any]:
+    """A JSON object decoded strictly: whatever rapidjson could read otherwise is refused (module doc)."""
+    try:
+        text = data.decode("utf-8")   # strict: never json's UTF-16/32 guessing on bytes
+    except UnicodeDecodeError as exc:
+        raise bad("not_utf8", "request body is not UTF-8") from exc
+    if text.startswith("\ufeff"):
+        raise bad("byte_order_mark", "request body starts with a byte-order mark")
+    try:
+        doc = json.loads(text, object_pairs_hook=_pairs, parse_int=_int)
+    except RecursionError as exc:
+        raise bad("json_too_deep", "request JSON nests too deep") from exc
+    except json.JSONDecodeError as exc:
+        raise bad("malformed_json", f"malformed JSON: {exc.msg} at {exc.pos}") from exc
+    if not isinstance(doc, dict):
+        raise bad("json_not_object", "request JSON must be an object")
+    if _SURROGATE_ESCAPE.search(text):   # only escapes ("\ud800") make them: the text itself was UTF-8
+        _refuse_surrogates(doc)
+    return doc
+
+
+def _refuse_surrogates(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad("lone_surrogate", "JSON string holds a lone surrogate escape") from exc
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_surrogates(k)
+            _refuse_surrogates(v)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_surrogates(v)
+
+
+def header_length(values: list[str], size: int) -> int | None:
+    """Inference-Header-Content-Length as Triton will use it; None when absent (the body is all JSON)."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise bad("several_header_lengths", "send at most one Inference-Header-Content-Length")
+    text = values[0].strip(" \t")
+    if not text.isascii() or not text.isdigit() or int(text) > size:
+        raise bad("bad_header_length", f"Inference-Header-Content-Length must be digits within the body's "
+                                       f"{size} bytes")
+    return int(text)
+
+
+def view_http(kind: str, body: bytes, header_lengths: list[str]) -> BodyView:
+    """The view of a decoded generate / infer body (`decode` first)."""
+    if kind == "generate":
+        return _view_generate(parse_json(body))
+    length = header_length(header_lengths, len(body))
+    if length == 0:
+        return EMPTY   # Triton's raw binary request: the body is one tensor's bytes, no JSON, no parameters
+    if length is None:
+        return _view_infer(parse_json(body), b"")
+    return _view_infer(parse_json(body[:length]), body[length:])
+
+
+def _view_generate(doc: dict[str, Any]) -> BodyView:
+    """Top-level fields and the members of "parameters" alike become inputs or request parameters."""
+    fields = [(k, v) for k, v in doc.items() if k != "parameters"]
+    nested = doc.get("parameters", {})
+    if not isinstance(nested, dict):
+        raise bad("parameters_not_object", "'parameters' must be an object")
+    for key in nested:
+        if key in doc:
+            raise bad("duplicate_key", f"{key[:64]!r} given both at top level and in 'parameters'")
+    fields += list(nested.items())
+    max_tokens = next((_ints(v, "INT32", MAX_TOKENS) for k, v in fields if k == MAX_TOKENS), None)
+    return BodyView(tuple(Parameter("generate", "", k, v) for k, v in fields), max_tokens)
+
+
+def _params(owner: dict[str, Any], where: str, tensor: str) -> list[Parameter]:
+    params = owner.get("parameters", {})
+    if not isinstance(params, dict):
+        raise bad("parameters_not_object", "'parameters' must be an object")
+    return [Parameter(where, tensor, k, v) for k, v in params.items()]
+
+
+def _tensors(doc: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    tensors = doc.get(field, [])
+    if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
+        raise bad("tensors_not_objects", f"'{field}' must be a list of objects")
+    return tensors
+
+
+def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
+    params = _params(doc, "request", "")
+    max_tokens: tuple[int, ...] | None = None
+    offset, names = 0, set()
+    for tensor in _tensors(doc, "inputs"):
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise bad("input_without_name", "every input needs a string 'name'")
+        if name in names:
+            raise bad("duplicate_input", f"input {name[:64]!r} given twice")
+        names.add(name)
+        own = _params(tensor, "input", name)
+        params += own
+        size = next((p.value for p in own if p.key == "binary_data_size"), None)
+        data: bytes | None = None
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise bad("bad_binary_data_size", f"binary_data_size of {name[:64]!r} must be a count of bytes")
+            data, offset = binary[offset:offset + size], offset + size
+            if len(data) != size:
+                raise bad("binary_data_short", f"binary data of {name[:64]!r} ends early")
+        if name == MAX_TOKENS and not any(p.key.startswith("shared_memory_") for p in own):
+            datatype = str(tensor.get("datatype", ""))
+            max_tokens = _unpack(datatype, data) if data is not None else _ints(tensor.get("data"), datatype, name)
+    if offset != len(binary):
+        raise bad("binary_data_size_mismatch", f"binary tensors declare {offset} bytes, the body has {len(binary)}")
+    for tensor in _tensors(doc, "outputs"):
+        name = tensor.get("name")
+        params += _params(tensor, "output", name if isinstance(name, str) else "")
+    return BodyView(tuple(params), max_tokens)
+
+
+def _ints(value: Any, datatype: str, name: str) -> tuple[int, ...]:
+    """A JSON tensor's integers (nested lists flattened), each within its datatype's range, else refused."""
+    low, high = _range(datatype)
+    flat: list[Any] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in flat):
+        raise bad("max_tokens_not_integer", f"{name} must be an integer in [{low}, {high}]")
+    return tuple(flat)
+
+
+def _range(datatype: str) -> tuple[int, int]:
+    fmt = _INT_FORMATS.get(datatype)
+    if fmt is None:
+        return _INT32   # generate: no datatype in the body; refuse what INT32 would wrap
+    bits = 8 * struct.calcsize(fmt)
+    return (0, (1 << bits) - 1) if fmt[1].isupper() else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
+def _unpack(datatype: str, raw: bytes) -> tuple[int, ...]:
+    fmt = _INT_FORMATS.get(datatype)
+    if fmt is None:
+        raise bad("max_tokens_not_integer", f"{MAX_TOKENS} must be an integer tensor, got {datatype[:16]!r}")
+    size = struct.calcsize(fmt)
+    if len(raw) % size:
+        raise bad("binary_data_size_mismatch", f"{MAX_TOKENS}'s bytes are not whole {datatype} values")
+    return tuple(v for (v,) in struct.iter_unpack(fmt, raw))
+
+
+# ------------------------------------------------------------------ gRPC
+
+def view_grpc(request: Any) -> BodyView:
+    """The view of a ModelInferRequest (grpc has undone any message compression already)."""
+    if not isinstance(request, service_pb2.ModelInferRequest):
+        return EMPTY
+    params = _grpc_params(request.parameters, "request", "")
+    max_tokens: tuple[int, ...] | None = None
+    names = set()
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in names:
+            raise bad("duplicate_input", f"input {tensor.name[:64]!r} given twice")
+        names.add(tensor.name)
+        params += _grpc_params(tensor.parameters, "input", tensor.name)
+        if tensor.name == MAX_TOKENS and not any(k.startswith("shared_memory_") for k in tensor.parameters):
+            if request.raw_input_contents:
+                raw = request.raw_input_contents[i] if i < len(request.raw_input_contents) else b""
+                max_tokens = _unpack(tensor.datatype, raw)
+            else:
+                max_tokens = _grpc_contents(tensor)
+    for tensor in request.outputs:
+        params += _grpc_params(tensor.parameters, "output", tensor.name)
+    return BodyView(tuple(params), max_tokens)
+
+
+def _grpc_params(parameters: Any, where: str, tensor: str) -> list[Parameter]:
+    out = []
+    for key, value in parameters.items():
+        which = value.WhichOneof("parameter_choice")
+        out.append(Parameter(where, tensor, key, getattr(value, which) if which else None))
+    return out
+
+
+def _grpc_contents(tensor: Any) -> tuple[int, ...]:
+    c = tensor.contents
+    for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
+        if len(values):
+            return tuple(int(v) for v in values)
+    if any(len(v) for v in (c.fp32_contents, c.fp64_contents, c.bool_contents, c.bytes_contents)):
+        raise bad("max_tokens_not_integer", f"{MAX_TOKENS} must be an integer tensor")
+    return ()
+

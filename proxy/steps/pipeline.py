@@ -1,0 +1,210 @@
+"""The protocol-free request path: authenticate -> classify -> authorize, and the audit+metrics finish.
+
+The HTTP handler and the gRPC servicer are thin adapters over these calls, so
+the two front ends can never disagree about who may do what.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import lru_cache
+
+from ..audit.writer import build_record
+from ..context import RequestContext, Resource
+from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
+from ..keys.sessions import MINTING_TIERS
+from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
+from ..settings import BodySettings, LimitsSettings
+from ..state.limits import Scope, max_tokens_cap
+from .app_state import AppState
+from .authn import authenticate, parse_bearer
+from .body_view import BodyView
+
+
+async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
+                classify: Callable[[], Resource]) -> None:
+    """Fills ctx.principal, ctx.resource and ctx.rule, or raises the refusal.
+
+    Authentication comes before classification on purpose: an anonymous caller gets
+    the same 401 for every route and learns nothing about which routes exist.
+    """
+    token = parse_bearer(authorization)
+    ctx.principal = await authenticate(token, state.store, state.pepper, ctx.client_ip, time.time(),
+                                       state.sessions, state.key_cache)
+    ctx.resource = classify()
+    if ctx.resource.resource == "sessions" and ctx.principal.tier not in MINTING_TIERS:
+        # Whatever the policy says: only a user or app key is exchanged for a session, so a
+        # stolen session token cannot renew itself. An authentication refusal: 401.
+        raise Unauthenticated("session_from_wrong_tier")
+    authorize(state, ctx, ctx.resource)
+
+
+def authorize(state: AppState, ctx: RequestContext, resource: Resource) -> None:
+    """The policy decision for one resource; also used per message on gRPC streams."""
+    assert ctx.principal is not None
+    decision = state.authorizer.authorize(ctx.principal, resource, ctx.client_ip, datetime.now(timezone.utc))
+    ctx.rule = decision.rule
+    if not decision.allowed:
+        raise Forbidden("policy_denied")
+
+
+def check_body(state: AppState, ctx: RequestContext, view: BodyView) -> None:
+    """Body-level policy on the parsed view (every message of a gRPC stream has its own):
+
+    - the role's max_tokens cap (`limits.max_tokens_by_role`), 400 over it;
+    - a key without the admin role sets only the parameters `body.*` allows: a reserved one (shared
+      memory names another tenant's tensors) is 403, any other 400.
+    """
+    p = ctx.principal
+    if p is None or ctx.resource is None or ctx.resource.action != "infer":
+        return
+    asked = view.asked_tokens()   # a batch asks for the sum of its rows
+    if asked is not None:
+        cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
+        if cap is not None and asked > cap:
+            raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
+    if view.parameters and "admin" not in p.roles:
+        _check_parameters(ctx, view, state.settings.body)
+
+
+def _check_parameters(ctx: RequestContext, view: BodyView, body: BodySettings) -> None:
+    allowed, reserved = _body_rules(body)
+    for p in view.parameters:
+        if p.key in allowed[p.where]:
+            continue
+        where = f"{p.where} {p.tensor!r}" if p.tensor else p.where
+        if p.key in reserved:
+            ctx.rule = "parameter_reserved"
+            raise Forbidden(f"parameter_reserved: {p.key} ({where})",
+                            public_message=f"parameter {p.key!r} is reserved for admins")
+        raise BadRequest(f"parameter_not_allowed: {p.key[:64]} ({where[:80]})",
+                         public_message=f"parameter {p.key[:64]!r} is not allowed ({p.where})")
+
+
+@lru_cache(maxsize=4)   # settings are frozen: the sets are built once
+def _body_rules(body: BodySettings) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    def names(text: str) -> frozenset[str]:
+        return frozenset(n.strip() for n in text.split(",") if n.strip())
+    allowed = {"request": names(body.request_parameters), "input": names(body.input_parameters),
+               "output": names(body.output_parameters), "generate": names(body.generate_fields)}
+    return allowed, names(body.admin_parameters)
+
+
+@lru_cache(maxsize=16)   # settings are frozen and tiers few: built once, not per request
+def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
+    """A tier's default limits from config; tiers without defaults (session) are unlimited on their own."""
+    if tier not in ("app", "device", "user"):
+        return Limits()
+    return Limits(**{f: getattr(settings, f"{tier}_{f}") for f in LIMIT_FIELDS})
+
+
+async def limit(state: AppState, ctx: RequestContext, asked_tokens: int | None) -> None:
+    """The limit step: the key's and every ancestor's rates and budgets (the role cap is check_body's).
+
+    `asked_tokens`: what the request asks for in all (BodyView.asked_tokens; None: it names no
+    max_tokens). An admitted request holds a grant until finish() settles it with the real count.
+    """
+    p, resource = ctx.principal, ctx.resource
+    if p is None or resource is None or resource.public:
+        return
+    settings = state.settings.limits
+    infer = resource.action == "infer"
+    imposed = state.authorizer.rule_limits(ctx.rule)
+    if imposed is None and _no_limits(settings, p.limits):
+        return   # the common case, decided without building a scope per key
+    scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
+              for i, (key_id, tier, own) in enumerate(p.limits)]
+    if imposed is not None:
+        # Counted per API key (a session counts against its parent's), like the key's own limits.
+        owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
+        scopes.append(Scope(f"rule:{ctx.rule}:{owner}", imposed, inherited=True))
+    if all(s.limits.unlimited() for s in scopes):
+        return
+    # Inferences are charged their estimate up front (at least one token) where tokens are counted;
+    # other calls, and scopes that count only requests, are charged nothing.
+    tokens = 0
+    if infer and any(s.limits.counts_tokens() for s in scopes):
+        tokens = max(1, settings.default_estimate_tokens if asked_tokens is None else asked_tokens)
+    ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
+
+
+def _no_limits(settings: LimitsSettings, chain: tuple[tuple[str, str, dict[str, int]], ...]) -> bool:
+    """True when no key in the chain sets limits of its own and no tier in it has defaults."""
+    for _, tier, own in chain:
+        if own or not tier_limits(settings, tier).unlimited():
+            return False
+    return True
+
+
+@lru_cache(maxsize=4)
+def _role_caps(text: str) -> dict[str, int]:
+    return parse_role_caps(text)   # settings validated it at start
+
+
+def _used_tokens(ctx: RequestContext, charged: int) -> int:
+    """The real count when the response said it; none when Triton refused; else the estimate.
+
+    A client that disconnects mid-response (499) keeps its estimate: Triton may have generated it all.
+    """
+    if ctx.input_tokens is not None or ctx.output_tokens is not None:
+        return (ctx.input_tokens or 0) + (ctx.output_tokens or 0)
+    if ctx.upstream_ms is not None and ctx.http_status not in (0, 499) and not 200 <= ctx.http_status < 300:
+        return 0
+    return charged
+
+
+def refuse(ctx: RequestContext, err: SeekgateError) -> None:
+    """Records a refusal on the context; the front end renders it in its own protocol."""
+    ctx.status, ctx.reason, ctx.http_status = err.audit_status, err.reason, err.http_status
+
+
+_COMMITTED = "audit_committed"   # ctx.extra key: the record is durable already, finish() must not add another
+
+
+def _audit_can_take(state: AppState) -> None:
+    """Nothing is forwarded that the audit log could not take: strict mode while the log is known to be
+    unwritable, either mode while the writer is more than audit.queue_max records behind."""
+    if state.audit.strict and not state.audit.healthy:
+        raise AuditUnavailable("audit_unwritable")
+    if state.audit.backlogged():
+        raise AuditUnavailable("audit_backlog")
+
+
+async def audit_ready(state: AppState) -> None:
+    """The audit step before anything is spent or forwarded: refused as `_audit_can_take` says, and
+    over audit.queue_soft_max held until the writer catches up (AuditWriter.room)."""
+    _audit_can_take(state)
+    if state.audit.behind():   # checked here: most requests then cost no coroutine for it
+        await state.audit.room()
+
+
+async def commit_audit(state: AppState, ctx: RequestContext) -> None:
+    """Strict audit: ctx's record made durable now, before the response leaves. No-op in batched mode.
+
+    The front ends call this once the response is known and before its last byte is sent; the
+    record then says what the client is about to get. Raises AuditUnavailable when the write fails:
+    the caller answers 503 instead and `finish` audits that refusal (best effort: the log is failing).
+    """
+    if not state.audit.strict or ctx.extra.get(_COMMITTED):
+        return
+    _audit_can_take(state)   # known unwritable: refuse now rather than wait out the writer's retries
+    if ctx.http_status >= 500 and ctx.status == "allowed":
+        ctx.status = "error"
+    await state.audit.submit_durable(build_record(ctx))
+    ctx.extra[_COMMITTED] = True
+
+
+def finish(state: AppState, ctx: RequestContext) -> None:
+    """One audit record and one metrics observation per request, whatever happened."""
+    if ctx.limit_grant is not None:
+        # Every path ends here (errors, disconnects, streams): the slot is freed, the charge corrected.
+        # Settling is idempotent; the grant stays on ctx for the response's X-RateLimit-* headers.
+        state.limiter.settle(ctx.limit_grant, _used_tokens(ctx, ctx.limit_grant.tokens))
+    if ctx.http_status >= 500 and ctx.status == "allowed":
+        ctx.status = "error"
+    duration_ms = ctx.elapsed_ms()
+    if not ctx.extra.get(_COMMITTED):
+        state.audit.submit(build_record(ctx, duration_ms=duration_ms))
+    state.metrics.observe_request(ctx, duration_s=duration_ms / 1000.0)
