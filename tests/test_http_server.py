@@ -20,10 +20,13 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 
+from proxy.keys.format import _B62 as CHECK_ALPHABET, CHECK_LEN
+from proxy.store.sqlite import SqliteStore
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
+from tests.test_authn import typo_at
 
 ISSUED: list[str] = []
 BODY_CAP = 1 << 20
@@ -208,6 +211,31 @@ def test_401_for_every_bad_credential_with_one_body(gw: Gateway, user_key: str) 
         assert headers.get("WWW-Authenticate", "").startswith("Bearer"), name
         bodies.add(body)
     assert len(bodies) == 1
+
+
+def test_a_typo_in_each_check_character_is_bad_checksum_and_never_looked_up(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each of the six check characters on its own: a change to the last one alone also fails the
+    # hash, so only the audited reason shows the checksum (not the store) refused it.
+    key_id, token = issue(gw, owner="typist")
+    lookups: list[str] = []
+    real_get_chain = SqliteStore.get_chain
+
+    async def counted(self: SqliteStore, wanted: str) -> list[Any]:
+        lookups.append(wanted)
+        return await real_get_chain(self, wanted)
+    monkeypatch.setattr(SqliteStore, "get_chain", counted)
+    url = gw.url + "/v2/models/deepseek"
+    refused = {}
+    for pos in range(len(token) - CHECK_LEN, len(token)):
+        status, headers, _ = call(url, key=typo_at(token, pos, CHECK_ALPHABET))
+        assert status == 401, pos
+        refused[headers["X-Request-Id"]] = pos
+    assert lookups == []
+    assert wait_for(lambda: refused.keys() <= {r["request_id"] for r in audit_records(gw)}, 5.0)
+    reasons = {refused[r["request_id"]]: r["reason"] for r in audit_records(gw) if r["request_id"] in refused}
+    assert reasons == {pos: "bad_checksum" for pos in refused.values()}
+    assert call(url, key=token)[0] == 200 and lookups == [key_id]   # the untouched key is looked up
 
 
 def _unknown_key() -> str:
