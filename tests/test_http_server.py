@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 
 from proxy.keys.format import _B62 as CHECK_ALPHABET, CHECK_LEN
+from proxy.paths import store_path
 from proxy.store.sqlite import SqliteStore
 from proxy.triton import TritonProcess
 from tests.conftest import free_ports
@@ -236,6 +238,36 @@ def test_a_typo_in_each_check_character_is_bad_checksum_and_never_looked_up(
     reasons = {refused[r["request_id"]]: r["reason"] for r in audit_records(gw) if r["request_id"] in refused}
     assert reasons == {pos: "bad_checksum" for pos in refused.values()}
     assert call(url, key=token)[0] == 200 and lookups == [key_id]   # the untouched key is looked up
+
+
+def test_revoking_an_ancestor_refuses_its_descendants_end_to_end(gw: Gateway, relay: TcpRelay) -> None:
+    # Two guards: the store revokes a whole subtree at once (test_store), and authn refuses a key
+    # with any dead ancestor on its own. The first device is refused after its app key's revocation
+    # through the store (as by the CLI) while it sat in the key cache; the second's app key row
+    # alone says revoked (a table edited by hand, a restore from before the cascade), so only
+    # authn's walk of the chain can refuse it.
+    url = gw.url + "/v2/models/deepseek/generate"
+    refused = []
+    for how in ("store", "row"):
+        app_id, app_key = issue(gw, tier="app", owner=f"fleet-{how}")
+        _, device_key = issue(gw, tier="device", owner=f"sensor-{how}", parent_id=app_id)
+        if how == "store":
+            for key in (app_key, device_key):   # both verified, and now in the key cache
+                assert call(url, "POST", {"text_input": "before", "max_tokens": 1}, key)[0] == 200
+            gw.revoke(app_id)
+        else:
+            with sqlite3.connect(store_path(gw.data_dir)) as raw:
+                raw.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ?", (time.time(), app_id))
+        relay.clear()
+        marker = f"orphan-{uuid.uuid4().hex}"
+        status, headers, _ = call(url, "POST", {"text_input": marker, "max_tokens": 1}, device_key)
+        assert status == 401 and marker.encode() not in relay.seen(), how
+        refused.append(headers["X-Request-Id"])
+    assert wait_for(lambda: set(refused) <= {r["request_id"] for r in audit_records(gw)}, 5.0)
+    # "revoked" in both, though in the second the device key's own row is not: its ancestor's is.
+    assert [r["reason"] for r in audit_records(gw) if r["request_id"] in refused] == ["revoked", "revoked"]
+    _, sibling = issue(gw, tier="app", owner="other-fleet")
+    assert call(url, "POST", {"text_input": "sibling", "max_tokens": 1}, sibling)[0] == 200
 
 
 def _unknown_key() -> str:
