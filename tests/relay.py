@@ -9,9 +9,59 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+
+class _UnitEnds:
+    """Where the units of Triton's answers end on one connection, so a hold never splits one.
+
+    A unit is an HTTP/2 frame (gRPC), or over HTTP/1.1 an SSE event: up to its blank line, with
+    the chunk's closing CRLF when it follows at once. Fed every byte of the connection in order.
+    """
+
+    def __init__(self) -> None:
+        self._http2: bool | None = None
+        self._header = b""      # HTTP/2: the bytes of a frame header read so far
+        self._left = 0          # HTTP/2: payload bytes of the current frame still to come
+        self._last = b""        # HTTP/1.1: the byte before this read
+
+    def ends(self, data: bytes) -> list[int]:
+        """Offsets into `data` just past each unit that ends in it."""
+        if self._http2 is None:
+            self._http2 = not data.startswith(b"HTTP/")
+        return self._frames(data) if self._http2 else self._events(data)
+
+    def _events(self, data: bytes) -> list[int]:
+        seen, self._last = self._last + data, data[-1:]
+        ends, at = [], seen.find(b"\n\n")
+        while at != -1:
+            end = at + 2 + (2 if seen.startswith(b"\r\n", at + 2) else 0)
+            ends.append(end - (len(seen) - len(data)))
+            at = seen.find(b"\n\n", end)
+        return [e for e in ends if e > 0]
+
+    def _frames(self, data: bytes) -> list[int]:
+        ends, i = [], 0
+        while i < len(data):
+            if self._left == 0 and len(self._header) < 9:
+                take = data[i:i + 9 - len(self._header)]
+                self._header += take
+                i += len(take)
+                if len(self._header) == 9:
+                    self._left = int.from_bytes(self._header[:3], "big")
+                    if self._left == 0:
+                        ends.append(i)
+                        self._header = b""
+                continue
+            step = min(self._left, len(data) - i)
+            i += step
+            self._left -= step
+            if self._left == 0:
+                ends.append(i)
+                self._header = b""
+        return ends
 
 
 @dataclass
@@ -26,6 +76,7 @@ class TcpRelay:
         self.target = (target_host, target_port)
         self._seen = bytearray()
         self._lock = threading.Lock()
+        self._grew = threading.Condition(self._lock)   # notified whenever seekgate sends more
         self.port = 0
         self.blocked = False
         self._writers: set[asyncio.StreamWriter] = set()
@@ -52,19 +103,37 @@ class TcpRelay:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     conn: RelayedConnection | None) -> None:
         """Copies one direction; `conn` for seekgate's side (recorded), None for Triton's answers."""
+        units = _UnitEnds() if conn is None else None
+        cut_at_next_end = False   # the marker was seen, but its unit goes on in the next read
         try:
             while data := await reader.read(65536):
                 if conn is not None:
                     with self._lock:
                         self._seen += data
                         conn.seen += data
-                else:
+                        self._grew.notify_all()
+                    writer.write(data)
+                    await writer.drain()
+                    continue
+                assert units is not None
+                await self._flowing.wait()
+                ends = units.ends(data)
+                marker = self._hold_marker
+                if not cut_at_next_end and marker is not None and (at := data.find(marker)) != -1:
+                    self._hold_marker = None
+                    ends = [e for e in ends if e >= at + len(marker)]
+                    cut_at_next_end = True
+                if cut_at_next_end and ends:
+                    # The unit that carried the marker goes through whole; what follows it in this
+                    # read waits with everything later, however Triton's bytes were batched.
+                    cut_at_next_end = False
+                    writer.write(data[:ends[0]])
+                    await writer.drain()
+                    data = data[ends[0]:]
+                    self._flowing.clear()
                     await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
-                if conn is None and self._hold_marker is not None and self._hold_marker in data:
-                    self._hold_marker = None
-                    self._flowing.clear()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -104,7 +173,11 @@ class TcpRelay:
             self._loop.call_soon_threadsafe(cut)
 
     def hold_after(self, marker: bytes) -> None:
-        """Triton's answers stop flowing (held, not dropped) right after the next chunk holding `marker`."""
+        """Triton's answers stop flowing (held, not dropped) right after the unit carrying `marker`.
+
+        The unit (an SSE event, an HTTP/2 frame) goes through whole and nothing after it does, even
+        when Triton's next events arrived in the same read: on a busy machine they often do.
+        """
         self._loop.call_soon_threadsafe(setattr, self, "_hold_marker", marker)
 
     def let_flow(self) -> None:
@@ -114,6 +187,15 @@ class TcpRelay:
         """The upstream connection that carried `marker` from seekgate to Triton, if one did."""
         with self._lock:
             return next((c for c in self.connections if marker in c.seen), None)
+
+    def wait_seen(self, check: Callable[[bytes], bool], timeout: float) -> bool:
+        """Waits until what seekgate sent satisfies `check`; woken by each new byte, not by polling.
+
+        `timeout` bounds only a failure: a test passes as soon as the bytes arrive, however loaded
+        the machine, so make it generous.
+        """
+        with self._grew:
+            return self._grew.wait_for(lambda: check(bytes(self._seen)), timeout)
 
     def seen(self) -> bytes:
         with self._lock:

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tests.dashboard import (
     selectors,
     uses_gpu_metrics,
 )
-from tests.gateway import Gateway, wait_for
+from tests.gateway import Gateway, metric, wait_for
 from tests.relay import TcpRelay
 
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
@@ -76,6 +77,31 @@ class Prometheus:
     def _all_scraped(self) -> bool:
         targets = self.api("targets")["activeTargets"]
         return bool(targets) and all(t["health"] == "up" for t in targets)
+
+    def scraped_after(self, job: str, t: float) -> float | None:
+        """The start of `job`'s last scrape (Unix time) if it began after `t` and succeeded, else None."""
+        for target in self.api("targets")["activeTargets"]:
+            if target["labels"]["job"] == job and target["health"] == "up":
+                at = datetime.fromisoformat(target["lastScrape"]).timestamp()
+                return at if at > t else None
+        return None
+
+    def evaluated_after(self, t: float) -> bool:
+        """Every rule group has been evaluated since `t` (Unix time)."""
+        groups = self.api("rules")["groups"]
+        return bool(groups) and all(datetime.fromisoformat(g["lastEvaluation"]).timestamp() > t for g in groups)
+
+    def settled(self, since: float) -> None:
+        """Waits for a scrape of seekgate begun after `since`, then a rule evaluation after that."""
+        holder: list[float] = []
+
+        def scraped() -> bool:
+            at = self.scraped_after("seekgate", since)
+            if at is not None:
+                holder.append(at)
+            return at is not None
+        assert wait_for(scraped, 60), "prometheus did not scrape seekgate"
+        assert wait_for(lambda: self.evaluated_after(holder[0]), 60), "prometheus did not evaluate the rules"
 
     def has(self, expr: str) -> bool:
         """The instant query has a result now (as of the last scrape)."""
@@ -157,6 +183,14 @@ def stack(triton: TritonProcess, tmp_path: Path) -> Iterator[tuple[Gateway, TcpR
         relay.stop()
 
 
+def settled(gw: Gateway, prom: Prometheus, sent: int) -> None:
+    """Waits for the events the queries rely on, however slow the machine: seekgate counting all
+    `sent` requests (it counts each just after answering it), then Prometheus scraping that and
+    evaluating its rules over the scrape. Events, not sleeps of a few scrape intervals."""
+    assert wait_for(lambda: metric(gw, "seekgate_requests_total") >= sent, 60)
+    prom.settled(since=time.time())
+
+
 def send_mix(gw: Gateway, relay: TcpRelay, prom: Prometheus, keys: dict[str, str],
              monkeypatch: pytest.MonkeyPatch, rounds: int = 3) -> list[int]:
     """Rounds of allowed, 401, 403, 429 and 503 requests, a scrape apart so that rates see increases.
@@ -185,7 +219,9 @@ def send_mix(gw: Gateway, relay: TcpRelay, prom: Prometheus, keys: dict[str, str
             assert wait_for(lambda: prom.has("seekgate_audit_write_errors_total > 0"), 20)
             monkeypatch.undo()
         relay.block(False)
-        time.sleep(2.5)   # > two scrapes, so the next round's increments land in new samples
+        # Every round's increments in samples of their own, so that rates see each round's rise:
+        # a scrape after the round's last metric update, rather than a sleep of two intervals.
+        settled(gw, prom, len(statuses))
     return statuses
 
 
@@ -197,7 +233,7 @@ def test_every_dashboard_and_alert_query_has_data(
     start = time.time() - 5
     statuses = send_mix(gw, relay, prom, keys, monkeypatch)
     assert {200, 401, 403, 429, 503} == set(statuses), statuses
-    time.sleep(3)   # the last round scraped and the rules evaluated over it
+    settled(gw, prom, len(statuses))   # the last round scraped and the rules evaluated over it
     end = time.time()
 
     # Both targets scraped for real.

@@ -37,7 +37,6 @@ DECODE_STEP = 64 * 1024   # bytes of output per inflate step: a bomb never infla
 # Integer datatypes and their struct formats (little endian, as Triton's binary tensors are).
 _INT_FORMATS = {"INT8": "<b", "INT16": "<h", "INT32": "<i", "INT64": "<q",
                 "UINT8": "<B", "UINT16": "<H", "UINT32": "<I", "UINT64": "<Q"}
-_INT32 = (-(1 << 31), (1 << 31) - 1)   # generate's JSON numbers: the deepseek inputs are INT32
 _INT64, _UINT64_MAX = (-(1 << 63), (1 << 63) - 1), (1 << 64) - 1
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -211,6 +210,8 @@ def _view_generate(doc: dict[str, Any]) -> BodyView:
         if key in doc:
             raise bad("duplicate_key", f"{key[:64]!r} given both at top level and in 'parameters'")
     fields += list(nested.items())
+    # Generate bodies name no datatype; Triton converts to the model's (INT32 for deepseek) and wraps:
+    # what would not fit INT32 is refused.
     max_tokens = next((_ints(v, "INT32", MAX_TOKENS) for k, v in fields if k == MAX_TOKENS), None)
     return BodyView(tuple(Parameter("generate", "", k, v) for k, v in fields), max_tokens)
 
@@ -280,7 +281,7 @@ def _ints(value: Any, datatype: str, name: str) -> tuple[int, ...]:
 def _range(datatype: str) -> tuple[int, int]:
     fmt = _INT_FORMATS.get(datatype)
     if fmt is None:
-        return _INT32   # generate: no datatype in the body; refuse what INT32 would wrap
+        raise bad("max_tokens_not_integer", f"{MAX_TOKENS} must be an integer tensor, got {datatype[:16]!r}")
     bits = 8 * struct.calcsize(fmt)
     return (0, (1 << bits) - 1) if fmt[1].isupper() else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
 

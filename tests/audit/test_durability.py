@@ -17,16 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
+from aiohttp import web
+from tritonclient.grpc import service_pb2_grpc
 
 from proxy.audit import jsonl as audit_file
 from proxy.audit.writer import AuditWriter, build_record
 from proxy.context import RequestContext
+from proxy.frontend.grpc import GrpcFrontEnd
 from proxy.local.triton import TritonProcess
 from tests.conftest import REPO, free_ports
+from tests.frontend.test_grpc import STREAM_MODEL, infer_request, md
 from tests.gateway import Gateway
 from tests.relay import TcpRelay
 
@@ -361,3 +366,74 @@ def test_stopping_the_server_fsyncs_every_audit_record(triton: TritonProcess, tm
     records = [json.loads(line) for line in audit_path.read_text().splitlines() if line.strip()]
     assert sum(r.get("path", "").endswith("/generate") for r in records) == 3
     assert synced_sizes and synced_sizes[-1] == audit_path.stat().st_size
+
+
+def test_strict_mode_fsyncs_each_record_before_its_response_leaves(triton: TritonProcess, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # kill -9 keeps the page cache, so only watching fsync shows strict mode's promise. The batched
+    # window is far longer than the test: any fsync seen here is strict mode's own. Each answer is
+    # checked in seekgate's own process at the moment it leaves: an HTTP response when its last
+    # byte is written (aiohttp's write_eof), a gRPC call when its handler returns (grpc then sends
+    # the response and the OK status).
+    gw = _gateway(tmp_path, triton, triton.http_url, "strict", **{"audit.fsync_interval_s": 600})
+    audit_path = gw.data_dir / "audit" / "audit.jsonl"
+    synced = [0]   # the audit file's size at its last fsync
+    real_fsync = os.fsync
+
+    def watched_fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(audit_path):
+            synced[0] = max(synced[0], os.fstat(fd).st_size)
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+
+    def synced_records() -> list[bytes]:
+        return audit_path.read_bytes()[:synced[0]].splitlines() if audit_path.exists() else []
+
+    http_left: dict[str, bool] = {}   # request id -> its record was fsynced when the response left
+    real_write_eof = web.StreamResponse.write_eof
+
+    async def watched_write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        rid = self.headers.get("X-Request-Id")
+        if rid is not None and rid not in http_left:   # aiohttp calls it again, a no-op, after the handler
+            http_left[rid] = any(f'"request_id":"{rid}"'.encode() in line for line in synced_records())
+        await real_write_eof(self, data)
+    monkeypatch.setattr(web.StreamResponse, "write_eof", watched_write_eof)
+
+    grpc_left: list[bool] = []   # per gRPC call: were as many gRPC records fsynced as calls answered?
+
+    def watched(handler: Any) -> Any:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            result = await handler(*args, **kwargs)
+            grpc_left.append(sum(b'"protocol":"grpc"' in line for line in synced_records()) >= len(grpc_left) + 1)
+            return result
+        return run
+    monkeypatch.setattr(GrpcFrontEnd, "_unary", watched(GrpcFrontEnd._unary))
+    monkeypatch.setattr(GrpcFrontEnd, "_stream", watched(GrpcFrontEnd._stream))
+
+    _, key = gw.key()
+    gw.start()
+    answered: list[str] = []
+    try:
+        base = gw.url + "/v2/models/deepseek"
+        for i in range(3):   # plain responses: read whole from Triton, then the record, then sent
+            status, headers, _ = _post(base + "/generate", key, {"text_input": f"strict {i}", "max_tokens": 2})
+            assert status == 200
+            answered.append(headers["X-Request-Id"])
+        status, headers, body = _post(gw.url + "/v2/models/deepseek_stream/generate_stream", key,
+                                      {"text_input": "stream", "max_tokens": 3})
+        assert status == 200 and body.count(b"data:") == 3   # events flow; the terminating chunk waits
+        answered.append(headers["X-Request-Id"])
+        for bad in ("sgk_not_a_key", gw.key(expires_in_s=0.001)[1]):   # refusals are durable first too
+            status, headers, _ = _post(base + "/generate", bad, {"text_input": "no", "max_tokens": 1})
+            assert status == 401
+            answered.append(headers["X-Request-Id"])
+        with grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(infer_request("deepseek", "strict grpc", 2), metadata=md(key))
+            assert len(list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, "strict stream", 2)]),
+                                                  metadata=md(key)))) == 2
+    finally:
+        gw.stop()
+    assert gw.error is None
+    assert {rid: http_left.get(rid) for rid in answered} == {rid: True for rid in answered}
+    assert grpc_left == [True, True]

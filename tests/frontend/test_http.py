@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -20,10 +21,15 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 
+from proxy.keys.format import _B62 as CHECK_ALPHABET
+from proxy.keys.format import CHECK_LEN
 from proxy.local.triton import TritonProcess
+from proxy.paths import store_path
+from proxy.store.sqlite import SqliteStore
 from tests.conftest import free_ports
 from tests.gateway import Gateway, audit_records, metric, wait_for
 from tests.relay import TcpRelay
+from tests.steps.test_authn import typo_at
 
 ISSUED: list[str] = []
 BODY_CAP = 1 << 20
@@ -208,6 +214,61 @@ def test_401_for_every_bad_credential_with_one_body(gw: Gateway, user_key: str) 
         assert headers.get("WWW-Authenticate", "").startswith("Bearer"), name
         bodies.add(body)
     assert len(bodies) == 1
+
+
+def test_a_typo_in_each_check_character_is_bad_checksum_and_never_looked_up(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each of the six check characters on its own: a change to the last one alone also fails the
+    # hash, so only the audited reason shows the checksum (not the store) refused it.
+    key_id, token = issue(gw, owner="typist")
+    lookups: list[str] = []
+    real_get_chain = SqliteStore.get_chain
+
+    async def counted(self: SqliteStore, wanted: str) -> list[Any]:
+        lookups.append(wanted)
+        return await real_get_chain(self, wanted)
+    monkeypatch.setattr(SqliteStore, "get_chain", counted)
+    url = gw.url + "/v2/models/deepseek"
+    refused = {}
+    for pos in range(len(token) - CHECK_LEN, len(token)):
+        status, headers, _ = call(url, key=typo_at(token, pos, CHECK_ALPHABET))
+        assert status == 401, pos
+        refused[headers["X-Request-Id"]] = pos
+    assert lookups == []
+    assert wait_for(lambda: refused.keys() <= {r["request_id"] for r in audit_records(gw)}, 5.0)
+    reasons = {refused[r["request_id"]]: r["reason"] for r in audit_records(gw) if r["request_id"] in refused}
+    assert reasons == {pos: "bad_checksum" for pos in refused.values()}
+    assert call(url, key=token)[0] == 200 and lookups == [key_id]   # the untouched key is looked up
+
+
+def test_revoking_an_ancestor_refuses_its_descendants_end_to_end(gw: Gateway, relay: TcpRelay) -> None:
+    # Two guards: the store revokes a whole subtree at once (test_store), and authn refuses a key
+    # with any dead ancestor on its own. The first device is refused after its app key's revocation
+    # through the store (as by the CLI) while it sat in the key cache; the second's app key row
+    # alone says revoked (a table edited by hand, a restore from before the cascade), so only
+    # authn's walk of the chain can refuse it.
+    url = gw.url + "/v2/models/deepseek/generate"
+    refused = []
+    for how in ("store", "row"):
+        app_id, app_key = issue(gw, tier="app", owner=f"fleet-{how}")
+        _, device_key = issue(gw, tier="device", owner=f"sensor-{how}", parent_id=app_id)
+        if how == "store":
+            for key in (app_key, device_key):   # both verified, and now in the key cache
+                assert call(url, "POST", {"text_input": "before", "max_tokens": 1}, key)[0] == 200
+            gw.revoke(app_id)
+        else:
+            with sqlite3.connect(store_path(gw.data_dir)) as raw:
+                raw.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ?", (time.time(), app_id))
+        relay.clear()
+        marker = f"orphan-{uuid.uuid4().hex}"
+        status, headers, _ = call(url, "POST", {"text_input": marker, "max_tokens": 1}, device_key)
+        assert status == 401 and marker.encode() not in relay.seen(), how
+        refused.append(headers["X-Request-Id"])
+    assert wait_for(lambda: set(refused) <= {r["request_id"] for r in audit_records(gw)}, 5.0)
+    # "revoked" in both, though in the second the device key's own row is not: its ancestor's is.
+    assert [r["reason"] for r in audit_records(gw) if r["request_id"] in refused] == ["revoked", "revoked"]
+    _, sibling = issue(gw, tier="app", owner="other-fleet")
+    assert call(url, "POST", {"text_input": "sibling", "max_tokens": 1}, sibling)[0] == 200
 
 
 def _unknown_key() -> str:
@@ -463,8 +524,7 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
     return got
 
 
-def test_client_dropping_a_stream_cancels_the_upstream_request_within_a_second(gw: Gateway, relay: TcpRelay
-                                                                               ) -> None:
+def test_client_dropping_a_stream_cancels_the_upstream_request(gw: Gateway, relay: TcpRelay) -> None:
     key_id, key = issue(gw, owner="dropper")
     marker = f"drop-{uuid.uuid4().hex}"
     # Triton's next events wait in the relay: seekgate has nothing to write, so only watching the
@@ -477,10 +537,12 @@ def test_client_dropping_a_stream_cancels_the_upstream_request_within_a_second(g
         upstream = relay.connection_carrying(marker.encode())
         assert upstream is not None and not upstream.closed.is_set()
         sock.close()
-        assert upstream.closed.wait(1.0), "Triton's request outlived its client by over a second"
+        # The event, not a deadline: held upstream, Triton's request would otherwise never end; the
+        # bound only limits how long a failure takes to show.
+        assert upstream.closed.wait(60), "Triton's request outlived its client"
     finally:
         relay.let_flow()
-    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 3.0)
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 30.0)
     (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
     assert rec["status"] == "error" and rec["reason"] == "client_disconnected" and rec["http_status"] == 499
     assert rec["output_tokens"] >= 1

@@ -172,36 +172,40 @@ def test_grpc_is_served_by_the_workers(workers: Workers) -> None:
             client.close()
 
 
-def test_revocation_through_one_worker_reaches_every_worker_within_a_second(workers: Workers) -> None:
+def test_revocation_through_one_worker_counts_on_the_next_request_in_every_worker(workers: Workers) -> None:
     _, admin = workers.gw.key(owner="ops", roles=("admin",))
     victim_id, victim = workers.gw.key(owner="victim")
     assert all(workers.request("GET", "/v2/models/deepseek", victim)[0] == 200 for _ in range(10))
     status, _ = workers.request("POST", f"/admin/v1/keys/{victim_id}/revoke", admin, {})
     assert status == 200
-    revoked_at = time.monotonic()
-
-    def refused_everywhere() -> bool:
-        return all(workers.request("GET", "/v2/models/deepseek", victim)[0] == 401 for _ in range(20))
-    assert wait_for(refused_everywhere, 1.0)
-    assert time.monotonic() - revoked_at < 1.0 + 0.5   # the 20 probes themselves take a moment
+    # No waiting: every worker reads the store's change signal on each request (key_cache.py),
+    # so once the revocation is reported done, the very next request anywhere is refused.
+    assert [workers.request("GET", "/v2/models/deepseek", victim)[0] for _ in range(20)] == [401] * 20
 
 
-def test_cli_revocation_and_policy_change_reach_every_worker_within_a_second(workers: Workers) -> None:
+def test_cli_revocation_and_policy_change_reach_every_worker(workers: Workers) -> None:
     key_id, key = workers.gw.key(owner="bob")
-    assert workers.request("GET", "/v2/models/deepseek", key)[0] == 200
+
+    def every_worker_answers(status: int) -> bool:
+        # 20 fresh connections: SO_REUSEPORT spreads them over both workers.
+        return all(workers.request("GET", "/v2/models/deepseek", key)[0] == status for _ in range(20))
+    started = time.monotonic()
+    assert every_worker_answers(200)
+    probe_s = time.monotonic() - started   # one round of probes, on this machine as loaded as it is now
     deny = workers.policy_dir / "zz-deny-deepseek.yaml"
     deny.write_text(yaml.safe_dump({"rules": [{"id": "freeze-deepseek", "effect": "deny",
                                               "resources": ["model:deepseek"], "actions": ["*"]}]}))
     changed_at = time.monotonic()
-    assert wait_for(lambda: all(workers.request("GET", "/v2/models/deepseek", key)[0] == 403 for _ in range(20)),
-                    1.5)
-    assert time.monotonic() - changed_at < 2.0
+    assert wait_for(lambda: every_worker_answers(403), 60)   # the event: both workers reloaded
+    # Each worker polls the directory every 0.2 s, so the edit counts within a second (README);
+    # seen through probes, plus the round under way when the last worker reloaded and the one
+    # that saw it, each as long as the round measured above.
+    assert time.monotonic() - changed_at < 1.0 + 2 * probe_s + 0.1
     deny.unlink()
-    assert wait_for(lambda: all(workers.request("GET", "/v2/models/deepseek", key)[0] == 200 for _ in range(20)),
-                    1.5)
+    assert wait_for(lambda: every_worker_answers(200), 60)
     subprocess.run([sys.executable, "-m", "proxy", "keys", "revoke", key_id, "--config", str(workers.config)],
                    cwd=REPO, capture_output=True, check=True)
-    assert all(workers.request("GET", "/v2/models/deepseek", key)[0] == 401 for _ in range(20))
+    assert every_worker_answers(401)   # the CLI's revocation: on the next request, as through a worker
 
 
 def test_a_killed_worker_is_replaced(workers: Workers) -> None:

@@ -117,6 +117,22 @@ def test_correction_after_the_charge_left_the_window_does_not_count() -> None:
     lim.acquire_now(s, 100)
 
 
+@pytest.mark.parametrize("real", [500, 0])   # more than the estimate, and less (a negative correction)
+def test_settling_a_charge_another_request_already_expired_leaves_the_window_alone(real: int) -> None:
+    clock = Clock(T0)
+    lim = LocalLimiter(clock)
+    s = [scope(tpm=100)]
+    long_stream = lim.acquire_now(s, 10)
+    clock.t = T0 + 61
+    lim.acquire_now(s, 5)                    # this admission expires the stream's charge from the window
+    lim.settle(long_stream, real)            # the stream's real count arrives after its charge left
+    # Only the 5 charged at T0 + 61 are in the window: 95 more fit, 96 do not.
+    err = refused(lim, s, 96)
+    assert err.remaining == 95 and err.retry_after == 60
+    lim.acquire_now(s, 95)
+    assert refused(lim, s, 1).remaining == 0
+
+
 # ------------------------------------------------------------------ concurrency
 
 

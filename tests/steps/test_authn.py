@@ -128,6 +128,36 @@ async def test_format_failures_never_reach_the_store() -> None:
     assert counting.calls == 1
 
 
+# Every position the checksum covers: the key id, the secret and the check itself ("sgk_" and the
+# separators are fixed by the format). Each typo stays inside its field's alphabet, so only the
+# checksum can tell; a fixed token, so every run checks the same cases.
+_KEY_ID, _SECRET = "abcdefgh2345", "Sx" * 21 + "q"
+_BODY = f"sgk_{_KEY_ID}_{_SECRET}_"
+FIXED_TOKEN = _BODY + _checksum(_BODY)
+_FIELDS = [(range(4, 16), "abcdefghijklmnopqrstuvwxyz234567"),
+           (range(17, 60), "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"),
+           (range(61, 67), "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")]
+CHECKED_POSITIONS = [(pos, alphabet) for positions, alphabet in _FIELDS for pos in positions]
+
+
+def typo_at(token: str, pos: int, alphabet: str) -> str:
+    """`token` with the character at `pos` replaced by the next one of its field's alphabet."""
+    return token[:pos] + alphabet[(alphabet.index(token[pos]) + 1) % len(alphabet)] + token[pos + 1:]
+
+
+async def test_the_fixed_token_is_well_formed() -> None:
+    counting = CountingStore()
+    assert len(FIXED_TOKEN) == 67
+    assert await reason_for(FIXED_TOKEN, counting) == "unknown_key" and counting.calls == 1
+
+
+@pytest.mark.parametrize("pos,alphabet", CHECKED_POSITIONS, ids=[str(p) for p, _ in CHECKED_POSITIONS])
+async def test_a_typo_at_any_checksummed_position_is_bad_checksum_without_a_lookup(pos: int, alphabet: str) -> None:
+    counting = CountingStore()
+    assert await reason_for(typo_at(FIXED_TOKEN, pos, alphabet), counting) == "bad_checksum"
+    assert counting.calls == 0
+
+
 async def test_unknown_key(store: SqliteStore) -> None:
     _, token = generate_key()
     assert await reason_for(token, store) == "unknown_key"

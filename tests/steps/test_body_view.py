@@ -170,7 +170,8 @@ def test_infer_max_tokens_from_json_data() -> None:
 
 
 @pytest.mark.parametrize("datatype,value", [("INT32", 2 ** 31), ("INT32", -(2 ** 31) - 1), ("UINT8", 256),
-                                            ("INT64", 2 ** 63), ("UINT32", -1), ("INT32", 7.0)])
+                                            ("INT64", 2 ** 63), ("UINT32", -1), ("INT32", 7.0), ("FP32", 7),
+                                            ("", 7)])
 def test_infer_max_tokens_outside_its_datatype_is_refused(datatype: str, value: object) -> None:
     body = {"inputs": [{"name": "max_tokens", "shape": [1], "datatype": datatype, "data": [value]}]}
     refused("max_tokens_not_integer", infer, json.dumps(body))
@@ -207,7 +208,8 @@ def test_header_length_zero_is_a_raw_binary_request() -> None:
 
 
 def test_duplicate_inputs_are_refused() -> None:
-    body = {"inputs": [{"name": "max_tokens", "data": [1]}, {"name": "max_tokens", "data": [200]}]}
+    body = {"inputs": [{"name": "max_tokens", "datatype": "INT32", "data": [1]},
+                       {"name": "max_tokens", "datatype": "INT32", "data": [200]}]}
     refused("duplicate_input", infer, json.dumps(body))
 
 

@@ -138,6 +138,10 @@ def test_bad_request_reasons_name_the_trick() -> None:
         ("/v2/models/a%41%2Fb", "encoded slash"),
         ("/v2/models/a%00", "encoded NUL"),
         ("/v2/models/../x", "dot segment"),
+        # Each also refused by a later check (an unknown route, a bad character), but with the
+        # wrong reason; these keep the named checks from going unnoticed (scripts/mutate).
+        ("/v2/./models/deepseek", "dot segment"),
+        ("/v2/models/a\\b/infer", "backslash"),
     ]:
         with pytest.raises(BadRequest, match=reason):
             classify_http("GET", path)

@@ -3,9 +3,11 @@ headers, audit reasons, shared concurrency slots, token budgets, and nothing for
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import queue
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,9 @@ import pytest
 import yaml
 from tritonclient.grpc import service_pb2_grpc
 
+from proxy.frontend import http as http_server
 from proxy.local.triton import TritonProcess
+from proxy.state.limits import LocalLimiter
 from tests.conftest import free_ports
 from tests.frontend.test_grpc import STREAM_MODEL, infer_request, md, quiet
 from tests.frontend.test_http import call
@@ -258,3 +262,46 @@ def test_a_tier_default_binds_a_key_without_limits_of_its_own(triton: TritonProc
         assert [generate(g, other, f"app {i}")[0] for i in range(3)] == [200, 200, 200]
     finally:
         g.stop()
+
+
+class SteppedClock:
+    """The limiter's wall clock, moved by the test: window edges are hit exactly, never by sleeping."""
+
+    def __init__(self) -> None:
+        self.t = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rpm_window_boundary_end_to_end(triton: TritonProcess, relays: Any,
+                                        tmp_path_factory: pytest.TempPathFactory,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A request leaves the window when it turns exactly 60 s old: at t0 + 60 the request of t0 no
+    # longer counts, one of t0 + 30 still does. The clock is the only thing replaced.
+    clock = SteppedClock()
+    monkeypatch.setattr(http_server, "LocalLimiter", functools.partial(LocalLimiter, clock))
+    with gateway_via(tmp_path_factory.mktemp("gw-rpm-edge"), *relays) as g:
+        key_id, key = g.key(owner="edge", limits={"rpm": 2})
+        t0 = clock.t
+
+        def at(offset: float, text: str) -> tuple[int, dict[str, str]]:
+            clock.t = t0 + offset
+            status, headers, _ = generate(g, key, text)
+            return status, headers
+
+        assert at(0, "t0")[0] == 200
+        status, headers = at(30, "t30")
+        assert status == 200 and headers["X-RateLimit-Remaining"] == "0"
+        relays[0].clear()
+        status, headers = at(59.5, "edge-refused-59")
+        assert status == 429 and headers["Retry-After"] == "1"   # t0 leaves in half a second
+        assert b"edge-refused-59" not in relays[0].seen()
+        status, headers = at(60, "t60")   # exactly 60 s after t0: t0 has left the window
+        assert status == 200 and headers["X-RateLimit-Remaining"] == "0"
+        relays[0].clear()
+        status, headers = at(60, "edge-refused-60")   # t30 and t60 fill it
+        assert status == 429 and headers["Retry-After"] == "30"
+        assert b"edge-refused-60" not in relays[0].seen()
+        assert at(90, "t90")[0] == 200   # t30 gone at exactly 90 s
+        assert reasons(g, key_id, 6) == ["", "", "rate_limited:rpm", "", "rate_limited:rpm", ""]
