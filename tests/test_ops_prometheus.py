@@ -87,13 +87,13 @@ def test_prometheus_adapter_query_is_valid_promql(tmp_path: Path) -> None:
                                                                 .read_text()))["data"]["config.yaml"])
     rule = config["rules"][0]
     query = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod")
-             .replace("<<.Series>>", "nv_gpu_utilization")
+             .replace("<<.Series>>", "nv_inference_queue_duration_us")
              .replace("<<.LabelMatchers>>", 'namespace="default",pod=~"seekgate-a|seekgate-b"'))
     (tmp_path / "adapter.yml").write_text(yaml.safe_dump(
-        {"groups": [{"name": "adapter", "rules": [{"record": "pod:triton_gpu_utilization", "expr": query}]}]}))
+        {"groups": [{"name": "adapter", "rules": [{"record": "pod:triton_queue_time_us", "expr": query}]}]}))
     out = promtool("check", "rules", "adapter.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert rule["name"]["as"] == "triton_gpu_utilization"
+    assert rule["name"]["as"] == "triton_queue_time_us"
 
 
 # ------------------------------------------------------------------ the dashboard's GPU queries
@@ -152,3 +152,41 @@ def test_a_wrong_gpu_query_expectation_is_caught(tmp_path: Path) -> None:
     (tmp_path / "broken_test.yml").write_text(yaml.safe_dump(doc))
     out = promtool("test", "rules", "broken_test.yml", cwd=tmp_path)
     assert out.returncode != 0 and "FAILED" in out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ alerts_ops.yml (the deployment's own alerts)
+
+OPS_ALERTS = ("SeekgateDown", "SeekgateTargetMissing", "PolicyReloadFailing", "AuditQueueBacklog",
+              "ContainerRestarting", "HpaAtMaxReplicas", "FluentBitDown", "AuditShippingFailing")
+
+
+def test_ops_alert_unit_tests_pass() -> None:
+    out = promtool("test", "rules", "alerts_ops_test.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def test_every_ops_alert_has_a_firing_case_and_a_rule() -> None:
+    rules = [r for g in yaml.safe_load((PROMETHEUS_DIR / "alerts_ops.yml").read_text())["groups"] for r in g["rules"]]
+    assert [r["alert"] for r in rules] == list(OPS_ALERTS)
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"].strip() and rule["annotations"]["runbook"].strip(), rule["alert"]
+    cases = [c for t in yaml.safe_load((PROMETHEUS_DIR / "alerts_ops_test.yml").read_text())["tests"]
+             for c in t["alert_rule_test"]]
+    for name in OPS_ALERTS:
+        mine = [c for c in cases if c["alertname"] == name]
+        assert any(c["exp_alerts"] for c in mine), f"{name}: no case where it fires"
+        assert any(not c["exp_alerts"] for c in mine), f"{name}: no case where it stays silent"
+
+
+def test_a_broken_ops_unit_test_is_caught(tmp_path: Path) -> None:
+    # The target-vanished case can fail: expecting SeekgateTargetMissing while the target is present.
+    shutil.copy(PROMETHEUS_DIR / "alerts_ops.yml", tmp_path / "alerts_ops.yml")
+    doc = yaml.safe_load((PROMETHEUS_DIR / "alerts_ops_test.yml").read_text())
+    case = next(t for t in doc["tests"] if any(c["alertname"] == "SeekgateTargetMissing" for c in t["alert_rule_test"]))
+    firing = next(c for c in case["alert_rule_test"] if c["exp_alerts"])
+    case["alert_rule_test"][0]["exp_alerts"] = firing["exp_alerts"]   # at 3m the target is still there
+    (tmp_path / "broken_test.yml").write_text(yaml.safe_dump(doc))
+    out = promtool("test", "rules", "broken_test.yml", cwd=tmp_path)
+    assert out.returncode != 0 and "SeekgateTargetMissing" in out.stdout + out.stderr

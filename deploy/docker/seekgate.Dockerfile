@@ -1,17 +1,23 @@
 # seekgate: the auth proxy, as a non-root image meant to run with a read-only root filesystem.
 # Build from the repository root:  docker build -f deploy/docker/seekgate.Dockerfile -t seekgate:0.1.0 .
+# Base images are pinned by tag here; a release pins them by digest (deploy/README.md, Supply chain).
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
+# Dependencies first, from the hash-locked list: a source edit reuses this layer, and nothing
+# is resolved at build time (pyproject.toml's ranges are checked against the lock by the tests).
+COPY deploy/docker/requirements.lock ./
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11.11-slim-bookworm
 # The proxy side only: torch/transformers/tritonserver live in the Triton image.
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && pip check && rm -rf /wheels \
  && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin seekgate \
- && mkdir -p /data /etc/seekgate && chown 10001:10001 /data
+ && mkdir -p /data/audit /data/secrets /etc/seekgate \
+ && chown 10001:10001 /data /data/audit && chown 10001:10001 /data/secrets && chmod 0700 /data/secrets
 COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint

@@ -2,8 +2,12 @@
 
 Docker secrets and Kubernetes Secret volumes appear under /run/secrets with their own
 owners and modes (and, in Kubernetes, as symlinks); seekgate wants regular 0600 files
-in `<data_dir>/secrets/`. An existing KEK that differs from the mounted one is never
-overwritten: the data keys in the store are wrapped under it.
+in `<data_dir>/secrets/`. That directory must be a memory filesystem (tmpfs: a Compose
+`tmpfs:` mount, a Kubernetes `emptyDir: {medium: Memory}`): the KEK is never written to
+the disk-backed data volume, and the entrypoint refuses to start when it would be
+(SEEKGATE_SECRETS_ON_DISK=1 overrides, for a host where the data dir is itself encrypted).
+An existing KEK that differs from the mounted one is never overwritten: the data keys in
+the store are wrapped under it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import sys
 from pathlib import Path
 
 SECRETS = Path(os.environ.get("SEEKGATE_SECRETS_MOUNT", "/run/secrets"))
+MOUNTINFO = Path(os.environ.get("SEEKGATE_MOUNTINFO", "/proc/self/mountinfo"))
+MEMORY_FS = frozenset({"tmpfs", "ramfs"})
 # mounted name -> (file name under <data_dir>/secrets, may an existing copy be replaced?)
 INSTALL = {
     "seekgate_kek": ("root.key", False),
@@ -37,15 +43,35 @@ def install(src: Path, dst: Path, replace: bool) -> None:
     os.replace(tmp, dst)
 
 
+def fs_type(path: Path, mountinfo: str) -> str:
+    """The filesystem type of the mount holding `path`: the longest mount point above it."""
+    best, fstype = "", ""
+    target = str(path.resolve())
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, line.split(" - ", 1)[1].split()[0]
+    return fstype
+
+
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("seekgate-entrypoint: no command given")
     target = Path(os.environ.get("SEEKGATE_DATA_DIR", "/data")) / "secrets"
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name, (file_name, replace) in INSTALL.items():
-        src = SECRETS / name
-        if src.is_file():
-            install(src, target / file_name, replace)
+    mounted = [(SECRETS / name, file_name, replace) for name, (file_name, replace) in INSTALL.items()
+               if (SECRETS / name).is_file()]
+    if mounted and os.environ.get("SEEKGATE_SECRETS_ON_DISK") != "1":
+        kind = fs_type(target, MOUNTINFO.read_text())
+        if kind not in MEMORY_FS:
+            sys.exit(f"seekgate-entrypoint: {target} is on {kind or 'an unknown filesystem'}, not tmpfs; refusing "
+                     f"to copy the key-encryption key to disk. Mount a tmpfs there (deploy/README.md)")
+    for src, file_name, replace in mounted:
+        install(src, target / file_name, replace)
     os.execvp(argv[0], argv)
 
 

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Starts tritonserver as `seekgate triton` does (proxy/local/triton.py build_command), with the
 # inference ports bound to TRITON_BIND_ADDRESS only (the network seekgate shares with Triton)
-# and the shared-memory API locked behind the header only seekgate knows. Ports default to
+# and every API category seekgate does not forward to Triton for ordinary callers locked behind
+# the header only seekgate knows: another process in the pod or on the network gets nothing
+# from them (TRITON_RESTRICTED_API; see deploy/README.md, "Triton's restricted APIs"). Ports default to
 # 8000/8001/8002 (compose); in a Kubernetes pod, where seekgate holds those, 18000/18001/18002.
 # The header value is read from a mounted secret file, never from the command line of compose.
 set -eu
@@ -12,6 +14,12 @@ if [ ! -s "$key_file" ]; then
   exit 1
 fi
 key="$(cat "$key_file")"
+# shared-memory: seekgate adds the header for principals its policy lets use it.
+# model-repository, trace, logging: seekgate never adds it, so they are closed to everyone,
+# admins included, until seekgate forwards its header for them too.
+# health, metadata, inference, model-config, statistics stay open: seekgate forwards them
+# without the header (the pod's loopback is the boundary for those).
+restricted="${TRITON_RESTRICTED_API:-shared-memory,model-repository,trace,logging}"
 bind="${TRITON_BIND_ADDRESS:?set TRITON_BIND_ADDRESS: the address Triton's HTTP and gRPC ports listen on}"
 
 exec tritonserver \
@@ -23,8 +31,8 @@ exec tritonserver \
   --strict-readiness=true \
   --exit-on-error=true \
   --allow-sagemaker=false --allow-vertex-ai=false \
-  --http-restricted-api="shared-memory:seekgate-internal=$key" \
-  --grpc-restricted-protocol="shared-memory:seekgate-internal=$key" \
+  --http-restricted-api="$restricted:seekgate-internal=$key" \
+  --grpc-restricted-protocol="$restricted:seekgate-internal=$key" \
   --model-config-name="${TRITON_MODEL_CONFIG_NAME:-gpu}" \
   --log-info=true \
   "$@"
