@@ -11,11 +11,11 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -323,8 +323,8 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
 
 
 def test_the_image_installs_the_lock_before_the_source() -> None:
-    lines = [l.strip() for l in (REPO / "deploy/docker/seekgate.Dockerfile").read_text().splitlines()]
-    lock = next(i for i, l in enumerate(lines) if "--require-hashes" in l and "requirements.lock" in l)
-    source = next(i for i, l in enumerate(lines) if l.startswith("COPY proxy"))
+    lines = [line.strip() for line in (REPO / "deploy/docker/seekgate.Dockerfile").read_text().splitlines()]
+    lock = next(i for i, line in enumerate(lines) if "--require-hashes" in line and "requirements.lock" in line)
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY proxy"))
     assert lock < source
-    assert any("--no-deps" in l for l in lines[source:])   # nothing resolved after the lock
+    assert any("--no-deps" in line for line in lines[source:])   # nothing resolved after the lock
