@@ -121,14 +121,14 @@ def decode(body: bytes, content_encodings: list[str], kind: str, limit: int) -> 
 # ------------------------------------------------------------------ HTTP: JSON
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise bad("duplicate_key", f"duplicate JSON key {key[:64]!r}")
-        if "\x00" in key:
-            raise bad("nul_in_key", "JSON key contains NUL")
-        seen[key] = value
-    return seen
+    obj = dict(pairs)   # built in C; it is smaller than the pairs only where a key repeats
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))   # type: ignore[func-returns-value]
+        raise bad("duplicate_key", f"duplicate JSON key {key[:64]!r}")
+    if "\x00" in "".join(obj):
+        raise bad("nul_in_key", "JSON key contains NUL")
+    return obj
 
 
 def _int(literal: str) -> int:
@@ -137,6 +137,10 @@ def _int(literal: str) -> int:
         # rapidjson reads such a literal as a double, Python as an exact int: they would disagree.
         raise bad("integer_out_of_range", f"integer {literal[:24]} is outside the 64-bit range")
     return value
+
+
+# One decoder for every body: json.loads with hooks would build a new one per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_int)
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
@@ -148,7 +152,7 @@ def parse_json(data: bytes) -> dict[str, Any]:
     if text.startswith("\ufeff"):
         raise bad("byte_order_mark", "request body starts with a byte-order mark")
     try:
-        doc = json.loads(text, object_pairs_hook=_pairs, parse_int=_int)
+        doc = _DECODER.decode(text)
     except RecursionError as exc:
         raise bad("json_too_deep", "request JSON nests too deep") from exc
     except json.JSONDecodeError as exc:
@@ -217,7 +221,9 @@ def _view_generate(doc: dict[str, Any]) -> BodyView:
 
 
 def _params(owner: dict[str, Any], where: str, tensor: str) -> list[Parameter]:
-    params = owner.get("parameters", {})
+    params = owner.get("parameters")
+    if params is None:
+        return []
     if not isinstance(params, dict):
         raise bad("parameters_not_object", "'parameters' must be an object")
     return [Parameter(where, tensor, k, v) for k, v in params.items()]
