@@ -197,10 +197,12 @@ async def read_body(request: web.Request, limit: int, timeout_s: float | None = 
 def body_view(request: web.Request, ctx: RequestContext, path: str, body: bytes, limit: int) -> BodyView:
     """The parsed view of an inference body; other bodies only have their decoded size capped."""
     encodings = request.headers.getall("Content-Encoding", [])
-    kind = route_kind(path) if ctx.resource is not None and ctx.resource.action == "infer" else ""
-    if not kind:
+    if ctx.resource is None or ctx.resource.action != "infer":
         decoded_size_within(body, encodings[0] if encodings else None, limit)
         return EMPTY
+    kind = route_kind(path)
+    if not kind:   # an inference route body_view cannot read: refused, never forwarded unchecked
+        raise BadRequest(f"body: no view for inference route {path[:80]}")
     return view_http(kind, decode(body, encodings, kind, limit),
                      request.headers.getall("Inference-Header-Content-Length", []))
 
