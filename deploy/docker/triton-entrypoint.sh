@@ -1,25 +1,23 @@
 #!/bin/sh
 # Starts tritonserver as `seekgate triton` does (proxy/local/triton.py build_command), with the
 # inference ports bound to TRITON_BIND_ADDRESS only (the network seekgate shares with Triton)
-# and every API category seekgate does not forward to Triton for ordinary callers locked behind
-# the header only seekgate knows: another process in the pod or on the network gets nothing
-# from them (TRITON_RESTRICTED_API; see deploy/README.md, "Triton's restricted APIs"). Ports default to
+# and every API category but health locked behind the header only seekgate knows (it sends it on
+# every request it forwards, once its checks passed): another process in the pod or on the network
+# gets nothing (TRITON_RESTRICTED_API; see deploy/README.md, "Triton's restricted APIs"). Ports default to
 # 8000/8001/8002 (compose); in a Kubernetes pod, where seekgate holds those, 18000/18001/18002.
 # The header value is read from a mounted secret file, never from the command line of compose.
 set -eu
 
 key_file="${TRITON_INTERNAL_KEY_FILE:-/run/secrets/triton_internal_key}"
 if [ ! -s "$key_file" ]; then
-  echo "triton-entrypoint: $key_file is missing or empty (the shared secret seekgate sends to unlock Triton's shared-memory API)" >&2
+  echo "triton-entrypoint: $key_file is missing or empty (the shared secret seekgate sends to unlock Triton's restricted APIs)" >&2
   exit 1
 fi
 key="$(cat "$key_file")"
-# shared-memory: seekgate adds the header for principals its policy lets use it.
-# model-repository, trace, logging: seekgate never adds it, so they are closed to everyone,
-# admins included, until seekgate forwards its header for them too.
-# health, metadata, inference, model-config, statistics stay open: seekgate forwards them
-# without the header (the pod's loopback is the boundary for those).
-restricted="${TRITON_RESTRICTED_API:-shared-memory,model-repository,trace,logging}"
+# Everything but health: seekgate sends the header with every request it forwards (after its own
+# authentication, policy and body checks), so only seekgate reaches these; health stays open for
+# the kubelet's and compose's probes.
+restricted="${TRITON_RESTRICTED_API:-shared-memory,model-repository,trace,logging,inference,metadata,model-config,statistics}"
 bind="${TRITON_BIND_ADDRESS:?set TRITON_BIND_ADDRESS: the address Triton's HTTP and gRPC ports listen on}"
 
 exec tritonserver \

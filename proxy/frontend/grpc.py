@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
-from ..context import RequestContext, Resource, new_id
+from ..context import RequestContext, new_id
 from ..errors import (
     AuditUnavailable,
     BadRequest,
@@ -163,7 +163,7 @@ class GrpcFrontEnd:
                 started = asyncio.get_running_loop().time()
                 try:
                     response: bytes = await self._upstream[method.path](
-                        raw, metadata=self._metadata(context, ctx.resource), timeout=self._timeout(context))
+                        raw, metadata=self._metadata(context), timeout=self._timeout(context))
                 finally:
                     ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
                 ctx.http_status = 200
@@ -235,7 +235,7 @@ class GrpcFrontEnd:
                 # until the stream ends and the charge corrected to the stream's token totals.
                 await limit(state, ctx, first_view[0].asked_tokens())
                 assert ctx.resource is not None
-                call = self._upstream[ctx.path](metadata=self._metadata(context, ctx.resource),
+                call = self._upstream[ctx.path](metadata=self._metadata(context),
                                                 timeout=self._timeout(context))
                 started = asyncio.get_running_loop().time()
 
@@ -322,10 +322,11 @@ class GrpcFrontEnd:
         return RequestContext(request_id=new_id(), client_ip=client_ip(context.peer()),
                               protocol="grpc", method="POST", path=path)
 
-    def _metadata(self, context: grpc.aio.ServicerContext, resource: Resource) -> list[tuple[str, Any]]:
+    def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
         metadata = upstream_metadata(context.invocation_metadata())
-        if resource.resource == "sharedmemory" and self.state.internal_key:
-            # Triton's --grpc-restricted-protocol reads the key from "triton-grpc-protocol-<header>".
+        if self.state.internal_key:
+            # Every call seekgate forwards is authorised, so every one carries the key (as over HTTP, see
+            # UpstreamPool): Triton's --grpc-restricted-protocol reads it from "triton-grpc-protocol-<header>".
             metadata.append((GRPC_INTERNAL_HEADER, self.state.internal_key))
         return metadata
 

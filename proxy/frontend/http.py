@@ -111,12 +111,10 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             ctx.http_status = response.status
             await commit_audit(state, ctx)   # strict audit: durable before aiohttp sends it
             return response
-        extra = ({INTERNAL_HEADER: state.internal_key}
-                 if ctx.resource.resource == "sharedmemory" and state.internal_key else {})
         # The query as the client sent it (still encoded), like the path: Triton sees what was authorized.
         raw_query = request.raw_path.partition("?")[2]
         path_qs = path + ("?" + raw_query if raw_query else "")
-        return await forward(request, ctx, state.upstream, path_qs, body, extra, server_timing(ctx),
+        return await forward(request, ctx, state.upstream, path_qs, body, server_timing(ctx),
                              (lambda: commit_audit(state, ctx)) if state.audit.strict else None)
     except SeekgateError as err:
         response = await refused(state, ctx, err)
@@ -269,12 +267,15 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             await store.close()
             raise
         up = settings.upstream
-        pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.idle_timeout_s,
-                            up.request_timeout_s)
-        models_known = await refresh_models(pool, metrics.set_known_models)
         key_file = data_dir / "secrets" / "triton-internal-key"
+        internal_key = key_file.read_text().strip() if key_file.exists() else None
+        # Every request seekgate forwards carries the key to Triton's restricted APIs: seekgate has
+        # authorised it, so a deployment can restrict every category but health to seekgate alone.
+        pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.idle_timeout_s,
+                            up.request_timeout_s, ((INTERNAL_HEADER, internal_key),) if internal_key else ())
+        models_known = await refresh_models(pool, metrics.set_known_models)
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
-                         audit, metrics, pool, key_file.read_text().strip() if key_file.exists() else None,
+                         audit, metrics, pool, internal_key,
                          limiter=SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets),
                          sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth),
                          keyring=keyring)

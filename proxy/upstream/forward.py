@@ -56,8 +56,7 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool, path_qs: str, body: bytes,
-                  extra_headers: dict[str, str], server_timing: str,
-                  before_send: BeforeSend | None = None) -> web.StreamResponse:
+                  server_timing: str, before_send: BeforeSend | None = None) -> web.StreamResponse:
     """Sends the request to Triton and streams the answer, event by event for SSE.
 
     `before_send` (strict audit) runs once the response is known and before it is complete on the
@@ -67,8 +66,6 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
     If it raises, a plain response becomes that error; a stream is cut without its end.
     """
     headers = upstream_headers(request.headers)
-    if extra_headers:
-        headers += extra_headers.items()
     started = time.perf_counter()
     try:
         upstream = await pool.request(request.method, path_qs, headers, body)

@@ -302,7 +302,8 @@ class UpstreamPool:
     """Keep-alive connections to one Triton HTTP endpoint, at most `limit` open at once."""
 
     def __init__(self, url: str, limit: int = 100, connect_timeout_s: float = 2.0,
-                 read_timeout_s: float = 300.0, total_timeout_s: float = math.inf) -> None:
+                 read_timeout_s: float = 300.0, total_timeout_s: float = math.inf,
+                 own_headers: Iterable[tuple[str, str]] = ()) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream URL must be http:// or https://host[:port], not {url!r}")
@@ -315,6 +316,9 @@ class UpstreamPool:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._total_timeout_s = total_timeout_s
+        # Sent with every request: seekgate's key to Triton's restricted APIs. A client's header of the
+        # same name never gets here (forward.py drops it), so only seekgate can unlock them.
+        self._own_lines = [f"{name}: {value}\r\n" for name, value in own_headers]
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
@@ -361,7 +365,7 @@ class UpstreamPool:
                 waiter.set_exception(UpstreamConnectError("upstream_pool_closed"))
 
     def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
-        lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", f"Host: {self._host_header}\r\n"]
+        lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n", f"Host: {self._host_header}\r\n", *self._own_lines]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
             lines.append(f"Content-Length: {len(body)}\r\n")

@@ -117,6 +117,18 @@ async def test_concurrent_requests_stay_within_the_pool_limit(triton: TritonProc
 
 # ------------------------------------------------------------------ failures, on raw sockets
 
+async def test_the_pools_own_headers_go_with_every_request() -> None:
+    async with raw_server(answer_each) as raw:
+        pool = UpstreamPool(f"http://127.0.0.1:{raw.port}", own_headers=(("seekgate-internal", "k3y"),))
+        for method, target in (("GET", "/v2/health/ready"), ("POST", "/v2/models/m/infer")):
+            answer = await pool.request(method, target, JSON, b"{}" if method == "POST" else b"")
+            await answer.read()
+            answer.release()
+        heads = [h for h in bytes(raw.received).split(b"\r\n\r\n") if h.startswith((b"GET", b"POST"))]
+        assert len(heads) == 2 and all(b"\r\nseekgate-internal: k3y\r\n" in h for h in heads), heads
+        await pool.close()
+
+
 async def test_connection_refused_is_a_connect_error() -> None:
     (port,) = free_ports(1)
     pool = UpstreamPool(f"http://127.0.0.1:{port}", connect_timeout_s=1)
