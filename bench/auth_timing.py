@@ -3,15 +3,15 @@
 
 What it does
     Opens a real SQLite key store and the server's keyring (envelope-encrypted pepper) in a temp
-    dir, issues one user key, then calls `authn.authenticate` -- with the server's key cache, as
+    dir, issues 50 user keys, then calls `authn.authenticate` -- with the server's key cache, as
     `serve` runs it -- with two kinds of well-formed keys (valid checksum), interleaved so both
     see the same machine state:
 
       unknown id     a key id the store has never seen
-      wrong secret   the issued key's id with another secret
+      wrong secret   the last issued key's id with another secret
 
     Both must fail with the same 401; the attacker's question is whether one takes longer. A
-    third row, the issued key itself (a success, uncached), is the baseline for scale.
+    third row, that key itself (a success, uncached), is the baseline for scale.
 
 What it prints
     Per path: the median, p10 and p90 in microseconds over --tries calls; then the gap between
@@ -46,6 +46,7 @@ from proxy.steps.authn import authenticate  # noqa: E402
 from proxy.store.sqlite import SqliteStore  # noqa: E402
 
 TARGET_US = 5.0
+KEYS = 50
 CLIENT_IP = "127.0.0.1"
 
 
@@ -65,8 +66,10 @@ async def measure(tries: int, rounds: int) -> dict[str, Any]:
         store = await SqliteStore.open(store_path(data_dir))
         keyring = await open_keyring(settings, data_dir, store)
         try:
-            rec, token = await issue_key(store, keyring.pepper, tier="user", owner="bench", roles=("user",),
-                                         expires_in_s=86400, now=time.time())
+            # A store with some keys in it: the one an unknown id stands in for is not the one probed.
+            issued = [await issue_key(store, keyring.pepper, tier="user", owner=f"bench{i}", roles=("user",),
+                                      expires_in_s=86400, now=time.time()) for i in range(KEYS)]
+            rec, token = issued[-1]
             cache = KeyCache.from_settings(settings.auth)
             samples: dict[str, list[float]] = {"unknown id": [], "wrong secret": [], "valid key (uncached)": []}
 

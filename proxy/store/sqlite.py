@@ -58,24 +58,19 @@ _COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_ci
 # Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
 _ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"))
 
-# An unknown key id gets one decoy row (key_id '', which no key has) in place of its chain: it is
-# fetched and converted like a real one, so the answer time does not tell whether the id exists.
-# Its values are as long as a typical key's, so even copying the row costs the same.
-_DECOY_ROW = ("'', '" + "0" * 64 + "', 'user', 'decoy-owner', '[\"user\"]', '{}', '[]', '[]', NULL, "
-              "'sgk_000000000000', '0000', 0, NULL, NULL, '{}', 1")
+# An unknown key id reads the chain of a real key instead (the first top-level one), which get_chain
+# then drops: the same lookups, the same row read and converted, so the answer time does not tell
+# whether the id exists.
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain(id, depth) AS (
-    SELECT :key_id, 0
+    SELECT COALESCE((SELECT key_id FROM keys WHERE key_id = :key_id),
+                    (SELECT key_id FROM keys WHERE parent_id IS NULL LIMIT 1)), 0
     UNION ALL
     SELECT k.parent_id, chain.depth + 1 FROM keys k JOIN chain ON k.key_id = chain.id
     WHERE k.parent_id IS NOT NULL AND chain.depth < {MAX_DEPTH}
 )
-SELECT * FROM (
-    SELECT {", ".join("k." + c.strip() for c in _COLUMNS.split(","))}
-    FROM chain JOIN keys k ON k.key_id = chain.id ORDER BY chain.depth
-)
-UNION ALL
-SELECT {_DECOY_ROW} WHERE NOT EXISTS (SELECT 1 FROM keys WHERE key_id = :key_id)
+SELECT {", ".join("k." + c.strip() for c in _COLUMNS.split(","))}
+FROM chain JOIN keys k ON k.key_id = chain.id ORDER BY chain.depth
 """
 
 # The CTE sits inside the subquery: with a leading WITH, sqlite3 reports rowcount -1.
@@ -277,8 +272,8 @@ class SqliteStore:
             async with self._db.execute(_CHAIN_SQL, {"key_id": key_id}) as cur:
                 rows = await cur.fetchall()
             chain = [_from_row(r) for r in rows]
-            if chain and chain[0].key_id == "":
-                return []   # the decoy
+            if chain and chain[0].key_id != key_id:
+                return []   # the stand-in chain read for an unknown id
             if len({r.key_id for r in chain}) != len(chain):
                 raise ValueError(f"parent cycle above key {key_id!r}")
             return chain
