@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import NotFound
-from proxy.frontend.http import route_path
+from proxy.context import RequestContext, Resource
+from proxy.errors import BadRequest, NotFound
+from proxy.frontend.http import body_view, route_path
 from proxy.upstream.forward import response_headers, upstream_headers
 
 
@@ -42,3 +44,14 @@ def test_response_headers_drop_hop_by_hop_those_connection_names_and_what_aiohtt
     ]))
     out = response_headers(upstream)
     assert sorted(out) == ["Content-Type", "Inference-Header-Content-Length", "X-Kept"]
+
+
+def test_an_inference_route_without_a_body_view_is_refused() -> None:
+    """Should classify ever mark another route as infer, its body is refused, never forwarded unread."""
+    ctx = RequestContext(request_id="r", client_ip="127.0.0.1")
+    ctx.resource = Resource("model:m", "infer", model="m")
+    request = make_mocked_request("POST", "/v2/models/m/embed")
+    with pytest.raises(BadRequest, match="no view for inference route"):
+        body_view(request, ctx, "/v2/models/m/embed", b'{"parameters": {"shared_memory_region": "r"}}', 1 << 20)
+    ctx.resource = Resource("model:m", "read", model="m")   # not an inference: only the size is capped
+    assert body_view(request, ctx, "/v2/models/m/embed", b"{}", 1 << 20).parameters == ()
