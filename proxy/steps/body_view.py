@@ -16,7 +16,7 @@ read exactly as Triton would is refused (`BadRequest`), never waved through unch
   or does not fit the body, and binary tensor sizes that do not add up to the bytes sent;
 - a `max_tokens` that is not an integer in its datatype's range (Triton wraps 2**32 + 200 to 200).
 
-Probed against tritonserver 2.51 (tests/test_body_view_triton.py keeps the two in step).
+Probed against tritonserver 2.51 (tests/steps/test_body_view_triton.py keeps the two in step).
 """
 
 from __future__ import annotations
@@ -101,8 +101,11 @@ def decode(body: bytes, content_encodings: list[str], kind: str, limit: int) -> 
     out: list[bytes] = []
     size, data = 0, body
     try:
-        while data and not decoder.eof:
+        while not decoder.eof:
+            # Called again with nothing left to feed, it still hands out what it holds back.
             chunk = decoder.decompress(data, DECODE_STEP)
+            if not chunk and not data:
+                break   # all input read, the stream not ended: truncated
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"body_too_large: decoded over {limit}")

@@ -11,7 +11,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from proxy.steps.body_view import EMPTY, BodyView, Parameter, decode, parse_json, route_kind, view_grpc, view_http
+from proxy.steps.body_view import DECODE_STEP, EMPTY, BodyView, Parameter, decode, parse_json, route_kind, view_grpc, view_http
 
 CAP = 1 << 20
 
@@ -77,6 +77,14 @@ def test_compressed_bodies_that_two_inflaters_could_read_differently_are_refused
     raw_deflate = zlib.compressobj(wbits=-15)
     refused("malformed_compressed_body", decode, raw_deflate.compress(b"{}") + raw_deflate.flush(),
             ["deflate"], "infer", CAP)
+
+
+@pytest.mark.parametrize("size", [DECODE_STEP - 1, DECODE_STEP, DECODE_STEP + 1, 10 * DECODE_STEP, 900_000])
+def test_decode_inflates_in_steps_to_the_last_byte(size: int) -> None:
+    """Output is taken DECODE_STEP at a time: what the inflater holds back after the last input byte counts."""
+    raw = b"a" * size
+    assert decode(gzip.compress(raw), ["gzip"], "infer", CAP) == raw
+    assert decode(zlib.compress(raw), ["deflate"], "infer", CAP) == raw
 
 
 def test_a_compression_bomb_stops_at_the_cap() -> None:
