@@ -11,7 +11,17 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from proxy.steps.body_view import DECODE_STEP, EMPTY, BodyView, Parameter, decode, parse_json, route_kind, view_grpc, view_http
+from proxy.steps.body_view import (
+    DECODE_STEP,
+    EMPTY,
+    BodyView,
+    Parameter,
+    decode,
+    parse_json,
+    route_kind,
+    view_grpc,
+    view_http,
+)
 
 CAP = 1 << 20
 
