@@ -46,6 +46,19 @@ class Resource:
     stream: bool = False           # generate_stream / ModelStreamInfer
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCert:
+    """The client certificate of an mTLS connection: policies read its identities, audit its fingerprint."""
+
+    fingerprint: str               # SHA-256 of the DER certificate, hex
+    subject: str                   # RFC 4514, e.g. "CN=billing,O=example"
+    sans: tuple[str, ...] = ()     # subject alternative names: URIs (SPIFFE ids), DNS names, IPs, emails
+
+    def identities(self) -> tuple[str, ...]:
+        """What a policy's environment.client_certs may name: the subject or any SAN."""
+        return (self.subject, *self.sans)
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One per request; every step fills in its part, audit reads all of it."""
@@ -67,6 +80,7 @@ class RequestContext:
     input_tokens: int | None = None
     output_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    peer_cert: PeerCert | None = None   # mTLS: the verified client certificate
     limit_grant: Any = None        # the limits.Grant of an admitted request; finish settles it
 
     def elapsed_ms(self) -> float:

@@ -158,6 +158,11 @@ class Metrics:
         self.policy_reload_errors = Counter(
             "seekgate_policy_reload_errors",
             "Policy reloads rejected; the last good policy stays in force.", registry=r)
+        self.tls_reloads = Counter("seekgate_tls_reloads",
+                                   "TLS certificates reloaded from renewed files.", registry=r)
+        self.tls_reload_errors = Counter(
+            "seekgate_tls_reload_errors",
+            "TLS certificate reloads rejected (a broken file); the certificate in force stays.", registry=r)
         # multiprocess_mode: how `serve --workers N` folds the workers' values into one series.
         self.policy_version = Gauge("seekgate_policy_version",
                                     "Version of the policy in force.", registry=r, multiprocess_mode="livemax")
@@ -250,6 +255,12 @@ class Metrics:
 
     def policy_reload_failed(self) -> None:
         self.policy_reload_errors.inc()
+
+    def tls_reloaded(self) -> None:
+        self.tls_reloads.inc()
+
+    def tls_reload_failed(self, _message: str = "") -> None:
+        self.tls_reload_errors.inc()
 
     def audit_write_failed(self) -> None:
         self.audit_write_errors.inc()

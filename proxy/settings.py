@@ -41,6 +41,16 @@ class ServerSettings:
     shutdown_delay_s: float = _help("On SIGTERM, seconds readiness answers 503 while requests are still "
                                     "taken, so load balancers move away first", 0.0)
     drain_timeout_s: float = _help("On SIGTERM, seconds in-flight requests and streams get to finish", 30.0)
+    tls_cert_file: str = _help("PEM certificate (a chain allowed) of the HTTP, gRPC and metrics listeners; "
+                               "'' = plaintext, allowed only on loopback unless insecure_plaintext", "")
+    tls_key_file: str = _help("PEM private key of tls_cert_file", "")
+    tls_client_ca_file: str = _help("PEM CA bundle: when set, every client must present a certificate it "
+                                    "signed (mTLS); its identity is a policy attribute and in the audit", "")
+    tls_min_version: str = _help("Lowest TLS version accepted: 1.3, or 1.2 (1.3 still preferred)", "1.3")
+    tls_reload_interval_s: float = _help("Seconds between checks of the TLS files for a renewed certificate "
+                                         "(a broken new file keeps the old one in force)", 2.0)
+    insecure_plaintext: bool = _help("Serve plaintext on a non-loopback address (keys cross the network in "
+                                     "clear); logged at every start", False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,11 @@ class UpstreamSettings:
                                      "last byte of Triton's answer (streams included)", 300.0)
     idle_timeout_s: float = _help("Seconds Triton may go without sending a byte of its answer", 300.0)
     pool_size: int = _help("Most concurrent connections to Triton", 100)
+    ca_file: str = _help("PEM CA bundle that verifies Triton's certificate (https:// http_url, grpc_tls); "
+                         "'' = the system's trust store", "")
+    grpc_tls: bool = _help("Reach grpc_target over TLS (a Triton not on loopback)", False)
+    redact_errors: bool = _help("Replace the bodies of Triton's 5xx answers with a generic error (the audit "
+                                "record keeps Triton's message); off: Triton's answers pass unchanged", False)
 
 
 @dataclass(frozen=True)
@@ -312,7 +327,7 @@ def _build(cls: type, raw: Mapping[str, Any], errors: list[str], prefix: str = "
 _PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
           "triton.http_port", "triton.grpc_port", "triton.metrics_port")
 _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
-             "server.workers", "server.drain_timeout_s",
+             "server.workers", "server.drain_timeout_s", "server.tls_reload_interval_s",
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
@@ -382,6 +397,7 @@ def validate(settings: Settings) -> list[str]:
     if not (math.isfinite(ttl) and 1 <= ttl <= SESSION_MAX_TTL_S):
         errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
     errors += _validate_crypto(settings.crypto)
+    errors += _validate_tls(settings.server)
     try:
         parse_role_caps(settings.limits.max_tokens_by_role)
     except ValueError as exc:
@@ -397,6 +413,18 @@ _PARAMETER_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 KEK_PROVIDERS = ("file", "pkcs11", "vault")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _validate_tls(s: ServerSettings) -> list[str]:
+    errors = []
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        errors.append("server.tls_cert_file, server.tls_key_file: set both or neither")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        errors.append("server.tls_client_ca_file: needs server.tls_cert_file (mTLS is TLS first)")
+    if s.tls_min_version not in TLS_VERSIONS:
+        errors.append(f"server.tls_min_version: must be one of {', '.join(TLS_VERSIONS)}, got {s.tls_min_version!r}")
+    return errors
 
 
 def _validate_crypto(c: CryptoSettings) -> list[str]:

@@ -230,3 +230,15 @@ def test_help_lists_every_setting_with_default_and_env_var() -> None:
         assert f"{path} = " in text and env_var(path) in text
     assert "server.http_port = 8000  [SEEKGATE_SERVER_HTTP_PORT]" in text
     assert env_var("data_dir") == "SEEKGATE_DATA_DIR"
+
+
+def test_tls_settings_are_checked_together() -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, env={"SEEKGATE_SERVER_TLS_CERT_FILE": "/c.pem",
+                                 "SEEKGATE_SERVER_TLS_MIN_VERSION": "1.1"})
+    assert any("tls_key_file: set both or neither" in e for e in err.value.errors)
+    assert any("server.tls_min_version: must be one of 1.2, 1.3" in e for e in err.value.errors)
+    with pytest.raises(SettingsError, match="tls_client_ca_file: needs server.tls_cert_file"):
+        load_settings(None, env={"SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": "/ca.pem"})
+    s = load_settings(None, env={"SEEKGATE_UPSTREAM_REDACT_ERRORS": "true", "SEEKGATE_SERVER_INSECURE_PLAINTEXT": "1"})
+    assert s.upstream.redact_errors and s.server.insecure_plaintext and s.server.tls_min_version == "1.3"

@@ -61,6 +61,10 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         # Whose subtree this principal is in: the leak report finds a leaked key's sessions by it.
         "parent_key_ids": list(p.parents) if p and p.parents else None,
     }
+    if ctx.peer_cert is not None:
+        # mTLS: which certificate carried the request (the fingerprint pins it; subject and SANs name it).
+        c = ctx.peer_cert
+        record["client_cert"] = {"fingerprint": c.fingerprint, "subject": c.subject, "sans": list(c.sans)}
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
         # before/after: the public views of the key records it changed (admin/keys.py), never a secret or hash.

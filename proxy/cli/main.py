@@ -25,6 +25,7 @@ from ..store.sqlite import SqliteStore
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .common import DEFAULT_CONFIG, CliError, load
 from .crypto import add_crypto_commands
+from .devcert import add_tls_commands
 
 T = TypeVar("T")
 
@@ -321,6 +322,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise CliError(f"--workers: must be 1 or more, got {args.workers}", 2)
         settings = dataclasses.replace(settings, server=dataclasses.replace(settings.server, workers=args.workers))
+    if args.insecure_plaintext:
+        settings = dataclasses.replace(settings, server=dataclasses.replace(settings.server, insecure_plaintext=True))
     serve(settings)
     return 0
 
@@ -378,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(sub, "serve", cmd_serve, "run the proxy in the foreground")
     p.add_argument("--workers", type=int, default=None,
                    help="server processes sharing the ports, limits exact across them (default: server.workers)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="serve plaintext on a non-loopback address (server.insecure_plaintext); logged at each start")
     cmd(sub, "triton", cmd_triton, "run the local tritonserver in the foreground")
     add_crypto_commands(sub, cmd)
+    add_tls_commands(sub, cmd)
 
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")

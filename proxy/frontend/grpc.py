@@ -38,8 +38,10 @@ from ..upstream.grpc_forward import (
     model_name_of,
     service_methods,
     token_counts,
+    upstream_channel,
     upstream_metadata,
 )
+from .tls import grpc_peer_cert
 
 log = logging.getLogger("seekgate.grpc")
 
@@ -89,13 +91,15 @@ class GrpcFrontEnd:
         self._upstream: dict[str, Any] = {}   # method path -> multicallable on the shared channel
         self.port = 0
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        """Listen on host:port; `reuse_port` lets the workers of `serve --workers N` share it."""
+    async def start(self, host: str, port: int, reuse_port: bool = False,
+                    credentials: grpc.ServerCredentials | None = None) -> int:
+        """Listen on host:port (over TLS with `credentials`); `reuse_port` lets the workers of
+        `serve --workers N` share it."""
         cap = self.state.settings.server.grpc_max_message_bytes
         caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
         # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
         backoff = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
-        self.channel = grpc.aio.insecure_channel(self.state.settings.upstream.grpc_target, options=caps + backoff)
+        self.channel = upstream_channel(self.state.settings.upstream, caps + backoff)
         handlers: dict[str, grpc.RpcMethodHandler] = {}
         for m in self.methods.values():
             self._upstream[m.path] = (self.channel.stream_stream(m.path) if m.streaming
@@ -112,7 +116,8 @@ class GrpcFrontEnd:
             grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
                 "Check": grpc.unary_unary_rpc_method_handler(self._health)}),
         ))
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = (self.server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+                     else self.server.add_insecure_port(f"{host}:{port}"))
         await self.server.start()
         log.info("seekgate gRPC listening on %s:%d -> %s", host, self.port, self.state.settings.upstream.grpc_target)
         return self.port
@@ -319,8 +324,11 @@ class GrpcFrontEnd:
     # ------------------------------------------------------------------ shared pieces
 
     def _context(self, context: grpc.aio.ServicerContext, path: str) -> RequestContext:
-        return RequestContext(request_id=new_id(), client_ip=client_ip(context.peer()),
-                              protocol="grpc", method="POST", path=path)
+        ctx = RequestContext(request_id=new_id(), client_ip=client_ip(context.peer()),
+                             protocol="grpc", method="POST", path=path)
+        if self.state.settings.server.tls_client_ca_file:   # mTLS: verified in the handshake
+            ctx.peer_cert = grpc_peer_cert(context)
+        return ctx
 
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
         metadata = upstream_metadata(context.invocation_metadata())

@@ -26,7 +26,7 @@ from ..keys.secrets_setup import open_keyring
 from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
 from ..paths import store_path
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from ..state.limits import LocalLimiter
 from ..state.shared_limiter import SocketLimiter
 from ..steps.app_state import CTX, STATE, AppState
@@ -42,6 +42,7 @@ from ..upstream.pool import UpstreamError, UpstreamPool
 from .grpc import GrpcFrontEnd
 from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
 from .listener import ListeningSocket, quiesce
+from .tls import ServerTls, http_peer_cert, plaintext_refusal, tls_enabled
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
@@ -63,6 +64,8 @@ async def request_path(request: web.Request) -> web.StreamResponse:
     """
     state = request.app[STATE]
     ctx = new_context(request)
+    if state.settings.server.tls_client_ca_file:   # mTLS: the handshake verified it; policy and audit read it
+        ctx.peer_cert = http_peer_cert(request.transport)
     request[CTX] = ctx
     try:
         response = await answer(request, state, ctx)
@@ -115,7 +118,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         raw_query = request.raw_path.partition("?")[2]
         path_qs = path + ("?" + raw_query if raw_query else "")
         return await forward(request, ctx, state.upstream, path_qs, body, server_timing(ctx),
-                             (lambda: commit_audit(state, ctx)) if state.audit.strict else None)
+                             (lambda: commit_audit(state, ctx)) if state.audit.strict else None,
+                             redact_errors=state.settings.upstream.redact_errors)
     except SeekgateError as err:
         response = await refused(state, ctx, err)
         if closes_connection(err):
@@ -272,7 +276,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
         # Every request seekgate forwards carries the key to Triton's restricted APIs: seekgate has
         # authorised it, so a deployment can restrict every category but health to seekgate alone.
         pool = UpstreamPool(up.http_url, up.pool_size, up.connect_timeout_s, up.idle_timeout_s,
-                            up.request_timeout_s, ((INTERNAL_HEADER, internal_key),) if internal_key else ())
+                            up.request_timeout_s, ((INTERNAL_HEADER, internal_key),) if internal_key else (),
+                            ca_file=up.ca_file)
         models_known = await refresh_models(pool, metrics.set_known_models)
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, pool, internal_key,
@@ -373,6 +378,8 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
     ctx = request.get(CTX)
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
+    # aiohttp would name itself and its version (Server: Python/3.11 aiohttp/...); nothing to advertise.
+    response.headers["Server"] = "seekgate"
     if request.app[STATE].draining:
         response.force_close()
         response.headers["Connection"] = "close"   # the headers were built before this hook runs
@@ -401,18 +408,30 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
     flushed and fsynced.
     """
     s = settings.server
+    refusal = plaintext_refusal(s)
+    if refusal is not None:   # secure by default: checked before anything binds
+        raise SettingsError([refusal])
+    if not tls_enabled(s) and s.insecure_plaintext:
+        log.warning("server.insecure_plaintext: serving plaintext on %s; API keys cross the network in clear", s.host)
     app = build_app(settings, worker)
     # Bodies and binary tensors pass through untouched: no server-side decompression.
     # GuardedRunner: a header-read deadline aiohttp lacks, and parser errors in Triton's format.
     runner = GuardedRunner(app, header_timeout_s=s.read_timeout_s, auto_decompress=False, access_log=None,
                            shutdown_timeout=s.drain_timeout_s)
     await runner.setup()
-    sites = [web.TCPSite(runner, s.host, s.http_port, reuse_port=worker is not None)]
+    state = runner.app[STATE]   # the cleanup_ctx has built the state by now
+    try:
+        tls = ServerTls(s, state.metrics.tls_reloaded, state.metrics.tls_reload_failed) if tls_enabled(s) else None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    ssl_context = tls.context if tls else None
+    sites = [web.TCPSite(runner, s.host, s.http_port, reuse_port=worker is not None, ssl_context=ssl_context)]
     metrics_runner = None
     if worker is None:   # under --workers the supervisor serves the metrics of all of them
         metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
         await metrics_runner.setup()
-        sites.append(web.TCPSite(metrics_runner, s.host, s.metrics_port))
+        sites.append(web.TCPSite(metrics_runner, s.host, s.metrics_port, ssl_context=ssl_context))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -420,15 +439,19 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    state = runner.app[STATE]   # the cleanup_ctx has built the state by now
     state.grpc_stopped = asyncio.Event()
     grpc_front = GrpcFrontEnd(state)
+    reload_tls = asyncio.create_task(tls.watch()) if tls else None
     try:
-        await grpc_front.start(s.host, s.grpc_port, reuse_port=worker is not None)
+        await grpc_front.start(s.host, s.grpc_port, reuse_port=worker is not None,
+                               credentials=tls.grpc_credentials() if tls else None)
         for site in sites:
             await site.start()
-        log.info("seekgate%s listening on http://%s:%d, grpc :%d%s", f" worker {worker.index}" if worker else "",
-                 s.host, s.http_port, s.grpc_port, "" if worker else f", metrics :{s.metrics_port}")
+        log.info("seekgate%s listening on %s://%s:%d, grpc :%d%s%s", f" worker {worker.index}" if worker else "",
+                 "https" if tls else "http", s.host, s.http_port, s.grpc_port,
+                 "" if worker else f", metrics :{s.metrics_port}",
+                 f" (TLS {s.tls_min_version}+{', client certificates required' if s.tls_client_ca_file else ''})"
+                 if tls else " (plaintext)")
         if freeze_heap:
             freeze_startup_heap()
         if ready is not None:
@@ -439,6 +462,9 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
         if s.shutdown_delay_s:
             await asyncio.sleep(s.shutdown_delay_s)
     finally:
+        if reload_tls is not None:
+            reload_tls.cancel()
+
         async def stop_grpc() -> None:
             try:
                 await grpc_front.stop(grace=s.drain_timeout_s)

@@ -29,11 +29,12 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from ..state.limits import LocalLimiter
 from ..state.shared_limiter import LimiterServer
 from ..store.budgets import BudgetStore, budget_store_path
 from .http import install_uvloop, run
+from .tls import build_context, plaintext_refusal, tls_enabled
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.workers")
@@ -172,8 +173,13 @@ async def supervise(settings: Settings, ready: asyncio.Event | None = None,
             pass
     metrics_runner = web.AppRunner(sup.metrics_app(), access_log=None)
     await metrics_runner.setup()
+    # The workers reload their own TLS files; the supervisor's metrics listener is served with the
+    # certificate in force at its start.
+    metrics_tls = build_context(settings.server, settings.server.tls_cert_file, settings.server.tls_key_file) \
+        if tls_enabled(settings.server) else None
     try:
-        await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port).start()
+        await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port,
+                          ssl_context=metrics_tls).start()
         await sup.start_workers()
         log.info("seekgate: %d workers on http://%s:%d, grpc :%d, metrics :%d", settings.server.workers,
                  settings.server.host, settings.server.http_port, settings.server.grpc_port,
@@ -207,6 +213,9 @@ def serve_workers(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     """Blocking entry point for `seekgate serve`; `server.workers` > 1 hands over to the supervisor."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    refusal = plaintext_refusal(settings.server)
+    if refusal is not None:   # secure by default, before any worker starts
+        raise SettingsError([refusal])
     if settings.server.workers > 1:
         serve_workers(settings)
         return

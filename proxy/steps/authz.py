@@ -52,14 +52,15 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Env:
-    """The request environment a rule may test: client address and UTC minute of day."""
+    """The request environment a rule may test: client address, UTC minute of day, client certificate."""
 
     ip: IPAddress | None
     minute: int
+    certs: tuple[str, ...] = ()   # the identities of the mTLS client certificate (PeerCert.identities)
 
     @classmethod
-    def at(cls, client_ip: str, now: datetime) -> Env:
-        return cls(_parse_ip(client_ip), _minute_of_day(now))
+    def at(cls, client_ip: str, now: datetime, certs: tuple[str, ...] = ()) -> Env:
+        return cls(_parse_ip(client_ip), _minute_of_day(now), certs)
 
 
 def _minute_of_day(now: datetime) -> int:
@@ -107,6 +108,8 @@ def env_matches(cond: EnvCond, env: Env) -> bool:
         return False
     if cond.hours and not any(_in_hours(s, e, env.minute) for s, e in cond.hours):
         return False
+    if cond.client_certs and not any(c in env.certs for c in cond.client_certs):
+        return False   # no certificate (plain TLS, gRPC without mTLS) matches no client_certs condition
     return True
 
 
@@ -187,6 +190,7 @@ class _Loaded:
     # the memo key, so one decision serves every address and every minute.
     uses_ip: bool = False
     uses_time: bool = False
+    uses_certs: bool = False
     minute_class: tuple[int, ...] = ()   # minute of day -> which time windows hold (_minute_classes)
     rule_limits: dict[str, Limits] = field(default_factory=dict)   # rule id -> what it imposes
 
@@ -195,6 +199,7 @@ class _Loaded:
         return cls(policy, build_enforcer(policy), version,
                    uses_ip=any(r.environment.client_ips for r in policy.rules),
                    uses_time=any(r.environment.hours for r in policy.rules),
+                   uses_certs=any(r.environment.client_certs for r in policy.rules),
                    minute_class=_minute_classes(policy),
                    rule_limits={r.id: Limits(**dict(r.limits)) for r in policy.rules if r.limits})
 
@@ -243,8 +248,9 @@ class Authorizer:
         self.install(load_policy_dir(Path(path)))
 
     def authorize(self, principal: Principal, resource: Resource, client_ip: str,
-                  now: datetime) -> Decision:
-        """Decide (principal, resource, action) in the environment (client_ip, now in UTC)."""
+                  now: datetime, certs: tuple[str, ...] = ()) -> Decision:
+        """Decide (principal, resource, action) in the environment (client_ip, now in UTC, the
+        identities of the client certificate)."""
         state, p = self._state, principal
         minute_class = state.minute_class[_minute_of_day(now)] if state.uses_time else None
         if minute_class is not None and state.cache and next(reversed(state.cache))[-1] != minute_class:
@@ -255,13 +261,14 @@ class Authorizer:
         # Everything a rule can read, and nothing else (not the key id: keys alike share an
         # entry). Extend this key with any new condition.
         key = (p.tier, p.owner, p.roles, tuple(sorted(p.labels.items())), p.models,
-               resource.resource, resource.action, client_ip if state.uses_ip else None, minute_class)
+               resource.resource, resource.action, client_ip if state.uses_ip else None,
+               certs if state.uses_certs else None, minute_class)   # minute_class last: read above
         decision = state.cache.get(key)
         if decision is not None:
             state.cache.move_to_end(key)
             return decision
         allowed, explain = state.enforcer.enforce_ex(p, resource.resource, resource.action,
-                                                     Env.at(client_ip, now))
+                                                     Env.at(client_ip, now, certs))
         if not explain or (not allowed and explain[4] != "deny"):
             decision = Decision(False, DEFAULT_DENY)
         else:

@@ -44,7 +44,8 @@ async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
 def authorize(state: AppState, ctx: RequestContext, resource: Resource) -> None:
     """The policy decision for one resource; also used per message on gRPC streams."""
     assert ctx.principal is not None
-    decision = state.authorizer.authorize(ctx.principal, resource, ctx.client_ip, datetime.now(timezone.utc))
+    certs = ctx.peer_cert.identities() if ctx.peer_cert is not None else ()
+    decision = state.authorizer.authorize(ctx.principal, resource, ctx.client_ip, datetime.now(timezone.utc), certs)
     ctx.rule = decision.rule
     if not decision.allowed:
         raise Forbidden("policy_denied")

@@ -27,7 +27,7 @@ DEFAULT_DENY = "default_deny"
 _RULE_KEYS = {"id", "effect", "description", "subject", "resources", "actions", "environment", "limits"}
 _SUBJECT_LISTS = ("roles", "not_roles", "tiers", "owners")
 _SUBJECT_KEYS = {*_SUBJECT_LISTS, "labels", "key_may_use_model"}
-_ENV_KEYS = {"client_ips", "hours"}
+_ENV_KEYS = {"client_ips", "hours", "client_certs"}
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _GLOB_RE = re.compile(r"^[A-Za-z0-9_.:*?\[\]!/-]+$")
 _HOURS_RE = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
@@ -57,6 +57,9 @@ class SubjectCond:
 class EnvCond:
     client_ips: tuple[IPNetwork, ...] = ()
     hours: tuple[tuple[int, int], ...] = ()  # [start, end) in minutes; start > end wraps midnight
+    # mTLS: the request's client certificate has one of these identities, its subject (RFC 4514,
+    # "CN=billing,O=example") or a SAN as OpenSSL spells it ("URI:spiffe://example.org/billing").
+    client_certs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +276,11 @@ class _Checker:
                              "(expected HH:MM-HH:MM in UTC, start != end, end may be 24:00)")
                 else:
                     hours.append(rng)
-        return EnvCond(tuple(nets), tuple(hours))
+        certs: tuple[str, ...] = ()
+        if "client_certs" in raw:
+            certs = self.strings(raw["client_certs"], "environment.client_certs",
+                                 _key_line(raw, "client_certs", line))
+        return EnvCond(tuple(nets), tuple(hours), certs)
 
 
 def _valid_resource_pattern(pat: str) -> bool:

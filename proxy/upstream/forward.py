@@ -30,7 +30,7 @@ _RESPONSE_SKIP = HOP_BY_HOP | _RESPONSE_DROPPED
 BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to this size
 # A plain answer up to this size is read whole and sent in one write; larger ones are streamed.
 WHOLE_LIMIT = 64 * 1024
-UPSTREAM_ERROR_KEPT = 512  # bytes of a Triton 5xx body kept, in the audit reason only
+UPSTREAM_ERROR_KEPT = 512  # bytes of a Triton 5xx body kept in the audit reason
 BeforeSend = Callable[[], Awaitable[None]]
 
 
@@ -56,7 +56,8 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool, path_qs: str, body: bytes,
-                  server_timing: str, before_send: BeforeSend | None = None) -> web.StreamResponse:
+                  server_timing: str, before_send: BeforeSend | None = None,
+                  redact_errors: bool = False) -> web.StreamResponse:
     """Sends the request to Triton and streams the answer, event by event for SSE.
 
     `before_send` (strict audit) runs once the response is known and before it is complete on the
@@ -64,6 +65,10 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
     client gets nothing until the record is durable; an SSE stream is relayed event by event
     and the terminating chunk waits for it (holding events back would stall every token).
     If it raises, a plain response becomes that error; a stream is cut without its end.
+
+    Triton's answers pass unchanged, its errors included (a client reads Triton's message and
+    Content-Type); `redact_errors` (upstream.redact_errors) replaces the bodies of its 5xx answers.
+    The audit record keeps the start of Triton's error message either way.
     """
     headers = upstream_headers(request.headers)
     started = time.perf_counter()
@@ -79,13 +84,13 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
         raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
     ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
     try:
-        return await _relay(request, ctx, upstream, server_timing, before_send)
+        return await _relay(request, ctx, upstream, server_timing, before_send, redact_errors)
     finally:
         upstream.release()
 
 
 async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamResponse,
-                 server_timing: str, before_send: BeforeSend | None) -> web.StreamResponse:
+                 server_timing: str, before_send: BeforeSend | None, redact_errors: bool) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     headers["Server-Timing"] = (f"{server_timing}, "
                                 f"upstream;dur={ctx.upstream_ms:.3f};desc=\"time to Triton's response headers\"")
@@ -100,7 +105,7 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
         # Only seekgate's own headers: nothing of Triton's redirect (its Location least of all) goes out.
         return web.json_response({"error": "unexpected redirect from inference server"}, status=502,
                                  headers={"Server-Timing": headers["Server-Timing"], "X-Request-Id": ctx.request_id})
-    if upstream.status >= 500:
+    if upstream.status >= 500 and redact_errors:
         return await _generic_error(ctx, upstream, headers, before_send)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     want_counts = ctx.resource is not None and ctx.resource.action == "infer"
@@ -145,6 +150,8 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
             except ConnectionError:
                 ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
                 break
+            if upstream.status >= 500 and not ctx.reason:
+                _upstream_error(ctx, chunk)
             if counter is not None:
                 counter.feed(chunk)
             elif want_counts and kept_size < BUFFERED_LIMIT:
@@ -196,7 +203,9 @@ async def _relay_whole(ctx: RequestContext, upstream: UpstreamResponse, headers:
 
 def _whole(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str], body: bytes,
            want_counts: bool) -> web.Response:
-    """The answer with its whole body, token counts read from it onto ctx."""
+    """The answer with its whole body, token counts (or Triton's error) read from it onto ctx."""
+    if upstream.status >= 500:
+        _upstream_error(ctx, body)
     if want_counts and upstream.status == 200 and len(body) < BUFFERED_LIMIT:
         _count(ctx, body, upstream.headers)
     return web.Response(body=body, status=upstream.status, reason=upstream.reason, headers=headers)
@@ -210,15 +219,20 @@ async def _body(first: bytes, upstream: UpstreamResponse) -> AsyncIterator[bytes
         yield chunk
 
 
+def _upstream_error(ctx: RequestContext, body: bytes) -> None:
+    """A Triton 5xx: an error in the audit record, with the start of Triton's own message."""
+    ctx.status, ctx.reason = "error", "upstream_error: " + body[:UPSTREAM_ERROR_KEPT].decode("utf-8", "replace")
+
+
 async def _generic_error(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str],
                          before_send: BeforeSend | None) -> web.Response:
-    """Triton's 5xx bodies may carry stack traces and file paths: the client gets a generic error
-    (same status), the audit record the start of the original. 4xx bodies pass: clients need them."""
+    """upstream.redact_errors: Triton's 5xx bodies may carry stack traces and file paths, so the client
+    gets a generic error (same status), the audit record the start of the original. 4xx bodies pass."""
     try:
         original = await upstream.read_upto(UPSTREAM_ERROR_KEPT)
     except upstream_http.UpstreamError:
         original = b""
-    ctx.status, ctx.reason = "error", "upstream_error: " + original.decode("utf-8", "replace")
+    _upstream_error(ctx, original)
     if before_send is not None:
         await before_send()
     kept = {k: headers[k] for k in ("X-Request-Id", "Server-Timing", "Retry-After") if k in headers}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2
 
+from ..settings import UpstreamSettings
 from .forward import _DROPPED_PREFIXES
 
 GRPC_SERVICE = "inference.GRPCInferenceService"
@@ -24,6 +26,16 @@ _DROPPED_KEY_PREFIXES = (":", "grpc-", *_DROPPED_PREFIXES)
 _NAME_IS_MODEL = frozenset({"ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"})
 _TOKEN_OUTPUTS = ("input_tokens", "output_tokens")
 _INT_FORMATS = {"INT32": "<i", "INT64": "<q", "UINT32": "<I", "UINT64": "<Q"}
+
+
+def upstream_channel(up: UpstreamSettings, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    """The one channel to Triton's gRPC endpoint: TLS (verified by up.ca_file or the system's store)
+    with upstream.grpc_tls, else plaintext for a Triton on loopback."""
+    if not up.grpc_tls:
+        return grpc.aio.insecure_channel(up.grpc_target, options=options)
+    roots = Path(up.ca_file).read_bytes() if up.ca_file else None
+    return grpc.aio.secure_channel(up.grpc_target, grpc.ssl_channel_credentials(root_certificates=roots),
+                                   options=options)
 
 
 @dataclass(frozen=True)

@@ -303,13 +303,15 @@ class UpstreamPool:
 
     def __init__(self, url: str, limit: int = 100, connect_timeout_s: float = 2.0,
                  read_timeout_s: float = 300.0, total_timeout_s: float = math.inf,
-                 own_headers: Iterable[tuple[str, str]] = ()) -> None:
+                 own_headers: Iterable[tuple[str, str]] = (), ca_file: str = "") -> None:
+        """`ca_file`: the CA bundle that verifies an https:// Triton ('' = the system's trust store)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream URL must be http:// or https://host[:port], not {url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = (ssl.create_default_context(cafile=ca_file or None)
+                                            if parts.scheme == "https" else None)
         self._host_header = parts.netloc.rsplit("@", 1)[-1]
         self._prefix = parts.path.rstrip("/")   # Triton behind a path prefix: prepended to every target
         self._limit = max(1, limit)

@@ -380,13 +380,37 @@ def fake_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     server.shutdown()
 
 
-def test_upstream_5xx_body_is_replaced_and_kept_in_the_audit(fake_gw: Gateway) -> None:
+def test_upstream_5xx_passes_through_byte_for_byte_and_is_kept_in_the_audit(fake_gw: Gateway) -> None:
+    """Fidelity by default: a client reads Triton's own message and Content-Type (upstream.redact_errors off)."""
     _, key = fake_gw.key(owner="oscar")
     status, headers, raw = call(fake_gw.url + GENERATE, "POST", {"text_input": "500"}, key)
-    assert status == 500 and json.loads(raw) == {"error": "inference server error"}
-    assert b"Traceback" not in raw and b"/opt/" not in raw and headers.get("X-Request-Id")
+    assert status == 500 and raw == json.dumps({"error": TRACE.decode()}).encode()
+    assert headers["Content-Type"] == "application/json" and headers.get("X-Request-Id")
+    assert "aiohttp" not in headers.get("Server", "") and "Python" not in headers.get("Server", "")
     assert wait_for(lambda: any("model.py" in r["reason"] and r["request_id"] == headers["X-Request-Id"]
-                                for r in audit_records(fake_gw)), 5), audit_records(fake_gw)[-1:]
+                                and r["status"] == "error" for r in audit_records(fake_gw)), 5), \
+        audit_records(fake_gw)[-1:]
+
+
+def test_upstream_5xx_body_is_replaced_with_redact_errors_and_kept_in_the_audit(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gw = Gateway(tmp_path_factory.mktemp("redact"), f"http://127.0.0.1:{server.server_address[1]}",
+                 free_ports(3), **{"upstream.redact_errors": True}).start()
+    try:
+        _, key = gw.key(owner="oscar")
+        status, headers, raw = call(gw.url + GENERATE, "POST", {"text_input": "500"}, key)
+        assert status == 500 and json.loads(raw) == {"error": "inference server error"}
+        assert b"Traceback" not in raw and b"/opt/" not in raw and headers.get("X-Request-Id")
+        assert wait_for(lambda: any("model.py" in r["reason"] and r["request_id"] == headers["X-Request-Id"]
+                                    for r in audit_records(gw)), 5), audit_records(gw)[-1:]
+        # 4xx bodies pass either way: clients need them.
+        status, _, raw = call(gw.url + GENERATE, "POST", {"text_input": "400"}, key)
+        assert status == 400 and b"unexpected inference input 'bogus'" in raw
+    finally:
+        gw.stop()
+        server.shutdown()
 
 
 def test_upstream_4xx_message_passes_through(fake_gw: Gateway) -> None:

@@ -323,3 +323,16 @@ def test_decision_cache_stays_bounded_and_keeps_the_recently_used() -> None:
     assert len(cache) == authz_module._CACHE_MAX
     assert any(k[1] == "hot-owner" for k in cache)          # used lately: kept
     assert not any(k[1] == "owner0" for k in cache)         # the oldest: evicted
+
+
+def test_client_certs_match_the_subject_or_a_san_and_no_certificate_matches_none() -> None:
+    a = authz(rule("billing-cert", resources=("server",),
+                   environment={"client_certs": ["URI:spiffe://example.org/billing", "CN=ops,O=example"]}))
+    now = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    allowed = a.authorize(USER, Resource("server", "read"), "10.0.0.1", now,
+                          ("CN=billing,O=example", "URI:spiffe://example.org/billing"))
+    assert allowed == Decision(True, "billing-cert")
+    assert a.authorize(USER, Resource("server", "read"), "10.0.0.1", now, ("CN=ops,O=example",)).allowed
+    # Memoised decisions keep certificates apart: another identity, or none, is not served from the cache.
+    for certs in (("URI:spiffe://example.org/ledger",), ()):
+        assert a.authorize(USER, Resource("server", "read"), "10.0.0.1", now, certs) == Decision(False, "default_deny")

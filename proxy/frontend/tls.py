@@ -1,0 +1,188 @@
+"""TLS for the listeners: one server context per process, reloaded in place when its files change.
+
+HTTP and metrics share one `ssl.SSLContext`; gRPC gets credentials fed from the same files. A renewed
+certificate (cert-manager rewrites the files in place) is picked up by polling: the new files are
+read once, checked on a scratch context, then loaded into the live one (`load_cert_chain` on a
+context in use changes what new handshakes present; open connections keep theirs). A broken new
+file keeps the old certificate in force, is logged and counted, like a broken policy file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..context import PeerCert
+from ..settings import ServerSettings
+
+log = logging.getLogger("seekgate.tls")
+
+MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+Stamp = tuple[tuple[int, int, int], ...]
+
+
+def tls_enabled(s: ServerSettings) -> bool:
+    return bool(s.tls_cert_file)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a name: it may resolve to anything
+
+
+def plaintext_refusal(s: ServerSettings) -> str | None:
+    """Why `serve` must not start (secure by default): keys would cross a network in clear."""
+    if tls_enabled(s) or s.insecure_plaintext or is_loopback(s.host):
+        return None
+    return (f"server.host {s.host!r} is not a loopback address and no TLS certificate is set: set "
+            "server.tls_cert_file and server.tls_key_file (seekgate tls dev-cert makes a test pair), or "
+            "accept plaintext explicitly with --insecure-plaintext (server.insecure_plaintext)")
+
+
+def build_context(s: ServerSettings, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context: TLS 1.3 unless 1.2 is asked for, client certificates required with a client CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = MIN_VERSIONS[s.tls_min_version]
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if s.tls_min_version == "1.2":
+        ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")   # forward secrecy and AEAD only
+    ctx.load_cert_chain(cert_file, key_file)
+    if s.tls_client_ca_file:
+        ctx.load_verify_locations(cafile=s.tls_client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class ServerTls:
+    """The listeners' TLS state: the live SSLContext, the gRPC credentials, and their reload."""
+
+    def __init__(self, s: ServerSettings, on_reload: Callable[[], None] = lambda: None,
+                 on_error: Callable[[str], None] = lambda _: None) -> None:
+        self.settings = s
+        self.on_reload, self.on_error = on_reload, on_error
+        self._stamp = self._files_stamp()
+        # A broken file at start stops the start (fail closed), with the error as the message.
+        self.cert_pem, self.key_pem = _read(s.tls_cert_file), _read(s.tls_key_file)
+        self.context = build_context(s, s.tls_cert_file, s.tls_key_file)
+        self.client_ca_pem = _read(s.tls_client_ca_file) if s.tls_client_ca_file else None
+        self._grpc_next: Any = None   # a configuration the gRPC fetcher has yet to hand over
+
+    def _files_stamp(self) -> Stamp:
+        s = self.settings
+        stamps = []
+        for path in (s.tls_cert_file, s.tls_key_file):
+            try:
+                st = os.stat(path)   # follows symlinks: Kubernetes swaps a ..data link on renewal
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def reload_if_changed(self) -> bool:
+        """Loads the files if they changed since the last look; True if a new certificate is in force."""
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        s = self.settings
+        try:
+            cert, key = _read(s.tls_cert_file), _read(s.tls_key_file)
+            # The bytes read once are what is checked and what is loaded: a file rewritten between the
+            # check and the load could otherwise put a certificate beside the wrong key.
+            with tempfile.TemporaryDirectory(prefix="seekgate-tls-") as tmp:
+                cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+                cert_path.write_bytes(cert)
+                key_path.touch(mode=0o600)
+                key_path.write_bytes(key)
+                build_context(s, str(cert_path), str(key_path))   # the check: a scratch context
+                self.context.load_cert_chain(str(cert_path), str(key_path))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            message = f"{s.tls_cert_file}, {s.tls_key_file}: {exc}"
+            log.error("TLS certificate reload failed, keeping the certificate in force: %s", message)
+            self.on_error(message)
+            return False
+        self.cert_pem, self.key_pem = cert, key
+        self._grpc_next = self._grpc_configuration()
+        log.info("TLS certificate reloaded from %s", s.tls_cert_file)
+        self.on_reload()
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tls_reload_interval_s)
+            self.reload_if_changed()
+
+    # ------------------------------------------------------------------ gRPC
+
+    def _grpc_configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration([(self.key_pem, self.cert_pem)],
+                                                         root_certificates=self.client_ca_pem)
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """Credentials whose certificate follows reloads: grpc asks the fetcher before each handshake."""
+        def fetch() -> Any:
+            # Called from grpc's threads; one attribute read and write, no lock needed under the GIL.
+            config, self._grpc_next = self._grpc_next, None
+            return config   # None: keep the current one
+        return grpc.dynamic_ssl_server_credentials(
+            self._grpc_configuration(), fetch, require_client_authentication=self.client_ca_pem is not None)
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+# ------------------------------------------------------------------ the client's certificate
+
+@lru_cache(maxsize=1024)   # clients reconnect with the same certificate; parsing costs ~50 us
+def peer_cert_from_der(der: bytes) -> PeerCert:
+    cert = x509.load_der_x509_certificate(der)
+    return PeerCert(fingerprint=hashlib.sha256(der).hexdigest(), subject=cert.subject.rfc4514_string(),
+                    sans=_sans(cert))
+
+
+def peer_cert_from_pem(pem: bytes) -> PeerCert:
+    return peer_cert_from_der(x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER))
+
+
+def _sans(cert: x509.Certificate) -> tuple[str, ...]:
+    """SANs in OpenSSL's spelling (URI:spiffe://..., DNS:..., IP:..., email:...), as policies name them."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    out = [f"URI:{v}" for v in ext.get_values_for_type(x509.UniformResourceIdentifier)]
+    out += [f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)]
+    out += [f"IP:{v}" for v in ext.get_values_for_type(x509.IPAddress)]
+    out += [f"email:{v}" for v in ext.get_values_for_type(x509.RFC822Name)]
+    return tuple(out)
+
+
+def http_peer_cert(transport: Any) -> PeerCert | None:
+    """The verified client certificate of an aiohttp request's connection, if any."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return peer_cert_from_der(der) if der else None
+
+
+def grpc_peer_cert(context: Any) -> PeerCert | None:
+    """The verified client certificate of a gRPC call, from its auth context, if any."""
+    pems = context.auth_context().get("x509_pem_cert")
+    return peer_cert_from_pem(pems[0]) if pems else None

@@ -1,0 +1,378 @@
+"""TLS on every listener, against the real Triton: versions (openssl, curl), tritonclient over TLS, mTLS, rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.cli.devcert import CLIENT_SPIFFE, make_dev_certs
+from proxy.local.triton import TritonProcess, free_ports
+from tests.gateway import Gateway, audit_records, wait_for
+
+GENERATE = "/v2/models/deepseek/generate"
+STREAM = "/v2/models/deepseek_stream/generate_stream"
+
+
+def tls_overrides(certs: dict[str, Path], mtls: bool = False) -> dict[str, object]:
+    out: dict[str, object] = {"server.tls_cert_file": str(certs["server_cert"]),
+                              "server.tls_key_file": str(certs["server_key"]),
+                              "server.tls_reload_interval_s": 0.2}
+    if mtls:
+        out["server.tls_client_ca_file"] = str(certs["ca"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_dev_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def tls_gw(triton: TritonProcess, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-tls"), triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs)}).start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_gw(triton: TritonProcess, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-mtls"), triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                   **tls_overrides(certs, mtls=True)}).start()
+    yield g
+    g.stop()
+
+
+def client_context(certs: dict[str, Path], client_cert: bool = False) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    if client_cert:
+        ctx.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
+    return ctx
+
+
+def https_call(port: int, ctx: ssl.SSLContext, path: str, key: str | None = None,
+               body: dict[str, object] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        conn.request("POST" if body is not None else "GET", path,
+                     json.dumps(body).encode() if body is not None else None, headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def s_client(port: int, version: str, ca: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", f"-{version}",
+                           "-CAfile", str(ca), "-verify_return_error", "-brief", *extra],
+                          input="", capture_output=True, text=True, errors="replace", timeout=30)
+
+
+def served_fingerprint(port: int) -> str:
+    """SHA-256 of the certificate a new connection to `port` is presented."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # we read it, whoever signed it
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        der = conn.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
+    finally:
+        conn.close()
+
+
+def tls_metric(gw: Gateway, ca: Path, name: str) -> float:
+    """A metric scraped over the metrics listener's TLS."""
+    _, _, body = https_call(gw.settings.server.metrics_port, ssl.create_default_context(cafile=str(ca)), "/metrics")
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples if s.name == name)
+
+
+def fingerprint(pem: Path) -> str:
+    return hashlib.sha256(x509.load_pem_x509_certificate(pem.read_bytes()).public_bytes(Encoding.DER)).hexdigest()
+
+
+# ------------------------------------------------------------------ versions
+
+
+@pytest.mark.parametrize("listener", ["http", "grpc", "metrics"])
+def test_tls13_is_served_and_a_tls12_only_client_is_refused(tls_gw: Gateway, certs: dict[str, Path],
+                                                            listener: str) -> None:
+    s = tls_gw.settings.server
+    port = {"http": s.http_port, "grpc": s.grpc_port, "metrics": s.metrics_port}[listener]
+    alpn = ("-alpn", "h2") if listener == "grpc" else ()
+    ok = s_client(port, "tls1_3", certs["ca"], *alpn)
+    assert ok.returncode == 0 and "TLSv1.3" in ok.stderr + ok.stdout, ok.stderr
+    refused = s_client(port, "tls1_2", certs["ca"], *alpn)
+    if listener == "grpc":
+        # grpcio exposes no minimum TLS version: grpc core accepts 1.2 (its ECDHE + AEAD suites only).
+        # Known gap, in the README; this pins it, so a grpcio that adds the knob shows up here.
+        assert refused.returncode == 0 and "ECDHE" in refused.stderr + refused.stdout
+        return
+    assert refused.returncode != 0, refused.stderr + refused.stdout
+
+
+def test_curl_with_explicit_versions(tls_gw: Gateway, certs: dict[str, Path]) -> None:
+    url = f"https://127.0.0.1:{tls_gw.settings.server.http_port}/v2/health/ready"
+    ok = subprocess.run(["curl", "-sS", "--tlsv1.3", "--cacert", str(certs["ca"]), "-o", "/dev/null",
+                         "-w", "%{http_code} %{ssl_verify_result}", url], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout == "200 0", ok.stderr
+    refused = subprocess.run(["curl", "-sS", "--tlsv1.2", "--tls-max", "1.2", "--cacert", str(certs["ca"]), url],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 35, (refused.returncode, refused.stderr)   # CURLE_SSL_CONNECT_ERROR
+    plain = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                            url.replace("https:", "http:")], capture_output=True, text=True, timeout=30)
+    assert plain.stdout != "200"   # plaintext on a TLS port is never served
+
+
+def test_metrics_over_tls(tls_gw: Gateway, certs: dict[str, Path]) -> None:
+    status, headers, body = https_call(tls_gw.settings.server.metrics_port, client_context(certs), "/metrics")
+    assert status == 200 and b"seekgate_tls_reload_errors" in body
+
+
+# ------------------------------------------------------------------ Triton's clients over TLS
+
+
+def text_inputs(module: object, text: str, max_tokens: int) -> list[object]:
+    a = module.InferInput("text_input", [1, 1], "BYTES")   # type: ignore[attr-defined]
+    a.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+    b = module.InferInput("max_tokens", [1, 1], "INT32")   # type: ignore[attr-defined]
+    b.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+    return [a, b]
+
+
+def test_tritonclient_http_with_ssl(tls_gw: Gateway, triton: TritonProcess, certs: dict[str, Path]) -> None:
+    _, key = tls_gw.key(owner="tina")
+    ctx = client_context(certs)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{tls_gw.settings.server.http_port}", ssl=True,
+                                              ssl_context_factory=lambda **_: ctx)
+    try:
+        result = client.infer("deepseek", text_inputs(httpclient, "hello", 3),
+                              headers={"Authorization": f"Bearer {key}"})
+        direct = httpclient.InferenceServerClient(triton.http_url.split("//")[1]).infer(
+            "deepseek", text_inputs(httpclient, "hello", 3))
+        assert result.as_numpy("text_output").tolist() == direct.as_numpy("text_output").tolist()
+    finally:
+        client.close()
+
+
+def test_generate_stream_over_tls_is_byte_for_byte(tls_gw: Gateway, triton: TritonProcess,
+                                                   certs: dict[str, Path]) -> None:
+    _, key = tls_gw.key(owner="sse")
+    body = {"text_input": "stream", "max_tokens": 4}
+    status, headers, proxied = https_call(tls_gw.settings.server.http_port, client_context(certs), STREAM, key, body)
+    conn = http.client.HTTPConnection("127.0.0.1", triton.launch.http_port, timeout=30)
+    conn.request("POST", STREAM, json.dumps(body).encode())
+    direct = conn.getresponse().read()
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream") and proxied == direct
+
+
+def test_tritonclient_grpc_with_ssl_unary_and_stream(tls_gw: Gateway, certs: dict[str, Path]) -> None:
+    _, key = tls_gw.key(owner="gina")
+    client = grpcclient.InferenceServerClient(f"localhost:{tls_gw.settings.server.grpc_port}", ssl=True,
+                                              root_certificates=str(certs["ca"]))
+    try:
+        result = client.infer("deepseek", text_inputs(grpcclient, "hello", 3),
+                              headers={"authorization": f"Bearer {key}"})
+        assert result.as_numpy("text_output") is not None
+        got: list[object] = []
+        done = threading.Event()
+
+        def on(result: object, error: object) -> None:
+            got.append(error or result)
+            if error is not None or len(got) >= 4:
+                done.set()
+        client.start_stream(on, headers={"authorization": f"Bearer {key}"})
+        client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "stream me", 4))
+        assert done.wait(60), got
+        client.stop_stream()
+        assert all(isinstance(r, grpcclient.InferResult) for r in got), got
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------ mTLS
+
+
+def test_mtls_without_a_client_certificate_is_refused(mtls_gw: Gateway, certs: dict[str, Path]) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_call(mtls_gw.settings.server.http_port, client_context(certs), "/v2/health/ready")
+
+
+def test_mtls_with_a_certificate_of_another_ca_is_refused(mtls_gw: Gateway, certs: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    other = make_dev_certs(tmp_path / "other")
+    ctx = client_context(certs)
+    ctx.load_cert_chain(str(other["client_cert"]), str(other["client_key"]))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_call(mtls_gw.settings.server.http_port, ctx, "/v2/health/ready")
+    client = grpcclient.InferenceServerClient(f"localhost:{mtls_gw.settings.server.grpc_port}", ssl=True,
+                                              root_certificates=str(certs["ca"]),
+                                              private_key=str(other["client_key"]),
+                                              certificate_chain=str(other["client_cert"]))
+    with pytest.raises(Exception, match="(?i)unavailable|handshake|ssl|connect"):
+        client.is_server_live()
+    client.close()
+
+
+def test_mtls_client_identity_reaches_the_audit_record(mtls_gw: Gateway, certs: dict[str, Path]) -> None:
+    _, key = mtls_gw.key(owner="carl")
+    status, headers, _ = https_call(mtls_gw.settings.server.http_port, client_context(certs, client_cert=True),
+                                    GENERATE, key, {"text_input": "hi", "max_tokens": 2})
+    assert status == 200
+    want = fingerprint(certs["client_cert"])
+    assert wait_for(lambda: any(r["request_id"] == headers["X-Request-Id"] for r in audit_records(mtls_gw)), 5)
+    record = next(r for r in audit_records(mtls_gw) if r["request_id"] == headers["X-Request-Id"])
+    assert record["client_cert"]["fingerprint"] == want
+    assert f"URI:{CLIENT_SPIFFE}" in record["client_cert"]["sans"]
+    assert "CN=seekgate dev client" in record["client_cert"]["subject"]
+    # gRPC: the same certificate, the same fingerprint in the record.
+    client = grpcclient.InferenceServerClient(f"localhost:{mtls_gw.settings.server.grpc_port}", ssl=True,
+                                              root_certificates=str(certs["ca"]),
+                                              private_key=str(certs["client_key"]),
+                                              certificate_chain=str(certs["client_cert"]))
+    try:
+        client.infer("deepseek", text_inputs(grpcclient, "hi", 2), headers={"authorization": f"Bearer {key}"})
+    finally:
+        client.close()
+    assert wait_for(lambda: any(r["protocol"] == "grpc" and r.get("client_cert", {}).get("fingerprint") == want
+                                and r["actor"] == "carl" for r in audit_records(mtls_gw)), 5)
+
+
+def test_policy_can_require_the_client_certificate_of_a_service(triton: TritonProcess, certs: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """environment.client_certs: an app key is served only over the certificate of its service."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "mtls.yaml").write_text(f"""
+rules:
+  - id: billing-only-over-its-cert
+    effect: allow
+    subject: {{owners: [billing]}}
+    resources: ["model:*"]
+    actions: [infer]
+    environment: {{client_certs: ["URI:{CLIENT_SPIFFE}"]}}
+  - id: others-over-another-cert
+    effect: allow
+    subject: {{owners: [ledger]}}
+    resources: ["model:*"]
+    actions: [infer]
+    environment: {{client_certs: ["URI:spiffe://seekgate.dev/ledger"]}}
+""")
+    g = Gateway(tmp_path, triton.http_url, free_ports(3), **tls_overrides(certs, mtls=True)).start()
+    try:
+        ctx = client_context(certs, client_cert=True)
+        body = {"text_input": "hi", "max_tokens": 2}
+        assert https_call(g.settings.server.http_port, ctx, GENERATE, g.key(owner="billing", tier="app")[1],
+                          body)[0] == 200
+        assert https_call(g.settings.server.http_port, ctx, GENERATE, g.key(owner="ledger", tier="app")[1],
+                          body)[0] == 403
+    finally:
+        g.stop()
+
+
+# ------------------------------------------------------------------ rotation
+
+
+def test_rotation_under_keep_alive_load_and_a_broken_file_keeps_the_old_cert(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(first[name], live / first[name].name)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"server.tls_cert_file": str(live / "server.pem"), "server.tls_key_file": str(live / "server-key.pem"),
+                   "server.tls_reload_interval_s": 0.2}).start()
+    port = g.settings.server.http_port
+    try:
+        _, key = g.key(owner="rot")
+        assert served_fingerprint(port) == fingerprint(first["server_cert"])
+        stop, failures, served = threading.Event(), [], [0]
+
+        def load() -> None:
+            # Keep-alive connections made before the swap, verified by the first CA, used throughout.
+            conns = [http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(
+                cafile=str(first["ca"])), timeout=30) for _ in range(4)]
+            while not stop.is_set():
+                for conn in conns:
+                    try:
+                        conn.request("GET", "/v2/models/deepseek", headers={"Authorization": f"Bearer {key}"})
+                        resp = conn.getresponse()
+                        resp.read()
+                        if resp.status != 200:
+                            failures.append(resp.status)
+                        served[0] += 1
+                    except Exception as exc:   # noqa: BLE001  any failure is what this test counts
+                        failures.append(repr(exc))
+            for conn in conns:
+                conn.close()
+        worker = threading.Thread(target=load)
+        worker.start()
+        time.sleep(0.5)
+        # cert-manager's way: new files moved into place.
+        for name in ("server_cert", "server_key"):
+            tmp = live / (second[name].name + ".new")
+            shutil.copy(second[name], tmp)
+            tmp.replace(live / second[name].name)
+        assert wait_for(lambda: served_fingerprint(port) == fingerprint(second["server_cert"]), 10)
+        time.sleep(0.5)
+        stop.set()
+        worker.join(30)
+        assert failures == [] and served[0] > 20, (failures[:5], served[0])
+        # A new connection now verifies with the new CA only.
+        assert https_call(port, ssl.create_default_context(cafile=str(second["ca"])), "/v2/health/ready")[0] == 200
+
+        # A broken renewal: the key no longer matches the certificate. The old one stays, counted, logged.
+        errors_before = tls_metric(g, second["ca"], "seekgate_tls_reload_errors_total")
+        shutil.copy(first["server_key"], live / "server-key.pem")
+        assert wait_for(lambda: tls_metric(g, second["ca"], "seekgate_tls_reload_errors_total") > errors_before, 10)
+        assert tls_metric(g, second["ca"], "seekgate_tls_reloads_total") == 1
+        assert served_fingerprint(port) == fingerprint(second["server_cert"])
+        assert https_call(port, ssl.create_default_context(cafile=str(second["ca"])), "/v2/health/ready")[0] == 200
+    finally:
+        g.stop()
+
+
+# ------------------------------------------------------------------ secure by default
+
+
+def test_serve_refuses_a_public_bind_without_tls_and_names_the_fix(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "SEEKGATE_SERVER_HOST": "0.0.0.0", "SEEKGATE_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "proxy", "serve"], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 2
+    assert "server.tls_cert_file" in done.stderr and "--insecure-plaintext" in done.stderr
+
+
+def test_insecure_plaintext_on_a_public_bind_starts_and_says_so(triton: TritonProcess, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    g = Gateway(tmp_path, triton.http_url, free_ports(3),
+                **{"server.host": "0.0.0.0", "server.insecure_plaintext": True}).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", g.settings.server.http_port, timeout=10)
+        conn.request("GET", "/v2/health/live")
+        assert conn.getresponse().status == 200
+        assert any("insecure_plaintext" in r.getMessage() for r in caplog.records)
+    finally:
+        g.stop()
