@@ -61,6 +61,9 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         # Whose subtree this principal is in: the leak report finds a leaked key's sessions by it.
         "parent_key_ids": list(p.parents) if p and p.parents else None,
     }
+    if ctx.extra.get("openai") is not None:
+        # The OpenAI API (/v1): its endpoint and the `user` the client named, as OpenAI's own logs keep it.
+        record["openai"] = ctx.extra["openai"]
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
         # before/after: the public views of the key records it changed (admin/keys.py), never a secret or hash.

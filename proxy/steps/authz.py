@@ -52,14 +52,15 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Env:
-    """The request environment a rule may test: client address and UTC minute of day."""
+    """The request environment a rule may test: client address, UTC minute of day, the API used."""
 
     ip: IPAddress | None
     minute: int
+    api: str = "kserve"
 
     @classmethod
-    def at(cls, client_ip: str, now: datetime) -> Env:
-        return cls(_parse_ip(client_ip), _minute_of_day(now))
+    def at(cls, client_ip: str, now: datetime, api: str = "kserve") -> Env:
+        return cls(_parse_ip(client_ip), _minute_of_day(now), api)
 
 
 def _minute_of_day(now: datetime) -> int:
@@ -106,6 +107,8 @@ def env_matches(cond: EnvCond, env: Env) -> bool:
     if cond.client_ips and (env.ip is None or not any(env.ip in n for n in cond.client_ips)):
         return False
     if cond.hours and not any(_in_hours(s, e, env.minute) for s, e in cond.hours):
+        return False
+    if cond.apis and env.api not in cond.apis:
         return False
     return True
 
@@ -255,13 +258,14 @@ class Authorizer:
         # Everything a rule can read, and nothing else (not the key id: keys alike share an
         # entry). Extend this key with any new condition.
         key = (p.tier, p.owner, p.roles, tuple(sorted(p.labels.items())), p.models,
-               resource.resource, resource.action, client_ip if state.uses_ip else None, minute_class)
+               resource.resource, resource.action, resource.api, client_ip if state.uses_ip else None,
+               minute_class)
         decision = state.cache.get(key)
         if decision is not None:
             state.cache.move_to_end(key)
             return decision
         allowed, explain = state.enforcer.enforce_ex(p, resource.resource, resource.action,
-                                                     Env.at(client_ip, now))
+                                                     Env.at(client_ip, now, resource.api))
         if not explain or (not allowed and explain[4] != "deny"):
             decision = Decision(False, DEFAULT_DENY)
         else:

@@ -27,7 +27,8 @@ DEFAULT_DENY = "default_deny"
 _RULE_KEYS = {"id", "effect", "description", "subject", "resources", "actions", "environment", "limits"}
 _SUBJECT_LISTS = ("roles", "not_roles", "tiers", "owners")
 _SUBJECT_KEYS = {*_SUBJECT_LISTS, "labels", "key_may_use_model"}
-_ENV_KEYS = {"client_ips", "hours"}
+_ENV_KEYS = {"client_ips", "hours", "apis"}
+APIS = frozenset({"kserve", "openai"})   # which API a request came through (Resource.api)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _GLOB_RE = re.compile(r"^[A-Za-z0-9_.:*?\[\]!/-]+$")
 _HOURS_RE = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
@@ -57,6 +58,7 @@ class SubjectCond:
 class EnvCond:
     client_ips: tuple[IPNetwork, ...] = ()
     hours: tuple[tuple[int, int], ...] = ()  # [start, end) in minutes; start > end wraps midnight
+    apis: tuple[str, ...] = ()               # kserve | openai: the API the request came through
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +275,15 @@ class _Checker:
                              "(expected HH:MM-HH:MM in UTC, start != end, end may be 24:00)")
                 else:
                     hours.append(rng)
-        return EnvCond(tuple(nets), tuple(hours))
+        apis: tuple[str, ...] = ()
+        if "apis" in raw:
+            al = _key_line(raw, "apis", line)
+            apis = self.strings(raw["apis"], "environment.apis", al)
+            for i, api in enumerate(apis):
+                if api not in APIS:
+                    self.err(_item_line(raw["apis"], i, al), f"unknown api {api!r} (expected one of: "
+                             f"{', '.join(sorted(APIS))})")
+        return EnvCond(tuple(nets), tuple(hours), apis)
 
 
 def _valid_resource_pattern(pat: str) -> bool:
