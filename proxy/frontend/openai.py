@@ -312,11 +312,13 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
                     ctx.input_tokens = doc["input_tokens"]
                 if isinstance(doc.get("output_tokens"), int):
                     ctx.output_tokens = doc["output_tokens"]
+                if stops.stopped:
+                    break
             if out:
                 await response.write(out)
                 out = b""
-            if failed is not None:
-                break
+            if failed is not None or stops.stopped:
+                break   # a stop sequence: the caller's release() cancels the rest of the generation
             try:
                 chunk = await more.__anext__()
             except StopAsyncIteration:

@@ -67,6 +67,9 @@ class OpenAIRequest:
 
         max_tokens is always explicit, so the role cap, the token charge and finish_reason all read
         the same number the model gets. OpenAI samples at temperature 1 when none is named.
+        Stop sequences go to the model for whole answers only: a stream's are applied by the relay
+        (openai_shapes.StopFilter), because the model streams the start of a stop sequence before
+        it knows it is one, and cuts the rest, so the relay could never tell what to withhold.
         """
         body: dict[str, Any] = {"text_input": self.prompt,
                                 "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
@@ -78,7 +81,7 @@ class OpenAIRequest:
             body["top_p"] = self.top_p
         if self.seed is not None:
             body["seed"] = self.seed
-        if self.stop:
+        if self.stop and not self.stream:
             body["stop"] = list(self.stop)
         return body
 

@@ -277,19 +277,25 @@ def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> Non
     assert err.value.param == "max_tokens"
 
 
-def test_rate_limited_429_is_retried_by_the_sdk_after_retry_after(gw: Gateway) -> None:
+def test_rate_limited_429_is_retried_by_the_sdk_after_retry_after(gw: Gateway,
+                                                                   relays: tuple[TcpRelay, TcpRelay]) -> None:
     key_id, key = gw.key(owner="retrier", limits={"concurrency": 1})
-    relay_free = client(gw, key, max_retries=0)
-    held = relay_free.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hold"}],
-                                              max_tokens=60, stream=True)
-    next(iter(held))   # the one slot is taken while this stream is open
-    with pytest.raises(openai.RateLimitError) as err:
-        relay_free.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    assert err.value.code == "rate_limit_exceeded" and err.value.response.headers["retry-after"] == "1"
-    # The SDK (max_retries=2) gets a 429, waits Retry-After and tries again; the slot is freed meanwhile.
-    threading.Timer(0.3, held.close).start()
-    answer = client(gw, key, max_retries=2).chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "again"}], max_tokens=2)
+    no_retry = client(gw, key, max_retries=0)
+    relays[0].hold_after(b"data:")   # the stream below stays open until its client closes it
+    try:
+        held = no_retry.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hold"}],
+                                                max_tokens=60, stream=True)
+        next(iter(held))   # the one slot is taken while this stream is open
+        with pytest.raises(openai.RateLimitError) as err:
+            no_retry.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert err.value.code == "rate_limit_exceeded" and err.value.response.headers["retry-after"] == "1"
+        # The SDK (max_retries=2) gets a 429, waits Retry-After and tries again; the slot is freed meanwhile.
+        # The relay holds every connection's answers: it flows again once the stream is closed.
+        threading.Timer(0.3, lambda: (held.close(), relays[0].let_flow())).start()
+        answer = client(gw, key, max_retries=2).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "again"}], max_tokens=2)
+    finally:
+        relays[0].let_flow()
     assert answer.http_response.status_code == 200
     records = records_of(gw, key_id, 4)
     assert [r["http_status"] for r in records[1:]] == [429, 429, 200]
