@@ -44,6 +44,7 @@ class Resource:
     model: str | None = None
     public: bool = False           # health probes: no credential required
     stream: bool = False           # generate_stream / ModelStreamInfer
+    api: str = "kserve"            # kserve (Triton's own protocol) | openai (/v1); policies may test it
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class RequestContext:
 
     request_id: str
     client_ip: str
-    protocol: str = "http"         # http | grpc
+    protocol: str = "http"         # http | grpc | openai (the OpenAI API on the HTTP port)
     method: str = ""
     path: str = ""
     started: float = field(default_factory=time.perf_counter)

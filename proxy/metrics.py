@@ -26,7 +26,7 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0
 ACTIONS = frozenset({"infer", "read", "admin", "health"})
 TIERS = frozenset({"root", "app", "device", "user", "session"})
 STATUSES = frozenset({"allowed", "denied", "error"})
-PROTOCOLS = frozenset({"http", "grpc"})
+PROTOCOLS = frozenset({"http", "grpc", "openai"})
 AUTH_REASONS = frozenset({
     # proxy.steps.authn's reasons, then the session-JWT ones it is expected to grow.
     "missing_credentials", "malformed", "bad_checksum", "unknown_key", "hash_mismatch",

@@ -160,11 +160,23 @@ class BodySettings:
     output_parameters: str = _help("Output tensors' `parameters` non-admins may set", "binary_data,classification")
     generate_fields: str = _help("Fields of a generate / generate_stream body (top level or in its "
                                  "`parameters`) non-admins may set: the model's inputs and sampling parameters",
-                                 "text_input,max_tokens,temperature,top_p,seed,stop")
+                                 "text_input,max_tokens,temperature,top_p,seed,stop,messages")
     admin_parameters: str = _help("Parameters reserved for admins (refused with 403): shared memory names "
                                   "another tenant's tensors; sequence, priority and timeout steer the server",
                                   "shared_memory_region,shared_memory_byte_size,shared_memory_offset,"
                                   "sequence_id,sequence_start,sequence_end,priority,timeout")
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """The OpenAI-compatible API under /v1 (frontend/openai.py): what it maps onto Triton's models."""
+
+    default_max_tokens: int = _help("max_tokens sent to the model when an OpenAI request names none "
+                                    "(charged up front and checked against the role cap like any other)", 16)
+    stream_suffix: str = _help("A model's decoupled twin that streams run through: <model><suffix>, "
+                               "hidden from /v1/models", "_stream")
+    aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' (alias=Triton model)",
+                         "")
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,7 @@ class Settings:
     crypto: CryptoSettings = _help("Envelope encryption and key rotation", default_factory=CryptoSettings)
     body: BodySettings = _help("Parameters non-admin keys may set in an inference body",
                                default_factory=BodySettings)
+    openai: OpenAISettings = _help("The OpenAI-compatible API under /v1", default_factory=OpenAISettings)
 
 
 class SettingsError(ValueError):
@@ -329,7 +342,7 @@ _PORTS = ("server.http_port", "server.grpc_port", "server.metrics_port",
 _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.read_timeout_s",
              "server.workers", "server.drain_timeout_s", "server.tls_reload_interval_s",
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
-             "triton.startup_timeout_s", "policy.reload_interval_s",
+             "triton.startup_timeout_s", "policy.reload_interval_s", "openai.default_max_tokens",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
@@ -406,7 +419,24 @@ def validate(settings: Settings) -> list[str]:
         bad = [n for n in getattr(settings.body, f.name).split(",") if not _PARAMETER_RE.fullmatch(n.strip())]
         if bad and getattr(settings.body, f.name).strip():
             errors.append(f"body.{f.name}: must be comma-separated parameter names, got {bad[0]!r}")
+    try:
+        parse_aliases(settings.openai.aliases)
+    except ValueError as exc:
+        errors.append(f"openai.aliases: {exc}")
     return errors
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    """'alias=model,...' as {alias: model}; ValueError naming the first bad entry."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        alias, eq, model = (p.strip() for p in item.partition("="))
+        if not eq or not _PARAMETER_RE.fullmatch(alias) or not _PARAMETER_RE.fullmatch(model):
+            raise ValueError(f"must be comma-separated alias=model pairs, got {item!r}")
+        out[alias] = model
+    return out
 
 
 _PARAMETER_RE = re.compile(r"[A-Za-z0-9_.\-]+")

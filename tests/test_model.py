@@ -173,3 +173,21 @@ def test_cancelled_stream_stops_early_and_is_released(model: object) -> None:
     sent = cancelled.sender.sent
     assert len(sent) == 3 and sent[-1] == (None, pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     assert int(other.sender.sent[-1][0].output("output_tokens")[0, 0]) == 12
+
+
+class _Templated:
+    chat_template = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+    def apply_chat_template(self, messages: list, tokenize: bool, add_generation_prompt: bool) -> str:
+        assert not tokenize and add_generation_prompt
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_render_messages_uses_the_tokenizers_template_and_refuses_bad_input() -> None:
+    raw = np.array([json.dumps([{"role": "user", "content": "hi"}]).encode()], dtype=np.object_)
+    assert m.render_messages(_Templated(), raw[0]) == "<user>hi<assistant>"
+    for bad, message in ((b"not json", "not JSON"), (b"[]", "non-empty list"), (b'[{"role": 1}]', "non-empty list")):
+        with pytest.raises(m.RequestError, match=message):
+            m.render_messages(_Templated(), bad)
+    with pytest.raises(m.RequestError, match="no chat template"):
+        m.render_messages(object(), raw[0])

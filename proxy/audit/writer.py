@@ -65,6 +65,9 @@ def build_record(ctx: RequestContext, duration_ms: float | None = None) -> dict[
         # mTLS: which certificate carried the request (the fingerprint pins it; subject and SANs name it).
         c = ctx.peer_cert
         record["client_cert"] = {"fingerprint": c.fingerprint, "subject": c.subject, "sans": list(c.sans)}
+    if ctx.extra.get("openai") is not None:
+        # The OpenAI API (/v1): its endpoint and the `user` the client named, as OpenAI's own logs keep it.
+        record["openai"] = ctx.extra["openai"]
     if ctx.extra.get("admin_action"):
         # Admin calls say who (actor, key_id above) did what to which key; only ids, never a secret.
         # before/after: the public views of the key records it changed (admin/keys.py), never a secret or hash.

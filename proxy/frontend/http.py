@@ -18,7 +18,7 @@ from ..admin.sessions import handle_sessions
 from ..audit.jsonl import active_name
 from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
-from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, PayloadTooLarge, SeekgateError, Unauthenticated
+from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
 from ..keys.issue import ISSUABLE_TIERS
@@ -40,8 +40,9 @@ from ..upstream.forward import forward
 from ..upstream.models import refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
 from .grpc import GrpcFrontEnd
-from .http_guard import GuardedRunner, RequestTimeout, check_framing, closes_connection, decoded_size_within
+from .http_guard import GuardedRunner, check_framing, closes_connection, decoded_size_within, read_body
 from .listener import ListeningSocket, quiesce
+from .openai import is_openai, openai_answer
 from .tls import ServerTls, http_peer_cert, plaintext_refusal, tls_enabled
 from .worker_role import WorkerRole
 
@@ -95,6 +96,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         else:
             if "?" in request.raw_path and not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")
+            if is_openai(path):   # the OpenAI API: the same steps, its own shapes (frontend/openai.py)
+                return await openai_answer(request, state, ctx, path)
             await admit(state, ctx, request.headers.get("Authorization"),
                         lambda: classify_http(request.method, path))
         assert ctx.resource is not None
@@ -157,43 +160,6 @@ def route_path(raw_path: str, base_path: str) -> str:
             raise NotFound("outside_base_path")
         path = path[len(base_path):] or "/"
     return path
-
-
-async def read_body(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
-    """The whole body, counted as it arrives, so chunked uploads cannot slip past the cap.
-
-    `timeout_s` bounds the whole read, not each chunk: a body trickled a byte at a time is cut (408).
-    """
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"body_too_large: {declared}")
-    if declared == 0:
-        return b""
-    stream = request.content
-    if declared is not None and stream.is_eof():
-        # Everything arrived with the headers (most inference calls): no wait, no timer.
-        body = stream.read_nowait()
-        if len(body) == declared:
-            return body
-        raise BadRequest(f"body_shorter_than_content_length: {len(body)} of {declared}")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            if declared is not None:   # one read, nothing to count chunk by chunk
-                try:
-                    return await stream.readexactly(declared)
-                except asyncio.IncompleteReadError as exc:
-                    size = len(exc.partial)
-                    raise BadRequest(f"body_shorter_than_content_length: {size} of {declared}") from exc
-            async for chunk in stream.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"body_too_large: over {limit}")
-                chunks.append(chunk)
-    except TimeoutError as exc:
-        got = f"{declared} bytes declared, not all" if declared is not None else f"{size} bytes"
-        raise RequestTimeout(f"body_read_timeout: {got} in {timeout_s}s") from exc
-    return b"".join(chunks)
 
 
 def body_view(request: web.Request, ctx: RequestContext, path: str, body: bytes, limit: int) -> BodyView:

@@ -24,6 +24,9 @@ It also keeps a `lost` future per connection, resolved when the client's connect
 `upstream/forward.py` reads it off `request.protocol` so a long relay notices a client that left
 without waiting for its next failed write (which, upstream stalled, may never come).
 
+`read_body` reads a request body under the same deadline and the body-size cap, for every door on
+the HTTP port (Triton's routes and the OpenAI API alike).
+
 That handler subclasses aiohttp's `RequestHandler` and reads a few of its private attributes
 (`AIOHTTP_INTERNALS`), tested against aiohttp 3.14 only: `check_aiohttp_internals` runs when a
 `GuardedRunner` is made and stops the start with one clear line if an aiohttp upgrade moved them.
@@ -285,3 +288,40 @@ class GuardedRunner(web.AppRunner):
         err = BadRequest(reason)
         err.http_status = status   # the parser's own: 400, or 413/431 for what is too large
         audit_unparsed(self.app, client_ip, err, request_id)
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, counted as it arrives, so chunked uploads cannot slip past the cap.
+
+    `timeout_s` bounds the whole read, not each chunk: a body trickled a byte at a time is cut (408).
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body_too_large: {declared}")
+    if declared == 0:
+        return b""
+    stream = request.content
+    if declared is not None and stream.is_eof():
+        # Everything arrived with the headers (most inference calls): no wait, no timer.
+        body = stream.read_nowait()
+        if len(body) == declared:
+            return body
+        raise BadRequest(f"body_shorter_than_content_length: {len(body)} of {declared}")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            if declared is not None:   # one read, nothing to count chunk by chunk
+                try:
+                    return await stream.readexactly(declared)
+                except asyncio.IncompleteReadError as exc:
+                    size = len(exc.partial)
+                    raise BadRequest(f"body_shorter_than_content_length: {size} of {declared}") from exc
+            async for chunk in stream.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body_too_large: over {limit}")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        got = f"{declared} bytes declared, not all" if declared is not None else f"{size} bytes"
+        raise RequestTimeout(f"body_read_timeout: {got} in {timeout_s}s") from exc
+    return b"".join(chunks)

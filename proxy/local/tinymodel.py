@@ -24,6 +24,20 @@ _CORPUS = [
 
 SPECIAL_TOKENS = ["<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>"]
 
+# DeepSeek-V3's chat template (tokenizer_config.json of deepseek-ai/DeepSeek-V3), tool calls left out:
+# system prompts first, then <|User|> / <|Assistant|> turns, each assistant turn closed by EOS. The
+# role markers are plain text to this tokenizer (new special tokens would change the vocabulary and so
+# every existing output of the seeded checkpoint).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|User|>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|Assistant|>' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|Assistant|>' }}{% endif %}"
+)
+
 
 def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
     """Trains a byte-level BPE tokenizer on a fixed corpus and saves it HF-style."""
@@ -48,6 +62,7 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
         padding_side="left",
         model_max_length=256,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
 
 
@@ -99,7 +114,17 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
 
 
 def ensure_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
-    """Builds the checkpoint only when `out` does not already hold one."""
-    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+    """Builds the checkpoint only when `out` does not already hold one (with a chat template: older
+    builds had none, and the build is deterministic, so rebuilding changes nothing else)."""
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists() and _has_chat_template(out):
         return out
     return build_tiny_checkpoint(out, seed)
+
+
+def _has_chat_template(out: Path) -> bool:
+    if (out / "chat_template.jinja").exists():   # where newer transformers save it
+        return True
+    try:
+        return bool(json.loads((out / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False

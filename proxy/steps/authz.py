@@ -52,15 +52,16 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Env:
-    """The request environment a rule may test: client address, UTC minute of day, client certificate."""
+    """The request environment a rule may test: client address, UTC minute of day, client certificate, API."""
 
     ip: IPAddress | None
     minute: int
     certs: tuple[str, ...] = ()   # the identities of the mTLS client certificate (PeerCert.identities)
+    api: str = "kserve"
 
     @classmethod
-    def at(cls, client_ip: str, now: datetime, certs: tuple[str, ...] = ()) -> Env:
-        return cls(_parse_ip(client_ip), _minute_of_day(now), certs)
+    def at(cls, client_ip: str, now: datetime, certs: tuple[str, ...] = (), api: str = "kserve") -> Env:
+        return cls(_parse_ip(client_ip), _minute_of_day(now), certs, api)
 
 
 def _minute_of_day(now: datetime) -> int:
@@ -110,6 +111,8 @@ def env_matches(cond: EnvCond, env: Env) -> bool:
         return False
     if cond.client_certs and not any(c in env.certs for c in cond.client_certs):
         return False   # no certificate (plain TLS, gRPC without mTLS) matches no client_certs condition
+    if cond.apis and env.api not in cond.apis:
+        return False
     return True
 
 
@@ -261,14 +264,14 @@ class Authorizer:
         # Everything a rule can read, and nothing else (not the key id: keys alike share an
         # entry). Extend this key with any new condition.
         key = (p.tier, p.owner, p.roles, tuple(sorted(p.labels.items())), p.models,
-               resource.resource, resource.action, client_ip if state.uses_ip else None,
+               resource.resource, resource.action, resource.api, client_ip if state.uses_ip else None,
                certs if state.uses_certs else None, minute_class)   # minute_class last: read above
         decision = state.cache.get(key)
         if decision is not None:
             state.cache.move_to_end(key)
             return decision
         allowed, explain = state.enforcer.enforce_ex(p, resource.resource, resource.action,
-                                                     Env.at(client_ip, now, certs))
+                                                     Env.at(client_ip, now, certs, resource.api))
         if not explain or (not allowed and explain[4] != "deny"):
             decision = Decision(False, DEFAULT_DENY)
         else:

@@ -27,7 +27,8 @@ DEFAULT_DENY = "default_deny"
 _RULE_KEYS = {"id", "effect", "description", "subject", "resources", "actions", "environment", "limits"}
 _SUBJECT_LISTS = ("roles", "not_roles", "tiers", "owners")
 _SUBJECT_KEYS = {*_SUBJECT_LISTS, "labels", "key_may_use_model"}
-_ENV_KEYS = {"client_ips", "hours", "client_certs"}
+_ENV_KEYS = {"client_ips", "hours", "client_certs", "apis"}
+APIS = frozenset({"kserve", "openai"})   # which API a request came through (Resource.api)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _GLOB_RE = re.compile(r"^[A-Za-z0-9_.:*?\[\]!/-]+$")
 _HOURS_RE = re.compile(r"^(\d\d):(\d\d)-(\d\d):(\d\d)$")
@@ -60,6 +61,7 @@ class EnvCond:
     # mTLS: the request's client certificate has one of these identities, its subject (RFC 4514,
     # "CN=billing,O=example") or a SAN as OpenSSL spells it ("URI:spiffe://example.org/billing").
     client_certs: tuple[str, ...] = ()
+    apis: tuple[str, ...] = ()               # kserve | openai: the API the request came through
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +282,15 @@ class _Checker:
         if "client_certs" in raw:
             certs = self.strings(raw["client_certs"], "environment.client_certs",
                                  _key_line(raw, "client_certs", line))
-        return EnvCond(tuple(nets), tuple(hours), certs)
+        apis: tuple[str, ...] = ()
+        if "apis" in raw:
+            al = _key_line(raw, "apis", line)
+            apis = self.strings(raw["apis"], "environment.apis", al)
+            for i, api in enumerate(apis):
+                if api not in APIS:
+                    self.err(_item_line(raw["apis"], i, al), f"unknown api {api!r} (expected one of: "
+                             f"{', '.join(sorted(APIS))})")
+        return EnvCond(tuple(nets), tuple(hours), certs, apis)
 
 
 def _valid_resource_pattern(pat: str) -> bool:

@@ -108,6 +108,16 @@ def test_client_ip_cidrs() -> None:
         assert decide(a, USER, "server", "read", ip=ip) == Decision(False, "default_deny"), ip
 
 
+def test_apis_tell_the_openai_door_from_tritons_protocol() -> None:
+    a = authz(rule("openai-only", resources=("model:*",), environment={"apis": ["openai"]}))
+    openai_call, kserve_call = Resource("model:deepseek", "infer", api="openai"), Resource("model:deepseek", "infer")
+    assert a.authorize(USER, openai_call, "10.0.0.1", NOON) == Decision(True, "openai-only")
+    # The memo keys the API too: the decision for one API is never served for the other.
+    assert a.authorize(USER, kserve_call, "10.0.0.1", NOON) == Decision(False, "default_deny")
+    with pytest.raises(PolicyError, match="unknown api 'opneai'"):
+        compile_rules([rule("typo", environment={"apis": ["opneai"]})])
+
+
 def test_hours_in_utc_including_wrap_around_midnight() -> None:
     a = authz(rule("office", resources=("server",), environment={"hours": "08:00-18:00"}),
               rule("night", resources=("model:*",), environment={"hours": ["22:00-02:00"]}))

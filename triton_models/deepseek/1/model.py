@@ -114,6 +114,25 @@ def parse_prompt(values: dict[str, np.ndarray]) -> str:
     return text
 
 
+def render_messages(tokenizer: Any, raw: Any) -> str:
+    """The prompt for a chat: `messages` (a JSON list of {role, content}) in the checkpoint's own chat template.
+
+    The template is the tokenizer's, so a chat reads as the model was trained on; the rendered text
+    carries its special tokens already (`encode` must not add them again).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model's tokenizer has no chat template: send text_input instead of messages")
+    try:
+        messages = json.loads(_text(raw, "messages"))
+    except ValueError as exc:
+        raise RequestError("input 'messages' is not JSON") from exc
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise RequestError("input 'messages' must be a non-empty list of {role, content} strings")
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
 def parse_params(values: dict[str, np.ndarray], limits: Limits) -> GenerationParams:
     """Sampling parameters for one request, checked against the model's caps."""
     max_tokens = _scalar(values, "max_tokens")
@@ -204,8 +223,8 @@ class BatchDecoder:
         forward_params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward_params else "past_key_values"
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _next_tokens(self, logits: Any, rows: list[Row], generators: list[Any]) -> list[int]:
         torch = self.torch
@@ -278,7 +297,7 @@ class BatchDecoder:
 
 # ------------------------------------------------------------------ Triton glue
 
-INPUT_NAMES = ("text_input", "max_tokens", "temperature", "top_p", "stop", "seed")
+INPUT_NAMES = ("text_input", "max_tokens", "temperature", "top_p", "stop", "seed", "messages")
 
 
 class TritonPythonModel:
@@ -327,9 +346,12 @@ class TritonPythonModel:
 
     def _prepare(self, request: Any) -> Row:
         values = self._read(request)
-        prompt = parse_prompt(values)
+        chat = "messages" in values   # a chat (seekgate's /v1/chat/completions): text_input left empty
+        if chat and _text(_scalar(values, "text_input"), "text_input"):
+            raise RequestError("give text_input or messages, not both")
+        prompt = render_messages(self.tokenizer, _scalar(values, "messages")) if chat else parse_prompt(values)
         params = parse_params(values, self.limits)
-        ids = self.decoder.encode(prompt)
+        ids = self.decoder.encode(prompt, special=not chat)
         check_context(len(ids), params, self.limits)
         return Row(ids, params)
 

@@ -1,0 +1,357 @@
+"""The OpenAI-compatible door on the HTTP port: /v1/models, /v1/chat/completions, /v1/completions.
+
+The same request path as Triton's routes, in the same order: authenticate, classify as
+`model:<name>`/`infer` with `api=openai` (policies may test it), authorize, then the body checks on the
+Triton generate body this door builds (parsed back by body_view exactly as any client's generate body:
+the parameter allowlist and the role's max_tokens cap see what the model will get), the limits, and
+the forward over the same upstream pool: generate, or generate_stream on the model's decoupled twin
+for streams. The audit record says `protocol: openai` and `openai: {endpoint, user}`; metrics are
+labelled protocol="openai". Refusals come in OpenAI's error shape (openai_shapes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from ..context import RequestContext, Resource
+from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from ..settings import parse_aliases
+from ..steps.app_state import AppState
+from ..steps.body_view import decode, parse_json, view_http
+from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, limit, refuse
+from ..upstream import pool as upstream_http
+from ..upstream.models import repository_models
+from ..upstream.pool import UpstreamResponse
+from .http_guard import read_body
+from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
+from .openai_shapes import (
+    ChunkWriter,
+    MethodNotAllowed,
+    ModelNotFound,
+    StopFilter,
+    completion,
+    error_body,
+    finish_reason,
+    model_object,
+)
+
+MODELS = "/v1/models"
+_JSON = (("Content-Type", "application/json"),)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def is_openai(path: str) -> bool:
+    """The routes this door answers (any other /v1 path, /v1/sessions included, is not the OpenAI API)."""
+    return path in (CHAT, COMPLETIONS, MODELS) or path.startswith(MODELS + "/")
+
+
+async def openai_answer(request: web.Request, state: AppState, ctx: RequestContext, path: str) -> web.StreamResponse:
+    """The answer to one OpenAI API request, or its refusal in OpenAI's shape; ctx says what the audit says."""
+    ctx.protocol = "openai"
+    info: dict[str, Any] = {"endpoint": path}
+    ctx.extra["openai"] = info
+    try:
+        if path == MODELS or path.startswith(MODELS + "/"):
+            if request.method != "GET":
+                raise MethodNotAllowed(f"method_not_allowed: {request.method}")
+            return await _models(request, state, ctx, path)
+        if request.method != "POST":
+            raise MethodNotAllowed(f"method_not_allowed: {request.method}")
+        settings = state.settings
+        body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout_s)
+        # OpenAI bodies are plain JSON: any Content-Encoding but identity is refused (415), as on generate.
+        body = decode(body, request.headers.getall("Content-Encoding", []), "generate", settings.server.max_body_bytes)
+        parsed: list[OpenAIRequest] = []
+
+        def classify() -> Resource:
+            # After authentication (admit's order): an anonymous caller learns nothing from a body's errors.
+            req = parse_request(path, parse_json(body))
+            parsed.append(req)
+            model = _aliases(settings.openai.aliases).get(req.model, req.model)
+            return Resource(f"model:{model}", "infer", model=model, stream=req.stream, api="openai")
+
+        await admit(state, ctx, request.headers.get("Authorization"), classify)
+        req = parsed[0]
+        info["user"] = req.user
+        generate = req.generate_body(settings.openai.default_max_tokens)
+        raw = json.dumps(generate, ensure_ascii=False).encode()
+        # The body checks on the request Triton will get, parsed as every generate body is: never a weaker path.
+        view = view_http("generate", raw, [])
+        check_body(state, ctx, view)
+        await audit_ready(state)
+        await limit(state, ctx, view.asked_tokens())
+        assert ctx.resource is not None and ctx.resource.model is not None
+        model = ctx.resource.model
+        target = (f"/v2/models/{quote(model + settings.openai.stream_suffix, safe='')}/generate_stream"
+                  if req.stream else f"/v2/models/{quote(model, safe='')}/generate")
+        started = time.perf_counter()
+        upstream = await _send(state, target, raw, model)
+        ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            if req.stream:
+                return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model)
+            return await _whole(state, ctx, req, upstream, generate["max_tokens"], model)
+        finally:
+            upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
+    except SeekgateError as err:
+        return await refused(state, ctx, err)
+
+
+async def refused(state: AppState, ctx: RequestContext, err: SeekgateError) -> web.Response:
+    """The refusal in OpenAI's shape; under strict audit only once its record is durable, else a 503."""
+    response = error_response(ctx, err)
+    try:
+        await commit_audit(state, ctx)
+    except AuditUnavailable as audit_err:
+        return error_response(ctx, audit_err)
+    return response
+
+
+def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
+    refuse(ctx, err)
+    headers = {"X-Request-Id": ctx.request_id, **err.headers()}
+    return web.json_response(error_body(err), status=err.http_status, headers=headers)
+
+
+def _aliases(text: str) -> dict[str, str]:
+    return parse_aliases(text) if text else {}
+
+
+# ------------------------------------------------------------------ models
+
+async def _models(request: web.Request, state: AppState, ctx: RequestContext, path: str) -> web.Response:
+    """The models this key may use: each Triton model (twins hidden) and alias the policy allows to `read`."""
+    wanted = path[len(MODELS) + 1:] if path != MODELS else None
+
+    def classify() -> Resource:
+        # The listing itself needs only a valid credential; each entry is then the policy's own decision.
+        return (Resource(f"model:{wanted}", "read", model=wanted, api="openai") if wanted
+                else Resource("server", "read", api="openai"))
+
+    aliases = _aliases(state.settings.openai.aliases)
+    await _authenticated(state, ctx, request, classify)
+    try:
+        names = await repository_models(state.upstream)
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
+    suffix = state.settings.openai.stream_suffix
+    served = [n for n in names if not (suffix and n.endswith(suffix) and n[:-len(suffix)] in names)]
+    ids = served + [a for a, target in sorted(aliases.items()) if target in served]
+    now = int(time.time())
+    visible = [m for m in ids if _may_read(state, ctx, aliases.get(m, m))]
+    ctx.http_status = 200
+    if wanted is not None:
+        if wanted not in visible:
+            raise ModelNotFound(wanted)
+        await commit_audit(state, ctx)
+        return web.json_response(model_object(wanted, now), headers={"X-Request-Id": ctx.request_id})
+    await commit_audit(state, ctx)
+    return web.json_response({"object": "list", "data": [model_object(m, now) for m in visible]},
+                             headers={"X-Request-Id": ctx.request_id})
+
+
+async def _authenticated(state: AppState, ctx: RequestContext, request: web.Request, classify: Any) -> None:
+    """admit() without its policy refusal: a model the key may not read is reported as not found (404)."""
+    try:
+        await admit(state, ctx, request.headers.get("Authorization"), classify)
+    except Forbidden:
+        if ctx.resource is None or ctx.resource.resource == "server":
+            raise
+        assert ctx.resource.model is not None
+        raise ModelNotFound(ctx.resource.model, "model_not_readable") from None
+
+
+def _may_read(state: AppState, ctx: RequestContext, model: str) -> bool:
+    try:
+        authorize(state, ctx, Resource(f"model:{model}", "read", model=model, api="openai"))
+    except Forbidden:
+        return False
+    finally:
+        ctx.rule = ""
+    return True
+
+
+# ------------------------------------------------------------------ upstream
+
+async def _send(state: AppState, target: str, raw: bytes, model: str) -> UpstreamResponse:
+    try:
+        return await state.upstream.request("POST", target, _JSON, raw)
+    except upstream_http.UpstreamTimeout as exc:
+        raise UpstreamTimeout(str(exc)) from exc
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
+
+
+class UpstreamFailed(SeekgateError):
+    """Triton's own 5xx: the client gets a generic message, the audit record Triton's."""
+
+    default_message = "The inference server had an error while processing your request."
+
+
+def _refusal(status: int, body: bytes, model: str) -> SeekgateError:
+    """Triton's refusal of a generate request as an OpenAI error (the model's own 400s are the client's to read)."""
+    try:
+        message = str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        message = body[:512].decode("utf-8", "replace")
+    if status >= 500:
+        err: SeekgateError = (UpstreamUnavailable(f"upstream_error: {message[:512]}") if status == 503
+                              else UpstreamFailed(f"upstream_error: {message[:512]}"))
+        return err
+    if "unknown model" in message or "is not found" in message or status == 404:
+        return ModelNotFound(model, "upstream_unknown_model")
+    return BadRequest(f"model_refused: {message[:256]}", public_message=message[:1024] or "bad request")
+
+
+async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstream: UpstreamResponse,
+                 max_tokens: int, model: str) -> web.Response:
+    try:
+        body = await upstream.read()
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+    if upstream.status != 200:
+        raise _refusal(upstream.status, body, model)
+    try:
+        doc = json.loads(body)
+        text, prompt_tokens, completion_tokens = str(doc["text_output"]), int(doc["input_tokens"]), \
+            int(doc["output_tokens"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpstreamFailed(f"upstream_unreadable_answer: {exc}") from exc
+    ctx.input_tokens, ctx.output_tokens = prompt_tokens, completion_tokens
+    ctx.http_status = 200
+    answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), text,
+                        finish_reason(req, max_tokens, completion_tokens), prompt_tokens, completion_tokens)
+    await commit_audit(state, ctx)   # strict audit: durable, with the counts, before the answer leaves
+    return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
+
+
+def _response_id(req: OpenAIRequest, ctx: RequestContext) -> str:
+    return ("chatcmpl-" if req.endpoint == CHAT else "cmpl-") + ctx.request_id
+
+
+class _Events:
+    """Splits a generate_stream body into its events' JSON objects (Triton's SSE: `data: {...}` + blank line)."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        events = (self._tail + chunk).split(b"\n\n")
+        self._tail = events.pop()
+        out = []
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    try:
+                        doc = json.loads(line[5:])
+                    except ValueError:
+                        doc = {"error": "unreadable event from the inference server"}
+                    out.append(doc if isinstance(doc, dict) else {"error": "unreadable event"})
+        return out
+
+
+async def _stream(request: web.Request, state: AppState, ctx: RequestContext, req: OpenAIRequest,
+                  upstream: UpstreamResponse, max_tokens: int, model: str) -> web.StreamResponse:
+    """Triton's token events relayed as OpenAI chunks, each as it comes.
+
+    The first event is awaited before any header goes out, so a request the model refuses still
+    gets a clean OpenAI error status. A client that leaves is noticed when it leaves (the guarded
+    connection's `lost` future, as in upstream/forward.py): the relay stops, the caller's release()
+    closes Triton's connection, which cancels the generation there; the record keeps the tokens
+    counted up to then.
+    """
+    if upstream.status != 200:
+        try:
+            body = await upstream.read_upto(4096)
+        except upstream_http.UpstreamError:
+            body = b""
+        raise _refusal(upstream.status, body, model)
+    events = _Events()
+    writer = ChunkWriter(req, _response_id(req, ctx), int(ctx.started_wall))
+    pending: list[dict[str, Any]] = []
+    try:
+        async for chunk in upstream.iter_any():
+            pending = events.feed(chunk)
+            if pending:
+                break
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+    if pending and "error" in pending[0]:
+        raise _refusal(400, json.dumps(pending[0]).encode(), model)
+    response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-Id": ctx.request_id})
+    ctx.http_status = 200
+    await response.prepare(request)
+    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
+    relaying = asyncio.current_task()
+    assert relaying is not None
+
+    def interrupt(_: object) -> None:
+        relaying.cancel()
+    if gone is not None:
+        gone.add_done_callback(interrupt)
+    failed: SeekgateError | None = None
+    stops = StopFilter(req.stop)
+    try:
+        out = writer.first()
+        batch = pending
+        more = upstream.iter_any()
+        while True:
+            for doc in batch:
+                if "error" in doc:
+                    failed = BadRequest(f"model_error_mid_stream: {str(doc['error'])[:256]}",
+                                        public_message=str(doc["error"])[:1024])
+                    break
+                out += writer.text(stops.feed(str(doc.get("text_output", ""))))
+                if isinstance(doc.get("input_tokens"), int):
+                    ctx.input_tokens = doc["input_tokens"]
+                if isinstance(doc.get("output_tokens"), int):
+                    ctx.output_tokens = doc["output_tokens"]
+                if stops.stopped:
+                    break
+            if out:
+                await response.write(out)
+                out = b""
+            if failed is not None or stops.stopped:
+                break   # a stop sequence: the caller's release() cancels the rest of the generation
+            try:
+                chunk = await more.__anext__()
+            except StopAsyncIteration:
+                break
+            batch = events.feed(chunk)
+    except ConnectionError:
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        return response
+    except upstream_http.UpstreamError as exc:
+        failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
+    except asyncio.CancelledError:
+        if gone is None or not gone.done():
+            raise   # not ours: the drain timeout's
+        relaying.uncancel()
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        return response
+    finally:
+        if gone is not None:
+            gone.remove_done_callback(interrupt)
+    if failed is not None:
+        ctx.status, ctx.reason = "error", failed.reason
+        await response.write(writer.error(failed))
+        await response.write_eof()
+        return response
+    reason = "stop" if stops.stopped else finish_reason(req, max_tokens, ctx.output_tokens or 0)
+    last = writer.text(stops.flush()) + writer.last(reason, ctx.input_tokens or 0, ctx.output_tokens or 0)
+    try:
+        await commit_audit(state, ctx)   # strict audit: the stream's end waits for its record
+    except AuditUnavailable as exc:
+        ctx.status, ctx.reason = "error", f"stream_cut: {exc.reason}"
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write(last)
+    await response.write_eof()
+    return response

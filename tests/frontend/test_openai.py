@@ -1,0 +1,321 @@
+"""The OpenAI API under /v1, driven by the official `openai` SDK against the real Triton and the tiny DeepSeek."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.local.triton import TritonProcess
+from tests.frontend.test_http import bearer, call, raw_request, read_until
+from tests.gateway import Gateway, audit_records, gateway_via, metric, wait_for
+from tests.relay import TcpRelay
+
+MODEL = "deepseek"
+
+# A role the OpenAI API is denied to (the README's example, inverted): kserve only.
+DENY_OPENAI = """
+rules:
+  - id: no-openai-for-batch
+    effect: deny
+    subject: {roles: [batch]}
+    resources: ["model:*"]
+    actions: [infer, read]
+    environment: {apis: [openai]}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("gw-openai")
+    policies = root / "policies"
+    policies.mkdir()
+    (policies / "default.yaml").write_text((Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
+                                           .read_text())
+    (policies / "openai.yaml").write_text(DENY_OPENAI)
+    with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4",
+                                       "openai.aliases": "deepseek-chat=deepseek"}) as g:
+        yield g
+
+
+def client(gw: Gateway, key: str, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, **kw)
+
+
+def records_of(gw: Gateway, key_id: str, count: int = 1) -> list[dict[str, Any]]:
+    assert wait_for(lambda: sum(r["key_id"] == key_id for r in audit_records(gw)) >= count, 10.0)
+    return sorted((r for r in audit_records(gw) if r["key_id"] == key_id), key=lambda r: r["timestamp"])
+
+
+# ------------------------------------------------------------------ models
+
+def test_models_lists_triton_models_and_aliases_without_the_stream_twin(gw: Gateway) -> None:
+    _, key = gw.key(owner="lister")
+    ids = [m.id for m in client(gw, key).models.list()]
+    assert ids == ["deepseek", "deepseek-chat"]
+    assert client(gw, key).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client(gw, key).models.retrieve("deepseek_stream")
+    assert err.value.code == "model_not_found"
+
+
+def test_models_shows_only_what_the_key_may_use(gw: Gateway) -> None:
+    _, key = gw.key(owner="narrow", models=("deepseek-nope",))
+    assert [m.id for m in client(gw, key).models.list()] == []
+    with pytest.raises(openai.NotFoundError):
+        client(gw, key).models.retrieve(MODEL)
+
+
+# ------------------------------------------------------------------ chat and completions
+
+def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
+    key_id, key = gw.key(owner="chatter")
+    answer = client(gw, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=8, temperature=0, user="end-user-42")
+    assert answer.object == "chat.completion" and answer.model == MODEL
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    u = answer.usage
+    assert u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert 1 <= u.completion_tokens <= 8 and (choice.finish_reason == "length") == (u.completion_tokens == 8)
+    (rec,) = records_of(gw, key_id)
+    assert (rec["input_tokens"], rec["output_tokens"]) == (u.prompt_tokens, u.completion_tokens)
+    assert rec["protocol"] == "openai" and rec["openai"] == {"endpoint": "/v1/chat/completions",
+                                                             "user": "end-user-42"}
+    assert (rec["resource"], rec["action"], rec["model"], rec["status"]) == ("model:deepseek", "infer", MODEL,
+                                                                             "allowed")
+    assert metric(gw, "seekgate_requests_total", protocol="openai", model=MODEL, code="200") >= 1
+
+
+def test_chat_uses_the_checkpoints_chat_template(gw: Gateway, triton: TritonProcess) -> None:
+    """The prompt the model saw is the template's rendering: its token count matches a generate of that text."""
+    _, key = gw.key(owner="templ")
+    answer = client(gw, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                                     max_tokens=4, temperature=0)
+    rendered = "<|begin_of_sentence|><|User|>Hello<|Assistant|>"
+    # generate adds no BOS of its own with this tokenizer: the same text is the same prompt.
+    status, _, body = call(triton.http_url + "/v2/models/deepseek/generate", "POST",
+                           {"text_input": rendered, "max_tokens": 4, "temperature": 0})
+    assert status == 200, body
+    direct = json.loads(body)
+    assert answer.usage is not None and answer.usage.prompt_tokens == direct["input_tokens"]
+    assert answer.choices[0].message.content == direct["text_output"]
+
+
+def test_chat_streamed_chunks_role_first_finish_last_and_usage(gw: Gateway) -> None:
+    key_id, key = gw.key(owner="streamer")
+    chunks = list(client(gw, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason in ("stop", "length")
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and usage.completion_tokens <= 12
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client(gw, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=12, temperature=0)
+    assert text == whole.choices[0].message.content
+    rec = records_of(gw, key_id, 2)[0]
+    assert (rec["input_tokens"], rec["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+def test_completions_at_temperature_0_equal_tritons_generate(gw: Gateway, triton: TritonProcess) -> None:
+    _, key = gw.key(owner="completer")
+    prompt = "The quick brown fox"
+    answer = client(gw, key).completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+    status, _, body = call(triton.http_url + "/v2/models/deepseek/generate", "POST",
+                           {"text_input": prompt, "max_tokens": 10, "temperature": 0})
+    direct = json.loads(body)
+    assert status == 200 and answer.object == "text_completion"
+    assert answer.choices[0].text == direct["text_output"]
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (direct["input_tokens"],
+                                                                            direct["output_tokens"])
+    echoed = client(gw, key).completions.create(model=MODEL, prompt=[prompt], max_tokens=10, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + direct["text_output"]
+    streamed = client(gw, key).completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                                  stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == direct["text_output"]
+
+
+def test_stop_sequences_cut_the_answer(gw: Gateway) -> None:
+    _, key = gw.key(owner="stopper")
+    c = client(gw, key)
+    full = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0).choices[0].text
+    assert len(full) >= 4
+    stop = full[2:4]   # a sequence the greedy answer is known to contain
+    cut = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0, stop=[stop, "@@"])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=16, temperature=0, stop=stop,
+                                    stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == full[:full.index(stop)]
+
+
+def test_seed_reproduces_at_temperature_above_0(gw: Gateway) -> None:
+    _, key = gw.key(owner="seeder")
+    c = client(gw, key)
+
+    def ask(seed: int) -> str:
+        return c.completions.create(model=MODEL, prompt="Inference servers", max_tokens=24, temperature=1.5,
+                                    seed=seed).choices[0].text
+    first = ask(1234)
+    assert ask(1234) == first
+    assert any(ask(s) != first for s in (1, 2, 3))
+
+
+def test_stream_chunks_arrive_as_triton_sends_them(gw: Gateway, relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Triton's events after the first are held in the relay: the client has its first chunk while Triton is
+    still 'generating', so chunks are relayed as they come, not gathered into one burst at the end."""
+    relay = relays[0]
+    _, key = gw.key(owner="pacer")
+    marker = f"pace-{uuid.uuid4().hex}"
+    relay.hold_after(b"data:")
+    try:
+        stream = client(gw, key).completions.create(model=MODEL, prompt=marker, max_tokens=20, temperature=0,
+                                                    stream=True)
+        it = iter(stream)
+        first = next(it)
+        got_first = time.monotonic()
+        assert first.choices and first.choices[0].finish_reason is None
+        time.sleep(0.5)
+    finally:
+        relay.let_flow()
+    rest = list(it)
+    assert time.monotonic() - got_first >= 0.5 and rest and rest[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Gateway,
+                                                                           relays: tuple[TcpRelay, TcpRelay]) -> None:
+    relay = relays[0]
+    key_id, key = gw.key(owner="leaver")
+    marker = f"leave-{uuid.uuid4().hex}"
+    relay.hold_after(b"data:")
+    try:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 200,
+                           "stream": True}).encode()
+        sock = raw_request(gw, "POST", "/v1/chat/completions", body,
+                           {**bearer(key), "Content-Type": "application/json"})
+        assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
+        upstream = relay.connection_carrying(marker.encode())
+        assert upstream is not None and not upstream.closed.is_set()
+        sock.close()
+        assert upstream.closed.wait(60), "Triton's request outlived its client"
+    finally:
+        relay.let_flow()
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
+    assert 1 <= rec["output_tokens"] < 200 and rec["openai"]["endpoint"] == "/v1/chat/completions"
+
+
+# ------------------------------------------------------------------ refusals, as the SDK raises them
+
+def test_a_wrong_key_is_authentication_error(gw: Gateway) -> None:
+    _, key = gw.key(owner="typo")
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(gw, key[:-2] + ("aa" if not key.endswith("aa") else "bb")).models.list()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(gw, "not-a-key").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
+def test_policy_denying_the_openai_api_to_a_role(gw: Gateway) -> None:
+    _, key = gw.key(owner="batcher", roles=("batch",))
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client(gw, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2)
+    assert err.value.status_code == 403
+    assert [m.id for m in client(gw, key).models.list()] == []
+    # The same key keeps Triton's own protocol.
+    status, _, _ = call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "hi", "max_tokens": 2}, key)
+    assert status == 200
+
+
+def test_an_unknown_model_is_not_found(gw: Gateway) -> None:
+    _, key = gw.key(owner="lost")
+    with pytest.raises(openai.NotFoundError) as err:
+        client(gw, key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 5}, "max_tokens"),          # over the role cap of 4
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_bad_parameters_are_bad_request_naming_the_param(gw: Gateway, kwargs: dict[str, Any], param: str) -> None:
+    _, key = gw.key(owner="capped", roles=("capped",))
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gw, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **kwargs)
+    assert err.value.status_code == 400 and err.value.param == param
+
+
+def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> None:
+    _, key = gw.key(owner="capped2", roles=("capped",))
+    c = client(gw, key)
+    answer = c.completions.create(model=MODEL, prompt="Hello", max_tokens=100, temperature=0,
+                                  extra_body={"max_completion_tokens": 3})
+    assert answer.usage is not None and answer.usage.completion_tokens <= 3
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt="Hello", temperature=0)   # default 16 is over the cap of 4
+    assert err.value.param == "max_tokens"
+
+
+def test_rate_limited_429_is_retried_by_the_sdk_after_retry_after(gw: Gateway,
+                                                                   relays: tuple[TcpRelay, TcpRelay]) -> None:
+    key_id, key = gw.key(owner="retrier", limits={"concurrency": 1})
+    no_retry = client(gw, key, max_retries=0)
+    relays[0].hold_after(b"data:")   # the stream below stays open until its client closes it
+    try:
+        held = no_retry.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hold"}],
+                                                max_tokens=60, stream=True)
+        next(iter(held))   # the one slot is taken while this stream is open
+        with pytest.raises(openai.RateLimitError) as err:
+            no_retry.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert err.value.code == "rate_limit_exceeded" and err.value.response.headers["retry-after"] == "1"
+        # The SDK (max_retries=2) gets a 429, waits Retry-After and tries again; the slot is freed meanwhile.
+        # The relay holds every connection's answers: it flows again once the stream is closed.
+        threading.Timer(0.3, lambda: (held.close(), relays[0].let_flow())).start()
+        answer = client(gw, key, max_retries=2).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "again"}], max_tokens=2)
+    finally:
+        relays[0].let_flow()
+    assert answer.http_response.status_code == 200
+    records = records_of(gw, key_id, 4)
+    assert [r["http_status"] for r in records[1:]] == [429, 429, 200]
+    gap = _when(records[3]) - _when(records[2])
+    assert gap >= 0.9, f"retried {gap:.2f}s after the 429, before its Retry-After of 1 s"
+
+
+def _when(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_triton_down_is_503_internal_server_error(tmp_path: Path) -> None:
+    from tests.conftest import free_ports
+    (port,) = free_ports(1)   # nothing listens there
+    relay = TcpRelay("127.0.0.1", port).start()
+    try:
+        with gateway_via(tmp_path, relay) as gw:
+            _, key = gw.key(owner="orphan")
+            with pytest.raises(openai.InternalServerError) as err:
+                client(gw, key, max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert err.value.status_code == 503 and err.value.code == "service_unavailable"
+    finally:
+        relay.stop()

@@ -1,0 +1,107 @@
+"""OpenAI request checks and translation, the stream's stop filter and the error shapes (pure functions)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxy.errors import Forbidden, RateLimited, Unauthenticated, UpstreamUnavailable
+from proxy.frontend.openai_request import CHAT, COMPLETIONS, OpenAIBadRequest, parse_request
+from proxy.frontend.openai_shapes import ChunkWriter, ModelNotFound, StopFilter, error_body
+from proxy.steps.body_view import view_http
+
+
+def chat(**kw: Any) -> dict[str, Any]:
+    return {"model": "deepseek", "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def test_chat_translates_to_the_models_own_inputs_and_body_view_reads_them() -> None:
+    req = parse_request(CHAT, chat(max_tokens=5, temperature=0.5, top_p=0.9, seed=7, stop="x", user="u1",
+                                   messages=[{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                               {"type": "text", "text": "b"}]},
+                                             {"role": "user", "content": "hi"}]))
+    body = req.generate_body(16)
+    assert json.loads(body["messages"]) == [{"role": "system", "content": "ab"}, {"role": "user", "content": "hi"}]
+    assert (body["text_input"], body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (
+        "", 5, 0.5, 7, ["x"])
+    view = view_http("generate", json.dumps(body).encode(), [])
+    assert view.asked_tokens() == 5
+    assert {p.key for p in view.parameters} == {"text_input", "messages", "max_tokens", "temperature", "top_p",
+                                                "seed", "stop"}
+
+
+def test_defaults_and_max_completion_tokens_wins() -> None:
+    body = parse_request(COMPLETIONS, {"model": "m", "prompt": ["p"]}).generate_body(16)
+    assert (body["max_tokens"], body["temperature"], "stop" in body) == (16, 1.0, False)
+    req = parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "max_tokens": 9, "max_completion_tokens": 3})
+    assert req.max_tokens == 3
+    streamed = parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "stop": ["a"], "stream": True})
+    assert "stop" not in streamed.generate_body(16)   # a stream's stops are the relay's (StopFilter)
+
+
+@pytest.mark.parametrize("endpoint, doc, param", [
+    (CHAT, chat(n=2), "n"),
+    (CHAT, chat(tools=[{}]), "tools"),
+    (CHAT, chat(logprobs=True), "logprobs"),
+    (CHAT, chat(response_format={"type": "json_object"}), "response_format"),
+    (CHAT, chat(temperature=2.5), "temperature"),
+    (CHAT, chat(top_p=0), "top_p"),
+    (CHAT, chat(max_tokens=0), "max_tokens"),
+    (CHAT, chat(max_tokens=True), "max_tokens"),
+    (CHAT, chat(stop=["a"] * 5), "stop"),
+    (CHAT, chat(stream_options={"include_usage": True}), "stream_options"),
+    (CHAT, chat(frobnicate=1), "frobnicate"),
+    (CHAT, chat(messages=[]), "messages"),
+    (CHAT, chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content[0]"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}]}, "model"),
+    (CHAT, chat(model="../etc"), "model"),
+    (COMPLETIONS, {"model": "m", "prompt": [1, 2]}, "prompt"),
+    (COMPLETIONS, {"model": "m", "prompt": "p", "logprobs": 2}, "logprobs"),
+    (COMPLETIONS, {"model": "m", "prompt": "p", "echo": "yes"}, "echo"),
+    (COMPLETIONS, {"model": "m", "prompt": "p", "messages": []}, "messages"),
+])
+def test_refusals_name_the_parameter(endpoint: str, doc: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIBadRequest) as err:
+        parse_request(endpoint, doc)
+    assert err.value.param == param and err.value.http_status == 400
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
+    parse_request(CHAT, chat(logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=None))
+    parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "logprobs": 0, "best_of": 1})
+
+
+def test_stop_filter_never_streams_part_of_a_stop_sequence() -> None:
+    f = StopFilter(("t?",))
+    assert [f.feed(d) for d in ("=", "i", "t", "?", "more")] == ["=", "i", "", "", ""]
+    assert f.stopped and f.flush() == ""
+    g = StopFilter(("t?",))
+    assert g.feed("=it") == "=i" and g.feed("x") == "tx" and not g.stopped
+    h = StopFilter(("ab",))
+    assert h.feed("xa") == "x" and h.flush() == "a"
+    assert StopFilter(()).feed("abc") == "abc"
+
+
+def test_error_shapes_carry_the_codes_the_sdk_reads() -> None:
+    assert error_body(Unauthenticated("bad_checksum"))["error"]["code"] == "invalid_api_key"
+    assert error_body(Forbidden())["error"]["type"] == "permission_error"
+    assert error_body(ModelNotFound("x"))["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert error_body(RateLimited("rate_limited:tpm"))["error"]["type"] == "tokens"
+    assert error_body(UpstreamUnavailable())["error"]["code"] == "service_unavailable"
+    # The audit reason never reaches the client.
+    assert "bad_checksum" not in json.dumps(error_body(Unauthenticated("bad_checksum")))
+
+
+def test_chunks_role_first_usage_last_then_done() -> None:
+    req = parse_request(CHAT, chat(stream=True, stream_options={"include_usage": True}))
+    w = ChunkWriter(req, "chatcmpl-1", 0)
+    first = json.loads(w.first()[6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["usage"] is None
+    events = w.last("stop", 3, 2).split(b"\n\n")
+    assert json.loads(events[0][6:])["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(events[1][6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert events[2] == b"data: [DONE]"
