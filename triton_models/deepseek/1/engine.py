@@ -233,7 +233,7 @@ class Engine:
         self._stopping = False
         self._drain_until = 0.0
         self.steps = 0                        # decode steps run (tokens / steps = rows per step)
-        self.generated = 0                    # tokens sampled
+        self.generated = 0                    # tokens output (EOS is not one)
         self.on_step: Callable[[Engine], None] | None = None   # metrics hook, engine thread
         self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
         self._thread.start()
@@ -459,11 +459,11 @@ class Engine:
     def _advance(self, seq: Sequence, tok: int) -> None:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        self.generated += 1
         if tok == self.eos_id:
             seq.done = True
         else:
             seq.tokens.append(tok)
+            self.generated += 1
             full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             seq.text, hit = cut_at_stop(full, seq.params.stop)
             seq.done = hit or len(seq.tokens) >= seq.params.max_tokens
