@@ -7,6 +7,7 @@ engine serving that request alone.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.test_model import m  # loads model.py, which puts engine.py beside it on sys.path
+from tests.test_model import m
 
-import engine as e  # noqa: E402,I001 - importable only once model.py is loaded
+# model.py puts its directory (engine.py beside it) on sys.path: the same module it uses.
+e = importlib.import_module("engine")
+assert m.Engine is e.Engine
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog", "a", "seekgate",
            "Request number 7: hello there", "Once upon a time"]
@@ -118,13 +121,13 @@ def test_greedy_requests_joining_mid_decode_match_transformers_generate(
 def test_seeded_sampling_batched_equals_alone(hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
     eng, sink = engine
     params = [dict(temperature=0.8, seed=i, top_p=0.9 if i % 2 else 1.0) for i in range(len(PROMPTS))]
-    seqs = [seq(eng, p, 12, **kw) for p, kw in zip(PROMPTS, params)]
+    seqs = [seq(eng, p, 12, **kw) for p, kw in zip(PROMPTS, params, strict=True)]
     eng.submit(seqs[0])
     sink.wait_tokens(seqs[0], 3)
     for s in seqs[1:]:
         eng.submit(s)
     sink.wait(*seqs)
-    for s, p, kw in zip(seqs, PROMPTS, params):
+    for s, p, kw in zip(seqs, PROMPTS, params, strict=True):
         assert s.tokens == alone(hf, p, 12, **kw).tokens
     assert len({tuple(s.tokens) for s in seqs}) > 1
 
@@ -195,7 +198,7 @@ def test_chunked_prefill_and_token_budget_change_nothing_but_timing(hf: tuple[An
             time.sleep(0.001)
         sink.wait(*seqs)
         assert peak <= 3
-        for s, text in zip(seqs, [long_prompt, *PROMPTS]):
+        for s, text in zip(seqs, [long_prompt, *PROMPTS], strict=True):
             assert s.tokens == hf_greedy(hf, text, s.params.max_tokens), text
     finally:
         eng.stop(0)
@@ -208,7 +211,7 @@ def test_static_scheduling_gives_the_same_tokens(hf: tuple[Any, Any]) -> None:
         for s in seqs:
             eng.submit(s)
         sink.wait(*seqs)
-        for s, text in zip(seqs, PROMPTS):
+        for s, text in zip(seqs, PROMPTS, strict=True):
             assert s.tokens == hf_greedy(hf, text, s.params.max_tokens)
     finally:
         eng.stop(0)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.local.triton import TritonProcess, free_ports
 from tests.gateway import Gateway, wait_for

@@ -230,6 +230,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []       # slots [0, n): decoding; slots [n, n+k): prefilling
         self._n = 0
+        self._held: list[Event] = []          # static mode: answers held until the batch is done
         self._stopping = False
         self._drain_until = 0.0
         self.steps = 0                        # decode steps run (tokens / steps = rows per step)
@@ -441,6 +442,9 @@ class Engine:
         if self.settings.scheduling == STATIC:
             if all(s.done for s in self._rows):
                 self._rows, self._n = [], 0
+                for event in self._held:
+                    self.sink(event)
+                self._held = []
             return
         for seq in sorted(finished, key=lambda s: -s.slot):
             self._remove(seq)
@@ -470,5 +474,8 @@ class Engine:
         # At the end, flush whatever was held back as a partial UTF-8 sequence.
         delta = seq.text[seq.emitted:] if seq.done else safe_delta(seq.text, seq.emitted)
         seq.emitted += len(delta)
-        if delta or seq.done:
+        if seq.done and self.settings.scheduling == STATIC:
+            # The old code answered a batch when its longest row was done: so does static mode.
+            self._held.append(Event(seq, delta, True))
+        elif delta or seq.done:
             self.sink(Event(seq, delta, seq.done))
