@@ -92,6 +92,7 @@ class Event:
     delta: str
     done: bool
     error: str | None = None
+    tokens: int = 0     # output tokens when this event was made (the engine keeps decoding meanwhile)
 
 
 @dataclass(frozen=True)
@@ -476,6 +477,6 @@ class Engine:
         seq.emitted += len(delta)
         if seq.done and self.settings.scheduling == STATIC:
             # The old code answered a batch when its longest row was done: so does static mode.
-            self._held.append(Event(seq, delta, True))
+            self._held.append(Event(seq, delta, True, tokens=len(seq.tokens)))
         elif delta or seq.done:
-            self.sink(Event(seq, delta, seq.done))
+            self.sink(Event(seq, delta, seq.done, tokens=len(seq.tokens)))

@@ -357,19 +357,20 @@ class TritonPythonModel:
         elif self.decoupled:
             # Each event carries the new text and the running token counts, so the
             # last event a client (or seekgate's audit) sees holds the totals.
-            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(event.delta, seq)),
+            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(event.delta, event)),
                                flags=final if event.done else 0)
         elif event.done:
-            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(seq.text, seq)),
+            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(seq.text, event)),
                                flags=final)
 
     @staticmethod
-    def _outputs(text: str, seq: Sequence) -> list[Any]:
+    def _outputs(text: str, event: Event) -> list[Any]:
+        # The counts as of the event: this thread runs behind the engine, which keeps appending tokens.
         # Shape [1, 1]: this request's slice of the batch dimension, then the value.
         return [
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("input_tokens", np.array([[len(seq.prompt_ids)]], dtype=np.int32)),
-            pb_utils.Tensor("output_tokens", np.array([[len(seq.tokens)]], dtype=np.int32)),
+            pb_utils.Tensor("input_tokens", np.array([[len(event.seq.prompt_ids)]], dtype=np.int32)),
+            pb_utils.Tensor("output_tokens", np.array([[event.tokens]], dtype=np.int32)),
         ]
 
     def finalize(self) -> None:
