@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -41,9 +42,14 @@ class ResponseSender:
     def __init__(self) -> None:
         self.sent: list[tuple[InferenceResponse | None, int]] = []
         self.cancel_after: int | None = None
+        self.finished = threading.Event()
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if any(f & TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, f in self.sent):
+            raise AssertionError("send() after the final response")
         self.sent.append((response, flags))
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.finished.set()
 
     def is_cancelled(self) -> bool:
         # Real Triton frees the response factory after the final flag: asking then crashes it.
@@ -67,6 +73,39 @@ def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | N
 
 def using_decoupled_model_transaction_policy(config: dict[str, Any]) -> bool:
     return bool(config.get("model_transaction_policy", {}).get("decoupled"))
+
+
+class Metric:
+    def __init__(self, labels: dict[str, str], buckets: list[float] | None = None) -> None:
+        self.labels, self.buckets = labels, buckets
+        self.value = 0.0
+        self.observations: list[float] = []
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def increment(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("a counter only goes up")   # Triton refuses this too
+        self.value += value
+
+    def observe(self, value: float) -> None:
+        self.observations.append(value)
+
+
+class MetricFamily:
+    GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: list[Metric] = []
+
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> Metric:  # noqa: N802 - Triton's name
+        if (self.kind == self.HISTOGRAM) != (buckets is not None):
+            raise ValueError("buckets go with histograms, and only with them")
+        metric = Metric(labels, buckets)
+        self.metrics.append(metric)
+        return metric
 
 
 class Logger:

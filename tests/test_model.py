@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -73,12 +75,6 @@ def test_context_length_check() -> None:
         m.check_context(121, m.GenerationParams(8), LIMITS)
 
 
-def test_left_pad_keeps_last_token_in_last_column() -> None:
-    ids, mask = m.left_pad([[5, 6, 7], [9]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_cut_at_stop_and_safe_delta() -> None:
     assert m.cut_at_stop("hello world", ["o w", "ld"]) == ("hell", True)
     assert m.cut_at_stop("hello", ["z"]) == ("hello", False)
@@ -96,34 +92,60 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
         m.resolve_checkpoint({"checkpoint": "nope"}, {}, str(tmp_path))
 
 
+def test_parse_settings_reports_every_bad_value() -> None:
+    settings = m.parse_settings({"max_running_sequences": "4", "prefill_chunk": "64", "token_budget": "512"}, LIMITS)
+    assert (settings.max_running, settings.prefill_chunk, settings.budget(), settings.scheduling) == \
+        (4, 64, 512, "inflight")
+    assert m.parse_settings({}, LIMITS).budget() == 32 * LIMITS.context_length
+    with pytest.raises(RuntimeError) as err:
+        m.parse_settings({"max_running_sequences": "0", "token_budget": "100", "scheduling": "fifo"}, LIMITS)
+    assert all(s in str(err.value) for s in ("max_running_sequences", "token_budget 100", "'fifo'"))
+
+
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint: Path) -> object:
+def model(tiny_checkpoint: Path) -> Iterator[object]:
     config = {"model_transaction_policy": {"decoupled": False},
               "parameters": {"checkpoint": {"string_value": str(tiny_checkpoint)},
                              "max_tokens_cap": {"string_value": "64"}}}
     instance = m.TritonPythonModel()
     instance.initialize({"model_config": json.dumps(config), "model_repository": "/nonexistent/deepseek",
                          "model_instance_kind": "CPU", "model_instance_device_id": "0", "model_name": "deepseek"})
-    return instance
+    yield instance
+    instance.finalize()
 
 
 def request(text: str, max_tokens: int, **extra: np.ndarray) -> pb_utils_stub.InferenceRequest:
     return pb_utils_stub.InferenceRequest(text_input=b(text), max_tokens=np.array([[max_tokens]], np.int32), **extra)
 
 
+def execute(model: object, requests: list[pb_utils_stub.InferenceRequest]) -> list[pb_utils_stub.InferenceResponse]:
+    """execute() returns at once; each answer arrives on the request's sender, the last with the final flag."""
+    assert model.execute(requests) is None
+    for r in requests:
+        assert r.sender.finished.wait(60), "no final response"
+    return [r.sender.sent[-1][0] for r in requests]
+
+
 def test_batch_equals_one_at_a_time_and_honours_max_tokens(model: object) -> None:
     prompts = [("Hello world", 3), ("The quick brown fox jumps over the lazy", 9), ("a", 5), ("seekgate", 12)]
-    batched = model.execute([request(t, n) for t, n in prompts])
+    batched = execute(model, [request(t, n) for t, n in prompts])
     for (text, n), response in zip(prompts, batched, strict=True):
-        single = model.execute([request(text, n)])[0]
+        single = execute(model, [request(text, n)])[0]
         assert response.output("text_output")[0, 0] == single.output("text_output")[0, 0]
         assert response.output("output_tokens")[0, 0] == single.output("output_tokens")[0, 0] <= n
     assert [int(r.output("output_tokens")[0, 0]) for r in batched] == [n for _, n in prompts]
 
 
+def test_non_decoupled_sends_exactly_one_final_response(model: object) -> None:
+    r = request("Hello world", 5)
+    execute(model, [r])
+    (response, flags), = r.sender.sent
+    assert flags == pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL and response.error is None
+
+
 def test_bad_request_in_batch_gets_its_own_error(model: object) -> None:
-    responses = model.execute([request("Hello", 4), pb_utils_stub.InferenceRequest(text_input=b("")),
-                               request("Hello", 1000), request("world", 2)])
+    responses = execute(model, [request("Hello", 4), pb_utils_stub.InferenceRequest(text_input=b("")),
+                                request("Hello", 1000), request("world", 2)])
     assert responses[0].error is None and responses[3].error is None
     assert "empty" in responses[1].error.message()
     assert "cap of 64" in responses[2].error.message()
@@ -133,15 +155,15 @@ def test_bad_request_in_batch_gets_its_own_error(model: object) -> None:
 def test_seeded_sampling_is_reproducible(model: object) -> None:
     def sampled(seed: int) -> bytes:
         extra = {"temperature": np.array([[5.0]], np.float32), "seed": np.array([[seed]], np.int64)}
-        return model.execute([request("Hello world", 10, **extra)])[0].output("text_output")[0, 0]
+        return execute(model, [request("Hello world", 10, **extra)])[0].output("text_output")[0, 0]
     assert sampled(1) == sampled(1)
     assert len({sampled(s) for s in range(6)}) > 1
 
 
 def test_stop_string_cuts_output(model: object) -> None:
-    full = model.execute([request("Hello world", 10)])[0].output("text_output")[0, 0].decode()
+    full = execute(model, [request("Hello world", 10)])[0].output("text_output")[0, 0].decode()
     stop = full[3:5]
-    cut = model.execute([request("Hello world", 10, stop=np.array([[stop.encode()]], np.object_))])[0]
+    cut = execute(model, [request("Hello world", 10, stop=np.array([[stop.encode()]], np.object_))])[0]
     text = cut.output("text_output")[0, 0].decode()
     assert stop not in text and full.startswith(text) and len(text) <= 3
 
@@ -150,7 +172,7 @@ def test_decoupled_streams_one_response_per_token(model: object) -> None:
     model.decoupled = True
     try:
         good, bad = request("Hello world", 6), pb_utils_stub.InferenceRequest(text_input=b(" "))
-        assert model.execute([good, bad]) is None
+        execute(model, [good, bad])
     finally:
         model.decoupled = False
     assert len(good.sender.sent) >= 2
@@ -165,13 +187,14 @@ def test_decoupled_streams_one_response_per_token(model: object) -> None:
 def test_cancelled_stream_stops_early_and_is_released(model: object) -> None:
     model.decoupled = True
     try:
-        cancelled, other = request("Hello world", 12), request("The quick brown fox", 12)
+        cancelled, other = request("Hello world", 40), request("The quick brown fox", 12)
         cancelled.sender.cancel_after = 2
-        model.execute([cancelled, other])
+        execute(model, [cancelled, other])
     finally:
         model.decoupled = False
     sent = cancelled.sender.sent
-    assert len(sent) == 3 and sent[-1] == (None, pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    # The response thread polls is_cancelled() every cancel_poll_ms: a few more tokens may go out first.
+    assert 3 <= len(sent) < 40 and sent[-1] == (None, pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     assert int(other.sender.sent[-1][0].output("output_tokens")[0, 0]) == 12
 
 
@@ -191,3 +214,22 @@ def test_render_messages_uses_the_tokenizers_template_and_refuses_bad_input() ->
             m.render_messages(_Templated(), bad)
     with pytest.raises(m.RequestError, match="no chat template"):
         m.render_messages(object(), raw[0])
+
+
+def test_metrics_follow_the_engine(model: object) -> None:
+    def settled() -> None:   # metrics are set after the step whose events finished the rows
+        deadline = time.monotonic() + 10
+        while (metrics.running.value or model.engine.generated != metrics.tokens.value) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    metrics = model.metrics
+    settled()
+    tokens0, steps0, ttft0 = metrics.tokens.value, metrics.steps.value, len(metrics.ttft.observations)
+    execute(model, [request(f"Hello {i}", 6) for i in range(4)])
+    settled()
+    assert metrics.tokens.value - tokens0 == 24
+    assert 0 < metrics.steps.value - steps0 < 24                 # four rows shared the decode steps
+    assert len(metrics.ttft.observations) - ttft0 == 4 and all(t > 0 for t in metrics.ttft.observations)
+    assert metrics.running.value == 0 and metrics.waiting.value == 0 and metrics.kv_usage.value == 0
+    assert metrics.ttft.labels == {"model": "deepseek", "version": "1"}

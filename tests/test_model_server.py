@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.local.triton import TritonProcess
+from proxy.local.triton import TritonProcess, free_ports
+from tests.gateway import Gateway, wait_for
 
 
 def post(triton: TritonProcess, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -108,14 +113,40 @@ def stats(triton: TritonProcess) -> tuple[int, int]:
         time.sleep(0.2)
 
 
-def test_dynamic_batching_is_real_and_does_not_change_results(triton: TritonProcess) -> None:
+def model_metrics(triton: TritonProcess, model: str = "deepseek") -> dict[str, float]:
+    """The model's own metrics (pb_utils.MetricFamily) from Triton's metrics endpoint, by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.launch.metrics_port}/metrics") as r:
+        families = text_string_to_metric_families(r.read().decode())
+    return {s.name: s.value for f in families for s in f.samples
+            if s.name.startswith("deepseek_") and s.labels.get("model") == model and "le" not in s.labels}
+
+
+def settled_metrics(triton: TritonProcess, model: str = "deepseek") -> dict[str, float]:
+    """Once the batch is empty: the engine sets its metrics after the step that answered the last row."""
+    previous: dict[str, float] = {}
+    while True:
+        current = model_metrics(triton, model)
+        if current == previous and current["deepseek_running_sequences"] == 0:
+            return current
+        previous = current
+        time.sleep(0.2)
+
+
+def test_in_flight_batching_is_real_and_does_not_change_results(triton: TritonProcess) -> None:
     prompts = [(f"Request number {i}: hello", 2 + i % 9) for i in range(32)]
-    inferences0, executions0 = stats(triton)
+    inferences0, _ = stats(triton)
+    before = settled_metrics(triton)
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(lambda p: generate(triton, *p), prompts))
-    inferences1, executions1 = stats(triton)
+    inferences1, _ = stats(triton)
+    after = settled_metrics(triton)
     assert inferences1 - inferences0 == 32
-    assert executions1 - executions0 < 32
+    tokens = after["deepseek_generated_tokens_total"] - before["deepseek_generated_tokens_total"]
+    steps = after["deepseek_decode_steps_total"] - before["deepseek_decode_steps_total"]
+    assert tokens == sum(n for _, n in prompts)
+    assert steps < tokens / 2, (steps, tokens)    # rows shared decode steps
+    assert after["deepseek_time_to_first_token_seconds_count"] - \
+        before["deepseek_time_to_first_token_seconds_count"] == 32
     alone = [generate(triton, *p) for p in prompts]
     assert [t["text_output"] for t in together] == [a["text_output"] for a in alone]
     # Mixed max_tokens inside one batch: each output is cut at its own limit.
@@ -143,3 +174,72 @@ def test_bad_input_on_stream_model(triton: TritonProcess) -> None:
     status, raw = post(triton, "/v2/models/deepseek_stream/generate_stream", {"text_input": "   ", "max_tokens": 3})
     assert status == 400 and raw.decode() == 'data: {"error":"input \'text_input\' is empty"}\n\n'
     assert len(stream_events(triton, {"text_input": "ok", "max_tokens": 3})) >= 1
+
+
+def test_short_request_joins_and_leaves_a_running_stream(triton: TritonProcess) -> None:
+    long_body = {"text_input": "Tell me everything", "max_tokens": 200}   # no EOS before 200 on the tiny model
+    first_event, long_done = threading.Event(), threading.Event()
+    long_events: list[dict[str, Any]] = []
+
+    def long_stream() -> None:
+        req = urllib.request.Request(triton.http_url + "/v2/models/deepseek_stream/generate_stream",
+                                     data=json.dumps(long_body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: "):
+                    long_events.append(json.loads(line[len(b"data: "):]))
+                    first_event.set()
+        long_done.set()
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert first_event.wait(60)
+    short = stream_events(triton, {"text_input": "Quick one", "max_tokens": 3})
+    assert not long_done.is_set(), "the short request waited for the long one"
+    worker.join(120)
+    assert short[-1]["output_tokens"] == 3 and long_events[-1]["output_tokens"] == 200
+    # Token-identical to each request alone.
+    assert "".join(e["text_output"] for e in short) == generate(triton, "Quick one", 3)["text_output"]
+    assert "".join(e["text_output"] for e in long_events) == generate(triton, "Tell me everything", 200)["text_output"]
+
+
+def test_client_disconnect_through_seekgate_cancels_the_sequence(triton: TritonProcess, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, triton.http_url, free_ports(3)).start()
+    try:
+        _, key = gw.key(owner="leaver")
+        before = settled_metrics(triton, "deepseek_stream")
+        body = json.dumps({"text_input": "Goodbye", "max_tokens": 240}).encode()
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"POST /v2/models/deepseek_stream/generate_stream HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + key.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            got = b""
+            while b"data:" not in got:
+                got += sock.recv(65536)
+        # Gone after the first event: seekgate cancels upstream, Triton tells the model, the
+        # engine drops the row at its next step and sends the final flag, which releases the request.
+        after = settled_metrics(triton, "deepseek_stream")
+        generated = after["deepseek_generated_tokens_total"] - before["deepseek_generated_tokens_total"]
+        assert 1 <= generated < 240
+        assert wait_for(lambda: pending(triton, "deepseek_stream") == 0, 30)
+        assert stream_events(triton, {"text_input": "still serving", "max_tokens": 3})[-1]["output_tokens"] == 3
+    finally:
+        gw.stop()
+
+
+def pending(triton: TritonProcess, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.launch.metrics_port}/metrics") as r:
+        families = text_string_to_metric_families(r.read().decode())
+    return sum(s.value for f in families for s in f.samples
+               if s.name == "nv_inference_pending_request_count" and s.labels.get("model") == model)
+
+
+def test_model_metrics_are_exported_for_both_models(triton: TritonProcess) -> None:
+    stream_events(triton, {"text_input": "metrics", "max_tokens": 2})
+    generate(triton, "metrics", 2)
+    for model in ("deepseek", "deepseek_stream"):
+        names = set(settled_metrics(triton, model))
+        assert {"deepseek_running_sequences", "deepseek_waiting_requests", "deepseek_kv_cache_usage_ratio",
+                "deepseek_generated_tokens_total", "deepseek_decode_steps_total",
+                "deepseek_time_to_first_token_seconds_count"} <= names, (model, names)

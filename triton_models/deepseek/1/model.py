@@ -1,24 +1,27 @@
-"""DeepSeek on Triton's Python backend: one padded, batched decode per batch the dynamic batcher hands us.
+"""DeepSeek on Triton's Python backend: requests join and leave a running batch at every decode step.
 
 The same file serves two model entries: `deepseek` (one response per request, the
 generate / infer endpoints) and `deepseek_stream` (decoupled: one response per
 token, for generate_stream and gRPC ModelStreamInfer). `initialize` reads which
 one it is from the model's transaction policy.
 
-Each batch is decoded together: one forward pass per step for every request in
-it, with per-row sampling so that `max_tokens`, `temperature`, `top_p`, `stop` and
-`seed` stay per request. A request that is invalid gets its own error response;
-the rest of the batch is served.
+The structure is that of Triton's vLLM backend: `execute` parses, validates and
+tokenizes each request (a bad one gets its own error at once), hands it to the
+engine thread (engine.py, beside this file) and returns; the engine decodes every
+running request one token per step; one response thread alone calls the response
+senders and asks them whether the client went away.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+import queue
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +30,24 @@ try:  # Only present inside Triton's Python stub; unit tests inject a stand-in.
 except ImportError:  # pragma: no cover - exercised only outside Triton
     pb_utils = None  # type: ignore[assignment]
 
+# engine.py sits beside this file (deepseek_stream/1 links both): import it from here.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import (  # noqa: E402
+    INFLIGHT,
+    STATIC,
+    Engine,
+    EngineSettings,
+    Event,
+    GenerationParams,
+    RequestError,
+    Sequence,
+    cut_at_stop,
+    safe_delta,
+)
+
+__all__ = ["GenerationParams", "RequestError", "cut_at_stop", "safe_delta"]
+
 CHECKPOINT_ENV = "SEEKGATE_CHECKPOINT"
-
-
-class RequestError(ValueError):
-    """A problem with one request: reported to that request only."""
 
 
 @dataclass(frozen=True)
@@ -41,15 +57,6 @@ class Limits:
     max_tokens_cap: int = 512
     default_max_tokens: int = 16
     context_length: int = 256
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -164,144 +171,110 @@ def check_context(prompt_len: int, params: GenerationParams, limits: Limits) -> 
             f"the context length of {limits.context_length} tokens")
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left padding keeps every row's last real token in the last column, where decoding continues."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-    return ids, mask
+def parse_settings(params: dict[str, str], limits: Limits) -> EngineSettings:
+    """The engine's scheduler settings; a bad value stops the model from loading, naming the key."""
+    settings = EngineSettings(
+        max_running=int(params.get("max_running_sequences") or 32),
+        context_length=limits.context_length,
+        token_budget=int(params.get("token_budget") or 0),
+        prefill_chunk=int(params.get("prefill_chunk") or 256),
+        scheduling=params.get("scheduling") or INFLIGHT,
+    )
+    problems = []
+    if settings.max_running < 1:
+        problems.append("max_running_sequences must be at least 1")
+    if settings.prefill_chunk < 1:
+        problems.append("prefill_chunk must be at least 1")
+    if settings.token_budget and settings.token_budget < settings.context_length:
+        problems.append(f"token_budget {settings.token_budget} is under the context length "
+                        f"{settings.context_length}: a full-length request could never start")
+    if settings.scheduling not in (INFLIGHT, STATIC):
+        problems.append(f"scheduling must be {INFLIGHT!r} or {STATIC!r}, got {settings.scheduling!r}")
+    if problems:
+        raise RuntimeError("config.pbtxt parameters: " + "; ".join(problems))
+    return settings
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Cuts `text` before the earliest stop string; says whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def safe_delta(text: str, emitted: int) -> str:
-    """New text since `emitted` chars, held back while it ends inside a UTF-8 sequence."""
-    if text.endswith("\ufffd"):
-        return ""
-    return text[emitted:]
-
-
-# ------------------------------------------------------------- batched decoding
-
-
-@dataclass
-class Row:
-    """Decoding state of one request inside a batch."""
-
-    prompt_ids: list[int]
-    params: GenerationParams
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    done: bool = False
-
-
-StepCallback = Callable[[int, Row, str], None]
-
-
-class BatchDecoder:
-    """Runs one padded decode over a batch: a forward pass per step for all rows."""
-
-    def __init__(self, model: Any, tokenizer: Any, device: Any) -> None:
-        import torch
-
-        self.torch = torch
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        # transformers renamed `past_key_values` to `cache` (5.x); support both.
-        forward_params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-
-    def _next_tokens(self, logits: Any, rows: list[Row], generators: list[Any]) -> list[int]:
-        torch = self.torch
-        greedy = logits.argmax(dim=-1).tolist()
-        out = []
-        for i, row in enumerate(rows):
-            p = row.params
-            if row.done or p.temperature == 0.0:
-                out.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # always keeps the top token
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-        return out
-
-    def run(self, rows: list[Row], on_step: StepCallback | None = None,
-            cancelled: Callable[[int], bool] | None = None) -> list[Row]:
-        """Decodes every row to its own limit, EOS or stop string; `on_step` sees each new piece."""
-        torch = self.torch
-        ids_np, mask_np = left_pad([r.prompt_ids for r in rows], self.pad_id)
-        ids = torch.from_numpy(ids_np).to(self.device)
-        mask = torch.from_numpy(mask_np).to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = []
-        for r in rows:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(4), "little"))
-            generators.append(g)
-        past = None
-        step_input, step_pos = ids, positions
-        longest = max(r.params.max_tokens for r in rows)
-        with torch.inference_mode():
-            for _ in range(longest):
-                out = self.model(input_ids=step_input, attention_mask=mask, position_ids=step_pos,
-                                 use_cache=True, **{self.cache_arg: past})
-                past = getattr(out, self.cache_arg)
-                logits = out.logits[:, -1, :].float().cpu()
-                nxt = self._next_tokens(logits, rows, generators)
-                for i, (row, tok) in enumerate(zip(rows, nxt)):
-                    if row.done:
-                        continue
-                    if cancelled is not None and cancelled(i):
-                        row.done = True
-                        continue
-                    self._advance(i, row, tok, on_step)
-                if all(r.done for r in rows):
-                    break
-                step_input = torch.tensor(nxt, device=self.device).unsqueeze(1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                step_pos = step_pos[:, -1:] + 1
-        return rows
-
-    def _advance(self, i: int, row: Row, tok: int, on_step: StepCallback | None) -> None:
-        if tok == self.eos_id:
-            row.done = True
-        else:
-            row.tokens.append(tok)
-            full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            row.text, hit = cut_at_stop(full, row.params.stop)
-            row.done = hit or len(row.tokens) >= row.params.max_tokens
-        # At the end, flush whatever was held back as a partial UTF-8 sequence.
-        delta = row.text[row.emitted:] if row.done else safe_delta(row.text, row.emitted)
-        row.emitted += len(delta)
-        if on_step is not None and (delta or row.done):
-            on_step(i, row, delta)
-
-
-# ------------------------------------------------------------------ Triton glue
+# ------------------------------------------------------------------ request parsing
 
 INPUT_NAMES = ("text_input", "max_tokens", "temperature", "top_p", "stop", "seed", "messages")
 
 
+def read_inputs(request: Any) -> dict[str, np.ndarray]:
+    values = {}
+    for name in INPUT_NAMES:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            values[name] = tensor.as_numpy()
+    return values
+
+
+def parse_request(values: dict[str, np.ndarray], limits: Limits, encode: Any,
+                  tokenizer: Any) -> tuple[list[int], GenerationParams]:
+    """One request's inputs -> (prompt token ids, sampling parameters), or RequestError."""
+    chat = "messages" in values   # a chat (seekgate's /v1/chat/completions): text_input left empty
+    if chat and _text(_scalar(values, "text_input"), "text_input"):
+        raise RequestError("give text_input or messages, not both")
+    prompt = render_messages(tokenizer, _scalar(values, "messages")) if chat else parse_prompt(values)
+    params = parse_params(values, limits)
+    ids = encode(prompt, special=not chat)   # a rendered chat carries its special tokens already
+    check_context(len(ids), params, limits)
+    return ids, params
+
+
+# ------------------------------------------------------------------ metrics
+
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class ModelMetrics:
+    """Triton custom metrics (served on Triton's :8002/metrics beside its own), labelled like Triton's."""
+
+    def __init__(self, model: str, version: str) -> None:
+        fam = pb_utils.MetricFamily
+        labels = {"model": model, "version": version}
+
+        def metric(name: str, help_: str, kind: Any, **extra: Any) -> Any:
+            family = fam(name=name, description=help_, kind=kind)
+            self._families.append(family)   # a family must outlive its metrics
+            return family.Metric(labels=labels, **extra)
+
+        self._families: list[Any] = []
+        self.running = metric("deepseek_running_sequences", "Sequences in the running batch", fam.GAUGE)
+        self.waiting = metric("deepseek_waiting_requests", "Requests queued for the running batch", fam.GAUGE)
+        self.kv_usage = metric("deepseek_kv_cache_usage_ratio", "KV cache tokens held / capacity (0-1)", fam.GAUGE)
+        self.tokens = metric("deepseek_generated_tokens_total", "Tokens generated", fam.COUNTER)
+        self.steps = metric("deepseek_decode_steps_total", "Decode steps (one forward pass each)", fam.COUNTER)
+        self.ttft = metric("deepseek_time_to_first_token_seconds", "Time from arrival to first token",
+                           fam.HISTOGRAM, buckets=TTFT_BUCKETS)
+        self._tokens_seen = 0
+        self._steps_seen = 0
+
+    def engine_step(self, engine: Engine) -> None:
+        """Called by the engine thread after every step."""
+        stats = engine.stats()
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_used_tokens / stats.kv_capacity_tokens)
+        tokens, steps = engine.generated, engine.steps
+        self.tokens.increment(tokens - self._tokens_seen)
+        self.steps.increment(steps - self._steps_seen)
+        self._tokens_seen, self._steps_seen = tokens, steps
+
+
+# ------------------------------------------------------------------ Triton glue
+
+
+@dataclass
+class Handle:
+    """What the response thread needs to answer one request."""
+
+    sender: Any
+    first_seen: bool = False
+
+
 class TritonPythonModel:
-    """Thin adapter: Triton requests in, BatchDecoder, Triton responses out."""
+    """Thin adapter: parse in execute, the Engine decodes, one response thread answers."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -330,91 +303,103 @@ class TritonPythonModel:
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         device = self.model.device if device_map != "auto" else next(self.model.parameters()).device
-        self.decoder = BatchDecoder(self.model, self.tokenizer, device)
         self.limits = parse_limits(params, int(getattr(self.model.config, "max_position_embeddings", 4096)))
+        self.settings = parse_settings(params, self.limits)
+        self.drain_s = float(params.get("drain_timeout_s") or 30)
+        self.cancel_poll_s = float(params.get("cancel_poll_ms") or 20) / 1000
+        self.metrics = ModelMetrics(args["model_name"], str(args.get("model_version", "1")))
+
+        self._responses: queue.Queue[Event | Sequence | None] = queue.Queue()
+        self.engine = Engine(self.model, self.tokenizer, device, self.settings, self._responses.put)
+        self.engine.on_step = self.metrics.engine_step
+        self._response_thread = threading.Thread(target=self._response_loop, name="deepseek-responses",
+                                                 daemon=True)
+        self._response_thread.start()
         pb_utils.Logger.log_info(
             f"{args['model_name']}: loaded {path} on {device_map} ({dtype}) in "
-            f"{time.perf_counter() - started:.2f}s; decoupled={self.decoupled}; {self.limits}")
+            f"{time.perf_counter() - started:.2f}s; decoupled={self.decoupled}; {self.limits}; {self.settings}")
 
-    def _read(self, request: Any) -> dict[str, np.ndarray]:
-        values = {}
-        for name in INPUT_NAMES:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                values[name] = tensor.as_numpy()
-        return values
+    def execute(self, requests: list[Any]) -> None:
+        """Parses each request and hands it to the engine; every answer goes out on its sender."""
+        for request in requests:
+            seq = Sequence([], GenerationParams(1), handle=Handle(request.get_response_sender()))
+            # Registered first, so the response thread watches it before any event for it.
+            self._responses.put(seq)
+            try:
+                seq.prompt_ids, seq.params = parse_request(read_inputs(request), self.limits, self.engine.encode,
+                                                            self.engine.tokenizer)
+                self.engine.submit(seq)
+            except RequestError as exc:
+                self._responses.put(Event(seq, "", True, str(exc)))
+        return None
 
-    def _prepare(self, request: Any) -> Row:
-        values = self._read(request)
-        chat = "messages" in values   # a chat (seekgate's /v1/chat/completions): text_input left empty
-        if chat and _text(_scalar(values, "text_input"), "text_input"):
-            raise RequestError("give text_input or messages, not both")
-        prompt = render_messages(self.tokenizer, _scalar(values, "messages")) if chat else parse_prompt(values)
-        params = parse_params(values, self.limits)
-        ids = self.decoder.encode(prompt, special=not chat)
-        check_context(len(ids), params, self.limits)
-        return Row(ids, params)
+    # ---------------------------------------------------------- response thread
+
+    def _response_loop(self) -> None:
+        """The only caller of response senders: answers events and polls for cancelled requests."""
+        active: dict[int, Sequence] = {}
+        next_poll = time.monotonic() + self.cancel_poll_s
+        while True:
+            item: Event | Sequence | None | bool
+            try:
+                item = self._responses.get(timeout=self.cancel_poll_s)
+            except queue.Empty:
+                item = False   # a timeout: only poll below
+            if item is None:
+                return
+            if isinstance(item, Sequence):
+                active[id(item)] = item
+            elif isinstance(item, Event):
+                try:
+                    self._answer(item)
+                except Exception as exc:  # noqa: BLE001 - a client gone mid-send must not stop the others
+                    pb_utils.Logger.log_info(f"response not delivered: {exc}")
+                if item.done:
+                    active.pop(id(item.seq), None)
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + self.cancel_poll_s
+                for seq in list(active.values()):
+                    if not seq.cancelled and seq.handle.sender.is_cancelled():
+                        self.engine.cancel(seq)
+
+    def _answer(self, event: Event) -> None:
+        seq, handle = event.seq, event.seq.handle
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not handle.first_seen and seq.first_token_at is not None:
+            handle.first_seen = True
+            self.metrics.ttft.observe(seq.first_token_at - seq.arrived)
+        if event.error is not None:
+            handle.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=final)
+        elif seq.cancelled and event.done:
+            # The final flag releases the request in Triton, even when the client is gone.
+            if self.decoupled:
+                handle.sender.send(flags=final)
+            else:
+                handle.sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("request cancelled")), flags=final)
+        elif self.decoupled:
+            # Each event carries the new text and the running token counts, so the
+            # last event a client (or seekgate's audit) sees holds the totals.
+            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(event.delta, event)),
+                               flags=final if event.done else 0)
+        elif event.done:
+            handle.sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(seq.text, event)),
+                               flags=final)
 
     @staticmethod
-    def _outputs(text: str, row: Row) -> list[Any]:
+    def _outputs(text: str, event: Event) -> list[Any]:
+        # The counts as of the event: this thread runs behind the engine, which keeps appending tokens.
         # Shape [1, 1]: this request's slice of the batch dimension, then the value.
         return [
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("input_tokens", np.array([[len(row.prompt_ids)]], dtype=np.int32)),
-            pb_utils.Tensor("output_tokens", np.array([[len(row.tokens)]], dtype=np.int32)),
+            pb_utils.Tensor("input_tokens", np.array([[len(event.seq.prompt_ids)]], dtype=np.int32)),
+            pb_utils.Tensor("output_tokens", np.array([[event.tokens]], dtype=np.int32)),
         ]
-
-    def execute(self, requests: list[Any]) -> list[Any] | None:
-        rows: list[Row] = []
-        owners: list[int] = []
-        errors: dict[int, str] = {}
-        for n, request in enumerate(requests):
-            try:
-                rows.append(self._prepare(request))
-                owners.append(n)
-            except RequestError as exc:
-                errors[n] = str(exc)
-        if self.decoupled:
-            self._execute_stream(requests, rows, owners, errors)
-            return None
-        if rows:
-            self.decoder.run(rows)
-        done = dict(zip(owners, rows))
-        return [
-            pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[n])) if n in errors
-            else pb_utils.InferenceResponse(output_tensors=self._outputs(done[n].text, done[n]))
-            for n in range(len(requests))
-        ]
-
-    def _execute_stream(self, requests: list[Any], rows: list[Row], owners: list[int],
-                        errors: dict[int, str]) -> None:
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        senders = [r.get_response_sender() for r in requests]
-        for n, message in errors.items():
-            senders[n].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
-        if not rows:
-            return
-
-        finished: set[int] = set()
-
-        def on_step(i: int, row: Row, delta: str) -> None:
-            # Each event carries the new text and the running token counts, so the
-            # last event a client (or seekgate's audit) sees holds the totals.
-            response = pb_utils.InferenceResponse(output_tensors=self._outputs(delta, row))
-            senders[owners[i]].send(response, flags=final if row.done else 0)
-            if row.done:
-                finished.add(i)
-
-        def cancelled(i: int) -> bool:
-            # Never ask a sender after its final response: Triton has freed it by then.
-            return i not in finished and senders[owners[i]].is_cancelled()
-
-        self.decoder.run(rows, on_step=on_step, cancelled=cancelled)
-        # A cancelled row never sent its final flag; Triton needs one to release the request.
-        for i in range(len(rows)):
-            if i not in finished:
-                senders[owners[i]].send(flags=final)
 
     def finalize(self) -> None:
+        """Drains: running requests finish (up to drain_timeout_s) or fail cleanly, all with the final flag."""
+        self.engine.stop(self.drain_s)
+        self._responses.put(None)
+        self._response_thread.join()
         self.model = None
-        self.decoder = None

@@ -1,0 +1,241 @@
+"""engine.py in-process on the tiny checkpoint: in-flight batching gives each request exactly what it gets alone.
+
+The reference for greedy decoding is transformers' own `generate`, one request at a
+time; for seeded sampling (a per-request generator transformers does not have) it is the
+engine serving that request alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_model import m
+
+# model.py puts its directory (engine.py beside it) on sys.path: the same module it uses.
+e = importlib.import_module("engine")
+assert m.Engine is e.Engine
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog", "a", "seekgate",
+           "Request number 7: hello there", "Once upon a time"]
+
+
+class Collector:
+    """The engine's sink: every event, and a wait for a sequence's last one."""
+
+    def __init__(self) -> None:
+        self.events: list[e.Event] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: e.Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def of(self, seq: e.Sequence) -> list[e.Event]:
+        with self._cond:
+            return [ev for ev in self.events if ev.seq is seq]
+
+    def wait(self, *seqs: e.Sequence, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(any(ev.seq is s and ev.done for ev in self.events) for s in seqs):
+                assert self._cond.wait(deadline - time.monotonic()), "engine did not finish in time"
+
+    def wait_tokens(self, seq: e.Sequence, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(seq.tokens) < n and not seq.done:
+                assert self._cond.wait(deadline - time.monotonic())
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype="float32", local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(str(tiny_checkpoint), local_files_only=True)
+
+
+def make_engine(hf: tuple[Any, Any], **settings: Any) -> tuple[e.Engine, Collector]:
+    model, tokenizer = hf
+    sink = Collector()
+    base: dict[str, Any] = {"max_running": 8, "context_length": 256}
+    return e.Engine(model, tokenizer, model.device, e.EngineSettings(**(base | settings)), sink), sink
+
+
+@pytest.fixture()
+def engine(hf: tuple[Any, Any]) -> Iterator[tuple[e.Engine, Collector]]:
+    eng, sink = make_engine(hf)
+    yield eng, sink
+    eng.stop(0)
+
+
+def seq(eng: e.Engine, text: str, max_tokens: int, **params: Any) -> e.Sequence:
+    return e.Sequence(eng.encode(text), e.GenerationParams(max_tokens, **params))
+
+
+def hf_greedy(hf: tuple[Any, Any], text: str, max_tokens: int) -> list[int]:
+    import torch
+    model, tokenizer = hf
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def alone(hf: tuple[Any, Any], text: str, max_tokens: int, **params: Any) -> e.Sequence:
+    eng, sink = make_engine(hf)
+    try:
+        s = seq(eng, text, max_tokens, **params)
+        eng.submit(s)
+        sink.wait(s)
+        return s
+    finally:
+        eng.stop(0)
+
+
+def test_greedy_requests_joining_mid_decode_match_transformers_generate(
+        hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
+    eng, sink = engine
+    first = seq(eng, PROMPTS[1], 40)
+    eng.submit(first)
+    sink.wait_tokens(first, 5)       # the running batch is mid-decode when the others join
+    others = [seq(eng, p, 3 + 5 * i) for i, p in enumerate(PROMPTS)]
+    for s in others:
+        eng.submit(s)
+    sink.wait(first, *others)
+    for s, text in zip([first, *others], [PROMPTS[1], *PROMPTS], strict=True):
+        assert s.tokens == hf_greedy(hf, text, s.params.max_tokens), text
+        assert "".join(ev.delta for ev in sink.of(s)) == s.text
+    assert eng.steps < sum(len(s.tokens) for s in [first, *others])   # rows really shared steps
+
+
+def test_seeded_sampling_batched_equals_alone(hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
+    eng, sink = engine
+    params = [dict(temperature=0.8, seed=i, top_p=0.9 if i % 2 else 1.0) for i in range(len(PROMPTS))]
+    seqs = [seq(eng, p, 12, **kw) for p, kw in zip(PROMPTS, params, strict=True)]
+    eng.submit(seqs[0])
+    sink.wait_tokens(seqs[0], 3)
+    for s in seqs[1:]:
+        eng.submit(s)
+    sink.wait(*seqs)
+    for s, p, kw in zip(seqs, PROMPTS, params, strict=True):
+        assert s.tokens == alone(hf, p, 12, **kw).tokens
+    assert len({tuple(s.tokens) for s in seqs}) > 1
+
+
+def test_leaving_early_with_stop_string_and_max_tokens_1(hf: tuple[Any, Any],
+                                                          engine: tuple[e.Engine, Collector]) -> None:
+    eng, sink = engine
+    full = alone(hf, PROMPTS[0], 10).text
+    stop = full[3:5]
+    long_, stopped, one = seq(eng, PROMPTS[1], 30), seq(eng, PROMPTS[0], 10, stop=(stop,)), seq(eng, PROMPTS[2], 1)
+    for s in (long_, stopped, one):
+        eng.submit(s)
+    sink.wait(stopped, one)
+    assert not long_.done                      # they left while the long one still runs
+    sink.wait(long_)
+    assert stopped.text == full[:3] and stop not in stopped.text
+    assert len(one.tokens) == 1 and one.tokens == hf_greedy(hf, PROMPTS[2], 1)
+    assert long_.tokens == hf_greedy(hf, PROMPTS[1], 30)
+
+
+def test_cancelled_row_leaves_within_a_step_and_gets_a_final_event(
+        hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
+    eng, sink = engine
+    victim, other = seq(eng, PROMPTS[0], 60), seq(eng, PROMPTS[1], 40)
+    eng.submit(victim)
+    eng.submit(other)
+    sink.wait_tokens(victim, 3)
+    steps = eng.steps
+    eng.cancel(victim)
+    sink.wait(victim)
+    assert sink.of(victim)[-1].done and sink.of(victim)[-1].error is None
+    assert eng.steps - steps <= 2 and len(victim.tokens) < 60
+    sink.wait(other)
+    assert other.tokens == hf_greedy(hf, PROMPTS[1], 40)
+
+
+def test_engine_error_fails_only_in_flight_rows_and_engine_keeps_serving(
+        hf: tuple[Any, Any], engine: tuple[e.Engine, Collector], monkeypatch: pytest.MonkeyPatch) -> None:
+    eng, sink = engine
+    running = seq(eng, PROMPTS[1], 50)
+    eng.submit(running)
+    sink.wait_tokens(running, 2)
+    real = eng._forward
+
+    def broken(*args: Any) -> Any:
+        monkeypatch.setattr(eng, "_forward", real)   # fails once: a transient device error
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(eng, "_forward", broken)
+    sink.wait(running)
+    assert "generation failed: RuntimeError: CUDA error" in (sink.of(running)[-1].error or "")
+    after = seq(eng, PROMPTS[3], 8)
+    eng.submit(after)
+    sink.wait(after)
+    assert sink.of(after)[-1].error is None and after.tokens == hf_greedy(hf, PROMPTS[3], 8)
+
+
+def test_chunked_prefill_and_token_budget_change_nothing_but_timing(hf: tuple[Any, Any]) -> None:
+    long_prompt = " ".join(PROMPTS * 3)
+    eng, sink = make_engine(hf, prefill_chunk=5, token_budget=256, max_running=3)
+    try:
+        seqs = [seq(eng, long_prompt, 10)] + [seq(eng, p, 20) for p in PROMPTS]
+        assert len(seqs[0].prompt_ids) > 5 * 4    # prefilled over several steps
+        for s in seqs:
+            eng.submit(s)
+        peak = 0
+        while not all(s.done for s in seqs):
+            peak = max(peak, eng.stats().running)
+            time.sleep(0.001)
+        sink.wait(*seqs)
+        assert peak <= 3
+        for s, text in zip(seqs, [long_prompt, *PROMPTS], strict=True):
+            assert s.tokens == hf_greedy(hf, text, s.params.max_tokens), text
+    finally:
+        eng.stop(0)
+
+
+def test_static_scheduling_gives_the_same_tokens(hf: tuple[Any, Any]) -> None:
+    eng, sink = make_engine(hf, scheduling=e.STATIC)
+    try:
+        seqs = [seq(eng, p, 2 + 3 * i) for i, p in enumerate(PROMPTS)]
+        for s in seqs:
+            eng.submit(s)
+        sink.wait(*seqs)
+        for s, text in zip(seqs, PROMPTS, strict=True):
+            assert s.tokens == hf_greedy(hf, text, s.params.max_tokens)
+    finally:
+        eng.stop(0)
+
+
+def test_submit_refuses_what_can_never_be_admitted(engine: tuple[e.Engine, Collector]) -> None:
+    eng, _ = engine
+    with pytest.raises(e.RequestError, match="token budget of 256"):
+        eng.submit(e.Sequence([1] * 250, e.GenerationParams(10)))
+
+
+def test_stop_drains_running_rows_and_fails_waiting_ones(hf: tuple[Any, Any]) -> None:
+    eng, sink = make_engine(hf, max_running=1)
+    running, queued = seq(eng, PROMPTS[0], 20), seq(eng, PROMPTS[1], 20)
+    eng.submit(running)
+    eng.submit(queued)
+    sink.wait_tokens(running, 1)
+    eng.stop(30)
+    assert running.done and sink.of(running)[-1].error is None and len(running.tokens) == 20
+    assert sink.of(queued)[-1].error == "the model is shutting down"
+    with pytest.raises(e.RequestError, match="shutting down"):
+        eng.submit(seq(eng, "late", 2))
+
+
+def test_prefill_plan_shares_the_chunk_first_come_first_served() -> None:
+    assert e.prefill_plan([3, 10, 4], 8) == [3, 5, 0]
+    assert e.prefill_plan([2], 8) == [2]

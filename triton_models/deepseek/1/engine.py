@@ -1,0 +1,482 @@
+"""In-flight batching for a Hugging Face causal LM: one running batch, joined and left at every decode step.
+
+The interface model.py (and a future vLLM or transformers engine) relies on is small:
+`Engine(model, tokenizer, device, settings, sink)`, `submit(sequence)`, `cancel(sequence)`,
+`stats()` and `stop(drain_s)`. Everything a request needs back comes through `sink` as
+`Event`s, from the engine thread, in order per sequence; the last one has `done=True`.
+
+One step of the engine thread (the scheduler of vLLM and TGI, in miniature):
+  1. drop rows that finished or were cancelled (their KV slots are reused);
+  2. admit waiting sequences while there is a free slot and the token budget allows;
+  3. prefill the newcomers together, at most `prefill_chunk` prompt tokens a step, so a
+     long prompt is spread over several steps instead of stalling every running stream;
+     a sequence whose prompt is done samples its first token and joins the running rows;
+  4. decode one token for every running row in one forward pass.
+
+The KV cache is preallocated: one slot (row) per running sequence, `context_length`
+columns, per layer. Rows decode at their own column, so nothing is padded on the left and
+nothing is shifted; the running rows are kept in slots [0, n) so a decode step reads a
+view, never a gathered copy. Attention masks are built here, 4D, per row.
+
+`scheduling="static"` reproduces the old behaviour for the benchmark: a batch is admitted
+only when the previous one has finished, and every row is decoded until the longest is done.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence as Seq
+
+STATIC, INFLIGHT = "static", "inflight"
+
+
+class RequestError(ValueError):
+    """A problem with one request: reported to that request only."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Scheduler knobs, from config.pbtxt `parameters` (see parse_settings in model.py)."""
+
+    max_running: int = 32          # KV slots: sequences decoded together
+    context_length: int = 256      # KV columns per slot: prompt + max_tokens of one sequence
+    token_budget: int = 0          # admission: sum of (prompt + max_tokens) over running rows; 0 = slots x context
+    prefill_chunk: int = 256       # prompt tokens prefilled per step, over all newcomers
+    scheduling: str = INFLIGHT     # or STATIC: the old whole-batch behaviour, for the benchmark
+
+    def budget(self) -> int:
+        return self.token_budget or self.max_running * self.context_length
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine. `handle` is the caller's (model.py keeps its sender there)."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    handle: Any = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    done: bool = False
+    cancelled: bool = False        # set by any thread; read by the engine at the next step
+    prefilled: int = 0             # prompt tokens already in the KV cache
+    slot: int = -1
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: Any = None
+
+    def need(self) -> int:
+        """KV columns this sequence may use: what admission reserves for it."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+@dataclass(frozen=True)
+class Event:
+    """New text for one sequence; `done` marks its last event, `error` a failure (then done)."""
+
+    seq: Sequence
+    delta: str
+    done: bool
+    error: str | None = None
+    tokens: int = 0     # output tokens when this event was made (the engine keeps decoding meanwhile)
+
+
+@dataclass(frozen=True)
+class Stats:
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+
+
+Sink = Callable[[Event], None]
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def cut_at_stop(text: str, stops: Seq[str]) -> tuple[str, bool]:
+    """Cuts `text` before the earliest stop string; says whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def safe_delta(text: str, emitted: int) -> str:
+    """New text since `emitted` chars, held back while it ends inside a UTF-8 sequence."""
+    if text.endswith("\ufffd"):
+        return ""
+    return text[emitted:]
+
+
+def prefill_plan(remaining: Seq[int], chunk: int) -> list[int]:
+    """How many prompt tokens each waiting-to-prefill row gets this step, first come first served."""
+    left, plan = chunk, []
+    for r in remaining:
+        w = min(r, left)
+        plan.append(w)
+        left -= w
+    return plan
+
+
+# ------------------------------------------------------------------- KV cache
+
+
+class SlotCache:
+    """Preallocated per-layer latent KV ([slots, 1, context, dim]), written in place by the model.
+
+    transformers' attention calls `update(new_a, new_b, layer_idx, ...)` and attends over what
+    it returns; `plan_*` says where this forward pass writes. DeepSeek's MLA caches two
+    latents per token (kv_nope and k_rot); any model caching (key, value) works the same way.
+    """
+
+    def __init__(self, slots: int, context: int, device: Any) -> None:
+        self.slots, self.context, self.device = slots, context, device
+        self.a: list[Any] = []    # per layer, allocated on first use (dims come from the model)
+        self.b: list[Any] = []
+        self._rows: slice = slice(0, 0)
+        self._write: Callable[[Any, Any, Any], None] | None = None
+        self._width = 0
+
+    def _alloc(self, layer: int, new_a: Any, new_b: Any) -> None:
+        import torch
+
+        while len(self.a) <= layer:
+            self.a.append(None)
+            self.b.append(None)
+        shape = (self.slots, new_a.shape[1], self.context)
+        self.a[layer] = torch.zeros(*shape, new_a.shape[-1], dtype=new_a.dtype, device=self.device)
+        self.b[layer] = torch.zeros(*shape, new_b.shape[-1], dtype=new_b.dtype, device=self.device)
+
+    def plan_decode(self, n: int, positions: Any, width: int) -> None:
+        """Rows [0, n) write one column each, at `positions`; attention reads columns [0, width)."""
+        rows = positions.new_tensor(range(n)) if n else positions
+
+        def write(store: Any, new: Any, _: Any) -> None:
+            store[rows, :, positions] = new[:, :, 0]
+        self._rows, self._write, self._width = slice(0, n), write, width
+
+    def plan_prefill(self, first: int, offsets: Seq[int], width: int) -> None:
+        """Rows [first, first+len(offsets)) write `width` columns from their own offset."""
+        def write(store: Any, new: Any, _: Any) -> None:
+            for i, off in enumerate(offsets):
+                store[first + i, :, off:off + width] = new[i]
+        self._rows = slice(first, first + len(offsets))
+        self._write = write
+        self._width = max(offsets) + width
+
+    def update(self, new_a: Any, new_b: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if layer_idx >= len(self.a) or self.a[layer_idx] is None:
+            self._alloc(layer_idx, new_a, new_b)
+        assert self._write is not None, "SlotCache used without a plan"
+        a, b = self.a[layer_idx], self.b[layer_idx]
+        self._write(a, new_a, None)
+        self._write(b, new_b, None)
+        return a[self._rows, :, :self._width], b[self._rows, :, :self._width]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copies one row's first `length` columns to another slot (row compaction)."""
+        if src == dst or length <= 0:
+            return
+        for store in (*self.a, *self.b):
+            if store is not None:
+                store[dst, :, :length] = store[src, :, :length]
+
+    def swap(self, i: int, j: int, len_i: int, len_j: int) -> None:
+        if i == j:
+            return
+        for store in (*self.a, *self.b):
+            if store is not None:
+                tmp = store[i, :, :len_i].clone()
+                store[i, :, :len_j] = store[j, :, :len_j]
+                store[j, :, :len_i] = tmp
+
+    def reset(self) -> None:
+        self.a, self.b = [], []
+
+
+# --------------------------------------------------------------------- engine
+
+
+class Engine:
+    """The engine thread and its running batch. See the module docstring for one step."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: Any, settings: EngineSettings, sink: Sink) -> None:
+        import inspect
+
+        import torch
+
+        self.torch, self.model, self.tokenizer, self.device = torch, model, tokenizer, device
+        self.settings, self.sink = settings, sink
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # transformers renamed `past_key_values` to `cache` (5.x); support both.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = SlotCache(settings.max_running, settings.context_length, device)
+        self.mask_min = torch.finfo(next(model.parameters()).dtype).min
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []       # slots [0, n): decoding; slots [n, n+k): prefilling
+        self._n = 0
+        self._held: list[Event] = []          # static mode: answers held until the batch is done
+        self._stopping = False
+        self._drain_until = 0.0
+        self.steps = 0                        # decode steps run (tokens / steps = rows per step)
+        self.generated = 0                    # tokens output (EOS is not one)
+        self.on_step: Callable[[Engine], None] | None = None   # metrics hook, engine thread
+        self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public API
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def submit(self, seq: Sequence) -> None:
+        """Queues a validated sequence; raises RequestError if the engine can never admit it."""
+        if seq.need() > min(self.settings.context_length, self.settings.budget()):
+            raise RequestError(f"prompt of {len(seq.prompt_ids)} tokens plus max_tokens {seq.params.max_tokens} "
+                               f"is over this model's token budget of "
+                               f"{min(self.settings.context_length, self.settings.budget())}")
+        g = self.torch.Generator(device="cpu")
+        g.manual_seed(seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        seq.generator = g
+        with self._cond:
+            if self._stopping:
+                raise RequestError("the model is shutting down")
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> Stats:
+        rows = list(self._rows)
+        return Stats(running=len(rows), waiting=len(self._waiting),
+                     kv_used_tokens=sum(s.prefilled + len(s.tokens) for s in rows),
+                     kv_capacity_tokens=self.settings.max_running * self.settings.context_length)
+
+    def stop(self, drain_s: float) -> None:
+        """Refuses new work, lets running rows finish for up to `drain_s`, fails the rest, joins."""
+        with self._cond:
+            self._stopping = True
+            self._drain_until = time.monotonic() + drain_s
+            for seq in self._waiting:
+                self.sink(Event(seq, "", True, "the model is shutting down"))
+            self._waiting.clear()
+            self._cond.notify()
+        self._thread.join()
+
+    # ------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._rows and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and (not self._rows or time.monotonic() > self._drain_until):
+                    for seq in self._rows:
+                        self.sink(Event(seq, "", True, "the model is shutting down"))
+                    self._rows, self._n = [], 0
+                    return
+            try:
+                # The cache tensors are inference tensors: every in-place move happens in this mode too.
+                with self.torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - one bad step fails its rows, not the engine
+                self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+            if self.on_step is not None:
+                self.on_step(self)
+
+    def _fail_running(self, message: str) -> None:
+        for seq in self._rows:
+            seq.done = True
+            self.sink(Event(seq, "", True, message))
+        self._rows, self._n = [], 0
+        self.cache.reset()   # nothing in it belongs to anyone now; reallocated on the next forward
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if len(self._rows) > self._n:
+            self._prefill()
+        if self._n:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._rows if s.cancelled and not s.done]:
+            seq.done = True
+            self.sink(Event(seq, "", True))
+            if self.settings.scheduling == INFLIGHT:
+                self._remove(seq)
+
+    def _admit(self) -> None:
+        static = self.settings.scheduling == STATIC
+        if static and self._rows:
+            return
+        with self._cond:
+            reserved = sum(s.need() for s in self._rows)
+            while self._waiting and len(self._rows) < self.settings.max_running:
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    self.sink(Event(seq, "", True))
+                    continue
+                if reserved + seq.need() > self.settings.budget():
+                    break
+                self._waiting.popleft()
+                reserved += seq.need()
+                seq.slot = len(self._rows)
+                self._rows.append(seq)
+
+    def _remove(self, seq: Sequence) -> None:
+        """Frees a row's slot, keeping decoding rows in [0, n) and prefilling rows in [n, n+k)."""
+        i, last_running = seq.slot, self._n - 1
+        rows = self._rows
+        if i < self._n:
+            self._move(rows[last_running], i)
+            rows[i] = rows[last_running]
+            self._n -= 1
+            i = last_running   # now a hole at the end of the decoding rows
+        last = len(rows) - 1
+        if i != last:
+            self._move(rows[last], i)
+            rows[i] = rows[last]
+        rows.pop()
+
+    def _move(self, seq: Sequence, dst: int) -> None:
+        self.cache.move(seq.slot, dst, seq.prefilled + len(seq.tokens))
+        seq.slot = dst
+
+    def _mask(self, limits: Seq[tuple[int, int]], q_len: int, width: int) -> Any:
+        """4D additive mask: query i of row r (at column off_r + i) sees columns [0, off_r + i]."""
+        torch = self.torch
+        offs = torch.tensor([o for o, _ in limits], device=self.device).view(-1, 1, 1, 1)
+        q = torch.arange(q_len, device=self.device).view(1, 1, -1, 1)
+        k = torch.arange(width, device=self.device).view(1, 1, 1, -1)
+        allowed = k <= offs + q
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, self.mask_min)
+
+    def _forward(self, ids: Any, positions: Any, mask: Any) -> Any:
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                             **{self.cache_arg: self.cache})
+        return out.logits
+
+    def _prefill(self) -> None:
+        torch = self.torch
+        static = self.settings.scheduling == STATIC
+        pending = self._rows[self._n:]
+        chunk = 1 << 30 if static else self.settings.prefill_chunk
+        widths = prefill_plan([len(s.prompt_ids) - s.prefilled for s in pending], chunk)
+        k = max(i + 1 for i, w in enumerate(widths) if w > 0) if any(widths) else 0
+        if k == 0:
+            return
+        pending, widths = pending[:k], widths[:k]
+        width = max(widths)
+        ids = torch.full((k, width), self.pad_id, dtype=torch.long)
+        for r, (seq, w) in enumerate(zip(pending, widths)):
+            ids[r, :w] = torch.tensor(seq.prompt_ids[seq.prefilled:seq.prefilled + w])
+        offsets = [s.prefilled for s in pending]
+        positions = torch.tensor(offsets).view(-1, 1) + torch.arange(width).view(1, -1)
+        # Padding columns (past a row's w) are written too, with finite values, and masked
+        # until that row's own tokens overwrite them.
+        self.cache.plan_prefill(self._n, offsets, width)
+        mask = self._mask([(o, w) for o, w in zip(offsets, widths)], width, max(offsets) + width)
+        logits = self._forward(ids.to(self.device), positions.to(self.device), mask)
+        joined: list[Sequence] = []
+        for r, (seq, w) in enumerate(zip(pending, widths)):
+            seq.prefilled += w
+            if w and seq.prefilled == len(seq.prompt_ids) and not seq.cancelled:
+                self._advance(seq, self._sample(logits[r, w - 1].float().cpu(), seq))
+                joined.append(seq)
+        for seq in joined:
+            if seq.done and not static:
+                self._remove(seq)
+            else:
+                # Into the first prefilling slot: it becomes the last decoding row.
+                other = self._rows[self._n]
+                if other is not seq:
+                    self.cache.swap(seq.slot, other.slot, seq.prefilled, other.prefilled + len(other.tokens))
+                    self._rows[seq.slot], self._rows[self._n] = other, seq
+                    seq.slot, other.slot = other.slot, seq.slot
+                self._n += 1
+
+    def _decode(self) -> None:
+        torch = self.torch
+        rows = self._rows[:self._n]
+        ids = torch.tensor([[s.tokens[-1] if s.tokens else self.pad_id] for s in rows], dtype=torch.long)
+        pos = [len(s.prompt_ids) + max(len(s.tokens), 1) - 1 for s in rows]
+        # A static batch keeps finished rows until the longest is done (decoding padding, as
+        # the old code did); their column is clamped so the cache never overflows.
+        pos = [min(p, self.settings.context_length - 1) for p in pos]
+        positions = torch.tensor(pos).view(-1, 1)
+        width = max(pos) + 1
+        self.cache.plan_decode(len(rows), positions.view(-1).to(self.device), width)
+        logits = self._forward(ids.to(self.device), positions.to(self.device), self._mask([(p, 1) for p in pos], 1, width))
+        last = logits[:, -1, :].float().cpu()
+        self.steps += 1
+        finished = []
+        for r, seq in enumerate(rows):
+            if seq.done:
+                continue
+            if seq.cancelled:
+                continue   # dropped at the start of the next step, within one step of the cancel
+            self._advance(seq, self._sample(last[r], seq))
+            if seq.done:
+                finished.append(seq)
+        if self.settings.scheduling == STATIC:
+            if all(s.done for s in self._rows):
+                self._rows, self._n = [], 0
+                for event in self._held:
+                    self.sink(event)
+                self._held = []
+            return
+        for seq in sorted(finished, key=lambda s: -s.slot):
+            self._remove(seq)
+
+    def _sample(self, logits: Any, seq: Sequence) -> int:
+        torch, p = self.torch, seq.params
+        if p.temperature == 0.0:
+            return int(logits.argmax().item())
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+
+    def _advance(self, seq: Sequence, tok: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if tok == self.eos_id:
+            seq.done = True
+        else:
+            seq.tokens.append(tok)
+            self.generated += 1
+            full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            seq.text, hit = cut_at_stop(full, seq.params.stop)
+            seq.done = hit or len(seq.tokens) >= seq.params.max_tokens
+        # At the end, flush whatever was held back as a partial UTF-8 sequence.
+        delta = seq.text[seq.emitted:] if seq.done else safe_delta(seq.text, seq.emitted)
+        seq.emitted += len(delta)
+        if seq.done and self.settings.scheduling == STATIC:
+            # The old code answered a batch when its longest row was done: so does static mode.
+            self._held.append(Event(seq, delta, True, tokens=len(seq.tokens)))
+        elif delta or seq.done:
+            self.sink(Event(seq, delta, seq.done, tokens=len(seq.tokens)))

@@ -1,0 +1,1 @@
+../../deepseek/1/engine.py
