@@ -14,7 +14,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium posts forms with `Origin: null`, which the
+    # sign-in refuses as cross-site; same-origin still tells other sites nothing.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 PAGES = {"overview": "Overview", "keys": "Keys", "usage": "Usage", "audit": "Audit",

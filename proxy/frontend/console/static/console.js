@@ -200,9 +200,11 @@
     } }, field("Tier", c.tier), field("Owner", c.owner), field("Roles", c.roles), field("Parent key id", c.parent),
       field("Expires in", c.expires), field("Models", c.models), h("button", { type: "submit" }, "Create key"));
     const filters = h("form", { class: "filters", role: "search", "aria-label": "Filter keys", onsubmit: (e) => e.preventDefault(), oninput: refreshTree, onchange: refreshTree },
-      field("Owner", f.owner), field("Tier", f.tier), field("Role", f.role), field("Label", f.label), field("Status", f.status),
+      field("Owner", f.owner), field("Tier", f.tier), field("Role", f.role), field("Label", f.label), field("Status", f.status));
+    // Not in the filter form: a change there redraws the tree, which would swallow the click that blurred it.
+    const graceForm = h("form", { class: "inline", "aria-label": "Rotation settings", onsubmit: (e) => e.preventDefault() },
       field("Rotation grace", grace));
-    show(card("Create a key", create), panel, card("Keys", filters, treeBox));
+    show(card("Create a key", create), panel, card("Keys", filters, graceForm, treeBox));
     panel.tabIndex = -1;
     refreshTree();
   }
