@@ -22,7 +22,7 @@ from ...errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from ...keys.sessions import MINTING_TIERS
 from ...steps.app_state import AppState
 from ...steps.classify import classify_http
-from ...steps.pipeline import admit
+from ...steps.pipeline import admit, limit
 from ...store.sqlite_secrets import SqliteSecretRows
 from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file
 from .session import COOKIE, CSRF_FIELD, CSRF_HEADER, csrf_token, csrf_valid
@@ -69,6 +69,7 @@ async def answer_console(request: web.Request, state: AppState, ctx: RequestCont
         if not token:
             raise Unauthenticated("console_no_session")
         await admit(state, ctx, f"Bearer {token}", lambda: Resource("console", "read"))
+        await limit(state, ctx, None)   # a page view counts against the key's rates like any request
     except (Unauthenticated, Forbidden) as err:
         # A page without a live session: back to the sign-in form (the refusal is audited all the same).
         ctx.status, ctx.reason, ctx.http_status = "denied", err.reason, 303
@@ -117,6 +118,7 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
         assert ctx.principal is not None
         if ctx.principal.tier not in MINTING_TIERS or state.sessions is None:
             raise Unauthenticated("console_key_tier")   # a session or device key cannot open the console
+        await limit(state, ctx, None)   # the key's rates bind its sign-ins too (a 429 is raised as it is)
     except (Unauthenticated, Forbidden) as err:
         ctx.status, ctx.reason = "denied", err.reason
         ctx.http_status = err.http_status

@@ -153,3 +153,12 @@ def test_the_key_never_reaches_the_logs(gw: Gateway, admin_key: str, caplog: pyt
     assert admin_key not in caplog.text
     audit_text = "".join(p.read_text() for p in (gw.data_dir / "audit").glob("*.jsonl"))
     assert admin_key not in audit_text and (client.cookie or "") not in audit_text
+
+
+def test_the_keys_rate_limit_binds_console_sign_ins_and_pages(gw: Gateway) -> None:
+    _, key = gw.key(owner="limited-admin", roles=("admin",), limits={"rpm": 3})
+    client = signed_in(gw, key)   # 1
+    assert client.request("GET", "/console/keys")[0] == 200   # 2: the session counts against its parent key
+    assert client.api("GET", "keys")[0] == 200   # 3
+    status, headers, _ = client.request("GET", "/console/audit")
+    assert status == 429 and "Retry-After" in headers
