@@ -272,6 +272,7 @@ class Metrics:
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up.set(1.0 if up else 0.0)
+        self.upstream_seen_up: bool | None = up   # read back by the console's overview; None: not probed yet
 
     def set_audit_depth_fn(self, fn: Callable[[], float]) -> None:
         """Read at scrape time, e.g. `metrics.set_audit_depth_fn(writer.queue_depth)`.

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from ..admin.crypto import handle_crypto
 from ..admin.keys import handle_admin
+from ..admin.reads import RESOURCES as READ_RESOURCES
+from ..admin.reads import handle_reads
 from ..admin.sessions import handle_sessions
 from ..audit.jsonl import active_name
 from ..audit.writer import AuditWriter
@@ -39,6 +41,7 @@ from ..store.sqlite import SqliteStore
 from ..upstream.forward import forward
 from ..upstream.models import refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
+from .console.door import answer_console, is_console
 from .grpc import GrpcFrontEnd
 from .http_guard import GuardedRunner, check_framing, closes_connection, decoded_size_within, read_body
 from .listener import ListeningSocket, quiesce
@@ -52,7 +55,7 @@ PUBLIC_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
 # Credentials in a URL end up in access logs and browser history: refused outright.
 KEY_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "authorization"})
 # Resources seekgate answers itself (the key, crypto and session APIs); everything else goes to Triton.
-_LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions"})
+_LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions", *READ_RESOURCES})
 
 
 # ------------------------------------------------------------------ the request path
@@ -88,6 +91,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         # First: framing aiohttp's parser let through but a proxy must not (http_guard's doc).
         check_framing(request)
         path = route_path(request.raw_path, state.settings.server.base_path)
+        if is_console(path):   # the web console: its pages, and its data calls re-entering this path
+            return await answer_console(request, state, ctx, path, answer)
         if request.method == "GET" and path in PUBLIC_PROBES:
             # Load balancers probe health without a key; nothing else is public.
             ctx.resource = classify_http(request.method, path)
@@ -113,6 +118,7 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             kind = ctx.resource.resource
             response = (await handle_admin(request, body) if kind == "admin:keys"
                         else await handle_crypto(request, body) if kind == "admin:crypto"
+                        else await handle_reads(request, body) if kind in READ_RESOURCES
                         else handle_sessions(ctx, state.sessions))
             ctx.http_status = response.status
             await commit_audit(state, ctx)   # strict audit: durable before aiohttp sends it

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -312,6 +313,8 @@ class PolicyWatcher:
         self._seen: Snapshot = None
         self._pending: Snapshot = None
         self._task: asyncio.Task[None] | None = None
+        # The last reload's outcome, for the console's policy page: {"at", "ok", "version", "error"}; None: none yet.
+        self.last_reload: dict[str, object] | None = None
 
     async def start(self) -> None:
         self._seen = self._pending = await asyncio.to_thread(_snapshot, self.path)
@@ -350,10 +353,12 @@ class PolicyWatcher:
             detail = str(e) if isinstance(e, PolicyError) else f"{type(e).__name__}: {e}"
             msg = f"policy reload failed, keeping version {self.authorizer.version}:\n{detail}"
             log.error("%s", msg)
+            self.last_reload = {"at": time.time(), "ok": False, "version": self.authorizer.version, "error": msg}
             self._call(self.on_error, msg)
             return False
         log.info("policy reloaded: version %d, %d rules", self.authorizer.version,
                  len(self.authorizer.policy.rules))
+        self.last_reload = {"at": time.time(), "ok": True, "version": self.authorizer.version, "error": None}
         self._call(self.on_reload)
         return True
 

@@ -39,6 +39,12 @@ _LOGGING = Resource("logging", "admin")
 _ADMIN_KEYS = Resource("admin:keys", "admin")
 _ADMIN_CRYPTO = Resource("admin:crypto", "admin")
 _SESSIONS = Resource("sessions", "create")
+# The console's reads (admin/audit.py, admin/policies.py) and its sign-in: resources of their own, so a
+# policy can let an auditor read the audit log without letting them touch keys.
+_ADMIN_AUDIT = Resource("admin:audit", "read")
+_ADMIN_POLICIES = Resource("admin:policies", "read")
+_CONSOLE = Resource("console", "read")
+_AUDIT_READS = frozenset({"audit", "usage", "overview"})
 
 _GET = frozenset({"GET"})
 _POST = frozenset({"POST"})
@@ -197,6 +203,17 @@ def classify_http(method: str, raw_path: str) -> Resource:
         return _require(method, CRYPTO_OPS[segments[3]], _ADMIN_CRYPTO, raw_path)
     if segments == ("v1", "sessions"):
         return _require(method, _POST, _SESSIONS, raw_path)
+    if segments[:2] == ("admin", "v1") and len(segments) >= 3 and segments[2] in _AUDIT_READS:
+        if len(segments) > (4 if segments[2] == "audit" else 3):
+            raise _not_found(method, raw_path)
+        return _require(method, _GET, _ADMIN_AUDIT, raw_path)
+    if segments[:3] == ("admin", "v1", "policies") and len(segments) <= 4:
+        if len(segments) == 4 and segments[3] != "evaluate":
+            raise _not_found(method, raw_path)
+        # Evaluating a question changes nothing: a read, though it takes a body (POST).
+        return _require(method, _POST if len(segments) == 4 else _GET, _ADMIN_POLICIES, raw_path)
+    if segments == ("console", "session"):
+        return _require(method, _POST, _CONSOLE, raw_path)   # the sign-in: may this key use the console?
     raise _not_found(method, raw_path)
 
 

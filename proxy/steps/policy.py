@@ -20,7 +20,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # silently never match. Extend these when the classifier grows new routes.
 ACTIONS = frozenset({"infer", "read", "admin", "create"})
 RESOURCES = frozenset({"server", "repository", "sharedmemory", "trace", "logging",
-                       "statistics", "admin:keys", "admin:crypto", "sessions"})
+                       "statistics", "admin:keys", "admin:crypto", "sessions",
+                       "admin:audit", "admin:policies", "console"})
 TIERS = frozenset({"app", "device", "user", "session"})
 DEFAULT_DENY = "default_deny"
 

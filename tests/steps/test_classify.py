@@ -72,6 +72,14 @@ HTTP_ROUTES += [
     ("GET", "/admin/v1/crypto/status", CRYPTO),
     *(("POST", f"/admin/v1/crypto/rotate-{what}", CRYPTO) for what in ("dek", "root", "jwt", "pepper")),
     ("POST", "/v1/sessions", Resource("sessions", "create")),
+    # The console's reads and its sign-in: resources of their own, read-only.
+    ("GET", "/admin/v1/audit", Resource("admin:audit", "read")),
+    ("GET", "/admin/v1/audit/0123abcd", Resource("admin:audit", "read")),
+    ("GET", "/admin/v1/usage", Resource("admin:audit", "read")),
+    ("GET", "/admin/v1/overview", Resource("admin:audit", "read")),
+    ("GET", "/admin/v1/policies", Resource("admin:policies", "read")),
+    ("POST", "/admin/v1/policies/evaluate", Resource("admin:policies", "read")),
+    ("POST", "/console/session", Resource("console", "read")),
     # Model names that look like route words are still just model names.
     ("GET", "/v2/models/stats/stats", model("read", "stats")),
     ("GET", "/v2/models/stats/versions/1", model("read", "stats")),
@@ -188,6 +196,12 @@ NOT_FOUND = [
     ("GET", "/admin/v1/crypto/rotate-dek"),      # rotations are POST only
     ("POST", "/admin/v1/crypto/status"),
     ("DELETE", "/admin/v1/crypto/rotate-root"),
+    ("POST", "/admin/v1/audit"),                  # the audit log is read, never written, over the API
+    ("GET", "/admin/v1/audit/a/b"),
+    ("GET", "/admin/v1/usage/x"),
+    ("GET", "/admin/v1/policies/evaluate"),
+    ("POST", "/admin/v1/policies/reload"),
+    ("GET", "/console/session"),
 ]
 
 

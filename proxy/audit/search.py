@@ -1,0 +1,140 @@
+"""Reads over the audit index for the admin API and the console: filtered search, one record, usage, overview."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .index import FIELDS, _decoded
+
+# The filters a search takes, each an equality on one indexed column; `owner` is the actor column.
+EQUALITY_FILTERS = {"key_id": "key_id", "owner": "actor", "model": "model", "status": "status",
+                    "client_ip": "client_ip", "tier": "tier", "resource": "resource"}
+MAX_PAGE = 500
+GROUPS = {"key": "key_id", "owner": "actor", "model": "model"}
+PERIODS = {"day": "%Y-%m-%d", "month": "%Y-%m"}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """One search: equality filters, a reason prefix, a time range [since, until) in epoch seconds, a page."""
+
+    equals: tuple[tuple[str, str], ...] = ()
+    reason: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 50
+    offset: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for name, value in self.equals:
+            clauses.append(f"{EQUALITY_FILTERS[name]} = ?")
+            args.append(value)
+        if self.reason is not None:
+            # A prefix: reasons carry detail after a colon (rate_limited:rpm, body_too_large: 9000).
+            clauses.append("substr(reason, 1, ?) = ?")
+            args += [len(self.reason), self.reason]
+        for clause, bound in (("ts >= ?", self.since), ("ts < ?", self.until)):
+            if bound is not None:
+                clauses.append(clause)
+                args.append(bound)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+@asynccontextmanager
+async def _reader(data_dir: Path) -> AsyncIterator[tuple[aiosqlite.Connection, str] | None]:
+    """A read-only connection and the column list (missing newer columns read as NULL), or None: no index yet."""
+    db_path = Path(data_dir) / "audit" / "audit.db"
+    if not db_path.exists():
+        yield None
+        return
+    async with aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True) as db:
+        async with db.execute("PRAGMA table_info(audit)") as cur:
+            have = {r[1] for r in await cur.fetchall()}
+        yield db, ", ".join(f if f in have else f"NULL AS {f}" for f in FIELDS)
+
+
+async def search(data_dir: Path, query: AuditQuery) -> tuple[list[dict[str, Any]], int]:
+    """One page of matching records, newest first, and how many match in all."""
+    async with _reader(data_dir) as opened:
+        if opened is None:
+            return [], 0
+        db, columns = opened
+        where, args = query.where()
+        async with db.execute(f"SELECT count(*) FROM audit{where}", args) as cur:
+            total = (await cur.fetchone() or (0,))[0]
+        sql = f"SELECT {columns} FROM audit{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
+        async with db.execute(sql, (*args, query.limit, query.offset)) as cur:
+            rows = [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await cur.fetchall()]
+    return rows, total
+
+
+async def record(data_dir: Path, event_id: str) -> dict[str, Any] | None:
+    async with _reader(data_dir) as opened:
+        if opened is None:
+            return None
+        db, columns = opened
+        async with db.execute(f"SELECT {columns} FROM audit WHERE event_id = ?", (event_id,)) as cur:
+            found = await cur.fetchone()
+    return None if found is None else _decoded(dict(zip(FIELDS, found, strict=True)))
+
+
+async def usage(data_dir: Path, group: str, period: str, since: float) -> list[dict[str, Any]]:
+    """Tokens and requests per (group value, day or month) of served requests since `since`, oldest first."""
+    column, fmt = GROUPS[group], PERIODS[period]
+    async with _reader(data_dir) as opened:
+        if opened is None:
+            return []
+        db, _ = opened
+        sql = (f"SELECT {column}, strftime('{fmt}', ts, 'unixepoch') AS p, count(*),"
+               " coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0)"
+               f" FROM audit WHERE ts >= ? AND status = 'allowed' AND {column} IS NOT NULL"
+               f" GROUP BY {column}, p ORDER BY p, {column}")
+        async with db.execute(sql, (since,)) as cur:
+            return [{group: r[0], period: r[1], "requests": r[2], "input_tokens": r[3], "output_tokens": r[4],
+                     "tokens": r[3] + r[4]} for r in await cur.fetchall()]
+
+
+async def overview(data_dir: Path, now: float | None = None, minutes: int = 60, days: int = 14,
+                   top: int = 5) -> dict[str, Any]:
+    """Requests and errors per minute (last `minutes`), tokens per day (last `days`), top keys and models today."""
+    now = time.time() if now is None else now
+    start_min = (int(now) // 60 - minutes + 1) * 60
+    start_day = (int(now) // 86400 - days + 1) * 86400
+    per_minute = {start_min + 60 * i: [0, 0] for i in range(minutes)}
+    per_day = {start_day + 86400 * i: 0 for i in range(days)}
+    top_keys: list[dict[str, Any]] = []
+    top_models: list[dict[str, Any]] = []
+    async with _reader(data_dir) as opened:
+        if opened is not None:
+            db, _ = opened
+            async with db.execute("SELECT CAST(ts / 60 AS INTEGER) * 60, count(*),"
+                                  " sum(status != 'allowed') FROM audit WHERE ts >= ? GROUP BY 1",
+                                  (start_min,)) as cur:
+                for minute, count, errors in await cur.fetchall():
+                    if minute in per_minute:
+                        per_minute[minute] = [count, errors or 0]
+            async with db.execute("SELECT CAST(ts / 86400 AS INTEGER) * 86400,"
+                                  " coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0)"
+                                  " FROM audit WHERE ts >= ? GROUP BY 1", (start_day,)) as cur:
+                for day, tokens in await cur.fetchall():
+                    if day in per_day:
+                        per_day[day] = tokens
+            today = int(now) // 86400 * 86400
+            for column, out in (("key_id", top_keys), ("model", top_models)):
+                async with db.execute(f"SELECT {column}, count(*), coalesce(sum(input_tokens), 0)"
+                                      f" + coalesce(sum(output_tokens), 0) FROM audit WHERE ts >= ?"
+                                      f" AND {column} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
+                                      (today, top)) as cur:
+                    out += [{"name": r[0], "requests": r[1], "tokens": r[2]} for r in await cur.fetchall()]
+    return {"per_minute": [{"t": t, "requests": c, "errors": e} for t, (c, e) in per_minute.items()],
+            "tokens_per_day": [{"t": t, "tokens": n} for t, n in per_day.items()],
+            "top_keys": top_keys, "top_models": top_models}

@@ -1,0 +1,178 @@
+"""The console's door: sign-in and sign-out, pages behind the session cookie, and the relay to /admin/v1.
+
+Every data call the console makes, `/console/api/<rest>`, is answered by replaying it as
+`/admin/v1/<rest>` with the session token as its bearer credential through the same request path
+(authenticate, classify, authorize, limit, audit) a script calling /admin/v1 takes: the console is
+a client of the admin API, not a way around it. A state change also needs the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from ...context import RequestContext, Resource
+from ...errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from ...keys.sessions import MINTING_TIERS
+from ...steps.app_state import AppState
+from ...steps.classify import classify_http
+from ...steps.pipeline import admit, limit
+from ...store.sqlite_secrets import SqliteSecretRows
+from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file
+from .session import COOKIE, CSRF_FIELD, CSRF_HEADER, csrf_token, csrf_valid
+
+log = logging.getLogger("seekgate.console")
+
+Answer = Callable[[web.Request, AppState, RequestContext], Awaitable[web.StreamResponse]]
+_PUBLIC = Resource("console", "read", public=True)   # the sign-in page and the static files
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+MAX_FORM_BYTES = 4096
+
+
+def is_console(path: str) -> bool:
+    return path == "/console" or path.startswith("/console/")
+
+
+async def answer_console(request: web.Request, state: AppState, ctx: RequestContext, path: str,
+                         answer: Answer) -> web.StreamResponse:
+    """One /console request. `answer` is the HTTP request path, which the relay to /admin/v1 re-enters."""
+    base = state.settings.server.base_path
+    rest = path[len("/console"):].lstrip("/")
+    if rest.startswith("api/"):
+        return await _relay(request, state, ctx, rest[len("api/"):], answer)
+    if rest.startswith("static/") and request.method in ("GET", "HEAD"):
+        name = rest[len("static/"):]
+        body = static_file(name)
+        if body is None:
+            raise NotFound("console_static_unknown")
+        ctx.resource = _PUBLIC
+        return web.Response(body=body, content_type=STATIC_TYPES[name],
+                            headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+    if rest == "signin" and request.method == "GET":
+        ctx.resource = _PUBLIC
+        return _html(signin_page(), 200)
+    if rest == "session" and request.method == "POST":
+        return await _sign_in(request, state, ctx, base)
+    if rest == "session/end" and request.method == "POST":
+        return await _sign_out(request, state, ctx, base)
+    page = rest or "overview"
+    if page not in PAGES or request.method != "GET":
+        raise NotFound("console_page_unknown")
+    token = request.cookies.get(COOKIE)
+    try:
+        if not token:
+            raise Unauthenticated("console_no_session")
+        await admit(state, ctx, f"Bearer {token}", lambda: Resource("console", "read"))
+        await limit(state, ctx, None)   # a page view counts against the key's rates like any request
+    except (Unauthenticated, Forbidden) as err:
+        # A page without a live session: back to the sign-in form (the refusal is audited all the same).
+        ctx.status, ctx.reason, ctx.http_status = "denied", err.reason, 303
+        return _redirect(f"{base}/console/signin")
+    assert ctx.principal is not None and token is not None
+    return _html(shell_page(page, csrf_token(token), ctx.principal.owner), 200)
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=303, headers={**SECURITY_HEADERS, "Location": location})
+
+
+def _html(text: str, status: int) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", headers=SECURITY_HEADERS)
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    """A small urlencoded form, read within its own cap (a sign-in form is a few hundred bytes)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise BadRequest("console_form_type", public_message="send an application/x-www-form-urlencoded form")
+    if (request.content_length or 0) > MAX_FORM_BYTES:
+        raise BadRequest("console_form_too_large", public_message="form too large")
+    raw = await request.content.read(MAX_FORM_BYTES + 1)
+    if len(raw) > MAX_FORM_BYTES:
+        raise BadRequest("console_form_too_large", public_message="form too large")
+    try:
+        fields = parse_qs(raw.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("console_form_encoding", public_message="form must be UTF-8") from None
+    return {k: v[0] for k, v in fields.items()}
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A browser's Origin, when it sends one, must be ours: a sign-in posted from another site is refused."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
+
+
+async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:
+    """POST /console/session (form field `key`): the key through admit (console resource), then a session cookie."""
+    if not _same_origin(request):
+        raise Forbidden("console_cross_origin")
+    key = (await _form(request)).get("key", "").strip()
+    try:
+        await admit(state, ctx, f"Bearer {key}", lambda: classify_http("POST", "/console/session"))
+        assert ctx.principal is not None
+        if ctx.principal.tier not in MINTING_TIERS or state.sessions is None:
+            raise Unauthenticated("console_key_tier")   # a session or device key cannot open the console
+        await limit(state, ctx, None)   # the key's rates bind its sign-ins too (a 429 is raised as it is)
+    except (Unauthenticated, Forbidden) as err:
+        ctx.status, ctx.reason = "denied", err.reason
+        ctx.http_status = err.http_status
+        message = ("That key may not use the console." if isinstance(err, Forbidden)
+                   else "That key was not accepted.")
+        return _html(signin_page(message), err.http_status)
+    minted = state.sessions.mint(ctx.principal, time.time())
+    ctx.extra["admin_action"] = "console.signin"
+    ctx.extra["admin_target"] = minted.jti
+    ctx.http_status = 303
+    response = _redirect(f"{base}/console/")
+    response.set_cookie(COOKIE, minted.token, path=f"{base}/console", httponly=True, samesite="Strict",
+                        secure=request.secure or None, max_age=max(1, minted.expires_at - int(time.time())))
+    return response
+
+
+async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:
+    """POST /console/session/end (form field `csrf`): the session token is revoked, the cookie cleared."""
+    token = request.cookies.get(COOKIE)
+    if not token:
+        raise Unauthenticated("console_no_session")
+    await admit(state, ctx, f"Bearer {token}", lambda: Resource("console", "read"))
+    if not csrf_valid(token, (await _form(request)).get(CSRF_FIELD)):
+        raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
+    assert ctx.principal is not None
+    jti = ctx.principal.key_id   # a session principal's key id is its jti
+    rows = await SqliteSecretRows.open(state.store)
+    await rows.revoke_session(jti, time.time())
+    if state.key_cache is not None:
+        state.key_cache.clear()   # this process forgets the session at once; others check revocation anyway
+    ctx.extra["admin_action"] = "console.signout"
+    ctx.extra["admin_target"] = jti
+    ctx.http_status = 303
+    response = _redirect(f"{base}/console/signin")
+    response.del_cookie(COOKIE, path=f"{base}/console")
+    return response
+
+
+async def _relay(request: web.Request, state: AppState, ctx: RequestContext, rest: str,
+                 answer: Answer) -> web.StreamResponse:
+    """/console/api/<rest> as /admin/v1/<rest>, the session token as bearer; a state change needs the CSRF token."""
+    token = request.cookies.get(COOKIE)
+    if not token:
+        raise Unauthenticated("console_no_session")   # 401: a data call is not redirected
+    bearer = f"Bearer {token}"
+    target = f"{state.settings.server.base_path}/admin/v1/{rest}"
+    if request.method in _STATE_CHANGING and not csrf_valid(token, request.headers.get(CSRF_HEADER)):
+        # Who tried is worth knowing: the session is authenticated first, so the refusal's record names it.
+        await admit(state, ctx, bearer, lambda: classify_http(request.method, target))
+        raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
+    headers = CIMultiDict(request.headers)
+    headers.pop("Cookie", None)
+    headers["Authorization"] = bearer
+    query = request.raw_path.partition("?")[2]
+    relayed = request.clone(rel_url=URL(target + ("?" + query if query else ""), encoded=True), headers=headers)
+    return await answer(relayed, state, ctx)
+

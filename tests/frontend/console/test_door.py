@@ -1,0 +1,164 @@
+"""The console's door against a real seekgate (real Triton behind it): sign-in, cookies, CSRF, CSP, sign-out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.frontend.console.pages import PAGES
+from tests.frontend.console.helpers import ConsoleClient
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
+from tests.relay import TcpRelay
+
+
+@pytest.fixture(scope="module")
+def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with gateway_via(tmp_path_factory.mktemp("gw-console"), relay) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def admin_key(gw: Gateway) -> str:
+    return gw.key(owner="ops-lead", roles=("admin",))[1]
+
+
+def signed_in(gw: Gateway, key: str) -> ConsoleClient:
+    client = ConsoleClient(gw.url)
+    status, headers, _ = client.sign_in(key)
+    assert status == 303 and headers["Location"] == "/console/", (status, headers)
+    return client
+
+
+def test_sign_in_sets_a_strict_httponly_session_cookie_and_never_the_key(gw: Gateway, admin_key: str) -> None:
+    client = signed_in(gw, admin_key)
+    cookie = client.last_set_cookie or ""
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
+    assert "Secure" not in cookie   # plain HTTP here; on TLS the cookie is Secure (request.secure)
+    assert client.cookie and admin_key not in client.cookie and client.cookie.count(".") == 2   # a session JWT
+    for page in PAGES:
+        status, headers, body = client.request("GET", f"/console/{page}")
+        assert status == 200 and headers["Content-Type"].startswith("text/html"), page
+        assert admin_key.encode() not in body
+        assert b"ops-lead" in body
+    def signins() -> list[dict]:
+        return [r for r in audit_records(gw) if r.get("admin", {}).get("action") == "console.signin"]
+    assert wait_for(lambda: bool(signins()), 5.0)
+    records = signins()
+    assert records and records[-1]["status"] == "allowed" and records[-1]["resource"] == "console"
+
+
+def test_every_page_carries_a_strict_csp_and_denies_framing(gw: Gateway, admin_key: str) -> None:
+    client = signed_in(gw, admin_key)
+    anonymous = ConsoleClient(gw.url)
+    answers = [client.request("GET", f"/console/{p}") for p in PAGES]
+    answers += [anonymous.request("GET", "/console/signin"), client.request("GET", "/console/static/console.js"),
+                anonymous.request("GET", "/console/keys")]   # the redirect too
+    for status, headers, _ in answers:
+        assert status in (200, 303)
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert "frame-ancestors 'none'" in csp and headers["X-Frame-Options"] == "DENY"
+    status, headers, body = client.request("GET", "/console/")
+    assert b"<script>" not in body and b" on" + b"click=" not in body   # no inline script or handler
+
+
+def test_without_a_session_pages_redirect_and_data_calls_get_401(gw: Gateway) -> None:
+    anonymous = ConsoleClient(gw.url)
+    for page in ("", "keys", "audit"):
+        status, headers, _ = anonymous.request("GET", f"/console/{page}")
+        assert status == 303 and headers["Location"] == "/console/signin"
+    status, body = anonymous.api("GET", "keys")
+    assert status == 401 and "error" in body
+    status, body = anonymous.api("POST", "keys", {"tier": "user", "owner": "x"})
+    assert status == 401
+    forged = ConsoleClient(gw.url)
+    forged.cookie = "not.a.token"
+    assert forged.request("GET", "/console/keys")[0] == 303
+    assert forged.api("GET", "keys")[0] == 401
+
+
+def test_a_user_key_cannot_open_the_console(gw: Gateway) -> None:
+    _, user_key = gw.key(owner="bob", roles=("user",))
+    client = ConsoleClient(gw.url)
+    status, headers, body = client.sign_in(user_key)
+    assert status == 403 and client.cookie is None and b"may not use the console" in body
+    assert "Set-Cookie" not in headers
+    status, _, body = client.sign_in("sgk_not_a_key")
+    assert status == 401 and b"not accepted" in body and client.cookie is None
+
+
+def test_a_sign_in_posted_from_another_site_is_refused(gw: Gateway, admin_key: str) -> None:
+    client = ConsoleClient(gw.url)
+    client.origin = "https://evil.example"
+    status, _, _ = client.sign_in(admin_key)
+    assert status == 403 and client.cookie is None
+
+
+def test_data_calls_go_through_the_admin_api_and_state_changes_need_the_sessions_csrf_token(
+        gw: Gateway, admin_key: str) -> None:
+    client, other = signed_in(gw, admin_key), signed_in(gw, admin_key)
+    status, listing = client.api("GET", "keys")   # a read needs no CSRF token
+    assert status == 200 and "keys" in listing
+    spec = {"tier": "user", "owner": "forged-victim", "roles": ["user"]}
+    for token in (None, other.csrf(), "x" * 43):
+        status, body = client.api("POST", "keys", spec, csrf=token)
+        assert status == 403 and body == {"error": "missing or wrong CSRF token"}, (token, status, body)
+    assert not any(k["owner"] == "forged-victim" for k in client.api("GET", "keys")[1]["keys"])
+    assert wait_for(lambda: sum(r["reason"] == "csrf_token_invalid" for r in audit_records(gw)) >= 3, 5.0)
+    refused = [r for r in audit_records(gw) if r["reason"] == "csrf_token_invalid"][-1]
+    assert (refused["status"], refused["http_status"], refused["resource"]) == ("denied", 403, "admin:keys")
+    assert refused["actor"] == "ops-lead" and refused["path"] == "/console/api/keys"
+    status, created = client.api("POST", "keys", spec, csrf=client.csrf())
+    assert status == 201 and created["owner"] == "forged-victim" and created["key"].startswith("sgk_")
+    # The relayed call is audited like a direct /admin/v1 call: same resource, action and rule.
+    assert wait_for(lambda: any(r.get("admin", {}).get("target") == created["key_id"] for r in audit_records(gw)), 5)
+    record = next(r for r in audit_records(gw) if r.get("admin", {}).get("target") == created["key_id"])
+    assert (record["resource"], record["rule"], record["admin"]["action"]) == ("admin:keys", "admin-all", "keys.create")
+
+
+def test_a_console_session_gets_no_more_than_the_policy_gives_its_key(gw: Gateway) -> None:
+    """A key a policy lets sign in (console) but not administer keys: the console shows it 403s, not data."""
+    (Path(gw.policy_dir) / "console-auditors.yaml").write_text(
+        "rules:\n  - id: auditors-console\n    effect: allow\n    subject: {roles: [auditor]}\n"
+        "    resources: [console, 'admin:audit']\n    actions: [read]\n")
+    _, auditor = gw.key(owner="carol", roles=("auditor",))
+    client = ConsoleClient(gw.url)
+    assert wait_for(lambda: client.sign_in(auditor)[0] == 303, 5.0)
+    assert client.api("GET", "audit?limit=1")[0] == 200
+    status, body = client.api("GET", "keys")
+    assert status == 403
+    assert client.api("POST", "crypto/rotate-dek", {}, csrf=client.csrf())[0] == 403
+    (Path(gw.policy_dir) / "console-auditors.yaml").unlink()
+
+
+def test_sign_out_revokes_the_session_and_needs_the_csrf_token(gw: Gateway, admin_key: str) -> None:
+    client = signed_in(gw, admin_key)
+    token, csrf = client.cookie, client.csrf()
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": gw.url}
+    status, _, _ = client.request("POST", "/console/session/end", b"csrf=wrong", form)
+    assert status == 403 and client.api("GET", "keys")[0] == 200
+    status, headers, _ = client.request("POST", "/console/session/end", f"csrf={csrf}".encode(), form)
+    assert status == 303 and headers["Location"] == "/console/signin" and client.cookie is None
+    client.cookie = token   # the old cookie, replayed: the session itself is dead
+    assert client.api("GET", "keys")[0] == 401
+    assert client.request("GET", "/console/")[0] == 303
+
+
+def test_the_key_never_reaches_the_logs(gw: Gateway, admin_key: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("DEBUG"):
+        client = signed_in(gw, admin_key)
+        client.request("GET", "/console/keys")
+    assert admin_key not in caplog.text
+    audit_text = "".join(p.read_text() for p in (gw.data_dir / "audit").glob("*.jsonl"))
+    assert admin_key not in audit_text and (client.cookie or "") not in audit_text
+
+
+def test_the_keys_rate_limit_binds_console_sign_ins_and_pages(gw: Gateway) -> None:
+    _, key = gw.key(owner="limited-admin", roles=("admin",), limits={"rpm": 3})
+    client = signed_in(gw, key)   # 1
+    assert client.request("GET", "/console/keys")[0] == 200   # 2: the session counts against its parent key
+    assert client.api("GET", "keys")[0] == 200   # 3
+    status, headers, _ = client.request("GET", "/console/audit")
+    assert status == 429 and "Retry-After" in headers
