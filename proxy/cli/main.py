@@ -24,6 +24,7 @@ from ..store.backend import Store, open_secret_rows, open_store
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .common import DEFAULT_CONFIG, CliError, load
 from .crypto import add_crypto_commands
+from .db import add_db_commands
 
 T = TypeVar("T")
 
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes sharing the ports, limits exact across them (default: server.workers)")
     cmd(sub, "triton", cmd_triton, "run the local tritonserver in the foreground")
     add_crypto_commands(sub, cmd)
+    add_db_commands(sub, cmd)
 
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")

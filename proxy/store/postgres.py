@@ -126,6 +126,12 @@ class PostgresStore:
         rev = await conn.fetchval("UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value")
         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(rev))
 
+    async def set_revision_at_least(self, value: int) -> None:
+        """Move the change sequence forward to `value` (never back): a store copied in continues past its source."""
+        async with self.write("set_revision") as conn:
+            await conn.execute("UPDATE meta SET value = greatest(value, $1) WHERE name = 'revision'", value)
+            await conn.execute("SELECT pg_notify($1, 'copy')", CHANNEL)
+
     async def create_key(self, rec: KeyRecord) -> None:
         """Insert a key. Raises StoreConflict on a duplicate id or an unknown parent."""
         try:

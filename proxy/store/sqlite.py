@@ -207,6 +207,18 @@ class SqliteStore:
             if self._bumped:   # after the commit, before the caller hears it is done (change_signal.py)
                 self._signal.changed()
 
+    @asynccontextmanager
+    async def reading(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, for a read the interface has no method for (`db copy`); failures are StoreUnavailable."""
+        async with _guard(what):
+            yield self._db
+
+    async def set_revision_at_least(self, value: int) -> None:
+        """Move the change sequence forward to `value` (never back): a store copied in continues past its source."""
+        async with self._write("set_revision") as db:
+            await db.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'revision'", (value,))
+            self._bumped = True
+
     async def _bump(self) -> None:
         await self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
         self._bumped = True

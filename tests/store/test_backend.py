@@ -20,7 +20,7 @@ import pytest_asyncio
 from proxy.errors import StoreUnavailable
 from proxy.settings import StoreSettings
 from proxy.store import KeyRecord, KeyStore, StoreConflict
-from proxy.store.backend import Store, open_store
+from proxy.store.backend import Store, open_secret_rows, open_store
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -252,3 +252,33 @@ async def test_expiry_notices_are_claimed_once(store: Store) -> None:
     assert await store.claim_expiry_notice("k", 100.0, now=1.0)
     assert not await store.claim_expiry_notice("k", 100.0, now=2.0)
     assert await store.count_expiring(1000.0, now=0.0) == {"app": 1}
+
+
+async def test_secret_rows_compare_and_swap_and_the_session_denylist(store: Store) -> None:
+    """The envelope's rows (store/sqlite_secrets.py, store/postgres_secrets.py): one contract, both backends."""
+    rows = await open_secret_rows(store)
+    assert await rows.newest_dek() is None
+    await rows.put_dek("d1", "k1", b"\x00wrapped1", 1.0)
+    await rows.put_dek("d2", "k1", b"\x00wrapped2", 2.0)
+    assert await rows.newest_dek() == ("d2", "k1", b"\x00wrapped2")
+    assert await rows.add_secret("jwt/1", "d1", b"\x01blob", 3.0)
+    assert not await rows.add_secret("jwt/1", "d2", b"other", 4.0)   # write-once by name
+    assert await rows.add_secret("pepper/1", "d1", b"\x02blob", 5.0)
+    assert await rows.secret_names("jwt/") == ["jwt/1"]
+    assert await rows.secret_listing("") == [("jwt/1", 3.0), ("pepper/1", 5.0)]
+    assert await rows.list_deks() == [("d1", "k1", 1.0, 2), ("d2", "k1", 2.0, 0)]
+    assert await rows.rewrap_dek("d1", "k1", "k2", b"rewrapped")
+    assert not await rows.rewrap_dek("d1", "k1", "k3", b"late")   # another process got there first
+    assert await rows.get_dek("d1") == ("k2", b"rewrapped")
+    assert await rows.replace_secret("jwt/1", "d1", "d2", b"re-encrypted")
+    assert await rows.secrets_not_under("d2") == ["pepper/1"]
+    assert await rows.delete_unused_deks(keep="d2") == []   # d1 still encrypts pepper/1
+    assert await rows.delete_secret("pepper/1") and not await rows.delete_secret("pepper/1")
+    assert await rows.delete_unused_deks(keep="d2") == ["d1"]
+    await rows.record_event("dek", 7.0)
+    await rows.record_event("dek", 9.0, only_if_absent=True)
+    assert await rows.event_time("dek") == 7.0 and await rows.event_time("root") is None
+    rev = await store.revision()
+    assert await rows.revoke_session("j" * 32, 10.0) and not await rows.revoke_session("j" * 32, 11.0)
+    assert await rows.session_revoked("j" * 32) and not await rows.session_revoked("k" * 32)
+    assert await store.revision() == rev + 1   # caches everywhere must drop the session
