@@ -158,6 +158,9 @@ class CryptoSettings:
 
     provider: str = _help("Where the root key lives: file (<data_dir>/secrets/root.key), pkcs11 (an HSM) "
                           "or vault (HashiCorp Vault transit)", "file")
+    root_key_file: str = _help("file: the root key ('' = <data_dir>/secrets/root.key); point every replica at "
+                               "one mounted secret (mode 0600 or 0400); root rotations add root.<n>.key beside it",
+                               "")
     dek_rotation_days: float = _help("Days between data-key rotations (old rows re-encrypted in the "
                                      "background); 0 = only on demand", 30.0)
     root_rotation_days: float = _help("Days between root rotations (data keys re-wrapped, data untouched); "

@@ -25,7 +25,8 @@ def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] =
     """
     c = None if settings is None else settings.crypto
     if c is None or c.provider == "file":
-        return FileKek.load_or_create(data_dir, stored_roots)
+        root_file = Path(c.root_key_file) if c is not None and c.root_key_file else None
+        return FileKek.load_or_create(data_dir, stored_roots, root_file)
     if c.provider == "pkcs11":
         try:
             from proxy.keys.kek_pkcs11 import Pkcs11Kek
