@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from typing import Any
 
 import asyncpg
@@ -28,6 +29,10 @@ import asyncpg
 CHANNEL = "seekgate_changes"
 
 log = logging.getLogger("seekgate.store")
+
+
+def application_name(pid: int | None = None) -> str:
+    return f"seekgate-listen-{os.getpid() if pid is None else pid}"
 
 
 class ChangeListener:
@@ -54,6 +59,10 @@ class ChangeListener:
     def connected(self) -> bool:
         return self._up
 
+    def server_pid(self) -> int | None:
+        """The listening connection's backend pid (pg_stat_activity.pid); None while disconnected."""
+        return int(self._conn.get_server_pid()) if self._up and self._conn is not None else None
+
     def value(self) -> int:
         """Moves whenever a change may have committed since the last call; a fresh value while disconnected."""
         return self._word if self._up else next(self._fresh)
@@ -67,7 +76,9 @@ class ChangeListener:
         self._up = False
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
+        # Named after this process, so an operator (or a test) can find one replica's listener in pg_stat_activity.
+        conn = await asyncpg.connect(self._dsn, timeout=self._timeout_s,
+                                     server_settings={"application_name": application_name()})
         try:
             conn.add_termination_listener(self._lost)
             await conn.add_listener(CHANNEL, self._notified)
