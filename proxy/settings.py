@@ -185,6 +185,9 @@ class CryptoSettings:
 
     provider: str = _help("Where the root key lives: file (<data_dir>/secrets/root.key), pkcs11 (an HSM) "
                           "or vault (HashiCorp Vault transit)", "file")
+    root_key_file: str = _help("file: the root key ('' = <data_dir>/secrets/root.key); point every replica at "
+                               "one mounted secret (mode 0600 or 0400); root rotations add root.<n>.key beside it",
+                               "")
     dek_rotation_days: float = _help("Days between data-key rotations (old rows re-encrypted in the "
                                      "background); 0 = only on demand", 30.0)
     root_rotation_days: float = _help("Days between root rotations (data keys re-wrapped, data untouched); "
@@ -206,6 +209,19 @@ class CryptoSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where keys, sessions and secrets live: SQLite under data_dir, or PostgreSQL shared by replicas."""
+
+    url: str = _help("'' = SQLite in <data_dir>/seekgate.db; postgresql://user@host:port/db = one store shared "
+                     "by every replica (asyncpg)", "")
+    pool_size: int = _help("PostgreSQL: connections per process (plus one that listens for changes)", 10)
+    auto_migrate: bool = _help("PostgreSQL: apply pending schema migrations at start (else run `seekgate db "
+                               "migrate` first); leave off where operators roll schema changes out", False)
+    timeout_s: float = _help("PostgreSQL: longest wait for a connection or a query before the store counts as "
+                             "unavailable (503, fail closed)", 2.0)
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = _help("Directory for the key store, audit log and built checkpoint", ".seekgate")
     server: ServerSettings = _help("The proxy's own listeners", default_factory=ServerSettings)
@@ -220,6 +236,7 @@ class Settings:
     body: BodySettings = _help("Parameters non-admin keys may set in an inference body",
                                default_factory=BodySettings)
     openai: OpenAISettings = _help("The OpenAI-compatible API under /v1", default_factory=OpenAISettings)
+    store: StoreSettings = _help("The key store", default_factory=StoreSettings)
 
 
 class SettingsError(ValueError):
@@ -344,7 +361,7 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "openai.default_max_tokens",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
-             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s")
+             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s")
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
@@ -411,6 +428,9 @@ def validate(settings: Settings) -> list[str]:
         errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
     errors += _validate_crypto(settings.crypto)
     errors += _validate_tls(settings.server)
+    if settings.store.url and urlsplit(settings.store.url).scheme not in STORE_SCHEMES:
+        errors.append(f"store.url: must be empty (SQLite) or a postgresql:// URL, got scheme "
+                      f"{urlsplit(settings.store.url).scheme!r}")
     try:
         parse_role_caps(settings.limits.max_tokens_by_role)
     except ValueError as exc:
@@ -455,6 +475,7 @@ def _validate_tls(s: ServerSettings) -> list[str]:
     if s.tls_min_version not in TLS_VERSIONS:
         errors.append(f"server.tls_min_version: must be one of {', '.join(TLS_VERSIONS)}, got {s.tls_min_version!r}")
     return errors
+STORE_SCHEMES = ("postgresql", "postgres")
 
 
 def _validate_crypto(c: CryptoSettings) -> list[str]:

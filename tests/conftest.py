@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from proxy.local.tinymodel import build_tiny_checkpoint
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
+from tests.backends import admin_url_or_private, create_database, drop_database
 from tests.relay import TcpRelay, relays_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,3 +58,20 @@ def relays(triton: TritonProcess) -> Iterator[tuple[TcpRelay, ...]]:
 def relay(relays: tuple[TcpRelay, ...]) -> TcpRelay:
     """The pair's HTTP relay; a module with a relay of its own defines its own `relay`."""
     return relays[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A PostgreSQL server tests may create databases on: the running one, else a private one (tests/backends.py)."""
+    url, private = admin_url_or_private()
+    yield url
+    if private is not None:
+        private.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped after it."""
+    url = asyncio.run(create_database(postgres_admin_url))
+    yield url
+    asyncio.run(drop_database(postgres_admin_url, url))

@@ -20,10 +20,9 @@ from proxy.keys.format import generate_key, key_prefix_and_last4
 from proxy.keys.hashing import hash_secret, pepper_version
 from proxy.keys.secrets_setup import open_pepper
 from proxy.local.triton import free_ports
-from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
 from proxy.store import KeyRecord
-from proxy.store.sqlite import SqliteStore
+from proxy.store.backend import open_store
 from tests.relay import TcpRelay
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +122,7 @@ class Gateway:
             key_id, token = generate_key()
             prefix, last4 = key_prefix_and_last4(token)
             now = time.time()
-            store = await SqliteStore.open(store_path(self.data_dir))
+            store = await open_store(self.settings.store, self.data_dir)
             try:
                 pepper = await open_pepper(self.settings, store)   # the envelope's, as the server uses
                 rec = KeyRecord(key_id=key_id, secret_hash=hash_secret(pepper, token),
@@ -139,13 +138,13 @@ class Gateway:
     def end_grace(self, key_id: str) -> None:
         """A rotated key's grace ends now: its expiry brought to the present, instead of waiting for it."""
         async def go() -> None:
-            async with await SqliteStore.open(store_path(self.data_dir)) as store:
+            async with await open_store(self.settings.store, self.data_dir) as store:
                 assert await store.shorten_expiry(key_id, time.time())
         asyncio.run(go())
 
     def revoke(self, key_id: str) -> None:
         async def go() -> None:
-            store = await SqliteStore.open(store_path(self.data_dir))
+            store = await open_store(self.settings.store, self.data_dir)
             try:
                 await store.revoke_key(key_id, time.time())
             finally:

@@ -158,12 +158,14 @@ def test_operator_role_grants_no_way_around_seekgate() -> None:
 # ------------------------------------------------------------------ replicas, rollout, shutdown
 
 def test_replicas_and_autoscaling_fit_the_per_pod_store(tmp_path: Path) -> None:
-    # The store is per pod (SQLite under /data) until seekgate has a shared backend: a second
-    # replica would refuse the first one's keys. When the settings grow a shared store, this
-    # test is where replicas > 1 and an HPA become allowed.
+    # With the store per pod (store.url empty: SQLite under /data) a second replica would refuse
+    # the first one's keys, so one replica and no HPA. More are allowed only once the pod's config
+    # names a shared PostgreSQL store and one root key every replica mounts (crypto.root_key_file).
     settings = pod_settings(tmp_path)
-    assert not hasattr(settings, "store"), "seekgate has a store setting now: revisit replicas and the HPA"
-    assert one("Deployment")["spec"]["replicas"] == 1
+    shared = settings.store.url.startswith(("postgresql://", "postgres://")) and (
+        settings.crypto.provider != "file" or bool(settings.crypto.root_key_file))
+    if not shared:
+        assert one("Deployment")["spec"]["replicas"] == 1
     assert not [d for d in RENDERED if d["kind"] == "HorizontalPodAutoscaler"]
     assert VOLUMES["data"]["persistentVolumeClaim"]["claimName"] == one("PersistentVolumeClaim")["metadata"]["name"]
 

@@ -19,7 +19,7 @@ from ..keys.sessions import is_jti
 from ..quotas import parse_limits
 from ..steps.app_state import CTX, STATE
 from ..store import StoreConflict
-from ..store.sqlite_secrets import SqliteSecretRows
+from ..store.backend import open_secret_rows
 
 PREFIX = ("admin", "v1")
 RESOURCES = ("keys", "sessions")
@@ -157,7 +157,7 @@ async def _sessions(request: web.Request, rest: tuple[str, ...], body: bytes | N
         raise Reply(404, "session not found: a session id (jti) is 32 hex digits")
     if optional_json(await request.read() if body is None else body):
         raise Reply(400, "revoking a session takes no body (or {})")
-    rows = await SqliteSecretRows.open(request.app[STATE].store)
+    rows = await open_secret_rows(request.app[STATE].store)
     was = await rows.session_revoked(jti)
     added = await rows.revoke_session(jti, time.time())
     note(request, "sessions.revoke", jti, None if added else "already revoked",

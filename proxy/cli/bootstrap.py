@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 from ..keys.issue import issue_key, parse_duration
 from ..keys.secrets_setup import load_pepper_sync
 from ..local.triton import TritonLaunch, TritonLaunchError
-from ..paths import store_path, tiny_checkpoint_path
+from ..paths import tiny_checkpoint_path
 from ..settings import Settings
-from ..store.sqlite import SqliteStore
+from ..store.backend import open_store
 
 BOOTSTRAP_OWNER = "bootstrap-admin"
 
@@ -54,7 +54,7 @@ def bootstrap_admin(settings: Settings, now: float | None = None) -> str | None:
     pepper = load_pepper_sync(settings)
 
     async def go() -> str | None:
-        store = await SqliteStore.open(store_path(data_dir))
+        store = await open_store(settings.store, data_dir)
         try:
             if await store.has_any_admin():
                 return None

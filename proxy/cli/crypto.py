@@ -14,9 +14,8 @@ from ..keys.crypto_ops import ACTIONS, perform
 from ..keys.envelope import EnvelopeError
 from ..keys.kek import KekError
 from ..keys.secrets_setup import open_keyring
-from ..paths import store_path
 from ..settings import Settings
-from ..store.sqlite import SqliteStore
+from ..store.backend import open_store
 from .audit import cli_record, write_cli_audit
 from .common import CliError, load
 
@@ -27,7 +26,7 @@ async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
     Safe while servers run: they pick the change up within crypto.refresh_interval_s.
     """
     data_dir = Path(settings.data_dir)
-    store = await SqliteStore.open(store_path(data_dir))
+    store = await open_store(settings.store, data_dir)
     try:
         keyring = await open_keyring(settings, data_dir, store)
         try:

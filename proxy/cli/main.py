@@ -18,13 +18,13 @@ from ..keys.envelope import EnvelopeError
 from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, issue_key, parse_duration, public_view
 from ..keys.kek import KekError
 from ..keys.secrets_setup import load_pepper_sync
-from ..paths import store_path
 from ..quotas import LIMIT_FIELDS
 from ..settings import Settings, SettingsError
-from ..store.sqlite import SqliteStore
+from ..store.backend import Store, open_secret_rows, open_store
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .common import DEFAULT_CONFIG, CliError, load
 from .crypto import add_crypto_commands
+from .db import add_db_commands
 from .devcert import add_tls_commands
 
 T = TypeVar("T")
@@ -36,10 +36,10 @@ def _out(obj: Any) -> None:
 
 # ---------------------------------------------------------------- shared plumbing
 
-def with_store(settings: Settings, fn: Callable[[SqliteStore], Coroutine[Any, Any, T]]) -> T:
+def with_store(settings: Settings, fn: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
     """Run `fn(store)` on the server's key store, closing it afterwards."""
     async def go() -> T:
-        store = await SqliteStore.open(store_path(Path(settings.data_dir)))
+        store = await open_store(settings.store, Path(settings.data_dir))
         try:
             return await fn(store)
         finally:
@@ -98,7 +98,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
     pepper = load_pepper_sync(settings)
 
-    async def create(store: SqliteStore) -> tuple[Any, str]:
+    async def create(store: Store) -> tuple[Any, str]:
         now = time.time()
         rec, token = await issue_key(store, pepper, tier=args.tier, owner=args.name, roles=args.role,
                                      labels=labels, models=args.model, allowed_cidrs=args.cidr,
@@ -168,7 +168,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = load(args)
     pepper = load_pepper_sync(settings)
 
-    async def rotate(store: SqliteStore) -> Rotation:
+    async def rotate(store: Store) -> Rotation:
         now = time.time()
         before = await key_and_children(store, args.id)
         rot = await rotate_key(store, pepper, args.id, grace, now=now)
@@ -198,7 +198,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
     settings = load(args)
     pepper = load_pepper_sync(settings)
 
-    async def compromise(store: SqliteStore) -> Compromise:
+    async def compromise(store: Store) -> Compromise:
         now = time.time()
         before = await subtree_records(store, args.id)
         done = await compromise_key(store, pepper, Path(settings.data_dir), args.id, now=now, actor="cli")
@@ -229,7 +229,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from ..keys.lifecycle import records_of, subtree_records
     settings = load(args)
 
-    async def revoke(store: SqliteStore) -> int | None:
+    async def revoke(store: Store) -> int | None:
         if await store.get_key(args.id) is None:
             return None
         now = time.time()
@@ -251,14 +251,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     from ..keys.sessions import is_jti
-    from ..store.sqlite_secrets import SqliteSecretRows
     if not is_jti(args.jti):
         raise CliError(f"{args.jti!r} is not a session id (jti: 32 hex digits)")
 
     settings = load(args)
 
-    async def revoke(store: SqliteStore) -> bool:
-        added = await (await SqliteSecretRows.open(store)).revoke_session(args.jti, time.time())
+    async def revoke(store: Store) -> bool:
+        added = await (await open_secret_rows(store)).revoke_session(args.jti, time.time())
         await audit(settings, "sessions.revoke", args.jti, before={args.jti: {"revoked": not added}},
                     after={args.jti: {"revoked": True}})
         return added
@@ -386,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "triton", cmd_triton, "run the local tritonserver in the foreground")
     add_crypto_commands(sub, cmd)
     add_tls_commands(sub, cmd)
+    add_db_commands(sub, cmd)
 
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")

@@ -27,7 +27,6 @@ from ..keys.issue import ISSUABLE_TIERS
 from ..keys.secrets_setup import open_keyring
 from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
-from ..paths import store_path
 from ..settings import Settings, SettingsError
 from ..state.limits import LocalLimiter
 from ..state.shared_limiter import SocketLimiter
@@ -36,8 +35,8 @@ from ..steps.authz import Authorizer, PolicyWatcher
 from ..steps.body_view import EMPTY, BodyView, decode, route_kind, view_http
 from ..steps.classify import classify_http
 from ..steps.pipeline import admit, audit_ready, check_body, commit_audit, finish, limit, refuse
+from ..store.backend import open_store
 from ..store.budgets import BudgetStore, budget_store_path
-from ..store.sqlite import SqliteStore
 from ..upstream.forward import forward
 from ..upstream.models import refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
@@ -233,7 +232,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             file_name=active_name(worker.index if worker else 0),
                             queue_max=settings.audit.queue_max, queue_soft_max=settings.audit.queue_soft_max)
         metrics.set_audit_depth_fn(audit.queue_depth)
-        store = await SqliteStore.open(store_path(data_dir))
+        store = await open_store(settings.store, data_dir)
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).
         try:
             keyring = await open_keyring(settings, data_dir, store)

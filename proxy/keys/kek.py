@@ -97,6 +97,7 @@ class FileKek:
         self._roots: dict[str, AESGCM] = {}
         self._paths: dict[str, Path] = {}
         self._sdir = sdir
+        self._first = "root.key"   # generation 1's file name in _sdir
         for r in (*older, root):
             if len(r) != ROOT_BYTES:
                 raise KekError(f"root key must be {ROOT_BYTES} bytes, got {len(r)}")
@@ -104,35 +105,46 @@ class FileKek:
         self.key_id = _key_id(root)
 
     @classmethod
-    def load_or_create(cls, data_dir: Path, stored_roots: Iterable[str] = ()) -> FileKek:
+    def load_or_create(cls, data_dir: Path, stored_roots: Iterable[str] = (),
+                       root_file: Path | None = None) -> FileKek:
         """Read every root generation under `<data_dir>/secrets/`, creating root.key (0600, dir 0700) on first start.
 
         `stored_roots`: the roots the store's wrapped DEKs name. When there are any, this is no
         first start: a missing root file is refused (KekError) rather than replaced by a new root
         that unwraps nothing. Refuses a file readable or writable by anyone but its owner: the
         mode bits are checked rather than access(2), which says yes to root anyway.
+
+        `root_file` (crypto.root_key_file) replaces `<data_dir>/secrets/root.key`, so replicas can
+        mount one secret; later generations (root.<n>.key) sit beside it. It is resolved once, since
+        orchestrators mount secrets as symlinks into a versioned directory; the file itself must
+        still be a private regular file.
         """
-        sdir = Path(data_dir) / "secrets"
+        if root_file is None:
+            sdir, first = Path(data_dir) / "secrets", "root.key"
+        else:
+            resolved = Path(root_file).resolve()
+            sdir, first = resolved.parent, resolved.name
         if not sdir.exists():
             sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(sdir, 0o700)   # mkdir's mode is masked by the umask
-        if not (sdir / "root.key").exists() and not _generations(sdir):
+        if not (sdir / first).exists() and not _generations(sdir):
             wrapped_by = sorted(set(stored_roots))
             if wrapped_by:
-                raise KekError(f"root key missing: {sdir / 'root.key'}; the store's DEKs are wrapped by "
+                raise KekError(f"root key missing: {sdir / first}; the store's DEKs are wrapped by "
                                f"root {', '.join(wrapped_by)} (restore the root file from its backup)")
-            create_once(sdir / "root.key", secrets.token_bytes(ROOT_BYTES))
+            create_once(sdir / first, secrets.token_bytes(ROOT_BYTES))
         kek = cls.__new__(cls)
-        kek._sdir = sdir
+        kek._sdir, kek._first = sdir, first
         kek._load()
         return kek
 
     def _load(self) -> None:
         assert self._sdir is not None
-        files = [(1, self._sdir / "root.key")] if (self._sdir / "root.key").exists() else []
+        first = self._sdir / self._first
+        files = [(1, first)] if first.exists() else []
         files += _generations(self._sdir)
         if not files:
-            raise KekError(f"{self._sdir}: no root key file (root.key or root.<n>.key)")
+            raise KekError(f"{self._sdir}: no root key file ({self._first} or root.<n>.key)")
         roots, paths = {}, {}
         for _, path in sorted(files):
             kid = _key_id(root := _read_root(path))

@@ -32,8 +32,7 @@ from proxy.keys.sessions import (
     rotate_signing_key,
 )
 from proxy.settings import CryptoSettings, Settings
-from proxy.store.sqlite import SqliteStore
-from proxy.store.sqlite_secrets import SqliteSecretRows
+from proxy.store.backend import SecretRows, Store
 
 log = logging.getLogger("seekgate.crypto")
 DAY_S = 86400.0
@@ -43,7 +42,7 @@ _RELOAD_MIN_GAP_S = 1.0   # unknown-kid reloads at most this often: junk kids mu
 class Keyring:
     """The envelope plus what this process holds from it: session signing keys and the pepper."""
 
-    def __init__(self, envelope: Envelope, rows: SqliteSecretRows, store: SqliteStore, settings: Settings,
+    def __init__(self, envelope: Envelope, rows: SecretRows, store: Store, settings: Settings,
                  data_dir: Path, sessions: SessionAuthority, pepper: Pepper,
                  clock: Callable[[], float] = time.time) -> None:
         self.envelope, self.rows, self.store = envelope, rows, store
@@ -56,7 +55,7 @@ class Keyring:
         sessions.reload = self.reload_sessions
 
     @classmethod
-    async def open(cls, envelope: Envelope, rows: SqliteSecretRows, store: SqliteStore, settings: Settings,
+    async def open(cls, envelope: Envelope, rows: SecretRows, store: Store, settings: Settings,
                    data_dir: Path, clock: Callable[[], float] = time.time) -> Keyring:
         """Load (creating on first start) the signing keys and the pepper; any failure stops the start."""
         keys, active = await load_signing_keys(envelope)

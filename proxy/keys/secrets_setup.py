@@ -12,10 +12,8 @@ from proxy.keys.envelope import Envelope
 from proxy.keys.hashing import Pepper, load_pepper
 from proxy.keys.kek import FileKek, KekError, KekProvider
 from proxy.keys.rotation import Keyring, publish_s
-from proxy.paths import store_path
 from proxy.settings import Settings
-from proxy.store.sqlite import SqliteStore
-from proxy.store.sqlite_secrets import SqliteSecretRows
+from proxy.store.backend import SecretRows, Store, open_secret_rows, open_store
 
 
 def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] = os.environ,
@@ -27,7 +25,8 @@ def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] =
     """
     c = None if settings is None else settings.crypto
     if c is None or c.provider == "file":
-        return FileKek.load_or_create(data_dir, stored_roots)
+        root_file = Path(c.root_key_file) if c is not None and c.root_key_file else None
+        return FileKek.load_or_create(data_dir, stored_roots, root_file)
     if c.provider == "pkcs11":
         try:
             from proxy.keys.kek_pkcs11 import Pkcs11Kek
@@ -50,16 +49,16 @@ def open_kek(settings: Settings | None, data_dir: Path, env: Mapping[str, str] =
     raise KekError(f"unknown crypto.provider {c.provider!r}")
 
 
-async def open_envelope(data_dir: Path, store: SqliteStore, settings: Settings | None = None,
-                        kek: KekProvider | None = None) -> tuple[Envelope, SqliteSecretRows]:
+async def open_envelope(data_dir: Path, store: Store, settings: Settings | None = None,
+                        kek: KekProvider | None = None) -> tuple[Envelope, SecretRows]:
     """The envelope over the store's secret rows, keyed by the configured KEK (`file` without settings)."""
-    rows = await SqliteSecretRows.open(store)
+    rows = await open_secret_rows(store)
     if kek is None:
         kek = open_kek(settings, data_dir, stored_roots=[kek_id for _, kek_id, _, _ in await rows.list_deks()])
     return Envelope(rows, kek), rows
 
 
-async def open_keyring(settings: Settings, data_dir: Path, store: SqliteStore,
+async def open_keyring(settings: Settings, data_dir: Path, store: Store,
                        kek: KekProvider | None = None) -> Keyring:
     """Envelope, signing keys and pepper, loaded and checked: a missing or wrong KEK stops the start here."""
     envelope, rows = await open_envelope(data_dir, store, settings, kek)
@@ -71,7 +70,7 @@ async def open_keyring(settings: Settings, data_dir: Path, store: SqliteStore,
         raise
 
 
-async def open_pepper(settings: Settings, store: SqliteStore) -> Pepper:
+async def open_pepper(settings: Settings, store: Store) -> Pepper:
     """The pepper for tools that hash keys outside the server (CLI, bootstrap), from the envelope."""
     data_dir = Path(settings.data_dir)
     envelope, _ = await open_envelope(data_dir, store, settings)
@@ -84,7 +83,7 @@ async def open_pepper(settings: Settings, store: SqliteStore) -> Pepper:
 def load_pepper_sync(settings: Settings) -> Pepper:
     """`open_pepper` on its own event loop and store connection, for synchronous callers."""
     async def go() -> Pepper:
-        store = await SqliteStore.open(store_path(Path(settings.data_dir)))
+        store = await open_store(settings.store, Path(settings.data_dir))
         try:
             return await open_pepper(settings, store)
         finally:

@@ -16,7 +16,7 @@ from ..keys.sessions import SessionAuthority
 from ..metrics import Metrics
 from ..settings import Settings
 from ..state.limits import Limiter, LocalLimiter
-from ..store.sqlite import SqliteStore
+from ..store.backend import Store
 from ..upstream.pool import UpstreamPool
 from .authz import Authorizer, PolicyWatcher
 
@@ -25,7 +25,7 @@ from .authz import Authorizer, PolicyWatcher
 class AppState:
     settings: Settings
     data_dir: Path
-    store: SqliteStore
+    store: Store
     pepper: bytes
     authorizer: Authorizer
     watcher: PolicyWatcher

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
 from proxy.errors import StoreUnavailable
 from proxy.store import KeyRecord, StoreConflict
 from proxy.store.change_signal import ChangeSignal
-
-# Chains are app->device or user->session; anything deeper is corruption, and the cap
-# also stops a parent cycle in a hand-edited database from looping forever.
-MAX_DEPTH = 16
+from proxy.store.rows import COLUMNS as _COLUMNS
+from proxy.store.rows import MAX_DEPTH, from_row
+from proxy.store.rows import to_row as _to_row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -53,8 +50,6 @@ CREATE TABLE IF NOT EXISTS expiry_notices (
 INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
 """
 
-_COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_cidrs, "
-            "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits, pepper_version")
 # Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
 _ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"))
 
@@ -99,44 +94,8 @@ SELECT EXISTS (
 _STORE_ERRORS = (sqlite3.Error, OSError, ValueError, TypeError, KeyError)
 
 
-def _to_row(rec: KeyRecord) -> tuple[Any, ...]:
-    return (rec.key_id, rec.secret_hash, rec.tier, rec.owner,
-            json.dumps(list(rec.roles)), json.dumps(dict(rec.labels), sort_keys=True),
-            json.dumps(list(rec.models)), json.dumps(list(rec.allowed_cidrs)),
-            rec.parent_id, rec.prefix, rec.last4, rec.created_at, rec.expires_at,
-            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True), rec.pepper_version)
-
-
-def _str_tuple(raw: str) -> tuple[str, ...]:
-    value = json.loads(raw)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a JSON array of strings, got {raw!r}")
-    return tuple(value)
-
-
-def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
-    labels = json.loads(row[5])
-    if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise ValueError(f"expected a JSON object of strings, got {row[5]!r}")
-    return KeyRecord(
-        key_id=row[0], secret_hash=row[1], tier=row[2], owner=row[3],
-        roles=_str_tuple(row[4]), labels=labels, models=_str_tuple(row[6]),
-        allowed_cidrs=_str_tuple(row[7]), parent_id=row[8], prefix=row[9], last4=row[10],
-        created_at=float(row[11]),
-        expires_at=None if row[12] is None else float(row[12]),
-        revoked_at=None if row[13] is None else float(row[13]),
-        limits=_int_map(row[14]),
-        pepper_version=int(row[15]),
-    )
-
-
-def _int_map(raw: str) -> dict[str, int]:
-    value = json.loads(raw)
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
-        raise ValueError(f"expected a JSON object of integers, got {raw!r}")
-    return value
+# Looked up by name at each call, so a test can wrap it.
+_from_row = from_row
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
@@ -242,6 +201,18 @@ class SqliteStore:
             await self._db.execute("COMMIT")
             if self._bumped:   # after the commit, before the caller hears it is done (change_signal.py)
                 self._signal.changed()
+
+    @asynccontextmanager
+    async def reading(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, for a read the interface has no method for (`db copy`); failures are StoreUnavailable."""
+        async with _guard(what):
+            yield self._db
+
+    async def set_revision_at_least(self, value: int) -> None:
+        """Move the change sequence forward to `value` (never back): a store copied in continues past its source."""
+        async with self._write("set_revision") as db:
+            await db.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'revision'", (value,))
+            self._bumped = True
 
     async def _bump(self) -> None:
         await self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")

@@ -23,7 +23,7 @@ from ...keys.sessions import MINTING_TIERS
 from ...steps.app_state import AppState
 from ...steps.classify import classify_http
 from ...steps.pipeline import admit, limit
-from ...store.sqlite_secrets import SqliteSecretRows
+from ...store.backend import open_secret_rows
 from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file
 from .session import COOKIE, CSRF_FIELD, CSRF_HEADER, csrf_token, csrf_valid
 
@@ -145,7 +145,7 @@ async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, 
         raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
     assert ctx.principal is not None
     jti = ctx.principal.key_id   # a session principal's key id is its jti
-    rows = await SqliteSecretRows.open(state.store)
+    rows = await open_secret_rows(state.store)
     await rows.revoke_session(jti, time.time())
     if state.key_cache is not None:
         state.key_cache.clear()   # this process forgets the session at once; others check revocation anyway

@@ -1,0 +1,109 @@
+"""Real PostgreSQL for tests: the running server if one answers, else a private one started here.
+
+`SEEKGATE_TEST_POSTGRES_URL` (default postgresql://postgres@127.0.0.1:5432/postgres) names an
+admin connection to a server that tests may create databases on; each test gets a fresh
+database with a random name, dropped afterwards. When nothing answers there, a private server
+is made with Debian's `initdb` + `pg_ctl` in a temporary directory on a free port (as the
+`postgres` user when running as root, which initdb refuses). Tests that stop a server always
+use a `PrivatePostgres` of their own, never the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import asyncpg
+
+from proxy.local.triton import free_ports
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
+                                       None)
+    if found is None:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed: run scripts/system-packages")
+    return found
+
+
+async def answers(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout_s)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of this test run alone: `start()`, `stop()` (fast), `start()` again, `destroy()`."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="seekgate-pg-"))
+        self.port = free_ports(1)[0]
+        self.data = self.root / "data"
+        self._as: list[str] = []
+        if os.geteuid() == 0:   # initdb and postgres refuse to run as root
+            shutil.chown(self.root, "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*self._as, *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass   # already stopped
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def create_database(admin_url: str) -> str:
+    """A new empty database on the server of `admin_url`; its URL."""
+    name = "seekgate_test_" + secrets.token_hex(6)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def admin_url_or_private() -> tuple[str, PrivatePostgres | None]:
+    """The shared server's admin URL if it answers, else a private server's (started; destroy it after)."""
+    url = os.environ.get("SEEKGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    if asyncio.run(answers(url)):
+        return url, None
+    private = PrivatePostgres()
+    private.start()
+    return private.url, private

@@ -1,0 +1,55 @@
+"""`seekgate db migrate` against a real PostgreSQL database, and on the SQLite default."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.cli.main import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def test_db_migrate_applies_once_then_reports_current(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var in [v for v in os.environ if v.startswith("SEEKGATE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SEEKGATE_STORE_URL", pg_url)
+    first = run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
+    assert first["applied"] == [1] and first["version"] == first["latest"] == 1
+    again = run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
+    assert again["applied"] == [] and again["version"] == 1
+    # The migration is an admin change: the CLI audited it (once: the no-op run writes nothing).
+    lines = (tmp_path / "d" / "audit" / "audit.cli.jsonl").read_text().splitlines()
+    assert [json.loads(line)["admin"]["action"] for line in lines] == ["db.migrate"]
+    # With the schema in place, the other commands use the shared store.
+    capsys.readouterr()
+    assert main(["--data-dir", str(tmp_path / "d"), "keys", "list", "--json"]) == 0
+
+
+def test_db_migrate_on_sqlite_is_a_no_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEEKGATE_STORE_URL", raising=False)
+    result = run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
+    assert result["applied"] == [] and str(result["store"]).startswith("sqlite ")
+
+
+def test_db_migrate_with_the_server_down_is_one_line_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEEKGATE_STORE_URL", "postgresql://u:hunter2@127.0.0.1:1/x")
+    assert main(["--data-dir", str(tmp_path / "d"), "db", "migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("seekgate: store_unavailable") and "hunter2" not in err and len(err.splitlines()) == 1
