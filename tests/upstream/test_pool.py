@@ -97,7 +97,9 @@ async def test_infer_and_generate_on_triton_over_one_kept_alive_connection(trito
 
 
 async def test_concurrent_requests_stay_within_the_pool_limit(triton: TritonProcess) -> None:
-    pool = UpstreamPool(triton.http_url, limit=3)
+    # A generous wait for a free connection: the test counts connections, and on a loaded machine
+    # 12 generates through 3 connections can queue past the default 2 s.
+    pool = UpstreamPool(triton.http_url, limit=3, connect_timeout_s=60)
     peak = 0
 
     async def one() -> int:
