@@ -263,6 +263,8 @@ def test_compose_publishes_only_seekgate_client_ports_on_a_configurable_address(
             host = m.group(1)
             if name == "seekgate":
                 assert host == "${SEEKGATE_BIND:-127.0.0.1}", port
+            elif name == "seekgate-lb":   # the `ha` profile's entry point (tests/test_deploy_ha.py)
+                assert host == "${SEEKGATE_HA_BIND:-127.0.0.1}", port
             else:
                 assert host == "127.0.0.1", (name, port)
     assert sorted(p.rsplit(":", 1)[1] for p in published["seekgate"]) == ["8000", "8001"]
@@ -273,9 +275,10 @@ def test_compose_secrets_reach_only_their_users() -> None:
         return {s if isinstance(s, str) else s["source"] for s in svc.get("secrets", [])}
     assert secrets_of(SERVICES["triton"]) == {"triton_internal_key"}
     holders = {name for name, svc in SERVICES.items() if "seekgate_kek" in secrets_of(svc)}
-    assert holders == {"seekgate"}
+    assert holders == {"seekgate", "seekgate-a", "seekgate-b"}   # the single node, or the `ha` profile's pair
     # The KEK copy is in a tmpfs; the data volume (store, pepper) is seekgate's alone.
-    assert any(t.startswith("/data/secrets:") for t in SERVICES["seekgate"]["tmpfs"])
+    for name in holders:
+        assert any(t.startswith("/data/secrets:") for t in SERVICES[name]["tmpfs"]), name
     for name, svc in SERVICES.items():
         if name != "seekgate":
             assert not any(str(v).startswith("seekgate-data:") for v in svc.get("volumes", [])), name

@@ -33,11 +33,12 @@ def tool(name: str) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# The single-node base and the three-replica overlay: both scanned the same way.
+@pytest.fixture(scope="module", params=["deploy/k8s", "deploy/k8s-ha"])
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl missing: scripts/system-packages installs Debian's kubernetes-client"
-    out = subprocess.run([kubectl, "kustomize", "deploy/k8s"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([kubectl, "kustomize", request.param], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "KUBECONFIG": os.devnull})
     assert out.returncode == 0, out.stderr
     path = tmp_path_factory.mktemp("k8s") / "rendered.yaml"
