@@ -233,6 +233,7 @@ class RedisSettings:
     lease_s: float = _help("Lease of a concurrency slot: renewed while the request runs; a replica killed "
                            "mid-request frees its slots this long after", 30.0)
     timeout_s: float = _help("Longest wait for Redis before it counts as down (then limits.on_backend_down)", 0.5)
+    pool_size: int = _help("Connections to Redis per process (admissions beyond it queue for one)", 32)
     key_prefix: str = _help("Prefix of every key the limiter writes", "seekgate:limits:")
 
 
@@ -377,7 +378,8 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "openai.default_max_tokens",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
-             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s")
+             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s",
+             "redis.pool_size")
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))

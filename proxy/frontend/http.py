@@ -299,6 +299,7 @@ def choose_limiter(settings: Settings, worker: WorkerRole | None, budgets: Budge
     r = settings.redis
     if r.url:
         return RedisLimiter(r.url, prefix=r.key_prefix, lease_s=r.lease_s, timeout_s=r.timeout_s,
+                            pool_size=r.pool_size,
                             on_backend_down=settings.limits.on_backend_down, on_backend=metrics.set_limits_backend)
     return SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets)
 

@@ -69,7 +69,7 @@ class RedisLimiter(Limiter):
     """The shared limiter of replicas on one Redis (`url`); `prefix` namespaces its keys."""
 
     def __init__(self, url: str, *, prefix: str = "seekgate:limits:", lease_s: float = 30.0,
-                 timeout_s: float = 0.5, on_backend_down: str = "closed",
+                 timeout_s: float = 0.5, pool_size: int = 32, on_backend_down: str = "closed",
                  on_backend: Callable[[bool, bool], None] | None = None,
                  probe_interval_s: float = 0.5, clock: Callable[[], float] = time.time) -> None:
         if on_backend_down not in BACKEND_DOWN_MODES:
@@ -80,8 +80,12 @@ class RedisLimiter(Limiter):
         self.clock = clock
         self._on_backend = on_backend or (lambda up, local: None)
         self._probe_interval_s = probe_interval_s
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              decode_responses=True)
+        # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
+        # wait for a free one is longer than timeout_s: a busy pool is not a Redis that is down.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, decode_responses=True)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._settle = self._redis.register_script(SETTLE)
         self._renew = self._redis.register_script(RENEW)
@@ -220,22 +224,24 @@ class RedisLimiter(Limiter):
 
     async def _maintain(self) -> None:
         """Renews the leases of running requests while Redis is up; probes it while it is down."""
+        renewed = time.monotonic()
         while not self._stopping.is_set():
-            interval = self._probe_interval_s if not self.up else self.lease_ms / 3000.0
+            # Wakes every probe interval, so a Redis found down by a request is probed at once.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+                await asyncio.wait_for(self._stopping.wait(), self._probe_interval_s)
             if self._stopping.is_set():
                 return
             try:
-                if self.up:
-                    await self._renew_leases()
-                else:
+                if not self.up:
                     await self._redis.ping()
                     self.up = True
                     log.warning("limits: Redis reachable again: limits are shared across replicas again")
                     self._on_backend(True, False)
-                    await self._renew_leases()
                     await self._flush_unsettled()
+                elif time.monotonic() - renewed < self.lease_ms / 3000.0:
+                    continue
+                await self._renew_leases()
+                renewed = time.monotonic()
             except _DOWN as exc:
                 self._went_down(exc)
             except RedisError as exc:
