@@ -175,6 +175,13 @@ class Metrics:
         self.upstream_up = Gauge("seekgate_upstream_up",
                                  "1 if Triton answered its last health check, else 0.",
                                  registry=r, multiprocess_mode="livemin")
+        self.limits_backend_up = Gauge("seekgate_limits_backend_up",
+                                       "1 if the shared limiter's Redis answered last, else 0 (1 without Redis).",
+                                       registry=r, multiprocess_mode="livemin")
+        self.limits_local = Gauge("seekgate_limits_local",
+                                  "1 while Redis is down and this replica enforces its own limits "
+                                  "(limits.on_backend_down=local).", registry=r, multiprocess_mode="livemax")
+        self.limits_backend_up.set(1.0)   # no shared limiter, or one not yet found down
         self.keys_expiring = Gauge("seekgate_keys_expiring",
                                    "Active keys expiring within the warning window (72 h), by tier.",
                                    ("tier",), registry=r, multiprocess_mode="livemax")
@@ -269,6 +276,11 @@ class Metrics:
         """Per-tier counts from the store (store.count_expiring); tiers bounded."""
         for tier, n in counts.items():
             self.keys_expiring.labels(self._tier(tier)).set(float(n))
+
+    def set_limits_backend(self, up: bool, local: bool) -> None:
+        """The shared limiter's Redis went up or down; `local`: this replica now counts alone."""
+        self.limits_backend_up.set(1.0 if up else 0.0)
+        self.limits_local.set(1.0 if local else 0.0)
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up.set(1.0 if up else 0.0)

@@ -144,6 +144,9 @@ class LimitsSettings:
                                     "(the most generous of a key's capped roles applies; 0 = no cap)", "")
     default_estimate_tokens: int = _help("Tokens charged up front for an inference that names no max_tokens "
                                          "(corrected to the real count afterwards)", 16)
+    on_backend_down: str = _help("With redis.url set and Redis unreachable: 'closed' = limited requests get 503 + "
+                                 "Retry-After; 'local' = each replica enforces the limits alone (N replicas may "
+                                 "admit N times the limit; seekgate_limits_local says so)", "closed")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,19 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """Where replicas share rate limits and budgets (state/redis_limiter.py)."""
+
+    url: str = _help("'' = limits counted in this process (one node); redis://host:port/db = counted in one "
+                     "Redis shared by every replica, exact across them", "")
+    lease_s: float = _help("Lease of a concurrency slot: renewed while the request runs; a replica killed "
+                           "mid-request frees its slots this long after", 30.0)
+    timeout_s: float = _help("Longest wait for Redis before it counts as down (then limits.on_backend_down)", 0.5)
+    pool_size: int = _help("Connections to Redis per process (admissions beyond it queue for one)", 32)
+    key_prefix: str = _help("Prefix of every key the limiter writes", "seekgate:limits:")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = _help("Directory for the key store, audit log and built checkpoint", ".seekgate")
     server: ServerSettings = _help("The proxy's own listeners", default_factory=ServerSettings)
@@ -237,6 +253,7 @@ class Settings:
                                default_factory=BodySettings)
     openai: OpenAISettings = _help("The OpenAI-compatible API under /v1", default_factory=OpenAISettings)
     store: StoreSettings = _help("The key store", default_factory=StoreSettings)
+    redis: RedisSettings = _help("Shared rate limits (several replicas)", default_factory=RedisSettings)
 
 
 class SettingsError(ValueError):
@@ -361,7 +378,8 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "openai.default_max_tokens",
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
-             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s")
+             "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s",
+             "redis.pool_size")
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
@@ -431,6 +449,15 @@ def validate(settings: Settings) -> list[str]:
     if settings.store.url and urlsplit(settings.store.url).scheme not in STORE_SCHEMES:
         errors.append(f"store.url: must be empty (SQLite) or a postgresql:// URL, got scheme "
                       f"{urlsplit(settings.store.url).scheme!r}")
+    if settings.limits.on_backend_down not in ("closed", "local"):
+        errors.append(f"limits.on_backend_down: must be closed or local, got {settings.limits.on_backend_down!r}")
+    if settings.redis.url and urlsplit(settings.redis.url).scheme not in ("redis", "rediss", "unix"):
+        errors.append(f"redis.url: must be empty or a redis://, rediss:// or unix:// URL, got scheme "
+                      f"{urlsplit(settings.redis.url).scheme!r}")
+    if not (math.isfinite(settings.redis.lease_s) and settings.redis.lease_s >= 1):
+        errors.append(f"redis.lease_s: must be at least 1 second, got {settings.redis.lease_s}")
+    if not (math.isfinite(settings.redis.timeout_s) and settings.redis.timeout_s > 0):
+        errors.append(f"redis.timeout_s: must be more than 0, got {settings.redis.timeout_s}")
     try:
         parse_role_caps(settings.limits.max_tokens_by_role)
     except ValueError as exc:

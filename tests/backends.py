@@ -17,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import asyncpg
@@ -105,5 +106,65 @@ def admin_url_or_private() -> tuple[str, PrivatePostgres | None]:
     if asyncio.run(answers(url)):
         return url, None
     private = PrivatePostgres()
+    private.start()
+    return private.url, private
+
+
+# ------------------------------------------------------------------ Redis
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, on a free port, no persistence: `start()`, `stop()`, `start()` again."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="seekgate-redis-"))
+        self.port = free_ports(1)[0]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed: run scripts/system-packages")
+        self._proc = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(self.root)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if redis_answers(self.url):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"private redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def redis_url_or_private() -> tuple[str, PrivateRedis | None]:
+    """The shared Redis if it answers (SEEKGATE_TEST_REDIS_URL or the default), else a private one started here."""
+    url = os.environ.get("SEEKGATE_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    if redis_answers(url):
+        return url, None
+    private = PrivateRedis()
     private.start()
     return private.url, private

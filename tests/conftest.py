@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from proxy.local.tinymodel import build_tiny_checkpoint
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports
-from tests.backends import admin_url_or_private, create_database, drop_database
+from tests.backends import admin_url_or_private, create_database, drop_database, redis_url_or_private
 from tests.relay import TcpRelay, relays_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +76,18 @@ def pg_url(postgres_admin_url: str) -> Iterator[str]:
     url = asyncio.run(create_database(postgres_admin_url))
     yield url
     asyncio.run(drop_database(postgres_admin_url, url))
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """A Redis tests may write under their own key prefix: the running one, else a private one (tests/backends.py)."""
+    url, private = redis_url_or_private()
+    yield url
+    if private is not None:
+        private.destroy()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A fresh key prefix for one test, so tests sharing the server never see each other's counters."""
+    return f"seekgate-test:{secrets.token_hex(6)}:"

@@ -242,3 +242,14 @@ def test_tls_settings_are_checked_together() -> None:
         load_settings(None, env={"SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": "/ca.pem"})
     s = load_settings(None, env={"SEEKGATE_UPSTREAM_REDACT_ERRORS": "true", "SEEKGATE_SERVER_INSECURE_PLAINTEXT": "1"})
     assert s.upstream.redact_errors and s.server.insecure_plaintext and s.server.tls_min_version == "1.3"
+
+
+def test_redis_url_from_env_and_limits_backend_down_checked() -> None:
+    s = load_settings(None, env={"SEEKGATE_REDIS_URL": "redis://10.0.0.5:6379/0",
+                                 "SEEKGATE_LIMITS_ON_BACKEND_DOWN": "local"})
+    assert (s.redis.url, s.limits.on_backend_down) == ("redis://10.0.0.5:6379/0", "local")
+    errors = errors_of(path=None, env={"SEEKGATE_REDIS_URL": "http://10.0.0.5", "SEEKGATE_REDIS_LEASE_S": "0.1",
+                                       "SEEKGATE_LIMITS_ON_BACKEND_DOWN": "open"})
+    assert errors == ["limits.on_backend_down: must be closed or local, got 'open'",
+                      "redis.url: must be empty or a redis://, rediss:// or unix:// URL, got scheme 'http'",
+                      "redis.lease_s: must be at least 1 second, got 0.1"]

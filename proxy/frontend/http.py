@@ -28,7 +28,8 @@ from ..keys.secrets_setup import open_keyring
 from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
 from ..settings import Settings, SettingsError
-from ..state.limits import LocalLimiter
+from ..state.limits import Limiter, LocalLimiter
+from ..state.redis_limiter import RedisLimiter
 from ..state.shared_limiter import SocketLimiter
 from ..steps.app_state import CTX, STATE, AppState
 from ..steps.authz import Authorizer, PolicyWatcher
@@ -237,7 +238,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
         try:
             keyring = await open_keyring(settings, data_dir, store)
             # Day/month token budgets survive a restart; with workers the supervisor's limiter keeps them.
-            budgets = None if worker else await BudgetStore.open(budget_store_path(data_dir))
+            # With Redis the budgets live there, shared by every replica and worker.
+            budgets = None if worker or settings.redis.url else await BudgetStore.open(budget_store_path(data_dir))
         except BaseException:
             await store.close()
             raise
@@ -252,7 +254,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
         models_known = await refresh_models(pool, metrics.set_known_models)
         state = AppState(settings, data_dir, store, keyring.pepper, authorizer, watcher,
                          audit, metrics, pool, internal_key,
-                         limiter=SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets),
+                         limiter=choose_limiter(settings, worker, budgets, metrics),
                          sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth),
                          keyring=keyring)
         app[STATE] = state
@@ -289,6 +291,17 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             await store.close()
             keyring.close()
     return lifecycle
+
+
+def choose_limiter(settings: Settings, worker: WorkerRole | None, budgets: BudgetStore | None,
+                   metrics: Metrics) -> Limiter:
+    """Redis when configured (every replica and worker counts there), else this node's counters."""
+    r = settings.redis
+    if r.url:
+        return RedisLimiter(r.url, prefix=r.key_prefix, lease_s=r.lease_s, timeout_s=r.timeout_s,
+                            pool_size=r.pool_size,
+                            on_backend_down=settings.limits.on_backend_down, on_backend=metrics.set_limits_backend)
+    return SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets)
 
 
 async def watch_upstream(state: AppState, interval: float = 2.0) -> None:

@@ -1,0 +1,266 @@
+"""Limits exact across replicas: the counters of `LocalLimiter`, kept in one Redis and changed by server-side scripts.
+
+Every replica admits through one Lua script (redis_scripts.ACQUIRE): it expires, checks every
+scope and charges them in one atomic call, one round trip, so N replicas together admit exactly
+what one process would. The algorithms are those of limits.py (sliding-window logs for rpm and
+tpm with the charge corrected at settle, budgets per UTC day and month), with one difference:
+concurrency is a set of leases that expire, not a counter, so a replica killed mid-request frees
+its slots when its leases run out (`lease_s`); a running request's lease is renewed every third
+of that by this process.
+
+Redis unreachable: `on_backend_down="closed"` refuses with 503 + Retry-After (nothing goes through
+unmetered); `"local"` admits under this process's own `LocalLimiter` (each replica enforces the
+full limits on its own: N replicas may let N times through) and says so in a log line and through
+`on_backend(up, local)`. A probe finds Redis back and the shared counters take over again, no
+restart. Settlements that could not be written are kept and retried then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import StoreUnavailable
+from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
+from .redis_scripts import ACQUIRE, RENEW, SETTLE
+
+log = logging.getLogger("seekgate.limits")
+
+BACKEND_DOWN_MODES = ("closed", "local")
+# Settlements kept while Redis is down; beyond this the oldest corrections are dropped (their
+# leases expire on their own; only a token count's correction is lost).
+MAX_UNSETTLED = 100_000
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(eq=False)
+class RedisGrant(Grant):
+    gid: str = ""
+    keys: tuple[str, ...] = ()          # every bound scope's base key
+    lease_keys: tuple[str, ...] = ()    # those holding a concurrency lease
+    day: str = ""
+    month: str = ""
+    local: Grant | None = None          # admitted by the local fallback while Redis was down
+
+
+@dataclass(eq=False)
+class _Unsettled:
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class _Held:
+    leases: dict[str, tuple[str, ...]] = field(default_factory=dict)   # grant id -> base keys with a lease
+
+
+class RedisLimiter(Limiter):
+    """The shared limiter of replicas on one Redis (`url`); `prefix` namespaces its keys."""
+
+    def __init__(self, url: str, *, prefix: str = "seekgate:limits:", lease_s: float = 30.0,
+                 timeout_s: float = 0.5, pool_size: int = 32, on_backend_down: str = "closed",
+                 on_backend: Callable[[bool, bool], None] | None = None,
+                 probe_interval_s: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+        if on_backend_down not in BACKEND_DOWN_MODES:
+            raise ValueError(f"on_backend_down must be one of {BACKEND_DOWN_MODES}, got {on_backend_down!r}")
+        self.prefix = prefix
+        self.lease_ms = max(1000, int(lease_s * 1000))
+        self.mode = on_backend_down
+        self.clock = clock
+        self._on_backend = on_backend or (lambda up, local: None)
+        self._probe_interval_s = probe_interval_s
+        # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
+        # wait for a free one is longer than timeout_s: a busy pool is not a Redis that is down.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, decode_responses=True)
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._settle = self._redis.register_script(SETTLE)
+        self._renew = self._redis.register_script(RENEW)
+        self._instance = secrets.token_hex(6)   # grant ids unique across replicas and restarts
+        self._next = 0
+        self._held = _Held()
+        self._unsettled: list[_Unsettled] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local = LocalLimiter(clock=clock)
+        self.up = True
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        try:
+            await self._redis.ping()
+        except _DOWN as exc:   # start anyway: requests fail closed (or go local) until the probe finds it
+            self._went_down(exc)
+        else:
+            self._on_backend(True, False)
+        self._loop_task = asyncio.create_task(self._maintain())
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.up:
+            await self._flush_unsettled()
+        await self._redis.aclose()
+
+    # ------------------------------------------------------------------ admission
+
+    async def acquire(self, scopes: Sequence[Scope], tokens: int) -> Grant:
+        bound = [s for s in scopes if not s.limits.unlimited()]
+        if not bound:
+            return Grant((), tokens)   # nothing to count: no round trip
+        if not self.up:
+            return self._fallback(bound, tokens)
+        now = self.clock()
+        day, month, to_day, to_month = _windows(now)
+        self._next += 1
+        gid = f"{self._instance}:{self._next}"
+        keys = tuple(self._key(s.key_id) for s in bound)
+        args: list[Any] = [gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000), self.lease_ms]
+        for s in bound:
+            lim = s.limits
+            args += [lim.rpm, lim.tpm, lim.concurrency, lim.daily_tokens, lim.monthly_tokens]
+        try:
+            answer = await self._acquire(keys=list(keys), args=args)
+        except _DOWN as exc:
+            # The script may have run before the answer was lost: its charges stand (stricter, never
+            # looser) and its lease expires on its own.
+            self._went_down(exc)
+            return self._fallback(bound, tokens)
+        except RedisError as exc:   # a script or server error: refuse rather than admit unmetered
+            raise StoreUnavailable(f"limiter_unavailable: {exc}") from exc
+        if int(answer[0]) == 0:
+            _, index, kind, limit, remaining, reset_ms, retry_ms = answer
+            raise OverLimit(str(kind), bound[int(index) - 1], int(limit), int(remaining),
+                            int(reset_ms) / 1000.0, int(retry_ms) / 1000.0)
+        _, _, w_limit, w_left, w_reset = (int(v) for v in answer)
+        lease_keys = tuple(k for k, s in zip(keys, bound, strict=True) if s.limits.concurrency)
+        grant = RedisGrant(tuple(s.key_id for s in bound), tokens,
+                           rpm_window=(w_limit, w_left, w_reset / 1000.0) if w_limit else None,
+                           gid=gid, keys=keys, lease_keys=lease_keys, day=day, month=month)
+        if lease_keys:
+            self._held.leases[gid] = lease_keys
+        return grant
+
+    def _fallback(self, bound: Sequence[Scope], tokens: int) -> Grant:
+        if self.mode == "closed":
+            raise StoreUnavailable("limiter_unavailable: redis")
+        local = self._local.acquire_now(bound, tokens)
+        return RedisGrant(local.key_ids, tokens, rpm_window=local.rpm_window, local=local)
+
+    def settle(self, grant: Grant, tokens: int) -> None:
+        if grant.settled:
+            return
+        grant.settled = True
+        if not isinstance(grant, RedisGrant):
+            return   # an unlimited request: nothing held
+        if grant.local is not None:
+            self._local.settle(grant.local, tokens)
+            return
+        self._held.leases.pop(grant.gid, None)
+        job = _Unsettled(grant.keys, (grant.gid, tokens - grant.tokens, grant.day, grant.month))
+        if not self.up:
+            self._keep(job)
+            return
+        task = asyncio.get_running_loop().create_task(self._write_settle(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_settle(self, job: _Unsettled) -> None:
+        try:
+            await self._settle(keys=list(job.keys), args=list(job.args))
+        except _DOWN as exc:
+            self._went_down(exc)
+            self._keep(job)
+        except RedisError as exc:
+            log.error("limits: settling a grant in Redis failed: %s", exc)
+            self._keep(job)
+
+    def _keep(self, job: _Unsettled) -> None:
+        self._unsettled.append(job)
+        if len(self._unsettled) > MAX_UNSETTLED:
+            del self._unsettled[0]
+
+    async def _flush_unsettled(self) -> None:
+        pending, self._unsettled = self._unsettled, []
+        for i, job in enumerate(pending):
+            try:
+                await self._settle(keys=list(job.keys), args=list(job.args))
+            except _DOWN as exc:
+                self._unsettled = pending[i:] + self._unsettled
+                self._went_down(exc)
+                return
+
+    # ------------------------------------------------------------------ backend health and leases
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self.up:
+            return
+        self.up = False
+        if self.mode == "local":
+            log.warning("limits: Redis unreachable (%s): this replica now enforces its own limits alone "
+                        "(limits.on_backend_down=local; replicas together may admit more)", exc or type(exc).__name__)
+        else:
+            log.error("limits: Redis unreachable (%s): refusing limited requests with 503 until it is back "
+                      "(limits.on_backend_down=closed)", exc or type(exc).__name__)
+        self._on_backend(False, self.mode == "local")
+
+    async def _maintain(self) -> None:
+        """Renews the leases of running requests while Redis is up; probes it while it is down."""
+        renewed = time.monotonic()
+        while not self._stopping.is_set():
+            # Wakes every probe interval, so a Redis found down by a request is probed at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._probe_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                if not self.up:
+                    await self._redis.ping()
+                    self.up = True
+                    log.warning("limits: Redis reachable again: limits are shared across replicas again")
+                    self._on_backend(True, False)
+                    await self._flush_unsettled()
+                elif time.monotonic() - renewed < self.lease_ms / 3000.0:
+                    continue
+                await self._renew_leases()
+                renewed = time.monotonic()
+            except _DOWN as exc:
+                self._went_down(exc)
+            except RedisError as exc:
+                log.error("limits: lease renewal failed: %s", exc)
+
+    async def _renew_leases(self) -> None:
+        held = list(self._held.leases.items())
+        for start in range(0, len(held), 500):   # a bounded script call per 500 grants
+            keys: list[str] = []
+            gids: list[str] = []
+            for gid, lease_keys in held[start:start + 500]:
+                keys += lease_keys
+                gids += [gid] * len(lease_keys)
+            await self._renew(keys=keys, args=[self.lease_ms, *gids])
+
+    def _key(self, key_id: str) -> str:
+        return f"{self.prefix}{key_id}"
+
+    def in_flight_leases(self) -> int:
+        """Grants of this process holding a lease (for tests and debugging)."""
+        return len(self._held.leases)
+

@@ -1,0 +1,212 @@
+"""The Redis limiter against a real Redis: the semantics of LocalLimiter, exact across processes, leases, Redis down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from proxy.errors import StoreUnavailable
+from proxy.quotas import Limits
+from proxy.state.limits import OverLimit, Scope
+from proxy.state.redis_limiter import RedisLimiter
+from tests.backends import PrivateRedis
+from tests.state.redis_worker import BURST
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest_asyncio.fixture(loop_scope="function")   # on the test's own loop, like its client
+async def limiter(redis_server_url: str, redis_prefix: str) -> AsyncIterator[RedisLimiter]:
+    lim = RedisLimiter(redis_server_url, prefix=redis_prefix)
+    await lim.start()
+    yield lim
+    await lim.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.destroy()
+
+
+def scope(key_id: str, inherited: bool = False, **limits: int) -> Scope:
+    return Scope(key_id, Limits(**limits), inherited)
+
+
+async def test_rpm_admits_exactly_the_limit_and_says_when_a_place_frees(limiter: RedisLimiter) -> None:
+    s = [scope("k", rpm=3)]
+    windows = [(await limiter.acquire(s, 0)).rpm_window for _ in range(3)]
+    assert [w[1] for w in windows if w] == [2, 1, 0]
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 0)
+    assert (over.value.kind, over.value.limit, over.value.remaining) == ("rpm", 3, 0)
+    assert 58 <= over.value.retry_after <= 60
+    assert over.value.headers()["Retry-After"] == str(over.value.retry_after)
+
+
+async def test_tpm_charge_is_corrected_at_settle(limiter: RedisLimiter) -> None:
+    s = [scope("k", tpm=100)]
+    grant = await limiter.acquire(s, 90)            # estimate 90
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 20)
+    assert (over.value.kind, over.value.remaining) == ("tpm", 10)
+    limiter.settle(grant, 40)                       # the response used 40
+    await asyncio.sleep(0.05)                       # the settle is written off the request path
+    await limiter.acquire(s, 60)                    # 40 + 60 = 100 fits exactly
+    with pytest.raises(OverLimit):
+        await limiter.acquire(s, 1)
+    with pytest.raises(OverLimit) as never:
+        await limiter.acquire(s, 101)               # can never fit: a full window
+    assert never.value.retry_after == 60
+
+
+async def test_concurrency_slot_freed_by_settle(limiter: RedisLimiter) -> None:
+    s = [scope("k", concurrency=2)]
+    a = await limiter.acquire(s, 0)
+    await limiter.acquire(s, 0)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 0)
+    assert over.value.kind == "concurrency"
+    limiter.settle(a, 0)
+    limiter.settle(a, 0)   # idempotent: frees one slot, not two
+    await asyncio.sleep(0.05)
+    await limiter.acquire(s, 0)
+    with pytest.raises(OverLimit):
+        await limiter.acquire(s, 0)
+
+
+async def test_daily_and_monthly_budgets(limiter: RedisLimiter) -> None:
+    day = [scope("d", daily_tokens=50)]
+    g = await limiter.acquire(day, 30)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(day, 30)
+    assert (over.value.kind, over.value.remaining) == ("daily_tokens", 20)
+    limiter.settle(g, 10)
+    await asyncio.sleep(0.05)
+    await limiter.acquire(day, 40)                  # 10 + 40 = 50
+    month = [scope("m", monthly_tokens=5)]
+    await limiter.acquire(month, 5)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(month, 1)
+    assert over.value.kind == "monthly_tokens"
+
+
+async def test_a_refusal_by_any_scope_charges_none(limiter: RedisLimiter) -> None:
+    parent, child = scope("app", True, rpm=1), scope("dev", rpm=5)
+    await limiter.acquire([parent], 0)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire([child, parent], 0)
+    assert over.value.scope.key_id == "app" and over.value.reason == "rate_limited:rpm@app"
+    for _ in range(5):   # the refused request took nothing from the child's window
+        await limiter.acquire([child], 0)
+
+
+async def test_unlimited_request_makes_no_round_trip(redis_prefix: str) -> None:
+    lim = RedisLimiter("redis://127.0.0.1:1/0", prefix=redis_prefix)   # nothing listens there
+    grant = await lim.acquire([scope("free")], 10)
+    lim.settle(grant, 10)
+    assert grant.key_ids == ()
+
+
+def test_three_processes_never_admit_more_than_the_limits(redis_server_url: str, redis_prefix: str) -> None:
+    start_at = time.time() + 3.0   # every process connected and waiting when the burst begins
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.state.redis_worker", "burst", redis_server_url,
+                               redis_prefix, str(start_at), "40"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    total = {name: sum(r[name] for r in results) for name in BURST}
+    # 120 attempts at each key; exactly the limit gets through, spread over the three processes.
+    assert total == {"rpm": 60, "tpm": 1000 // 30, "conc": 5, "daily": 500 // 7}
+    assert all(r["rpm"] < 60 for r in results), results   # really shared: no process had it alone
+
+
+async def test_a_killed_replica_frees_its_slot_when_its_lease_expires(redis_server_url: str,
+                                                                      redis_prefix: str) -> None:
+    lease_s = 2.0
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.state.redis_worker", "hold",
+                                                  redis_server_url, redis_prefix, str(lease_s), cwd=REPO,
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 30)).strip() == b"held"
+        lim = RedisLimiter(redis_server_url, prefix=redis_prefix)
+        await lim.start()
+        s = [scope("held", concurrency=1)]
+        await asyncio.sleep(lease_s * 1.5)   # past one lease: the holder's renewals keep its slot
+        with pytest.raises(OverLimit):
+            await lim.acquire(s, 0)
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            try:
+                await lim.acquire(s, 0)
+                break
+            except OverLimit:
+                assert time.monotonic() - killed < lease_s + 1.0, "slot not back within its lease"
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - killed <= lease_s + 0.2
+        await lim.close()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+
+
+async def test_redis_down_closed_refuses_with_503_and_recovers(private_redis: PrivateRedis,
+                                                               redis_prefix: str) -> None:
+    seen: list[tuple[bool, bool]] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       on_backend=lambda up, local: seen.append((up, local)))
+    await lim.start()
+    s = [scope("k", rpm=100)]
+    await lim.acquire(s, 0)
+    private_redis.stop()
+    for _ in range(2):   # the first finds it down, the next fails fast without waiting on Redis
+        with pytest.raises(StoreUnavailable) as down:
+            await lim.acquire(s, 0)
+        assert down.value.http_status == 503 and down.value.headers() == {"Retry-After": "1"}
+    assert seen[-1] == (False, False)
+    private_redis.start()
+    deadline = time.monotonic() + 5
+    while not lim.up:
+        assert time.monotonic() < deadline, "limiter did not find Redis back"
+        await asyncio.sleep(0.05)
+    grant = await lim.acquire(s, 0)
+    assert grant.rpm_window is not None and seen[-1] == (True, False)
+    await lim.close()
+
+
+async def test_redis_down_local_enforces_this_replicas_limits_and_says_so(private_redis: PrivateRedis,
+                                                                          redis_prefix: str) -> None:
+    seen: list[tuple[bool, bool]] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       on_backend_down="local", on_backend=lambda up, local: seen.append((up, local)))
+    await lim.start()
+    s = [scope("k", rpm=2)]
+    private_redis.stop()
+    await lim.acquire(s, 0)
+    await lim.acquire(s, 0)
+    assert seen[-1] == (False, True)
+    with pytest.raises(OverLimit):   # local limits, not none
+        await lim.acquire(s, 0)
+    private_redis.start()            # a fresh, empty Redis: the shared window starts again
+    deadline = time.monotonic() + 5
+    while not lim.up:
+        assert time.monotonic() < deadline, "limiter did not find Redis back"
+        await asyncio.sleep(0.05)
+    assert seen[-1] == (True, False)
+    grant = await lim.acquire(s, 0)
+    assert grant.rpm_window == (2, 1, pytest.approx(60, abs=0.1))   # counted in Redis again
+    await lim.close()
