@@ -42,6 +42,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -210,6 +211,20 @@ async def run_workload(url: str, headers: dict[str, str], metrics_url: str,
     }
 
 
+def median_of(ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure, the median over rounds; failures summed; `spread`: (max - min) / median of tok/s."""
+    out: dict[str, Any] = {"requests": ms[0]["requests"], "failed": sum(m["failed"] for m in ms),
+                           "errors": [x for m in ms for x in m["errors"]][:3]}
+    for key in ms[0]:
+        if key in out:
+            continue
+        values = [m[key] for m in ms if m[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    tps = [m["tokens_per_s"] for m in ms]
+    out["spread"] = (max(tps) - min(tps)) / statistics.median(tps) if len(tps) > 1 and min(tps) > 0 else 0.0
+    return out
+
+
 def issue_key(config: Path) -> str:
     return stack.create_key(config, "batching-bench")
 
@@ -225,14 +240,15 @@ def fmt(v: Any, ms: bool = True) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'checkpoint':<8} {'workload':<8} {'path':<9} {'mode':<9} {'total ms':>9} {'tok/s':>8} "
-            f"{'TTFT mean':>9} {'TTFT p50':>9} {'short p50':>9} {'short p95':>9} {'long p50':>9} {'long p95':>9} fail")
+            f"{'TTFT mean':>9} {'TTFT p50':>9} {'short p50':>9} {'short p95':>9} {'long p50':>9} {'long p95':>9} "
+            f"{'spread':>6} fail")
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["m"]
         lines.append(f"{r['checkpoint']:<8} {r['workload']:<8} {r['path']:<9} {r['mode']:<9} {fmt(m['total_s']):>9} "
                      f"{fmt(m['tokens_per_s'], False):>8} {fmt(m['ttft_mean_s']):>9} {fmt(m['ttft_p50_s']):>9} "
                      f"{fmt(m['short_p50_s']):>9} {fmt(m['short_p95_s']):>9} {fmt(m['long_p50_s']):>9} "
-                     f"{fmt(m['long_p95_s']):>9} {m['failed']}")
+                     f"{fmt(m['long_p95_s']):>9} {m.get('spread', 0) * 100:>5.0f}% {m['failed']}")
     return "\n".join(lines)
 
 
@@ -269,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gap-ms", type=float, default=17.0)
     p.add_argument("--short", type=int, default=4)
     p.add_argument("--long", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="runs of each workload per path; medians reported")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--no-seekgate", action="store_true", help="Triton directly only")
     p.add_argument("--json", type=Path)
@@ -298,13 +315,20 @@ def main(argv: list[str] | None = None) -> int:
                         gw = stack.start_seekgate(config)
                         paths["seekgate"] = (gw.url, {"Authorization": f"Bearer {key}"})
                     metrics_url = f"http://127.0.0.1:{triton.launch.metrics_port}/metrics"
-                    warm = workload("burst", 4, 2, 2, 0)
-                    stack.run_loop(run_workload(triton.http_url, {}, metrics_url, warm, 2))
+                    # Warm-up: one full burst, thrown away. A 4-request warm-up left the first
+                    # full-size batch paying torch's first-use costs (a 14 s static burst, once).
+                    warm = workload("burst", args.burst, args.short, args.long, 0)
+                    stack.run_loop(run_workload(triton.http_url, {}, metrics_url, warm, args.short))
                     for wl, n in (("burst", args.burst), ("poisson", args.poisson)):
                         plan = workload(wl, n, args.short, args.long, args.gap_ms)
-                        for path, (url, headers) in paths.items():
-                            m = stack.run_loop(run_workload(url, headers, metrics_url, plan, args.short))
-                            row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode, "m": m}
+                        runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
+                        for _ in range(args.rounds):   # paths take turns, so drifting load hits both
+                            for path, (url, headers) in paths.items():
+                                runs[path].append(stack.run_loop(run_workload(url, headers, metrics_url, plan,
+                                                                              args.short)))
+                        for path, ms in runs.items():
+                            row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
+                                   "m": median_of(ms), "rounds": ms}
                             rows.append(row)
                             print(table([row]).splitlines()[-1], flush=True)
                 finally:

@@ -115,6 +115,8 @@ def test_greedy_requests_joining_mid_decode_match_transformers_generate(
     for s, text in zip([first, *others], [PROMPTS[1], *PROMPTS], strict=True):
         assert s.tokens == hf_greedy(hf, text, s.params.max_tokens), text
         assert "".join(ev.delta for ev in sink.of(s)) == s.text
+        # The incremental detokenizer gives exactly what one decode of the whole output gives.
+        assert s.text == hf[1].decode(s.tokens, skip_special_tokens=True)
     assert eng.steps < sum(len(s.tokens) for s in [first, *others])   # rows really shared steps
 
 
@@ -129,6 +131,7 @@ def test_seeded_sampling_batched_equals_alone(hf: tuple[Any, Any], engine: tuple
     sink.wait(*seqs)
     for s, p, kw in zip(seqs, PROMPTS, params, strict=True):
         assert s.tokens == alone(hf, p, 12, **kw).tokens
+        assert s.text == hf[1].decode(s.tokens, skip_special_tokens=True)
     assert len({tuple(s.tokens) for s in seqs}) > 1
 
 
@@ -234,6 +237,23 @@ def test_stop_drains_running_rows_and_fails_waiting_ones(hf: tuple[Any, Any]) ->
     assert sink.of(queued)[-1].error == "the model is shutting down"
     with pytest.raises(e.RequestError, match="shutting down"):
         eng.submit(seq(eng, "late", 2))
+
+
+def test_cut_at_stop_from_a_start_finds_stops_spanning_it() -> None:
+    assert e.cut_at_stop("hello world", ("lo w",), start=3) == ("hel", True)
+    assert e.cut_at_stop("hello world", ("he",), start=1) == ("hello world", False)
+
+
+def test_sampling_mixed_greedy_and_seeded_rows_in_one_batch(hf: tuple[Any, Any],
+                                                            engine: tuple[e.Engine, Collector]) -> None:
+    eng, sink = engine
+    kinds = [dict(), dict(temperature=0.7, seed=3), dict(), dict(temperature=1.2, seed=9, top_p=0.8)]
+    seqs = [seq(eng, p, 10, **kw) for p, kw in zip(PROMPTS, kinds, strict=False)]
+    for s in seqs:
+        eng.submit(s)
+    sink.wait(*seqs)
+    for s, p, kw in zip(seqs, PROMPTS, kinds, strict=False):
+        assert s.tokens == (alone(hf, p, 10, **kw).tokens if kw else hf_greedy(hf, p, 10)), p
 
 
 def test_prefill_plan_shares_the_chunk_first_come_first_served() -> None:

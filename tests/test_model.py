@@ -233,3 +233,10 @@ def test_metrics_follow_the_engine(model: object) -> None:
     assert len(metrics.ttft.observations) - ttft0 == 4 and all(t > 0 for t in metrics.ttft.observations)
     assert metrics.running.value == 0 and metrics.waiting.value == 0 and metrics.kv_usage.value == 0
     assert metrics.ttft.labels == {"model": "deepseek", "version": "1"}
+
+
+def test_context_length_0_is_the_checkpoint_max_capped_for_the_preallocated_kv_cache() -> None:
+    assert m.parse_limits({}, 256).context_length == 256
+    assert m.parse_limits({}, 163840).context_length == m.DEFAULT_CONTEXT_CAP == 4096
+    assert m.parse_limits({"context_length": "32768"}, 163840).context_length == 32768   # asked for explicitly
+    assert m.parse_limits({"context_length": "999999"}, 163840).context_length == 163840

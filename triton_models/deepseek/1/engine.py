@@ -70,6 +70,7 @@ class Sequence:
     handle: Any = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
+    raw: str = ""                  # decoded output before stop strings are cut (grown token by token)
     emitted: int = 0
     done: bool = False
     cancelled: bool = False        # set by any thread; read by the engine at the next step
@@ -78,6 +79,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: Any = None
+    stream: Any = None             # the incremental detokenizer's state (tokenizers.decoders.DecodeStream)
 
     def need(self) -> int:
         """KV columns this sequence may use: what admission reserves for it."""
@@ -109,9 +111,29 @@ Sink = Callable[[Event], None]
 # ---------------------------------------------------------------- pure helpers
 
 
-def cut_at_stop(text: str, stops: Seq[str]) -> tuple[str, bool]:
-    """Cuts `text` before the earliest stop string; says whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+def incremental_detokenizer(tokenizer: Any) -> Callable[[], Any] | None:
+    """A factory of per-sequence streaming decoders giving the same text as a full decode, or None.
+
+    Only for fast tokenizers that do not clean up spaces after decoding (transformers does
+    that in Python, after the Rust decoder, so a stream would not match it).
+    """
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    if getattr(tokenizer, "backend_tokenizer", None) is None or getattr(tokenizer, "clean_up_tokenization_spaces",
+                                                                        False):
+        return None
+    return lambda: DecodeStream(skip_special_tokens=True)
+
+
+def cut_at_stop(text: str, stops: Seq[str], start: int = 0) -> tuple[str, bool]:
+    """Cuts `text` before the earliest stop string at or after `start`; says whether one was found.
+
+    The engine passes the first position where a stop could begin in text grown since the
+    last check, so a long answer is not searched from its beginning at every token.
+    """
+    cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -163,7 +185,9 @@ class SlotCache:
 
     def plan_decode(self, n: int, positions: Any, width: int) -> None:
         """Rows [0, n) write one column each, at `positions`; attention reads columns [0, width)."""
-        rows = positions.new_tensor(range(n)) if n else positions
+        import torch
+
+        rows = torch.arange(n, device=positions.device)
 
         def write(store: Any, new: Any, _: Any) -> None:
             store[rows, :, positions] = new[:, :, 0]
@@ -226,7 +250,9 @@ class Engine:
         # transformers renamed `past_key_values` to `cache` (5.x); support both.
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = SlotCache(settings.max_running, settings.context_length, device)
-        self.mask_min = torch.finfo(next(model.parameters()).dtype).min
+        self.dtype = next(model.parameters()).dtype
+        self.mask_min = torch.finfo(self.dtype).min
+        self._new_stream = incremental_detokenizer(tokenizer)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []       # slots [0, n): decoding; slots [n, n+k): prefilling
@@ -366,12 +392,11 @@ class Engine:
     def _mask(self, limits: Seq[tuple[int, int]], q_len: int, width: int) -> Any:
         """4D additive mask: query i of row r (at column off_r + i) sees columns [0, off_r + i]."""
         torch = self.torch
-        offs = torch.tensor([o for o, _ in limits], device=self.device).view(-1, 1, 1, 1)
-        q = torch.arange(q_len, device=self.device).view(1, 1, -1, 1)
-        k = torch.arange(width, device=self.device).view(1, 1, 1, -1)
-        allowed = k <= offs + q
-        dtype = next(self.model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, self.mask_min)
+        offs = torch.tensor([o for o, _ in limits]).view(-1, 1, 1, 1)
+        q = torch.arange(q_len).view(1, 1, -1, 1)
+        k = torch.arange(width).view(1, 1, 1, -1)
+        # Built on the host (a handful of tiny ops) and moved once: no per-row work.
+        return torch.where(k <= offs + q, 0.0, self.mask_min).to(device=self.device, dtype=self.dtype)
 
     def _forward(self, ids: Any, positions: Any, mask: Any) -> Any:
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
@@ -400,11 +425,17 @@ class Engine:
         mask = self._mask([(o, w) for o, w in zip(offsets, widths)], width, max(offsets) + width)
         logits = self._forward(ids.to(self.device), positions.to(self.device), mask)
         joined: list[Sequence] = []
+        at: list[int] = []
         for r, (seq, w) in enumerate(zip(pending, widths)):
             seq.prefilled += w
             if w and seq.prefilled == len(seq.prompt_ids) and not seq.cancelled:
-                self._advance(seq, self._sample(logits[r, w - 1].float().cpu(), seq))
                 joined.append(seq)
+                at.append(r)
+        if joined:
+            index = torch.tensor(at, device=logits.device)
+            last = logits[index, torch.tensor([widths[r] - 1 for r in at], device=logits.device)]
+            for seq, tok in zip(joined, self._sample_rows(last, joined)):
+                self._advance(seq, tok)
         for seq in joined:
             if seq.done and not static:
                 self._remove(seq)
@@ -429,15 +460,18 @@ class Engine:
         width = max(pos) + 1
         self.cache.plan_decode(len(rows), positions.view(-1).to(self.device), width)
         logits = self._forward(ids.to(self.device), positions.to(self.device), self._mask([(p, 1) for p in pos], 1, width))
-        last = logits[:, -1, :].float().cpu()
         self.steps += 1
         finished = []
-        for r, seq in enumerate(rows):
-            if seq.done:
-                continue
-            if seq.cancelled:
-                continue   # dropped at the start of the next step, within one step of the cancel
-            self._advance(seq, self._sample(last[r], seq))
+        # Finished rows of a static batch and cancelled rows (dropped at the start of the next
+        # step, within one step of the cancel) are decoded but not sampled.
+        live = [r for r, s in enumerate(rows) if not s.done and not s.cancelled]
+        if len(live) == len(rows):
+            last = logits[:, -1, :]
+        else:
+            last = logits[torch.tensor(live, dtype=torch.long, device=logits.device), -1, :]
+        live_rows = [rows[r] for r in live]
+        for seq, tok in zip(live_rows, self._sample_rows(last, live_rows)):
+            self._advance(seq, tok)
             if seq.done:
                 finished.append(seq)
         if self.settings.scheduling == STATIC:
@@ -449,6 +483,48 @@ class Engine:
             return
         for seq in sorted(finished, key=lambda s: -s.slot):
             self._remove(seq)
+
+    def _sample_rows(self, logits: Any, rows: list[Sequence]) -> list[int]:
+        """One token per row of `logits` ([rows, vocab], on the device).
+
+        Greedy rows take one batched argmax on the device (only their ids cross to the host);
+        sampled rows draw from their own seeded generator, one at a time, so each request's
+        draws are the same as when it runs alone.
+        """
+        greedy = [r for r, s in enumerate(rows) if s.params.temperature == 0.0]
+        if len(greedy) == len(rows):
+            return [int(t) for t in logits.argmax(-1).tolist()]
+        out = [0] * len(rows)
+        if greedy:
+            picked = logits[self.torch.tensor(greedy, device=logits.device)].argmax(-1).tolist()
+            for r, tok in zip(greedy, picked):
+                out[r] = int(tok)
+        host = logits.float().cpu()
+        for r, seq in enumerate(rows):
+            if seq.params.temperature != 0.0:
+                out[r] = self._sample(host[r], seq)
+        return out
+
+    def _detokenize(self, seq: Sequence, tok: int) -> str:
+        """The output text after `tok`: the old text plus the new token's chunk.
+
+        Decoding the whole output at every token costs O(length) per token (and a Python
+        round-trip through transformers); the tokenizer's DecodeStream keeps a small window
+        and returns only the new, complete characters (None while a UTF-8 character is still
+        incomplete: the full decode would end in U+FFFD there, which safe_delta held back anyway).
+        Tokenizers without one (slow, or cleaning up spaces after decode) decode in full.
+        """
+        if self._new_stream is None:
+            return str(self.tokenizer.decode(seq.tokens, skip_special_tokens=True))
+        if seq.stream is None:
+            seq.stream = self._new_stream()
+        chunk = seq.stream.step(self.tokenizer.backend_tokenizer, tok)
+        if chunk is None:
+            if len(seq.tokens) >= seq.params.max_tokens:
+                # The last token: what the full decode gives, replacement character included.
+                return str(self.tokenizer.decode(seq.tokens, skip_special_tokens=True))
+            return seq.raw
+        return seq.raw + chunk
 
     def _sample(self, logits: Any, seq: Sequence) -> int:
         torch, p = self.torch, seq.params
@@ -469,8 +545,16 @@ class Engine:
         else:
             seq.tokens.append(tok)
             self.generated += 1
-            full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            seq.text, hit = cut_at_stop(full, seq.params.stop)
+            grown_from = len(seq.raw)
+            seq.raw = self._detokenize(seq, tok)
+            if seq.params.stop:
+                # A stop string may begin in the old text and end in the new.
+                start = max(0, grown_from - max(map(len, seq.params.stop)) + 1)
+                seq.text, hit = cut_at_stop(seq.raw, seq.params.stop, start)
+                if not hit:
+                    seq.text = seq.raw
+            else:
+                seq.text, hit = seq.raw, False
             seq.done = hit or len(seq.tokens) >= seq.params.max_tokens
         # At the end, flush whatever was held back as a partial UTF-8 sequence.
         delta = seq.text[seq.emitted:] if seq.done else safe_delta(seq.text, seq.emitted)

@@ -81,8 +81,15 @@ def resolve_checkpoint(params: dict[str, str], env: dict[str, str] | os._Environ
     return path
 
 
+# context_length 0 takes the checkpoint's max_position_embeddings, capped here: the KV
+# cache is preallocated, max_running_sequences x context_length tokens, and a full-size
+# checkpoint's max (163,840 for DeepSeek-V3) times 32 slots is ~370 GB of bf16 MLA latents.
+# 4,096 x 32 slots is ~9 GB on DeepSeek-V3; a longer context must be asked for explicitly.
+DEFAULT_CONTEXT_CAP = 4096
+
+
 def parse_limits(params: dict[str, str], model_max_positions: int) -> Limits:
-    context = int(params.get("context_length") or 0) or model_max_positions
+    context = int(params.get("context_length") or 0) or min(model_max_positions, DEFAULT_CONTEXT_CAP)
     return Limits(
         max_tokens_cap=int(params.get("max_tokens_cap") or 512),
         default_max_tokens=int(params.get("default_max_tokens") or 16),
