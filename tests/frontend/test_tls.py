@@ -414,6 +414,65 @@ def test_rotation_under_keep_alive_load_and_a_broken_file_keeps_the_old_cert(
         g.stop()
 
 
+def test_grpc_rotation_new_connections_get_the_new_cert_and_an_open_stream_survives(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(first[name], live / first[name].name)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                   "server.tls_cert_file": str(live / "server.pem"), "server.tls_key_file": str(live / "server-key.pem"),
+                   "server.tls_reload_interval_s": 0.2}).start()
+    port = g.settings.server.grpc_port
+    try:
+        _, key = g.key(owner="grot")
+        assert served_fingerprint(port) == fingerprint(first["server_cert"])
+        client = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(first["ca"]))
+        got: list[object] = []
+
+        def on(result: object, error: object) -> None:
+            got.append(error or result)
+
+        def stream_answers(n: int) -> bool:
+            return wait_for(lambda: len(got) >= n, 60)
+        try:
+            # A stream opened before the swap, over a connection verified by the first CA.
+            client.start_stream(on, headers={"authorization": f"Bearer {key}"})
+            client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "before", 2))
+            assert stream_answers(2), got
+            time.sleep(1.0)   # the first request's answers are all in: what follows is the second's
+            before = len(got)
+            for name in ("server_cert", "server_key"):
+                tmp = live / (second[name].name + ".new")
+                shutil.copy(second[name], tmp)
+                tmp.replace(live / second[name].name)
+            assert wait_for(lambda: served_fingerprint(port) == fingerprint(second["server_cert"]), 10)
+            # The same stream, after the swap: still open, still served.
+            client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "after", 2))
+            assert stream_answers(before + 2), got
+            client.stop_stream()
+            assert all(isinstance(r, grpcclient.InferResult) for r in got), got
+        finally:
+            client.close()
+        # A new connection is verified by the new CA, and no longer by the old one.
+        fresh = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(second["ca"]))
+        try:
+            assert fresh.infer("deepseek", text_inputs(grpcclient, "new", 2),
+                               headers={"authorization": f"Bearer {key}"}).as_numpy("text_output") is not None
+        finally:
+            fresh.close()
+        stale = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(first["ca"]))
+        try:
+            with pytest.raises(Exception, match="(?i)unavailable"):
+                stale.is_server_live(client_timeout=10)
+        finally:
+            stale.close()
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ secure by default
 
 
