@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import (
     Draining,
     PayloadTooLarge,
     SeekgateError,
+    Unauthenticated,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -41,7 +43,7 @@ from ..upstream.grpc_forward import (
     upstream_channel,
     upstream_metadata,
 )
-from .tls import grpc_peer_cert
+from .grpc_tls import INNER_HOST, GrpcTlsTerminator
 
 log = logging.getLogger("seekgate.grpc")
 
@@ -55,6 +57,7 @@ _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 # end, then the call cancelled. A cancellation this soon after an end with no message is that refusal.
 _OVER_CAP_GRACE_S = 1.0
 _OVER_CAP = "grpc_message_over_cap"   # ctx.extra: refused by core for its size, audited as such
+_NO_TLS_PEER = "no_tls_peer"   # ctx.extra: TLS is on, but the call's connection is not one the TLS listener made
 
 
 def _health_messages() -> tuple[type[Message], type[Message]]:
@@ -90,11 +93,12 @@ class GrpcFrontEnd:
         self.channel: grpc.aio.Channel | None = None
         self._upstream: dict[str, Any] = {}   # method path -> multicallable on the shared channel
         self.port = 0
+        self.tls: GrpcTlsTerminator | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False,
-                    credentials: grpc.ServerCredentials | None = None) -> int:
-        """Listen on host:port (over TLS with `credentials`); `reuse_port` lets the workers of
-        `serve --workers N` share it."""
+                    tls: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port (over TLS with `tls`, terminated by grpc_tls.py); `reuse_port` lets the
+        workers of `serve --workers N` share it."""
         cap = self.state.settings.server.grpc_max_message_bytes
         caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
         # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
@@ -116,16 +120,26 @@ class GrpcFrontEnd:
             grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
                 "Check": grpc.unary_unary_rpc_method_handler(self._health)}),
         ))
-        self.port = (self.server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
-                     else self.server.add_insecure_port(f"{host}:{port}"))
-        await self.server.start()
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            await self.server.start()
+        else:
+            # The grpc server listens on a private loopback port; the TLS listener in front is the door.
+            inner_port = self.server.add_insecure_port(f"{INNER_HOST}:0")
+            await self.server.start()
+            self.tls = GrpcTlsTerminator(tls, self.state.settings.server.read_timeout_s)
+            self.port = await self.tls.start(host, port, inner_port, reuse_port)
         log.info("seekgate gRPC listening on %s:%d -> %s", host, self.port, self.state.settings.upstream.grpc_target)
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
         """Finishes in-flight calls for `grace` seconds, so their audit records are submitted."""
+        if self.tls is not None:
+            self.tls.close()   # no new connections; open ones carry grpc's drain to their clients
         if self.server is not None:
             await self.server.stop(grace)
+        if self.tls is not None:
+            await self.tls.abort_all()
         if self.channel is not None:
             await self.channel.close()
 
@@ -142,6 +156,7 @@ class GrpcFrontEnd:
         state, ctx = self.state, self._context(context, method.path)
         try:
             async with self._refusals(context, ctx):
+                self._check_peer(ctx)
                 try:
                     # asyncio.timeout, not wait_for: a read in another task never sees core's cancellation.
                     async with asyncio.timeout(state.settings.server.read_timeout_s):
@@ -205,6 +220,7 @@ class GrpcFrontEnd:
         tasks: set[asyncio.Task[None]] = set()
         try:
             async with self._refusals(context, ctx):
+                self._check_peer(ctx)
                 # admit() needs the resource, which only the first message names: authenticate now, so a
                 # client without a valid key is refused before it sends anything.
                 ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
@@ -299,6 +315,7 @@ class GrpcFrontEnd:
         ctx = self._context(context, HEALTH_CHECK)
         ctx.resource = classify_grpc("ServerReady", "")
         try:
+            self._check_peer(ctx)
             request = _parse(HealthCheckRequest, raw)
             if request.service not in ("", GRPC_SERVICE):
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
@@ -324,11 +341,21 @@ class GrpcFrontEnd:
     # ------------------------------------------------------------------ shared pieces
 
     def _context(self, context: grpc.aio.ServicerContext, path: str) -> RequestContext:
-        ctx = RequestContext(request_id=new_id(), client_ip=client_ip(context.peer()),
-                             protocol="grpc", method="POST", path=path)
-        if self.state.settings.server.tls_client_ca_file:   # mTLS: verified in the handshake
-            ctx.peer_cert = grpc_peer_cert(context)
+        peer = context.peer()
+        ctx = RequestContext(request_id=new_id(), client_ip=client_ip(peer), protocol="grpc", method="POST",
+                             path=path)
+        if self.tls is not None:   # the address grpc sees is the TLS listener's relay: ask it who is behind
+            tls_peer = self.tls.peer_of(peer)
+            ctx.client_ip = tls_peer.client_ip if tls_peer else ""
+            ctx.peer_cert = tls_peer.cert if tls_peer else None   # mTLS: verified in the handshake
+            ctx.extra[_NO_TLS_PEER] = tls_peer is None
         return ctx
+
+    @staticmethod
+    def _check_peer(ctx: RequestContext) -> None:
+        """Fail closed: a call that did not come through the TLS listener has no known client."""
+        if ctx.extra.get(_NO_TLS_PEER):
+            raise Unauthenticated("connection_not_from_tls_listener")
 
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
         metadata = upstream_metadata(context.invocation_metadata())

@@ -428,7 +428,7 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
     reload_tls = asyncio.create_task(tls.watch()) if tls else None
     try:
         await grpc_front.start(s.host, s.grpc_port, reuse_port=worker is not None,
-                               credentials=tls.grpc_credentials() if tls else None)
+                               tls=tls.grpc_context if tls else None)
         for site in sites:
             await site.start()
         log.info("seekgate%s listening on %s://%s:%d, grpc :%d%s%s", f" worker {worker.index}" if worker else "",

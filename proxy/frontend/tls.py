@@ -1,6 +1,6 @@
 """TLS for the listeners: one server context per process, reloaded in place when its files change.
 
-HTTP and metrics share one `ssl.SSLContext`; gRPC gets credentials fed from the same files. A renewed
+HTTP and metrics share one `ssl.SSLContext`; gRPC has its own (ALPN h2, see grpc_tls.py) from the same files. A renewed
 certificate (cert-manager rewrites the files in place) is picked up by polling: the new files are
 read once, checked on a scratch context, then loaded into the live one (`load_cert_chain` on a
 context in use changes what new handshakes present; open connections keep theirs). A broken new
@@ -21,7 +21,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -71,7 +70,7 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str) -> ssl.SSLCo
 
 
 class ServerTls:
-    """The listeners' TLS state: the live SSLContext, the gRPC credentials, and their reload."""
+    """The listeners' TLS state: the live SSLContexts (HTTP and metrics, gRPC) and their reload."""
 
     def __init__(self, s: ServerSettings, on_reload: Callable[[], None] = lambda: None,
                  on_error: Callable[[str], None] = lambda _: None) -> None:
@@ -79,10 +78,11 @@ class ServerTls:
         self.on_reload, self.on_error = on_reload, on_error
         self._stamp = self._files_stamp()
         # A broken file at start stops the start (fail closed), with the error as the message.
-        self.cert_pem, self.key_pem = _read(s.tls_cert_file), _read(s.tls_key_file)
         self.context = build_context(s, s.tls_cert_file, s.tls_key_file)
-        self.client_ca_pem = _read(s.tls_client_ca_file) if s.tls_client_ca_file else None
-        self._grpc_next: Any = None   # a configuration the gRPC fetcher has yet to hand over
+        self.grpc_context = build_context(s, s.tls_cert_file, s.tls_key_file)
+        # gRPC clients insist that the server selects h2 by ALPN; the HTTP door speaks HTTP/1.1 only, so it
+        # must not offer h2, hence two contexts.
+        self.grpc_context.set_alpn_protocols(["h2"])
 
     def _files_stamp(self) -> Stamp:
         s = self.settings
@@ -112,14 +112,13 @@ class ServerTls:
                 key_path.touch(mode=0o600)
                 key_path.write_bytes(key)
                 build_context(s, str(cert_path), str(key_path))   # the check: a scratch context
-                self.context.load_cert_chain(str(cert_path), str(key_path))
+                for context in (self.context, self.grpc_context):
+                    context.load_cert_chain(str(cert_path), str(key_path))
         except (OSError, ssl.SSLError, ValueError) as exc:
             message = f"{s.tls_cert_file}, {s.tls_key_file}: {exc}"
             log.error("TLS certificate reload failed, keeping the certificate in force: %s", message)
             self.on_error(message)
             return False
-        self.cert_pem, self.key_pem = cert, key
-        self._grpc_next = self._grpc_configuration()
         log.info("TLS certificate reloaded from %s", s.tls_cert_file)
         self.on_reload()
         return True
@@ -128,21 +127,6 @@ class ServerTls:
         while True:
             await asyncio.sleep(self.settings.tls_reload_interval_s)
             self.reload_if_changed()
-
-    # ------------------------------------------------------------------ gRPC
-
-    def _grpc_configuration(self) -> Any:
-        return grpc.ssl_server_certificate_configuration([(self.key_pem, self.cert_pem)],
-                                                         root_certificates=self.client_ca_pem)
-
-    def grpc_credentials(self) -> grpc.ServerCredentials:
-        """Credentials whose certificate follows reloads: grpc asks the fetcher before each handshake."""
-        def fetch() -> Any:
-            # Called from grpc's threads; one attribute read and write, no lock needed under the GIL.
-            config, self._grpc_next = self._grpc_next, None
-            return config   # None: keep the current one
-        return grpc.dynamic_ssl_server_credentials(
-            self._grpc_configuration(), fetch, require_client_authentication=self.client_ca_pem is not None)
 
 
 def _read(path: str) -> bytes:
@@ -180,9 +164,3 @@ def http_peer_cert(transport: Any) -> PeerCert | None:
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     return peer_cert_from_der(der) if der else None
-
-
-def grpc_peer_cert(context: Any) -> PeerCert | None:
-    """The verified client certificate of a gRPC call, from its auth context, if any."""
-    pems = context.auth_context().get("x509_pem_cert")
-    return peer_cert_from_pem(pems[0]) if pems else None

@@ -34,7 +34,7 @@ from ..state.limits import LocalLimiter
 from ..state.shared_limiter import LimiterServer
 from ..store.budgets import BudgetStore, budget_store_path
 from .http import install_uvloop, run
-from .tls import build_context, plaintext_refusal, tls_enabled
+from .tls import ServerTls, plaintext_refusal, tls_enabled
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.workers")
@@ -173,21 +173,24 @@ async def supervise(settings: Settings, ready: asyncio.Event | None = None,
             pass
     metrics_runner = web.AppRunner(sup.metrics_app(), access_log=None)
     await metrics_runner.setup()
-    # The workers reload their own TLS files; the supervisor's metrics listener is served with the
-    # certificate in force at its start.
-    metrics_tls = build_context(settings.server, settings.server.tls_cert_file, settings.server.tls_key_file) \
-        if tls_enabled(settings.server) else None
+    # The workers reload their own TLS files; the supervisor's metrics listener watches the same files
+    # itself, so a renewal reaches :8002 too (errors are logged by ServerTls; counted by the workers).
+    metrics_tls = ServerTls(settings.server) if tls_enabled(settings.server) else None
+    reload_tls = asyncio.create_task(metrics_tls.watch()) if metrics_tls else None
     try:
         await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port,
-                          ssl_context=metrics_tls).start()
+                          ssl_context=metrics_tls.context if metrics_tls else None).start()
         await sup.start_workers()
-        log.info("seekgate: %d workers on http://%s:%d, grpc :%d, metrics :%d", settings.server.workers,
+        log.info("seekgate: %d workers on %s://%s:%d, grpc :%d, metrics :%d", settings.server.workers,
+                 "https" if metrics_tls else "http",
                  settings.server.host, settings.server.http_port, settings.server.grpc_port,
                  settings.server.metrics_port)
         if ready is not None:
             ready.set()
         await sup.watch(stop)
     finally:
+        if reload_tls is not None:
+            reload_tls.cancel()
         clean = await sup.drain()
         # After the workers: a request still draining may settle its grant until the end.
         await limiter.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -124,12 +125,9 @@ def test_tls13_is_served_and_a_tls12_only_client_is_refused(tls_gw: Gateway, cer
     ok = s_client(port, "tls1_3", certs["ca"], *alpn)
     assert ok.returncode == 0 and "TLSv1.3" in ok.stderr + ok.stdout, ok.stderr
     refused = s_client(port, "tls1_2", certs["ca"], *alpn)
-    if listener == "grpc":
-        # grpcio exposes no minimum TLS version: grpc core accepts 1.2 (its ECDHE + AEAD suites only).
-        # Known gap, in the README; this pins it, so a grpcio that adds the knob shows up here.
-        assert refused.returncode == 0 and "ECDHE" in refused.stderr + refused.stdout
-        return
+    # gRPC included: its TLS is terminated by seekgate (grpc_tls.py), since grpcio cannot refuse 1.2.
     assert refused.returncode != 0, refused.stderr + refused.stdout
+    assert "CONNECTION ESTABLISHED" not in refused.stderr + refused.stdout, refused.stderr + refused.stdout
 
 
 def test_curl_with_explicit_versions(tls_gw: Gateway, certs: dict[str, Path]) -> None:
@@ -259,6 +257,68 @@ def test_mtls_client_identity_reaches_the_audit_record(mtls_gw: Gateway, certs: 
                                 and r["actor"] == "carl" for r in audit_records(mtls_gw)), 5)
 
 
+def test_grpc_over_mtls_stream_keeps_the_client_identity_and_address(mtls_gw: Gateway,
+                                                                       certs: dict[str, Path]) -> None:
+    """The TLS listener relays to grpc on loopback: the client's own address and certificate must still be
+    what the audit records (not the relay's), for a stream as for a unary call."""
+    _, key = mtls_gw.key(owner="stella")
+    client = grpcclient.InferenceServerClient(f"localhost:{mtls_gw.settings.server.grpc_port}", ssl=True,
+                                              root_certificates=str(certs["ca"]),
+                                              private_key=str(certs["client_key"]),
+                                              certificate_chain=str(certs["client_cert"]))
+    got: list[object] = []
+    done = threading.Event()
+
+    def on(result: object, error: object) -> None:
+        got.append(error or result)
+        if error is not None or len(got) >= 3:
+            done.set()
+    try:
+        client.start_stream(on, headers={"authorization": f"Bearer {key}"})
+        client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "stream me", 3))
+        assert done.wait(60), got
+        client.stop_stream()
+    finally:
+        client.close()
+    assert all(isinstance(r, grpcclient.InferResult) for r in got), got
+    want = fingerprint(certs["client_cert"])
+
+    def stream_record() -> dict[str, object] | None:
+        return next((r for r in audit_records(mtls_gw) if r["actor"] == "stella" and r["protocol"] == "grpc"), None)
+    assert wait_for(lambda: stream_record() is not None, 10)
+    record = stream_record()
+    assert record is not None and record["status"] == "allowed"
+    assert record["client_ip"] == "127.0.0.1"
+    assert record["client_cert"]["fingerprint"] == want   # type: ignore[index]
+
+
+def test_grpc_call_that_bypasses_the_tls_listener_is_refused(triton: TritonProcess, certs: dict[str, Path],
+                                                               tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Fail closed: the inner plaintext port is reachable on loopback, but a call on a connection the TLS
+    listener did not make has no known client, so it is refused even with a valid key."""
+    caplog.set_level(logging.INFO, logger="seekgate.grpc_tls")
+    gw = Gateway(tmp_path, triton.http_url, free_ports(3),
+                 **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs)}).start()
+    try:
+        inner = next(int(r.args[3]) for r in caplog.records   # type: ignore[index]
+                     if r.name == "seekgate.grpc_tls" and r.args[1] == gw.settings.server.grpc_port)  # type: ignore[index]
+        _refused_on_the_inner_port(gw, inner)
+    finally:
+        gw.stop()
+
+
+def _refused_on_the_inner_port(tls_gw: Gateway, inner: int) -> None:
+    _, key = tls_gw.key(owner="sneaky")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{inner}")
+    try:
+        with pytest.raises(Exception, match="UNAUTHENTICATED") as info:
+            client.infer("deepseek", text_inputs(grpcclient, "hi", 2), headers={"authorization": f"Bearer {key}"})
+        assert "invalid or missing credentials" in str(info.value)
+    finally:
+        client.close()
+    assert wait_for(lambda: any(r["reason"] == "connection_not_from_tls_listener" for r in audit_records(tls_gw)), 5)
+
+
 def test_policy_can_require_the_client_certificate_of_a_service(triton: TritonProcess, certs: dict[str, Path],
                                                                 tmp_path: Path) -> None:
     """environment.client_certs: an app key is served only over the certificate of its service."""
@@ -350,6 +410,65 @@ def test_rotation_under_keep_alive_load_and_a_broken_file_keeps_the_old_cert(
         assert tls_metric(g, second["ca"], "seekgate_tls_reloads_total") == 1
         assert served_fingerprint(port) == fingerprint(second["server_cert"])
         assert https_call(port, ssl.create_default_context(cafile=str(second["ca"])), "/v2/health/ready")[0] == 200
+    finally:
+        g.stop()
+
+
+def test_grpc_rotation_new_connections_get_the_new_cert_and_an_open_stream_survives(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(first[name], live / first[name].name)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                   "server.tls_cert_file": str(live / "server.pem"), "server.tls_key_file": str(live / "server-key.pem"),
+                   "server.tls_reload_interval_s": 0.2}).start()
+    port = g.settings.server.grpc_port
+    try:
+        _, key = g.key(owner="grot")
+        assert served_fingerprint(port) == fingerprint(first["server_cert"])
+        client = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(first["ca"]))
+        got: list[object] = []
+
+        def on(result: object, error: object) -> None:
+            got.append(error or result)
+
+        def stream_answers(n: int) -> bool:
+            return wait_for(lambda: len(got) >= n, 60)
+        try:
+            # A stream opened before the swap, over a connection verified by the first CA.
+            client.start_stream(on, headers={"authorization": f"Bearer {key}"})
+            client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "before", 2))
+            assert stream_answers(2), got
+            time.sleep(1.0)   # the first request's answers are all in: what follows is the second's
+            before = len(got)
+            for name in ("server_cert", "server_key"):
+                tmp = live / (second[name].name + ".new")
+                shutil.copy(second[name], tmp)
+                tmp.replace(live / second[name].name)
+            assert wait_for(lambda: served_fingerprint(port) == fingerprint(second["server_cert"]), 10)
+            # The same stream, after the swap: still open, still served.
+            client.async_stream_infer("deepseek_stream", text_inputs(grpcclient, "after", 2))
+            assert stream_answers(before + 2), got
+            client.stop_stream()
+            assert all(isinstance(r, grpcclient.InferResult) for r in got), got
+        finally:
+            client.close()
+        # A new connection is verified by the new CA, and no longer by the old one.
+        fresh = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(second["ca"]))
+        try:
+            assert fresh.infer("deepseek", text_inputs(grpcclient, "new", 2),
+                               headers={"authorization": f"Bearer {key}"}).as_numpy("text_output") is not None
+        finally:
+            fresh.close()
+        stale = grpcclient.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(first["ca"]))
+        try:
+            with pytest.raises(Exception, match="(?i)unavailable"):
+                stale.is_server_live(client_timeout=10)
+        finally:
+            stale.close()
     finally:
         g.stop()
 

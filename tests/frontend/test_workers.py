@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,8 +20,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
+from proxy.cli.devcert import make_dev_certs
 from proxy.local.triton import TritonProcess
 from tests.conftest import REPO, free_ports
+from tests.frontend.test_tls import fingerprint, https_call, s_client, served_fingerprint
 from tests.gateway import Gateway, metric, wait_for
 
 
@@ -237,3 +241,49 @@ def test_sigterm_fails_readiness_then_drains_and_exits_0(triton: TritonProcess, 
     finally:
         w.stop()
     assert "exited with" not in w.log.read_text()   # no worker died instead of draining
+
+
+def test_tls_on_every_worker_and_the_supervisor_metrics_follow_rotation(triton: TritonProcess, tmp_path: Path) -> None:
+    """`serve --workers 2` with TLS: every worker's HTTP and gRPC listener refuses TLS 1.2 and serves 1.3, and
+    a renewed certificate reaches the workers' listeners and the supervisor's metrics listener alike."""
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(first[name], live / first[name].name)
+    w = Workers(tmp_path / "w", triton)
+    config = yaml.safe_load(w.config.read_text())
+    config["server"].update({"tls_cert_file": str(live / "server.pem"), "tls_key_file": str(live / "server-key.pem"),
+                             "tls_reload_interval_s": 0.2})
+    w.config.write_text(yaml.safe_dump(config))
+    w.start()
+    try:
+        _, key = w.gw.key(owner="tls-workers")
+        for port, alpn in ((w.http, ()), (w.grpc, ("-alpn", "h2")), (w.metrics, ())):
+            assert s_client(port, "tls1_2", first["ca"], *alpn).returncode != 0
+            assert s_client(port, "tls1_3", first["ca"], *alpn).returncode == 0
+        ctx = ssl.create_default_context(cafile=str(first["ca"]))
+        for _ in range(8):   # a new connection each time: SO_REUSEPORT spreads them over both workers
+            assert https_call(w.http, ctx, "/v2/models/deepseek", key)[0] == 200
+            client = grpcclient.InferenceServerClient(f"localhost:{w.grpc}", ssl=True, root_certificates=str(first["ca"]))
+            try:
+                assert client.is_model_ready("deepseek", headers={"authorization": f"Bearer {key}"})
+            finally:
+                client.close()
+        # Both workers answered over TLS: each writes its own audit file.
+        assert wait_for(lambda: sum(1 for records in w.audit_by_file().values()
+                                    if any(r["actor"] == "tls-workers" for r in records)) == 2, 10)
+
+        for name in ("server_cert", "server_key"):
+            tmp = live / (second[name].name + ".new")
+            shutil.copy(second[name], tmp)
+            tmp.replace(live / second[name].name)
+        want = fingerprint(second["server_cert"])
+        # The supervisor's metrics listener, and every worker's listeners (several fresh connections each).
+        assert wait_for(lambda: served_fingerprint(w.metrics) == want, 10)
+        for port in (w.http, w.grpc):
+            assert wait_for(lambda: all(served_fingerprint(port) == want for _ in range(8)), 10)   # noqa: B023
+        status, _, body = https_call(w.metrics, ssl.create_default_context(cafile=str(second["ca"])), "/metrics")
+        assert status == 200 and b"seekgate_requests" in body
+    finally:
+        assert w.stop() == 0
