@@ -18,6 +18,7 @@ from ..admin.reads import RESOURCES as READ_RESOURCES
 from ..admin.reads import handle_reads
 from ..admin.sessions import handle_sessions
 from ..audit.jsonl import active_name
+from ..audit.pg_index import pool_of, replica_name
 from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
 from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, Unauthenticated
@@ -233,6 +234,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             queue_max=settings.audit.queue_max, queue_soft_max=settings.audit.queue_soft_max)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await open_store(settings.store, data_dir)
+        if (shared_pool := pool_of(store)) is not None:   # one audit trail: index into the shared store too
+            audit.share(shared_pool, replica_name(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).
         try:
             keyring = await open_keyring(settings, data_dir, store)
