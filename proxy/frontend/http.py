@@ -21,7 +21,7 @@ from ..audit.jsonl import active_name
 from ..audit.pg_index import pool_of, replica_name
 from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
-from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, Unauthenticated
+from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, StoreUnavailable, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
 from ..keys.issue import ISSUABLE_TIERS
@@ -98,6 +98,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             ctx.resource = classify_http(request.method, path)
             if state.draining and path == "/v2/health/ready":
                 raise Draining()   # else readiness is Triton's own, forwarded below
+            if path == "/v2/health/ready" and state.store_down():
+                raise StoreUnavailable("store_unavailable: readiness")
         else:
             if "?" in request.raw_path and not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")

@@ -38,7 +38,8 @@ PATH = "/v2/models/deepseek"
 class Replica:
     """One `seekgate serve` process; requests on one keep-alive connection."""
 
-    def __init__(self, root: Path, triton: TritonProcess, store_url: str, root_key: Path) -> None:
+    def __init__(self, root: Path, triton: TritonProcess, store_url: str, root_key: Path,
+                 extra: dict[str, Any] | None = None) -> None:
         self.http, grpc_, metrics = free_ports(3)
         self.gw = Gateway(root, triton.http_url, [self.http, grpc_, metrics], **{
             "store.url": store_url, "crypto.root_key_file": str(root_key)})
@@ -50,6 +51,7 @@ class Replica:
             "policy": {"directory": str(self.gw.policy_dir)},
             "store": {"url": store_url, "auto_migrate": True},
             "crypto": {"root_key_file": str(root_key)},
+            **(extra or {}),
         }))
         self.log = root / "serve.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO,
