@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..audit.pg_index import pool_of
 from ..audit.search import EQUALITY_FILTERS, GROUPS, MAX_PAGE, PERIODS, AuditQuery, overview, record, search, usage
 from ..steps.app_state import STATE
 from .keys import Reply, error_reply, note
@@ -76,7 +77,7 @@ async def handle_audit(request: web.Request, rest: tuple[str, ...]) -> web.Respo
             note(request, "audit.show", rest[0])
             if len(rest) != 1:
                 raise Reply(404, "not found")
-            found = await record(data_dir, rest[0])
+            found = await record(data_dir, rest[0], pool_of(request.app[STATE].store))
             if found is None:
                 raise Reply(404, f"audit record {rest[0]!r} not found")
             return web.json_response(found)
@@ -86,7 +87,7 @@ async def handle_audit(request: web.Request, rest: tuple[str, ...]) -> web.Respo
         query = parse_query(request.query, export)
         note(request, "audit.export" if export else "audit.search",
              detail={k: v for k, v in request.query.items() if k != "format"} or None)
-        rows, total = await search(data_dir, query)
+        rows, total = await search(data_dir, query, pool_of(request.app[STATE].store))
         if export:
             body = b"".join(orjson.dumps(r) + b"\n" for r in rows)
             return web.Response(body=body, content_type="application/x-ndjson", headers={

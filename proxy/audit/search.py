@@ -11,6 +11,7 @@ from typing import Any
 
 import aiosqlite
 
+from . import pg_index
 from .index import FIELDS, _decoded
 
 # The filters a search takes, each an equality on one indexed column; `owner` is the actor column.
@@ -62,8 +63,10 @@ async def _reader(data_dir: Path) -> AsyncIterator[tuple[aiosqlite.Connection, s
         yield db, ", ".join(f if f in have else f"NULL AS {f}" for f in FIELDS)
 
 
-async def search(data_dir: Path, query: AuditQuery) -> tuple[list[dict[str, Any]], int]:
-    """One page of matching records, newest first, and how many match in all."""
+async def search(data_dir: Path, query: AuditQuery, pool: Any | None = None) -> tuple[list[dict[str, Any]], int]:
+    """One page of matching records, newest first, and how many match in all (every replica's, given `pool`)."""
+    if pool is not None:
+        return await pg_index.search(pool, *query.where(), query.limit, query.offset)
     async with _reader(data_dir) as opened:
         if opened is None:
             return [], 0
@@ -77,7 +80,9 @@ async def search(data_dir: Path, query: AuditQuery) -> tuple[list[dict[str, Any]
     return rows, total
 
 
-async def record(data_dir: Path, event_id: str) -> dict[str, Any] | None:
+async def record(data_dir: Path, event_id: str, pool: Any | None = None) -> dict[str, Any] | None:
+    if pool is not None:
+        return await pg_index.record(pool, event_id)
     async with _reader(data_dir) as opened:
         if opened is None:
             return None

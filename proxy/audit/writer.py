@@ -15,6 +15,8 @@ from ..context import RequestContext, new_id
 from ..errors import AuditUnavailable
 from .index import FIELDS, AuditIndex, query_audit
 from .jsonl import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
+from .pg_index import SharedAuditIndex
+from .pg_index import prune as shared_prune
 
 __all__ = ["FIELDS", "AuditWriter", "admin_record", "build_record", "query_audit", "rotated_files", "tail_audit"]
 
@@ -138,10 +140,19 @@ class AuditWriter:
         self._unsynced_since: float | None = None   # monotonic time of the oldest unsynced write
         self._next_prune = 0.0
         self._closed = False
+        # Set by the server when store.url is PostgreSQL: every replica's records, indexed off this loop.
+        self.shared: SharedAuditIndex | None = None
+
+    def share(self, pool: Any, replica: str) -> None:
+        """Also index into the shared PostgreSQL table (before start()); the JSONL tail is its catch-up source."""
+        self.shared = SharedAuditIndex(pool, replica, reread=lambda n: [
+            r for r in last_records(self.jsonl_path, n) if "event_id" in r] if self.jsonl_path.exists() else [])
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._index.open)   # a broken audit.db stops the start
+        if self.shared is not None:
+            self.shared.start()
         await self._recover()
         await self.prune()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -220,6 +231,8 @@ class AuditWriter:
         barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(barrier)
         await barrier
+        if self.shared is not None:
+            await self.shared.flush()
 
     def queue_depth(self) -> int:
         """Records waiting to be written, including a batch being retried."""
@@ -250,6 +263,8 @@ class AuditWriter:
         except OSError:
             log.exception("audit file fsync/close failed")
         await asyncio.to_thread(self._index.close)
+        if self.shared is not None:
+            await self.shared.close()
 
     async def __aenter__(self) -> AuditWriter:
         await self.start()
@@ -264,6 +279,11 @@ class AuditWriter:
         await asyncio.to_thread(self._prune_files, cutoff)
         await asyncio.to_thread(self._index.prune, cutoff)
         self._next_prune = time.monotonic() + 3600
+        if self.shared is not None:
+            try:   # every replica may run it: it is idempotent, and serialised in PostgreSQL
+                await shared_prune(self.shared.pool, cutoff)
+            except Exception as exc:   # PostgreSQL away: the next hour's run catches up
+                log.warning("shared audit retention failed: %s", exc)
 
     # -- writer task -------------------------------------------------------------
 
@@ -343,6 +363,8 @@ class AuditWriter:
                     file_done = True
                     self.healthy = True
                     self._resolve(batch, None)
+                    if self.shared is not None:
+                        self.shared.submit(batch)   # only what the JSONL holds; never waits for PostgreSQL
                 if not db_done:
                     await self._insert_rows(batch)
                     db_done = True
@@ -401,8 +423,10 @@ class AuditWriter:
         INSERT OR IGNORE on event_id makes this a no-op for rows already there.
         """
         if self.jsonl_path.exists():
-            recs = await asyncio.to_thread(last_records, self.jsonl_path, lines)
-            await self._insert_rows([r for r in recs if "event_id" in r])
+            recs = [r for r in await asyncio.to_thread(last_records, self.jsonl_path, lines) if "event_id" in r]
+            await self._insert_rows(recs)
+            if self.shared is not None:
+                self.shared.submit(recs)   # a crash between the file and PostgreSQL: indexed now (no doubles)
 
     async def _insert_rows(self, batch: list[dict[str, Any]]) -> None:
         await asyncio.to_thread(self._index.insert, batch)

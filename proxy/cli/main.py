@@ -288,12 +288,20 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
+    from ..audit import pg_index
     from ..audit.writer import query_audit
+    from ..store.backend import is_postgres
     settings, now = load(args), time.time()
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)
-    recs = asyncio.run(query_audit(Path(settings.data_dir), actor=args.actor, key_id=args.key_id,
-                                   since=since, until=until, status=args.status, limit=args.limit))
+    filters = dict(actor=args.actor, key_id=args.key_id, since=since, until=until, status=args.status,
+                   limit=args.limit)
+    if is_postgres(settings.store.url):   # the index every replica writes to, not this host's
+        async def shared(store: Store) -> list[dict[str, Any]]:
+            return await pg_index.query(pg_index.pool_of(store), **filters)
+        recs = with_store(settings, shared)
+    else:
+        recs = asyncio.run(query_audit(Path(settings.data_dir), **filters))
     for rec in recs:
         _out(rec)
     return 0

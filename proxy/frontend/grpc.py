@@ -321,8 +321,8 @@ class GrpcFrontEnd:
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
                 await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
             ready = service_pb2.ServerReadyResponse(ready=False)
-            if self.state.draining:
-                ctx.reason = "draining"
+            if self.state.draining or self.state.store_down():
+                ctx.reason = "draining" if self.state.draining else "store_unavailable"
                 return bytes(HealthCheckResponse(status=NOT_SERVING).SerializeToString())
             try:
                 ready = service_pb2.ServerReadyResponse.FromString(

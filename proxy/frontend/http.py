@@ -18,9 +18,10 @@ from ..admin.reads import RESOURCES as READ_RESOURCES
 from ..admin.reads import handle_reads
 from ..admin.sessions import handle_sessions
 from ..audit.jsonl import active_name
+from ..audit.pg_index import pool_of, replica_name
 from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
-from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, Unauthenticated
+from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, StoreUnavailable, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
 from ..keys.issue import ISSUABLE_TIERS
@@ -98,6 +99,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             ctx.resource = classify_http(request.method, path)
             if state.draining and path == "/v2/health/ready":
                 raise Draining()   # else readiness is Triton's own, forwarded below
+            if path == "/v2/health/ready" and state.store_down():
+                raise StoreUnavailable("store_unavailable: readiness")
         else:
             if "?" in request.raw_path and not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")
@@ -234,6 +237,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                             queue_max=settings.audit.queue_max, queue_soft_max=settings.audit.queue_soft_max)
         metrics.set_audit_depth_fn(audit.queue_depth)
         store = await open_store(settings.store, data_dir)
+        if (shared_pool := pool_of(store)) is not None:   # one audit trail: index into the shared store too
+            audit.share(shared_pool, replica_name(data_dir))
         # A missing, unsafe or wrong root stops the start here (KekError/EnvelopeError says why).
         try:
             keyring = await open_keyring(settings, data_dir, store)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy.audit.writer import query_audit
+from proxy.audit import pg_index
+from proxy.audit.writer import query_audit as query_sqlite
 from proxy.errors import AuditUnavailable
 from proxy.keys.issue import ISSUABLE_TIERS, MAX_AUDITED_KEYS, ExpiresIn, iso_utc, issue_key, key_status
 from proxy.store import KeyRecord, KeyStore
@@ -169,22 +171,28 @@ async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id:
             flushed = True
         except (TimeoutError, AuditUnavailable):   # the log is failing; the report says what it holds
             flushed = False
-    report = await usage_report(Path(data_dir), rec, ids, now=now)
+    pool = pg_index.pool_of(store)
+    report = await usage_report(Path(data_dir), rec, ids, now=now, pool=pool)
     report.update({"replacement_key_id": new.key_id, "revoked": ids, "actor": actor,
                    "audit_flushed": flushed})
+    if pool is not None:
+        # Every replica's uses are in the shared index but for what the others still hold: say how much.
+        report["audit_lag"] = await pg_index.lag(pool, time.time())
     path = await asyncio.to_thread(write_report, Path(data_dir), key_id, report, now)
     return Compromise(ids, new, token, report, path)
 
 
-async def usage_report(data_dir: Path, rec: KeyRecord, key_ids: list[str], *, now: float
-                       ) -> dict[str, Any]:
+async def usage_report(data_dir: Path, rec: KeyRecord, key_ids: list[str], *, now: float,
+                       pool: Any | None = None) -> dict[str, Any]:
     """Every audited use of `key_ids` since `rec` was created: aggregates plus the events, oldest first.
 
     A use counts when it was made with one of the keys or by a principal under one of them
     (a session minted from it, a device of it: `parent_key_ids` in the record), so sessions,
     which are not stored keys, are covered, and so are a device's uses from before a rotation
-    moved it elsewhere.
+    moved it elsewhere. `pool`: read the index every replica shares, not this one's.
     """
+    async def query_audit(data_dir: Path, **kw: Any) -> list[dict[str, Any]]:
+        return await (pg_index.query(pool, **kw) if pool is not None else query_sqlite(data_dir, **kw))
     by_event: dict[str, dict[str, Any]] = {}
     truncated = False
     for kid in key_ids:

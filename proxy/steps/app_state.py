@@ -17,6 +17,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from ..state.limits import Limiter, LocalLimiter
 from ..store.backend import Store
+from ..store.postgres import PostgresStore
 from ..upstream.pool import UpstreamPool
 from .authz import Authorizer, PolicyWatcher
 
@@ -42,6 +43,14 @@ class AppState:
     # audit writer closes only after its last records.
     draining: bool = False
     grpc_stopped: asyncio.Event | None = None
+
+    def store_down(self) -> bool:
+        """A shared store this process cannot reach (its listener pings every 0.25 s): readiness fails meanwhile.
+
+        Uncached keys are refused then, so a load balancer should send traffic to replicas that can
+        check them. SQLite is a file of this host: never "down" in this sense.
+        """
+        return isinstance(self.store, PostgresStore) and not self.store.listener.connected
 
 
 STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)

@@ -63,6 +63,31 @@ CREATE TABLE secrets (
 CREATE TABLE revoked_sessions (jti TEXT PRIMARY KEY, revoked_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE crypto_events (name TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
 """),
+    (2, "the shared audit index, partitioned by month, and each replica's indexing lag", """
+-- Every replica's records (its JSONL file stays the durable record). Monthly partitions are made
+-- on demand by audit/pg_index.py and dropped whole by retention; the key includes ts because a
+-- partitioned table's unique keys must include its partition key.
+CREATE TABLE audit_events (
+    ts DOUBLE PRECISION NOT NULL,
+    timestamp TEXT, event_id TEXT NOT NULL, request_id TEXT, actor TEXT, key_id TEXT, tier TEXT,
+    action TEXT, resource TEXT, model TEXT, status TEXT, http_status INTEGER, reason TEXT, client_ip TEXT,
+    duration_ms DOUBLE PRECISION, upstream_ms DOUBLE PRECISION, input_tokens INTEGER, output_tokens INTEGER,
+    protocol TEXT, method TEXT, path TEXT, rule TEXT, parent_key_ids JSONB,
+    replica TEXT NOT NULL,
+    PRIMARY KEY (event_id, ts)
+) PARTITION BY RANGE (ts);
+CREATE INDEX audit_events_ts ON audit_events (ts);
+CREATE INDEX audit_events_actor ON audit_events (actor, ts);
+CREATE INDEX audit_events_key_id ON audit_events (key_id, ts);
+-- What each replica has not indexed yet, refreshed by its indexer: the leak report shows the others' lag.
+CREATE TABLE audit_replicas (
+    replica        TEXT PRIMARY KEY,
+    pending        INTEGER NOT NULL,
+    oldest_pending DOUBLE PRECISION,
+    indexed_at     DOUBLE PRECISION,
+    heartbeat      DOUBLE PRECISION NOT NULL
+);
+"""),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,264 @@
+"""The audit index every replica shares in PostgreSQL: batched off the hot path, monthly partitions, lag per replica.
+
+Each replica's JSONL file stays the durable record; this index is what `audit query`, the admin
+search and the leak report read when `store.url` is PostgreSQL, so they see every replica's
+records. The indexer holds what it could not write yet in memory (bounded) and retries, so a
+PostgreSQL outage never stops the JSONL writer, and never refuses a request; past the bound it
+re-reads the JSONL tail once the server is back (rows are keyed by event_id, so nothing doubles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ..store.postgres import PostgresStore
+from .index import _INT_FIELDS, _REAL_FIELDS, FIELDS, _decoded, row
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+MAX_PENDING = 200_000          # records held in memory while PostgreSQL is away; more are re-read from JSONL
+HEARTBEAT_S = 1.0              # how often an idle indexer reports its (empty) queue
+RETRY_S = (0.2, 5.0)
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.
+_PARTITION_LOCK = 0x7365656B61756474   # "seekaudt": serialises partition DDL between replicas
+
+_CASTS = ["float8"] + ["int4" if f in _INT_FIELDS else "float8" if f in _REAL_FIELDS else "text" for f in FIELDS]
+_COLUMNS = ", ".join(("ts", *FIELDS))
+_INSERT = (f"INSERT INTO audit_events ({_COLUMNS}, replica) SELECT "
+           + ", ".join(f"c{i}" if f != "parent_key_ids" else f"c{i}::jsonb" for i, f in enumerate(("ts", *FIELDS)))
+           + f", ${len(_CASTS) + 1} FROM unnest("
+           + ", ".join(f"${i + 1}::{c}[]" for i, c in enumerate(_CASTS))
+           + ") AS t(" + ", ".join(f"c{i}" for i in range(len(_CASTS))) + ") ON CONFLICT DO NOTHING")
+_HEARTBEAT = ("INSERT INTO audit_replicas (replica, pending, oldest_pending, indexed_at, heartbeat) "
+              "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (replica) DO UPDATE SET pending = $2, oldest_pending = $3, "
+              "indexed_at = coalesce($4, audit_replicas.indexed_at), heartbeat = $5")
+
+
+def pool_of(store: object) -> Any | None:
+    """The pool whose audit_events every reader should use, or None: the store is SQLite, read this replica's index."""
+    return store.pool if isinstance(store, PostgresStore) else None
+
+
+def replica_name(data_dir: Path) -> str:
+    """Stable across restarts (host and data dir), so a restarted replica's lag row is its own again."""
+    return f"{socket.gethostname()}:{Path(data_dir).resolve()}"
+
+
+def _month(ts: float) -> tuple[float, float, str]:
+    """The partition holding `ts`: [first second of its month, first of the next) and its table name."""
+    d = datetime.fromtimestamp(ts, timezone.utc)
+    lo = datetime(d.year, d.month, 1, tzinfo=timezone.utc)
+    hi = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return lo.timestamp(), hi.timestamp(), f"audit_events_{d.year:04d}{d.month:02d}"
+
+
+def _cell(field: str, value: Any) -> Any:
+    """A value asyncpg binds into the column's array type; what does not fit becomes text or NULL."""
+    if value is None:
+        return None
+    if field in _INT_FIELDS:
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if field in _REAL_FIELDS:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if field == "parent_key_ids" and not isinstance(value, str):
+        return json.dumps(value, default=str)
+    return value if isinstance(value, str) else str(value)
+
+
+def columns(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """Records as one array per column (ts first), for the single INSERT ... unnest of a batch."""
+    rows = [row(r) for r in records]
+    fields = ("ts", *FIELDS)
+    return [[r[i] if i == 0 else _cell(fields[i], r[i]) for r in rows] for i in range(len(fields))]
+
+
+class SharedAuditIndex:
+    """One replica's indexer into audit_events. `start()`, `submit()` after each JSONL write, `flush()`, `close()`."""
+
+    def __init__(self, pool: Any, replica: str, reread: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+        self.pool, self.replica = pool, replica
+        self._reread = reread              # the JSONL tail, for catching up past MAX_PENDING
+        self._pending: deque[dict[str, Any]] = deque()
+        self._submitted = 0                # records ever submitted; _indexed trails it
+        self._indexed = 0
+        self._overflowed = 0               # records dropped from memory (still in the JSONL) since the last catch-up
+        self._progress = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._months: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+        self.last_indexed_at: float | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-shared-index")
+
+    def submit(self, records: list[dict[str, Any]]) -> None:
+        """Queue records already in the JSONL file; never blocks."""
+        self._pending.extend(records)
+        self._submitted += len(records)
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popleft()
+            self._indexed += 1            # counted as done for flush(); the catch-up re-reads it
+            self._overflowed += 1
+        self._wake.set()
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> None:
+        """Wait until every record submitted before this call is in PostgreSQL (bound it with asyncio.timeout)."""
+        target = self._submitted
+        while self._indexed < target or self._overflowed:
+            self._wake.set()
+            await self._progress.wait()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Index what is left if PostgreSQL answers within `timeout`; the JSONL file has the rest."""
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.flush()
+        except TimeoutError:
+            log.warning("shared audit index: %d records not indexed at close (the JSONL file has them)",
+                        len(self._pending))
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(HEARTBEAT_S):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._step()
+                attempt, self.healthy = 0, True
+            except _ERRORS as exc:
+                attempt += 1
+                if self.healthy or attempt % 20 == 0:
+                    log.error("SHARED AUDIT INDEX FAILED (%s: %s, %d records waiting; the JSONL file has them)",
+                              exc.__class__.__name__, exc, len(self._pending))
+                self.healthy = False
+                await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt - 1, 8)))
+            finally:
+                self._progress.set()
+                self._progress.clear()
+
+    async def _step(self) -> None:
+        """Catch up from the JSONL if memory overflowed, index the pending batches, report this replica's lag."""
+        if self._overflowed and self._reread is not None:
+            recs = await asyncio.to_thread(self._reread, MAX_PENDING + self._overflowed)
+            for start in range(0, len(recs), BATCH):
+                await self._insert(recs[start:start + BATCH])
+            self._overflowed = 0
+        elif self._overflowed:
+            self._overflowed = 0
+        while self._pending:
+            batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+            await self._insert(batch)
+            for _ in batch:
+                self._pending.popleft()
+            self._indexed += len(batch)
+            self.last_indexed_at = time.time()
+        oldest = row(self._pending[0])[0] if self._pending else None
+        async with self.pool.acquire() as conn:
+            await conn.execute(_HEARTBEAT, self.replica, len(self._pending), oldest, self.last_indexed_at, time.time())
+
+    async def _insert(self, batch: list[dict[str, Any]]) -> None:
+        cols = columns(batch)
+        async with self.pool.acquire() as conn:
+            for lo, hi, name in {_month(ts) for ts in cols[0]}:
+                if name not in self._months:
+                    await ensure_partition(conn, lo, hi, name)
+                    self._months.add(name)
+            await conn.execute(_INSERT, *cols, self.replica)
+
+
+async def ensure_partition(conn: Any, lo: float, hi: float, name: str) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_events "
+                           f"FOR VALUES FROM ({lo!r}) TO ({hi!r})")
+
+
+async def prune(pool: Any, cutoff: float) -> list[str]:
+    """Retention: drop the month partitions wholly before `cutoff`, delete older rows from the one it falls in."""
+    dropped: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+        names = await conn.fetch("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                                 "WHERE i.inhparent = 'audit_events'::regclass")
+        for (name,) in names:
+            year, month = int(name[-6:-2]), int(name[-2:])
+            if _month(datetime(year, month, 1, tzinfo=timezone.utc).timestamp())[1] <= cutoff:
+                await conn.execute(f"DROP TABLE {name}")
+                dropped.append(name)
+        await conn.execute("DELETE FROM audit_events WHERE ts < $1", cutoff)
+    return dropped
+
+
+async def query(pool: Any, actor: str | None = None, key_id: str | None = None, since: float | None = None,
+                until: float | None = None, status: str | None = None, limit: int = 100,
+                ancestor: str | None = None) -> list[dict[str, Any]]:
+    """query_audit over the shared index: every replica's records matching every filter, newest first."""
+    where, args = [], []
+    for clause, value in (("actor = $", actor), ("key_id = $", key_id), ("ts >= $", since), ("ts < $", until),
+                          ("status = $", status), ("parent_key_ids ? $", ancestor)):
+        if value is not None:
+            args.append(value)
+            where.append(f"{clause}{len(args)}")
+    args.append(max(0, limit))
+    sql = (f"SELECT {', '.join(FIELDS)} FROM audit_events" + (f" WHERE {' AND '.join(where)}" if where else "")
+           + f" ORDER BY ts DESC, event_id DESC LIMIT ${len(args)}")
+    async with pool.acquire() as conn:
+        return [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await conn.fetch(sql, *args)]
+
+
+async def search(pool: Any, where: str, args: list[Any], limit: int, offset: int
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """One page and the total for an AuditQuery's WHERE (written with `?` marks, numbered here)."""
+    parts = where.split("?")
+    numbered = "".join(p + (f"${i + 1}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+    n = len(args)
+    async with pool.acquire() as conn:
+        total = int(await conn.fetchval(f"SELECT count(*) FROM audit_events{numbered}", *args))
+        rows = await conn.fetch(f"SELECT {', '.join(FIELDS)} FROM audit_events{numbered} "
+                                f"ORDER BY ts DESC, event_id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+                                *args, limit, offset)
+    return [_decoded(dict(zip(FIELDS, r, strict=True))) for r in rows], total
+
+
+async def record(pool: Any, event_id: str) -> dict[str, Any] | None:
+    async with pool.acquire() as conn:
+        found = await conn.fetchrow(f"SELECT {', '.join(FIELDS)} FROM audit_events WHERE event_id = $1", event_id)
+    return None if found is None else _decoded(dict(zip(FIELDS, found, strict=True)))
+
+
+async def lag(pool: Any, now: float) -> list[dict[str, Any]]:
+    """Each replica's indexing lag as it last reported it: records waiting, the oldest's age, the report's age."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT replica, pending, oldest_pending, indexed_at, heartbeat FROM audit_replicas "
+                                'ORDER BY replica COLLATE "C"')
+    return [{"replica": r["replica"], "pending": r["pending"],
+             "oldest_pending_age_s": None if r["oldest_pending"] is None else round(now - r["oldest_pending"], 3),
+             "last_report_age_s": round(now - r["heartbeat"], 3),
+             # Silent for longer than a few heartbeats: down or cut off; its records are in its JSONL file.
+             "reporting": now - r["heartbeat"] <= 5 * HEARTBEAT_S} for r in rows]
