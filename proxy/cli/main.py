@@ -293,7 +293,8 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)
     recs = asyncio.run(query_audit(Path(settings.data_dir), actor=args.actor, key_id=args.key_id,
-                                   since=since, until=until, status=args.status, limit=args.limit))
+                                   since=since, until=until, status=args.status, limit=args.limit,
+                                   protocol=args.protocol, endpoint=args.endpoint))
     for rec in recs:
         _out(rec)
     return 0
@@ -446,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="1h, 7d, ... ago, or ISO-8601")
     p.add_argument("--until", help="1h, 7d, ... ago, or ISO-8601")
     p.add_argument("--status", choices=("allowed", "denied", "error"))
+    p.add_argument("--protocol", choices=("http", "grpc", "openai"), help="the API used")
+    p.add_argument("--endpoint", help="the OpenAI endpoint, e.g. /v1/chat/completions")
     p.add_argument("--limit", type=int, default=100)
 
     model = sub.add_parser("model", help="model checkpoints").add_subparsers(
