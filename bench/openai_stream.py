@@ -7,7 +7,9 @@ What it does
     concurrency level N runs N asyncio clients back to back for --duration seconds, twice in the same run:
     - direct: POST /v2/models/deepseek_stream/generate_stream to Triton (text_input, max_tokens);
     - openai: POST /v1/chat/completions with stream=true through seekgate (key, policy, limits, audit,
-      the chat template rendered by the model, SSE re-shaped to chat.completion.chunk).
+      the chat template rendered by the model, SSE re-shaped to chat.completion.chunk);
+    - litellm (with --litellm PATH): the same request to LiteLLM's proxy, its `triton` provider pointed
+      at the same Triton's generate_stream (bench/litellm_proxy.py; LiteLLM in a venv of its own).
 
 What it prints (and writes with --json)
     Per level and path: streams/s, output tokens/s, time to first token p50/p99 (first content chunk /
@@ -15,6 +17,7 @@ What it prints (and writes with --json)
 
 Usage
     python bench/openai_stream.py [--concurrency 1,32] [--duration 10] [--max-tokens 32] [--json out.json]
+                                  [--litellm /path/to/venv/bin/litellm]
 
 A benchmark, not a test: it asserts nothing (exit 1 only if streams fail).
 """
@@ -35,6 +38,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.litellm_proxy import MASTER_KEY, start_litellm  # noqa: E402
 from bench.stack import create_key, seekgate_config, start_seekgate, upstream_of, wait_live  # noqa: E402
 from proxy.local.tinymodel import build_tiny_checkpoint  # noqa: E402
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: E402
@@ -69,7 +73,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict[str, A
 
 
 async def level(url: str, headers: dict[str, str], openai: bool, concurrency: int, duration: float,
-                max_tokens: int) -> dict[str, Any]:
+                max_tokens: int, name: str | None = None) -> dict[str, Any]:
     ttfts: list[float] = []
     tokens = errors = 0
     deadline = time.perf_counter() + duration
@@ -86,8 +90,10 @@ async def level(url: str, headers: dict[str, str], openai: bool, concurrency: in
                 if openai else {"text_input": prompt, "max_tokens": max_tokens, "temperature": 0})
             try:
                 ttft, got = await one_stream(session, url, body, headers, openai)
-            except Exception:
+            except Exception as exc:
                 errors += 1
+                if errors == 1:
+                    print(f"{name or url}: first error: {str(exc)[:300]}", file=sys.stderr)
                 continue
             ttfts.append(ttft)
             tokens += got
@@ -98,7 +104,7 @@ async def level(url: str, headers: dict[str, str], openai: bool, concurrency: in
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
     seconds = time.perf_counter() - started
     ttfts.sort()
-    return {"path": "openai /v1" if openai else "triton direct", "concurrency": concurrency,
+    return {"path": name or ("openai /v1" if openai else "triton direct"), "concurrency": concurrency,
             "streams": len(ttfts), "errors": errors, "streams_per_s": len(ttfts) / seconds,
             "tokens_per_s": tokens / seconds,
             "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", type=Path)
+    p.add_argument("--litellm", type=Path, help="the litellm command of a separate venv: adds LiteLLM's proxy")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="seekgate-openai-bench-") as tmp:
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         triton = TritonProcess(TritonLaunch(REPO / "triton_models", root / "triton-data", checkpoint, http_port=http,
                                             grpc_port=grpc_, metrics_port=metrics, config_name="default",
                                             startup_timeout_s=180)).__enter__()
-        seekgate = None
+        seekgate = litellm = None
         try:
             config = seekgate_config(root, upstream_of(triton))
             key = create_key(config)
@@ -131,11 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             auth = {"Authorization": f"Bearer {key}"}
             asyncio.run(level(openai_url, auth, True, 2, 2.0, args.max_tokens))   # warm-up: both paths, all shapes
             asyncio.run(level(direct_url, {}, False, 2, 2.0, args.max_tokens))
+            if args.litellm is not None:
+                litellm = start_litellm(args.litellm, triton.http_url, root)
+                litellm_url = litellm.url + "/v1/chat/completions"
+                litellm_auth = {"Authorization": f"Bearer {MASTER_KEY}"}
+                asyncio.run(level(litellm_url, litellm_auth, True, 2, 2.0, args.max_tokens, "litellm"))
             rows = []
-            for c in levels:   # alternating, so drift on a shared machine hits both alike
+            for c in levels:   # alternating, so drift on a shared machine hits every path alike
                 rows.append(asyncio.run(level(direct_url, {}, False, c, args.duration, args.max_tokens)))
                 rows.append(asyncio.run(level(openai_url, auth, True, c, args.duration, args.max_tokens)))
+                if litellm is not None:
+                    rows.append(asyncio.run(level(litellm_url, litellm_auth, True, c, args.duration,
+                                                  args.max_tokens, "litellm")))
         finally:
+            if litellm is not None:
+                litellm.stop()
             if seekgate is not None:
                 seekgate.stop()
             triton.stop()
@@ -143,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['path']:<14} {r['concurrency']:>3} {r['streams_per_s']:>10.2f} {r['tokens_per_s']:>9.1f} "
               f"{r['ttft_p50_ms'] or 0:>8.1f}ms {r['ttft_p99_ms'] or 0:>8.1f}ms {r['errors']:>6}")
-    for direct, via in zip(rows[::2], rows[1::2], strict=True):
-        if direct["ttft_p50_ms"] and via["ttft_p50_ms"]:
-            print(f"c{direct['concurrency']}: /v1 adds {via['ttft_p50_ms'] - direct['ttft_p50_ms']:.1f} ms TTFT (p50), "
-                  f"tokens/s {via['tokens_per_s'] / max(direct['tokens_per_s'], 1e-9):.2f}x of direct")
+    per_level = 3 if args.litellm is not None else 2
+    for i in range(0, len(rows), per_level):
+        direct = rows[i]
+        for via in rows[i + 1:i + per_level]:
+            if direct["ttft_p50_ms"] and via["ttft_p50_ms"]:
+                print(f"c{direct['concurrency']}: {via['path']} adds {via['ttft_p50_ms'] - direct['ttft_p50_ms']:.1f} ms "
+                      f"TTFT (p50), tokens/s {via['tokens_per_s'] / max(direct['tokens_per_s'], 1e-9):.2f}x of direct")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 1 if any(r["errors"] for r in rows) else 0

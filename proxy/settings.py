@@ -183,6 +183,18 @@ class OpenAISettings:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """The admin web console under /console/ (frontend/console/)."""
+
+    cookie_secure: str = _help("When the console's session cookie is marked Secure: auto (when the request came "
+                               "over TLS to seekgate itself), always (behind a TLS-terminating proxy that reaches "
+                               "seekgate over plain HTTP)", "auto")
+
+
+CONSOLE_COOKIE_SECURE = ("auto", "always")
+
+
+@dataclass(frozen=True)
 class CryptoSettings:
     """Envelope encryption of the recoverable secrets (keys/envelope.py) and the root (KEK) that wraps them."""
 
@@ -252,6 +264,7 @@ class Settings:
     body: BodySettings = _help("Parameters non-admin keys may set in an inference body",
                                default_factory=BodySettings)
     openai: OpenAISettings = _help("The OpenAI-compatible API under /v1", default_factory=OpenAISettings)
+    console: ConsoleSettings = _help("The admin web console", default_factory=ConsoleSettings)
     store: StoreSettings = _help("The key store", default_factory=StoreSettings)
     redis: RedisSettings = _help("Shared rate limits (several replicas)", default_factory=RedisSettings)
 
@@ -435,6 +448,9 @@ def validate(settings: Settings) -> list[str]:
         problem = _check_url(path, _get(settings, path))
         if problem:
             errors.append(problem)
+    if settings.console.cookie_secure not in CONSOLE_COOKIE_SECURE:
+        errors.append(f"console.cookie_secure: must be one of {', '.join(CONSOLE_COOKIE_SECURE)}, "
+                      f"got {settings.console.cookie_secure!r}")
     if settings.audit.durability not in AUDIT_DURABILITY:
         errors.append(f"audit.durability: must be one of {', '.join(AUDIT_DURABILITY)}, "
                       f"got {settings.audit.durability!r}")

@@ -84,6 +84,7 @@ class TcpRelay:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._hold_marker: bytes | None = None
+        self.holding = threading.Event()   # set while hold_after's hold is in force
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -131,7 +132,9 @@ class TcpRelay:
                     await writer.drain()
                     data = data[ends[0]:]
                     self._flowing.clear()
+                    self.holding.set()
                     await self._flowing.wait()
+                    self.holding.clear()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):

@@ -186,6 +186,7 @@ def test_all_problems_reported_at_once_with_field_names(tmp_path: Path) -> None:
     ({"upstream.grpc_target": "triton"}, "upstream.grpc_target"),
     ({"audit.durability": "paranoid"}, "audit.durability: must be one of batched, strict, got 'paranoid'"),
     ({"audit.fsync_interval_s": 0}, "audit.fsync_interval_s: must be greater than 0"),
+    ({"console.cookie_secure": "sometimes"}, "console.cookie_secure: must be one of auto, always, got 'sometimes'"),
 ])
 def test_single_problems_name_their_field(overrides: dict[str, object], fragment: str) -> None:
     errors = errors_of(path=None, env={}, overrides=overrides)

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..audit.search import minted_sessions
 from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration, public_view
 from ..keys.lifecycle import LifecycleError, compromise_key, key_and_children, records_of, rotate_key, subtree_records
 from ..keys.sessions import is_jti
@@ -83,6 +84,10 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
             if method == "DELETE":
                 return await _revoke(request, key_id)
             raise Reply(405, f"method {method} not allowed", {"Allow": "GET, DELETE"})
+        if len(rest) == 2 and rest[1] == "sessions":
+            if method != "GET":
+                raise Reply(405, f"method {method} not allowed", {"Allow": "GET"})
+            return await _live_sessions(request, key_id)
         if len(rest) == 2 and rest[1] in ("revoke", "rotate"):
             if method != "POST":
                 raise Reply(405, f"method {method} not allowed", {"Allow": "POST"})
@@ -122,6 +127,29 @@ async def _show(request: web.Request, key_id: str) -> web.Response:
     if rec is None:
         raise Reply(404, f"key {key_id!r} not found")
     return web.json_response(public_view(rec))
+
+
+async def _live_sessions(request: web.Request, key_id: str) -> web.Response:
+    """GET /admin/v1/keys/<id>/sessions: the sessions this key minted that still work, newest first.
+
+    Minted within the session TTL (from the audit index), not revoked (the denylist), and under a
+    key that is itself still active: revoking a key ends its sessions.
+    """
+    note(request, "keys.sessions", key_id)
+    state = request.app[STATE]
+    rec = await state.store.get_key(key_id) if is_key_id(key_id) else None
+    if rec is None:
+        raise Reply(404, f"key {key_id!r} not found")
+    now = time.time()
+    if state.sessions is None or public_view(rec, now)["status"] != "active":
+        return web.json_response({"key_id": key_id, "sessions": []})
+    ttl = state.sessions.ttl_s
+    rows = await open_secret_rows(state.store)
+    live = []
+    for s in await minted_sessions(state.data_dir, key_id, now - ttl):
+        if not await rows.session_revoked(s["jti"]):
+            live.append({**s, "expires_at": s["minted_at"] + ttl})
+    return web.json_response({"key_id": key_id, "sessions": live})
 
 
 async def _revoke(request: web.Request, key_id: str) -> web.Response:

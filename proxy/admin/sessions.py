@@ -20,5 +20,9 @@ def handle_sessions(ctx: RequestContext, sessions: SessionAuthority | None,
     if ctx.principal is None or sessions is None:
         raise Unauthenticated("sessions_unavailable")
     minted = sessions.mint(ctx.principal, time.time() if now is None else now)
+    # The mint record is the only list of a key's sessions there is (tokens are not stored):
+    # GET /admin/v1/keys/<id>/sessions and the console's key tree read it back.
+    ctx.extra["admin_action"] = "sessions.mint"
+    ctx.extra["admin_target"] = minted.jti
     return web.json_response({"token": minted.token, "expires_at": minted.expires_at, "jti": minted.jti},
                              headers={"Cache-Control": "no-store", "X-Request-Id": ctx.request_id})

@@ -22,9 +22,17 @@ FIELDS: tuple[str, ...] = (
     # key): the leak report finds a leaked key's sessions by it. Last, because an audit.db made
     # before it gets it by ALTER TABLE, which appends.
     "parent_key_ids",
+    # The OpenAI API's {endpoint, user} (frontend/openai.py), absent from other records: what
+    # `audit query --endpoint` and the admin search filter on. Appended by ALTER TABLE the same way.
+    "openai",
+    # An admin call's {action, target, detail, before, after}: a key's live sessions are found by
+    # their mint records (sessions.mint, console.signin), since session tokens are not stored.
+    "admin",
 )
 # Decoded from their JSON text when read back from the index.
-_JSON_FIELDS = {"parent_key_ids"}
+_JSON_FIELDS = {"parent_key_ids", "openai", "admin"}
+# Fields only some records carry: read with .get, so every other field stays one itemgetter call.
+OPTIONAL_FIELDS = ("openai", "admin")
 _INT_FIELDS = {"http_status", "input_tokens", "output_tokens"}
 _REAL_FIELDS = {"duration_ms", "upstream_ms"}
 
@@ -61,7 +69,9 @@ def _second(iso_seconds: str) -> float:
 _PLAIN = (str, int, float, type(None))
 
 
-_values = itemgetter(*FIELDS)
+_ALWAYS = tuple(f for f in FIELDS if f not in OPTIONAL_FIELDS)
+assert FIELDS[len(_ALWAYS):] == OPTIONAL_FIELDS, "optional fields come last, in column order"
+_values = itemgetter(*_ALWAYS)
 _PLAIN_TYPES = frozenset(_PLAIN)
 
 
@@ -71,7 +81,7 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
         ts = time.time()
     try:
-        values = _values(rec)   # one C call for the record build_record makes
+        values = _values(rec) + tuple(map(rec.get, OPTIONAL_FIELDS))   # one C call for the record build_record makes
     except KeyError:
         values = tuple(map(rec.get, FIELDS))
     if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds plain values only (not parent_key_ids)
@@ -79,12 +89,16 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     return (ts, *values)
 
 
-_ROWS_PER_STATEMENT = 64   # 64 x 23 bound values, far below SQLite's 32766
+_ROWS_PER_STATEMENT = 64   # 64 x 24 bound values, far below SQLite's 32766
 
 
 @lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _insert_rows_sql(n: int) -> str:
     return _INSERT_HEAD + ", ".join([_ROW_MARKS] * n)
+
+
+# The OpenAI endpoint of a record, for a filter (NULL for records of other APIs).
+ENDPOINT_CLAUSE = "json_extract(audit.openai, '$.endpoint') = ?"
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
@@ -175,8 +189,11 @@ class AuditIndex:
 async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,
                       since: float | None = None, until: float | None = None,
                       status: str | None = None, limit: int = 100,
-                      ancestor: str | None = None) -> list[dict[str, Any]]:
+                      ancestor: str | None = None, protocol: str | None = None,
+                      endpoint: str | None = None) -> list[dict[str, Any]]:
     """Records matching every given filter, newest first. `since`/`until` are epoch seconds.
+
+    `protocol`: http, grpc or openai (the API used); `endpoint`: the OpenAI endpoint, e.g. /v1/completions.
 
     `ancestor`: records of principals under that key (its sessions, devices and their uses),
     found in parent_key_ids. No index serves it: bound it with `since`, which one does.
@@ -186,7 +203,8 @@ async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | No
         return []
     where, args = [], []
     for clause, value in (("actor = ?", actor), ("key_id = ?", key_id), ("ts >= ?", since),
-                          ("ts < ?", until), ("status = ?", status),
+                          ("ts < ?", until), ("status = ?", status), ("protocol = ?", protocol),
+                          (ENDPOINT_CLAUSE, endpoint),
                           ("EXISTS (SELECT 1 FROM json_each(audit.parent_key_ids) WHERE value = ?)",
                            ancestor)):
         if value is not None:
@@ -196,7 +214,7 @@ async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | No
         # Read-only: an audit.db no writer has opened since an upgrade may lack newer columns.
         async with db.execute("PRAGMA table_info(audit)") as cur:
             have = {r[1] for r in await cur.fetchall()}
-        if ancestor is not None and "parent_key_ids" not in have:
+        if (ancestor is not None and "parent_key_ids" not in have) or (endpoint is not None and "openai" not in have):
             return []
         columns = ", ".join(f if f in have else f"NULL AS {f}" for f in FIELDS)
         sql = (f"SELECT {columns} FROM audit"

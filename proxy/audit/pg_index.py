@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from ..store.postgres import PostgresStore
-from .index import _INT_FIELDS, _REAL_FIELDS, FIELDS, _decoded, row
+from .index import _INT_FIELDS, _JSON_FIELDS, _REAL_FIELDS, FIELDS, _decoded, row
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,11 @@ _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.
 _PARTITION_LOCK = 0x7365656B61756474   # "seekaudt": serialises partition DDL between replicas
 
+ENDPOINT_CLAUSE = "openai->>'endpoint' = ?"   # search.AuditQuery's endpoint filter, in PostgreSQL's JSON syntax
 _CASTS = ["float8"] + ["int4" if f in _INT_FIELDS else "float8" if f in _REAL_FIELDS else "text" for f in FIELDS]
 _COLUMNS = ", ".join(("ts", *FIELDS))
 _INSERT = (f"INSERT INTO audit_events ({_COLUMNS}, replica) SELECT "
-           + ", ".join(f"c{i}" if f != "parent_key_ids" else f"c{i}::jsonb" for i, f in enumerate(("ts", *FIELDS)))
+           + ", ".join(f"c{i}::jsonb" if f in _JSON_FIELDS else f"c{i}" for i, f in enumerate(("ts", *FIELDS)))
            + f", ${len(_CASTS) + 1} FROM unnest("
            + ", ".join(f"${i + 1}::{c}[]" for i, c in enumerate(_CASTS))
            + ") AS t(" + ", ".join(f"c{i}" for i in range(len(_CASTS))) + ") ON CONFLICT DO NOTHING")
@@ -73,7 +74,7 @@ def _cell(field: str, value: Any) -> Any:
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     if field in _REAL_FIELDS:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if field == "parent_key_ids" and not isinstance(value, str):
+    if field in _JSON_FIELDS and not isinstance(value, str):
         return json.dumps(value, default=str)
     return value if isinstance(value, str) else str(value)
 
@@ -217,11 +218,13 @@ async def prune(pool: Any, cutoff: float) -> list[str]:
 
 async def query(pool: Any, actor: str | None = None, key_id: str | None = None, since: float | None = None,
                 until: float | None = None, status: str | None = None, limit: int = 100,
-                ancestor: str | None = None) -> list[dict[str, Any]]:
+                ancestor: str | None = None, protocol: str | None = None,
+                endpoint: str | None = None) -> list[dict[str, Any]]:
     """query_audit over the shared index: every replica's records matching every filter, newest first."""
     where, args = [], []
     for clause, value in (("actor = $", actor), ("key_id = $", key_id), ("ts >= $", since), ("ts < $", until),
-                          ("status = $", status), ("parent_key_ids ? $", ancestor)):
+                          ("status = $", status), ("parent_key_ids ? $", ancestor), ("protocol = $", protocol),
+                          ("openai->>'endpoint' = $", endpoint)):
         if value is not None:
             args.append(value)
             where.append(f"{clause}{len(args)}")

@@ -12,11 +12,13 @@ from typing import Any
 import aiosqlite
 
 from . import pg_index
-from .index import FIELDS, _decoded
+from .index import ENDPOINT_CLAUSE, FIELDS, _decoded
 
-# The filters a search takes, each an equality on one indexed column; `owner` is the actor column.
-EQUALITY_FILTERS = {"key_id": "key_id", "owner": "actor", "model": "model", "status": "status",
-                    "client_ip": "client_ip", "tier": "tier", "resource": "resource"}
+# The filters a search takes, each an equality on one column; `owner` is the actor column, `protocol`
+# the API used (http, grpc, openai), `endpoint` the OpenAI endpoint (/v1/chat/completions, ...).
+EQUALITY_FILTERS = {"key_id": "key_id = ?", "owner": "actor = ?", "model": "model = ?", "status": "status = ?",
+                    "client_ip": "client_ip = ?", "tier": "tier = ?", "resource": "resource = ?",
+                    "protocol": "protocol = ?", "endpoint": ENDPOINT_CLAUSE}
 MAX_PAGE = 500
 GROUPS = {"key": "key_id", "owner": "actor", "model": "model"}
 PERIODS = {"day": "%Y-%m-%d", "month": "%Y-%m"}
@@ -33,11 +35,12 @@ class AuditQuery:
     limit: int = 50
     offset: int = 0
 
-    def where(self) -> tuple[str, list[Any]]:
+    def where(self, endpoint_clause: str = ENDPOINT_CLAUSE) -> tuple[str, list[Any]]:
+        """The WHERE clause (`?` marks) and its values; `endpoint_clause` in the index's SQL dialect."""
         clauses: list[str] = []
         args: list[Any] = []
         for name, value in self.equals:
-            clauses.append(f"{EQUALITY_FILTERS[name]} = ?")
+            clauses.append(endpoint_clause if name == "endpoint" else EQUALITY_FILTERS[name])
             args.append(value)
         if self.reason is not None:
             # A prefix: reasons carry detail after a colon (rate_limited:rpm, body_too_large: 9000).
@@ -66,11 +69,13 @@ async def _reader(data_dir: Path) -> AsyncIterator[tuple[aiosqlite.Connection, s
 async def search(data_dir: Path, query: AuditQuery, pool: Any | None = None) -> tuple[list[dict[str, Any]], int]:
     """One page of matching records, newest first, and how many match in all (every replica's, given `pool`)."""
     if pool is not None:
-        return await pg_index.search(pool, *query.where(), query.limit, query.offset)
+        return await pg_index.search(pool, *query.where(pg_index.ENDPOINT_CLAUSE), query.limit, query.offset)
     async with _reader(data_dir) as opened:
         if opened is None:
             return [], 0
         db, columns = opened
+        if "NULL AS openai" in columns and any(name == "endpoint" for name, _ in query.equals):
+            return [], 0   # an index no writer has opened since the column came: no record has one
         where, args = query.where()
         async with db.execute(f"SELECT count(*) FROM audit{where}", args) as cur:
             total = (await cur.fetchone() or (0,))[0]
@@ -143,3 +148,28 @@ async def overview(data_dir: Path, now: float | None = None, minutes: int = 60, 
     return {"per_minute": [{"t": t, "requests": c, "errors": e} for t, (c, e) in per_minute.items()],
             "tokens_per_day": [{"t": t, "tokens": n} for t, n in per_day.items()],
             "top_keys": top_keys, "top_models": top_models}
+
+
+# The admin actions that mint a session token (admin/sessions.py, the console's sign-in).
+MINT_ACTIONS = ("sessions.mint", "console.signin")
+
+
+async def minted_sessions(data_dir: Path, key_id: str, since: float) -> list[dict[str, Any]]:
+    """The sessions `key_id` minted since `since` (epoch seconds), newest first: {jti, minted_at, via}.
+
+    Session tokens are not stored anywhere but in their holders' hands; their mint records are
+    the only list of them there is.
+    """
+    async with _reader(data_dir) as opened:
+        if opened is None:
+            return []
+        db, columns = opened
+        if "NULL AS admin" in columns:
+            return []   # an index no writer has opened since the column came: no mint is in it
+        sql = ("SELECT ts, json_extract(admin, '$.target'), json_extract(admin, '$.action') FROM audit"
+               " WHERE key_id = ? AND ts >= ? AND status = 'allowed'"
+               f" AND json_extract(admin, '$.action') IN ({', '.join('?' * len(MINT_ACTIONS))})"
+               " ORDER BY ts DESC, rowid DESC LIMIT 1000")
+        async with db.execute(sql, (key_id, since, *MINT_ACTIONS)) as cur:
+            return [{"jti": jti, "minted_at": ts, "via": via} for ts, jti, via in await cur.fetchall()
+                    if isinstance(jti, str)]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..context import RequestContext, new_id
 from ..errors import AuditUnavailable
-from .index import FIELDS, AuditIndex, query_audit
+from .index import FIELDS, OPTIONAL_FIELDS, AuditIndex, query_audit
 from .jsonl import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
 from .pg_index import SharedAuditIndex
 from .pg_index import prune as shared_prune
@@ -438,10 +438,11 @@ class AuditWriter:
 
 
 def _complete(record: dict[str, Any]) -> dict[str, Any]:
-    """Every record carries every schema field (None where it has no value), so consumers never miss a key."""
+    """Every record carries every schema field (None where it has no value), so consumers never miss a key;
+    the optional ones (openai, admin) only where they apply, as build_record writes them."""
     if "event_id" not in record or "timestamp" not in record:
         record = {"timestamp": _iso_utc(time.time()), "event_id": new_id(), **record}
-    missing = [f for f in FIELDS if f not in record]
+    missing = [f for f in FIELDS if f not in record and f not in OPTIONAL_FIELDS]
     if missing:
         record = {**record, **dict.fromkeys(missing)}
     return record

@@ -295,7 +295,7 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)
     filters = dict(actor=args.actor, key_id=args.key_id, since=since, until=until, status=args.status,
-                   limit=args.limit)
+                   limit=args.limit, protocol=args.protocol, endpoint=args.endpoint)
     if is_postgres(settings.store.url):   # the index every replica writes to, not this host's
         async def shared(store: Store) -> list[dict[str, Any]]:
             return await pg_index.query(pg_index.pool_of(store), **filters)
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="1h, 7d, ... ago, or ISO-8601")
     p.add_argument("--until", help="1h, 7d, ... ago, or ISO-8601")
     p.add_argument("--status", choices=("allowed", "denied", "error"))
+    p.add_argument("--protocol", choices=("http", "grpc", "openai"), help="the API used")
+    p.add_argument("--endpoint", help="the OpenAI endpoint, e.g. /v1/chat/completions")
     p.add_argument("--limit", type=int, default=100)
 
     model = sub.add_parser("model", help="model checkpoints").add_subparsers(

@@ -12,8 +12,10 @@ labelled protocol="openai". Refusals come in OpenAI's error shape (openai_shapes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -88,15 +90,16 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         await limit(state, ctx, view.asked_tokens())
         assert ctx.resource is not None and ctx.resource.model is not None
         model = ctx.resource.model
-        target = (f"/v2/models/{quote(model + settings.openai.stream_suffix, safe='')}/generate_stream"
-                  if req.stream else f"/v2/models/{quote(model, safe='')}/generate")
+        # Whole answers too go through the twin's token events: a plain generate answers only at the
+        # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
+        target = f"/v2/models/{quote(model + settings.openai.stream_suffix, safe='')}/generate_stream"
         started = time.perf_counter()
         upstream = await _send(state, target, raw, model)
         ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
         try:
             if req.stream:
                 return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model)
-            return await _whole(state, ctx, req, upstream, generate["max_tokens"], model)
+            return await _whole(request, state, ctx, req, upstream, generate["max_tokens"], model)
         finally:
             upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
     except SeekgateError as err:
@@ -209,26 +212,114 @@ def _refusal(status: int, body: bytes, model: str) -> SeekgateError:
     return BadRequest(f"model_refused: {message[:256]}", public_message=message[:1024] or "bad request")
 
 
-async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstream: UpstreamResponse,
-                 max_tokens: int, model: str) -> web.Response:
-    try:
-        body = await upstream.read()
-    except upstream_http.UpstreamError as exc:
-        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
-    if upstream.status != 200:
-        raise _refusal(upstream.status, body, model)
-    try:
-        doc = json.loads(body)
-        text, prompt_tokens, completion_tokens = str(doc["text_output"]), int(doc["input_tokens"]), \
-            int(doc["output_tokens"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpstreamFailed(f"upstream_unreadable_answer: {exc}") from exc
+async def _whole(request: web.Request, state: AppState, ctx: RequestContext, req: OpenAIRequest,
+                 upstream: UpstreamResponse, max_tokens: int, model: str) -> web.StreamResponse:
+    """Triton's token events gathered into one answer; a client that leaves first stops the generation."""
+    stops = StopFilter(req.stop)
+    pieces: list[str] = []
+    with _cancel_on_leave(request) as gone:
+        try:
+            events, batch = await _opening(upstream, model)
+            more = upstream.iter_any()
+            while True:
+                text, failed = _take(batch, ctx, stops)
+                pieces.append(text)
+                if failed is not None:
+                    raise failed   # nothing sent yet: the client gets a clean error
+                if stops.stopped:
+                    break   # the caller's release() cancels the rest of the generation
+                try:
+                    chunk = await more.__anext__()
+                except StopAsyncIteration:
+                    break
+                batch = events.feed(chunk)
+        except upstream_http.UpstreamError as exc:
+            raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+        except asyncio.CancelledError:
+            if not _left(gone):
+                raise   # not ours: the drain timeout's
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+            return web.Response(status=499)   # nobody reads it; finish() audits the tokens counted so far
+    pieces.append(stops.flush())
+    prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0
     ctx.input_tokens, ctx.output_tokens = prompt_tokens, completion_tokens
     ctx.http_status = 200
-    answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), text,
-                        finish_reason(req, max_tokens, completion_tokens), prompt_tokens, completion_tokens)
+    reason = "stop" if stops.stopped else finish_reason(req, max_tokens, completion_tokens)
+    answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), "".join(pieces), reason,
+                        prompt_tokens, completion_tokens)
     await commit_audit(state, ctx)   # strict audit: durable, with the counts, before the answer leaves
     return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
+
+
+@contextlib.contextmanager
+def _cancel_on_leave(request: web.Request) -> Iterator[asyncio.Future[None] | None]:
+    """Cancels the current task when the client's connection goes (the guarded connection's `lost`
+    future, frontend/http_guard.py; as in upstream/forward.py): between two events Triton may think
+    for long, and a client gone must stop the generation when it goes, not at the next write."""
+    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
+    task = asyncio.current_task()
+    assert task is not None
+
+    def interrupt(_: object) -> None:
+        task.cancel()
+    if gone is not None:
+        gone.add_done_callback(interrupt)
+    try:
+        yield gone
+    finally:
+        if gone is not None:
+            gone.remove_done_callback(interrupt)
+
+
+def _left(gone: asyncio.Future[None] | None) -> bool:
+    """After a CancelledError: whether it was the client leaving (then the cancel is consumed here)."""
+    if gone is None or not gone.done():
+        return False
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
+    return True
+
+
+async def _opening(upstream: UpstreamResponse, model: str) -> tuple[_Events, list[dict[str, Any]]]:
+    """The first token events, awaited before anything is answered: a request the model refuses
+    (Triton's status, or an error as the first event) becomes a clean OpenAI error."""
+    if upstream.status != 200:
+        try:
+            body = await upstream.read_upto(4096)
+        except upstream_http.UpstreamError:
+            body = b""
+        raise _refusal(upstream.status, body, model)
+    events = _Events()
+    pending: list[dict[str, Any]] = []
+    try:
+        async for chunk in upstream.iter_any():
+            pending = events.feed(chunk)
+            if pending:
+                break
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+    if pending and "error" in pending[0]:
+        raise _refusal(400, json.dumps(pending[0]).encode(), model)
+    return events, pending
+
+
+def _take(batch: list[dict[str, Any]], ctx: RequestContext, stops: StopFilter) -> tuple[str, SeekgateError | None]:
+    """The text of some token events that may go out (stop sequences withheld), their counts onto ctx,
+    and the model's error if one came instead."""
+    out: list[str] = []
+    for doc in batch:
+        if "error" in doc:
+            return "".join(out), BadRequest(f"model_error_mid_stream: {str(doc['error'])[:256]}",
+                                            public_message=str(doc["error"])[:1024])
+        out.append(stops.feed(str(doc.get("text_output", ""))))
+        if isinstance(doc.get("input_tokens"), int):
+            ctx.input_tokens = doc["input_tokens"]
+        if isinstance(doc.get("output_tokens"), int):
+            ctx.output_tokens = doc["output_tokens"]
+        if stops.stopped:
+            break
+    return "".join(out), None
 
 
 def _response_id(req: OpenAIRequest, ctx: RequestContext) -> str:
@@ -261,83 +352,45 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     """Triton's token events relayed as OpenAI chunks, each as it comes.
 
     The first event is awaited before any header goes out, so a request the model refuses still
-    gets a clean OpenAI error status. A client that leaves is noticed when it leaves (the guarded
-    connection's `lost` future, as in upstream/forward.py): the relay stops, the caller's release()
-    closes Triton's connection, which cancels the generation there; the record keeps the tokens
-    counted up to then.
+    gets a clean OpenAI error status. A client that leaves is noticed when it leaves
+    (_cancel_on_leave): the relay stops, the caller's release() closes Triton's connection, which
+    cancels the generation there; the record keeps the tokens counted up to then.
     """
-    if upstream.status != 200:
-        try:
-            body = await upstream.read_upto(4096)
-        except upstream_http.UpstreamError:
-            body = b""
-        raise _refusal(upstream.status, body, model)
-    events = _Events()
+    events, pending = await _opening(upstream, model)
     writer = ChunkWriter(req, _response_id(req, ctx), int(ctx.started_wall))
-    pending: list[dict[str, Any]] = []
-    try:
-        async for chunk in upstream.iter_any():
-            pending = events.feed(chunk)
-            if pending:
-                break
-    except upstream_http.UpstreamError as exc:
-        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
-    if pending and "error" in pending[0]:
-        raise _refusal(400, json.dumps(pending[0]).encode(), model)
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-Id": ctx.request_id})
     ctx.http_status = 200
     await response.prepare(request)
-    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
-    relaying = asyncio.current_task()
-    assert relaying is not None
-
-    def interrupt(_: object) -> None:
-        relaying.cancel()
-    if gone is not None:
-        gone.add_done_callback(interrupt)
     failed: SeekgateError | None = None
     stops = StopFilter(req.stop)
-    try:
-        out = writer.first()
-        batch = pending
-        more = upstream.iter_any()
-        while True:
-            for doc in batch:
-                if "error" in doc:
-                    failed = BadRequest(f"model_error_mid_stream: {str(doc['error'])[:256]}",
-                                        public_message=str(doc["error"])[:1024])
+    with _cancel_on_leave(request) as gone:
+        try:
+            out = writer.first()
+            batch = pending
+            more = upstream.iter_any()
+            while True:
+                text, failed = _take(batch, ctx, stops)
+                out += writer.text(text)
+                if out:
+                    await response.write(out)
+                    out = b""
+                if failed is not None or stops.stopped:
+                    break   # a stop sequence: the caller's release() cancels the rest of the generation
+                try:
+                    chunk = await more.__anext__()
+                except StopAsyncIteration:
                     break
-                out += writer.text(stops.feed(str(doc.get("text_output", ""))))
-                if isinstance(doc.get("input_tokens"), int):
-                    ctx.input_tokens = doc["input_tokens"]
-                if isinstance(doc.get("output_tokens"), int):
-                    ctx.output_tokens = doc["output_tokens"]
-                if stops.stopped:
-                    break
-            if out:
-                await response.write(out)
-                out = b""
-            if failed is not None or stops.stopped:
-                break   # a stop sequence: the caller's release() cancels the rest of the generation
-            try:
-                chunk = await more.__anext__()
-            except StopAsyncIteration:
-                break
-            batch = events.feed(chunk)
-    except ConnectionError:
-        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-        return response
-    except upstream_http.UpstreamError as exc:
-        failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
-    except asyncio.CancelledError:
-        if gone is None or not gone.done():
-            raise   # not ours: the drain timeout's
-        relaying.uncancel()
-        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-        return response
-    finally:
-        if gone is not None:
-            gone.remove_done_callback(interrupt)
+                batch = events.feed(chunk)
+        except ConnectionError:
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+            return response
+        except upstream_http.UpstreamError as exc:
+            failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
+        except asyncio.CancelledError:
+            if not _left(gone):
+                raise   # not ours: the drain timeout's
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+            return response
     if failed is not None:
         ctx.status, ctx.reason = "error", failed.reason
         await response.write(writer.error(failed))

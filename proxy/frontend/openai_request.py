@@ -67,9 +67,10 @@ class OpenAIRequest:
 
         max_tokens is always explicit, so the role cap, the token charge and finish_reason all read
         the same number the model gets. OpenAI samples at temperature 1 when none is named.
-        Stop sequences go to the model for whole answers only: a stream's are applied by the relay
-        (openai_shapes.StopFilter), because the model streams the start of a stop sequence before
-        it knows it is one, and cuts the rest, so the relay could never tell what to withhold.
+        Stop sequences never go to the model: every answer runs through the decoupled twin's token
+        events (frontend/openai.py), and the relay applies them (openai_shapes.StopFilter), because the
+        model streams the start of a stop sequence before it knows it is one, and cuts the rest, so
+        the relay could never tell what to withhold.
         """
         body: dict[str, Any] = {"text_input": self.prompt,
                                 "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
@@ -81,8 +82,6 @@ class OpenAIRequest:
             body["top_p"] = self.top_p
         if self.seed is not None:
             body["seed"] = self.seed
-        if self.stop and not self.stream:
-            body["stop"] = list(self.stop)
         return body
 
 

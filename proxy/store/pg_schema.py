@@ -88,6 +88,10 @@ CREATE TABLE audit_replicas (
     heartbeat      DOUBLE PRECISION NOT NULL
 );
 """),
+    (3, "the audit index's openai and admin fields (what the SQLite index gained beside it)", """
+-- Added to the partitioned parent: PostgreSQL adds them to every partition.
+ALTER TABLE audit_events ADD COLUMN openai JSONB, ADD COLUMN admin JSONB;
+"""),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -61,6 +61,20 @@ def test_search_filters_pages_and_shows_one_record(gw: Gateway, admin: str, traf
     assert call(gw.url + "/admin/v1/audit/nope", key=admin)[0] == 404
 
 
+def test_search_by_api_and_openai_endpoint(gw: Gateway, admin: str) -> None:
+    key_id, key = gw.key(owner="svc-oa", roles=("user",))
+    body = {"model": "deepseek", "prompt": "Hi", "max_tokens": 2}
+    assert call(gw.url + "/v1/completions", "POST", body, key)[0] == 200
+    assert call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "Hi", "max_tokens": 2}, key)[0] == 200
+    assert wait_for(lambda: search(gw, admin, key_id=key_id)[1]["total"] == 2, 5.0)
+    (oa,) = search(gw, admin, key_id=key_id, protocol="openai")[1]["records"]
+    assert oa["openai"] == {"endpoint": "/v1/completions", "user": None}
+    assert search(gw, admin, key_id=key_id, endpoint="/v1/completions")[1]["records"] == [oa]
+    assert search(gw, admin, key_id=key_id, endpoint="/v1/chat/completions")[1]["total"] == 0
+    (kserve,) = search(gw, admin, key_id=key_id, protocol="http")[1]["records"]
+    assert kserve["path"] == "/v2/models/deepseek/generate" and kserve["openai"] is None
+
+
 def test_export_is_jsonl_of_every_match(gw: Gateway, admin: str, traffic: dict[str, Any]) -> None:
     status, raw = search(gw, admin, key_id=traffic["key_id"], format="jsonl")
     assert status == 200

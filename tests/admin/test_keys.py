@@ -139,6 +139,7 @@ async def test_revoke_by_post_and_delete_cascades_to_devices(client: Client) -> 
 @pytest.mark.parametrize("method, path", [
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa"), ("DELETE", "/admin/v1/keys/aaaaaaaaaaaa"),
     ("POST", "/admin/v1/keys/aaaaaaaaaaaa/revoke"), ("GET", "/admin/v1/keys/not-a-key-id"),
+    ("GET", "/admin/v1/keys/aaaaaaaaaaaa/sessions"), ("GET", "/admin/v1/keys/not-a-key-id/sessions"),
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa/other"), ("GET", "/admin/v2/keys"),
     ("POST", "/admin/v1/sessions"), ("POST", f"/admin/v1/sessions/{'a' * 32}"),
     ("POST", f"/admin/v1/sessions/{'a' * 32}/other"), ("POST", "/admin/v1/sessions/not-a-jti/revoke"),
@@ -154,6 +155,7 @@ async def test_unknown_is_404(client: Client, method: str, path: str) -> None:
     ("PUT", "/admin/v1/keys", "GET, POST"), ("DELETE", "/admin/v1/keys", "GET, POST"),
     ("POST", "/admin/v1/keys/aaaaaaaaaaaa", "GET, DELETE"),
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa/revoke", "POST"),
+    ("POST", "/admin/v1/keys/aaaaaaaaaaaa/sessions", "GET"),
     ("GET", f"/admin/v1/sessions/{'a' * 32}/revoke", "POST"),
 ])
 async def test_wrong_method_is_405(client: Client, method: str, path: str, allow: str) -> None:

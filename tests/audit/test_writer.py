@@ -53,7 +53,7 @@ def test_record_has_exactly_the_schema_fields() -> None:
     ctx = _ctx(path="/v2/models/deepseek/generate?api_key=" + SECRET,
                extra={"authorization": "Bearer " + SECRET})
     rec = build_record(ctx, duration_ms=3.14159)
-    assert tuple(rec) == FIELDS
+    assert tuple(rec) == tuple(f for f in FIELDS if f not in ("openai", "admin"))   # only some records have these
     assert rec["timestamp"] == "2023-11-14T22:13:20.123Z"
     assert len(rec["event_id"]) == 32 and int(rec["event_id"], 16) >= 0
     assert (rec["actor"], rec["key_id"], rec["tier"]) == ("team-a", "k_app1", "app")
@@ -235,7 +235,7 @@ async def test_an_audit_db_without_parent_key_ids_still_opens_and_gains_the_colu
     """An audit.db made before the ancestry field: read as it is, then migrated by the writer."""
     (tmp_path / "audit").mkdir()
     db_path = tmp_path / "audit" / "audit.db"
-    old_fields = [f for f in FIELDS if f != "parent_key_ids"]
+    old_fields = [f for f in FIELDS if f not in ("parent_key_ids", "openai", "admin")]
     old = _rec(0)
     with sqlite3.connect(db_path) as conn:
         conn.execute(f"CREATE TABLE audit (ts REAL NOT NULL, {', '.join(old_fields)})")
@@ -255,6 +255,37 @@ async def test_an_audit_db_without_parent_key_ids_still_opens_and_gains_the_colu
     under = await query_audit(tmp_path, ancestor="k_app1")
     assert [(r["request_id"], r["parent_key_ids"]) for r in under] == [("req-1", ["k_app1"])]
     assert [r["request_id"] for r in await query_audit(tmp_path)] == ["req-1", "req-0"]
+
+
+async def test_an_audit_db_without_openai_gains_the_column_and_filters_by_api_and_endpoint(tmp_path: Path) -> None:
+    """The OpenAI field is indexed (a JSON column added to an older audit.db as parent_key_ids was)."""
+    (tmp_path / "audit").mkdir()
+    db_path = tmp_path / "audit" / "audit.db"
+    old_fields = [f for f in FIELDS if f not in ("openai", "admin")]
+    old = _rec(0)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"CREATE TABLE audit (ts REAL NOT NULL, {', '.join(old_fields)})")
+        conn.execute(f"INSERT INTO audit VALUES ({', '.join('?' * (len(old_fields) + 1))})",
+                     (time.time() - 10, *[json.dumps(old[f]) if isinstance(old[f], list) else old[f]
+                                          for f in old_fields]))
+    assert (await query_audit(tmp_path))[0]["openai"] is None
+    assert await query_audit(tmp_path, endpoint="/v1/completions") == []   # read-only: no column yet, no match
+
+    now = time.time()
+    async with AuditWriter(tmp_path) as writer:
+        for i, endpoint in enumerate(("/v1/chat/completions", "/v1/completions")):
+            writer.submit(build_record(_ctx(request_id=f"req-oa{i}", protocol="openai", started_wall=now + i,
+                                            extra={"openai": {"endpoint": endpoint, "user": "u-7"}}),
+                                       duration_ms=1.0))
+        writer.submit(build_record(_ctx(request_id="req-kserve", started_wall=now + 2), duration_ms=1.0))
+    with sqlite3.connect(db_path) as conn:
+        assert "openai" in {r[1] for r in conn.execute("PRAGMA table_info(audit)")}
+    (chat,) = await query_audit(tmp_path, endpoint="/v1/chat/completions")
+    assert (chat["request_id"], chat["protocol"], chat["openai"]) == (
+        "req-oa0", "openai", {"endpoint": "/v1/chat/completions", "user": "u-7"})
+    assert [r["request_id"] for r in await query_audit(tmp_path, protocol="openai")] == ["req-oa1", "req-oa0"]
+    assert [r["request_id"] for r in await query_audit(tmp_path, protocol="http")] == ["req-kserve", "req-0"]
+    assert (await query_audit(tmp_path, protocol="http"))[0]["openai"] is None
 
 
 def test_tail_reads_last_lines(tmp_path: Path) -> None:

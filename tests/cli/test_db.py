@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli.main import main
+from proxy.store.pg_schema import LATEST, MIGRATIONS
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
@@ -27,9 +28,9 @@ def test_db_migrate_applies_once_then_reports_current(tmp_path: Path, pg_url: st
         monkeypatch.delenv(var)
     monkeypatch.setenv("SEEKGATE_STORE_URL", pg_url)
     first = run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
-    assert first["applied"] == [1] and first["version"] == first["latest"] == 1
+    assert first["applied"] == [v for v, _, _ in MIGRATIONS] and first["version"] == first["latest"] == LATEST
     again = run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
-    assert again["applied"] == [] and again["version"] == 1
+    assert again["applied"] == [] and again["version"] == LATEST
     # The migration is an admin change: the CLI audited it (once: the no-op run writes nothing).
     lines = (tmp_path / "d" / "audit" / "audit.cli.jsonl").read_text().splitlines()
     assert [json.loads(line)["admin"]["action"] for line in lines] == ["db.migrate"]

@@ -195,10 +195,11 @@ def test_audit_tail_and_query(cli: Cli) -> None:
     stamps = [day, day + timedelta(days=1), day + timedelta(days=2),
               datetime.now(timezone.utc) - timedelta(minutes=30)]
     recs = [{"timestamp": stamps[i].isoformat().replace("+00:00", "Z"), "event_id": f"e{i}", "actor": actor,
-             "key_id": key, "status": status, "http_status": code}
+             "key_id": key, "status": status, "http_status": code, "protocol": "http"}
             for i, (actor, key, status, code) in enumerate([
                 ("alice", "k1", "allowed", 200), ("bob", "k2", "denied", 403),
                 ("alice", "k1", "denied", 401), ("carol", "k3", "error", 503)])]
+    recs[3] |= {"protocol": "openai", "openai": {"endpoint": "/v1/chat/completions", "user": "u1"}}
     _write_audit(cli.data, recs)
     code, out, _ = cli("audit", "tail", "-n", "2")
     assert code == 0 and [json.loads(ln)["event_id"] for ln in out.splitlines()] == ["e2", "e3"]
@@ -216,6 +217,8 @@ def test_audit_tail_and_query(cli: Cli) -> None:
     assert query("--since", since, "--until", until) == ["e2", "e1"]
     assert query("--since", "1h") == ["e3"]
     assert query("--limit", "1") == ["e3"]
+    assert query("--protocol", "openai") == ["e3"] and query("--protocol", "http") == ["e2", "e1", "e0"]
+    assert query("--endpoint", "/v1/chat/completions") == ["e3"] and query("--endpoint", "/v1/completions") == []
 
 
 def test_parse_time() -> None:

@@ -220,6 +220,30 @@ def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Ga
     assert 1 <= rec["output_tokens"] < 200 and rec["openai"]["endpoint"] == "/v1/chat/completions"
 
 
+def test_client_leaving_a_whole_answer_cancels_in_triton_and_the_audit_counts(
+        gw: Gateway, relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Not streamed: the client waits for one answer at the end, and leaves while Triton generates it."""
+    relay = relays[0]
+    key_id, key = gw.key(owner="whole-leaver")
+    marker = f"leave-whole-{uuid.uuid4().hex}"
+    relay.hold_after(b"data:")
+    try:
+        body = json.dumps({"model": MODEL, "prompt": marker, "max_tokens": 200, "temperature": 0}).encode()
+        sock = raw_request(gw, "POST", "/v1/completions", body, {**bearer(key), "Content-Type": "application/json"})
+        # Triton's first token reached seekgate; the next ones wait in the relay while the client waits too.
+        assert relay.holding.wait(60), "no token from Triton"
+        upstream = relay.connection_carrying(marker.encode())
+        assert upstream is not None and not upstream.closed.is_set()
+        sock.close()
+        assert upstream.closed.wait(60), "Triton's request outlived its client"
+    finally:
+        relay.let_flow()
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
+    assert 1 <= rec["output_tokens"] < 200 and rec["input_tokens"] >= 1
+    assert rec["openai"]["endpoint"] == "/v1/completions"
+
+
 # ------------------------------------------------------------------ refusals, as the SDK raises them
 
 def test_a_wrong_key_is_authentication_error(gw: Gateway) -> None:

@@ -24,12 +24,12 @@ def test_chat_translates_to_the_models_own_inputs_and_body_view_reads_them() -> 
                                              {"role": "user", "content": "hi"}]))
     body = req.generate_body(16)
     assert json.loads(body["messages"]) == [{"role": "system", "content": "ab"}, {"role": "user", "content": "hi"}]
-    assert (body["text_input"], body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (
-        "", 5, 0.5, 7, ["x"])
+    assert (body["text_input"], body["max_tokens"], body["temperature"], body["seed"], "stop" in body) == (
+        "", 5, 0.5, 7, False)   # stops are the relay's (StopFilter), for whole answers as for streams
     view = view_http("generate", json.dumps(body).encode(), [])
     assert view.asked_tokens() == 5
     assert {p.key for p in view.parameters} == {"text_input", "messages", "max_tokens", "temperature", "top_p",
-                                                "seed", "stop"}
+                                                "seed"}
 
 
 def test_defaults_and_max_completion_tokens_wins() -> None:
@@ -37,8 +37,9 @@ def test_defaults_and_max_completion_tokens_wins() -> None:
     assert (body["max_tokens"], body["temperature"], "stop" in body) == (16, 1.0, False)
     req = parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "max_tokens": 9, "max_completion_tokens": 3})
     assert req.max_tokens == 3
-    streamed = parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "stop": ["a"], "stream": True})
-    assert "stop" not in streamed.generate_body(16)   # a stream's stops are the relay's (StopFilter)
+    for stream in (True, False):
+        req = parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "stop": ["a"], "stream": stream})
+        assert "stop" not in req.generate_body(16) and req.stop == ("a",)
 
 
 @pytest.mark.parametrize("endpoint, doc, param", [

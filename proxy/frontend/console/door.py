@@ -131,8 +131,15 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
     ctx.http_status = 303
     response = _redirect(f"{base}/console/")
     response.set_cookie(COOKIE, minted.token, path=f"{base}/console", httponly=True, samesite="Strict",
-                        secure=request.secure or None, max_age=max(1, minted.expires_at - int(time.time())))
+                        secure=_secure(request, state), max_age=max(1, minted.expires_at - int(time.time())))
     return response
+
+
+def _secure(request: web.Request, state: AppState) -> bool | None:
+    """Whether the session cookie is Secure. request.secure only sees TLS that ends here: behind a
+    proxy that ends TLS itself and forwards plain HTTP, `console.cookie_secure: always` says so
+    (X-Forwarded-Proto is a client's header, dropped by the context step, so it never decides)."""
+    return True if state.settings.console.cookie_secure == "always" or request.secure else None
 
 
 async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:

@@ -12,10 +12,11 @@ from urllib.parse import urlencode, urlsplit
 class ConsoleClient:
     """One browser-like client: keeps the seekgate_console cookie, follows nothing, says its Origin."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, base_path: str = "") -> None:
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.origin = base_url
+        self.base = base_path   # server.base_path: every console path is under it
         self.cookie: str | None = None
         self.last_set_cookie: str | None = None
 
@@ -40,11 +41,11 @@ class ConsoleClient:
             conn.close()
 
     def sign_in(self, key: str) -> tuple[int, dict[str, str], bytes]:
-        return self.request("POST", "/console/session", urlencode({"key": key}).encode(),
+        return self.request("POST", self.base + "/console/session", urlencode({"key": key}).encode(),
                             {"Content-Type": "application/x-www-form-urlencoded", "Origin": self.origin})
 
     def csrf(self) -> str:
-        status, _, page = self.request("GET", "/console/")
+        status, _, page = self.request("GET", self.base + "/console/")
         assert status == 200, status
         found = re.search(rb'<meta name="csrf-token" content="([^"]+)"', page)
         assert found is not None
@@ -54,6 +55,6 @@ class ConsoleClient:
         headers = {"Content-Type": "application/json"}
         if csrf is not None:
             headers["X-CSRF-Token"] = csrf
-        status, _, raw = self.request(method, "/console/api/" + path,
+        status, _, raw = self.request(method, self.base + "/console/api/" + path,
                                       None if body is None else json.dumps(body).encode(), headers)
         return status, json.loads(raw) if raw else None

@@ -119,7 +119,7 @@ def test_create_a_key_see_its_secret_once_then_revoke_it_and_see_it_fail(page: P
     key = secret.inner_text().strip()
     key_id = key.split("_")[1]
     expect(page.locator(f'[data-key-id="{key_id}"]')).to_be_visible()
-    page.screenshot(path=str(shots / "keys.png"), full_page=True)
+    page.screenshot(path=str(shots / "keys.png"), full_page=True, mask=[secret])   # a real secret never in docs/
     assert call(gw.url + "/v2/models/deepseek", key=key)[0] == 200
     page.reload()
     expect(page.locator(f'[data-key-id="{key_id}"]')).to_be_visible()
@@ -130,6 +130,38 @@ def test_create_a_key_see_its_secret_once_then_revoke_it_and_see_it_fail(page: P
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(shots / "keys-narrow.png"))
     page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def test_a_keys_live_sessions_show_under_it_until_revoked(page: Page, gw: Gateway, admin_key: str) -> None:
+    """user → sessions: tokens are not stored, so the tree lists the audited mints still live (TTL, denylist)."""
+    user_id, user_key = make_key(gw, admin_key, "svc-sessions")
+    jtis = []
+    for _ in range(2):
+        status, _, raw = call(gw.url + "/v1/sessions", "POST", {}, user_key)
+        assert status == 200, raw
+        jtis.append(json.loads(raw)["jti"])
+    assert call(gw.url + f"/admin/v1/sessions/{jtis[0]}/revoke", "POST", {}, admin_key)[0] == 200
+
+    def live() -> list[str]:
+        status, _, raw = call(gw.url + f"/admin/v1/keys/{user_id}/sessions", key=admin_key)
+        assert status == 200, raw
+        return [s["jti"] for s in json.loads(raw)["sessions"]]
+    assert wait_for(lambda: live() == [jtis[1]], 10.0), live()   # the revoked one is not live
+    page.goto(gw.url + "/console/keys")
+    page.get_by_role("button", name=f"Sessions of {user_id}").click()
+    listed = page.get_by_role("list", name=f"Live sessions of {user_id}")
+    expect(listed.locator("li")).to_have_count(1)
+    expect(listed.locator(f'[data-jti="{jtis[1]}"]')).to_contain_text("sessions.mint")
+    # The console's own session, minted by the admin key's sign-in, is under the admin key.
+    admin_id = admin_key.split("_")[1]
+    page.get_by_role("button", name=f"Sessions of {admin_id}").click()
+    expect(page.get_by_role("list", name=f"Live sessions of {admin_id}")).to_contain_text("console.signin")
+    # Revoking the key ends its sessions: none is listed any more.
+    assert call(gw.url + f"/admin/v1/keys/{user_id}/revoke", "POST", {}, admin_key)[0] == 200
+    assert live() == []
+    assert call(gw.url + "/v2/models/deepseek", key=user_key)[0] == 401
+    page.reload()
+    expect(page.get_by_role("button", name=f"Sessions of {user_id}")).to_have_count(0)
 
 
 def test_rotate_with_grace_keeps_the_old_key_working(page: Page, gw: Gateway, admin_key: str) -> None:

@@ -159,9 +159,25 @@
       } catch (err) { panel.replaceChildren(failed(err)); }
       panel.focus();
     }
+    // user/app → sessions: tokens are not stored, so the list comes from their audited mints (minted
+    // within the TTL, not revoked), fetched when asked for rather than once per key on every redraw.
+    const sessionBoxes = {};
+    async function sessions(k) {
+      const box = sessionBoxes[k.id];
+      try {
+        const r = await api("GET", `keys/${k.id}/sessions`);
+        box.replaceChildren(r.sessions.length
+          ? h("ul", { class: "sessions", "aria-label": `Live sessions of ${k.id}` }, r.sessions.map((x) =>
+            h("li", { "data-jti": x.jti }, h("span", { class: "badge" }, "session"), h("code", {}, x.jti),
+              h("span", { class: "muted" }, `${x.via} · expires ${when(new Date(x.expires_at * 1000).toISOString())}`))))
+          : h("p", { class: "muted", role: "status" }, `No live session of ${k.id}.`));
+      } catch (err) { box.replaceChildren(failed(err)); }
+    }
     function row(k) {
       const soon = expiringSoon(k);
+      const minting = k.status === "active" && (k.tier === "user" || k.tier === "app");
       const acts = k.status === "active" ? h("span", { class: "actions" },
+        minting ? h("button", { type: "button", class: "secondary", "aria-label": `Sessions of ${k.id}`, onclick: () => sessions(k) }, "Sessions") : null,
         h("button", { type: "button", class: "secondary", "aria-label": `Rotate ${k.id}`, onclick: () => act("rotate", k) }, "Rotate"),
         h("button", { type: "button", class: "secondary", "aria-label": `Revoke ${k.id}`, onclick: () => act("revoke", k) }, "Revoke"),
         h("button", { type: "button", class: "danger", "aria-label": `Compromised ${k.id}`, onclick: () => act("compromised", k) }, "Compromised…")) : null;
@@ -176,6 +192,7 @@
       const kids = {};
       shown.forEach((k) => { if (k.parent_id && ids.has(k.parent_id)) (kids[k.parent_id] = kids[k.parent_id] || []).push(k); });
       const node = (k) => h("li", { class: expiringSoon(k) ? "expiring" : "" }, row(k),
+        sessionBoxes[k.id] = h("div", { class: "session-box" }),
         kids[k.id] ? h("ul", {}, kids[k.id].map(node)) : null);
       const roots = shown.filter((k) => !(k.parent_id && ids.has(k.parent_id)));
       treeBox.replaceChildren(roots.length ? h("ul", { class: "tree", "aria-label": "Keys: app → device, user" }, roots.map(node))
