@@ -74,9 +74,12 @@ def _cell(field: str, value: Any) -> Any:
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     if field in _REAL_FIELDS:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if field in _JSON_FIELDS and not isinstance(value, str):
-        return json.dumps(value, default=str)
-    return value if isinstance(value, str) else str(value)
+    if field in _JSON_FIELDS:
+        # jsonb refuses the escape \u0000 (and text a NUL): one such record would fail its whole batch.
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        return text.replace("\\u0000", "\\ufffd")
+    text = value if isinstance(value, str) else str(value)
+    return text.replace("\x00", "\ufffd")
 
 
 def columns(records: list[dict[str, Any]]) -> list[list[Any]]:
@@ -174,7 +177,17 @@ class SharedAuditIndex:
             self._overflowed = 0
         while self._pending:
             batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
-            await self._insert(batch)
+            try:
+                await self._insert(batch)
+            except asyncpg.DataError:
+                # A record PostgreSQL refuses must not wedge every record behind it: the batch goes in
+                # one by one, and what is still refused stays only in the JSONL file (the durable record).
+                for rec in batch:
+                    try:
+                        await self._insert([rec])
+                    except asyncpg.DataError as exc:
+                        log.error("shared audit index: record %s refused (%s); the JSONL file has it",
+                                  rec.get("event_id"), exc)
             for _ in batch:
                 self._pending.popleft()
             self._indexed += len(batch)

@@ -51,3 +51,24 @@ async def test_openai_records_are_indexed_and_filtered_across_replicas(pg_url: s
         assert (await pg_index.record(pool, chat["event_id"]) or {}).get("openai", {}).get("user") == "u1"
     finally:
         await store.close()
+
+
+async def test_a_record_postgresql_would_refuse_never_wedges_the_ones_behind_it(pg_url: str) -> None:
+    """NUL is not text to PostgreSQL, nor \\u0000 JSON: replaced, so the record and every later one go in."""
+    store = await open_url(pg_url, migrate=True)
+    try:
+        pool = pg_index.pool_of(store)
+        index = pg_index.SharedAuditIndex(pool, "replica-b")
+        index.start()
+        odd = record("r-nul", "http")
+        odd["reason"] = "store_unavailable: \x00 in a driver's message"
+        odd["parent_key_ids"] = ["k\x00"]
+        index.submit([odd, record("r-after", "http")])
+        async with asyncio.timeout(30):
+            await index.flush()
+        await index.close()
+        got = {r["request_id"]: r for r in await pg_index.query(pool, since=time.time() - 60)}
+        assert set(got) == {"r-nul", "r-after"}
+        assert got["r-nul"]["reason"] == "store_unavailable: \ufffd in a driver's message"
+    finally:
+        await store.close()
