@@ -61,6 +61,7 @@ from bench import stack  # noqa: E402
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: E402
 
 MODEL_DIR = stack.REPO / "triton_models" / "deepseek"
+NO_WINDOW = "inflight0"   # in-flight with admit_wait_ms 0 (--no-window-too)
 STATIC_BATCHER = "dynamic_batching {\n  preferred_batch_size: [ 8, 16, 32 ]\n  max_queue_delay_microseconds: 5000\n}"
 
 
@@ -75,7 +76,9 @@ def has_gpu() -> bool:
 def repository(root: Path, mode: str, gpu: bool) -> Path:
     """A repository whose `deepseek` is triton_models/deepseek with `scheduling` set to `mode`."""
     source = (MODEL_DIR / "configs" / "gpu.pbtxt" if gpu else MODEL_DIR / "config.pbtxt").read_text()
-    config = re.sub(r'(key: "scheduling" value: \{ string_value: )"\w+"', rf'\1"{mode}"', source)
+    config = re.sub(r'(key: "scheduling" value: \{ string_value: )"\w+"', rf'\1"{mode.rstrip("0")}"', source)
+    if mode == NO_WINDOW:   # the engine before its admission window, to compare in the same run
+        config = re.sub(r'(key: "admit_wait_ms" value: \{ string_value: )"[\d.]+"', r'\1"0"', config)
     if mode == "static":
         config = re.sub(r"dynamic_batching \{[^}]*\}", STATIC_BATCHER, config)
     model = root / f"repo-{mode}" / "deepseek"
@@ -257,7 +260,15 @@ def ratios(rows: list[dict[str, Any]]) -> str:
     lines = ["", "in-flight vs static (same checkpoint, workload, path):"]
     verdicts = []
     for (ck, wl, path, mode), s in by.items():
-        if mode != "static" or (ck, wl, path, "inflight") not in by:
+        if mode != "static":
+            continue
+        if (ck, wl, path, NO_WINDOW) in by:   # printed only: the targets are the engine's, as configured
+            f = by[(ck, wl, path, NO_WINDOW)]
+            short = (s["short_p50_s"] / f["short_p50_s"]) if f["short_p50_s"] else None
+            thr = f["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None
+            lines.append(f"  {ck:<6} {wl:<8} {path:<9} short p50 {short or 0:.1f}x lower, throughput {thr or 0:.2f}x"
+                         f"  (admit_wait_ms 0)")
+        if (ck, wl, path, "inflight") not in by:
             continue
         f = by[(ck, wl, path, "inflight")]
         short = (s["short_p50_s"] / f["short_p50_s"]) if f["short_p50_s"] else None
@@ -288,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="runs of each workload per path; medians reported")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--no-seekgate", action="store_true", help="Triton directly only")
+    p.add_argument("--no-window-too", action="store_true",
+                   help=f"also run the engine with admit_wait_ms 0 (mode {NO_WINDOW}), side by side")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.large:
             checkpoints["large"] = build_large_checkpoint(root / "ck-large", checkpoints["tiny"])
         for ck_name, ck in checkpoints.items():
-            for mode in ("static", "inflight"):
+            for mode in ("static", "inflight") + ((NO_WINDOW,) if args.no_window_too else ()):
                 triton = start_triton(repository(root / ck_name, mode, gpu), root / ck_name / f"data-{mode}", ck)
                 gw = None
                 try:

@@ -207,6 +207,33 @@ def test_chunked_prefill_and_token_budget_change_nothing_but_timing(hf: tuple[An
         eng.stop(0)
 
 
+def test_burst_handed_over_in_pieces_is_prefilled_in_one_pass(hf: tuple[Any, Any]) -> None:
+    # Triton hands a burst over a few requests at a time; an idle engine's admission window
+    # collects them (ending early here, once every slot is taken) and prefills them together.
+    eng, sink = make_engine(hf, max_running=len(PROMPTS), admit_wait_ms=1000, prefill_chunk=4)
+    calls: list[tuple[int, int]] = []
+    forward = eng._forward
+
+    def counted(ids: Any, positions: Any, mask: Any) -> Any:
+        calls.append(tuple(ids.shape))
+        return forward(ids, positions, mask)
+    eng._forward = counted  # type: ignore[method-assign]
+    try:
+        seqs = [seq(eng, p, 6) for p in PROMPTS]
+        for i in range(0, len(seqs), 2):
+            eng.submit(seqs[i])
+            eng.submit(seqs[i + 1])
+            time.sleep(0.02)
+        sink.wait(*seqs)
+        longest = max(len(s.prompt_ids) for s in seqs)
+        # All rows in the first pass; with nothing decoding, each row gets a whole chunk of its own.
+        assert calls[0] == (len(PROMPTS), min(longest, 4))
+        for s, text in zip(seqs, PROMPTS, strict=True):
+            assert s.tokens == hf_greedy(hf, text, 6), text
+    finally:
+        eng.stop(0)
+
+
 def test_static_scheduling_gives_the_same_tokens(hf: tuple[Any, Any]) -> None:
     eng, sink = make_engine(hf, scheduling=e.STATIC)
     try:

@@ -93,13 +93,16 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
 
 
 def test_parse_settings_reports_every_bad_value() -> None:
-    settings = m.parse_settings({"max_running_sequences": "4", "prefill_chunk": "64", "token_budget": "512"}, LIMITS)
-    assert (settings.max_running, settings.prefill_chunk, settings.budget(), settings.scheduling) == \
-        (4, 64, 512, "inflight")
+    settings = m.parse_settings({"max_running_sequences": "4", "prefill_chunk": "64", "token_budget": "512",
+                                 "admit_wait_ms": "5"}, LIMITS)
+    assert (settings.max_running, settings.prefill_chunk, settings.budget(), settings.scheduling,
+            settings.admit_wait_ms) == (4, 64, 512, "inflight", 5.0)
     assert m.parse_settings({}, LIMITS).budget() == 32 * LIMITS.context_length
     with pytest.raises(RuntimeError) as err:
-        m.parse_settings({"max_running_sequences": "0", "token_budget": "100", "scheduling": "fifo"}, LIMITS)
-    assert all(s in str(err.value) for s in ("max_running_sequences", "token_budget 100", "'fifo'"))
+        m.parse_settings({"max_running_sequences": "0", "token_budget": "100", "scheduling": "fifo",
+                          "admit_wait_ms": "-1"}, LIMITS)
+    assert all(s in str(err.value) for s in ("max_running_sequences", "token_budget 100", "'fifo'",
+                                             "admit_wait_ms"))
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,9 @@ class EngineSettings:
     token_budget: int = 0          # admission: sum of (prompt + max_tokens) over running rows; 0 = slots x context
     prefill_chunk: int = 256       # prompt tokens prefilled per step, over all newcomers
     scheduling: str = INFLIGHT     # or STATIC: the old whole-batch behaviour, for the benchmark
+    # An idle engine woken by a request waits up to this long (ms) for the rest of a burst, so
+    # requests Triton hands over a few at a time are prefilled in one forward pass, not several.
+    admit_wait_ms: float = 0.0
 
     def budget(self) -> int:
         return self.token_budget or self.max_running * self.context_length
@@ -313,8 +316,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                idle = not self._rows
                 while not self._waiting and not self._rows and not self._stopping:
                     self._cond.wait()
+                if idle and self._waiting:
+                    self._gather_burst()
                 if self._stopping and (not self._rows or time.monotonic() > self._drain_until):
                     for seq in self._rows:
                         self.sink(Event(seq, "", True, "the model is shutting down"))
@@ -328,6 +334,23 @@ class Engine:
                 self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
             if self.on_step is not None:
                 self.on_step(self)
+
+    def _gather_burst(self) -> None:
+        """Called with the lock held by an idle engine with work: waits up to `admit_wait_ms` for more.
+
+        Triton's dynamic batcher (no queue delay) hands a burst over a few requests at a time;
+        without a window each handful is prefilled in a forward pass of its own, and the next
+        ones join a step later. The wait is bounded and ends early once every slot would be taken.
+        """
+        wait_s = self.settings.admit_wait_ms / 1000
+        if wait_s <= 0 or self.settings.scheduling != INFLIGHT:
+            return
+        deadline = time.monotonic() + wait_s
+        while not self._stopping and len(self._waiting) < self.settings.max_running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
 
     def _fail_running(self, message: str) -> None:
         for seq in self._rows:
@@ -407,8 +430,16 @@ class Engine:
         torch = self.torch
         static = self.settings.scheduling == STATIC
         pending = self._rows[self._n:]
-        chunk = 1 << 30 if static else self.settings.prefill_chunk
-        widths = prefill_plan([len(s.prompt_ids) - s.prefilled for s in pending], chunk)
+        remaining = [len(s.prompt_ids) - s.prefilled for s in pending]
+        if static:
+            widths = remaining
+        elif self._n == 0:
+            # Nothing is decoding, so chunking would protect no stream: every newcomer gets up
+            # to a chunk of its own in this one pass (a burst's prompts need one forward, not
+            # one per chunk), while a long prompt is still spread over steps.
+            widths = [min(r, self.settings.prefill_chunk) for r in remaining]
+        else:
+            widths = prefill_plan(remaining, self.settings.prefill_chunk)
         k = max(i + 1 for i, w in enumerate(widths) if w > 0) if any(widths) else 0
         if k == 0:
             return

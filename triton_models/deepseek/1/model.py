@@ -186,6 +186,7 @@ def parse_settings(params: dict[str, str], limits: Limits) -> EngineSettings:
         token_budget=int(params.get("token_budget") or 0),
         prefill_chunk=int(params.get("prefill_chunk") or 256),
         scheduling=params.get("scheduling") or INFLIGHT,
+        admit_wait_ms=float(params.get("admit_wait_ms") or 0),
     )
     problems = []
     if settings.max_running < 1:
@@ -195,6 +196,8 @@ def parse_settings(params: dict[str, str], limits: Limits) -> EngineSettings:
     if settings.token_budget and settings.token_budget < settings.context_length:
         problems.append(f"token_budget {settings.token_budget} is under the context length "
                         f"{settings.context_length}: a full-length request could never start")
+    if not 0 <= settings.admit_wait_ms <= 1000:
+        problems.append(f"admit_wait_ms must be between 0 and 1000, got {settings.admit_wait_ms}")
     if settings.scheduling not in (INFLIGHT, STATIC):
         problems.append(f"scheduling must be {INFLIGHT!r} or {STATIC!r}, got {settings.scheduling!r}")
     if problems:
