@@ -153,9 +153,8 @@ async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, 
     assert ctx.principal is not None
     jti = ctx.principal.key_id   # a session principal's key id is its jti
     rows = await open_secret_rows(state.store)
+    # The revocation moves the store revision, which every process's key cache checks on the next request.
     await rows.revoke_session(jti, time.time())
-    if state.key_cache is not None:
-        state.key_cache.clear()   # this process forgets the session at once; others check revocation anyway
     ctx.extra["admin_action"] = "console.signout"
     ctx.extra["admin_target"] = jti
     ctx.http_status = 303
