@@ -21,7 +21,7 @@ from ..audit.jsonl import active_name
 from ..audit.pg_index import pool_of, replica_name
 from ..audit.writer import AuditWriter
 from ..context import RequestContext, new_id
-from ..errors import AuditUnavailable, BadRequest, Draining, NotFound, SeekgateError, StoreUnavailable, Unauthenticated
+from ..errors import BadRequest, Draining, NotFound, SeekgateError, StoreUnavailable, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
 from ..keys.issue import ISSUABLE_TIERS
@@ -44,7 +44,7 @@ from ..upstream.models import refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
 from .console.door import answer_console, is_console
 from .grpc import GrpcFrontEnd
-from .http_guard import GuardedRunner, check_framing, closes_connection, decoded_size_within, read_body
+from .http_guard import GuardedRunner, check_framing, closes_connection, decoded_size_within, durable_refusal, read_body
 from .listener import ListeningSocket, quiesce
 from .openai import is_openai, openai_answer
 from .tls import ServerTls, http_peer_cert, plaintext_refusal, tls_enabled
@@ -197,12 +197,7 @@ def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
 
 async def refused(state: AppState, ctx: RequestContext, err: SeekgateError) -> web.Response:
     """The refusal; under strict audit sent only once its record is durable, else a 503 instead."""
-    response = error_response(ctx, err)
-    try:
-        await commit_audit(state, ctx)
-    except AuditUnavailable as audit_err:
-        return error_response(ctx, audit_err)
-    return response
+    return await durable_refusal(state, ctx, err, error_response)
 
 
 # ------------------------------------------------------------------ resources

@@ -51,9 +51,17 @@ from aiohttp.web_server import Server
 from ..context import RequestContext, new_id
 
 # FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
-from ..errors import BadRequest, FramingError, PayloadTooLarge, RequestTimeout, SeekgateError, closes_connection
-from ..steps.app_state import STATE
-from ..steps.pipeline import finish, refuse
+from ..errors import (
+    AuditUnavailable,
+    BadRequest,
+    FramingError,
+    PayloadTooLarge,
+    RequestTimeout,
+    SeekgateError,
+    closes_connection,
+)
+from ..steps.app_state import STATE, AppState
+from ..steps.pipeline import commit_audit, finish, refuse
 
 __all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
            "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within"]
@@ -243,6 +251,18 @@ class GuardedRequestHandler(RequestHandler):
         response = web.json_response({"error": "bad request"}, status=status, headers={"X-Request-Id": request_id})
         response.force_close()
         return response
+
+
+async def durable_refusal(state: AppState, ctx: RequestContext, err: SeekgateError,
+                          render: Callable[[RequestContext, SeekgateError], web.Response]) -> web.Response:
+    """A refusal in a door's own shape (`render`); under strict audit sent only once its record is
+    durable, else the audit's 503 instead."""
+    response = render(ctx, err)
+    try:
+        await commit_audit(state, ctx)
+    except AuditUnavailable as audit_err:
+        return render(ctx, audit_err)
+    return response
 
 
 def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError, request_id: str) -> None:

@@ -30,7 +30,7 @@ from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_a
 from ..upstream import pool as upstream_http
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
-from .http_guard import read_body
+from .http_guard import durable_refusal, read_body
 from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
 from .openai_shapes import (
     ChunkWriter,
@@ -108,12 +108,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
 
 async def refused(state: AppState, ctx: RequestContext, err: SeekgateError) -> web.Response:
     """The refusal in OpenAI's shape; under strict audit only once its record is durable, else a 503."""
-    response = error_response(ctx, err)
-    try:
-        await commit_audit(state, ctx)
-    except AuditUnavailable as audit_err:
-        return error_response(ctx, audit_err)
-    return response
+    return await durable_refusal(state, ctx, err, error_response)
 
 
 def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
