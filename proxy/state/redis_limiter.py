@@ -1,12 +1,17 @@
 """Limits exact across replicas: the counters of `LocalLimiter`, kept in one Redis and changed by server-side scripts.
 
-Every replica admits through one Lua script (redis_scripts.ACQUIRE): it expires, checks every
-scope and charges them in one atomic call, one round trip, so N replicas together admit exactly
-what one process would. The algorithms are those of limits.py (sliding-window logs for rpm and
-tpm with the charge corrected at settle, budgets per UTC day and month), with one difference:
-concurrency is a set of leases that expire, not a counter, so a replica killed mid-request frees
-its slots when its leases run out (`lease_s`); a running request's lease is renewed every third
-of that by this process.
+Every replica admits through one Lua script (redis_scripts.BATCH): it expires, checks every
+scope and charges them in one atomic call, so N replicas together admit exactly what one process
+would. The algorithms are those of limits.py (sliding-window logs for rpm and tpm with the charge
+corrected at settle, budgets per UTC day and month), with one difference: concurrency is a set of
+leases that expire, not a counter, so a replica killed mid-request frees its slots when its
+leases run out (`lease_s`); a running request's lease is renewed every third of that by this process.
+
+Round trips are group-committed: one batch is in flight at a time, and every admission that
+arrives meanwhile rides in the next one, so a lone request pays one round trip and a burst of N
+shares one. Settlements ride along; only those that free a concurrency lease or raise a charge
+(late, they would make a limit looser for a moment) ask for a round trip of their own. One that
+only lowers a charge waits up to `SETTLE_DELAY_S` for a ride (late, it is stricter, never looser).
 
 Redis unreachable: `on_backend_down="closed"` refuses with 503 + Retry-After (nothing goes through
 unmetered); `"local"` admits under this process's own `LocalLimiter` (each replica enforces the
@@ -33,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
-from .redis_scripts import ACQUIRE, RENEW, SETTLE
+from .redis_scripts import BATCH, RENEW
 
 log = logging.getLogger("seekgate.limits")
 
@@ -41,6 +46,8 @@ BACKEND_DOWN_MODES = ("closed", "local")
 # Settlements kept while Redis is down; beyond this the oldest corrections are dropped (their
 # leases expire on their own; only a token count's correction is lost).
 MAX_UNSETTLED = 100_000
+MAX_BATCH = 256            # operations per script call (its ARGV stays far below Lua's unpack limit)
+SETTLE_DELAY_S = 0.05      # the longest a settlement that only lowers a charge waits for a ride
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
@@ -57,7 +64,15 @@ class RedisGrant(Grant):
 @dataclass(eq=False)
 class _Unsettled:
     keys: tuple[str, ...]
-    args: tuple[Any, ...]
+    args: tuple[Any, ...]     # grant id, token delta, day, month
+    urgent: bool = True       # frees a lease or raises a charge: not held back for a ride
+
+
+@dataclass(eq=False)
+class _Admission:
+    keys: tuple[str, ...]
+    args: list[Any]           # grant id, tokens, day, month, ms to day end, ms to month end, limits...
+    answer: asyncio.Future[list[Any]]
 
 
 @dataclass(eq=False)
@@ -86,14 +101,17 @@ class RedisLimiter(Limiter):
             url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, decode_responses=True)
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._acquire = self._redis.register_script(ACQUIRE)
-        self._settle = self._redis.register_script(SETTLE)
+        self._batch = self._redis.register_script(BATCH)
         self._renew = self._redis.register_script(RENEW)
         self._instance = secrets.token_hex(6)   # grant ids unique across replicas and restarts
         self._next = 0
         self._held = _Held()
-        self._unsettled: list[_Unsettled] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._admissions: list[_Admission] = []    # waiting for the next batch
+        self._settlements: list[_Unsettled] = []   # likewise
+        self._urgent = 0                            # settlements among them that must not wait
+        self._settle_due: asyncio.TimerHandle | None = None
+        self._sender: asyncio.Task[None] | None = None   # the batch in flight, if any
+        self._unsettled: list[_Unsettled] = []     # kept while Redis is down
         self._local = LocalLimiter(clock=clock)
         self.up = True
         self._loop_task: asyncio.Task[None] | None = None
@@ -114,10 +132,15 @@ class RedisLimiter(Limiter):
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.up and self._settlements:
+            self._urgent += 1   # the last settlements go now
+            self._kick()
+        if self._sender is not None:
+            await self._sender
         if self.up:
             await self._flush_unsettled()
+        if self._settle_due is not None:
+            self._settle_due.cancel()
         await self._redis.aclose()
 
     # ------------------------------------------------------------------ admission
@@ -133,25 +156,29 @@ class RedisLimiter(Limiter):
         self._next += 1
         gid = f"{self._instance}:{self._next}"
         keys = tuple(self._key(s.key_id) for s in bound)
-        args: list[Any] = [gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000), self.lease_ms]
+        args: list[Any] = [len(bound), gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000)]
         for s in bound:
             lim = s.limits
             args += [lim.rpm, lim.tpm, lim.concurrency, lim.daily_tokens, lim.monthly_tokens]
+        lease_keys = tuple(k for k, s in zip(keys, bound, strict=True) if s.limits.concurrency)
+        admission = _Admission(keys, args, asyncio.get_running_loop().create_future())
+        self._admissions.append(admission)
+        self._kick()
         try:
-            answer = await self._acquire(keys=list(keys), args=args)
-        except _DOWN as exc:
-            # The script may have run before the answer was lost: its charges stand (stricter, never
-            # looser) and its lease expires on its own.
-            self._went_down(exc)
+            answer = await admission.answer
+        except _DOWN:
             return self._fallback(bound, tokens)
-        except RedisError as exc:   # a script or server error: refuse rather than admit unmetered
-            raise StoreUnavailable(f"limiter_unavailable: {exc}") from exc
+        except asyncio.CancelledError:
+            if admission in self._admissions:   # never sent: nothing was charged
+                self._admissions.remove(admission)
+            else:   # its batch was out: undo what it may have taken (the request never ran)
+                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month), urgent=bool(lease_keys)))
+            raise
         if int(answer[0]) == 0:
             _, index, kind, limit, remaining, reset_ms, retry_ms = answer
             raise OverLimit(str(kind), bound[int(index) - 1], int(limit), int(remaining),
                             int(reset_ms) / 1000.0, int(retry_ms) / 1000.0)
         _, _, w_limit, w_left, w_reset = (int(v) for v in answer)
-        lease_keys = tuple(k for k, s in zip(keys, bound, strict=True) if s.limits.concurrency)
         grant = RedisGrant(tuple(s.key_id for s in bound), tokens,
                            rpm_window=(w_limit, w_left, w_reset / 1000.0) if w_limit else None,
                            gid=gid, keys=keys, lease_keys=lease_keys, day=day, month=month)
@@ -174,23 +201,81 @@ class RedisLimiter(Limiter):
         if grant.local is not None:
             self._local.settle(grant.local, tokens)
             return
-        self._held.leases.pop(grant.gid, None)
-        job = _Unsettled(grant.keys, (grant.gid, tokens - grant.tokens, grant.day, grant.month))
+        held = self._held.leases.pop(grant.gid, None) is not None
+        delta = tokens - grant.tokens
+        job = _Unsettled(grant.keys, (grant.gid, delta, grant.day, grant.month), urgent=held or delta > 0)
         if not self.up:
             self._keep(job)
             return
-        task = asyncio.get_running_loop().create_task(self._write_settle(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._enqueue_settlement(job)
 
-    async def _write_settle(self, job: _Unsettled) -> None:
+    def _enqueue_settlement(self, job: _Unsettled) -> None:
+        self._settlements.append(job)
+        if job.urgent:
+            self._urgent += 1
+            self._kick()
+        elif self._settle_due is None:
+            self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+
+    def _settle_now(self) -> None:
+        self._settle_due = None
+        if self._settlements:
+            self._urgent += 1
+            self._kick()
+
+    # ------------------------------------------------------------------ batches
+
+    def _kick(self) -> None:
+        """Starts a batch unless one is in flight (its sender takes what waits when it returns)."""
+        if self._sender is None and (self._admissions or self._urgent):
+            self._sender = asyncio.get_running_loop().create_task(self._send_batches())
+
+    async def _send_batches(self) -> None:
         try:
-            await self._settle(keys=list(job.keys), args=list(job.args))
-        except _DOWN as exc:
-            self._went_down(exc)
-            self._keep(job)
-        except RedisError as exc:
-            log.error("limits: settling a grant in Redis failed: %s", exc)
+            while self._admissions or (self._urgent and self._settlements):
+                admissions = self._admissions[:MAX_BATCH]
+                del self._admissions[:MAX_BATCH]
+                settlements = self._settlements[:MAX_BATCH]
+                del self._settlements[:MAX_BATCH]
+                self._urgent = 0 if not self._settlements else self._urgent
+                if not self.up:
+                    self._fail(admissions, settlements, None)
+                    continue
+                keys: list[str] = []
+                args: list[Any] = [len(settlements), len(admissions), self.lease_ms]
+                for job in settlements:
+                    keys += job.keys
+                    args += [len(job.keys), *job.args]
+                for adm in admissions:
+                    keys += adm.keys
+                    args += adm.args
+                try:
+                    replies = await self._batch(keys=keys, args=args)
+                except _DOWN as exc:
+                    # The script may have run before the answer was lost: its charges stand (stricter,
+                    # never looser) and its leases expire on their own.
+                    self._went_down(exc)
+                    self._fail(admissions, settlements, exc)
+                except RedisError as exc:   # a script or server error: refuse rather than admit unmetered
+                    log.error("limits: a batch of %d admissions and %d settlements failed in Redis: %s",
+                              len(admissions), len(settlements), exc)
+                    self._fail(admissions, settlements, StoreUnavailable(f"limiter_unavailable: {exc}"))
+                else:
+                    for adm, reply in zip(admissions, replies, strict=True):
+                        if not adm.answer.done():
+                            adm.answer.set_result(reply)
+        finally:
+            self._sender = None
+        if self._settlements and self._settle_due is None and not self._stopping.is_set():
+            self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+
+    def _fail(self, admissions: list[_Admission], settlements: list[_Unsettled],
+              error: BaseException | None) -> None:
+        """Answers a batch that could not run: its admissions fall back (or fail), its settlements wait."""
+        for adm in admissions:
+            if not adm.answer.done():
+                adm.answer.set_exception(error if isinstance(error, StoreUnavailable) else RedisConnectionError("down"))
+        for job in settlements:
             self._keep(job)
 
     def _keep(self, job: _Unsettled) -> None:
@@ -199,14 +284,15 @@ class RedisLimiter(Limiter):
             del self._unsettled[0]
 
     async def _flush_unsettled(self) -> None:
+        """Redis is back: what was kept goes out, in batches."""
         pending, self._unsettled = self._unsettled, []
-        for i, job in enumerate(pending):
-            try:
-                await self._settle(keys=list(job.keys), args=list(job.args))
-            except _DOWN as exc:
-                self._unsettled = pending[i:] + self._unsettled
-                self._went_down(exc)
-                return
+        for job in pending:
+            job.urgent = True
+        self._settlements[:0] = pending
+        self._urgent += len(pending)
+        self._kick()
+        if self._sender is not None:
+            await asyncio.shield(self._sender)
 
     # ------------------------------------------------------------------ backend health and leases
 
