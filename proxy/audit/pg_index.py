@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 BATCH = 500
 MAX_PENDING = 200_000          # records held in memory while PostgreSQL is away; more are re-read from JSONL
 HEARTBEAT_S = 1.0              # how often an idle indexer reports its (empty) queue
+REPORT_S = 0.5                 # under load, the queue is reported at most this often, or when it empties
+STEP_S = 0.05                  # batches start at most this often: under load one INSERT carries many records
 RETRY_S = (0.2, 5.0)
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.
@@ -105,6 +107,7 @@ class SharedAuditIndex:
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
         self.last_indexed_at: float | None = None
+        self._reported: tuple[float, int] = (0.0, -1)   # when the queue was last reported, and its length then
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-shared-index")
@@ -145,12 +148,16 @@ class SharedAuditIndex:
 
     async def _run(self) -> None:
         attempt = 0
+        stepped = 0.0
         while True:
             try:
                 async with asyncio.timeout(HEARTBEAT_S):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            if (wait := stepped + STEP_S - time.monotonic()) > 0:
+                await asyncio.sleep(wait)   # let a burst's records gather into one INSERT
+            stepped = time.monotonic()
             self._wake.clear()
             try:
                 await self._step()
@@ -192,9 +199,14 @@ class SharedAuditIndex:
                 self._pending.popleft()
             self._indexed += len(batch)
             self.last_indexed_at = time.time()
+        # Reported when it changed from what others last read, or at least every REPORT_S, not per batch.
+        now, waiting = time.monotonic(), len(self._pending)
+        if waiting == self._reported[1] and now - self._reported[0] < REPORT_S:
+            return
         oldest = row(self._pending[0])[0] if self._pending else None
         async with self.pool.acquire() as conn:
-            await conn.execute(_HEARTBEAT, self.replica, len(self._pending), oldest, self.last_indexed_at, time.time())
+            await conn.execute(_HEARTBEAT, self.replica, waiting, oldest, self.last_indexed_at, time.time())
+        self._reported = (now, waiting)
 
     async def _insert(self, batch: list[dict[str, Any]]) -> None:
         cols = columns(batch)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -32,13 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
 from .redis_scripts import BATCH, RENEW
+from .redis_slots import SlotBook, SlotPool
 
 log = logging.getLogger("seekgate.limits")
 
@@ -48,6 +51,9 @@ BACKEND_DOWN_MODES = ("closed", "local")
 MAX_UNSETTLED = 100_000
 MAX_BATCH = 256            # operations per script call (its ARGV stays far below Lua's unpack limit)
 SETTLE_DELAY_S = 0.05      # the longest a settlement that only lowers a charge waits for a ride
+SLOT_LIFE_S = 1.0          # how long reserved admissions may be handed out (redis_slots.py)
+SLOT_MARGIN_S = 0.05       # handed out no later than this before Redis's idea of their end
+MAX_SLOTS = 64             # reserved with one admission at most
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
@@ -64,14 +70,15 @@ class RedisGrant(Grant):
 @dataclass(eq=False)
 class _Unsettled:
     keys: tuple[str, ...]
-    args: tuple[Any, ...]     # grant id, token delta, day, month
+    args: tuple[Any, ...]     # grant id, token delta, day, month, cancel (1: a slot never used)
     urgent: bool = True       # frees a lease or raises a charge: not held back for a ride
 
 
 @dataclass(eq=False)
 class _Admission:
     keys: tuple[str, ...]
-    args: list[Any]           # grant id, tokens, day, month, ms to day end, ms to month end, limits...
+    args: list[Any]           # scope count, grant id, tokens, day, month, ms to day end, ms to month end,
+                              # slots wanted, limits...
     answer: asyncio.Future[list[Any]]
 
 
@@ -101,7 +108,11 @@ class RedisLimiter(Limiter):
             url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, decode_responses=True)
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._batch = self._redis.register_script(BATCH)
+        # The batches go over a connection of their own, written to directly: redis-py's command
+        # path (pool checkout, response callbacks) costs as much as the round trip itself.
+        self._batch_conn: AbstractConnection = pool.make_connection()
+        self._batch_sha = hashlib.sha1(BATCH.encode()).hexdigest()
+        self.round_trips = 0   # batches sent (tests and debugging: a burst shares them)
         self._renew = self._redis.register_script(RENEW)
         self._instance = secrets.token_hex(6)   # grant ids unique across replicas and restarts
         self._next = 0
@@ -113,6 +124,7 @@ class RedisLimiter(Limiter):
         self._sender: asyncio.Task[None] | None = None   # the batch in flight, if any
         self._unsettled: list[_Unsettled] = []     # kept while Redis is down
         self._local = LocalLimiter(clock=clock)
+        self._slots = SlotBook(SLOT_LIFE_S, MAX_SLOTS)
         self.up = True
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -132,6 +144,8 @@ class RedisLimiter(Limiter):
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
+        for pool in self._slots.drain():
+            self._cancel_slots(pool)
         if self.up and self._settlements:
             self._urgent += 1   # the last settlements go now
             self._kick()
@@ -141,6 +155,7 @@ class RedisLimiter(Limiter):
             await self._flush_unsettled()
         if self._settle_due is not None:
             self._settle_due.cancel()
+        await self._batch_conn.disconnect()
         await self._redis.aclose()
 
     # ------------------------------------------------------------------ admission
@@ -149,18 +164,27 @@ class RedisLimiter(Limiter):
         bound = [s for s in scopes if not s.limits.unlimited()]
         if not bound:
             return Grant((), tokens)   # nothing to count: no round trip
-        if not self.up:
-            return self._fallback(bound, tokens)
         now = self.clock()
         day, month, to_day, to_month = _windows(now)
+        keys = tuple(self._key(s.key_id) for s in bound)
+        limits = [(s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens)
+                  for s in bound]
+        key_ids = tuple(s.key_id for s in bound)
+        lease_keys = tuple(k for k, s in zip(keys, bound, strict=True) if s.limits.concurrency)
+        # Concurrency is a lease per running request: no slots for a shape that holds one.
+        shape = None if lease_keys else (keys, tuple(limits), tokens, day, month)
+        if shape is not None and (slot := self._slots.take(shape)) is not None:
+            gid, pool = slot   # counted in Redis already, Redis up or not
+            return RedisGrant(key_ids, tokens, rpm_window=pool.next_window(), gid=gid, keys=keys, day=day, month=month)
+        if not self.up:
+            return self._fallback(bound, tokens)
         self._next += 1
         gid = f"{self._instance}:{self._next}"
-        keys = tuple(self._key(s.key_id) for s in bound)
-        args: list[Any] = [len(bound), gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000)]
-        for s in bound:
-            lim = s.limits
-            args += [lim.rpm, lim.tpm, lim.concurrency, lim.daily_tokens, lim.monthly_tokens]
-        lease_keys = tuple(k for k, s in zip(keys, bound, strict=True) if s.limits.concurrency)
+        wanted = self._slots.reserve(shape) if shape is not None else 0
+        asked_at = self._slots.clock()
+        args: list[Any] = [len(bound), gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000), wanted]
+        for five in limits:
+            args += five
         admission = _Admission(keys, args, asyncio.get_running_loop().create_future())
         self._admissions.append(admission)
         self._kick()
@@ -172,19 +196,34 @@ class RedisLimiter(Limiter):
             if admission in self._admissions:   # never sent: nothing was charged
                 self._admissions.remove(admission)
             else:   # its batch was out: undo what it may have taken (the request never ran)
-                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month), urgent=bool(lease_keys)))
+                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0), urgent=bool(lease_keys)))
             raise
+        finally:
+            if wanted:
+                self._slots.reserved(shape)
         if int(answer[0]) == 0:
             _, index, kind, limit, remaining, reset_ms, retry_ms = answer
             raise OverLimit(str(kind), bound[int(index) - 1], int(limit), int(remaining),
                             int(reset_ms) / 1000.0, int(retry_ms) / 1000.0)
-        _, _, w_limit, w_left, w_reset = (int(v) for v in answer)
-        grant = RedisGrant(tuple(s.key_id for s in bound), tokens,
-                           rpm_window=(w_limit, w_left, w_reset / 1000.0) if w_limit else None,
+        _, _, w_limit, w_left, w_reset, slots = (int(v) for v in answer)
+        window = (w_limit, w_left, w_reset / 1000.0) if w_limit else None
+        if slots and shape is not None:
+            pool = SlotPool(keys, tokens, day, month, [f"{gid}#{i}" for i in range(slots, 0, -1)],
+                            expires=asked_at + SLOT_LIFE_S - SLOT_MARGIN_S, window=window)
+            if (replaced := self._slots.add(shape, pool)) is not None:
+                self._cancel_slots(replaced)
+        grant = RedisGrant(key_ids, tokens, rpm_window=window,
                            gid=gid, keys=keys, lease_keys=lease_keys, day=day, month=month)
         if lease_keys:
             self._held.leases[gid] = lease_keys
         return grant
+
+    def _cancel_slots(self, pool: SlotPool) -> None:
+        """Gives back reserved admissions never handed out (stricter while they wait for a ride)."""
+        for gid in pool.gids:
+            self._enqueue_settlement(_Unsettled(pool.keys, (gid, -pool.tokens, pool.day, pool.month, 1),
+                                                urgent=False))
+        pool.gids = []
 
     def _fallback(self, bound: Sequence[Scope], tokens: int) -> Grant:
         if self.mode == "closed":
@@ -203,7 +242,9 @@ class RedisLimiter(Limiter):
             return
         held = self._held.leases.pop(grant.gid, None) is not None
         delta = tokens - grant.tokens
-        job = _Unsettled(grant.keys, (grant.gid, delta, grant.day, grant.month), urgent=held or delta > 0)
+        if not held and delta == 0:
+            return   # the charge stands as made: nothing to write
+        job = _Unsettled(grant.keys, (grant.gid, delta, grant.day, grant.month, 0), urgent=held or delta > 0)
         if not self.up:
             self._keep(job)
             return
@@ -242,7 +283,7 @@ class RedisLimiter(Limiter):
                     self._fail(admissions, settlements, None)
                     continue
                 keys: list[str] = []
-                args: list[Any] = [len(settlements), len(admissions), self.lease_ms]
+                args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000)]
                 for job in settlements:
                     keys += job.keys
                     args += [len(job.keys), *job.args]
@@ -250,7 +291,7 @@ class RedisLimiter(Limiter):
                     keys += adm.keys
                     args += adm.args
                 try:
-                    replies = await self._batch(keys=keys, args=args)
+                    replies = await self._run_batch(keys, args)
                 except _DOWN as exc:
                     # The script may have run before the answer was lost: its charges stand (stricter,
                     # never looser) and its leases expire on their own.
@@ -268,6 +309,23 @@ class RedisLimiter(Limiter):
             self._sender = None
         if self._settlements and self._settle_due is None and not self._stopping.is_set():
             self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+
+    async def _run_batch(self, keys: list[str], args: list[Any]) -> list[Any]:
+        conn = self._batch_conn
+        self.round_trips += 1
+        try:
+            try:
+                await conn.send_packed_command(conn.pack_command("EVALSHA", self._batch_sha, len(keys), *keys, *args),
+                                               check_health=False)
+                return list(await conn.read_response())
+            except NoScriptError:   # a restarted Redis forgot it: EVAL sends the text and caches it again
+                await conn.send_packed_command(conn.pack_command("EVAL", BATCH, len(keys), *keys, *args),
+                                               check_health=False)
+                return list(await conn.read_response())
+        except BaseException:
+            # Whatever was cut off mid-reply (a timeout, a cancel) must not be read as the next answer.
+            await conn.disconnect()
+            raise
 
     def _fail(self, admissions: list[_Admission], settlements: list[_Unsettled],
               error: BaseException | None) -> None:
@@ -317,6 +375,8 @@ class RedisLimiter(Limiter):
                 await asyncio.wait_for(self._stopping.wait(), self._probe_interval_s)
             if self._stopping.is_set():
                 return
+            for pool in self._slots.expired():
+                self._cancel_slots(pool)
             try:
                 if not self.up:
                     await self._redis.ping()

@@ -17,31 +17,51 @@ from __future__ import annotations
 # strict: the script takes them one after another, each seeing the charges of those before it).
 #
 # KEYS: the base keys (<p>) of every operation's scopes, operation after operation.
-# ARGV[1..3]: number of settlements S, number of admissions A, lease ms; then S settlements of
-#   5 fields: scope count, grant id, token delta, day, month
-# (freeing the lease and correcting the charge; a charge that left the window, or a budget whose
-# calendar window has passed (its key expired), is no longer corrected); then A admissions of
-#   7 fields: scope count, grant id, tokens, day, month, ms to day end, ms to month end
-#   and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
+# ARGV[1..4]: number of settlements S, number of admissions A, lease ms, slot life ms; then
+# S settlements of 6 fields: scope count, grant id, token delta, day, month, cancel (0/1)
+#   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
+#   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
+#   used: its entries leave the rpm and tpm logs too);
+# then A admissions of 8 fields: scope count, grant id, tokens, day, month, ms to day end,
+#   ms to month end, slots wanted; and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
 # Settlements run first: a replica's finished request frees its slot before its next one asks.
-# Returns one reply per admission, in order: {1, now_ms, rpm_limit, remaining, reset_ms}
+#
+# Slots: an admission may also ask for up to N more admissions of the same shape, which the
+# replica then hands out itself without a round trip (redis_limiter.py). Each is charged like a
+# request (ids <grant id>#1..N) but logged at now + slot life: a slot used at any moment of its
+# life therefore stays in every window at least as long as a request admitted then would, so
+# the limits hold exactly. Slots are only granted while they leave at least half of every limit
+# free, so reserving them never refuses another replica's request that a per-request check
+# would have admitted; the replica cancels the ones it did not use when their life ends.
+#
+# Returns one reply per admission, in order: {1, now_ms, rpm_limit, remaining, reset_ms, slots}
 # (rpm_limit 0: no rpm scope), or {0, scope index (1-based), kind, limit, remaining, reset_ms,
 # retry_ms} having charged nothing.
 BATCH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - 60000
-local lease = tonumber(ARGV[3])
-local a, k = 4, 1   -- next ARGV field, next KEYS entry
+local lease, slot_life = tonumber(ARGV[3]), tonumber(ARGV[4])
+local a, k = 5, 1   -- next ARGV field, next KEYS entry
 
-local function settle(first, n, gid, delta, day, month)
+local function settle(first, n, gid, delta, day, month, cancel)
   for i = first, first + n - 1 do
     local p = KEYS[i]
     redis.call('ZREM', p .. ':c', gid)
-    if delta ~= 0 then
-      if redis.call('HEXISTS', p .. ':tc', gid) == 1 then
-        redis.call('HINCRBY', p .. ':tc', gid, delta)
-        redis.call('HINCRBY', p .. ':tc', '_sum', delta)
+    if cancel then
+      redis.call('ZREM', p .. ':r', gid)
+      redis.call('ZREM', p .. ':t', gid)
+    end
+    if delta ~= 0 or cancel then
+      local charged = redis.call('HGET', p .. ':tc', gid)
+      if charged then
+        if cancel then
+          redis.call('HINCRBY', p .. ':tc', '_sum', -tonumber(charged))
+          redis.call('HDEL', p .. ':tc', gid)
+        else
+          redis.call('HINCRBY', p .. ':tc', gid, delta)
+          redis.call('HINCRBY', p .. ':tc', '_sum', delta)
+        end
       end
       if redis.call('EXISTS', p .. ':d:' .. day) == 1 then redis.call('INCRBY', p .. ':d:' .. day, delta) end
       if redis.call('EXISTS', p .. ':m:' .. month) == 1 then redis.call('INCRBY', p .. ':m:' .. month, delta) end
@@ -50,8 +70,7 @@ local function settle(first, n, gid, delta, day, month)
 end
 
 -- lims(i, f): scope i's limit f (1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly)
-local function acquire(first, n, gid, tokens, day, month, to_day, to_month, lims)
-  -- expire first, check every scope, then charge: a refusal charges nothing
+local function expire(first, n, lims)
   for i = 1, n do
     local p = KEYS[first + i - 1]
     if lims(i, 1) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':r', '-inf', cutoff) end
@@ -68,25 +87,26 @@ local function acquire(first, n, gid, tokens, day, month, to_day, to_month, lims
     end
     if lims(i, 3) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':c', '-inf', now) end
   end
-  local counts = {}
+end
+
+-- nil when one more request fits every scope; else the refusal. `share` of each limit is what
+-- may be used: 1 for a request, 1/2 for a slot.
+local function refusal(first, n, tokens, day, month, to_day, to_month, lims, share)
   for i = 1, n do
     local p = KEYS[first + i - 1]
     local rpm, tpm, conc, daily, monthly = lims(i, 1), lims(i, 2), lims(i, 3), lims(i, 4), lims(i, 5)
-    if conc > 0 and redis.call('ZCARD', p .. ':c') >= conc then
+    if conc > 0 and redis.call('ZCARD', p .. ':c') >= conc * share then
       return {0, i, 'concurrency', conc, 0, 1000, 1000}
     end
-    if rpm > 0 then
-      counts[i] = redis.call('ZCARD', p .. ':r')
-      if counts[i] >= rpm then
-        local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
-        local wait = oldest + 60000 - now
-        return {0, i, 'rpm', rpm, 0, wait, wait}
-      end
+    if rpm > 0 and redis.call('ZCARD', p .. ':r') >= rpm * share then
+      local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
+      local wait = oldest + 60000 - now
+      return {0, i, 'rpm', rpm, 0, wait, wait}
     end
     if tokens > 0 then
       if tpm > 0 then
         local used = tonumber(redis.call('HGET', p .. ':tc', '_sum') or '0')
-        if used + tokens > tpm then
+        if used + tokens > tpm * share then
           local wait = 60000
           if tokens <= tpm then   -- else it can never fit: a full window
             local log = redis.call('ZRANGE', p .. ':t', 0, -1, 'WITHSCORES')
@@ -101,36 +121,33 @@ local function acquire(first, n, gid, tokens, day, month, to_day, to_month, lims
       end
       if daily > 0 then
         local used = tonumber(redis.call('GET', p .. ':d:' .. day) or '0')
-        if used + tokens > daily then return {0, i, 'daily_tokens', daily, daily - used, to_day, to_day} end
+        if used + tokens > daily * share then return {0, i, 'daily_tokens', daily, daily - used, to_day, to_day} end
       end
       if monthly > 0 then
         local used = tonumber(redis.call('GET', p .. ':m:' .. month) or '0')
-        if used + tokens > monthly then
+        if used + tokens > monthly * share then
           return {0, i, 'monthly_tokens', monthly, monthly - used, to_month, to_month}
         end
       end
     end
   end
-  local w_limit, w_left, w_reset = 0, 0, 0
+  return nil
+end
+
+local function charge(first, n, gid, tokens, day, month, to_day, to_month, lims, stamp)
   for i = 1, n do
     local p = KEYS[first + i - 1]
     local rpm, tpm, conc = lims(i, 1), lims(i, 2), lims(i, 3)
     if rpm > 0 then
-      redis.call('ZADD', p .. ':r', now, gid)
-      redis.call('PEXPIRE', p .. ':r', 61000)
-      local count = counts[i] + 1
-      local reset = 60000   -- the window's oldest entry is this one
-      if count > 1 then reset = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2]) + 60000 - now end
-      if w_limit == 0 or rpm - count < w_left then
-        w_limit, w_left, w_reset = rpm, rpm - count, reset
-      end
+      redis.call('ZADD', p .. ':r', stamp, gid)
+      redis.call('PEXPIRE', p .. ':r', 61000 + slot_life)
     end
     if tpm > 0 then
-      redis.call('ZADD', p .. ':t', now, gid)
+      redis.call('ZADD', p .. ':t', stamp, gid)
       redis.call('HSET', p .. ':tc', gid, tokens)
       redis.call('HINCRBY', p .. ':tc', '_sum', tokens)
-      redis.call('PEXPIRE', p .. ':t', 61000 + lease)
-      redis.call('PEXPIRE', p .. ':tc', 61000 + lease)
+      redis.call('PEXPIRE', p .. ':t', 61000 + lease + slot_life)
+      redis.call('PEXPIRE', p .. ':tc', 61000 + lease + slot_life)
     end
     if conc > 0 then
       redis.call('ZADD', p .. ':c', now + lease, gid)
@@ -146,21 +163,51 @@ local function acquire(first, n, gid, tokens, day, month, to_day, to_month, lims
       end
     end
   end
-  return {1, now, w_limit, w_left, w_reset}
+end
+
+-- The tightest rpm window now, for X-RateLimit-*: limit, remaining, ms to reset (0s: no rpm scope).
+local function window(first, n, lims)
+  local w_limit, w_left, w_reset = 0, 0, 0
+  for i = 1, n do
+    local rpm = lims(i, 1)
+    if rpm > 0 then
+      local p = KEYS[first + i - 1]
+      local left = rpm - redis.call('ZCARD', p .. ':r')
+      if w_limit == 0 or left < w_left then
+        local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
+        w_limit, w_left, w_reset = rpm, left, math.max(0, oldest + 60000 - now)
+      end
+    end
+  end
+  return w_limit, w_left, w_reset
+end
+
+local function acquire(first, n, gid, tokens, day, month, to_day, to_month, wanted, lims)
+  expire(first, n, lims)
+  local no = refusal(first, n, tokens, day, month, to_day, to_month, lims, 1)
+  if no then return no end   -- a refusal charges nothing
+  charge(first, n, gid, tokens, day, month, to_day, to_month, lims, now)
+  local w_limit, w_left, w_reset = window(first, n, lims)
+  local slots = 0
+  while slots < wanted and not refusal(first, n, tokens, day, month, to_day, to_month, lims, 0.5) do
+    slots = slots + 1
+    charge(first, n, gid .. '#' .. slots, tokens, day, month, to_day, to_month, lims, now + slot_life)
+  end
+  return {1, now, w_limit, w_left, w_reset, slots}
 end
 
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  settle(k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4])
-  a, k = a + 5, k + n
+  settle(k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
+  a, k = a + 6, k + n
 end
 local replies = {}
 for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
-  local base = a + 7
+  local base = a + 8
   local function lims(i, f) return tonumber(ARGV[base + (i - 1) * 5 + f - 1]) end
   replies[#replies + 1] = acquire(k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4],
-                                  tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), lims)
+                                  tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), lims)
   a, k = base + 5 * n, k + n
 end
 return replies

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import redis.asyncio
 
 from proxy.errors import StoreUnavailable
 from proxy.quotas import Limits
 from proxy.state.limits import OverLimit, Scope
-from proxy.state.redis_limiter import RedisLimiter
+from proxy.state.redis_limiter import RedisGrant, RedisLimiter
 from tests.backends import PrivateRedis
 from tests.state.redis_worker import BURST
 
@@ -130,6 +131,59 @@ def test_three_processes_never_admit_more_than_the_limits(redis_server_url: str,
     # 120 attempts at each key; exactly the limit gets through, spread over the three processes.
     assert total == {"rpm": 60, "tpm": 1000 // 30, "conc": 5, "daily": 500 // 7}
     assert all(r["rpm"] < 60 for r in results), results   # really shared: no process had it alone
+
+
+def test_three_busy_processes_served_from_reserved_slots_still_admit_exactly_the_limits(
+        redis_server_url: str, redis_prefix: str) -> None:
+    """Sequential traffic makes each key busy on each process: most admissions come from slots
+    reserved ahead (no round trip), and the three together still get exactly the limits."""
+    start_at = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.state.redis_worker", "steady", redis_server_url,
+                               redis_prefix, str(start_at), "150"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    total = {name: sum(r[name] for r in results) for name in ("rpm", "tpm", "daily")}
+    assert total == {"rpm": 60, "tpm": 1000 // 30, "daily": 500 // 7}, results
+    # Slots go up to half of each limit; the rest of the way each admission is a round trip.
+    assert sum(r["from_slots"] for r in results) >= 30, results
+
+
+async def test_slots_never_used_are_given_back(limiter: RedisLimiter, redis_server_url: str,
+                                               redis_prefix: str) -> None:
+    s = [scope("busy", rpm=1000, tpm=100_000)]
+    for _ in range(12):
+        limiter.settle(await limiter.acquire(s, 5), 5)
+    assert limiter.round_trips < 12   # the key got busy: later admissions came from slots
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        reserved = await client.zcard(f"{redis_prefix}busy:r")
+        assert reserved > 12   # slots counted in Redis before they were handed out
+        deadline = time.monotonic() + 5
+        while await client.zcard(f"{redis_prefix}busy:r") != 12:   # the unused ones cancelled after their life
+            assert time.monotonic() < deadline, "unused slots were not given back"
+            await asyncio.sleep(0.1)
+        assert int(await client.hget(f"{redis_prefix}busy:tc", "_sum")) == 12 * 5
+        assert int(await client.zcard(f"{redis_prefix}busy:t")) == 12
+    finally:
+        await client.aclose()
+
+
+async def test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted_when_it_was_used(
+        limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
+    s = [scope("late", rpm=1000)]
+    for _ in range(2):
+        await limiter.acquire(s, 0)   # busy: the second of these reserved slots
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        await asyncio.sleep(0.5)
+        seconds, micros = await client.time()
+        used_at_ms = seconds * 1000 + micros // 1000
+        grant = await limiter.acquire(s, 0)
+        assert isinstance(grant, RedisGrant) and "#" in grant.gid   # handed out from a slot
+        score = await client.zscore(f"{redis_prefix}late:r", grant.gid)
+        assert score is not None and score >= used_at_ms   # it leaves the window no earlier than 60 s after use
+    finally:
+        await client.aclose()
 
 
 async def test_a_killed_replica_frees_its_slot_when_its_lease_expires(redis_server_url: str,
