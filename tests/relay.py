@@ -2,7 +2,8 @@
 
 Tests use it to prove a refused request never reached Triton: the bytes of that
 request must not appear in what the relay saw. It also lets a test cut Triton off, hold
-Triton's answers back mid-stream, and see when seekgate closed a given upstream connection.
+Triton's answers back mid-stream, hold one request of seekgate's (by a tag in its bytes) so it
+stays in flight, and see when seekgate closed a given upstream connection.
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ class _UnitEnds:
         return ends
 
 
+class RequestHold:
+    """One request of seekgate's kept from Triton (`TcpRelay.hold_requests`): `held` is set once it
+    arrived; it goes on to Triton at `release()`, or by itself `limit_s` after it arrived, so a test
+    that fails before releasing it never leaves a request hanging."""
+
+    def __init__(self, relay: TcpRelay, tag: bytes, limit_s: float) -> None:
+        self.tag, self.limit_s = tag, limit_s
+        self.held = threading.Event()
+        self._relay = relay
+        self._released = asyncio.Event()   # waited on and set in the relay's loop only
+
+    def release(self) -> None:
+        try:
+            self._relay._loop.call_soon_threadsafe(self._released.set)
+        except RuntimeError:   # the relay has stopped: nothing waits any more
+            pass
+
+    async def wait(self) -> None:
+        """In the relay's loop: until released, or limit_s."""
+        self.held.set()
+        try:
+            await asyncio.wait_for(self._released.wait(), self.limit_s)
+        except TimeoutError:
+            pass
+
+
 @dataclass
 class RelayedConnection:
     """One connection from seekgate to Triton: what seekgate sent on it, and whether seekgate closed it."""
@@ -85,6 +112,7 @@ class TcpRelay:
         self._flowing.set()
         self._hold_marker: bytes | None = None
         self.holding = threading.Event()   # set while hold_after's hold is in force
+        self._request_holds: dict[bytes, RequestHold] = {}   # tag -> its hold, until a request carries it
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -106,6 +134,7 @@ class TcpRelay:
         """Copies one direction; `conn` for seekgate's side (recorded), None for Triton's answers."""
         units = _UnitEnds() if conn is None else None
         cut_at_next_end = False   # the marker was seen, but its unit goes on in the next read
+        tail = b""                # seekgate's side: the end of the previous read, for a tag split across two
         try:
             while data := await reader.read(65536):
                 if conn is not None:
@@ -113,6 +142,12 @@ class TcpRelay:
                         self._seen += data
                         conn.seen += data
                         self._grew.notify_all()
+                        hold = next((h for t, h in self._request_holds.items() if t in tail + data), None)
+                        if hold is not None:
+                            del self._request_holds[hold.tag]
+                    tail = data[-256:]
+                    if hold is not None:   # kept from Triton (this connection only) until released
+                        await hold.wait()
                     writer.write(data)
                     await writer.drain()
                     continue
@@ -182,6 +217,15 @@ class TcpRelay:
         when Triton's next events arrived in the same read: on a busy machine they often do.
         """
         self._loop.call_soon_threadsafe(setattr, self, "_hold_marker", marker)
+
+    def hold_requests(self, tag: bytes, limit_s: float = 60.0) -> RequestHold:
+        """The next request seekgate sends carrying `tag` (up to 256 bytes) waits here, not forwarded to Triton,
+        until the hold's `release()` or `limit_s` after it arrived: seekgate sees a slow Triton on that one
+        connection, and everything else flows. Tags should be unique per request."""
+        hold = RequestHold(self, tag, limit_s)
+        with self._lock:
+            self._request_holds[tag] = hold
+        return hold
 
     def let_flow(self) -> None:
         self._loop.call_soon_threadsafe(self._flowing.set)

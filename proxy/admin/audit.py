@@ -111,7 +111,8 @@ async def handle_usage(request: web.Request) -> web.Response:
             raise Reply(400, "period must be day or month")
         days = _count("days", request.query.get("days"), 31 if period == "day" else 366, 3660)
         state = request.app[STATE]
-        rows = await usage(state.data_dir, group, period, time.time() - days * 86400)
+        # Every replica's served requests where they share a store; this node's own otherwise.
+        rows = await usage(state.data_dir, group, period, time.time() - days * 86400, pool_of(state.store))
         budgets: dict[str, dict[str, int]] = {}
         if group == "key":
             field = "daily_tokens" if period == "day" else "monthly_tokens"
@@ -128,6 +129,6 @@ async def handle_overview(request: web.Request) -> web.Response:
     """GET /admin/v1/overview: the console's first page, from seekgate's own audit index and health watch."""
     note(request, "overview")
     state = request.app[STATE]
-    doc = await overview(state.data_dir)
+    doc = await overview(state.data_dir, pool=pool_of(state.store))
     doc["triton_up"] = getattr(state.metrics, "upstream_seen_up", None)   # None: not probed yet
     return web.json_response(doc)

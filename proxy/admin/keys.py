@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..audit.pg_index import pool_of
 from ..audit.search import minted_sessions
 from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, is_key_id, issue_key, parse_duration, public_view
 from ..keys.lifecycle import LifecycleError, compromise_key, key_and_children, records_of, rotate_key, subtree_records
@@ -146,7 +147,7 @@ async def _live_sessions(request: web.Request, key_id: str) -> web.Response:
     ttl = state.sessions.ttl_s
     rows = await open_secret_rows(state.store)
     live = []
-    for s in await minted_sessions(state.data_dir, key_id, now - ttl):
+    for s in await minted_sessions(state.data_dir, key_id, now - ttl, pool_of(state.store)):
         if not await rows.session_revoked(s["jti"]):
             live.append({**s, "expires_at": s["minted_at"] + ttl})
     return web.json_response({"key_id": key_id, "sessions": live})

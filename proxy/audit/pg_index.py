@@ -290,3 +290,52 @@ async def lag(pool: Any, now: float) -> list[dict[str, Any]]:
              "last_report_age_s": round(now - r["heartbeat"], 3),
              # Silent for longer than a few heartbeats: down or cut off; its records are in its JSONL file.
              "reporting": now - r["heartbeat"] <= 5 * HEARTBEAT_S} for r in rows]
+
+
+# The console's aggregates (search.usage, search.overview, search.minted_sessions) over every replica's
+# records: the same answers as the SQLite queries of one node, in PostgreSQL's dialect.
+_PERIOD_FORMATS = {"%Y-%m-%d": "YYYY-MM-DD", "%Y-%m": "YYYY-MM"}
+
+
+async def usage(pool: Any, column: str, fmt: str, since: float) -> list[tuple[Any, str, int, int, int]]:
+    """(group value, period, requests, input tokens, output tokens) of served requests since `since`.
+
+    `column` is one of search.GROUPS' columns and `fmt` one of search.PERIODS' formats (never user text).
+    """
+    period = f"to_char(to_timestamp(ts) AT TIME ZONE 'UTC', '{_PERIOD_FORMATS[fmt]}')"
+    sql = (f"SELECT {column}, {period} AS p, count(*), coalesce(sum(input_tokens), 0),"
+           f" coalesce(sum(output_tokens), 0) FROM audit_events"
+           f" WHERE ts >= $1 AND status = 'allowed' AND {column} IS NOT NULL"
+           f' GROUP BY {column}, p ORDER BY p, {column} COLLATE "C"')
+    async with pool.acquire() as conn:
+        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in await conn.fetch(sql, since)]
+
+
+async def overview(pool: Any, start_min: int, start_day: int, today: int, top: int
+                   ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], dict[str, list[tuple[Any, int, int]]]]:
+    """Requests and refusals per minute since `start_min`, tokens per day since `start_day`, and the
+    `top` keys and models by requests since `today` (epoch seconds, each a whole minute or day)."""
+    tops: dict[str, list[tuple[Any, int, int]]] = {}
+    async with pool.acquire() as conn:
+        minutes = await conn.fetch("SELECT floor(ts / 60)::bigint * 60, count(*),"
+                                   " count(*) FILTER (WHERE status <> 'allowed') FROM audit_events"
+                                   " WHERE ts >= $1 GROUP BY 1", start_min)
+        days = await conn.fetch("SELECT floor(ts / 86400)::bigint * 86400,"
+                                " coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0)"
+                                " FROM audit_events WHERE ts >= $1 GROUP BY 1", start_day)
+        for column in ("key_id", "model"):
+            rows = await conn.fetch(f"SELECT {column}, count(*), coalesce(sum(input_tokens), 0)"
+                                    f" + coalesce(sum(output_tokens), 0) FROM audit_events WHERE ts >= $1"
+                                    f" AND {column} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2", today, top)
+            tops[column] = [(r[0], int(r[1]), int(r[2])) for r in rows]
+    return ([(int(m), int(c), int(e)) for m, c, e in minutes], [(int(d), int(t)) for d, t in days], tops)
+
+
+async def minted_sessions(pool: Any, key_id: str, since: float, actions: tuple[str, ...]) -> list[dict[str, Any]]:
+    """search.minted_sessions over every replica's records: the sessions `key_id` minted since `since`."""
+    sql = ("SELECT ts, admin->>'target', admin->>'action' FROM audit_events"
+           " WHERE key_id = $1 AND ts >= $2 AND status = 'allowed' AND admin->>'action' = ANY($3::text[])"
+           " ORDER BY ts DESC, event_id DESC LIMIT 1000")
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(sql, key_id, since, list(actions))
+    return [{"jti": jti, "minted_at": ts, "via": via} for ts, jti, via in rows if isinstance(jti, str)]

@@ -1,4 +1,9 @@
-"""Reads over the audit index for the admin API and the console: filtered search, one record, usage, overview."""
+"""Reads over the audit index for the admin API and the console: filtered search, one record, usage, overview.
+
+Each takes `pool`: given (store.url on PostgreSQL, pg_index.pool_of), it reads the index every
+replica writes, so a console on any replica counts every replica's requests; None (one node),
+this data dir's SQLite index.
+"""
 
 from __future__ import annotations
 
@@ -97,69 +102,94 @@ async def record(data_dir: Path, event_id: str, pool: Any | None = None) -> dict
     return None if found is None else _decoded(dict(zip(FIELDS, found, strict=True)))
 
 
-async def usage(data_dir: Path, group: str, period: str, since: float) -> list[dict[str, Any]]:
+async def usage(data_dir: Path, group: str, period: str, since: float, pool: Any | None = None
+                ) -> list[dict[str, Any]]:
     """Tokens and requests per (group value, day or month) of served requests since `since`, oldest first."""
     column, fmt = GROUPS[group], PERIODS[period]
-    async with _reader(data_dir) as opened:
-        if opened is None:
-            return []
-        db, _ = opened
-        sql = (f"SELECT {column}, strftime('{fmt}', ts, 'unixepoch') AS p, count(*),"
-               " coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0)"
-               f" FROM audit WHERE ts >= ? AND status = 'allowed' AND {column} IS NOT NULL"
-               f" GROUP BY {column}, p ORDER BY p, {column}")
-        async with db.execute(sql, (since,)) as cur:
-            return [{group: r[0], period: r[1], "requests": r[2], "input_tokens": r[3], "output_tokens": r[4],
-                     "tokens": r[3] + r[4]} for r in await cur.fetchall()]
+    if pool is not None:
+        found = await pg_index.usage(pool, column, fmt, since)
+    else:
+        async with _reader(data_dir) as opened:
+            if opened is None:
+                return []
+            db, _ = opened
+            sql = (f"SELECT {column}, strftime('{fmt}', ts, 'unixepoch') AS p, count(*),"
+                   " coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0)"
+                   f" FROM audit WHERE ts >= ? AND status = 'allowed' AND {column} IS NOT NULL"
+                   f" GROUP BY {column}, p ORDER BY p, {column}")
+            async with db.execute(sql, (since,)) as cur:
+                found = [tuple(r) for r in await cur.fetchall()]
+    return [{group: r[0], period: r[1], "requests": r[2], "input_tokens": r[3], "output_tokens": r[4],
+             "tokens": r[3] + r[4]} for r in found]
+
+
+_Tops = dict[str, list[tuple[Any, int, int]]]
 
 
 async def overview(data_dir: Path, now: float | None = None, minutes: int = 60, days: int = 14,
-                   top: int = 5) -> dict[str, Any]:
+                   top: int = 5, pool: Any | None = None) -> dict[str, Any]:
     """Requests and errors per minute (last `minutes`), tokens per day (last `days`), top keys and models today."""
     now = time.time() if now is None else now
     start_min = (int(now) // 60 - minutes + 1) * 60
     start_day = (int(now) // 86400 - days + 1) * 86400
+    today = int(now) // 86400 * 86400
     per_minute = {start_min + 60 * i: [0, 0] for i in range(minutes)}
     per_day = {start_day + 86400 * i: 0 for i in range(days)}
-    top_keys: list[dict[str, Any]] = []
-    top_models: list[dict[str, Any]] = []
-    async with _reader(data_dir) as opened:
-        if opened is not None:
-            db, _ = opened
-            async with db.execute("SELECT CAST(ts / 60 AS INTEGER) * 60, count(*),"
-                                  " sum(status != 'allowed') FROM audit WHERE ts >= ? GROUP BY 1",
-                                  (start_min,)) as cur:
-                for minute, count, errors in await cur.fetchall():
-                    if minute in per_minute:
-                        per_minute[minute] = [count, errors or 0]
-            async with db.execute("SELECT CAST(ts / 86400 AS INTEGER) * 86400,"
-                                  " coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0)"
-                                  " FROM audit WHERE ts >= ? GROUP BY 1", (start_day,)) as cur:
-                for day, tokens in await cur.fetchall():
-                    if day in per_day:
-                        per_day[day] = tokens
-            today = int(now) // 86400 * 86400
-            for column, out in (("key_id", top_keys), ("model", top_models)):
-                async with db.execute(f"SELECT {column}, count(*), coalesce(sum(input_tokens), 0)"
-                                      f" + coalesce(sum(output_tokens), 0) FROM audit WHERE ts >= ?"
-                                      f" AND {column} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
-                                      (today, top)) as cur:
-                    out += [{"name": r[0], "requests": r[1], "tokens": r[2]} for r in await cur.fetchall()]
+    read = pg_index.overview(pool, start_min, start_day, today, top) if pool is not None \
+        else _overview_sqlite(data_dir, start_min, start_day, today, top)
+    minute_rows, day_rows, tops = await read
+    for minute, count, errors in minute_rows:
+        if minute in per_minute:
+            per_minute[minute] = [count, errors]
+    for day, tokens in day_rows:
+        if day in per_day:
+            per_day[day] = tokens
     return {"per_minute": [{"t": t, "requests": c, "errors": e} for t, (c, e) in per_minute.items()],
             "tokens_per_day": [{"t": t, "tokens": n} for t, n in per_day.items()],
-            "top_keys": top_keys, "top_models": top_models}
+            "top_keys": [{"name": n, "requests": c, "tokens": t} for n, c, t in tops.get("key_id", [])],
+            "top_models": [{"name": n, "requests": c, "tokens": t} for n, c, t in tops.get("model", [])]}
+
+
+async def _overview_sqlite(data_dir: Path, start_min: int, start_day: int, today: int, top: int
+                           ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], _Tops]:
+    """pg_index.overview over this node's SQLite index."""
+    minutes: list[tuple[int, int, int]] = []
+    days: list[tuple[int, int]] = []
+    tops: _Tops = {}
+    async with _reader(data_dir) as opened:
+        if opened is None:
+            return minutes, days, tops
+        db, _ = opened
+        async with db.execute("SELECT CAST(ts / 60 AS INTEGER) * 60, count(*),"
+                              " sum(status != 'allowed') FROM audit WHERE ts >= ? GROUP BY 1",
+                              (start_min,)) as cur:
+            minutes = [(minute, count, errors or 0) for minute, count, errors in await cur.fetchall()]
+        async with db.execute("SELECT CAST(ts / 86400 AS INTEGER) * 86400,"
+                              " coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0)"
+                              " FROM audit WHERE ts >= ? GROUP BY 1", (start_day,)) as cur:
+            days = [(day, tokens) for day, tokens in await cur.fetchall()]
+        for column in ("key_id", "model"):
+            async with db.execute(f"SELECT {column}, count(*), coalesce(sum(input_tokens), 0)"
+                                  f" + coalesce(sum(output_tokens), 0) FROM audit WHERE ts >= ?"
+                                  f" AND {column} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT ?",
+                                  (today, top)) as cur:
+                tops[column] = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+    return minutes, days, tops
 
 
 # The admin actions that mint a session token (admin/sessions.py, the console's sign-in).
 MINT_ACTIONS = ("sessions.mint", "console.signin")
 
 
-async def minted_sessions(data_dir: Path, key_id: str, since: float) -> list[dict[str, Any]]:
+async def minted_sessions(data_dir: Path, key_id: str, since: float, pool: Any | None = None
+                          ) -> list[dict[str, Any]]:
     """The sessions `key_id` minted since `since` (epoch seconds), newest first: {jti, minted_at, via}.
 
     Session tokens are not stored anywhere but in their holders' hands; their mint records are
-    the only list of them there is.
+    the only list of them there is (every replica's, given `pool`).
     """
+    if pool is not None:
+        return await pg_index.minted_sessions(pool, key_id, since, MINT_ACTIONS)
     async with _reader(data_dir) as opened:
         if opened is None:
             return []

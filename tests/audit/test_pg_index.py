@@ -2,7 +2,8 @@
 
 Records carry optional JSON fields (the OpenAI API's `openai`, an admin call's `admin`) beside
 `parent_key_ids`; the shared table must store them and answer the same filters (`--protocol`,
-`--endpoint`) as the SQLite index, or a replica's index writes fail.
+`--endpoint`) as the SQLite index, or a replica's index writes fail. The console's aggregates
+(usage, overview, a key's minted sessions) must answer the same over both indexes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit import pg_index
-from proxy.audit.search import AuditQuery, search
-from proxy.audit.writer import build_record
+from proxy.audit.index import AuditIndex
+from proxy.audit.search import GROUPS, PERIODS, AuditQuery, minted_sessions, overview, search, usage
+from proxy.audit.writer import _iso_utc, build_record
 from proxy.context import RequestContext
 from proxy.store.backend import open_url
 
@@ -70,5 +72,68 @@ async def test_a_record_postgresql_would_refuse_never_wedges_the_ones_behind_it(
         got = {r["request_id"]: r for r in await pg_index.query(pool, since=time.time() - 60)}
         assert set(got) == {"r-nul", "r-after"}
         assert got["r-nul"]["reason"] == "store_unavailable: \ufffd in a driver's message"
+    finally:
+        await store.close()
+
+
+def served(rid: str, ts: float, key_id: str, owner: str, model: str | None, status: str, tokens: tuple[int, int] | None,
+           admin: dict[str, Any] | None = None) -> dict[str, Any]:
+    rec = record(rid, "http")
+    rec.update(timestamp=_iso_utc(ts), key_id=key_id, actor=owner, model=model, status=status,
+               input_tokens=tokens[0] if tokens else None, output_tokens=tokens[1] if tokens else None)
+    if admin is not None:
+        rec["admin"] = admin
+    return rec
+
+
+async def test_usage_overview_and_minted_sessions_answer_the_same_over_both_indexes(
+        pg_url: str, tmp_path: Path) -> None:
+    """One node reads its SQLite index, replicas the shared one: the console must not tell them apart."""
+    now = 1_780_000_000.0 + 86400 * 3 + 3600 * 5 + 17   # a fixed time, mid-day: days and minutes known
+    recs = [
+        served("a1", now - 30, "key-a", "alice", "deepseek", "allowed", (5, 7)),
+        served("a2", now - 95, "key-a", "alice", "deepseek", "allowed", (3, 2)),
+        served("a3", now - 100, "key-a", "alice", "deepseek", "denied", None),
+        served("b1", now - 86400 - 60, "key-b", "bob", "echo", "allowed", (11, 0)),
+        served("b2", now - 40 * 86400, "key-b", "bob", "echo", "allowed", (1, 1)),   # last month, past the window
+        served("c1", now - 10, "key-c", "carol", "deepseek", "error", (2, 0)),
+        served("m1", now - 20, "key-a", "alice", None, "allowed", None,
+               {"action": "sessions.mint", "target": "a" * 32}),
+        served("m2", now - 2 * 86400, "key-a", "alice", None, "allowed", None,
+               {"action": "console.signin", "target": "b" * 32}),
+        served("m3", now - 25, "key-a", "alice", None, "denied", None,
+               {"action": "sessions.mint", "target": "c" * 32}),
+    ]
+    local = AuditIndex(tmp_path / "audit" / "audit.db")
+    (tmp_path / "audit").mkdir()
+    local.open()
+    local.insert(recs)
+    local.close()
+    store = await open_url(pg_url, migrate=True)
+    try:
+        pool = pg_index.pool_of(store)
+        index = pg_index.SharedAuditIndex(pool, "replica-c")
+        index.start()
+        index.submit(recs)
+        async with asyncio.timeout(30):
+            await index.flush()
+        await index.close()
+        for group in GROUPS:
+            for period in PERIODS:
+                one = await usage(tmp_path, group, period, now - 35 * 86400)
+                shared = await usage(tmp_path / "elsewhere", group, period, now - 35 * 86400, pool)
+                assert shared == one and one, (group, period, one, shared)
+        day = await usage(tmp_path, "key", "day", now - 35 * 86400)
+        assert [(r["key"], r["requests"], r["tokens"]) for r in day] == [("key-a", 1, 0), ("key-b", 1, 11),
+                                                                    ("key-a", 3, 17)]   # m2, b1, a1+a2+m1
+        one_view = await overview(tmp_path, now=now)
+        shared_view = await overview(tmp_path / "elsewhere", now=now, pool=pool)
+        assert shared_view == one_view
+        assert sum(m["requests"] for m in one_view["per_minute"]) == 6
+        assert sum(m["errors"] for m in one_view["per_minute"]) == 3
+        assert [k["name"] for k in one_view["top_keys"]] == ["key-a", "key-c"]
+        one_minted = await minted_sessions(tmp_path, "key-a", now - 3 * 86400)
+        assert await minted_sessions(tmp_path / "elsewhere", "key-a", now - 3 * 86400, pool) == one_minted
+        assert [s["jti"] for s in one_minted] == ["a" * 32, "b" * 32]
     finally:
         await store.close()

@@ -233,3 +233,46 @@ def test_one_audit_trail_every_replica_s_uses_in_one_query_and_in_the_leak_repor
     lag = {row["replica"].rsplit("/", 2)[-2]: row for row in report["audit_lag"]}
     assert set(lag) == {"r0", "r1", "r2"}, report["audit_lag"]
     assert all(row["reporting"] and row["pending"] == 0 for row in lag.values()), report["audit_lag"]
+
+
+def test_usage_overview_and_a_key_s_sessions_through_one_replica_count_every_replica_s(
+        replicas: list[Replica]) -> None:
+    """The console's reads (usage, overview, a key's live sessions) come from the shared index, not the
+    answering replica's own SQLite: through replica 1 they count what replicas 0 and 2 served too."""
+    _, admin = replicas[0].gw.key(owner="ops5", roles=("admin",))
+    key_id, token = replicas[0].gw.key(owner="spender")
+
+    def read(via: Replica, path: str) -> dict[str, Any]:
+        status, body = via.request("GET", path, admin)
+        assert status == 200, body
+        return dict(body)
+
+    def tokens_so_far() -> int:   # only inferences carry tokens: admin calls in between change nothing
+        return sum(d["tokens"] for d in read(replicas[1], "/admin/v1/overview")["tokens_per_day"])
+    before = tokens_so_far()
+
+    spent = 0
+    for n, r in enumerate(replicas):   # 1, 2 and 3 generates: replica 1 serves only 2 of the 6
+        for i in range(n + 1):
+            status, body = r.request("POST", "/v2/models/deepseek/generate", token,
+                                     {"text_input": f"usage {n} {i}", "max_tokens": 2})
+            assert status == 200, body
+            spent += int(body["input_tokens"]) + int(body["output_tokens"])
+
+    def usage_row(group: str) -> dict[str, Any] | None:
+        rows = read(replicas[1], f"/admin/v1/usage?group={group}&period=day")["rows"]
+        name = key_id if group == "key" else "spender"
+        return next((row for row in rows if row[group] == name), None)
+    assert wait_for(lambda: (usage_row("key") or {}).get("requests") == 6, 10), usage_row("key")
+    for group in ("key", "owner"):
+        row = usage_row(group)
+        assert row is not None and row["requests"] == 6 and row["tokens"] == spent, (group, row)
+    assert wait_for(lambda: tokens_so_far() - before == spent, 10), (tokens_so_far() - before, spent)
+
+    # A session minted through replica 0 is listed through replica 2 (its mint record is replica 0's).
+    status, session = replicas[0].request("POST", "/v1/sessions", token)
+    assert status == 200, session
+
+    def listed() -> list[str]:
+        return [s["jti"] for s in read(replicas[2], f"/admin/v1/keys/{key_id}/sessions")["sessions"]]
+    assert wait_for(lambda: listed() == [session["jti"]], 10), listed()
