@@ -22,6 +22,7 @@ from ..errors import (
     Draining,
     PayloadTooLarge,
     SeekgateError,
+    StoreUnavailable,
     Unauthenticated,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -171,6 +172,8 @@ class GrpcFrontEnd:
                     ctx.resource = classify_grpc(method.name, "")
                     if method.name == "ServerReady" and state.draining:
                         raise Draining()
+                    if method.name == "ServerReady" and (why := state.unready_because()):
+                        raise StoreUnavailable(f"{why}_unavailable: readiness")
                 else:
                     request = _parse(method.request_type, raw)
                     await admit(state, ctx, _authorization(context),
@@ -321,8 +324,8 @@ class GrpcFrontEnd:
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404
                 await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
             ready = service_pb2.ServerReadyResponse(ready=False)
-            if self.state.draining or self.state.store_down():
-                ctx.reason = "draining" if self.state.draining else "store_unavailable"
+            if self.state.draining or (why := self.state.unready_because()):
+                ctx.reason = "draining" if self.state.draining else f"{why}_unavailable"
                 return bytes(HealthCheckResponse(status=NOT_SERVING).SerializeToString())
             try:
                 ready = service_pb2.ServerReadyResponse.FromString(

@@ -99,8 +99,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
             ctx.resource = classify_http(request.method, path)
             if state.draining and path == "/v2/health/ready":
                 raise Draining()   # else readiness is Triton's own, forwarded below
-            if path == "/v2/health/ready" and state.store_down():
-                raise StoreUnavailable("store_unavailable: readiness")
+            if path == "/v2/health/ready" and (why := state.unready_because()):
+                raise StoreUnavailable(f"{why}_unavailable: readiness")
         else:
             if "?" in request.raw_path and not KEY_PARAMS.isdisjoint(k.lower() for k in request.url.query):
                 raise Unauthenticated("key_in_query_string")

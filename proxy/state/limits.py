@@ -186,6 +186,11 @@ class Limiter(ABC):
         admitted; a networked backend queues the write.
         """
 
+    def refusing(self) -> bool:
+        """True while a shared backend is unreachable and every limited request is refused for it
+        (readiness then fails, so a load balancer drains this replica). In-process: never."""
+        return False
+
     async def start(self) -> None:   # noqa: B027  (an optional hook: most backends need none)
         """Loads persisted state and starts any background work; before the first request."""
 

@@ -225,6 +225,9 @@ class RedisLimiter(Limiter):
                                                 urgent=False))
         pool.gids = []
 
+    def refusing(self) -> bool:
+        return not self.up and self.mode == "closed"
+
     def _fallback(self, bound: Sequence[Scope], tokens: int) -> Grant:
         if self.mode == "closed":
             raise StoreUnavailable("limiter_unavailable: redis")

@@ -52,6 +52,15 @@ class AppState:
         """
         return isinstance(self.store, PostgresStore) and not self.store.listener.connected
 
+    def unready_because(self) -> str | None:
+        """Why readiness fails besides draining: "store" (above), "limiter" (Redis unreachable under
+        limits.on_backend_down=closed: every limited request would get 503), or None."""
+        if self.store_down():
+            return "store"
+        if self.limiter.refusing():
+            return "limiter"
+        return None
+
 
 STATE: web.AppKey[AppState] = web.AppKey("seekgate_state", AppState)
 CTX: web.RequestKey[RequestContext] = web.RequestKey("seekgate_ctx", RequestContext)

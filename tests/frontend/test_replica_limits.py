@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tritonclient.grpc
+from tritonclient.utils import InferenceServerException
 
 from proxy.local.triton import TritonProcess
 from tests.backends import PrivateRedis, create_database, drop_database
@@ -114,6 +116,15 @@ def call(replica: Replica, method: str, path: str, key: str, body: Any = None, t
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def grpc_ready(replica: Replica) -> bool:
+    """KServe ServerReady through the replica's gRPC door (no key: a probe, like HTTP's)."""
+    with tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{replica.grpc}") as client:
+        try:
+            return bool(client.is_server_ready())
+        except InferenceServerException:
+            return False
 
 
 @dataclass
@@ -367,6 +378,7 @@ def test_redis_stopped_mid_traffic_fails_closed_and_recovers_without_a_restart(c
     for r in replicas:   # traffic first: every replica is admitting through Redis
         assert call(r, "POST", "/v2/models/deepseek/generate", key, body)[0] == 200
 
+    assert all(call(r, "GET", "/v2/health/ready", "")[0] == 200 for r in replicas) and grpc_ready(replicas[0])
     redis.stop()
     markers = [f"outage-{uuid.uuid4().hex}" for _ in range(6)]
     for n, marker in enumerate(markers):
@@ -376,6 +388,11 @@ def test_redis_stopped_mid_traffic_fails_closed_and_recovers_without_a_restart(c
     # Nothing of a refused request reached Triton: no unmetered request went through.
     seen = relay.seen()
     assert not any(m.encode() in seen for m in markers)
+    # Readiness fails meanwhile (HTTP and gRPC), so a load balancer drains replicas that refuse everything.
+    for r in replicas:
+        status, headers, answer = call(r, "GET", "/v2/health/ready", "")
+        assert status == 503 and int(headers["retry-after"]) >= 1, (status, answer)
+    assert not grpc_ready(replicas[0])
 
     redis.start()   # the same port, empty: the replicas find it again on their own
     after = f"after-{uuid.uuid4().hex}"
@@ -383,4 +400,5 @@ def test_redis_stopped_mid_traffic_fails_closed_and_recovers_without_a_restart(c
         assert wait_for(lambda r=r: call(r, "POST", "/v2/models/deepseek/generate", key,
                                          {"text_input": after, "max_tokens": 1})[0] == 200, 30), r.log.read_text()
     assert after.encode() in relay.seen()
+    assert all(call(r, "GET", "/v2/health/ready", "")[0] == 200 for r in replicas) and grpc_ready(replicas[0])
     assert [r.proc.pid for r in replicas] == pids and all(r.proc.poll() is None for r in replicas)

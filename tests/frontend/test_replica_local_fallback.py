@@ -61,6 +61,7 @@ def test_redis_down_each_replica_enforces_its_own_limits_and_the_shared_ones_ret
     assert backend(cluster) == [(0.0, 1.0)] * 3
     for r in replicas:
         assert LOCAL_LOG in r.log.read_text(), r.log.read_text()
+        assert call(r, "GET", "/v2/health/ready", "")[0] == 200   # serving under its own limits: stays in rotation
 
     # Each replica counts alone: a fresh key with rpm 4 gets 4 on each replica, refused past them there.
     _, alone = replicas[0].gw.key(owner="alone", limits={"rpm": 4})

@@ -41,6 +41,7 @@ class Replica:
     def __init__(self, root: Path, triton: TritonProcess, store_url: str, root_key: Path,
                  extra: dict[str, Any] | None = None) -> None:
         self.http, grpc_, metrics = free_ports(3)
+        self.grpc = grpc_
         self.gw = Gateway(root, triton.http_url, [self.http, grpc_, metrics], **{
             "store.url": store_url, "crypto.root_key_file": str(root_key)})
         config = root / "seekgate.yaml"
