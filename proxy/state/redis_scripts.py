@@ -38,6 +38,7 @@ from __future__ import annotations
 # (rpm_limit 0: no rpm scope), or {0, scope index (1-based), kind, limit, remaining, reset_ms,
 # retry_ms} having charged nothing.
 BATCH = """
+local CHUNK, EXPIRE_CHUNKS = 500, 20
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - 60000
@@ -75,14 +76,19 @@ local function expire(first, n, lims)
     local p = KEYS[first + i - 1]
     if lims(i, 1) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':r', '-inf', cutoff) end
     if lims(i, 2) > 0 then
-      local old = redis.call('ZRANGEBYSCORE', p .. ':t', '-inf', cutoff)
-      if #old > 0 then
+      -- In chunks (Lua's unpack takes a few thousand values at most), and at most EXPIRE_CHUNKS of
+      -- them per call: a key idle after a busy minute may hold 100 000s. What is left stays in
+      -- the sum until a later call: stricter meanwhile, never looser.
+      for _ = 1, EXPIRE_CHUNKS do
+        local old = redis.call('ZRANGEBYSCORE', p .. ':t', '-inf', cutoff, 'LIMIT', 0, CHUNK)
+        if #old == 0 then break end
         local vals = redis.call('HMGET', p .. ':tc', unpack(old))
         local gone = 0
         for j = 1, #old do gone = gone + (tonumber(vals[j]) or 0) end
         redis.call('HINCRBY', p .. ':tc', '_sum', -gone)
         redis.call('HDEL', p .. ':tc', unpack(old))
-        redis.call('ZREMRANGEBYSCORE', p .. ':t', '-inf', cutoff)
+        redis.call('ZREM', p .. ':t', unpack(old))
+        if #old < CHUNK then break end
       end
     end
     if lims(i, 3) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':c', '-inf', now) end
@@ -109,11 +115,14 @@ local function refusal(first, n, tokens, day, month, to_day, to_month, lims, sha
         if used + tokens > tpm * share then
           local wait = 60000
           if tokens <= tpm then   -- else it can never fit: a full window
-            local log = redis.call('ZRANGE', p .. ':t', 0, -1, 'WITHSCORES')
+            -- When enough will have left; past the oldest CHUNK entries, when those have (a hint
+            -- that errs early: the retry is judged again).
+            local log = redis.call('ZRANGE', p .. ':t', 0, CHUNK - 1, 'WITHSCORES')
             local left = used
             for j = 1, #log, 2 do
               left = left - (tonumber(redis.call('HGET', p .. ':tc', log[j])) or 0)
-              if left + tokens <= tpm then wait = tonumber(log[j + 1]) + 60000 - now; break end
+              wait = tonumber(log[j + 1]) + 60000 - now
+              if left + tokens <= tpm then break end
             end
           end
           return {0, i, 'tpm', tpm, tpm - used, wait, wait}

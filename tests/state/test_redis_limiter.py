@@ -168,6 +168,35 @@ async def test_slots_never_used_are_given_back(limiter: RedisLimiter, redis_serv
         await client.aclose()
 
 
+async def test_a_key_idle_after_a_busy_minute_expires_its_log_in_chunks(limiter: RedisLimiter,
+                                                                          redis_server_url: str,
+                                                                          redis_prefix: str) -> None:
+    """30 000 expired tpm entries (a key at 500 req/s for a minute, then a pause): the admission
+    after the pause must not fail on Lua's unpack limit, and the window empties over a few calls."""
+    base = f"{redis_prefix}idle"
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        seconds, _ = await client.time()
+        old_ms = (seconds - 120) * 1000
+        pipe = client.pipeline(transaction=False)
+        for start in range(0, 30_000, 5_000):
+            pipe.zadd(f"{base}:t", {f"old:{n}": old_ms for n in range(start, start + 5_000)})
+            pipe.hset(f"{base}:tc", mapping={f"old:{n}": 3 for n in range(start, start + 5_000)})
+        pipe.hset(f"{base}:tc", "_sum", 90_000)
+        await pipe.execute()
+        s = [scope("idle", tpm=100)]
+        for _ in range(2):   # 10 000 expired per call: the rest still counts, stricter
+            with pytest.raises(OverLimit):
+                await limiter.acquire(s, 10)
+        await limiter.acquire(s, 10)   # the third call has expired them all
+        assert await client.zcount(f"{base}:t", "-inf", old_ms) == 0
+        charges = {k.decode(): int(v) for k, v in (await client.hgetall(f"{base}:tc")).items()}
+        assert not any(k.startswith("old:") for k in charges)
+        assert charges.pop("_sum") == sum(charges.values()) >= 10
+    finally:
+        await client.aclose()
+
+
 async def test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted_when_it_was_used(
         limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
     s = [scope("late", rpm=1000)]
