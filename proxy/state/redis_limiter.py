@@ -285,33 +285,45 @@ class RedisLimiter(Limiter):
                 if not self.up:
                     self._fail(admissions, settlements, None)
                     continue
-                keys: list[str] = []
-                args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000)]
-                for job in settlements:
-                    keys += job.keys
-                    args += [len(job.keys), *job.args]
-                for adm in admissions:
-                    keys += adm.keys
-                    args += adm.args
-                try:
-                    replies = await self._run_batch(keys, args)
-                except _DOWN as exc:
-                    # The script may have run before the answer was lost: its charges stand (stricter,
-                    # never looser) and its leases expire on their own.
-                    self._went_down(exc)
-                    self._fail(admissions, settlements, exc)
-                except RedisError as exc:   # a script or server error: refuse rather than admit unmetered
-                    log.error("limits: a batch of %d admissions and %d settlements failed in Redis: %s",
-                              len(admissions), len(settlements), exc)
-                    self._fail(admissions, settlements, StoreUnavailable(f"limiter_unavailable: {exc}"))
-                else:
-                    for adm, reply in zip(admissions, replies, strict=True):
-                        if not adm.answer.done():
-                            adm.answer.set_result(reply)
+                await self._run(admissions, settlements)
         finally:
             self._sender = None
         if self._settlements and self._settle_due is None and not self._stopping.is_set():
             self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+
+    async def _run(self, admissions: list[_Admission], settlements: list[_Unsettled]) -> None:
+        """One script call for these operations, answering each admission."""
+        keys: list[str] = []
+        args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000)]
+        for job in settlements:
+            keys += job.keys
+            args += [len(job.keys), *job.args]
+        for adm in admissions:
+            keys += adm.keys
+            args += adm.args
+        try:
+            replies, failed = await self._run_batch(keys, args)
+        except _DOWN as exc:
+            # The script may have run before the answer was lost: its charges stand (stricter,
+            # never looser) and its leases expire on their own.
+            self._went_down(exc)
+            self._fail(admissions, settlements, exc)
+            return
+        except RedisError as exc:   # the whole call refused (out of memory, say): refuse, never admit unmetered
+            log.error("limits: Redis failed a batch of %d admissions and %d settlements: %s",
+                      len(admissions), len(settlements), exc)
+            self._fail(admissions, settlements, StoreUnavailable(f"limiter_unavailable: {exc}"))
+            return
+        for error in failed:   # dropped: it would fail again (its lease, if any, expires on its own)
+            log.error("limits: Redis failed a settlement: %s", error)
+        for adm, reply in zip(admissions, replies, strict=True):
+            if adm.answer.done():
+                continue
+            if int(reply[0]) == -1:   # Redis failed this one alone (its batch went on): refuse, not admit
+                log.error("limits: Redis failed an admission: %s", reply[1])
+                adm.answer.set_exception(StoreUnavailable(f"limiter_unavailable: {reply[1]}"))
+            else:
+                adm.answer.set_result(reply)
 
     async def _run_batch(self, keys: list[str], args: list[Any]) -> list[Any]:
         conn = self._batch_conn

@@ -34,9 +34,10 @@ from __future__ import annotations
 # free, so reserving them never refuses another replica's request that a per-request check
 # would have admitted; the replica cancels the ones it did not use when their life ends.
 #
-# Returns one reply per admission, in order: {1, now_ms, rpm_limit, remaining, reset_ms, slots}
-# (rpm_limit 0: no rpm scope), or {0, scope index (1-based), kind, limit, remaining, reset_ms,
-# retry_ms} having charged nothing.
+# Returns {replies, failed settlements' errors}: one reply per admission, in order:
+# {1, now_ms, rpm_limit, remaining, reset_ms, slots} (rpm_limit 0: no rpm scope), or {0, scope
+# index (1-based), kind, limit, remaining, reset_ms, retry_ms} having charged nothing, or
+# {-1, error} when Redis failed it.
 BATCH = """
 local CHUNK, EXPIRE_CHUNKS = 500, 20
 local t = redis.call('TIME')
@@ -205,9 +206,14 @@ local function acquire(first, n, gid, tokens, day, month, to_day, to_month, want
   return {1, now, w_limit, w_left, w_reset, slots}
 end
 
+-- Each operation runs under pcall: one that Redis fails (a key of the wrong type, say) answers
+-- for itself, and the requests that shared its batch are judged as if it were not there.
+local function failure(e) return type(e) == 'table' and (e.err or 'error') or tostring(e) end
+local failed = {}
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  settle(k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
+  local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
+  if not ok then failed[#failed + 1] = failure(e) end
   a, k = a + 6, k + n
 end
 local replies = {}
@@ -215,11 +221,12 @@ for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
   local base = a + 8
   local function lims(i, f) return tonumber(ARGV[base + (i - 1) * 5 + f - 1]) end
-  replies[#replies + 1] = acquire(k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4],
-                                  tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), lims)
+  local ok, reply = pcall(acquire, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4],
+                          tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), lims)
+  replies[#replies + 1] = ok and reply or {-1, failure(reply)}
   a, k = base + 5 * n, k + n
 end
-return replies
+return {replies, failed}
 """
 
 # KEYS: base keys; ARGV: lease ms, then grant ids, one per key. Extends leases still held: a lease

@@ -197,6 +197,25 @@ async def test_a_key_idle_after_a_busy_minute_expires_its_log_in_chunks(limiter:
         await client.aclose()
 
 
+async def test_an_admission_redis_fails_refuses_only_itself_not_its_batch(limiter: RedisLimiter,
+                                                                            redis_server_url: str,
+                                                                            redis_prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        await client.set(f"{redis_prefix}broken:r", "not a sorted set")   # every script on it fails: WRONGTYPE
+        trips = limiter.round_trips
+        healthy, broken = await asyncio.gather(limiter.acquire([scope("fine", rpm=5)], 0),
+                                               limiter.acquire([scope("broken", rpm=5)], 0),
+                                               return_exceptions=True)
+        assert limiter.round_trips == trips + 1   # one batch: the failing admission answered for itself
+        assert isinstance(healthy, RedisGrant) and healthy.rpm_window == (5, 4, pytest.approx(60, abs=0.1))
+        assert isinstance(broken, StoreUnavailable) and broken.http_status == 503
+        assert limiter.up   # a script error is not Redis down
+        assert await client.zcard(f"{redis_prefix}fine:r") == 1
+    finally:
+        await client.aclose()
+
+
 async def test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted_when_it_was_used(
         limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
     s = [scope("late", rpm=1000)]
