@@ -3,7 +3,7 @@
 
 What it does
     For each checkpoint (the tiny one, and with --large LARGE_CONFIG: a random DeepSeek-V3 of
-    about 22M parameters built here, whose decode steps cost about in proportion to their rows;
+    about 27M parameters built here, whose decode steps cost about in proportion to their rows;
     see "The large checkpoint" below) and each scheduling mode (`static`: a batch is admitted
     when the previous one is done and decoded until its longest row finishes -- what model.py
     did before issue 19; `inflight`: rows join and leave at every step), it starts the real
@@ -31,21 +31,26 @@ The large checkpoint
     Per-step scheduling can only win throughput if a step with half the rows costs about half
     as much. `--step-costs` measures that in-process, through the engine's own forward path
     (float32, as model.py on a CPU). On the shared 2-core Xeon this was chosen on (AVX-512, MKL),
-    ms per decode step, least of 3-4 bursts, 48 tokens each, and the ratio to 32 rows:
-        rows                        1           4           8          16          32
-        old (8 heads, latent 128,   5.7 (0.24)  8.2 (0.35) 11.0 (0.46) 16.9 (0.71) 23.8 (1.00)
-             8 experts top-2)
-        LARGE_CONFIG (16 heads,     9.1 (0.17) 15.7 (0.29) 21.7 (0.41) 29.5 (0.55) 53.2 (1.00)
-             latent 256, 4 experts top-2)
+    ms per decode step, least of 2-4 bursts, and the ratio to 32 rows:
+        rows                                 1           4           8          16          32
+        old: 8 heads, latent 128,            5.7 (0.24)  8.2 (0.35) 11.0 (0.46) 16.9 (0.71) 23.8 (1.00)
+             8 experts top-2 (48 tokens)
+        16 heads, latent 256, 4 experts     12.3 (0.25) 18.0 (0.36) 23.0 (0.46) 32.1 (0.65) 49.8 (1.00)
+             top-2 (64 tokens)
+        LARGE_CONFIG: 32 heads, latent 256, 14.8 (0.18) 23.6 (0.28) 31.1 (0.37) 47.7 (0.57) 83.5 (1.00)
+             4 experts top-2 (64 tokens)
+    A 32-request burst, half 4 and half 64 tokens, can gain at most 64 T(32) / (4 T(32) + 60 T(16))
+    from per-step scheduling: 1.3x for the old checkpoint, 1.5x for the 16-head one, 1.67x here.
     Wider weight matrices do not help on this CPU: a float32 matmul (MKL) costs 0.74-0.79 as
     much with 16 rows as with 32 (and 1.5x for 64) at 512x1536 to 2048x8192, weights being
-    streamed, not multiplied, at these row counts. What grows with rows is per-row work:
+    streamed, not multiplied, at these row counts (the experts already run transformers'
+    grouped_mm here, not a per-expert Python loop). What grows with rows is per-row work:
     transformers' DeepSeek-V3 attention re-expands every cached latent of every row through
     kv_b_proj at each step (rows x context x kv_lora_rank x heads x (nope + v) multiply-adds,
-    a compute-bound matmul), so LARGE_CONFIG widens that (16 heads, kv_lora_rank 256, 64 + 64
-    head dims) and routes over 4 experts instead of 8 (each expert's matmul gets more rows).
-    Its 32-row step is a little over twice the 16-row one (the per-row state outgrows the 2 MB
-    L2 per core), so its burst ratio can exceed the 1.88x that exactly proportional steps give.
+    a compute-bound matmul), so LARGE_CONFIG widens that (32 heads, kv_lora_rank 256, 64 + 64
+    head dims) and routes over 4 experts instead of 8 (each expert's matmul gets more
+    rows). Under load from other processes the 32-row step slows more than the 16-row one (its
+    per-row state outgrows the 2 MB L2 per core), so on a busy machine the ratio comes out higher.
 
 GPU
     Runs unchanged on a GPU host: with a visible NVIDIA GPU (or --device gpu) each
@@ -93,7 +98,7 @@ NO_WINDOW = "inflight0"   # in-flight with admit_wait_ms 0 (--no-window-too)
 LARGE_CONFIG: dict[str, Any] = dict(
     hidden_size=512, intermediate_size=1536, moe_intermediate_size=512, num_hidden_layers=4,
     first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-    topk_group=1, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=256, q_lora_rank=256,
+    topk_group=1, num_attention_heads=32, num_key_value_heads=32, kv_lora_rank=256, q_lora_rank=256,
     qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=256,
     tie_word_embeddings=False)
 STATIC_BATCHER = "dynamic_batching {\n  preferred_batch_size: [ 8, 16, 32 ]\n  max_queue_delay_microseconds: 5000\n}"
@@ -131,7 +136,7 @@ def start_triton(repo: Path, data: Path, checkpoint: Path) -> TritonProcess:
 
 
 def build_large_checkpoint(out: Path, tokenizer_from: Path) -> Path:
-    """A random DeepSeek-V3 (LARGE_CONFIG, about 22M parameters) whose decode steps cost about in proportion to rows."""
+    """A random DeepSeek-V3 (LARGE_CONFIG, about 27M parameters) whose decode steps cost about in proportion to rows."""
     import torch
     from transformers import AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -151,7 +156,7 @@ def build_large_checkpoint(out: Path, tokenizer_from: Path) -> Path:
     return out
 
 
-def step_costs(checkpoint: Path, rows: tuple[int, ...] = (1, 4, 8, 16, 32), steps: int = 48,
+def step_costs(checkpoint: Path, rows: tuple[int, ...] = (1, 4, 8, 16, 32), steps: int = 64,
                reps: int = 3) -> dict[int, float]:
     """Seconds per decode step against rows, in-process through the engine's own forward path.
 
