@@ -83,6 +83,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: Any = None
     stream: Any = None             # the incremental detokenizer's state (tokenizers.decoders.DecodeStream)
+    streams: bool = True           # an event per new text; False: only the final one (one response)
 
     def need(self) -> int:
         """KV columns this sequence may use: what admission reserves for it."""
@@ -593,5 +594,7 @@ class Engine:
         if seq.done and self.settings.scheduling == STATIC:
             # The old code answered a batch when its longest row was done: so does static mode.
             self._held.append(Event(seq, delta, True, tokens=len(seq.tokens)))
-        elif delta or seq.done:
+        elif seq.done or (delta and seq.streams):
+            # A request answered once gets no event per token: 32 rows would wake the response
+            # thread 32 times a step for events it drops.
             self.sink(Event(seq, delta, seq.done, tokens=len(seq.tokens)))
