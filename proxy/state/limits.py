@@ -200,12 +200,26 @@ class Limiter(ABC):
 
 def _windows(now: float) -> tuple[str, str, float, float]:
     """(day id, month id, seconds to the next UTC midnight, seconds to the next UTC month)."""
-    t = datetime.fromtimestamp(now, timezone.utc)
-    midnight = t.replace(hour=0, minute=0, second=0, microsecond=0)
-    next_day = midnight.timestamp() + 86400.0
-    first = midnight.replace(day=1)
-    next_month = first.replace(year=first.year + (first.month == 12), month=first.month % 12 + 1)
-    return t.strftime("%Y-%m-%d"), t.strftime("%Y-%m"), next_day - now, next_month.timestamp() - now
+    day = _day_of(now)
+    return day[2], day[3], day[1] - now, day[4] - now
+
+
+_day: tuple[float, float, str, str, float] = (0.0, 0.0, "", "", 0.0)   # the last day asked for
+
+
+def _day_of(now: float) -> tuple[float, float, str, str, float]:
+    """(midnight, next midnight, day id, month id, next month's start) of `now`'s UTC day; the last
+    answer is kept, since every limited request asks (datetime work costs more than the rest of a
+    local admission)."""
+    global _day
+    if not _day[0] <= now < _day[1]:
+        t = datetime.fromtimestamp(now, timezone.utc)
+        midnight = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        first = midnight.replace(day=1)
+        next_month = first.replace(year=first.year + (first.month == 12), month=first.month % 12 + 1)
+        _day = (midnight.timestamp(), midnight.timestamp() + 86400.0, t.strftime("%Y-%m-%d"), t.strftime("%Y-%m"),
+                next_month.timestamp())
+    return _day
 
 
 class LocalLimiter(Limiter):

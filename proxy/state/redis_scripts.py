@@ -46,6 +46,9 @@ local cutoff = now - 60000
 local lease, slot_life = tonumber(ARGV[3]), tonumber(ARGV[4])
 local a, k = 5, 1   -- next ARGV field, next KEYS entry
 
+-- Settlements correct each grant's own charge; the running sums they move (a key's tpm total,
+-- its day and month budgets) are added up here and written once per batch (settle_sums).
+local sums, budgets = {}, {}
 local function settle(first, n, gid, delta, day, month, cancel)
   for i = first, first + n - 1 do
     local p = KEYS[i]
@@ -58,16 +61,25 @@ local function settle(first, n, gid, delta, day, month, cancel)
       local charged = redis.call('HGET', p .. ':tc', gid)
       if charged then
         if cancel then
-          redis.call('HINCRBY', p .. ':tc', '_sum', -tonumber(charged))
+          sums[p] = (sums[p] or 0) - tonumber(charged)
           redis.call('HDEL', p .. ':tc', gid)
         else
           redis.call('HINCRBY', p .. ':tc', gid, delta)
-          redis.call('HINCRBY', p .. ':tc', '_sum', delta)
+          sums[p] = (sums[p] or 0) + delta
         end
       end
-      if redis.call('EXISTS', p .. ':d:' .. day) == 1 then redis.call('INCRBY', p .. ':d:' .. day, delta) end
-      if redis.call('EXISTS', p .. ':m:' .. month) == 1 then redis.call('INCRBY', p .. ':m:' .. month, delta) end
+      budgets[p .. ':d:' .. day] = (budgets[p .. ':d:' .. day] or 0) + delta
+      budgets[p .. ':m:' .. month] = (budgets[p .. ':m:' .. month] or 0) + delta
     end
+  end
+end
+
+local function settle_sums()
+  for p, delta in pairs(sums) do
+    if delta ~= 0 then redis.call('HINCRBY', p .. ':tc', '_sum', delta) end
+  end
+  for key, delta in pairs(budgets) do   -- a budget whose window has passed (its key expired) stays gone
+    if delta ~= 0 and redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, delta) end
   end
 end
 
@@ -216,6 +228,8 @@ for _ = 1, tonumber(ARGV[1]) do
   if not ok then failed[#failed + 1] = failure(e) end
   a, k = a + 6, k + n
 end
+local ok, e = pcall(settle_sums)   -- before the admissions: they see the corrected sums
+if not ok then failed[#failed + 1] = failure(e) end
 local replies = {}
 for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
