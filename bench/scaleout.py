@@ -20,6 +20,10 @@ What it prints
     Per model and concurrency: each path's req/s (sum over wrk processes for x3), p50 and p99 (the
     median round; for x3 the slowest replica's), then shared/sqlite throughput against the target
     (>= 0.90) and the p50 difference at c1 against its target (<= 0.2 ms), and x3/shared.
+    Also CPU per request (median round, from /proc): `proxy` = the path's seekgate process(es),
+    `backends` = every postgres and redis-server process of the machine. On a machine where the
+    backends share the proxy's cores (this bench's default) their CPU is taken from seekgate's
+    throughput; in a deployment they run elsewhere, so the two columns say which side costs what.
 
 Usage
     python bench/scaleout.py [--models trivial,deepseek] [--concurrency 1,32] [--rounds 3] [--duration 4]
@@ -102,6 +106,33 @@ def measure_many(tool: tuple[str, str], loads: list[loadgen.Load], concurrency: 
                             next((m.first_error for m in runs if m.first_error), None))
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (0 for one that is gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def backend_pids() -> list[int]:
+    """Every PostgreSQL and Redis server process on the machine (the bench's may be the machine's own)."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("postgres", "redis-server"):
+                found.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def loadavg() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
@@ -159,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         pg_config = configure(tmp / "pg", upstream, {k: v for k, v in shared.items() if k != "redis"})
         pg = stack.start_seekgate(pg_config)
         cleanup.callback(pg.stop)
+        procs = {"sqlite": [sqlite.proc.pid] if sqlite.proc else [], "pg": [pg.proc.pid] if pg.proc else [],
+                 "shared": [replicas[0].proc.pid] if replicas[0].proc else [],
+                 "shared x3": [r.proc.pid for r in replicas if r.proc]}
 
         for model in models:
             for c in levels:
@@ -172,15 +206,23 @@ def main(argv: list[str] | None = None) -> int:
                     for load in path_loads:
                         check_once(load)
                 runs: dict[str, list[loadgen.Measured]] = {name: [] for name in paths}
+                cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
                 for rnd in range(args.rounds + 1):   # round 0 warms every path and is not counted
                     for name in (paths if rnd % 2 == 0 else paths[::-1]):
                         stack.wait_idle(triton.http_url, model)
+                        backends = backend_pids()
+                        before = cpu_s(procs[name]), cpu_s(backends)
                         measured = measure_many(tool, loads[name], c, args.duration)
+                        after = cpu_s(procs[name]), cpu_s(backends)
                         if rnd:
                             runs[name].append(measured)
+                            done = max(1, int(measured.requests))
+                            cpu[name].append(((after[0] - before[0]) / done * 1e6, (after[1] - before[1]) / done * 1e6))
                             print(f"  {model} c{c} round {rnd} {name}: {measured.requests_per_s:.1f} req/s, "
                                   f"p50 {measured.p50_ms} ms", file=sys.stderr, flush=True)
-                results[f"{model} c{c}"] = {name: summary(measured) for name, measured in runs.items()}
+                results[f"{model} c{c}"] = {name: summary(measured) | {
+                    "proxy_us": statistics.median(u for u, _ in cpu[name]),
+                    "backends_us": statistics.median(b for _, b in cpu[name])} for name, measured in runs.items()}
     load_after = loadavg()
     report(results, args, load_before, load_after)
     if args.json:
@@ -202,10 +244,12 @@ def summary(runs: list[loadgen.Measured]) -> dict[str, Any]:
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, before: str, after: str) -> None:
     print(f"\n{args.rounds} alternating rounds of {args.duration:g} s per path, max_tokens {args.max_tokens}; "
           f"{before} before, {after} after (stamp {time.strftime('%Y-%m-%d %H:%M')})")
-    print(f"{'cell':<16}{'path':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'cell':<16}{'path':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'proxy us/req':>14}{'backends us/req':>17}")
     for cell, rows in results.items():
         for name, r in rows.items():
-            print(f"{cell:<16}{name:<11}{r['req_s']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}")
+            print(f"{cell:<16}{name:<11}{r['req_s']:>9.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}"
+                  f"{r['proxy_us']:>14.0f}{r['backends_us']:>17.0f}")
         sq, sh, x3 = rows["sqlite"], rows["shared"], rows.get("shared x3")
         ratio = sh["req_s"] / sq["req_s"] if sq["req_s"] else float("nan")
         line = f"{'':<16}shared/sqlite {ratio:.3f} (target >= {TARGET_RATIO:.2f}: {'met' if ratio >= TARGET_RATIO else 'MISSED'})"
