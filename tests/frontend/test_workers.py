@@ -53,7 +53,8 @@ class Workers:
                                       "--workers", "2"], cwd=REPO, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)
         # The supervisor logs this line once every worker listens.
-        assert wait_for(lambda: "2 workers on" in self.log.read_text() or self.proc.poll() is not None, 60)
+        assert wait_for(lambda: "2 workers on" in self.log.read_text() or self.proc.poll() is not None, 60), \
+            self.log.read_text()[-3000:]   # once seen in a full CI run (not reproduced): what the supervisor said
         assert self.proc.poll() is None, self.log.read_text()
         assert len(self.listening()) == 2
         return self
