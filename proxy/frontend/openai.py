@@ -12,10 +12,8 @@ labelled protocol="openai". Refusals come in OpenAI's error shape (openai_shapes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +26,7 @@ from ..steps.app_state import AppState
 from ..steps.body_view import decode, parse_json, view_http
 from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, limit, refuse
 from ..upstream import pool as upstream_http
+from ..upstream.forward import cancel_on_leave, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
@@ -212,7 +211,7 @@ async def _whole(request: web.Request, state: AppState, ctx: RequestContext, req
     """Triton's token events gathered into one answer; a client that leaves first stops the generation."""
     stops = StopFilter(req.stop)
     pieces: list[str] = []
-    with _cancel_on_leave(request) as gone:
+    with cancel_on_leave(request) as gone:
         try:
             events, batch = await _opening(upstream, model)
             more = upstream.iter_any()
@@ -231,7 +230,7 @@ async def _whole(request: web.Request, state: AppState, ctx: RequestContext, req
         except upstream_http.UpstreamError as exc:
             raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
         except asyncio.CancelledError:
-            if not _left(gone):
+            if not left_client(gone):
                 raise   # not ours: the drain timeout's
             ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
             return web.Response(status=499)   # nobody reads it; finish() audits the tokens counted so far
@@ -244,36 +243,6 @@ async def _whole(request: web.Request, state: AppState, ctx: RequestContext, req
                         prompt_tokens, completion_tokens)
     await commit_audit(state, ctx)   # strict audit: durable, with the counts, before the answer leaves
     return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
-
-
-@contextlib.contextmanager
-def _cancel_on_leave(request: web.Request) -> Iterator[asyncio.Future[None] | None]:
-    """Cancels the current task when the client's connection goes (the guarded connection's `lost`
-    future, frontend/http_guard.py; as in upstream/forward.py): between two events Triton may think
-    for long, and a client gone must stop the generation when it goes, not at the next write."""
-    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
-    task = asyncio.current_task()
-    assert task is not None
-
-    def interrupt(_: object) -> None:
-        task.cancel()
-    if gone is not None:
-        gone.add_done_callback(interrupt)
-    try:
-        yield gone
-    finally:
-        if gone is not None:
-            gone.remove_done_callback(interrupt)
-
-
-def _left(gone: asyncio.Future[None] | None) -> bool:
-    """After a CancelledError: whether it was the client leaving (then the cancel is consumed here)."""
-    if gone is None or not gone.done():
-        return False
-    task = asyncio.current_task()
-    assert task is not None
-    task.uncancel()
-    return True
 
 
 async def _opening(upstream: UpstreamResponse, model: str) -> tuple[_Events, list[dict[str, Any]]]:
@@ -348,7 +317,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
 
     The first event is awaited before any header goes out, so a request the model refuses still
     gets a clean OpenAI error status. A client that leaves is noticed when it leaves
-    (_cancel_on_leave): the relay stops, the caller's release() closes Triton's connection, which
+    (upstream/forward.py: cancel_on_leave): the relay stops, the caller's release() closes Triton's connection, which
     cancels the generation there; the record keeps the tokens counted up to then.
     """
     events, pending = await _opening(upstream, model)
@@ -358,7 +327,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     await response.prepare(request)
     failed: SeekgateError | None = None
     stops = StopFilter(req.stop)
-    with _cancel_on_leave(request) as gone:
+    with cancel_on_leave(request) as gone:
         try:
             out = writer.first()
             batch = pending
@@ -382,7 +351,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
         except upstream_http.UpstreamError as exc:
             failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
         except asyncio.CancelledError:
-            if not _left(gone):
+            if not left_client(gone):
                 raise   # not ours: the drain timeout's
             ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
             return response

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -131,43 +132,29 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     counter = tokens.SseTokenCounter() if is_sse else None
     kept: list[bytes] = []
     kept_size = 0
-    # A client that goes away is noticed when it goes, not at the next write: between two events
-    # Triton may think for long. The relay is cancelled then, and releasing `upstream` closes
-    # Triton's side, which cancels the request there.
-    # The front end's connection handler (frontend/http_guard.py) keeps that future; aiohttp's own has none.
-    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
-    relaying = asyncio.current_task()
-    assert relaying is not None
-
-    def interrupt(_: object) -> None:
-        relaying.cancel()
-    if gone is not None:
-        gone.add_done_callback(interrupt)
-    try:
-        async for chunk in _body(first, upstream):
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-                break
-            if upstream.status >= 500 and not ctx.reason:
-                _upstream_error(ctx, chunk)
-            if counter is not None:
-                counter.feed(chunk)
-            elif want_counts and kept_size < BUFFERED_LIMIT:
-                kept.append(chunk)
-                kept_size += len(chunk)
-    except upstream_http.UpstreamError as exc:
-        # Headers are gone already: the best we can do is end the stream and say so in the audit.
-        ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {exc}"
-    except asyncio.CancelledError:
-        if gone is None or not gone.done():
-            raise   # not ours: the drain timeout's
-        relaying.uncancel()
-        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-    finally:
-        if gone is not None:
-            gone.remove_done_callback(interrupt)
+    # Releasing `upstream` after a client left closes Triton's side, which cancels the request there.
+    with cancel_on_leave(request) as gone:
+        try:
+            async for chunk in _body(first, upstream):
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+                    break
+                if upstream.status >= 500 and not ctx.reason:
+                    _upstream_error(ctx, chunk)
+                if counter is not None:
+                    counter.feed(chunk)
+                elif want_counts and kept_size < BUFFERED_LIMIT:
+                    kept.append(chunk)
+                    kept_size += len(chunk)
+        except upstream_http.UpstreamError as exc:
+            # Headers are gone already: the best we can do is end the stream and say so in the audit.
+            ctx.status, ctx.reason = "error", f"upstream_broke_mid_response: {exc}"
+        except asyncio.CancelledError:
+            if not left_client(gone):
+                raise   # not ours: the drain timeout's
+            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
     if counter is not None:
         ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
     elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:
@@ -185,6 +172,37 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
             return response
     await response.write_eof()
     return response
+
+
+@contextlib.contextmanager
+def cancel_on_leave(request: web.Request) -> Iterator[asyncio.Future[None] | None]:
+    """Cancels the current task when the client's connection goes: between two events Triton may
+    think for long, and a client gone must stop the relay (and, once the caller releases its
+    upstream connection, the generation) when it goes, not at the next write. The guarded
+    connection (frontend/http_guard.py) keeps the `lost` future; aiohttp's own has none: None."""
+    gone: asyncio.Future[None] | None = getattr(request.protocol, "lost", None)
+    task = asyncio.current_task()
+    assert task is not None
+
+    def interrupt(_: object) -> None:
+        task.cancel()
+    if gone is not None:
+        gone.add_done_callback(interrupt)
+    try:
+        yield gone
+    finally:
+        if gone is not None:
+            gone.remove_done_callback(interrupt)
+
+
+def left_client(gone: asyncio.Future[None] | None) -> bool:
+    """After a CancelledError: whether it was the client leaving (then the cancel is consumed here)."""
+    if gone is None or not gone.done():
+        return False
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
+    return True
 
 
 async def _relay_whole(ctx: RequestContext, upstream: UpstreamResponse, headers: CIMultiDict[str],
