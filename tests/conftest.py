@@ -61,6 +61,12 @@ def relay(relays: tuple[TcpRelay, ...]) -> TcpRelay:
     return relays[0]
 
 
+@pytest.fixture(scope="module")
+def grpc_relay(relays: tuple[TcpRelay, ...]) -> TcpRelay:
+    """The pair's gRPC relay: what seekgate forwarded to Triton's gRPC port."""
+    return relays[1]
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str]:
     """A PostgreSQL server tests may create databases on: the running one, else a private one (tests/backends.py)."""

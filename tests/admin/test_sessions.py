@@ -30,16 +30,9 @@ from tests.sessiontokens import attack_tokens
 
 
 @pytest.fixture(scope="module")
-def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
-    r = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(triton: TritonProcess, relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gw(triton: TritonProcess, grpc_relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = Gateway(tmp_path_factory.mktemp("gw-sessions"), triton.http_url, free_ports(3),
-                **{"upstream.grpc_target": f"127.0.0.1:{relay.port}"}).start()
+                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}"}).start()
     yield g
     g.stop()
 

@@ -29,21 +29,14 @@ STREAM_MODEL = "deepseek_stream"
 
 
 @pytest.fixture(scope="module")
-def relay(triton: TritonProcess) -> Iterator[TcpRelay]:
-    r = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(triton: TritonProcess, relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gw(triton: TritonProcess, grpc_relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("gw-grpc")
     # The Triton fixture's shared-memory key, so admin shared-memory calls can be shown to work.
     secret = triton.launch.data_dir / "secrets" / "triton-internal-key"
     (root / "data" / "secrets").mkdir(parents=True)
     shutil.copy(secret, root / "data" / "secrets" / secret.name)
     g = Gateway(root, triton.http_url, free_ports(3),
-                **{"upstream.grpc_target": f"127.0.0.1:{relay.port}",
+                **{"upstream.grpc_target": f"127.0.0.1:{grpc_relay.port}",
                    "server.grpc_max_message_bytes": 1024 * 1024}).start()
     yield g
     g.stop()
@@ -96,12 +89,12 @@ def infer_request(model: str, text: str = "hi", max_tokens: int = 3) -> service_
     return req
 
 
-def quiet(relay: TcpRelay) -> None:
+def quiet(grpc_relay: TcpRelay) -> None:
     """Lets frames of earlier calls (RST_STREAM, WINDOW_UPDATE) drain, then forgets what the relay saw."""
     before = None
-    while before != (before := relay.seen()):
+    while before != (before := grpc_relay.seen()):
         time.sleep(0.2)
-    relay.clear()
+    grpc_relay.clear()
 
 
 def code_of(call: Any) -> grpc.StatusCode:
@@ -181,11 +174,11 @@ def test_deadline_is_propagated(stub: Any, user_key: str) -> None:
     assert time.monotonic() - started < 2.0
 
 
-def test_message_over_the_cap_is_resource_exhausted(stub: Any, user_key: str, relay: TcpRelay) -> None:
-    quiet(relay)
+def test_message_over_the_cap_is_resource_exhausted(stub: Any, user_key: str, grpc_relay: TcpRelay) -> None:
+    quiet(grpc_relay)
     assert code_of(lambda: stub.ModelInfer(infer_request("deepseek", "x" * (2 * 1024 * 1024)),
                                            metadata=md(user_key))) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert_nothing_forwarded(relay)
+    assert_nothing_forwarded(grpc_relay)
 
 
 # ------------------------------------------------------------------ authentication + policy
@@ -219,14 +212,14 @@ ADMIN_CALLS: dict[str, Any] = {
 
 
 @pytest.mark.parametrize("method", sorted(ADMIN_CALLS))
-def test_user_key_is_denied_admin_methods_and_triton_sees_nothing(stub: Any, relay: TcpRelay, user_key: str,
+def test_user_key_is_denied_admin_methods_and_triton_sees_nothing(stub: Any, grpc_relay: TcpRelay, user_key: str,
                                                                   method: str) -> None:
-    quiet(relay)
+    quiet(grpc_relay)
     with pytest.raises(grpc.RpcError) as info:
         getattr(stub, method)(ADMIN_CALLS[method], metadata=md(user_key))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert info.value.details() == "forbidden by policy"
-    assert_nothing_forwarded(relay)
+    assert_nothing_forwarded(grpc_relay)
 
 
 def test_user_may_read_config_and_stats_of_a_model(stub: Any, user_key: str) -> None:
@@ -244,12 +237,12 @@ def test_admin_key_passes_on_admin_methods(stub: Any, admin_key: str) -> None:
     stub.LogSettings(service_pb2.LogSettingsRequest(), metadata=md(admin_key))
 
 
-def test_invalid_model_name_is_invalid_argument(stub: Any, relay: TcpRelay, user_key: str) -> None:
-    quiet(relay)
+def test_invalid_model_name_is_invalid_argument(stub: Any, grpc_relay: TcpRelay, user_key: str) -> None:
+    quiet(grpc_relay)
     for name in ("../repository", "deep/seek", "a" * 200, ""):
         assert code_of(lambda name=name: stub.ModelInfer(infer_request(name), metadata=md(user_key))) == \
             grpc.StatusCode.INVALID_ARGUMENT, name
-    assert_nothing_forwarded(relay)
+    assert_nothing_forwarded(grpc_relay)
 
 
 def test_stream_refused_when_a_message_names_a_forbidden_model(gw: Gateway, stub: Any) -> None:
@@ -276,21 +269,21 @@ def frame_types(data: bytes) -> list[int]:
     return types
 
 
-def test_client_cancelling_a_stream_cancels_the_upstream_call(gw: Gateway, stub: Any, relay: TcpRelay) -> None:
+def test_client_cancelling_a_stream_cancels_the_upstream_call(gw: Gateway, stub: Any, grpc_relay: TcpRelay) -> None:
     key_id, token = gw.key(owner="frank")
-    quiet(relay)
+    quiet(grpc_relay)
     # Triton's later responses wait in the relay: the upstream call is surely still running when the
     # client cancels (a fast model could otherwise finish all 200 tokens first, with no RST to send).
-    relay.hold_after(b"text_output")
+    grpc_relay.hold_after(b"text_output")
     try:
         responses = stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, max_tokens=200)]), metadata=md(token))
         assert next(responses)
         responses.cancel()
         # The event itself, not a deadline: held upstream, the call would otherwise never end. The
         # bound only limits how long a failure takes to show.
-        assert relay.wait_seen(lambda seen: RST_STREAM in frame_types(seen), 60), "upstream call not cancelled"
+        assert grpc_relay.wait_seen(lambda seen: RST_STREAM in frame_types(seen), 60), "upstream call not cancelled"
     finally:
-        relay.let_flow()
+        grpc_relay.let_flow()
     assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 30.0)
     (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
     assert rec["http_status"] == 499 and rec["reason"] == "client_cancelled" and rec["output_tokens"] >= 1
@@ -300,18 +293,18 @@ RST_STREAM = 0x3
 DATA, HEADERS = 0x0, 0x1
 
 
-def assert_nothing_forwarded(relay: TcpRelay) -> None:
+def assert_nothing_forwarded(grpc_relay: TcpRelay) -> None:
     """No request reached Triton: no HEADERS or DATA frame (keepalive PINGs and WINDOW_UPDATEs may)."""
     time.sleep(0.1)
-    assert not {DATA, HEADERS} & set(frame_types(relay.seen()))
+    assert not {DATA, HEADERS} & set(frame_types(grpc_relay.seen()))
 
 
-def test_shared_memory_in_infer_request_is_refused_for_users(stub: Any, relay: TcpRelay, user_key: str) -> None:
+def test_shared_memory_in_infer_request_is_refused_for_users(stub: Any, grpc_relay: TcpRelay, user_key: str) -> None:
     req = infer_request("deepseek")
     req.inputs[0].parameters["shared_memory_region"].string_param = "stolen"
-    quiet(relay)
+    quiet(grpc_relay)
     assert code_of(lambda: stub.ModelInfer(req, metadata=md(user_key))) == grpc.StatusCode.PERMISSION_DENIED
-    assert_nothing_forwarded(relay)
+    assert_nothing_forwarded(grpc_relay)
 
 
 def test_policy_change_applies_to_grpc_and_http_at_once(gw: Gateway, stub: Any, user_key: str) -> None:
@@ -344,7 +337,7 @@ def test_policy_change_applies_to_grpc_and_http_at_once(gw: Gateway, stub: Any, 
 # ------------------------------------------------------------------ health, outage, audit
 
 
-def test_health_check_reflects_triton(target: str, relay: TcpRelay, stub: Any, user_key: str) -> None:
+def test_health_check_reflects_triton(target: str, grpc_relay: TcpRelay, stub: Any, user_key: str) -> None:
     with grpc.insecure_channel(target) as channel:
         check = channel.unary_unary("/grpc.health.v1.Health/Check",
                                     request_serializer=HealthCheckRequest.SerializeToString,
@@ -352,7 +345,7 @@ def test_health_check_reflects_triton(target: str, relay: TcpRelay, stub: Any, u
         assert check(HealthCheckRequest()).status == SERVING
         assert check(HealthCheckRequest(service="inference.GRPCInferenceService")).status == SERVING
         assert code_of(lambda: check(HealthCheckRequest(service="nope"))) == grpc.StatusCode.NOT_FOUND
-        relay.block()
+        grpc_relay.block()
         try:
             assert check(HealthCheckRequest()).status != SERVING
             with pytest.raises(grpc.RpcError) as info:
@@ -363,7 +356,7 @@ def test_health_check_reflects_triton(target: str, relay: TcpRelay, stub: Any, u
             assert code_of(lambda: list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL)]),
                                                               metadata=md(user_key)))) == grpc.StatusCode.UNAVAILABLE
         finally:
-            relay.block(False)
+            grpc_relay.block(False)
         assert wait_for(lambda: check(HealthCheckRequest()).status == SERVING, 10.0)
     stub.ModelInfer(infer_request("deepseek"), metadata=md(user_key))
 

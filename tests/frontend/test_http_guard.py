@@ -486,13 +486,6 @@ GRPC_CAP = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def grpc_relay(triton: TritonProcess) -> Iterator[TcpRelay]:
-    r = TcpRelay("127.0.0.1", triton.launch.grpc_port).start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def grpc_gw(triton: TritonProcess, grpc_relay: TcpRelay,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = Gateway(tmp_path_factory.mktemp("gw-grpc-cap"), triton.http_url, free_ports(3),
