@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
 from tests.frontend.test_http import call
-from tests.gateway import Gateway, audit_records, gateway_via, wait_for
-from tests.relay import TcpRelay
-
-
-@pytest.fixture(scope="module")
-def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway_via(tmp_path_factory.mktemp("gw-admin-audit"), relay) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def admin(gw: Gateway) -> str:
-    return gw.key(owner="ops", roles=("admin",))[1]
+from tests.gateway import Gateway, audit_records, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
-import pytest
 
 from tests.frontend.test_http import call
-from tests.gateway import Gateway, audit_records, gateway_via, wait_for
+from tests.gateway import Gateway, audit_records, wait_for
 from tests.keys.test_rotation import secrets_now
 from tests.relay import TcpRelay
 
 BASE = "/admin/v1/crypto"
-
-
-@pytest.fixture(scope="module")
-def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway_via(tmp_path_factory.mktemp("gw-admin-crypto"), relay) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def admin(gw: Gateway) -> str:
-    return gw.key(owner="ops", roles=("admin",))[1]
 
 
 def _crypto(gw: Gateway, key: str, operation: str, body: Any = b"") -> tuple[int, dict[str, Any]]:

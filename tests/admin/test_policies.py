@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.frontend.test_http import call
-from tests.gateway import Gateway, gateway_via, wait_for
-from tests.relay import TcpRelay
-
-
-@pytest.fixture(scope="module")
-def gw(relay: TcpRelay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway_via(tmp_path_factory.mktemp("gw-admin-policies"), relay) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def admin(gw: Gateway) -> str:
-    return gw.key(owner="ops", roles=("admin",))[1]
+from tests.gateway import Gateway, wait_for
 
 
 def listing(gw: Gateway, admin: str) -> dict[str, Any]:
