@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -524,24 +524,39 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
     return got
 
 
+def leave_mid_answer(relay: TcpRelay, marker: str, send: Callable[[], socket.socket],
+                     answering: Callable[[socket.socket], object]) -> None:
+    """Sends a request (carrying `marker`) whose later events Triton's side of `relay` holds back,
+    waits until `answering` says the answer is under way, closes the client's socket, and waits
+    for seekgate to close Triton's connection: the cancel reaching Triton, not a deadline (held
+    upstream, Triton's request would otherwise never end; the bound only limits how long a
+    failure takes to show)."""
+    relay.hold_after(b"data:")
+    try:
+        sock = send()
+        answering(sock)
+        upstream = relay.connection_carrying(marker.encode())
+        assert upstream is not None and not upstream.closed.is_set()
+        sock.close()
+        assert upstream.closed.wait(60), "Triton's request outlived its client"
+    finally:
+        relay.let_flow()
+
+
+def streaming_200(sock: socket.socket) -> None:
+    """leave_mid_answer's `answering` for a stream: a 200 and its first event reached the client."""
+    assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
+
+
 def test_client_dropping_a_stream_cancels_the_upstream_request(gw: Gateway, relay: TcpRelay) -> None:
     key_id, key = issue(gw, owner="dropper")
     marker = f"drop-{uuid.uuid4().hex}"
     # Triton's next events wait in the relay: seekgate has nothing to write, so only watching the
     # client's connection can tell it the client left.
-    relay.hold_after(b"data:")
-    try:
-        sock = raw_request(gw, "POST", "/v2/models/deepseek_stream/generate_stream",
-                           json.dumps({"text_input": marker, "max_tokens": 200}).encode(), bearer(key))
-        assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
-        upstream = relay.connection_carrying(marker.encode())
-        assert upstream is not None and not upstream.closed.is_set()
-        sock.close()
-        # The event, not a deadline: held upstream, Triton's request would otherwise never end; the
-        # bound only limits how long a failure takes to show.
-        assert upstream.closed.wait(60), "Triton's request outlived its client"
-    finally:
-        relay.let_flow()
+    leave_mid_answer(relay, marker,
+                     lambda: raw_request(gw, "POST", "/v2/models/deepseek_stream/generate_stream",
+                                         json.dumps({"text_input": marker, "max_tokens": 200}).encode(), bearer(key)),
+                     streaming_200)
     assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 30.0)
     (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
     assert rec["status"] == "error" and rec["reason"] == "client_disconnected" and rec["http_status"] == 499

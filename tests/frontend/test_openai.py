@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from proxy.local.triton import TritonProcess
-from tests.frontend.test_http import bearer, call, raw_request, read_until
+from tests.frontend.test_http import bearer, call, leave_mid_answer, raw_request, streaming_200
 from tests.gateway import Gateway, audit_records, gateway_via, metric, wait_for
 from tests.relay import TcpRelay
 
@@ -202,19 +203,12 @@ def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Ga
     relay = relays[0]
     key_id, key = gw.key(owner="leaver")
     marker = f"leave-{uuid.uuid4().hex}"
-    relay.hold_after(b"data:")
-    try:
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 200,
-                           "stream": True}).encode()
-        sock = raw_request(gw, "POST", "/v1/chat/completions", body,
-                           {**bearer(key), "Content-Type": "application/json"})
-        assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
-        upstream = relay.connection_carrying(marker.encode())
-        assert upstream is not None and not upstream.closed.is_set()
-        sock.close()
-        assert upstream.closed.wait(60), "Triton's request outlived its client"
-    finally:
-        relay.let_flow()
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 200,
+                       "stream": True}).encode()
+    leave_mid_answer(relay, marker,
+                     lambda: raw_request(gw, "POST", "/v1/chat/completions", body,
+                                         {**bearer(key), "Content-Type": "application/json"}),
+                     streaming_200)
     (rec,) = records_of(gw, key_id)
     assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
     assert 1 <= rec["output_tokens"] < 200 and rec["openai"]["endpoint"] == "/v1/chat/completions"
@@ -226,18 +220,15 @@ def test_client_leaving_a_whole_answer_cancels_in_triton_and_the_audit_counts(
     relay = relays[0]
     key_id, key = gw.key(owner="whole-leaver")
     marker = f"leave-whole-{uuid.uuid4().hex}"
-    relay.hold_after(b"data:")
-    try:
-        body = json.dumps({"model": MODEL, "prompt": marker, "max_tokens": 200, "temperature": 0}).encode()
-        sock = raw_request(gw, "POST", "/v1/completions", body, {**bearer(key), "Content-Type": "application/json"})
-        # Triton's first token reached seekgate; the next ones wait in the relay while the client waits too.
+    body = json.dumps({"model": MODEL, "prompt": marker, "max_tokens": 200, "temperature": 0}).encode()
+    # Nothing reaches the client before the end: under way means Triton's first token reached
+    # seekgate, and the next ones wait in the relay while the client waits too.
+    def first_token_held(_: socket.socket) -> None:
         assert relay.holding.wait(60), "no token from Triton"
-        upstream = relay.connection_carrying(marker.encode())
-        assert upstream is not None and not upstream.closed.is_set()
-        sock.close()
-        assert upstream.closed.wait(60), "Triton's request outlived its client"
-    finally:
-        relay.let_flow()
+    leave_mid_answer(relay, marker,
+                     lambda: raw_request(gw, "POST", "/v1/completions", body,
+                                         {**bearer(key), "Content-Type": "application/json"}),
+                     first_token_held)
     (rec,) = records_of(gw, key_id)
     assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
     assert 1 <= rec["output_tokens"] < 200 and rec["input_tokens"] >= 1
