@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import loadgen, stack  # noqa: E402
 from bench.matrix import check_once, load_for  # noqa: E402
+from bench.proxy_overhead import process_cpu  # noqa: E402
 from tests.backends import admin_url_or_private, create_database, drop_database, redis_url_or_private  # noqa: E402
 
 REPO = stack.REPO
@@ -106,19 +107,9 @@ def measure_many(tool: tuple[str, str], loads: list[loadgen.Load], concurrency: 
                             next((m.first_error for m in runs if m.first_error), None))
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds of these processes so far (0 for one that is gone)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
+    return sum(process_cpu(pid)() or 0.0 for pid in pids)
 
 
 def backend_pids() -> list[int]:
