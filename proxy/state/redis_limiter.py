@@ -53,7 +53,7 @@ MAX_BATCH = 256            # operations per script call (its ARGV stays far belo
 SETTLE_DELAY_S = 0.05      # the longest a settlement that only lowers a charge waits for a ride
 SLOT_LIFE_S = 1.0          # how long reserved admissions may be handed out (redis_slots.py)
 SLOT_MARGIN_S = 0.05       # handed out no later than this before Redis's idea of their end
-MAX_SLOTS = 64             # reserved with one admission at most
+MAX_SLOTS = 256            # reserved with one admission at most
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
@@ -78,7 +78,7 @@ class _Unsettled:
 class _Admission:
     keys: tuple[str, ...]
     args: list[Any]           # scope count, grant id, tokens, day, month, ms to day end, ms to month end,
-                              # slots wanted, limits...
+                              # slots wanted, request (1) or reservation alone (0), limits...
     answer: asyncio.Future[list[Any]]
 
 
@@ -144,6 +144,8 @@ class RedisLimiter(Limiter):
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
+        if self._sender is not None:
+            await self._sender   # what is out is answered first: a reservation among it adds its slots
         for pool in self._slots.drain():
             self._cancel_slots(pool)
         if self.up and self._settlements:
@@ -175,19 +177,15 @@ class RedisLimiter(Limiter):
         shape = None if lease_keys else (keys, tuple(limits), tokens, day, month)
         if shape is not None and (slot := self._slots.take(shape)) is not None:
             gid, pool = slot   # counted in Redis already, Redis up or not
+            if self.up and (wanted := self._slots.refill(shape)):
+                self._reserve(shape, keys, limits, tokens, day, month, to_day, to_month, wanted)
             return RedisGrant(key_ids, tokens, rpm_window=pool.next_window(), gid=gid, keys=keys, day=day, month=month)
         if not self.up:
             return self._fallback(bound, tokens)
-        self._next += 1
-        gid = f"{self._instance}:{self._next}"
+        gid = self._new_gid()
         wanted = self._slots.reserve(shape) if shape is not None else 0
         asked_at = self._slots.clock()
-        args: list[Any] = [len(bound), gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000), wanted]
-        for five in limits:
-            args += five
-        admission = _Admission(keys, args, asyncio.get_running_loop().create_future())
-        self._admissions.append(admission)
-        self._kick()
+        admission = self._admit(keys, limits, gid, tokens, day, month, to_day, to_month, wanted, request=True)
         try:
             answer = await admission.answer
         except _DOWN:
@@ -205,18 +203,51 @@ class RedisLimiter(Limiter):
             _, index, kind, limit, remaining, reset_ms, retry_ms = answer
             raise OverLimit(str(kind), bound[int(index) - 1], int(limit), int(remaining),
                             int(reset_ms) / 1000.0, int(retry_ms) / 1000.0)
-        _, _, w_limit, w_left, w_reset, slots = (int(v) for v in answer)
-        window = (w_limit, w_left, w_reset / 1000.0) if w_limit else None
-        if slots and shape is not None:
-            pool = SlotPool(keys, tokens, day, month, [f"{gid}#{i}" for i in range(slots, 0, -1)],
-                            expires=asked_at + SLOT_LIFE_S - SLOT_MARGIN_S, window=window)
-            if (replaced := self._slots.add(shape, pool)) is not None:
-                self._cancel_slots(replaced)
+        window = self._keep_slots(shape, keys, tokens, day, month, gid, asked_at, answer)
         grant = RedisGrant(key_ids, tokens, rpm_window=window,
                            gid=gid, keys=keys, lease_keys=lease_keys, day=day, month=month)
         if lease_keys:
             self._held.leases[gid] = lease_keys
         return grant
+
+    def _new_gid(self) -> str:
+        self._next += 1
+        return f"{self._instance}:{self._next}"
+
+    def _admit(self, keys: tuple[str, ...], limits: list[tuple[int, int, int, int, int]], gid: str, tokens: int,
+               day: str, month: str, to_day: float, to_month: float, wanted: int, *, request: bool) -> _Admission:
+        """Queues one admission (or, `request` False, a reservation of slots alone) for the next batch."""
+        args: list[Any] = [len(keys), gid, tokens, day, month, int(to_day * 1000), int(to_month * 1000), wanted,
+                           1 if request else 0]
+        for five in limits:
+            args += five
+        admission = _Admission(keys, args, asyncio.get_running_loop().create_future())
+        self._admissions.append(admission)
+        self._kick()
+        return admission
+
+    def _keep_slots(self, shape: Any, keys: tuple[str, ...], tokens: int, day: str, month: str, gid: str,
+                    asked_at: float, answer: list[Any]) -> tuple[int, int, float] | None:
+        """Keeps the slots an admitted answer reserved; returns its rpm window for X-RateLimit-*."""
+        _, _, w_limit, w_left, w_reset, slots = (int(v) for v in answer)
+        window = (w_limit, w_left, w_reset / 1000.0) if w_limit else None
+        if slots and shape is not None:
+            self._slots.add(shape, SlotPool(keys, tokens, day, month, [f"{gid}#{i}" for i in range(slots, 0, -1)],
+                                            expires=asked_at + SLOT_LIFE_S - SLOT_MARGIN_S, window=window))
+        return window
+
+    def _reserve(self, shape: Any, keys: tuple[str, ...], limits: list[tuple[int, int, int, int, int]], tokens: int,
+                 day: str, month: str, to_day: float, to_month: float, wanted: int) -> None:
+        """Tops up a busy key's slots in the background while some are left: no request waits for it."""
+        gid, asked_at = self._new_gid(), self._slots.clock()
+        admission = self._admit(keys, limits, gid, tokens, day, month, to_day, to_month, wanted, request=False)
+
+        def done(answer: asyncio.Future[list[Any]]) -> None:
+            self._slots.reserved(shape)
+            if not answer.cancelled() and answer.exception() is None and int(answer.result()[0]) == 1:
+                self._keep_slots(shape, keys, tokens, day, month, gid, asked_at, answer.result())
+
+        admission.answer.add_done_callback(done)
 
     def _cancel_slots(self, pool: SlotPool) -> None:
         """Gives back reserved admissions never handed out (stricter while they wait for a ride)."""

@@ -22,8 +22,9 @@ from __future__ import annotations
 #   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
 #   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
 #   used: its entries leave the rpm and tpm logs too);
-# then A admissions of 8 fields: scope count, grant id, tokens, day, month, ms to day end,
-#   ms to month end, slots wanted; and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
+# then A admissions of 9 fields: scope count, grant id, tokens, day, month, ms to day end,
+#   ms to month end, slots wanted, request (1: a request to admit; 0: only a reservation of slots,
+#   for a replica whose slots run low); and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
 # Settlements run first: a replica's finished request frees its slot before its next one asks.
 #
 # Slots: an admission may also ask for up to N more admissions of the same shape, which the
@@ -108,16 +109,15 @@ local function expire(first, n, lims)
   end
 end
 
--- nil when one more request fits every scope; else the refusal. `share` of each limit is what
--- may be used: 1 for a request, 1/2 for a slot.
-local function refusal(first, n, tokens, day, month, to_day, to_month, lims, share)
+-- nil when one more request fits every scope; else the refusal.
+local function refusal(first, n, tokens, day, month, to_day, to_month, lims)
   for i = 1, n do
     local p = KEYS[first + i - 1]
     local rpm, tpm, conc, daily, monthly = lims(i, 1), lims(i, 2), lims(i, 3), lims(i, 4), lims(i, 5)
-    if conc > 0 and redis.call('ZCARD', p .. ':c') >= conc * share then
+    if conc > 0 and redis.call('ZCARD', p .. ':c') >= conc then
       return {0, i, 'concurrency', conc, 0, 1000, 1000}
     end
-    if rpm > 0 and redis.call('ZCARD', p .. ':r') >= rpm * share then
+    if rpm > 0 and redis.call('ZCARD', p .. ':r') >= rpm then
       local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
       local wait = oldest + 60000 - now
       return {0, i, 'rpm', rpm, 0, wait, wait}
@@ -125,7 +125,7 @@ local function refusal(first, n, tokens, day, month, to_day, to_month, lims, sha
     if tokens > 0 then
       if tpm > 0 then
         local used = tonumber(redis.call('HGET', p .. ':tc', '_sum') or '0')
-        if used + tokens > tpm * share then
+        if used + tokens > tpm then
           local wait = 60000
           if tokens <= tpm then   -- else it can never fit: a full window
             -- When enough will have left; past the oldest CHUNK entries, when those have (a hint
@@ -143,11 +143,11 @@ local function refusal(first, n, tokens, day, month, to_day, to_month, lims, sha
       end
       if daily > 0 then
         local used = tonumber(redis.call('GET', p .. ':d:' .. day) or '0')
-        if used + tokens > daily * share then return {0, i, 'daily_tokens', daily, daily - used, to_day, to_day} end
+        if used + tokens > daily then return {0, i, 'daily_tokens', daily, daily - used, to_day, to_day} end
       end
       if monthly > 0 then
         local used = tonumber(redis.call('GET', p .. ':m:' .. month) or '0')
-        if used + tokens > monthly * share then
+        if used + tokens > monthly then
           return {0, i, 'monthly_tokens', monthly, monthly - used, to_month, to_month}
         end
       end
@@ -156,35 +156,71 @@ local function refusal(first, n, tokens, day, month, to_day, to_month, lims, sha
   return nil
 end
 
-local function charge(first, n, gid, tokens, day, month, to_day, to_month, lims, stamp)
+-- Charges every grant id in `gids` (a request, or a reservation's slots) alike, each command once
+-- for all of them: a reservation of 64 slots costs about what one request does.
+local function charge(first, n, gids, tokens, day, month, to_day, to_month, lims, stamp)
+  local count = #gids
+  local stamped, charged = {}, {}
+  for j = 1, count do
+    stamped[2 * j - 1], stamped[2 * j] = stamp, gids[j]
+    charged[2 * j - 1], charged[2 * j] = gids[j], tokens
+  end
   for i = 1, n do
     local p = KEYS[first + i - 1]
     local rpm, tpm, conc = lims(i, 1), lims(i, 2), lims(i, 3)
     if rpm > 0 then
-      redis.call('ZADD', p .. ':r', stamp, gid)
+      redis.call('ZADD', p .. ':r', unpack(stamped))
       redis.call('PEXPIRE', p .. ':r', 61000 + slot_life)
     end
     if tpm > 0 then
-      redis.call('ZADD', p .. ':t', stamp, gid)
-      redis.call('HSET', p .. ':tc', gid, tokens)
-      redis.call('HINCRBY', p .. ':tc', '_sum', tokens)
+      redis.call('ZADD', p .. ':t', unpack(stamped))
+      redis.call('HSET', p .. ':tc', unpack(charged))
+      redis.call('HINCRBY', p .. ':tc', '_sum', tokens * count)
       redis.call('PEXPIRE', p .. ':t', 61000 + lease + slot_life)
       redis.call('PEXPIRE', p .. ':tc', 61000 + lease + slot_life)
     end
     if conc > 0 then
-      redis.call('ZADD', p .. ':c', now + lease, gid)
+      local leases = {}
+      for j = 1, count do leases[2 * j - 1], leases[2 * j] = now + lease, gids[j] end
+      redis.call('ZADD', p .. ':c', unpack(leases))
       redis.call('PEXPIRE', p .. ':c', lease + 1000)
     end
     if tokens > 0 then   -- budgets are counted whether or not a budget is set, as the local limiter does
       -- a budget key's expiry is its calendar window's end: set once, when the charge creates it
-      if redis.call('INCRBY', p .. ':d:' .. day, tokens) == tokens then
+      local total = tokens * count
+      if redis.call('INCRBY', p .. ':d:' .. day, total) == total then
         redis.call('PEXPIRE', p .. ':d:' .. day, to_day + 86400000)
       end
-      if redis.call('INCRBY', p .. ':m:' .. month, tokens) == tokens then
+      if redis.call('INCRBY', p .. ':m:' .. month, total) == total then
         redis.call('PEXPIRE', p .. ':m:' .. month, to_month + 86400000)
       end
     end
   end
+end
+
+-- How many slots of `tokens` fit, at most `wanted`: one after another, each while half of every
+-- limit stays free (refusal(..., 0.5) before each), counted at once from the scopes' use now.
+local function fitting(first, n, tokens, day, month, wanted, lims)
+  local fit = wanted
+  local function room(used, limit, each)   -- how many more of `each` keep used + them <= limit / 2 ...
+    return math.floor((limit * 0.5 - used) / each)
+  end
+  for i = 1, n do
+    local p = KEYS[first + i - 1]
+    local rpm, tpm, conc, daily, monthly = lims(i, 1), lims(i, 2), lims(i, 3), lims(i, 4), lims(i, 5)
+    -- ... and a count: the next one fits while count < limit / 2
+    if conc > 0 then fit = math.min(fit, math.ceil(conc * 0.5 - redis.call('ZCARD', p .. ':c'))) end
+    if rpm > 0 then fit = math.min(fit, math.ceil(rpm * 0.5 - redis.call('ZCARD', p .. ':r'))) end
+    if tokens > 0 then
+      if tpm > 0 then fit = math.min(fit, room(tonumber(redis.call('HGET', p .. ':tc', '_sum') or '0'), tpm, tokens)) end
+      if daily > 0 then fit = math.min(fit, room(tonumber(redis.call('GET', p .. ':d:' .. day) or '0'), daily, tokens)) end
+      if monthly > 0 then
+        fit = math.min(fit, room(tonumber(redis.call('GET', p .. ':m:' .. month) or '0'), monthly, tokens))
+      end
+    end
+    if fit <= 0 then return 0 end
+  end
+  return fit
 end
 
 -- The tightest rpm window now, for X-RateLimit-*: limit, remaining, ms to reset (0s: no rpm scope).
@@ -196,7 +232,8 @@ local function window(first, n, lims)
       local p = KEYS[first + i - 1]
       local left = rpm - redis.call('ZCARD', p .. ':r')
       if w_limit == 0 or left < w_left then
-        local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
+        -- empty only before a reservation alone (request 0): nothing in the window yet
+        local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2] or now)
         w_limit, w_left, w_reset = rpm, left, math.max(0, oldest + 60000 - now)
       end
     end
@@ -204,16 +241,19 @@ local function window(first, n, lims)
   return w_limit, w_left, w_reset
 end
 
-local function acquire(first, n, gid, tokens, day, month, to_day, to_month, wanted, lims)
+local function acquire(first, n, gid, tokens, day, month, to_day, to_month, wanted, request, lims)
   expire(first, n, lims)
-  local no = refusal(first, n, tokens, day, month, to_day, to_month, lims, 1)
-  if no then return no end   -- a refusal charges nothing
-  charge(first, n, gid, tokens, day, month, to_day, to_month, lims, now)
+  if request then
+    local no = refusal(first, n, tokens, day, month, to_day, to_month, lims)
+    if no then return no end   -- a refusal charges nothing
+    charge(first, n, {gid}, tokens, day, month, to_day, to_month, lims, now)
+  end
   local w_limit, w_left, w_reset = window(first, n, lims)
-  local slots = 0
-  while slots < wanted and not refusal(first, n, tokens, day, month, to_day, to_month, lims, 0.5) do
-    slots = slots + 1
-    charge(first, n, gid .. '#' .. slots, tokens, day, month, to_day, to_month, lims, now + slot_life)
+  local slots = wanted > 0 and fitting(first, n, tokens, day, month, wanted, lims) or 0
+  if slots > 0 then
+    local gids = {}
+    for j = 1, slots do gids[j] = gid .. '#' .. j end
+    charge(first, n, gids, tokens, day, month, to_day, to_month, lims, now + slot_life)
   end
   return {1, now, w_limit, w_left, w_reset, slots}
 end
@@ -233,10 +273,10 @@ if not ok then failed[#failed + 1] = failure(e) end
 local replies = {}
 for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
-  local base = a + 8
+  local base = a + 9
   local function lims(i, f) return tonumber(ARGV[base + (i - 1) * 5 + f - 1]) end
   local ok, reply = pcall(acquire, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4],
-                          tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), lims)
+                          tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), ARGV[a + 8] == '1', lims)
   replies[#replies + 1] = ok and reply or {-1, failure(reply)}
   a, k = base + 5 * n, k + n
 end

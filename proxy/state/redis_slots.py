@@ -2,13 +2,14 @@
 
 A key that is busy on this replica (at least `MIN_DEMAND` admissions of one shape in the last
 slot life) asks, with the admission that has to go to Redis anyway, for as many more as it used
-in that time (at most `max_slots`). Redis charges each like a request, logged at the end of its
-life (redis_scripts.BATCH), and grants them only while they leave half of every limit free: so a
-slot used at any moment of its life is counted at least as long as a request admitted then, and
-reserving never refuses a request another replica could have had. What is not used within its
-life is cancelled. A shape is everything the script judged: the scopes' keys and limits, the
-tokens charged and the calendar windows, so a slot never admits a request it would have refused.
-"""
+in that time (at most `max_slots`), and asks again on its own once half of them are handed out,
+so a steady stream of requests never waits for Redis. Redis charges each like a request, logged
+at the end of its life (redis_scripts.BATCH), and grants them only while they leave half of
+every limit free: so a slot used at any moment of its life is counted at least as long as a
+request admitted then, and reserving never refuses a request another replica could have had.
+What is not used within its life is cancelled. A shape is everything the script judged: the
+scopes' keys and limits, the tokens charged and the calendar windows, so a slot never admits a
+request it would have refused."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class SlotPool:
     expires: float                                    # on `clock`: not handed out after this
     window: tuple[int, int, float] | None = None      # rpm (limit, remaining, reset s) once reserved
     handed: int = 0
+    size: int = 0                                     # slots reserved (gids at the start)
+
+    def __post_init__(self) -> None:
+        self.size = self.size or len(self.gids)
 
     def next_window(self) -> tuple[int, int, float] | None:
         """X-RateLimit-* for the next slot: the reservation's window less what was handed since."""
@@ -52,9 +57,10 @@ class SlotBook:
     life_s: float
     max_slots: int
     clock: Callable[[], float] = time.monotonic
-    _pools: dict[Hashable, SlotPool] = field(default_factory=dict)
+    _pools: dict[Hashable, list[SlotPool]] = field(default_factory=dict)   # oldest first
     _demand: dict[Hashable, _Demand] = field(default_factory=dict)
     _asking: set[Hashable] = field(default_factory=set)
+    _spent: list[SlotPool] = field(default_factory=list)   # past their life with slots unused, for expired()
 
     def take(self, shape: Hashable) -> tuple[str, SlotPool] | None:
         """One reserved admission of `shape` (its grant id and pool), or None; counts the demand."""
@@ -65,11 +71,24 @@ class SlotBook:
         elif now - demand.since >= self.life_s:
             demand.since, demand.before, demand.now = now, demand.now, 0
         demand.now += 1
-        pool = self._pools.get(shape)
-        if pool is None or not pool.gids or pool.expires <= now:
+        pools = self._pools.get(shape)
+        while pools and not (pools[0].gids and pools[0].expires > now):
+            if (gone := pools.pop(0)).gids:   # past its life: expired() hands its unused slots back
+                self._spent.append(gone)
+        if not pools:
             return None
+        pool = pools[0]   # the oldest ends first
         pool.handed += 1
         return pool.gids.pop(), pool
+
+    def refill(self, shape: Hashable) -> int:
+        """How many slots to reserve now, ahead of need, or 0: once half of the last reservation is
+        handed out, the next is asked for (on its own, `request` 0) while the rest serve the requests
+        behind it, so a busy key's pool is topped up before it runs dry."""
+        pools = self._pools.get(shape)
+        if not pools or shape in self._asking or sum(len(p.gids) for p in pools) * 2 > pools[-1].size:
+            return 0
+        return self.reserve(shape)
 
     def reserve(self, shape: Hashable) -> int:
         """How many slots to ask for with an admission of `shape` that goes to Redis anyway.
@@ -89,22 +108,28 @@ class SlotBook:
     def reserved(self, shape: Hashable) -> None:
         self._asking.discard(shape)
 
-    def add(self, shape: Hashable, pool: SlotPool) -> SlotPool | None:
-        """Keeps a new reservation; returns the one it replaces (its unused slots are to cancel)."""
-        old = self._pools.get(shape)
-        self._pools[shape] = pool
-        return old if old is not None and old.gids else None
+    def add(self, shape: Hashable, pool: SlotPool) -> None:
+        """Keeps a new reservation beside the older ones still in use (those are handed out first)."""
+        self._pools.setdefault(shape, []).append(pool)
 
     def expired(self) -> list[SlotPool]:
         """Removes and returns the pools past their life (with their unused slots), and old demand."""
         now = self.clock()
-        gone = [shape for shape, pool in self._pools.items() if pool.expires <= now]
+        gone, self._spent = self._spent, []
+        for shape in list(self._pools):
+            pools = self._pools[shape]
+            gone += [pool for pool in pools if pool.expires <= now or not pool.gids]
+            if not (kept := [pool for pool in pools if pool.expires > now and pool.gids]):
+                del self._pools[shape]
+            else:
+                self._pools[shape] = kept
         for shape in [s for s, d in self._demand.items() if now - d.since >= 2 * self.life_s]:
             del self._demand[shape]
-        return [pool for pool in (self._pools.pop(shape) for shape in gone) if pool.gids]
+        return [pool for pool in gone if pool.gids]
 
     def drain(self) -> list[SlotPool]:
         """Removes and returns every pool with unused slots (the limiter is closing)."""
-        pools = [pool for pool in self._pools.values() if pool.gids]
+        pools = self._spent + [pool for kept in self._pools.values() for pool in kept if pool.gids]
         self._pools.clear()
+        self._spent = []
         return pools

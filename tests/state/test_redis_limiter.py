@@ -312,3 +312,69 @@ async def test_redis_down_local_enforces_this_replicas_limits_and_says_so(privat
     grant = await lim.acquire(s, 0)
     assert grant.rpm_window == (2, 1, pytest.approx(60, abs=0.1))   # counted in Redis again
     await lim.close()
+
+
+@pytest.mark.parametrize(("limits", "tokens", "slots"), [
+    ({"rpm": 20}, 0, 9),                      # its own charge makes 1; slots while the count stays under 10
+    ({"rpm": 20, "request": 0}, 0, 10),       # a reservation alone charges no request of its own
+    ({"rpm": 21}, 0, 10),                     # under 10.5
+    ({"tpm": 100}, 7, 6),                     # 7 used; each slot 7 more while the total stays within 50
+    ({"daily_tokens": 64, "rpm": 1000}, 5, 5),
+    ({"monthly_tokens": 30}, 5, 2),
+    ({"concurrency": 8}, 0, 3),               # leases: 1 held, slots while fewer than 4
+    ({"rpm": 1000, "tpm": 1000}, 0, 64),      # nothing near half: as many as asked
+    ({"rpm": 2}, 0, 0),                       # its own charge already took half
+])
+async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
+        limiter: RedisLimiter, redis_server_url: str, redis_prefix: str, limits: dict[str, int], tokens: int,
+        slots: int) -> None:
+    """The script counts the fitting slots at once: exactly as many as a per-request check at half
+    of every limit would admit one after another, charged in every log the limits keep."""
+    request = limits.pop("request", 1)
+    s = scope("half", **limits)
+    assert not s.limits.unlimited()
+    from proxy.state.limits import _windows
+    day, month, to_day, to_month = _windows(time.time())
+    five = [s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens]
+    args = [0, 1, limiter.lease_ms, 1000, 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
+            *five]
+    replies, failed = await limiter._run_batch([f"{redis_prefix}half"], args)
+    assert failed == [] and int(replies[0][0]) == 1
+    assert int(replies[0][5]) == slots
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        base = f"{redis_prefix}half"
+        charged = request + slots
+        if s.limits.rpm:
+            assert await client.zcard(f"{base}:r") == charged
+        if s.limits.tpm:
+            assert int(await client.hget(f"{base}:tc", "_sum")) == tokens * charged
+        if s.limits.concurrency:
+            assert await client.zcard(f"{base}:c") == charged
+        if tokens:
+            assert int(await client.get(f"{base}:d:{day}")) == tokens * charged
+            assert int(await client.get(f"{base}:m:{month}")) == tokens * charged
+    finally:
+        await client.aclose()
+
+
+async def test_a_busy_key_refills_its_slots_before_they_run_dry(limiter: RedisLimiter, redis_server_url: str,
+                                                               redis_prefix: str) -> None:
+    """32 requests at a time, each taking a moment: the pool is topped up while slots are left, so
+    almost every admission comes from a slot rather than a burst of them going to Redis."""
+    s = [scope("refill", rpm=1_000_000)]
+
+    async def client_loop() -> None:
+        for _ in range(40):
+            limiter.settle(await limiter.acquire(s, 0), 0)
+            await asyncio.sleep(0.01)   # a request that takes 10 ms: ~3 000 admissions a second
+
+    await asyncio.gather(*(client_loop() for _ in range(32)))
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        logged = [m.decode() for m in await client.zrange(f"{redis_prefix}refill:r", 0, -1)]
+    finally:
+        await client.aclose()
+    requests = [m for m in logged if "#" not in m]   # admissions judged in Redis one by one
+    assert len(logged) >= 32 * 40
+    assert len(requests) <= 32 * 40 // 10, len(requests)
