@@ -98,7 +98,8 @@ class AuditWriter:
     the process loses only what is still queued: written lines are in the page cache). In `strict`
     mode every batch is fsynced before the records' `submit_durable` futures resolve: group
     commit, one fsync for every request that arrived while the previous one ran. The JSONL file
-    is the durable record; audit.db is the queryable index, committed right after in the same cycle.
+    is the durable record; audit.db is the queryable index, committed right after in the same cycle
+    (with `store.url` on PostgreSQL, the shared table instead: `share()`).
 
     A failed write keeps its batch and retries with backoff (calling `on_error` per
     failure), so records are delayed, never dropped. `close()` drains everything.
@@ -136,7 +137,7 @@ class AuditWriter:
         self._inflight: list[dict[str, Any]] = []
         self._waiters: dict[str, asyncio.Future[None]] = {}   # event_id -> durable-write future
         self._task: asyncio.Task[None] | None = None
-        self._index = AuditIndex(self.db_path)
+        self._index: AuditIndex | None = AuditIndex(self.db_path)   # None once the index is the shared one
         self._unsynced_since: float | None = None   # monotonic time of the oldest unsynced write
         self._next_prune = 0.0
         self._closed = False
@@ -144,13 +145,21 @@ class AuditWriter:
         self.shared: SharedAuditIndex | None = None
 
     def share(self, pool: Any, replica: str) -> None:
-        """Also index into the shared PostgreSQL table (before start()); the JSONL tail is its catch-up source."""
+        """Index into the shared PostgreSQL table instead of audit.db (before start()).
+
+        Every reader of a replica on PostgreSQL (audit query, the admin search and usage, the leak
+        report) reads the shared table, so a local audit.db would be written and never read: on the
+        request loop's CPU, 13 us a record. The JSONL file stays the durable record and the shared
+        index's catch-up source.
+        """
+        self._index = None
         self.shared = SharedAuditIndex(pool, replica, reread=lambda n: [
             r for r in last_records(self.jsonl_path, n) if "event_id" in r] if self.jsonl_path.exists() else [])
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._index.open)   # a broken audit.db stops the start
+        if self._index is not None:
+            await asyncio.to_thread(self._index.open)   # a broken audit.db stops the start
         if self.shared is not None:
             self.shared.start()
         await self._recover()
@@ -221,7 +230,7 @@ class AuditWriter:
         return fut
 
     async def flush(self) -> None:
-        """Wait until every record submitted before this call is in audit.jsonl and audit.db.
+        """Wait until every record submitted before this call is in audit.jsonl and its index.
 
         For readers of the index that must see the latest uses (the leak report). A failing write
         keeps the caller waiting while it is retried: bound the wait with asyncio.timeout.
@@ -262,7 +271,8 @@ class AuditWriter:
             await asyncio.to_thread(self.file.close)
         except OSError:
             log.exception("audit file fsync/close failed")
-        await asyncio.to_thread(self._index.close)
+        if self._index is not None:
+            await asyncio.to_thread(self._index.close)
         if self.shared is not None:
             await self.shared.close()
 
@@ -277,7 +287,8 @@ class AuditWriter:
         """Retention: drop rotated files and rows older than `retention_days`."""
         cutoff = (time.time() if now is None else now) - self.retention_days * 86400
         await asyncio.to_thread(self._prune_files, cutoff)
-        await asyncio.to_thread(self._index.prune, cutoff)
+        if self._index is not None:
+            await asyncio.to_thread(self._index.prune, cutoff)
         self._next_prune = time.monotonic() + 3600
         if self.shared is not None:
             try:   # every replica may run it: it is idempotent, and serialised in PostgreSQL
@@ -429,7 +440,8 @@ class AuditWriter:
                 self.shared.submit(recs)   # a crash between the file and PostgreSQL: indexed now (no doubles)
 
     async def _insert_rows(self, batch: list[dict[str, Any]]) -> None:
-        await asyncio.to_thread(self._index.insert, batch)
+        if self._index is not None:
+            await asyncio.to_thread(self._index.insert, batch)
 
     def _prune_files(self, cutoff: float) -> None:
         for path in rotated_files(self.dir):

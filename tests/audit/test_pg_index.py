@@ -137,3 +137,24 @@ async def test_usage_overview_and_minted_sessions_answer_the_same_over_both_inde
         assert [s["jti"] for s in one_minted] == ["a" * 32, "b" * 32]
     finally:
         await store.close()
+
+
+async def test_a_replica_on_postgresql_indexes_into_the_shared_table_only(pg_url: str, tmp_path: Path) -> None:
+    """No audit.db beside the JSONL file: every reader of such a replica reads the shared table."""
+    from proxy.audit.writer import AuditWriter
+
+    store = await open_url(pg_url, migrate=True)
+    try:
+        pool = pg_index.pool_of(store)
+        writer = AuditWriter(tmp_path)
+        writer.share(pool, "replica-only-shared")
+        async with writer:
+            writer.submit(record("r-only-shared", "http"))
+            async with asyncio.timeout(30):
+                await writer.flush()
+            assert [r["request_id"] for r in await pg_index.query(pool, actor=None, since=time.time() - 60)
+                    if r["request_id"] == "r-only-shared"] == ["r-only-shared"]
+        assert (tmp_path / "audit" / "audit.jsonl").read_text().count("r-only-shared") == 1
+        assert not (tmp_path / "audit" / "audit.db").exists()
+    finally:
+        await store.close()
