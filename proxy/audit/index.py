@@ -73,6 +73,8 @@ _ALWAYS = tuple(f for f in FIELDS if f not in OPTIONAL_FIELDS)
 assert FIELDS[len(_ALWAYS):] == OPTIONAL_FIELDS, "optional fields come last, in column order"
 _values = itemgetter(*_ALWAYS)
 _PLAIN_TYPES = frozenset(_PLAIN)
+_JSON_AT = tuple(1 + FIELDS.index(f) for f in sorted(_JSON_FIELDS))   # their places in a row (ts first)
+_to_json = json.JSONEncoder(default=str).encode   # one encoder: json.dumps(default=...) builds one per call
 
 
 def row(rec: dict[str, Any]) -> tuple[Any, ...]:
@@ -81,12 +83,16 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     except (KeyError, ValueError):  # a malformed record must not wedge the writer in retries
         ts = time.time()
     try:
-        values = _values(rec) + tuple(map(rec.get, OPTIONAL_FIELDS))   # one C call for the record build_record makes
+        values = [ts, *_values(rec), *map(rec.get, OPTIONAL_FIELDS)]   # one C call for the record build_record makes
     except KeyError:
-        values = tuple(map(rec.get, FIELDS))
-    if not _PLAIN_TYPES.issuperset(map(type, values)):   # sqlite3 binds plain values only (not parent_key_ids)
-        values = tuple(v if isinstance(v, _PLAIN) else json.dumps(v, default=str) for v in values)
-    return (ts, *values)
+        values = [ts, *map(rec.get, FIELDS)]
+    # sqlite3 binds plain values only: the JSON fields (parent_key_ids is a list) become their text.
+    for i in _JSON_AT:
+        if (v := values[i]).__class__ not in _PLAIN_TYPES and not isinstance(v, _PLAIN):
+            values[i] = _to_json(v)
+    if not _PLAIN_TYPES.issuperset(map(type, values)):   # anything else that is not (rare: a bad record)
+        values = [v if isinstance(v, _PLAIN) else _to_json(v) for v in values]
+    return tuple(values)
 
 
 _ROWS_PER_STATEMENT = 64   # 64 x 24 bound values, far below SQLite's 32766
