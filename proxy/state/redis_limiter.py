@@ -9,9 +9,13 @@ leases run out (`lease_s`); a running request's lease is renewed every third of 
 
 Round trips are group-committed: one batch is in flight at a time, and every admission that
 arrives meanwhile rides in the next one, so a lone request pays one round trip and a burst of N
-shares one. Settlements ride along; only those that free a concurrency lease or raise a charge
-(late, they would make a limit looser for a moment) ask for a round trip of their own. One that
-only lowers a charge waits up to `SETTLE_DELAY_S` for a ride (late, it is stricter, never looser).
+shares one. Settlements ride along; only one that frees a concurrency lease asks for a round trip
+of its own (another request may be waiting for that place). One that raises a charge (a response
+that used more tokens than its estimate: every generate call, whose estimate is its max_tokens)
+waits up to `RAISE_DELAY_S` for a ride: every admission this replica sends meanwhile carries it, so
+this replica never judges a request without it, and the others see it at most that much later
+than a round trip of its own would bring it. One that only lowers a charge waits up to
+`SETTLE_DELAY_S` (late, it is stricter, never looser).
 
 Redis unreachable: `on_backend_down="closed"` refuses with 503 + Retry-After (nothing goes through
 unmetered); `"local"` admits under this process's own `LocalLimiter` (each replica enforces the
@@ -51,6 +55,7 @@ BACKEND_DOWN_MODES = ("closed", "local")
 MAX_UNSETTLED = 100_000
 MAX_BATCH = 256            # operations per script call (its ARGV stays far below Lua's unpack limit)
 SETTLE_DELAY_S = 0.05      # the longest a settlement that only lowers a charge waits for a ride
+RAISE_DELAY_S = 0.01       # ... and one that raises a charge (a round trip per response costs more than it)
 SLOT_LIFE_S = 1.0          # how long reserved admissions may be handed out (redis_slots.py)
 SLOT_MARGIN_S = 0.05       # handed out no later than this before Redis's idea of their end
 MAX_SLOTS = 256            # reserved with one admission at most
@@ -71,7 +76,8 @@ class RedisGrant(Grant):
 class _Unsettled:
     keys: tuple[str, ...]
     args: tuple[Any, ...]     # grant id, token delta, day, month, cancel (1: a slot never used)
-    urgent: bool = True       # frees a lease or raises a charge: not held back for a ride
+    wait_s: float = 0.0       # the longest it waits for a ride; 0: it goes now (it frees a lease)
+    due: float = 0.0          # the loop's time by which it goes, set when queued
 
 
 @dataclass(eq=False)
@@ -194,7 +200,8 @@ class RedisLimiter(Limiter):
             if admission in self._admissions:   # never sent: nothing was charged
                 self._admissions.remove(admission)
             else:   # its batch was out: undo what it may have taken (the request never ran)
-                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0), urgent=bool(lease_keys)))
+                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0),
+                                                    wait_s=0.0 if lease_keys else SETTLE_DELAY_S))
             raise
         finally:
             if wanted:
@@ -253,7 +260,7 @@ class RedisLimiter(Limiter):
         """Gives back reserved admissions never handed out (stricter while they wait for a ride)."""
         for gid in pool.gids:
             self._enqueue_settlement(_Unsettled(pool.keys, (gid, -pool.tokens, pool.day, pool.month, 1),
-                                                urgent=False))
+                                                wait_s=SETTLE_DELAY_S))
         pool.gids = []
 
     def refusing(self) -> bool:
@@ -278,19 +285,29 @@ class RedisLimiter(Limiter):
         delta = tokens - grant.tokens
         if not held and delta == 0:
             return   # the charge stands as made: nothing to write
-        job = _Unsettled(grant.keys, (grant.gid, delta, grant.day, grant.month, 0), urgent=held or delta > 0)
+        wait_s = 0.0 if held else RAISE_DELAY_S if delta > 0 else SETTLE_DELAY_S
+        job = _Unsettled(grant.keys, (grant.gid, delta, grant.day, grant.month, 0), wait_s=wait_s)
         if not self.up:
             self._keep(job)
             return
         self._enqueue_settlement(job)
 
     def _enqueue_settlement(self, job: _Unsettled) -> None:
+        job.due = asyncio.get_running_loop().time() + job.wait_s
         self._settlements.append(job)
-        if job.urgent:
+        if job.wait_s <= 0:
             self._urgent += 1
             self._kick()
-        elif self._settle_due is None:
-            self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+        else:
+            self._settle_by(job.due)
+
+    def _settle_by(self, due: float) -> None:
+        """Makes sure a batch goes by `due` (loop time): a timer, unless one set for earlier is pending."""
+        if self._settle_due is not None:
+            if self._settle_due.when() <= due:
+                return
+            self._settle_due.cancel()
+        self._settle_due = asyncio.get_running_loop().call_at(due, self._settle_now)
 
     def _settle_now(self) -> None:
         self._settle_due = None
@@ -319,8 +336,8 @@ class RedisLimiter(Limiter):
                 await self._run(admissions, settlements)
         finally:
             self._sender = None
-        if self._settlements and self._settle_due is None and not self._stopping.is_set():
-            self._settle_due = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._settle_now)
+        if self._settlements and not self._stopping.is_set():
+            self._settle_by(min(job.due for job in self._settlements))
 
     async def _run(self, admissions: list[_Admission], settlements: list[_Unsettled]) -> None:
         """One script call for these operations, answering each admission."""
@@ -391,7 +408,7 @@ class RedisLimiter(Limiter):
         """Redis is back: what was kept goes out, in batches."""
         pending, self._unsettled = self._unsettled, []
         for job in pending:
-            job.urgent = True
+            job.wait_s = 0.0
         self._settlements[:0] = pending
         self._urgent += len(pending)
         self._kick()

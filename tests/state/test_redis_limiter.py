@@ -378,3 +378,25 @@ async def test_a_busy_key_refills_its_slots_before_they_run_dry(limiter: RedisLi
     requests = [m for m in logged if "#" not in m]   # admissions judged in Redis one by one
     assert len(logged) >= 32 * 40
     assert len(requests) <= 32 * 40 // 10, len(requests)
+
+
+async def test_a_raised_charge_rides_the_next_admission_and_goes_alone_within_its_delay(
+        limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
+    """A generate call's real count is above its estimate: the raise waits up to RAISE_DELAY_S for a
+    ride, but an admission this replica sends meanwhile carries it and is judged after it."""
+    s = [scope("raise", tpm=100)]
+    limiter.settle(await limiter.acquire(s, 10), 30)    # charged 10, used 30: raised by 20
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 71)                     # 30 + 71 > 100: judged with the raise
+    assert over.value.remaining == 70
+    grant = await limiter.acquire(s, 10)
+    assert isinstance(grant, RedisGrant)
+    limiter.settle(grant, 40)                           # raised by 30, and nothing else sent
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+    try:
+        deadline = time.monotonic() + 1.0
+        while int(await client.hget(f"{redis_prefix}raise:tc", grant.gid) or 0) != 40:
+            assert time.monotonic() < deadline, "the raise was not written on its own"
+            await asyncio.sleep(0.005)
+    finally:
+        await client.aclose()
