@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -42,19 +43,23 @@ class ResponseSender:
     def __init__(self) -> None:
         self.sent: list[tuple[InferenceResponse | None, int]] = []
         self.cancel_after: int | None = None
+        self.poll_s = 0.0          # how long is_cancelled() takes (a round trip to the server in Triton)
         self.finished = threading.Event()
+        self.finished_at: float | None = None
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if any(f & TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, f in self.sent):
             raise AssertionError("send() after the final response")
         self.sent.append((response, flags))
         if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.finished_at = time.monotonic()
             self.finished.set()
 
     def is_cancelled(self) -> bool:
         # Real Triton frees the response factory after the final flag: asking then crashes it.
         if any(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, flags in self.sent):
             raise AssertionError("is_cancelled() called after the final response")
+        time.sleep(self.poll_s)
         return self.cancel_after is not None and len(self.sent) >= self.cancel_after
 
 

@@ -286,3 +286,29 @@ def test_sampling_mixed_greedy_and_seeded_rows_in_one_batch(hf: tuple[Any, Any],
 def test_prefill_plan_shares_the_chunk_first_come_first_served() -> None:
     assert e.prefill_plan([3, 10, 4], 8) == [3, 5, 0]
     assert e.prefill_plan([2], 8) == [2]
+
+
+def test_requests_handed_over_together_are_prefilled_together_and_a_bad_one_is_refused_alone(
+        hf: tuple[Any, Any]) -> None:
+    """execute() queues Triton's handful at once (one wake-up), so no forward pass starts with
+    the first of them while the rest are still being parsed; one that can never fit is refused."""
+    eng, sink = make_engine(hf, max_running=len(PROMPTS), context_length=64)
+    calls: list[tuple[int, ...]] = []
+    forward = eng._forward
+
+    def counted(ids: Any, positions: Any, mask: Any) -> Any:
+        calls.append(tuple(ids.shape))
+        return forward(ids, positions, mask)
+    eng._forward = counted  # type: ignore[method-assign]
+    try:
+        seqs = [seq(eng, p, 4) for p in PROMPTS]
+        too_long = seq(eng, "Hello", 200)
+        refused = eng.submit_many([seqs[0], too_long, *seqs[1:]])
+        assert [(s, "over this model's token budget of 64" in str(err)) for s, err in refused] == [(too_long, True)]
+        sink.wait(*seqs)
+        assert calls[0][0] == len(PROMPTS)   # every request in the first pass
+        for s, text in zip(seqs, PROMPTS, strict=True):
+            assert s.tokens == hf_greedy(hf, text, 4), text
+        assert too_long.generator is None and not too_long.tokens
+    finally:
+        eng.stop(0)

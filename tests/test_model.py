@@ -243,3 +243,20 @@ def test_context_length_0_is_the_checkpoint_max_capped_for_the_preallocated_kv_c
     assert m.parse_limits({}, 163840).context_length == m.DEFAULT_CONTEXT_CAP == 4096
     assert m.parse_limits({"context_length": "32768"}, 163840).context_length == 32768   # asked for explicitly
     assert m.parse_limits({"context_length": "999999"}, 163840).context_length == 163840
+
+
+def test_an_answer_is_not_held_behind_a_sweep_of_slow_cancellation_polls(model: object) -> None:
+    """is_cancelled() is a round trip to Triton: 8 running requests at 50 ms each made a 400 ms
+    sweep, and an answer ready meanwhile waited for all of it. Now it waits for one poll at most."""
+    long_ = [request(f"Long story {i}", 60) for i in range(8)]
+    for r in long_:
+        r.sender.poll_s = 0.05
+    assert model.execute(long_) is None
+    time.sleep(0.1)   # a sweep is under way
+    short = request("Hello", 1)
+    started = time.monotonic()
+    assert model.execute([short]) is None
+    assert short.sender.finished.wait(10)
+    assert short.sender.finished_at is not None and short.sender.finished_at - started < 0.25
+    for r in long_:
+        assert r.sender.finished.wait(60)

@@ -277,18 +277,36 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queues a validated sequence; raises RequestError if the engine can never admit it."""
-        if seq.need() > min(self.settings.context_length, self.settings.budget()):
-            raise RequestError(f"prompt of {len(seq.prompt_ids)} tokens plus max_tokens {seq.params.max_tokens} "
-                               f"is over this model's token budget of "
-                               f"{min(self.settings.context_length, self.settings.budget())}")
-        g = self.torch.Generator(device="cpu")
-        g.manual_seed(seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        seq.generator = g
+        for _, error in self.submit_many([seq]):
+            raise error
+
+    def submit_many(self, seqs: Seq[Sequence]) -> list[tuple[Sequence, RequestError]]:
+        """Queues validated sequences together (one wake-up of the engine); returns those refused.
+
+        Triton hands execute() a handful of requests at a time: woken per request, the engine would
+        start a forward pass for the first while execute() still parses the rest (the two share the
+        GIL), and the others would join a step later.
+        """
+        refused: list[tuple[Sequence, RequestError]] = []
+        queued: list[Sequence] = []
+        cap = min(self.settings.context_length, self.settings.budget())
+        for seq in seqs:
+            if seq.need() > cap:
+                refused.append((seq, RequestError(
+                    f"prompt of {len(seq.prompt_ids)} tokens plus max_tokens {seq.params.max_tokens} "
+                    f"is over this model's token budget of {cap}")))
+                continue
+            g = self.torch.Generator(device="cpu")
+            g.manual_seed(seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(4), "little"))
+            seq.generator = g
+            queued.append(seq)
         with self._cond:
             if self._stopping:
-                raise RequestError("the model is shutting down")
-            self._waiting.append(seq)
-            self._cond.notify()
+                return refused + [(seq, RequestError("the model is shutting down")) for seq in queued]
+            self._waiting.extend(queued)
+            if queued:
+                self._cond.notify()
+        return refused
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True

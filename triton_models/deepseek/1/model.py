@@ -340,7 +340,8 @@ class TritonPythonModel:
             f"{time.perf_counter() - started:.2f}s; decoupled={self.decoupled}; {self.limits}; {self.settings}")
 
     def execute(self, requests: list[Any]) -> None:
-        """Parses each request and hands it to the engine; every answer goes out on its sender."""
+        """Parses each request and hands them to the engine together; every answer goes out on its sender."""
+        parsed: list[Sequence] = []
         for request in requests:
             seq = Sequence([], GenerationParams(1), handle=Handle(request.get_response_sender()),
                            streams=self.decoupled)
@@ -349,16 +350,26 @@ class TritonPythonModel:
             try:
                 seq.prompt_ids, seq.params = parse_request(read_inputs(request), self.limits, self.engine.encode,
                                                             self.engine.tokenizer)
-                self.engine.submit(seq)
             except RequestError as exc:
                 self._responses.put(Event(seq, "", True, str(exc)))
+            else:
+                parsed.append(seq)
+        for seq, error in self.engine.submit_many(parsed):
+            self._responses.put(Event(seq, "", True, str(error)))
         return None
 
     # ---------------------------------------------------------- response thread
 
     def _response_loop(self) -> None:
-        """The only caller of response senders: answers events and polls for cancelled requests."""
+        """The only caller of response senders: answers events and polls for cancelled requests.
+
+        `is_cancelled()` is a round trip to the Triton server: polling 32 running requests in one
+        sweep held answers back by up to tens of ms. A sweep therefore yields to waiting events
+        after each poll and goes on where it stopped, so answers go out first and every request
+        is still polled within a poll interval or two.
+        """
         active: dict[int, Sequence] = {}
+        to_poll: list[Sequence] = []        # the current sweep's requests not yet asked
         next_poll = time.monotonic() + self.cancel_poll_s
         while True:
             item: Event | Sequence | None | bool
@@ -378,11 +389,16 @@ class TritonPythonModel:
                 if item.done:
                     active.pop(id(item.seq), None)
             now = time.monotonic()
-            if now >= next_poll:
+            if not to_poll and now >= next_poll:
                 next_poll = now + self.cancel_poll_s
-                for seq in list(active.values()):
-                    if not seq.cancelled and seq.handle.sender.is_cancelled():
-                        self.engine.cancel(seq)
+                to_poll = list(active.values())
+            while to_poll:
+                seq = to_poll.pop()
+                # Answered since the sweep began: Triton frees a sender after its final response.
+                if id(seq) in active and not seq.done and not seq.cancelled and seq.handle.sender.is_cancelled():
+                    self.engine.cancel(seq)
+                if not self._responses.empty():
+                    break   # answers first; the sweep goes on after them
 
     def _answer(self, event: Event) -> None:
         seq, handle = event.seq, event.seq.handle
