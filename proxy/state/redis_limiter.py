@@ -311,9 +311,15 @@ class RedisLimiter(Limiter):
 
     def _settle_now(self) -> None:
         self._settle_due = None
-        if self._settlements:
-            self._urgent += 1
-            self._kick()
+        if not self._settlements:
+            return
+        # The ones this timer was set for may have ridden a batch since: wait for the next due.
+        due = min(job.due for job in self._settlements)
+        if due > asyncio.get_running_loop().time() + 0.001:
+            self._settle_by(due)
+            return
+        self._urgent += 1
+        self._kick()
 
     # ------------------------------------------------------------------ batches
 
