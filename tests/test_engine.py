@@ -76,6 +76,18 @@ def engine(hf: tuple[Any, Any]) -> Iterator[tuple[e.Engine, Collector]]:
     eng.stop(0)
 
 
+def record_forward_shapes(eng: e.Engine) -> list[tuple[int, ...]]:
+    """The input shape ([rows, tokens]) of every forward pass the engine runs from now on."""
+    calls: list[tuple[int, ...]] = []
+    forward = eng._forward
+
+    def counted(ids: Any, positions: Any, mask: Any) -> Any:
+        calls.append(tuple(ids.shape))
+        return forward(ids, positions, mask)
+    eng._forward = counted  # type: ignore[method-assign]
+    return calls
+
+
 def seq(eng: e.Engine, text: str, max_tokens: int, **params: Any) -> e.Sequence:
     return e.Sequence(eng.encode(text), e.GenerationParams(max_tokens, **params))
 
@@ -211,13 +223,7 @@ def test_burst_handed_over_in_pieces_is_prefilled_in_one_pass(hf: tuple[Any, Any
     # Triton hands a burst over a few requests at a time; an idle engine's admission window
     # collects them (ending early here, once every slot is taken) and prefills them together.
     eng, sink = make_engine(hf, max_running=len(PROMPTS), admit_wait_ms=1000, prefill_chunk=4)
-    calls: list[tuple[int, int]] = []
-    forward = eng._forward
-
-    def counted(ids: Any, positions: Any, mask: Any) -> Any:
-        calls.append(tuple(ids.shape))
-        return forward(ids, positions, mask)
-    eng._forward = counted  # type: ignore[method-assign]
+    calls = record_forward_shapes(eng)
     try:
         seqs = [seq(eng, p, 6) for p in PROMPTS]
         for i in range(0, len(seqs), 2):
@@ -293,13 +299,7 @@ def test_requests_handed_over_together_are_prefilled_together_and_a_bad_one_is_r
     """execute() queues Triton's handful at once (one wake-up), so no forward pass starts with
     the first of them while the rest are still being parsed; one that can never fit is refused."""
     eng, sink = make_engine(hf, max_running=len(PROMPTS), context_length=64)
-    calls: list[tuple[int, ...]] = []
-    forward = eng._forward
-
-    def counted(ids: Any, positions: Any, mask: Any) -> Any:
-        calls.append(tuple(ids.shape))
-        return forward(ids, positions, mask)
-    eng._forward = counted  # type: ignore[method-assign]
+    calls = record_forward_shapes(eng)
     try:
         seqs = [seq(eng, p, 4) for p in PROMPTS]
         too_long = seq(eng, "Hello", 200)

@@ -31,7 +31,7 @@ BATCH = 500
 MAX_PENDING = 200_000          # records held in memory while PostgreSQL is away; more are re-read from JSONL
 HEARTBEAT_S = 1.0              # how often an idle indexer reports its (empty) queue
 REPORT_S = 0.5                 # under load, the queue is reported at most this often, or when it empties
-STEP_S = 0.05                  # batches start at most this often: under load one INSERT carries many records
+STEP_S = 0.2                   # batches start at most this often: one INSERT (and one commit) carries them all
 RETRY_S = (0.2, 5.0)
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.

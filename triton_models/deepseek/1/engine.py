@@ -1,7 +1,7 @@
 """In-flight batching for a Hugging Face causal LM: one running batch, joined and left at every decode step.
 
 The interface model.py (and a future vLLM or transformers engine) relies on is small:
-`Engine(model, tokenizer, device, settings, sink)`, `submit(sequence)`, `cancel(sequence)`,
+`Engine(model, tokenizer, device, settings, sink)`, `submit(sequence)` (or `submit_many`), `cancel(sequence)`,
 `stats()` and `stop(drain_s)`. Everything a request needs back comes through `sink` as
 `Event`s, from the engine thread, in order per sequence; the last one has `done=True`.
 
