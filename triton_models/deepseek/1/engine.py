@@ -266,6 +266,7 @@ class Engine:
         self._drain_until = 0.0
         self.steps = 0                        # decode steps run (tokens / steps = rows per step)
         self.generated = 0                    # tokens output (EOS is not one)
+        self.step_s = 0.0                     # recent seconds per step (moving average)
         self.on_step: Callable[[Engine], None] | None = None   # metrics hook, engine thread
         self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
         self._thread.start()
@@ -345,12 +346,15 @@ class Engine:
                         self.sink(Event(seq, "", True, "the model is shutting down"))
                     self._rows, self._n = [], 0
                     return
+            started = time.perf_counter()
             try:
                 # The cache tensors are inference tensors: every in-place move happens in this mode too.
                 with self.torch.inference_mode():
                     self._step()
             except Exception as exc:  # noqa: BLE001 - one bad step fails its rows, not the engine
                 self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+            # A moving average: how often a cancelled row can leave the batch (model.py polls no faster).
+            self.step_s += (time.perf_counter() - started - self.step_s) / 8
             if self.on_step is not None:
                 self.on_step(self)
 

@@ -366,7 +366,10 @@ class TritonPythonModel:
         `is_cancelled()` is a round trip to the Triton server: polling 32 running requests in one
         sweep held answers back by up to tens of ms. A sweep therefore yields to waiting events
         after each poll and goes on where it stopped, so answers go out first and every request
-        is still polled within a poll interval or two.
+        is still polled within a poll interval or two. Sweeps start every `cancel_poll_ms`, or
+        every engine step when steps are longer: a cancelled row leaves at a step boundary
+        anyway, and on a compute-bound model four sweeps a step took 20% of a burst's
+        throughput (their GIL hand-offs stall the engine thread).
         """
         active: dict[int, Sequence] = {}
         to_poll: list[Sequence] = []        # the current sweep's requests not yet asked
@@ -390,7 +393,7 @@ class TritonPythonModel:
                     active.pop(id(item.seq), None)
             now = time.monotonic()
             if not to_poll and now >= next_poll:
-                next_poll = now + self.cancel_poll_s
+                next_poll = now + max(self.cancel_poll_s, self.engine.step_s)
                 to_poll = list(active.values())
             while to_poll:
                 seq = to_poll.pop()
