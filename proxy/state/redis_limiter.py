@@ -189,7 +189,10 @@ class RedisLimiter(Limiter):
         if not self.up:
             return self._fallback(bound, tokens)
         gid = self._new_gid()
-        wanted = self._slots.reserve(shape) if shape is not None else 0
+        wanted = 0
+        if shape is not None:
+            wanted = self._slots.reserve(shape)
+            self._slots.to_redis(shape, +1)
         asked_at = self._slots.clock()
         admission = self._admit(keys, limits, gid, tokens, day, month, to_day, to_month, wanted, request=True)
         try:
@@ -204,6 +207,8 @@ class RedisLimiter(Limiter):
                                                     wait_s=0.0 if lease_keys else SETTLE_DELAY_S))
             raise
         finally:
+            if shape is not None:
+                self._slots.to_redis(shape, -1)
             if wanted:
                 self._slots.reserved(shape)
         if int(answer[0]) == 0:

@@ -61,6 +61,7 @@ class SlotBook:
     _demand: dict[Hashable, _Demand] = field(default_factory=dict)
     _asking: set[Hashable] = field(default_factory=set)
     _spent: list[SlotPool] = field(default_factory=list)   # past their life with slots unused, for expired()
+    _to_redis: dict[Hashable, int] = field(default_factory=dict)   # requests waiting on Redis, per shape
 
     def take(self, shape: Hashable) -> tuple[str, SlotPool] | None:
         """One reserved admission of `shape` (its grant id and pool), or None; counts the demand."""
@@ -94,16 +95,27 @@ class SlotBook:
         """How many slots to ask for with an admission of `shape` that goes to Redis anyway.
 
         One ask per shape at a time: a burst that finds the pool empty would otherwise reserve
-        once per request. `reserved(shape)` ends the ask.
+        once per request. `reserved(shape)` ends the ask. Slots are for the requests still to
+        come: this one and those already on their way to Redis (`to_redis`) are not counted, so
+        a burst that arrives all at once reserves none. It would hold them unused, refusing
+        other replicas' requests, until their life ended.
         """
         demand = self._demand.get(shape)
         if demand is None or shape in self._asking:
             return 0
         seen = max(demand.now, demand.before)
-        if seen < MIN_DEMAND:
+        wanted = min(self.max_slots, seen - self._to_redis.get(shape, 0) - 1)
+        if seen < MIN_DEMAND or wanted < 1:
             return 0
         self._asking.add(shape)
-        return min(self.max_slots, seen)
+        return wanted
+
+    def to_redis(self, shape: Hashable, change: int) -> None:
+        """Counts this replica's requests of `shape` waiting on Redis's answer (+1 sent, -1 answered)."""
+        if (left := self._to_redis.get(shape, 0) + change) > 0:
+            self._to_redis[shape] = left
+        else:
+            self._to_redis.pop(shape, None)
 
     def reserved(self, shape: Hashable) -> None:
         self._asking.discard(shape)
