@@ -2,14 +2,14 @@
 
 A key that is busy on this replica (at least `MIN_DEMAND` admissions of one shape in the last
 slot life) asks, with the admission that has to go to Redis anyway, for as many more as it used
-in that time (at most `max_slots`), and asks again on its own once half of them are handed out,
-so a steady stream of requests never waits for Redis. Redis charges each like a request, logged
-at the end of its life (redis_scripts.BATCH), and grants them only while they leave half of
-every limit free: so a slot used at any moment of its life is counted at least as long as a
-request admitted then, and reserving never refuses a request another replica could have had.
-What is not used within its life is cancelled. A shape is everything the script judged: the
-scopes' keys and limits, the tokens charged and the calendar windows, so a slot never admits a
-request it would have refused."""
+in that time (at most `max_slots`; less those already waiting on Redis), and asks again on its
+own once half of them are handed out, so a steady stream of requests never waits for Redis.
+Redis charges each like a request, logged at the end of its life (redis_scripts.BATCH), and
+grants them only while they leave half of every limit free: so a slot used at any moment of its
+life is counted at least as long as a request admitted then, and reserving never refuses a
+request another replica could have had. What is not used within its life is cancelled. A shape
+is everything the script judged: the scopes' keys and limits, the tokens charged and the
+calendar windows, so a slot never admits a request it would have refused."""
 
 from __future__ import annotations
 
