@@ -128,16 +128,15 @@ class SlotBook:
         """Removes and returns the pools past their life (with their unused slots), and old demand."""
         now = self.clock()
         gone, self._spent = self._spent, []
-        for shape in list(self._pools):
-            pools = self._pools[shape]
-            gone += [pool for pool in pools if pool.expires <= now or not pool.gids]
-            if not (kept := [pool for pool in pools if pool.expires > now and pool.gids]):
-                del self._pools[shape]
-            else:
+        for shape, pools in list(self._pools.items()):
+            gone += [pool for pool in pools if pool.expires <= now and pool.gids]
+            if kept := [pool for pool in pools if pool.expires > now and pool.gids]:
                 self._pools[shape] = kept
+            else:
+                del self._pools[shape]
         for shape in [s for s, d in self._demand.items() if now - d.since >= 2 * self.life_s]:
             del self._demand[shape]
-        return [pool for pool in gone if pool.gids]
+        return gone
 
     def drain(self) -> list[SlotPool]:
         """Removes and returns every pool with unused slots (the limiter is closing)."""
