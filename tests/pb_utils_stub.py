@@ -85,6 +85,7 @@ class Metric:
         self.labels, self.buckets = labels, buckets
         self.value = 0.0
         self.observations: list[float] = []
+        self.observe_s = 0.0       # how long observe() takes (a round trip to the server in Triton)
 
     def set(self, value: float) -> None:
         self.value = value
@@ -95,6 +96,7 @@ class Metric:
         self.value += value
 
     def observe(self, value: float) -> None:
+        time.sleep(self.observe_s)
         self.observations.append(value)
 
 

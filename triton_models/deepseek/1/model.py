@@ -330,6 +330,7 @@ class TritonPythonModel:
         self.metrics = ModelMetrics(args["model_name"], str(args.get("model_version", "1")))
 
         self._responses: queue.Queue[Event | Sequence | None] = queue.Queue()
+        self._ttft_due: list[float] = []   # response thread only
         self.engine = Engine(self.model, self.tokenizer, device, self.settings, self._responses.put)
         self.engine.on_step = self.metrics.engine_step
         self._response_thread = threading.Thread(target=self._response_loop, name="deepseek-responses",
@@ -370,6 +371,10 @@ class TritonPythonModel:
         every engine step when steps are longer: a cancelled row leaves at a step boundary
         anyway, and on a compute-bound model four sweeps a step took 20% of a burst's
         throughput (their GIL hand-offs stall the engine thread).
+
+        Time-to-first-token observations are round trips too (one per request): they wait, like
+        the sweep, until no answer does. With an observation before each, a burst's sixteen
+        answers went out 0.4-0.5 ms apart; without, 0.25-0.3 ms.
         """
         active: dict[int, Sequence] = {}
         to_poll: list[Sequence] = []        # the current sweep's requests not yet asked
@@ -381,6 +386,8 @@ class TritonPythonModel:
             except queue.Empty:
                 item = False   # a timeout: only poll below
             if item is None:
+                for seconds in self._ttft_due:
+                    self.metrics.ttft.observe(seconds)
                 return
             if isinstance(item, Sequence):
                 active[id(item)] = item
@@ -391,6 +398,8 @@ class TritonPythonModel:
                     pb_utils.Logger.log_info(f"response not delivered: {exc}")
                 if item.done:
                     active.pop(id(item.seq), None)
+            while self._ttft_due and self._responses.empty():
+                self.metrics.ttft.observe(self._ttft_due.pop())
             now = time.monotonic()
             if not to_poll and now >= next_poll:
                 next_poll = now + max(self.cancel_poll_s, self.engine.step_s)
@@ -408,7 +417,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not handle.first_seen and seq.first_token_at is not None:
             handle.first_seen = True
-            self.metrics.ttft.observe(seq.first_token_at - seq.arrived)
+            self._ttft_due.append(seq.first_token_at - seq.arrived)   # observed once no answer waits
         if event.error is not None:
             handle.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=final)
         elif seq.cancelled and event.done:
