@@ -105,6 +105,28 @@ def test_parse_settings_reports_every_bad_value() -> None:
                                              "admit_wait_ms"))
 
 
+def test_intra_op_threads_sets_torchs_cpu_threads_and_refuses_bad_values(tiny_checkpoint: Path) -> None:
+    assert m.parse_threads({}) == 0 and m.parse_threads({"intra_op_threads": "3"}) == 3
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(RuntimeError, match=f"intra_op_threads must be a whole number >= 0, got '{bad}'"):
+            m.parse_threads({"intra_op_threads": bad})
+    import torch
+
+    before = torch.get_num_threads()
+    config = {"model_transaction_policy": {"decoupled": False},
+              "parameters": {"checkpoint": {"string_value": str(tiny_checkpoint)},
+                             "intra_op_threads": {"string_value": "1"}}}
+    instance = m.TritonPythonModel()
+    try:
+        torch.set_num_threads(2)
+        instance.initialize({"model_config": json.dumps(config), "model_repository": "/nonexistent/deepseek",
+                             "model_instance_kind": "CPU", "model_instance_device_id": "0", "model_name": "deepseek"})
+        assert torch.get_num_threads() == 1
+        instance.finalize()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint: Path) -> Iterator[object]:
     config = {"model_transaction_policy": {"decoupled": False},
