@@ -54,7 +54,7 @@ class EngineSettings:
     max_running: int = 32          # KV slots: sequences decoded together
     context_length: int = 256      # KV columns per slot: prompt + max_tokens of one sequence
     token_budget: int = 0          # admission: sum of (prompt + max_tokens) over running rows; 0 = slots x context
-    prefill_chunk: int = 256       # prompt tokens prefilled per step, over all newcomers
+    prefill_chunk: int = 1024      # prompt tokens prefilled per step, over all newcomers
     scheduling: str = INFLIGHT     # or STATIC: the old whole-batch behaviour, for the benchmark
     # An idle engine woken by a request waits up to this long (ms) for the rest of a burst, so
     # requests Triton hands over a few at a time are prefilled in one forward pass, not several.

@@ -202,7 +202,7 @@ def parse_settings(params: dict[str, str], limits: Limits) -> EngineSettings:
         max_running=int(params.get("max_running_sequences") or 32),
         context_length=limits.context_length,
         token_budget=int(params.get("token_budget") or 0),
-        prefill_chunk=int(params.get("prefill_chunk") or 256),
+        prefill_chunk=int(params.get("prefill_chunk") or 1024),
         scheduling=params.get("scheduling") or INFLIGHT,
         admit_wait_ms=float(params.get("admit_wait_ms") or 0),
     )
