@@ -15,7 +15,10 @@ What it does
       poisson: M requests of the same mix arriving at random (exponential gaps, --gap-ms).
     Greedy decoding, prompts varied per request. Every mode's servers are up at once and each
     round runs every (mode, path) back to back, the order reversed every other round, so load
-    drifting over the run (a shared machine) hits both modes alike.
+    drifting over the run (a shared machine) hits both modes alike. The large checkpoint gets
+    fresh servers every round (--fresh-servers: the tiny one too): two Tritons with the same
+    config, up side by side, differed by 6-18% in tok/s for as long as they ran, so one
+    process's luck would otherwise sit in every round's ratio.
 
 What it prints (and writes with --json)
     One row per (checkpoint, workload, path, mode), medians over the rounds: total time,
@@ -69,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -79,6 +83,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +409,44 @@ def ratios(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------ main
 
 
+Side = tuple[str, str, str, dict[str, str], str]   # (mode, path, url, headers, metrics url)
+
+
+@contextlib.contextmanager
+def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: bool,
+            args: argparse.Namespace) -> Iterator[list[Side]]:
+    """One real Triton per mode (each with a seekgate unless --no-seekgate), warmed up; stopped on exit.
+
+    Every mode's servers are up at once and the modes take turns within each round, order
+    reversed every other round: load drifting over the run (a shared machine) then hits every
+    mode alike instead of whichever ran last.
+    """
+    servers: list[tuple[TritonProcess, Any]] = []
+    sides: list[Side] = []
+    try:
+        for mode in modes:
+            repo = repository(root / ck_name, mode, gpu, threads=0 if ck_name == "large" else None)
+            triton = start_triton(repo, root / ck_name / f"data-{mode}", ck)
+            servers.append((triton, None))
+            metrics_url = f"http://127.0.0.1:{triton.launch.metrics_port}/metrics"
+            sides.append((mode, "triton", triton.http_url, {}, metrics_url))
+            if not args.no_seekgate:
+                config = stack.seekgate_config(root / ck_name / f"gw-{mode}", stack.upstream_of(triton))
+                key = issue_key(config)
+                servers[-1] = (triton, stack.start_seekgate(config))
+                sides.append((mode, "seekgate", servers[-1][1].url, {"Authorization": f"Bearer {key}"}, metrics_url))
+            # Warm-up: one full burst, thrown away. A 4-request warm-up left the first
+            # full-size batch paying torch's first-use costs (a 14 s static burst, once).
+            warm = workload("burst", args.burst, args.short, args.long, 0)
+            stack.run_loop(run_workload(triton.http_url, {}, metrics_url, warm, args.short))
+        yield sides
+    finally:
+        for triton, gw in servers:
+            if gw is not None:
+                gw.stop()
+            triton.stop()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--large", action="store_true", help="also the compute-bound checkpoint")
@@ -417,6 +460,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large-rounds", type=int, default=3, help="the same for the large checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--no-seekgate", action="store_true", help="Triton directly only")
+    p.add_argument("--fresh-servers", action="store_true",
+                   help="a fresh Triton (and seekgate) per mode for every round of the tiny checkpoint too "
+                        "(the large one always gets them)")
     p.add_argument("--no-window-too", action="store_true",
                    help=f"also run the engine with admit_wait_ms 0 (mode {NO_WINDOW}), side by side")
     p.add_argument("--json", type=Path)
@@ -446,46 +492,28 @@ def main(argv: list[str] | None = None) -> int:
         modes = ("static", "inflight") + ((NO_WINDOW,) if args.no_window_too else ())
         for ck_name, ck in checkpoints.items():
             rounds = args.large_rounds if ck_name == "large" else args.rounds
-            # Every mode's Triton (and seekgate) is up at once and the modes take turns within
-            # each round, order reversed every other round: load drifting over the run (this is
-            # a shared machine) then hits every mode alike instead of whichever ran last.
-            servers: list[tuple[str, TritonProcess, Any]] = []
-            try:
-                for mode in modes:
-                    repo = repository(root / ck_name, mode, gpu, threads=0 if ck_name == "large" else None)
-                    triton = start_triton(repo, root / ck_name / f"data-{mode}", ck)
-                    servers.append((mode, triton, None))
-                    if not args.no_seekgate:
-                        config = stack.seekgate_config(root / ck_name / f"gw-{mode}", stack.upstream_of(triton))
-                        key = issue_key(config)
-                        servers[-1] = (mode, triton, (stack.start_seekgate(config), key))
-                sides = []   # (mode, path, url, headers, metrics url)
-                for mode, triton, gw in servers:
-                    metrics_url = f"http://127.0.0.1:{triton.launch.metrics_port}/metrics"
-                    sides.append((mode, "triton", triton.http_url, {}, metrics_url))
-                    if gw is not None:
-                        sides.append((mode, "seekgate", gw[0].url, {"Authorization": f"Bearer {gw[1]}"}, metrics_url))
-                    # Warm-up: one full burst, thrown away. A 4-request warm-up left the first
-                    # full-size batch paying torch's first-use costs (a 14 s static burst, once).
-                    warm = workload("burst", args.burst, args.short, args.long, 0)
-                    stack.run_loop(run_workload(triton.http_url, {}, metrics_url, warm, args.short))
-                for wl, n in (("burst", args.burst), ("poisson", args.poisson)):
-                    plan = workload(wl, n, args.short, args.long, args.gap_ms)
-                    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, p): [] for m, p, *_ in sides}
-                    for r in range(rounds):
+            fresh = args.fresh_servers or ck_name == "large"
+            plans = {wl: workload(wl, n, args.short, args.long, args.gap_ms)
+                     for wl, n in (("burst", args.burst), ("poisson", args.poisson))}
+            runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+            with contextlib.ExitStack() as up:
+                sides = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
+                for r in range(rounds):
+                    if fresh and r:
+                        up.close()
+                        sides = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
+                    for wl, plan in plans.items():
                         for mode, path, url, headers, metrics_url in (sides if r % 2 == 0 else sides[::-1]):
-                            runs[(mode, path)].append(stack.run_loop(run_workload(url, headers, metrics_url, plan,
-                                                                                  args.short)))
-                    for (mode, path), ms in runs.items():
-                        row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
-                               "m": median_of(ms), "rounds": ms}
-                        rows.append(row)
-                        print(table([row]).splitlines()[-1], flush=True)
-            finally:
-                for _, triton, gw in servers:
-                    if gw is not None:
-                        gw[0].stop()
-                    triton.stop()
+                            runs.setdefault((wl, mode, path), []).append(
+                                stack.run_loop(run_workload(url, headers, metrics_url, plan, args.short)))
+            for wl in plans:
+                for (w, mode, path), ms in runs.items():
+                    if w != wl:
+                        continue
+                    row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
+                           "m": median_of(ms), "rounds": ms}
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
     print()
     print(f"device: {'GPU (configs/gpu.pbtxt)' if gpu else 'CPU (config.pbtxt)'}; short={args.short} "
           f"long={args.long} tokens; burst {args.burst}, poisson {args.poisson} at {args.gap_ms} ms mean gap")
