@@ -198,9 +198,9 @@ def step_costs(checkpoint: Path, rows: tuple[int, ...] = (1, 4, 8, 16, 32), step
     engine = Engine(model, tok, torch.device("cpu"), EngineSettings(max_running=max(rows), context_length=256), sink)
     forward, timed = engine._forward, []
 
-    def timed_forward(ids: Any, positions: Any, mask: Any) -> Any:
+    def timed_forward(ids: Any, positions: Any, mask: Any, keep: Any = None) -> Any:
         t = time.perf_counter()
-        out = forward(ids, positions, mask)
+        out = forward(ids, positions, mask, keep)
         if ids.shape[1] == 1:
             timed.append(time.perf_counter() - t)
         return out

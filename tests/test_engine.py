@@ -81,9 +81,9 @@ def record_forward_shapes(eng: e.Engine) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
     forward = eng._forward
 
-    def counted(ids: Any, positions: Any, mask: Any) -> Any:
+    def counted(ids: Any, positions: Any, mask: Any, keep: Any = None) -> Any:
         calls.append(tuple(ids.shape))
-        return forward(ids, positions, mask)
+        return forward(ids, positions, mask, keep)
     eng._forward = counted  # type: ignore[method-assign]
     return calls
 
@@ -310,5 +310,32 @@ def test_requests_handed_over_together_are_prefilled_together_and_a_bad_one_is_r
         for s, text in zip(seqs, PROMPTS, strict=True):
             assert s.tokens == hf_greedy(hf, text, 4), text
         assert too_long.generator is None and not too_long.tokens
+    finally:
+        eng.stop(0)
+
+
+def test_a_prefill_computes_logits_only_at_the_prompts_last_columns(hf: tuple[Any, Any]) -> None:
+    """Every other column's logits would be thrown away: with a 129k vocabulary a 1024-token
+    chunk's would be ~0.5 GB of bf16. A pass that completes no prompt asks for one column."""
+    eng, sink = make_engine(hf, max_running=len(PROMPTS), prefill_chunk=4)
+    forward, passes = eng._forward, []
+
+    def recorded(ids: Any, positions: Any, mask: Any, keep: Any = None) -> Any:
+        logits = forward(ids, positions, mask, keep)
+        passes.append((tuple(ids.shape), tuple(logits.shape[:2])))
+        return logits
+    eng._forward = recorded  # type: ignore[method-assign]
+    try:
+        short, long_ = seq(eng, "Hi", 3), seq(eng, "The quick brown fox jumps over the lazy dog", 3)
+        lengths = (len(short.prompt_ids), len(long_.prompt_ids))
+        assert lengths[0] <= 4 < lengths[1] - 4   # the long prompt needs three chunks of 4
+        eng.submit_many([short, long_])
+        sink.wait(short, long_)
+        prefills = [(shape, kept) for shape, kept in passes if shape[1] > 1]
+        # First pass: both rows, width 4; only the short prompt ends in it, at its own last column.
+        assert prefills[0] == ((2, 4), (2, 1))
+        assert all(kept[1] == 1 for _, kept in prefills)   # one column each pass, never the width
+        assert short.tokens == hf_greedy(hf, "Hi", 3)
+        assert long_.tokens == hf_greedy(hf, "The quick brown fox jumps over the lazy dog", 3)
     finally:
         eng.stop(0)

@@ -252,7 +252,11 @@ class Engine:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         # transformers renamed `past_key_values` to `cache` (5.x); support both.
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # A prefill needs each row's last prompt position's logits only: with a 129k vocabulary a
+        # 1024-token chunk's full logits would be ~0.5 GB of bf16 computed and thrown away.
+        self.keeps_logits = "logits_to_keep" in forward_params
         self.cache = SlotCache(settings.max_running, settings.context_length, device)
         self.dtype = next(model.parameters()).dtype
         self.mask_min = torch.finfo(self.dtype).min
@@ -444,9 +448,12 @@ class Engine:
         # Built on the host (a handful of tiny ops) and moved once: no per-row work.
         return torch.where(k <= offs + q, 0.0, self.mask_min).to(device=self.device, dtype=self.dtype)
 
-    def _forward(self, ids: Any, positions: Any, mask: Any) -> Any:
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                             **{self.cache_arg: self.cache})
+    def _forward(self, ids: Any, positions: Any, mask: Any, keep: Any = None) -> Any:
+        """Logits [rows, columns, vocab]: every column, or only those in `keep` (a 1D index tensor)."""
+        extra: dict[str, Any] = {self.cache_arg: self.cache}
+        if keep is not None:
+            extra["logits_to_keep"] = keep
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **extra)
         return out.logits
 
     def _prefill(self) -> None:
@@ -477,7 +484,11 @@ class Engine:
         # until that row's own tokens overwrite them.
         self.cache.plan_prefill(self._n, offsets, width)
         mask = self._mask([(o, w) for o, w in zip(offsets, widths)], width, max(offsets) + width)
-        logits = self._forward(ids.to(self.device), positions.to(self.device), mask)
+        # Logits only at the last prompt column of rows whose prompt this pass completes.
+        cols = sorted({w - 1 for seq, w in zip(pending, widths) if w and seq.prefilled + w == len(seq.prompt_ids)})
+        column = {c: i for i, c in enumerate(cols)} if self.keeps_logits else {c: c for c in range(width)}
+        keep = torch.tensor(cols or [width - 1], device=self.device) if self.keeps_logits else None
+        logits = self._forward(ids.to(self.device), positions.to(self.device), mask, keep)
         joined: list[Sequence] = []
         at: list[int] = []
         for r, (seq, w) in enumerate(zip(pending, widths)):
@@ -487,7 +498,7 @@ class Engine:
                 at.append(r)
         if joined:
             index = torch.tensor(at, device=logits.device)
-            last = logits[index, torch.tensor([widths[r] - 1 for r in at], device=logits.device)]
+            last = logits[index, torch.tensor([column[widths[r] - 1] for r in at], device=logits.device)]
             for seq, tok in zip(joined, self._sample_rows(last, joined)):
                 self._advance(seq, tok)
         for seq in joined:
