@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -285,6 +286,30 @@ def test_an_answer_is_not_held_behind_a_sweep_of_slow_cancellation_polls(model: 
     assert short.sender.finished_at is not None and short.sender.finished_at - started < 0.5
     for r in long_:
         assert r.sender.finished.wait(60)
+
+
+def test_the_engine_sends_final_answers_before_its_next_step(model: object) -> None:
+    """Eight 1-token answers are ready after one pass while a long request keeps decoding.
+    Each send takes 2 ms here: the engine holds its next step until they are out (up to
+    ANSWER_WAIT_S), so few steps run between the first and the last; without the wait the
+    steps went on between the sends, and the answers queued behind them."""
+    engine = model.engine
+    long_ = request("The quick brown fox", 60)
+    shorts = [request(f"Hello {i}", 1) for i in range(8)]
+    steps_at_send: list[int] = []
+
+    def slow(send: Any) -> Any:
+        def wrapped(response: Any = None, flags: int = 0) -> None:
+            steps_at_send.append(engine.steps)
+            time.sleep(0.002)
+            send(response, flags)
+        return wrapped
+    for r in shorts:
+        r.sender.send = slow(r.sender.send)  # type: ignore[method-assign]
+    assert model.execute([long_, *shorts]) is None
+    for r in [long_, *shorts]:
+        assert r.sender.finished.wait(60)
+    assert len(steps_at_send) == 8 and max(steps_at_send) - min(steps_at_send) <= 2, steps_at_send
 
 
 def test_answers_go_out_before_the_time_to_first_token_observations(model: object) -> None:

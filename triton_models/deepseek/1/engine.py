@@ -272,6 +272,7 @@ class Engine:
         self.generated = 0                    # tokens output (EOS is not one)
         self.step_s = 0.0                     # recent seconds per step (moving average)
         self.on_step: Callable[[Engine], None] | None = None   # metrics hook, engine thread
+        self.before_step: Callable[[], None] | None = None     # engine thread; may block briefly
         self._thread = threading.Thread(target=self._loop, name="deepseek-engine", daemon=True)
         self._thread.start()
 
@@ -350,6 +351,8 @@ class Engine:
                         self.sink(Event(seq, "", True, "the model is shutting down"))
                     self._rows, self._n = [], 0
                     return
+            if self.before_step is not None:
+                self.before_step()
             started = time.perf_counter()
             try:
                 # The cache tensors are inference tensors: every in-place move happens in this mode too.

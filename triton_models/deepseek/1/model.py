@@ -252,6 +252,8 @@ def parse_request(values: dict[str, np.ndarray], limits: Limits, encode: Any,
 
 # ------------------------------------------------------------------ metrics
 
+# How long the engine thread may wait, before a step, for final answers still being sent.
+ANSWER_WAIT_S = 0.01
 PUBLISH_S = 0.05   # engine gauges and counters: fresh enough for any scrape, cheap for the engine
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
@@ -352,8 +354,11 @@ class TritonPythonModel:
 
         self._responses: queue.Queue[Event | Sequence | None] = queue.Queue()
         self._ttft_due: list[float] = []   # response thread only
-        self.engine = Engine(self.model, self.tokenizer, device, self.settings, self._responses.put)
+        self._finals = 0                   # final answers queued and not yet sent (under _sent)
+        self._sent = threading.Condition()
+        self.engine = Engine(self.model, self.tokenizer, device, self.settings, self._post)
         self.engine.on_step = self.metrics.engine_step
+        self.engine.before_step = self._answers_first
         self._response_thread = threading.Thread(target=self._response_loop, name="deepseek-responses",
                                                  daemon=True)
         self._response_thread.start()
@@ -374,12 +379,31 @@ class TritonPythonModel:
                 seq.prompt_ids, seq.params = parse_request(read_inputs(request), self.limits, self.engine.encode,
                                                             self.engine.tokenizer)
             except RequestError as exc:
-                self._responses.put(Event(seq, "", True, str(exc)))
+                self._post(Event(seq, "", True, str(exc)))
             else:
                 parsed.append(seq)
         for seq, error in self.engine.submit_many(parsed):
-            self._responses.put(Event(seq, "", True, str(error)))
+            self._post(Event(seq, "", True, str(error)))
         return None
+
+    def _post(self, event: Event) -> None:
+        """Queues an event for the response thread (the engine's sink), counting final answers."""
+        if event.done:
+            with self._sent:
+                self._finals += 1
+        self._responses.put(event)
+
+    def _answers_first(self) -> None:
+        """Engine thread, before each step: final answers already made go out first.
+
+        A step and the response thread's sends share the GIL and the CPU. In a tiny burst the
+        sixteen short answers, ready together, went out one per GIL hand-off while the next
+        steps ran (short p50 27 ms through Triton); holding the step until they are sent,
+        at most ANSWER_WAIT_S, gave 21 ms, with the long requests' steps a few ms later.
+        Per-token events of streams are not waited for: they would hold every step.
+        """
+        with self._sent:
+            self._sent.wait_for(lambda: not self._finals, timeout=ANSWER_WAIT_S)
 
     # ---------------------------------------------------------- response thread
 
@@ -420,6 +444,10 @@ class TritonPythonModel:
                     pb_utils.Logger.log_info(f"response not delivered: {exc}")
                 if item.done:
                     active.pop(id(item.seq), None)
+                    with self._sent:
+                        self._finals -= 1
+                        if not self._finals:
+                            self._sent.notify_all()
             while self._ttft_due and self._responses.empty():
                 self.metrics.ttft.observe(self._ttft_due.pop())
             now = time.monotonic()
