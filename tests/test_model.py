@@ -283,7 +283,7 @@ def test_an_answer_is_not_held_behind_a_sweep_of_slow_cancellation_polls(model: 
     started = time.monotonic()
     assert model.execute([short]) is None
     assert short.sender.finished.wait(10)
-    assert short.sender.finished_at is not None and short.sender.finished_at - started < 0.5
+    assert short.sender.finished_at is not None and short.sender.finished_at - started < 0.8
     for r in long_:
         assert r.sender.finished.wait(60)
 
