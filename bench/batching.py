@@ -506,14 +506,11 @@ def main(argv: list[str] | None = None) -> int:
                         for mode, path, url, headers, metrics_url in (sides if r % 2 == 0 else sides[::-1]):
                             runs.setdefault((wl, mode, path), []).append(
                                 stack.run_loop(run_workload(url, headers, metrics_url, plan, args.short)))
-            for wl in plans:
-                for (w, mode, path), ms in runs.items():
-                    if w != wl:
-                        continue
-                    row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
-                           "m": median_of(ms), "rounds": ms}
-                    rows.append(row)
-                    print(table([row]).splitlines()[-1], flush=True)
+            for (wl, mode, path), ms in runs.items():   # first round's order: workload by workload
+                row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
+                       "m": median_of(ms), "rounds": ms}
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
     print()
     print(f"device: {'GPU (configs/gpu.pbtxt)' if gpu else 'CPU (config.pbtxt)'}; short={args.short} "
           f"long={args.long} tokens; burst {args.burst}, poisson {args.poisson} at {args.gap_ms} ms mean gap")
