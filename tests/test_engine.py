@@ -219,6 +219,37 @@ def test_chunked_prefill_and_token_budget_change_nothing_but_timing(hf: tuple[An
         eng.stop(0)
 
 
+def hf_greedy_ids(hf: tuple[Any, Any], ids: list[int], max_tokens: int) -> list[int]:
+    import torch
+    model, tokenizer = hf
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def test_a_prompts_last_chunk_beside_a_wider_one_stays_inside_the_context(hf: tuple[Any, Any]) -> None:
+    # Rows prefilled together are padded to the widest; a row at offset 30 of a 48-column
+    # context, padded to 20 columns, would write past its slot's end (that failed the step).
+    eng, sink = make_engine(hf, max_running=4, context_length=48, prefill_chunk=30)
+    try:
+        running = seq(eng, PROMPTS[0], 20)
+        eng.submit(running)
+        sink.wait_tokens(running, 2)    # decoding: newcomers share a chunk of 30 per step
+        words = eng.encode(" ".join(PROMPTS * 4))
+        late = [e.Sequence(words[:40], e.GenerationParams(3)), e.Sequence(words[5:30], e.GenerationParams(4))]
+        eng.submit_many(late)           # step 1: 30 of the first; step 2: its last 10 beside 20 of the second
+        sink.wait(running, *late)
+        for s in (running, *late):
+            assert sink.of(s)[-1].error is None
+        assert late[0].tokens == hf_greedy_ids(hf, words[:40], 3)
+        assert late[1].tokens == hf_greedy_ids(hf, words[5:30], 4)
+        assert running.tokens == hf_greedy(hf, PROMPTS[0], 20)
+    finally:
+        eng.stop(0)
+
+
 def test_burst_handed_over_in_pieces_is_prefilled_in_one_pass(hf: tuple[Any, Any]) -> None:
     # Triton hands a burst over a few requests at a time; an idle engine's admission window
     # collects them (ending early here, once every slot is taken) and prefills them together.
