@@ -288,6 +288,24 @@ def test_an_answer_is_not_held_behind_a_sweep_of_slow_cancellation_polls(model: 
         assert r.sender.finished.wait(60)
 
 
+def test_answers_ready_together_are_not_spaced_out_by_cancellation_polls(model: object) -> None:
+    """A sweep used to poll one request after each answer: eight answers ready together went out
+    one 20 ms poll apart. A sweep now waits while any answer does, so they leave back to back."""
+    long_ = [request(f"Long story {i}", 60) for i in range(8)]
+    shorts = [request(f"Hello {i}", 1) for i in range(8)]
+    for r in long_ + shorts:
+        r.sender.poll_s = 0.02
+    assert model.execute(long_) is None
+    time.sleep(0.1)   # sweeps are under way
+    assert model.execute(shorts) is None
+    for r in shorts:
+        assert r.sender.finished.wait(10)
+    finished = [r.sender.finished_at for r in shorts]
+    assert max(finished) - min(finished) < 0.06, finished   # seven polls between them: 0.14 s
+    for r in long_:
+        assert r.sender.finished.wait(60)
+
+
 def test_the_engine_sends_final_answers_before_its_next_step(model: object) -> None:
     """Eight 1-token answers are ready after one pass while a long request keeps decoding.
     Each send takes 2 ms here: the engine holds its next step until they are out (up to
