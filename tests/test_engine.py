@@ -271,6 +271,32 @@ def test_burst_handed_over_in_pieces_is_prefilled_in_one_pass(hf: tuple[Any, Any
         eng.stop(0)
 
 
+def test_an_idle_engine_waits_for_a_handover_under_way(hf: tuple[Any, Any]) -> None:
+    # execute() parses a burst inside handover(): the 5 ms window does not close while it
+    # does, so the requests it submits late are prefilled with the first, not a step later.
+    eng, sink = make_engine(hf, admit_wait_ms=5)
+    calls = record_forward_shapes(eng)
+    try:
+        first, late = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 3)
+        with eng.handover():
+            eng.submit(first)
+            time.sleep(0.05)   # ten windows
+            eng.submit(late)
+        sink.wait(first, late)
+        assert calls[0][0] == 2, calls
+        assert first.tokens == hf_greedy(hf, PROMPTS[0], 3) and late.tokens == hf_greedy(hf, PROMPTS[1], 3)
+        # Without a handover the window closes on time: the late request joins a step later.
+        first, late = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 3)
+        calls.clear()
+        eng.submit(first)
+        time.sleep(0.05)
+        eng.submit(late)
+        sink.wait(first, late)
+        assert calls[0][0] == 1, calls
+    finally:
+        eng.stop(0)
+
+
 def test_static_scheduling_gives_the_same_tokens(hf: tuple[Any, Any]) -> None:
     eng, sink = make_engine(hf, scheduling=e.STATIC)
     try:

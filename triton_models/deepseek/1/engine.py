@@ -28,6 +28,8 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence as Seq
 
@@ -57,7 +59,8 @@ class EngineSettings:
     prefill_chunk: int = 1024      # prompt tokens prefilled per step, over all newcomers
     scheduling: str = INFLIGHT     # or STATIC: the old whole-batch behaviour, for the benchmark
     # An idle engine woken by a request waits up to this long (ms) for the rest of a burst, so
-    # requests Triton hands over a few at a time are prefilled in one forward pass, not several.
+    # requests Triton hands over a few at a time are prefilled in one forward pass, not several
+    # (and longer while a handover is under way: see Engine.handover).
     admit_wait_ms: float = 0.0
 
     def budget(self) -> int:
@@ -274,6 +277,7 @@ class Engine:
         self._new_stream = incremental_detokenizer(tokenizer)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
+        self._handovers = 0                   # callers inside handover(): more requests are on their way
         self._rows: list[Sequence] = []       # slots [0, n): decoding; slots [n, n+k): prefilling
         self._n = 0
         self._held: list[Event] = []          # static mode: answers held until the batch is done
@@ -291,6 +295,23 @@ class Engine:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    @contextmanager
+    def handover(self) -> Iterator[None]:
+        """Marks requests on their way in: an idle engine's admission window stays open until they are submitted.
+
+        Triton hands execute() a burst a few requests at a time, and parsing 31 of them took
+        3-7 ms here: the 5 ms window closed meanwhile, the first arrival was prefilled alone and
+        the other 31 a whole step later. Without a window (admit_wait_ms 0) this changes nothing.
+        """
+        with self._cond:
+            self._handovers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._handovers -= 1
+                self._cond.notify()
 
     def submit(self, seq: Sequence) -> None:
         """Queues a validated sequence; raises RequestError if the engine can never admit it."""
@@ -381,7 +402,8 @@ class Engine:
 
         Triton's dynamic batcher (no queue delay) hands a burst over a few requests at a time;
         without a window each handful is prefilled in a forward pass of its own, and the next
-        ones join a step later. The wait is bounded and ends early once every slot would be taken.
+        ones join a step later. The wait ends early once every slot would be taken, and goes on
+        past `admit_wait_ms` only while a handover() is under way (its requests are parsed).
         """
         wait_s = self.settings.admit_wait_ms / 1000
         if wait_s <= 0 or self.settings.scheduling != INFLIGHT:
@@ -389,9 +411,9 @@ class Engine:
         deadline = time.monotonic() + wait_s
         while not self._stopping and len(self._waiting) < self.settings.max_running:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and not self._handovers:
                 break
-            self._cond.wait(left)
+            self._cond.wait(left if left > 0 else None)   # a handover's end notifies
 
     def _fail_running(self, message: str) -> None:
         for seq in self._rows:

@@ -354,7 +354,7 @@ class TritonPythonModel:
         self.cancel_poll_s = float(params.get("cancel_poll_ms") or 20) / 1000
         self.metrics = ModelMetrics(args["model_name"], str(args.get("model_version", "1")))
 
-        self._responses: queue.Queue[Event | Sequence | None] = queue.Queue()
+        self._responses: queue.Queue[Event | list[Sequence] | None] = queue.Queue()
         self._ttft_due: list[float] = []   # response thread only
         self._finals = 0                   # final answers queued and not yet sent (under _sent)
         self._sent = threading.Condition()
@@ -371,21 +371,23 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         """Parses each request and hands them to the engine together; every answer goes out on its sender."""
-        parsed: list[Sequence] = []
-        for request in requests:
-            seq = Sequence([], GenerationParams(1), handle=Handle(request.get_response_sender()),
-                           streams=self.decoupled)
-            # Registered first, so the response thread watches it before any event for it.
-            self._responses.put(seq)
-            try:
-                seq.prompt_ids, seq.params = parse_request(read_inputs(request), self.limits, self.engine.encode,
-                                                            self.engine.tokenizer)
-            except RequestError as exc:
-                self._post(Event(seq, "", True, str(exc)))
-            else:
-                parsed.append(seq)
-        for seq, error in self.engine.submit_many(parsed):
-            self._post(Event(seq, "", True, str(error)))
+        with self.engine.handover():   # an idle engine waits for these before its first step
+            seqs = [Sequence([], GenerationParams(1), handle=Handle(request.get_response_sender()),
+                             streams=self.decoupled) for request in requests]
+            # Registered first, so the response thread watches them before any event for them; in
+            # one item, so it wakes once, not once per request while this thread parses.
+            self._responses.put(seqs)
+            parsed: list[Sequence] = []
+            for seq, request in zip(seqs, requests):
+                try:
+                    seq.prompt_ids, seq.params = parse_request(read_inputs(request), self.limits,
+                                                                self.engine.encode, self.engine.tokenizer)
+                except RequestError as exc:
+                    self._post(Event(seq, "", True, str(exc)))
+                else:
+                    parsed.append(seq)
+            for seq, error in self.engine.submit_many(parsed):
+                self._post(Event(seq, "", True, str(error)))
         return None
 
     def _post(self, event: Event) -> None:
@@ -429,7 +431,7 @@ class TritonPythonModel:
         to_poll: list[Sequence] = []        # the current sweep's requests not yet asked
         next_poll = time.monotonic() + self.cancel_poll_s
         while True:
-            item: Event | Sequence | None | bool
+            item: Event | list[Sequence] | None | bool
             try:
                 item = self._responses.get(timeout=self.cancel_poll_s)
             except queue.Empty:
@@ -438,8 +440,8 @@ class TritonPythonModel:
                 for seconds in self._ttft_due:
                     self.metrics.ttft.observe(seconds)
                 return
-            if isinstance(item, Sequence):
-                active[id(item)] = item
+            if isinstance(item, list):
+                active.update((id(seq), seq) for seq in item)
             elif isinstance(item, Event):
                 try:
                     self._answer(item)
