@@ -12,7 +12,9 @@ Invalidation, all exact:
   every committed change rewrites): while it is unchanged the revision is too, and the query runs
   only when it moved or `revision_check_ms` passed (a backstop for a writer that died between its
   commit and the signal). A revocation reported done counts on the very next request, in every
-  process. `revision_check_ms = 0` reads the revision on every request regardless.
+  process. `revision_check_ms = 0` reads the revision on every request regardless. Otherwise
+  requests that find it due while a read is under way, with the signal unchanged, share that read:
+  a burst of 32 requests made 32 queries, one behind the other, the first time each second.
 - an entry lives at most `ttl_s` after it was verified, and never past the expiry of the key,
   any ancestor, or the session token's `exp`.
 - while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
@@ -25,6 +27,7 @@ Only successes are cached; unknown or wrong credentials always go to the store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections import OrderedDict
@@ -59,6 +62,7 @@ class KeyCache:
         self._revision: int | None = None   # the last revision read; None before the first read
         self._signal: int | None = None     # the change signal as it was just before that read
         self._checked_at = float("-inf")
+        self._reading: tuple[int, asyncio.Future[int | None]] | None = None   # (signal, the read under way)
 
     @classmethod
     def from_settings(cls, auth: AuthSettings) -> KeyCache:
@@ -84,6 +88,20 @@ class KeyCache:
         if (self._revision is not None and signal is not None and signal == self._signal
                 and 0 <= now - self._checked_at < self._check_s):
             return self._revision
+        if self._check_s > 0 and signal is not None and self._reading is not None and self._reading[0] == signal:
+            # Sharing a read begun under this same signal is as exact as using its result afterwards.
+            return await asyncio.shield(self._reading[1])
+        read = asyncio.ensure_future(self._read(store, signal, now))
+        if self._check_s > 0 and signal is not None:
+            self._reading = (signal, read)
+        try:
+            # Shielded: a request cancelled while it waits must not cancel the others' read.
+            return await asyncio.shield(read)
+        finally:
+            if self._reading is not None and self._reading[1] is read:
+                self._reading = None
+
+    async def _read(self, store: KeyStore, signal: int | None, now: float) -> int | None:
         try:
             rev = await store.revision()
         except StoreUnavailable:

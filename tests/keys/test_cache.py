@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -107,6 +108,47 @@ async def test_ip_binding_is_checked_on_every_hit(store: Counting) -> None:
     assert await reason(token, store, c, ip="11.1.1.1") == "ip_not_allowed"
     assert (await auth(token, store, c, ip="10.2.2.2")).tier == "app"
     assert store.chains == 1
+
+
+class SlowRevision(Counting):
+    """Counts revision reads, each taking 20 ms: the others of a burst arrive while one is under way."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        super().__init__(store)
+        self.revisions = 0
+
+    async def revision(self) -> int:
+        self.revisions += 1
+        await asyncio.sleep(0.02)
+        return await self.store.revision()
+
+
+async def test_a_burst_shares_one_revision_read(store: Counting) -> None:
+    _, token = await issue(store.store)
+    slow = SlowRevision(store.store)
+    c = cache(revision_check_ms=1000)
+    await auth(token, slow, c)
+    assert slow.revisions == 1
+    burst = await asyncio.gather(*(auth(token, slow, c, now=NOW + 2) for _ in range(16)))   # the check is due
+    assert slow.revisions == 2 and {p.key_id for p in burst} == {burst[0].key_id}
+    # revision_check_ms 0 reads on every request, as it says.
+    every = cache(revision_check_ms=0)
+    await asyncio.gather(*(auth(token, slow, every) for _ in range(8)))
+    assert slow.revisions == 2 + 8
+
+
+async def test_a_request_after_a_change_does_not_share_a_read_begun_before_it(store: Counting) -> None:
+    _, token = await issue(store.store)
+    other_id, other = await issue(store.store)
+    slow = SlowRevision(store.store)
+    c = cache(revision_check_ms=1000)
+    await auth(token, slow, c)
+    await auth(other, slow, c)
+    reading = asyncio.ensure_future(auth(token, slow, c, now=NOW + 2))
+    await asyncio.sleep(0.005)   # its read is under way
+    await store.store.revoke_key(other_id, NOW)   # moves the change signal
+    assert await reason(other, slow, c, now=NOW + 2) == "revoked"
+    assert (await reading).tier == "app" and slow.revisions == 3
 
 
 # --- invalidation ------------------------------------------------------------------
