@@ -438,10 +438,13 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
                 key = issue_key(config)
                 servers[-1] = (triton, stack.start_seekgate(config))
                 sides.append((mode, "seekgate", servers[-1][1].url, {"Authorization": f"Bearer {key}"}, metrics_url))
-            # Warm-up: one full burst, thrown away. A 4-request warm-up left the first
-            # full-size batch paying torch's first-use costs (a 14 s static burst, once).
+            # Warm-up: one full burst, thrown away, through seekgate when there is one (it reaches
+            # Triton too). A 4-request warm-up left the first full-size batch paying torch's
+            # first-use costs (a 14 s static burst, once); a Triton-only one left seekgate's first
+            # burst paying its own (the key's first verification, cold caches): 85 ms once.
             warm = workload("burst", args.burst, args.short, args.long, 0)
-            stack.run_loop(run_workload(triton.http_url, {}, metrics_url, warm, args.short))
+            _, _, warm_url, warm_headers, _ = sides[-1]
+            stack.run_loop(run_workload(warm_url, warm_headers, metrics_url, warm, args.short))
         yield sides
     finally:
         for triton, gw in servers:
