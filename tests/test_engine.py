@@ -250,6 +250,12 @@ def test_a_prompts_last_chunk_beside_a_wider_one_stays_inside_the_context(hf: tu
         eng.stop(0)
 
 
+def test_encode_many_is_encode_of_each(engine: tuple[e.Engine, Collector]) -> None:
+    eng, _ = engine
+    for special in (True, False):
+        assert eng.encode_many(PROMPTS, special) == [eng.encode(p, special) for p in PROMPTS]
+
+
 def test_burst_handed_over_in_pieces_is_prefilled_in_one_pass(hf: tuple[Any, Any]) -> None:
     # Triton hands a burst over a few requests at a time; an idle engine's admission window
     # collects them (ending early here, once every slot is taken) and prefills them together.

@@ -178,6 +178,39 @@ def test_bad_request_in_batch_gets_its_own_error(model: object) -> None:
     assert int(responses[3].output("output_tokens")[0, 0]) == 2
 
 
+def test_a_batch_of_plain_prompts_and_chats_is_tokenized_as_each_alone(model: object) -> None:
+    # execute() tokenizes a batch in one call per kind of prompt; order, special tokens and the
+    # per-request context check are each request's own.
+    chat = json.dumps([{"role": "user", "content": "Hello there"}]).encode()
+
+    def chat_request(n: int) -> pb_utils_stub.InferenceRequest:
+        return request("", n, messages=np.array([[chat]], dtype=np.object_))
+
+    def batch() -> list[pb_utils_stub.InferenceRequest]:
+        return [request("Hello world", 3), chat_request(3), request("word " * 300, 4), request("seekgate", 2)]
+    together = execute(model, batch())
+    alone = [execute(model, [r])[0] for r in batch()]
+    assert "context length of 256" in together[2].error.message() and "context length" in alone[2].error.message()
+    for i in (0, 1, 3):
+        for name in ("text_output", "input_tokens", "output_tokens"):
+            assert together[i].output(name)[0, 0] == alone[i].output(name)[0, 0], (i, name)
+    rendered = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
+                                                   add_generation_prompt=True)
+    assert int(together[1].output("input_tokens")[0, 0]) == len(model.engine.encode(rendered, special=False))
+
+
+def test_encode_prompts_keeps_the_order_across_kinds() -> None:
+    calls: list[tuple[list[str], bool]] = []
+
+    def encode_many(texts: list[str], special: bool) -> list[list[int]]:
+        calls.append((texts, special))
+        return [[len(t), int(special)] for t in texts]
+    prompts = [m.Prompt("aa", True), m.Prompt("b", False), m.Prompt("cccc", True)]
+    assert m.encode_prompts(prompts, encode_many) == [[2, 1], [1, 0], [4, 1]]
+    assert calls == [(["aa", "cccc"], True), (["b"], False)]
+    assert m.encode_prompts([], encode_many) == [] and len(calls) == 2
+
+
 def test_seeded_sampling_is_reproducible(model: object) -> None:
     def sampled(seed: int) -> bytes:
         extra = {"temperature": np.array([[5.0]], np.float32), "seed": np.array([[seed]], np.int64)}
