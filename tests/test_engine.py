@@ -303,6 +303,29 @@ def test_an_idle_engine_waits_for_a_handover_under_way(hf: tuple[Any, Any]) -> N
         eng.stop(0)
 
 
+def test_the_admission_window_follows_a_burst_that_keeps_coming(hf: tuple[Any, Any]) -> None:
+    # 100 ms window: arrivals 25 ms apart keep it open (half a window after the latest), up to
+    # four windows (400 ms) in all. Eight arrivals over 175 ms share the first pass; thirty
+    # over 725 ms do not wait for the last.
+    eng, sink = make_engine(hf, max_running=32, admit_wait_ms=100)
+    calls = record_forward_shapes(eng)
+    try:
+        for n in (8, 30):
+            calls.clear()
+            seqs = [seq(eng, PROMPTS[i % len(PROMPTS)], 2) for i in range(n)]
+            for s in seqs:
+                eng.submit(s)
+                time.sleep(0.025)
+            sink.wait(*seqs)
+            if n == 8:
+                assert calls[0][0] == 8, calls
+            else:
+                assert 8 <= calls[0][0] < 30, calls
+        assert all(s.tokens == hf_greedy(hf, PROMPTS[i % len(PROMPTS)], 2) for i, s in enumerate(seqs))
+    finally:
+        eng.stop(0)
+
+
 def test_static_scheduling_gives_the_same_tokens(hf: tuple[Any, Any]) -> None:
     eng, sink = make_engine(hf, scheduling=e.STATIC)
     try:
