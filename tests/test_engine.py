@@ -286,7 +286,7 @@ def test_an_idle_engine_waits_for_a_handover_under_way(hf: tuple[Any, Any]) -> N
         first, late = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 3)
         with eng.handover():
             eng.submit(first)
-            time.sleep(0.05)   # ten windows
+            time.sleep(0.2)   # forty windows
             eng.submit(late)
         sink.wait(first, late)
         assert calls[0][0] == 2, calls
@@ -295,7 +295,7 @@ def test_an_idle_engine_waits_for_a_handover_under_way(hf: tuple[Any, Any]) -> N
         first, late = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 3)
         calls.clear()
         eng.submit(first)
-        time.sleep(0.05)
+        time.sleep(0.2)
         eng.submit(late)
         sink.wait(first, late)
         assert calls[0][0] == 1, calls
@@ -304,10 +304,10 @@ def test_an_idle_engine_waits_for_a_handover_under_way(hf: tuple[Any, Any]) -> N
 
 
 def test_the_admission_window_follows_a_burst_that_keeps_coming(hf: tuple[Any, Any]) -> None:
-    # 100 ms window: arrivals 25 ms apart keep it open (half a window after the latest), up to
-    # four windows (400 ms) in all. Eight arrivals over 175 ms share the first pass; thirty
-    # over 725 ms do not wait for the last.
-    eng, sink = make_engine(hf, max_running=32, admit_wait_ms=100)
+    # 200 ms window: arrivals 50 ms apart keep it open (half a window after the latest), up to
+    # four windows (800 ms) in all. Eight arrivals over 350 ms share the first pass; thirty
+    # over 1450 ms do not wait for the last.
+    eng, sink = make_engine(hf, max_running=32, admit_wait_ms=200)
     calls = record_forward_shapes(eng)
     try:
         for n in (8, 30):
@@ -315,7 +315,7 @@ def test_the_admission_window_follows_a_burst_that_keeps_coming(hf: tuple[Any, A
             seqs = [seq(eng, PROMPTS[i % len(PROMPTS)], 2) for i in range(n)]
             for s in seqs:
                 eng.submit(s)
-                time.sleep(0.025)
+                time.sleep(0.05)
             sink.wait(*seqs)
             if n == 8:
                 assert calls[0][0] == 8, calls
