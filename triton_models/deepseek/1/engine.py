@@ -200,13 +200,14 @@ class SlotCache:
             store[rows, :, positions] = new[:, :, 0]
         self._rows, self._write, self._width = slice(0, n), write, width
 
-    def plan_prefill(self, first: int, offsets: Seq[int], width: int) -> None:
+    def plan_prefill(self, first: int, offsets: Seq[int], width: int) -> int:
         """Rows [first, first+len(offsets)) write `width` columns from their own offset, in one indexed copy.
 
         Rows are padded to the widest: a row at a late offset (its prompt's last chunk beside a
         wider one) would pad past its slot's end. Those padding columns land on the slot's last
         column, which holds nothing: a sequence's last KV column is prompt + max_tokens - 2, and
-        admission keeps prompt + max_tokens within the context. Attention reads at most `context`.
+        admission keeps prompt + max_tokens within the context. Attention reads at most `context`:
+        returns the columns it reads, the mask's width.
         """
         import torch
 
@@ -219,6 +220,7 @@ class SlotCache:
         self._rows = slice(first, first + len(offsets))
         self._write = write
         self._width = min(max(offsets) + width, self.context)
+        return self._width
 
     def update(self, new_a: Any, new_b: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if layer_idx >= len(self.a) or self.a[layer_idx] is None:
@@ -529,9 +531,8 @@ class Engine:
         positions = torch.tensor(offsets).view(-1, 1) + torch.arange(width).view(1, -1)
         # Padding columns (past a row's w) are written too, with finite values, and masked
         # until that row's own tokens overwrite them.
-        self.cache.plan_prefill(self._n, offsets, width)
-        mask = self._mask([(o, w) for o, w in zip(offsets, widths)], width,
-                          min(max(offsets) + width, self.settings.context_length))
+        kv_width = self.cache.plan_prefill(self._n, offsets, width)
+        mask = self._mask([(o, w) for o, w in zip(offsets, widths)], width, kv_width)
         # Logits only at the last prompt column of rows whose prompt this pass completes.
         cols = sorted({w - 1 for seq, w in zip(pending, widths) if w and seq.prefilled + w == len(seq.prompt_ids)})
         column = {c: i for i, c in enumerate(cols)} if self.keeps_logits else {c: c for c in range(width)}
