@@ -399,7 +399,7 @@ class TritonPythonModel:
                 try:
                     prompt, seq.params = parse_request(read_inputs(request), self.limits, self.engine.tokenizer)
                 except RequestError as exc:
-                    self._post(Event(seq, "", True, str(exc)))
+                    self._refuse(seq, exc)
                 else:
                     parsed.append((seq, prompt))
             ready: list[Sequence] = []
@@ -407,13 +407,17 @@ class TritonPythonModel:
                 try:
                     check_context(len(ids), seq.params, self.limits)
                 except RequestError as exc:
-                    self._post(Event(seq, "", True, str(exc)))
+                    self._refuse(seq, exc)
                 else:
                     seq.prompt_ids = ids
                     ready.append(seq)
             for seq, error in self.engine.submit_many(ready):
-                self._post(Event(seq, "", True, str(error)))
+                self._refuse(seq, error)
         return None
+
+    def _refuse(self, seq: Sequence, error: RequestError) -> None:
+        """This request's own error, as its final answer; the rest of the batch goes on."""
+        self._post(Event(seq, "", True, str(error)))
 
     def _post(self, event: Event) -> None:
         """Queues an event for the response thread (the engine's sink), counting final answers."""
