@@ -87,13 +87,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import stack  # noqa: E402
+from bench.burstclient import Connection, build_request  # noqa: E402
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: E402
 
 MODEL_DIR = stack.REPO / "triton_models" / "deepseek"
@@ -235,21 +235,14 @@ def workload(kind: str, n: int, short: int, long_: int, gap_ms: float, seed: int
     return out
 
 
-async def warm(session: aiohttp.ClientSession, url: str) -> None:
-    async with session.get(url + "/v2/health/ready") as r:
-        await r.read()
-
-
-async def send(session: aiohttp.ClientSession, url: str, headers: dict[str, str], at: float, start: float,
-               prompt: str, max_tokens: int) -> dict[str, Any]:
+async def send(conn: Connection, request: bytes, at: float, start: float, max_tokens: int) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
     sent = time.perf_counter()
-    # ignore_eos is not a model input: "tell me everything" prompts run to max_tokens on these checkpoints.
-    async with session.post(url + "/v2/models/deepseek/generate", headers=headers,
-                            json={"text_input": prompt, "max_tokens": max_tokens}) as r:
-        body = await r.json(content_type=None)
-        ok = r.status == 200
-    return {"ok": ok, "latency": time.perf_counter() - sent, "max_tokens": max_tokens,
+    response = await conn.send(request)
+    latency = time.perf_counter() - sent
+    ok = response.status == 200
+    body = response.json() if ok else response.body.decode(errors="replace")
+    return {"ok": ok, "latency": latency, "max_tokens": max_tokens,
             "tokens": body.get("output_tokens", 0) if ok else 0, "error": None if ok else body}
 
 
@@ -299,16 +292,24 @@ def pct(values: list[float], q: float) -> float | None:
 async def run_workload(url: str, headers: dict[str, str], metrics_url: str,
                        plan: list[tuple[float, str, int]], short: int) -> dict[str, Any]:
     before = ttft(metrics_url)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
-        # One open connection per request before the clock starts, as a client with a pool has
-        # (tritonclient, perf_analyzer): a burst then measures scheduling, not 32 TCP handshakes.
-        await asyncio.gather(*(warm(session, url) for _ in plan))
+    # One open connection per request before the clock starts, as a client with a pool has
+    # (tritonclient, perf_analyzer): a burst then measures scheduling, not 32 TCP handshakes.
+    conns = await asyncio.gather(*(Connection.open(url) for _ in plan))
+    try:
+        ready = build_request("GET", url + "/v2/health/ready")
+        await asyncio.gather(*(c.send(ready) for c in conns))
+        # ignore_eos is not a model input: "tell me everything" prompts run to max_tokens on these checkpoints.
+        requests = [build_request("POST", url + "/v2/models/deepseek/generate", headers,
+                                  {"text_input": p, "max_tokens": n}) for _, p, n in plan]
         # Through seekgate those probes are audited and counted like any request: a pool opened
         # ahead of time would not have its own audit records still being written under the burst.
         await asyncio.sleep(0.3)
         start = time.perf_counter()
-        results = await asyncio.gather(*(send(session, url, headers, at, start, p, n) for at, p, n in plan))
+        results = await asyncio.gather(*(send(c, req, at, start, n)
+                                         for c, req, (at, _, n) in zip(conns, requests, plan, strict=True)))
         total = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
     await asyncio.sleep(0.3)   # the model sets its metrics after the step that answered
     after = ttft(metrics_url)
     shorts = [r["latency"] for r in results if r["ok"] and r["max_tokens"] == short]

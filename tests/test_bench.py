@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bench import loadgen, matrix, memory, micro, report, stack
+from bench import burstclient, loadgen, matrix, memory, micro, report, stack
 from bench.passthrough import build_app
 from proxy.context import Principal, Resource
 from proxy.local.triton import TritonProcess
@@ -157,6 +158,51 @@ def test_wrk_script_and_parsers() -> None:
     both = loadgen.combine([m, loadgen.Measured("wrk", 4, 300, 0, 3.0, 100.0, 2.5, 7.0)])
     assert (both.requests, both.errors, both.seconds, both.requests_per_s) == (410, 10, 5.0, 80.0)
     assert (both.p50_ms, both.p99_ms) == (2.0, 8.0) and both.first_error == m.first_error
+
+
+def test_burst_client_reads_sized_chunked_and_error_answers_on_one_connection() -> None:
+    peers: list[Any] = []
+
+    async def sized(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.json_response({"echo": await request.json(), "auth": request.headers.get("Authorization")})
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b'{"a":', b" 1}"):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    async def exchange() -> list[burstclient.Response]:
+        app = web.Application()
+        app.router.add_post("/sized", sized)
+        app.router.add_get("/chunked", chunked)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        conn = await burstclient.Connection.open(url)
+        try:
+            return [await conn.send(burstclient.build_request("POST", url + "/sized", {"Authorization": "Bearer k"},
+                                                              {"x": 1})),
+                    await conn.send(burstclient.build_request("GET", url + "/chunked")),
+                    await conn.send(burstclient.build_request("GET", url + "/nothing?q=1")),
+                    await conn.send(burstclient.build_request("POST", url + "/sized", body=[2]))]
+        finally:
+            await conn.close()
+            await runner.cleanup()
+
+    sized_answer, chunked_answer, missing, again = stack.run_loop(exchange())
+    assert (sized_answer.status, sized_answer.json()) == (200, {"echo": {"x": 1}, "auth": "Bearer k"})
+    assert (chunked_answer.status, chunked_answer.json()) == (200, {"a": 1})
+    assert missing.status == 404 and b"Not Found" in missing.body
+    assert (again.status, again.json()) == (200, {"echo": [2], "auth": None})
+    assert len(peers) == 3 and len(set(peers)) == 1   # every request on the one kept-alive connection
 
 
 # ---------------------------------------------------------------- the table and the JSON
