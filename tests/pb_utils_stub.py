@@ -65,15 +65,18 @@ class ResponseSender:
 
 class InferenceRequest:
     def __init__(self, **inputs: np.ndarray) -> None:
-        self.inputs = inputs
+        self._inputs = inputs
         self.sender = ResponseSender()
+
+    def inputs(self) -> list[Tensor]:
+        return [Tensor(name, array) for name, array in self._inputs.items()]
 
     def get_response_sender(self) -> ResponseSender:
         return self.sender
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
-    return Tensor(name, request.inputs[name]) if name in request.inputs else None
+    return next((t for t in request.inputs() if t.name() == name), None)
 
 
 def using_decoupled_model_transaction_policy(config: dict[str, Any]) -> bool:

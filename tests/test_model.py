@@ -70,6 +70,13 @@ def test_bad_params(values: dict, message: str) -> None:
         m.parse_params(values, LIMITS)
 
 
+def test_read_inputs_takes_the_known_inputs_by_name_and_ignores_others() -> None:
+    request = pb_utils_stub.InferenceRequest(text_input=b("hi"), max_tokens=np.array([[3]], np.int32),
+                                             unknown=np.array([[1]], np.int32))
+    values = m.read_inputs(request)
+    assert sorted(values) == ["max_tokens", "text_input"] and values["text_input"][0, 0] == b"hi"
+
+
 def test_context_length_check() -> None:
     m.check_context(120, m.GenerationParams(8), LIMITS)
     with pytest.raises(m.RequestError, match="context length of 128"):

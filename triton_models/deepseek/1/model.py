@@ -229,10 +229,11 @@ INPUT_NAMES = ("text_input", "max_tokens", "temperature", "top_p", "stop", "seed
 
 
 def read_inputs(request: Any) -> dict[str, np.ndarray]:
+    """The request's known inputs by name, in one pass (get_input_tensor_by_name lists them all per name)."""
     values = {}
-    for name in INPUT_NAMES:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is not None:
+    for tensor in request.inputs():
+        name = tensor.name()
+        if name in INPUT_NAMES:
             values[name] = tensor.as_numpy()
     return values
 
