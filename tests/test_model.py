@@ -77,6 +77,22 @@ def test_read_inputs_takes_the_known_inputs_by_name_and_ignores_others() -> None
     assert sorted(values) == ["max_tokens", "text_input"] and values["text_input"][0, 0] == b"hi"
 
 
+def test_worth_polling_skips_new_requests_and_rows_that_end_before_the_next_sweep() -> None:
+    def seq(arrived: float, slot: int = -1, tokens: int = 0, max_tokens: int = 64) -> Any:
+        return m.Sequence([1, 2], m.GenerationParams(max_tokens), slot=slot, tokens=[5] * tokens, arrived=arrived)
+
+    now, interval, step = 100.0, 0.02, 0.003
+    assert not m.worth_polling(seq(now - 0.01), now, interval, step)            # handed over 10 ms ago
+    assert m.worth_polling(seq(now - 0.03), now, interval, step)                # still waiting for a slot
+    assert m.worth_polling(seq(now - 0.03, slot=0), now, interval, step)        # being prefilled
+    assert m.worth_polling(seq(now - 0.03, slot=0, tokens=3), now, interval, step)   # 61 steps to go
+    assert not m.worth_polling(seq(now - 0.03, slot=0, tokens=60), now, interval, step)   # 4 steps: 12 ms
+    # Steps longer than cancel_poll_ms (a big model): sweeps come once a step, and a row with a
+    # step left finishes at the next one anyway; with two left, a cancel found now saves one.
+    assert not m.worth_polling(seq(now - 0.06, slot=0, tokens=63), now, 0.05, 0.05)
+    assert m.worth_polling(seq(now - 0.06, slot=0, tokens=62), now, 0.05, 0.05)
+
+
 def test_context_length_check() -> None:
     m.check_context(120, m.GenerationParams(8), LIMITS)
     with pytest.raises(m.RequestError, match="context length of 128"):
