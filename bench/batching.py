@@ -10,10 +10,13 @@ What it does
     tritonserver on a model repository whose `deepseek` config differs only in the `scheduling`
     parameter (static also gets the old dynamic batcher: preferred sizes 8/16/32, 5 ms queue
     delay), puts seekgate in front of it, and sends two workloads through Triton directly and
-    through seekgate:
+    through seekgate, and to the same engine run in this process with no server around it
+    (path `engine`, bench/inprocess.py: the scheduling's own effect, without the ~10 ms of
+    HTTP, batcher, IPC and answer sends a request pays through Triton in both modes alike):
       burst:   N requests at once, half short (max_tokens --short), half long (--long);
       poisson: M requests of the same mix arriving at random (exponential gaps, --gap-ms).
-    Greedy decoding, prompts varied per request. Every mode's servers are up at once and each
+    Greedy decoding, prompts varied per request, sent by a lean HTTP client (bench/burstclient.py:
+    a burst leaves in about half a millisecond). Every mode's servers are up at once and each
     round runs every (mode, path) back to back, the order reversed every other round, so load
     drifting over the run (a shared machine) hits both modes alike. The large checkpoint gets
     fresh servers every round (--fresh-servers: the tiny one too): two Tritons with the same
@@ -94,10 +97,12 @@ if __package__ in (None, ""):
 
 from bench import stack  # noqa: E402
 from bench.burstclient import Connection, build_request  # noqa: E402
+from bench.inprocess import InProcessEngines, pct  # noqa: E402
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: E402
 
 MODEL_DIR = stack.REPO / "triton_models" / "deepseek"
 NO_WINDOW = "inflight0"   # in-flight with admit_wait_ms 0 (--no-window-too)
+ENGINE = "engine"         # the path of the engine run in this process (bench/inprocess.py), no server around it
 # The large checkpoint. Chosen from `--step-costs` tables (module docstring): a decode step's cost must
 # grow with its rows, or per-step scheduling has nothing to save when half the rows are done.
 LARGE_CONFIG: dict[str, Any] = dict(
@@ -282,13 +287,6 @@ def hist_p50(before: list[tuple[float, float]], after: list[tuple[float, float]]
     return None
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 async def run_workload(url: str, headers: dict[str, str], metrics_url: str,
                        plan: list[tuple[float, str, int]], short: int) -> dict[str, Any]:
     before = ttft(metrics_url)
@@ -418,8 +416,9 @@ Side = tuple[str, str, str, dict[str, str], str]   # (mode, path, url, headers, 
 
 @contextlib.contextmanager
 def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: bool,
-            args: argparse.Namespace) -> Iterator[list[Side]]:
-    """One real Triton per mode (each with a seekgate unless --no-seekgate), warmed up; stopped on exit.
+            args: argparse.Namespace) -> Iterator[tuple[list[Side], InProcessEngines | None]]:
+    """One real Triton per mode (each with a seekgate unless --no-seekgate), and the engine in-process
+    (path `engine`, unless --no-engine), all warmed up; stopped on exit.
 
     Every mode's servers are up at once and the modes take turns within each round, order
     reversed every other round: load drifting over the run (a shared machine) then hits every
@@ -427,9 +426,12 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
     """
     servers: list[tuple[TritonProcess, Any]] = []
     sides: list[Side] = []
+    configs: dict[str, Path] = {}
+    in_process: InProcessEngines | None = None
     try:
         for mode in modes:
             repo = repository(root / ck_name, mode, gpu, threads=0 if ck_name == "large" else None)
+            configs[mode] = repo / "deepseek" / "config.pbtxt"
             triton = start_triton(repo, root / ck_name / f"data-{mode}", ck)
             servers.append((triton, None))
             metrics_url = f"http://127.0.0.1:{triton.launch.metrics_port}/metrics"
@@ -446,8 +448,15 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
             warm = workload("burst", args.burst, args.short, args.long, 0)
             _, _, warm_url, warm_headers, _ = sides[-1]
             stack.run_loop(run_workload(warm_url, warm_headers, metrics_url, warm, args.short))
-        yield sides
+        if not args.no_engine:
+            in_process = InProcessEngines(ck, configs, gpu)
+            for mode in modes:
+                in_process.run(mode, workload("burst", args.burst, args.short, args.long, 0), args.short)   # warm-up
+                sides.append((mode, ENGINE, "", {}, ""))
+        yield sides, in_process
     finally:
+        if in_process is not None:
+            in_process.close()
         for triton, gw in servers:
             if gw is not None:
                 gw.stop()
@@ -467,6 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large-rounds", type=int, default=3, help="the same for the large checkpoint")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--no-seekgate", action="store_true", help="Triton directly only")
+    p.add_argument("--no-engine", action="store_true", help="not the engine in-process (path `engine`)")
     p.add_argument("--fresh-servers", action="store_true",
                    help="a fresh Triton (and seekgate) per mode for every round of the tiny checkpoint too "
                         "(the large one always gets them)")
@@ -504,15 +514,19 @@ def main(argv: list[str] | None = None) -> int:
                      for wl, n in (("burst", args.burst), ("poisson", args.poisson))}
             runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
             with contextlib.ExitStack() as up:
-                sides = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
+                sides, in_process = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
                 for r in range(rounds):
                     if fresh and r:
                         up.close()
-                        sides = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
+                        sides, in_process = up.enter_context(serving(root, ck_name, ck, modes, gpu, args))
                     for wl, plan in plans.items():
                         for mode, path, url, headers, metrics_url in (sides if r % 2 == 0 else sides[::-1]):
-                            runs.setdefault((wl, mode, path), []).append(
-                                stack.run_loop(run_workload(url, headers, metrics_url, plan, args.short)))
+                            if path == ENGINE:
+                                assert in_process is not None
+                                measured = in_process.run(mode, plan, args.short)
+                            else:
+                                measured = stack.run_loop(run_workload(url, headers, metrics_url, plan, args.short))
+                            runs.setdefault((wl, mode, path), []).append(measured)
             for (wl, mode, path), ms in runs.items():   # first round's order: workload by workload
                 row = {"checkpoint": ck_name, "workload": wl, "path": path, "mode": mode,
                        "m": median_of(ms), "rounds": ms}

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bench import burstclient, loadgen, matrix, memory, micro, report, stack
+from bench import burstclient, inprocess, loadgen, matrix, memory, micro, report, stack
 from bench.passthrough import build_app
 from proxy.context import Principal, Resource
 from proxy.local.triton import TritonProcess
@@ -203,6 +203,35 @@ def test_burst_client_reads_sized_chunked_and_error_answers_on_one_connection() 
     assert missing.status == 404 and b"Not Found" in missing.body
     assert (again.status, again.json()) == (200, {"echo": [2], "auth": None})
     assert len(peers) == 3 and len(set(peers)) == 1   # every request on the one kept-alive connection
+
+
+def test_config_parameters_reads_a_config_pbtxts_string_parameters() -> None:
+    text = (Path(__file__).resolve().parent.parent / "triton_models" / "deepseek" / "config.pbtxt").read_text()
+    params = inprocess.config_parameters(text)
+    assert params["scheduling"] == "inflight" and params["max_running_sequences"] == "32"
+    assert params["admit_wait_ms"] == "5" and "checkpoint" in params
+
+
+def test_the_in_process_engine_path_runs_both_modes_from_their_repositories(tiny_checkpoint: Path,
+                                                                             tmp_path: Path) -> None:
+    from bench import batching
+
+    configs = {mode: batching.repository(tmp_path, mode, gpu=False) / "deepseek" / "config.pbtxt"
+               for mode in ("static", "inflight")}
+    engines = inprocess.InProcessEngines(tiny_checkpoint, configs, gpu=False)
+    try:
+        assert {mode: e.settings.scheduling for mode, e in engines.engines.items()} == {
+            "static": "static", "inflight": "inflight"}
+        plan = batching.workload("burst", 4, 2, 6, 0)
+        for mode in ("static", "inflight"):
+            got = engines.run(mode, plan, short=2)
+            # Two short and two long requests run to max_tokens: 5 decode steps after the prefill.
+            assert (got["requests"], got["failed"], got["tokens"], got["steps"]) == (4, 0, 16, 5), (mode, got)
+            assert got["short_p50_s"] and got["long_p50_s"] and got["ttft_p50_s"]
+        refused = engines.run("inflight", [(0.0, "too long", 300)], short=2)   # over the 256-token context
+        assert refused["failed"] == 1 and "token budget" in refused["errors"][0]
+    finally:
+        engines.close()
 
 
 # ---------------------------------------------------------------- the table and the JSON
