@@ -103,6 +103,7 @@ from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: 
 MODEL_DIR = stack.REPO / "triton_models" / "deepseek"
 NO_WINDOW = "inflight0"   # in-flight with admit_wait_ms 0 (--no-window-too)
 ENGINE = "engine"         # the path of the engine run in this process (bench/inprocess.py), no server around it
+REQUEST_TIMEOUT_S = 1800  # a server that stops answering fails the run instead of hanging it
 # The large checkpoint. Chosen from `--step-costs` tables (module docstring): a decode step's cost must
 # grow with its rows, or per-step scheduling has nothing to save when half the rows are done.
 LARGE_CONFIG: dict[str, Any] = dict(
@@ -243,7 +244,7 @@ def workload(kind: str, n: int, short: int, long_: int, gap_ms: float, seed: int
 async def send(conn: Connection, request: bytes, at: float, start: float, max_tokens: int) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
     sent = time.perf_counter()
-    response = await conn.send(request)
+    response = await asyncio.wait_for(conn.send(request), REQUEST_TIMEOUT_S)
     latency = time.perf_counter() - sent
     ok = response.status == 200
     body = response.json() if ok else response.body.decode(errors="replace")
@@ -451,7 +452,7 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
         if not args.no_engine:
             in_process = InProcessEngines(ck, configs, gpu)
             for mode in modes:
-                in_process.run(mode, workload("burst", args.burst, args.short, args.long, 0), args.short)   # warm-up
+                in_process.run(mode, warm, args.short)   # its first burst pays torch's first-use costs too
                 sides.append((mode, ENGINE, "", {}, ""))
         yield sides, in_process
     finally:
