@@ -418,8 +418,8 @@ Side = tuple[str, str, str, dict[str, str], str]   # (mode, path, url, headers, 
 @contextlib.contextmanager
 def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: bool,
             args: argparse.Namespace) -> Iterator[tuple[list[Side], InProcessEngines | None]]:
-    """One real Triton per mode (each with a seekgate unless --no-seekgate), and the engine in-process
-    (path `engine`, unless --no-engine), all warmed up; stopped on exit.
+    """One real Triton per mode (each with a seekgate unless --no-seekgate; none with --engine-only),
+    and the engine in-process (path `engine`, unless --no-engine), all warmed up; stopped on exit.
 
     Every mode's servers are up at once and the modes take turns within each round, order
     reversed every other round: load drifting over the run (a shared machine) then hits every
@@ -429,10 +429,13 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
     sides: list[Side] = []
     configs: dict[str, Path] = {}
     in_process: InProcessEngines | None = None
+    warm = workload("burst", args.burst, args.short, args.long, 0)
     try:
         for mode in modes:
             repo = repository(root / ck_name, mode, gpu, threads=0 if ck_name == "large" else None)
             configs[mode] = repo / "deepseek" / "config.pbtxt"
+            if args.engine_only:
+                continue
             triton = start_triton(repo, root / ck_name / f"data-{mode}", ck)
             servers.append((triton, None))
             metrics_url = f"http://127.0.0.1:{triton.launch.metrics_port}/metrics"
@@ -446,7 +449,6 @@ def serving(root: Path, ck_name: str, ck: Path, modes: tuple[str, ...], gpu: boo
             # Triton too). A 4-request warm-up left the first full-size batch paying torch's
             # first-use costs (a 14 s static burst, once); a Triton-only one left seekgate's first
             # burst paying its own (the key's first verification, cold caches): 85 ms once.
-            warm = workload("burst", args.burst, args.short, args.long, 0)
             _, _, warm_url, warm_headers, _ = sides[-1]
             stack.run_loop(run_workload(warm_url, warm_headers, metrics_url, warm, args.short))
         if not args.no_engine:
@@ -478,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--no-seekgate", action="store_true", help="Triton directly only")
     p.add_argument("--no-engine", action="store_true", help="not the engine in-process (path `engine`)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="only the engine in-process: no Triton, no seekgate (a GPU host without tritonserver)")
     p.add_argument("--fresh-servers", action="store_true",
                    help="a fresh Triton (and seekgate) per mode for every round of the tiny checkpoint too "
                         "(the large one always gets them)")
@@ -486,7 +490,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path)
     p.add_argument("--step-costs", action="store_true",
                    help="only print the large checkpoint's decode-step cost against rows (in-process) and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.engine_only and args.no_engine:
+        p.error("--engine-only and --no-engine leave nothing to run")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

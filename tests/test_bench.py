@@ -234,6 +234,23 @@ def test_the_in_process_engine_path_runs_both_modes_from_their_repositories(tiny
         engines.close()
 
 
+def test_batching_engine_only_runs_no_server_and_reports_the_engine_path(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import batching
+
+    out = tmp_path / "out.json"
+    assert batching.main(["--engine-only", "--device", "cpu", "--rounds", "1", "--burst", "4", "--poisson", "4",
+                          "--gap-ms", "5", "--short", "2", "--long", "6", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert sorted((r["workload"], r["path"], r["mode"]) for r in rows) == [
+        ("burst", "engine", "inflight"), ("burst", "engine", "static"),
+        ("poisson", "engine", "inflight"), ("poisson", "engine", "static")]
+    assert all(r["m"]["failed"] == 0 and r["m"]["tokens"] == 16 for r in rows)
+    assert "short p50 >= 10x lower (tiny burst engine)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        batching.parse_args(["--engine-only", "--no-engine"])
+
+
 # ---------------------------------------------------------------- the table and the JSON
 
 def rows_for_report() -> list[report.Row]:
