@@ -115,7 +115,8 @@ class InProcessEngines:
         tokens = sum(len(s.tokens) for s, _ in ok)
         return {
             "requests": len(seqs), "failed": len(seqs) - len(ok), "errors": [e for e in errors if e][:3],
-            "total_s": total, "tokens": tokens, "tokens_per_s": tokens / total, "ttft_mean_s": statistics.mean(ttfts) if ttfts else None,
+            "total_s": total, "tokens": tokens, "tokens_per_s": tokens / total,
+            "ttft_mean_s": statistics.mean(ttfts) if ttfts else None,
             "ttft_p50_s": statistics.median(ttfts) if ttfts else None, "steps": engine.steps - steps_before,
             "short_p50_s": pct(shorts, 0.5), "short_p95_s": pct(shorts, 0.95),
             "long_p50_s": pct(longs, 0.5), "long_p95_s": pct(longs, 0.95),
@@ -127,7 +128,7 @@ class InProcessEngines:
 
 
 def pct(values: list[float], q: float) -> float | None:
-    """The value at quantile `q` (nearest rank), as batching.py computes it for HTTP latencies."""
+    """The value at quantile `q` (nearest rank); batching.py takes its HTTP latencies' percentiles from here too."""
     if not values:
         return None
     values = sorted(values)
