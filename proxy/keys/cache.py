@@ -88,12 +88,13 @@ class KeyCache:
         if (self._revision is not None and signal is not None and signal == self._signal
                 and 0 <= now - self._checked_at < self._check_s):
             return self._revision
-        if self._check_s > 0 and signal is not None and self._reading is not None and self._reading[0] == signal:
+        if self._check_s <= 0 or signal is None:   # every request reads: nothing to share
+            return await self._read(store, signal, now)
+        if self._reading is not None and self._reading[0] == signal:
             # Sharing a read begun under this same signal is as exact as using its result afterwards.
             return await asyncio.shield(self._reading[1])
         read = asyncio.ensure_future(self._read(store, signal, now))
-        if self._check_s > 0 and signal is not None:
-            self._reading = (signal, read)
+        self._reading = (signal, read)
         try:
             # Shielded: a request cancelled while it waits must not cancel the others' read.
             return await asyncio.shield(read)
