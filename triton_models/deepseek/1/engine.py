@@ -296,7 +296,7 @@ class Engine:
     # ------------------------------------------------------------ public API
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self.encode_many([text], special)[0]
 
     def encode_many(self, texts: Seq[str], special: bool = True) -> list[list[int]]:
         """encode() of each text, in one tokenizer call (a fast tokenizer encodes the batch in Rust)."""
