@@ -325,10 +325,10 @@ def worth_polling(seq: Sequence, now: float, interval_s: float, step_s: float) -
     """Whether asking Triton if `seq`'s client went away could save work (each ask is a round trip).
 
     Not before the request has been here one interval: a client gone that soon is found a sweep
-    later (within two intervals of its arrival instead of one). Not once a decoding row will be done within
-    an interval: its final answer releases it in Triton as a cancel would. A poll took 0.1-6 ms
-    here while the engine stepped, and an answer ready meanwhile waits for it: a tiny burst's
-    sixteen short answers had up to 32 polls run beside them, now up to 16 (the long rows').
+    later (within two intervals of its arrival instead of one). Not once a decoding row will be
+    done within an interval: its final answer releases it in Triton as a cancel would. A poll
+    took 0.1-6 ms here while the engine stepped, and an answer ready meanwhile waits for it: a
+    tiny burst's sixteen short answers had up to 32 polls run beside them, now up to 16.
     """
     if now - seq.arrived < interval_s:
         return False
