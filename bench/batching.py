@@ -97,7 +97,7 @@ if __package__ in (None, ""):
 
 from bench import stack  # noqa: E402
 from bench.burstclient import Connection, build_request  # noqa: E402
-from bench.inprocess import InProcessEngines, pct  # noqa: E402
+from bench.inprocess import InProcessEngines, load_checkpoint, pct  # noqa: E402
 from proxy.local.triton import TritonLaunch, TritonProcess, free_ports  # noqa: E402
 
 MODEL_DIR = stack.REPO / "triton_models" / "deepseek"
@@ -184,15 +184,10 @@ def step_costs(checkpoint: Path, rows: tuple[int, ...] = (1, 4, 8, 16, 32), step
     """
     import threading
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     sys.path.insert(0, str(MODEL_DIR / "1"))
     from engine import Engine, EngineSettings, GenerationParams, Sequence
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, device_map="cpu",
-                                                 local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    model, tok, device = load_checkpoint(checkpoint, gpu=False)
     left, done = [0], threading.Event()
 
     def sink(event: Any) -> None:
@@ -201,7 +196,7 @@ def step_costs(checkpoint: Path, rows: tuple[int, ...] = (1, 4, 8, 16, 32), step
             if not left[0]:
                 done.set()
 
-    engine = Engine(model, tok, torch.device("cpu"), EngineSettings(max_running=max(rows), context_length=256), sink)
+    engine = Engine(model, tok, device, EngineSettings(max_running=max(rows), context_length=256), sink)
     forward, timed = engine._forward, []
 
     def timed_forward(ids: Any, positions: Any, mask: Any, keep: Any = None) -> Any:

@@ -49,19 +49,26 @@ def load_model_module() -> ModuleType:
     return module
 
 
+def load_checkpoint(checkpoint: Path, gpu: bool) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device) as model.py loads them: bf16 on the first GPU, else float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = (torch.device("cuda:0"), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, device_map=str(device),
+                                                 local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True), device
+
+
 class InProcessEngines:
     """One Engine per scheduling mode over one loaded checkpoint, each set up from its repository's config."""
 
     def __init__(self, checkpoint: Path, configs: dict[str, Path], gpu: bool) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         default_threads = torch_default_threads()
         self.model_py = load_model_module()
-        device, dtype = (torch.device("cuda:0"), torch.bfloat16) if gpu else (torch.device("cpu"), torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, device_map=str(device),
-                                                          local_files_only=True).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+        self.model, self.tokenizer, device = load_checkpoint(checkpoint, gpu)
         self._finished: dict[int, float] = {}
         self._errors: dict[int, str] = {}
         self._lock = threading.Condition()
