@@ -50,7 +50,7 @@ class ChangeListener:
     @classmethod
     async def start(cls, dsn: str, *, timeout_s: float = 2.0, ping_interval_s: float = 0.25) -> ChangeListener:
         self = cls(dsn, timeout_s=timeout_s, ping_interval_s=ping_interval_s)
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        with contextlib.suppress(Exception):
             await self._connect()   # a store down at start: the loop below keeps trying
         self._task = asyncio.create_task(self._run())
         return self
@@ -90,13 +90,17 @@ class ChangeListener:
         self._up = True
 
     async def _run(self) -> None:
+        # Any failure counts as a lost channel, not only the errors asyncpg names: a ping caught by a
+        # server shutting down raises its InternalClientError ("another operation is in progress"), and
+        # a loop that died of it would leave the channel marked up, readiness green, for good.
         delay = 0.05
         while True:
             if self._up and self._conn is not None:
                 try:
                     await self._conn.fetchval("SELECT 1", timeout=self._timeout_s)
                     delay = 0.05
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                except Exception as exc:
+                    log.debug("store change channel ping failed: %r", exc)
                     self._lost()
                 await asyncio.sleep(self._ping_s)
                 continue
@@ -105,7 +109,8 @@ class ChangeListener:
                 await self._connect()
                 self.reconnects += 1
                 log.warning("store change channel re-established (reconnect %d)", self.reconnects)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception as exc:
+                log.debug("store change channel reconnect failed: %r", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from proxy.store.pg_changes import application_name
 from proxy.store.postgres import PostgresStore
@@ -47,3 +48,23 @@ async def test_a_listener_killed_server_side_reads_through_until_it_is_back(pg_u
         await writer.create_key(rec("k"))
         took = await wait_for(lambda: replica.change_signal() != resumed, 1.0)
         assert took < 1.0
+
+
+async def test_a_ping_failing_with_an_unnamed_error_marks_the_channel_lost_and_the_loop_lives_on(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen under a PostgreSQL shutting down: the ping raised asyncpg's InternalClientError, which the
+    # loop did not expect; it died, and the channel (so readiness) stayed "up" with the server gone.
+    async with await PostgresStore.open(pg_url, auto_migrate=True) as store:
+        assert store.listener.connected
+        real = asyncpg.connection.Connection.fetchval
+
+        async def caught_mid_shutdown(self: asyncpg.Connection, query: str, *args: object, **kw: object) -> object:
+            if query == "SELECT 1":
+                raise asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+            return await real(self, query, *args, **kw)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, "fetchval", caught_mid_shutdown)
+        await wait_for(lambda: not store.listener.connected, 2.0)
+        monkeypatch.setattr(asyncpg.connection.Connection, "fetchval", real)
+        await wait_for(lambda: store.listener.connected, 3.0)   # the loop reconnected: it did not die
+        assert store.listener.reconnects >= 1
