@@ -33,7 +33,6 @@ HEARTBEAT_S = 1.0              # how often an idle indexer reports its (empty) q
 REPORT_S = 0.5                 # under load, the queue is reported at most this often, or when it empties
 STEP_S = 0.2                   # batches start at most this often: one INSERT (and one commit) carries them all
 RETRY_S = (0.2, 5.0)
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.
 _PARTITION_LOCK = 0x7365656B61756474   # "seekaudt": serialises partition DDL between replicas
 
@@ -175,7 +174,7 @@ class SharedAuditIndex:
             try:
                 await self._step()
                 attempt, self.healthy = 0, True
-            except _ERRORS as exc:
+            except Exception as exc:   # asyncpg's InternalClientError too (a server shutting down): never end the loop
                 attempt += 1
                 if self.healthy or attempt % 20 == 0:
                     log.error("SHARED AUDIT INDEX FAILED (%s: %s, %d records waiting; the JSONL file has them)",

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import pytest
+
 from proxy.audit import pg_index
 from proxy.audit.index import AuditIndex
 from proxy.audit.search import GROUPS, PERIODS, AuditQuery, minted_sessions, overview, search, usage
@@ -72,6 +75,35 @@ async def test_a_record_postgresql_would_refuse_never_wedges_the_ones_behind_it(
         got = {r["request_id"]: r for r in await pg_index.query(pool, since=time.time() - 60)}
         assert set(got) == {"r-nul", "r-after"}
         assert got["r-nul"]["reason"] == "store_unavailable: \ufffd in a driver's message"
+    finally:
+        await store.close()
+
+
+
+async def test_an_insert_failing_with_an_unnamed_error_is_retried_and_the_indexer_lives_on(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg raises InternalClientError on a connection caught by a server shutting down: the loop must survive it."""
+    store = await open_url(pg_url, migrate=True)
+    try:
+        pool = pg_index.pool_of(store)
+        index = pg_index.SharedAuditIndex(pool, "replica-c")
+        real = pg_index.SharedAuditIndex._insert
+        failures = [asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")]
+
+        async def first_fails(self: pg_index.SharedAuditIndex, batch: list[dict[str, Any]]) -> None:
+            if failures:
+                raise failures.pop()
+            await real(self, batch)
+
+        monkeypatch.setattr(pg_index.SharedAuditIndex, "_insert", first_fails)
+        index.start()
+        index.submit([record("r-retried", "http")])
+        async with asyncio.timeout(30):
+            await index.flush()
+        assert not failures and index.healthy
+        await index.close()
+        assert [r["request_id"] for r in await pg_index.query(pool, since=time.time() - 60)
+                if r["request_id"] == "r-retried"] == ["r-retried"]
     finally:
         await store.close()
 
