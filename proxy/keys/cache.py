@@ -20,6 +20,11 @@ Invalidation, all exact:
 - while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
   uncached credential still fails with StoreUnavailable (503), as without the cache.
 
+A miss reads the credential's chain from the store (`chain`). Requests that miss on the same key
+at once, under the same change signal, share that read as they share a revision read: a burst
+arriving after its entry's TTL ran out made 32 chain queries, one behind the other through the
+store's one connection, 5-16 ms before the first request was forwarded.
+
 Entries are keyed by a BLAKE2b MAC of the presented token under a random per-process key, so
 the plaintext token is never kept as a dict key and a memory dump yields nothing replayable.
 Only successes are cached; unknown or wrong credentials always go to the store.
@@ -63,6 +68,7 @@ class KeyCache:
         self._signal: int | None = None     # the change signal as it was just before that read
         self._checked_at = float("-inf")
         self._reading: tuple[int, asyncio.Future[int | None]] | None = None   # (signal, the read under way)
+        self._chains: dict[str, tuple[int, asyncio.Future[list[KeyRecord]]]] = {}   # key id: (signal, read)
 
     @classmethod
     def from_settings(cls, auth: AuthSettings) -> KeyCache:
@@ -101,6 +107,30 @@ class KeyCache:
         finally:
             if self._reading is not None and self._reading[1] is read:
                 self._reading = None
+
+    async def chain(self, store: KeyStore, key_id: str) -> list[KeyRecord]:
+        """`store.get_chain(key_id)`, one read shared by the requests that ask for it while it runs.
+
+        Only under an unchanged change signal: a request that arrives after a commit (a
+        revocation, say) moved it reads afresh, so sharing is as exact as reading a moment later.
+        A store with no signal (or PostgreSQL with its channel down) never shares. A store error
+        reaches every request that shared the read: each fails closed.
+        """
+        signal = store.change_signal()
+        if signal is None:
+            return await store.get_chain(key_id)
+        under_way = self._chains.get(key_id)
+        if under_way is not None and under_way[0] == signal:
+            return list(await asyncio.shield(under_way[1]))
+        read = asyncio.ensure_future(store.get_chain(key_id))
+        read.add_done_callback(_consume_error)
+        self._chains[key_id] = (signal, read)
+        try:
+            # Shielded: a request cancelled while it waits must not cancel the others' read.
+            return list(await asyncio.shield(read))
+        finally:
+            if (entry := self._chains.get(key_id)) is not None and entry[1] is read:
+                del self._chains[key_id]
 
     async def _read(self, store: KeyStore, signal: int | None, now: float) -> int | None:
         try:
@@ -150,3 +180,9 @@ class KeyCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _consume_error(read: asyncio.Future[list[KeyRecord]]) -> None:
+    """Marks a shared read's error as seen: the request that began it may have been cancelled meanwhile."""
+    if not read.cancelled():
+        read.exception()

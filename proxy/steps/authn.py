@@ -70,16 +70,21 @@ async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: st
     if not token.startswith(PREFIX):
         if sessions is None:
             raise Unauthenticated("malformed")
-        principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now)
+        principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now, cache)
     else:
-        principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now)
+        principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now, cache)
     if cache is not None:
         cache.put(token, revision, chain, principal, now, exp)
     return principal
 
 
-async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAuthority,
-                                client_ip: str, now: float) -> tuple[Principal, list[KeyRecord], float]:
+async def _read_chain(store: KeyStore, key_id: str, cache: KeyCache | None) -> list[KeyRecord]:
+    """The chain from the store; through the cache, one read for every request that needs it at once."""
+    return await (cache.chain(store, key_id) if cache is not None else store.get_chain(key_id))
+
+
+async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAuthority, client_ip: str,
+                                now: float, cache: KeyCache | None) -> tuple[Principal, list[KeyRecord], float]:
     """A session JWT: signature and claims, then its own revocation, then its parent's whole chain.
 
     The chain is read on every request, so revoking the parent key (or any ancestor) ends
@@ -95,7 +100,7 @@ async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAu
         claims = sessions.verify(token, now)
     if await sessions.revoked(claims.jti):
         raise Unauthenticated("session_revoked")
-    chain = await store.get_chain(claims.parent)
+    chain = await _read_chain(store, claims.parent, cache)
     if not chain or chain[0].key_id != claims.parent:
         raise Unauthenticated("unknown_key")
     parent = chain[0]
@@ -112,13 +117,13 @@ async def _authenticate_session(token: str, store: KeyStore, sessions: SessionAu
 
 
 async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, client_ip: str,
-                                now: float) -> tuple[Principal, list[KeyRecord]]:
+                                now: float, cache: KeyCache | None) -> tuple[Principal, list[KeyRecord]]:
     try:
         parsed = parse_key(token)
     except KeyFormatError as exc:
         # A typo or a random probe is turned away before any store lookup.
         raise Unauthenticated(exc.reason) from None
-    chain = await store.get_chain(parsed.key_id)
+    chain = await _read_chain(store, parsed.key_id, cache)
     known = bool(chain) and chain[0].key_id == parsed.key_id
     # The secret is checked before any state, so someone holding only a key id learns nothing
     # about whether it is revoked, expired or IP-bound. An unknown id costs the same HMAC and

@@ -151,6 +151,74 @@ async def test_a_request_after_a_change_does_not_share_a_read_begun_before_it(st
     assert (await reading).tier == "app" and slow.revisions == 3
 
 
+
+class SlowChain(Counting):
+    """Chain reads that take 20 ms, or fail after them: the others of a burst arrive while one is under way."""
+
+    def __init__(self, store: SqliteStore, fail: bool = False) -> None:
+        super().__init__(store)
+        self.fail = fail
+
+    async def get_chain(self, key_id: str) -> list[KeyRecord]:
+        self.chains += 1
+        await asyncio.sleep(0.02)
+        if self.fail:
+            raise StoreUnavailable("store_unavailable: get_chain: locked")
+        return await self.store.get_chain(key_id)
+
+
+async def test_a_burst_of_misses_shares_one_chain_read(store: Counting) -> None:
+    key_id, token = await issue(store.store)
+    slow = SlowChain(store.store)
+    c = cache()
+    burst = await asyncio.gather(*(auth(token, slow, c) for _ in range(16)))
+    assert slow.chains == 1 and {p.key_id for p in burst} == {key_id} and len(c) == 1
+    # Each request still gets its own checks: a wrong secret for the same key id is refused.
+    wrong = token[:-10] + ("A" if token[-10] != "A" else "B") + token[-9:]
+    c.clear()
+    answers = await asyncio.gather(auth(token, slow, c), reason(wrong, slow, c), return_exceptions=True)
+    assert isinstance(answers[0], Principal) and answers[1] in ("bad_checksum", "hash_mismatch")
+
+
+async def test_a_miss_after_a_change_does_not_share_a_chain_read_begun_before_it(store: Counting) -> None:
+    key_id, token = await issue(store.store)
+    slow = SlowChain(store.store)
+    c = cache()
+    reading = asyncio.ensure_future(auth(token, slow, c))
+    await asyncio.sleep(0.005)   # its chain read is under way
+    await store.store.revoke_key(key_id, NOW)   # moves the change signal
+    assert await reason(token, slow, c) == "revoked"
+    assert slow.chains == 2   # its own read, not the one begun before the change
+    with pytest.raises(Unauthenticated, match="revoked"):
+        await reading   # (this test store reads only after its 20 ms, so the first read sees it too)
+
+
+async def test_a_failed_shared_chain_read_fails_every_request_that_shared_it(store: Counting) -> None:
+    _, token = await issue(store.store)
+    failing = SlowChain(store.store, fail=True)
+    c = cache()
+    answers = await asyncio.gather(*(auth(token, failing, c) for _ in range(8)), return_exceptions=True)
+    assert all(isinstance(a, StoreUnavailable) for a in answers), answers
+    assert failing.chains == 1 and len(c) == 0
+    # Nothing of the failed read lingers: the next miss reads again.
+    failing.fail = False
+    assert (await auth(token, failing, c)).tier == "app" and failing.chains == 2
+
+
+async def test_a_cancelled_request_does_not_cancel_the_chain_read_it_began(store: Counting) -> None:
+    key_id, token = await issue(store.store)
+    slow = SlowChain(store.store)
+    c = cache()
+    first = asyncio.ensure_future(auth(token, slow, c))
+    await asyncio.sleep(0.005)
+    second = asyncio.ensure_future(auth(token, slow, c))
+    await asyncio.sleep(0.005)
+    first.cancel()
+    assert (await second).key_id == key_id and slow.chains == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
 # --- invalidation ------------------------------------------------------------------
 
 async def test_revoking_the_key_counts_on_the_next_request(store: Counting) -> None:
