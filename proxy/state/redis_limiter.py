@@ -373,16 +373,25 @@ class RedisLimiter(Limiter):
                       len(admissions), len(settlements), exc)
             self._fail(admissions, settlements, StoreUnavailable(f"limiter_unavailable: {exc}"))
             return
+        except Exception as exc:   # anything else must refuse the batch too: a request never waits on no answer
+            log.exception("limits: a batch of %d admissions and %d settlements failed", len(admissions),
+                          len(settlements))
+            self._fail(admissions, settlements, StoreUnavailable(f"limiter_unavailable: {type(exc).__name__}"))
+            return
         for error in failed:   # dropped: it would fail again (its lease, if any, expires on its own)
             log.error("limits: Redis failed a settlement: %s", error)
-        for adm, reply in zip(admissions, replies, strict=True):
-            if adm.answer.done():
-                continue
-            if int(reply[0]) == -1:   # Redis failed this one alone (its batch went on): refuse, not admit
-                log.error("limits: Redis failed an admission: %s", reply[1])
-                adm.answer.set_exception(StoreUnavailable(f"limiter_unavailable: {reply[1]}"))
-            else:
-                adm.answer.set_result(reply)
+        try:
+            for adm, reply in zip(admissions, replies, strict=True):
+                if adm.answer.done():
+                    continue
+                if int(reply[0]) == -1:   # Redis failed this one alone (its batch went on): refuse, not admit
+                    log.error("limits: Redis failed an admission: %s", reply[1])
+                    adm.answer.set_exception(StoreUnavailable(f"limiter_unavailable: {reply[1]}"))
+                else:
+                    adm.answer.set_result(reply)
+        except (ValueError, TypeError, IndexError) as exc:   # replies of a shape the script never gives
+            log.error("limits: unreadable answer to a batch of %d admissions: %s", len(admissions), exc)
+            self._fail(admissions, [], StoreUnavailable("limiter_unavailable: unreadable answer"))
 
     async def _run_batch(self, keys: list[str], args: list[Any]) -> list[Any]:
         conn = self._batch_conn

@@ -216,6 +216,24 @@ async def test_an_admission_redis_fails_refuses_only_itself_not_its_batch(limite
         await client.aclose()
 
 
+
+@pytest.mark.parametrize("answer", ["raises", "short", "garbled"])
+async def test_a_batch_that_fails_in_an_unforeseen_way_refuses_its_admissions_instead_of_leaving_them_waiting(
+        limiter: RedisLimiter, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    async def unforeseen(keys: list[str], args: list[object]) -> list[object]:
+        if answer == "raises":
+            raise RuntimeError("a bug, or a client library's surprise")
+        return [[], []] if answer == "short" else [[["not a number"], ["x"]], []]
+
+    monkeypatch.setattr(limiter, "_run_batch", unforeseen)
+    async with asyncio.timeout(5):   # before the fix the admissions waited forever
+        answers = await asyncio.gather(limiter.acquire([scope("a", rpm=5)], 0),
+                                       limiter.acquire([scope("b", rpm=5)], 0), return_exceptions=True)
+    assert all(isinstance(a, StoreUnavailable) and a.http_status == 503 for a in answers), answers
+    monkeypatch.undo()
+    assert isinstance(await limiter.acquire([scope("a", rpm=5)], 0), RedisGrant)   # the limiter goes on
+
+
 async def test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted_when_it_was_used(
         limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
     s = [scope("late", rpm=1000)]
