@@ -13,6 +13,8 @@ leeway after its successor appeared), then `retire_signing_keys` drops it for go
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,6 +40,18 @@ _ALLOWED_HEADERS = frozenset({"alg", "typ", "kid"})
 _KID_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
 _JTI_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _KEY_ID_RE = re.compile(r"[a-z2-7]{12}", re.ASCII)
+_BASE64URL_RE = re.compile(r"[A-Za-z0-9_-]*", re.ASCII)
+
+
+def _canonical_base64url(segment: str) -> bool:
+    """Whether `segment` is unpadded base64url and the one spelling of the bytes it decodes to."""
+    if len(segment) % 4 == 1 or not _BASE64URL_RE.fullmatch(segment):
+        return False
+    try:
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except binascii.Error:
+        return False
+    return base64.urlsafe_b64encode(decoded).rstrip(b"=") == segment.encode()
 
 
 def is_jti(text: str) -> bool:
@@ -165,6 +179,11 @@ class SessionAuthority:
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated("session_token_too_large")
         if not token.isascii():   # a JWT is base64url and dots; PyJWT would choke on a lone surrogate
+            raise Unauthenticated("malformed")
+        segments = token.split(".")
+        if len(segments) != 3 or not all(map(_canonical_base64url, segments)):
+            # One spelling per token: PyJWT before 2.15 accepted a signature whose last character
+            # had its unused low bits set, so one session had several spellings, each a cache entry.
             raise Unauthenticated("malformed")
         try:
             header = jwt.get_unverified_header(token)
