@@ -114,11 +114,10 @@ class Envelope:
         dek_id, dek = await self._current_dek()
         moved = 0
         for name in await self._rows.secrets_not_under(dek_id):
-            row = await self._rows.get_secret(name)
-            if row is None or row[0] == dek_id:
+            read = await self._read(name)
+            if read is None or read[0] == dek_id:
                 continue   # deleted or moved by another process meanwhile
-            plaintext = await self._decrypt(name, *row)
-            if await self._rows.replace_secret(name, row[0], dek_id, self._seal(name, dek_id, dek, plaintext)):
+            if await self._rows.replace_secret(name, read[0], dek_id, self._seal(name, dek_id, dek, read[1])):
                 moved += 1
         for gone in await self._rows.delete_unused_deks(keep=dek_id):
             self._deks.pop(gone, None)
@@ -178,10 +177,24 @@ class Envelope:
 
     async def get(self, name: str) -> bytes | None:
         """The secret's plaintext; None if never stored; EnvelopeError if it does not decrypt."""
+        read = await self._read(name)
+        return None if read is None else read[1]
+
+    async def _read(self, name: str) -> tuple[str, bytes] | None:
+        """(the DEK id of the row read, the plaintext); None if there is no such secret."""
         row = await self._rows.get_secret(name)
-        if row is None:
-            return None
-        return await self._decrypt(name, *row)
+        while row is not None:
+            try:
+                return row[0], await self._decrypt(name, *row)
+            except EnvelopeError:
+                # Between reading the row and its DEK, another process may have re-encrypted the row
+                # onto a newer DEK and deleted the old one: read the row again. Only a row that
+                # moved is retried, so a missing or wrong DEK for a row that stays put still fails.
+                moved = await self._rows.get_secret(name)
+                if moved is not None and moved[0] == row[0]:
+                    raise
+                row = moved   # None: deleted meanwhile, as if never stored
+        return None
 
     async def _decrypt(self, name: str, dek_id: str, blob: bytes) -> bytes:
         dek = await self._dek(dek_id)

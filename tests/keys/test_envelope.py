@@ -224,6 +224,47 @@ async def test_reads_never_fail_while_another_process_rotates_the_dek(tmp_path: 
         await store.close()
 
 
+
+class RotatedMidRead:
+    """Real rows; before the first DEK read, another process re-encrypts every row and deletes the old DEK.
+
+    The interleaving the test above hits only now and then under load, made certain.
+    """
+
+    def __init__(self, rows: SqliteSecretRows, other: Envelope) -> None:
+        self.rows, self.other, self.rotated = rows, other, False
+
+    async def get_dek(self, dek_id: str) -> tuple[str, bytes] | None:
+        if not self.rotated:
+            self.rotated = True
+            await self.other.rotate_dek()
+            assert await self.other.reencrypt() == 1   # the row moved, and its old DEK is gone
+        return await self.rows.get_dek(dek_id)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.rows, name)
+
+
+async def test_a_read_whose_dek_is_deleted_under_it_reads_the_moved_row(tmp_path: Path) -> None:
+    store, env = await open_envelope(tmp_path)
+    other_store, other = await open_envelope(tmp_path)
+    try:
+        await env.add("s", b"value")
+        old_dek = await env.current_dek_id()
+        mid_read = RotatedMidRead(await SqliteSecretRows.open(store), other)
+        assert await Envelope(mid_read, FileKek.load_or_create(tmp_path)).get("s") == b"value"  # type: ignore[arg-type]
+        assert mid_read.rotated and await mid_read.rows.get_dek(old_dek) is None
+        # A row that did not move still fails on a missing DEK: the retry is for moved rows only.
+        await store._db.execute("PRAGMA foreign_keys = OFF")   # a corrupted store: the row names a deleted DEK
+        await store._db.execute("UPDATE secrets SET dek_id = ? WHERE name = 's'", (old_dek,))
+        await store._db.commit()
+        with pytest.raises(EnvelopeError, match="missing from the store"):
+            await Envelope(await SqliteSecretRows.open(store), FileKek.load_or_create(tmp_path)).get("s")
+    finally:
+        await other_store.close()
+        await store.close()
+
+
 async def test_root_rotation_rewraps_deks_without_touching_secrets_then_retires_the_old_root(
         tmp_path: Path) -> None:
     store, env = await open_envelope(tmp_path)
