@@ -182,8 +182,8 @@ class SessionAuthority:
             raise Unauthenticated("malformed")
         segments = token.split(".")
         if len(segments) != 3 or not all(map(_canonical_base64url, segments)):
-            # One spelling per token: PyJWT before 2.15 accepted a signature whose last character
-            # had its unused low bits set, so one session had several spellings, each a cache entry.
+            # One spelling per token, whatever the PyJWT release: older ones accept a signature whose
+            # last character has its unused low bits set, so one session had several spellings.
             raise Unauthenticated("malformed")
         try:
             header = jwt.get_unverified_header(token)
