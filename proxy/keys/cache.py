@@ -36,12 +36,16 @@ import asyncio
 import hashlib
 import secrets
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from proxy.context import Principal
 from proxy.errors import StoreUnavailable
 from proxy.settings import AuthSettings
 from proxy.store import KeyRecord, KeyStore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +71,9 @@ class KeyCache:
         self._revision: int | None = None   # the last revision read; None before the first read
         self._signal: int | None = None     # the change signal as it was just before that read
         self._checked_at = float("-inf")
-        self._reading: tuple[int, asyncio.Future[int | None]] | None = None   # (signal, the read under way)
-        self._chains: dict[str, tuple[int, asyncio.Future[list[KeyRecord]]]] = {}   # key id: (signal, read)
+        # Reads under way, shared while the change signal they began under holds: the revision read
+        # (key None) and chain reads (key: the key id). Value: (signal, the read).
+        self._under_way: dict[str | None, tuple[int, asyncio.Future[Any]]] = {}
 
     @classmethod
     def from_settings(cls, auth: AuthSettings) -> KeyCache:
@@ -96,41 +101,38 @@ class KeyCache:
             return self._revision
         if self._check_s <= 0 or signal is None:   # every request reads: nothing to share
             return await self._read(store, signal, now)
-        if self._reading is not None and self._reading[0] == signal:
-            # Sharing a read begun under this same signal is as exact as using its result afterwards.
-            return await asyncio.shield(self._reading[1])
-        read = asyncio.ensure_future(self._read(store, signal, now))
-        self._reading = (signal, read)
-        try:
-            # Shielded: a request cancelled while it waits must not cancel the others' read.
-            return await asyncio.shield(read)
-        finally:
-            if self._reading is not None and self._reading[1] is read:
-                self._reading = None
+        return await self._shared(None, signal, lambda: self._read(store, signal, now))
 
     async def chain(self, store: KeyStore, key_id: str) -> list[KeyRecord]:
         """`store.get_chain(key_id)`, one read shared by the requests that ask for it while it runs.
 
-        Only under an unchanged change signal: a request that arrives after a commit (a
-        revocation, say) moved it reads afresh, so sharing is as exact as reading a moment later.
-        A store with no signal (or PostgreSQL with its channel down) never shares. A store error
-        reaches every request that shared the read: each fails closed.
+        Only under an unchanged change signal, as for the revision read. A store with no signal
+        (or PostgreSQL with its channel down) never shares. A store error reaches every request
+        that shared the read: each fails closed. The chain returned is shared too: read it only.
         """
         signal = store.change_signal()
         if signal is None:
             return await store.get_chain(key_id)
-        under_way = self._chains.get(key_id)
+        return await self._shared(key_id, signal, lambda: store.get_chain(key_id))
+
+    async def _shared(self, key: str | None, signal: int, start: Callable[[], Awaitable[T]]) -> T:
+        """`start()`'s result, or that of the same read begun under this same signal and still under way.
+
+        Sharing such a read is as exact as using its result afterwards: a request that arrives after
+        a commit (a revocation, say) moved the signal starts a read of its own.
+        """
+        under_way = self._under_way.get(key)
         if under_way is not None and under_way[0] == signal:
-            return list(await asyncio.shield(under_way[1]))
-        read = asyncio.ensure_future(store.get_chain(key_id))
+            return cast(T, await asyncio.shield(under_way[1]))
+        read = asyncio.ensure_future(start())
         read.add_done_callback(_consume_error)
-        self._chains[key_id] = (signal, read)
+        self._under_way[key] = (signal, read)
         try:
             # Shielded: a request cancelled while it waits must not cancel the others' read.
-            return list(await asyncio.shield(read))
+            return await asyncio.shield(read)
         finally:
-            if (entry := self._chains.get(key_id)) is not None and entry[1] is read:
-                del self._chains[key_id]
+            if (entry := self._under_way.get(key)) is not None and entry[1] is read:
+                del self._under_way[key]
 
     async def _read(self, store: KeyStore, signal: int | None, now: float) -> int | None:
         try:
@@ -182,7 +184,7 @@ class KeyCache:
         self._entries.clear()
 
 
-def _consume_error(read: asyncio.Future[list[KeyRecord]]) -> None:
+def _consume_error(read: asyncio.Future[Any]) -> None:
     """Marks a shared read's error as seen: the request that began it may have been cancelled meanwhile."""
     if not read.cancelled():
         read.exception()
