@@ -267,6 +267,10 @@ def test_decoupled_streams_one_response_per_token(model: object) -> None:
 
 
 def test_cancelled_stream_stops_early_and_is_released(model: object) -> None:
+    # Steps of 5 ms, as a bigger model's: warm, the tiny one decoded all 40 tokens in less than the
+    # 20 ms poll interval, before a cancel could be found (the request then ended normally).
+    answers_first = model.engine.before_step
+    model.engine.before_step = lambda: (time.sleep(0.005), answers_first())
     model.decoupled = True
     try:
         cancelled, other = request("Hello world", 40), request("The quick brown fox", 12)
@@ -274,6 +278,7 @@ def test_cancelled_stream_stops_early_and_is_released(model: object) -> None:
         execute(model, [cancelled, other])
     finally:
         model.decoupled = False
+        model.engine.before_step = answers_first
     sent = cancelled.sender.sent
     # The response thread polls is_cancelled() every cancel_poll_ms: a few more tokens may go out first.
     assert 3 <= len(sent) < 40 and sent[-1] == (None, pb_utils_stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
