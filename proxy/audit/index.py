@@ -13,6 +13,8 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.store.wal import enable_wal
+
 # Order is the JSONL key order and the SQLite column order; never add a credential here.
 FIELDS: tuple[str, ...] = (
     "timestamp", "event_id", "request_id", "actor", "key_id", "tier", "action", "resource",
@@ -172,7 +174,7 @@ class AuditIndex:
             # CREATE), so each insert() or prune() is one transaction, ended by its commit().
             db = sqlite3.connect(self.path, check_same_thread=False)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                enable_wal(db)   # several workers may open a new audit.db at once
                 db.execute("PRAGMA synchronous=NORMAL")
                 for stmt in _SCHEMA:
                     db.execute(stmt)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from proxy.store.wal import enable_wal_async
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
     key_id  TEXT NOT NULL,
@@ -44,11 +46,11 @@ class BudgetStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await enable_wal_async(db)   # every worker opens the file at start
             # NORMAL in WAL: a crash may lose the last flush, never corrupt the file. The counts are
             # at most one flush interval stale either way.
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
             await db.executescript(_SCHEMA)
             await db.commit()
         except BaseException:

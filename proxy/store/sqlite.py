@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from proxy.store.change_signal import ChangeSignal
 from proxy.store.rows import COLUMNS as _COLUMNS
 from proxy.store.rows import MAX_DEPTH, from_row
 from proxy.store.rows import to_row as _to_row
+from proxy.store.wal import enable_wal_async
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -116,12 +116,9 @@ async def _guard(what: str) -> AsyncIterator[None]:
             from exc
 
 
-async def _prepare(db: aiosqlite.Connection) -> None:
+async def _prepare(db: aiosqlite.Connection, wal_wait_s: float) -> None:
     """WAL, foreign keys, the schema and its migrations on a new connection."""
-    async with db.execute("PRAGMA journal_mode = WAL") as cur:
-        row = await cur.fetchone()
-    if row is None or str(row[0]).lower() != "wal":
-        raise sqlite3.OperationalError(f"could not enable WAL: {row!r}")
+    await enable_wal_async(db, wal_wait_s)
     await db.execute("PRAGMA foreign_keys = ON")
     await db.executescript(_SCHEMA)
     await _migrate(db)
@@ -153,24 +150,14 @@ class SqliteStore:
             await asyncio.to_thread(lambda: sqlite3.connect(path).close())
             # isolation_level=None: we issue BEGIN ourselves, so a write and its
             # revision bump commit together.
-            deadline = time.monotonic() + busy_timeout_ms / 1000.0
-            while True:
-                db = await aiosqlite.connect(path, isolation_level=None)
-                try:
-                    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                    await _prepare(db)
-                    signal = ChangeSignal.beside(path)
-                    break
-                except BaseException as exc:
-                    await db.close()
-                    # Processes that create the database together (the workers of a first start,
-                    # the CLI beside a starting server) collide on switching it to WAL, and SQLite
-                    # answers "locked" at once there instead of calling the busy handler: retried
-                    # within the same busy timeout.
-                    if not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                            and time.monotonic() < deadline):
-                        raise
-                await asyncio.sleep(0.05)
+            db = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                await _prepare(db, busy_timeout_ms / 1000.0)
+                signal = ChangeSignal.beside(path)
+            except BaseException:
+                await db.close()
+                raise
         return cls(db, path, signal)
 
     async def close(self) -> None:
