@@ -82,7 +82,8 @@ SUPPORTED_AIOHTTP = "aiohttp>=3.14,<3.15"
 AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
     RequestHandler: ("_request_count", "_current_request", "_messages", "_loop", "transport",
                      "force_close", "peername", "handle_error", "data_received", "connection_made",
-                     "connection_lost", "shutdown", "_task_handler"),
+                     "connection_lost", "shutdown", "_task_handler", "close", "_request_in_progress",
+                     "_handler_waiter"),
     Server: ("__call__",),
 }
 _SERVER_INIT_ATTRS = ("self._loop", "self._kwargs")   # instance attributes the runner's factory copies
@@ -151,6 +152,13 @@ def decoded_size_within(body: bytes, content_encoding: str | None, limit: int) -
 
 # ------------------------------------------------------------------ the connection level
 
+# At a shutdown aiohttp closes every idle connection at once and ignores what arrives on it after,
+# including a connection accepted a moment ago whose client is still sending its first request:
+# that client gets a reset for a request nobody read (listener.quiesce accepts what the kernel had
+# queued just for these). A connection that has not sent a whole request yet gets this long to.
+FIRST_REQUEST_GRACE_S = 0.5
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's handler plus a header-read deadline and Triton-format parser errors."""
 
@@ -165,6 +173,7 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._requests_seen = 0
         self._header_bytes = 0   # bytes of the request whose headers are being waited for
+        self._first_request: asyncio.Future[None] | None = None   # awaited by a shutdown that found none yet
         self.lost: asyncio.Future[None] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -189,10 +198,20 @@ class GuardedRequestHandler(RequestHandler):
         if self._request_count != self._requests_seen:   # the parser completed a request's headers
             self._requests_seen = self._request_count
             self._disarm()
+            if self._first_request is not None and not self._first_request.done():
+                self._first_request.set_result(None)
         elif starts and self._current_request is None and not self._messages:
             # Armed only now, in the same loop turn as those bytes: a request whose headers came
             # whole in one read (nearly all) never needs a timer.
             self._arm()
+
+    def _awaiting_first_request(self) -> bool:
+        return self._request_count == 0 and not self.lost.done()
+
+    def close(self) -> None:
+        """aiohttp's close (after the request being handled); where no request came yet, shutdown() decides."""
+        if not self._awaiting_first_request():
+            super().close()
 
     def _arm(self) -> None:
         self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_too_slow)
@@ -222,17 +241,34 @@ class GuardedRequestHandler(RequestHandler):
                 log.exception("auditing a header timeout failed")
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        if timeout is None:
-            await super().shutdown(None)
-            return
+        """aiohttp's shutdown, held to `timeout` in all, after a first request still on its way is answered."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):   # None: no limit, as aiohttp's own
+                await self._answer_first_request()
                 await super().shutdown(timeout)
         except TimeoutError:
             # Cut short mid-wait: end the handler and the connection as aiohttp would have after its second wait.
             if self._task_handler is not None:
                 self._task_handler.cancel()
             self.force_close()
+
+    async def _answer_first_request(self) -> None:
+        """Up to FIRST_REQUEST_GRACE_S for a connection's first request, then its answer; then aiohttp's close.
+
+        aiohttp's close and shutdown make a connection ignore whatever arrives after them (a body
+        still coming in too), so they wait until that request is answered (seekgate's answers say
+        `Connection: close` while draining).
+        """
+        if self._awaiting_first_request():
+            self._first_request = self._loop.create_future()
+            await asyncio.wait((self._first_request, self.lost), timeout=FIRST_REQUEST_GRACE_S)
+            if not self.lost.done() and (self._messages or self._request_in_progress):
+                self._handler_waiter = self._loop.create_future()   # resolved as the handler ends
+                try:
+                    await asyncio.wait((self._handler_waiter, self.lost))
+                finally:
+                    self._handler_waiter = None
+        super().close()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

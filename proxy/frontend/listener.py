@@ -9,7 +9,9 @@ knowing whether it was served. So before the listener closes:
    Linux). Such a client retries its SYN about a second later and, the listener gone by then,
    is refused before it sends anything: a clean, retryable failure.
 2. The event loop accepts what was queued already, until the queue is empty: those connections
-   are served (told `Connection: close` while draining) instead of reset.
+   are served (told `Connection: close` while draining) instead of reset. A client may not have
+   sent its request yet: http_guard's handler waits for it (FIRST_REQUEST_GRACE_S) where aiohttp's
+   shutdown would close the connection as idle.
 
 Where the kernel cannot filter (not Linux), the listener closes as it always did.
 """
