@@ -22,7 +22,7 @@ _RETRY_S = 0.02
 _PRAGMA = "PRAGMA journal_mode = WAL"
 
 
-def collided(exc: BaseException, deadline: float) -> bool:
+def _collided(exc: BaseException, deadline: float) -> bool:
     """Whether `exc` is a switch refused because another connection holds the file, with time left to retry."""
     return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc) and time.monotonic() < deadline
 
@@ -40,7 +40,7 @@ def enable_wal(db: sqlite3.Connection, wait_s: float = WAL_WAIT_S) -> None:
             row = db.execute(_PRAGMA).fetchone()
             break
         except sqlite3.OperationalError as exc:
-            if not collided(exc, deadline):
+            if not _collided(exc, deadline):
                 raise
         time.sleep(_RETRY_S)
     _check(row)
@@ -55,7 +55,7 @@ async def enable_wal_async(db: aiosqlite.Connection, wait_s: float = WAL_WAIT_S)
                 row = await cur.fetchone()
             break
         except sqlite3.OperationalError as exc:
-            if not collided(exc, deadline):
+            if not _collided(exc, deadline):
                 raise
         await asyncio.sleep(_RETRY_S)
     _check(row)
