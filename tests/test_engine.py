@@ -208,6 +208,44 @@ def test_engine_error_fails_only_in_flight_rows_and_engine_keeps_serving(
     assert sink.of(after)[-1].error is None and after.tokens == hf_greedy(hf, PROMPTS[3], 8)
 
 
+def test_a_row_answered_in_a_step_that_then_fails_keeps_its_one_answer(
+        hf: tuple[Any, Any], engine: tuple[e.Engine, Collector], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step fails after one of its rows was answered: the others get the error, that row nothing more."""
+    eng, sink = engine
+    short, long_ = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 40)
+    real = eng._detokenize
+
+    def failing_after_short(s: e.Sequence, tok: int) -> str:
+        if s is long_ and short.done:   # the step that answered `short`, at a later row
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return real(s, tok)
+    monkeypatch.setattr(eng, "_detokenize", failing_after_short)
+    eng.submit_many([short, long_])
+    sink.wait(short, long_)
+    assert sum(ev.done for ev in sink.of(short)) == 1 and sink.of(short)[-1].error is None
+    assert short.tokens == hf_greedy(hf, PROMPTS[0], 3)
+    assert "generation failed: UnicodeDecodeError" in (sink.of(long_)[-1].error or "")
+    assert sum(ev.done for ev in sink.of(long_)) == 1
+
+
+def test_finished_rows_leave_at_the_next_step_after_their_answers(
+        hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
+    """Answers first, then slot bookkeeping: before_step sees the finished row still placed, not running."""
+    eng, sink = engine
+    short, long_ = seq(eng, PROMPTS[0], 3), seq(eng, PROMPTS[1], 12)
+    seen: list[tuple[bool, int, int]] = []   # (short done, rows placed, rows running) before each step
+
+    def before_step() -> None:
+        seen.append((short.done, len(eng._rows), eng.stats().running))
+    eng.before_step = before_step
+    eng.submit_many([short, long_])
+    sink.wait(short, long_)
+    first_after = next(i for i, (done, _, _) in enumerate(seen) if done)
+    assert seen[first_after][1:] == (2, 1)            # answered, its slot not yet freed, not counted
+    assert seen[first_after + 1][1:] == (1, 1)        # freed by the step that followed
+    assert long_.tokens == hf_greedy(hf, PROMPTS[1], 12)
+
+
 def test_chunked_prefill_and_token_budget_change_nothing_but_timing(hf: tuple[Any, Any]) -> None:
     long_prompt = " ".join(PROMPTS * 3)
     eng, sink = make_engine(hf, prefill_chunk=5, token_budget=256, max_running=3)

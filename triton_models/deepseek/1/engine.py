@@ -282,6 +282,7 @@ class Engine:
         self._handovers = 0                   # callers inside handover(): more requests are on their way
         self._rows: list[Sequence] = []       # slots [0, n): decoding; slots [n, n+k): prefilling
         self._n = 0
+        self._finished: list[Sequence] = []   # answered by the last decode; their slots freed next step
         self._held: list[Event] = []          # static mode: answers held until the batch is done
         self._stopping = False
         self._drain_until = 0.0
@@ -359,7 +360,7 @@ class Engine:
 
     def stats(self) -> Stats:
         rows = list(self._rows)
-        return Stats(running=len(rows), waiting=len(self._waiting),
+        return Stats(running=sum(not s.done for s in rows), waiting=len(self._waiting),
                      kv_used_tokens=sum(s.prefilled + len(s.tokens) for s in rows),
                      kv_capacity_tokens=self.settings.max_running * self.settings.context_length)
 
@@ -379,27 +380,30 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                idle = not self._rows
+                idle = all(s.done for s in self._rows)   # rows left, if any, only wait to free their slots
                 while not self._waiting and not self._rows and not self._stopping:
                     self._cond.wait()
                 if idle and self._waiting:
                     self._gather_burst()
-                if self._stopping and (not self._rows or time.monotonic() > self._drain_until):
+                if self._stopping and (idle or time.monotonic() > self._drain_until):
                     for seq in self._rows:
-                        self.sink(Event(seq, "", True, "the model is shutting down"))
-                    self._rows, self._n = [], 0
+                        if not seq.done:
+                            self.sink(Event(seq, "", True, "the model is shutting down"))
+                    self._rows, self._n, self._finished = [], 0, []
                     return
             if self.before_step is not None:
                 self.before_step()
-            started = time.perf_counter()
+            started, steps = time.perf_counter(), self.steps
             try:
                 # The cache tensors are inference tensors: every in-place move happens in this mode too.
                 with self.torch.inference_mode():
                     self._step()
             except Exception as exc:  # noqa: BLE001 - one bad step fails its rows, not the engine
                 self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
-            # A moving average: how often a cancelled row can leave the batch (model.py polls no faster).
-            self.step_s += (time.perf_counter() - started - self.step_s) / 8
+            if self.steps != steps:
+                # A moving average of decode steps (not of a step that only freed slots): how often
+                # a cancelled row can leave the batch (model.py polls no faster).
+                self.step_s += (time.perf_counter() - started - self.step_s) / 8
             if self.on_step is not None:
                 self.on_step(self)
 
@@ -430,18 +434,31 @@ class Engine:
 
     def _fail_running(self, message: str) -> None:
         for seq in self._rows:
-            seq.done = True
-            self.sink(Event(seq, "", True, message))
-        self._rows, self._n = [], 0
+            if not seq.done:   # a row answered already (in this step or the last) keeps its one answer
+                seq.done = True
+                self.sink(Event(seq, "", True, message))
+        self._rows, self._n, self._finished = [], 0, []
         self.cache.reset()   # nothing in it belongs to anyone now; reallocated on the next forward
 
     def _step(self) -> None:
+        self._drop_finished()
         self._drop_cancelled()
         self._admit()
         if len(self._rows) > self._n:
             self._prefill()
         if self._n:
             self._decode()
+
+    def _drop_finished(self) -> None:
+        """Frees the slots of rows the last decode answered, now that before_step has seen their answers out.
+
+        Freeing them in that decode (a cache copy per layer for each) held the GIL while the
+        response thread sent their answers: in a tiny burst the decode that ends the sixteen short
+        requests took 2.4-2.8 ms instead of 1.9, and their p50 through Triton was ~1 ms later.
+        """
+        for seq in sorted(self._finished, key=lambda s: -s.slot):   # highest first: lower slots stay put
+            self._remove(seq)
+        self._finished = []
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._rows if s.cancelled and not s.done]:
@@ -596,8 +613,7 @@ class Engine:
                     self.sink(event)
                 self._held = []
             return
-        for seq in sorted(finished, key=lambda s: -s.slot):
-            self._remove(seq)
+        self._finished = finished   # their slots are freed at the next step's start (_drop_finished)
 
     def _sample_rows(self, logits: Any, rows: list[Sequence]) -> list[int]:
         """One token per row of `logits` ([rows, vocab], on the device).
