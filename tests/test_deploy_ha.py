@@ -18,8 +18,15 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.cli.devcert import make_dev_certs
 from proxy.settings import Settings, load_settings
 from tests.conftest import REPO
+from tests.test_deploy_manifests import (
+    assert_serves_tls,
+    compose_env,
+    container_here,
+    image_env,
+)
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -216,7 +223,8 @@ def test_ha_pairs_share_store_redis_and_root_key_and_nothing_else() -> None:
     assert str(envs[0]["SEEKGATE_STORE_AUTO_MIGRATE"]) == "false"
     assert HA["seekgate-migrate"]["environment"]["SEEKGATE_STORE_URL"] == envs[0]["SEEKGATE_STORE_URL"]
     for name in HA_SEEKGATES:
-        assert set(HA[name]["secrets"]) == {"seekgate_kek", "triton_internal_key", "postgres_pgpass"}
+        assert set(HA[name]["secrets"]) == {"seekgate_kek", "triton_internal_key", "postgres_pgpass",
+                                            "seekgate_tls_cert", "seekgate_tls_key"}
         assert any(t.startswith("/data/secrets:") for t in HA[name]["tmpfs"])   # the KEK copy in memory
         # Each pair reaches its own Triton only.
         own = "a" if name.endswith("-a") else "b"
@@ -253,15 +261,26 @@ def _haproxy() -> str:
     return found
 
 
-def test_haproxy_config_is_valid_and_balances_both_replicas_per_request() -> None:
-    cfg = REPO / "config/haproxy/haproxy.cfg"
+HAPROXY_CA = "/run/secrets/seekgate_tls_ca"   # the Compose secret seekgate-lb mounts
+
+
+def _haproxy_cfg(tmp_path: Path, text: str | None = None) -> Path:
+    """The balancer's config with the mounted CA's path pointing at a CA made here (haproxy -c loads it)."""
+    ca = make_dev_certs(tmp_path / "certs")["ca"]
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text((text or (REPO / "config/haproxy/haproxy.cfg").read_text()).replace(HAPROXY_CA, str(ca)))
+    return cfg
+
+
+def test_haproxy_config_is_valid_and_balances_both_replicas_per_request(tmp_path: Path) -> None:
+    cfg = _haproxy_cfg(tmp_path)
     out = subprocess.run([_haproxy(), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     # The only warnings allowed: the replicas' names do not resolve outside Compose's network.
     for line in (out.stdout + out.stderr).splitlines():
         if "[WARNING]" in line or "[ALERT]" in line:
             assert "could not resolve address 'seekgate-" in line, line
-    text = cfg.read_text()
+    text = (REPO / "config/haproxy/haproxy.cfg").read_text()
     lb = HA["seekgate-lb"]
     assert "./config/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     for backend in ("seekgate_http", "seekgate_grpc"):
@@ -272,10 +291,39 @@ def test_haproxy_config_is_valid_and_balances_both_replicas_per_request() -> Non
         assert "http-check send meth GET uri /v2/health/ready" in block and "balance roundrobin" in block
     # gRPC is HTTP/2 both ways, so calls (not connections) are balanced.
     assert re.search(r"bind :8001 proto h2", text) and "default-server proto h2" in text
+    # The seekgates serve TLS only: traffic and checks go over TLS, their certificate verified.
+    for backend in ("seekgate_http", "seekgate_grpc"):
+        block = text.split(f"backend {backend}\n", 1)[1].split("\n\n", 1)[0]
+        [default] = re.findall(r"^\s+default-server (.*)$", block, re.M)
+        words = default.split()
+        assert "ssl" in words and words[words.index("verify") + 1] == "required", backend
+        assert words[words.index("ca-file") + 1] == HAPROXY_CA and "verifyhost" in words, backend
+        assert "check-port" not in words and ("port" not in words or "check-ssl" in words), backend
+    assert "alpn h2" in text.split("backend seekgate_grpc\n", 1)[1]
 
 
 def test_haproxy_check_catches_a_broken_config(tmp_path: Path) -> None:
-    bad = tmp_path / "haproxy.cfg"
-    bad.write_text((REPO / "config/haproxy/haproxy.cfg").read_text().replace("balance roundrobin", "balance nosuch", 1))
+    bad = _haproxy_cfg(tmp_path, (REPO / "config/haproxy/haproxy.cfg").read_text()
+                       .replace("balance roundrobin", "balance nosuch", 1))
     out = subprocess.run([_haproxy(), "-c", "-f", str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "balance only supports" in out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ TLS: each replica starts
+
+
+def test_ha_compose_replicas_mount_the_tls_pair_and_check_over_https() -> None:
+    for name in HA_SEEKGATES:
+        assert {"seekgate_tls_cert", "seekgate_tls_key"} <= set(HA[name]["secrets"]), name
+        assert "https://127.0.0.1:8002/metrics" in HA[name]["healthcheck"]["test"][-1], name
+    assert "seekgate_tls_ca" in HA["seekgate-lb"]["secrets"]
+
+
+def test_ha_compose_replica_serves_tls_and_its_healthcheck_passes(tmp_path: Path, pg_url: str,
+                                                                  redis_server_url: str) -> None:
+    env = {**image_env(), **compose_env("seekgate-a"), "SEEKGATE_STORE_URL": pg_url,
+           "SEEKGATE_REDIS_URL": redis_server_url, "SEEKGATE_STORE_AUTO_MIGRATE": "true"}
+    env.pop("PGPASSFILE")   # the stand-in URL needs no password file
+    config = (REPO / "config/seekgate.yaml").read_text()
+    c = container_here(tmp_path / "tls", env, config)
+    assert_serves_tls(c, {"compose healthcheck": HA["seekgate-a"]["healthcheck"]["test"][1:]})

@@ -7,10 +7,17 @@ scanners over the same set.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
+from proxy.cli.devcert import make_dev_certs
+from proxy.local.triton import free_ports
 from proxy.settings import load_settings
 from tests.conftest import REPO
 
@@ -333,3 +342,229 @@ def test_the_image_installs_the_lock_before_the_source() -> None:
     source = next(i for i, line in enumerate(lines) if line.startswith("COPY proxy"))
     assert lock < source
     assert any("--no-deps" in line for line in lines[source:])   # nothing resolved after the lock
+
+
+# ------------------------------------------------------------------ TLS: each shipped deployment starts
+# What every container would run (the image's ENTRYPOINT + CMD, or the pod's args), with the
+# environment it would get (the image's ENV, then Compose's environment or the pod's env), run
+# here for real: the container paths (/run/secrets, /data, the config file and policy directory)
+# moved under tmp_path, with a freshly made certificate and key where the mounted Secret would be,
+# and free ports. It must listen over TLS; without the TLS env it must refuse to start, as
+# `serve` does on a non-loopback address in plaintext.
+
+DOCKERFILE = (REPO / "deploy/docker/seekgate.Dockerfile").read_text()
+PLAINTEXT_REFUSAL = "is not a loopback address and no TLS certificate is set"
+TLS_ENV = ("SEEKGATE_SERVER_TLS_CERT_FILE", "SEEKGATE_SERVER_TLS_KEY_FILE")
+
+
+def dockerfile_instructions(keyword: str) -> list[str]:
+    """The seekgate image's `keyword` instructions, continuation lines joined, keyword stripped."""
+    found, current = [], ""
+    for line in DOCKERFILE.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            if current.split(None, 1)[0] == keyword:
+                found.append(current.split(None, 1)[1].strip())
+            current = ""
+    return found
+
+
+def image_env() -> dict[str, str]:
+    return {k: v for line in dockerfile_instructions("ENV") for k, v in re.findall(r"(\w+)=(\S+)", line)}
+
+
+def image_command() -> list[str]:
+    [entrypoint], [cmd] = dockerfile_instructions("ENTRYPOINT"), dockerfile_instructions("CMD")
+    return [*json.loads(entrypoint), *json.loads(cmd)]
+
+
+def image_healthcheck() -> list[str]:
+    [healthcheck] = dockerfile_instructions("HEALTHCHECK")
+    return list(json.loads(healthcheck.split(" CMD ", 1)[1]))
+
+
+def interpolate(value: Any) -> str:
+    """A Compose value with its `${VAR:-default}` at their defaults (no .env on the test machine)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
+def compose_env(service: str) -> dict[str, str]:
+    return {k: interpolate(v) for k, v in SERVICES[service].get("environment", {}).items()}
+
+
+def pod_env(container: dict[str, Any], stand_ins: dict[tuple[str, str], str] | None = None) -> dict[str, str]:
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = (stand_ins or {})[(ref["name"], ref["key"])]
+    return env
+
+
+@dataclass
+class Container:
+    """A deployment's seekgate container, run as a local process on free ports."""
+
+    root: Path
+    env: dict[str, str]
+    command: list[str]
+    ports: dict[str, int]
+    ca: Path
+
+    def run(self, command: list[str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.localize(command or self.command), env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def localize(self, command: list[str]) -> list[str]:
+        """The command as this machine runs it: this Python, the repository's entrypoint, the venv's seekgate."""
+        exe = {"python": sys.executable, "python3": sys.executable,
+               "/usr/local/bin/seekgate-entrypoint": str(REPO / "deploy/docker/seekgate_entrypoint.py"),
+               "seekgate": str(Path(sys.executable).with_name("seekgate"))}
+        ports = {"8000": self.ports["http"], "8001": self.ports["grpc"], "8002": self.ports["metrics"]}
+        out = [exe.get(c, self.moved(c)) for c in command]
+        # A probe's port is the container's: the same port, here.
+        return [re.sub(r"127\.0\.0\.1:(800[012])\b", lambda m: f"127.0.0.1:{ports[m.group(1)]}", c) for c in out]
+
+    def moved(self, value: str) -> str:
+        return move_paths(value, self.root)
+
+    def start(self) -> subprocess.Popen[str]:
+        log = open(self.root / "serve.log", "w")
+        proc = subprocess.Popen(self.localize(self.command), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
+        log.close()
+        return proc
+
+    def log(self) -> str:
+        return (self.root / "serve.log").read_text()[-3000:]
+
+
+# Where a container finds what is mounted into it; moved under the test's root.
+CONTAINER_PATHS = ("/run/secrets", "/data", "/etc/seekgate")
+
+
+def move_paths(text: str, root: Path) -> str:
+    pattern = r"(?<![\w./])(" + "|".join(map(re.escape, CONTAINER_PATHS)) + r")(?=[/\s'\"]|$)"
+    return re.sub(pattern, lambda m: str(root) + m.group(1), text)
+
+
+def container_here(tmp_path: Path, env: dict[str, str], config: str, command: list[str] | None = None) -> Container:
+    """The container's filesystem under tmp_path/root: mounted secrets (a new TLS pair among them), config, policies."""
+    root = tmp_path / "root"
+    secrets_dir = root / "run/secrets"
+    secrets_dir.mkdir(parents=True)
+    certs = make_dev_certs(tmp_path / "certs")
+    shutil.copy(certs["server_cert"], secrets_dir / "seekgate_tls_cert")
+    shutil.copy(certs["server_key"], secrets_dir / "seekgate_tls_key")
+    (secrets_dir / "seekgate_kek").write_bytes(os.urandom(32))
+    (secrets_dir / "triton_internal_key").write_text("test-internal-key")
+    (root / "data/audit").mkdir(parents=True)
+    (root / "etc/seekgate").mkdir(parents=True)
+    shutil.copytree(REPO / "policies", root / "etc/seekgate/policies")
+    (root / "etc/seekgate/seekgate.yaml").write_text(move_paths(config, root))
+    http, grpc_, metrics, dead = free_ports(4)
+    full = {
+        # Only what a container has: no SEEKGATE_* of the test run leaks in.
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
+        **{k: move_paths(v, root) for k, v in env.items()},
+        # The entrypoint reads the mounted secrets here; /data/secrets is a tmpfs in every shipped
+        # deployment (tested above), not on this machine, hence its documented override.
+        "SEEKGATE_SECRETS_MOUNT": str(secrets_dir), "SEEKGATE_SECRETS_ON_DISK": "1",
+        "SEEKGATE_SERVER_HTTP_PORT": str(http), "SEEKGATE_SERVER_GRPC_PORT": str(grpc_),
+        "SEEKGATE_SERVER_METRICS_PORT": str(metrics),
+        # Triton is not started here: a port nothing listens on (seekgate's own health does not need it).
+        "SEEKGATE_UPSTREAM_HTTP_URL": f"http://127.0.0.1:{dead}", "SEEKGATE_UPSTREAM_GRPC_TARGET": f"127.0.0.1:{dead}",
+    }
+    return Container(root, full, command or image_command(), {"http": http, "grpc": grpc_, "metrics": metrics},
+                     certs["ca"])
+
+
+def https_status(url: str, ca: Path) -> int:
+    """The status of a GET over TLS, the certificate verified against `ca` (its SANs hold 127.0.0.1)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(url, timeout=3, context=context) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def assert_serves_tls(c: Container, probes: dict[str, list[str]]) -> None:
+    """Starts the container's command; its listeners answer over TLS and every probe passes; then it stops."""
+    proc = c.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"exited {proc.returncode}: {c.log()}"
+            try:
+                if https_status(f"https://127.0.0.1:{c.ports['metrics']}/metrics", c.ca) == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"not listening over TLS after 60 s: {c.log()}"
+            time.sleep(0.3)
+        # The client port too: any answer over a verified TLS connection (Triton is not there).
+        assert https_status(f"https://127.0.0.1:{c.ports['http']}/v2/health/live", c.ca) in (200, 502, 503, 504)
+        for where, probe in probes.items():
+            out = c.run(probe, timeout=30)
+            assert out.returncode == 0, (where, out.stderr)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for where, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
+        assert c.run(probe, timeout=30).returncode != 0, where
+
+
+def assert_refuses_without_tls(tmp_path: Path, env: dict[str, str], config: str,
+                               command: list[str] | None = None) -> None:
+    c = container_here(tmp_path, {k: v for k, v in env.items() if k not in TLS_ENV}, config, command)
+    out = c.run(timeout=60)
+    assert out.returncode == 2 and PLAINTEXT_REFUSAL in out.stdout + out.stderr, (out.returncode, out.stderr)
+
+
+def probe_command(probe: dict[str, Any]) -> list[str]:
+    assert "exec" in probe, probe
+    return list(probe["exec"]["command"])
+
+
+def test_the_image_listens_on_every_interface_with_tls_only() -> None:
+    env = image_env()
+    assert env["SEEKGATE_SERVER_HOST"] == "0.0.0.0"
+    assert env["SEEKGATE_SERVER_TLS_CERT_FILE"] == "/run/secrets/seekgate_tls_cert"
+    assert env["SEEKGATE_SERVER_TLS_KEY_FILE"] == "/run/secrets/seekgate_tls_key"
+    assert not any("INSECURE_PLAINTEXT" in k for k in env) and "--insecure-plaintext" not in image_command()
+    for check in (image_healthcheck(), SERVICES["seekgate"]["healthcheck"]["test"][1:]):
+        assert "https://127.0.0.1:8002/metrics" in check[-1] and "http://" not in check[-1], check
+
+
+def test_compose_mounts_the_tls_pair_where_the_image_reads_it() -> None:
+    def secrets_of(svc: dict[str, Any]) -> set[str]:
+        return {s if isinstance(s, str) else s["source"] for s in svc.get("secrets", [])}
+    for name in ("seekgate", "seekgate-a", "seekgate-b"):
+        assert {"seekgate_tls_cert", "seekgate_tls_key"} <= secrets_of(SERVICES[name]), name
+        assert not any("INSECURE" in k for k in SERVICES[name].get("environment", {})), name
+    # Short syntax: each lands in /run/secrets/<name>, the image's SEEKGATE_SERVER_TLS_*_FILE.
+    assert {"seekgate_tls_cert", "seekgate_tls_key", "seekgate_tls_ca"} <= set(COMPOSE["secrets"])
+    prom = yaml.safe_load((REPO / "config/prometheus/prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "seekgate")
+    assert job["scheme"] == "https" and job["tls_config"]["ca_file"] == "/run/secrets/seekgate_tls_ca"
+    assert not job["tls_config"].get("insecure_skip_verify")
+    assert "seekgate_tls_ca" in secrets_of(SERVICES["prometheus"])
+
+
+def test_the_image_with_compose_env_serves_tls_and_its_healthchecks_pass(tmp_path: Path) -> None:
+    env = {**image_env(), **compose_env("seekgate")}
+    config = (REPO / "config/seekgate.yaml").read_text()   # ./config/seekgate.yaml, mounted read-only
+    c = container_here(tmp_path / "tls", env, config)
+    assert_serves_tls(c, {"Dockerfile HEALTHCHECK": image_healthcheck(),
+                          "compose healthcheck": SERVICES["seekgate"]["healthcheck"]["test"][1:]})
+    assert_refuses_without_tls(tmp_path / "plain", env, config)
+

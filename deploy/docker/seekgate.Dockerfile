@@ -22,8 +22,13 @@ COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
 # Settings the image fixes; everything else comes from seekgate.yaml or SEEKGATE_* (see .env.example).
+# A container listens on every interface, so TLS is on: `serve` refuses a non-loopback host without it.
+# The certificate and key are mounted secrets (Compose `secrets:`, the Kubernetes Secret seekgate-tls
+# in the projected /run/secrets volume); renewals are picked up without a restart. deploy/README.md, TLS.
 ENV SEEKGATE_DATA_DIR=/data \
     SEEKGATE_SERVER_HOST=0.0.0.0 \
+    SEEKGATE_SERVER_TLS_CERT_FILE=/run/secrets/seekgate_tls_cert \
+    SEEKGATE_SERVER_TLS_KEY_FILE=/run/secrets/seekgate_tls_key \
     SEEKGATE_POLICY_DIRECTORY=/etc/seekgate/policies \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -31,7 +36,11 @@ VOLUME ["/data"]
 USER 10001:10001
 EXPOSE 8000 8001 8002
 # seekgate's own health (its metrics endpoint), not Triton's: /v2/health/ready is forwarded.
+# Over TLS, like every listener, but without verifying the certificate: the probe asks whether this
+# process answers on loopback inside the container, not who it is (nothing crosses a network), and
+# the certificate names the service, not 127.0.0.1. With mTLS (server.tls_client_ca_file) the probe
+# also needs a client certificate: override the healthcheck where you turn that on.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8002/metrics', timeout=2)"]
+  CMD ["python", "-c", "import ssl, urllib.request; urllib.request.urlopen('https://127.0.0.1:8002/metrics', timeout=2, context=ssl._create_unverified_context())"]
 ENTRYPOINT ["python", "/usr/local/bin/seekgate-entrypoint"]
 CMD ["seekgate", "serve", "--config", "/etc/seekgate/seekgate.yaml"]
