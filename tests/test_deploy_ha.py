@@ -8,6 +8,7 @@ kubernetes-validate over the same rendered set.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,10 +23,14 @@ from proxy.cli.devcert import make_dev_certs
 from proxy.settings import Settings, load_settings
 from tests.conftest import REPO
 from tests.test_deploy_manifests import (
+    assert_refuses_without_tls,
     assert_serves_tls,
     compose_env,
     container_here,
+    dockerfile_instructions,
     image_env,
+    pod_env,
+    probe_command,
 )
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -166,7 +171,7 @@ def test_egress_opens_postgresql_and_redis_only() -> None:
 
 def test_readiness_goes_through_seekgate() -> None:
     probe = CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]
-    assert probe == {"path": "/v2/health/ready", "port": "http"}
+    assert probe == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}   # seekgate serves TLS only
 
 
 def test_a_headless_service_for_per_request_grpc_balancing() -> None:
@@ -311,12 +316,35 @@ def test_haproxy_check_catches_a_broken_config(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ TLS: each replica starts
 
+def test_ha_pods_mount_the_tls_pair_and_probe_over_https() -> None:
+    [tls] = [s["secret"] for s in VOLUMES["seekgate-secret-mount"]["projected"]["sources"]
+             if "secret" in s and s["secret"]["name"] == "seekgate-tls"]
+    assert {i["path"] for i in tls["items"]} == {"seekgate_tls_cert", "seekgate_tls_key"}
+    assert CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
+
 
 def test_ha_compose_replicas_mount_the_tls_pair_and_check_over_https() -> None:
     for name in HA_SEEKGATES:
         assert {"seekgate_tls_cert", "seekgate_tls_key"} <= set(HA[name]["secrets"]), name
         assert "https://127.0.0.1:8002/metrics" in HA[name]["healthcheck"]["test"][-1], name
     assert "seekgate_tls_ca" in HA["seekgate-lb"]["secrets"]
+
+
+def test_ha_pod_serves_tls_on_the_shared_store_and_its_probes_pass(tmp_path: Path, pg_url: str,
+                                                                     redis_server_url: str) -> None:
+    # The pod as the overlay renders it: `migrate` first (its init container), then seekgate, on a
+    # fresh PostgreSQL database and the test Redis standing in for the Secret seekgate-backends.
+    stand_ins = {("seekgate-backends", "store-url"): pg_url, ("seekgate-backends", "redis-url"): redis_server_url}
+    entrypoint = json.loads(dockerfile_instructions("ENTRYPOINT")[0])
+    config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
+    sg, migrate = CONTAINERS["seekgate"], CONTAINERS["migrate"]
+    env = {**image_env(), **pod_env(sg, stand_ins)}
+    c = container_here(tmp_path / "tls", env, config, [*entrypoint, *sg["args"]])
+    migrated = c.run([*entrypoint, *migrate["args"]])
+    assert migrated.returncode == 0, migrated.stderr
+    assert_serves_tls(c, {p: probe_command(sg[p]) for p in ("startupProbe", "livenessProbe")})
+    assert_refuses_without_tls(tmp_path / "plain", env, config, [*entrypoint, *sg["args"]])
 
 
 def test_ha_compose_replica_serves_tls_and_its_healthcheck_passes(tmp_path: Path, pg_url: str,

@@ -568,3 +568,30 @@ def test_the_image_with_compose_env_serves_tls_and_its_healthchecks_pass(tmp_pat
                           "compose healthcheck": SERVICES["seekgate"]["healthcheck"]["test"][1:]})
     assert_refuses_without_tls(tmp_path / "plain", env, config)
 
+
+def test_k8s_mounts_the_tls_secret_where_the_image_reads_it() -> None:
+    mount = mounts("seekgate")["/run/secrets"]
+    sources = VOLUMES[mount["name"]]["projected"]["sources"]
+    [tls] = [s["secret"] for s in sources if "secret" in s and s["secret"]["name"] == "seekgate-tls"]
+    assert {i["key"]: i["path"] for i in tls["items"]} == {"tls.crt": "seekgate_tls_cert", "tls.key": "seekgate_tls_key"}
+    env = {**image_env(), **pod_env(CONTAINERS["seekgate"])}
+    assert not any("INSECURE" in k for k in env)
+    assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
+    # Kubernetes' TLS Secret keys, and the client (readiness) and Prometheus over HTTPS.
+    assert CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    for probe in ("startupProbe", "livenessProbe"):
+        assert "https://127.0.0.1:8002/metrics" in probe_command(CONTAINERS["seekgate"][probe])[-1], probe
+    [endpoint] = [e for e in one("PodMonitor")["spec"]["podMetricsEndpoints"] if e["port"] == "metrics"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"] == {"name": "seekgate-tls",
+                                                                                        "key": "ca.crt"}
+    assert endpoint["tlsConfig"]["serverName"] and not endpoint["tlsConfig"].get("insecureSkipVerify")
+
+
+def test_the_pod_serves_tls_and_its_probes_pass(tmp_path: Path) -> None:
+    sg = CONTAINERS["seekgate"]
+    env = {**image_env(), **pod_env(sg)}
+    config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
+    command = [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]]   # args replace the CMD
+    c = container_here(tmp_path / "tls", env, config, command)
+    assert_serves_tls(c, {p: probe_command(sg[p]) for p in ("startupProbe", "livenessProbe")})
+    assert_refuses_without_tls(tmp_path / "plain", env, config, command)
