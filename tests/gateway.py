@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import ssl
 import threading
 import time
 import urllib.request
@@ -40,7 +41,7 @@ def wait_for(check: Callable[[], bool], timeout: float) -> bool:
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """The sum of a metric's samples matching `labels`, as scraped from the gateway now."""
-    text = urllib.request.urlopen(gw.metrics_url).read().decode()
+    text = urllib.request.urlopen(gw.metrics_url, context=gw.client_tls).read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -77,6 +78,7 @@ class Gateway:
         })
         self.url = f"http://127.0.0.1:{http}"
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        self.client_tls: ssl.SSLContext | None = None   # a test serving TLS sets both URLs to https and this
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None

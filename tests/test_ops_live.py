@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from proxy.audit import jsonl as audit_file
+from proxy.cli.devcert import make_dev_certs
 from proxy.keys.format import generate_key
 from proxy.local.triton import TritonProcess, free_ports
 from tests.conftest import REPO
@@ -46,7 +48,7 @@ def alert_rules() -> list[dict[str, Any]]:
 class Prometheus:
     """The Debian `prometheus` binary on a free loopback port, its own storage, 1 s scrapes."""
 
-    def __init__(self, root: Path, targets: dict[str, str]) -> None:
+    def __init__(self, root: Path, targets: dict[str, str], tls_ca: Path | None = None) -> None:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.root = root
@@ -62,6 +64,10 @@ class Prometheus:
             if job["job_name"] not in targets:   # a job this test runs nothing for scrapes Prometheus itself
                 job.pop("metrics_path", None)
             job["static_configs"] = [{"targets": [targets.get(job["job_name"], f"127.0.0.1:{self.port}")]}]
+            if "tls_config" in job and job["job_name"] in targets:
+                # The shipped scheme and verification, against this test's CA and certificate name.
+                assert tls_ca is not None, f"job {job['job_name']} scrapes over TLS: give the CA"
+                job["tls_config"].update(ca_file=str(tls_ca), server_name="localhost")
         self.config_path = root / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -153,7 +159,7 @@ def call(gw: Gateway, path: str, token: str | None, body: dict[str, Any] | None 
     data = json.dumps(body).encode() if body is not None else b""
     req = urllib.request.Request(gw.url + path, data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=120, context=gw.client_tls) as r:
             r.read()
             return r.status
     except urllib.error.HTTPError as err:
@@ -168,8 +174,13 @@ def _disk_full(fd: int, data: bytes) -> None:
 @pytest.fixture
 def stack(triton: TritonProcess, tmp_path: Path) -> Iterator[tuple[Gateway, TcpRelay, Prometheus, dict[str, str]]]:
     relay = TcpRelay("127.0.0.1", triton.launch.http_port).start()
+    # TLS on, as the shipped deployments serve it: Prometheus scrapes with the shipped tls_config.
+    certs = make_dev_certs(tmp_path / "certs")
     gw = Gateway(tmp_path / "gw", f"http://127.0.0.1:{relay.port}", free_ports(3),
-                 **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"})
+                 **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                    "server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"])})
+    gw.url, gw.metrics_url = (u.replace("http://", "https://") for u in (gw.url, gw.metrics_url))
+    gw.client_tls = ssl.create_default_context(cafile=str(certs["ca"]))
     # Issued before the start, so the first expiring-keys pass counts them (both expire in 1 h).
     keys = {"user": gw.key("user", "alice", ("user",))[1],
             "limited": gw.key("app", "batch-job", (), limits={"rpm": 1})[1]}
@@ -179,7 +190,8 @@ def stack(triton: TritonProcess, tmp_path: Path) -> Iterator[tuple[Gateway, TcpR
         (tmp_path / "prom").mkdir()
         metrics_port = gw.metrics_url.split(":")[2].split("/")[0]
         prom = Prometheus(tmp_path / "prom", {"seekgate": f"127.0.0.1:{metrics_port}",
-                                              "triton": f"127.0.0.1:{triton.launch.metrics_port}"}).start()
+                                              "triton": f"127.0.0.1:{triton.launch.metrics_port}"},
+                          tls_ca=certs["ca"]).start()
         yield gw, relay, prom, keys
     finally:
         if prom is not None:

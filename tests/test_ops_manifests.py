@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from proxy.cli.devcert import make_dev_certs
 from proxy.local.triton import TritonInstall, TritonLaunch, build_command, free_ports
 from proxy.settings import load_settings
 from proxy.steps.policy import check_policy_dir
@@ -54,9 +56,9 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
     return dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
 
 
-def call_status(url: str) -> int:
+def call_status(url: str, context: ssl.SSLContext | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=30, context=context) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -371,7 +373,7 @@ def test_k8s_seekgate_non_root_read_only_and_ready_through_itself() -> None:
     ports = {p["name"]: p["containerPort"] for p in sg["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     # Ready: the whole path, through seekgate to Triton.
-    assert sg["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert sg["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}
     assert "startupProbe" in _containers()["triton"] and "livenessProbe" in _containers()["triton"]
 
 
@@ -420,14 +422,18 @@ def test_seekgate_liveness_does_not_depend_on_triton(tmp_path: Path) -> None:
 def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down(tmp_path: Path) -> None:
     # Each check command, run for real against a real seekgate whose Triton is unreachable.
     dead_triton = free_ports(1)[0]   # nothing listens there
-    gw = Gateway(tmp_path, f"http://127.0.0.1:{dead_triton}", free_ports(3))
+    certs = make_dev_certs(tmp_path / "certs")
+    # TLS on, as every shipped deployment serves it (the checks below speak https).
+    gw = Gateway(tmp_path, f"http://127.0.0.1:{dead_triton}", free_ports(3),
+                 **{"server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"])})
     port = int(gw.metrics_url.split(":")[2].split("/")[0])
     checks = {where: [sys.executable, "-c", c[2].replace("127.0.0.1:8002/", f"127.0.0.1:{port}/")]
               for where, c in _seekgate_local_checks().items()}
     gw.start()
     try:
         # Readiness through seekgate does fail: the pod leaves the Service, seekgate stays up.
-        assert call_status(gw.url + "/v2/health/ready") >= 400
+        trust = ssl.create_default_context(cafile=str(certs["ca"]))
+        assert call_status(gw.url.replace("http://", "https://") + "/v2/health/ready", trust) >= 400
         for where, command in checks.items():
             out = subprocess.run(command, capture_output=True, text=True, timeout=30)
             assert out.returncode == 0, (where, out.stderr)
@@ -448,7 +454,7 @@ def test_k8s_secrets_are_referenced_never_inlined() -> None:
     assert not [d for d in K8S if d["kind"] == "Secret"]
     volumes = {v["name"]: v for v in k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
     names = {s["secret"]["name"] for s in volumes["seekgate-secret-mount"]["projected"]["sources"]}
-    assert names == {"seekgate-kek", "seekgate-triton-internal"}
+    assert names == {"seekgate-kek", "seekgate-triton-internal", "seekgate-tls"}
     assert volumes["triton-secret"]["secret"]["secretName"] == "seekgate-triton-internal"
     assert volumes["elasticsearch-secret"]["secret"]["secretName"] == "seekgate-elasticsearch"
     for container in _containers().values():
