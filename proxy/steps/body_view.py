@@ -33,6 +33,15 @@ from tritonclient.grpc import service_pb2
 from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_TOKENS = "max_tokens"
+# The inputs the model tokenizes: their bytes bound the prompt's tokens (BodyView.prompt_bound).
+PROMPT_INPUTS = frozenset({"text_input", "messages"})
+COUNT_OUTPUTS = ("input_tokens", "output_tokens")
+# Tokens per prompt beyond one per byte. The checkpoints are byte-level BPE: every ordinary token
+# covers at least one byte of the text, so a text of n bytes is at most n tokens plus the special
+# tokens the tokenizer adds (BOS/EOS: two). A `messages` chat is rendered by the chat template,
+# whose role markers are special tokens (one each) standing in for the message's JSON keys
+# (`{"role":"","content":""}`, 24 bytes, already counted); the slack covers a template's fixed text.
+PROMPT_SLACK = 64
 DECODE_STEP = 64 * 1024   # bytes of output per inflate step: a bomb never inflates past the cap + this
 # Integer datatypes and their struct formats (little endian, as Triton's binary tensors are).
 _INT_FORMATS = {"INT8": "<b", "INT16": "<h", "INT32": "<i", "INT64": "<q",
@@ -57,10 +66,21 @@ class BodyView:
 
     parameters: tuple[Parameter, ...] = ()
     max_tokens: tuple[int, ...] | None = None   # None: the request names no max_tokens
+    # Bytes and elements of the prompt inputs (PROMPT_INPUTS): the prompt's tokens are at most
+    # prompt_bytes + PROMPT_SLACK per element (prompt_bound).
+    prompt_bytes: int = 0
+    prompts: int = 0
+    # The request's `outputs` leave out a token count or classify one: its response will not say
+    # what it used, and the meter settles at the bound instead (pipeline._used_tokens).
+    counts_hidden: bool = False
 
     def asked_tokens(self) -> int | None:
         """The tokens the request asks for in all: each row's max_tokens (negatives count as none)."""
         return None if self.max_tokens is None else sum(max(0, v) for v in self.max_tokens)
+
+    def prompt_bound(self) -> int:
+        """At most this many prompt tokens (PROMPT_SLACK's comment says why it holds)."""
+        return self.prompt_bytes + PROMPT_SLACK * max(1, self.prompts)
 
 
 EMPTY = BodyView()
@@ -220,7 +240,38 @@ def _view_generate(doc: dict[str, Any]) -> BodyView:
     # Generate bodies name no datatype; Triton converts to the model's (INT32 for deepseek) and wraps:
     # what would not fit INT32 is refused.
     max_tokens = next((_ints(v, "INT32", MAX_TOKENS) for k, v in fields if k == MAX_TOKENS), None)
-    return BodyView(tuple(Parameter("generate", "", k, v) for k, v in fields), max_tokens)
+    size, count = 0, 0
+    for k, v in fields:
+        if k in PROMPT_INPUTS:
+            b, n = _text_size(v)
+            size, count = size + b, count + n
+    # Generate answers carry every output, so the counts are never hidden there.
+    return BodyView(tuple(Parameter("generate", "", k, v) for k, v in fields), max_tokens, size, count)
+
+
+def _text_size(value: Any) -> tuple[int, int]:
+    """UTF-8 bytes and elements of a JSON tensor's strings (nested lists flattened, iteratively)."""
+    size, count, stack = 0, 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            # Surrogates are refused before this; a non-string Triton converts or refuses: its text bounds it.
+            size += len((item if isinstance(item, str) else json.dumps(item)).encode("utf-8", "surrogatepass"))
+            count += 1
+    return size, count
+
+
+def _hides_counts(outputs: list[tuple[str, list[str]]]) -> bool:
+    """Whether an `outputs` list (name, parameter keys) keeps a token count out of the response.
+
+    An empty list asks for every output. Else only the outputs named come back, and a classified
+    one comes back as class labels, not the count."""
+    if not outputs:
+        return False
+    named = dict(outputs)
+    return any(c not in named or "classification" in named[c] for c in COUNT_OUTPUTS)
 
 
 def _params(owner: dict[str, Any], where: str, tensor: str) -> list[Parameter]:
@@ -242,6 +293,7 @@ def _tensors(doc: dict[str, Any], field: str) -> list[dict[str, Any]]:
 def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
     params = _params(doc, "request", "")
     max_tokens: tuple[int, ...] | None = None
+    prompt_bytes, prompts = 0, 0
     offset, names = 0, set()
     for tensor in _tensors(doc, "inputs"):
         name = tensor.get("name")
@@ -263,12 +315,28 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
         if name == MAX_TOKENS and not any(p.key.startswith("shared_memory_") for p in own):
             datatype = str(tensor.get("datatype", ""))
             max_tokens = _unpack(datatype, data) if data is not None else _ints(tensor.get("data"), datatype, name)
+        if name in PROMPT_INPUTS:
+            b, n = _tensor_text_size(tensor, own, data)
+            prompt_bytes, prompts = prompt_bytes + b, prompts + n
     if offset != len(binary):
         raise bad("binary_data_size_mismatch", f"binary tensors declare {offset} bytes, the body has {len(binary)}")
+    outputs: list[tuple[str, list[str]]] = []
     for tensor in _tensors(doc, "outputs"):
         name = tensor.get("name")
-        params += _params(tensor, "output", name if isinstance(name, str) else "")
-    return BodyView(tuple(params), max_tokens)
+        own = _params(tensor, "output", name if isinstance(name, str) else "")
+        params += own
+        outputs.append((name if isinstance(name, str) else "", [p.key for p in own]))
+    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(outputs))
+
+
+def _tensor_text_size(tensor: dict[str, Any], own: list[Parameter], data: bytes | None) -> tuple[int, int]:
+    """A prompt tensor's bytes (binary: with its length prefixes, a little more) and elements."""
+    if data is not None:
+        return len(data), _elements(data)
+    region = next((p.value for p in own if p.key == "shared_memory_byte_size"), None)
+    if region is not None:   # admins only: the region's size bounds the text in it
+        return (region if isinstance(region, int) and region > 0 else 0), 1
+    return _text_size(tensor.get("data"))
 
 
 def _ints(value: Any, datatype: str, name: str) -> tuple[int, ...]:
@@ -313,6 +381,7 @@ def view_grpc(request: Any) -> BodyView:
         return EMPTY
     params = _grpc_params(request.parameters, "request", "")
     max_tokens: tuple[int, ...] | None = None
+    prompt_bytes, prompts = 0, 0
     names = set()
     for i, tensor in enumerate(request.inputs):
         if tensor.name in names:
@@ -325,9 +394,37 @@ def view_grpc(request: Any) -> BodyView:
                 max_tokens = _unpack(tensor.datatype, raw)
             else:
                 max_tokens = _grpc_contents(tensor)
+        if tensor.name in PROMPT_INPUTS:
+            b, n = _grpc_text_size(request, i, tensor)
+            prompt_bytes, prompts = prompt_bytes + b, prompts + n
+    outputs: list[tuple[str, list[str]]] = []
     for tensor in request.outputs:
         params += _grpc_params(tensor.parameters, "output", tensor.name)
-    return BodyView(tuple(params), max_tokens)
+        outputs.append((tensor.name, list(tensor.parameters)))
+    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(outputs))
+
+
+def _elements(raw: bytes) -> int:
+    """Elements of a serialized BYTES tensor (each a 4-byte little-endian length, then its bytes).
+
+    Malformed (Triton refuses it): as many as there could be, one per 4 bytes."""
+    count, offset = 0, 0
+    while offset + 4 <= len(raw):
+        offset += 4 + struct.unpack_from("<I", raw, offset)[0]
+        count += 1
+    return count if offset == len(raw) else 1 + len(raw) // 4
+
+
+def _grpc_text_size(request: Any, i: int, tensor: Any) -> tuple[int, int]:
+    """A prompt tensor's bytes and elements: raw (with length prefixes), typed, or a region's size."""
+    if request.raw_input_contents:
+        raw = request.raw_input_contents[i] if i < len(request.raw_input_contents) else b""
+        return len(raw), _elements(raw)
+    region = tensor.parameters.get("shared_memory_byte_size")
+    if region is not None:   # admins only: the region's size bounds the text in it
+        return max(0, int(region.int64_param or region.uint64_param)), 1
+    texts = tensor.contents.bytes_contents
+    return sum(len(t) for t in texts), len(texts)
 
 
 def _grpc_params(parameters: Any, where: str, tensor: str) -> list[Parameter]:

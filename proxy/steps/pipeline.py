@@ -62,6 +62,7 @@ def check_body(state: AppState, ctx: RequestContext, view: BodyView) -> None:
     if p is None or ctx.resource is None or ctx.resource.action != "infer":
         return
     asked = view.asked_tokens()   # a batch asks for the sum of its rows
+    _add_bound(state, ctx, view, asked)
     if asked is not None:
         cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
         if cap is not None and asked > cap:
@@ -144,16 +145,37 @@ def _role_caps(text: str) -> dict[str, int]:
     return parse_role_caps(text)   # settings validated it at start
 
 
-def _used_tokens(ctx: RequestContext, charged: int) -> int:
-    """The real count when the response said it; none when Triton refused; else the estimate.
+# ctx.extra keys: the token bound of every message admitted (a gRPC stream has many), and of those
+# whose response will not carry their counts (BodyView.counts_hidden).
+TOKEN_BOUND, HIDDEN_BOUND = "token_bound", "hidden_token_bound"
 
-    A client that disconnects mid-response (499) keeps its estimate: Triton may have generated it all.
+
+def _add_bound(state: AppState, ctx: RequestContext, view: BodyView, asked: int | None) -> None:
+    """The most a message can use: its prompt bound plus what it may generate (the model's default
+    where it names no max_tokens, per prompt); what the meter settles at when no count is read."""
+    output = asked if asked is not None else state.settings.limits.default_estimate_tokens * max(1, view.prompts)
+    bound = view.prompt_bound() + output
+    ctx.extra[TOKEN_BOUND] = ctx.extra.get(TOKEN_BOUND, 0) + bound
+    if view.counts_hidden:
+        ctx.extra[HIDDEN_BOUND] = ctx.extra.get(HIDDEN_BOUND, 0) + bound
+
+
+def _used_tokens(ctx: RequestContext, charged: int) -> int:
+    """The real count when the response said both; none when Triton refused; else the upper bound.
+
+    Fail closed: a client decides what Triton's answer carries (Accept-Encoding, `outputs`, a
+    classification), so an answer without readable counts is charged the most the request could
+    have used (check_body's bound: prompt bytes + max_tokens), never only its max_tokens. The same
+    for a client gone mid-response (499): Triton may have generated it all. On a stream, the
+    messages that hid their counts add their bound to the counts the others reported.
     """
-    if ctx.input_tokens is not None or ctx.output_tokens is not None:
-        return (ctx.input_tokens or 0) + (ctx.output_tokens or 0)
-    if ctx.upstream_ms is not None and ctx.http_status not in (0, 499) and not 200 <= ctx.http_status < 300:
+    i, o = ctx.input_tokens, ctx.output_tokens
+    if i is not None and o is not None:
+        return i + o + ctx.extra.get(HIDDEN_BOUND, 0)
+    if (i is None and o is None and ctx.upstream_ms is not None and ctx.http_status not in (0, 499)
+            and not 200 <= ctx.http_status < 300):
         return 0
-    return charged
+    return max(charged, ctx.extra.get(TOKEN_BOUND, 0))
 
 
 def refuse(ctx: RequestContext, err: SeekgateError) -> None:

@@ -259,6 +259,11 @@ async def _generic_error(ctx: RequestContext, upstream: UpstreamResponse, header
 
 def _count(ctx: RequestContext, body: bytes, headers: CIMultiDictProxy[str]) -> None:
     assert ctx.resource is not None
+    # Triton compresses what the client's Accept-Encoding asks for: counted on an inflated copy.
+    plain = tokens.inflated(body, headers.get("Content-Encoding"), BUFFERED_LIMIT)
+    if plain is None:
+        return   # unreadable: no counts, the meter settles at the request's bound
+    body = plain
     if ctx.path.endswith("/generate"):
         ctx.input_tokens, ctx.output_tokens = tokens.from_generate(body)
         return

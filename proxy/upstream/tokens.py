@@ -5,12 +5,30 @@ from __future__ import annotations
 import json
 import re
 import struct
+import zlib
 from typing import Any
 
 # Generate responses and SSE events are flat JSON objects: a regex is enough and
 # avoids decoding a large text_output just to read two integers.
 _INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
 _OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
+
+
+def inflated(body: bytes, coding: str | None, limit: int) -> bytes | None:
+    """A copy of a response body with its Content-Encoding undone, for counting only (the client gets
+    Triton's bytes); None when it cannot be read within `limit` bytes: the meter then settles at the
+    request's bound. A client chooses the coding (Accept-Encoding), so it must not hide the counts."""
+    coding = (coding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in ("gzip", "deflate"):
+        return None
+    decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)   # gzip or zlib framing, as Triton writes either
+    try:
+        out = decoder.decompress(body, limit)
+    except zlib.error:
+        return None
+    return out if decoder.eof else None   # cut at the limit, or truncated
 
 
 def from_generate(body: bytes) -> tuple[int | None, int | None]:

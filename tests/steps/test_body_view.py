@@ -276,3 +276,29 @@ def test_grpc_duplicate_inputs_are_refused() -> None:
     req.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(1)
     req.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(200)
     refused("duplicate_input", view_grpc, req)
+
+
+# ------------------------------------------------------------------ the meter's bound
+
+def test_prompt_bytes_and_hidden_counts_over_every_shape() -> None:
+    assert (gen('{"text_input": "h\\u00e9llo", "max_tokens": 3}').prompt_bytes, gen('{"text_input": "hi"}').prompts) \
+        == (6, 1)
+    assert gen('{"text_input": "hi"}').prompt_bound() == 2 + 64
+    text = {"name": "text_input", "shape": [2, 1], "datatype": "BYTES", "data": [["ab"], ["cde"]]}
+    view = infer(json.dumps({"inputs": [text]}))
+    assert (view.prompt_bytes, view.prompts, view.counts_hidden) == (5, 2, False)
+    raw = struct.pack("<I", 2) + b"ab" + struct.pack("<I", 3) + b"cde"
+    header = json.dumps({"inputs": [{"name": "text_input", "shape": [2, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    assert (infer(header + raw, len(header)).prompt_bytes, infer(header + raw, len(header)).prompts) == (len(raw), 2)
+
+    def outputs(*outs: dict[str, object]) -> bool:
+        return infer(json.dumps({"inputs": [text], "outputs": list(outs)})).counts_hidden
+    assert outputs({"name": "text_output"})
+    assert outputs({"name": "input_tokens"}, {"name": "output_tokens", "parameters": {"classification": 1}})
+    assert not outputs({"name": "input_tokens"}, {"name": "output_tokens", "parameters": {"binary_data": True}})
+    req = service_pb2.ModelInferRequest(model_name="m")
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hello")
+    assert (view_grpc(req).prompt_bytes, view_grpc(req).counts_hidden) == (5, False)
+    req.outputs.add(name="text_output")
+    assert view_grpc(req).counts_hidden

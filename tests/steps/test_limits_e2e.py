@@ -4,6 +4,7 @@ headers, audit reasons, shared concurrency slots, token budgets, and nothing for
 from __future__ import annotations
 
 import functools
+import gzip
 import http.client
 import json
 import queue
@@ -85,6 +86,70 @@ def test_token_budget_exhausted_after_a_known_generate(gw: Gateway) -> None:
     assert headers["X-RateLimit-Limit"] == str(used + 1) and 1 <= int(headers["Retry-After"]) <= 86400
     assert generate(gw, key, "budget prompt", 1)[0] == 200   # the last token still fits
     assert reasons(gw, key_id, 3) == ["", "rate_limited:daily_tokens", ""]
+
+
+PROMPT = "hello " * 40   # ~164 tokens, 240 bytes: two plain requests fit 300 tokens, not three
+INFER = "/v2/models/deepseek/infer"
+
+
+def infer_body(outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": [
+        {"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT]},
+        {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [4]}]}
+    if outputs is not None:
+        body["outputs"] = outputs
+    return body
+
+
+CLASSIFIED = [{"name": "text_output"}, {"name": "input_tokens", "parameters": {"classification": 1}},
+              {"name": "output_tokens", "parameters": {"classification": 1}}]
+
+
+@pytest.mark.parametrize("outputs", [[{"name": "text_output"}], CLASSIFIED], ids=["only-text-output", "classified"])
+def test_an_infer_answer_without_readable_counts_is_charged_its_bound_not_its_max_tokens(
+        gw: Gateway, outputs: Any) -> None:
+    """The client shapes Triton's answer; one it made unreadable is charged the prompt's bytes plus
+    max_tokens (over its ~168 real tokens), never only the 4 of max_tokens."""
+    _, plain = gw.key(owner="meter-plain", limits={"daily_tokens": 300})
+    assert [call(gw.url + INFER, "POST", infer_body(), plain)[0] for _ in range(3)] == [200, 200, 429]
+    _, key = gw.key(owner="meter-hidden", limits={"daily_tokens": 300})
+    assert call(gw.url + INFER, "POST", infer_body(outputs), key)[0] == 200
+    assert call(gw.url + INFER, "POST", infer_body(outputs), key)[0] == 429
+
+
+def test_a_gzipped_infer_answer_is_relayed_as_is_and_charged_its_real_count(gw: Gateway) -> None:
+    key_id, key = gw.key(owner="meter-gzip", limits={"daily_tokens": 300})
+    gz = {"Accept-Encoding": "gzip"}
+    status, got, raw = call(gw.url + INFER, "POST", infer_body(), key, gz)
+    counts = {o["name"]: o["data"][0] for o in json.loads(gzip.decompress(raw))["outputs"]}
+    assert status == 200 and got["Content-Encoding"] == "gzip"   # Triton's gzip bytes, as they were
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 3.0)
+    rec = next(r for r in audit_records(gw) if r["key_id"] == key_id)
+    assert (rec["input_tokens"], rec["output_tokens"]) == (counts["input_tokens"], counts["output_tokens"])
+    assert [call(gw.url + INFER, "POST", infer_body(), key, gz)[0] for _ in range(2)] == [200, 429]
+
+
+def test_grpc_infer_whose_outputs_leave_out_the_counts_is_charged_its_bound(gw: Gateway, stub: Any) -> None:
+    def request() -> Any:
+        req = infer_request("deepseek", text=PROMPT, max_tokens=4)
+        req.outputs.add(name="text_output")
+        return req
+    _, key = gw.key(owner="meter-grpc", limits={"daily_tokens": 300})
+    stub.ModelInfer(request(), metadata=md(key))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request(), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_grpc_stream_messages_hiding_their_counts_add_their_bound(gw: Gateway, stub: Any) -> None:
+    """On a stream the first message's counts are read; a later one that hides its own is charged its bound."""
+    hidden = infer_request(STREAM_MODEL, text=PROMPT, max_tokens=4)
+    hidden.outputs.add(name="text_output")
+    _, key = gw.key(owner="meter-stream", limits={"daily_tokens": 300})
+    list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, max_tokens=2), hidden]), metadata=md(key)))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(infer_request("deepseek", max_tokens=2), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_device_keys_are_bound_by_their_app_keys_limits(gw: Gateway) -> None:

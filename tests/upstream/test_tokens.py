@@ -45,3 +45,17 @@ def test_sse_counter_across_chunk_boundaries() -> None:
     for i in range(0, len(events), 7):
         counter.feed(events[i:i + 7])
     assert (counter.input_tokens, counter.output_tokens) == (4, 5)
+
+
+def test_inflated_copy_for_counting() -> None:
+    import gzip
+    import zlib
+    body = json.dumps({"input_tokens": 5, "output_tokens": 2}).encode()
+    assert tokens.inflated(gzip.compress(body), "gzip", 1 << 20) == body
+    assert tokens.inflated(zlib.compress(body), "deflate", 1 << 20) == body
+    assert tokens.inflated(body, None, 1 << 20) == body
+    # Past the limit, truncated, garbage or an unknown coding: unreadable, never a partial count.
+    assert tokens.inflated(gzip.compress(b"x" * 4096), "gzip", 1024) is None
+    assert tokens.inflated(gzip.compress(body)[:-4], "gzip", 1 << 20) is None
+    assert tokens.inflated(b"not gzip", "gzip", 1 << 20) is None
+    assert tokens.inflated(body, "br", 1 << 20) is None
