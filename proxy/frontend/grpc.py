@@ -179,7 +179,7 @@ class GrpcFrontEnd:
                     await admit(state, ctx, _authorization(context),
                                 lambda: classify_grpc(method.name, model_name_of(method.name, request)))
                     view = view_grpc(request)
-                    check_body(state, ctx, view)
+                    await check_body(state, ctx, view)
                     await limit(state, ctx, view.asked_tokens())
                 assert ctx.resource is not None
                 await audit_ready(state)   # strict audit fails closed before anything is forwarded
@@ -240,7 +240,7 @@ class GrpcFrontEnd:
                         authorize(state, ctx, resource)
                         ctx.resource = ctx.resource or resource
                         view = view_grpc(request)
-                        check_body(state, ctx, view)
+                        await check_body(state, ctx, view, resource.model)
                         if not first_view:
                             first_view.append(view)
                     return raw

@@ -40,7 +40,7 @@ from ..steps.pipeline import admit, audit_ready, check_body, commit_audit, finis
 from ..store.backend import open_store
 from ..store.budgets import BudgetStore, budget_store_path
 from ..upstream.forward import forward
-from ..upstream.models import refresh_models, watch_models
+from ..upstream.models import MaxTokensDefaults, refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
 from .console.door import answer_console, is_console
 from .grpc import GrpcFrontEnd
@@ -113,7 +113,7 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         # Every body-level check decides on the body as Triton will read it (body_view.py); the bytes
         # received are what is forwarded. The decoded size counts against the cap too (gzip bombs).
         view = body_view(request, ctx, path, body, state.settings.server.max_body_bytes)
-        check_body(state, ctx, view)
+        await check_body(state, ctx, view)
         await audit_ready(state)   # strict audit fails closed before anything is spent or forwarded
         # After every check that may refuse for free: a request refused above costs no quota.
         await limit(state, ctx, view.asked_tokens())
@@ -256,7 +256,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                          audit, metrics, pool, internal_key,
                          limiter=choose_limiter(settings, worker, budgets, metrics),
                          sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth),
-                         keyring=keyring)
+                         keyring=keyring, max_tokens_defaults=MaxTokensDefaults(pool))
         app[STATE] = state
         keyring.on_pepper = lambda pepper: setattr(state, "pepper", pepper)   # a rotated pepper, reloaded
         keyring.on_scheduled = audit.submit

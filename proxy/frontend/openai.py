@@ -84,7 +84,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         raw = json.dumps(generate, ensure_ascii=False).encode()
         # The body checks on the request Triton will get, parsed as every generate body is: never a weaker path.
         view = view_http("generate", raw, [])
-        check_body(state, ctx, view)
+        await check_body(state, ctx, view)
         await audit_ready(state)
         await limit(state, ctx, view.asked_tokens())
         assert ctx.resource is not None and ctx.resource.model is not None

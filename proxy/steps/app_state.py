@@ -18,6 +18,7 @@ from ..settings import Settings
 from ..state.limits import Limiter, LocalLimiter
 from ..store.backend import Store
 from ..store.postgres import PostgresStore
+from ..upstream.models import MaxTokensDefaults
 from ..upstream.pool import UpstreamPool
 from .authz import Authorizer, PolicyWatcher
 
@@ -38,6 +39,8 @@ class AppState:
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
     key_cache: KeyCache | None = None   # verified keys and sessions (keys/cache.py); None: every request reads the store
     keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
+    # Models' own max_tokens defaults, for the role cap when a request names none (None: refused then).
+    max_tokens_defaults: MaxTokensDefaults | None = None
     # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
     # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the
     # audit writer closes only after its last records.

@@ -51,10 +51,10 @@ def authorize(state: AppState, ctx: RequestContext, resource: Resource) -> None:
         raise Forbidden("policy_denied")
 
 
-def check_body(state: AppState, ctx: RequestContext, view: BodyView) -> None:
+async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model: str | None = None) -> None:
     """Body-level policy on the parsed view (every message of a gRPC stream has its own):
 
-    - the role's max_tokens cap (`limits.max_tokens_by_role`), 400 over it;
+    - the role's max_tokens cap (`limits.max_tokens_by_role`), 400 over it or when max_tokens is left out;
     - a key without the admin role sets only the parameters `body.*` allows: a reserved one (shared
       memory names another tenant's tensors) is 403, any other 400.
     """
@@ -63,12 +63,31 @@ def check_body(state: AppState, ctx: RequestContext, view: BodyView) -> None:
         return
     asked = view.asked_tokens()   # a batch asks for the sum of its rows
     _add_bound(state, ctx, view, asked)
-    if asked is not None:
-        cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
-        if cap is not None and asked > cap:
-            raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
+    cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
+    if cap is not None and asked is not None and asked > cap:
+        raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     if view.parameters and "admin" not in p.roles:
         _check_parameters(ctx, view, state.settings.body)
+    if cap is not None and not view.max_tokens:
+        # After the parameters: a reserved one is 403 still. The OpenAI door always names max_tokens.
+        await _cap_model_default(state, view, model or ctx.resource.model, cap)
+
+
+async def _cap_model_default(state: AppState, view: BodyView, model: str | None, cap: int) -> None:
+    """A capped role that names no max_tokens gets the model's own default (config.pbtxt
+    `default_max_tokens`), which may be over the cap: that default is held to the cap. Fail closed:
+    an empty max_tokens tensor, or a model whose default Triton does not tell, is refused."""
+    known = (state.max_tokens_defaults is not None and model is not None and view.max_tokens is None
+             and await state.max_tokens_defaults.get(model))
+    if known and not known.takes_max_tokens:
+        return   # the model has no max_tokens to cap: it is not a generator governed by one
+    if not known or known.default is None:
+        raise BadRequest("max_tokens_required_under_role_cap",
+                         public_message=f"max_tokens is required under this key's cap of {cap}")
+    if known.default * max(1, view.prompts) > cap:
+        raise BadRequest("max_tokens_default_over_role_cap",
+                         public_message=f"max_tokens is required under this key's cap of {cap} "
+                                        f"(the model's default is {known.default})")
 
 
 def _check_parameters(ctx: RequestContext, view: BodyView, body: BodySettings) -> None:

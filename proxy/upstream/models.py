@@ -1,11 +1,15 @@
-"""The model names Triton serves, from its repository index: what metrics label by name (others are `other`)."""
+"""What seekgate reads of Triton's models: names from its repository index (metrics label by name,
+others are `other`), and a model's own max_tokens default from its config (the role cap counts it)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import quote
 
 from .pool import UpstreamError, UpstreamPool
 
@@ -64,3 +68,60 @@ async def watch_models(pool: UpstreamPool, apply: Callable[[Iterable[str]], None
     while True:
         await asyncio.sleep(interval if known else 1.0)
         known = await refresh_models(pool, apply) or known
+
+
+@dataclass(frozen=True, slots=True)
+class MaxTokensDefault:
+    """Whether a model takes a `max_tokens` input, and what it generates when a request names none
+    (its config's `default_max_tokens` parameter; None: it declares none)."""
+
+    takes_max_tokens: bool
+    default: int | None
+
+
+def max_tokens_default(config: object) -> MaxTokensDefault | None:
+    """From a model-config answer (`{"input": [{"name": ...}], "parameters": {k: {"string_value": v}}}`);
+    None when the answer is not such an object."""
+    if not isinstance(config, dict) or not isinstance(config.get("input", []), list):
+        return None
+    takes = any(isinstance(i, dict) and i.get("name") == "max_tokens" for i in config.get("input", []))
+    params = config.get("parameters")
+    value = params.get("default_max_tokens") if isinstance(params, dict) else None
+    text = value.get("string_value") if isinstance(value, dict) else None
+    default = int(text) if isinstance(text, str) and text.strip().isdigit() else None
+    return MaxTokensDefault(takes, default)
+
+
+class MaxTokensDefaults:
+    """Per model, read from GET /v2/models/<name>/config when first needed and kept REFRESH_S.
+
+    Only readable answers are kept (model names come from clients: failures are not remembered),
+    and at most MAX_MODELS of them."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._known: dict[str, tuple[float, MaxTokensDefault]] = {}
+
+    async def get(self, model: str) -> MaxTokensDefault | None:
+        """The model's default, or None when Triton cannot say (away, unknown model, unreadable)."""
+        now = time.monotonic()
+        kept = self._known.get(model)
+        if kept is not None and now - kept[0] < REFRESH_S:
+            return kept[1]
+        try:
+            answer = await asyncio.wait_for(self._read(model), 5)
+        except (UpstreamError, asyncio.TimeoutError, ValueError):
+            return None
+        if answer is not None:
+            if len(self._known) >= MAX_MODELS:
+                self._known.clear()
+            self._known[model] = (now, answer)
+        return answer
+
+    async def _read(self, model: str) -> MaxTokensDefault | None:
+        answer = await self._pool.request("GET", f"/v2/models/{quote(model, safe='')}/config", ())
+        try:
+            body = await answer.read()
+        finally:
+            answer.release()
+        return max_tokens_default(json.loads(body)) if answer.status == 200 else None

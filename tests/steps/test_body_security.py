@@ -188,6 +188,8 @@ def test_no_shared_memory_attack_over_grpc_reaches_the_region(
         fill(region)
         harmless = service_pb2.ModelInferRequest(model_name="echo")
         harmless.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"x")
+        # Within the user cap: echo declares no default_max_tokens, so a capped key must name one.
+        harmless.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1]).contents.int_contents.append(4)
         with pytest.raises(grpc.RpcError) as info:
             for _ in stub.ModelStreamInfer(iter([harmless, grpc_write_attack()]), metadata=md,
                                            compression=compression, timeout=30):

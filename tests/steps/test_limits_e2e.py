@@ -32,7 +32,7 @@ GEN = "/v2/models/deepseek/generate"
 
 @pytest.fixture(scope="module")
 def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway_via(tmp_path_factory.mktemp("gw-limits"), *relays, **{"limits.max_tokens_by_role": "capped=4"}) as g:
+    with gateway_via(tmp_path_factory.mktemp("gw-limits"), *relays, **{"limits.max_tokens_by_role": "capped=4,roomy=16"}) as g:
         yield g
 
 
@@ -170,6 +170,41 @@ def test_role_cap_on_max_tokens(gw: Gateway, relays: Any) -> None:
     status, _, body = generate(gw, key, "too-big-marker", 5)
     assert status == 400 and json.loads(body) == {"error": "max_tokens is over this key's cap of 4"}
     assert b"too-big-marker" not in relays[0].seen()
+
+
+@pytest.mark.parametrize("body, error", [
+    # The model's own default_max_tokens (16, triton_models/deepseek/config.pbtxt) is over the cap.
+    ({"text_input": "no-cap-marker"}, "max_tokens is required under this key's cap of 4 (the model's default is 16)"),
+    ({"text_input": "no-cap-marker", "max_tokens": []}, "max_tokens is required under this key's cap of 4"),
+], ids=["absent", "empty"])
+def test_role_cap_holds_when_max_tokens_is_left_out(gw: Gateway, relays: Any, body: dict[str, Any],
+                                                    error: str) -> None:
+    _, key = gw.key(owner="capped", roles=("capped",))
+    relays[0].clear()
+    status, _, raw = call(gw.url + GEN, "POST", body, key)
+    assert status == 400 and json.loads(raw) == {"error": error}
+    assert b"no-cap-marker" not in relays[0].seen()
+    _, roomy = gw.key(owner="roomy", roles=("roomy",))   # a cap the default fits: it goes through
+    status, _, raw = call(gw.url + GEN, "POST", {"text_input": "hello there"}, roomy)
+    assert status == 200 and json.loads(raw)["output_tokens"] <= 16
+
+
+def test_role_cap_holds_when_max_tokens_is_left_out_over_grpc(gw: Gateway, stub: Any) -> None:
+    _, key = gw.key(owner="capped", roles=("capped",))
+    req = infer_request("deepseek")
+    del req.inputs[1]
+    del req.raw_input_contents[1]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(req, metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, roomy = gw.key(owner="roomy", roles=("roomy",))
+    stub.ModelInfer(req, metadata=md(roomy))
+    second = infer_request(STREAM_MODEL)
+    del second.inputs[1]
+    del second.raw_input_contents[1]
+    with pytest.raises(grpc.RpcError) as info:   # on a stream, each message is held to the cap
+        list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, max_tokens=2), second]), metadata=md(key)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_admin_api_creates_a_key_with_limits_that_bind(gw: Gateway) -> None:

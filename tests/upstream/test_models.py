@@ -73,3 +73,14 @@ def test_a_model_of_another_name_is_served_labelled_and_audited(
         assert wait_for(lambda: metric(gw, "seekgate_requests_total", model="other") == 1, 5)
     finally:
         gw.stop()
+
+
+def test_max_tokens_default_from_a_model_config() -> None:
+    from proxy.upstream.models import MaxTokensDefault, max_tokens_default
+    config = {"input": [{"name": "text_input"}, {"name": "max_tokens"}],
+              "parameters": {"default_max_tokens": {"string_value": "16"}}}
+    assert max_tokens_default(config) == MaxTokensDefault(True, 16)
+    assert max_tokens_default({"input": [{"name": "text_input"}]}) == MaxTokensDefault(False, None)
+    bad = {"input": [{"name": "max_tokens"}], "parameters": {"default_max_tokens": {"string_value": "-3"}}}
+    assert max_tokens_default(bad) == MaxTokensDefault(True, None)   # unreadable: refused under a cap
+    assert max_tokens_default([]) is None and max_tokens_default({"input": "x"}) is None
