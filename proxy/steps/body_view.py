@@ -188,18 +188,21 @@ def parse_json(data: bytes) -> dict[str, Any]:
 
 
 def _refuse_surrogates(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise bad("lone_surrogate", "JSON string holds a lone surrogate escape") from exc
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _refuse_surrogates(k)
-            _refuse_surrogates(v)
-    elif isinstance(value, list):
-        for v in value:
-            _refuse_surrogates(v)
+    # Walked with a stack, not recursion: the decoder accepts nesting close to the recursion limit,
+    # and a recursive walk (or the exception it raised at the bottom) could overrun it: a 500.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad("lone_surrogate", "JSON string holds a lone surrogate escape") from exc
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def header_length(values: list[str], size: int) -> int | None:

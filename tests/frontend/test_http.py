@@ -642,3 +642,18 @@ def test_a_served_process_freezes_its_start_up_heap_and_an_embedded_server_does_
     finally:
         served.stop()
         gc.unfreeze()
+
+
+def test_deep_nesting_with_a_lone_surrogate_is_an_audited_400_at_every_depth(gw: Gateway, user_key: str) -> None:
+    """The surrogate walk once recursed past the limit at depths the decoder took: aiohttp's bare 500,
+    no request id, an "allowed" audit record."""
+    ids = []
+    for depth in range(940, 1000):
+        body = ('{"text_input": "hi", "p": ' + "[" * depth + '"\\ud800"' + "]" * depth + "}").encode()
+        status, headers, raw = call(gw.url + "/v2/models/deepseek/generate", "POST", body, user_key)
+        assert status == 400 and json.loads(raw)["error"], (depth, raw[:80])
+        ids.append(headers["X-Request-Id"])
+    assert wait_for(lambda: set(ids) <= {r["request_id"] for r in audit_records(gw)}, 5.0)
+    mine = [r for r in audit_records(gw) if r["request_id"] in set(ids)]
+    assert all(r["status"] == "denied" and r["http_status"] == 400 for r in mine)
+

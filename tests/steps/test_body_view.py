@@ -132,6 +132,16 @@ def test_non_utf8_bom_and_deep_nesting_are_refused() -> None:
     refused("json_too_deep", gen, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
 
 
+def test_deep_nesting_around_a_lone_surrogate_is_a_refusal_at_every_depth() -> None:
+    # The decoder takes nesting up to near the recursion limit; the surrogate walk must not overrun it.
+    import sys
+    for depth in range(sys.getrecursionlimit() - 120, sys.getrecursionlimit() + 20):
+        body = '{"text_input": "hi", "p": ' + "[" * depth + '"\\ud800"' + "]" * depth + "}"
+        with pytest.raises(BadRequest) as info:
+            gen(body)
+        assert info.value.reason in ("body: json_too_deep", "body: lone_surrogate"), depth
+
+
 def test_json_never_guesses_utf16() -> None:
     refused("not_utf8", gen, '{"max_tokens": 200}'.encode("utf-16"))
 
