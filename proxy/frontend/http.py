@@ -137,6 +137,11 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         if closes_connection(err):
             response.force_close()
         return response
+    except Exception as exc:
+        # A bug, not a refusal: still an answer in Triton's format carrying the request id, and an
+        # audited error, never aiohttp's bare 500 with an "allowed" record behind it.
+        log.exception("request %s failed", ctx.request_id)
+        return await refused(state, ctx, SeekgateError(f"internal_error: {type(exc).__name__}"))
 
 
 async def send_now(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:

@@ -657,3 +657,18 @@ def test_deep_nesting_with_a_lone_surrogate_is_an_audited_400_at_every_depth(gw:
     mine = [r for r in audit_records(gw) if r["request_id"] in set(ids)]
     assert all(r["status"] == "denied" and r["http_status"] == 400 for r in mine)
 
+
+def test_an_unexpected_exception_is_an_audited_500_with_the_request_id(
+        gw: Gateway, user_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.frontend import http as http_server
+
+    async def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug in a step")
+    monkeypatch.setattr(http_server, "check_body", broken)
+    status, headers, raw = call(gw.url + "/v2/models/deepseek/generate", "POST",
+                                {"text_input": "hi", "max_tokens": 2}, user_key)
+    assert status == 500 and json.loads(raw) == {"error": "internal error"}
+    rid = headers["X-Request-Id"]
+    assert wait_for(lambda: any(r["request_id"] == rid for r in audit_records(gw)), 5.0)
+    rec = next(r for r in audit_records(gw) if r["request_id"] == rid)
+    assert (rec["status"], rec["http_status"], rec["reason"]) == ("error", 500, "internal_error: RuntimeError")
