@@ -439,9 +439,14 @@ def _grpc_params(parameters: Any, where: str, tensor: str) -> list[Parameter]:
 
 
 def _grpc_contents(tensor: Any) -> tuple[int, ...]:
+    """Typed contents, each within the tensor's datatype's range (as HTTP's _ints): int64_contents
+    under an INT32 datatype could otherwise hold a value Triton reads wrapped."""
     c = tensor.contents
     for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
         if len(values):
+            low, high = _range(tensor.datatype)
+            if not all(low <= v <= high for v in values):
+                raise bad("max_tokens_not_integer", f"{MAX_TOKENS} must be an integer in [{low}, {high}]")
             return tuple(int(v) for v in values)
     if any(len(v) for v in (c.fp32_contents, c.fp64_contents, c.bool_contents, c.bytes_contents)):
         raise bad("max_tokens_not_integer", f"{MAX_TOKENS} must be an integer tensor")

@@ -281,6 +281,22 @@ def test_grpc_max_tokens_raw_and_typed() -> None:
     assert view_grpc(service_pb2.ModelConfigRequest(name="m")) == EMPTY
 
 
+@pytest.mark.parametrize("datatype, field, value", [
+    ("INT32", "int64_contents", 2**32 + 200), ("INT32", "int64_contents", -(2**31) - 1),
+    ("INT8", "int_contents", 200), ("UINT32", "int64_contents", -1), ("UINT8", "uint_contents", 256),
+])
+def test_grpc_typed_max_tokens_outside_its_datatype_is_refused(datatype: str, field: str, value: int) -> None:
+    req = service_pb2.ModelInferRequest(model_name="m")
+    getattr(req.inputs.add(name="max_tokens", datatype=datatype, shape=[1]).contents, field).append(value)
+    refused("max_tokens_not_integer", view_grpc, req)
+
+
+def test_grpc_typed_max_tokens_must_have_an_integer_datatype() -> None:
+    req = service_pb2.ModelInferRequest(model_name="m")
+    req.inputs.add(name="max_tokens", datatype="FP32", shape=[1]).contents.int_contents.append(4)
+    refused("max_tokens_not_integer", view_grpc, req)
+
+
 def test_grpc_duplicate_inputs_are_refused() -> None:
     req = service_pb2.ModelInferRequest(model_name="m")
     req.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(1)
