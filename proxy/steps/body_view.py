@@ -36,11 +36,13 @@ MAX_TOKENS = "max_tokens"
 # The inputs the model tokenizes: their bytes bound the prompt's tokens (BodyView.prompt_bound).
 PROMPT_INPUTS = frozenset({"text_input", "messages"})
 COUNT_OUTPUTS = ("input_tokens", "output_tokens")
-# Tokens per prompt beyond one per byte. The checkpoints are byte-level BPE: every ordinary token
-# covers at least one byte of the text, so a text of n bytes is at most n tokens plus the special
-# tokens the tokenizer adds (BOS/EOS: two). A `messages` chat is rendered by the chat template,
-# whose role markers are special tokens (one each) standing in for the message's JSON keys
-# (`{"role":"","content":""}`, 24 bytes, already counted); the slack covers a template's fixed text.
+# Tokens per prompt beyond one per byte. The checkpoints are byte-level BPE (DeepSeek-V3's, and
+# proxy/local/tinymodel.py's): every ordinary token covers at least one byte of the text, so a text
+# of n bytes is at most n tokens plus the special tokens the tokenizer adds (BOS). A `messages` chat
+# is rendered by DeepSeek's chat template: per message a role marker (`<|User|>`, 8 bytes;
+# `<|Assistant|>` + EOS, 13 + 1) that is shorter than the message's JSON keys it stands in for
+# (`{"role":"user","content":""}`, 29 bytes, counted already), with JSON escapes never shorter than
+# the content's UTF-8; the slack covers BOS and the generation prompt (`<|Assistant|>`) and more.
 PROMPT_SLACK = 64
 DECODE_STEP = 64 * 1024   # bytes of output per inflate step: a bomb never inflates past the cap + this
 # Integer datatypes and their struct formats (little endian, as Triton's binary tensors are).

@@ -18,6 +18,7 @@ from ..keys.sessions import MINTING_TIERS
 from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
 from ..settings import BodySettings, LimitsSettings
 from ..state.limits import Scope, max_tokens_cap
+from ..upstream.models import MaxTokensDefault
 from .app_state import AppState
 from .authn import authenticate, parse_bearer
 from .body_view import BodyView
@@ -62,7 +63,11 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
     if p is None or ctx.resource is None or ctx.resource.action != "infer":
         return
     asked = view.asked_tokens()   # a batch asks for the sum of its rows
-    _add_bound(state, ctx, view, asked)
+    # What the model generates when the request names no max_tokens: its own default (cached).
+    model = model or ctx.resource.model
+    default = (await state.max_tokens_defaults.get(model)
+               if view.max_tokens is None and state.max_tokens_defaults is not None and model else None)
+    _add_bound(state, ctx, view, asked, default)
     cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
     if cap is not None and asked is not None and asked > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
@@ -70,18 +75,16 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
         _check_parameters(ctx, view, state.settings.body)
     if cap is not None and not view.max_tokens:
         # After the parameters: a reserved one is 403 still. The OpenAI door always names max_tokens.
-        await _cap_model_default(state, view, model or ctx.resource.model, cap)
+        _cap_model_default(view, default, cap)
 
 
-async def _cap_model_default(state: AppState, view: BodyView, model: str | None, cap: int) -> None:
+def _cap_model_default(view: BodyView, known: MaxTokensDefault | None, cap: int) -> None:
     """A capped role that names no max_tokens gets the model's own default (config.pbtxt
     `default_max_tokens`), which may be over the cap: that default is held to the cap. Fail closed:
     an empty max_tokens tensor, or a model whose default Triton does not tell, is refused."""
-    known = (state.max_tokens_defaults is not None and model is not None and view.max_tokens is None
-             and await state.max_tokens_defaults.get(model))
-    if known and not known.takes_max_tokens:
+    if view.max_tokens is None and known is not None and not known.takes_max_tokens:
         return   # the model has no max_tokens to cap: it is not a generator governed by one
-    if not known or known.default is None:
+    if view.max_tokens is not None or known is None or known.default is None:
         raise BadRequest("max_tokens_required_under_role_cap",
                          public_message=f"max_tokens is required under this key's cap of {cap}")
     if known.default * max(1, view.prompts) > cap:
@@ -169,10 +172,15 @@ def _role_caps(text: str) -> dict[str, int]:
 TOKEN_BOUND, HIDDEN_BOUND = "token_bound", "hidden_token_bound"
 
 
-def _add_bound(state: AppState, ctx: RequestContext, view: BodyView, asked: int | None) -> None:
-    """The most a message can use: its prompt bound plus what it may generate (the model's default
-    where it names no max_tokens, per prompt); what the meter settles at when no count is read."""
-    output = asked if asked is not None else state.settings.limits.default_estimate_tokens * max(1, view.prompts)
+def _add_bound(state: AppState, ctx: RequestContext, view: BodyView, asked: int | None,
+               default: MaxTokensDefault | None) -> None:
+    """The most a message can use: its prompt bound plus what it may generate (where it names no
+    max_tokens, the model's default per prompt, limits.default_estimate_tokens when Triton does not
+    tell it); what the meter settles at when no count is read."""
+    per_prompt = state.settings.limits.default_estimate_tokens
+    if default is not None and default.default is not None:
+        per_prompt = max(per_prompt, default.default)
+    output = asked if asked is not None else per_prompt * max(1, view.prompts)
     bound = view.prompt_bound() + output
     ctx.extra[TOKEN_BOUND] = ctx.extra.get(TOKEN_BOUND, 0) + bound
     if view.counts_hidden:

@@ -32,7 +32,9 @@ GEN = "/v2/models/deepseek/generate"
 
 @pytest.fixture(scope="module")
 def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway_via(tmp_path_factory.mktemp("gw-limits"), *relays, **{"limits.max_tokens_by_role": "capped=4,roomy=16"}) as g:
+    # The estimate for a body without max_tokens is below the model's default (16) on purpose.
+    overrides = {"limits.max_tokens_by_role": "capped=4,roomy=16", "limits.default_estimate_tokens": 1}
+    with gateway_via(tmp_path_factory.mktemp("gw-limits"), *relays, **overrides) as g:
         yield g
 
 
@@ -115,6 +117,15 @@ def test_an_infer_answer_without_readable_counts_is_charged_its_bound_not_its_ma
     _, key = gw.key(owner="meter-hidden", limits={"daily_tokens": 300})
     assert call(gw.url + INFER, "POST", infer_body(outputs), key)[0] == 200
     assert call(gw.url + INFER, "POST", infer_body(outputs), key)[0] == 429
+
+
+def test_the_bound_of_a_request_without_max_tokens_counts_the_models_default(gw: Gateway) -> None:
+    """Prompt 11 bytes: bound 11 + 64 + the model's default 16 = 91, not 11 + 64 + 1 (the estimate)."""
+    body = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["hello there"]}],
+            "outputs": [{"name": "text_output"}]}
+    _, key = gw.key(owner="meter-default", limits={"daily_tokens": 90})
+    assert call(gw.url + INFER, "POST", body, key)[0] == 200
+    assert call(gw.url + INFER, "POST", body, key)[0] == 429
 
 
 def test_a_gzipped_infer_answer_is_relayed_as_is_and_charged_its_real_count(gw: Gateway) -> None:
