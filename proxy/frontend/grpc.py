@@ -212,6 +212,12 @@ class GrpcFrontEnd:
             if not ctx.extra.get(_OVER_CAP):
                 ctx.status, ctx.reason, ctx.http_status = "error", "client_cancelled", 499
             raise
+        except grpc.aio.AbortError:
+            raise   # a status already sent (context.abort raises this)
+        except Exception as exc:
+            # A bug, not a refusal: still an audited INTERNAL carrying the request id, as over HTTP.
+            log.exception("call %s failed", ctx.request_id)
+            await self._abort(context, ctx, SeekgateError(f"internal_error: {type(exc).__name__}"))
 
     # ------------------------------------------------------------------ ModelStreamInfer
 

@@ -431,3 +431,23 @@ def test_tritonclient_error_surface(target: str) -> None:
     with pytest.raises(InferenceServerException) as info:
         grpcclient.InferenceServerClient(target).get_model_metadata("deepseek")
     assert "UNAUTHENTICATED" in str(info.value.status()) and "invalid or missing credentials" in str(info.value)
+
+
+def test_an_unexpected_exception_is_an_audited_internal_with_the_request_id(
+        gw: Gateway, target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.frontend import grpc as grpc_front
+    key_id, key = gw.key(owner="bug", roles=("user",))
+
+    async def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug in a step")
+    monkeypatch.setattr(grpc_front, "check_body", broken)
+    with grpc.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(infer_request("deepseek"), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == "internal error"
+    rid = dict(info.value.trailing_metadata())["x-request-id"]
+    assert wait_for(lambda: any(r["request_id"] == rid for r in audit_records(gw)), 5.0)
+    rec = next(r for r in audit_records(gw) if r["request_id"] == rid)
+    assert (rec["key_id"], rec["status"], rec["http_status"], rec["reason"]) == (
+        key_id, "error", 500, "internal_error: RuntimeError")
