@@ -80,18 +80,23 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         await admit(state, ctx, request.headers.get("Authorization"), classify)
         req = parsed[0]
         info["user"] = req.user
+        assert ctx.resource is not None and ctx.resource.model is not None
+        model = ctx.resource.model
+        # Every answer runs on the decoupled twin (below): the twin is authorised too, or a rule
+        # on it (a deny, its limits, a key's model list) would hold on /v2 and not here.
+        twin = model + settings.openai.stream_suffix
+        info["runs_on"] = twin
+        twin_rule = _authorize_twin(state, ctx, model, twin, req.stream)
         generate = req.generate_body(settings.openai.default_max_tokens)
         raw = json.dumps(generate, ensure_ascii=False).encode()
         # The body checks on the request Triton will get, parsed as every generate body is: never a weaker path.
         view = view_http("generate", raw, [])
         await check_body(state, ctx, view)
         await audit_ready(state)
-        await limit(state, ctx, view.asked_tokens())
-        assert ctx.resource is not None and ctx.resource.model is not None
-        model = ctx.resource.model
+        await limit(state, ctx, view.asked_tokens(), (twin_rule,))
         # Whole answers too go through the twin's token events: a plain generate answers only at the
         # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
-        target = f"/v2/models/{quote(model + settings.openai.stream_suffix, safe='')}/generate_stream"
+        target = f"/v2/models/{quote(twin, safe='')}/generate_stream"
         started = time.perf_counter()
         upstream = await _send(state, target, raw, model)
         ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
@@ -118,6 +123,18 @@ def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
 
 def _aliases(text: str) -> dict[str, str]:
     return parse_aliases(text) if text else {}
+
+
+def _authorize_twin(state: AppState, ctx: RequestContext, model: str, twin: str, stream: bool) -> str:
+    """The policy decision on the model that runs, after the one on the model the client named: both
+    must allow (fail closed). Returns the twin's allow rule, for its limits; on a deny, ctx.rule
+    names the twin's deciding rule, as the audit record shows."""
+    named = ctx.rule
+    if twin == model:   # no suffix configured: one model, decided already
+        return named
+    authorize(state, ctx, Resource(f"model:{twin}", "infer", model=twin, stream=stream, api="openai"))
+    twin_rule, ctx.rule = ctx.rule, named
+    return twin_rule
 
 
 # ------------------------------------------------------------------ models

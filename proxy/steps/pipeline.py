@@ -124,26 +124,29 @@ def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
     return Limits(**{f: getattr(settings, f"{tier}_{f}") for f in LIMIT_FIELDS})
 
 
-async def limit(state: AppState, ctx: RequestContext, asked_tokens: int | None) -> None:
+async def limit(state: AppState, ctx: RequestContext, asked_tokens: int | None,
+                also_rules: tuple[str, ...] = ()) -> None:
     """The limit step: the key's and every ancestor's rates and budgets (the role cap is check_body's).
 
     `asked_tokens`: what the request asks for in all (BodyView.asked_tokens; None: it names no
-    max_tokens). An admitted request holds a grant until finish() settles it with the real count.
+    max_tokens). `also_rules`: the allow rules of other resources the request runs on (the OpenAI
+    door's decoupled twin), whose `limits:` hold too. An admitted request holds a grant until
+    finish() settles it with the real count.
     """
     p, resource = ctx.principal, ctx.resource
     if p is None or resource is None or resource.public:
         return
     settings = state.settings.limits
     infer = resource.action == "infer"
-    imposed = state.authorizer.rule_limits(ctx.rule)
-    if imposed is None and _no_limits(settings, p.limits):
+    imposed = [(rule, lim) for rule in dict.fromkeys((ctx.rule, *also_rules))
+               if (lim := state.authorizer.rule_limits(rule)) is not None]
+    if not imposed and _no_limits(settings, p.limits):
         return   # the common case, decided without building a scope per key
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
               for i, (key_id, tier, own) in enumerate(p.limits)]
-    if imposed is not None:
-        # Counted per API key (a session counts against its parent's), like the key's own limits.
-        owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
-        scopes.append(Scope(f"rule:{ctx.rule}:{owner}", imposed, inherited=True))
+    # Counted per API key (a session counts against its parent's), like the key's own limits.
+    owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
+    scopes += [Scope(f"rule:{rule}:{owner}", lim, inherited=True) for rule, lim in imposed]
     if all(s.limits.unlimited() for s in scopes):
         return
     # Inferences are charged their estimate up front (at least one token) where tokens are counted;

@@ -55,7 +55,7 @@ def test_search_by_api_and_openai_endpoint(gw: Gateway, admin: str) -> None:
     assert call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "Hi", "max_tokens": 2}, key)[0] == 200
     assert wait_for(lambda: search(gw, admin, key_id=key_id)[1]["total"] == 2, 5.0)
     (oa,) = search(gw, admin, key_id=key_id, protocol="openai")[1]["records"]
-    assert oa["openai"] == {"endpoint": "/v1/completions", "user": None}
+    assert oa["openai"] == {"endpoint": "/v1/completions", "user": None, "runs_on": "deepseek_stream"}
     assert search(gw, admin, key_id=key_id, endpoint="/v1/completions")[1]["records"] == [oa]
     assert search(gw, admin, key_id=key_id, endpoint="/v1/chat/completions")[1]["total"] == 0
     (kserve,) = search(gw, admin, key_id=key_id, protocol="http")[1]["records"]

@@ -33,6 +33,23 @@ rules:
     environment: {apis: [openai]}
 """
 
+# Rules on the decoupled twin every /v1 answer runs on; loaded before default.yaml, so the limits
+# rule is the twin's deciding allow rule for its role.
+ON_THE_TWIN = """
+rules:
+  - id: nostream-twin
+    effect: deny
+    subject: {roles: [nostream]}
+    resources: ["model:deepseek_stream"]
+    actions: [infer]
+  - id: twin-limit
+    effect: allow
+    subject: {roles: [twinlimited]}
+    resources: ["model:deepseek_stream"]
+    actions: [infer]
+    limits: {rpm: 1}
+"""
+
 
 @pytest.fixture(scope="module")
 def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
@@ -42,6 +59,7 @@ def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFacto
     (policies / "default.yaml").write_text((Path(__file__).resolve().parents[2] / "policies" / "default.yaml")
                                            .read_text())
     (policies / "openai.yaml").write_text(DENY_OPENAI)
+    (policies / "00-twin.yaml").write_text(ON_THE_TWIN)
     with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4",
                                        "openai.aliases": "deepseek-chat=deepseek"}) as g:
         yield g
@@ -92,7 +110,7 @@ def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
     (rec,) = records_of(gw, key_id)
     assert (rec["input_tokens"], rec["output_tokens"]) == (u.prompt_tokens, u.completion_tokens)
     assert rec["protocol"] == "openai" and rec["openai"] == {"endpoint": "/v1/chat/completions",
-                                                             "user": "end-user-42"}
+                                                             "user": "end-user-42", "runs_on": "deepseek_stream"}
     assert (rec["resource"], rec["action"], rec["model"], rec["status"]) == ("model:deepseek", "infer", MODEL,
                                                                              "allowed")
     assert metric(gw, "seekgate_requests_total", protocol="openai", model=MODEL, code="200") >= 1
@@ -256,6 +274,35 @@ def test_policy_denying_the_openai_api_to_a_role(gw: Gateway) -> None:
     # The same key keeps Triton's own protocol.
     status, _, _ = call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "hi", "max_tokens": 2}, key)
     assert status == 200
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_deny_on_the_twin_that_runs_holds_on_v1(gw: Gateway, stream: bool) -> None:
+    key_id, key = gw.key(owner=f"nostream-{stream}", roles=("nostream",))
+    status, _, _ = call(gw.url + "/v2/models/deepseek_stream/generate_stream", "POST",
+                        {"text_input": "hi", "max_tokens": 2}, key)
+    assert status == 403
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gw, key, max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=stream)
+    rec = records_of(gw, key_id, 2)[1]
+    assert (rec["status"], rec["http_status"], rec["rule"]) == ("denied", 403, "nostream-twin")
+    assert rec["resource"] == "model:deepseek" and rec["openai"]["runs_on"] == "deepseek_stream"
+
+
+def test_a_rules_limits_on_the_twin_hold_on_v1(gw: Gateway) -> None:
+    _, key = gw.key(owner="twinlimited", roles=("twinlimited",))
+    c = client(gw, key, max_retries=0)
+    c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    with pytest.raises(openai.RateLimitError):
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+def test_a_keys_model_list_must_name_the_twin_too(gw: Gateway) -> None:
+    _, named_only = gw.key(owner="listed", models=("deepseek",))
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gw, named_only).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    _, both = gw.key(owner="listed2", models=("deepseek", "deepseek_stream"))
+    assert client(gw, both).completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
 
 
 def test_an_unknown_model_is_not_found(gw: Gateway) -> None:
