@@ -73,16 +73,22 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
     """
     headers = upstream_headers(request.headers)
     started = time.perf_counter()
-    try:
-        upstream = await pool.request(request.method, path_qs, headers, body)
-    except ValueError as exc:   # aiohttp's parser refuses CR/LF already; this is the last line of defence
-        raise BadRequest("unforwardable_header", public_message="malformed request header") from exc
-    except upstream_http.UpstreamTimeout as exc:
-        raise UpstreamTimeout(str(exc)) from exc
-    except upstream_http.UpstreamConnectError as exc:
-        raise UpstreamUnavailable(str(exc)) from exc
-    except upstream_http.UpstreamBroken as exc:
-        raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
+    # A request queued in Triton for a client gone is dropped (the pool closes its connection), not run.
+    with cancel_on_leave(request) as gone:
+        try:
+            upstream = await pool.request(request.method, path_qs, headers, body)
+        except ValueError as exc:   # aiohttp's parser refuses CR/LF already; this is the last line of defence
+            raise BadRequest("unforwardable_header", public_message="malformed request header") from exc
+        except upstream_http.UpstreamTimeout as exc:
+            raise UpstreamTimeout(str(exc)) from exc
+        except upstream_http.UpstreamConnectError as exc:
+            raise UpstreamUnavailable(str(exc)) from exc
+        except upstream_http.UpstreamBroken as exc:
+            raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
+        except asyncio.CancelledError:
+            if not left_client(gone):
+                raise   # not ours: the drain timeout's
+            return client_left(ctx)
     ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
     try:
         return await _relay(request, ctx, upstream, server_timing, before_send, redact_errors)
@@ -128,13 +134,16 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if length is not None and not is_sse:
         response.content_length = int(length)
-    await response.prepare(request)
     counter = tokens.SseTokenCounter() if is_sse else None
     kept: list[bytes] = []
     kept_size = 0
     # Releasing `upstream` after a client left closes Triton's side, which cancels the request there.
     with cancel_on_leave(request) as gone:
         try:
+            try:
+                await response.prepare(request)
+            except ConnectionError:   # gone before the headers (unwatched: aiohttp's own protocol)
+                return client_left(ctx)
             async for chunk in _body(first, upstream):
                 try:
                     await response.write(chunk)
@@ -172,6 +181,13 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
             return response
     await response.write_eof()
     return response
+
+
+def client_left(ctx: RequestContext) -> web.Response:
+    """The client went before its answer began: nobody reads this; the record says 499, with the tokens
+    counted so far (none: finish() charges the estimate, as Triton may have run it)."""
+    ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+    return web.Response(status=499)
 
 
 @contextlib.contextmanager

@@ -543,6 +543,21 @@ def leave_mid_answer(relay: TcpRelay, marker: str, send: Callable[[], socket.soc
         relay.let_flow()
 
 
+def leave_while_held(relay: TcpRelay, marker: str, send: Callable[[], socket.socket],
+                     audited: Callable[[], bool]) -> None:
+    """Sends a request (carrying `marker`) that the relay keeps from Triton, closes the client's socket
+    while it waits there, and checks `audited` comes true before the hold ends: seekgate watched its
+    client while it waited for Triton's headers, and dropped the request when the client went."""
+    hold = relay.hold_requests(marker.encode())
+    try:
+        sock = send()
+        assert hold.held.wait(30), "the request never reached the relay"
+        sock.close()
+        assert wait_for(audited, 15.0), "the request outlived its client while Triton had not answered"
+    finally:
+        hold.release()
+
+
 def streaming_200(sock: socket.socket) -> None:
     """leave_mid_answer's `answering` for a stream: a 200 and its first event reached the client."""
     assert read_until(sock, b"data:").startswith(b"HTTP/1.1 200")
@@ -561,6 +576,18 @@ def test_client_dropping_a_stream_cancels_the_upstream_request(gw: Gateway, rela
     (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
     assert rec["status"] == "error" and rec["reason"] == "client_disconnected" and rec["http_status"] == 499
     assert rec["output_tokens"] >= 1
+
+
+def test_client_leaving_before_tritons_headers_is_499_at_once(gw: Gateway, relay: TcpRelay) -> None:
+    key_id, key = issue(gw, owner="early-dropper")
+    marker = f"early-drop-{uuid.uuid4().hex}"
+    leave_while_held(relay, marker,
+                     lambda: raw_request(gw, "POST", "/v2/models/deepseek_stream/generate_stream",
+                                         json.dumps({"text_input": marker, "max_tokens": 200}).encode(), bearer(key)),
+                     lambda: any(r["key_id"] == key_id for r in audit_records(gw)))
+    time.sleep(0.5)   # released: nothing more comes of it
+    (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
+    assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
 
 
 def test_tritonclient_with_a_base_path(triton: TritonProcess, tmp_path: Path) -> None:
