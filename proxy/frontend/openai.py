@@ -26,7 +26,7 @@ from ..steps.app_state import AppState
 from ..steps.body_view import decode, parse_json, view_http
 from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, limit, refuse
 from ..upstream import pool as upstream_http
-from ..upstream.forward import cancel_on_leave, left_client
+from ..upstream.forward import cancel_on_leave, client_left, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
@@ -98,14 +98,22 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
         target = f"/v2/models/{quote(twin, safe='')}/generate_stream"
         started = time.perf_counter()
-        upstream = await _send(state, target, raw, model)
-        ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
-        try:
-            if req.stream:
-                return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model)
-            return await _whole(request, state, ctx, req, upstream, generate["max_tokens"], model)
-        finally:
-            upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
+        # Watched from the send on: a request queued in Triton, or waiting for its first token,
+        # is dropped when its client goes, not prefilled for nobody (forward.py: cancel_on_leave).
+        with cancel_on_leave(request) as gone:
+            try:
+                upstream = await _send(state, target, raw, model)
+            except asyncio.CancelledError:
+                if not left_client(gone):
+                    raise   # not ours: the drain timeout's
+                return client_left(ctx)
+            ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
+            try:
+                if req.stream:
+                    return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model, gone)
+                return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone)
+            finally:
+                upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
     except SeekgateError as err:
         return await refused(state, ctx, err)
 
@@ -223,34 +231,33 @@ def _refusal(status: int, body: bytes, model: str) -> SeekgateError:
     return BadRequest(f"model_refused: {message[:256]}", public_message=message[:1024] or "bad request")
 
 
-async def _whole(request: web.Request, state: AppState, ctx: RequestContext, req: OpenAIRequest,
-                 upstream: UpstreamResponse, max_tokens: int, model: str) -> web.StreamResponse:
-    """Triton's token events gathered into one answer; a client that leaves first stops the generation."""
+async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstream: UpstreamResponse,
+                 max_tokens: int, model: str, gone: asyncio.Future[None] | None) -> web.StreamResponse:
+    """Triton's token events gathered into one answer; a client that leaves first stops the generation
+    (`gone`: the caller's cancel_on_leave)."""
     stops = StopFilter(req.stop)
     pieces: list[str] = []
-    with cancel_on_leave(request) as gone:
-        try:
-            events, batch = await _opening(upstream, model)
-            more = upstream.iter_any()
-            while True:
-                text, failed = _take(batch, ctx, stops)
-                pieces.append(text)
-                if failed is not None:
-                    raise failed   # nothing sent yet: the client gets a clean error
-                if stops.stopped:
-                    break   # the caller's release() cancels the rest of the generation
-                try:
-                    chunk = await more.__anext__()
-                except StopAsyncIteration:
-                    break
-                batch = events.feed(chunk)
-        except upstream_http.UpstreamError as exc:
-            raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
-        except asyncio.CancelledError:
-            if not left_client(gone):
-                raise   # not ours: the drain timeout's
-            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-            return web.Response(status=499)   # nobody reads it; finish() audits the tokens counted so far
+    try:
+        events, batch = await _opening(upstream, model)
+        more = upstream.iter_any()
+        while True:
+            text, failed = _take(batch, ctx, stops)
+            pieces.append(text)
+            if failed is not None:
+                raise failed   # nothing sent yet: the client gets a clean error
+            if stops.stopped:
+                break   # the caller's release() cancels the rest of the generation
+            try:
+                chunk = await more.__anext__()
+            except StopAsyncIteration:
+                break
+            batch = events.feed(chunk)
+    except upstream_http.UpstreamError as exc:
+        raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
+    except asyncio.CancelledError:
+        if not left_client(gone):
+            raise   # not ours: the drain timeout's
+        return client_left(ctx)
     pieces.append(stops.flush())
     prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0
     ctx.input_tokens, ctx.output_tokens = prompt_tokens, completion_tokens
@@ -294,13 +301,18 @@ def _take(batch: list[dict[str, Any]], ctx: RequestContext, stops: StopFilter) -
             return "".join(out), BadRequest(f"model_error_mid_stream: {str(doc['error'])[:256]}",
                                             public_message=str(doc["error"])[:1024])
         out.append(stops.feed(str(doc.get("text_output", ""))))
-        if isinstance(doc.get("input_tokens"), int):
-            ctx.input_tokens = doc["input_tokens"]
-        if isinstance(doc.get("output_tokens"), int):
-            ctx.output_tokens = doc["output_tokens"]
+        _count(ctx, doc)
         if stops.stopped:
             break
     return "".join(out), None
+
+
+def _count(ctx: RequestContext, doc: dict[str, Any]) -> None:
+    """A token event's counts onto ctx (each event carries the request's totals so far)."""
+    if isinstance(doc.get("input_tokens"), int):
+        ctx.input_tokens = doc["input_tokens"]
+    if isinstance(doc.get("output_tokens"), int):
+        ctx.output_tokens = doc["output_tokens"]
 
 
 def _response_id(req: OpenAIRequest, ctx: RequestContext) -> str:
@@ -329,49 +341,57 @@ class _Events:
 
 
 async def _stream(request: web.Request, state: AppState, ctx: RequestContext, req: OpenAIRequest,
-                  upstream: UpstreamResponse, max_tokens: int, model: str) -> web.StreamResponse:
+                  upstream: UpstreamResponse, max_tokens: int, model: str,
+                  gone: asyncio.Future[None] | None) -> web.StreamResponse:
     """Triton's token events relayed as OpenAI chunks, each as it comes.
 
     The first event is awaited before any header goes out, so a request the model refuses still
-    gets a clean OpenAI error status. A client that leaves is noticed when it leaves
-    (upstream/forward.py: cancel_on_leave): the relay stops, the caller's release() closes Triton's connection, which
-    cancels the generation there; the record keeps the tokens counted up to then.
+    gets a clean OpenAI error status. A client that leaves is noticed when it leaves (`gone`: the
+    caller's cancel_on_leave, from before the headers go out): the relay stops, the caller's
+    release() closes Triton's connection, which cancels the generation there; the record keeps
+    the tokens counted up to then.
     """
-    events, pending = await _opening(upstream, model)
     writer = ChunkWriter(req, _response_id(req, ctx), int(ctx.started_wall))
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-Id": ctx.request_id})
-    ctx.http_status = 200
-    await response.prepare(request)
     failed: SeekgateError | None = None
     stops = StopFilter(req.stop)
-    with cancel_on_leave(request) as gone:
+    try:
+        events, pending = await _opening(upstream, model)   # a refusal: the caller's clean error
         try:
-            out = writer.first()
-            batch = pending
-            more = upstream.iter_any()
-            while True:
-                text, failed = _take(batch, ctx, stops)
-                out += writer.text(text)
-                if out:
-                    await response.write(out)
-                    out = b""
-                if failed is not None or stops.stopped:
-                    break   # a stop sequence: the caller's release() cancels the rest of the generation
-                try:
-                    chunk = await more.__anext__()
-                except StopAsyncIteration:
-                    break
-                batch = events.feed(chunk)
-        except ConnectionError:
-            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-            return response
-        except upstream_http.UpstreamError as exc:
-            failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
-        except asyncio.CancelledError:
-            if not left_client(gone):
-                raise   # not ours: the drain timeout's
-            ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
-            return response
+            await response.prepare(request)
+        except ConnectionError:   # gone before its headers (unwatched: aiohttp's own protocol has no `lost`)
+            for doc in pending:
+                _count(ctx, doc)
+            return client_left(ctx)
+        ctx.http_status = 200
+        out = writer.first()
+        batch = pending
+        more = upstream.iter_any()
+        while True:
+            text, failed = _take(batch, ctx, stops)
+            out += writer.text(text)
+            if out:
+                await response.write(out)
+                out = b""
+            if failed is not None or stops.stopped:
+                break   # a stop sequence: the caller's release() cancels the rest of the generation
+            try:
+                chunk = await more.__anext__()
+            except StopAsyncIteration:
+                break
+            batch = events.feed(chunk)
+    except ConnectionError:
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        return response
+    except upstream_http.UpstreamError as exc:
+        failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
+    except asyncio.CancelledError:
+        if not left_client(gone):
+            raise   # not ours: the drain timeout's
+        if not response.prepared:
+            return client_left(ctx)
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        return response
     if failed is not None:
         ctx.status, ctx.reason = "error", failed.reason
         await response.write(writer.error(failed))

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from proxy.local.triton import TritonProcess
-from tests.frontend.test_http import bearer, call, leave_mid_answer, raw_request, streaming_200
+from tests.frontend.test_http import bearer, call, leave_mid_answer, leave_while_held, raw_request, streaming_200
 from tests.gateway import Gateway, audit_records, gateway_via, metric, wait_for
 from tests.relay import TcpRelay
 
@@ -251,6 +251,22 @@ def test_client_leaving_a_whole_answer_cancels_in_triton_and_the_audit_counts(
     assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
     assert 1 <= rec["output_tokens"] < 200 and rec["input_tokens"] >= 1
     assert rec["openai"]["endpoint"] == "/v1/completions"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_before_the_first_token_is_499_at_once(gw: Gateway, relays: tuple[TcpRelay, TcpRelay],
+                                                              stream: bool) -> None:
+    """Gone while its request waits for Triton: dropped then (not prefilled for nobody), audited 499, not 200."""
+    key_id, key = gw.key(owner=f"early-leaver-{stream}")
+    marker = f"early-{uuid.uuid4().hex}"
+    body = json.dumps({"model": MODEL, "prompt": marker, "max_tokens": 200, "stream": stream}).encode()
+    leave_while_held(relays[0], marker,
+                     lambda: raw_request(gw, "POST", "/v1/completions", body,
+                                         {**bearer(key), "Content-Type": "application/json"}),
+                     lambda: any(r["key_id"] == key_id for r in audit_records(gw)))
+    time.sleep(0.5)   # released: nothing more comes of it
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
 
 
 # ------------------------------------------------------------------ refusals, as the SDK raises them
