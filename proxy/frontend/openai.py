@@ -20,7 +20,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from ..context import RequestContext, Resource
-from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import AuditUnavailable, Forbidden, SeekgateError, UpstreamTimeout, UpstreamUnavailable
 from ..settings import parse_aliases
 from ..steps.app_state import AppState
 from ..steps.body_view import decode, parse_json, view_http
@@ -30,6 +30,7 @@ from ..upstream.forward import cancel_on_leave, client_left, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
+from .openai_errors import message_of, model_error, refusal
 from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
 from .openai_shapes import (
     ChunkWriter,
@@ -210,27 +211,6 @@ async def _send(state: AppState, target: str, raw: bytes, model: str) -> Upstrea
         raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
 
 
-class UpstreamFailed(SeekgateError):
-    """Triton's own 5xx: the client gets a generic message, the audit record Triton's."""
-
-    default_message = "The inference server had an error while processing your request."
-
-
-def _refusal(status: int, body: bytes, model: str) -> SeekgateError:
-    """Triton's refusal of a generate request as an OpenAI error (the model's own 400s are the client's to read)."""
-    try:
-        message = str(json.loads(body).get("error", ""))
-    except (ValueError, AttributeError):
-        message = body[:512].decode("utf-8", "replace")
-    if status >= 500:
-        err: SeekgateError = (UpstreamUnavailable(f"upstream_error: {message[:512]}") if status == 503
-                              else UpstreamFailed(f"upstream_error: {message[:512]}"))
-        return err
-    if "unknown model" in message or "is not found" in message or status == 404:
-        return ModelNotFound(model, "upstream_unknown_model")
-    return BadRequest(f"model_refused: {message[:256]}", public_message=message[:1024] or "bad request")
-
-
 async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstream: UpstreamResponse,
                  max_tokens: int, model: str, gone: asyncio.Future[None] | None) -> web.StreamResponse:
     """Triton's token events gathered into one answer; a client that leaves first stops the generation
@@ -238,10 +218,10 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     stops = StopFilter(req.stop)
     pieces: list[str] = []
     try:
-        events, batch = await _opening(upstream, model)
+        events, batch = await _opening(upstream, model, req.endpoint)
         more = upstream.iter_any()
         while True:
-            text, failed = _take(batch, ctx, stops)
+            text, failed = _take(batch, ctx, stops, req.endpoint)
             pieces.append(text)
             if failed is not None:
                 raise failed   # nothing sent yet: the client gets a clean error
@@ -269,15 +249,15 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
 
 
-async def _opening(upstream: UpstreamResponse, model: str) -> tuple[_Events, list[dict[str, Any]]]:
+async def _opening(upstream: UpstreamResponse, model: str, endpoint: str) -> tuple[_Events, list[dict[str, Any]]]:
     """The first token events, awaited before anything is answered: a request the model refuses
-    (Triton's status, or an error as the first event) becomes a clean OpenAI error."""
+    (Triton's status, or an error as the first event) becomes a clean OpenAI error (openai_errors.py)."""
     if upstream.status != 200:
         try:
             body = await upstream.read_upto(4096)
         except upstream_http.UpstreamError:
             body = b""
-        raise _refusal(upstream.status, body, model)
+        raise refusal(upstream.status, message_of(body), model, endpoint)
     events = _Events()
     pending: list[dict[str, Any]] = []
     try:
@@ -288,18 +268,18 @@ async def _opening(upstream: UpstreamResponse, model: str) -> tuple[_Events, lis
     except upstream_http.UpstreamError as exc:
         raise UpstreamUnavailable(f"upstream_broke_mid_response: {exc}") from exc
     if pending and "error" in pending[0]:
-        raise _refusal(400, json.dumps(pending[0]).encode(), model)
+        raise refusal(400, str(pending[0]["error"]), model, endpoint)
     return events, pending
 
 
-def _take(batch: list[dict[str, Any]], ctx: RequestContext, stops: StopFilter) -> tuple[str, SeekgateError | None]:
+def _take(batch: list[dict[str, Any]], ctx: RequestContext, stops: StopFilter,
+          endpoint: str) -> tuple[str, SeekgateError | None]:
     """The text of some token events that may go out (stop sequences withheld), their counts onto ctx,
     and the model's error if one came instead."""
     out: list[str] = []
     for doc in batch:
         if "error" in doc:
-            return "".join(out), BadRequest(f"model_error_mid_stream: {str(doc['error'])[:256]}",
-                                            public_message=str(doc["error"])[:1024])
+            return "".join(out), model_error(str(doc["error"]), endpoint)
         out.append(stops.feed(str(doc.get("text_output", ""))))
         _count(ctx, doc)
         if stops.stopped:
@@ -356,7 +336,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     failed: SeekgateError | None = None
     stops = StopFilter(req.stop)
     try:
-        events, pending = await _opening(upstream, model)   # a refusal: the caller's clean error
+        events, pending = await _opening(upstream, model, req.endpoint)   # a refusal: the caller's clean error
         try:
             await response.prepare(request)
         except ConnectionError:   # gone before its headers (unwatched: aiohttp's own protocol has no `lost`)
@@ -368,7 +348,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
         batch = pending
         more = upstream.iter_any()
         while True:
-            text, failed = _take(batch, ctx, stops)
+            text, failed = _take(batch, ctx, stops, req.endpoint)
             out += writer.text(text)
             if out:
                 await response.write(out)

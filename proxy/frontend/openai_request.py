@@ -37,11 +37,12 @@ _FIELDS = {CHAT: _COMMON | {"messages"}, COMPLETIONS: _COMMON | {"prompt", "echo
 
 
 class OpenAIBadRequest(BadRequest):
-    """A 400 naming the offending parameter, as OpenAI's `invalid_request_error`."""
+    """A 400 naming the offending parameter, as OpenAI's `invalid_request_error` (`code` where OpenAI has one)."""
 
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"openai_bad_request: {param}", public_message=message)
+    def __init__(self, param: str, message: str, code: str | None = None, reason: str = "") -> None:
+        super().__init__(reason or f"openai_bad_request: {param}", public_message=message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)

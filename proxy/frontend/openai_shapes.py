@@ -48,7 +48,7 @@ def error_body(err: SeekgateError) -> dict[str, Any]:
         kind = "tokens" if "tpm" in err.reason or "tokens" in err.reason else "requests"
         code = "rate_limit_exceeded"
     elif isinstance(err, OpenAIBadRequest):
-        param = err.param
+        param, code = err.param, err.code
     elif isinstance(err, BadRequest):
         param = _param_of(err.reason)
     elif err.http_status >= 500:

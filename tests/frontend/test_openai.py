@@ -328,6 +328,22 @@ def test_an_unknown_model_is_not_found(gw: Gateway) -> None:
     assert err.value.code == "model_not_found"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_models_own_refusals_are_clean_and_name_the_param(gw: Gateway, stream: bool) -> None:
+    """Triton frames generate_stream's refusal as an SSE event; the client reads the model's message alone."""
+    c = client(gw, gw.key(owner=f"refused-{stream}")[1], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=600, stream=stream)
+    assert err.value.body == {"message": "max_tokens 600 is over this model's cap of 512", "type": "invalid_request_error",
+                              "param": "max_tokens", "code": None}
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=8,
+                                  stream=stream)
+    assert (err.value.param, err.value.code) == ("messages", "context_length_exceeded")
+    assert isinstance(err.value.body, dict) and "over the context length" in err.value.body["message"]
+    assert "data:" not in err.value.body["message"]
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),

@@ -1,0 +1,74 @@
+"""Triton's refusals of the generate requests the OpenAI door sends, as OpenAI errors.
+
+The model's own refusals of what it was asked (its RequestError texts: max_tokens over the cap, a
+prompt over the context length, a bad sampling value) are the client's: 400 naming the parameter,
+with OpenAI's `context_length_exceeded` code for a prompt too long. Anything else is the server's
+fault (a crashed stub, an internal error), whatever status Triton gave it: a 5xx `server_error`, so
+SDKs retry, with a generic message; the audit record keeps Triton's text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ..errors import SeekgateError, UpstreamUnavailable
+from .openai_request import CHAT, OpenAIBadRequest
+from .openai_shapes import ModelNotFound
+
+KEPT = 512   # characters of Triton's message kept in the audit reason
+# The model's RequestError texts, most specific first: (what the text says, the OpenAI parameter, code).
+# "prompt" stands for the endpoint's prompt parameter (messages on chat).
+_CLIENT_ERRORS = (
+    (re.compile(r"over the context length"), "prompt", "context_length_exceeded"),
+    (re.compile(r"\bmax_tokens\b"), "max_tokens", None),
+    (re.compile(r"\btemperature\b"), "temperature", None),
+    (re.compile(r"\btop_p\b"), "top_p", None),
+    (re.compile(r"chat template"), "messages", None),
+    (re.compile(r"input '(\w+)'"), "", None),   # the input it names
+)
+_INPUT_PARAM = {"text_input": "prompt", "messages": "messages", "stop": "stop", "seed": "seed"}
+
+
+class UpstreamFailed(SeekgateError):
+    """A server-side failure in Triton: the client gets a generic message, the audit record Triton's."""
+
+    default_message = "The inference server had an error while processing your request."
+
+
+def message_of(body: bytes) -> str:
+    """Triton's error text: `{"error": ...}`, also as generate_stream frames it (an SSE `data:` event)."""
+    text = body.strip()
+    if text.startswith(b"data:"):
+        text = text[len(b"data:"):].split(b"\n\n", 1)[0].strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "error" in doc:
+        return str(doc["error"])
+    return body[:KEPT].decode("utf-8", "replace")
+
+
+def refusal(status: int, message: str, model: str, endpoint: str) -> SeekgateError:
+    """Triton's refusal (its HTTP status, or an error event in place of a token) as an OpenAI error."""
+    if status >= 500:
+        return (UpstreamUnavailable(f"upstream_error: {message[:KEPT]}") if status == 503
+                else UpstreamFailed(f"upstream_error: {message[:KEPT]}"))
+    if "unknown model" in message or "is not found" in message or status == 404:
+        return ModelNotFound(model, "upstream_unknown_model")
+    return model_error(message, endpoint)
+
+
+def model_error(message: str, endpoint: str) -> SeekgateError:
+    """The model's own refusal as a 400 naming its parameter; any other error is the server's (500)."""
+    for pattern, param, code in _CLIENT_ERRORS:
+        found = pattern.search(message)
+        if found is None:
+            continue
+        if not param:
+            param = _INPUT_PARAM.get(found.group(1), found.group(1))
+        if param == "prompt" and endpoint == CHAT:
+            param = "messages"
+        return OpenAIBadRequest(param, message[:1024], code, reason=f"model_refused: {message[:256]}")
+    return UpstreamFailed(f"model_error: {message[:KEPT]}")
