@@ -180,6 +180,9 @@ class OpenAISettings:
                                "hidden from /v1/models", "_stream")
     aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' (alias=Triton model)",
                          "")
+    count_wait_s: float = _help("After a stop sequence or a client leaving: seconds to read on for the model's "
+                                "final token count (what is charged) before cancelling the rest; 0: cancel at once",
+                                1.0)
 
 
 @dataclass(frozen=True)
@@ -394,7 +397,7 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s",
              "redis.pool_size")
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
-                 "limits.default_estimate_tokens",
+                 "limits.default_estimate_tokens", "openai.count_wait_s",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")

@@ -217,6 +217,9 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     (`gone`: the caller's cancel_on_leave)."""
     stops = StopFilter(req.stop)
     pieces: list[str] = []
+    events: _Events | None = None
+    batch: list[dict[str, Any]] = []
+    wait_s = state.settings.openai.count_wait_s
     try:
         events, batch = await _opening(upstream, model, req.endpoint)
         more = upstream.iter_any()
@@ -226,7 +229,7 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
             if failed is not None:
                 raise failed   # nothing sent yet: the client gets a clean error
             if stops.stopped:
-                break   # the caller's release() cancels the rest of the generation
+                break
             try:
                 chunk = await more.__anext__()
             except StopAsyncIteration:
@@ -237,16 +240,45 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     except asyncio.CancelledError:
         if not left_client(gone):
             raise   # not ours: the drain timeout's
+        if events is not None:
+            await _final_count(upstream, events, batch, ctx, wait_s)
         return client_left(ctx)
     pieces.append(stops.flush())
     prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0
-    ctx.input_tokens, ctx.output_tokens = prompt_tokens, completion_tokens
+    if stops.stopped:
+        await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
+    ctx.input_tokens, ctx.output_tokens = prompt_tokens, ctx.output_tokens or 0
     ctx.http_status = 200
     reason = "stop" if stops.stopped else finish_reason(req, max_tokens, completion_tokens)
     answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), "".join(pieces), reason,
                         prompt_tokens, completion_tokens)
     await commit_audit(state, ctx)   # strict audit: durable, with the counts, before the answer leaves
     return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
+
+
+async def _final_count(upstream: UpstreamResponse, events: _Events | None, batch: list[dict[str, Any]],
+                       ctx: RequestContext, wait_s: float, info: dict[str, Any] | None = None) -> None:
+    """After a stop sequence or a client leaving: Triton's events read on to its last one (for at most
+    `openai.count_wait_s`), so ctx's counts, which are charged and audited, are what the model
+    generated and not only what was sent. Past the wait the caller's release() cancels the rest;
+    tokens made after the last event read then go uncounted.
+
+    `usage` keeps the tokens up to the stop, as OpenAI's does (generation ends at a stop there);
+    `info` (the record's `openai`) then keeps that figure as `completion_tokens`.
+    """
+    if info is not None:
+        info["completion_tokens"] = ctx.output_tokens or 0
+    for doc in batch:   # the batch's events after the stop (counts are running totals: the last holds)
+        _count(ctx, doc)
+    if events is None or wait_s <= 0:
+        return
+    try:
+        async with asyncio.timeout(wait_s):
+            async for chunk in upstream.iter_any():
+                for doc in events.feed(chunk):
+                    _count(ctx, doc)
+    except (TimeoutError, upstream_http.UpstreamError):
+        pass
 
 
 async def _opening(upstream: UpstreamResponse, model: str, endpoint: str) -> tuple[_Events, list[dict[str, Any]]]:
@@ -335,17 +367,18 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-Id": ctx.request_id})
     failed: SeekgateError | None = None
     stops = StopFilter(req.stop)
+    events: _Events | None = None
+    batch: list[dict[str, Any]] = []
+    wait_s = state.settings.openai.count_wait_s
     try:
-        events, pending = await _opening(upstream, model, req.endpoint)   # a refusal: the caller's clean error
+        events, batch = await _opening(upstream, model, req.endpoint)   # a refusal: the caller's clean error
         try:
             await response.prepare(request)
         except ConnectionError:   # gone before its headers (unwatched: aiohttp's own protocol has no `lost`)
-            for doc in pending:
-                _count(ctx, doc)
+            await _final_count(upstream, events, batch, ctx, wait_s)
             return client_left(ctx)
         ctx.http_status = 200
         out = writer.first()
-        batch = pending
         more = upstream.iter_any()
         while True:
             text, failed = _take(batch, ctx, stops, req.endpoint)
@@ -354,7 +387,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
                 await response.write(out)
                 out = b""
             if failed is not None or stops.stopped:
-                break   # a stop sequence: the caller's release() cancels the rest of the generation
+                break
             try:
                 chunk = await more.__anext__()
             except StopAsyncIteration:
@@ -362,12 +395,15 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
             batch = events.feed(chunk)
     except ConnectionError:
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+        await _final_count(upstream, events, batch, ctx, wait_s)
         return response
     except upstream_http.UpstreamError as exc:
         failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
     except asyncio.CancelledError:
         if not left_client(gone):
             raise   # not ours: the drain timeout's
+        if events is not None:
+            await _final_count(upstream, events, batch, ctx, wait_s)
         if not response.prepared:
             return client_left(ctx)
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
@@ -377,8 +413,11 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
         await response.write(writer.error(failed))
         await response.write_eof()
         return response
-    reason = "stop" if stops.stopped else finish_reason(req, max_tokens, ctx.output_tokens or 0)
-    last = writer.text(stops.flush()) + writer.last(reason, ctx.input_tokens or 0, ctx.output_tokens or 0)
+    shown = ctx.output_tokens or 0
+    if stops.stopped:
+        await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
+    reason = "stop" if stops.stopped else finish_reason(req, max_tokens, shown)
+    last = writer.text(stops.flush()) + writer.last(reason, ctx.input_tokens or 0, shown)
     try:
         await commit_audit(state, ctx)   # strict audit: the stream's end waits for its record
     except AuditUnavailable as exc:

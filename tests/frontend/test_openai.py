@@ -19,6 +19,7 @@ from proxy.local.triton import TritonProcess
 from tests.frontend.test_http import bearer, call, leave_mid_answer, leave_while_held, raw_request, streaming_200
 from tests.gateway import Gateway, audit_records, gateway_via, metric, wait_for
 from tests.relay import TcpRelay
+from tests.test_model_server import settled_metrics
 
 MODEL = "deepseek"
 
@@ -183,6 +184,27 @@ def test_stop_sequences_cut_the_answer(gw: Gateway) -> None:
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == full[:full.index(stop)]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_generated_past_a_stop_are_charged(gw: Gateway, triton: TritonProcess, stream: bool) -> None:
+    """usage counts up to the stop, as OpenAI's; the record (and the charge) what the model generated."""
+    key_id, key = gw.key(owner=f"stop-charged-{stream}")
+    c = client(gw, key)
+    full = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=24, temperature=0).choices[0].text
+    stop = full[2:4]   # early in the greedy answer: most of it is generated after the stop
+    before = settled_metrics(triton, "deepseek_stream")["deepseek_generated_tokens_total"]
+    if stream:
+        chunks = list(c.completions.create(model=MODEL, prompt="Hello world", max_tokens=24, temperature=0,
+                                           stop=stop, stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+    else:
+        usage = c.completions.create(model=MODEL, prompt="Hello world", max_tokens=24, temperature=0,
+                                     stop=stop).usage
+    generated = settled_metrics(triton, "deepseek_stream")["deepseek_generated_tokens_total"] - before
+    rec = records_of(gw, key_id, 2)[1]
+    assert usage is not None and usage.completion_tokens < generated
+    assert rec["output_tokens"] == generated and rec["openai"]["completion_tokens"] == usage.completion_tokens
+
+
 def test_seed_reproduces_at_temperature_above_0(gw: Gateway) -> None:
     _, key = gw.key(owner="seeder")
     c = client(gw, key)
@@ -267,6 +289,30 @@ def test_client_leaving_before_the_first_token_is_499_at_once(gw: Gateway, relay
     time.sleep(0.5)   # released: nothing more comes of it
     (rec,) = records_of(gw, key_id)
     assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
+
+
+def test_tokens_generated_after_a_client_left_are_charged(gw: Gateway, triton: TritonProcess,
+                                                          relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Triton finishes the answer into the relay's buffers while the client leaves: seekgate reads on to
+    the last event (openai.count_wait_s) and the record holds what was generated, not the first token."""
+    relay = relays[0]
+    key_id, key = gw.key(owner="leave-charged")
+    marker = f"leave-charged-{uuid.uuid4().hex}"
+    body = json.dumps({"model": MODEL, "prompt": marker, "max_tokens": 24, "temperature": 0,
+                       "stream": True}).encode()
+    before = settled_metrics(triton, "deepseek_stream")["deepseek_generated_tokens_total"]
+    relay.hold_after(b"data:")
+    try:
+        sock = raw_request(gw, "POST", "/v1/completions", body, {**bearer(key), "Content-Type": "application/json"})
+        streaming_200(sock)
+        sock.close()
+        time.sleep(0.3)   # seekgate notices the leave before the rest of the answer flows
+    finally:
+        relay.let_flow()
+    generated = settled_metrics(triton, "deepseek_stream")["deepseek_generated_tokens_total"] - before
+    (rec,) = records_of(gw, key_id)
+    assert (rec["reason"], rec["http_status"]) == ("client_disconnected", 499)
+    assert rec["output_tokens"] == generated > 1
 
 
 # ------------------------------------------------------------------ refusals, as the SDK raises them
