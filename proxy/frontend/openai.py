@@ -108,11 +108,14 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
                 if not left_client(gone):
                     raise   # not ours: the drain timeout's
                 return client_left(ctx)
+            # At the headers too: finish() charges a refusal of Triton's nothing, a failed send its estimate.
+            # _upstream_done moves it to the last event read.
             ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
             try:
                 if req.stream:
-                    return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model, gone)
-                return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone)
+                    return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model, gone,
+                                         started)
+                return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone, started)
             finally:
                 upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
     except SeekgateError as err:
@@ -212,7 +215,7 @@ async def _send(state: AppState, target: str, raw: bytes, model: str) -> Upstrea
 
 
 async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstream: UpstreamResponse,
-                 max_tokens: int, model: str, gone: asyncio.Future[None] | None) -> web.StreamResponse:
+                 max_tokens: int, model: str, gone: asyncio.Future[None] | None, started: float) -> web.StreamResponse:
     """Triton's token events gathered into one answer; a client that leaves first stops the generation
     (`gone`: the caller's cancel_on_leave)."""
     stops = StopFilter(req.stop)
@@ -242,11 +245,13 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
             raise   # not ours: the drain timeout's
         if events is not None:
             await _final_count(upstream, events, batch, ctx, wait_s)
+        _upstream_done(ctx, started)
         return client_left(ctx)
     pieces.append(stops.flush())
     prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0
     if stops.stopped:
         await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
+    _upstream_done(ctx, started)
     ctx.input_tokens, ctx.output_tokens = prompt_tokens, ctx.output_tokens or 0
     ctx.http_status = 200
     reason = "stop" if stops.stopped else finish_reason(req, max_tokens, completion_tokens)
@@ -254,6 +259,12 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
                         prompt_tokens, completion_tokens)
     await commit_audit(state, ctx)   # strict audit: durable, with the counts, before the answer leaves
     return web.json_response(answer, headers={"X-Request-Id": ctx.request_id})
+
+
+def _upstream_done(ctx: RequestContext, started: float) -> None:
+    """Triton's time ends at its last event read, not at its headers: seekgate_overhead_seconds
+    (request time minus this) must not count the generation as seekgate's own."""
+    ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
 
 
 async def _final_count(upstream: UpstreamResponse, events: _Events | None, batch: list[dict[str, Any]],
@@ -354,7 +365,7 @@ class _Events:
 
 async def _stream(request: web.Request, state: AppState, ctx: RequestContext, req: OpenAIRequest,
                   upstream: UpstreamResponse, max_tokens: int, model: str,
-                  gone: asyncio.Future[None] | None) -> web.StreamResponse:
+                  gone: asyncio.Future[None] | None, started: float) -> web.StreamResponse:
     """Triton's token events relayed as OpenAI chunks, each as it comes.
 
     The first event is awaited before any header goes out, so a request the model refuses still
@@ -376,6 +387,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
             await response.prepare(request)
         except ConnectionError:   # gone before its headers (unwatched: aiohttp's own protocol has no `lost`)
             await _final_count(upstream, events, batch, ctx, wait_s)
+            _upstream_done(ctx, started)
             return client_left(ctx)
         ctx.http_status = 200
         out = writer.first()
@@ -396,6 +408,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     except ConnectionError:
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
         await _final_count(upstream, events, batch, ctx, wait_s)
+        _upstream_done(ctx, started)
         return response
     except upstream_http.UpstreamError as exc:
         failed = UpstreamUnavailable(f"upstream_broke_mid_response: {exc}")
@@ -404,11 +417,13 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
             raise   # not ours: the drain timeout's
         if events is not None:
             await _final_count(upstream, events, batch, ctx, wait_s)
+        _upstream_done(ctx, started)
         if not response.prepared:
             return client_left(ctx)
         ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
         return response
     if failed is not None:
+        _upstream_done(ctx, started)
         ctx.status, ctx.reason = "error", failed.reason
         await response.write(writer.error(failed))
         await response.write_eof()
@@ -416,6 +431,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     shown = ctx.output_tokens or 0
     if stops.stopped:
         await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
+    _upstream_done(ctx, started)
     reason = "stop" if stops.stopped else finish_reason(req, max_tokens, shown)
     last = writer.text(stops.flush()) + writer.last(reason, ctx.input_tokens or 0, shown)
     try:

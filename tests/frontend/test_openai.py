@@ -238,6 +238,23 @@ def test_stream_chunks_arrive_as_triton_sends_them(gw: Gateway, relays: tuple[Tc
     assert time.monotonic() - got_first >= 0.5 and rest and rest[-1].choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_generation_time_is_upstream_time_not_seekgates_overhead(gw: Gateway, relays: tuple[TcpRelay, TcpRelay],
+                                                                 stream: bool) -> None:
+    """Triton's events after the first are held for 1 s: that second is Triton's, in upstream_ms, not overhead."""
+    key_id, key = gw.key(owner=f"timed-{stream}")
+    overhead = metric(gw, "seekgate_overhead_seconds_sum", protocol="openai")
+    relays[0].hold_after(b"data:")
+    threading.Timer(1.0, relays[0].let_flow).start()
+    answer = client(gw, key).completions.create(model=MODEL, prompt="timed", max_tokens=8, stream=stream)
+    if stream:
+        list(answer)
+    (rec,) = records_of(gw, key_id)
+    assert rec["upstream_ms"] >= 800 and rec["duration_ms"] - rec["upstream_ms"] < 500
+    assert wait_for(lambda: metric(gw, "seekgate_overhead_seconds_sum", protocol="openai") > overhead, 5.0)
+    assert metric(gw, "seekgate_overhead_seconds_sum", protocol="openai") - overhead < 0.5
+
+
 def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Gateway,
                                                                            relays: tuple[TcpRelay, TcpRelay]) -> None:
     relay = relays[0]
