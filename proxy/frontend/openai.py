@@ -1,12 +1,14 @@
 """The OpenAI-compatible door on the HTTP port: /v1/models, /v1/chat/completions, /v1/completions.
 
 The same request path as Triton's routes, in the same order: authenticate, classify as
-`model:<name>`/`infer` with `api=openai` (policies may test it), authorize, then the body checks on the
-Triton generate body this door builds (parsed back by body_view exactly as any client's generate body:
-the parameter allowlist and the role's max_tokens cap see what the model will get), the limits, and
-the forward over the same upstream pool: generate, or generate_stream on the model's decoupled twin
-for streams. The audit record says `protocol: openai` and `openai: {endpoint, user}`; metrics are
-labelled protocol="openai". Refusals come in OpenAI's error shape (openai_shapes.py).
+`model:<name>`/`infer` with `api=openai` (policies may test it), authorize it and the model's decoupled
+twin that runs it, then the body checks on the Triton generate body this door builds (parsed back by
+body_view exactly as any client's generate body: the parameter allowlist and the role's max_tokens cap
+see what the model will get), the limits (the twin's rule's too), and the forward over the same
+upstream pool: generate_stream on the twin, streamed or not. The audit record says `protocol: openai`
+and `openai: {endpoint, user, runs_on}`; metrics are labelled protocol="openai". Refusals come in
+OpenAI's error shape (openai_shapes.py, openai_errors.py), a /v1 path this door does not serve
+(but /v1/sessions, seekgate's own) included.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from ..context import RequestContext, Resource
-from ..errors import AuditUnavailable, Forbidden, SeekgateError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import AuditUnavailable, Forbidden, NotFound, SeekgateError, UpstreamTimeout, UpstreamUnavailable
 from ..settings import parse_aliases
 from ..steps.app_state import AppState
 from ..steps.body_view import decode, parse_json, view_http
@@ -44,13 +46,15 @@ from .openai_shapes import (
 )
 
 MODELS = "/v1/models"
+SESSIONS = "/v1/sessions"   # seekgate's own (a key exchanged for a session token), not the OpenAI API
 _JSON = (("Content-Type", "application/json"),)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 def is_openai(path: str) -> bool:
-    """The routes this door answers (any other /v1 path, /v1/sessions included, is not the OpenAI API)."""
-    return path in (CHAT, COMPLETIONS, MODELS) or path.startswith(MODELS + "/")
+    """The paths this door answers: every /v1 path but /v1/sessions; those it does not serve are
+    refused in OpenAI's shape, which an OpenAI client can read."""
+    return path.startswith("/v1/") and path != SESSIONS and not path.startswith(SESSIONS + "/")
 
 
 async def openai_answer(request: web.Request, state: AppState, ctx: RequestContext, path: str) -> web.StreamResponse:
@@ -63,6 +67,8 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
             if request.method != "GET":
                 raise MethodNotAllowed(f"method_not_allowed: {request.method}")
             return await _models(request, state, ctx, path)
+        if path not in (CHAT, COMPLETIONS):
+            await admit(state, ctx, request.headers.get("Authorization"), lambda: _unknown(request.method, path))
         if request.method != "POST":
             raise MethodNotAllowed(f"method_not_allowed: {request.method}")
         settings = state.settings
@@ -131,6 +137,15 @@ def error_response(ctx: RequestContext, err: SeekgateError) -> web.Response:
     refuse(ctx, err)
     headers = {"X-Request-Id": ctx.request_id, **err.headers()}
     return web.json_response(error_body(err), status=err.http_status, headers=headers)
+
+
+def _unknown(method: str, path: str) -> Resource:
+    """A /v1 path this door does not serve (embeddings, images...): 404, once the caller is authenticated
+    (admit's order: an anonymous caller gets the same 401 everywhere)."""
+    shown = path[:128]
+    raise NotFound(f"no route: {method} {shown}",
+                   public_message=f"Invalid URL ({method} {shown}): this server serves /v1/models, "
+                                  f"/v1/chat/completions and /v1/completions.")
 
 
 def _aliases(text: str) -> dict[str, str]:

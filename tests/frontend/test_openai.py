@@ -384,6 +384,19 @@ def test_a_keys_model_list_must_name_the_twin_too(gw: Gateway) -> None:
     assert client(gw, both).completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
 
 
+def test_an_unknown_v1_route_is_not_found_in_openais_shape(gw: Gateway) -> None:
+    _, key = gw.key(owner="embedder")
+    with pytest.raises(openai.NotFoundError) as err:
+        client(gw, key, max_retries=0).embeddings.create(model=MODEL, input="hi")
+    assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
+    assert err.value.body["message"].startswith("Invalid URL (POST /v1/embeddings)")
+    with pytest.raises(openai.AuthenticationError):   # authentication first, as on every route
+        client(gw, "not-a-key", max_retries=0).embeddings.create(model=MODEL, input="hi")
+    # /v1/sessions is seekgate's own, in Triton's shape
+    status, _, body = call(gw.url + "/v1/sessions", "POST", {}, key)
+    assert status == 200 and "error" not in json.loads(body)
+
+
 def test_an_unknown_model_is_not_found(gw: Gateway) -> None:
     _, key = gw.key(owner="lost")
     with pytest.raises(openai.NotFoundError) as err:
