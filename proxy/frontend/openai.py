@@ -263,11 +263,11 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
         _upstream_done(ctx, started)
         return client_left(ctx)
     pieces.append(stops.flush())
-    prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0
+    prompt_tokens, completion_tokens = ctx.input_tokens or 0, ctx.output_tokens or 0   # usage: up to the stop
     if stops.stopped:
         await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
     _upstream_done(ctx, started)
-    ctx.input_tokens, ctx.output_tokens = prompt_tokens, ctx.output_tokens or 0
+    ctx.input_tokens, ctx.output_tokens = prompt_tokens, ctx.output_tokens or 0   # the record: all generated
     ctx.http_status = 200
     reason = "stop" if stops.stopped else finish_reason(req, max_tokens, completion_tokens)
     answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), "".join(pieces), reason,
