@@ -180,9 +180,12 @@ class OpenAISettings:
                                "hidden from /v1/models", "_stream")
     aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' (alias=Triton model)",
                          "")
+    # 0 by default: reading on holds a whole answer (and a stream's last chunk) until the model is
+    # done or the wait ends, and lets it generate meanwhile; cancelling at once leaves unmetered only
+    # what the model makes before the cancel lands (about one cancel poll, ~20 ms of decoding).
     count_wait_s: float = _help("After a stop sequence or a client leaving: seconds to read on for the model's "
                                 "final token count (what is charged) before cancelling the rest; 0: cancel at once",
-                                1.0)
+                                0.0)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFacto
                                            .read_text())
     (policies / "openai.yaml").write_text(DENY_OPENAI)
     (policies / "00-twin.yaml").write_text(ON_THE_TWIN)
+    # count_wait_s: the tests of what is charged past a stop or a leave read on to the model's last event.
     with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4",
-                                       "openai.aliases": "deepseek-chat=deepseek"}) as g:
+                                       "openai.aliases": "deepseek-chat=deepseek", "openai.count_wait_s": 1.0}) as g:
         yield g
 
 
