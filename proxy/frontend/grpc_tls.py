@@ -3,7 +3,7 @@
 grpcio offers no minimum TLS version, and its one knob, GRPC_SSL_CIPHER_SUITES, cannot stand in: BoringSSL
 rejects a list of TLS 1.3 suites alone (the server fails to bind), and any TLS 1.2 suite left in lets 1.2
 through. So the gRPC listener takes TLS with Python's ssl, the same machinery as the HTTP door (minimum
-version, mTLS, the certificate reloaded in place), and pipes the decrypted HTTP/2 bytes to the grpc.aio
+version, mTLS, the certificate and client CA reloaded), and pipes the decrypted HTTP/2 bytes to the grpc.aio
 server on a private loopback port. What grpc can no longer see itself, the client's address and
 certificate, travels in a side table keyed by the source port of the inner connection; a call on a
 connection missing from it (someone dialling the inner port directly) is refused: fail closed.
@@ -38,7 +38,7 @@ class GrpcTlsTerminator:
     """The gRPC TLS listener: one asyncio task per connection, piping it to the inner grpc port."""
 
     def __init__(self, context: ssl.SSLContext, handshake_timeout_s: float) -> None:
-        self.context = context   # the live context: a reload changes what new handshakes present
+        self.context = context   # the listener context: each handshake switches to the one in force (tls.py)
         self.handshake_timeout_s = handshake_timeout_s
         self.peers: dict[int, TlsPeer] = {}   # inner connection's source port -> the outer peer
         self.inner_port = 0

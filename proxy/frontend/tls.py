@@ -1,10 +1,13 @@
-"""TLS for the listeners: one server context per process, reloaded in place when its files change.
+"""TLS for the listeners: one server context per process, replaced whole when its files change.
 
-HTTP and metrics share one `ssl.SSLContext`; gRPC has its own (ALPN h2, see grpc_tls.py) from the same files. A renewed
-certificate (cert-manager rewrites the files in place) is picked up by polling: the new files are
-read once, checked on a scratch context, then loaded into the live one (`load_cert_chain` on a
-context in use changes what new handshakes present; open connections keep theirs). A broken new
-file keeps the old certificate in force, is logged and counted, like a broken policy file.
+HTTP and metrics share one listener context; gRPC has its own (ALPN h2, see grpc_tls.py) from the same files.
+A renewed certificate (cert-manager rewrites the files in place) is picked up by
+polling: the new files are read once and built into fresh contexts, which every new handshake then switches
+to from the listener context's `sni_callback` (called for every ClientHello, with or without SNI); open
+connections keep theirs. Loading the new pair into the live context instead would not replace the old
+certificate: OpenSSL keeps one per key type, so an EC-to-RSA renewal would serve both, and ECDSA clients
+the old one; nor would it drop the old client CA from its verify store. A broken new file keeps the old
+contexts in force, is logged and counted, like a broken policy file.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def plaintext_refusal(s: ServerSettings) -> str | None:
             "accept plaintext explicitly with --insecure-plaintext (server.insecure_plaintext)")
 
 
-def build_context(s: ServerSettings, cert_file: str, key_file: str) -> ssl.SSLContext:
+def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_file: str) -> ssl.SSLContext:
     """A server context: TLS 1.3 unless 1.2 is asked for, client certificates required with a client CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_VERSIONS[s.tls_min_version]
@@ -63,14 +66,14 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str) -> ssl.SSLCo
     if s.tls_min_version == "1.2":
         ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")   # forward secrecy and AEAD only
     ctx.load_cert_chain(cert_file, key_file)
-    if s.tls_client_ca_file:
-        ctx.load_verify_locations(cafile=s.tls_client_ca_file)
+    if client_ca_file:
+        ctx.load_verify_locations(cafile=client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
 class ServerTls:
-    """The listeners' TLS state: the live SSLContexts (HTTP and metrics, gRPC) and their reload."""
+    """The listeners' TLS state: the listener contexts (HTTP and metrics, gRPC), the contexts in force, their reload."""
 
     def __init__(self, s: ServerSettings, on_reload: Callable[[], None] = lambda: None,
                  on_error: Callable[[str], None] = lambda _: None) -> None:
@@ -78,11 +81,29 @@ class ServerTls:
         self.on_reload, self.on_error = on_reload, on_error
         self._stamp = self._files_stamp()
         # A broken file at start stops the start (fail closed), with the error as the message.
-        self.context = build_context(s, s.tls_cert_file, s.tls_key_file)
-        self.grpc_context = build_context(s, s.tls_cert_file, s.tls_key_file)
+        self.context, self.grpc_context = self._build(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+        # What new handshakes get: the listener contexts until the first reload, fresh ones after it.
+        self._in_force = {self.context: self.context, self.grpc_context: self.grpc_context}   # listener -> context
+        for listener in (self.context, self.grpc_context):
+            listener.sni_callback = self._switch
+
+    def _build(self, cert_file: str, key_file: str, client_ca_file: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        http = build_context(self.settings, cert_file, key_file, client_ca_file)
+        grpc = build_context(self.settings, cert_file, key_file, client_ca_file)
         # gRPC clients insist that the server selects h2 by ALPN; the HTTP door speaks HTTP/1.1 only, so it
         # must not offer h2, hence two contexts.
-        self.grpc_context.set_alpn_protocols(["h2"])
+        grpc.set_alpn_protocols(["h2"])
+        return http, grpc
+
+    def _switch(self, ssl_object: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None,
+                listener: ssl.SSLContext) -> None:
+        """sni_callback of the listener contexts: this handshake goes on with the context in force.
+
+        Called before the certificate is chosen and the client's is verified, so both come from the new files.
+        """
+        current = self._in_force[listener]
+        if current is not listener:
+            ssl_object.context = current
 
     def _files_stamp(self) -> Stamp:
         s = self.settings
@@ -96,30 +117,35 @@ class ServerTls:
         return tuple(stamps)
 
     def reload_if_changed(self) -> bool:
-        """Loads the files if they changed since the last look; True if a new certificate is in force."""
+        """Builds contexts from the files if they changed since the last look; True if new ones are in force."""
         stamp = self._files_stamp()
         if stamp == self._stamp:
             return False
         self._stamp = stamp
         s = self.settings
+        names = ", ".join(p for p in (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) if p)
         try:
             cert, key = _read(s.tls_cert_file), _read(s.tls_key_file)
-            # The bytes read once are what is checked and what is loaded: a file rewritten between the
-            # check and the load could otherwise put a certificate beside the wrong key.
+            ca = _read(s.tls_client_ca_file) if s.tls_client_ca_file else None
+            # The bytes read once are what is built: a file rewritten while it is loaded could otherwise put
+            # a certificate beside the wrong key.
             with tempfile.TemporaryDirectory(prefix="seekgate-tls-") as tmp:
-                cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+                cert_path, key_path, ca_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem"), Path(tmp, "ca.pem")
                 cert_path.write_bytes(cert)
                 key_path.touch(mode=0o600)
                 key_path.write_bytes(key)
-                build_context(s, str(cert_path), str(key_path))   # the check: a scratch context
-                for context in (self.context, self.grpc_context):
-                    context.load_cert_chain(str(cert_path), str(key_path))
+                if ca is not None:
+                    ca_path.write_bytes(ca)
+                http, grpc = self._build(str(cert_path), str(key_path), str(ca_path) if ca is not None else "")
         except (OSError, ssl.SSLError, ValueError) as exc:
-            message = f"{s.tls_cert_file}, {s.tls_key_file}: {exc}"
-            log.error("TLS certificate reload failed, keeping the certificate in force: %s", message)
+            message = f"{names}: {exc}"
+            log.error("TLS reload failed, keeping the certificate and client CA in force: %s", message)
             self.on_error(message)
             return False
-        log.info("TLS certificate reloaded from %s", s.tls_cert_file)
+        # Two assignments, no await between them: a handshake sees both old or both new.
+        self._in_force[self.context] = http
+        self._in_force[self.grpc_context] = grpc
+        log.info("TLS reloaded from %s", names)
         self.on_reload()
         return True
 

@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -469,6 +470,71 @@ def test_grpc_rotation_new_connections_get_the_new_cert_and_an_open_stream_survi
                 stale.is_server_live(client_timeout=10)
         finally:
             stale.close()
+    finally:
+        g.stop()
+
+
+def rsa_pair(out: Path) -> tuple[Path, Path]:
+    """A self-signed RSA certificate and key for localhost, made as an operator would (openssl req)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cert, key = out / "server.pem", out / "server-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def served_fingerprint_by_name(port: int, server_name: str) -> str:
+    """As served_fingerprint, with SNI: a client that names the server (127.0.0.1 is never sent as SNI)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
+
+
+def move_into_place(src: Path, dst: Path) -> None:
+    """cert-manager's way: a new file renamed over the old one."""
+    tmp = dst.with_name(dst.name + ".new")
+    shutil.copy(src, tmp)
+    tmp.replace(dst)
+
+
+def test_rotation_to_another_key_type_serves_only_the_new_certificate_on_every_listener(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    """EC to RSA: OpenSSL keeps one certificate per key type in a context, so loading the new pair into the
+    live one served the old EC certificate to every client that accepts ECDSA (nearly all) until a restart."""
+    first = make_dev_certs(tmp_path / "first")
+    rsa_cert, rsa_key = rsa_pair(tmp_path / "rsa")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(first[name], live / first[name].name)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                   "server.tls_cert_file": str(live / "server.pem"), "server.tls_key_file": str(live / "server-key.pem"),
+                   "server.tls_reload_interval_s": 0.2}).start()
+    s = g.settings.server
+    ports = (s.http_port, s.grpc_port, s.metrics_port)
+    try:
+        assert all(served_fingerprint(port) == fingerprint(first["server_cert"]) for port in ports)
+        move_into_place(rsa_key, live / "server-key.pem")
+        move_into_place(rsa_cert, live / "server.pem")
+        want = fingerprint(rsa_cert)
+        assert wait_for(lambda: all(served_fingerprint(port) == want for port in ports), 10), \
+            [served_fingerprint(port) == want for port in ports]
+        assert all(served_fingerprint_by_name(port, "localhost") == want for port in ports)
+        # A real gRPC client, which offers ECDSA first, verifies the new RSA certificate.
+        client = grpcclient.InferenceServerClient(f"localhost:{s.grpc_port}", ssl=True, root_certificates=str(rsa_cert))
+        try:
+            assert client.is_server_live()
+        finally:
+            client.close()
+        rsa_only = ssl.create_default_context(cafile=str(rsa_cert))
+        assert https_call(s.http_port, rsa_only, "/v2/health/ready")[0] == 200
+        assert tls_metric(g, rsa_cert, "seekgate_tls_reload_errors_total") == 0
     finally:
         g.stop()
 
