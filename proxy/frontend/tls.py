@@ -1,7 +1,7 @@
 """TLS for the listeners: one server context per process, replaced whole when its files change.
 
 HTTP and metrics share one listener context; gRPC has its own (ALPN h2, see grpc_tls.py) from the same files.
-A renewed certificate (cert-manager rewrites the files in place) is picked up by
+A renewed certificate (cert-manager rewrites the files in place) or a changed client CA is picked up by
 polling: the new files are read once and built into fresh contexts, which every new handshake then switches
 to from the listener context's `sni_callback` (called for every ClientHello, with or without SNI); open
 connections keep theirs. Loading the new pair into the live context instead would not replace the old
@@ -108,7 +108,9 @@ class ServerTls:
     def _files_stamp(self) -> Stamp:
         s = self.settings
         stamps = []
-        for path in (s.tls_cert_file, s.tls_key_file):
+        for path in (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file):
+            if not path:
+                continue
             try:
                 st = os.stat(path)   # follows symlinks: Kubernetes swaps a ..data link on renewal
                 stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))

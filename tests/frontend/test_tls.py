@@ -539,6 +539,51 @@ def test_rotation_to_another_key_type_serves_only_the_new_certificate_on_every_l
         g.stop()
 
 
+def test_a_changed_client_ca_is_picked_up_on_http_and_grpc(triton: TritonProcess, tmp_path: Path) -> None:
+    """The client CA file is watched like the pair: after it changes, the new CA's clients are let in and the
+    old CA's refused (the live context kept its verify store forever)."""
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live_ca = tmp_path / "client-ca.pem"
+    shutil.copy(first["ca"], live_ca)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}",
+                   **tls_overrides(first), "server.tls_client_ca_file": str(live_ca)}).start()
+    s = g.settings.server
+
+    def https_status(client: dict[str, Path]) -> int | None:
+        ctx = client_context(first)   # the server's certificate stays the first CA's
+        ctx.load_cert_chain(str(client["client_cert"]), str(client["client_key"]))
+        try:
+            return https_call(s.http_port, ctx, "/v2/health/ready")[0]
+        except (ssl.SSLError, ConnectionError):
+            return None
+
+    def grpc_live(client: dict[str, Path]) -> bool:
+        c = grpcclient.InferenceServerClient(f"localhost:{s.grpc_port}", ssl=True, root_certificates=str(first["ca"]),
+                                             private_key=str(client["client_key"]),
+                                             certificate_chain=str(client["client_cert"]))
+        try:
+            return bool(c.is_server_live(client_timeout=10))
+        except Exception:   # noqa: BLE001  a refused handshake surfaces as UNAVAILABLE
+            return False
+        finally:
+            c.close()
+    try:
+        assert https_status(first) == 200 and grpc_live(first)
+        assert https_status(second) is None and not grpc_live(second)
+        move_into_place(second["ca"], live_ca)   # the CA alone changes: no touch of the pair
+        assert wait_for(lambda: https_status(second) == 200, 10)
+        assert https_status(first) is None
+        assert grpc_live(second) and not grpc_live(first)
+        scrape = client_context(first)   # the metrics listener shares the HTTP context: the new CA's client
+        scrape.load_cert_chain(str(second["client_cert"]), str(second["client_key"]))
+        body = https_call(s.metrics_port, scrape, "/metrics")[2].decode()
+        assert [m.value for f in text_string_to_metric_families(body) for m in f.samples
+                if m.name == "seekgate_tls_reloads_total"] == [1]
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ secure by default
 
 
