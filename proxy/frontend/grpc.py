@@ -396,12 +396,13 @@ class GrpcFrontEnd:
     async def _upstream_failed(self, context: grpc.aio.ServicerContext, ctx: RequestContext,
                                exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            # Connection details name internal addresses: the client gets our message, the audit the cause.
-            await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {exc.details()}"))
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            await self._abort(context, ctx, UpstreamTimeout("upstream_timeout"))
-        # Triton's own refusals (unknown model, bad tensor) pass through, as over HTTP.
+        if not self._triton_answered():
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # Connection details name internal addresses: the client gets our message, the audit the cause.
+                await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {exc.details()}"))
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self._abort(context, ctx, UpstreamTimeout("upstream_timeout"))
+        # Triton's own refusals (unknown model, bad tensor, a model's UNAVAILABLE) pass through, as over HTTP.
         ctx.http_status = http_status_of(code)
         ctx.reason = f"upstream_{code.name.lower()}"
         try:
@@ -409,6 +410,16 @@ class GrpcFrontEnd:
         except AuditUnavailable as audit_err:
             await self._abort(context, ctx, audit_err)
         await context.abort(code, exc.details() or "", (("x-request-id", ctx.request_id),))
+
+    def _triton_answered(self) -> bool:
+        """Whether the call that just failed was answered by Triton, not ended by a failed connection.
+
+        grpc reports both alike (same code, no metadata, and debug_error_string no longer says "received
+        from peer"), but a call that could not connect, or lost its connection, leaves the channel out of
+        READY, while Triton's own UNAVAILABLE (a model shedding load) leaves it connected. A connection lost
+        just after Triton answered reads as a failure: the client then gets our message, never an address.
+        """
+        return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
 
 
 async def _refused_by_core(ctx: RequestContext) -> None:

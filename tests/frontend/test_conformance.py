@@ -38,6 +38,7 @@ HTTP_CASES: list[tuple[str, Any]] = [
     (GENERATE, {"text_input": [1, 2]}),                                      # a bytes array of non-strings
     (GENERATE, {"text_input": "hello", "count": "three"}),                   # wrong type for INT32
     (GENERATE, {"text_input": "model-error"}),                               # the model refuses
+    (GENERATE, {"text_input": "model-busy"}),                                # ... with UNAVAILABLE
     (GENERATE, {"text_input": "hello", "count": 2}),                         # two responses to generate
     ("/v2/models/missing/generate", {"text_input": "hello"}),                # unknown model
     (STREAM, {"text_input": "s", "count": 3}),
@@ -97,8 +98,8 @@ def test_the_set_covers_successes_and_errors_of_each_kind(conform_gw: Gateway, e
 # ------------------------------------------------------------------ gRPC
 
 
-def grpc_request(text: Any, **ints: int) -> service_pb2.ModelInferRequest:
-    req = service_pb2.ModelInferRequest(model_name="conform")
+def grpc_request(text: Any, model: str = "conform", **ints: int) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name=model)
     t = req.inputs.add(name="text_input", datatype="BYTES", shape=[1])
     raw = text if isinstance(text, bytes) else str(text).encode()
     req.raw_input_contents.append(len(raw).to_bytes(4, "little") + raw)
@@ -136,9 +137,10 @@ def stream(target: str, requests: list[service_pb2.ModelInferRequest], key: str 
         return out
 
 
+# "model-busy": Triton's own UNAVAILABLE is its answer, not a connection failure of seekgate's.
 GRPC_UNARY = [grpc_request("hello"), grpc_request("model-error"), grpc_request("hello", count=2),
               service_pb2.ModelInferRequest(model_name="conform"),
-              service_pb2.ModelInferRequest(model_name="missing")]
+              service_pb2.ModelInferRequest(model_name="missing"), grpc_request("hello", model="busy")]
 
 
 @pytest.mark.parametrize("index", range(len(GRPC_UNARY)))

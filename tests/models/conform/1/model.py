@@ -1,6 +1,7 @@
 """conform: `count` responses echoing text_input and the request's parameters; an error after `fail_after`.
 
-text_input "model-error" is answered with an error alone, the way a model refuses a request.
+text_input "model-error" is answered with an error alone, the way a model refuses a request; "model-busy"
+with an error coded UNAVAILABLE, the way a model sheds load (a code a proxy must not take for its own).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def responses(request: Any) -> list[Any]:
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     if text == "model-error":
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError("conform: refused as asked"))]
+    if text == "model-busy":
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError("model busy: queue full, retry later",
+                                                                      pb_utils.TritonError.UNAVAILABLE))]
     count, fail_after = _scalar(request, "count", 1) or 1, _scalar(request, "fail_after", None)
     params = json.loads(request.parameters() or "{}")
     out = []
