@@ -44,7 +44,16 @@ from ..upstream.models import MaxTokensDefaults, refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
 from .console.door import answer_console, is_console
 from .grpc import GrpcFrontEnd
-from .http_guard import GuardedRunner, check_framing, closes_connection, decoded_size_within, durable_refusal, read_body
+from .http_guard import (
+    SERVER_NAME,
+    GuardedRunner,
+    check_framing,
+    closes_connection,
+    decoded_size_within,
+    durable_refusal,
+    name_the_server,
+    read_body,
+)
 from .listener import ListeningSocket, quiesce
 from .openai import is_openai, openai_answer
 from .tls import ServerTls, http_peer_cert, plaintext_refusal, tls_enabled
@@ -367,8 +376,7 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
     ctx = request.get(CTX)
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
-    # aiohttp would name itself and its version (Server: Python/3.11 aiohttp/...); nothing to advertise.
-    response.headers["Server"] = "seekgate"
+    response.headers["Server"] = SERVER_NAME   # not aiohttp's name and version (http_guard.SERVER_NAME)
     if request.app[STATE].draining:
         response.force_close()
         response.headers["Connection"] = "close"   # the headers were built before this hook runs
@@ -380,6 +388,7 @@ def build_metrics_app(main: web.Application) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
+    app.on_response_prepare.append(name_the_server)   # its 404s too
     app.router.add_get("/metrics", metrics_handler)
     return app
 

@@ -63,12 +63,16 @@ from ..errors import (
 from ..steps.app_state import STATE, AppState
 from ..steps.pipeline import commit_audit, finish, refuse
 
-__all__ = ["AIOHTTP_INTERNALS", "FramingError", "GuardedRequestHandler", "GuardedRunner", "RequestTimeout",
-           "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within"]
+__all__ = ["AIOHTTP_INTERNALS", "SERVER_NAME", "FramingError", "GuardedRequestHandler", "GuardedRunner",
+           "RequestTimeout", "check_aiohttp_internals", "check_framing", "closes_connection", "decoded_size_within",
+           "name_the_server"]
 
 log = logging.getLogger("seekgate.http")
 
 _408 = json.dumps({"error": "request timed out"}).encode()
+# Every answer's Server header: aiohttp would name itself and its version (Python/3.11 aiohttp/3.14.5),
+# which tells a scanner what to try; nothing to advertise.
+SERVER_NAME = "seekgate"
 
 
 def _408_response(request_id: str) -> bytes:
@@ -272,8 +276,11 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        # Answers made here are prepared without the app's on_response_prepare hooks: the Server header is set here.
         if status >= 500:
-            return super().handle_error(request, status, exc, message)
+            error = super().handle_error(request, status, exc, message)
+            error.headers["Server"] = SERVER_NAME
+            return error
         # A malformed request: the parser's message quotes the offending header line, which may
         # hold a credential, so neither the log nor the client gets it.
         log.warning("malformed HTTP request from %s refused: %s", request.remote, type(exc).__name__)
@@ -284,9 +291,15 @@ class GuardedRequestHandler(RequestHandler):
                 self._on_refused(request.remote or "", status, f"http_parser: {type(exc).__name__}", request_id)
             except Exception:   # auditing must never turn a 400 into a 500
                 log.exception("auditing a refused request failed")
-        response = web.json_response({"error": "bad request"}, status=status, headers={"X-Request-Id": request_id})
+        response = web.json_response({"error": "bad request"}, status=status,
+                                     headers={"X-Request-Id": request_id, "Server": SERVER_NAME})
         response.force_close()
         return response
+
+
+async def name_the_server(_: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook of the apps without one of their own (the metrics listeners): see SERVER_NAME."""
+    response.headers["Server"] = SERVER_NAME
 
 
 async def durable_refusal(state: AppState, ctx: RequestContext, err: SeekgateError,

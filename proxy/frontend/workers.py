@@ -34,6 +34,7 @@ from ..state.limits import LocalLimiter
 from ..state.shared_limiter import LimiterServer
 from ..store.budgets import BudgetStore, budget_store_path
 from .http import install_uvloop, run
+from .http_guard import name_the_server
 from .tls import ServerTls, plaintext_refusal, tls_enabled
 from .worker_role import WorkerRole
 
@@ -148,6 +149,7 @@ class Supervisor:
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()
+        app.on_response_prepare.append(name_the_server)   # its 404s too
         app.router.add_get("/metrics", handler)
         return app
 

@@ -220,6 +220,39 @@ def test_silent_connection_is_closed_after_the_read_timeout(gw: Gateway) -> None
                                 and r["http_status"] == 408 for r in audit_records(gw)), 5)
 
 
+# Requests aiohttp's parser refuses before any handler (or on_response_prepare hook) runs.
+PARSER_REFUSALS = {
+    "garbage_request_line": b"GARBAGE\r\n\r\n",
+    "too_many_headers": b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+                        + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
+    "header_of_70_kb": b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+}
+
+
+def server_header(response: bytes) -> str:
+    head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return next((line.split(":", 1)[1].strip() for line in head if line.lower().startswith("server:")), "")
+
+
+@pytest.mark.parametrize("shape", PARSER_REFUSALS)
+def test_parser_refusals_do_not_name_aiohttp(gw: Gateway, shape: str) -> None:
+    response, closed = exchange(gw, PARSER_REFUSALS[shape])
+    assert closed and response.startswith(b"HTTP/1.") and response[9:10] == b"4", response[:200]
+    assert server_header(response) == "seekgate", response[:300]
+
+
+def test_metrics_answers_do_not_name_aiohttp(gw: Gateway) -> None:
+    for path, status in (("/metrics", 200), ("/nope", 404)):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.settings.server.metrics_port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert (resp.status, resp.getheader("Server")) == (status, "seekgate")
+        finally:
+            conn.close()
+
+
 def test_missing_aiohttp_internals_stop_the_start_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     check_aiohttp_internals()   # the installed aiohttp has them
     monkeypatch.setitem(http_guard.AIOHTTP_INTERNALS, RequestHandler, ("_request_count", "_renamed_by_aiohttp"))

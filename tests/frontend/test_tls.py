@@ -149,6 +149,20 @@ def test_metrics_over_tls(tls_gw: Gateway, certs: dict[str, Path]) -> None:
     assert status == 200 and b"seekgate_tls_reload_errors" in body
 
 
+def test_over_tls_parser_refusals_and_metrics_do_not_name_aiohttp(tls_gw: Gateway, certs: dict[str, Path]) -> None:
+    s = tls_gw.settings.server
+    with socket.create_connection(("127.0.0.1", s.http_port), timeout=10) as raw, \
+            client_context(certs).wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"GARBAGE\r\n\r\n")
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
+    assert response[9:12] == b"400" and b"\r\nServer: seekgate\r\n" in response, response[:300]
+    for path, status in (("/metrics", 200), ("/nope", 404)):
+        got, headers, _ = https_call(s.metrics_port, client_context(certs), path)
+        assert (got, headers.get("Server")) == (status, "seekgate")
+
+
 # ------------------------------------------------------------------ Triton's clients over TLS
 
 

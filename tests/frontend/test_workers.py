@@ -157,6 +157,16 @@ def test_supervisor_serves_the_sum_of_the_workers_metrics(workers: Workers) -> N
     assert wait_for(lambda: metric(workers, "seekgate_upstream_up") == 1, 10)
 
 
+def test_supervisor_metrics_answers_do_not_name_aiohttp(workers: Workers) -> None:
+    for path, status in (("/metrics", 200), ("/nope", 404)):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{workers.metrics}{path}", timeout=30) as r:
+                got = r.status, r.headers["Server"]
+        except urllib.error.HTTPError as e:
+            got = e.code, e.headers["Server"]
+        assert got == (status, "seekgate")
+
+
 def test_rate_limit_is_exact_across_workers(workers: Workers) -> None:
     _, key = workers.gw.key(owner="limited", limits={"rpm": 10})
     codes = [workers.request("GET", "/v2/models/deepseek", key)[0] for _ in range(30)]
