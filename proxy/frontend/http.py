@@ -57,6 +57,7 @@ from .http_guard import (
 from .listener import ListeningSocket, quiesce
 from .openai import is_openai, openai_answer
 from .tls import ServerTls, http_peer_cert, plaintext_refusal, tls_enabled
+from .tls_site import listener_site
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.http")
@@ -424,12 +425,13 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
         await runner.cleanup()
         raise
     ssl_context = tls.context if tls else None
-    sites = [web.TCPSite(runner, s.host, s.http_port, reuse_port=worker is not None, ssl_context=ssl_context)]
+    # Over TLS, a client gets read_timeout_s to finish its handshake, as on the gRPC port (tls_site.py).
+    sites = [listener_site(runner, s.host, s.http_port, ssl_context, s.read_timeout_s, reuse_port=worker is not None)]
     metrics_runner = None
     if worker is None:   # under --workers the supervisor serves the metrics of all of them
         metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
         await metrics_runner.setup()
-        sites.append(web.TCPSite(metrics_runner, s.host, s.metrics_port, ssl_context=ssl_context))
+        sites.append(listener_site(metrics_runner, s.host, s.metrics_port, ssl_context, s.read_timeout_s))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -46,6 +46,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_runner import BaseSite, TCPSite
 from aiohttp.web_server import Server
 
 from ..context import RequestContext, new_id
@@ -89,6 +90,9 @@ AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
                      "connection_lost", "shutdown", "_task_handler", "close", "_request_in_progress",
                      "_handler_waiter"),
     Server: ("__call__",),
+    # tls_site.TlsSite.start: TCPSite.start with a handshake deadline, over the same attributes.
+    BaseSite: ("_runner", "_ssl_context", "_backlog", "_server", "start"),
+    TCPSite: ("_host", "_port", "_reuse_address", "_reuse_port", "_bound_port"),
 }
 _SERVER_INIT_ATTRS = ("self._loop", "self._kwargs")   # instance attributes the runner's factory copies
 _HANDLE_ERROR_PARAMS = ("request", "status", "exc", "message")

@@ -36,6 +36,7 @@ from ..store.budgets import BudgetStore, budget_store_path
 from .http import install_uvloop, run
 from .http_guard import name_the_server
 from .tls import ServerTls, plaintext_refusal, tls_enabled
+from .tls_site import listener_site
 from .worker_role import WorkerRole
 
 log = logging.getLogger("seekgate.workers")
@@ -180,8 +181,8 @@ async def supervise(settings: Settings, ready: asyncio.Event | None = None,
     metrics_tls = ServerTls(settings.server) if tls_enabled(settings.server) else None
     reload_tls = asyncio.create_task(metrics_tls.watch()) if metrics_tls else None
     try:
-        await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port,
-                          ssl_context=metrics_tls.context if metrics_tls else None).start()
+        await listener_site(metrics_runner, settings.server.host, settings.server.metrics_port,
+                            metrics_tls.context if metrics_tls else None, settings.server.read_timeout_s).start()
         await sup.start_workers()
         log.info("seekgate: %d workers on %s://%s:%d, grpc :%d, metrics :%d", settings.server.workers,
                  "https" if metrics_tls else "http",

@@ -163,6 +163,27 @@ def test_over_tls_parser_refusals_and_metrics_do_not_name_aiohttp(tls_gw: Gatewa
         assert (got, headers.get("Server")) == (status, "seekgate")
 
 
+def test_a_connection_that_never_starts_a_handshake_is_closed_after_the_read_timeout(
+        triton: TritonProcess, certs: dict[str, Path], tmp_path: Path) -> None:
+    """Every TLS listener holds a silent connection read_timeout_s, not asyncio's 60 s handshake default."""
+    g = Gateway(tmp_path, triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs),
+                   "server.read_timeout_s": 1.0}).start()
+    s = g.settings.server
+    try:
+        for port in (s.http_port, s.metrics_port, s.grpc_port):
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as silent:
+                try:
+                    assert silent.recv(1) == b""
+                except ConnectionResetError:
+                    pass   # an abort is a close too
+            assert time.monotonic() - started < 5, (port, time.monotonic() - started)
+        assert https_call(s.http_port, client_context(certs), "/v2/health/live")[0] == 200
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ Triton's clients over TLS
 
 
