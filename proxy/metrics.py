@@ -163,6 +163,10 @@ class Metrics:
         self.tls_reload_errors = Counter(
             "seekgate_tls_reload_errors",
             "TLS certificate reloads rejected (a broken file); the certificate in force stays.", registry=r)
+        self.tls_refusals = Counter(
+            "seekgate_tls_handshake_refusals",
+            "TLS handshakes refused, by the fatal alert sent (protocol_version, certificate_required, ...).",
+            ("reason",), registry=r)
         # multiprocess_mode: how `serve --workers N` folds the workers' values into one series.
         self.policy_version = Gauge("seekgate_policy_version",
                                     "Version of the policy in force.", registry=r, multiprocess_mode="livemax")
@@ -268,6 +272,9 @@ class Metrics:
 
     def tls_reload_failed(self, _message: str = "") -> None:
         self.tls_reload_errors.inc()
+
+    def tls_refused(self, reason: str) -> None:
+        self.tls_refusals.labels(reason).inc()
 
     def audit_write_failed(self) -> None:
         self.audit_write_errors.inc()

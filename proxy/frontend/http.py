@@ -420,7 +420,8 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
     await runner.setup()
     state = runner.app[STATE]   # the cleanup_ctx has built the state by now
     try:
-        tls = ServerTls(s, state.metrics.tls_reloaded, state.metrics.tls_reload_failed) if tls_enabled(s) else None
+        tls = (ServerTls(s, state.metrics.tls_reloaded, state.metrics.tls_reload_failed, state.metrics.tls_refused)
+               if tls_enabled(s) else None)
     except BaseException:
         await runner.cleanup()
         raise

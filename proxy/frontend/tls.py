@@ -8,6 +8,12 @@ connections keep theirs. Loading the new pair into the live context instead woul
 certificate: OpenSSL keeps one per key type, so an EC-to-RSA renewal would serve both, and ECDSA clients
 the old one; nor would it drop the old client CA from its verify store. A broken new file keeps the old
 contexts in force, is logged and counted, like a broken policy file.
+
+A refused handshake (a TLS 1.2 client, mTLS without a certificate or with one of another CA) ends in
+asyncio's TLS code, which reports it nowhere outside debug mode. The fatal alert OpenSSL writes for it
+names the reason, so every context watches the alerts it sends (CPython's `SSLContext._msg_callback`,
+meant for debugging: checked when ServerTls is made; without it refusals go uncounted, with a warning).
+The alert itself is not flushed to the client (asyncio drops the connection first): clients see a reset.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from ..settings import ServerSettings
 log = logging.getLogger("seekgate.tls")
 
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_ALERT_RECORD, _FATAL = 21, 2   # TLS content type of an alert record; the alert level that ends a handshake
+CAN_WATCH_ALERTS = hasattr(ssl.SSLContext, "_msg_callback")
 Stamp = tuple[tuple[int, int, int], ...]
 
 
@@ -76,9 +84,12 @@ class ServerTls:
     """The listeners' TLS state: the listener contexts (HTTP and metrics, gRPC), the contexts in force, their reload."""
 
     def __init__(self, s: ServerSettings, on_reload: Callable[[], None] = lambda: None,
-                 on_error: Callable[[str], None] = lambda _: None) -> None:
+                 on_error: Callable[[str], None] = lambda _: None,
+                 on_refused: Callable[[str], None] = lambda _: None) -> None:
         self.settings = s
-        self.on_reload, self.on_error = on_reload, on_error
+        self.on_reload, self.on_error, self.on_refused = on_reload, on_error, on_refused
+        if not CAN_WATCH_ALERTS:
+            log.warning("this Python's ssl has no SSLContext._msg_callback: refused TLS handshakes are not counted")
         self._stamp = self._files_stamp()
         # A broken file at start stops the start (fail closed), with the error as the message.
         self.context, self.grpc_context = self._build(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
@@ -93,7 +104,18 @@ class ServerTls:
         # gRPC clients insist that the server selects h2 by ALPN; the HTTP door speaks HTTP/1.1 only, so it
         # must not offer h2, hence two contexts.
         grpc.set_alpn_protocols(["h2"])
+        if CAN_WATCH_ALERTS:
+            # On every context: after the switch, CPython calls the callback of the context in force.
+            http._msg_callback = grpc._msg_callback = self._watch_alert   # type: ignore[attr-defined]
         return http, grpc
+
+    def _watch_alert(self, _conn: object, direction: str, _version: object, content_type: int, alert: object,
+                     data: bytes) -> None:
+        """_msg_callback: a fatal alert this side sends is a refused handshake (or a broken connection)."""
+        if direction == "write" and content_type == _ALERT_RECORD and data[:1] == bytes([_FATAL]):
+            reason = getattr(alert, "name", str(alert)).lower()   # ssl's _TLSAlertType: protocol_version, ...
+            log.info("TLS handshake refused: %s", reason)
+            self.on_refused(reason)
 
     def _switch(self, ssl_object: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None,
                 listener: ssl.SSLContext) -> None:

@@ -269,6 +269,38 @@ def test_mtls_with_a_certificate_of_another_ca_is_refused(mtls_gw: Gateway, cert
     client.close()
 
 
+def refusals(gw: Gateway, ctx: ssl.SSLContext) -> dict[str, float]:
+    """seekgate_tls_handshake_refusals_total by reason, scraped with `ctx`."""
+    body = https_call(gw.settings.server.metrics_port, ctx, "/metrics")[2].decode()
+    return {m.labels["reason"]: m.value for f in text_string_to_metric_families(body) for m in f.samples
+            if m.name == "seekgate_tls_handshake_refusals_total"}
+
+
+def test_refused_handshakes_are_counted_and_logged_by_reason(tls_gw: Gateway, mtls_gw: Gateway, certs: dict[str, Path],
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="seekgate.tls")
+    s, ms = tls_gw.settings.server, mtls_gw.settings.server
+    before = refusals(tls_gw, client_context(certs))
+    assert s_client(s.http_port, "tls1_2", certs["ca"]).returncode != 0
+    assert s_client(s.grpc_port, "tls1_2", certs["ca"], "-alpn", "h2").returncode != 0
+    assert wait_for(lambda: refusals(tls_gw, client_context(certs)).get("protocol_version", 0)
+                    == before.get("protocol_version", 0) + 2, 5)
+
+    scrape = client_context(certs, client_cert=True)
+    before = refusals(mtls_gw, scrape)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_call(ms.http_port, client_context(certs), "/v2/health/ready")
+    other = make_dev_certs(tmp_path / "other")
+    foreign = client_context(certs)
+    foreign.load_cert_chain(str(other["client_cert"]), str(other["client_key"]))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_call(ms.http_port, foreign, "/v2/health/ready")
+    after = refusals(mtls_gw, scrape)
+    assert after.get("certificate_required", 0) == before.get("certificate_required", 0) + 1, after
+    assert sum(after.values()) == sum(before.values()) + 2, (before, after)
+    assert any(r.getMessage() == "TLS handshake refused: certificate_required" for r in caplog.records)
+
+
 def test_mtls_client_identity_reaches_the_audit_record(mtls_gw: Gateway, certs: dict[str, Path]) -> None:
     _, key = mtls_gw.key(owner="carl")
     status, headers, _ = https_call(mtls_gw.settings.server.http_port, client_context(certs, client_cert=True),
