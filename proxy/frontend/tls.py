@@ -81,6 +81,10 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_fi
     if client_ca_file:
         ctx.load_verify_locations(cafile=client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        # No session tickets: a resumed session is not verified again, so a client holding a ticket from
+        # before a client-CA change would still be let in with the old CA's certificate, for the ticket's life.
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

@@ -635,12 +635,28 @@ def test_a_changed_client_ca_is_picked_up_on_http_and_grpc(triton: TritonProcess
             return False
         finally:
             c.close()
+    # A client of the old CA that keeps its TLS session, to resume it after the change.
+    resumer = client_context(first, client_cert=True)
+
+    def resumed_status(session: ssl.SSLSession | None) -> tuple[int | None, ssl.SSLSession | None]:
+        try:
+            with socket.create_connection(("127.0.0.1", s.http_port), timeout=10) as raw, \
+                    resumer.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = tls.recv(12)   # a TLS 1.3 session arrives after the handshake: read first
+                return (int(answer[9:12]) if answer else None), tls.session
+        except (ssl.SSLError, ConnectionError):
+            return None, None
     try:
         assert https_status(first) == 200 and grpc_live(first)
         assert https_status(second) is None and not grpc_live(second)
+        status, session = resumed_status(None)
+        assert status == 200
         move_into_place(second["ca"], live_ca)   # the CA alone changes: no touch of the pair
         assert wait_for(lambda: https_status(second) == 200, 10)
         assert https_status(first) is None
+        # Resuming is no way around it: a resumed session is not verified again, so none is offered.
+        assert resumed_status(session)[0] is None
         assert grpc_live(second) and not grpc_live(first)
         scrape = client_context(first)   # the metrics listener shares the HTTP context: the new CA's client
         scrape.load_cert_chain(str(second["client_cert"]), str(second["client_key"]))
