@@ -41,7 +41,8 @@ def wait_for(check: Callable[[], bool], timeout: float) -> bool:
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
     """The sum of a metric's samples matching `labels`, as scraped from the gateway now."""
-    text = urllib.request.urlopen(gw.metrics_url, context=gw.client_tls).read().decode()
+    # getattr: test_workers passes its own stand-in, plaintext, with the same URL attribute.
+    text = urllib.request.urlopen(gw.metrics_url, context=getattr(gw, "client_tls", None)).read().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
