@@ -78,6 +78,7 @@ class RequestContext:
     reason: str = ""
     rule: str = ""
     upstream_ms: float | None = None
+    never_sent: bool = False       # no connection to Triton was made: the request ran nowhere, nothing is charged
     input_tokens: int | None = None
     output_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -109,7 +109,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         # is dropped when its client goes, not prefilled for nobody (forward.py: cancel_on_leave).
         with cancel_on_leave(request) as gone:
             try:
-                upstream = await _send(state, target, raw, model)
+                upstream = await _send(state, ctx, target, raw)
             except asyncio.CancelledError:
                 if not left_client(gone):
                     raise   # not ours: the drain timeout's
@@ -220,12 +220,14 @@ def _may_read(state: AppState, ctx: RequestContext, model: str) -> bool:
 
 # ------------------------------------------------------------------ upstream
 
-async def _send(state: AppState, target: str, raw: bytes, model: str) -> UpstreamResponse:
+async def _send(state: AppState, ctx: RequestContext, target: str, raw: bytes) -> UpstreamResponse:
     try:
         return await state.upstream.request("POST", target, _JSON, raw)
     except upstream_http.UpstreamTimeout as exc:
+        ctx.never_sent = not exc.sent
         raise UpstreamTimeout(str(exc)) from exc
     except upstream_http.UpstreamError as exc:
+        ctx.never_sent = not exc.sent
         raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
 
 

@@ -191,7 +191,8 @@ def _add_bound(state: AppState, ctx: RequestContext, view: BodyView, asked: int 
 
 
 def _used_tokens(ctx: RequestContext, charged: int) -> int:
-    """The real count when the response said both; none when Triton refused; else the upper bound.
+    """The real count when the response said both; none when Triton refused or never got the request;
+    else the upper bound.
 
     Fail closed: a client decides what Triton's answer carries (Accept-Encoding, `outputs`, a
     classification), so an answer without readable counts is charged the most the request could
@@ -199,6 +200,8 @@ def _used_tokens(ctx: RequestContext, charged: int) -> int:
     for a client gone mid-response (499): Triton may have generated it all. On a stream, the
     messages that hid their counts add their bound to the counts the others reported.
     """
+    if ctx.never_sent:
+        return 0   # no connection to Triton was made: the request ran nowhere
     i, o = ctx.input_tokens, ctx.output_tokens
     if i is not None and o is not None:
         return i + o + ctx.extra.get(HIDDEN_BOUND, 0)

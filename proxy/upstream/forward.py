@@ -80,8 +80,10 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
         except ValueError as exc:   # aiohttp's parser refuses CR/LF already; this is the last line of defence
             raise BadRequest("unforwardable_header", public_message="malformed request header") from exc
         except upstream_http.UpstreamTimeout as exc:
+            ctx.never_sent = not exc.sent
             raise UpstreamTimeout(str(exc)) from exc
         except upstream_http.UpstreamConnectError as exc:
+            ctx.never_sent = True
             raise UpstreamUnavailable(str(exc)) from exc
         except upstream_http.UpstreamBroken as exc:
             raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc

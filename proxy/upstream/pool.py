@@ -29,11 +29,25 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class UpstreamError(Exception):
-    """Triton could not be reached, or its answer broke off; `reason` names which for the audit record."""
+    """Triton could not be reached, or its answer broke off; `reason` names which for the audit record.
+
+    `sent` is False where no connection was made (refused, unreachable, no pool slot or connection in
+    time): the request ran nowhere, so the meter charges it nothing (a dead Triton must not spend the
+    budgets of the clients that retry against it).
+    """
+
+    sent = True
+
+    def __init__(self, message: str, sent: bool | None = None) -> None:
+        super().__init__(message)
+        if sent is not None:
+            self.sent = sent
 
 
 class UpstreamConnectError(UpstreamError):
     """No connection: refused, unreachable, or the TLS handshake failed."""
+
+    sent = False
 
 
 class UpstreamTimeout(UpstreamError):
@@ -391,7 +405,7 @@ class UpstreamPool:
             try:
                 handed = await asyncio.wait_for(waiter, self._connect_timeout_s)
             except asyncio.TimeoutError:
-                raise UpstreamTimeout("upstream_pool_timeout") from None
+                raise UpstreamTimeout("upstream_pool_timeout", sent=False) from None
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -407,7 +421,7 @@ class UpstreamPool:
                                    self._connect_timeout_s)
         except asyncio.TimeoutError:
             self._forget(conn)
-            raise UpstreamTimeout("upstream_connect_timeout") from None
+            raise UpstreamTimeout("upstream_connect_timeout", sent=False) from None
         except (OSError, ssl.SSLError) as exc:
             self._forget(conn)
             raise UpstreamConnectError(f"upstream_unreachable: {type(exc).__name__}") from exc

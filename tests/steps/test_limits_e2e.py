@@ -320,6 +320,31 @@ def test_token_budget_survives_a_restart(triton: TritonProcess, tmp_path_factory
         second.stop()
 
 
+def test_requests_triton_never_got_are_not_charged(triton: TritonProcess,
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A dead Triton (nothing listens) must not spend the budgets of the clients retrying against it:
+    each refused connection is a 503 charged nothing, on /v2 and on /v1, and the day's budget is whole after."""
+    root = tmp_path_factory.mktemp("gw-dead-triton")
+    dead = Gateway(root, f"http://127.0.0.1:{free_ports(1)[0]}", free_ports(3)).start()
+    try:
+        key_id, key = dead.key(owner="retrying", limits={"daily_tokens": 100})
+        # Each asks for 16 and is bounded at ~90 (prompt bytes + 64 + 16): charged at either, the
+        # budget would run out within seven tries and the rest be 429.
+        statuses = [generate(dead, key, "x" * 10, 16)[0] for _ in range(8)]
+        statuses += [call(dead.url + "/v1/completions", "POST",
+                          {"model": "deepseek", "prompt": "x" * 10, "max_tokens": 16}, key)[0] for _ in range(2)]
+        assert statuses == [503] * 10
+    finally:
+        dead.stop()   # the shutdown flush writes whatever was charged
+    live = Gateway(root, triton.http_url, free_ports(3)).start()
+    try:
+        status, headers, _ = generate(live, key, "after the outage", 101)   # one over the day's budget
+        assert status == 429 and headers["X-RateLimit-Remaining"] == "100"
+        assert generate(live, key, "after the outage", 16)[0] == 200
+    finally:
+        live.stop()
+
+
 def test_minting_sessions_counts_against_the_presenting_keys_rpm(gw: Gateway, relays: Any) -> None:
     key_id, key = gw.key(owner="minter", limits={"rpm": 3})
     status, headers, raw = call(gw.url + "/v1/sessions", "POST", b"", key)
