@@ -106,6 +106,10 @@ class RedisLimiter(Limiter):
         self.lease_ms = max(1000, int(lease_s * 1000))
         self.mode = on_backend_down
         self.clock = clock
+        # Redis's clock minus this process's (seconds), read at start, on recovery and with each lease
+        # renewal: a request is charged to the UTC day and month Redis is in, so replicas whose clocks
+        # disagree still share one budget window (one a minute ahead would open tomorrow's early).
+        self._skew = 0.0
         self._on_backend = on_backend or (lambda up, local: None)
         self._probe_interval_s = probe_interval_s
         # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
@@ -139,7 +143,7 @@ class RedisLimiter(Limiter):
 
     async def start(self) -> None:
         try:
-            await self._redis.ping()
+            await self._sync_clock()
         except _DOWN as exc:   # start anyway: requests fail closed (or go local) until the probe finds it
             self._went_down(exc)
         else:
@@ -172,8 +176,7 @@ class RedisLimiter(Limiter):
         bound = [s for s in scopes if not s.limits.unlimited()]
         if not bound:
             return Grant((), tokens)   # nothing to count: no round trip
-        now = self.clock()
-        day, month, to_day, to_month = _windows(now)
+        day, month, to_day, to_month = _windows(self.clock() + self._skew)
         keys = tuple(self._key(s.key_id) for s in bound)
         limits = [(s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens)
                   for s in bound]
@@ -462,19 +465,28 @@ class RedisLimiter(Limiter):
                 self._cancel_slots(pool)
             try:
                 if not self.up:
-                    await self._redis.ping()
+                    await self._sync_clock()
                     self.up = True
                     log.warning("limits: Redis reachable again: limits are shared across replicas again")
                     self._on_backend(True, False)
                     await self._flush_unsettled()
                 elif time.monotonic() - renewed < self.lease_ms / 3000.0:
                     continue
+                else:
+                    await self._sync_clock()
                 await self._renew_leases()
                 renewed = time.monotonic()
             except _DOWN as exc:
                 self._went_down(exc)
             except RedisError as exc:
                 log.error("limits: lease renewal failed: %s", exc)
+
+    async def _sync_clock(self) -> None:
+        """Reads Redis's TIME (also the liveness probe): the offset is its clock against this one's."""
+        before = self.clock()
+        seconds, micros = await self._redis.time()
+        after = self.clock()
+        self._skew = seconds + micros / 1e6 - (before + after) / 2
 
     async def _renew_leases(self) -> None:
         held = list(self._held.leases.items())

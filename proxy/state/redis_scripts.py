@@ -7,7 +7,8 @@ Keys of one limited key id (`<p>` = the configured prefix + the key id):
   <p>:c        ZSET  concurrency leases: member = grant id, score = lease expiry (ms)
   <p>:d:<day>  STRING tokens charged on a UTC day;   expires a day after the day ends
   <p>:m:<mon>  STRING tokens charged in a UTC month; expires a day after the month ends
-Time is Redis's own (TIME), so replicas with skewed clocks still share one window.
+Time is Redis's own (TIME), so replicas with skewed clocks still share one window; the day and month
+ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
 """
 
 from __future__ import annotations

@@ -418,3 +418,24 @@ async def test_a_raised_charge_rides_the_next_admission_and_goes_alone_within_it
             await asyncio.sleep(0.005)
     finally:
         await client.aclose()
+
+
+async def test_daily_budget_is_one_window_across_replicas_with_skewed_clocks(redis_server_url: str,
+                                                                             redis_prefix: str) -> None:
+    """A replica whose clock has run a day ahead still charges the day Redis is in, not a fresh one."""
+    ahead = RedisLimiter(redis_server_url, prefix=redis_prefix, clock=lambda: time.time() + 86400.0)
+    honest = RedisLimiter(redis_server_url, prefix=redis_prefix)
+    await ahead.start()
+    await honest.start()
+    try:
+        s = [scope("skew", daily_tokens=100, monthly_tokens=0)]
+        await honest.acquire(s, 60)
+        with pytest.raises(OverLimit) as over:
+            await ahead.acquire(s, 60)    # 60 + 60 > 100 in the one day both replicas share
+        assert over.value.kind == "daily_tokens"
+        await ahead.acquire(s, 40)        # the same window's last 40 tokens
+        with pytest.raises(OverLimit):
+            await honest.acquire(s, 1)
+    finally:
+        await ahead.close()
+        await honest.close()
