@@ -174,8 +174,8 @@ def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
     audit_dir = Path(data_dir) / "audit"
     streams = [[*rotated_of(audit_dir, path.name), path] for path in active_files(audit_dir)]
     if len(streams) == 1:
-        return _tail_stream(streams[0], n)
-    merged = [rec for files in streams for rec in _tail_stream(files, n)]
+        return tail_stream(streams[0], n)
+    merged = [rec for files in streams for rec in tail_stream(files, n)]
     merged.sort(key=lambda r: str(r.get("timestamp", "")))   # ISO-8601 UTC sorts as text
     return merged[-n:] if n > 0 else []
 
@@ -186,7 +186,8 @@ def rotated_of(audit_dir: Path, active: str) -> list[Path]:
     return [p for p in rotated_files(audit_dir) if p.name[len("audit-"):].split("Z", 1)[-1] == suffix]
 
 
-def _tail_stream(files: list[Path], n: int) -> list[dict[str, Any]]:
+def tail_stream(files: list[Path], n: int) -> list[dict[str, Any]]:
+    """The last `n` records of one stream (its rotated files oldest first, then the active one)."""
     out: list[dict[str, Any]] = []
     for path in reversed(files):
         if len(out) >= n:

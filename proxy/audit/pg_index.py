@@ -5,6 +5,8 @@ search and the leak report read when `store.url` is PostgreSQL, so they see ever
 records. The indexer holds what it could not write yet in memory (bounded) and retries, so a
 PostgreSQL outage never stops the JSONL writer, and never refuses a request; past the bound it
 re-reads the JSONL tail once the server is back (rows are keyed by event_id, so nothing doubles).
+How many records are still unindexed is kept in a small file beside the JSONL (`mark`) after every
+attempt, so a replica stopped or killed during an outage re-reads that many at its next start.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -106,8 +109,12 @@ def columns(records: list[dict[str, Any]]) -> list[list[Any]]:
 class SharedAuditIndex:
     """One replica's indexer into audit_events. `start()`, `submit()` after each JSONL write, `flush()`, `close()`."""
 
-    def __init__(self, pool: Any, replica: str, reread: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+    def __init__(self, pool: Any, replica: str, reread: Callable[[int], list[dict[str, Any]]] | None = None,
+                 mark: Path | None = None) -> None:
         self.pool, self.replica = pool, replica
+        self._mark = mark                  # where the count of unindexed records outlives this process
+        self._marked = -1                  # the count last written there
+        self.unindexed_at_start = 0        # the count the previous process left: re-read at start
         self._reread = reread              # the JSONL tail, for catching up past MAX_PENDING
         self._pending: deque[dict[str, Any]] = deque()
         self._submitted = 0                # records ever submitted; _indexed trails it
@@ -122,6 +129,7 @@ class SharedAuditIndex:
         self._reported: tuple[float, int] = (0.0, -1)   # when the queue was last reported, and its length then
 
     def start(self) -> None:
+        self.unindexed_at_start = self._read_mark()
         self._task = asyncio.create_task(self._run(), name="audit-shared-index")
 
     def submit(self, records: list[dict[str, Any]]) -> None:
@@ -157,6 +165,29 @@ class SharedAuditIndex:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        self._write_mark()
+
+    def _read_mark(self) -> int:
+        try:
+            return max(0, int(self._mark.read_text())) if self._mark is not None else 0
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:   # unreadable: the fixed tail a start re-reads is all we have
+            log.error("shared audit index: unreadable mark %s (%s)", self._mark, exc)
+            return 0
+
+    def _write_mark(self) -> None:
+        """Records not in PostgreSQL yet (the JSONL's last ones), for the next start; only when it changed."""
+        waiting = len(self._pending) + self._overflowed
+        if self._mark is None or waiting == self._marked:
+            return
+        try:
+            tmp = self._mark.with_name(self._mark.name + ".tmp")
+            tmp.write_text(str(waiting))
+            os.replace(tmp, self._mark)
+            self._marked = waiting
+        except OSError as exc:
+            log.error("shared audit index: could not write %s (%s)", self._mark, exc)
 
     async def _run(self) -> None:
         attempt = 0
@@ -174,7 +205,9 @@ class SharedAuditIndex:
             try:
                 await self._step()
                 attempt, self.healthy = 0, True
+                self._write_mark()
             except Exception as exc:   # asyncpg's InternalClientError too (a server shutting down): never end the loop
+                self._write_mark()     # before the back-off: a process killed during it re-reads these
                 attempt += 1
                 if self.healthy or attempt % 20 == 0:
                     log.error("SHARED AUDIT INDEX FAILED (%s: %s, %d records waiting; the JSONL file has them)",

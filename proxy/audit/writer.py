@@ -14,7 +14,18 @@ from typing import Any
 from ..context import RequestContext, new_id
 from ..errors import AuditUnavailable
 from .index import FIELDS, OPTIONAL_FIELDS, AuditIndex, query_audit
-from .jsonl import ACTIVE, JsonlFile, dumps, last_records, line_of, rotated_epoch, rotated_files, tail_audit
+from .jsonl import (
+    ACTIVE,
+    JsonlFile,
+    dumps,
+    last_records,
+    line_of,
+    rotated_epoch,
+    rotated_files,
+    rotated_of,
+    tail_audit,
+    tail_stream,
+)
 from .pg_index import SharedAuditIndex
 from .pg_index import prune as shared_prune
 
@@ -154,7 +165,8 @@ class AuditWriter:
         """
         self._index = None
         self.shared = SharedAuditIndex(pool, replica, reread=lambda n: [
-            r for r in last_records(self.jsonl_path, n) if "event_id" in r] if self.jsonl_path.exists() else [])
+            r for r in last_records(self.jsonl_path, n) if "event_id" in r] if self.jsonl_path.exists() else [],
+            mark=self.jsonl_path.with_name(self.jsonl_path.name + ".unindexed"))
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -433,11 +445,17 @@ class AuditWriter:
 
         INSERT OR IGNORE on event_id makes this a no-op for rows already there.
         """
-        if self.jsonl_path.exists():
+        if self.jsonl_path.exists() and self._index is not None:
             recs = [r for r in await asyncio.to_thread(last_records, self.jsonl_path, lines) if "event_id" in r]
             await self._insert_rows(recs)
-            if self.shared is not None:
-                self.shared.submit(recs)   # a crash between the file and PostgreSQL: indexed now (no doubles)
+        if self.shared is not None:
+            # A crash between the file and PostgreSQL, or a stop while PostgreSQL was away: the records
+            # the last process left unindexed (its mark) and the fixed tail on top, rotated files
+            # included, are indexed now (no doubles).
+            files = [*rotated_of(self.dir, self.jsonl_path.name), self.jsonl_path]
+            recs = [r for r in await asyncio.to_thread(tail_stream, files, lines + self.shared.unindexed_at_start)
+                    if "event_id" in r]
+            self.shared.submit(recs)
 
     async def _insert_rows(self, batch: list[dict[str, Any]]) -> None:
         if self._index is not None:

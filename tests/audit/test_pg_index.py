@@ -190,3 +190,44 @@ async def test_a_replica_on_postgresql_indexes_into_the_shared_table_only(pg_url
         assert not (tmp_path / "audit" / "audit.db").exists()
     finally:
         await store.close()
+
+
+async def test_records_left_unindexed_by_a_stopped_replica_are_indexed_when_it_starts_again(tmp_path: Path) -> None:
+    """PostgreSQL down long enough for more records than the restart's fixed tail: none is missing after."""
+    from proxy.audit.writer import AuditWriter
+    from tests.backends import PrivatePostgres
+
+    server = PrivatePostgres()
+    server.start()
+    try:
+        store = await open_url(server.url, migrate=True)
+        writer = AuditWriter(tmp_path)
+        writer.share(pg_index.pool_of(store), "replica-outage")
+        await writer.start()
+        server.stop()
+        total = 12_500   # more than the 10,000 lines a start re-reads in any case
+        for i in range(total):
+            writer.submit(record(f"outage-{i}", "http"))
+        async with asyncio.timeout(60):
+            while writer.queue_depth():
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)   # the indexer has tried (and failed) at least once since
+        assert writer.shared is not None and writer.shared.pending() == total
+        await writer.close()       # gives up on the index after its timeout: the JSONL has them
+        await store.close()
+
+        server.start()
+        store = await open_url(server.url)
+        try:
+            writer = AuditWriter(tmp_path)
+            writer.share(pg_index.pool_of(store), "replica-outage")
+            async with writer:
+                async with asyncio.timeout(60):
+                    await writer.flush()
+            async with store.pool.acquire() as conn:   # type: ignore[attr-defined]
+                indexed = await conn.fetchval("SELECT count(*) FROM audit_events WHERE request_id LIKE 'outage-%'")
+            assert indexed == total
+        finally:
+            await store.close()
+    finally:
+        server.destroy()
