@@ -199,15 +199,17 @@ class RedisLimiter(Limiter):
         asked_at = self._slots.clock()
         admission = self._admit(keys, limits, gid, tokens, day, month, to_day, to_month, wanted, request=True)
         try:
-            answer = await admission.answer
+            # Shielded: a request cancelled while its batch is out must still learn the answer.
+            answer = await asyncio.shield(admission.answer)
         except _DOWN:
             return self._fallback(bound, tokens)
         except asyncio.CancelledError:
             if admission in self._admissions:   # never sent: nothing was charged
                 self._admissions.remove(admission)
-            else:   # its batch was out: undo what it may have taken (the request never ran)
-                self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0),
-                                                    wait_s=0.0 if lease_keys else SETTLE_DELAY_S))
+                admission.answer.cancel()
+            else:   # its batch was out: undo its charge, if the answer says it made one (the request never ran)
+                admission.answer.add_done_callback(
+                    lambda answer: self._undo_cancelled(answer, keys, gid, tokens, day, month, bool(lease_keys)))
             raise
         finally:
             if shape is not None:
@@ -224,6 +226,19 @@ class RedisLimiter(Limiter):
         if lease_keys:
             self._held.leases[gid] = lease_keys
         return grant
+
+    def _undo_cancelled(self, answer: asyncio.Future[list[Any]], keys: tuple[str, ...], gid: str, tokens: int,
+                        day: str, month: str, leased: bool) -> None:
+        """Takes back the charge of an admission whose request was cancelled while its batch was out.
+
+        Only an admitted one: a refusal charged nothing, and crediting its tokens to the budgets would
+        let a client that leaves at once hand itself back what it never got. An answer lost with its
+        batch keeps whatever it charged (stricter, never looser; a lease expires on its own).
+        """
+        if answer.cancelled() or answer.exception() is not None or int(answer.result()[0]) != 1:
+            return
+        self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0),
+                                            wait_s=0.0 if leased else SETTLE_DELAY_S))
 
     def _new_gid(self) -> str:
         self._next += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -439,3 +440,20 @@ async def test_daily_budget_is_one_window_across_replicas_with_skewed_clocks(red
     finally:
         await ahead.close()
         await honest.close()
+
+
+async def test_a_refused_admission_cancelled_in_flight_credits_no_budget_back(limiter: RedisLimiter) -> None:
+    """A client gone while its refused admission was out must not hand the tokens it never got back to the budget."""
+    s = [scope("gone", daily_tokens=100)]
+    await limiter.acquire(s, 60)
+    for _ in range(3):
+        asking = asyncio.create_task(limiter.acquire(s, 60))   # over the budget: Redis refuses it
+        while limiter._admissions or limiter._sender is None:
+            await asyncio.sleep(0)                              # until its batch is on the wire
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OverLimit):
+            await asking
+    await asyncio.sleep(0.3)                                    # any settlement it queued is written
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 60)
+    assert (over.value.kind, over.value.remaining) == ("daily_tokens", 40)
