@@ -78,6 +78,8 @@ class _Unsettled:
     args: tuple[Any, ...]     # grant id, token delta, day, month, cancel (1: a slot never used)
     wait_s: float = 0.0       # the longest it waits for a ride; 0: it goes now (it frees a lease)
     due: float = 0.0          # the loop's time by which it goes, set when queued
+    sent_in: str = ""         # the mark of the batch it was last sent in ('' never sent): a retry
+                              # is skipped by Redis if that batch ran, so it is applied exactly once
 
 
 @dataclass(eq=False)
@@ -371,10 +373,12 @@ class RedisLimiter(Limiter):
     async def _run(self, admissions: list[_Admission], settlements: list[_Unsettled]) -> None:
         """One script call for these operations, answering each admission."""
         keys: list[str] = []
-        args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000)]
+        mark = f"{self.prefix}batch:{self._new_gid()}" if settlements else ""
+        args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000), mark]
         for job in settlements:
             keys += job.keys
-            args += [len(job.keys), *job.args]
+            args += [len(job.keys), *job.args, job.sent_in]
+            job.sent_in = mark
         for adm in admissions:
             keys += adm.keys
             args += adm.args

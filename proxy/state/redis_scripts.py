@@ -18,8 +18,11 @@ from __future__ import annotations
 # strict: the script takes them one after another, each seeing the charges of those before it).
 #
 # KEYS: the base keys (<p>) of every operation's scopes, operation after operation.
-# ARGV[1..4]: number of settlements S, number of admissions A, lease ms, slot life ms; then
-# S settlements of 6 fields: scope count, grant id, token delta, day, month, cancel (0/1)
+# ARGV[1..5]: number of settlements S, number of admissions A, lease ms, slot life ms, this batch's
+#   mark ('' for none: set, for 2 minutes, when the batch carries settlements); then
+# S settlements of 7 fields: scope count, grant id, token delta, day, month, cancel (0/1), the mark
+#   of the batch it was last sent in ('' for none: skipped if that mark exists, since that batch
+#   ran and only its answer was lost, so a retry never corrects a charge twice)
 #   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
 #   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
 #   used: its entries leave the rpm and tpm logs too);
@@ -41,12 +44,16 @@ from __future__ import annotations
 # index (1-based), kind, limit, remaining, reset_ms, retry_ms} having charged nothing, or
 # {-1, error} when Redis failed it.
 BATCH = """
+-- How long a batch's mark outlives it: a settlement whose answer was lost is retried as soon as
+-- Redis answers again (a probe every 0.5 s); an outage longer than this may apply it twice.
+local MARK_MS = 120000
 local CHUNK, EXPIRE_CHUNKS = 500, 20
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - 60000
 local lease, slot_life = tonumber(ARGV[3]), tonumber(ARGV[4])
-local a, k = 5, 1   -- next ARGV field, next KEYS entry
+if ARGV[5] ~= '' then redis.call('SET', ARGV[5], '1', 'PX', MARK_MS) end
+local a, k = 6, 1   -- next ARGV field, next KEYS entry
 
 -- Settlements correct each grant's own charge; the running sums they move (a key's tpm total,
 -- its day and month budgets) are added up here and written once per batch (settle_sums).
@@ -265,9 +272,11 @@ local function failure(e) return type(e) == 'table' and (e.err or 'error') or to
 local failed = {}
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
-  if not ok then failed[#failed + 1] = failure(e) end
-  a, k = a + 6, k + n
+  if ARGV[a + 6] == '' or redis.call('EXISTS', ARGV[a + 6]) == 0 then
+    local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
+    if not ok then failed[#failed + 1] = failure(e) end
+  end
+  a, k = a + 7, k + n
 end
 local ok, e = pcall(settle_sums)   -- before the admissions: they see the corrected sums
 if not ok then failed[#failed + 1] = failure(e) end

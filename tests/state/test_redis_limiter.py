@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -355,7 +356,7 @@ async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
     from proxy.state.limits import _windows
     day, month, to_day, to_month = _windows(time.time())
     five = [s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens]
-    args = [0, 1, limiter.lease_ms, 1000, 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
+    args = [0, 1, limiter.lease_ms, 1000, "", 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
             *five]
     replies, failed = await limiter._run_batch([f"{redis_prefix}half"], args)
     assert failed == [] and int(replies[0][0]) == 1
@@ -457,3 +458,30 @@ async def test_a_refused_admission_cancelled_in_flight_credits_no_budget_back(li
     with pytest.raises(OverLimit) as over:
         await limiter.acquire(s, 60)
     assert (over.value.kind, over.value.remaining) == ("daily_tokens", 40)
+
+
+async def test_a_settlement_whose_answer_was_lost_is_not_applied_twice(limiter: RedisLimiter,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script ran, its reply never came back (a timeout): the retry must not correct the budget again."""
+    s = [scope("twice", daily_tokens=1000, concurrency=5)]
+    grant = await limiter.acquire(s, 500)            # estimate 500
+    real = limiter._run_batch
+    lost = 0
+
+    async def reply_lost(keys: list[str], args: list[Any]) -> Any:
+        nonlocal lost
+        answer = await real(keys, args)              # Redis ran the whole batch ...
+        if args[0] and not lost:
+            lost += 1
+            raise redis.exceptions.TimeoutError("reply lost")   # ... and its answer never arrived
+        return answer
+
+    monkeypatch.setattr(limiter, "_run_batch", reply_lost)
+    limiter.settle(grant, 100)                       # the response used 100: -400, once
+    async with asyncio.timeout(10):
+        while not lost or not limiter.up or limiter._unsettled or limiter._settlements:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 901)
+    assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
