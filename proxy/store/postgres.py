@@ -50,8 +50,10 @@ UPDATE keys SET revoked_at = $1 WHERE revoked_at IS NULL AND key_id IN (SELECT i
 _INSERT_SQL = f"INSERT INTO keys ({COLUMNS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS.split(','))))})"
 
 # What an unreachable, restarting or broken server (or a corrupt row) raises: "can't tell", so deny.
-STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError, TypeError,
-                KeyError)
+# InternalClientError is no PostgresError: asyncpg raises it for a read cut off by a server shutting
+# down ("another operation is in progress"); unnamed, it was a 500 and failed cached keys too.
+STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError,
+                ValueError, TypeError, KeyError)
 
 
 def command_count(status: str) -> int:

@@ -282,3 +282,47 @@ async def test_secret_rows_compare_and_swap_and_the_session_denylist(store: Stor
     assert await rows.revoke_session("j" * 32, 10.0) and not await rows.revoke_session("j" * 32, 11.0)
     assert await rows.session_revoked("j" * 32) and not await rows.session_revoked("k" * 32)
     assert await store.revision() == rev + 1   # caches everywhere must drop the session
+
+
+async def test_reads_while_postgresql_restarts_fail_only_as_store_unavailable() -> None:
+    """Every read caught by a server going down is a clear 503, never an unnamed error (a 500).
+
+    asyncpg answers some reads cut off by the shutdown with InternalClientError ("another
+    operation is in progress"), which is no PostgresError.
+    """
+    from proxy.store.postgres import PostgresStore
+    from tests.backends import PrivatePostgres
+
+    server = PrivatePostgres()
+    server.start()
+    try:
+        store = await PostgresStore.open(server.url, auto_migrate=True)
+        unnamed: list[BaseException] = []
+        served = 0
+        stop = False
+
+        async def reader() -> None:
+            nonlocal served
+            while not stop:
+                try:
+                    await store.get_chain("sgk_probe")
+                    served += 1
+                except StoreUnavailable:
+                    pass
+                except Exception as exc:   # noqa: BLE001  (what must never come out of the store)
+                    unnamed.append(exc)
+                await asyncio.sleep(0)
+
+        readers = [asyncio.create_task(reader()) for _ in range(32)]
+        for _ in range(5):
+            await asyncio.sleep(0.4)
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(server.start)
+        await asyncio.sleep(0.5)
+        stop = True
+        await asyncio.gather(*readers)
+        await store.close()
+        assert served and not unnamed, [repr(e) for e in unnamed[:3]]
+    finally:
+        server.destroy()
