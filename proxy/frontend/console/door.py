@@ -180,5 +180,10 @@ async def _relay(request: web.Request, state: AppState, ctx: RequestContext, res
     headers["Authorization"] = bearer
     query = request.raw_path.partition("?")[2]
     relayed = request.clone(rel_url=URL(target + ("?" + query if query else ""), encoded=True), headers=headers)
-    return await answer(relayed, state, ctx)
+    response = await answer(relayed, state, ctx)
+    if not response.prepared:
+        # The admin API's answers carry audit records, key listings and reports: given to a browser they
+        # are kept out of its caches (no-store) and never sniffed, framed or run, like the console's pages.
+        response.headers.update(SECURITY_HEADERS)
+    return response
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.frontend.console.pages import PAGES
+from proxy.frontend.console.pages import CSP, PAGES
 from tests.frontend.console.helpers import ConsoleClient
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
 from tests.relay import TcpRelay
@@ -162,3 +162,14 @@ def test_the_keys_rate_limit_binds_console_sign_ins_and_pages(gw: Gateway) -> No
     assert client.api("GET", "keys")[0] == 200   # 3
     status, headers, _ = client.request("GET", "/console/audit")
     assert status == 429 and "Retry-After" in headers
+
+
+def test_data_calls_are_never_cached_sniffed_or_framed(gw: Gateway, admin_key: str) -> None:
+    """Audit records, key listings and exports are secrets too: the browser keeps none of them."""
+    client = signed_in(gw, admin_key)
+    for path in ("keys", "audit?limit=2", "audit?format=jsonl&limit=2", "overview", "policies", "no-such-call"):
+        status, headers, _ = client.request("GET", "/console/api/" + path)
+        assert status in (200, 404), (path, status)
+        assert headers.get("Cache-Control") == "no-store", (path, headers)
+        assert headers.get("X-Content-Type-Options") == "nosniff", (path, headers)
+        assert headers.get("Content-Security-Policy") == CSP, (path, headers)
