@@ -145,9 +145,18 @@ def _secure(request: web.Request, state: AppState) -> bool | None:
 async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:
     """POST /console/session/end (form field `csrf`): the session token is revoked, the cookie cleared."""
     token = request.cookies.get(COOKIE)
-    if not token:
-        raise Unauthenticated("console_no_session")
-    await admit(state, ctx, f"Bearer {token}", lambda: Resource("console", "read"))
+    try:
+        if not token:
+            raise Unauthenticated("console_no_session")
+        await admit(state, ctx, f"Bearer {token}", lambda: Resource("console", "read"))
+    except Unauthenticated as err:
+        # The session ended already (expired, revoked, another sign-out): nothing to revoke, so no CSRF
+        # token to ask for. The browser is still told to drop the dead cookie and sent to the sign-in
+        # form, not left holding it in front of a JSON 401 (the refusal is audited all the same).
+        ctx.status, ctx.reason, ctx.http_status = "denied", err.reason, 303
+        ended = _redirect(f"{base}/console/signin")
+        ended.del_cookie(COOKIE, path=f"{base}/console")
+        return ended
     if not csrf_valid(token, (await _form(request)).get(CSRF_FIELD)):
         raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
     assert ctx.principal is not None

@@ -173,3 +173,17 @@ def test_data_calls_are_never_cached_sniffed_or_framed(gw: Gateway, admin_key: s
         assert headers.get("Cache-Control") == "no-store", (path, headers)
         assert headers.get("X-Content-Type-Options") == "nosniff", (path, headers)
         assert headers.get("Content-Security-Policy") == CSP, (path, headers)
+
+
+def test_signing_out_of_a_dead_session_still_drops_the_cookie(gw: Gateway, admin_key: str) -> None:
+    """Sign-out after the session expired or was revoked elsewhere: back to the sign-in form, cookie gone."""
+    client = signed_in(gw, admin_key)
+    token, csrf = client.cookie, client.csrf()
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": gw.url}
+    assert client.request("POST", "/console/session/end", f"csrf={csrf}".encode(), form)[0] == 303
+    client.cookie = token   # a second tab still holds the old cookie, and signs out too
+    status, headers, _ = client.request("POST", "/console/session/end", f"csrf={csrf}".encode(), form)
+    assert status == 303 and headers["Location"] == "/console/signin", (status, headers)
+    assert client.cookie is None and "Max-Age=0" in (client.last_set_cookie or "")
+    assert wait_for(lambda: any(r["path"] == "/console/session/end" and r["status"] == "denied"
+                                for r in audit_records(gw)), 5.0)
