@@ -125,7 +125,9 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
         message = ("That key may not use the console." if isinstance(err, Forbidden)
                    else "That key was not accepted.")
         return _html(signin_page(message), err.http_status)
-    minted = state.sessions.mint(ctx.principal, time.time())
+    now = time.time()
+    await _end_prior_session(state, request.cookies.get(COOKIE), now)
+    minted = state.sessions.mint(ctx.principal, now)
     ctx.extra["admin_action"] = "console.signin"
     ctx.extra["admin_target"] = minted.jti
     ctx.http_status = 303
@@ -133,6 +135,18 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
     response.set_cookie(COOKIE, minted.token, path=f"{base}/console", httponly=True, samesite="Strict",
                         secure=_secure(request, state), max_age=max(1, minted.expires_at - int(time.time())))
     return response
+
+
+async def _end_prior_session(state: AppState, prior: str | None, now: float) -> None:
+    """A sign-in replaces the browser's session: the one its cookie still names is revoked, not left live
+    until it expires for whoever copied that cookie. Only a token we signed names a session to revoke."""
+    if not prior or state.sessions is None:
+        return
+    try:
+        jti = state.sessions.verify(prior, now).jti
+    except Unauthenticated:
+        return   # expired, forged or not a session token: nothing of ours to end
+    await (await open_secret_rows(state.store)).revoke_session(jti, now)
 
 
 def _secure(request: web.Request, state: AppState) -> bool | None:

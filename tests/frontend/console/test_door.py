@@ -187,3 +187,13 @@ def test_signing_out_of_a_dead_session_still_drops_the_cookie(gw: Gateway, admin
     assert client.cookie is None and "Max-Age=0" in (client.last_set_cookie or "")
     assert wait_for(lambda: any(r["path"] == "/console/session/end" and r["status"] == "denied"
                                 for r in audit_records(gw)), 5.0)
+
+
+def test_signing_in_again_ends_the_session_the_browser_held(gw: Gateway, admin_key: str) -> None:
+    client = signed_in(gw, admin_key)
+    first = client.cookie
+    assert client.sign_in(admin_key)[0] == 303 and client.cookie not in (None, first)
+    assert client.api("GET", "keys")[0] == 200   # the new session works
+    stale = ConsoleClient(gw.url)
+    stale.cookie = first   # whoever copied the old cookie holds nothing now
+    assert stale.api("GET", "keys")[0] == 401
