@@ -43,6 +43,7 @@ from ..upstream.forward import forward
 from ..upstream.models import MaxTokensDefaults, refresh_models, watch_models
 from ..upstream.pool import UpstreamError, UpstreamPool
 from .console.door import answer_console, is_console
+from .console.pages import SECURITY_HEADERS as CONSOLE_HEADERS
 from .grpc import GrpcFrontEnd
 from .http_guard import (
     SERVER_NAME,
@@ -98,11 +99,13 @@ async def request_path(request: web.Request) -> web.StreamResponse:
 
 async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> web.StreamResponse:
     """The checks and the forward, or the refusal; what the client gets, on ctx what the audit says."""
+    console = False
     try:
         # First: framing aiohttp's parser let through but a proxy must not (http_guard's doc).
         check_framing(request)
         path = route_path(request.raw_path, state.settings.server.base_path)
         if is_console(path):   # the web console: its pages, and its data calls re-entering this path
+            console = True
             return await answer_console(request, state, ctx, path, answer)
         if request.method == "GET" and path in PUBLIC_PROBES:
             # Load balancers probe health without a key; nothing else is public.
@@ -144,6 +147,8 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
                              redact_errors=state.settings.upstream.redact_errors)
     except SeekgateError as err:
         response = await refused(state, ctx, err)
+        if console:   # a console refusal reaches a browser: not cached, sniffed or framed, like its pages
+            response.headers.update(CONSOLE_HEADERS)
         if closes_connection(err):
             response.force_close()
         return response

@@ -197,3 +197,17 @@ def test_signing_in_again_ends_the_session_the_browser_held(gw: Gateway, admin_k
     stale = ConsoleClient(gw.url)
     stale.cookie = first   # whoever copied the old cookie holds nothing now
     assert stale.api("GET", "keys")[0] == 401
+
+
+def test_console_refusals_carry_the_pages_security_headers(gw: Gateway, admin_key: str) -> None:
+    """A 404, 401 or 403 from the console reaches a browser too: never cached, sniffed or framed."""
+    client, anonymous = signed_in(gw, admin_key), ConsoleClient(gw.url)
+    answers = [client.request("GET", "/console/no-such-page"), client.request("GET", "/console/static/x.js"),
+               anonymous.request("GET", "/console/api/keys"),
+               client.request("POST", "/console/api/keys", b"{}", {"Content-Type": "application/json"}),
+               client.request("POST", "/console/session", b"key=x", {"Origin": "https://evil.example",
+                                                                    "Content-Type": "application/x-www-form-urlencoded"})]
+    assert [status for status, _, _ in answers] == [404, 404, 401, 403, 403]
+    for status, headers, _ in answers:
+        assert headers.get("Content-Security-Policy") == CSP and headers.get("X-Frame-Options") == "DENY", status
+        assert headers.get("Cache-Control") == "no-store" and headers.get("X-Content-Type-Options") == "nosniff"
