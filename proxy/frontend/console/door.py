@@ -103,9 +103,14 @@ async def _form(request: web.Request) -> dict[str, str]:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A browser's Origin, when it sends one, must be ours: a sign-in posted from another site is refused."""
+    """A browser's Origin, when it sends one, must be ours: a sign-in posted from another site is refused.
+
+    Without an Origin, a browser's own Sec-Fetch-Site still says where the post came from (a client that
+    sends neither is a script, not a page another site made a browser submit)."""
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    if origin is None:
+        return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
+    return origin == f"{request.scheme}://{request.host}"
 
 
 async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:

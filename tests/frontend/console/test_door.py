@@ -96,6 +96,17 @@ def test_a_sign_in_posted_from_another_site_is_refused(gw: Gateway, admin_key: s
     assert status == 403 and client.cookie is None
 
 
+def test_a_cross_site_sign_in_without_an_origin_is_refused_by_its_fetch_metadata(gw: Gateway, admin_key: str) -> None:
+    client = ConsoleClient(gw.url)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for site in ("cross-site", "same-site"):
+        status, _, _ = client.request("POST", "/console/session", f"key={admin_key}".encode(),
+                                      {**form, "Sec-Fetch-Site": site})
+        assert status == 403 and client.cookie is None, site
+    status, _, _ = client.request("POST", "/console/session", f"key={admin_key}".encode(), form)
+    assert status == 303 and client.cookie   # a script sends neither header: it is not a forged post
+
+
 def test_data_calls_go_through_the_admin_api_and_state_changes_need_the_sessions_csrf_token(
         gw: Gateway, admin_key: str) -> None:
     client, other = signed_in(gw, admin_key), signed_in(gw, admin_key)
