@@ -18,12 +18,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...context import RequestContext, Resource
-from ...errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from ...errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthenticated
 from ...keys.sessions import MINTING_TIERS
 from ...steps.app_state import AppState
 from ...steps.classify import classify_http
 from ...steps.pipeline import admit, limit
 from ...store.backend import open_secret_rows
+from ..http_guard import read_body
 from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file
 from .session import COOKIE, CSRF_FIELD, CSRF_HEADER, csrf_token, csrf_valid
 
@@ -86,15 +87,20 @@ def _html(text: str, status: int) -> web.Response:
     return web.Response(text=text, status=status, content_type="text/html", headers=SECURITY_HEADERS)
 
 
-async def _form(request: web.Request) -> dict[str, str]:
-    """A small urlencoded form, read within its own cap (a sign-in form is a few hundred bytes)."""
+async def _form(request: web.Request, state: AppState) -> dict[str, str]:
+    """A small urlencoded form, read whole within its own cap (a sign-in form is a few hundred bytes).
+
+    Read as every body is (http_guard.read_body): content.read(n) returns only what has arrived so
+    far, which cut a form whose body came in a later segment than its headers; and a trickled
+    form is ended at read_timeout_s like any other body."""
     if request.content_type != "application/x-www-form-urlencoded":
         raise BadRequest("console_form_type", public_message="send an application/x-www-form-urlencoded form")
     if (request.content_length or 0) > MAX_FORM_BYTES:
         raise BadRequest("console_form_too_large", public_message="form too large")
-    raw = await request.content.read(MAX_FORM_BYTES + 1)
-    if len(raw) > MAX_FORM_BYTES:
-        raise BadRequest("console_form_too_large", public_message="form too large")
+    try:
+        raw = await read_body(request, MAX_FORM_BYTES, state.settings.server.read_timeout_s)
+    except PayloadTooLarge:
+        raise BadRequest("console_form_too_large", public_message="form too large") from None
     try:
         fields = parse_qs(raw.decode(), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
@@ -117,7 +123,7 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
     """POST /console/session (form field `key`): the key through admit (console resource), then a session cookie."""
     if not _same_origin(request):
         raise Forbidden("console_cross_origin")
-    key = (await _form(request)).get("key", "").strip()
+    key = (await _form(request, state)).get("key", "").strip()
     try:
         await admit(state, ctx, f"Bearer {key}", lambda: classify_http("POST", "/console/session"))
         assert ctx.principal is not None
@@ -176,7 +182,7 @@ async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, 
         ended = _redirect(f"{base}/console/signin")
         ended.del_cookie(COOKIE, path=f"{base}/console")
         return ended
-    if not csrf_valid(token, (await _form(request)).get(CSRF_FIELD)):
+    if not csrf_valid(token, (await _form(request, state)).get(CSRF_FIELD)):
         raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
     assert ctx.principal is not None
     jti = ctx.principal.key_id   # a session principal's key id is its jti

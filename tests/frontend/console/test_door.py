@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,3 +224,21 @@ def test_console_refusals_carry_the_pages_security_headers(gw: Gateway, admin_ke
     for status, headers, _ in answers:
         assert headers.get("Content-Security-Policy") == CSP and headers.get("X-Frame-Options") == "DENY", status
         assert headers.get("Cache-Control") == "no-store" and headers.get("X-Content-Type-Options") == "nosniff"
+
+
+def test_a_sign_in_form_that_arrives_in_pieces_is_read_whole(gw: Gateway, admin_key: str) -> None:
+    """The browser's body may come in a later TCP segment (or TLS record) than its headers, and split."""
+    body = f"key={admin_key}".encode()
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /console/session HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
+                     b"\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        for piece in (body[:20], body[20:]):
+            time.sleep(0.2)
+            sock.sendall(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 303"), answer[:200]
+    assert b"seekgate_console=" in answer
