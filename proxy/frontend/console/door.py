@@ -108,7 +108,7 @@ async def _form(request: web.Request, state: AppState) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def _same_origin(request: web.Request) -> bool:
+def _same_origin(request: web.Request, state: AppState) -> bool:
     """A browser's Origin, when it sends one, must be ours: a sign-in posted from another site is refused.
 
     Without an Origin, a browser's own Sec-Fetch-Site still says where the post came from (a client that
@@ -116,12 +116,16 @@ def _same_origin(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
-    return origin == f"{request.scheme}://{request.host}"
+    if origin == f"{request.scheme}://{request.host}":
+        return True
+    # Behind a proxy that ends TLS (the setting says so), the browser's page is https://<host> though
+    # seekgate is reached over plain HTTP: that is our origin too (the proxy must keep the Host header).
+    return state.settings.console.cookie_secure == "always" and origin == f"https://{request.host}"
 
 
 async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:
     """POST /console/session (form field `key`): the key through admit (console resource), then a session cookie."""
-    if not _same_origin(request):
+    if not _same_origin(request, state):
         raise Forbidden("console_cross_origin")
     key = (await _form(request, state)).get("key", "").strip()
     try:

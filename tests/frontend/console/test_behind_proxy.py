@@ -79,3 +79,9 @@ def test_cookie_secure_always_marks_the_cookie_behind_a_tls_terminating_proxy(
         assert status == 303 and headers["Location"] == "/console/"
         attributes = [a.strip().lower() for a in (client.last_set_cookie or "").split(";")]
         assert ("secure" in attributes) is secure and "httponly" in attributes
+        # The browser's page is https://<host> at the TLS proxy: its sign-in is ours under `always` only.
+        status, _, _ = client.request(
+            "POST", "/console/session", urlencode({"key": admin_key}).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded",
+             "Origin": "https://" + gw.url.removeprefix("http://")})
+        assert status == (303 if secure else 403), (mode, status)
