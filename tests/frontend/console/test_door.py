@@ -242,3 +242,14 @@ def test_a_sign_in_form_that_arrives_in_pieces_is_read_whole(gw: Gateway, admin_
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 303"), answer[:200]
     assert b"seekgate_console=" in answer
+
+
+def test_a_trickled_sign_in_form_is_ended_at_read_timeout_s(relay: TcpRelay, tmp_path: Path) -> None:
+    with gateway_via(tmp_path, relay, **{"server.read_timeout_s": 1.0}) as quick:
+        host, port = quick.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /console/session HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() +
+                         b"\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nk")
+            started = time.monotonic()
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5, answer[:100]
