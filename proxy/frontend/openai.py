@@ -114,9 +114,9 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
                 if not left_client(gone):
                     raise   # not ours: the drain timeout's
                 return client_left(ctx)
-            # At the headers too: finish() charges a refusal of Triton's nothing, a failed send its estimate.
-            # _upstream_done moves it to the last event read.
-            ctx.upstream_ms = (time.perf_counter() - started) * 1000.0
+            # At the headers too (finish() charges nothing for a refusal Triton answered); set again at
+            # the last event read.
+            _upstream_done(ctx, started)
             try:
                 if req.stream:
                     return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model, gone,
@@ -260,8 +260,7 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     except asyncio.CancelledError:
         if not left_client(gone):
             raise   # not ours: the drain timeout's
-        if events is not None:
-            await _final_count(upstream, events, batch, ctx, wait_s)
+        await _final_count(upstream, events, batch, ctx, wait_s)   # nothing to read before the opening
         _upstream_done(ctx, started)
         return client_left(ctx)
     pieces.append(stops.flush())
@@ -432,8 +431,7 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     except asyncio.CancelledError:
         if not left_client(gone):
             raise   # not ours: the drain timeout's
-        if events is not None:
-            await _final_count(upstream, events, batch, ctx, wait_s)
+        await _final_count(upstream, events, batch, ctx, wait_s)   # nothing to read before the opening
         _upstream_done(ctx, started)
         if not response.prepared:
             return client_left(ctx)

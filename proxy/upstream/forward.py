@@ -83,7 +83,7 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
             ctx.never_sent = not exc.sent
             raise UpstreamTimeout(str(exc)) from exc
         except upstream_http.UpstreamConnectError as exc:
-            ctx.never_sent = True
+            ctx.never_sent = not exc.sent   # the pool's word, as for a timeout
             raise UpstreamUnavailable(str(exc)) from exc
         except upstream_http.UpstreamBroken as exc:
             raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
