@@ -54,9 +54,16 @@ SERVING, NOT_SERVING = 1, 2
 _HEALTH_TIMEOUT_S = 2.0
 GRPC_INTERNAL_HEADER = f"triton-grpc-protocol-{INTERNAL_HEADER}"
 _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-# grpc core refuses a message over grpc_max_message_bytes itself: the handler sees the request stream
-# end, then the call cancelled. A cancellation this soon after an end with no message is that refusal.
+# grpc core's own receive limit sits this far above grpc_max_message_bytes (at most the cap again), so a
+# message a little over the cap reaches the handler, which refuses it itself: a 413 audited for certain.
+# core's refusal is told from a client's cancel only by the order the handler sees them in, which a
+# starved CPU can swap. Beyond the slack core still refuses without buffering the message.
+_CORE_SLACK_BYTES = 16 * 1024 * 1024
+_INT32_MAX = 2**31 - 1   # grpc's max message length option is a C int
+# grpc core refuses a message over its limit itself: the handler sees the request stream end, then
+# the call cancelled. A cancellation this soon after an end with no message is that refusal.
 _OVER_CAP_GRACE_S = 1.0
+_OVER_CAP_REASON = "body_too_large: over server.grpc_max_message_bytes"
 _OVER_CAP = "grpc_message_over_cap"   # ctx.extra: refused by core for its size, audited as such
 _NO_TLS_PEER = "no_tls_peer"   # ctx.extra: TLS is on, but the call's connection is not one the TLS listener made
 
@@ -102,6 +109,7 @@ class GrpcFrontEnd:
         workers of `serve --workers N` share it."""
         cap = self.state.settings.server.grpc_max_message_bytes
         caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
+        core_limit = min(_INT32_MAX, cap + min(cap, _CORE_SLACK_BYTES))
         # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
         backoff = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         self.channel = upstream_channel(self.state.settings.upstream, caps + backoff)
@@ -115,7 +123,9 @@ class GrpcFrontEnd:
             handlers[m.name] = (grpc.stream_stream_rpc_method_handler(self._stream) if m.streaming
                                 else grpc.stream_unary_rpc_method_handler(self._unary_for(m)))
         # grpc sets SO_REUSEPORT by default: off unless asked, so a second seekgate on a taken port fails.
-        self.server = grpc.aio.server(options=[*caps, ("grpc.so_reuseport", int(reuse_port))])
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", core_limit),
+                                               ("grpc.max_send_message_length", cap),
+                                               ("grpc.so_reuseport", int(reuse_port))])
         self.server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),
             grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
@@ -167,6 +177,7 @@ class GrpcFrontEnd:
                 if raw is None:
                     await _refused_by_core(ctx)
                     raise BadRequest("no_request_message")
+                self._check_size(raw)
                 if method.name in ("ServerLive", "ServerReady"):
                     # Liveness probes need no key, exactly like /v2/health/* over HTTP.
                     ctx.resource = classify_grpc(method.name, "")
@@ -241,6 +252,7 @@ class GrpcFrontEnd:
                     async with asyncio.timeout(timeout):   # in this task: see _unary
                         raw = await anext(incoming, None)
                     if raw is not None:
+                        self._check_size(raw)
                         request = _parse(service_pb2.ModelInferRequest, raw)
                         resource = classify_grpc("ModelStreamInfer", request.model_name)
                         authorize(state, ctx, resource)
@@ -366,6 +378,11 @@ class GrpcFrontEnd:
         if ctx.extra.get(_NO_TLS_PEER):
             raise Unauthenticated("connection_not_from_tls_listener")
 
+    def _check_size(self, raw: bytes) -> None:
+        """A message over the cap that grpc core let through (see _CORE_SLACK_BYTES) is refused here."""
+        if len(raw) > self.state.settings.server.grpc_max_message_bytes:
+            raise PayloadTooLarge(_OVER_CAP_REASON)
+
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
         metadata = upstream_metadata(context.invocation_metadata())
         if self.state.internal_key:
@@ -429,7 +446,7 @@ async def _refused_by_core(ctx: RequestContext) -> None:
     try:
         await asyncio.sleep(_OVER_CAP_GRACE_S)
     except asyncio.CancelledError:
-        refuse(ctx, PayloadTooLarge("body_too_large: over server.grpc_max_message_bytes"))
+        refuse(ctx, PayloadTooLarge(_OVER_CAP_REASON))
         ctx.extra[_OVER_CAP] = True
         raise
 

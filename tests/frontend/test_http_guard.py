@@ -532,37 +532,74 @@ def over_cap_records(gw: Gateway) -> list[dict[str, object]]:
     return [r for r in audit_records(gw) if str(r["reason"]).startswith("body_too_large")]
 
 
-def test_grpc_message_over_the_cap_is_refused_and_audited(grpc_gw: Gateway, grpc_relay: TcpRelay) -> None:
-    _, key = grpc_gw.key(owner="mallory-grpc")
+# Just over the cap, grpc core lets the message through and seekgate refuses it itself; far over (past
+# core's slack, the cap again here) core refuses it unread and seekgate audits that refusal.
+JUST_OVER, FAR_OVER = GRPC_CAP + 1024, 4 * GRPC_CAP
+
+
+@pytest.mark.parametrize("size", [JUST_OVER, FAR_OVER], ids=["seekgate", "grpc-core"])
+def test_grpc_message_over_the_cap_is_refused_and_audited(grpc_gw: Gateway, grpc_relay: TcpRelay, size: int) -> None:
+    _, key = grpc_gw.key(owner=f"mallory-grpc-{size}")
+    before = len(over_cap_records(grpc_gw))
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}")
     headers = {"authorization": f"Bearer {key}"}
     quiet(grpc_relay)
     with pytest.raises(InferenceServerException) as info:
-        client.infer("deepseek", infer_inputs(grpcclient, "x" * (2 * GRPC_CAP), 2), headers=headers)
+        client.infer("deepseek", infer_inputs(grpcclient, "x" * size, 2), headers=headers)
     assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert_nothing_forwarded(grpc_relay)
-    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == 1, 5), json.dumps(audit_records(grpc_gw)[-3:])
-    (rec,) = over_cap_records(grpc_gw)
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5), json.dumps(audit_records(grpc_gw)[-3:])
+    rec = over_cap_records(grpc_gw)[-1]
     assert rec["status"] == "denied" and rec["http_status"] == 413 and rec["client_ip"] == "127.0.0.1"
     assert rec["reason"] == "body_too_large: over server.grpc_max_message_bytes"
     # Under the cap: served as before, and not audited as too large.
     result = client.infer("deepseek", infer_inputs(grpcclient, "small", 2), headers=headers)
-    assert result.as_numpy("output_tokens") is not None and len(over_cap_records(grpc_gw)) == 1
+    assert result.as_numpy("output_tokens") is not None and len(over_cap_records(grpc_gw)) == before + 1
     client.close()
 
 
-def test_grpc_stream_whose_first_message_is_over_the_cap_is_audited(grpc_gw: Gateway) -> None:
-    _, key = grpc_gw.key(owner="mallory-stream")
+@pytest.mark.parametrize("size", [JUST_OVER, FAR_OVER], ids=["seekgate", "grpc-core"])
+def test_grpc_stream_whose_first_message_is_over_the_cap_is_audited(grpc_gw: Gateway, size: int) -> None:
+    _, key = grpc_gw.key(owner=f"mallory-stream-{size}")
     before = len(over_cap_records(grpc_gw))
     with grpc.insecure_channel(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}") as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        responses = stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, "y" * (2 * GRPC_CAP))]),
-                                          metadata=md(key))
+        responses = stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, "y" * size)]), metadata=md(key))
         with pytest.raises(grpc.RpcError) as info:
             list(responses)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5)
-    assert over_cap_records(grpc_gw)[-1]["http_status"] == 413
+    rec = over_cap_records(grpc_gw)[-1]
+    assert rec["http_status"] == 413
+    # Only seekgate's own refusal names the request (core's carries no metadata of ours).
+    trailers = dict(info.value.trailing_metadata() or ())
+    assert (trailers.get("x-request-id") == rec["request_id"]) == (size == JUST_OVER), trailers
+
+
+def test_grpc_stream_message_over_the_cap_after_a_good_one_ends_the_stream(grpc_gw: Gateway) -> None:
+    """The first message served; a later one over the cap ends the stream with RESOURCE_EXHAUSTED, audited 413."""
+    _, key = grpc_gw.key(owner="mallory-stream-later")
+    before = len(over_cap_records(grpc_gw))
+    sent_second = threading.Event()
+
+    def messages() -> Iterator[object]:
+        yield infer_request(STREAM_MODEL, "fine")
+        time.sleep(0.5)   # the first one's tokens come back first
+        sent_second.set()
+        yield infer_request(STREAM_MODEL, "z" * JUST_OVER)
+
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for response in stub.ModelStreamInfer(messages(), metadata=md(key), timeout=30):
+                got.append(response)
+    assert sent_second.is_set() and got and not any(r.error_message for r in got)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5)
+    rec = over_cap_records(grpc_gw)[-1]
+    assert rec["http_status"] == 413
+    assert dict(info.value.trailing_metadata() or ())["x-request-id"] == rec["request_id"]
 
 
 def test_grpc_unary_call_without_a_message_is_invalid_argument(grpc_gw: Gateway) -> None:
