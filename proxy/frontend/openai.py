@@ -167,7 +167,8 @@ def _authorize_twin(state: AppState, ctx: RequestContext, model: str, twin: str,
 # ------------------------------------------------------------------ models
 
 async def _models(request: web.Request, state: AppState, ctx: RequestContext, path: str) -> web.Response:
-    """The models this key may use: each Triton model (twins hidden) and alias the policy allows to `read`."""
+    """The models this key may use: each Triton model (twins hidden) and alias the policy allows to `read`,
+    whose twin it may run (_usable)."""
     wanted = path[len(MODELS) + 1:] if path != MODELS else None
 
     def classify() -> Resource:
@@ -185,7 +186,7 @@ async def _models(request: web.Request, state: AppState, ctx: RequestContext, pa
     served = [n for n in names if not (suffix and n.endswith(suffix) and n[:-len(suffix)] in names)]
     ids = served + [a for a, target in sorted(aliases.items()) if target in served]
     now = int(time.time())
-    visible = [m for m in ids if _may_read(state, ctx, aliases.get(m, m))]
+    visible = [m for m in ids if _usable(state, ctx, aliases.get(m, m), suffix, names)]
     ctx.http_status = 200
     if wanted is not None:
         if wanted not in visible:
@@ -208,9 +209,20 @@ async def _authenticated(state: AppState, ctx: RequestContext, request: web.Requ
         raise ModelNotFound(ctx.resource.model, "model_not_readable") from None
 
 
-def _may_read(state: AppState, ctx: RequestContext, model: str) -> bool:
+def _usable(state: AppState, ctx: RequestContext, model: str, suffix: str, names: list[str]) -> bool:
+    """Listed: the key may read the model and, when a twin serves it, run that twin (streamed or not):
+    every /v1 answer runs there, so a model whose twin refuses the key could only ever answer 403."""
+    if not _may(state, ctx, Resource(f"model:{model}", "read", model=model, api="openai")):
+        return False
+    twin = model + suffix
+    return not suffix or twin not in names or any(
+        _may(state, ctx, Resource(f"model:{twin}", "infer", model=twin, stream=stream, api="openai"))
+        for stream in (False, True))
+
+
+def _may(state: AppState, ctx: RequestContext, resource: Resource) -> bool:
     try:
-        authorize(state, ctx, Resource(f"model:{model}", "read", model=model, api="openai"))
+        authorize(state, ctx, resource)
     except Forbidden:
         return False
     finally:

@@ -95,6 +95,19 @@ def test_models_shows_only_what_the_key_may_use(gw: Gateway) -> None:
         client(gw, key).models.retrieve(MODEL)
 
 
+def test_models_hides_a_model_whose_twin_the_key_may_not_run(gw: Gateway) -> None:
+    """Every /v1 answer runs on the twin: a model the key could read but never run there is not listed."""
+    _, key = gw.key(owner="lister-nostream", roles=("nostream",))
+    assert [m.id for m in client(gw, key).models.list()] == []
+    with pytest.raises(openai.NotFoundError):
+        client(gw, key).models.retrieve(MODEL)
+    # The key's own model list must name the twin too (README): without it, nothing to list either.
+    _, named_only = gw.key(owner="lister-named", models=("deepseek",))
+    assert [m.id for m in client(gw, named_only).models.list()] == []
+    _, both = gw.key(owner="lister-both", models=("deepseek", "deepseek_stream"))
+    assert [m.id for m in client(gw, both).models.list()] == ["deepseek", "deepseek-chat"]
+
+
 # ------------------------------------------------------------------ chat and completions
 
 def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
