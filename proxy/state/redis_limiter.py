@@ -21,7 +21,9 @@ Redis unreachable: `on_backend_down="closed"` refuses with 503 + Retry-After (no
 unmetered); `"local"` admits under this process's own `LocalLimiter` (each replica enforces the
 full limits on its own: N replicas may let N times through) and says so in a log line and through
 `on_backend(up, local)`. A probe finds Redis back and the shared counters take over again, no
-restart. Settlements that could not be written are kept and retried then.
+restart. Settlements that could not be written are kept and retried then, and the tokens this
+replica admitted on its own are added to the shared day and month budgets (`_repay`): an outage
+does not hand a key its budget again. The rpm and tpm windows (a minute) are not carried over.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class RedisGrant(Grant):
     day: str = ""
     month: str = ""
     local: Grant | None = None          # admitted by the local fallback while Redis was down
+    ends: tuple[float, float] = (0.0, 0.0)   # a local grant's day and month ends (Redis's clock), for _repay
 
 
 @dataclass(eq=False)
@@ -135,6 +138,9 @@ class RedisLimiter(Limiter):
         self._settle_due: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None   # the batch in flight, if any
         self._unsettled: list[_Unsettled] = []     # kept while Redis is down
+        # Tokens admitted by the local fallback, owed to the shared budgets:
+        # (base key, day, month) -> [tokens, day end, month end] (Redis's clock, seconds)
+        self._owed: dict[tuple[str, str, str], list[Any]] = {}
         self._local = LocalLimiter(clock=clock)
         self._slots = SlotBook(SLOT_LIFE_S, MAX_SLOTS)
         self.up = True
@@ -166,6 +172,7 @@ class RedisLimiter(Limiter):
         if self._sender is not None:
             await self._sender
         if self.up:
+            self._repay()
             await self._flush_unsettled()
         if self._settle_due is not None:
             self._settle_due.cancel()
@@ -295,7 +302,11 @@ class RedisLimiter(Limiter):
         if self.mode == "closed":
             raise StoreUnavailable("limiter_unavailable: redis")
         local = self._local.acquire_now(bound, tokens)
-        return RedisGrant(local.key_ids, tokens, rpm_window=local.rpm_window, local=local)
+        now = self.clock() + self._skew
+        day, month, to_day, to_month = _windows(now)
+        return RedisGrant(local.key_ids, tokens, rpm_window=local.rpm_window, local=local,
+                          keys=tuple(self._key(s.key_id) for s in bound), day=day, month=month,
+                          ends=(now + to_day, now + to_month))
 
     def settle(self, grant: Grant, tokens: int) -> None:
         if grant.settled:
@@ -305,6 +316,7 @@ class RedisLimiter(Limiter):
             return   # an unlimited request: nothing held
         if grant.local is not None:
             self._local.settle(grant.local, tokens)
+            self._owe(grant, tokens)
             return
         held = self._held.leases.pop(grant.gid, None) is not None
         delta = tokens - grant.tokens
@@ -316,6 +328,34 @@ class RedisLimiter(Limiter):
             self._keep(job)
             return
         self._enqueue_settlement(job)
+
+    def _owe(self, grant: RedisGrant, tokens: int) -> None:
+        """A local grant's tokens, to be added to the shared budgets of its day and month."""
+        if tokens <= 0:
+            return
+        for key in grant.keys:
+            owed = self._owed.setdefault((key, grant.day, grant.month), [0, *grant.ends])
+            owed[0] += tokens
+        if self.up:   # settled after Redis came back
+            self._repay()
+
+    def _repay(self) -> None:
+        """Adds what the local fallback admitted to Redis's day and month budgets, as admissions with no
+        limit to check (the script's charge creates a budget's key with its expiry, as for any request).
+        One that fails stays owed, for the next recovery."""
+        owed, self._owed = self._owed, {}
+        now = self.clock() + self._skew
+        for (key, day, month), (tokens, day_end, month_end) in owed.items():
+            admission = self._admit((key,), [(0, 0, 0, 0, 0)], self._new_gid(), tokens, day, month,
+                                    max(0.0, day_end - now), max(0.0, month_end - now), 0, request=True)
+
+            def done(answer: asyncio.Future[list[Any]], key: str = key, day: str = day, month: str = month,
+                     tokens: int = tokens, ends: tuple[float, float] = (day_end, month_end)) -> None:
+                if answer.cancelled() or answer.exception() is not None or int(answer.result()[0]) != 1:
+                    owed = self._owed.setdefault((key, day, month), [0, *ends])
+                    owed[0] += tokens
+
+            admission.answer.add_done_callback(done)
 
     def _enqueue_settlement(self, job: _Unsettled) -> None:
         job.due = asyncio.get_running_loop().time() + job.wait_s
@@ -488,6 +528,7 @@ class RedisLimiter(Limiter):
                     self.up = True
                     log.warning("limits: Redis reachable again: limits are shared across replicas again")
                     self._on_backend(True, False)
+                    self._repay()
                     await self._flush_unsettled()
                 elif time.monotonic() - renewed < self.lease_ms / 3000.0:
                     continue

@@ -334,6 +334,41 @@ async def test_redis_down_local_enforces_this_replicas_limits_and_says_so(privat
     await lim.close()
 
 
+async def test_tokens_admitted_locally_are_added_to_the_shared_budgets_once_redis_is_back(
+        private_redis: PrivateRedis, redis_prefix: str) -> None:
+    """An outage under on_backend_down=local does not hand a key its day's budget again."""
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       on_backend_down="local")
+    await lim.start()
+    s = [scope("k", daily_tokens=100), scope("app", inherited=True, monthly_tokens=1000)]
+    private_redis.stop()
+    lim.settle(await lim.acquire(s, 30), 60)      # admitted alone, used 60
+    held = await lim.acquire(s, 10)               # still running when Redis comes back
+    private_redis.start()                         # a fresh, empty Redis
+    deadline = time.monotonic() + 5
+    while not lim.up:
+        assert time.monotonic() < deadline, "limiter did not find Redis back"
+        await asyncio.sleep(0.05)
+    lim.settle(held, 20)                          # settled once Redis is back: owed at once
+    client = redis.asyncio.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        from proxy.state.limits import _windows
+        day, month, _, _ = _windows(time.time())
+        deadline = time.monotonic() + 5
+        while await client.get(f"{redis_prefix}k:d:{day}") != "80":
+            assert time.monotonic() < deadline, await client.keys("*")
+            await asyncio.sleep(0.05)
+        assert await client.get(f"{redis_prefix}app:m:{month}") == "80"
+        assert 86400 < await client.ttl(f"{redis_prefix}k:d:{day}") <= 2 * 86400   # the budget's own expiry
+    finally:
+        await client.aclose()
+    await lim.acquire(s, 20)                      # 80 + 20 fits the day exactly
+    with pytest.raises(OverLimit) as over:
+        await lim.acquire(s, 1)
+    assert over.value.kind == "daily_tokens"
+    await lim.close()
+
+
 @pytest.mark.parametrize(("limits", "tokens", "slots"), [
     ({"rpm": 20}, 0, 9),                      # its own charge makes 1; slots while the count stays under 10
     ({"rpm": 20, "request": 0}, 0, 10),       # a reservation alone charges no request of its own
