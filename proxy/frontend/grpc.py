@@ -65,6 +65,7 @@ _INT32_MAX = 2**31 - 1   # grpc's max message length option is a C int
 _OVER_CAP_GRACE_S = 1.0
 _OVER_CAP_REASON = "body_too_large: over server.grpc_max_message_bytes"
 _OVER_CAP = "grpc_message_over_cap"   # ctx.extra: refused by core for its size, audited as such
+_NEVER_CONNECTED = "failed to connect to all addresses"   # grpc core's UNAVAILABLE when no subchannel connected
 _NO_TLS_PEER = "no_tls_peer"   # ctx.extra: TLS is on, but the call's connection is not one the TLS listener made
 
 
@@ -414,6 +415,12 @@ class GrpcFrontEnd:
                                exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
         if not self._triton_answered():
+            # Not Triton's answer but the transport's: as over HTTP, no upstream time, so the meter
+            # charges the bound (Triton may have run the request), or nothing when no connection
+            # could be made at all (core fails the call's pick with _NEVER_CONNECTED: it never left).
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                ctx.upstream_ms = None
+                ctx.never_sent = exc.details().startswith(_NEVER_CONNECTED)
             if code == grpc.StatusCode.UNAVAILABLE:
                 # Connection details name internal addresses: the client gets our message, the audit the cause.
                 await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {exc.details()}"))

@@ -361,6 +361,31 @@ def test_health_check_reflects_triton(target: str, grpc_relay: TcpRelay, stub: A
     stub.ModelInfer(infer_request("deepseek"), metadata=md(user_key))
 
 
+def test_a_call_lost_with_its_connection_is_charged_its_bound(gw: Gateway, grpc_relay: TcpRelay, stub: Any) -> None:
+    """Triton's connection cut while it had the call (it may have run it): UNAVAILABLE, charged the
+    request's bound (prompt bytes + 64 + max_tokens), not nothing as a call that never left is."""
+    key_id, key = gw.key(owner="cut-mid-call", limits={"daily_tokens": 100})
+    tag = f"cut-{key_id}"
+    hold = grpc_relay.hold_requests(tag.encode())
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            answer = stub.ModelInfer.future(infer_request("deepseek", tag, 8), metadata=md(key), timeout=60)
+            assert hold.held.wait(30), "the call never reached the relay"
+            grpc_relay.block()
+            answer.result()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        grpc_relay.block(False)
+        hold.release()
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 5.0)
+    rec = next(r for r in audit_records(gw) if r["key_id"] == key_id)
+    assert rec["http_status"] == 503 and rec["upstream_ms"] is None
+    # ~100 charged (its bound); without the charge these 30 tokens would fit the day's 100.
+    with pytest.raises(grpc.RpcError) as over:
+        stub.ModelInfer(infer_request("deepseek", "after", 30), metadata=md(key))
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_audit_records_for_grpc_calls_with_token_counts(gw: Gateway, stub: Any) -> None:
     key_id, token = gw.key(owner="erin")
     response, call = stub.ModelInfer.with_call(infer_request("deepseek", max_tokens=7), metadata=md(token))

@@ -323,17 +323,29 @@ def test_token_budget_survives_a_restart(triton: TritonProcess, tmp_path_factory
 def test_requests_triton_never_got_are_not_charged(triton: TritonProcess,
                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     """A dead Triton (nothing listens) must not spend the budgets of the clients retrying against it:
-    each refused connection is a 503 charged nothing, on /v2 and on /v1, and the day's budget is whole after."""
+    each refused connection is a 503 (UNAVAILABLE) charged nothing, on /v2, /v1 and gRPC, and the
+    day's budget is whole after."""
     root = tmp_path_factory.mktemp("gw-dead-triton")
-    dead = Gateway(root, f"http://127.0.0.1:{free_ports(1)[0]}", free_ports(3)).start()
+    http_port, grpc_port = free_ports(2)
+    dead = Gateway(root, f"http://127.0.0.1:{http_port}", free_ports(3),
+                   **{"upstream.grpc_target": f"127.0.0.1:{grpc_port}"}).start()
     try:
         key_id, key = dead.key(owner="retrying", limits={"daily_tokens": 100})
         # Each asks for 16 and is bounded at ~90 (prompt bytes + 64 + 16): charged at either, the
         # budget would run out within seven tries and the rest be 429.
-        statuses = [generate(dead, key, "x" * 10, 16)[0] for _ in range(8)]
+        statuses = [generate(dead, key, "x" * 10, 16)[0] for _ in range(6)]
         statuses += [call(dead.url + "/v1/completions", "POST",
                           {"model": "deepseek", "prompt": "x" * 10, "max_tokens": 16}, key)[0] for _ in range(2)]
-        assert statuses == [503] * 10
+        assert statuses == [503] * 8
+        with grpc.insecure_channel(f"127.0.0.1:{dead.settings.server.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(infer_request("deepseek", "x" * 10, 16), metadata=md(key))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, "x" * 10, 16)]), metadata=md(key)))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         dead.stop()   # the shutdown flush writes whatever was charged
     live = Gateway(root, triton.http_url, free_ports(3)).start()
