@@ -338,6 +338,7 @@ class GrpcFrontEnd:
         ctx.resource = classify_grpc("ServerReady", "")
         try:
             self._check_peer(ctx)
+            self._check_size(raw)
             request = _parse(HealthCheckRequest, raw)
             if request.service not in ("", GRPC_SERVICE):
                 ctx.status, ctx.reason, ctx.http_status = "denied", "unknown_service", 404

@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.frontend import http_guard
+from proxy.frontend.grpc import HealthCheckRequest
 from proxy.frontend.http_guard import check_aiohttp_internals, decoded_size_within
 from proxy.local.triton import TritonProcess
 from tests.conftest import free_ports
@@ -574,6 +575,17 @@ def test_grpc_stream_whose_first_message_is_over_the_cap_is_audited(grpc_gw: Gat
     # Only seekgate's own refusal names the request (core's carries no metadata of ours).
     trailers = dict(info.value.trailing_metadata() or ())
     assert (trailers.get("x-request-id") == rec["request_id"]) == (size == JUST_OVER), trailers
+
+
+def test_grpc_health_check_over_the_cap_is_refused(grpc_gw: Gateway) -> None:
+    """The health service answers on the same server: a check just over the cap is refused there too."""
+    before = len(over_cap_records(grpc_gw))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_gw.settings.server.grpc_port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        with pytest.raises(grpc.RpcError) as info:
+            check(HealthCheckRequest(service="s" * JUST_OVER).SerializeToString())
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5)
 
 
 def test_grpc_stream_message_over_the_cap_after_a_good_one_ends_the_stream(grpc_gw: Gateway) -> None:
