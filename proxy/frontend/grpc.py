@@ -33,6 +33,7 @@ from ..steps.authn import authenticate, parse_bearer
 from ..steps.body_view import BodyView, view_grpc
 from ..steps.classify import GRPC_SERVICE, classify_grpc
 from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
+from ..upstream.forward import REDACTED_ERROR, UPSTREAM_ERROR_KEPT
 from ..upstream.grpc_forward import (
     GrpcMethod,
     StreamTokenCounter,
@@ -430,11 +431,19 @@ class GrpcFrontEnd:
         # Triton's own refusals (unknown model, bad tensor, a model's UNAVAILABLE) pass through, as over HTTP.
         ctx.http_status = http_status_of(code)
         ctx.reason = f"upstream_{code.name.lower()}"
+        details = exc.details() or ""
+        if ctx.http_status >= 500:
+            # As over HTTP (forward._upstream_error): the audit keeps the start of Triton's message, and
+            # upstream.redact_errors hides it from the client here too, or the gRPC port would leak the
+            # stack traces and paths the HTTP port redacts. The code stays Triton's: clients retry by it.
+            ctx.reason += ": " + details[:UPSTREAM_ERROR_KEPT]
+            if self.state.settings.upstream.redact_errors:
+                details = REDACTED_ERROR
         try:
             await commit_audit(self.state, ctx)
         except AuditUnavailable as audit_err:
             await self._abort(context, ctx, audit_err)
-        await context.abort(code, exc.details() or "", (("x-request-id", ctx.request_id),))
+        await context.abort(code, details, (("x-request-id", ctx.request_id),))
 
     def _triton_answered(self) -> bool:
         """Whether the call that just failed was answered by Triton, not ended by a failed connection.

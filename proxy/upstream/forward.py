@@ -32,6 +32,7 @@ BUFFERED_LIMIT = 1 << 20   # token counts are read from non-stream bodies up to 
 # A plain answer up to this size is read whole and sent in one write; larger ones are streamed.
 WHOLE_LIMIT = 64 * 1024
 UPSTREAM_ERROR_KEPT = 512  # bytes of a Triton 5xx body kept in the audit reason
+REDACTED_ERROR = "inference server error"   # upstream.redact_errors: what a client reads instead (HTTP and gRPC)
 BeforeSend = Callable[[], Awaitable[None]]
 
 
@@ -272,7 +273,7 @@ async def _generic_error(ctx: RequestContext, upstream: UpstreamResponse, header
     if before_send is not None:
         await before_send()
     kept = {k: headers[k] for k in ("X-Request-Id", "Server-Timing", "Retry-After") if k in headers}
-    return web.json_response({"error": "inference server error"}, status=upstream.status, headers=kept)
+    return web.json_response({"error": REDACTED_ERROR}, status=upstream.status, headers=kept)
 
 
 def _count(ctx: RequestContext, body: bytes, headers: CIMultiDictProxy[str]) -> None:

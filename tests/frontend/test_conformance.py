@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from proxy.local.triton import TritonProcess, free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, audit_records, wait_for
 
 GENERATE = "/v2/models/conform/generate"
 STREAM = "/v2/models/conform/generate_stream"
@@ -182,3 +182,32 @@ def test_tritonclient_grpc_stream_sees_the_mid_stream_error(conform_gw: Gateway,
     client.close()
     assert isinstance(answers[0], grpcclient.InferResult) and isinstance(answers[1], grpcclient.InferResult)
     assert "conform: failing after 2" in str(answers[2])
+
+
+def test_grpc_5xx_message_is_redacted_like_http_s_with_redact_errors(
+        echo_triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """upstream.redact_errors hides Triton's 5xx messages on the gRPC port too (same code), not on HTTP alone;
+    the audit keeps Triton's message. Triton's UNAVAILABLE here: explicit load under polling (HTTP's 503)."""
+    t = echo_triton.launch
+    gw = Gateway(tmp_path_factory.mktemp("gw-redact"), echo_triton.http_url, free_ports(3),
+                 **{"upstream.grpc_target": f"127.0.0.1:{t.grpc_port}", "upstream.redact_errors": True}).start()
+    try:
+        key = gw.key(owner="redact", roles=("admin",))[1]
+        load = service_pb2.RepositoryModelLoadRequest(model_name="conform")
+        with grpc.insecure_channel(f"127.0.0.1:{t.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as direct:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(load, timeout=60)
+        assert direct.value.code() == grpc.StatusCode.UNAVAILABLE and "polling" in (direct.value.details() or "")
+        with grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as proxied:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                    load, metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+        assert proxied.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proxied.value.details() == "inference server error"
+        status, _, body = post(gw.settings.server.http_port, "/v2/repository/models/conform/load", {}, key)
+        assert status == 503 and json.loads(body) == {"error": "inference server error"}
+        request_id = dict(proxied.value.trailing_metadata() or ())["x-request-id"]
+        assert wait_for(lambda: any(r["request_id"] == request_id and "polling" in r["reason"]
+                                    for r in audit_records(gw)), 5), audit_records(gw)[-1:]
+    finally:
+        gw.stop()
