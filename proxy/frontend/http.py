@@ -10,7 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from ..admin.crypto import handle_crypto
 from ..admin.keys import handle_admin
@@ -378,11 +379,18 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
       keep-alive client would send its next request on a connection the shutdown closes under it
       (a reset or an empty answer to a request already sent); told to close, it connects afresh,
       and once the listener is gone is refused before sending anything.
+    - An HTTP/1.0 answer of unknown length (an SSE stream, a large chunked answer of Triton's) ends
+      with its connection: HTTP/1.0 has no chunked framing, so the client reads to the close.
+      aiohttp 3.14 leaves Connection out accordingly but still keeps the connection open (its
+      `_prepare_headers` stores keep-alive before clearing it): the client would wait for the end
+      of the body until the keep-alive timeout.
     """
     ctx = request.get(CTX)
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
     response.headers["Server"] = SERVER_NAME   # not aiohttp's name and version (http_guard.SERVER_NAME)
+    if request.version < HttpVersion11 and hdrs.CONTENT_LENGTH not in response.headers:
+        response.force_close()
     if request.app[STATE].draining:
         response.force_close()
         response.headers["Connection"] = "close"   # the headers were built before this hook runs

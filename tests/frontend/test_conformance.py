@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,6 +94,26 @@ def test_the_set_covers_successes_and_errors_of_each_kind(conform_gw: Gateway, e
     assert {2, 4}.issubset(statuses) and statuses - {2, 4}, statuses
     _, content_type, sse = post(echo_triton.launch.http_port, STREAM, {"text_input": "s", "count": 4, "fail_after": 2})
     assert content_type.startswith("text/event-stream") and b'"error"' in sse and b'\\"i\\": 1' in sse
+
+
+
+@pytest.mark.parametrize(("path", "body"), [(STREAM, {"text_input": "s", "count": 3}),
+                                           (GENERATE, {"text_input": "x" * 100_000})],   # past forward.WHOLE_LIMIT
+                         ids=["sse", "large-generate"])
+def test_http_1_0_answer_of_unknown_length_ends_with_its_connection(
+        conform_gw: Gateway, admin_key: str, path: str, body: Any) -> None:
+    """HTTP/1.0 has no chunked framing: an answer without a length ends at the close, which must come
+    even when the client asked for keep-alive (else it waits for the end until the keep-alive timeout)."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", conform_gw.settings.server.http_port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer {admin_key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        answer = b""
+        while chunk := sock.recv(65536):   # socket.timeout here: the connection was kept open
+            answer += chunk
+    head, _, got = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"content-length" not in head.lower()
+    assert got == post(conform_gw.settings.server.http_port, path, body, admin_key)[2]
 
 
 # ------------------------------------------------------------------ gRPC
