@@ -225,8 +225,10 @@ def view_http(kind: str, body: bytes, header_lengths: list[str]) -> BodyView:
     if kind == "generate":
         return _view_generate(parse_json(body))
     length = header_length(header_lengths, len(body))
-    if length == 0:
-        return EMPTY   # Triton's raw binary request: the body is one tensor's bytes, no JSON, no parameters
+    if length == 0 or (length is None and not body):
+        # Triton's raw binary request: the body is one tensor's bytes, no JSON, no parameters. An empty
+        # body without the header is one too (Triton runs it as a single input's empty tensor).
+        return EMPTY
     if length is None:
         return _view_infer(parse_json(body), b"")
     return _view_infer(parse_json(body[:length]), body[length:])

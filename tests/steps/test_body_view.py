@@ -235,6 +235,12 @@ def test_header_length_zero_is_a_raw_binary_request() -> None:
     assert view_http("infer", b"\x00\x01raw tensor bytes", ["0"]) == EMPTY
 
 
+def test_an_empty_body_without_header_length_is_a_raw_binary_request() -> None:
+    """As Triton reads it (not JSON): it answers "Raw request must only have 1 input" for a model of several."""
+    assert view_http("infer", b"", []) == EMPTY
+    refused("malformed_json", view_http, "generate", b"", [])   # generate has no raw form
+
+
 def test_duplicate_inputs_are_refused() -> None:
     body = {"inputs": [{"name": "max_tokens", "datatype": "INT32", "data": [1]},
                        {"name": "max_tokens", "datatype": "INT32", "data": [200]}]}
