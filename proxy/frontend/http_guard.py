@@ -77,7 +77,8 @@ SERVER_NAME = "seekgate"
 
 
 def _408_response(request_id: str) -> bytes:
-    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nX-Request-Id: "
+    return (b"HTTP/1.1 408 Request Timeout\r\nServer: " + SERVER_NAME.encode()
+            + b"\r\nContent-Type: application/json\r\nX-Request-Id: "
             + request_id.encode() + b"\r\nConnection: close\r\nContent-Length: " + str(len(_408)).encode()
             + b"\r\n\r\n" + _408)
 DECODE_STEP = 64 * 1024   # bytes of decompressed output per step: a bomb never inflates past cap + this

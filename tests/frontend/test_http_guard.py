@@ -197,6 +197,7 @@ def test_trickled_headers_are_cut_and_others_served(gw: Gateway, relay: TcpRelay
             pass
         elapsed = time.monotonic() - started
     assert response.startswith(b"HTTP/1.1 408"), response
+    assert b"\r\nServer: seekgate\r\n" in response.split(b"\r\n\r\n", 1)[0]   # as every other answer
     assert json.loads(body_of(response)) == {"error": "request timed out"}
     assert READ_TIMEOUT * 0.9 < elapsed < READ_TIMEOUT + 4
     assert b"X-Slow" not in relay.seen()
