@@ -32,7 +32,7 @@ from ..upstream.forward import cancel_on_leave, client_left, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
-from .openai_errors import message_of, model_error, refusal
+from .openai_errors import as_asked, message_of, model_error, refusal
 from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
 from .openai_shapes import (
     ChunkWriter,
@@ -62,6 +62,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
     ctx.protocol = "openai"
     info: dict[str, Any] = {"endpoint": path}
     ctx.extra["openai"] = info
+    parsed: list[OpenAIRequest] = []
     try:
         if path == MODELS or path.startswith(MODELS + "/"):
             if request.method != "GET":
@@ -75,7 +76,6 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout_s)
         # OpenAI bodies are plain JSON: any Content-Encoding but identity is refused (415), as on generate.
         body = decode(body, request.headers.getall("Content-Encoding", []), "generate", settings.server.max_body_bytes)
-        parsed: list[OpenAIRequest] = []
 
         def classify() -> Resource:
             # After authentication (admit's order): an anonymous caller learns nothing from a body's errors.
@@ -125,6 +125,8 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
             finally:
                 upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
     except SeekgateError as err:
+        if parsed:   # a refusal about max_tokens names the field the client sent it by
+            err = as_asked(err, parsed[0].max_tokens_param)
         return await refused(state, ctx, err)
 
 

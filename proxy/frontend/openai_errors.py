@@ -14,7 +14,7 @@ import re
 
 from ..errors import SeekgateError, UpstreamUnavailable
 from .openai_request import CHAT, OpenAIBadRequest
-from .openai_shapes import ModelNotFound
+from .openai_shapes import ModelNotFound, error_body
 
 KEPT = 512   # characters of Triton's message kept in the audit reason
 # The model's RequestError texts, most specific first: (what the text says, the OpenAI parameter, code).
@@ -72,3 +72,12 @@ def model_error(message: str, endpoint: str) -> SeekgateError:
             param = "messages"
         return OpenAIBadRequest(param, message[:1024], code, reason=f"model_refused: {message[:256]}")
     return UpstreamFailed(f"model_error: {message[:KEPT]}")
+
+
+def as_asked(err: SeekgateError, max_tokens_param: str) -> SeekgateError:
+    """A refusal about max_tokens (the role's cap, the model's) naming the field the client sent instead:
+    the generate body only knows `max_tokens`, but a client that sent `max_completion_tokens` must find
+    that in `BadRequestError.param`."""
+    if max_tokens_param == "max_tokens" or error_body(err)["error"]["param"] != "max_tokens":
+        return err
+    return OpenAIBadRequest(max_tokens_param, err.public_message, getattr(err, "code", None), reason=err.reason)

@@ -54,6 +54,7 @@ class OpenAIRequest:
     prompt: str = ""                       # completions
     messages: tuple[dict[str, str], ...] = ()   # chat, content flattened to text
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"   # the name the client gave it by (refusals about it name that)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -119,7 +120,9 @@ def parse_request(endpoint: str, doc: dict[str, Any]) -> OpenAIRequest:
     user = doc.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 256):
         raise OpenAIBadRequest("user", "user must be a string of at most 256 characters")
-    common = dict(model=model, max_tokens=_max_tokens(doc), temperature=_number(doc, "temperature", 0.0, 2.0),
+    max_tokens, max_tokens_param = _max_tokens(doc)
+    common = dict(model=model, max_tokens=max_tokens, max_tokens_param=max_tokens_param,
+                  temperature=_number(doc, "temperature", 0.0, 2.0),
                   top_p=_top_p(doc), seed=_seed(doc), stop=_stop(doc), stream=stream, include_usage=include_usage,
                   user=user)
     if endpoint == CHAT:
@@ -145,7 +148,8 @@ def _bool(doc: dict[str, Any], key: str, param: str | None = None) -> bool:
     return value
 
 
-def _max_tokens(doc: dict[str, Any]) -> int | None:
+def _max_tokens(doc: dict[str, Any]) -> tuple[int | None, str]:
+    """The completion budget and the field it came from."""
     # max_completion_tokens is OpenAI's newer name; where both are given it wins (as OpenAI's API does).
     for key in ("max_completion_tokens", "max_tokens"):
         value = doc.get(key)
@@ -153,8 +157,8 @@ def _max_tokens(doc: dict[str, Any]) -> int | None:
             continue
         if not _is_int(value) or not 1 <= value <= 2**31 - 1:
             raise OpenAIBadRequest(key, f"{key} must be an integer of at least 1, got {_short(value)}")
-        return int(value)
-    return None
+        return int(value), key
+    return None, "max_tokens"
 
 
 def _number(doc: dict[str, Any], key: str, low: float, high: float) -> float | None:

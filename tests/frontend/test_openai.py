@@ -461,6 +461,20 @@ def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> Non
     assert err.value.param == "max_tokens"
 
 
+def test_a_refusal_of_max_completion_tokens_names_max_completion_tokens(gw: Gateway) -> None:
+    """The generate body knows only max_tokens; the client that sent max_completion_tokens reads its own name."""
+    _, capped = gw.key(owner="capped3", roles=("capped",))
+    with pytest.raises(openai.BadRequestError) as err:   # over the role's cap (seekgate's check_body)
+        client(gw, capped).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                   max_completion_tokens=9)
+    assert err.value.param == "max_completion_tokens"
+    _, key = gw.key(owner="uncapped-mct")
+    with pytest.raises(openai.BadRequestError) as err:   # over the model's cap (the model's own refusal)
+        client(gw, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_completion_tokens=600)
+    assert err.value.param == "max_completion_tokens" and "cap of 512" in err.value.message
+
+
 def test_rate_limited_429_is_retried_by_the_sdk_after_retry_after(gw: Gateway,
                                                                    relays: tuple[TcpRelay, TcpRelay]) -> None:
     key_id, key = gw.key(owner="retrier", limits={"concurrency": 1})
