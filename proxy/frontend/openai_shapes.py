@@ -168,7 +168,7 @@ class StopFilter:
             self.stopped = True
             out, self.sent = self.text[self.sent:cut], max(self.sent, cut)
             return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        hold = max(_held(self.text, s) for s in self.stops)
         safe = len(self.text) - hold
         if safe <= self.sent:
             return ""
@@ -181,3 +181,21 @@ class StopFilter:
             return ""
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
+
+
+def _held(text: str, stop: str) -> int:
+    """How long an ending of `text` (shorter than `stop`) begins `stop`: what must wait for the next piece.
+
+    Tried from the longest such ending, only where `stop`'s first character is: each piece of every
+    stream runs this, and trying every length of `stop` (a client's, up to the body's size) instead
+    would take seconds of the event loop per token for a stop sequence of a few hundred thousand characters.
+    """
+    if len(stop) < 2:
+        return 0
+    tail = text[-(len(stop) - 1):]
+    at = tail.find(stop[0])
+    while at >= 0:
+        if stop.startswith(tail[at:]):
+            return len(tail) - at
+        at = tail.find(stop[0], at + 1)
+    return 0

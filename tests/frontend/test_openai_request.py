@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -84,6 +85,16 @@ def test_stop_filter_never_streams_part_of_a_stop_sequence() -> None:
     h = StopFilter(("ab",))
     assert h.feed("xa") == "x" and h.flush() == "a"
     assert StopFilter(()).feed("abc") == "abc"
+
+
+def test_stop_filter_holds_back_in_time_however_long_the_stop_sequence() -> None:
+    """The hold-back is tried where a stop sequence could begin, not at every length of it: a client's
+    stop sequence of 300,000 characters held the event loop about a second per token."""
+    f = StopFilter(("a" * 300_000 + "b", "zz"))
+    started = time.perf_counter()
+    assert [f.feed(d) for d in ("xa", "a", "z")] == ["x", "", "aa"]
+    assert time.perf_counter() - started < 0.5
+    assert f.flush() == "z"
 
 
 def test_error_shapes_carry_the_codes_the_sdk_reads() -> None:
