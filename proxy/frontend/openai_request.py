@@ -114,9 +114,13 @@ def parse_request(endpoint: str, doc: dict[str, Any]) -> OpenAIRequest:
     if options is not None:
         if not stream:
             raise OpenAIBadRequest("stream_options", "stream_options is only allowed when stream is true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise OpenAIBadRequest("stream_options", "stream_options takes only include_usage")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+            raise OpenAIBadRequest("stream_options", "stream_options takes only include_usage and include_obfuscation")
         include_usage = _bool(options, "include_usage", "stream_options.include_usage")
+        # OpenAI pads its chunks (an `obfuscation` field) unless a client sets this false to save bandwidth:
+        # seekgate's never do, so false is honoured as asked and true is refused, not silently dropped.
+        if _bool(options, "include_obfuscation", "stream_options.include_obfuscation"):
+            raise OpenAIBadRequest("stream_options.include_obfuscation", "stream obfuscation is not supported")
     user = doc.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 256):
         raise OpenAIBadRequest("user", "user must be a string of at most 256 characters")

@@ -54,6 +54,8 @@ def test_defaults_and_max_completion_tokens_wins() -> None:
     (CHAT, chat(max_tokens=True), "max_tokens"),
     (CHAT, chat(stop=["a"] * 5), "stop"),
     (CHAT, chat(stream_options={"include_usage": True}), "stream_options"),
+    (CHAT, chat(stream=True, stream_options={"include_usage": True, "x": 1}), "stream_options"),
+    (CHAT, chat(stream=True, stream_options={"include_obfuscation": True}), "stream_options.include_obfuscation"),
     (CHAT, chat(frobnicate=1), "frobnicate"),
     (CHAT, chat(messages=[]), "messages"),
     (CHAT, chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
@@ -74,6 +76,9 @@ def test_refusals_name_the_parameter(endpoint: str, doc: dict[str, Any], param: 
 def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
     parse_request(CHAT, chat(logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=None))
     parse_request(COMPLETIONS, {"model": "m", "prompt": "p", "logprobs": 0, "best_of": 1})
+    # include_obfuscation=false (a client saving bandwidth) asks for what seekgate's chunks are anyway.
+    assert parse_request(CHAT, chat(stream=True, stream_options={"include_usage": True,
+                                                                 "include_obfuscation": False})).include_usage
 
 
 def test_stop_filter_never_streams_part_of_a_stop_sequence() -> None:
