@@ -212,14 +212,15 @@ async def _authenticated(state: AppState, ctx: RequestContext, request: web.Requ
 
 
 def _usable(state: AppState, ctx: RequestContext, model: str, suffix: str, names: list[str]) -> bool:
-    """Listed: the key may read the model and, when a twin serves it, run that twin (streamed or not):
-    every /v1 answer runs there, so a model whose twin refuses the key could only ever answer 403."""
+    """Listed: the key may read the model and run its twin (streamed or not): every /v1 answer runs
+    there, so a model whose twin refuses the key could only ever answer 403, and one without a twin
+    (a model that is no generator) 404."""
     if not _may(state, ctx, Resource(f"model:{model}", "read", model=model, api="openai")):
         return False
     twin = model + suffix
-    return not suffix or twin not in names or any(
+    return not suffix or (twin in names and any(
         _may(state, ctx, Resource(f"model:{twin}", "infer", model=twin, stream=stream, api="openai"))
-        for stream in (False, True))
+        for stream in (False, True)))
 
 
 def _may(state: AppState, ctx: RequestContext, resource: Resource) -> bool:

@@ -108,6 +108,22 @@ def test_models_hides_a_model_whose_twin_the_key_may_not_run(gw: Gateway) -> Non
     assert [m.id for m in client(gw, both).models.list()] == ["deepseek", "deepseek-chat"]
 
 
+def test_models_hides_a_model_without_a_twin(echo_triton: TritonProcess, tmp_path: Path) -> None:
+    """Every /v1 answer runs on <model>_stream: tests/models' busy and conform, which have none, could
+    only ever answer 404 (echo has echo_stream)."""
+    from tests.conftest import free_ports
+    g = Gateway(tmp_path, echo_triton.http_url, free_ports(3)).start()
+    try:
+        c = client(g, g.key(owner="twinless")[1], max_retries=0)
+        assert [m.id for m in c.models.list()] == ["echo"]
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("busy")
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="busy", prompt="hi", max_tokens=2)
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ chat and completions
 
 def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
