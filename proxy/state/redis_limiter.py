@@ -218,7 +218,8 @@ class RedisLimiter(Limiter):
                 admission.answer.cancel()
             else:   # its batch was out: undo its charge, if the answer says it made one (the request never ran)
                 admission.answer.add_done_callback(
-                    lambda answer: self._undo_cancelled(answer, keys, gid, tokens, day, month, bool(lease_keys)))
+                    lambda answer: self._undo_cancelled(answer, keys, gid, tokens, day, month, bool(lease_keys),
+                                                        shape, asked_at))
             raise
         finally:
             if shape is not None:
@@ -237,7 +238,7 @@ class RedisLimiter(Limiter):
         return grant
 
     def _undo_cancelled(self, answer: asyncio.Future[list[Any]], keys: tuple[str, ...], gid: str, tokens: int,
-                        day: str, month: str, leased: bool) -> None:
+                        day: str, month: str, leased: bool, shape: Any, asked_at: float) -> None:
         """Takes back the charge of an admission whose request was cancelled while its batch was out.
 
         Only an admitted one: a refusal charged nothing, and crediting its tokens to the budgets would
@@ -248,6 +249,10 @@ class RedisLimiter(Limiter):
             return
         self._enqueue_settlement(_Unsettled(keys, (gid, -tokens, day, month, 0),
                                             wait_s=0.0 if leased else SETTLE_DELAY_S))
+        # The slots the admission reserved were charged too (each like a request, tokens and budgets
+        # included): kept like any reservation's, handed to the next requests or cancelled when their
+        # life ends. Dropped here, nothing would ever give them back and the key lost their tokens.
+        self._keep_slots(shape, keys, tokens, day, month, gid, asked_at, answer.result())
 
     def _new_gid(self) -> str:
         self._next += 1

@@ -520,3 +520,36 @@ async def test_a_settlement_whose_answer_was_lost_is_not_applied_twice(limiter: 
     with pytest.raises(OverLimit) as over:
         await limiter.acquire(s, 901)
     assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+
+
+async def test_slots_reserved_by_an_admission_cancelled_in_flight_are_given_back(
+        limiter: RedisLimiter, redis_server_url: str, redis_prefix: str) -> None:
+    """A busy key's admission asks for slots; its client leaves while the batch is out. Redis charged the
+    slots like requests (budget tokens included): they must come back, not burn the key's day."""
+    s = [scope("leaves", daily_tokens=10_000)]
+    for _ in range(4):                              # busy: the next admission that goes to Redis reserves
+        limiter.settle(await limiter.acquire(s, 10), 10)
+    await asyncio.sleep(1.1)                        # the first reservation's life ends: the next asks anew
+    admitted = 4
+    asking = asyncio.create_task(limiter.acquire(s, 10))
+    while limiter._admissions or limiter._sender is None:
+        await asyncio.sleep(0)                      # its batch is on the wire
+    sent = limiter._sender
+    asking.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asking
+    await sent
+    await asyncio.sleep(0)                          # the answer's callbacks have run
+    client = redis.asyncio.Redis.from_url(redis_server_url)
+
+    async def charged() -> list[int]:
+        return [int(await client.get(k)) async for k in client.scan_iter(f"{redis_prefix}leaves:d:*")]
+
+    try:
+        assert (await charged())[0] > 10 * (admitted + 1), "the cancelled admission reserved no slots"
+        deadline = time.monotonic() + 5             # unused slots are cancelled once their 1 s life ends
+        while await charged() != [10 * admitted] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await charged() == [10 * admitted]
+    finally:
+        await client.aclose()
