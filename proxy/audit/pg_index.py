@@ -36,6 +36,7 @@ HEARTBEAT_S = 1.0              # how often an idle indexer reports its (empty) q
 REPORT_S = 0.5                 # under load, the queue is reported at most this often, or when it empties
 STEP_S = 0.2                   # batches start at most this often: one INSERT (and one commit) carries them all
 RETRY_S = (0.2, 5.0)
+MARK_S = 0.5                   # while backing off, the unindexed count is written at least this often
 # Retention works on these: a partition whose whole month is past the cutoff is dropped, not deleted row by row.
 _PARTITION_LOCK = 0x7365656B61756474   # "seekaudt": serialises partition DDL between replicas
 
@@ -213,7 +214,13 @@ class SharedAuditIndex:
                     log.error("SHARED AUDIT INDEX FAILED (%s: %s, %d records waiting; the JSONL file has them)",
                               exc.__class__.__name__, exc, len(self._pending))
                 self.healthy = False
-                await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt - 1, 8)))
+                # The back-off is slept in steps, the mark kept current after each: records keep arriving
+                # meanwhile (thousands a second), and a process killed late in a 5 s back-off would leave a
+                # mark short by more than the fixed tail a start re-reads, and those records unindexed.
+                until = time.monotonic() + min(RETRY_S[1], RETRY_S[0] * 2 ** min(attempt - 1, 8))
+                while (left := until - time.monotonic()) > 0:
+                    await asyncio.sleep(min(left, MARK_S))
+                    self._write_mark()
             finally:
                 self._progress.set()
                 self._progress.clear()

@@ -231,3 +231,31 @@ async def test_records_left_unindexed_by_a_stopped_replica_are_indexed_when_it_s
             await store.close()
     finally:
         server.destroy()
+
+
+async def test_the_unindexed_mark_follows_the_backlog_while_the_indexer_backs_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed (no close) late in a long back-off must leave a mark that counts what arrived during it:
+    a start re-reads the mark plus a fixed 10 000-line tail, and a busy replica adds more than that in 5 s."""
+
+    class Down:
+        def acquire(self) -> Any:
+            raise OSError("connection refused")
+
+    monkeypatch.setattr(pg_index, "RETRY_S", (5.0, 5.0))   # the longest back-off from the first failure
+    mark = tmp_path / "audit.jsonl.unindexed"
+    index = pg_index.SharedAuditIndex(Down(), "replica-killed", mark=mark)
+    index.start()
+    try:
+        index.submit([record("before", "http")])
+        async with asyncio.timeout(5):
+            while not mark.exists():           # the first attempt failed: back-off begins
+                await asyncio.sleep(0.02)
+        assert mark.read_text() == "1"
+        index.submit([record(f"during-{i}", "http") for i in range(50)])
+        await asyncio.sleep(1.5)               # well inside the 5 s back-off
+        assert mark.read_text() == "51"        # what a start after a kill -9 now would re-read
+    finally:
+        assert index._task is not None
+        index._task.cancel()
+        await asyncio.gather(index._task, return_exceptions=True)
