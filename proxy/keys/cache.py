@@ -18,7 +18,9 @@ Invalidation, all exact:
 - an entry lives at most `ttl_s` after it was verified, and never past the expiry of the key,
   any ancestor, or the session token's `exp`.
 - while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
-  uncached credential still fails with StoreUnavailable (503), as without the cache.
+  uncached credential still fails with StoreUnavailable (503), as without the cache. Not once the
+  change signal has moved since the last read: a change (a revocation, perhaps) was committed that
+  cannot be read, so every entry goes and credentials fail closed until the store answers again.
 
 A miss reads the credential's chain from the store (`chain`). Requests that miss on the same key
 at once, under the same change signal, share that read as they share a revision read: a burst
@@ -138,6 +140,10 @@ class KeyCache:
         try:
             rev = await store.revision()
         except StoreUnavailable:
+            if signal is not None and self._signal is not None and signal != self._signal:
+                # A change was committed (the signal moved) that cannot be read now: it may be the
+                # revocation of a cached key. Fail closed: no entry serves until a read succeeds.
+                self._entries.clear()
             return None
         if rev != self._revision:
             self._entries.clear()

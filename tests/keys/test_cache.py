@@ -381,6 +381,24 @@ async def test_a_cached_key_survives_a_locked_store(store: Counting) -> None:
     assert (await auth(uncached, store, c, now=NOW + 1)).tier == "app"
 
 
+async def test_a_change_that_cannot_be_read_ends_every_entry(store: Counting, tmp_path: Path) -> None:
+    """A revocation signalled by another process while this one's reads fail (a pool exhausted, queries
+    timing out): the signal moved, the revision read failed, so no cached entry serves its TTL out."""
+    key_id, token = await issue(store.store)
+    c = cache(revision_check_ms=60_000)
+    await auth(token, store, c)
+    async with await SqliteStore.open(tmp_path / "keys.db") as other:   # the CLI, another worker
+        await other.revoke_key(key_id, NOW)
+
+    async def timing_out(*_: Any) -> Any:
+        raise StoreUnavailable("store_unavailable: revision: timed out")
+    store.revision = store.get_chain = timing_out   # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):   # not served from the cache: the change may be this revocation
+        await auth(token, store, c, now=NOW + 1)
+    del store.revision, store.get_chain   # the store answers again
+    assert await reason(token, store, c, now=NOW + 1) == "revoked"
+
+
 # --- session tokens -------------------------------------------------------------------------
 
 KID = "00112233445566aa"
