@@ -281,6 +281,21 @@ def _hides_counts(outputs: list[tuple[str, list[str]]]) -> bool:
     return any(c not in named or "classification" in named[c] for c in COUNT_OUTPUTS)
 
 
+def _unique_outputs(outputs: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """The outputs, refused where one is named twice.
+
+    Triton answers an output named twice once, as its first request for it says (classified or
+    not), where a dict of them keeps the last: a stream message asking for `output_tokens`
+    classified, then plain, would be metered as if its count came back, and its tokens never
+    charged. No client needs an output twice, so it is refused, as an input given twice is."""
+    seen: set[str] = set()
+    for name, _ in outputs:
+        if name in seen:
+            raise bad("duplicate_output", f"output {name[:64]!r} requested twice")
+        seen.add(name)
+    return outputs
+
+
 def _params(owner: dict[str, Any], where: str, tensor: str) -> list[Parameter]:
     params = owner.get("parameters")
     if params is None:
@@ -333,7 +348,7 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
         own = _params(tensor, "output", name if isinstance(name, str) else "")
         params += own
         outputs.append((name if isinstance(name, str) else "", [p.key for p in own]))
-    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(outputs))
+    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(_unique_outputs(outputs)))
 
 
 def _tensor_text_size(tensor: dict[str, Any], own: list[Parameter], data: bytes | None) -> tuple[int, int]:
@@ -408,7 +423,7 @@ def view_grpc(request: Any) -> BodyView:
     for tensor in request.outputs:
         params += _grpc_params(tensor.parameters, "output", tensor.name)
         outputs.append((tensor.name, list(tensor.parameters)))
-    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(outputs))
+    return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(_unique_outputs(outputs)))
 
 
 def _elements(raw: bytes) -> int:

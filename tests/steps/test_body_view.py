@@ -247,6 +247,14 @@ def test_duplicate_inputs_are_refused() -> None:
     refused("duplicate_input", infer, json.dumps(body))
 
 
+def test_duplicate_outputs_are_refused() -> None:
+    # Triton answers the first (classified: no count comes back); a view keeping the last would think the
+    # count readable, and a gRPC stream of such messages would go uncharged beside one plain message.
+    outputs = [{"name": "output_tokens", "parameters": {"classification": 1}}, {"name": "output_tokens"},
+               {"name": "input_tokens"}]
+    refused("duplicate_output", infer, json.dumps({"inputs": [], "outputs": outputs}))
+
+
 # ------------------------------------------------------------------ gRPC
 
 def grpc_request(**params: object) -> service_pb2.ModelInferRequest:
@@ -308,6 +316,14 @@ def test_grpc_duplicate_inputs_are_refused() -> None:
     req.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(1)
     req.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(200)
     refused("duplicate_input", view_grpc, req)
+
+
+def test_grpc_duplicate_outputs_are_refused() -> None:
+    req = service_pb2.ModelInferRequest(model_name="m")
+    req.outputs.add(name="output_tokens").parameters["classification"].int64_param = 1
+    req.outputs.add(name="output_tokens")
+    req.outputs.add(name="input_tokens")
+    refused("duplicate_output", view_grpc, req)
 
 
 # ------------------------------------------------------------------ the meter's bound
