@@ -32,7 +32,17 @@ from ..steps.app_state import AppState
 from ..steps.authn import authenticate, parse_bearer
 from ..steps.body_view import BodyView, view_grpc
 from ..steps.classify import GRPC_SERVICE, classify_grpc
-from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, finish, limit, refuse
+from ..steps.pipeline import (
+    UNANSWERED,
+    admit,
+    audit_ready,
+    authorize,
+    check_body,
+    commit_audit,
+    finish,
+    limit,
+    refuse,
+)
 from ..upstream.forward import REDACTED_ERROR, UPSTREAM_ERROR_KEPT
 from ..upstream.grpc_forward import (
     GrpcMethod,
@@ -238,6 +248,7 @@ class GrpcFrontEnd:
         """Authenticated when it opens; every message classified and authorised before it is forwarded."""
         state, ctx = self.state, self._context(context, f"/{GRPC_SERVICE}/ModelStreamInfer")
         counter = StreamTokenCounter()
+        sent = 0   # messages written to Triton: each should end in a final answer or an error
         call: Any = None
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -284,12 +295,14 @@ class GrpcFrontEnd:
                 started = asyncio.get_running_loop().time()
 
                 async def pump() -> None:
+                    nonlocal sent
                     raw: bytes | None = first
                     while raw is not None:
                         try:
                             await call.write(raw)
                         except asyncio.InvalidStateError:
                             return   # the upstream call is over; relay() reports how it ended
+                        sent += 1
                         raw = await admitted()
                     await call.done_writing()
 
@@ -329,6 +342,9 @@ class GrpcFrontEnd:
             if call is not None:
                 call.cancel()   # a client that went away takes its upstream call with it
             ctx.input_tokens, ctx.output_tokens = counter.totals()
+            if counter.answered < sent:
+                # Cancelling the call does not stop what Triton was sent: the meter settles at the bound.
+                ctx.extra[UNANSWERED] = True
             finish(state, ctx)
 
     # ------------------------------------------------------------------ health

@@ -67,7 +67,6 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
     model = model or ctx.resource.model
     default = (await state.max_tokens_defaults.get(model)
                if view.max_tokens is None and state.max_tokens_defaults is not None and model else None)
-    _add_bound(state, ctx, view, asked, default)
     cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
     if cap is not None and asked is not None and asked > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
@@ -76,6 +75,8 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
     if cap is not None and not view.max_tokens:
         # After the parameters: a reserved one is 403 still. The OpenAI door always names max_tokens.
         _cap_model_default(view, default, cap)
+    # Last: only a message that is forwarded adds to the bound a stream may be settled at.
+    _add_bound(state, ctx, view, asked, default)
 
 
 def _cap_model_default(view: BodyView, known: MaxTokensDefault | None, cap: int) -> None:
@@ -170,9 +171,11 @@ def _role_caps(text: str) -> dict[str, int]:
     return parse_role_caps(text)   # settings validated it at start
 
 
-# ctx.extra keys: the token bound of every message admitted (a gRPC stream has many), and of those
-# whose response will not carry their counts (BodyView.counts_hidden).
-TOKEN_BOUND, HIDDEN_BOUND = "token_bound", "hidden_token_bound"
+# ctx.extra keys: the token bound of every message admitted (a gRPC stream has many), of those
+# whose response will not carry their counts (BodyView.counts_hidden), and whether a message was
+# forwarded that Triton's answers never finished (a stream cut short: Triton runs on with what it
+# was sent, and the counts read leave it out).
+TOKEN_BOUND, HIDDEN_BOUND, UNANSWERED = "token_bound", "hidden_token_bound", "unanswered_messages"
 
 
 def _add_bound(state: AppState, ctx: RequestContext, view: BodyView, asked: int | None,
@@ -198,12 +201,14 @@ def _used_tokens(ctx: RequestContext, charged: int) -> int:
     classification), so an answer without readable counts is charged the most the request could
     have used (check_body's bound: prompt bytes + max_tokens), never only its max_tokens. The same
     for a client gone mid-response (499): Triton may have generated it all. On a stream, the
-    messages that hid their counts add their bound to the counts the others reported.
+    messages that hid their counts add their bound to the counts the others reported; one cut short
+    (the client cancelled, or a later message was refused) while a message it sent was unanswered
+    is charged the bound of all it sent: Triton runs those to the end, cancelled call or not.
     """
     if ctx.never_sent:
         return 0   # no connection to Triton was made: the request ran nowhere
     i, o = ctx.input_tokens, ctx.output_tokens
-    if i is not None and o is not None:
+    if i is not None and o is not None and not ctx.extra.get(UNANSWERED):
         return i + o + ctx.extra.get(HIDDEN_BOUND, 0)
     if (i is None and o is None and ctx.upstream_ms is not None and ctx.http_status not in (0, 499)
             and not 200 <= ctx.http_status < 300):

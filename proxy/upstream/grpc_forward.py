@@ -131,9 +131,14 @@ class StreamTokenCounter:
     def __init__(self) -> None:
         self._open: dict[str, tuple[int | None, int | None]] = {}
         self._done: list[tuple[int | None, int | None]] = []
+        self.answered = 0   # requests Triton has finished with: a final response or an error
 
     def feed(self, raw: bytes) -> None:
         msg = service_pb2.ModelStreamInferResponse.FromString(raw)
+        if msg.error_message:
+            # Triton refused or failed that request: it runs no further (a refusal by Triton itself
+            # carries no final flag, one by the model does: counted once either way).
+            self.answered += 1
         if not msg.HasField("infer_response"):
             return
         resp = msg.infer_response
@@ -145,6 +150,7 @@ class StreamTokenCounter:
         final = resp.parameters.get("triton_final_response")
         if final is not None and final.bool_param:
             self._done.append(self._open.pop(rid))
+            self.answered += 0 if msg.error_message else 1
 
     def totals(self) -> tuple[int | None, int | None]:
         every = [*self._done, *self._open.values()]

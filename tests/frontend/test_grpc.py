@@ -449,6 +449,16 @@ def test_stream_token_counter_sums_requests() -> None:
         counter.feed(raw)
     assert counter.totals() == (6, 6)
     assert StreamTokenCounter().totals() == (None, None)
+    # Each request ends in a final response or an error (Triton's own refusals carry no final flag, the
+    # model's do): fewer than were sent means a stream was cut short, and is metered at its bound.
+    assert counter.answered == 2
+    refused = service_pb2.ModelStreamInferResponse(error_message="unexpected inference input 'x'")
+    refused.infer_response.id = "r"
+    failed = service_pb2.ModelStreamInferResponse.FromString(response("f", 0, True))
+    failed.error_message = "max_tokens must be at least 1"
+    for raw in (refused.SerializeToString(), failed.SerializeToString()):
+        counter.feed(raw)
+    assert counter.answered == 4
 
 
 def test_tritonclient_error_surface(target: str) -> None:

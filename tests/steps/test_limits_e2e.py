@@ -8,6 +8,7 @@ import gzip
 import http.client
 import json
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -158,6 +159,35 @@ def test_grpc_stream_messages_hiding_their_counts_add_their_bound(gw: Gateway, s
     hidden.outputs.add(name="text_output")
     _, key = gw.key(owner="meter-stream", limits={"daily_tokens": 300})
     list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, max_tokens=2), hidden]), metadata=md(key)))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(infer_request("deepseek", max_tokens=2), metadata=md(key))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_grpc_stream_cut_short_is_charged_the_bound_of_what_it_sent(gw: Gateway, stub: Any,
+                                                                      relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Triton runs what a stream sent to the end, cancelled call or not: a client that cancels once the
+    first answer is in is charged the bound of every message it sent (each here 240 + 64 + 4 bytes'
+    worth, over the 300 budget), never only the few tokens of the one answer it read."""
+    grpc_relay = relays[1]
+    key_id, key = gw.key(owner="meter-cut", limits={"daily_tokens": 300})
+    quiet(grpc_relay)
+    grpc_relay.hold_after(b"text_output")   # the later answers wait in the relay: surely unread at the cancel
+    done = threading.Event()
+
+    def messages() -> Iterator[Any]:
+        yield infer_request("deepseek", max_tokens=1)
+        for _ in range(3):
+            yield infer_request("deepseek", text=PROMPT, max_tokens=4)
+        done.wait(30)   # the stream stays open until the client cancels it
+    try:
+        responses = stub.ModelStreamInfer(messages(), metadata=md(key))
+        assert next(responses)
+        responses.cancel()
+    finally:
+        done.set()
+        grpc_relay.let_flow()
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 30.0)
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(infer_request("deepseek", max_tokens=2), metadata=md(key))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
