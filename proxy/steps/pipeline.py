@@ -63,15 +63,20 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
     if p is None or ctx.resource is None or ctx.resource.action != "infer":
         return
     asked = view.asked_tokens()   # a batch asks for the sum of its rows
-    # What the model generates when the request names no max_tokens: its own default (cached).
+    # What the model generates when the request names no max_tokens: its own default, and which of its
+    # outputs may be classified (its config, cached).
     model = model or ctx.resource.model
+    classified = {q.tensor for q in view.parameters if q.where == "output" and q.key == "classification"}
     default = (await state.max_tokens_defaults.get(model)
-               if view.max_tokens is None and state.max_tokens_defaults is not None and model else None)
+               if (view.max_tokens is None or classified) and state.max_tokens_defaults is not None and model
+               else None)
     cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
     if cap is not None and asked is not None and asked > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     if view.parameters and "admin" not in p.roles:
         _check_parameters(ctx, view, state.settings.body)
+    if classified:
+        _check_classified(classified, default)
     if cap is not None and not view.max_tokens:
         # After the parameters: a reserved one is 403 still. The OpenAI door always names max_tokens.
         _cap_model_default(view, default, cap)
@@ -92,6 +97,17 @@ def _cap_model_default(view: BodyView, known: MaxTokensDefault | None, cap: int)
         raise BadRequest("max_tokens_default_over_role_cap",
                          public_message=f"max_tokens is required under this key's cap of {cap} "
                                         f"(the model's default is {known.default})")
+
+
+def _check_classified(outputs: set[str], known: MaxTokensDefault | None) -> None:
+    """Only outputs the model's config declares numeric may be classified, for every key: classifying a
+    string output (text_output) kills tritonserver 2.51, every model with it. Fail closed: refused
+    when Triton does not say what the outputs are."""
+    refused = sorted(outputs - known.classifiable) if known is not None else sorted(outputs)
+    if refused:
+        raise BadRequest(f"classification_of_non_numeric_output: {refused[0][:64]}",
+                         public_message=f"output {refused[0][:64]!r} cannot be classified: only numeric "
+                                        f"outputs can")
 
 
 def _check_parameters(ctx: RequestContext, view: BodyView, body: BodySettings) -> None:

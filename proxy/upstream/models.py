@@ -70,13 +70,21 @@ async def watch_models(pool: UpstreamPool, apply: Callable[[Iterable[str]], None
         known = await refresh_models(pool, apply) or known
 
 
+# Datatypes Triton's classification extension reads as scores. It is refused on any other output:
+# classifying a TYPE_STRING output (deepseek's text_output) kills tritonserver 2.51 outright.
+CLASSIFIABLE_TYPES = frozenset({"TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_UINT8",
+                                "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_FP32", "TYPE_FP64"})
+
+
 @dataclass(frozen=True, slots=True)
 class MaxTokensDefault:
-    """Whether a model takes a `max_tokens` input, and what it generates when a request names none
-    (its config's `default_max_tokens` parameter; None: it declares none)."""
+    """Whether a model takes a `max_tokens` input, what it generates when a request names none
+    (its config's `default_max_tokens` parameter; None: it declares none), and which of its outputs
+    may be classified (numeric ones: CLASSIFIABLE_TYPES)."""
 
     takes_max_tokens: bool
     default: int | None
+    classifiable: frozenset[str] = frozenset()
 
 
 def max_tokens_default(config: object) -> MaxTokensDefault | None:
@@ -89,7 +97,11 @@ def max_tokens_default(config: object) -> MaxTokensDefault | None:
     value = params.get("default_max_tokens") if isinstance(params, dict) else None
     text = value.get("string_value") if isinstance(value, dict) else None
     default = int(text) if isinstance(text, str) and text.strip().isdigit() else None
-    return MaxTokensDefault(takes, default)
+    outputs = config.get("output", [])
+    classifiable = frozenset(o["name"] for o in (outputs if isinstance(outputs, list) else [])
+                             if isinstance(o, dict) and isinstance(o.get("name"), str)
+                             and o.get("data_type") in CLASSIFIABLE_TYPES)
+    return MaxTokensDefault(takes, default, classifiable)
 
 
 class MaxTokensDefaults:

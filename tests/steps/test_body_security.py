@@ -317,6 +317,31 @@ def test_parameters_outside_the_allowlist_are_refused_by_name(gw: Gateway, user_
         assert call(gw.url + "/v2/models/echo/infer", "POST", body, admin_key)[0] != 403
 
 
+def test_classifying_a_string_output_is_refused_for_every_key(echo_triton: TritonProcess, gw: Gateway,
+                                                              user_key: str, admin_key: str) -> None:
+    """Classification of a BYTES output kills tritonserver 2.51 (one request, the whole server): it is
+    refused before Triton, whoever asks; numeric outputs stay classifiable (test_limits_e2e)."""
+    body = ('{"inputs": [' + TEXT + ', {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [4]}], '
+            '"outputs": [{"name": "echo", "parameters": {"classification": 1}}]}').encode()   # under the cap
+    for key in (user_key, admin_key):
+        before = len(audit_records(gw))
+        status, _, raw = call(gw.url + "/v2/models/echo/infer", "POST", body, key)
+        assert status == 400 and "'echo' cannot be classified" in json.loads(raw)["error"], raw
+        assert wait_for(lambda n=before: any(r["reason"] == "classification_of_non_numeric_output: echo"
+                                             for r in audit_records(gw)[n:]), 5)
+    assert call(f"{echo_triton.http_url}/v2/health/live", "GET")[0] == 200   # Triton never saw it
+    with grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as channel:
+        req = service_pb2.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"x")
+        req.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1]).contents.int_contents.append(4)
+        req.outputs.add(name="echo").parameters["classification"].int64_param = 1
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                req, metadata=(("authorization", f"Bearer {user_key}"),), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert call(f"{echo_triton.http_url}/v2/health/live", "GET")[0] == 200
+
+
 def test_the_allowlist_is_configuration(echo_triton: TritonProcess, tmp_path: Path) -> None:
     g = Gateway(tmp_path, echo_triton.http_url, free_ports(3), **{"body.request_parameters": "my_knob"}).start()
     try:

@@ -84,3 +84,13 @@ def test_max_tokens_default_from_a_model_config() -> None:
     bad = {"input": [{"name": "max_tokens"}], "parameters": {"default_max_tokens": {"string_value": "-3"}}}
     assert max_tokens_default(bad) == MaxTokensDefault(True, None)   # unreadable: refused under a cap
     assert max_tokens_default([]) is None and max_tokens_default({"input": "x"}) is None
+
+
+def test_only_numeric_outputs_are_classifiable() -> None:
+    from proxy.upstream.models import max_tokens_default
+    config = {"input": [], "output": [{"name": "text_output", "data_type": "TYPE_STRING"},
+                                      {"name": "output_tokens", "data_type": "TYPE_INT32"},
+                                      {"name": "flag", "data_type": "TYPE_BOOL"}, {"data_type": "TYPE_FP32"}]}
+    known = max_tokens_default(config)
+    assert known is not None and known.classifiable == {"output_tokens"}
+    assert max_tokens_default({"output": "x"}).classifiable == frozenset()   # type: ignore[union-attr]
