@@ -22,6 +22,7 @@ Probed against tritonserver 2.51 (tests/steps/test_body_view_triton.py keeps the
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import zlib
@@ -334,7 +335,10 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
             data, offset = binary[offset:offset + size], offset + size
             if len(data) != size:
                 raise bad("binary_data_short", f"binary data of {name[:64]!r} ends early")
-        if name == MAX_TOKENS and not any(p.key.startswith("shared_memory_") for p in own):
+        in_region = any(p.key.startswith("shared_memory_") for p in own)
+        if data is None and not in_region:
+            _shape_fits_data(tensor, name)
+        if name == MAX_TOKENS and not in_region:
             datatype = str(tensor.get("datatype", ""))
             max_tokens = _unpack(datatype, data) if data is not None else _ints(tensor.get("data"), datatype, name)
         if name in PROMPT_INPUTS:
@@ -349,6 +353,30 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
         params += own
         outputs.append((name if isinstance(name, str) else "", [p.key for p in own]))
     return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(_unique_outputs(outputs)))
+
+
+def _shape_fits_data(tensor: dict[str, Any], name: str) -> None:
+    """A JSON `data` tensor holds as many elements as its shape says, else it is refused.
+
+    Triton sizes the tensor's buffer from the shape before it reads the data: one INT32 value under
+    shape [1, 100000000000] kills tritonserver 2.51 (std::bad_alloc), every model with it. Triton
+    refuses a count that differs from the shape anyway, where it lives to. A shape that is not a
+    list of non-negative integers (missing, a string, a negative or fractional dimension) Triton
+    refuses before sizing anything."""
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return
+    count, stack = 0, [tensor.get("data")]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            count += 1
+    if math.prod(shape) != count:
+        raise bad("shape_data_mismatch", f"{name[:64]!r} has {count} values in 'data' for shape "
+                                         f"{json.dumps(shape)[:64]}")
 
 
 def _tensor_text_size(tensor: dict[str, Any], own: list[Parameter], data: bytes | None) -> tuple[int, int]:

@@ -342,6 +342,18 @@ def test_classifying_a_string_output_is_refused_for_every_key(echo_triton: Trito
     assert call(f"{echo_triton.http_url}/v2/health/live", "GET")[0] == 200
 
 
+def test_a_shape_its_json_data_does_not_fill_is_refused(echo_triton: TritonProcess, gw: Gateway,
+                                                        user_key: str) -> None:
+    """Triton sizes a JSON tensor's buffer from its shape before reading the data: one value under a shape
+    of 10^11 elements kills tritonserver 2.51 (std::bad_alloc). Refused before Triton."""
+    huge = '{"name": "temperature", "shape": [1, 100000000000], "datatype": "FP32", "data": [1.0]}'
+    body = ('{"inputs": [' + TEXT + ', {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [4]}, '
+            + huge + '], "outputs": [{"name": "echo"}]}').encode()
+    status, _, raw = call(gw.url + "/v2/models/echo/infer", "POST", body, user_key)
+    assert status == 400 and "shape" in json.loads(raw)["error"], raw
+    assert call(f"{echo_triton.http_url}/v2/health/live", "GET")[0] == 200
+
+
 def test_the_allowlist_is_configuration(echo_triton: TritonProcess, tmp_path: Path) -> None:
     g = Gateway(tmp_path, echo_triton.http_url, free_ports(3), **{"body.request_parameters": "my_knob"}).start()
     try:

@@ -247,6 +247,17 @@ def test_duplicate_inputs_are_refused() -> None:
     refused("duplicate_input", infer, json.dumps(body))
 
 
+def test_json_data_must_fill_its_shape() -> None:
+    # Triton sizes the buffer from the shape first: 10^11 INT32 elements kill it (std::bad_alloc).
+    huge = {"name": "temperature", "shape": [1, 10 ** 11], "datatype": "FP32", "data": [1.0]}
+    refused("shape_data_mismatch", infer, json.dumps({"inputs": [huge]}))
+    short = {"name": "max_tokens", "shape": [2, 1], "datatype": "INT32", "data": [[4]]}
+    refused("shape_data_mismatch", infer, json.dumps({"inputs": [short]}))
+    assert infer(json.dumps({"inputs": [{**short, "data": [[4], [5]]}]})).max_tokens == (4, 5)
+    # Binary and shared-memory tensors carry no `data`; shapes Triton refuses itself are left to it.
+    assert infer(json.dumps({"inputs": [{**huge, "shape": "1"}, {"name": "x", "shape": [-1], "data": [1]}]}))
+
+
 def test_duplicate_outputs_are_refused() -> None:
     # Triton answers the first (classified: no count comes back); a view keeping the last would think the
     # count readable, and a gRPC stream of such messages would go uncharged beside one plain message.
