@@ -77,6 +77,9 @@ _OVER_CAP_GRACE_S = 1.0
 _OVER_CAP_REASON = "body_too_large: over server.grpc_max_message_bytes"
 _OVER_CAP = "grpc_message_over_cap"   # ctx.extra: refused by core for its size, audited as such
 _NEVER_CONNECTED = "failed to connect to all addresses"   # grpc core's UNAVAILABLE when no subchannel connected
+# How grpc core's UNAVAILABLE begins when the connection failed or was lost (chttp2), not Triton's answer.
+_TRANSPORT_FAILURES = (_NEVER_CONNECTED, "Stream removed", "Socket closed", "Connection reset", "Broken pipe",
+                       "GOAWAY", "keepalive watchdog timeout")
 _NO_TLS_PEER = "no_tls_peer"   # ctx.extra: TLS is on, but the call's connection is not one the TLS listener made
 
 
@@ -432,7 +435,7 @@ class GrpcFrontEnd:
     async def _upstream_failed(self, context: grpc.aio.ServicerContext, ctx: RequestContext,
                                exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
-        if not self._triton_answered():
+        if not self._triton_answered(exc):
             # Not Triton's answer but the transport's: as over HTTP, no upstream time, so the meter
             # charges the bound (Triton may have run the request), or nothing when no connection
             # could be made at all (core fails the call's pick with _NEVER_CONNECTED: it never left).
@@ -461,14 +464,19 @@ class GrpcFrontEnd:
             await self._abort(context, ctx, audit_err)
         await context.abort(code, details, (("x-request-id", ctx.request_id),))
 
-    def _triton_answered(self) -> bool:
+    def _triton_answered(self, exc: grpc.aio.AioRpcError) -> bool:
         """Whether the call that just failed was answered by Triton, not ended by a failed connection.
 
         grpc reports both alike (same code, no metadata, and debug_error_string no longer says "received
         from peer"), but a call that could not connect, or lost its connection, leaves the channel out of
-        READY, while Triton's own UNAVAILABLE (a model shedding load) leaves it connected. A connection lost
-        just after Triton answered reads as a failure: the client then gets our message, never an address.
+        READY, while Triton's own UNAVAILABLE (a model shedding load) leaves it connected. The channel's
+        state can lag the failure, though (a cut connection's call failed while the channel still read
+        READY, under load): grpc core's own words for a lost or refused connection settle it first, on
+        the safe side (our 503, the request's bound charged). A connection lost just after Triton
+        answered reads as a failure: the client then gets our message, never an address.
         """
+        if (exc.details() or "").startswith(_TRANSPORT_FAILURES):
+            return False
         return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
 
 

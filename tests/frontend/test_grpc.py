@@ -18,7 +18,7 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from proxy.frontend.grpc import SERVING, HealthCheckRequest, HealthCheckResponse
+from proxy.frontend.grpc import SERVING, GrpcFrontEnd, HealthCheckRequest, HealthCheckResponse
 from proxy.local.triton import TritonProcess
 from proxy.upstream.grpc_forward import StreamTokenCounter, client_ip, model_name_of, token_counts, upstream_metadata
 from tests.conftest import free_ports
@@ -486,3 +486,22 @@ def test_an_unexpected_exception_is_an_audited_internal_with_the_request_id(
     rec = next(r for r in audit_records(gw) if r["request_id"] == rid)
     assert (rec["key_id"], rec["status"], rec["http_status"], rec["reason"]) == (
         key_id, "error", 500, "internal_error: RuntimeError")
+
+
+class _ReadyChannel:
+    """A channel that still reads READY: the state a cut connection's call can fail under, on a busy machine."""
+
+    def get_state(self) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+
+@pytest.mark.parametrize(("details", "triton"), [
+    ("Stream removed (Socket closed)", False),          # the relay's cut, as grpc core words it
+    ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused", False),
+    ("model busy: queue full, retry later", True),      # a model's own UNAVAILABLE (tests/models/busy)
+])
+def test_a_failure_grpc_core_names_is_the_transports_whatever_the_channel_says(details: str, triton: bool) -> None:
+    front = GrpcFrontEnd.__new__(GrpcFrontEnd)
+    front.channel = _ReadyChannel()   # type: ignore[assignment]
+    exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    assert front._triton_answered(exc) is triton
