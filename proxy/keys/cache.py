@@ -19,8 +19,9 @@ Invalidation, all exact:
   any ancestor, or the session token's `exp`.
 - while the store is unreadable (locked, gone), an entry within its TTL keeps working; an
   uncached credential still fails with StoreUnavailable (503), as without the cache. Not once the
-  change signal has moved since the last read: a change (a revocation, perhaps) was committed that
-  cannot be read, so every entry goes and credentials fail closed until the store answers again.
+  change signal has moved since the last read while its channel is live: a change (a revocation,
+  perhaps) was committed that cannot be read, so every entry goes and credentials fail closed
+  until the store answers again.
 
 A miss reads the credential's chain from the store (`chain`). Requests that miss on the same key
 at once, under the same change signal, share that read as they share a revision read: a burst
@@ -140,9 +141,11 @@ class KeyCache:
         try:
             rev = await store.revision()
         except StoreUnavailable:
-            if signal is not None and self._signal is not None and signal != self._signal:
+            if (signal is not None and self._signal is not None and signal != self._signal
+                    and store.change_signal_live()):
                 # A change was committed (the signal moved) that cannot be read now: it may be the
-                # revocation of a cached key. Fail closed: no entry serves until a read succeeds.
+                # revocation of a cached key. Fail closed: no entry serves until a read succeeds. (A
+                # signal whose channel is down moves on every read: the store is away, not changed.)
                 self._entries.clear()
             return None
         if rev != self._revision:

@@ -93,5 +93,10 @@ class KeyStore(Protocol):
         """Changes whenever any process commits a change; a memory read, for the key cache's hot path."""
         ...
 
+    def change_signal_live(self) -> bool:
+        """Whether change_signal moves only for committed changes now (False: its channel is down, and it
+        moves on every read to make readers re-read)."""
+        ...
+
 
 __all__ = ["TIERS", "KeyRecord", "KeyStore", "StoreConflict"]

@@ -234,6 +234,9 @@ class PostgresStore:
         """Moves on every NOTIFY, and on every read while the channel is down (pg_changes.py)."""
         return self._listener.value()
 
+    def change_signal_live(self) -> bool:
+        return self._listener.connected
+
     async def revision(self) -> int:
         async with self.read("revision") as conn:
             value = await conn.fetchval("SELECT value FROM meta WHERE name = 'revision'")

@@ -339,6 +339,9 @@ class SqliteStore:
         """Differs from its last value once any process has committed a change (store/change_signal.py)."""
         return self._signal.value()
 
+    def change_signal_live(self) -> bool:
+        return True   # the shared word is rewritten by commits only
+
     async def revision(self) -> int:
         async with _guard("revision"):
             async with self._db.execute(
