@@ -355,14 +355,19 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
     return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(_unique_outputs(outputs)))
 
 
+# Elements a JSON tensor's shape may claim beyond the values its `data` holds (see _shape_fits_data).
+UNFILLED_ELEMENTS_MAX = 1 << 20
+
+
 def _shape_fits_data(tensor: dict[str, Any], name: str) -> None:
-    """A JSON `data` tensor holds as many elements as its shape says, else it is refused.
+    """A JSON `data` tensor whose shape claims far more elements than it holds is refused.
 
     Triton sizes the tensor's buffer from the shape before it reads the data: one INT32 value under
-    shape [1, 100000000000] kills tritonserver 2.51 (std::bad_alloc), every model with it. Triton
-    refuses a count that differs from the shape anyway, where it lives to. A shape that is not a
-    list of non-negative integers (missing, a string, a negative or fractional dimension) Triton
-    refuses before sizing anything."""
+    shape [1, 100000000000] kills tritonserver 2.51 (std::bad_alloc), every model with it. A smaller
+    mismatch Triton refuses itself, in its own words (a decoupled model's infer says 501 first), so it
+    is forwarded as it is: up to UNFILLED_ELEMENTS_MAX elements (8 MiB of INT64) more than the data.
+    A shape that is not a list of non-negative integers (missing, a string, a negative or fractional
+    dimension) Triton refuses before sizing anything."""
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -374,7 +379,7 @@ def _shape_fits_data(tensor: dict[str, Any], name: str) -> None:
             stack.extend(item)
         else:
             count += 1
-    if math.prod(shape) != count:
+    if math.prod(shape) > count + UNFILLED_ELEMENTS_MAX:
         raise bad("shape_data_mismatch", f"{name[:64]!r} has {count} values in 'data' for shape "
                                          f"{json.dumps(shape)[:64]}")
 

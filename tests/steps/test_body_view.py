@@ -14,6 +14,7 @@ from proxy.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from proxy.steps.body_view import (
     DECODE_STEP,
     EMPTY,
+    UNFILLED_ELEMENTS_MAX,
     BodyView,
     Parameter,
     decode,
@@ -247,12 +248,16 @@ def test_duplicate_inputs_are_refused() -> None:
     refused("duplicate_input", infer, json.dumps(body))
 
 
-def test_json_data_must_fill_its_shape() -> None:
+def test_json_data_must_not_claim_a_shape_far_beyond_it() -> None:
     # Triton sizes the buffer from the shape first: 10^11 INT32 elements kill it (std::bad_alloc).
     huge = {"name": "temperature", "shape": [1, 10 ** 11], "datatype": "FP32", "data": [1.0]}
     refused("shape_data_mismatch", infer, json.dumps({"inputs": [huge]}))
+    over = {"name": "x", "shape": [UNFILLED_ELEMENTS_MAX + 2], "datatype": "INT32", "data": [1]}
+    refused("shape_data_mismatch", infer, json.dumps({"inputs": [over]}))
+    # A small mismatch is Triton's to refuse, in its own words (tests/frontend/test_conformance.py).
     short = {"name": "max_tokens", "shape": [2, 1], "datatype": "INT32", "data": [[4]]}
-    refused("shape_data_mismatch", infer, json.dumps({"inputs": [short]}))
+    assert infer(json.dumps({"inputs": [short]})).max_tokens == (4,)
+    assert infer(json.dumps({"inputs": [{**over, "shape": [UNFILLED_ELEMENTS_MAX + 1]}]}))
     assert infer(json.dumps({"inputs": [{**short, "data": [[4], [5]]}]})).max_tokens == (4, 5)
     # Binary and shared-memory tensors carry no `data`; shapes Triton refuses itself are left to it.
     assert infer(json.dumps({"inputs": [{**huge, "shape": "1"}, {"name": "x", "shape": [-1], "data": [1]}]}))
