@@ -405,7 +405,7 @@ _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_ca
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")
 AUDIT_DURABILITY = ("batched", "strict")
-_INT32_MAX = 2**31 - 1  # grpc's max message length option is a C int
+GRPC_LENGTH_MAX = 2**31 - 1  # grpc's max message length option is a C int
 _BASE_PATH_RE = re.compile(r"(/[A-Za-z0-9_~.-]+)*")
 
 
@@ -444,8 +444,8 @@ def validate(settings: Settings) -> list[str]:
     for path in _NON_EMPTY:
         if not _get(settings, path).strip():
             errors.append(f"{path}: must not be empty")
-    if settings.server.grpc_max_message_bytes > _INT32_MAX:
-        errors.append(f"server.grpc_max_message_bytes: must be at most {_INT32_MAX}, "
+    if settings.server.grpc_max_message_bytes > GRPC_LENGTH_MAX:
+        errors.append(f"server.grpc_max_message_bytes: must be at most {GRPC_LENGTH_MAX}, "
                       f"got {settings.server.grpc_max_message_bytes}")
     base = settings.server.base_path
     if _BASE_PATH_RE.fullmatch(base) is None or any(s in (".", "..") for s in base.split("/")):

@@ -28,6 +28,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..local.triton import INTERNAL_HEADER
+from ..settings import GRPC_LENGTH_MAX
 from ..steps.app_state import AppState
 from ..steps.authn import authenticate, parse_bearer
 from ..steps.body_view import BodyView, view_grpc
@@ -70,7 +71,6 @@ _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 # core's refusal is told from a client's cancel only by the order the handler sees them in, which a
 # starved CPU can swap. Beyond the slack core still refuses without buffering the message.
 _CORE_SLACK_BYTES = 16 * 1024 * 1024
-_INT32_MAX = 2**31 - 1   # grpc's max message length option is a C int
 # grpc core refuses a message over its limit itself: the handler sees the request stream end, then
 # the call cancelled. A cancellation this soon after an end with no message is that refusal.
 _OVER_CAP_GRACE_S = 1.0
@@ -124,7 +124,7 @@ class GrpcFrontEnd:
         workers of `serve --workers N` share it."""
         cap = self.state.settings.server.grpc_max_message_bytes
         caps = [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
-        core_limit = min(_INT32_MAX, cap + min(cap, _CORE_SLACK_BYTES))
+        core_limit = min(GRPC_LENGTH_MAX, cap + min(cap, _CORE_SLACK_BYTES))
         # Triton is on loopback: after a restart, reconnect within seconds, not grpc's default 2 minutes.
         backoff = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         self.channel = upstream_channel(self.state.settings.upstream, caps + backoff)
@@ -434,23 +434,22 @@ class GrpcFrontEnd:
 
     async def _upstream_failed(self, context: grpc.aio.ServicerContext, ctx: RequestContext,
                                exc: grpc.aio.AioRpcError) -> None:
-        code = exc.code()
-        if not self._triton_answered(exc):
+        code, details = exc.code(), exc.details() or ""
+        if not self._triton_answered(details):
             # Not Triton's answer but the transport's: as over HTTP, no upstream time, so the meter
             # charges the bound (Triton may have run the request), or nothing when no connection
             # could be made at all (core fails the call's pick with _NEVER_CONNECTED: it never left).
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 ctx.upstream_ms = None
-                ctx.never_sent = exc.details().startswith(_NEVER_CONNECTED)
+                ctx.never_sent = details.startswith(_NEVER_CONNECTED)
             if code == grpc.StatusCode.UNAVAILABLE:
                 # Connection details name internal addresses: the client gets our message, the audit the cause.
-                await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {exc.details()}"))
+                await self._abort(context, ctx, UpstreamUnavailable(f"upstream_unavailable: {details}"))
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 await self._abort(context, ctx, UpstreamTimeout("upstream_timeout"))
         # Triton's own refusals (unknown model, bad tensor, a model's UNAVAILABLE) pass through, as over HTTP.
         ctx.http_status = http_status_of(code)
         ctx.reason = f"upstream_{code.name.lower()}"
-        details = exc.details() or ""
         if ctx.http_status >= 500:
             # As over HTTP (forward._upstream_error): the audit keeps the start of Triton's message, and
             # upstream.redact_errors hides it from the client here too, or the gRPC port would leak the
@@ -464,7 +463,7 @@ class GrpcFrontEnd:
             await self._abort(context, ctx, audit_err)
         await context.abort(code, details, (("x-request-id", ctx.request_id),))
 
-    def _triton_answered(self, exc: grpc.aio.AioRpcError) -> bool:
+    def _triton_answered(self, details: str) -> bool:
         """Whether the call that just failed was answered by Triton, not ended by a failed connection.
 
         grpc reports both alike (same code, no metadata, and debug_error_string no longer says "received
@@ -475,7 +474,7 @@ class GrpcFrontEnd:
         the safe side (our 503, the request's bound charged). A connection lost just after Triton
         answered reads as a failure: the client then gets our message, never an address.
         """
-        if (exc.details() or "").startswith(_TRANSPORT_FAILURES):
+        if details.startswith(_TRANSPORT_FAILURES):
             return False
         return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
 

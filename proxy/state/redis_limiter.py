@@ -339,10 +339,13 @@ class RedisLimiter(Limiter):
         if tokens <= 0:
             return
         for key in grant.keys:
-            owed = self._owed.setdefault((key, grant.day, grant.month), [0, *grant.ends])
-            owed[0] += tokens
+            self._add_owed(key, grant.day, grant.month, tokens, grant.ends)
         if self.up:   # settled after Redis came back
             self._repay()
+
+    def _add_owed(self, key: str, day: str, month: str, tokens: int, ends: tuple[float, float]) -> None:
+        owed = self._owed.setdefault((key, day, month), [0, *ends])
+        owed[0] += tokens
 
     def _repay(self) -> None:
         """Adds what the local fallback admitted to Redis's day and month budgets, as admissions with no
@@ -357,8 +360,7 @@ class RedisLimiter(Limiter):
             def done(answer: asyncio.Future[list[Any]], key: str = key, day: str = day, month: str = month,
                      tokens: int = tokens, ends: tuple[float, float] = (day_end, month_end)) -> None:
                 if answer.cancelled() or answer.exception() is not None or int(answer.result()[0]) != 1:
-                    owed = self._owed.setdefault((key, day, month), [0, *ends])
-                    owed[0] += tokens
+                    self._add_owed(key, day, month, tokens, ends)
 
             admission.answer.add_done_callback(done)
 

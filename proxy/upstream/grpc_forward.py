@@ -150,7 +150,8 @@ class StreamTokenCounter:
         final = resp.parameters.get("triton_final_response")
         if final is not None and final.bool_param:
             self._done.append(self._open.pop(rid))
-            self.answered += 0 if msg.error_message else 1
+            if not msg.error_message:   # an error counted it already
+                self.answered += 1
 
     def totals(self) -> tuple[int | None, int | None]:
         every = [*self._done, *self._open.values()]

@@ -504,4 +504,4 @@ def test_a_failure_grpc_core_names_is_the_transports_whatever_the_channel_says(d
     front = GrpcFrontEnd.__new__(GrpcFrontEnd)
     front.channel = _ReadyChannel()   # type: ignore[assignment]
     exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-    assert front._triton_answered(exc) is triton
+    assert front._triton_answered(exc.details()) is triton
