@@ -178,8 +178,8 @@ class OpenAISettings:
                                     "(charged up front and checked against the role cap like any other)", 16)
     stream_suffix: str = _help("A model's decoupled twin that streams run through: <model><suffix>, "
                                "hidden from /v1/models", "_stream")
-    aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' (alias=Triton model)",
-                         "")
+    aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' or "
+                         "'deepseek-ai/DeepSeek-V3=deepseek' (alias=Triton model)", "")
     # 0 by default: reading on holds a whole answer (and a stream's last chunk) until the model is
     # done or the wait ends, and lets it generate meanwhile; cancelling at once leaves unmetered only
     # what the model makes before the cancel lands (about one cancel poll, ~20 ms of decoding).
@@ -502,13 +502,16 @@ def parse_aliases(text: str) -> dict[str, str]:
         if not item:
             continue
         alias, eq, model = (p.strip() for p in item.partition("="))
-        if not eq or not _PARAMETER_RE.fullmatch(alias) or not _PARAMETER_RE.fullmatch(model):
+        if not eq or not _ALIAS_RE.fullmatch(alias) or not _PARAMETER_RE.fullmatch(model):
             raise ValueError(f"must be comma-separated alias=model pairs, got {item!r}")
         out[alias] = model
     return out
 
 
 _PARAMETER_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+# An alias may be a Hugging Face-style id (organisation/name), as vLLM serves and OpenAI clients are
+# configured with; the model it names is a Triton model, whose name is a directory's (no "/").
+_ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 
 
 KEK_PROVIDERS = ("file", "pkcs11", "vault")

@@ -254,3 +254,15 @@ def test_redis_url_from_env_and_limits_backend_down_checked() -> None:
     assert errors == ["limits.on_backend_down: must be closed or local, got 'open'",
                       "redis.url: must be empty or a redis://, rediss:// or unix:// URL, got scheme 'http'",
                       "redis.lease_s: must be at least 1 second, got 0.1"]
+
+
+@pytest.mark.parametrize("aliases", ["deepseek-chat=deepseek", "deepseek-ai/DeepSeek-V3=deepseek, ds=deepseek", ""])
+def test_openai_aliases_may_be_hugging_face_style_ids(aliases: str) -> None:
+    assert validate(load_settings(None, env={}, overrides={"openai.aliases": aliases})) == []
+
+
+@pytest.mark.parametrize("aliases", ["org/name=other/model", "a/b/c=deepseek", "/abs=deepseek", "org/=deepseek",
+                                     "org/../x=deepseek", "nomodel", "=deepseek"])
+def test_openai_aliases_name_a_triton_model(aliases: str) -> None:
+    """The target is a Triton model: a directory's name, never a path."""
+    assert any(e.startswith("openai.aliases:") for e in errors_of(path=None, env={}, overrides={"openai.aliases": aliases}))

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 
@@ -81,7 +81,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
             # After authentication (admit's order): an anonymous caller learns nothing from a body's errors.
             req = parse_request(path, parse_json(body))
             parsed.append(req)
-            model = _aliases(settings.openai.aliases).get(req.model, req.model)
+            model = _triton_model(settings.openai.aliases, req.model)
             return Resource(f"model:{model}", "infer", model=model, stream=req.stream, api="openai")
 
         await admit(state, ctx, request.headers.get("Authorization"), classify)
@@ -154,6 +154,15 @@ def _aliases(text: str) -> dict[str, str]:
     return parse_aliases(text) if text else {}
 
 
+def _triton_model(aliases: str, model_id: str) -> str:
+    """The Triton model an OpenAI model id names: an alias's target, or the id itself. An id with a "/"
+    that is no alias names none (a Triton model's name is a directory's): 404, never forwarded."""
+    model = _aliases(aliases).get(model_id, model_id)
+    if "/" in model:
+        raise ModelNotFound(model_id)
+    return model
+
+
 def _authorize_twin(state: AppState, ctx: RequestContext, model: str, twin: str, stream: bool) -> str:
     """The policy decision on the model that runs, after the one on the model the client named: both
     must allow (fail closed). Returns the twin's allow rule, for its limits; on a deny, ctx.rule
@@ -171,15 +180,20 @@ def _authorize_twin(state: AppState, ctx: RequestContext, model: str, twin: str,
 async def _models(request: web.Request, state: AppState, ctx: RequestContext, path: str) -> web.Response:
     """The models this key may use: each Triton model (twins hidden) and alias the policy allows to `read`,
     whose twin it may run (_usable)."""
-    wanted = path[len(MODELS) + 1:] if path != MODELS else None
-
-    def classify() -> Resource:
-        # The listing itself needs only a valid credential; each entry is then the policy's own decision.
-        return (Resource(f"model:{wanted}", "read", model=wanted, api="openai") if wanted
-                else Resource("server", "read", api="openai"))
+    # The id as the client meant it: the SDKs percent-encode a path parameter ("org%2Fname").
+    wanted = unquote(path[len(MODELS) + 1:]) if path != MODELS else None
 
     aliases = _aliases(state.settings.openai.aliases)
-    await _authenticated(state, ctx, request, classify)
+
+    def classify() -> Resource:
+        # The listing itself needs only a valid credential; each entry is then the policy's own decision,
+        # on the Triton model an alias names (as the listing decides it).
+        if not wanted:
+            return Resource("server", "read", api="openai")
+        model = _triton_model(state.settings.openai.aliases, wanted)
+        return Resource(f"model:{model}", "read", model=model, api="openai")
+
+    await _authenticated(state, ctx, request, classify, wanted)
     try:
         names = await repository_models(state.upstream)
     except upstream_http.UpstreamError as exc:
@@ -200,15 +214,16 @@ async def _models(request: web.Request, state: AppState, ctx: RequestContext, pa
                              headers={"X-Request-Id": ctx.request_id})
 
 
-async def _authenticated(state: AppState, ctx: RequestContext, request: web.Request, classify: Any) -> None:
-    """admit() without its policy refusal: a model the key may not read is reported as not found (404)."""
+async def _authenticated(state: AppState, ctx: RequestContext, request: web.Request, classify: Any,
+                         wanted: str | None) -> None:
+    """admit() without its policy refusal: a model the key may not read is reported as not found (404),
+    under the id the client asked for."""
     try:
         await admit(state, ctx, request.headers.get("Authorization"), classify)
     except Forbidden:
-        if ctx.resource is None or ctx.resource.resource == "server":
+        if wanted is None or ctx.resource is None or ctx.resource.resource == "server":
             raise
-        assert ctx.resource.model is not None
-        raise ModelNotFound(ctx.resource.model, "model_not_readable") from None
+        raise ModelNotFound(wanted, "model_not_readable") from None
 
 
 def _usable(state: AppState, ctx: RequestContext, model: str, suffix: str, names: list[str]) -> bool:

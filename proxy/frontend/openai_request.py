@@ -18,7 +18,9 @@ from ..errors import BadRequest
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MAX_STOPS = 4   # OpenAI's own limit
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# One "/" admitted: Hugging Face-style ids (deepseek-ai/DeepSeek-V3) are what OpenAI clients are set up
+# with; as an alias they name a Triton model (openai.aliases), otherwise they name none (404).
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})?$")
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 # Accepted only at the value that asks for nothing (None, or the value listed): the SDKs and

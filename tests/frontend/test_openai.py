@@ -63,8 +63,12 @@ def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFacto
     (policies / "00-twin.yaml").write_text(ON_THE_TWIN)
     # count_wait_s: the tests of what is charged past a stop or a leave read on to the model's last event.
     with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4",
-                                       "openai.aliases": "deepseek-chat=deepseek", "openai.count_wait_s": 1.0}) as g:
+                                       "openai.aliases": f"deepseek-chat=deepseek,{HF_ID}=deepseek",
+                                       "openai.count_wait_s": 1.0}) as g:
         yield g
+
+
+HF_ID = "deepseek-ai/DeepSeek-V3"   # an alias as a vLLM-served model is named
 
 
 def client(gw: Gateway, key: str, **kw: Any) -> openai.OpenAI:
@@ -81,7 +85,7 @@ def records_of(gw: Gateway, key_id: str, count: int = 1) -> list[dict[str, Any]]
 def test_models_lists_triton_models_and_aliases_without_the_stream_twin(gw: Gateway) -> None:
     _, key = gw.key(owner="lister")
     ids = [m.id for m in client(gw, key).models.list()]
-    assert ids == ["deepseek", "deepseek-chat"]
+    assert ids == ["deepseek", HF_ID, "deepseek-chat"]
     assert client(gw, key).models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as err:
         client(gw, key).models.retrieve("deepseek_stream")
@@ -105,7 +109,24 @@ def test_models_hides_a_model_whose_twin_the_key_may_not_run(gw: Gateway) -> Non
     _, named_only = gw.key(owner="lister-named", models=("deepseek",))
     assert [m.id for m in client(gw, named_only).models.list()] == []
     _, both = gw.key(owner="lister-both", models=("deepseek", "deepseek_stream"))
-    assert [m.id for m in client(gw, both).models.list()] == ["deepseek", "deepseek-chat"]
+    assert [m.id for m in client(gw, both).models.list()] == ["deepseek", HF_ID, "deepseek-chat"]
+    # An alias is retrieved on the model it names, as it is listed: the key's list need not name the alias.
+    assert client(gw, both).models.retrieve("deepseek-chat").id == "deepseek-chat"
+
+
+def test_a_hugging_face_style_alias_is_listed_retrieved_and_served(gw: Gateway) -> None:
+    """organisation/name ids, as vLLM serves them, work through an alias; one that is no alias is 404."""
+    key_id, key = gw.key(owner="hf-style")
+    c = client(gw, key, max_retries=0)
+    assert c.models.retrieve(HF_ID).id == HF_ID
+    answer = c.completions.create(model=HF_ID, prompt="Hello", max_tokens=2, temperature=0)
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
+    assert records_of(gw, key_id, 2)[-1]["model"] == MODEL
+    for call_ in (lambda: c.models.retrieve("deepseek-ai/other"),
+                  lambda: c.completions.create(model="deepseek-ai/other", prompt="Hello", max_tokens=2)):
+        with pytest.raises(openai.NotFoundError) as err:
+            call_()
+        assert err.value.code == "model_not_found" and "deepseek-ai/other" in err.value.message
 
 
 def test_models_hides_a_model_without_a_twin(echo_triton: TritonProcess, tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ def test_defaults_and_max_completion_tokens_wins() -> None:
     (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content[0]"),
     (CHAT, {"messages": [{"role": "user", "content": "x"}]}, "model"),
     (CHAT, chat(model="../etc"), "model"),
+    (CHAT, chat(model="org/../etc"), "model"),
+    (CHAT, chat(model="a/b/c"), "model"),
+    (CHAT, chat(model="org/"), "model"),
+    (CHAT, chat(model="/abs"), "model"),
     (COMPLETIONS, {"model": "m", "prompt": [1, 2]}, "prompt"),
     (COMPLETIONS, {"model": "m", "prompt": "p", "logprobs": 2}, "logprobs"),
     (COMPLETIONS, {"model": "m", "prompt": "p", "echo": "yes"}, "echo"),
@@ -70,6 +74,11 @@ def test_refusals_name_the_parameter(endpoint: str, doc: dict[str, Any], param: 
     with pytest.raises(OpenAIBadRequest) as err:
         parse_request(endpoint, doc)
     assert err.value.param == param and err.value.http_status == 400
+
+
+def test_hugging_face_style_model_ids_are_well_formed() -> None:
+    """organisation/name, as vLLM serves and OpenAI clients are set up with: one "/", each part a plain name."""
+    assert parse_request(CHAT, chat(model="deepseek-ai/DeepSeek-V3")).model == "deepseek-ai/DeepSeek-V3"
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
