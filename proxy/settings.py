@@ -95,6 +95,12 @@ class AuthSettings:
                                     "for it (72 h)", 72 * 3600.0)
     expiry_check_interval_s: float = _help("Seconds between checks for keys entering the expiry warning window",
                                            300.0)
+    sign_in_failures_per_min: float = _help(
+        "Failed sign-ins (bad or unknown credentials) a client address may make per minute once its burst is "
+        "spent; past that, credentials not already verified are refused 429 before any store read. "
+        "IPv6 is counted per /64; each process counts its own. 0 = no limit", 60.0)
+    sign_in_failure_burst: int = _help("Failed sign-ins a client address may make at once before "
+                                       "sign_in_failures_per_min applies", 100)
 
 
 @dataclass(frozen=True)
@@ -396,10 +402,11 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "server.workers", "server.drain_timeout_s", "server.tls_reload_interval_s",
              "upstream.connect_timeout_s", "upstream.request_timeout_s", "upstream.idle_timeout_s", "upstream.pool_size",
              "triton.startup_timeout_s", "policy.reload_interval_s", "openai.default_max_tokens",
-             "auth.expiry_warning_s", "auth.expiry_check_interval_s", "audit.max_bytes",
+             "auth.expiry_warning_s", "auth.expiry_check_interval_s", "auth.sign_in_failure_burst", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s",
              "redis.pool_size")
-_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms", "audit.batch_linger_ms", "audit.queue_soft_max",
+_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms",
+                 "auth.sign_in_failures_per_min", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens", "openai.count_wait_s",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",

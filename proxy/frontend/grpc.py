@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,7 +29,6 @@ from ..errors import (
 from ..local.triton import INTERNAL_HEADER
 from ..settings import GRPC_LENGTH_MAX
 from ..steps.app_state import AppState
-from ..steps.authn import authenticate, parse_bearer
 from ..steps.body_view import BodyView, view_grpc
 from ..steps.classify import GRPC_SERVICE, classify_grpc
 from ..steps.pipeline import (
@@ -41,6 +39,7 @@ from ..steps.pipeline import (
     check_body,
     commit_audit,
     finish,
+    identify,
     limit,
     refuse,
 )
@@ -259,8 +258,7 @@ class GrpcFrontEnd:
                 self._check_peer(ctx)
                 # admit() needs the resource, which only the first message names: authenticate now, so a
                 # client without a valid key is refused before it sends anything.
-                ctx.principal = await authenticate(parse_bearer(_authorization(context)), state.store, state.pepper,
-                                                   ctx.client_ip, time.time(), state.sessions, state.key_cache)
+                ctx.principal = await identify(state, ctx, _authorization(context))
                 incoming = requests.__aiter__()
                 first_view: list[BodyView] = []   # the first message's view: the stream's estimate
 

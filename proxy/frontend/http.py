@@ -33,6 +33,7 @@ from ..settings import Settings, SettingsError
 from ..state.limits import Limiter, LocalLimiter
 from ..state.redis_limiter import RedisLimiter
 from ..state.shared_limiter import SocketLimiter
+from ..state.sign_in_guard import SignInGuard
 from ..steps.app_state import CTX, STATE, AppState
 from ..steps.authz import Authorizer, PolicyWatcher
 from ..steps.body_view import EMPTY, BodyView, decode, route_kind, view_http
@@ -277,6 +278,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
                          audit, metrics, pool, internal_key,
                          limiter=choose_limiter(settings, worker, budgets, metrics),
                          sessions=keyring.sessions, key_cache=KeyCache.from_settings(settings.auth),
+                         sign_in_guard=SignInGuard.from_settings(settings.auth),
                          keyring=keyring, max_tokens_defaults=MaxTokensDefaults(pool))
         app[STATE] = state
         keyring.on_pepper = lambda pepper: setattr(state, "pepper", pepper)   # a rotated pepper, reloaded

@@ -16,6 +16,7 @@ from ..keys.sessions import SessionAuthority
 from ..metrics import Metrics
 from ..settings import Settings
 from ..state.limits import Limiter, LocalLimiter
+from ..state.sign_in_guard import SignInGuard
 from ..store.backend import Store
 from ..store.postgres import PostgresStore
 from ..upstream.models import MaxTokensDefaults
@@ -38,6 +39,8 @@ class AppState:
     limiter: Limiter = field(default_factory=LocalLimiter)   # per-key rates and budgets (state/limits.py)
     sessions: SessionAuthority | None = None   # session JWTs (keys/sessions.py); None: API keys only
     key_cache: KeyCache | None = None   # verified keys and sessions (keys/cache.py); None: every request reads the store
+    # Failed sign-ins per client address (state/sign_in_guard.py); None: not limited
+    sign_in_guard: SignInGuard | None = None
     keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
     # Models' own max_tokens defaults, for the role cap when a request names none (None: refused then).
     max_tokens_defaults: MaxTokensDefaults | None = None

@@ -14,6 +14,7 @@ from proxy.keys.cache import KeyCache
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
 from proxy.keys.hashing import hash_secret, pepper_for, pepper_version, verify_secret
 from proxy.keys.sessions import MINTING_TIERS, SessionAuthority
+from proxy.state.sign_in_guard import SignInGuard
 from proxy.store import KeyRecord, KeyStore
 
 # RFC 6750 b64token: covers API keys and JWTs. Anything longer is not ours.
@@ -49,7 +50,7 @@ def parse_bearer(header: str | None) -> str:
 
 async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: str,
                        now: float, sessions: SessionAuthority | None = None,
-                       cache: KeyCache | None = None) -> Principal:
+                       cache: KeyCache | None = None, guard: SignInGuard | None = None) -> Principal:
     """Verify a bearer token against the store, or take it from `cache`; a revocation counts at once.
 
     The cache holds verified chains, not decisions: expiry and the IP binding are checked
@@ -59,20 +60,35 @@ async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: st
     unknown_key, hash_mismatch, revoked, expired, ip_not_allowed, models_outside_parent, and
     for session JWTs (tokens without the key prefix) the session_* reasons of keys/sessions.py.
     A store failure propagates as StoreUnavailable (503), never as success.
+
+    With a `guard`, a credential not in the cache and not seen to succeed before is refused
+    (RateLimited, 429) while its client address has spent its failed sign-ins (state/sign_in_guard.py);
+    every failure of one is counted against the address.
     """
     revision: int | None = None
     if cache is not None:
         hit, revision = await cache.lookup(token, store, now)
         if hit is not None:
             check_chain(hit.chain, client_ip, now)
+            if guard is not None:
+                guard.succeeded(token)   # in use: kept among those its address's failures never hold up
             return hit.principal
     exp: float | None = None
-    if not token.startswith(PREFIX):
-        if sessions is None:
-            raise Unauthenticated("malformed")
-        principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now, cache)
-    else:
-        principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now, cache)
+    if guard is not None:
+        guard.check(client_ip, token)
+    try:
+        if not token.startswith(PREFIX):
+            if sessions is None:
+                raise Unauthenticated("malformed")
+            principal, chain, exp = await _authenticate_session(token, store, sessions, client_ip, now, cache)
+        else:
+            principal, chain = await _authenticate_api_key(token, store, pepper, client_ip, now, cache)
+    except Unauthenticated:
+        if guard is not None:
+            guard.failed(client_ip, token)
+        raise
+    if guard is not None:
+        guard.succeeded(token)
     if cache is not None:
         cache.put(token, revision, chain, principal, now, exp)
     return principal

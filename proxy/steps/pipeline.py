@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 from ..audit.writer import build_record
-from ..context import RequestContext, Resource
+from ..context import Principal, RequestContext, Resource
 from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Unauthenticated
 from ..keys.sessions import MINTING_TIERS
 from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
@@ -31,15 +31,19 @@ async def admit(state: AppState, ctx: RequestContext, authorization: str | None,
     Authentication comes before classification on purpose: an anonymous caller gets
     the same 401 for every route and learns nothing about which routes exist.
     """
-    token = parse_bearer(authorization)
-    ctx.principal = await authenticate(token, state.store, state.pepper, ctx.client_ip, time.time(),
-                                       state.sessions, state.key_cache)
+    ctx.principal = await identify(state, ctx, authorization)
     ctx.resource = classify()
     if ctx.resource.resource == "sessions" and ctx.principal.tier not in MINTING_TIERS:
         # Whatever the policy says: only a user or app key is exchanged for a session, so a
         # stolen session token cannot renew itself. An authentication refusal: 401.
         raise Unauthenticated("session_from_wrong_tier")
     authorize(state, ctx, ctx.resource)
+
+
+async def identify(state: AppState, ctx: RequestContext, authorization: str | None) -> Principal:
+    """Who presents `authorization` (admit's first step; a gRPC stream's, before its first message)."""
+    return await authenticate(parse_bearer(authorization), state.store, state.pepper, ctx.client_ip, time.time(),
+                              state.sessions, state.key_cache, state.sign_in_guard)
 
 
 def authorize(state: AppState, ctx: RequestContext, resource: Resource) -> None:

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...context import RequestContext, Resource
-from ...errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthenticated
+from ...errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RateLimited, Unauthenticated
 from ...keys.sessions import MINTING_TIERS
 from ...steps.app_state import AppState
 from ...steps.classify import classify_http
@@ -133,10 +133,14 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
         assert ctx.principal is not None
         if ctx.principal.tier not in MINTING_TIERS or state.sessions is None:
             raise Unauthenticated("console_key_tier")   # a session or device key cannot open the console
-        await limit(state, ctx, None)   # the key's rates bind its sign-ins too (a 429 is raised as it is)
-    except (Unauthenticated, Forbidden) as err:
+        await limit(state, ctx, None)   # the key's rates bind its sign-ins too
+    except (Unauthenticated, Forbidden, RateLimited) as err:
         ctx.status, ctx.reason = "denied", err.reason
         ctx.http_status = err.http_status
+        if isinstance(err, RateLimited):   # the key's own rates, or this address's failed sign-ins
+            page = _html(signin_page(f"Too many sign-ins. Try again in {err.retry_after or 1} s."), err.http_status)
+            page.headers.update(err.headers())
+            return page
         message = ("That key may not use the console." if isinstance(err, Forbidden)
                    else "That key was not accepted.")
         return _html(signin_page(message), err.http_status)
