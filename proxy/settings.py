@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -101,6 +102,10 @@ class AuthSettings:
         "IPv6 is counted per /64; each process counts its own. 0 = no limit", 60.0)
     sign_in_failure_burst: int = _help("Failed sign-ins a client address may make at once before "
                                        "sign_in_failures_per_min applies", 100)
+    sign_in_unlimited: str = _help(
+        "Comma-separated addresses or CIDRs whose failed sign-ins are not limited: a proxy or TLS terminator in "
+        "front of seekgate makes every client one address, which a guesser would then lock out for all",
+        "127.0.0.0/8,::1")
 
 
 @dataclass(frozen=True)
@@ -499,6 +504,10 @@ def validate(settings: Settings) -> list[str]:
         parse_aliases(settings.openai.aliases)
     except ValueError as exc:
         errors.append(f"openai.aliases: {exc}")
+    try:
+        parse_networks(settings.auth.sign_in_unlimited)
+    except ValueError as exc:
+        errors.append(f"auth.sign_in_unlimited: {exc}")
     return errors
 
 
@@ -513,6 +522,19 @@ def parse_aliases(text: str) -> dict[str, str]:
             raise ValueError(f"must be comma-separated alias=model pairs, got {item!r}")
         out[alias] = model
     return out
+
+
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """'10.0.0.0/8, ::1' as networks (an address is its own /32 or /128); ValueError naming the first bad entry."""
+    out = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"must be comma-separated addresses or CIDRs, got {item!r}") from None
+    return tuple(out)
 
 
 _PARAMETER_RE = re.compile(r"[A-Za-z0-9_.\-]+")

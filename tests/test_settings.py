@@ -266,3 +266,9 @@ def test_openai_aliases_may_be_hugging_face_style_ids(aliases: str) -> None:
 def test_openai_aliases_name_a_triton_model(aliases: str) -> None:
     """The target is a Triton model: a directory's name, never a path."""
     assert any(e.startswith("openai.aliases:") for e in errors_of(path=None, env={}, overrides={"openai.aliases": aliases}))
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "not-an-ip", "10.0.0.1,,2001:db8::/200"])
+def test_sign_in_unlimited_must_be_addresses_or_cidrs(value: str) -> None:
+    assert any(e.startswith("auth.sign_in_unlimited:") for e in errors_of(path=None, env={},
+                                                                         overrides={"auth.sign_in_unlimited": value}))

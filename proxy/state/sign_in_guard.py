@@ -13,6 +13,11 @@ seekgate, which counts the peer address and never X-Forwarded-For) keeps serving
 ones already use, though the key cache empties on every key change and after its short TTL. One
 that then fails (revoked, expired) is forgotten.
 
+Addresses in `unlimited` (auth.sign_in_unlimited: loopback by default) are not counted: behind a
+proxy or TLS terminator every client has the proxy's address, and a guesser would lock every new
+client out. Name such a proxy there, or better, let it reach seekgate from where clients' own
+addresses are seen.
+
 IPv6 sources are counted per /64, the smallest block one host is usually given: counting single
 addresses would let one host spread its tries over 2^64 of them.
 
@@ -33,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import RateLimited
-from ..settings import AuthSettings
+from ..settings import AuthSettings, parse_networks
 
 # At most ~25 MB and ~15 MB (tracemalloc, CPython 3.11, both full).
 MAX_SOURCES = 100_000
@@ -62,13 +67,14 @@ def source_of(client_ip: str) -> str:
 class SignInGuard:
     """Token buckets of failed sign-ins by source (see the module docstring)."""
 
-    def __init__(self, per_minute: float, burst: int, max_sources: int = MAX_SOURCES,
+    def __init__(self, per_minute: float, burst: int, unlimited: str = "", max_sources: int = MAX_SOURCES,
                  max_verified: int = MAX_VERIFIED, clock: Callable[[], float] = time.monotonic) -> None:
         if per_minute <= 0 or burst < 1 or max_sources < 1 or max_verified < 1:
             raise ValueError("sign-in guard: per_minute > 0, burst >= 1, max_sources and max_verified >= 1")
         self.rate_s, self.burst = per_minute / 60.0, burst
         self.max_sources, self.max_verified = max_sources, max_verified
         self._clock = clock
+        self._unlimited = parse_networks(unlimited)
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()   # least recently failed first
         # Keyed digests of credentials seen to succeed (never the tokens): a memory dump yields nothing to replay.
         self._mac_key = secrets.token_bytes(32)
@@ -79,7 +85,7 @@ class SignInGuard:
         """None when auth.sign_in_failures_per_min is 0 (no limit)."""
         if auth.sign_in_failures_per_min <= 0:
             return None
-        return cls(auth.sign_in_failures_per_min, auth.sign_in_failure_burst)
+        return cls(auth.sign_in_failures_per_min, auth.sign_in_failure_burst, auth.sign_in_unlimited)
 
     def check(self, client_ip: str, token: str) -> None:
         """Raises RateLimited while `client_ip`'s failures are spent, unless `token` succeeded before."""
@@ -103,6 +109,8 @@ class SignInGuard:
     def failed(self, client_ip: str, token: str) -> None:
         """Counts one failed sign-in from `client_ip`; `token` is no longer one that succeeded."""
         self._verified.pop(self._digest(token), None)
+        if self._is_unlimited(client_ip):
+            return
         source = source_of(client_ip)
         bucket = self._buckets.pop(source, None)
         if bucket is None:
@@ -115,6 +123,15 @@ class SignInGuard:
     def tracked(self) -> tuple[int, int]:
         """(sources with failures, credentials remembered as verified)."""
         return len(self._buckets), len(self._verified)
+
+    def _is_unlimited(self, client_ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._unlimited)
 
     def _digest(self, token: str) -> bytes:
         # 16 bytes: collisions among 100,000 remembered credentials are out of reach (and one would only

@@ -92,6 +92,23 @@ def test_remembered_credentials_are_bounded() -> None:
     refused_for(guard, "10.0.0.1", "b")
 
 
+def test_unlimited_addresses_are_never_counted() -> None:
+    """Loopback by default: a proxy in front of seekgate would otherwise let one guesser lock out every client."""
+    guard = SignInGuard.from_settings(AuthSettings(sign_in_failure_burst=1))
+    assert guard is not None
+    for ip in ("127.0.0.1", "::1", "::ffff:127.0.0.5"):
+        guard.failed(ip, "guess")
+        guard.failed(ip, "guess")
+        guard.check(ip, "guess")
+    guard = SignInGuard(per_minute=1, burst=1, unlimited="10.1.0.0/16, 192.0.2.7", clock=Clock())
+    for ip in ("10.1.200.3", "192.0.2.7"):
+        guard.failed(ip, "guess")
+        guard.check(ip, "guess")
+    guard.failed("192.0.2.8", "guess")
+    refused_for(guard, "192.0.2.8")
+    assert guard.tracked() == (1, 0)
+
+
 def test_settings_0_turns_it_off_and_bad_values_are_refused() -> None:
     assert SignInGuard.from_settings(AuthSettings(sign_in_failures_per_min=0)) is None
     guard = SignInGuard.from_settings(AuthSettings())
