@@ -15,6 +15,13 @@ names the reason, so every context watches the alerts it sends through CPython's
 for debugging, so private: checked when ServerTls is made; without it refusals go uncounted, with a warning).
 It runs for every TLS record, so it is set on the C slot under ssl.py's `_msg_callback` property, whose
 wrapper builds three enums a call: about 0.5 us a record instead of 4.
+
+Under mTLS no session is resumed, since a resumed session is not verified again and would outlive a client-CA
+change: TLS 1.3 gets no tickets, and TLS 1.2 (`tls_min_version: "1.2"`) no server session cache either. With
+tickets off, OpenSSL resumes TLS 1.2 sessions by id from the listener context's cache (the context a
+connection was made with keeps it, whatever context the handshake switched to), and Python's ssl cannot turn
+that cache off: `disable_session_cache` calls OpenSSL for it, on the SSL_CTX pointer that leads
+CPython's context object (the mode it reads first checks that pointer; without the call mTLS refuses to start on 1.2).
 The alert itself is not flushed to the client (asyncio drops the connection first): clients see a reset.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import _ssl
 import asyncio
+import ctypes
 import hashlib
 import ipaddress
 import logging
@@ -46,6 +54,8 @@ _ALERT_RECORD, _FATAL = 21, b"\x02"   # TLS content type of an alert record; the
 _MSG_CALLBACK_SLOT = getattr(_ssl._SSLContext, "_msg_callback", None)   # what ssl.SSLContext._msg_callback wraps
 CAN_WATCH_ALERTS = hasattr(_MSG_CALLBACK_SLOT, "__set__")
 Stamp = tuple[tuple[int, int, int], ...]
+# SSL_CTX_set_session_cache_mode is a macro over SSL_CTX_ctrl (ssl.h): the commands and the modes it sets.
+_SET_SESS_CACHE_MODE, _GET_SESS_CACHE_MODE, _SESS_CACHE_OFF, _SESS_CACHE_SERVER = 44, 45, 0, 2
 
 
 def tls_enabled(s: ServerSettings) -> bool:
@@ -85,7 +95,43 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_fi
         # before a client-CA change would still be let in with the old CA's certificate, for the ticket's life.
         ctx.num_tickets = 0
         ctx.options |= ssl.OP_NO_TICKET
+        # ... and no TLS 1.2 session id either (module doc). Without the call, TLS 1.2 must not be served.
+        if s.tls_min_version == "1.2" and not disable_session_cache(ctx):
+            raise ValueError("this Python's ssl cannot turn off TLS 1.2 session resumption, which mTLS needs "
+                             "(a resumed session outlives a client-CA change): set server.tls_min_version \"1.3\"")
     return ctx
+
+
+def _ssl_ctx_ctrl() -> Callable[[int, int, int], int] | None:
+    """OpenSSL's SSL_CTX_ctrl, from the libssl that CPython's _ssl links; None where it cannot be reached."""
+    try:
+        ctrl = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl   # dlsym searches _ssl's own libssl
+    except (AttributeError, OSError):   # no shared _ssl (a static build) or no such symbol
+        return None
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+
+    def call(ssl_ctx: int, command: int, value: int) -> int:
+        return int(ctrl(ssl_ctx, command, value, None))
+    return call
+
+
+_CTX_CTRL = _ssl_ctx_ctrl()
+
+
+def disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Turns off `ctx`'s server session cache (no TLS 1.2 resumption by id); False where it cannot.
+
+    CPython's context object is PyObject_HEAD then the SSL_CTX pointer (Modules/_ssl.c, PySSLContext), unchanged
+    since 2.7. A fresh server context's mode is SSL_SESS_CACHE_SERVER: read first, as a check of that pointer.
+    """
+    if _CTX_CTRL is None or not isinstance(ctx, _ssl._SSLContext):
+        return False
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ssl_ctx or _CTX_CTRL(ssl_ctx, _GET_SESS_CACHE_MODE, 0) != _SESS_CACHE_SERVER:
+        return False
+    _CTX_CTRL(ssl_ctx, _SET_SESS_CACHE_MODE, _SESS_CACHE_OFF)
+    return _CTX_CTRL(ssl_ctx, _GET_SESS_CACHE_MODE, 0) == _SESS_CACHE_OFF
 
 
 class ServerTls:

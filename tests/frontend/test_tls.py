@@ -667,6 +667,41 @@ def test_a_changed_client_ca_is_picked_up_on_http_and_grpc(triton: TritonProcess
         g.stop()
 
 
+def test_with_tls12_allowed_a_session_of_the_old_client_ca_is_not_resumed_after_a_change(
+        triton: TritonProcess, tmp_path: Path) -> None:
+    """TLS 1.2 resumes by session id from the server's cache, without verifying the client again: the old CA's
+    client, holding a session from before the change, was let back in. Under mTLS no session is resumed."""
+    first, second = make_dev_certs(tmp_path / "first"), make_dev_certs(tmp_path / "second")
+    live_ca = tmp_path / "client-ca.pem"
+    shutil.copy(first["ca"], live_ca)
+    g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(first),
+                   "server.tls_client_ca_file": str(live_ca), "server.tls_min_version": "1.2"}).start()
+    old_client = client_context(first, client_cert=True)
+    old_client.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    def ready(session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None]:
+        """The status line the old CA's client reads (offering `session`; b"" if refused), and its session."""
+        try:
+            with socket.create_connection(("127.0.0.1", g.settings.server.http_port), timeout=10) as raw, \
+                    old_client.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := tls.recv(65536):   # to the server's close: a clean end keeps the session resumable
+                    answer += chunk
+                return answer.partition(b"\r\n")[0], tls.session
+        except (ssl.SSLError, ConnectionError):
+            return b"", None
+    try:
+        status, session = ready(None)
+        assert status == b"HTTP/1.1 200 OK" and session is not None
+        move_into_place(second["ca"], live_ca)
+        assert wait_for(lambda: ready(None)[0] == b"", 10)   # a full handshake is refused: the new CA is in force
+        assert ready(session) == (b"", None)
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ secure by default
 
 
