@@ -146,7 +146,9 @@ class GrpcFrontEnd:
                 "Check": grpc.unary_unary_rpc_method_handler(self._health)}),
         ))
         if tls is None:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            # grpc reads host:port as a URI authority: an IPv6 literal ("::", "::1") without its brackets is
+            # a malformed name, and the port fails to bind.
+            self.port = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             await self.server.start()
         else:
             # The grpc server listens on a private loopback port; the TLS listener in front is the door.

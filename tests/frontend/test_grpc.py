@@ -435,6 +435,20 @@ def test_request_fields_and_peer_parsing() -> None:
     assert client_ip("unix:/tmp/s") == ""
 
 
+def test_the_grpc_listener_binds_an_ipv6_host(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """server.host "::1" (or "::", dual stack): grpc needs the literal in brackets, else the port fails to bind."""
+    g = Gateway(tmp_path_factory.mktemp("gw-grpc-v6-bind"), triton.http_url, free_ports(3),
+                **{"server.host": "::1", "upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"}).start()
+    try:
+        _, key = g.key(owner="v6-bind")
+        with grpc.insecure_channel(f"[::1]:{g.settings.server.grpc_port}") as channel:
+            ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+                service_pb2.ModelReadyRequest(name="deepseek"), metadata=md(key), timeout=30)
+        assert ready.ready
+    finally:
+        g.stop()
+
+
 def test_stream_token_counter_sums_requests() -> None:
     def response(rid: str, out: int, final: bool) -> bytes:
         r = service_pb2.ModelStreamInferResponse()
