@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import Message
@@ -87,12 +88,16 @@ def http_status_of(code: grpc.StatusCode | None) -> int:
 
 
 def client_ip(peer: str) -> str:
-    """"ipv4:10.0.0.1:5000" / "ipv6:[::1]:5000" -> the address; other transports -> ""."""
+    """"ipv4:10.0.0.1:5000" / "ipv6:%5B::1%5D:5000" -> the address; other transports -> "".
+
+    grpc spells the peer as a URI, an IPv6 address's brackets percent-encoded: read raw, "%5B::1%5D" is no
+    address, and matches no key's or policy's CIDR.
+    """
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
+        return unquote(rest).rsplit(":", 1)[0].strip("[]")
     return ""
 
 

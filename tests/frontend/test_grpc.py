@@ -432,6 +432,7 @@ def test_request_fields_and_peer_parsing() -> None:
     assert model_name_of("ModelInfer", service_pb2.ModelInferRequest(model_name="m")) == "m"
     assert model_name_of("SystemSharedMemoryStatus", service_pb2.SystemSharedMemoryStatusRequest(name="r")) == ""
     assert client_ip("ipv4:10.1.2.3:5555") == "10.1.2.3" and client_ip("ipv6:[::1]:80") == "::1"
+    assert client_ip("ipv6:%5B2001:db8::7%5D:80") == "2001:db8::7"   # grpc's own spelling
     assert client_ip("unix:/tmp/s") == ""
 
 
@@ -445,6 +446,25 @@ def test_the_grpc_listener_binds_an_ipv6_host(triton: TritonProcess, tmp_path_fa
             ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady(
                 service_pb2.ModelReadyRequest(name="deepseek"), metadata=md(key), timeout=30)
         assert ready.ready
+    finally:
+        g.stop()
+
+
+def test_an_ipv6_client_s_address_is_read_as_grpc_spells_it(triton: TritonProcess,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """grpc reports an IPv6 peer percent-encoded ("ipv6:%5B::1%5D:port"): the address read as "%5B::1%5D"
+    matched no CIDR, so a key bound to the client's network was refused (and a policy's client_ips rule, deny
+    included, never applied); the audit record named no address."""
+    g = Gateway(tmp_path_factory.mktemp("gw-grpc-v6"), triton.http_url, free_ports(3),
+                **{"server.host": "::1", "upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"}).start()
+    try:
+        _, key = g.key(owner="v6", allowed_cidrs=("::1/128",))
+        with grpc.insecure_channel(f"[::1]:{g.settings.server.grpc_port}") as channel:
+            ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+                service_pb2.ModelReadyRequest(name="deepseek"), metadata=md(key), timeout=30)
+        assert ready.ready
+        assert wait_for(lambda: any(r.get("actor") == "v6" for r in audit_records(g)), 10)
+        assert [r["client_ip"] for r in audit_records(g) if r.get("actor") == "v6"] == ["::1"]
     finally:
         g.stop()
 
