@@ -87,7 +87,7 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_fi
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     if s.tls_min_version == "1.2":
         ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")   # forward secrecy and AEAD only
-    ctx.load_cert_chain(cert_file, key_file)
+    ctx.load_cert_chain(cert_file, key_file, password=_no_passphrase)
     if client_ca_file:
         ctx.load_verify_locations(cafile=client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -100,6 +100,13 @@ def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_fi
             raise ValueError("this Python's ssl cannot turn off TLS 1.2 session resumption, which mTLS needs "
                              "(a resumed session outlives a client-CA change): set server.tls_min_version \"1.3\"")
     return ctx
+
+
+def _no_passphrase() -> bytes:
+    """load_cert_chain's password callback, called only for an encrypted key. Without one, OpenSSL asks for the
+    passphrase on the controlling terminal, if any, and waits: a reload blocked the event loop, every listener."""
+    raise ValueError("the TLS private key is encrypted: seekgate takes an unencrypted key (there is no passphrase "
+                     "setting)")
 
 
 def _ssl_ctx_ctrl() -> Callable[[int, int, int], int] | None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +23,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    PrivateFormat,
+    load_pem_private_key,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli.devcert import CLIENT_SPIFFE, make_dev_certs
@@ -106,7 +115,11 @@ def served_fingerprint(port: int) -> str:
 
 def tls_metric(gw: Gateway, ca: Path, name: str) -> float:
     """A metric scraped over the metrics listener's TLS."""
-    _, _, body = https_call(gw.settings.server.metrics_port, ssl.create_default_context(cafile=str(ca)), "/metrics")
+    return tls_metric_at(gw.settings.server.metrics_port, ca, name)
+
+
+def tls_metric_at(metrics_port: int, ca: Path, name: str) -> float:
+    _, _, body = https_call(metrics_port, ssl.create_default_context(cafile=str(ca)), "/metrics")
     return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples if s.name == name)
 
 
@@ -700,6 +713,59 @@ def test_with_tls12_allowed_a_session_of_the_old_client_ca_is_not_resumed_after_
         assert ready(session) == (b"", None)
     finally:
         g.stop()
+
+
+def test_a_renewal_to_an_encrypted_key_is_a_broken_file_even_with_a_terminal(triton: TritonProcess,
+                                                                             tmp_path: Path) -> None:
+    """`serve` started from a terminal: OpenSSL asked for the new key's passphrase on it and waited, inside the
+    reload, so the event loop (every listener) stopped until someone typed. It is refused like any broken file."""
+    certs = make_dev_certs(tmp_path / "certs")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server_cert", "server_key"):
+        shutil.copy(certs[name], live / certs[name].name)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    config = tmp_path / "seekgate.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port,
+                   "tls_cert_file": str(live / "server.pem"), "tls_key_file": str(live / "server-key.pem"),
+                   "tls_reload_interval_s": 0.2},
+        "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
+        "policy": {"directory": str(Path(__file__).resolve().parents[2] / "policies")},
+    }))
+    terminal, terminal_side = os.openpty()
+
+    def take_the_terminal() -> None:   # in the child, a session leader (start_new_session): its controlling tty
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                            cwd=Path(__file__).resolve().parents[2], stdin=terminal_side,
+                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=take_the_terminal)
+    os.close(terminal_side)
+
+    def reload_errors() -> float | None:
+        try:
+            return tls_metric_at(metrics_port, certs["ca"], "seekgate_tls_reload_errors_total")
+        except OSError:   # not up yet, or its event loop stopped
+            return None
+    try:
+        assert wait_for(lambda: reload_errors() == 0, 60), (tmp_path / "serve.log").read_text()[-2000:]
+        key = load_pem_private_key(certs["server_key"].read_bytes(), None)
+        encrypted = tmp_path / "encrypted-key.pem"
+        encrypted.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"pass")))
+        move_into_place(encrypted, live / "server-key.pem")
+        assert wait_for(lambda: (reload_errors() or 0) >= 1, 20), (tmp_path / "serve.log").read_text()[-2000:]
+        assert served_fingerprint(http_port) == fingerprint(certs["server_cert"])
+        assert "the TLS private key is encrypted" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()   # a loop blocked on the terminal never handles SIGTERM
+            proc.wait(30)
+        os.close(terminal)
 
 
 # ------------------------------------------------------------------ secure by default
