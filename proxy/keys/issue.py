@@ -28,6 +28,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*", re.ASCII)   # roles, lab
 _KEY_ID_RE = re.compile(r"[a-z2-7]{12}", re.ASCII)
 _DURATION_RE = re.compile(r"(\d+)([dhms])", re.ASCII)
 _UNIT_S = {"d": DAY, "h": 3600.0, "m": 60.0, "s": 1.0}
+# The longest duration accepted (a century; "never" is the word for longer). An expiry far beyond
+# it, stored, was past what a date can show (year 9999), so every key listing failed from then on.
+MAX_DURATION_S = 36500 * DAY
 
 
 def parse_duration(text: str) -> float | None:
@@ -36,10 +39,16 @@ def parse_duration(text: str) -> float | None:
     if spec == "never":
         return None
     m = _DURATION_RE.fullmatch(spec)
-    if m is None or int(m[1]) <= 0:
+    # Digits past any real duration are refused before int() (which caps a string at 4300 digits)
+    # and the float product (which overflows) see them.
+    digits = m[1].lstrip("0") if m is not None else ""
+    if m is None or not 0 < len(digits) <= 12:
         raise ValueError(f"bad duration {text!r}: use a positive number with d, h, m or s "
                          f"(e.g. 90d, 12h, 30m, 3600s) or 'never'")
-    return int(m[1]) * _UNIT_S[m[2]]
+    seconds = int(digits) * _UNIT_S[m[2]]
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration {text!r} is over a century (36500d): use 'never' for a key that never expires")
+    return seconds
 
 
 def is_key_id(text: str) -> bool:

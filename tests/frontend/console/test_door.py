@@ -253,3 +253,19 @@ def test_a_trickled_sign_in_form_is_ended_at_read_timeout_s(relay: TcpRelay, tmp
             started = time.monotonic()
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5, answer[:100]
+
+
+def test_an_expiry_beyond_any_date_is_refused_and_the_key_listing_keeps_working(gw: Gateway, admin_key: str) -> None:
+    """A typo'd "99999999d" was stored, then every listing 500'd on its date: the Keys page was gone for good."""
+    client = signed_in(gw, admin_key)
+    csrf = client.csrf()
+    for expires in ("99999999d", "9" * 400 + "d"):
+        status, body = client.api("POST", "keys", {"tier": "app", "owner": "far-future", "expires": expires}, csrf=csrf)
+        assert status == 400 and "duration" in body["error"], (expires, status, body)
+    status, made = client.api("POST", "keys", {"tier": "app", "owner": "forever", "expires": "never"}, csrf=csrf)
+    assert status == 201
+    status, body = client.api("POST", f"keys/{made['key_id']}/rotate", {"grace": "99999999d"}, csrf=csrf)
+    assert status == 400 and "century" in body["error"], body
+    status, listing = client.api("GET", "keys")
+    assert status == 200 and not any(k["owner"] == "far-future" for k in listing["keys"])
+    assert client.request("GET", "/console/api/keys?expiring=" + "9" * 400 + "d")[0] == 400
