@@ -40,7 +40,9 @@ def _epoch(name: str, value: str) -> float:
 def _count(name: str, value: str | None, default: int, high: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not 0 <= int(value) <= high:
+    # ASCII digits only, and no more of them than `high` has: str.isdigit() also passes "²", which
+    # int() refuses, and int() refuses a string past 4300 digits; either was a 500, not this 400.
+    if not (value.isascii() and value.isdigit()) or len(value) > len(str(high)) or int(value) > high:
         raise Reply(400, f"{name} must be a whole number from 0 to {high}")
     return int(value)
 

@@ -76,6 +76,9 @@ def test_export_is_jsonl_of_every_match(gw: Gateway, admin: str, traffic: dict[s
     ({"since": "yesterday"}, "since: 'yesterday' is neither an ISO 8601 time nor epoch seconds"),
     ({"since": "2026-01-02", "until": "2026-01-01"}, "until must be after since"),
     ({"limit": "501"}, "limit must be a whole number from 0 to 500"),
+    ({"limit": "\u00b2"}, "limit must be a whole number from 0 to 500"),   # isdigit(), yet no int
+    ({"limit": "\uff11"}, "limit must be a whole number from 0 to 500"),   # a fullwidth 1
+    ({"offset": "9" * 5000}, "offset must be a whole number from 0 to"),   # past int()'s 4300 digits
 ])
 def test_bad_filters_get_400_and_say_which(gw: Gateway, admin: str, params: dict[str, str], message: str) -> None:
     status, doc = search(gw, admin, **params)
@@ -94,6 +97,7 @@ def test_usage_sums_served_tokens_per_key_with_its_budget(gw: Gateway, admin: st
     by_owner = json.loads(call(gw.url + "/admin/v1/usage?group=owner&period=month", key=admin)[2])
     assert any(r["owner"] == "svc-a" and r["tokens"] == rows[0]["tokens"] for r in by_owner["rows"])
     assert call(gw.url + "/admin/v1/usage?group=colour", key=admin)[0] == 400
+    assert call(gw.url + "/admin/v1/usage?days=%C2%B2", key=admin)[0] == 400   # "²": isdigit(), yet no int
 
 
 def test_overview_counts_the_last_hour_and_names_top_keys(gw: Gateway, admin: str, traffic: dict[str, Any]) -> None:
