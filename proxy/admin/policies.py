@@ -69,12 +69,15 @@ async def evaluate(request: web.Request, authorizer: Authorizer, doc: dict[str, 
     if unknown:
         raise Reply(400, f"unknown field(s): {', '.join(unknown)}")
     method, path = doc.get("method", "POST"), doc.get("path")
-    if method not in _METHODS:
+    # isinstance first: a JSON list or object is not hashable, and `in` a frozenset raised (a 500).
+    if not isinstance(method, str) or method not in _METHODS:
         raise Reply(400, f"method must be one of {', '.join(sorted(_METHODS))}")
     if not isinstance(path, str) or not path.startswith("/"):
         raise Reply(400, "path is required: a request path such as /v2/models/deepseek/generate")
     client_ip = doc.get("client_ip") or "127.0.0.1"
     try:
+        if not isinstance(client_ip, str):   # ip_address() takes an int too: 5 is no client's address
+            raise ValueError(client_ip)
         ipaddress.ip_address(client_ip)
     except ValueError:
         raise Reply(400, f"client_ip: {client_ip!r} is not an IP address") from None
@@ -122,7 +125,7 @@ async def _principal(request: web.Request, doc: dict[str, Any], client_ip: str,
     if not isinstance(attrs, dict) or set(attrs) - _PRINCIPAL_FIELDS:
         raise Reply(400, f"give key_id, or principal: an object of {', '.join(sorted(_PRINCIPAL_FIELDS))}")
     tier = attrs.get("tier", "user")
-    if tier not in TIERS:
+    if not isinstance(tier, str) or tier not in TIERS:
         raise Reply(400, f"principal.tier must be one of {', '.join(sorted(TIERS))}")
     lists = {}
     for name in ("roles", "models"):
