@@ -7,6 +7,7 @@ Read-only and thin over audit/search.py; each call is audited like every other a
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -27,9 +28,15 @@ MAX_EXPORT = 100_000
 def _epoch(name: str, value: str) -> float:
     """An ISO 8601 time (naive means UTC) or epoch seconds."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # "nan", "inf" and "1e400" are floats to Python but no time: a nan bound matched nothing, so the
+        # search quietly came back empty as if the log had no such records.
+        if not math.isfinite(seconds):
+            raise Reply(400, f"{name}: {value!r} is not a time")
+        return seconds
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

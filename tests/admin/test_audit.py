@@ -75,6 +75,8 @@ def test_export_is_jsonl_of_every_match(gw: Gateway, admin: str, traffic: dict[s
     ({"client_ip": "10.0.0.300"}, "client_ip: '10.0.0.300' is not an IP address"),
     ({"since": "yesterday"}, "since: 'yesterday' is neither an ISO 8601 time nor epoch seconds"),
     ({"since": "2026-01-02", "until": "2026-01-01"}, "until must be after since"),
+    ({"since": "nan"}, "since: 'nan' is not a time"),   # matched nothing: an empty answer, not an error
+    ({"until": "1e400"}, "until: '1e400' is not a time"),
     ({"limit": "501"}, "limit must be a whole number from 0 to 500"),
     ({"limit": "\u00b2"}, "limit must be a whole number from 0 to 500"),   # isdigit(), yet no int
     ({"limit": "\uff11"}, "limit must be a whole number from 0 to 500"),   # a fullwidth 1
