@@ -44,6 +44,11 @@ async def answer_console(request: web.Request, state: AppState, ctx: RequestCont
                          answer: Answer) -> web.StreamResponse:
     """One /console request. `answer` is the HTTP request path, which the relay to /admin/v1 re-enters."""
     base = state.settings.server.base_path
+    if path == "/console":
+        # The pages link their script, styles, data calls and sign-out relative to /console/: served
+        # at /console they resolved to /static/..., /api/..., and the page never left "Loading…".
+        ctx.resource = _PUBLIC
+        return _redirect(f"{base}/console/")
     rest = path[len("/console"):].lstrip("/")
     if rest.startswith("api/"):
         return await _relay(request, state, ctx, rest[len("api/"):], answer)

@@ -94,6 +94,13 @@ def test_sign_in_with_an_admin_key_leaves_no_key_in_the_browser(page: Page, admi
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and admin_key not in cookie["value"]
 
 
+def test_the_console_without_its_trailing_slash_still_works(page: Page, gw: Gateway) -> None:
+    """An operator types or bookmarks /console: its relative links must resolve under /console/."""
+    page.goto(gw.url + "/console")
+    expect(page).to_have_url(gw.url + "/console/")
+    expect(page.get_by_text("Upstream is")).to_be_visible()
+
+
 def test_a_user_key_is_refused(browser: BrowserContext, gw: Gateway, admin_key: str) -> None:
     _, user_key = make_key(gw, admin_key, "bob")
     other = browser.browser.new_context() if browser.browser else None

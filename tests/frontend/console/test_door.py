@@ -81,6 +81,13 @@ def test_without_a_session_pages_redirect_and_data_calls_get_401(gw: Gateway) ->
     assert forged.api("GET", "keys")[0] == 401
 
 
+def test_the_console_without_its_trailing_slash_is_sent_to_it(gw: Gateway, admin_key: str) -> None:
+    """Its pages' links are relative to /console/: the shell served at /console loaded nothing."""
+    for client in (signed_in(gw, admin_key), ConsoleClient(gw.url)):
+        status, headers, _ = client.request("GET", "/console")
+        assert status == 303 and headers["Location"] == "/console/", (status, headers)
+
+
 def test_a_user_key_cannot_open_the_console(gw: Gateway) -> None:
     _, user_key = gw.key(owner="bob", roles=("user",))
     client = ConsoleClient(gw.url)
