@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
+from proxy.admin.audit import MAX_EXPORT
+from proxy.audit.index import AuditIndex
 from tests.frontend.test_http import call
-from tests.gateway import Gateway, audit_records, wait_for
+from tests.gateway import Gateway, audit_records, gateway_via, wait_for
+from tests.relay import TcpRelay
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +121,24 @@ def test_only_a_key_the_policy_allows_reads_the_audit(gw: Gateway, traffic: dict
     for path in ("/admin/v1/audit", "/admin/v1/usage", "/admin/v1/overview", "/admin/v1/policies"):
         assert call(gw.url + path, key=user)[0] == 403, path
     assert call(gw.url + "/admin/v1/audit")[0] == 401
+
+
+def test_an_export_that_would_be_cut_short_says_so_instead(relay: TcpRelay, tmp_path: Path) -> None:
+    """More matches than an export carries: a 400 naming the count, never the newest 100000 passed off as all."""
+    with gateway_via(tmp_path, relay) as gw:
+        admin = gw.key(owner="ops", roles=("admin",))[1]
+        index = AuditIndex(gw.data_dir / "audit" / "audit.db")   # the real index the writer keeps
+        start = time.time() - 2 * 86400
+        index.insert([{"timestamp": datetime.fromtimestamp(start + i / 100, timezone.utc).isoformat(),
+                       "event_id": f"bulk{i:028x}", "key_id": "bulkbulkbulk", "status": "denied",
+                       "http_status": 403, "reason": "policy_denied", "client_ip": "10.0.0.1"}
+                      for i in range(MAX_EXPORT + 1)])
+        index.close()
+        status, raw = search(gw, admin, key_id="bulkbulkbulk", format="jsonl")
+        assert status == 400, status
+        assert json.loads(raw)["error"].startswith(f"{MAX_EXPORT + 1} records match; an export carries at most")
+        status, raw = search(gw, admin, key_id="bulkbulkbulk", format="jsonl", limit="3", offset=str(MAX_EXPORT - 1))
+        assert status == 200 and [json.loads(line)["event_id"] for line in raw.decode().splitlines()] == [
+            f"bulk{1:028x}", f"bulk{0:028x}"]   # the oldest, paged to on purpose
+        status, raw = search(gw, admin, key_id="bulkbulkbulk", format="jsonl", offset="1")
+        assert status == 200 and len(raw.decode().splitlines()) == MAX_EXPORT
