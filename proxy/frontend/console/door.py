@@ -18,14 +18,22 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...context import RequestContext, Resource
-from ...errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RateLimited, Unauthenticated
+from ...errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthenticated,
+    UpstreamUnavailable,
+)
 from ...keys.sessions import MINTING_TIERS
 from ...steps.app_state import AppState
 from ...steps.classify import classify_http
-from ...steps.pipeline import admit, limit
+from ...steps.pipeline import admit, limit, refuse
 from ...store.backend import open_secret_rows
 from ..http_guard import read_body
-from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file
+from .pages import PAGES, SECURITY_HEADERS, STATIC_TYPES, shell_page, signin_page, static_file, unavailable_page
 from .session import COOKIE, CSRF_FIELD, CSRF_HEADER, csrf_token, csrf_valid
 
 log = logging.getLogger("seekgate.console")
@@ -63,10 +71,24 @@ async def answer_console(request: web.Request, state: AppState, ctx: RequestCont
     if rest == "signin" and request.method == "GET":
         ctx.resource = _PUBLIC
         return _html(signin_page(), 200)
-    if rest == "session" and request.method == "POST":
-        return await _sign_in(request, state, ctx, base)
-    if rest == "session/end" and request.method == "POST":
-        return await _sign_out(request, state, ctx, base)
+    try:
+        if rest == "session" and request.method == "POST":
+            return await _sign_in(request, state, ctx, base)
+        if rest == "session/end" and request.method == "POST":
+            return await _sign_out(request, state, ctx, base)
+        return await _page(request, state, ctx, rest)
+    except UpstreamUnavailable as err:
+        # The store (or the audit log) is out, or this process is draining: a browser that navigated
+        # here gets a page saying so and when to retry, not the API's JSON error as its whole window.
+        refuse(ctx, err)
+        page = _html(unavailable_page(err.public_message, err.retry_after or 1), err.http_status)
+        page.headers.update(err.headers())
+        return page
+
+
+async def _page(request: web.Request, state: AppState, ctx: RequestContext, rest: str) -> web.StreamResponse:
+    """GET /console/<page>: the page shell for a live session, else a redirect to the sign-in form."""
+    base = state.settings.server.base_path
     page = rest or "overview"
     if page not in PAGES or request.method != "GET":
         raise NotFound("console_page_unknown")

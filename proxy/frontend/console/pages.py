@@ -53,6 +53,15 @@ def signin_page(message: str | None = None) -> str:
             "</main></body></html>")
 
 
+def unavailable_page(why: str, retry_after: int) -> str:
+    """What a browser sees when seekgate cannot check a session or key now (its store is out, or it drains)."""
+    return (_head("Unavailable") + "</head><body class=\"signin\"><main>"
+            "<h1>seekgate console</h1>"
+            f'<p class="error" role="alert">The console is unavailable: {escape(why)}. '
+            f"Try again in {retry_after} s.</p>"
+            "</main></body></html>")
+
+
 def shell_page(page: str, csrf: str, owner: str) -> str:
     """A signed-in page: navigation and an empty main the script fills from /console/api (= /admin/v1)."""
     current = ' aria-current="page"'
