@@ -87,7 +87,12 @@ async def evaluate(request: web.Request, authorizer: Authorizer, doc: dict[str, 
             when = datetime.fromisoformat(str(doc["time"]).replace("Z", "+00:00"))
         except ValueError:
             raise Reply(400, f"time: {doc['time']!r} is not an ISO 8601 time") from None
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        try:
+            # In UTC now, as the hours of a rule are: an offset that carries a time past year 1 or 9999
+            # overflowed there, inside the authorizer (a 500), only when some rule had hours.
+            when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        except OverflowError:
+            raise Reply(400, f"time: {doc['time']!r} is out of range") from None
     principal, refused = await _principal(request, doc, client_ip, when.timestamp())
     try:
         resource = classify_http(method, path.split("?", 1)[0])

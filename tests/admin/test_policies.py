@@ -82,3 +82,19 @@ def test_the_evaluator_reads_a_stored_key_as_authentication_would(gw: Gateway, a
 def test_bad_questions_get_400_and_say_why(gw: Gateway, admin: str, question: dict[str, Any], message: str) -> None:
     status, doc = evaluate(gw, admin, question)
     assert status == 400 and doc["error"].startswith(message), doc
+
+
+def test_a_time_at_the_edge_of_the_calendar_is_a_400_when_a_rule_has_hours(gw: Gateway, admin: str) -> None:
+    """Rules with hours read the time in UTC: an offset that carries it past year 9999 could not be, a 500."""
+    hours = gw.policy_dir / "zz-business-hours.yaml"
+    hours.write_text("rules:\n  - id: business-hours\n    effect: allow\n    subject: {roles: [teller]}\n"
+                     "    resources: [server]\n    actions: [read]\n    environment: {hours: '08:00-18:00'}\n")
+    try:
+        assert wait_for(lambda: any(r["id"] == "business-hours" for r in listing(gw, admin)["rules"]), 5.0)
+        question = {"principal": {"roles": ["teller"]}, "method": "GET", "path": "/v2"}
+        assert evaluate(gw, admin, {**question, "time": "2026-01-05T09:00:00-05:00"})[0] == 200
+        for edge in ("9999-12-31T23:00:00-05:00", "0001-01-01T01:00:00+05:00"):
+            status, doc = evaluate(gw, admin, {**question, "time": edge})
+            assert status == 400 and doc == {"error": f"time: {edge!r} is out of range"}, (edge, status, doc)
+    finally:
+        hours.unlink()
