@@ -171,6 +171,19 @@ def test_a_keys_live_sessions_show_under_it_until_revoked(page: Page, gw: Gatewa
     expect(page.get_by_role("button", name=f"Sessions of {user_id}")).to_have_count(0)
 
 
+def test_the_label_filter_matches_a_value_that_holds_an_equals_sign(page: Page, gw: Gateway, admin_key: str) -> None:
+    made = {}
+    for value in ("https://hooks.example/x?team=nlp", "https://hooks.example/x?team=ops"):
+        status, _, raw = call(gw.url + "/admin/v1/keys", "POST", {"tier": "user", "owner": "svc-hooks", "roles": ["user"],
+                                                                  "labels": {"callback": value}}, admin_key)
+        assert status == 201, raw
+        made[value] = json.loads(raw)["key_id"]
+    page.goto(gw.url + "/console/keys")
+    page.get_by_role("search", name="Filter keys").get_by_label("Label").fill("callback=https://hooks.example/x?team=nlp")
+    expect(page.locator(f'[data-key-id="{made["https://hooks.example/x?team=nlp"]}"]')).to_be_visible()
+    expect(page.locator(f'[data-key-id="{made["https://hooks.example/x?team=ops"]}"]')).to_have_count(0)
+
+
 def test_rotate_with_grace_keeps_the_old_key_working(page: Page, gw: Gateway, admin_key: str) -> None:
     old_id, old_key = make_key(gw, admin_key, "svc-rotate")
     page.goto(gw.url + "/console/keys")

@@ -130,7 +130,9 @@
     const treeBox = h("div");
     const panel = h("div", { id: "panel" }, message || null);
     function matches(k) {
-      const [lk, lv] = f.label.value.split("=");
+      // Split at the first "=" only: a label's value may hold one itself (a URL's query, a base64 pad).
+      const eq = f.label.value.indexOf("="), lk = eq < 0 ? f.label.value : f.label.value.slice(0, eq);
+      const lv = eq < 0 ? undefined : f.label.value.slice(eq + 1);
       return (!f.owner.value || k.owner.includes(f.owner.value)) && (!f.tier.value || k.tier === f.tier.value)
         && (!f.role.value || k.roles.includes(f.role.value))
         && (!f.label.value || (lv === undefined ? lk in k.labels : k.labels[lk] === lv))
