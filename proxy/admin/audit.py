@@ -59,6 +59,10 @@ def parse_query(params: Any, export: bool = False) -> AuditQuery:
     unknown = sorted(set(params) - _SEARCH_PARAMS)
     if unknown:
         raise Reply(400, f"unknown filter(s): {', '.join(unknown)} (known: {', '.join(sorted(_SEARCH_PARAMS))})")
+    for name, value in params.items():
+        if "\x00" in value:
+            # No record holds a NUL, and PostgreSQL's text refuses one: asked of the shared index, a 500.
+            raise Reply(400, f"{name} must not contain a NUL character")
     equals = tuple((k, params[k]) for k in sorted(EQUALITY_FILTERS) if params.get(k))
     status = params.get("status")
     if status and status not in _STATUSES:

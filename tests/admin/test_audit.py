@@ -86,6 +86,7 @@ def test_export_is_jsonl_of_every_match(gw: Gateway, admin: str, traffic: dict[s
     ({"limit": "\u00b2"}, "limit must be a whole number from 0 to 500"),   # isdigit(), yet no int
     ({"limit": "\uff11"}, "limit must be a whole number from 0 to 500"),   # a fullwidth 1
     ({"offset": "9" * 5000}, "offset must be a whole number from 0 to"),   # past int()'s 4300 digits
+    ({"owner": "ops\x00"}, "owner must not contain a NUL character"),
 ])
 def test_bad_filters_get_400_and_say_which(gw: Gateway, admin: str, params: dict[str, str], message: str) -> None:
     status, doc = search(gw, admin, **params)
@@ -142,3 +143,14 @@ def test_an_export_that_would_be_cut_short_says_so_instead(relay: TcpRelay, tmp_
             f"bulk{1:028x}", f"bulk{0:028x}"]   # the oldest, paged to on purpose
         status, raw = search(gw, admin, key_id="bulkbulkbulk", format="jsonl", offset="1")
         assert status == 200 and len(raw.decode().splitlines()) == MAX_EXPORT
+
+
+def test_a_nul_in_a_filter_is_a_400_on_the_shared_postgresql_index(relay: TcpRelay, pg_url: str,
+                                                                    tmp_path: Path) -> None:
+    """PostgreSQL's text refuses a NUL: the search reached it and answered 500, not which filter was wrong."""
+    with gateway_via(tmp_path, relay, **{"store.url": pg_url, "store.auto_migrate": True}) as gw:
+        admin = gw.key(owner="ops", roles=("admin",))[1]
+        assert search(gw, admin, owner="ops")[0] == 200   # the shared index answers
+        for name in ("owner", "key_id", "model", "reason", "endpoint", "protocol"):
+            status, doc = search(gw, admin, **{name: "a\x00b"})
+            assert status == 400 and doc == {"error": f"{name} must not contain a NUL character"}, (name, status, doc)
