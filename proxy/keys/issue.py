@@ -59,8 +59,12 @@ def is_key_id(text: str) -> bool:
 def iso_utc(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds") \
-        .replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        # Past what a date can show: stored before durations were capped (MAX_DURATION_S), or by hand. Shown
+        # as the calendar's end, not a 500 on every key listing that includes it.
+        return "9999-12-31T23:59:59Z" if epoch > 0 else "0001-01-01T00:00:00Z"
 
 
 def key_status(rec: KeyRecord, now: float) -> str:

@@ -11,6 +11,7 @@ import pytest_asyncio
 from proxy.keys.hashing import verify_secret
 from proxy.keys.issue import DAY, TIER_DEFAULT, issue_key, parse_duration, public_view
 from proxy.steps.authn import authenticate
+from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 
 PEPPER = b"p" * 32
@@ -184,3 +185,13 @@ async def test_public_view_never_holds_the_secret(store: SqliteStore) -> None:
     await store.revoke_key(rec.key_id, NOW + 5)
     revoked = public_view(await store.get_key(rec.key_id), now=NOW + 10)  # type: ignore[arg-type]
     assert (revoked["status"], revoked["revoked_at"]) == ("revoked", "2023-11-14T22:13:25Z")
+
+
+def test_an_expiry_past_the_calendar_is_shown_as_its_end_not_a_failed_listing() -> None:
+    """Stored before durations were capped (or by hand): every listing that held it failed with a 500."""
+    from dataclasses import replace
+
+    rec = KeyRecord(key_id="abcdefghijkl", secret_hash="h", pepper_version=1, tier="user", owner="o",
+                    roles=(), prefix="p", last4="l", created_at=NOW)
+    assert public_view(replace(rec, expires_at=NOW + 99999999 * DAY), now=NOW)["expires_at"] == "9999-12-31T23:59:59Z"
+    assert public_view(replace(rec, expires_at=1e300), now=NOW)["status"] == "active"
