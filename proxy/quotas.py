@@ -36,14 +36,19 @@ class Limits:
         return bool(self.tpm or self.daily_tokens or self.monthly_tokens)
 
 
+# The largest limit: exact as a double (Redis's Lua numbers, JSON readers) and a PostgreSQL bigint.
+LIMIT_MAX = 2**53 - 1
+
+
 def parse_limits(raw: Mapping[str, Any] | None) -> dict[str, int]:
     """Validate the limits a key sets (a subset of LIMIT_FIELDS, each an int >= 0); ValueError otherwise."""
     out: dict[str, int] = {}
     for name, value in (raw or {}).items():
         if name not in LIMIT_FIELDS:
             raise ValueError(f"unknown limit {name!r}: use {', '.join(LIMIT_FIELDS)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"limit {name} must be an integer 0 or more (0 = unlimited), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= LIMIT_MAX:
+            raise ValueError(f"limit {name} must be an integer from 0 to {LIMIT_MAX} (0 = unlimited), "
+                             f"got {str(value)[:40]!r}")
         out[name] = value
     return out
 

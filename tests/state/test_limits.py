@@ -220,7 +220,8 @@ def test_unlimited_scopes_are_free() -> None:
 def test_parse_limits() -> None:
     assert parse_limits({"rpm": 60, "daily_tokens": 0}) == {"rpm": 60, "daily_tokens": 0}
     assert parse_limits(None) == {}
-    for bad in ({"rps": 1}, {"rpm": -1}, {"rpm": "60"}, {"rpm": True}, {"tpm": 1.5}):
+    assert parse_limits({"monthly_tokens": 2**53 - 1}) == {"monthly_tokens": 2**53 - 1}
+    for bad in ({"rps": 1}, {"rpm": -1}, {"rpm": "60"}, {"rpm": True}, {"tpm": 1.5}, {"rpm": 2**53}, {"rpm": 10**30}):
         with pytest.raises(ValueError):
             parse_limits(bad)
 
