@@ -47,8 +47,10 @@ def parse_limits(raw: Mapping[str, Any] | None) -> dict[str, int]:
         if name not in LIMIT_FIELDS:
             raise ValueError(f"unknown limit {name!r}: use {', '.join(LIMIT_FIELDS)}")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= LIMIT_MAX:
-            raise ValueError(f"limit {name} must be an integer from 0 to {LIMIT_MAX} (0 = unlimited), "
-                             f"got {str(value)[:40]!r}")
+            # (int's repr refuses more than 4300 digits)
+            shown = "a number past that" if isinstance(value, int) and value > LIMIT_MAX else repr(value)[:64]
+            raise ValueError(f"limit {name} must be an integer 0 or more, at most {LIMIT_MAX} (0 = unlimited), "
+                             f"got {shown}")
         out[name] = value
     return out
 
