@@ -96,6 +96,8 @@ class Gateway:
                 task = asyncio.create_task(run(self.settings, started, self._stop, freeze_heap=self.freeze_heap))
                 await asyncio.wait([task, asyncio.create_task(started.wait())],
                                    return_when=asyncio.FIRST_COMPLETED)
+                if task.done():   # it failed to start: raised here, .error is set before start() reads it
+                    await task
                 ready.set()
                 await task
             try:
