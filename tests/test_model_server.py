@@ -243,3 +243,15 @@ def test_model_metrics_are_exported_for_both_models(triton: TritonProcess) -> No
         assert {"deepseek_running_sequences", "deepseek_waiting_requests", "deepseek_kv_cache_usage_ratio",
                 "deepseek_generated_tokens_total", "deepseek_decode_steps_total",
                 "deepseek_time_to_first_token_seconds_count"} <= names, (model, names)
+
+
+def test_a_tiny_temperature_samples_like_greedy_and_fails_no_neighbour(triton: TritonProcess) -> None:
+    # 1e-40 is a valid FP32 temperature: logits / 1e-40 overflowed to inf, softmax gave NaN, and
+    # multinomial's error failed the whole step, every request in the batch with it.
+    bodies = [{"text_input": "Hello world", "max_tokens": 12, "temperature": 1e-40, "seed": 1},
+              {"text_input": "A neighbour", "max_tokens": 12},
+              {"text_input": "Another one", "max_tokens": 12, "temperature": 0.8, "seed": 5}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: post(triton, "/v2/models/deepseek/generate", b), bodies))
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert json.loads(answers[0][1])["text_output"] == generate(triton, "Hello world", 12)["text_output"]

@@ -661,7 +661,10 @@ class Engine:
         torch, p = self.torch, seq.params
         if p.temperature == 0.0:
             return int(logits.argmax().item())
-        probs = torch.softmax(logits / p.temperature, dim=-1)
+        # Scaled from the top logit down: every value is <= 0, so a tiny temperature (1e-40 is a
+        # valid FP32) sends the others to -inf, not the top one to inf. logits / 1e-40 overflowed,
+        # softmax gave NaN and multinomial's error failed every row in the step.
+        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # always keeps the top token
