@@ -411,3 +411,14 @@ def test_answers_go_out_before_the_time_to_first_token_observations(model: objec
         assert len(ttft.observations) - seen == 8
     finally:
         ttft.observe_s = 0.0
+
+
+def test_a_chat_template_refusing_the_messages_is_that_requests_error(tiny_checkpoint: Path) -> None:
+    # Llama- and Mistral-style templates raise_exception on roles they do not support: that jinja
+    # error escaped execute() and failed the whole batch.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    with pytest.raises(m.RequestError, match="the chat template refused these messages: user first"):
+        m.render_messages(tokenizer, json.dumps([{"role": "tool", "content": "x"}]).encode())

@@ -255,3 +255,15 @@ def test_a_tiny_temperature_samples_like_greedy_and_fails_no_neighbour(triton: T
         answers = list(pool.map(lambda b: post(triton, "/v2/models/deepseek/generate", b), bodies))
     assert [status for status, _ in answers] == [200, 200, 200], answers
     assert json.loads(answers[0][1])["text_output"] == generate(triton, "Hello world", 12)["text_output"]
+
+
+def test_a_request_that_breaks_parsing_gets_its_own_error_and_the_server_stays_up(triton: TritonProcess) -> None:
+    # json.loads raised RecursionError (not a ValueError) out of execute(): Triton failed the whole
+    # batch and freed its requests, and the response thread's next poll of them killed tritonserver.
+    bodies = [{"text_input": "", "messages": "[" * 100_000, "max_tokens": 4},
+              {"text_input": "A neighbour", "max_tokens": 4}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        (bad, bad_body), (good, _) = pool.map(lambda b: post(triton, "/v2/models/deepseek/generate", b), bodies)
+    assert (bad, json.loads(bad_body)["error"]) == (400, "input 'messages' is not JSON")
+    assert good == 200
+    assert generate(triton, "still alive?", 3)["output_tokens"] == 3

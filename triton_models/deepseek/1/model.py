@@ -156,13 +156,16 @@ def render_messages(tokenizer: Any, raw: Any) -> str:
         raise RequestError("this model's tokenizer has no chat template: send text_input instead of messages")
     try:
         messages = json.loads(_text(raw, "messages"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:   # RecursionError: arrays nested thousands deep
         raise RequestError("input 'messages' is not JSON") from exc
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                        for m in messages)):
         raise RequestError("input 'messages' must be a non-empty list of {role, content} strings")
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # noqa: BLE001 - templates refuse what they do not support with raise_exception
+        raise RequestError(f"the chat template refused these messages: {exc}") from exc
 
 
 def parse_params(values: dict[str, np.ndarray], limits: Limits) -> GenerationParams:
@@ -417,6 +420,11 @@ class TritonPythonModel:
                     prompt, seq.params = parse_request(read_inputs(request), self.limits, self.engine.tokenizer)
                 except RequestError as exc:
                     self._refuse(seq, exc)
+                except Exception as exc:  # noqa: BLE001 - see below
+                    # Never out of execute(): Triton would answer the whole batch with this error and
+                    # free its requests while the response thread still polls their senders (tritonserver
+                    # died of SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled).
+                    self._refuse(seq, RequestError(f"request refused: {type(exc).__name__}: {exc}"))
                 else:
                     parsed.append((seq, prompt))
             ready: list[Sequence] = []
