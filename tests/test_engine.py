@@ -472,3 +472,9 @@ def test_a_prefill_computes_logits_only_at_the_prompts_last_columns(hf: tuple[An
         assert long_.tokens == hf_greedy(hf, "The quick brown fox jumps over the lazy dog", 3)
     finally:
         eng.stop(0)
+
+
+def test_stop_holdback_is_the_longest_end_that_could_begin_a_stop() -> None:
+    assert e.stop_holdback("hello wo", ("world", "x")) == 2
+    assert e.stop_holdback("hello", ("lo!", "llo!")) == 3
+    assert e.stop_holdback("hello", ("z", "abc")) == 0

@@ -267,3 +267,15 @@ def test_a_request_that_breaks_parsing_gets_its_own_error_and_the_server_stays_u
     assert (bad, json.loads(bad_body)["error"]) == (400, "input 'messages' is not JSON")
     assert good == 200
     assert generate(triton, "still alive?", 3)["output_tokens"] == 3
+
+
+def test_a_stream_never_sends_the_start_of_a_stop_string(triton: TritonProcess) -> None:
+    # A stop string spanning two tokens: its first part went out with the first token, before the
+    # second showed it was a stop, so the stream's text did not match the one answer's.
+    pieces = [e["text_output"] for e in stream_events(triton, {"text_input": "Hello world", "max_tokens": 12})]
+    i = next(i for i in range(len(pieces) - 1) if pieces[i] and pieces[i + 1])
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    body = {"text_input": "Hello world", "max_tokens": 12, "stop": [stop]}
+    streamed = "".join(e["text_output"] for e in stream_events(triton, body))
+    status, raw = post(triton, "/v2/models/deepseek/generate", body)
+    assert status == 200 and streamed == json.loads(raw)["text_output"] == "".join(pieces)[:"".join(pieces).index(stop)]

@@ -144,6 +144,21 @@ def cut_at_stop(text: str, stops: Seq[str], start: int = 0) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_holdback(text: str, stops: Seq[str]) -> int:
+    """How many chars at the end of `text` could begin a stop string: a stream holds them back.
+
+    Sent at once, a stop string's first part reached the client before the next token showed it
+    was a stop, and the stream's text no longer matched the one answer's (which is cut before it).
+    """
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
+
+
 def safe_delta(text: str, emitted: int) -> str:
     """New text since `emitted` chars, held back while it ends inside a UTF-8 sequence."""
     if text.endswith("\ufffd"):
@@ -691,7 +706,12 @@ class Engine:
                 seq.text, hit = seq.raw, False
             seq.done = hit or len(seq.tokens) >= seq.params.max_tokens
         # At the end, flush whatever was held back as a partial UTF-8 sequence.
-        delta = seq.text[seq.emitted:] if seq.done else safe_delta(seq.text, seq.emitted)
+        if seq.done:
+            delta = seq.text[seq.emitted:]
+        elif seq.streams and seq.params.stop:
+            delta = safe_delta(seq.text[:len(seq.text) - stop_holdback(seq.text, seq.params.stop)], seq.emitted)
+        else:
+            delta = safe_delta(seq.text, seq.emitted)
         seq.emitted += len(delta)
         if seq.done and self.settings.scheduling == STATIC:
             # The old code answered a batch when its longest row was done: so does static mode.
