@@ -12,8 +12,10 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 
 class TritonError:
-    def __init__(self, message: str) -> None:
-        self._message = message
+    INTERNAL, INVALID_ARG, UNAVAILABLE = 1, 3, 4   # TRITONSERVER_Error_Code's values
+
+    def __init__(self, message: str, code: int = INTERNAL) -> None:
+        self._message, self.code = message, code
 
     def message(self) -> str:
         return self._message

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from proxy.local.triton import TritonProcess, free_ports
 from tests.gateway import Gateway, wait_for
@@ -279,3 +280,15 @@ def test_a_stream_never_sends_the_start_of_a_stop_string(triton: TritonProcess) 
     streamed = "".join(e["text_output"] for e in stream_events(triton, body))
     status, raw = post(triton, "/v2/models/deepseek/generate", body)
     assert status == 200 and streamed == json.loads(raw)["text_output"] == "".join(pieces)[:"".join(pieces).index(stop)]
+
+
+def test_a_bad_request_is_the_clients_error_on_infer_and_grpc(triton: TritonProcess) -> None:
+    # Sent without a code, every refusal was INTERNAL: /infer answered 500 and gRPC INTERNAL, so
+    # seekgate's audit and metrics counted a client's mistake as a server fault.
+    inputs = infer_inputs(grpcclient, "hi", 0)
+    with pytest.raises(InferenceServerException) as err:
+        grpcclient.InferenceServerClient(f"127.0.0.1:{triton.launch.grpc_port}").infer("deepseek", inputs)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "max_tokens must be at least 1" in err.value.message()
+    body = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["   "]}]}
+    status, raw = post(triton, "/v2/models/deepseek/infer", body)
+    assert (status, json.loads(raw)["error"]) == (400, "input 'text_input' is empty")

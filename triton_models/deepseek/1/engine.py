@@ -39,6 +39,14 @@ STATIC, INFLIGHT = "static", "inflight"
 class RequestError(ValueError):
     """A problem with one request: reported to that request only."""
 
+    kind = "invalid"       # the client's to fix: HTTP 400, gRPC INVALID_ARGUMENT (see Event.kind)
+
+
+class ShuttingDown(RequestError):
+    """No fault of the request's: another replica, or this one later, can answer it."""
+
+    kind = "unavailable"
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -102,6 +110,7 @@ class Event:
     done: bool
     error: str | None = None
     tokens: int = 0     # output tokens when this event was made (the engine keeps decoding meanwhile)
+    kind: str = "internal"   # whose fault an error is: "invalid" (the request's), "unavailable" or "internal"
 
 
 @dataclass(frozen=True)
@@ -362,7 +371,7 @@ class Engine:
             queued.append(seq)
         with self._cond:
             if self._stopping:
-                return refused + [(seq, RequestError("the model is shutting down")) for seq in queued]
+                return refused + [(seq, ShuttingDown("the model is shutting down")) for seq in queued]
             self._waiting.extend(queued)
             if queued:
                 self._cond.notify()
@@ -385,7 +394,7 @@ class Engine:
             self._stopping = True
             self._drain_until = time.monotonic() + drain_s
             for seq in self._waiting:
-                self.sink(Event(seq, "", True, "the model is shutting down"))
+                self.sink(Event(seq, "", True, "the model is shutting down", kind=ShuttingDown.kind))
             self._waiting.clear()
             self._cond.notify()
         self._thread.join()
@@ -403,7 +412,7 @@ class Engine:
                 if self._stopping and (idle or time.monotonic() > self._drain_until):
                     for seq in self._rows:
                         if not seq.done:
-                            self.sink(Event(seq, "", True, "the model is shutting down"))
+                            self.sink(Event(seq, "", True, "the model is shutting down", kind=ShuttingDown.kind))
                     self._rows, self._n, self._finished = [], 0, []
                     return
             if self.before_step is not None:

@@ -442,7 +442,7 @@ class TritonPythonModel:
 
     def _refuse(self, seq: Sequence, error: RequestError) -> None:
         """This request's own error, as its final answer; the rest of the batch goes on."""
-        self._post(Event(seq, "", True, str(error)))
+        self._post(Event(seq, "", True, str(error), kind=error.kind))
 
     def _post(self, event: Event) -> None:
         """Queues an event for the response thread (the engine's sink), counting final answers."""
@@ -529,7 +529,12 @@ class TritonPythonModel:
             handle.first_seen = True
             self._ttft_due.append(seq.first_token_at - seq.arrived)   # observed once no answer waits
         if event.error is not None:
-            handle.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=final)
+            # The code sets the status: without one every refusal was INTERNAL, so a bad request got
+            # HTTP 500 from /infer and gRPC INTERNAL (seekgate's audit and metrics: a server fault).
+            code = {"invalid": pb_utils.TritonError.INVALID_ARG,
+                    "unavailable": pb_utils.TritonError.UNAVAILABLE}.get(event.kind, pb_utils.TritonError.INTERNAL)
+            handle.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error, code)),
+                               flags=final)
         elif seq.cancelled and event.done:
             # The final flag releases the request in Triton, even when the client is gone.
             if self.decoupled:
