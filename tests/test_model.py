@@ -301,6 +301,8 @@ def test_render_messages_uses_the_tokenizers_template_and_refuses_bad_input() ->
             m.render_messages(_Templated(), bad)
     with pytest.raises(m.RequestError, match="no chat template"):
         m.render_messages(object(), raw[0])
+    with pytest.raises(m.RequestError, match="input 'messages' is not valid UTF-8"):
+        m.render_messages(_Templated(), b"\xff")
 
 
 def test_metrics_follow_the_engine(model: object) -> None:

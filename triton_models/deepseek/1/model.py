@@ -154,8 +154,9 @@ def render_messages(tokenizer: Any, raw: Any) -> str:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template: send text_input instead of messages")
+    text = _text(raw, "messages")   # outside the try: its RequestError is a ValueError, and not "not JSON"
     try:
-        messages = json.loads(_text(raw, "messages"))
+        messages = json.loads(text)
     except (ValueError, RecursionError) as exc:   # RecursionError: arrays nested thousands deep
         raise RequestError("input 'messages' is not JSON") from exc
     if (not isinstance(messages, list) or not messages
