@@ -478,3 +478,30 @@ def test_stop_holdback_is_the_longest_end_that_could_begin_a_stop() -> None:
     assert e.stop_holdback("hello wo", ("world", "x")) == 2
     assert e.stop_holdback("hello", ("lo!", "llo!")) == 3
     assert e.stop_holdback("hello", ("z", "abc")) == 0
+
+
+def test_a_cancelled_request_still_queued_leaves_at_the_next_step(hf: tuple[Any, Any]) -> None:
+    # Only admission dropped queued cancels, at the queue's head, once a running row freed its
+    # slot: with every slot busy, a client gone away kept its request pending for a whole answer.
+    eng, sink = make_engine(hf, max_running=1)
+    try:
+        running, queued = seq(eng, PROMPTS[0], 200), seq(eng, PROMPTS[1], 10)
+        left_at: list[int] = []
+
+        def noting_the_step(event: e.Event) -> None:
+            if event.seq is queued and event.done:
+                left_at.append(eng.steps)
+            sink(event)
+        eng.sink = noting_the_step
+        eng.submit(running)
+        sink.wait_tokens(running, 3)
+        eng.submit(queued)
+        steps = eng.steps
+        eng.cancel(queued)
+        sink.wait(queued)
+        assert sink.of(queued)[-1].done and sink.of(queued)[-1].error is None and not queued.tokens
+        assert left_at[0] - steps <= 2
+        sink.wait(running)
+        assert running.tokens == hf_greedy(hf, PROMPTS[0], 200)
+    finally:
+        eng.stop(0)

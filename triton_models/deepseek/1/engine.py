@@ -309,6 +309,7 @@ class Engine:
         self._finished: list[Sequence] = []   # answered by the last decode; their slots freed next step
         self._held: list[Event] = []          # static mode: answers held until the batch is done
         self._stopping = False
+        self._cancelled_waiting = False        # a cancel() since the queue was last searched for them
         self._drain_until = 0.0
         self.steps = 0                        # decode steps run (tokens / steps = rows per step)
         self.generated = 0                    # tokens output (EOS is not one)
@@ -380,6 +381,7 @@ class Engine:
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
         with self._cond:
+            self._cancelled_waiting = True   # it may still be queued: looked for at the next step
             self._cond.notify()
 
     def stats(self) -> Stats:
@@ -485,6 +487,15 @@ class Engine:
         self._finished = []
 
     def _drop_cancelled(self) -> None:
+        # Queued ones too: left for admission to find at the queue's head, a request whose client
+        # went away waited, pending in Triton, until a running row finished and freed a slot.
+        with self._cond:
+            gone = [s for s in self._waiting if s.cancelled] if self._cancelled_waiting else []
+            if gone:
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            self._cancelled_waiting = False
+        for seq in gone:
+            self.sink(Event(seq, "", True))
         for seq in [s for s in self._rows if s.cancelled and not s.done]:
             seq.done = True
             self.sink(Event(seq, "", True))
