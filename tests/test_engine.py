@@ -478,6 +478,8 @@ def test_stop_holdback_is_the_longest_end_that_could_begin_a_stop() -> None:
     assert e.stop_holdback("hello wo", ("world", "x")) == 2
     assert e.stop_holdback("hello", ("lo!", "llo!")) == 3
     assert e.stop_holdback("hello", ("z", "abc")) == 0
+    assert e.stop_holdback("aaa", ("aab",)) == 2 and e.stop_holdback("abab", ("ababc",)) == 4
+    assert e.stop_holdback("ab", ("b",)) == 0   # a whole stop is cut_at_stop's, not held back
 
 
 def test_a_cancelled_request_still_queued_leaves_at_the_next_step(hf: tuple[Any, Any]) -> None:

@@ -160,6 +160,8 @@ def test_in_flight_batching_is_real_and_does_not_change_results(triton: TritonPr
     ({"text_input": "", "max_tokens": 4}, 400, "is empty"),
     ({"text_input": "hi", "max_tokens": 100000}, 400, "over this model's cap"),
     ({"text_input": "hello " * 400, "max_tokens": 4}, 400, "over the context length"),
+    # Each is searched for at every token on the engine thread every request shares.
+    ({"text_input": "hi", "max_tokens": 4, "stop": [f"stop {i}" for i in range(17)]}, 400, "at most 16 stop strings"),
     ({"text_input": 123}, 500, "Unable to parse JSON bytes array"),
     ({"text_input": "hi", "max_tokens": "many"}, 500, "Unable to parse 'data'"),
 ])

@@ -158,13 +158,18 @@ def stop_holdback(text: str, stops: Seq[str]) -> int:
 
     Sent at once, a stop string's first part reached the client before the next token showed it
     was a stop, and the stream's text no longer matched the one answer's (which is cut before it).
+    Each stop is looked for from where its first char occurs in the tail (str.find, not one
+    endswith per length: this runs on the engine thread at every token).
     """
     held = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
+        tail = text[max(0, len(text) - len(s) + 1):]
+        i = tail.find(s[0]) if tail else -1
+        while 0 <= i and len(tail) - i > held:   # earliest first: the longest candidate
+            if s.startswith(tail[i:]):
+                held = len(tail) - i
                 break
+            i = tail.find(s[0], i + 1)
     return held
 
 
