@@ -294,3 +294,11 @@ def test_a_bad_request_is_the_clients_error_on_infer_and_grpc(triton: TritonProc
     body = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["   "]}]}
     status, raw = post(triton, "/v2/models/deepseek/infer", body)
     assert (status, json.loads(raw)["error"]) == (400, "input 'text_input' is empty")
+
+
+def test_a_chat_needs_no_text_input(triton: TritonProcess) -> None:
+    messages = json.dumps([{"role": "user", "content": "Hello"}])
+    status, raw = post(triton, "/v2/models/deepseek/generate", {"messages": messages, "max_tokens": 4})
+    assert status == 200, raw
+    with_empty = post(triton, "/v2/models/deepseek/generate", {"text_input": "", "messages": messages, "max_tokens": 4})
+    assert json.loads(raw)["text_output"] == json.loads(with_empty[1])["text_output"]

@@ -257,8 +257,10 @@ class Prompt:
 
 def parse_request(values: dict[str, np.ndarray], limits: Limits, tokenizer: Any) -> tuple[Prompt, GenerationParams]:
     """One request's inputs -> (its prompt, sampling parameters), or RequestError. See encode_prompts."""
-    chat = "messages" in values   # a chat (seekgate's /v1/chat/completions): text_input left empty
-    if chat and _text(_scalar(values, "text_input"), "text_input"):
+    chat = "messages" in values   # a chat (seekgate's /v1/chat/completions): text_input left empty or out
+    # Triton does not require text_input (the generate endpoint passes what the JSON has): a chat
+    # without one was refused as "text_input must be a string".
+    if chat and "text_input" in values and _text(_scalar(values, "text_input"), "text_input"):
         raise RequestError("give text_input or messages, not both")
     prompt = render_messages(tokenizer, _scalar(values, "messages")) if chat else parse_prompt(values)
     return Prompt(prompt, special=not chat), parse_params(values, limits)
