@@ -160,8 +160,10 @@ def test_in_flight_batching_is_real_and_does_not_change_results(triton: TritonPr
     ({"text_input": "", "max_tokens": 4}, 400, "is empty"),
     ({"text_input": "hi", "max_tokens": 100000}, 400, "over this model's cap"),
     ({"text_input": "hello " * 400, "max_tokens": 4}, 400, "over the context length"),
+    # Refused by its length alone: tokenizing megabytes held execute(), and every new request, for seconds.
+    ({"text_input": "hello " * 100_000, "max_tokens": 4}, 400, "prompt of 600000 characters is over the context"),
     # Each is searched for at every token on the engine thread every request shares.
-    ({"text_input": "hi", "max_tokens": 4, "stop": [f"stop {i}" for i in range(17)]}, 400, "at most 16 stop strings"),
+    ({"text_input": "hi", "max_tokens": 4, "stop": [f"stop {i}" for i in range(17)]}, 400, "at most 16 are allowed"),
     ({"text_input": 123}, 500, "Unable to parse JSON bytes array"),
     ({"text_input": "hi", "max_tokens": "many"}, 500, "Unable to parse 'data'"),
 ])
