@@ -210,9 +210,10 @@ def parse_params(values: dict[str, np.ndarray], limits: Limits) -> GenerationPar
     stop_arr = values.get("stop")
     stop: tuple[str, ...] = ()
     if stop_arr is not None:
-        if np.asarray(stop_arr).size > MAX_STOPS:
-            raise RequestError(f"input 'stop' holds {np.asarray(stop_arr).size} strings, at most {MAX_STOPS} are allowed")
-        stop = tuple(s for s in (_text(v, "stop") for v in np.asarray(stop_arr).reshape(-1)) if s)
+        stops = np.asarray(stop_arr).reshape(-1)
+        if stops.size > MAX_STOPS:
+            raise RequestError(f"input 'stop' holds {stops.size} strings, at most {MAX_STOPS} are allowed")
+        stop = tuple(s for s in (_text(v, "stop") for v in stops) if s)
     seed = _scalar(values, "seed")
     return GenerationParams(max_tokens, temperature, top_p, stop, None if seed is None else int(seed))
 
@@ -454,8 +455,9 @@ class TritonPythonModel:
                 except Exception as exc:  # noqa: BLE001 - see below
                     # Never out of execute(): Triton would answer the whole batch with this error and
                     # free its requests while the response thread still polls their senders (tritonserver
-                    # died of SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled).
-                    self._refuse(seq, RequestError(f"request refused: {type(exc).__name__}: {exc}"))
+                    # died of SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled). Not a RequestError: an
+                    # internal error, not blamed on the client.
+                    self._post(Event(seq, "", True, f"request not parsed: {type(exc).__name__}: {exc}"))
                 else:
                     parsed.append((seq, prompt))
             ready: list[Sequence] = []
