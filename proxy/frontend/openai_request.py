@@ -72,9 +72,10 @@ class OpenAIRequest:
         max_tokens is always explicit, so the role cap, the token charge and finish_reason all read
         the same number the model gets. OpenAI samples at temperature 1 when none is named.
         Stop sequences never go to the model: every answer runs through the decoupled twin's token
-        events (frontend/openai.py), and the relay applies them (openai_shapes.StopFilter), because the
-        model streams the start of a stop sequence before it knows it is one, and cuts the rest, so
-        the relay could never tell what to withhold.
+        events (frontend/openai.py), and the relay applies them (openai_shapes.StopFilter), so OpenAI's
+        stop semantics do not rest on the model's own: a model that streams the start of a stop
+        sequence before it knows it is one (this repository's held it back only later) and cuts the rest
+        would leave the relay unable to tell what to withhold.
         """
         body: dict[str, Any] = {"text_input": self.prompt,
                                 "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,

@@ -143,9 +143,9 @@ def model_object(model_id: str, created: int) -> dict[str, Any]:
 class StopFilter:
     """A stream's text with OpenAI's stop semantics: nothing of a stop sequence ever reaches the client.
 
-    The model checks stop sequences on its whole text, but streams each new piece as it decodes it:
-    the start of a stop sequence ("t" of "t?") goes out before the rest shows it was one. So the
-    relay holds back any ending that could begin a stop sequence until the next piece decides it,
+    The model streams each new piece as it decodes it, and gets no stop sequences (OpenAIRequest.
+    generate_body): the start of one ("t" of "t?") would go out before the rest shows it was one. So
+    the relay holds back any ending that could begin a stop sequence until the next piece decides it,
     and cuts where one is complete: the streamed text then equals the non-streamed answer.
     """
 
