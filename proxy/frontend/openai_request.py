@@ -74,8 +74,8 @@ class OpenAIRequest:
         Stop sequences never go to the model: every answer runs through the decoupled twin's token
         events (frontend/openai.py), and the relay applies them (openai_shapes.StopFilter), so OpenAI's
         stop semantics do not rest on the model's own: a model that streams the start of a stop
-        sequence before it knows it is one (this repository's held it back only later) and cuts the rest
-        would leave the relay unable to tell what to withhold.
+        sequence before it knows it is one (triton_models/deepseek holds it back; another model may not)
+        and cuts the rest would leave the relay unable to tell what to withhold.
         """
         body: dict[str, Any] = {"text_input": self.prompt,
                                 "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
