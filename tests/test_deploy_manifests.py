@@ -245,6 +245,24 @@ def test_fluent_bit_configmap_is_the_config_files() -> None:
     assert secret_names(VOLUMES[secret_file["name"]]) == {"seekgate-elasticsearch"}
 
 
+def test_fluent_bit_tails_every_active_audit_file_the_code_writes() -> None:
+    # The server's workers and the CLI (keys create/revoke, db migrate, crypto rotate) each append to
+    # their own active file; one the tail misses never reaches Elasticsearch. Rotated files
+    # (audit-<stamp>...) are followed by inode and must not match, or they would be read twice.
+    from fnmatch import fnmatch
+
+    from proxy.audit.jsonl import active_name
+    from proxy.cli.audit import CLI_AUDIT_FILE
+    config = yaml.safe_load((REPO / "config/fluent-bit/fluent-bit.yaml").read_text())
+    [tail] = [i for i in config["pipeline"]["inputs"] if i["name"] == "tail"]
+    globs = tail["path"].split(",")
+    for name in (active_name(0), active_name(1), active_name(7), CLI_AUDIT_FILE):
+        assert any(fnmatch(f"/data/audit/{name}", g) for g in globs), name
+    for rotated in ("audit-20261207T000000Z.jsonl", "audit-20261207T000000Z.w2.jsonl",
+                    "audit-20261207T000000Z.cli.jsonl"):
+        assert not any(fnmatch(f"/data/audit/{rotated}", g) for g in globs), rotated
+
+
 # ------------------------------------------------------------------ compose
 
 @pytest.mark.parametrize("name", ["triton", "fluent-bit", "seekgate", "prometheus", "alertmanager"])
