@@ -193,6 +193,20 @@ def test_pdb_spread_and_a_gpu_fit_rolling_update() -> None:
     assert deployment["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"] + 600
 
 
+def test_compose_gives_triton_the_same_load_time_as_the_pod_and_the_image() -> None:
+    # seekgate waits for `service_healthy`: a Triton marked unhealthy while it still loads the
+    # checkpoint fails `docker compose up` ("dependency failed to start") instead of waiting.
+    startup = CONTAINERS["triton"]["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    dockerfile = (REPO / "deploy/docker/triton.Dockerfile").read_text()
+    image = re.search(r"HEALTHCHECK .*--start-period=(\d+)s", dockerfile)
+    assert image, "triton.Dockerfile: no HEALTHCHECK start period"
+    assert int(image.group(1)) >= budget
+    for name in ("triton", "triton-a", "triton-b"):
+        check = SERVICES[name]["healthcheck"]
+        assert int(check["start_period"].removesuffix("s")) >= budget, name
+
+
 def test_shutdown_order_covers_the_longest_stream(tmp_path: Path) -> None:
     settings = pod_settings(tmp_path)
     s = settings.server
