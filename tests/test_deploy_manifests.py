@@ -113,6 +113,19 @@ def test_the_pod_data_dir_matches_the_image(tmp_path: Path) -> None:
     assert "/data" in mounts("seekgate") and mounts("seekgate")["/data"]["name"] == "data"
 
 
+def test_where_keys_are_written_by_default_is_never_committed_nor_in_the_build_context() -> None:
+    # The README's secret files, Compose's .env, the data dir (KEK, pepper, key store) and the
+    # private keys `seekgate tls dev-cert` writes into the working tree by default.
+    from proxy.cli.main import build_parser
+    from proxy.settings import Settings
+    dev_cert_dir = build_parser().parse_args(["tls", "dev-cert"]).dir
+    dockerignore = {line.strip().strip("/") for line in (REPO / ".dockerignore").read_text().splitlines()}
+    for path in ("secrets/root.key", ".env", f"{Settings().data_dir}/secrets/root.key", f"{dev_cert_dir}/ca-key.pem"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
+        assert ignored.returncode == 0, f"{path}: not in .gitignore"
+        assert path.split("/")[0] in dockerignore, f"{path}: not in .dockerignore"
+
+
 # ------------------------------------------------------------------ Pod Security "restricted"
 
 def test_every_container_meets_pod_security_restricted() -> None:
