@@ -175,6 +175,12 @@ def test_operator_role_grants_no_way_around_seekgate() -> None:
         for rule in role["rules"]:
             assert not forbidden & set(rule.get("resources", [])), (role["metadata"]["name"], rule)
             assert "*" not in rule.get("verbs", []) and "*" not in rule.get("apiGroups", [])
+            # Writing a pod (template) runs any command with the KEK mounted; pods/log reads it back.
+            templated = {"pods", "deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs",
+                         "podtemplates", "replicationcontrollers"}
+            writes = {"create", "update", "patch"}
+            assert not (templated & set(rule.get("resources", [])) and writes & set(rule.get("verbs", []))), \
+                (role["metadata"]["name"], rule)
 
 
 # ------------------------------------------------------------------ replicas, rollout, shutdown
