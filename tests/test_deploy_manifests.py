@@ -596,6 +596,19 @@ def test_the_image_listens_on_every_interface_with_tls_only() -> None:
         assert "https://127.0.0.1:8002/metrics" in check[-1] and "http://" not in check[-1], check
 
 
+def test_services_do_not_advertise_cleartext_on_tls_ports() -> None:
+    # appProtocol tells meshes, Gateways and cloud load balancers how to speak to the port:
+    # `http` / `grpc` / `kubernetes.io/h2c` mean cleartext, which a TLS-only listener answers with a
+    # handshake failure. Every seekgate port the Services name serves TLS (the image's env above).
+    env = image_env()
+    assert env["SEEKGATE_SERVER_TLS_CERT_FILE"] and env["SEEKGATE_SERVER_TLS_KEY_FILE"]
+    cleartext = {"http", "grpc", "h2c", "kubernetes.io/h2c", "kubernetes.io/ws", "tcp"}
+    ports = [p for f in ("deploy/k8s/service.yaml", "deploy/k8s-ha/service-grpc-headless.yaml")
+             for p in yaml.safe_load((REPO / f).read_text())["spec"]["ports"]]
+    assert {p["targetPort"] for p in ports} == {"http", "grpc"}
+    for port in ports:
+        assert port.get("appProtocol", "").lower() not in cleartext | {""}, port
+
 def test_compose_mounts_the_tls_pair_where_the_image_reads_it() -> None:
     def secrets_of(svc: dict[str, Any]) -> set[str]:
         return {s if isinstance(s, str) else s["source"] for s in svc.get("secrets", [])}
