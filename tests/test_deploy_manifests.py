@@ -586,6 +586,35 @@ def probe_command(probe: dict[str, Any]) -> list[str]:
     return list(probe["exec"]["command"])
 
 
+def test_the_cli_in_the_container_reads_the_mounted_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `docker compose exec seekgate seekgate keys create ...` (deploy/README.md) passes no --config:
+    # the CLI then reads config/seekgate.yaml under its working directory, the image's WORKDIR. It must
+    # find the file Compose and the pod mount, or every exec'd command runs on the defaults.
+    import argparse
+
+    from proxy.cli.common import DEFAULT_CONFIG, load
+    final_stage = DOCKERFILE.rsplit("\nFROM ", 1)[1]
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", final_stage, re.M)
+    assert workdirs, "seekgate.Dockerfile: the final stage has no WORKDIR (the CLI would run in /)"
+    mounted = "/etc/seekgate/seekgate.yaml"
+    assert mounted in image_command() and mounts("seekgate")[mounted]["subPath"] == "seekgate.yaml"
+    assert f"./config/seekgate.yaml:{mounted}:ro" in SERVICES["seekgate"]["volumes"]
+    root = tmp_path / "image"
+    for target, link in re.findall(r"ln -s (\S+) (\S+)", final_stage):   # the image's links, under root
+        (root / link.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / link.lstrip("/")).symlink_to(target)
+    (root / mounted.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    (root / mounted.lstrip("/")).write_text(one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
+    cwd = root / workdirs[-1].lstrip("/")
+    cwd.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(cwd)
+    for var in [v for v in os.environ if v.startswith("SEEKGATE_")]:
+        monkeypatch.delenv(var)
+    assert (cwd / DEFAULT_CONFIG).resolve() == (root / mounted.lstrip("/")).resolve()
+    settings = load(argparse.Namespace(config=None, data_dir=None))
+    assert settings.server.drain_timeout_s == 310 and settings.crypto.root_rotation_days == 0   # the pod's, not defaults
+
+
 def test_the_image_listens_on_every_interface_with_tls_only() -> None:
     env = image_env()
     assert env["SEEKGATE_SERVER_HOST"] == "0.0.0.0"

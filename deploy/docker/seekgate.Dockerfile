@@ -16,8 +16,9 @@ FROM python:3.11.11-slim-bookworm
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && pip check && rm -rf /wheels \
  && useradd --system --uid 10001 --user-group --home-dir /nonexistent --shell /usr/sbin/nologin seekgate \
- && mkdir -p /data/audit /data/secrets /etc/seekgate \
- && chown 10001:10001 /data /data/audit && chown 10001:10001 /data/secrets && chmod 0700 /data/secrets
+ && mkdir -p /data/audit /data/secrets /etc/seekgate/config \
+ && chown 10001:10001 /data /data/audit && chown 10001:10001 /data/secrets && chmod 0700 /data/secrets \
+ && ln -s ../seekgate.yaml /etc/seekgate/config/seekgate.yaml
 COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
@@ -33,6 +34,10 @@ ENV SEEKGATE_DATA_DIR=/data \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 VOLUME ["/data"]
+# The CLI reads config/seekgate.yaml from the working directory when no --config is given: from here
+# that is the mounted /etc/seekgate/seekgate.yaml (the link above), so `docker compose exec seekgate
+# seekgate keys create ...` and `kubectl exec` use the same settings as the server, not the defaults.
+WORKDIR /etc/seekgate
 USER 10001:10001
 EXPOSE 8000 8001 8002
 # seekgate's own health (its metrics endpoint), not Triton's: /v2/health/ready is forwarded.
