@@ -278,6 +278,13 @@ def test_fluent_bit_configmap_is_the_config_files() -> None:
     assert secret_names(VOLUMES[secret_file["name"]]) == {"seekgate-elasticsearch"}
 
 
+def test_policies_configmap_is_the_policy_files() -> None:
+    # configmaps.yaml says it is a copy of policies/*.yaml: the same text, its documentation of the
+    # rule format (resources, per-rule limits) included, not only the same file names.
+    data = one("ConfigMap", "seekgate-policies")["data"]
+    assert data == {p.name: p.read_text() for p in sorted((REPO / "policies").glob("*.yaml"))}
+
+
 def test_fluent_bit_tails_every_active_audit_file_the_code_writes() -> None:
     # The server's workers and the CLI (keys create/revoke, db migrate, crypto rotate) each append to
     # their own active file; one the tail misses never reaches Elasticsearch. Rotated files
