@@ -62,6 +62,12 @@ class JsonlFile:
         """Appends whole lines (each ending in a newline, as line_of makes them); on error nothing of
         this call stays in the file."""
         data = b"".join(lines)
+        if self._fd is not None and self._moved():
+            # Deleted or renamed away under us (an operator, logrotate without copytruncate): lines
+            # written to that inode would be in no file seekgate or its readers know, so a strict
+            # record would be acknowledged as durable and be gone. Start a new file at the path.
+            log.warning("audit file %s was deleted or moved while open; reopening it", self.path)
+            self.close()
         if self._fd is None:
             self._open()
         assert self._fd is not None
@@ -81,6 +87,16 @@ class JsonlFile:
         self._dirty = True
         if fsync:
             self.fsync()
+
+    def _moved(self) -> bool:
+        """The path no longer names the open file. One stat per batch written."""
+        assert self._fd is not None
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._fd)
+        return (named.st_ino, named.st_dev) != (held.st_ino, held.st_dev)
 
     def fsync(self) -> None:
         if self._fd is not None and self._dirty:

@@ -401,6 +401,23 @@ async def test_strict_write_failure_fails_the_waiters_and_recovers(tmp_path: Pat
     assert [r["request_id"] for r in _lines(tmp_path / "audit" / "audit.jsonl")] == ["req-2", "req-3"]
 
 
+async def test_a_durable_record_after_the_file_is_deleted_or_renamed_lands_in_a_new_audit_jsonl(
+        tmp_path: Path) -> None:
+    """An operator's rm, or logrotate's rename without copytruncate: the open descriptor still
+    names the old inode, and a strict record acknowledged there would be in no file at the path."""
+    audit_dir = tmp_path / "audit"
+    async with AuditWriter(tmp_path, durability="strict") as writer:
+        await writer.submit_durable(_rec(1))
+        (audit_dir / "audit.jsonl").unlink()
+        await writer.submit_durable(_rec(2))
+        assert [r["request_id"] for r in _lines(audit_dir / "audit.jsonl")] == ["req-2"]
+        (audit_dir / "audit.jsonl").rename(audit_dir / "audit.jsonl.1")
+        await writer.submit_durable(_rec(3))
+        assert [r["request_id"] for r in _lines(audit_dir / "audit.jsonl")] == ["req-3"]
+    assert [r["request_id"] for r in _lines(audit_dir / "audit.jsonl.1")] == ["req-2"]
+    assert [r["request_id"] for r in tail_audit(tmp_path, 10)] == ["req-3"]
+
+
 async def test_torn_last_line_is_ended_not_glued_to_the_next_record(tmp_path: Path) -> None:
     audit_dir = tmp_path / "audit"
     audit_dir.mkdir()
