@@ -97,6 +97,9 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
+# How long an index write waits for another connection's lock (sqlite3's default is 5 s).
+_BUSY_TIMEOUT_S = 1.0
+
 _ROWS_PER_STATEMENT = 64   # 64 x 24 bound values, far below SQLite's 32766
 
 
@@ -172,7 +175,9 @@ class AuditIndex:
         if self._db is None:
             # sqlite3 opens a transaction before the first INSERT or DELETE (not before PRAGMA or
             # CREATE), so each insert() or prune() is one transaction, ended by its commit().
-            db = sqlite3.connect(self.path, check_same_thread=False)
+            # A short busy wait: a lock held longer (another process in a transaction) fails the insert,
+            # and the writer keeps the rows for a later retry instead of stalling audit.jsonl behind it.
+            db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
             try:
                 enable_wal(db)   # several workers may open a new audit.db at once
                 db.execute("PRAGMA synchronous=NORMAL")

@@ -149,6 +149,12 @@ class AuditWriter:
         self._waiters: dict[str, asyncio.Future[None]] = {}   # event_id -> durable-write future
         self._task: asyncio.Task[None] | None = None
         self._index: AuditIndex | None = AuditIndex(self.db_path)   # None once the index is the shared one
+        # Records in audit.jsonl not yet in audit.db (the index was locked or failing), oldest first,
+        # retried with backoff while the writer goes on: a locked index never holds the file back.
+        self._unindexed: list[dict[str, Any]] = []
+        self._index_attempt = 0
+        self._index_retry_at = 0.0           # monotonic; no index attempt before it but a flush()'s
+        self._index_barriers: list[asyncio.Future[None]] = []   # flush() calls waiting for the backlog
         self._unsynced_since: float | None = None   # monotonic time of the oldest unsynced write
         self._next_prune = 0.0
         self._closed = False
@@ -275,6 +281,10 @@ class AuditWriter:
                 await asyncio.wait({self._task})
                 left = self._inflight + self._records(self._drain_nowait())
         self._resolve(left, AuditUnavailable("audit_writer_closed"))
+        if self._unindexed:
+            log.error("audit index: %d records in audit.jsonl not indexed at close; the next start re-indexes "
+                      "the file's tail", len(self._unindexed))
+        self._records(list(self._index_barriers))
         if left:
             log.error("audit writer could not persist %d records at close", len(left))
             for rec in left:  # last resort: the log is better than nowhere
@@ -325,20 +335,26 @@ class AuditWriter:
         return items
 
     async def _next(self) -> dict[str, Any] | None | asyncio.Future[None]:
-        """The next queued item; fsyncs an unsynced file when its window runs out while waiting."""
-        while self._unsynced_since is not None:
-            left = self._unsynced_since + self._fsync_interval - time.monotonic()
+        """The next queued item; fsyncs an unsynced file when its window runs out while waiting, and
+        retries an index backlog when its backoff does (an idle writer would otherwise hold it)."""
+        while self._unsynced_since is not None or self._unindexed:
+            sync_at = None if self._unsynced_since is None else self._unsynced_since + self._fsync_interval
+            left = min(t for t in (sync_at, self._index_retry_at if self._unindexed else None)
+                       if t is not None) - time.monotonic()
             if left > 0:
                 try:
                     return await asyncio.wait_for(self._queue.get(), left)
                 except asyncio.TimeoutError:
                     pass
-            try:
-                await asyncio.to_thread(self.file.fsync)
-                self._unsynced_since = None
-            except OSError as exc:
-                self._failed(exc, 1, self._fsync_interval)
-                self._unsynced_since = time.monotonic()
+            if sync_at is not None and time.monotonic() >= sync_at:
+                try:
+                    await asyncio.to_thread(self.file.fsync)
+                    self._unsynced_since = None
+                except OSError as exc:
+                    self._failed(exc, 1, self._fsync_interval)
+                    self._unsynced_since = time.monotonic()
+            if self._unindexed and time.monotonic() >= self._index_retry_at:
+                await self._index_backlog()
         return await self._queue.get()
 
     async def _run(self) -> None:
@@ -365,8 +381,10 @@ class AuditWriter:
                 await self._persist(batch)
                 self._inflight = []
                 self._wake_room_waiters()
-            if barrier is not None and not barrier.done():   # done: its waiter gave up
-                barrier.set_result(None)
+            if barrier is not None:
+                self._index_barriers.append(barrier)
+            if self._index_barriers:
+                await self._index_backlog(force=barrier is not None)
             if self.file.rotated:
                 self.file.rotated = False
                 self._next_prune = 0.0  # a rotation is a good moment to apply retention
@@ -375,37 +393,66 @@ class AuditWriter:
                     await self.prune()
                 except Exception:
                     log.exception("audit retention failed")
+        while self._unindexed:   # close() drains the index too, retried until its timeout cancels this
+            await asyncio.sleep(max(0.0, self._index_retry_at - time.monotonic()))
+            await self._index_backlog(force=True)
 
     async def _persist(self, batch: list[dict[str, Any]]) -> None:
-        file_done = db_done = False
         attempt = 0
         while True:
             try:
-                if not file_done:
-                    await asyncio.to_thread(self._append, batch)
-                    file_done = True
-                    self.healthy = True
-                    self._resolve(batch, None)
-                    if self.shared is not None:
-                        self.shared.submit(batch)   # only what the JSONL holds; never waits for PostgreSQL
-                if not db_done:
-                    await self._insert_rows(batch)
-                    db_done = True
-                return
-            except Exception as exc:  # disk full, I/O error, locked db: keep the batch
+                await asyncio.to_thread(self._append, batch)
+                break
+            except Exception as exc:  # disk full, I/O error: keep the batch
                 attempt += 1
                 delay = min(self._retry[1], self._retry[0] * 2 ** (attempt - 1))
-                if not file_done:
-                    self.healthy = False
-                    # Strict callers refuse their responses now and audit the refusal instead,
-                    # so their records leave the batch; the rest are retried.
-                    failed = [r for r in batch if r["event_id"] in self._waiters]
-                    self._resolve(failed, AuditUnavailable(f"audit_write_failed: {exc}"))
-                    batch[:] = [r for r in batch if r not in failed]
+                self.healthy = False
+                # Strict callers refuse their responses now and audit the refusal instead,
+                # so their records leave the batch; the rest are retried.
+                failed = [r for r in batch if r["event_id"] in self._waiters]
+                self._resolve(failed, AuditUnavailable(f"audit_write_failed: {exc}"))
+                batch[:] = [r for r in batch if r not in failed]
                 self._failed(exc, attempt, delay, len(batch))
                 if not batch:
                     return
                 await asyncio.sleep(delay)
+        self.healthy = True
+        self._resolve(batch, None)
+        if self.shared is not None:
+            self.shared.submit(batch)   # only what the JSONL holds; never waits for PostgreSQL
+        if self._index is not None:
+            self._unindexed.extend(batch)
+            await self._index_backlog()
+
+    async def _index_backlog(self, force: bool = False) -> None:
+        """Index what audit.jsonl holds and audit.db does not yet; flush() callers are released once it is all in.
+
+        A failure (another process holding audit.db's write lock, a broken index) keeps the records
+        for a retry after a backoff and returns: retried in place, it held every later record out of
+        audit.jsonl, so strict requests hung, neither served nor refused, and batched records piled up
+        in memory where a kill -9 loses them. Past _UNINDEXED_MAX the oldest leave the backlog (they
+        are in the file; a restart re-indexes its tail). `force`: try now, a flush() is waiting.
+        """
+        if self._index is not None and self._unindexed and (force or time.monotonic() >= self._index_retry_at):
+            try:
+                await self._insert_rows(self._unindexed)
+            except Exception as exc:
+                self._index_attempt += 1
+                delay = min(self._retry[1], self._retry[0] * 2 ** (self._index_attempt - 1))
+                self._index_retry_at = time.monotonic() + delay
+                if len(self._unindexed) > _UNINDEXED_MAX:
+                    log.error("audit index backlog over %d: %d records left to the next start's re-index",
+                              _UNINDEXED_MAX, len(self._unindexed) - _UNINDEXED_MAX)
+                    del self._unindexed[:-_UNINDEXED_MAX]
+                self._failed(exc, self._index_attempt, delay, len(self._unindexed))
+                return
+            self._unindexed = []
+            self._index_attempt = 0
+        if not self._unindexed:
+            barriers, self._index_barriers = self._index_barriers, []
+            for barrier in barriers:
+                if not barrier.done():   # done: its waiter gave up
+                    barrier.set_result(None)
 
     def _failed(self, exc: BaseException, attempt: int, delay: float, held: int = 0) -> None:
         # ERROR with a fixed prefix: an alert rule can match it as well as the metric.
@@ -465,6 +512,10 @@ class AuditWriter:
         for path in rotated_files(self.dir):
             if rotated_epoch(path) < cutoff:
                 path.unlink(missing_ok=True)
+
+
+# The most records kept for a failing audit.db index: as many as start() re-indexes from the file's tail.
+_UNINDEXED_MAX = 10_000
 
 
 def _complete(record: dict[str, Any]) -> dict[str, Any]:

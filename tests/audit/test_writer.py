@@ -187,6 +187,31 @@ async def test_db_write_failure_retries_without_duplicating_lines(tmp_path: Path
     assert _rows(tmp_path / "audit" / "audit.db") == 20
 
 
+async def test_a_locked_audit_db_never_holds_records_out_of_audit_jsonl(tmp_path: Path) -> None:
+    """Another process holding audit.db's write lock (sqlite3 in a transaction, a backup) used to stall
+    the writer on the index: strict requests hung, neither served nor refused."""
+    writer = AuditWriter(tmp_path, durability="strict", retry_base_s=0.01, retry_max_s=0.05)
+    await writer.start()
+    await writer.submit_durable(_rec(1))
+    await writer.flush()   # req-1 indexed before the lock is taken
+    other = sqlite3.connect(tmp_path / "audit" / "audit.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")   # a real lock, as another process takes it
+    try:
+        async with asyncio.timeout(30):   # a hang guard, not a timing assertion
+            for i in range(2, 6):
+                await writer.submit_durable(_rec(i))
+        assert writer.healthy
+        assert [r["request_id"] for r in _lines(tmp_path / "audit" / "audit.jsonl")] == \
+            [f"req-{i}" for i in range(1, 6)]
+        assert _rows(tmp_path / "audit" / "audit.db") == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await writer.flush()   # the held rows are indexed once the lock is gone
+    assert _rows(tmp_path / "audit" / "audit.db") == 5
+    await writer.close()
+
+
 async def test_close_gives_up_after_timeout_without_hanging(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture
