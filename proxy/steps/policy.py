@@ -343,9 +343,13 @@ def _check_unique(rules: list[Rule], errors: list[str]) -> None:
 
 
 def policy_files(path: Path) -> list[Path]:
-    """The files a policy directory consists of, in load order (hidden files skipped)."""
+    """The files a policy directory consists of, in load order (hidden files skipped).
+
+    A symlink counts even when its target is gone (is_file() is False then): skipped, its rules,
+    deny rules included, would leave the policy without an error; read, it fails the load instead.
+    """
     return sorted(p for p in path.iterdir()
-                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file())
+                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
 
 
 def load_policy_dir(path: Path) -> PolicySet:

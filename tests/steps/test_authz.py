@@ -245,6 +245,30 @@ async def test_broken_edit_keeps_last_good_policy(tmp_path: Path) -> None:
         await watcher.stop()
 
 
+async def test_a_policy_file_whose_symlink_target_vanished_fails_the_reload_not_its_rules(
+        tmp_path: Path) -> None:
+    """A policy file that is a symlink (a mounted ConfigMap or secret, a shared volume) whose target
+    is gone cannot be read: its deny rules must stay in force, not silently leave the policy."""
+    d, shared = tmp_path / "pol", tmp_path / "shared"
+    d.mkdir()
+    shared.mkdir()
+    (d / "p.yaml").write_text(ALLOW_SERVER)
+    (shared / "deny.yaml").write_text(DENY_SERVER)
+    (d / "q.yml").symlink_to(shared / "deny.yaml")
+    a = Authorizer.from_dir(d)
+    assert decide(a, USER, "server", "read") == Decision(False, "closed")
+    errors: list[str] = []
+    watcher = PolicyWatcher(a, d, on_error=errors.append)
+    await watcher.start()
+    (shared / "deny.yaml").unlink()
+    for _ in range(3):   # a change is loaded once two polls agree on it
+        await watcher.poll()
+    assert errors and "q.yml" in errors[0]
+    assert a.version == 1 and decide(a, USER, "server", "read") == Decision(False, "closed")
+    with pytest.raises(PolicyError, match="q.yml"):   # and a start with it fails closed
+        Authorizer.from_dir(d)
+
+
 async def test_watcher_survives_a_failing_callback_and_a_vanished_dir(tmp_path: Path) -> None:
     d = tmp_path / "pol"
     d.mkdir()
