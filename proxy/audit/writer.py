@@ -170,8 +170,11 @@ class AuditWriter:
         index's catch-up source.
         """
         self._index = None
+        # The catch-up after an outage re-reads the stream's last records, rotated files included: a long
+        # outage rotates audit.jsonl, and the active file alone no longer holds what memory dropped.
         self.shared = SharedAuditIndex(pool, replica, reread=lambda n: [
-            r for r in last_records(self.jsonl_path, n) if "event_id" in r] if self.jsonl_path.exists() else [],
+            r for r in tail_stream([*rotated_of(self.dir, self.jsonl_path.name), self.jsonl_path], n)
+            if "event_id" in r],
             mark=self.jsonl_path.with_name(self.jsonl_path.name + ".unindexed"))
 
     async def start(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.audit import pg_index
 from proxy.audit.index import AuditIndex
+from proxy.audit.jsonl import rotated_files
 from proxy.audit.search import GROUPS, PERIODS, AuditQuery, minted_sessions, overview, search, usage
 from proxy.audit.writer import _iso_utc, build_record
 from proxy.context import RequestContext
@@ -259,3 +260,41 @@ async def test_the_unindexed_mark_follows_the_backlog_while_the_indexer_backs_of
         assert index._task is not None
         index._task.cancel()
         await asyncio.gather(index._task, return_exceptions=True)
+
+
+async def test_an_outage_catch_up_past_the_memory_bound_reads_the_files_rotated_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records dropped from memory during an outage are re-read from the JSONL; audit.jsonl rotated
+    meanwhile, so the older of them are in rotated files, and the catch-up must read those too."""
+    from proxy.audit.writer import AuditWriter
+    from tests.backends import PrivatePostgres
+
+    monkeypatch.setattr(pg_index, "MAX_PENDING", 100)   # the bound a long outage reaches, made small
+    server = PrivatePostgres()
+    server.start()
+    try:
+        store = await open_url(server.url, migrate=True)
+        try:
+            writer = AuditWriter(tmp_path, max_bytes=16 * 1024, batch_size=16)   # rotates every few dozen records
+            writer.share(pg_index.pool_of(store), "replica-rotated")
+            await writer.start()
+            server.stop()
+            total = 400
+            for i in range(total):
+                writer.submit(record(f"rotated-{i}", "http"))
+            async with asyncio.timeout(60):
+                while writer.queue_depth():
+                    await asyncio.sleep(0.05)
+            assert len(rotated_files(tmp_path / "audit")) > 2
+            server.start()
+            async with asyncio.timeout(60):
+                await writer.flush()
+            await writer.close()
+            async with store.pool.acquire() as conn:   # type: ignore[attr-defined]
+                indexed = await conn.fetchval(
+                    "SELECT count(*) FROM audit_events WHERE request_id LIKE 'rotated-%'")
+            assert indexed == total
+        finally:
+            await store.close()
+    finally:
+        server.destroy()
