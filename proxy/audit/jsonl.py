@@ -114,7 +114,14 @@ class JsonlFile:
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-        self._end_torn_line()
+        try:
+            self._end_torn_line()
+        except OSError:
+            # Not kept open: the retry would write its batch straight onto the torn line, one unparseable
+            # line with the first record in it. Closed, the next append opens again and ends the line first.
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            raise
 
     def _end_torn_line(self) -> None:
         """A crash mid-write can leave a partial last line; end it so the next record starts on its own line.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import signal
 import sqlite3
 import threading
 import time
@@ -452,6 +454,32 @@ async def test_torn_last_line_is_ended_not_glued_to_the_next_record(tmp_path: Pa
         writer.submit(_rec(2))
     lines = (audit_dir / "audit.jsonl").read_text().splitlines()
     assert lines == [good, good[:40], audit_file.dumps(_rec(2) | {"event_id": json.loads(lines[2])["event_id"]})]
+    assert [r["request_id"] for r in tail_audit(tmp_path, 10)] == ["req-1", "req-2"]
+
+
+async def test_a_torn_line_is_ended_before_any_record_even_when_ending_it_first_failed(tmp_path: Path) -> None:
+    """The newline that ends a crash's torn line is the first write after a start; when the disk refuses
+    it, the retried batch must not be glued onto the torn line (one unparseable line: the record lost)."""
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    torn = audit_file.dumps(_rec(1)) + '\n{"event_id": "torn", "pad": "'
+    (audit_dir / "audit.jsonl").write_text(torn + "p" * (4096 - len(torn)))
+    errors: list[int] = []
+    writer = AuditWriter(tmp_path, on_error=lambda: errors.append(1), retry_base_s=0.01, retry_max_s=0.01)
+    await writer.start()
+    # A real refusal by the kernel: past RLIMIT_FSIZE a write fails with EFBIG, as on a full disk.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        writer.submit(_rec(2))
+        async with asyncio.timeout(30):
+            while not errors:
+                await asyncio.sleep(0.001)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    await writer.close()
     assert [r["request_id"] for r in tail_audit(tmp_path, 10)] == ["req-1", "req-2"]
 
 
