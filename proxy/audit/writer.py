@@ -184,7 +184,7 @@ class AuditWriter:
         if self.shared is not None:
             self.shared.start()
         await self._recover()
-        await self.prune()
+        await self._prune_or_retry()   # a locked audit.db must not stop the start: its index catches up
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     def backlogged(self) -> bool:
@@ -321,6 +321,15 @@ class AuditWriter:
             except Exception as exc:   # PostgreSQL away: the next hour's run catches up
                 log.warning("shared audit retention failed: %s", exc)
 
+    async def _prune_or_retry(self) -> None:
+        """prune(); a failure (audit.db locked by another process) is logged and tried again in a minute,
+        not after every batch: each try waits out the index's busy timeout on the writer's time."""
+        try:
+            await self.prune()
+        except Exception:
+            log.exception("audit retention failed")
+            self._next_prune = time.monotonic() + 60
+
     # -- writer task -------------------------------------------------------------
 
     @staticmethod
@@ -392,10 +401,7 @@ class AuditWriter:
                 self.file.rotated = False
                 self._next_prune = 0.0  # a rotation is a good moment to apply retention
             if time.monotonic() >= self._next_prune:
-                try:
-                    await self.prune()
-                except Exception:
-                    log.exception("audit retention failed")
+                await self._prune_or_retry()
         while self._unindexed:   # close() drains the index too, retried until its timeout cancels this
             await asyncio.sleep(max(0.0, self._index_retry_at - time.monotonic()))
             await self._index_backlog(force=True)
@@ -497,7 +503,8 @@ class AuditWriter:
         """
         if self.jsonl_path.exists() and self._index is not None:
             recs = [r for r in await asyncio.to_thread(last_records, self.jsonl_path, lines) if "event_id" in r]
-            await self._insert_rows(recs)
+            self._unindexed.extend(recs)   # through the backlog: a locked audit.db must not stop the start
+            await self._index_backlog()
         if self.shared is not None:
             # A crash between the file and PostgreSQL, or a stop while PostgreSQL was away: the records
             # the last process left unindexed (its mark) and the fixed tail on top, rotated files

@@ -214,6 +214,27 @@ async def test_a_locked_audit_db_never_holds_records_out_of_audit_jsonl(tmp_path
     await writer.close()
 
 
+async def test_a_writer_starts_and_writes_while_another_process_holds_audit_db(tmp_path: Path) -> None:
+    """A start re-indexes the file's tail and applies retention to audit.db: a lock held by another
+    process (sqlite3 left in a transaction) must not stop seekgate from starting."""
+    async with AuditWriter(tmp_path) as writer:
+        writer.submit(_rec(1))
+    other = sqlite3.connect(tmp_path / "audit" / "audit.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        writer = AuditWriter(tmp_path, durability="strict", retry_base_s=0.01, retry_max_s=0.05)
+        await writer.start()
+        async with asyncio.timeout(30):   # a hang guard, not a timing assertion
+            await writer.submit_durable(_rec(2))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await writer.flush()
+    await writer.close()
+    assert _rows(tmp_path / "audit" / "audit.db") == 2
+    assert [r["request_id"] for r in _lines(tmp_path / "audit" / "audit.jsonl")] == ["req-1", "req-2"]
+
+
 async def test_close_gives_up_after_timeout_without_hanging(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture
