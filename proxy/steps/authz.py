@@ -220,13 +220,20 @@ class Authorizer:
 
     def __init__(self, policy: PolicySet | None = None) -> None:
         self._state = _Loaded.compile(PolicySet(), 0)
+        # The policy files as they were just before from_dir read them: the watcher's baseline. Its own
+        # look at start-up came seconds later (store, keyring, Triton in between), and an edit made
+        # meanwhile counted as already loaded: never installed until the next edit.
+        self.loaded_files: Snapshot = None
         if policy is not None:
             self.install(policy)
 
     @classmethod
     def from_dir(cls, path: Path) -> Authorizer:
         """Load at start-up; raises PolicyError so a broken policy stops the server (fail closed)."""
-        return cls(load_policy_dir(Path(path)))
+        files = _snapshot(Path(path))
+        authorizer = cls(load_policy_dir(Path(path)))
+        authorizer.loaded_files = files
+        return authorizer
 
     @property
     def version(self) -> int:
@@ -317,7 +324,10 @@ class PolicyWatcher:
         self.last_reload: dict[str, object] | None = None
 
     async def start(self) -> None:
-        self._seen = self._pending = await asyncio.to_thread(_snapshot, self.path)
+        self._pending = await asyncio.to_thread(_snapshot, self.path)
+        # Files changed since the authorizer read them are a change to load at the first poll.
+        loaded = self.authorizer.loaded_files
+        self._seen = self._pending if loaded is None else loaded
         self._task = asyncio.create_task(self._run(), name="policy-watcher")
 
     async def stop(self) -> None:

@@ -269,6 +269,20 @@ async def test_a_policy_file_whose_symlink_target_vanished_fails_the_reload_not_
         Authorizer.from_dir(d)
 
 
+async def test_an_edit_made_while_the_server_starts_is_loaded(tmp_path: Path) -> None:
+    """The policy is read first at start-up and the watcher starts seconds later (store, keyring and
+    Triton in between): an edit made in that window must be loaded, not taken for the policy in force."""
+    f = tmp_path / "p.yaml"
+    f.write_text(ALLOW_SERVER)
+    a = Authorizer.from_dir(tmp_path)
+    edit(f, DENY_SERVER)   # while the rest of the server starts
+    watcher = PolicyWatcher(a, tmp_path)
+    await watcher.start()
+    for _ in range(2):   # a change is loaded once two polls agree on it
+        await watcher.poll()
+    assert a.version == 2 and decide(a, USER, "server", "read") == Decision(False, "closed")
+
+
 async def test_watcher_survives_a_failing_callback_and_a_vanished_dir(tmp_path: Path) -> None:
     d = tmp_path / "pol"
     d.mkdir()
