@@ -347,9 +347,11 @@ def policy_files(path: Path) -> list[Path]:
 
     A symlink counts even when its target is gone (is_file() is False then): skipped, its rules,
     deny rules included, would leave the policy without an error; read, it fails the load instead.
+    One to a device or a pipe stays skipped: reading /dev/zero or a FIFO would never end.
     """
     return sorted(p for p in path.iterdir()
-                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
+                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def load_policy_dir(path: Path) -> PolicySet:
