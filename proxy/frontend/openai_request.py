@@ -22,6 +22,9 @@ MAX_STOPS = 4   # OpenAI's own limit
 # with; as an alias they name a Triton model (openai.aliases), otherwise they name none (404).
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})?$")
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
+# What an answer's message carries back when a client replays it as history (the SDK's own pattern:
+# messages.append(answer.choices[0].message) sends `refusal: null`): at null these ask for nothing.
+_REPLAYED = frozenset({"refusal", "tool_calls", "function_call", "audio", "annotations"})
 
 # Accepted only at the value that asks for nothing (None, or the value listed): the SDKs and
 # frameworks send these defaults explicitly.
@@ -224,12 +227,15 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role = message.get("role")
         if role not in _ROLES:
             raise OpenAIBadRequest(f"{where}.role", f"{where}.role must be one of {', '.join(sorted(_ROLES))}")
-        extra = set(message) - {"role", "content", "name"}
+        extra = {k for k, v in message.items() if not (k in _REPLAYED and v is None)} - {"role", "content", "name"}
         if extra:
             raise OpenAIBadRequest(f"{where}.{sorted(extra)[0]}", f"{where}.{sorted(extra)[0]} is not supported")
+        content = message.get("content")
+        if content is None and role == "assistant":   # optional on an assistant message, as OpenAI's API has it
+            content = ""
         # developer is OpenAI's newer name for system; the chat template knows system.
         out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(message.get("content"), f"{where}.content")})
+                    "content": _content(content, f"{where}.content")})
     return tuple(out)
 
 

@@ -183,6 +183,23 @@ def test_chat_uses_the_checkpoints_chat_template(gw: Gateway, triton: TritonProc
     assert answer.choices[0].message.content == direct["text_output"]
 
 
+def test_an_answer_replayed_as_history_is_taken_as_openais_api_takes_it(gw: Gateway) -> None:
+    """The SDK's multi-turn pattern appends the answer's message as is, `refusal: null` with it; an assistant
+    turn may also come with `content: null`. Both are rendered as the plain text turn they are."""
+    c = client(gw, gw.key(owner="multi-turn")[1], max_retries=0)
+    first = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=3,
+                                      temperature=0)
+    said = first.choices[0].message
+
+    def reply(assistant: Any) -> str | None:
+        history: list[Any] = [{"role": "user", "content": "Hello"}, assistant, {"role": "user", "content": "And?"}]
+        return c.chat.completions.create(model=MODEL, messages=history, max_tokens=3,
+                                         temperature=0).choices[0].message.content
+
+    assert reply(said) == reply({"role": "assistant", "content": said.content})
+    assert reply({"role": "assistant", "content": None}) == reply({"role": "assistant", "content": ""})
+
+
 def test_chat_streamed_chunks_role_first_finish_last_and_usage(gw: Gateway) -> None:
     key_id, key = gw.key(owner="streamer")
     chunks = list(client(gw, key).chat.completions.create(
