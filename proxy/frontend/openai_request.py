@@ -38,7 +38,10 @@ _UNSUPPORTED = frozenset({"tools", "tool_choice", "functions", "function_call", 
                           "modalities", "prediction", "reasoning_effort", "web_search_options"})
 _COMMON = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
                      "stream", "stream_options", "user"})
-_FIELDS = {CHAT: _COMMON | {"messages"}, COMPLETIONS: _COMMON | {"prompt", "echo"}}
+# safety_identifier and prompt_cache_key are chat's successors of `user` (the SDK's own advice): the first
+# names the end user as `user` did, the second is a caching hint that changes no answer.
+_FIELDS = {CHAT: _COMMON | {"messages", "safety_identifier", "prompt_cache_key"},
+           COMPLETIONS: _COMMON | {"prompt", "echo"}}
 
 
 class OpenAIBadRequest(BadRequest):
@@ -127,9 +130,10 @@ def parse_request(endpoint: str, doc: dict[str, Any]) -> OpenAIRequest:
         # seekgate's never do, so false is honoured as asked and true is refused, not silently dropped.
         if _bool(options, "include_obfuscation", "stream_options.include_obfuscation"):
             raise OpenAIBadRequest("stream_options.include_obfuscation", "stream obfuscation is not supported")
-    user = doc.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > 256):
-        raise OpenAIBadRequest("user", "user must be a string of at most 256 characters")
+    _text(doc, "prompt_cache_key", 1024)   # a caching hint: checked, and it changes no answer
+    # The end user: safety_identifier, user's newer name, wins where both are given (as max_completion_tokens does).
+    user, named = _text(doc, "user", 256), _text(doc, "safety_identifier", 128)
+    user = user if named is None else named
     max_tokens, max_tokens_param = _max_tokens(doc)
     common = dict(model=model, max_tokens=max_tokens, max_tokens_param=max_tokens_param,
                   temperature=_number(doc, "temperature", 0.0, 2.0),
@@ -155,6 +159,13 @@ def _bool(doc: dict[str, Any], key: str, param: str | None = None) -> bool:
         return False
     if not isinstance(value, bool):
         raise OpenAIBadRequest(param or key, f"{param or key} must be a boolean")
+    return value
+
+
+def _text(doc: dict[str, Any], key: str, limit: int) -> str | None:
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, str) or len(value) > limit):
+        raise OpenAIBadRequest(key, f"{key} must be a string of at most {limit} characters")
     return value
 
 

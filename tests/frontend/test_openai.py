@@ -168,6 +168,17 @@ def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
     assert metric(gw, "seekgate_requests_total", protocol="openai", model=MODEL, code="200") >= 1
 
 
+def test_safety_identifier_names_the_user_and_prompt_cache_key_is_taken(gw: Gateway) -> None:
+    """The SDK's successors of `user` (it says to use them instead): the end user is audited under either."""
+    key_id, key = gw.key(owner="successor")
+    answer = client(gw, key, max_retries=0).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=2, safety_identifier="end-user-7",
+        prompt_cache_key="conversation-1")
+    assert answer.choices[0].message.content
+    (rec,) = records_of(gw, key_id)
+    assert rec["openai"]["user"] == "end-user-7"
+
+
 def test_chat_uses_the_checkpoints_chat_template(gw: Gateway, triton: TritonProcess) -> None:
     """The prompt the model saw is the template's rendering: its token count matches a generate of that text."""
     _, key = gw.key(owner="templ")

@@ -42,6 +42,11 @@ def test_defaults_and_max_completion_tokens_wins() -> None:
         assert "stop" not in req.generate_body(16) and req.stop == ("a",)
 
 
+def test_safety_identifier_wins_over_user() -> None:
+    assert parse_request(CHAT, chat(user="a", safety_identifier="b", prompt_cache_key="k")).user == "b"
+    assert parse_request(CHAT, chat(user="a")).user == "a"
+
+
 @pytest.mark.parametrize("endpoint, doc, param", [
     (CHAT, chat(n=2), "n"),
     (CHAT, chat(tools=[{}]), "tools"),
@@ -71,6 +76,9 @@ def test_defaults_and_max_completion_tokens_wins() -> None:
     (COMPLETIONS, {"model": "m", "prompt": [1, 2]}, "prompt"),
     (COMPLETIONS, {"model": "m", "prompt": "p", "logprobs": 2}, "logprobs"),
     (COMPLETIONS, {"model": "m", "prompt": "p", "echo": "yes"}, "echo"),
+    (CHAT, chat(safety_identifier="x" * 129), "safety_identifier"),
+    (CHAT, chat(prompt_cache_key=1), "prompt_cache_key"),
+    (COMPLETIONS, {"model": "m", "prompt": "p", "safety_identifier": "u"}, "safety_identifier"),
     (COMPLETIONS, {"model": "m", "prompt": "p", "messages": []}, "messages"),
 ])
 def test_refusals_name_the_parameter(endpoint: str, doc: dict[str, Any], param: str) -> None:
