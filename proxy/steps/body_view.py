@@ -158,7 +158,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _int(literal: str) -> int:
-    value = int(literal)
+    # Any 64-bit integer has at most 20 digits and a sign: a longer literal is refused before int(), which
+    # raises past Python's 4300-digit limit (a ValueError: a 500, not this 400).
+    value = int(literal) if len(literal) <= 21 else _UINT64_MAX + 1
     if not _INT64[0] <= value <= _UINT64_MAX:
         # rapidjson reads such a literal as a double, Python as an exact int: they would disagree.
         raise bad("integer_out_of_range", f"integer {literal[:24]} is outside the 64-bit range")

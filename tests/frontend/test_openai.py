@@ -515,6 +515,17 @@ def test_bad_parameters_are_bad_request_naming_the_param(gw: Gateway, kwargs: di
     assert err.value.status_code == 400 and err.value.param == param
 
 
+def test_an_integer_past_pythons_digit_limit_is_a_bad_request_not_a_500(gw: Gateway) -> None:
+    """json's int() raises past 4300 digits: refused as out of range, in OpenAI's shape, not an internal error
+    the SDK would retry. (The SDK cannot send one: its own json.dumps raises; raw HTTP does.)"""
+    _, key = gw.key(owner="digits")
+    body = b'{"model": "deepseek", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}"
+    status, _, answer = call(gw.url + "/v1/chat/completions", "POST", body, key, {"Content-Type": "application/json"})
+    assert status == 400
+    error = json.loads(answer)["error"]
+    assert error["type"] == "invalid_request_error" and "outside the 64-bit range" in error["message"]
+
+
 def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> None:
     _, key = gw.key(owner="capped2", roles=("capped",))
     c = client(gw, key)
