@@ -64,14 +64,16 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
     ctx.extra["openai"] = info
     parsed: list[OpenAIRequest] = []
     try:
+        # A wrong method or path is refused once the caller is authenticated (admit's order): an anonymous
+        # caller gets the same 401 everywhere and learns nothing of which routes exist.
         if path == MODELS or path.startswith(MODELS + "/"):
             if request.method != "GET":
-                raise MethodNotAllowed(f"method_not_allowed: {request.method}")
+                await admit(state, ctx, request.headers.get("Authorization"), lambda: _wrong_method(request, "GET"))
             return await _models(request, state, ctx, path)
         if path not in (CHAT, COMPLETIONS):
             await admit(state, ctx, request.headers.get("Authorization"), lambda: _unknown(request.method, path))
         if request.method != "POST":
-            raise MethodNotAllowed(f"method_not_allowed: {request.method}")
+            await admit(state, ctx, request.headers.get("Authorization"), lambda: _wrong_method(request, "POST"))
         settings = state.settings
         body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout_s)
         # OpenAI bodies are plain JSON: any Content-Encoding but identity is refused (415), as on generate.
@@ -148,6 +150,10 @@ def _unknown(method: str, path: str) -> Resource:
     raise NotFound(f"no route: {method} {shown}",
                    public_message=f"Invalid URL ({method} {shown}): this server serves /v1/models, "
                                   f"/v1/chat/completions and /v1/completions.")
+
+
+def _wrong_method(request: web.Request, allow: str) -> Resource:
+    raise MethodNotAllowed(request.method, allow)
 
 
 def _aliases(text: str) -> dict[str, str]:

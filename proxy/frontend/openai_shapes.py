@@ -25,9 +25,19 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(SeekgateError):
+    """A method the path does not take; `Allow` names the one it does (RFC 9110 requires it)."""
+
     http_status = 405
     default_message = "method not allowed"
     audit_status = "denied"
+
+    def __init__(self, method: str, allow: str) -> None:
+        super().__init__(f"method_not_allowed: {method[:16]}", public_message=f"method {method[:16]} not allowed; "
+                                                                              f"this path takes {allow}")
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 def error_body(err: SeekgateError) -> dict[str, Any]:

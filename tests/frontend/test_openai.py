@@ -476,6 +476,18 @@ def test_an_unknown_v1_route_is_not_found_in_openais_shape(gw: Gateway) -> None:
     assert status == 200 and "error" not in json.loads(body)
 
 
+def test_a_wrong_method_is_405_naming_the_allowed_one_once_authenticated(gw: Gateway) -> None:
+    _, key = gw.key(owner="wrong-method")
+    with pytest.raises(openai.APIStatusError) as err:   # OpenAI's stored chat completions: GET, not served here
+        client(gw, key, max_retries=0).chat.completions.list()
+    assert err.value.status_code == 405 and err.value.response.headers["allow"] == "POST"
+    with pytest.raises(openai.AuthenticationError):   # authentication first, as on every route
+        client(gw, "not-a-key", max_retries=0).chat.completions.list()
+    status, headers, _ = call(gw.url + "/v1/models", "POST", {}, key)
+    assert status == 405 and headers["Allow"] == "GET"
+    assert call(gw.url + "/v1/models", "POST", {})[0] == 401
+
+
 def test_an_unknown_model_is_not_found(gw: Gateway) -> None:
     _, key = gw.key(owner="lost")
     with pytest.raises(openai.NotFoundError) as err:
