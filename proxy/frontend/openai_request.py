@@ -2,7 +2,7 @@
 
 Pure functions over the parsed JSON: every refusal is an `OpenAIBadRequest` naming the parameter
 (what the SDK shows as `BadRequestError.param`). Fields OpenAI defines that this model cannot honour
-(tools, response_format, log-probabilities, n > 1) are refused by name rather than ignored: a client
+(tools, a JSON response_format, log-probabilities, n > 1) are refused by name rather than ignored: a client
 that asked for JSON mode must not silently get prose. Unknown fields are refused as OpenAI does.
 """
 
@@ -32,10 +32,11 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
     "logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
     "parallel_tool_calls": (True, False), "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
+    "response_format": ({"type": "text"},), "modalities": (["text"],),   # plain text: what every answer is
 }
 # Asking for any of these is refused: the model cannot do them.
-_UNSUPPORTED = frozenset({"tools", "tool_choice", "functions", "function_call", "response_format", "audio",
-                          "modalities", "prediction", "reasoning_effort", "web_search_options"})
+_UNSUPPORTED = frozenset({"tools", "tool_choice", "functions", "function_call", "audio", "prediction",
+                          "reasoning_effort", "web_search_options"})
 _COMMON = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
                      "stream", "stream_options", "user"})
 # safety_identifier and prompt_cache_key are chat's successors of `user` (the SDK's own advice): the first

@@ -538,6 +538,19 @@ def test_an_integer_past_pythons_digit_limit_is_a_bad_request_not_a_500(gw: Gate
     assert error["type"] == "invalid_request_error" and "outside the 64-bit range" in error["message"]
 
 
+def test_asking_for_plain_text_explicitly_is_taken(gw: Gateway) -> None:
+    """response_format {"type": "text"} and modalities ["text"] are OpenAI's defaults, which frameworks send as
+    such: they ask for what every answer is. JSON mode is still refused (above)."""
+    c = client(gw, gw.key(owner="plain-text")[1], max_retries=0)
+    answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       response_format={"type": "text"}, modalities=["text"])
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  modalities=["text", "audio"])
+    assert err.value.param == "modalities"
+
+
 def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> None:
     _, key = gw.key(owner="capped2", roles=("capped",))
     c = client(gw, key)

@@ -52,6 +52,7 @@ def test_safety_identifier_wins_over_user() -> None:
     (CHAT, chat(tools=[{}]), "tools"),
     (CHAT, chat(logprobs=True), "logprobs"),
     (CHAT, chat(response_format={"type": "json_object"}), "response_format"),
+    (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     (CHAT, chat(temperature=2.5), "temperature"),
     (CHAT, chat(top_p=0), "top_p"),
     (CHAT, chat(max_tokens=0), "max_tokens"),
