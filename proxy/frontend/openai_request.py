@@ -178,7 +178,7 @@ def _max_tokens(doc: dict[str, Any]) -> tuple[int | None, str]:
         if value is None:
             continue
         if not _is_int(value) or not 1 <= value <= 2**31 - 1:
-            raise OpenAIBadRequest(key, f"{key} must be an integer of at least 1, got {_short(value)}")
+            raise OpenAIBadRequest(key, f"{key} must be an integer from 1 to {2**31 - 1}, got {_short(value)}")
         return int(value), key
     return None, "max_tokens"
 

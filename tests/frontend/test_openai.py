@@ -551,6 +551,16 @@ def test_asking_for_plain_text_explicitly_is_taken(gw: Gateway) -> None:
     assert err.value.param == "modalities"
 
 
+def test_a_max_tokens_past_any_budget_is_refused_as_too_large(gw: Gateway) -> None:
+    """Not told it "must be at least 1" when it is far above: the refusal states the range."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gw, gw.key(owner="huge-budget")[1], max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2**40)
+    assert err.value.param == "max_tokens"
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["message"] == f"max_tokens must be an integer from 1 to 2147483647, got {2**40}"
+
+
 def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> None:
     _, key = gw.key(owner="capped2", roles=("capped",))
     c = client(gw, key)
