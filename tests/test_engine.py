@@ -163,19 +163,27 @@ def test_leaving_early_with_stop_string_and_max_tokens_1(hf: tuple[Any, Any],
     assert long_.tokens == hf_greedy(hf, PROMPTS[1], 30)
 
 
+def note_final_step(eng: e.Engine, sink: Collector, target: e.Sequence) -> list[int]:
+    """The engine's step count when `target`'s final event is made (filled then), events still reaching `sink`.
+
+    The engine thread calls the sink: the count is taken as the row leaves, not once the test's thread
+    wakes (other rows go on stepping meanwhile, ~0.3 ms a step on a fast CPU).
+    """
+    left_at: list[int] = []
+
+    def noting_the_step(event: e.Event) -> None:
+        if event.seq is target and event.done:
+            left_at.append(eng.steps)
+        sink(event)
+    eng.sink = noting_the_step
+    return left_at
+
+
 def test_cancelled_row_leaves_within_a_step_and_gets_a_final_event(
         hf: tuple[Any, Any], engine: tuple[e.Engine, Collector]) -> None:
     eng, sink = engine
     victim, other = seq(eng, PROMPTS[0], 60), seq(eng, PROMPTS[1], 40)
-    left_at: list[int] = []   # the engine's step count when the victim's final event is made
-
-    def noting_the_step(event: e.Event) -> None:
-        if event.seq is victim and event.done:
-            left_at.append(eng.steps)
-        sink(event)
-    # The engine thread calls it: the count is taken as the victim leaves, not once this thread
-    # wakes (the other row goes on stepping meanwhile, ~0.3 ms a step on a fast CPU).
-    eng.sink = noting_the_step
+    left_at = note_final_step(eng, sink, victim)
     eng.submit(victim)
     eng.submit(other)
     sink.wait_tokens(victim, 3)
@@ -488,13 +496,7 @@ def test_a_cancelled_request_still_queued_leaves_at_the_next_step(hf: tuple[Any,
     eng, sink = make_engine(hf, max_running=1)
     try:
         running, queued = seq(eng, PROMPTS[0], 200), seq(eng, PROMPTS[1], 10)
-        left_at: list[int] = []
-
-        def noting_the_step(event: e.Event) -> None:
-            if event.seq is queued and event.done:
-                left_at.append(eng.steps)
-            sink(event)
-        eng.sink = noting_the_step
+        left_at = note_final_step(eng, sink, queued)
         eng.submit(running)
         sink.wait_tokens(running, 3)
         eng.submit(queued)
