@@ -326,7 +326,7 @@ def _read_yaml(path: Path | None, errors: list[str]) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:   # not UTF-8 is bad input too, not a crash
         errors.append(f"{path}: cannot read: {exc}")
         return {}
     if data is None:

@@ -179,6 +179,14 @@ def test_check_config_missing_file_and_broken_policy(cli: Cli, tmp_path: Path,
     assert code == 2 and out.strip() == "config ok" and f"{pdir / 'x.yaml'}:3:" in err
 
 
+def test_config_that_is_not_utf8_is_one_line_exit_2(cli: Cli, tmp_path: Path) -> None:
+    # A Latin-1 file (or a binary one named by mistake) is bad input: it was a UnicodeDecodeError traceback.
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("server:\n  host: caf\xe9\n".encode("latin-1"))
+    code, out, err = cli("--config", str(cfg), "check-config")
+    assert code == 2 and out == ""
+    assert f"{cfg}: cannot read" in err and "Traceback" not in err
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
