@@ -14,7 +14,7 @@ import asyncpg
 from ..errors import StoreUnavailable
 from ..settings import Settings
 from ..store import StoreConflict
-from ..store.backend import describe, is_postgres, open_store, open_url, redact
+from ..store.backend import SQLITE_SCHEME, describe, is_postgres, open_store, open_url, redact
 from ..store.copy import copy_store
 from ..store.pg_schema import LATEST, migrate, schema_version
 from .audit import cli_record, write_cli_audit
@@ -41,7 +41,21 @@ async def run_migrate(settings: Settings) -> dict[str, Any]:
             "latest": LATEST}
 
 
+def _check_url(flag: str, url: str, *, must_exist: bool) -> None:
+    """Refuse before opening: SQLite creates a missing file, so a mistyped --from copied an empty store
+    and exited 0, and an unknown scheme (mysql://...) became a SQLite file named after it."""
+    if is_postgres(url):
+        return
+    if "://" in url and not url.startswith(SQLITE_SCHEME):
+        raise CliError(f"db copy: {flag} {url!r}: use postgresql://..., sqlite:///path or a file path", 2)
+    path = Path(url.removeprefix(SQLITE_SCHEME))
+    if must_exist and not path.is_file():
+        raise CliError(f"db copy: {flag} {path}: no such SQLite file", 2)
+
+
 async def run_copy(settings: Settings, source: str, target: str) -> dict[str, Any]:
+    _check_url("--from", source, must_exist=True)
+    _check_url("--to", target, must_exist=False)
     src = await open_url(source)
     try:
         dst = await open_url(target, migrate=True)

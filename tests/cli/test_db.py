@@ -54,3 +54,24 @@ def test_db_migrate_with_the_server_down_is_one_line_exit_1(tmp_path: Path, monk
     assert main(["--data-dir", str(tmp_path / "d"), "db", "migrate"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("seekgate: store_unavailable") and "hunter2" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("source", "target", "message"), [
+    ("missing.db", "new.db", "--from missing.db: no such SQLite file"),
+    ("sqlite:///missing.db", "new.db", "--from missing.db: no such SQLite file"),
+    ("seekgate.db", "mysql://h/x", "--to 'mysql://h/x': use postgresql://"),
+])
+def test_db_copy_refuses_a_missing_source_or_unknown_scheme_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        source: str, target: str, message: str) -> None:
+    # SQLite creates what it opens: a mistyped --from copied an empty store and exited 0.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEEKGATE_STORE_URL", raising=False)
+    run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
+    (tmp_path / "d" / "seekgate.db").rename(tmp_path / "seekgate.db")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert main(["--data-dir", str(tmp_path / "d"), "db", "copy", "--from", source, "--to", target]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
