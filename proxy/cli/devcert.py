@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .common import CliError
+
 DEV_VALIDITY = datetime.timedelta(days=30)   # throwaway: short-lived on purpose
 CLIENT_SPIFFE = "spiffe://seekgate.dev/client"
 
@@ -75,7 +77,10 @@ def make_dev_certs(out: Path, server_names: tuple[str, ...] = ("localhost",),
 
 
 def cmd_dev_cert(args: argparse.Namespace) -> int:
-    paths = make_dev_certs(Path(args.dir))
+    try:
+        paths = make_dev_certs(Path(args.dir))
+    except OSError as exc:   # --dir is a file, or not writable: one line, not a traceback
+        raise CliError(f"tls dev-cert: cannot write to {args.dir}: {exc.strerror or exc}") from None
     print(f"""test certificates (valid {DEV_VALIDITY.days} days, never for production) in {args.dir}:
   CA:     {paths['ca']}
   server: {paths['server_cert']} {paths['server_key']}  (localhost, 127.0.0.1, ::1)

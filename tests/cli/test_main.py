@@ -187,6 +187,15 @@ def test_config_that_is_not_utf8_is_one_line_exit_2(cli: Cli, tmp_path: Path) ->
     assert code == 2 and out == ""
     assert f"{cfg}: cannot read" in err and "Traceback" not in err
 
+def test_tls_dev_cert_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -> None:
+    # --dir naming a file (or a path under one) was a FileExistsError / NotADirectoryError traceback.
+    (tmp_path / "afile").write_text("keep")
+    for target in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        code, out, err = cli("tls", "dev-cert", "--dir", str(target))
+        assert code == 1 and out == "" and err.startswith("seekgate: tls dev-cert: cannot write to")
+        assert len(err.splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "keep"
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
