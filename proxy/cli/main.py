@@ -71,6 +71,15 @@ def parse_time(text: str, now: float) -> float:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def check_key_id(key_id: str) -> None:
+    """An id that is not UTF-8 (a non-UTF-8 argument, kept as surrogates) names no key; asking the
+    store for it failed to encode and was reported as 'store_unavailable', which sends one to the database."""
+    try:
+        key_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CliError(f"key {key_id!r} not found") from None
+
+
 # ---------------------------------------------------------------- commands
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -145,6 +154,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
+    check_key_id(args.id)
     rec = with_store(load(args), lambda s: s.get_key(args.id))
     if rec is None:
         raise CliError(f"key {args.id!r} not found")
@@ -165,6 +175,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         raise CliError(f"--grace: {exc}", 2) from None
     if grace is None:
         raise CliError("--grace: give a duration such as 24h, not never", 2)
+    check_key_id(args.id)
     settings = load(args)
     pepper = load_pepper_sync(settings)
 
@@ -224,6 +235,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    check_key_id(args.id)
     if args.compromised:
         return cmd_keys_revoke_compromised(args)
     from ..keys.lifecycle import records_of, subtree_records

@@ -196,6 +196,14 @@ def test_tls_dev_cert_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -
         assert len(err.splitlines()) == 1
     assert (tmp_path / "afile").read_text() == "keep"
 
+@pytest.mark.parametrize("args", [("keys", "show"), ("keys", "revoke"), ("keys", "revoke", "--compromised"),
+                                  ("keys", "rotate", "--grace", "1h")])
+def test_non_utf8_key_id_is_not_found_not_store_unavailable(cli: Cli, args: tuple[str, ...]) -> None:
+    # A non-UTF-8 argument reaches Python as surrogates; the store could not encode it.
+    code, out, err = cli(*args, b"\xffkey".decode("utf-8", "surrogateescape"))
+    assert code == 1 and out == ""
+    assert err.startswith("seekgate: key ") and err.rstrip().endswith("not found") and "store_unavailable" not in err
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
