@@ -321,7 +321,11 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
 
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     from ..local.tinymodel import build_tiny_checkpoint
-    print(build_tiny_checkpoint(Path(args.out), seed=args.seed))
+    try:
+        path = build_tiny_checkpoint(Path(args.out), seed=args.seed)
+    except OSError as exc:   # --out is a file, or not writable: one line, not a traceback
+        raise CliError(f"model tiny: cannot write to {args.out}: {exc.strerror or exc}") from None
+    print(path)
     return 0
 
 

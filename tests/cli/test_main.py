@@ -204,6 +204,13 @@ def test_non_utf8_key_id_is_not_found_not_store_unavailable(cli: Cli, args: tupl
     assert code == 1 and out == ""
     assert err.startswith("seekgate: key ") and err.rstrip().endswith("not found") and "store_unavailable" not in err
 
+def test_model_tiny_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -> None:
+    # --out under a file was a NotADirectoryError traceback.
+    (tmp_path / "afile").write_text("keep")
+    code, out, err = cli("model", "tiny", "--out", str(tmp_path / "afile" / "ckpt"))
+    assert code == 1 and out == "" and err.startswith("seekgate: model tiny: cannot write to")
+    assert len(err.splitlines()) == 1 and (tmp_path / "afile").read_text() == "keep"
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
