@@ -379,6 +379,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+def count(text: str) -> int:
+    """A record count, 0 or more: a negative -n or --limit printed nothing and exited 0, as if the log were empty."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Global options work before or after the command. The copy on each command defaults
     # to SUPPRESS so that, when unset there, it leaves the value given before the command;
@@ -463,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="read the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION")
     p = cmd(audit, "tail", cmd_audit_tail, "the last records, oldest first, as JSON lines")
-    p.add_argument("-n", type=int, default=20, help="how many records (default 20)")
+    p.add_argument("-n", type=count, default=20, help="how many records (default 20)")
     p = cmd(audit, "query", cmd_audit_query, "matching records, newest first, as JSON lines")
     p.add_argument("--actor")
     p.add_argument("--key-id")
@@ -472,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=("allowed", "denied", "error"))
     p.add_argument("--protocol", choices=("http", "grpc", "openai"), help="the API used")
     p.add_argument("--endpoint", help="the OpenAI endpoint, e.g. /v1/chat/completions")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=count, default=100)
 
     model = sub.add_parser("model", help="model checkpoints").add_subparsers(
         dest="model_command", required=True, metavar="ACTION")

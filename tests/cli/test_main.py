@@ -187,6 +187,7 @@ def test_config_that_is_not_utf8_is_one_line_exit_2(cli: Cli, tmp_path: Path) ->
     assert code == 2 and out == ""
     assert f"{cfg}: cannot read" in err and "Traceback" not in err
 
+
 def test_tls_dev_cert_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -> None:
     # --dir naming a file (or a path under one) was a FileExistsError / NotADirectoryError traceback.
     (tmp_path / "afile").write_text("keep")
@@ -196,6 +197,7 @@ def test_tls_dev_cert_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -
         assert len(err.splitlines()) == 1
     assert (tmp_path / "afile").read_text() == "keep"
 
+
 @pytest.mark.parametrize("args", [("keys", "show"), ("keys", "revoke"), ("keys", "revoke", "--compromised"),
                                   ("keys", "rotate", "--grace", "1h")])
 def test_non_utf8_key_id_is_not_found_not_store_unavailable(cli: Cli, args: tuple[str, ...]) -> None:
@@ -204,12 +206,14 @@ def test_non_utf8_key_id_is_not_found_not_store_unavailable(cli: Cli, args: tupl
     assert code == 1 and out == ""
     assert err.startswith("seekgate: key ") and err.rstrip().endswith("not found") and "store_unavailable" not in err
 
+
 def test_model_tiny_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -> None:
     # --out under a file was a NotADirectoryError traceback.
     (tmp_path / "afile").write_text("keep")
     code, out, err = cli("model", "tiny", "--out", str(tmp_path / "afile" / "ckpt"))
     assert code == 1 and out == "" and err.startswith("seekgate: model tiny: cannot write to")
     assert len(err.splitlines()) == 1 and (tmp_path / "afile").read_text() == "keep"
+
 
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
@@ -251,6 +255,16 @@ def test_audit_tail_and_query(cli: Cli) -> None:
     assert query("--limit", "1") == ["e3"]
     assert query("--protocol", "openai") == ["e3"] and query("--protocol", "http") == ["e2", "e1", "e0"]
     assert query("--endpoint", "/v1/chat/completions") == ["e3"] and query("--endpoint", "/v1/completions") == []
+
+
+@pytest.mark.parametrize("args", [("audit", "tail", "-n", "-1"), ("audit", "query", "--limit", "-5")])
+def test_audit_negative_count_is_refused(cli: Cli, args: tuple[str, ...],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # It printed nothing and exited 0: an operator would read that as "no records".
+    _write_audit(cli.data, [{"timestamp": "2026-01-01T00:00:00Z", "actor": "a", "status": "allowed"}])
+    with pytest.raises(SystemExit) as exc:
+        main(["--data-dir", str(cli.data), *args])
+    assert exc.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
 
 
 def test_parse_time() -> None:
