@@ -35,15 +35,28 @@ def cli_record(action: str, target: str | None = None, *, detail: Any = None,
     return admin_record(operator(), "cli", action, target, detail=detail, before=before, after=after)
 
 
+def check_cli_audit(settings: Settings) -> None:
+    """Raise AuditUnavailable now if the audit log cannot be opened for writing, so that a change
+    is refused before it is made: a key was issued, its secret never shown, then the command failed."""
+    import asyncio
+    asyncio.run(_open_cli_audit(settings, None))
+
+
 async def write_cli_audit(settings: Settings, record: dict[str, Any]) -> None:
     """Append `record` durably; raises AuditUnavailable if it could not be written."""
+    await _open_cli_audit(settings, record)
+
+
+async def _open_cli_audit(settings: Settings, record: dict[str, Any] | None) -> None:
+    """Open the CLI's audit writer and append `record` (none: only check it opens)."""
     writer = AuditWriter(Path(settings.data_dir), max_bytes=settings.audit.max_bytes,
                          retention_days=settings.audit.retention_days, durability="strict",
                          file_name=CLI_AUDIT_FILE)
     try:
         await writer.start()
         try:
-            await writer.submit_durable(record)
+            if record is not None:
+                await writer.submit_durable(record)
         finally:
             await writer.close()
     except AuditUnavailable:

@@ -16,7 +16,7 @@ from ..keys.kek import KekError
 from ..keys.secrets_setup import open_keyring
 from ..settings import Settings
 from ..store.backend import open_store
-from .audit import cli_record, write_cli_audit
+from .audit import check_cli_audit, cli_record, write_cli_audit
 from .common import CliError, load
 
 
@@ -42,8 +42,11 @@ async def run_crypto(action: str, settings: Settings) -> dict[str, Any]:
 
 
 def cmd_crypto(args: argparse.Namespace) -> int:
+    settings = load(args)
     try:
-        result = asyncio.run(run_crypto(args.crypto_action, load(args)))
+        if args.crypto_action != "status":   # refuse before rotating, not after: nothing half-done
+            check_cli_audit(settings)
+        result = asyncio.run(run_crypto(args.crypto_action, settings))
     except (KekError, EnvelopeError, ValueError, AuditUnavailable) as exc:
         raise CliError(f"crypto {args.crypto_action}: {exc}") from None
     print(json.dumps(result, sort_keys=True, default=str))

@@ -47,6 +47,16 @@ def with_store(settings: Settings, fn: Callable[[Store], Coroutine[Any, Any, T]]
     return asyncio.run(go())
 
 
+def audit_writable(settings: Settings) -> None:
+    """Refuse a change before making it if its audit record could not be written (nothing half-done)."""
+    from ..errors import AuditUnavailable
+    from .audit import check_cli_audit
+    try:
+        check_cli_audit(settings)
+    except AuditUnavailable as exc:
+        raise CliError(f"refused, nothing changed: the audit log cannot be written: {exc}") from None
+
+
 async def audit(settings: Settings, action: str, target: str | None, **fields: Any) -> None:
     """The audit record of a change just made; the command fails (exit 1) if it cannot be written."""
     from .audit import cli_record, write_cli_audit
@@ -106,6 +116,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         raise CliError(f"--expires: {exc}", 2) from None
     limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
     pepper = load_pepper_sync(settings)
+    audit_writable(settings)
 
     async def create(store: Store) -> tuple[Any, str]:
         now = time.time()
@@ -178,6 +189,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     check_key_id(args.id)
     settings = load(args)
     pepper = load_pepper_sync(settings)
+    audit_writable(settings)
 
     async def rotate(store: Store) -> Rotation:
         now = time.time()
@@ -208,6 +220,7 @@ def cmd_keys_revoke_compromised(args: argparse.Namespace) -> int:
     from ..keys.lifecycle import Compromise, LifecycleError, compromise_key, records_of, subtree_records
     settings = load(args)
     pepper = load_pepper_sync(settings)
+    audit_writable(settings)
 
     async def compromise(store: Store) -> Compromise:
         now = time.time()
@@ -240,6 +253,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         return cmd_keys_revoke_compromised(args)
     from ..keys.lifecycle import records_of, subtree_records
     settings = load(args)
+    audit_writable(settings)
 
     async def revoke(store: Store) -> int | None:
         if await store.get_key(args.id) is None:

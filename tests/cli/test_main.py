@@ -215,6 +215,22 @@ def test_model_tiny_into_a_file_is_one_line_exit_1(cli: Cli, tmp_path: Path) -> 
     assert len(err.splitlines()) == 1 and (tmp_path / "afile").read_text() == "keep"
 
 
+def test_key_change_with_an_unwritable_audit_log_is_refused_before_it_is_made(cli: Cli) -> None:
+    # keys create issued an active key, then failed on the audit record: its secret was never shown.
+    key_id = cli.json("keys", "create", "--tier", "app", "--name", "a", "--json")["key_id"]
+    before = cli.json("keys", "list", "--json")
+    audit_dir = cli.data / "audit"
+    for p in audit_dir.iterdir():
+        p.unlink()
+    audit_dir.rmdir()
+    audit_dir.write_text("")   # a file where the audit directory should be
+    for args in (("keys", "create", "--tier", "app", "--name", "b"), ("keys", "revoke", key_id),
+                 ("keys", "rotate", key_id, "--grace", "1h"), ("keys", "revoke", key_id, "--compromised")):
+        code, out, err = cli(*args)
+        assert code == 1 and out == "" and "refused, nothing changed" in err, args
+    assert cli.json("keys", "list", "--json") == before
+
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
