@@ -281,6 +281,7 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
         raise CliError(f"{args.jti!r} is not a session id (jti: 32 hex digits)")
 
     settings = load(args)
+    audit_writable(settings)
 
     async def revoke(store: Store) -> bool:
         added = await (await open_secret_rows(store)).revoke_session(args.jti, time.time())

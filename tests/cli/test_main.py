@@ -225,10 +225,14 @@ def test_key_change_with_an_unwritable_audit_log_is_refused_before_it_is_made(cl
     audit_dir.rmdir()
     audit_dir.write_text("")   # a file where the audit directory should be
     for args in (("keys", "create", "--tier", "app", "--name", "b"), ("keys", "revoke", key_id),
-                 ("keys", "rotate", key_id, "--grace", "1h"), ("keys", "revoke", key_id, "--compromised")):
+                 ("keys", "rotate", key_id, "--grace", "1h"), ("keys", "revoke", key_id, "--compromised"),
+                 ("sessions", "revoke", "0" * 32)):
         code, out, err = cli(*args)
         assert code == 1 and out == "" and "refused, nothing changed" in err, args
     assert cli.json("keys", "list", "--json") == before
+    audit_dir.unlink()   # the session was not revoked either: revoking it now is a first revocation
+    code, out, _ = cli("sessions", "revoke", "0" * 32)
+    assert code == 0 and "already revoked" not in out
 
 
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
