@@ -318,6 +318,11 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     from ..audit import pg_index
     from ..audit.writer import query_audit
     from ..store.backend import is_postgres
+    for flag, text in (("--actor", args.actor), ("--key-id", args.key_id), ("--endpoint", args.endpoint)):
+        try:   # a non-UTF-8 argument arrives as surrogates: PostgreSQL could not encode it (a traceback)
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise CliError(f"bad {flag} {text!r}: not UTF-8", 2) from None
     settings, now = load(args), time.time()
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)

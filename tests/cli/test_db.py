@@ -75,3 +75,17 @@ def test_db_copy_refuses_a_missing_source_or_unknown_scheme_and_creates_nothing(
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flag", ["--actor", "--key-id", "--endpoint"])
+def test_audit_query_with_a_non_utf8_filter_is_one_line_exit_2(tmp_path: Path, pg_url: str, flag: str,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # On the shared PostgreSQL index asyncpg could not encode the surrogates: a DataError traceback.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEEKGATE_STORE_URL", pg_url)
+    run(capsys, "--data-dir", str(tmp_path / "d"), "db", "migrate")
+    code = main(["--data-dir", str(tmp_path / "d"), "audit", "query", flag,
+                 b"\xffx".decode("utf-8", "surrogateescape")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith(f"seekgate: bad {flag}") and len(err.splitlines()) == 1
