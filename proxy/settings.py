@@ -313,6 +313,14 @@ def parse_env_value(raw: str, kind: type) -> Any:
         raise ValueError(f"must be {_KIND_NAMES[kind]}, got {raw!r}") from None
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_error(value: Any, kind: type) -> str | None:
     """YAML values are typed already: check, don't coerce (except int -> float)."""
     allowed = (int, float) if kind is float else kind
@@ -480,7 +488,11 @@ def validate(settings: Settings) -> list[str]:
         errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
     errors += _validate_crypto(settings.crypto)
     errors += _validate_tls(settings.server)
-    if settings.store.url and urlsplit(settings.store.url).scheme not in STORE_SCHEMES:
+    if not settings.store.url.isascii() and not _is_utf8(settings.store.url):
+        # A non-UTF-8 byte (an env var, kept as surrogates) crashed asyncpg's connect with a traceback;
+        # the URL itself is not echoed, it may hold a password.
+        errors.append("store.url: is not UTF-8")
+    elif settings.store.url and urlsplit(settings.store.url).scheme not in STORE_SCHEMES:
         errors.append(f"store.url: must be empty (SQLite) or a postgresql:// URL, got scheme "
                       f"{urlsplit(settings.store.url).scheme!r}")
     if settings.limits.on_backend_down not in ("closed", "local"):

@@ -235,6 +235,13 @@ def test_key_change_with_an_unwritable_audit_log_is_refused_before_it_is_made(cl
     assert code == 0 and "already revoked" not in out
 
 
+def test_store_url_that_is_not_utf8_is_a_setting_error(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stray byte in SEEKGATE_STORE_URL reached asyncpg's connect and died with a traceback.
+    monkeypatch.setenv("SEEKGATE_STORE_URL", b"postgresql://u:pw\xff@127.0.0.1:1/x".decode("utf-8", "surrogateescape"))
+    code, out, err = cli("keys", "list")
+    assert code == 2 and out == "" and err.strip() == "store.url: is not UTF-8"
+
+
 def _write_audit(data: Path, records: list[dict[str, Any]]) -> None:
     async def go() -> None:
         writer = AuditWriter(data)
