@@ -28,10 +28,16 @@ TIERS = frozenset({"root", "app", "device", "user", "session"})
 STATUSES = frozenset({"allowed", "denied", "error"})
 PROTOCOLS = frozenset({"http", "grpc", "openai"})
 AUTH_REASONS = frozenset({
-    # proxy.steps.authn's reasons, then the session-JWT ones it is expected to grow.
+    # Every reason proxy raises Unauthenticated with (tests/test_metrics.py checks the source):
+    # API keys (proxy.steps.authn, proxy.keys.format), the front ends, session tokens, the console.
     "missing_credentials", "malformed", "bad_checksum", "unknown_key", "hash_mismatch",
     "revoked", "expired", "ip_not_allowed", "models_outside_parent",
-    "invalid_token", "bad_signature", "wrong_audience", "wrong_issuer", "not_yet_valid",
+    "key_in_query_string", "connection_not_from_tls_listener",
+    "session_bad_alg", "session_bad_signature", "session_expired", "session_from_wrong_tier",
+    "session_header_refused", "session_lifetime_too_long", "session_missing_claim",
+    "session_not_yet_valid", "session_revoked", "session_token_too_large", "session_unknown_kid",
+    "session_wrong_audience_or_issuer", "sessions_unavailable",
+    "console_key_tier", "console_no_session",
 })
 HTTP_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429,
                         499, 500, 501, 502, 503, 504})

@@ -193,3 +193,24 @@ def test_a_scrape_sees_every_request_observed_before_it() -> None:
         s = _scrape(m)
         assert _get(s, "seekgate_request_duration_seconds_count", model="deepseek", action="infer",
                     protocol="http") == n
+
+
+def test_every_401_reason_raised_has_its_own_label() -> None:
+    # A reason outside AUTH_REASONS is scraped as reason="other": session-token refusals
+    # (expired, bad signature, revoked) all merged there, and the 401 panel could not tell them apart.
+    import re
+    from pathlib import Path
+
+    from proxy.metrics import AUTH_REASONS
+
+    source = Path(__file__).resolve().parent.parent / "proxy"
+    raised = {m.group(1) for f in source.rglob("*.py")
+              for m in re.finditer(r'Unauthenticated\(f?"([a-z_]+)', f.read_text())}
+    assert {"missing_credentials", "session_expired", "key_in_query_string"} <= raised
+    assert raised - AUTH_REASONS == set()
+
+    m = Metrics()
+    for reason in ("session_expired", "session_bad_signature: kid k1", "key_in_query_string"):
+        m.observe_request(_ctx(http_status=401, reason=reason, status="denied"), duration_s=0.001)
+    reasons = {lbl["reason"] for lbl in _series(_scrape(m), "seekgate_auth_failures_total")}
+    assert reasons == {"session_expired", "session_bad_signature", "key_in_query_string"}
