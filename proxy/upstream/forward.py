@@ -101,6 +101,7 @@ async def forward(request: web.Request, ctx: RequestContext, pool: UpstreamPool,
 
 async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamResponse,
                  server_timing: str, before_send: BeforeSend | None, redact_errors: bool) -> web.StreamResponse:
+    streaming = time.perf_counter()   # Triton's headers are in; a streamed body is Triton's time too
     headers = response_headers(upstream.headers)
     headers["Server-Timing"] = (f"{server_timing}, "
                                 f"upstream;dur={ctx.upstream_ms:.3f};desc=\"time to Triton's response headers\"")
@@ -167,6 +168,10 @@ async def _relay(request: web.Request, ctx: RequestContext, upstream: UpstreamRe
             if not left_client(gone):
                 raise   # not ours: the drain timeout's
             ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
+    if ctx.upstream_ms is not None:
+        # Triton's time ends at its last chunk, not at its headers (the Server-Timing sent): else a
+        # stream's whole generation was seekgate_overhead_seconds, seekgate's own time.
+        ctx.upstream_ms += (time.perf_counter() - streaming) * 1000.0
     if counter is not None:
         ctx.input_tokens, ctx.output_tokens = counter.input_tokens, counter.output_tokens
     elif want_counts and upstream.status == 200 and kept_size < BUFFERED_LIMIT:

@@ -699,3 +699,20 @@ def test_an_unexpected_exception_is_an_audited_500_with_the_request_id(
     assert wait_for(lambda: any(r["request_id"] == rid for r in audit_records(gw)), 5.0)
     rec = next(r for r in audit_records(gw) if r["request_id"] == rid)
     assert (rec["status"], rec["http_status"], rec["reason"]) == ("error", 500, "internal_error: RuntimeError")
+
+
+def test_a_streams_generation_is_upstream_time_not_seekgates_overhead(gw: Gateway, relay: TcpRelay,
+                                                                     user_key: str) -> None:
+    """Triton's events after the first are held for 1 s: that second is Triton's (upstream_ms,
+    seekgate_upstream_duration_seconds), not seekgate_overhead_seconds; it was, as upstream time ended
+    at Triton's response headers."""
+    overhead = metric(gw, "seekgate_overhead_seconds_sum", protocol="http")
+    relay.hold_after(b"data:")
+    threading.Timer(1.0, relay.let_flow).start()
+    _, headers, _ = call(gw.url + "/v2/models/deepseek_stream/generate_stream", "POST",
+                         {"text_input": "timed", "max_tokens": 6}, user_key)
+    assert wait_for(lambda: len(audit_for(gw, headers["X-Request-Id"])) == 1, 5.0)
+    (rec,) = audit_for(gw, headers["X-Request-Id"])
+    assert rec["upstream_ms"] >= 800 and rec["duration_ms"] - rec["upstream_ms"] < 500
+    assert wait_for(lambda: metric(gw, "seekgate_overhead_seconds_sum", protocol="http") > overhead, 5.0)
+    assert metric(gw, "seekgate_overhead_seconds_sum", protocol="http") - overhead < 0.5
