@@ -313,8 +313,9 @@ class GrpcFrontEnd:
 
                 async def relay() -> None:
                     while (raw := await call.read()) is not grpc.aio.EOF:
-                        if ctx.upstream_ms is None:
-                            ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
+                        # Triton's time ends at its last response, not its first: else the rest of
+                        # the generation was counted as seekgate_overhead_seconds, seekgate's own.
+                        ctx.upstream_ms = (asyncio.get_running_loop().time() - started) * 1000.0
                         counter.feed(raw)
                         async with writing:
                             await context.write(raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import shutil
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -539,3 +540,19 @@ def test_a_failure_grpc_core_names_is_the_transports_whatever_the_channel_says(d
     front.channel = _ReadyChannel()   # type: ignore[assignment]
     exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
     assert front._triton_answered(exc.details()) is triton
+
+
+def test_a_streams_generation_is_upstream_time_not_seekgates_overhead(gw: Gateway, stub: Any,
+                                                                     grpc_relay: TcpRelay) -> None:
+    """Triton's responses after the first are held for 1 s: that second is Triton's (upstream_ms), not
+    seekgate_overhead_seconds; it was, as upstream time ended at Triton's first response."""
+    key_id, token = gw.key(owner="timed-stream")
+    overhead = metric(gw, "seekgate_overhead_seconds_sum", protocol="grpc")
+    grpc_relay.hold_after(b"text_output")
+    threading.Timer(1.0, grpc_relay.let_flow).start()
+    assert list(stub.ModelStreamInfer(iter([infer_request(STREAM_MODEL, max_tokens=6)]), metadata=md(token)))
+    assert wait_for(lambda: any(r["key_id"] == key_id for r in audit_records(gw)), 30.0)
+    (rec,) = [r for r in audit_records(gw) if r["key_id"] == key_id]
+    assert rec["upstream_ms"] >= 800 and rec["duration_ms"] - rec["upstream_ms"] < 500
+    assert wait_for(lambda: metric(gw, "seekgate_overhead_seconds_sum", protocol="grpc") > overhead, 5.0)
+    assert metric(gw, "seekgate_overhead_seconds_sum", protocol="grpc") - overhead < 0.5
