@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 OTHER = "other"
 NONE = "none"
 
-# 0.5 ms (a refused request) .. 60 s (a long generation).
+# 0.5 ms (a refused request) .. 300 s (a long generation: upstream.request_timeout_s's default).
+# Above the last bound histogram_quantile can only answer that bound, so it must reach the timeout.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+                    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 # What the proxy itself adds should sit well under 10 ms; resolve that range finely.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
                     0.1, 0.25, 1.0)

@@ -214,3 +214,19 @@ def test_every_401_reason_raised_has_its_own_label() -> None:
         m.observe_request(_ctx(http_status=401, reason=reason, status="denied"), duration_s=0.001)
     reasons = {lbl["reason"] for lbl in _series(_scrape(m), "seekgate_auth_failures_total")}
     assert reasons == {"session_expired", "session_bad_signature", "key_in_query_string"}
+
+
+def test_latency_buckets_resolve_up_to_the_request_timeout() -> None:
+    # A 200 s generation (within upstream.request_timeout_s, 300 s by default) fell only in +Inf:
+    # histogram_quantile then answers the last finite bound (60 s), and the latency panels
+    # flattened at 60 s however slow generations became.
+    from proxy.settings import UpstreamSettings
+
+    m = Metrics(["deepseek"])
+    m.observe_request(_ctx(upstream_ms=200_000.0), duration_s=200.0)
+    s = _scrape(m)
+    timeout = UpstreamSettings().request_timeout_s
+    for name in ("seekgate_request_duration_seconds_bucket", "seekgate_upstream_duration_seconds_bucket"):
+        finite = {float(lbl["le"]): _get(s, name, **lbl) for lbl in _series(s, name) if lbl["le"] != "+Inf"}
+        assert max(finite) >= timeout, name
+        assert finite[min(le for le in finite if le >= 200.0)] == 1, name
