@@ -69,9 +69,10 @@ async def authenticate(token: str, store: KeyStore, pepper: bytes, client_ip: st
     if cache is not None:
         hit, revision = await cache.lookup(token, store, now)
         if hit is not None:
+            # No guard.succeeded() here: the store read that put it in the cache did, and the cache's
+            # short TTL brings it back to the store (and the guard) long before 100,000 others could
+            # push it out; a second keyed hash on every cached request is not worth that.
             check_chain(hit.chain, client_ip, now)
-            if guard is not None:
-                guard.succeeded(token)   # in use: kept among those its address's failures never hold up
             return hit.principal
     exp: float | None = None
     if guard is not None:
