@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -156,8 +159,10 @@ def _wrong_method(request: web.Request, allow: str) -> Resource:
     raise MethodNotAllowed(request.method, allow)
 
 
-def _aliases(text: str) -> dict[str, str]:
-    return parse_aliases(text) if text else {}
+@lru_cache(maxsize=8)
+def _aliases(text: str) -> Mapping[str, str]:
+    """openai.aliases parsed once per setting's text (settings validated it at start), not per request."""
+    return MappingProxyType(parse_aliases(text) if text else {})
 
 
 def _triton_model(aliases: str, model_id: str) -> str:
