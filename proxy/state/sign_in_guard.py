@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..context import client_address
 from ..errors import RateLimited
 from ..settings import AuthSettings, parse_networks
 
@@ -53,13 +54,10 @@ class _Bucket:
 
 def source_of(client_ip: str) -> str:
     """The key a client address is counted under: itself, its /64 for IPv6, the text as given if unparsable."""
-    try:
-        addr = ipaddress.ip_address(client_ip)
-    except ValueError:
+    addr = client_address(client_ip)
+    if addr is None:
         return client_ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 
@@ -125,13 +123,8 @@ class SignInGuard:
         return len(self._buckets), len(self._verified)
 
     def _is_unlimited(self, client_ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._unlimited)
+        addr = client_address(client_ip)
+        return addr is not None and any(addr in net for net in self._unlimited)
 
     def _digest(self, token: str) -> bytes:
         # 16 bytes: collisions among 100,000 remembered credentials are out of reach (and one would only

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from proxy.context import Principal
+from proxy.context import IPAddress, Principal, client_address
 from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.keys.cache import KeyCache
 from proxy.keys.format import PREFIX, KeyFormatError, parse_key
@@ -21,7 +21,6 @@ from proxy.store import KeyRecord, KeyStore
 _BEARER_RE = re.compile(r"bearer ([A-Za-z0-9\-._~+/]+=*)", re.ASCII | re.IGNORECASE)
 _MAX_HEADER = 4096
 
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 log = logging.getLogger("seekgate.authn")
 # Stands in for the row of an unknown key id: its hash (64 hex digits, like every stored one) matches nothing.
 _DECOY = KeyRecord(key_id="", secret_hash="0" * 64, tier="", owner="", created_at=0.0)
@@ -190,12 +189,12 @@ def check_chain(chain: Sequence[KeyRecord], client_ip: str, now: float) -> None:
     for rec in ancestors:
         if rec.revoked_at is not None or _expired(rec, now):
             raise Unauthenticated("revoked")
-    addr: _IPAddress | None = None
+    addr: IPAddress | None = None
     for rec in chain:
         if not rec.allowed_cidrs:
             continue
         if addr is None:
-            addr = _parse_ip(client_ip)
+            addr = client_address(client_ip)
         if addr is None or not _ip_in_any(addr, rec.allowed_cidrs):
             raise Unauthenticated("ip_not_allowed")
 
@@ -220,18 +219,7 @@ def _expired(rec: KeyRecord, now: float) -> bool:
     return rec.expires_at is not None and now >= rec.expires_at
 
 
-def _parse_ip(client_ip: str) -> _IPAddress | None:
-    try:
-        addr = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return None
-    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; match them as IPv4.
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def _ip_in_any(addr: _IPAddress, cidrs: tuple[str, ...]) -> bool:
+def _ip_in_any(addr: IPAddress, cidrs: tuple[str, ...]) -> bool:
     for cidr in cidrs:
         try:
             net = ipaddress.ip_network(cidr, strict=False)

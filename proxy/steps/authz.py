@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -19,9 +18,9 @@ from pathlib import Path
 import casbin
 from casbin.model import Model
 
-from ..context import Principal, Resource
+from ..context import IPAddress, Principal, Resource, client_address
 from ..quotas import Limits
-from .policy import DEFAULT_DENY, EnvCond, IPAddress, PolicyError, PolicySet, SubjectCond, load_policy_dir, policy_files
+from .policy import DEFAULT_DENY, EnvCond, PolicyError, PolicySet, SubjectCond, load_policy_dir, policy_files
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +61,13 @@ class Env:
 
     @classmethod
     def at(cls, client_ip: str, now: datetime, certs: tuple[str, ...] = (), api: str = "kserve") -> Env:
-        return cls(_parse_ip(client_ip), _minute_of_day(now), certs, api)
+        return cls(client_address(client_ip), _minute_of_day(now), certs, api)
 
 
 def _minute_of_day(now: datetime) -> int:
     if now.tzinfo is not None and now.tzinfo is not timezone.utc:
         now = now.astimezone(timezone.utc)  # naive datetimes are taken as UTC already
     return now.hour * 60 + now.minute
-
-
-@lru_cache(maxsize=4096)   # clients repeat; ipaddress parsing is ~10 us a call
-def _parse_ip(client_ip: str) -> IPAddress | None:
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return None  # unknown address: matches no client_ips condition
-    # Dual-stack sockets report IPv4 clients as ::ffff:a.b.c.d; rules are written in IPv4.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def subject_matches(cond: SubjectCond, p: Principal, resource: str) -> bool:

@@ -13,7 +13,6 @@ import yaml
 
 from ..quotas import LIMIT_FIELDS, parse_limits
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Kept closed on purpose: a typo ("infr", "repositry") must fail the load, not
