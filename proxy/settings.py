@@ -313,7 +313,8 @@ def parse_env_value(raw: str, kind: type) -> Any:
         raise ValueError(f"must be {_KIND_NAMES[kind]}, got {raw!r}") from None
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a non-UTF-8 byte in an argument or env var arrives as a surrogate."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -488,7 +489,7 @@ def validate(settings: Settings) -> list[str]:
         errors.append(f"auth.session_ttl_s: must be 1-{SESSION_MAX_TTL_S} seconds, got {ttl}")
     errors += _validate_crypto(settings.crypto)
     errors += _validate_tls(settings.server)
-    if not settings.store.url.isascii() and not _is_utf8(settings.store.url):
+    if not settings.store.url.isascii() and not is_utf8(settings.store.url):
         # A non-UTF-8 byte (an env var, kept as surrogates) crashed asyncpg's connect with a traceback;
         # the URL itself is not echoed, it may hold a password.
         errors.append("store.url: is not UTF-8")

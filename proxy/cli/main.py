@@ -19,7 +19,7 @@ from ..keys.issue import TIER_DEFAULT, ExpiresIn, audited_views, issue_key, pars
 from ..keys.kek import KekError
 from ..keys.secrets_setup import load_pepper_sync
 from ..quotas import LIMIT_FIELDS
-from ..settings import Settings, SettingsError
+from ..settings import Settings, SettingsError, is_utf8
 from ..store.backend import Store, open_secret_rows, open_store
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .common import DEFAULT_CONFIG, CliError, load
@@ -84,10 +84,8 @@ def parse_time(text: str, now: float) -> float:
 def check_key_id(key_id: str) -> None:
     """An id that is not UTF-8 (a non-UTF-8 argument, kept as surrogates) names no key; asking the
     store for it failed to encode and was reported as 'store_unavailable', which sends one to the database."""
-    try:
-        key_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CliError(f"key {key_id!r} not found") from None
+    if not is_utf8(key_id):
+        raise CliError(f"key {key_id!r} not found")
 
 
 # ---------------------------------------------------------------- commands
@@ -319,10 +317,8 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     from ..audit.writer import query_audit
     from ..store.backend import is_postgres
     for flag, text in (("--actor", args.actor), ("--key-id", args.key_id), ("--endpoint", args.endpoint)):
-        try:   # a non-UTF-8 argument arrives as surrogates: PostgreSQL could not encode it (a traceback)
-            (text or "").encode("utf-8")
-        except UnicodeEncodeError:
-            raise CliError(f"bad {flag} {text!r}: not UTF-8", 2) from None
+        if not is_utf8(text or ""):   # PostgreSQL could not encode it: a traceback
+            raise CliError(f"bad {flag} {text!r}: not UTF-8", 2)
     settings, now = load(args), time.time()
     since = None if args.since is None else parse_time(args.since, now)
     until = None if args.until is None else parse_time(args.until, now)
