@@ -22,6 +22,7 @@ from ..quotas import parse_limits
 from ..steps.app_state import CTX, STATE
 from ..store import StoreConflict
 from ..store.backend import open_secret_rows
+from .paging import decode_cursor, next_link, parse_size
 
 PREFIX = ("admin", "v1")
 RESOURCES = ("keys", "sessions")
@@ -106,20 +107,33 @@ async def handle_admin(request: web.Request, body: bytes | None = None) -> web.R
 
 
 async def _list(request: web.Request) -> web.Response:
+    """GET /admin/v1/keys[?expiring=72h][&size=100][&offset=<cursor>]: one page in key id order, and `next`.
+
+    `next` is the path and query of the following page (null on the last), as Kong's admin API pages.
+    """
     note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
-    if (within := request.query.get("expiring")) is None:
-        recs = await state.store.list_keys()
-    else:
+    try:
+        size = parse_size(request.query.get("size"))
+        after = decode_cursor(request.query.get("offset"))
+    except ValueError as exc:
+        raise Reply(400, str(exc)) from None
+    expiring = None
+    if (within := request.query.get("expiring")) is not None:
         try:
             within_s = parse_duration(within)
         except ValueError as exc:
             raise Reply(400, f"expiring: {exc}") from None
         if within_s is None:
             raise Reply(400, 'expiring must be a duration such as "72h"')
-        recs = await state.store.list_expiring(within_s, now)
-    return web.json_response({"keys": [public_view(r, now) for r in recs]})
+        expiring = (now, now + within_s)
+    # One more than the page: whether a next page exists, without a count or an empty last page.
+    recs = await state.store.page_keys(size + 1, after, expiring)
+    more = len(recs) > size
+    recs = recs[:size]
+    return web.json_response({"keys": [public_view(r, now) for r in recs],
+                              "next": next_link(request.rel_url, recs[-1].key_id) if more else None})
 
 
 async def _show(request: web.Request, key_id: str) -> web.Response:

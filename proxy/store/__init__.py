@@ -53,6 +53,15 @@ class KeyStore(Protocol):
 
     async def list_keys(self) -> list[KeyRecord]: ...
 
+    async def page_keys(self, limit: int, after: str | None = None,
+                        expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
+        """Up to `limit` keys in key id order, those after key id `after` (None: from the first).
+
+        `expiring` (start, end): only unrevoked keys whose expiry is after start and at or before end.
+        Paged in the query (the admin API's listing of a large fleet), never by slicing list_keys.
+        """
+        ...
+
     async def list_expiring(self, within_s: float, now: float) -> list[KeyRecord]:
         """Unrevoked keys that expire after `now` and within `within_s` of it, soonest first.
 

@@ -20,7 +20,7 @@ from proxy.errors import StoreUnavailable
 from proxy.store import KeyRecord, StoreConflict
 from proxy.store.pg_changes import CHANNEL, ChangeListener
 from proxy.store.pg_schema import LATEST, migrate, schema_version
-from proxy.store.rows import COLUMNS, MAX_DEPTH, from_row, to_row
+from proxy.store.rows import COLUMNS, MAX_DEPTH, from_row, page_clauses, to_row
 
 _DECOY = ("'', repeat('0', 64), 'user', 'decoy-owner', '[\"user\"]'::jsonb, '{}'::jsonb, '[]'::jsonb, "
           "'[]'::jsonb, NULL::text, 'sgk_000000000000', '0000', 0::float8, NULL::float8, NULL::float8, "
@@ -164,6 +164,16 @@ class PostgresStore:
         async with self.read("list_keys") as conn:
             return [from_row(r) for r in
                     await conn.fetch(f'SELECT {COLUMNS} FROM keys ORDER BY created_at, key_id COLLATE "C"')]
+
+    async def page_keys(self, limit: int, after: str | None = None,
+                        expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
+        """As SqliteStore.page_keys. The database's own collation on both sides of the comparison and in
+        ORDER BY, so the primary key's index serves the range and the order the cursor resumes in."""
+        where, args = page_clauses(after, expiring, numbered=True)
+        async with self.read("page_keys") as conn:
+            rows = await conn.fetch(f"SELECT {COLUMNS} FROM keys{where} ORDER BY key_id LIMIT ${len(args) + 1}",
+                                    *args, limit)
+            return [from_row(r) for r in rows]
 
     async def list_expiring(self, within_s: float, now: float) -> list[KeyRecord]:
         async with self.read("list_expiring") as conn:

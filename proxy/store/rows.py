@@ -57,3 +57,21 @@ def _int_map(raw: str) -> dict[str, int]:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
         raise ValueError(f"expected a JSON object of integers, got {raw!r}")
     return value
+
+
+
+def page_clauses(after: str | None, expiring: tuple[float, float] | None,
+                 numbered: bool = False) -> tuple[str, list[Any]]:
+    """The WHERE clause and values of one page of keys (KeyStore.page_keys): `?` marks, or `$n` if numbered."""
+    clauses: list[str] = []
+    args: list[Any] = []
+
+    def mark(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}" if numbered else "?"
+
+    if after is not None:
+        clauses.append(f"key_id > {mark(after)}")
+    if expiring is not None:
+        clauses.append(f"revoked_at IS NULL AND expires_at > {mark(expiring[0])} AND expires_at <= {mark(expiring[1])}")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args

@@ -15,7 +15,7 @@ from proxy.errors import StoreUnavailable
 from proxy.store import KeyRecord, StoreConflict
 from proxy.store.change_signal import ChangeSignal
 from proxy.store.rows import COLUMNS as _COLUMNS
-from proxy.store.rows import MAX_DEPTH, from_row
+from proxy.store.rows import MAX_DEPTH, from_row, page_clauses
 from proxy.store.rows import to_row as _to_row
 from proxy.store.wal import enable_wal_async
 
@@ -240,6 +240,19 @@ class SqliteStore:
         async with _guard("list_keys"):
             async with self._db.execute(
                     f"SELECT {_COLUMNS} FROM keys ORDER BY created_at, key_id") as cur:
+                rows = await cur.fetchall()
+            return [_from_row(r) for r in rows]
+
+    async def page_keys(self, limit: int, after: str | None = None,
+                        expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
+        """Up to `limit` keys in key id order, after the key id `after`; `expiring` (start, end): only
+        unrevoked keys expiring after start and by end. Keyset paging, so every page is one primary-key
+        range read: a page deep into 100k keys costs what the first one does, and no key is skipped or
+        repeated when keys are added between pages."""
+        where, args = page_clauses(after, expiring)
+        async with _guard("page_keys"):
+            async with self._db.execute(f"SELECT {_COLUMNS} FROM keys{where} ORDER BY key_id LIMIT ?",
+                                        (*args, limit)) as cur:
                 rows = await cur.fetchall()
             return [_from_row(r) for r in rows]
 

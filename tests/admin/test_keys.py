@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +21,7 @@ from proxy.local.triton import TritonProcess, free_ports
 from proxy.settings import ServerSettings, Settings
 from proxy.steps.app_state import CTX, STATE, AppState
 from proxy.steps.authn import authenticate
+from proxy.store import KeyRecord
 from proxy.store.sqlite import SqliteStore
 from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, wait_for
@@ -136,6 +138,99 @@ async def test_revoke_by_post_and_delete_cascades_to_devices(client: Client) -> 
     assert (resp.status, await resp.json()) == (200, {"revoked": 1})
 
 
+def stored(key_id: str, expires_at: float | None = None) -> KeyRecord:
+    return KeyRecord(key_id=key_id, secret_hash="ab" * 32, tier="user", owner=f"o-{key_id}",
+                     created_at=time.time(), expires_at=expires_at)
+
+
+async def walk(client: Client, path: str) -> tuple[list[list[str]], list[str | None]]:
+    """Every page from `path` on, following `next`: the key ids of each page, and each page's `next`."""
+    pages: list[list[str]] = []
+    links: list[str | None] = []
+    next_path: str | None = path
+    while next_path is not None:
+        resp = await client.get(next_path)
+        assert resp.status == 200, await resp.text()
+        doc = await resp.json()
+        assert set(doc) == {"keys", "next"}
+        pages.append([k["id"] for k in doc["keys"]])
+        links.append(next_path := doc["next"])
+    return pages, links
+
+
+async def test_list_pages_by_key_id_and_next_walks_every_key_once(client: Client) -> None:
+    store = client.app[STATE].store
+    ids = sorted(f"{c}{'a' * 11}" for c in "mbzhcq2")
+    for key_id in ids:
+        await store.create_key(stored(key_id))
+    pages, links = await walk(client, "/admin/v1/keys?size=3")
+    assert pages == [ids[0:3], ids[3:6], ids[6:7]]
+    assert links[-1] is None and all(link is not None and link.startswith("/admin/v1/keys?size=3&offset=")
+                                     for link in links[:-1])
+    # Exactly a page left: the last page is full and says so (no empty page after it).
+    assert (await walk(client, "/admin/v1/keys?size=7"))[0] == [ids]
+    assert SEEN[-1].extra["admin_action"] == "keys.list"
+
+
+async def test_list_default_size_is_100_and_at_most_1000(client: Client) -> None:
+    store = client.app[STATE].store
+    ids = sorted(f"{n:03d}".translate(str.maketrans("0123456789", "abcdefghij")) + "z" * 9 for n in range(101))
+    for key_id in ids:
+        await store.create_key(stored(key_id))
+    first = await (await client.get("/admin/v1/keys")).json()
+    assert [k["id"] for k in first["keys"]] == ids[:100] and first["next"] is not None
+    assert [k["id"] for k in (await (await client.get(first["next"])).json())["keys"]] == ids[100:]
+    whole = await (await client.get("/admin/v1/keys", params={"size": "1000"})).json()
+    assert len(whole["keys"]) == 101 and whole["next"] is None
+
+
+async def test_expiring_filter_pages_and_next_keeps_it(client: Client) -> None:
+    store = client.app[STATE].store
+    soon = time.time() + 3600
+    due = sorted(f"{c}{'e' * 11}" for c in "kdxa")
+    for key_id in due:
+        await store.create_key(stored(key_id, soon))
+    await store.create_key(stored("bbbbbbbbbbbb", soon + 30 * 86400))
+    await store.create_key(stored("cccccccccccc"))
+    pages, links = await walk(client, "/admin/v1/keys?expiring=72h&size=3")
+    assert pages == [due[:3], due[3:]]
+    assert links[0] is not None and "expiring=72h" in links[0]
+
+
+@pytest.mark.parametrize("query, message", [
+    ("size=0", "size must be a whole number from 1 to 1000, got '0'"),
+    ("size=1001", "size must be a whole number from 1 to 1000, got '1001'"),
+    ("size=10000000000000000000000", "size must be a whole number from 1 to 1000"),
+    ("size=-1", "size must be a whole number from 1 to 1000, got '-1'"),
+    ("size=%2B5", "size must be a whole number from 1 to 1000, got '+5'"),
+    ("size=", "size must be a whole number from 1 to 1000, got ''"),
+    ("size=ten", "size must be a whole number from 1 to 1000, got 'ten'"),
+    ("offset=", "offset is not a cursor from this API"),
+    ("offset=aaaaaaaaaaaa", "offset is not a cursor from this API"),
+    ("offset=%FF%FE", "offset is not a cursor from this API"),
+    # Well-formed base64 of something that is no cursor ("k1:NOT-A-KEY-ID", "x1:aaaaaaaaaaaa"); and a
+    # real cursor ("k1:aaaaaaaaaaaa") with a character base64 would skip.
+    ("offset=azE6Tk9ULUEtS0VZLUlE", "offset is not a cursor from this API"),
+    ("offset=eDE6YWFhYWFhYWFhYWFh", "offset is not a cursor from this API"),
+    ("offset=azE6YWFhYW!FhYWFhYWFh", "offset is not a cursor from this API"),
+])
+async def test_bad_size_or_offset_is_400_and_says_which(client: Client, query: str, message: str) -> None:
+    resp = await client.get("/admin/v1/keys?" + query)
+    assert resp.status == 400
+    doc = await resp.json()
+    assert set(doc) == {"error"} and doc["error"].startswith(message)
+
+
+async def test_a_cursor_resumes_after_its_key_so_a_key_added_meanwhile_is_not_lost(client: Client) -> None:
+    store = client.app[STATE].store
+    for key_id in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"):
+        await store.create_key(stored(key_id))
+    first = await (await client.get("/admin/v1/keys?size=1")).json()
+    await store.create_key(stored("abbbbbbbbbbb"))   # sorts after the cursor: the next page has it
+    second = await (await client.get(first["next"])).json()
+    assert [k["id"] for k in second["keys"]] == ["abbbbbbbbbbb"]
+
+
 @pytest.mark.parametrize("method, path", [
     ("GET", "/admin/v1/keys/aaaaaaaaaaaa"), ("DELETE", "/admin/v1/keys/aaaaaaaaaaaa"),
     ("POST", "/admin/v1/keys/aaaaaaaaaaaa/revoke"), ("GET", "/admin/v1/keys/not-a-key-id"),
@@ -195,7 +290,11 @@ async def test_base_path_and_pre_read_body(aiohttp_client: Any, tmp_path: Path) 
     made = await resp.json()
     assert made["expires_at"] is None and made["owner"] == "svc"
     listed = await (await client.get("/triton/admin/v1/keys")).json()
-    assert [k["id"] for k in listed["keys"]] == [made["key_id"]]
+    assert [k["id"] for k in listed["keys"]] == [made["key_id"]] and listed["next"] is None
+    await client.post("/triton/admin/v1/keys", json={"tier": "app", "owner": "svc2"})
+    first = await (await client.get("/triton/admin/v1/keys?size=1")).json()
+    assert first["next"].startswith("/triton/admin/v1/keys?size=1&offset=")   # the link works as it is
+    assert len((await (await client.get(first["next"])).json())["keys"]) == 1
 
 
 async def test_session_revoke_is_idempotent_and_audited(client: Client) -> None:

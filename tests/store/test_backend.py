@@ -103,6 +103,28 @@ async def test_list_keys(store: Store) -> None:
     assert [r.key_id for r in await store.list_keys()] == ["a", "b"]
 
 
+async def test_page_keys_resumes_after_a_key_id_in_the_query(store: Store) -> None:
+    for key_id in ("delta", "alpha", "echo", "charlie", "bravo"):
+        await store.create_key(rec(key_id))
+    assert [r.key_id for r in await store.page_keys(2)] == ["alpha", "bravo"]
+    assert [r.key_id for r in await store.page_keys(2, "bravo")] == ["charlie", "delta"]
+    await store.create_key(rec("aardvark"))   # added before the cursor: neither repeats nor shifts the rest
+    assert [r.key_id for r in await store.page_keys(2, "delta")] == ["echo"]
+    assert await store.page_keys(2, "echo") == []
+    assert await store.page_keys(5, "zzz") == []
+
+
+async def test_page_keys_expiring_keeps_the_list_expiring_window(store: Store) -> None:
+    now = 10_000.0
+    for key_id, expires in (("later", now + 7200), ("soon", now + 600), ("sooner", now + 60), ("gone", now - 1),
+                            ("edge", now + 3600), ("never", None), ("revoked", now + 30)):
+        await store.create_key(replace(rec(key_id), expires_at=expires))
+    await store.revoke_key("revoked", now)
+    window = (now, now + 3600)
+    assert [r.key_id for r in await store.page_keys(2, expiring=window)] == ["edge", "soon"]
+    assert [r.key_id for r in await store.page_keys(2, "soon", window)] == ["sooner"]
+
+
 async def test_list_expiring_returns_only_unrevoked_keys_due_within_the_window(store: Store) -> None:
     now = 10_000.0
     for key_id, expires in (("later", now + 7200), ("soon", now + 600), ("sooner", now + 60), ("gone", now - 1),
