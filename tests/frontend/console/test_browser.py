@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
+from proxy.store.rows import COLUMNS
 from tests.frontend.console.helpers import ConsoleClient
 from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, gateway_via, wait_for
@@ -182,6 +184,26 @@ def test_the_label_filter_matches_a_value_that_holds_an_equals_sign(page: Page, 
     page.get_by_role("search", name="Filter keys").get_by_label("Label").fill("callback=https://hooks.example/x?team=nlp")
     expect(page.locator(f'[data-key-id="{made["https://hooks.example/x?team=nlp"]}"]')).to_be_visible()
     expect(page.locator(f'[data-key-id="{made["https://hooks.example/x?team=ops"]}"]')).to_have_count(0)
+
+
+def test_the_keys_page_shows_keys_past_the_first_page_of_the_api(page: Page, gw: Gateway, admin_key: str) -> None:
+    """1000 revoked keys sorting first fill the API's largest page: the admin keys are on its second."""
+    # Ids "2222" + 8 letters: digits sort before letters, so these come before the issued (random) ids.
+    ids = ("2222" + f"{n:08d}".translate(str.maketrans("0123456789", "abcdefghij")) for n in range(1000))
+    rows = [(key_id, "ab" * 32, "user", "filler", "[]", "{}", "[]", "[]", None, "", "", 1.0, None, 2.0, "{}", 1)
+            for key_id in ids]
+    with sqlite3.connect(gw.data_dir / "seekgate.db") as db:
+        db.executemany(f"INSERT INTO keys ({COLUMNS}) VALUES ({', '.join('?' * 16)})", rows)
+    try:
+        page.goto(gw.url + "/console/keys")
+        expect(page.locator("[data-key-id]").filter(has_text="ops-lead").first).to_be_visible()
+        filters = page.get_by_role("search", name="Filter keys")
+        filters.get_by_label("Status").select_option("revoked")
+        filters.get_by_label("Owner").fill("filler")
+        expect(page.locator("[data-key-id]").filter(has_text="filler")).to_have_count(1000)
+    finally:
+        with sqlite3.connect(gw.data_dir / "seekgate.db") as db:
+            db.execute("DELETE FROM keys WHERE owner = 'filler'")
 
 
 def test_rotate_with_grace_keeps_the_old_key_working(page: Page, gw: Gateway, admin_key: str) -> None:

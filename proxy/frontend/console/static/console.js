@@ -121,8 +121,20 @@
         .then(() => { copied.textContent = "Copied."; }, () => { copied.textContent = "Copy failed: select the text."; }) },
         "Copy key"), " ", copied), extra || null);
   }
+  // Every key, page after page: the tree needs each key's parent and the filters run here, so the keys
+  // page shows the whole fleet, 1000 keys a request (the most the API gives).
+  async function allKeys() {
+    const all = [];
+    for (let path = "keys?size=1000"; path;) {
+      const r = await api("GET", path);
+      all.push(...r.keys);
+      // `next` is the admin API's path (/admin/v1/keys?...); through the console that is api/keys?...
+      path = r.next && "keys" + r.next.slice(r.next.indexOf("?"));
+    }
+    return all;
+  }
   async function keys(message) {
-    const all = (await api("GET", "keys")).keys;
+    const all = await allKeys();
     const f = { owner: h("input", { name: "owner", type: "search" }), tier: select("tier", [["", "any"], ["app", "app"], ["device", "device"], ["user", "user"]], ""),
       role: h("input", { name: "role", type: "search" }), label: h("input", { name: "label", type: "search", placeholder: "team=nlp" }),
       status: select("status", [["", "any"], ["active", "active"], ["revoked", "revoked"], ["expired", "expired"], ["expiring", "expiring in 72 h"]], "active") };
@@ -200,7 +212,7 @@
       treeBox.replaceChildren(roots.length ? h("ul", { class: "tree", "aria-label": "Keys: app → device, user" }, roots.map(node))
         : h("p", { class: "muted" }, "No key matches."));
     }
-    async function refresh() { all.splice(0, all.length, ...(await api("GET", "keys")).keys); refreshTree(); }
+    async function refresh() { all.splice(0, all.length, ...(await allKeys())); refreshTree(); }
     const c = { tier: select("tier", [["user", "user"], ["app", "app"], ["device", "device"]], "user"),
       owner: h("input", { name: "owner", required: true }), roles: h("input", { name: "roles", placeholder: "user, ml" }),
       parent: h("input", { name: "parent_id", placeholder: "for a device key" }), expires: h("input", { name: "expires", placeholder: "90d (tier default)" }),
