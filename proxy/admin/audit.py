@@ -7,22 +7,40 @@ Read-only and thin over audit/search.py; each call is audited like every other a
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.payload import AsyncIterablePayload
 
 from ..audit.pg_index import pool_of
-from ..audit.search import EQUALITY_FILTERS, GROUPS, MAX_PAGE, PERIODS, AuditQuery, overview, record, search, usage
-from ..steps.app_state import STATE
+from ..audit.search import (
+    EQUALITY_FILTERS,
+    GROUPS,
+    MAX_PAGE,
+    PERIODS,
+    AuditQuery,
+    count,
+    export,
+    overview,
+    record,
+    search,
+    usage,
+)
+from ..steps.app_state import CTX, STATE
 from .keys import Reply, error_reply, note
 
 _SEARCH_PARAMS = frozenset({*EQUALITY_FILTERS, "reason", "since", "until", "limit", "offset", "format"})
 _STATUSES = frozenset({"allowed", "denied", "error"})
 MAX_EXPORT = 100_000
+
+log = logging.getLogger("seekgate.admin")
 
 
 def _epoch(name: str, value: str) -> float:
@@ -100,19 +118,53 @@ async def handle_audit(request: web.Request, rest: tuple[str, ...]) -> web.Respo
         query = parse_query(request.query, export)
         note(request, "audit.export" if export else "audit.search",
              detail={k: v for k, v in request.query.items() if k != "format"} or None)
-        rows, total = await search(data_dir, query, pool_of(request.app[STATE].store))
-        if export and "limit" not in request.query and total - query.offset > MAX_EXPORT:
-            # Cut at MAX_EXPORT, an export came back short of the oldest matches with nothing to say so:
-            # a compliance extract missing records looks whole. Asked-for pages (limit) are the way past it.
-            raise Reply(400, f"{total} records match; an export carries at most {MAX_EXPORT}: "
-                             "narrow since/until, or page with limit and offset")
         if export:
-            body = b"".join(orjson.dumps(r) + b"\n" for r in rows)
-            return web.Response(body=body, content_type="application/x-ndjson", headers={
-                "Content-Disposition": 'attachment; filename="seekgate-audit.jsonl"'})
+            return await _export(request, query)
+        rows, total = await search(data_dir, query, pool_of(request.app[STATE].store))
         return web.json_response({"records": rows, "total": total, "limit": query.limit, "offset": query.offset})
     except Reply as r:
         return error_reply(r.status, r.message, r.headers)
+
+
+async def _export(request: web.Request, query: AuditQuery) -> web.Response:
+    """GET /admin/v1/audit?format=jsonl: every match as JSON lines, streamed from the index in batches.
+
+    Everything that can refuse is decided before the answer starts, so a 400 is still a 400. The body
+    is an async iterable: the request path commits the audit record (strict audit) before aiohttp sends
+    a byte, as for any answer, then aiohttp writes it chunked, a batch a chunk.
+    """
+    state = request.app[STATE]
+    pool = pool_of(state.store)
+    total = await count(state.data_dir, query, pool)
+    if "limit" not in request.query and total - query.offset > MAX_EXPORT:
+        # Cut at MAX_EXPORT, an export came back short of the oldest matches with nothing to say so:
+        # a compliance extract missing records looks whole. Asked-for pages (limit) are the way past it.
+        raise Reply(400, f"{total} records match; an export carries at most {MAX_EXPORT}: "
+                         "narrow since/until, or page with limit and offset")
+    lines = _jsonl(request, export(state.data_dir, query, pool))
+    return web.Response(body=AsyncIterablePayload(lines, content_type="application/x-ndjson"), headers={
+        "Content-Disposition": 'attachment; filename="seekgate-audit.jsonl"'})
+
+
+async def _jsonl(request: web.Request, batches: AsyncGenerator[list[dict[str, Any]], None]
+                 ) -> AsyncIterator[bytes]:
+    """The export's body, one batch of lines a chunk. An index failure mid-way ends it visibly broken."""
+    sent = 0
+    async with aclosing(batches):   # the index reader ends with this body, however it ends
+        try:
+            async for rows in batches:
+                yield b"".join(orjson.dumps(r) + b"\n" for r in rows)
+                sent += len(rows)
+        except Exception as exc:
+            # The status line went out long ago. Ending the body normally (the last, empty chunk) would
+            # pass a truncated file off as the whole export: the connection is aborted instead, so
+            # every client sees an incomplete transfer; the record and the log say why.
+            log.error("audit export aborted after %d record(s): the index failed: %r", sent, exc)
+            if (ctx := request.get(CTX)) is not None:
+                ctx.status, ctx.reason = "error", f"export_broke_mid_response: {type(exc).__name__}"
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("audit export aborted: the index failed") from exc
 
 
 async def handle_usage(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -312,11 +312,43 @@ async def query(pool: Any, actor: str | None = None, key_id: str | None = None, 
         return [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await conn.fetch(sql, *args)]
 
 
+def _numbered(where: str) -> str:
+    """An AuditQuery's WHERE, written with `?` marks, in asyncpg's $1, $2, ..."""
+    parts = where.split("?")
+    return "".join(p + (f"${i + 1}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+
+
+async def count(pool: Any, where: str, args: list[Any]) -> int:
+    """How many records an AuditQuery's WHERE matches."""
+    async with pool.acquire() as conn:
+        return int(await conn.fetchval(f"SELECT count(*) FROM audit_events{_numbered(where)}", *args))
+
+
+async def export(pool: Any, where: str, args: list[Any], limit: int, offset: int, batch: int
+                 ) -> AsyncIterator[list[dict[str, Any]]]:
+    """search.export over the shared index: resumes below the last (ts, event_id) sent, a pool connection a batch."""
+    after: tuple[float, str] | None = None
+    while limit > 0:
+        clause, values = where, list(args)
+        if after is not None:
+            # `ts <= ?` alone lets audit_events_ts serve the range; the row comparison breaks ts ties.
+            clause += (" AND " if where else " WHERE ") + "ts <= ? AND (ts, event_id) < (?, ?)"
+            values += [after[0], *after]
+        n = len(values)
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM audit_events{_numbered(clause)} "
+                                    f"ORDER BY ts DESC, event_id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+                                    *values, min(batch, limit), offset)
+        if not rows:
+            return
+        yield [_decoded(dict(zip(FIELDS, r[1:], strict=True))) for r in rows]
+        limit, offset, after = limit - len(rows), 0, (rows[-1]["ts"], rows[-1]["event_id"])
+
+
 async def search(pool: Any, where: str, args: list[Any], limit: int, offset: int
                  ) -> tuple[list[dict[str, Any]], int]:
     """One page and the total for an AuditQuery's WHERE (written with `?` marks, numbered here)."""
-    parts = where.split("?")
-    numbered = "".join(p + (f"${i + 1}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+    numbered = _numbered(where)
     n = len(args)
     async with pool.acquire() as conn:
         total = int(await conn.fetchval(f"SELECT count(*) FROM audit_events{numbered}", *args))

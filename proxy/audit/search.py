@@ -8,7 +8,7 @@ this data dir's SQLite index.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ EQUALITY_FILTERS = {"key_id": "key_id = ?", "owner": "actor = ?", "model": "mode
                     "client_ip": "client_ip = ?", "tier": "tier = ?", "resource": "resource = ?",
                     "protocol": "protocol = ?", "endpoint": ENDPOINT_CLAUSE}
 MAX_PAGE = 500
+EXPORT_BATCH = 1000   # records an export reads from the index at a time (and sends as one chunk)
 GROUPS = {"key": "key_id", "owner": "actor", "model": "model"}
 PERIODS = {"day": "%Y-%m-%d", "month": "%Y-%m"}
 
@@ -79,8 +80,8 @@ async def search(data_dir: Path, query: AuditQuery, pool: Any | None = None) -> 
         if opened is None:
             return [], 0
         db, columns = opened
-        if "NULL AS openai" in columns and any(name == "endpoint" for name, _ in query.equals):
-            return [], 0   # an index no writer has opened since the column came: no record has one
+        if _lacks_endpoints(columns, query):
+            return [], 0
         where, args = query.where()
         async with db.execute(f"SELECT count(*) FROM audit{where}", args) as cur:
             total = (await cur.fetchone() or (0,))[0]
@@ -88,6 +89,56 @@ async def search(data_dir: Path, query: AuditQuery, pool: Any | None = None) -> 
         async with db.execute(sql, (*args, query.limit, query.offset)) as cur:
             rows = [_decoded(dict(zip(FIELDS, r, strict=True))) for r in await cur.fetchall()]
     return rows, total
+
+
+async def count(data_dir: Path, query: AuditQuery, pool: Any | None = None) -> int:
+    """How many records match `query` in all (every replica's, given `pool`); its page aside."""
+    if pool is not None:
+        return await pg_index.count(pool, *query.where(pg_index.ENDPOINT_CLAUSE))
+    async with _reader(data_dir) as opened:
+        if opened is None or _lacks_endpoints(opened[1], query):
+            return 0
+        where, args = query.where()
+        async with opened[0].execute(f"SELECT count(*) FROM audit{where}", args) as cur:
+            return int((await cur.fetchone() or (0,))[0])
+
+
+async def export(data_dir: Path, query: AuditQuery, pool: Any | None = None, batch: int = EXPORT_BATCH
+                 ) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The records `search` pages through for `query`, newest first: from its offset, at most its limit,
+    `batch` at a time (an export of 100000 is never in memory at once).
+
+    Each batch after the first resumes below the last record sent, (ts, rowid) here and (ts, event_id)
+    on PostgreSQL, in a read of its own: a slow download holds no snapshot and no pooled connection, and
+    records indexed meanwhile (newer than any sent) neither repeat nor push older ones out.
+    """
+    if pool is not None:
+        async for rows in pg_index.export(pool, *query.where(pg_index.ENDPOINT_CLAUSE), query.limit,
+                                          query.offset, batch):
+            yield rows
+        return
+    async with _reader(data_dir) as opened:
+        if opened is None or _lacks_endpoints(opened[1], query):
+            return
+        db, columns = opened
+        where, args = query.where()
+        left, offset, after = query.limit, query.offset, ()
+        while left > 0:
+            # `ts <= ?` alone lets the audit_ts index serve the range; the row value breaks ts ties.
+            resume = ((" AND " if where else " WHERE ") + "ts <= ? AND (ts, rowid) < (?, ?)") if after else ""
+            sql = (f"SELECT {columns}, ts, rowid FROM audit{where}{resume} "
+                   "ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?")
+            async with db.execute(sql, (*args, *after, min(batch, left), offset)) as cur:
+                found = list(await cur.fetchall())
+            if not found:
+                return
+            yield [_decoded(dict(zip(FIELDS, r[:-2], strict=True))) for r in found]
+            left, offset, after = left - len(found), 0, (found[-1][-2], *found[-1][-2:])
+
+
+def _lacks_endpoints(columns: str, query: AuditQuery) -> bool:
+    """An index no writer has opened since the openai column came: no record has an endpoint to match."""
+    return "NULL AS openai" in columns and any(name == "endpoint" for name, _ in query.equals)
 
 
 async def record(data_dir: Path, event_id: str, pool: Any | None = None) -> dict[str, Any] | None:
