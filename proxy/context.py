@@ -31,6 +31,13 @@ def client_address(client_ip: str) -> IPAddress | None:
     return ip
 
 
+def client_ip_text(peer_host: str) -> str:
+    """The client address a door records (audit, logs): an IPv4 client of a dual-stack ("::") listener,
+    which the socket reports as ::ffff:a.b.c.d, as a.b.c.d, so that an audit search for it finds it."""
+    addr = client_address(peer_host)
+    return str(addr) if isinstance(addr, ipaddress.IPv4Address) else peer_host
+
+
 def new_id() -> str:
     """32 hex digits like uuid4().hex, unique across processes (64 random bits + a 64-bit counter)."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"

@@ -17,7 +17,8 @@ import logging
 import ssl
 from dataclasses import dataclass
 
-from ..context import PeerCert
+from ..context import PeerCert, client_ip_text
+from .listener import listen_on
 from .tls import http_peer_cert
 
 log = logging.getLogger("seekgate.grpc_tls")
@@ -48,9 +49,15 @@ class GrpcTlsTerminator:
     async def start(self, host: str, port: int, inner_port: int, reuse_port: bool = False) -> int:
         """Listens on host:port (TLS), relaying to INNER_HOST:inner_port; returns the bound port."""
         self.inner_port = inner_port
-        self._server = await asyncio.start_server(
-            self._connection, host, port, ssl=self.context, reuse_port=reuse_port or None,
-            ssl_handshake_timeout=self.handshake_timeout_s, limit=_CHUNK)
+        where = listen_on(host, port, reuse_port)   # "::": dual-stack, as grpc's own plaintext port
+        try:
+            self._server = await asyncio.start_server(
+                self._connection, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout_s, limit=_CHUNK,
+                **where)
+        except BaseException:
+            if "sock" in where:   # ours until start_server took it
+                where["sock"].close()
+            raise
         bound: int = self._server.sockets[0].getsockname()[1]
         log.info("gRPC TLS on %s:%d, relayed to grpc on %s:%d", host, bound, INNER_HOST, inner_port)
         return bound
@@ -83,7 +90,8 @@ class GrpcTlsTerminator:
         inner_writer: asyncio.StreamWriter | None = None
         try:
             peername = writer.get_extra_info("peername")
-            peer = TlsPeer(client_ip=str(peername[0]) if peername else "", cert=http_peer_cert(writer.transport))
+            peer = TlsPeer(client_ip=client_ip_text(str(peername[0])) if peername else "",
+                           cert=http_peer_cert(writer.transport))
             inner_reader, inner_writer = await asyncio.open_connection(INNER_HOST, self.inner_port, limit=_CHUNK)
             inner_port = inner_writer.get_extra_info("sockname")[1]
             # Registered before a byte is relayed: grpc runs no handler before the first request arrives.

@@ -21,7 +21,7 @@ from ..admin.sessions import handle_sessions
 from ..audit.jsonl import active_name
 from ..audit.pg_index import pool_of, replica_name
 from ..audit.writer import AuditWriter
-from ..context import RequestContext, new_id
+from ..context import RequestContext, client_ip_text, new_id
 from ..errors import BadRequest, Draining, NotFound, SeekgateError, StoreUnavailable, Unauthenticated
 from ..keys.cache import KeyCache
 from ..keys.expiry_events import watch_expiry_events
@@ -179,7 +179,7 @@ async def send_now(request: web.Request, ctx: RequestContext, response: web.Stre
 
 def new_context(request: web.Request) -> RequestContext:
     # The peer address only: X-Forwarded-For is client-controlled and never trusted.
-    return RequestContext(request_id=new_id(), client_ip=request.remote or "",
+    return RequestContext(request_id=new_id(), client_ip=client_ip_text(request.remote or ""),
                           protocol="http", method=request.method, path=request.raw_path.split("?", 1)[0])
 
 

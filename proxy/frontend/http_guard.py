@@ -49,7 +49,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_runner import BaseSite, TCPSite
 from aiohttp.web_server import Server
 
-from ..context import RequestContext, new_id
+from ..context import RequestContext, client_ip_text, new_id
 
 # FramingError, RequestTimeout and closes_connection live in the error tree; re-exported here.
 from ..errors import (
@@ -91,7 +91,7 @@ AIOHTTP_INTERNALS: dict[type, tuple[str, ...]] = {
                      "connection_lost", "shutdown", "_task_handler", "close", "_request_in_progress",
                      "_handler_waiter"),
     Server: ("__call__",),
-    # tls_site.TlsSite.start: TCPSite.start with a handshake deadline, over the same attributes.
+    # tls_site.ListenerSite.start: TCPSite.start with a handshake deadline and listen_on, over the same attributes.
     BaseSite: ("_runner", "_ssl_context", "_backlog", "_server", "start"),
     TCPSite: ("_host", "_port", "_reuse_address", "_reuse_port", "_bound_port"),
 }
@@ -328,7 +328,7 @@ def audit_unparsed(app: web.Application, client_ip: str, err: SeekgateError, req
     state = app.get(STATE)
     if state is None:   # refused before the cleanup_ctx built the state: nothing to write to
         return
-    ctx = RequestContext(request_id=request_id, client_ip=client_ip, protocol="http")
+    ctx = RequestContext(request_id=request_id, client_ip=client_ip_text(client_ip), protocol="http")
     refuse(ctx, err)
     finish(state, ctx)
 

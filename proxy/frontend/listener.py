@@ -1,6 +1,12 @@
-"""Closing a listening socket without resetting the connections the kernel queued on it.
+"""The listening sockets: "::" bound dual-stack, and closed without resetting the connections queued on them.
 
-The kernel completes TCP handshakes on its own and queues the connections until the server
+`server.host: "::"` means every address, IPv4 included, as it does for grpc (dual-stack) and for nginx or
+Envoy with ipv6only off. asyncio's create_server (uvloop's too) sets IPV6_V6ONLY on every IPv6 socket, so
+bound by it "::" took IPv6 clients only. `listen_on` binds it here instead, one IPv6 socket with
+IPV6_V6ONLY off, which the HTTP sites and the gRPC TLS listener hand to create_server. An IPv4 client then
+arrives as ::ffff:a.b.c.d; context.client_ip_text records it as a.b.c.d.
+
+Closing: the kernel completes TCP handshakes on its own and queues the connections until the server
 accepts them. Closing the listener resets every connection still in that queue: a client that
 connected in the last moments before a shutdown sends its request and gets ECONNRESET, not
 knowing whether it was served. So before the listener closes:
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import socket
 import struct
 from collections.abc import Iterable
@@ -36,6 +43,40 @@ class ListeningSocket(Protocol):
 
     def setsockopt(self, level: int, option: int, value: Any) -> None: ...
     def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+
+
+def dual_stack(host: str | None) -> bool:
+    """`host` is IPv6's any address ("::", however spelt): bound as one socket taking IPv4 clients too."""
+    if host is None:   # asyncio's every interface: a socket of each family already
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:   # a name: asyncio resolves it and binds each address it gets, as asked
+        return False
+    return ip.version == 6 and ip.is_unspecified
+
+
+def listen_on(host: str | None, port: int, reuse_port: bool = False) -> dict[str, Any]:
+    """create_server's where-to-listen arguments: `host` and `port`, or for "::" a dual-stack socket of ours.
+
+    `reuse_port`: SO_REUSEPORT, for the workers of `serve --workers` sharing one port.
+    """
+    if not dual_stack(host):
+        return {"host": host, "port": port, "reuse_port": reuse_port or None}
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        # What create_server sets on a socket it makes (a restart binds while old connections sit in
+        # TIME_WAIT), except IPV6_V6ONLY, off here whatever net.ipv6.bindv6only says.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return {"sock": sock}
 
 
 def stop_taking(sock: ListeningSocket) -> bool:

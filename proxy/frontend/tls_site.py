@@ -1,26 +1,29 @@
-"""An aiohttp TCPSite that gives a TLS client `handshake_timeout_s` to finish its handshake, as gRPC's door does.
+"""The aiohttp site of every HTTP listener: "::" dual-stack (listener.py), TLS handshakes held to a deadline.
 
 aiohttp's TCPSite takes no handshake deadline, so asyncio's default (60 s) held a connection that never
 started one twice as long as every other read deadline (`server.read_timeout_s`, 30 s by default); the
-header deadline of http_guard starts only after the handshake. `start` is TCPSite's own plus
-`ssl_handshake_timeout`; the private attributes it reads are in http_guard's AIOHTTP_INTERNALS, checked
-when a site is made.
+header deadline of http_guard starts only after the handshake. Nor can it bind "::" for IPv4 clients too:
+create_server sets IPV6_V6ONLY on the socket it makes. `start` is TCPSite's own plus `ssl_handshake_timeout`
+and the socket of `listen_on`; the private attributes it reads are in http_guard's AIOHTTP_INTERNALS,
+checked when a site is made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Any
 
 from aiohttp import web
 
 from .http_guard import check_aiohttp_internals
+from .listener import listen_on
 
 
-class TlsSite(web.TCPSite):
-    """A TCPSite over `ssl_context` whose handshakes end at `handshake_timeout_s`."""
+class ListenerSite(web.TCPSite):
+    """A TCPSite, over `ssl_context` if given, whose handshakes end at `handshake_timeout_s`."""
 
-    def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *, ssl_context: ssl.SSLContext,
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
                  handshake_timeout_s: float, reuse_port: bool | None = None) -> None:
         check_aiohttp_internals()   # fail at start, in one line, rather than on the first connection
         super().__init__(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
@@ -30,18 +33,25 @@ class TlsSite(web.TCPSite):
         await web.BaseSite.start(self)   # registers the site with its runner, as TCPSite.start does first
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self.handshake_timeout_s)
+        where = listen_on(self._host, self._port, bool(self._reuse_port))
+        if "sock" not in where:
+            where["reuse_address"] = self._reuse_address
+        # asyncio refuses a handshake deadline without TLS.
+        tls: dict[str, Any] = {} if self._ssl_context is None else {"ssl": self._ssl_context,
+                                                    "ssl_handshake_timeout": self.handshake_timeout_s}
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                server, backlog=self._backlog, **where, **tls)
+        except BaseException:
+            if "sock" in where:   # ours until create_server took it
+                where["sock"].close()
+            raise
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def listener_site(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None, handshake_timeout_s: float,
-         reuse_port: bool | None = None) -> web.TCPSite:
-    """A TlsSite over `ssl_context`, else aiohttp's plain TCPSite."""
-    if ssl_context is None:
-        return web.TCPSite(runner, host, port, reuse_port=reuse_port)
-    return TlsSite(runner, host, port, ssl_context=ssl_context, handshake_timeout_s=handshake_timeout_s,
-                   reuse_port=reuse_port)
+                  reuse_port: bool | None = None) -> web.TCPSite:
+    """The site of one HTTP listener (the API, metrics): TLS over `ssl_context`, plaintext without one."""
+    return ListenerSite(runner, host, port, ssl_context=ssl_context, handshake_timeout_s=handshake_timeout_s,
+                        reuse_port=reuse_port)
