@@ -22,7 +22,12 @@ tickets off, OpenSSL resumes TLS 1.2 sessions by id from the listener context's 
 connection was made with keeps it, whatever context the handshake switched to), and Python's ssl cannot turn
 that cache off: `disable_session_cache` calls OpenSSL for it, on the SSL_CTX pointer that leads
 CPython's context object (the mode it reads first checks that pointer; without the call mTLS refuses to start on 1.2).
-The alert itself is not flushed to the client (asyncio drops the connection first): clients see a reset.
+The alert reaches the client (it reads "alert certificate required", not a closed connection): asyncio and
+uvloop close a connection whose handshake raised without sending what OpenSSL left for the peer (CPython
+gh-98078), so the server side of a listener context reports a refusal with an alert pending as "want read"
+once (AlertFirst): the loop sends the alert and waits; the client, told, hangs up, and the refusal is raised
+then. A client that stays silent is closed at the handshake deadline, as one that never sends a ClientHello;
+a refusal with nothing to send (plaintext on the TLS port: OpenSSL sends no alert for it) closes at once.
 """
 
 from __future__ import annotations
@@ -80,9 +85,43 @@ def plaintext_refusal(s: ServerSettings) -> str | None:
             "accept plaintext explicitly with --insecure-plaintext (server.insecure_plaintext)")
 
 
+class AlertFirst(ssl.SSLObject):
+    """The TLS state of one server connection, whose refused handshake sends its alert before it ends (module doc)."""
+
+    to_peer: ssl.MemoryBIO | None = None   # what the loop sends the peer (set by ListenerContext.wrap_bio)
+    _refusal: ssl.SSLError | None = None
+
+    def do_handshake(self) -> None:
+        if self._refusal is not None:   # the peer has had the alert, and answered or hung up: now it ends
+            raise self._refusal
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            if self.to_peer is None or not self.to_peer.pending:
+                raise   # no alert to send: the loop closes at once, as it always did
+            self._refusal = exc
+            # The loop's answer to "want read" during a handshake: send what is pending, wait for the peer.
+            raise ssl.SSLWantReadError("handshake refused; the fatal alert goes to the peer first") from exc
+
+
+class ListenerContext(ssl.SSLContext):
+    """An SSLContext whose server connections are AlertFirst (asyncio and uvloop make them with wrap_bio)."""
+
+    sslobject_class = AlertFirst
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        ssl_object = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if isinstance(ssl_object, AlertFirst) and server_side:
+            ssl_object.to_peer = outgoing
+        return ssl_object
+
+
 def build_context(s: ServerSettings, cert_file: str, key_file: str, client_ca_file: str) -> ssl.SSLContext:
     """A server context: TLS 1.3 unless 1.2 is asked for, client certificates required with a client CA."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ListenerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_VERSIONS[s.tls_min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     if s.tls_min_version == "1.2":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import http.client
@@ -16,13 +17,14 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import uvloop
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
@@ -34,7 +36,9 @@ from cryptography.hazmat.primitives.serialization import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli.devcert import CLIENT_SPIFFE, make_dev_certs
+from proxy.frontend.tls import ServerTls
 from proxy.local.triton import TritonProcess, free_ports
+from proxy.settings import ServerSettings
 from tests.gateway import Gateway, audit_records, wait_for
 
 GENERATE = "/v2/models/deepseek/generate"
@@ -176,9 +180,28 @@ def test_over_tls_parser_refusals_and_metrics_do_not_name_aiohttp(tls_gw: Gatewa
         assert (got, headers.get("Server")) == (status, "seekgate")
 
 
+def tls12_refusal_then_silence(sock: socket.socket, certs: dict[str, Path]) -> bytes:
+    """A TLS 1.2 ClientHello on `sock`, the server's alert read, then nothing: what the server sends after it."""
+    ctx = client_context(certs)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    sock.sendall(outgoing.read())
+    incoming.write(sock.recv(65536))
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+        client.do_handshake()
+    try:
+        return sock.recv(1)
+    except ConnectionResetError:
+        return b""   # an abort is a close too
+
+
 def test_a_connection_that_never_starts_a_handshake_is_closed_after_the_read_timeout(
         triton: TritonProcess, certs: dict[str, Path], tmp_path: Path) -> None:
-    """Every TLS listener holds a silent connection read_timeout_s, not asyncio's 60 s handshake default."""
+    """Every TLS listener holds a silent connection read_timeout_s, not asyncio's 60 s handshake default, whether
+    it never started a handshake or was refused one and told why."""
     g = Gateway(tmp_path, triton.http_url, free_ports(3),
                 **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs),
                    "server.read_timeout_s": 1.0}).start()
@@ -191,6 +214,11 @@ def test_a_connection_that_never_starts_a_handshake_is_closed_after_the_read_tim
                     assert silent.recv(1) == b""
                 except ConnectionResetError:
                     pass   # an abort is a close too
+            assert time.monotonic() - started < 5, (port, time.monotonic() - started)
+            # Nor is one that got its alert (tls.AlertFirst: the connection waits for the client to hang up).
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as told:
+                assert tls12_refusal_then_silence(told, certs) == b""
             assert time.monotonic() - started < 5, (port, time.monotonic() - started)
         assert https_call(s.http_port, client_context(certs), "/v2/health/live")[0] == 200
     finally:
@@ -280,6 +308,69 @@ def test_mtls_with_a_certificate_of_another_ca_is_refused(mtls_gw: Gateway, cert
     with pytest.raises(Exception, match="(?i)unavailable|handshake|ssl|connect"):
         client.is_server_live()
     client.close()
+
+
+def refusal_seen_by_client(port: int, ctx: ssl.SSLContext, alpn: str | None = None) -> str:
+    """The reason of the SSLError a client of `port` gets, handshaking with `ctx` and then asking for something."""
+    if alpn:
+        ctx.set_alpn_protocols([alpn])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError) as refused:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                # TLS 1.3: the client's side of the handshake is done before the server has checked its certificate.
+                tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                tls.recv(1)
+    return str(refused.value.reason)
+
+
+def test_a_refused_handshake_reaches_the_client_as_its_alert(tls_gw: Gateway, mtls_gw: Gateway, certs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """asyncio closed the connection of a refused handshake without sending the fatal alert OpenSSL wrote (CPython
+    gh-98078, uvloop alike): the client saw a closed connection, not why. tls.AlertFirst lets the alert go first."""
+    s, ms = tls_gw.settings.server, mtls_gw.settings.server
+    for port, alpn in ((ms.http_port, None), (ms.grpc_port, "h2"), (ms.metrics_port, None)):
+        assert refusal_seen_by_client(port, client_context(certs), alpn) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    other = make_dev_certs(tmp_path / "other")
+    foreign = client_context(certs)
+    foreign.load_cert_chain(str(other["client_cert"]), str(other["client_key"]))
+    # Both dev CAs are named "seekgate dev CA": OpenSSL takes the trusted one for the issuer, and its signature
+    # check fails (decrypt_error; a CA of another name would be unknown_ca).
+    assert refusal_seen_by_client(ms.http_port, foreign) == "TLSV1_ALERT_DECRYPT_ERROR"
+    for port, alpn in ((s.http_port, None), (s.grpc_port, "h2"), (s.metrics_port, None)):
+        tls12 = client_context(certs)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert refusal_seen_by_client(port, tls12, alpn) == "TLSV1_ALERT_PROTOCOL_VERSION"
+    # Still served after all that: each refused connection ended when its client hung up.
+    assert https_call(ms.http_port, client_context(certs, client_cert=True), "/v2/health/live")[0] == 200
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_the_alert_goes_first_on_the_loop_serve_runs_too(loop_factory: Callable[[], asyncio.AbstractEventLoop],
+                                                         certs: dict[str, Path]) -> None:
+    """`serve` runs on uvloop, whose TLS code is its own (Cython, the same flaw): the alert reaches the client there too."""
+    settings = ServerSettings(tls_cert_file=str(certs["server_cert"]), tls_key_file=str(certs["server_key"]),
+                              tls_client_ca_file=str(certs["ca"]))
+
+    async def main() -> str:
+        async def never_called(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+        server = await asyncio.start_server(never_called, "127.0.0.1", 0, ssl=ServerTls(settings).context)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await asyncio.to_thread(refusal_seen_by_client, port, client_context(certs))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(main()) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+
+
+def test_a_refusal_with_no_alert_to_send_closes_at_once(tls_gw: Gateway) -> None:
+    """Plaintext HTTP on the TLS port: OpenSSL refuses it without an alert, so nothing is waited for (the read
+    timeout here is 30 s, the socket's 10 s)."""
+    with socket.create_connection(("127.0.0.1", tls_gw.settings.server.http_port), timeout=10) as plain:
+        plain.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        try:
+            assert plain.recv(1) == b""
+        except ConnectionResetError:
+            pass   # an abort is a close too
 
 
 def refusals(gw: Gateway, ctx: ssl.SSLContext) -> dict[str, float]:
