@@ -30,7 +30,7 @@ from tests.gateway import Gateway, metric, wait_for
 class Workers:
     """A `seekgate serve --workers 2` subprocess over its own data dir and policy copy."""
 
-    def __init__(self, root: Path, triton: TritonProcess) -> None:
+    def __init__(self, root: Path, triton: TritonProcess, **server: Any) -> None:
         self.http, self.grpc, self.metrics = free_ports(3)
         self.gw = Gateway(root, triton.http_url, [self.http, self.grpc, self.metrics])   # issues keys, no server
         self.data_dir = self.gw.data_dir
@@ -39,7 +39,7 @@ class Workers:
         self.config.write_text(yaml.safe_dump({
             "data_dir": str(self.data_dir),
             "server": {"http_port": self.http, "grpc_port": self.grpc, "metrics_port": self.metrics,
-                       "shutdown_delay_s": 1.0, "drain_timeout_s": 10.0},
+                       "shutdown_delay_s": 1.0, "drain_timeout_s": 10.0, **server},
             "upstream": {"http_url": triton.http_url, "grpc_target": f"127.0.0.1:{triton.launch.grpc_port}"},
             "policy": {"directory": str(self.policy_dir), "reload_interval_s": 0.2},
         }))
@@ -252,6 +252,26 @@ def test_sigterm_fails_readiness_then_drains_and_exits_0(triton: TritonProcess, 
     finally:
         w.stop()
     assert "exited with" not in w.log.read_text()   # no worker died instead of draining
+
+
+def test_double_colon_is_dual_stack_on_every_worker_and_the_supervisor_metrics(triton: TritonProcess,
+                                                                               tmp_path: Path) -> None:
+    """server.host "::" under --workers: each worker binds it with SO_REUSEPORT (else the second fails to bind)
+    and IPV6_V6ONLY off, so IPv4 and IPv6 clients reach the workers, and the supervisor's metrics too."""
+    w = Workers(tmp_path, triton, host="::", insecure_plaintext=True).start()
+    try:
+        _, key = w.gw.key(owner="dual")
+        for client_host in ("127.0.0.1", "[::1]"):
+            w.url = f"http://{client_host}:{w.http}"
+            assert all(w.request("GET", "/v2/models/deepseek", key)[0] == 200 for _ in range(6))
+            with urllib.request.urlopen(f"http://{client_host}:{w.metrics}/metrics", timeout=30) as r:
+                assert r.status == 200
+        assert wait_for(lambda: sum(len(v) for v in w.audit_by_file().values()) >= 12, 10)
+        records = [r for v in w.audit_by_file().values() for r in v if r.get("actor") == "dual"]
+        assert {r["client_ip"] for r in records} == {"127.0.0.1", "::1"}
+        assert len(w.listening()) == 2
+    finally:
+        w.stop()
 
 
 def test_tls_on_every_worker_and_the_supervisor_metrics_follow_rotation(triton: TritonProcess, tmp_path: Path) -> None:
