@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import datetime, timezone
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,10 @@ def active_name(worker: int) -> str:
 class JsonlFile:
     """One process's active audit file, opened for appending. Not thread-safe: one writer thread at a time."""
 
-    def __init__(self, directory: Path, max_bytes: int, name: str = ACTIVE) -> None:
+    def __init__(self, directory: Path, max_bytes: int, name: str = ACTIVE,
+                 wall: Callable[[], float] = time.time) -> None:
         self.dir = directory
+        self._wall = wall           # the clock rotated names are stamped with
         self.path = directory / name
         # audit.jsonl rotates to audit-<stamp>.jsonl, audit.w2.jsonl to audit-<stamp>.w2.jsonl.
         self._rotated_suffix = name[len("audit"):]
@@ -138,19 +142,45 @@ class JsonlFile:
 
     def _rotate(self) -> None:
         self.close()
-        stamp = datetime.now(timezone.utc)
+        stamp = _next_stamp(self.dir, self.path.name, datetime.fromtimestamp(self._wall(), timezone.utc))
         os.rename(self.path, self.dir / f"audit-{stamp.strftime(ROTATED_FMT)}{self._rotated_suffix}")
         self._open()
         self.rotated = True
 
 
-def rotated_epoch(path: Path) -> float:
+def _next_stamp(audit_dir: Path, active: str, now: datetime) -> datetime:
+    """The stamp for the stream's next rotated file: now, or just after its newest rotated file's stamp.
+
+    Readers take a stream's files in name order (tail, the shared index's catch-up, retention): after a
+    backward step of the wall clock a name stamped with plain `now` sorted before older files, and the
+    stream read out of order. The stamp is a name, not a time: retention reads the records' own
+    timestamps (retention.newest_epoch).
+    """
+    for path in reversed(rotated_of(audit_dir, active)):
+        prev = _name_stamp(path)
+        if prev is not None:
+            return max(now, prev + timedelta(microseconds=1))
+    return now
+
+
+def _name_stamp(path: Path) -> datetime | None:
+    """The stamp in audit-<stamp>[.wN].jsonl, or None for a name seekgate did not make."""
     try:
-        # audit-<stamp>.jsonl or, from a worker, audit-<stamp>.w2.jsonl; the stamp ends in "Z".
         stamp = datetime.strptime(path.name[len("audit-"):].split("Z", 1)[0] + "Z", ROTATED_FMT)
-        return stamp.replace(tzinfo=timezone.utc).timestamp()
     except ValueError:
-        return path.stat().st_mtime
+        return None
+    return stamp.replace(tzinfo=timezone.utc)
+
+
+def rotated_epoch(path: Path) -> float:
+    """The stamp in a rotated file's name (audit-<stamp>.jsonl, a worker's audit-<stamp>.w2.jsonl), else its mtime."""
+    stamp = _name_stamp(path)
+    return path.stat().st_mtime if stamp is None else stamp.timestamp()
+
+
+def stream_suffix(path: Path) -> str:
+    """Which stream a rotated file belongs to: `.jsonl` for audit.jsonl's, `.w2.jsonl` for audit.w2.jsonl's."""
+    return path.name[len("audit-"):].split("Z", 1)[-1]
 
 
 def rotated_files(audit_dir: Path) -> list[Path]:
@@ -206,7 +236,7 @@ def tail_audit(data_dir: Path, n: int) -> list[dict[str, Any]]:
 def rotated_of(audit_dir: Path, active: str) -> list[Path]:
     """The rotated files of one stream, oldest first: audit.w2.jsonl's are audit-<stamp>.w2.jsonl."""
     suffix = active[len("audit"):]
-    return [p for p in rotated_files(audit_dir) if p.name[len("audit-"):].split("Z", 1)[-1] == suffix]
+    return [p for p in rotated_files(audit_dir) if stream_suffix(p) == suffix]
 
 
 def tail_stream(files: list[Path], n: int) -> list[dict[str, Any]]:

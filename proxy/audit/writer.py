@@ -20,7 +20,6 @@ from .jsonl import (
     dumps,
     last_records,
     line_of,
-    rotated_epoch,
     rotated_files,
     rotated_of,
     tail_audit,
@@ -28,6 +27,7 @@ from .jsonl import (
 )
 from .pg_index import SharedAuditIndex
 from .pg_index import prune as shared_prune
+from .retention import RetentionClock, expired_files
 
 __all__ = ["FIELDS", "AuditWriter", "admin_record", "build_record", "query_audit", "rotated_files", "tail_audit"]
 
@@ -121,10 +121,13 @@ class AuditWriter:
                  *, batch_size: int = 512, retry_base_s: float = 0.1, retry_max_s: float = 5.0,
                  fsync_interval_s: float = 0.1, durability: str = "batched", file_name: str = ACTIVE,
                  queue_max: int | None = None, batch_linger_s: float = 0.0, queue_soft_max: int = 0,
-                 room_wait_s: float = 1.0) -> None:
+                 room_wait_s: float = 1.0, clock: RetentionClock | None = None) -> None:
         self.dir = Path(data_dir) / "audit"
         self.db_path = self.dir / "audit.db"
-        self.file = JsonlFile(self.dir, max_bytes, file_name)
+        # Retention's idea of now (capped by elapsed time: a forward clock step deletes nothing early);
+        # its wall clock also stamps rotated names.
+        self.clock = clock or RetentionClock()
+        self.file = JsonlFile(self.dir, max_bytes, file_name, wall=self.clock.wall)
         self.jsonl_path = self.file.path
         self.retention_days = retention_days
         self.on_error = on_error
@@ -309,8 +312,11 @@ class AuditWriter:
         await self.close()
 
     async def prune(self, now: float | None = None) -> None:
-        """Retention: drop rotated files and rows older than `retention_days`."""
-        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        """Retention: drop rotated files and rows older than `retention_days`.
+
+        Older by `self.clock` (never ahead of elapsed time), and a file by its newest record, not its name.
+        """
+        cutoff = (self.clock.now() if now is None else now) - self.retention_days * 86400
         await asyncio.to_thread(self._prune_files, cutoff)
         if self._index is not None:
             await asyncio.to_thread(self._index.prune, cutoff)
@@ -519,9 +525,8 @@ class AuditWriter:
             await asyncio.to_thread(self._index.insert, batch)
 
     def _prune_files(self, cutoff: float) -> None:
-        for path in rotated_files(self.dir):
-            if rotated_epoch(path) < cutoff:
-                path.unlink(missing_ok=True)
+        for path in expired_files(self.dir, cutoff):
+            path.unlink(missing_ok=True)
 
 
 # The most records kept for a failing audit.db index: as many as start() re-indexes from the file's tail.

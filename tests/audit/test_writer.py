@@ -107,8 +107,9 @@ async def test_submit_before_start_and_after_close(tmp_path: Path) -> None:
 async def test_rotation_by_size(tmp_path: Path) -> None:
     writer = AuditWriter(tmp_path, max_bytes=4096, batch_size=8)
     await writer.start()
+    now = datetime.now(timezone.utc).isoformat()   # within retention, which a file's newest record decides
     for i in range(100):
-        writer.submit(_rec(i))
+        writer.submit(_rec(i, timestamp=now))
     await writer.close()
     audit_dir = tmp_path / "audit"
     rotated = audit.rotated_files(audit_dir)
