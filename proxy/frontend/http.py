@@ -35,6 +35,7 @@ from ..state.redis_limiter import RedisLimiter
 from ..state.shared_limiter import SocketLimiter
 from ..state.sign_in_guard import SignInGuard
 from ..steps.app_state import CTX, STATE, AppState
+from ..steps.authn import rehashes_settled
 from ..steps.authz import Authorizer, PolicyWatcher
 from ..steps.body_view import EMPTY, BodyView, decode, route_kind, view_http
 from ..steps.classify import classify_http
@@ -311,6 +312,7 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             metrics.flush()   # workers: the last second's batched updates into the shared files
             # Last: requests still finishing above submit their records before the final flush.
             await audit.close()
+            await rehashes_settled()   # a pepper re-hash started by a last request lands before the store closes
             await store.close()
             keyring.close()
     return lifecycle

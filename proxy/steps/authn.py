@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -153,7 +154,7 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
         raise Unauthenticated("hash_mismatch")
     check_chain(chain, client_ip, now)
     if key.pepper_version < pepper_version(pepper):
-        await _rehash(store, key, token, pepper)
+        _start_rehash(store, key, token, pepper)   # not awaited: the request never waits for a store write
     return Principal(
         key_id=key.key_id, tier=key.tier, owner=key.owner, roles=key.roles,
         labels=dict(key.labels), models=effective_models(chain),
@@ -162,17 +163,45 @@ async def _authenticate_api_key(token: str, store: KeyStore, pepper: bytes, clie
     ), chain
 
 
-async def _rehash(store: KeyStore, key: KeyRecord, token: str, pepper: bytes) -> None:
-    """Pepper rotation: re-hash a row made under an older pepper, now that its key was used.
+# Re-hashes under way, by key id: one at a time per key however many of its requests arrive at once, and a
+# reference to each task so it is not collected half-way.
+_rehashing: dict[str, asyncio.Task[None]] = {}
 
-    Best effort: the request has succeeded already, and a failed write is retried on the next use.
+
+def _start_rehash(store: KeyStore, key: KeyRecord, token: str, pepper: bytes) -> None:
+    """Pepper rotation: re-hash a row made under an older pepper, now that its key was used, in the background.
+
+    Best effort: the request has succeeded already. Awaited here, a store whose write lock another process
+    held (a CLI command, a migration, another worker's transaction) stalled this request for the whole busy
+    timeout. A failed or refused write is retried on the key's next use that reads the store.
     """
     if not isinstance(store, _Rehashes):
         return
+    running = _rehashing.get(key.key_id)
+    if running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop():
+        return
+    version = pepper_version(pepper)
+    new_hash = hash_secret(pepper, token)   # now: the task holds the hash, never the plaintext token
+    task = asyncio.get_running_loop().create_task(_rehash(store, key, new_hash, version),
+                                                  name=f"rehash-{key.key_id}")
+    _rehashing[key.key_id] = task
+    task.add_done_callback(lambda t: _rehashing.pop(key.key_id, None) if _rehashing.get(key.key_id) is t else None)
+
+
+async def _rehash(store: _Rehashes, key: KeyRecord, new_hash: str, version: int) -> None:
     try:
-        await store.rehash_secret(key.key_id, key.secret_hash, hash_secret(pepper, token), pepper_version(pepper))
+        await store.rehash_secret(key.key_id, key.secret_hash, new_hash, version)
     except StoreUnavailable as exc:
-        log.warning("re-hashing key %s under pepper %d failed: %s", key.key_id, pepper_version(pepper), exc)
+        log.warning("re-hashing key %s under pepper %d failed (retried on its next use): %s",
+                    key.key_id, version, exc)
+    except Exception:   # nobody awaits this task: say what went wrong here rather than at its collection
+        log.exception("re-hashing key %s under pepper %d failed (retried on its next use)", key.key_id, version)
+
+
+async def rehashes_settled() -> None:
+    """Wait for the re-hashes under way on this loop (a shutdown that wants them written; tests)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(t for t in list(_rehashing.values()) if t.get_loop() is loop), return_exceptions=True)
 
 
 def check_chain(chain: Sequence[KeyRecord], client_ip: str, now: float) -> None:

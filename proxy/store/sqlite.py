@@ -323,15 +323,30 @@ class SqliteStore:
     async def rehash_secret(self, key_id: str, old_hash: str, new_hash: str, pepper_version: int) -> bool:
         """Replace a key's hash with one under a newer pepper, only if it still holds `old_hash`.
 
-        No revision bump: the key's meaning is unchanged, so caches stay valid.
+        No revision bump: the key's meaning is unchanged, so caches stay valid. Never waits for the write
+        lock: on its own short-lived connection with no busy timeout, so while another process holds the
+        lock it fails at once (StoreUnavailable; the key's next use tries again) instead of holding this
+        store's one connection, and every key lookup queued behind it, for the busy timeout.
         """
-        async with self._write("rehash_secret") as db:
-            cur = await db.execute("UPDATE keys SET secret_hash = ?, pepper_version = ? "
+        async with _guard("rehash_secret"):
+            return await asyncio.to_thread(self._rehash_now, key_id, old_hash, new_hash, pepper_version)
+
+    def _rehash_now(self, key_id: str, old_hash: str, new_hash: str, pepper_version: int) -> bool:
+        db = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")   # SQLITE_BUSY at once if the write lock is taken
+            try:
+                count = db.execute("UPDATE keys SET secret_hash = ?, pepper_version = ? "
                                    "WHERE key_id = ? AND secret_hash = ? AND pepper_version < ?",
-                                   (new_hash, pepper_version, key_id, old_hash, pepper_version))
-            count = cur.rowcount
-            await cur.close()
-        return count == 1
+                                   (new_hash, pepper_version, key_id, old_hash, pepper_version)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return count == 1
+        finally:
+            db.close()
 
     async def pepper_versions(self, now: float) -> dict[int, int]:
         """How many live (unrevoked, unexpired) keys are hashed under each pepper version."""

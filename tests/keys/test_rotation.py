@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,7 +26,7 @@ from proxy.keys.sessions import SIGNING_KEY_PREFIX
 from proxy.local.triton import TritonProcess, free_ports
 from proxy.paths import store_path
 from proxy.settings import Settings, load_settings
-from proxy.steps.authn import authenticate
+from proxy.steps.authn import authenticate, rehashes_settled
 from proxy.store.sqlite import SqliteStore
 from proxy.store.sqlite_secrets import SqliteSecretRows
 from tests.frontend.test_http import call
@@ -156,6 +157,7 @@ async def test_pepper_rotation_rehashes_each_key_on_its_next_successful_use(tmp_
         await authenticate(token[:-6] + "AAAAAA", store, ring.pepper, "10.0.0.1", clock.now)
     assert (await store.get_key(rec.key_id)).pepper_version == 1   # type: ignore[union-attr]
     await authenticate(token, store, ring.pepper, "10.0.0.1", clock.now)
+    await rehashes_settled()   # written in the background, after the request was answered
     after = await store.get_key(rec.key_id)
     assert after is not None and after.pepper_version == 2 and after.secret_hash != rec.secret_hash
     await authenticate(token, store, ring.pepper, "10.0.0.1", clock.now)   # and it keeps working
@@ -167,6 +169,40 @@ async def test_pepper_rotation_rehashes_each_key_on_its_next_successful_use(tmp_
     await ring.refresh()
     await authenticate(token, store, ring.pepper, "10.0.0.1", clock.now)
     assert (await ring.status())["pepper"]["rows_by_version"] == {2: 2}
+
+
+async def test_a_rehash_never_holds_a_request_behind_another_process_s_write_lock(tmp_path: Path) -> None:
+    # A busy timeout longer than the test would ever wait: a request that waited for the lock would not be
+    # answered until it was released, and the lock is released only once the request is answered.
+    store = await SqliteStore.open(store_path(tmp_path), busy_timeout_ms=600_000)
+    try:
+        clock = Clock()
+        ring = await open_keyring(tmp_path, store, clock)
+        rec, token = await issue_key(store, ring.pepper, tier="user", owner="alice", now=T0)
+        await ring.rotate_pepper()
+        clock.now = T0 + 6
+        await ring.refresh()
+        assert ring.pepper.version == 2 and rec.pepper_version == 1
+        other = sqlite3.connect(store.path, isolation_level=None)   # another process's, say the CLI's
+        try:
+            other.execute("BEGIN IMMEDIATE")                          # holds the write lock
+            answer = asyncio.create_task(authenticate(token, store, ring.pepper, "10.0.0.1", clock.now))
+            done, _ = await asyncio.wait({answer}, timeout=60)       # a watchdog, not a measurement
+            assert answer in done and other.in_transaction, "the request waited for the write lock"
+            assert answer.result().key_id == rec.key_id
+            await asyncio.wait_for(rehashes_settled(), 60)            # gave up at once, lock still held
+            assert (await store.get_key(rec.key_id)).pepper_version == 1  # type: ignore[union-attr]
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        # Released: the key's next use re-hashes it.
+        await authenticate(token, store, ring.pepper, "10.0.0.1", clock.now)
+        await rehashes_settled()
+        after = await store.get_key(rec.key_id)
+        assert after is not None and after.pepper_version == 2 and after.secret_hash != rec.secret_hash
+        await authenticate(token, store, ring.pepper, "10.0.0.1", clock.now)   # and verifies under the new one
+    finally:
+        await store.close()
 
 
 def test_cli_crypto_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
