@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import time
 from datetime import datetime
@@ -14,6 +18,8 @@ from typing import Any
 import aiosqlite
 
 from proxy.store.wal import enable_wal
+
+log = logging.getLogger(__name__)
 
 # Order is the JSONL key order and the SQLite column order; never add a credential here.
 FIELDS: tuple[str, ...] = (
@@ -102,6 +108,11 @@ _BUSY_TIMEOUT_S = 1.0
 
 _ROWS_PER_STATEMENT = 64   # 64 x 24 bound values, far below SQLite's 32766
 
+# The byte of a -shm file every process with the database open holds a shared lock on (SQLite's os_unix.c
+# UNIX_SHM_DMS: (22 + SQLITE_SHM_NLOCK) * 4 + SQLITE_SHM_NLOCK). Taking it exclusively succeeds only where
+# no other process has that database open.
+_SHM_DMS_BYTE = 128
+
 
 @lru_cache(maxsize=_ROWS_PER_STATEMENT)
 def _insert_rows_sql(n: int) -> str:
@@ -139,6 +150,10 @@ class AuditIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._file_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the file the connection has open
+        # Set when audit.db was found deleted or replaced and a new one opened; the writer then re-indexes
+        # the JSONL tail into it (as a start does) and clears it.
+        self.replaced = False
 
     def open(self) -> None:
         """Opens audit.db (schema included) now, so that a broken one is known at start."""
@@ -172,23 +187,43 @@ class AuditIndex:
             self._db = None
 
     def _connection(self) -> sqlite3.Connection:
+        if self._db is not None and self._moved():
+            # Deleted or replaced under us (an operator freeing space, a restore): rows committed to the
+            # unlinked file would be in no audit.db any reader opens, so queries missed every new record
+            # until a restart. Let go of it and open the file at the path, as audit.jsonl is reopened.
+            log.warning("audit index %s was deleted or replaced while open; opening a new one", self.path)
+            self.close()
+            self.replaced = True
         if self._db is None:
             # sqlite3 opens a transaction before the first INSERT or DELETE (not before PRAGMA or
             # CREATE), so each insert() or prune() is one transaction, ended by its commit().
             # A short busy wait: a lock held longer (another process in a transaction) fails the insert,
             # and the writer keeps the rows for a later retry instead of stalling audit.jsonl behind it.
-            db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
-            try:
-                enable_wal(db)   # several workers may open a new audit.db at once
-                db.execute("PRAGMA synchronous=NORMAL")
-                for stmt in _SCHEMA:
-                    db.execute(stmt)
-                _add_missing_columns(db)
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
+            # Making a new file: workers take turns (_Reopen); an existing one is opened as it is.
+            with _Reopen(self.path) if not self.path.exists() else contextlib.nullcontext():
+                if not self.path.exists():
+                    _drop_orphaned_wal(self.path)
+                db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+                try:
+                    enable_wal(db)   # several workers may open a new audit.db at once
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    for stmt in _SCHEMA:
+                        db.execute(stmt)
+                    _add_missing_columns(db)
+                    st = os.stat(self.path)
+                except BaseException:
+                    db.close()
+                    raise
+            self._db, self._file_id = db, (st.st_dev, st.st_ino)
         return self._db
+
+    def _moved(self) -> bool:
+        """The path no longer names the open file. One stat per batch indexed."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file_id
 
     def _abandon(self) -> None:
         """After a failed statement: roll back, or drop a connection that cannot; the next call reconnects."""
@@ -197,6 +232,51 @@ class AuditIndex:
             self._db.rollback()
         except sqlite3.Error:
             self.close()
+
+
+class _Reopen:
+    """An exclusive flock on audit.db.reopen: workers that find audit.db missing take turns to make it, so one
+    never removes the -wal/-shm files another has just made for the new file as the deleted one's."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path.with_name(path.name + ".reopen")
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)   # held for one open: milliseconds
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)   # releases the flock
+
+
+def _drop_orphaned_wal(path: Path) -> None:
+    """Remove the -wal/-shm a deleted audit.db left at the path, or raise while a process still has it open.
+
+    A new database opened beside them would take the deleted one's WAL as its own (SQLite matches the files
+    by name), pages of another database over an empty file: a corrupt index. Normally the writer closing the
+    deleted file was its last connection, and SQLite removed them then. If they remain, another process (a
+    worker that has not noticed yet, a reader) still holds that database: once the last one closes, the
+    files go or are orphaned, and the writer's retry opens the new index.
+    """
+    wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+    if not wal.exists() and not shm.exists():
+        return
+    try:
+        fd = os.open(shm, os.O_RDWR)
+    except FileNotFoundError:
+        fd = -1   # a WAL without its shared memory: nothing can be using it
+    if fd >= 0:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_BYTE, os.SEEK_SET)
+        except OSError:
+            raise sqlite3.OperationalError(
+                f"{path} was deleted and another process still has it open; a new index is opened "
+                "once it lets go") from None
+        finally:
+            os.close(fd)   # and with it the lock just taken
+    wal.unlink(missing_ok=True)
+    shm.unlink(missing_ok=True)
 
 
 async def query_audit(data_dir: Path, actor: str | None = None, key_id: str | None = None,

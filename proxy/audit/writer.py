@@ -463,6 +463,15 @@ class AuditWriter:
                 return
             self._unindexed = []
             self._index_attempt = 0
+            if self._index.replaced:
+                # audit.db was deleted while open and a new, empty one made: give it what a start would,
+                # the JSONL tail (rows already in are ignored), at once rather than after a restart.
+                self._index.replaced = False
+                self._unindexed = [r for r in await asyncio.to_thread(last_records, self.jsonl_path, _UNINDEXED_MAX)
+                                   if "event_id" in r]
+                self._index_retry_at = 0.0
+                await self._index_backlog(force)
+                return
         if not self._unindexed:
             barriers, self._index_barriers = self._index_barriers, []
             for barrier in barriers:
