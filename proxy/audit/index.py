@@ -235,11 +235,11 @@ class AuditIndex:
 
 
 class _Reopen:
-    """An exclusive flock on audit.db.reopen: workers that find audit.db missing take turns to make it, so one
-    never removes the -wal/-shm files another has just made for the new file as the deleted one's."""
+    """An exclusive flock on .audit.db.lock (a name `rm audit.db*` leaves alone): workers that find audit.db
+    missing take turns to make it, so one never removes the -wal/-shm another has just made as the deleted one's."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path.with_name(path.name + ".reopen")
+        self._path = path.with_name(f".{path.name}.lock")
         self._fd = -1
 
     def __enter__(self) -> None:
