@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -9,33 +11,80 @@ from pathlib import Path
 
 from .jsonl import last_records, rotated_epoch, rotated_files, stream_suffix
 
+log = logging.getLogger(__name__)
+
 # Linux's CLOCK_BOOTTIME counts a suspended VM's sleep, CLOCK_MONOTONIC does not: after a resume the wall
 # clock is then not mistaken for a forward jump (which would only delay retention, but needlessly).
 _BOOT = getattr(time, "CLOCK_BOOTTIME", None)
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# A smaller offset is written to the shared state only when it is smaller by this much: NTP's slewing
+# moves both clocks alike, so anything finer is noise not worth a file write.
+_RECORD_STEP_S = 1.0
 
 
 def _elapsed() -> float:
     return time.clock_gettime(_BOOT) if _BOOT is not None else time.monotonic()
 
 
+def _boot_id() -> str | None:
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class RetentionClock:
-    """`now()`: the wall clock, but never further past the first reading than the elapsed-time clock has run.
+    """`now()`: the elapsed-time (boot) clock plus the smallest wall-minus-elapsed offset seen since boot.
 
     A forward step of the wall clock (a bad NTP source, an operator's typo) would otherwise make every
     rotated file look expired at the next prune, and the deletion cannot be undone once the clock is set
-    back. Capped, retention runs no earlier than real elapsed time allows; after a genuine forward
-    correction it runs late until the next restart re-reads the wall clock (files kept longer, never
-    deleted early). A backward step is taken at once: it too only keeps files longer.
+    back. Here a forward step raises no offset, so retention runs no earlier than elapsed time allows; a
+    backward step lowers it at once (that too only keeps files longer). The offset is shared through
+    `state` (a small file in the audit directory) by every process of this boot, so a CLI command or a
+    restart during a forward step, whose own first reading is already wrong, prunes by the same view.
+    After a genuine forward correction retention runs that much late until the next boot: files are
+    kept longer, never deleted early. With no boot id (not Linux) the view is this process's own.
     """
 
-    def __init__(self, wall: Callable[[], float] = time.time, elapsed: Callable[[], float] = _elapsed) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time, elapsed: Callable[[], float] = _elapsed,
+                 state: Path | None = None, boot_id: Callable[[], str | None] = _boot_id) -> None:
         self.wall = wall
         self.elapsed = elapsed
-        self._wall0 = wall()
-        self._elapsed0 = elapsed()
+        self.state = state
+        self._boot = boot_id() if state is not None else None
+        self._offset = wall() - elapsed()
 
     def now(self) -> float:
-        return min(self.wall(), self._wall0 + (self.elapsed() - self._elapsed0))
+        """Retention's idea of the current time (epoch seconds); reads and may write `state` (call off the loop)."""
+        elapsed = self.elapsed()
+        self._offset = min(self._offset, self.wall() - elapsed)
+        if self.state is not None and self._boot is not None:
+            self._offset = self._shared(self._offset)
+        return elapsed + self._offset
+
+    def _shared(self, offset: float) -> float:
+        """The smaller of `offset` and the one recorded for this boot, recording ours if it is smaller.
+
+        A failure to read or write only loses the sharing: this process's own view stands.
+        """
+        assert self.state is not None
+        recorded: float | None = None
+        try:
+            boot, value = self.state.read_text().split()
+            if boot == self._boot:
+                recorded = float(value)
+        except (OSError, ValueError):
+            pass   # missing, another boot's, or unreadable: ours starts it
+        if recorded is not None and recorded <= offset:
+            return recorded
+        if recorded is None or recorded - offset >= _RECORD_STEP_S:
+            try:
+                tmp = self.state.with_name(f"{self.state.name}.{os.getpid()}")
+                tmp.write_text(f"{self._boot} {offset!r}\n")
+                os.replace(tmp, self.state)   # whole or not at all, for a reader in another process
+            except OSError as exc:
+                log.warning("retention clock state %s not written: %s", self.state, exc)
+        return offset
 
 
 def newest_epoch(path: Path, lines: int = 64) -> float:

@@ -126,7 +126,7 @@ class AuditWriter:
         self.db_path = self.dir / "audit.db"
         # Retention's idea of now (capped by elapsed time: a forward clock step deletes nothing early);
         # its wall clock also stamps rotated names.
-        self.clock = clock or RetentionClock()
+        self.clock = clock or RetentionClock(state=self.dir / ".retention-clock")
         self.file = JsonlFile(self.dir, max_bytes, file_name, wall=self.clock.wall)
         self.jsonl_path = self.file.path
         self.retention_days = retention_days
@@ -316,7 +316,7 @@ class AuditWriter:
 
         Older by `self.clock` (never ahead of elapsed time), and a file by its newest record, not its name.
         """
-        cutoff = (self.clock.now() if now is None else now) - self.retention_days * 86400
+        cutoff = (await asyncio.to_thread(self.clock.now) if now is None else now) - self.retention_days * 86400
         await asyncio.to_thread(self._prune_files, cutoff)
         if self._index is not None:
             await asyncio.to_thread(self._index.prune, cutoff)

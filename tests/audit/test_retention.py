@@ -55,8 +55,27 @@ def test_clock_follows_the_wall_but_never_runs_ahead_of_elapsed_time() -> None:
     assert clock.now() == T0 + 120
     fake.wall = T0 - DAY            # a backward step: taken at once (it only keeps files longer)
     assert clock.now() == T0 - DAY
-    fake.wall = T0 + 130            # set right again
-    assert clock.now() == T0 + 120
+    fake.wall = T0 + 130            # stepped forward again: as unproven as the first forward step
+    fake.elapsed += 10
+    assert clock.now() == T0 - DAY + 10
+
+
+def test_a_process_started_during_a_forward_step_prunes_by_the_view_of_those_before_it(tmp_path: Path) -> None:
+    # `seekgate keys ...` runs its own audit writer, and a restart makes a new one: their first reading of
+    # the wall clock is the stepped one. The offset the server recorded for this boot is theirs too.
+    state = tmp_path / ".retention-clock"
+    fake = FakeClock()
+    server = RetentionClock(wall=lambda: fake.wall, elapsed=lambda: fake.elapsed, state=state,
+                            boot_id=lambda: "boot-1")
+    assert server.now() == T0
+    fake.wall += 365 * DAY
+    fake.elapsed += 60
+    cli = RetentionClock(wall=lambda: fake.wall, elapsed=lambda: fake.elapsed, state=state,
+                         boot_id=lambda: "boot-1")
+    assert cli.now() == T0 + 60
+    # After a reboot the boot clock starts again and the recorded offset means nothing: the wall is taken.
+    rebooted = RetentionClock(wall=lambda: fake.wall, elapsed=lambda: 5.0, state=state, boot_id=lambda: "boot-2")
+    assert rebooted.now() == fake.wall
 
 
 def test_rotated_names_sort_in_rotation_order_after_a_backward_step(tmp_path: Path) -> None:
