@@ -71,6 +71,8 @@ PUBLIC_PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
 KEY_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "authorization"})
 # Resources seekgate answers itself (the key, crypto and session APIs); everything else goes to Triton.
 _LOCAL_RESOURCES = frozenset({"admin:keys", "admin:crypto", "sessions", *READ_RESOURCES})
+# How long a shutdown waits for pepper re-hashes still being written (SQLite: never long; PostgreSQL: its timeouts).
+_REHASH_DRAIN_S = 5.0
 
 
 # ------------------------------------------------------------------ the request path
@@ -312,7 +314,11 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             metrics.flush()   # workers: the last second's batched updates into the shared files
             # Last: requests still finishing above submit their records before the final flush.
             await audit.close()
-            await rehashes_settled()   # a pepper re-hash started by a last request lands before the store closes
+            try:   # a pepper re-hash started by a last request lands before the store closes ...
+                async with asyncio.timeout(_REHASH_DRAIN_S):
+                    await rehashes_settled()
+            except TimeoutError:   # ... unless PostgreSQL is away: the key's next use re-hashes it
+                log.warning("pepper re-hashes still running at shutdown left to the keys' next use")
             await store.close()
             keyring.close()
     return lifecycle
