@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from proxy.context import new_id
 
 
 def _rec(i: int) -> dict[str, Any]:
-    import time
     return {"timestamp": _iso_utc(time.time()), "event_id": new_id(), "request_id": f"req-{i}", "status": "allowed"}
 
 
