@@ -23,6 +23,7 @@ from proxy.cli.devcert import make_dev_certs
 from proxy.settings import Settings, load_settings
 from tests.conftest import REPO
 from tests.test_deploy_manifests import (
+    assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache,
     assert_refuses_without_tls,
     assert_serves_tls,
     compose_env,
@@ -167,6 +168,11 @@ def test_egress_opens_postgresql_and_redis_only() -> None:
         [peer] = rule["to"]
         assert "ipBlock" not in peer and peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": app}
         assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "seekgate-backends"}
+
+
+def test_dns_egress_survives_the_overlay() -> None:
+    # The overlay appends its backends' rules: the base's DNS rule, NodeLocal DNSCache included, stays.
+    assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache(one("NetworkPolicy")["spec"])
 
 
 def test_readiness_goes_through_seekgate() -> None:

@@ -169,6 +169,33 @@ def test_network_policy_restricts_egress() -> None:
     assert {p["port"] for r in open_ingress for p in r["ports"]} == {8000, 8001}
 
 
+# The resolvers a pod may be pointed at: the kube-dns (CoreDNS) pods, and NodeLocal DNSCache's
+# link-local address (a hostNetwork DaemonSet: no pod selector matches it, only an ipBlock).
+KUBE_DNS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+NODELOCAL_DNS_PEER = {"ipBlock": {"cidr": "169.254.20.10/32"}}
+
+
+def assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache(policy: dict[str, Any]) -> None:
+    """Both resolvers get UDP and TCP 53 (answers over 512 bytes retry over TCP), and port 53 goes nowhere else."""
+    reach: dict[str, set[tuple[int, str]]] = {}
+    for rule in policy["egress"]:
+        dns = {(p["port"], p.get("protocol", "TCP")) for p in rule["ports"] if p["port"] == 53}
+        if not dns:
+            continue
+        assert {p["port"] for p in rule["ports"]} == {53}, rule   # a DNS rule opens nothing but DNS
+        for peer in rule["to"]:
+            assert peer in (KUBE_DNS_PEER, NODELOCAL_DNS_PEER), peer   # no wider ipBlock, no other pods
+            reach.setdefault(json.dumps(peer, sort_keys=True), set()).update(dns)
+    both = {(53, "UDP"), (53, "TCP")}
+    assert reach == {json.dumps(KUBE_DNS_PEER, sort_keys=True): both,
+                     json.dumps(NODELOCAL_DNS_PEER, sort_keys=True): both}, reach
+
+
+def test_dns_egress_reaches_kube_dns_and_nodelocal_dnscache() -> None:
+    assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache(one("NetworkPolicy")["spec"])
+
+
 def test_operator_role_grants_no_way_around_seekgate() -> None:
     forbidden = {"pods/exec", "pods/attach", "pods/portforward", "pods/ephemeralcontainers", "secrets", "*"}
     for role in (d for d in RENDERED if d["kind"] in ("Role", "ClusterRole")):
