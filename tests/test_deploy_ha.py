@@ -22,6 +22,7 @@ import yaml
 from proxy.cli.devcert import make_dev_certs
 from proxy.settings import Settings, load_settings
 from tests.conftest import REPO
+from tests.test_deploy_manifests import CONTAINERS as BASE_CONTAINERS
 from tests.test_deploy_manifests import (
     assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache,
     assert_refuses_without_tls,
@@ -62,6 +63,7 @@ DEPLOYMENT = one("Deployment")
 POD = DEPLOYMENT["spec"]["template"]["spec"]
 CONTAINERS = {c["name"]: c for c in POD["containers"] + POD.get("initContainers", [])}
 VOLUMES = {v["name"]: v for v in POD["volumes"]}
+BASE_SEEKGATE = BASE_CONTAINERS["seekgate"]
 # A stand-in for the Secret's value: what matters is that every replica reads the same Secret key.
 SECRET_STAND_IN = {("seekgate-backends", "store-url"): "postgresql://seekgate@postgres.seekgate-backends:5432/seekgate",
                    ("seekgate-backends", "redis-url"): "redis://redis.seekgate-backends:6379/0"}
@@ -176,8 +178,20 @@ def test_dns_egress_survives_the_overlay() -> None:
 
 
 def test_readiness_goes_through_seekgate() -> None:
-    probe = CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]
-    assert probe == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}   # seekgate serves TLS only
+    command = probe_command(CONTAINERS["seekgate"]["readinessProbe"])
+    assert command[2] == "https://127.0.0.1:8000/v2/health/ready"   # seekgate serves TLS only
+
+
+def test_ha_probes_are_the_bases_and_work_under_mtls() -> None:
+    # Each replica's probes run in the container with the optional client pair (test_deploy_manifests:
+    # test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only runs them): none is the kubelet's.
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = CONTAINERS["seekgate"][name]
+        assert probe == BASE_SEEKGATE[name], name
+        assert not {"httpGet", "tcpSocket", "grpc"} & set(probe), name
+    sources = VOLUMES["seekgate-secret-mount"]["projected"]["sources"]
+    assert {s["secret"]["name"] for s in sources if s["secret"].get("optional")} == {"seekgate-probe-tls",
+                                                                                       "seekgate-client-ca"}
 
 
 def test_a_headless_service_for_per_request_grpc_balancing() -> None:
@@ -326,7 +340,7 @@ def test_ha_pods_mount_the_tls_pair_and_probe_over_https() -> None:
     [tls] = [s["secret"] for s in VOLUMES["seekgate-secret-mount"]["projected"]["sources"]
              if "secret" in s and s["secret"]["name"] == "seekgate-tls"]
     assert {i["path"] for i in tls["items"]} == {"seekgate_tls_cert", "seekgate_tls_key"}
-    assert CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert probe_command(CONTAINERS["seekgate"]["readinessProbe"])[2].startswith("https://")
     assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
 
 

@@ -7,6 +7,7 @@ scanners over the same set.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -14,12 +15,14 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import tomllib
@@ -508,6 +511,7 @@ class Container:
         """The command as this machine runs it: this Python, the repository's entrypoint, the venv's seekgate."""
         exe = {"python": sys.executable, "python3": sys.executable,
                "/usr/local/bin/seekgate-entrypoint": str(REPO / "deploy/docker/seekgate_entrypoint.py"),
+               "/usr/local/bin/seekgate-probe": str(REPO / "deploy/docker/seekgate_probe.py"),
                "seekgate": str(Path(sys.executable).with_name("seekgate"))}
         ports = {"8000": self.ports["http"], "8001": self.ports["grpc"], "8002": self.ports["metrics"]}
         out = [exe.get(c, self.moved(c)) for c in command]
@@ -704,10 +708,10 @@ def test_k8s_mounts_the_tls_secret_where_the_image_reads_it() -> None:
     env = {**image_env(), **pod_env(CONTAINERS["seekgate"])}
     assert not any("INSECURE" in k for k in env)
     assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
-    # Kubernetes' TLS Secret keys, and the client (readiness) and Prometheus over HTTPS.
-    assert CONTAINERS["seekgate"]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # Kubernetes' TLS Secret keys, and the probes (readiness: the client port) and Prometheus over HTTPS.
+    assert probe_command(CONTAINERS["seekgate"]["readinessProbe"])[2] == "https://127.0.0.1:8000/v2/health/ready"
     for probe in ("startupProbe", "livenessProbe"):
-        assert "https://127.0.0.1:8002/metrics" in probe_command(CONTAINERS["seekgate"][probe])[-1], probe
+        assert probe_command(CONTAINERS["seekgate"][probe])[2] == "https://127.0.0.1:8002/metrics", probe
     [endpoint] = [e for e in one("PodMonitor")["spec"]["podMetricsEndpoints"] if e["port"] == "metrics"]
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"] == {"name": "seekgate-tls",
                                                                                         "key": "ca.crt"}
@@ -722,3 +726,117 @@ def test_the_pod_serves_tls_and_its_probes_pass(tmp_path: Path) -> None:
     c = container_here(tmp_path / "tls", env, config, command)
     assert_serves_tls(c, {p: probe_command(sg[p]) for p in ("startupProbe", "livenessProbe")})
     assert_refuses_without_tls(tmp_path / "plain", env, config, command)
+
+
+# ------------------------------------------------------------------ probes under mTLS
+
+SEEKGATE_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+PROBE_SCRIPT = "/usr/local/bin/seekgate-probe"
+MTLS_CLIENT_CA = "/run/secrets/seekgate_client_ca"   # server.tls_client_ca_file with mTLS on (deploy/README.md)
+
+
+def projected_items(secret: str) -> dict[str, str]:
+    """Where seekgate's /run/secrets volume puts each key of `secret` (the path inside the container)."""
+    mount = mounts("seekgate")["/run/secrets"]
+    [source] = [s["secret"] for s in VOLUMES[mount["name"]]["projected"]["sources"]
+                if "secret" in s and s["secret"]["name"] == secret]
+    return {i["key"]: f"{mount['mountPath']}/{i['path']}" for i in source["items"]}
+
+
+def test_seekgate_probes_need_no_kubelet_certificate_and_ask_listeners_the_pod_serves(tmp_path: Path) -> None:
+    # Under mTLS (server.tls_client_ca_file) every listener, /metrics included, refuses a client without
+    # a certificate, and the kubelet's httpGet/tcpSocket/grpc probes have none to present: seekgate's
+    # probes run in the container (exec) and present the optional Secret seekgate-probe-tls.
+    from proxy.frontend.http import PUBLIC_PROBES
+    sg = CONTAINERS["seekgate"]
+    (tmp_path / "seekgate.yaml").write_text(one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
+    server = load_settings(tmp_path / "seekgate.yaml", env={**image_env(), **pod_env(sg)}).server
+    assert server.tls_cert_file, "the image serves TLS: the probes must speak https"
+    listeners = {"startupProbe": (server.metrics_port, "/metrics"), "livenessProbe": (server.metrics_port, "/metrics"),
+                 "readinessProbe": (server.http_port, "/v2/health/ready")}
+    assert "/v2/health/ready" in PUBLIC_PROBES   # answered without a key
+    declared = {p["containerPort"] for p in sg["ports"]}
+    pair = projected_items("seekgate-probe-tls")
+    for name in SEEKGATE_PROBES:
+        probe = sg[name]
+        assert not {"httpGet", "tcpSocket", "grpc"} & set(probe), name
+        command = probe_command(probe)
+        assert command[:2] == ["python", PROBE_SCRIPT], name
+        url = urlsplit(command[2])
+        assert (url.scheme, url.hostname, (url.port, url.path)) == ("https", "127.0.0.1", listeners[name]), name
+        assert url.port in declared, name
+        assert dict(zip(command[3::2], command[4::2], strict=True)) == {
+            "--client-cert": pair["tls.crt"], "--client-key": pair["tls.key"]}, name
+    assert f"COPY deploy/docker/seekgate_probe.py {PROBE_SCRIPT}" in DOCKERFILE   # where the probes run it
+    # Both mTLS Secrets are optional: without mTLS the pod starts as before, neither of them created.
+    sources = VOLUMES[mounts("seekgate")["/run/secrets"]["name"]]["projected"]["sources"]
+    optional = {s["secret"]["name"] for s in sources if "secret" in s and s["secret"].get("optional")}
+    assert optional == {"seekgate-probe-tls", "seekgate-client-ca"}
+    assert projected_items("seekgate-client-ca") == {"ca.crt": MTLS_CLIENT_CA}
+
+
+class _Triton(http.server.BaseHTTPRequestHandler):
+    """Triton's readiness, as seekgate's /v2/health/ready forwards it: `status` answers."""
+
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        self.send_response(self.status if self.path == "/v2/health/ready" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: Path) -> None:
+    # The pod as rendered, mTLS turned on the documented way: the client CA from the Secret
+    # seekgate-client-ca, the probes' pair from seekgate-probe-tls (here: dev certificates).
+    sg = CONTAINERS["seekgate"]
+    env = {**image_env(), **pod_env(sg), "SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": MTLS_CLIENT_CA}
+    config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
+    c = container_here(tmp_path, env, config, [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]])
+    certs = tmp_path / "certs"   # container_here's CA, which signed a client certificate too
+    pair = projected_items("seekgate-probe-tls")
+    for src, dst in (("ca.pem", MTLS_CLIENT_CA), ("client.pem", pair["tls.crt"]), ("client-key.pem", pair["tls.key"])):
+        shutil.copy(certs / src, c.moved(dst))
+    triton_answers = type("TritonAnswers", (_Triton,), {})
+    triton = http.server.ThreadingHTTPServer(("127.0.0.1", 0), triton_answers)
+    threading.Thread(target=triton.serve_forever, daemon=True).start()
+    c.env["SEEKGATE_UPSTREAM_HTTP_URL"] = f"http://127.0.0.1:{triton.server_address[1]}"
+    probes = {name: probe_command(sg[name]) for name in SEEKGATE_PROBES}
+    proc = c.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (started := c.run(probes["startupProbe"], timeout=30)).returncode != 0:
+            assert proc.poll() is None, f"exited {proc.returncode}: {c.log()}"
+            assert time.monotonic() < deadline, f"startup probe failing after 60 s: {started.stderr} {c.log()}"
+            time.sleep(0.3)
+        for name, probe in probes.items():
+            out = c.run(probe, timeout=30)
+            assert out.returncode == 0, (name, out.stderr, c.log())
+        # mTLS is on: a client without a certificate is refused at the handshake ...
+        with pytest.raises(OSError):
+            https_status(f"https://127.0.0.1:{c.ports['metrics']}/metrics", c.ca)
+        # ... and so is each probe without its Secret: the pair is what lets them in.
+        for path in pair.values():
+            Path(c.moved(path)).rename(c.moved(path) + ".away")
+        for name, probe in probes.items():
+            out = c.run(probe, timeout=30)
+            assert out.returncode == 1 and "no client certificate presented" in out.stderr, (name, out.stderr)
+        for path in pair.values():
+            Path(c.moved(path) + ".away").rename(c.moved(path))
+        # Readiness still follows Triton through seekgate (the pod leaves the Service); liveness does not.
+        triton_answers.status = 503
+        assert c.run(probes["readinessProbe"], timeout=30).returncode == 1
+        assert c.run(probes["livenessProbe"], timeout=30).returncode == 0
+    finally:
+        triton.shutdown()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for name, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
+        assert c.run(probe, timeout=30).returncode != 0, name

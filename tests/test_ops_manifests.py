@@ -372,13 +372,18 @@ def test_k8s_seekgate_non_root_read_only_and_ready_through_itself() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     ports = {p["name"]: p["containerPort"] for p in sg["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    # Ready: the whole path, through seekgate to Triton.
-    assert sg["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http", "scheme": "HTTPS"}
+    # Ready: the whole path, through seekgate to Triton (its client port, over TLS, from inside the container).
+    assert _probe_url(sg["readinessProbe"]["exec"]["command"]) == f"https://127.0.0.1:{ports['http']}/v2/health/ready"
     assert "startupProbe" in _containers()["triton"] and "livenessProbe" in _containers()["triton"]
 
 
+PROBE_SCRIPT = "/usr/local/bin/seekgate-probe"   # deploy/docker/seekgate_probe.py in the image
+
+
 def _probe_url(command: list[str]) -> str:
-    """The URL a `python -c "...urlopen('URL'...)"` probe command opens."""
+    """The URL a probe command opens: seekgate-probe's first argument, or a `python -c "...urlopen('URL'...)"`'s."""
+    if command[:2] == ["python", PROBE_SCRIPT]:
+        return command[2]
     assert command[:2] == ["python", "-c"], command
     m = re.search(r"urlopen\('([^']+)'", command[2])
     assert m, command
@@ -427,7 +432,8 @@ def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down
     gw = Gateway(tmp_path, f"http://127.0.0.1:{dead_triton}", free_ports(3),
                  **{"server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"])})
     port = int(gw.metrics_url.split(":")[2].split("/")[0])
-    checks = {where: [sys.executable, "-c", c[2].replace("127.0.0.1:8002/", f"127.0.0.1:{port}/")]
+    here = {"python": sys.executable, PROBE_SCRIPT: str(REPO / "deploy" / "docker" / "seekgate_probe.py")}
+    checks = {where: [here.get(a, a.replace("127.0.0.1:8002/", f"127.0.0.1:{port}/")) for a in c]
               for where, c in _seekgate_local_checks().items()}
     gw.start()
     try:
@@ -454,7 +460,9 @@ def test_k8s_secrets_are_referenced_never_inlined() -> None:
     assert not [d for d in K8S if d["kind"] == "Secret"]
     volumes = {v["name"]: v for v in k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
     names = {s["secret"]["name"] for s in volumes["seekgate-secret-mount"]["projected"]["sources"]}
-    assert names == {"seekgate-kek", "seekgate-triton-internal", "seekgate-tls"}
+    # The last two for mTLS only, optional: the clients' CA and the probes' client certificate.
+    assert names == {"seekgate-kek", "seekgate-triton-internal", "seekgate-tls", "seekgate-client-ca",
+                     "seekgate-probe-tls"}
     assert volumes["triton-secret"]["secret"]["secretName"] == "seekgate-triton-internal"
     assert volumes["elasticsearch-secret"]["secret"]["secretName"] == "seekgate-elasticsearch"
     for container in _containers().values():

@@ -22,6 +22,8 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && pip check &
 COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
+# The Kubernetes probes (exec, with a client certificate under mTLS): deploy/k8s/deployment.yaml.
+COPY deploy/docker/seekgate_probe.py /usr/local/bin/seekgate-probe
 # Settings the image fixes; everything else comes from seekgate.yaml or SEEKGATE_* (see .env.example).
 # A container listens on every interface, so TLS is on: `serve` refuses a non-loopback host without it.
 # The certificate and key are mounted secrets (Compose `secrets:`, the Kubernetes Secret seekgate-tls

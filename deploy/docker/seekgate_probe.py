@@ -1,0 +1,71 @@
+"""seekgate-probe: a health check run inside the seekgate container, over TLS, with a client certificate when one is mounted.
+
+    python /usr/local/bin/seekgate-probe URL [--client-cert FILE --client-key FILE] [--timeout S]
+
+Exits 0 on a 2xx answer and 1 otherwise (an error status such as readiness's 503, a refused
+handshake, nothing listening), the reason on stderr, where `kubectl describe pod` shows it.
+
+Why not the kubelet's own httpGet: under mTLS (`server.tls_client_ca_file`) every seekgate listener,
+the metrics port included, refuses a client without a certificate, and the kubelet has none to
+present. So the probes run here and present the pair at --client-cert/--client-key (the Secret
+seekgate-probe-tls, deploy/README.md "mTLS"), when those files exist: without mTLS nothing asks
+for one and the Secret need not exist.
+
+The server's certificate is not verified: the probe asks, over loopback inside the container,
+whether this process answers, not who it is (the certificate names the Service, not 127.0.0.1).
+Standard library only, for the image's Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import sys
+import urllib.error
+import urllib.request
+
+
+def client_context(cert: str, key: str) -> tuple[ssl.SSLContext, bool]:
+    """An unverifying client context, holding the client pair if it is mounted; and whether it is."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    present = bool(cert) and os.path.isfile(cert)
+    if present:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx, present
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seekgate-probe", description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("--client-cert", default="", help="client certificate (PEM), used if the file exists")
+    parser.add_argument("--client-key", default="", help="its private key (PEM)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds for the whole request")
+    args = parser.parse_args(argv)
+    try:
+        ctx, with_cert = client_context(args.client_cert, args.client_key)
+    except (OSError, ssl.SSLError) as err:
+        print(f"seekgate-probe: cannot load the client certificate {args.client_cert}: {err}", file=sys.stderr)
+        return 1
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout, context=ctx) as answer:
+            status = int(answer.status)
+    except urllib.error.HTTPError as err:
+        print(f"seekgate-probe: {args.url}: HTTP {err.code}", file=sys.stderr)
+        return 1
+    except OSError as err:   # URLError, ssl.SSLError, resets and timeouts are all OSErrors
+        hint = ("" if with_cert else
+                f" (no client certificate presented: none at {args.client_cert or '--client-cert'}; with "
+                "server.tls_client_ca_file set, mount one signed by that CA)")
+        print(f"seekgate-probe: {args.url}: {err}{hint}", file=sys.stderr)
+        return 1
+    if not 200 <= status < 300:
+        print(f"seekgate-probe: {args.url}: HTTP {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
