@@ -840,3 +840,12 @@ def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: P
             proc.wait()
     for name, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
         assert c.run(probe, timeout=30).returncode != 0, name
+
+
+def test_the_probe_blames_a_missing_client_certificate_only_when_the_handshake_is_refused() -> None:
+    # Nothing listening is not an mTLS problem: the message must not send an operator after a Secret.
+    [port] = free_ports(1)
+    script = str(REPO / "deploy/docker/seekgate_probe.py")
+    out = subprocess.run([sys.executable, script, f"https://127.0.0.1:{port}/metrics", "--client-cert",
+                          "/nonexistent/seekgate_probe_cert"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "refused" in out.stderr.lower() and "client certificate" not in out.stderr

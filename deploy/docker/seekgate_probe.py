@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seekgate-probe: {args.url}: HTTP {err.code}", file=sys.stderr)
         return 1
     except OSError as err:   # URLError, ssl.SSLError, resets and timeouts are all OSErrors
-        hint = ("" if with_cert else
-                f" (no client certificate presented: none at {args.client_cert or '--client-cert'}; with "
-                "server.tls_client_ca_file set, mount one signed by that CA)")
+        cause = err.reason if isinstance(err, urllib.error.URLError) else err
+        # A TLS failure or a reset right after the handshake, without a certificate: what a server that
+        # requires one does (TLS 1.3 sends its refusal after the client's side of the handshake is done).
+        refused = isinstance(cause, (ssl.SSLError, ConnectionResetError)) and not with_cert
+        hint = (f" (no client certificate presented: none at {args.client_cert or '--client-cert'}; with "
+                "server.tls_client_ca_file set, mount one signed by that CA)") if refused else ""
         print(f"seekgate-probe: {args.url}: {err}{hint}", file=sys.stderr)
         return 1
     if not 200 <= status < 300:
