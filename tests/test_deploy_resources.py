@@ -87,7 +87,7 @@ def test_every_compose_service_has_cpu_memory_and_pids_limits(name: str) -> None
     assert docker_bytes(limits.get("memory", 0)) > 0, f"{name}: no deploy.resources.limits.memory"
     assert isinstance(limits.get("pids"), int) and limits["pids"] > 0, f"{name}: no deploy.resources.limits.pids"
     # One place for each: the service-level spellings would have to agree with deploy.resources.
-    assert not {"mem_limit", "memswap_limit", "cpus", "cpu_quota", "pids_limit", "mem_reservation"} & set(svc), name
+    assert not {"mem_limit", "cpus", "cpu_quota", "pids_limit", "mem_reservation"} & set(svc), name
     reservations = resources(name).get("reservations", {})
     if "cpus" in reservations:
         assert Decimal(str(reservations["cpus"])) <= Decimal(str(limits["cpus"])), name
