@@ -849,3 +849,15 @@ def test_the_probe_blames_a_missing_client_certificate_only_when_the_handshake_i
     out = subprocess.run([sys.executable, script, f"https://127.0.0.1:{port}/metrics", "--client-cert",
                           "/nonexistent/seekgate_probe_cert"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "refused" in out.stderr.lower() and "client certificate" not in out.stderr
+
+
+def test_the_probe_certificate_cert_manager_makes_is_the_one_the_probes_present() -> None:
+    # An expired probe certificate fails liveness and restarts seekgate: cert-manager renews it.
+    cert = yaml.safe_load((REPO / "deploy/cert-manager/probe-certificate.yaml").read_text())
+    spec = cert["spec"]
+    assert cert["kind"] == "Certificate" and cert["metadata"]["namespace"] == one("Namespace")["metadata"]["name"]
+    assert spec["secretName"] == "seekgate-probe-tls" and set(projected_items(spec["secretName"])) == {"tls.crt",
+                                                                                                        "tls.key"}
+    assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
+    hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
+    assert 0 < hours["renewBefore"] < hours["duration"]
