@@ -347,7 +347,7 @@ def test_ha_pods_mount_the_tls_pair_and_probe_over_https() -> None:
 def test_ha_compose_replicas_mount_the_tls_pair_and_check_over_https() -> None:
     for name in HA_SEEKGATES:
         assert {"seekgate_tls_cert", "seekgate_tls_key"} <= set(HA[name]["secrets"]), name
-        assert "https://127.0.0.1:8002/metrics" in HA[name]["healthcheck"]["test"][-1], name
+        assert HA[name]["healthcheck"]["test"][3] == "https://127.0.0.1:8002/metrics", name
     assert "seekgate_tls_ca" in HA["seekgate-lb"]["secrets"]
 
 

@@ -660,7 +660,7 @@ def test_the_image_listens_on_every_interface_with_tls_only() -> None:
     assert env["SEEKGATE_SERVER_TLS_KEY_FILE"] == "/run/secrets/seekgate_tls_key"
     assert not any("INSECURE_PLAINTEXT" in k for k in env) and "--insecure-plaintext" not in image_command()
     for check in (image_healthcheck(), SERVICES["seekgate"]["healthcheck"]["test"][1:]):
-        assert "https://127.0.0.1:8002/metrics" in check[-1] and "http://" not in check[-1], check
+        assert check[:3] == ["python", PROBE_SCRIPT, "https://127.0.0.1:8002/metrics"], check
 
 
 def test_services_do_not_advertise_cleartext_on_tls_ports() -> None:
@@ -775,6 +775,33 @@ def test_seekgate_probes_need_no_kubelet_certificate_and_ask_listeners_the_pod_s
     assert projected_items("seekgate-client-ca") == {"ca.crt": MTLS_CLIENT_CA}
 
 
+def mtls_container_here(tmp_path: Path, env: dict[str, str], config: str, command: list[str] | None,
+                        probe_cert: str, probe_key: str) -> Container:
+    """container_here with mTLS on: the client CA at MTLS_CLIENT_CA, a client pair it signed at probe_cert/_key."""
+    c = container_here(tmp_path, {**env, "SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": MTLS_CLIENT_CA}, config, command)
+    certs = tmp_path / "certs"   # container_here's CA, which signed a client certificate too
+    for src, dst in (("ca.pem", MTLS_CLIENT_CA), ("client.pem", probe_cert), ("client-key.pem", probe_key)):
+        shutil.copy(certs / src, c.moved(dst))
+    return c
+
+
+def wait_until_passes(c: Container, proc: subprocess.Popen[str], check: list[str]) -> None:
+    deadline = time.monotonic() + 60
+    while (out := c.run(check, timeout=30)).returncode != 0:
+        assert proc.poll() is None, f"exited {proc.returncode}: {c.log()}"
+        assert time.monotonic() < deadline, f"{check} failing after 60 s: {out.stderr} {c.log()}"
+        time.sleep(0.3)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class _Triton(http.server.BaseHTTPRequestHandler):
     """Triton's readiness, as seekgate's /v2/health/ready forwards it: `status` answers."""
 
@@ -793,13 +820,11 @@ def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: P
     # The pod as rendered, mTLS turned on the documented way: the client CA from the Secret
     # seekgate-client-ca, the probes' pair from seekgate-probe-tls (here: dev certificates).
     sg = CONTAINERS["seekgate"]
-    env = {**image_env(), **pod_env(sg), "SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": MTLS_CLIENT_CA}
+    env = {**image_env(), **pod_env(sg)}
     config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
-    c = container_here(tmp_path, env, config, [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]])
-    certs = tmp_path / "certs"   # container_here's CA, which signed a client certificate too
     pair = projected_items("seekgate-probe-tls")
-    for src, dst in (("ca.pem", MTLS_CLIENT_CA), ("client.pem", pair["tls.crt"]), ("client-key.pem", pair["tls.key"])):
-        shutil.copy(certs / src, c.moved(dst))
+    c = mtls_container_here(tmp_path, env, config, [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]],
+                            pair["tls.crt"], pair["tls.key"])
     triton_answers = type("TritonAnswers", (_Triton,), {})
     triton = http.server.ThreadingHTTPServer(("127.0.0.1", 0), triton_answers)
     threading.Thread(target=triton.serve_forever, daemon=True).start()
@@ -807,11 +832,7 @@ def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: P
     probes = {name: probe_command(sg[name]) for name in SEEKGATE_PROBES}
     proc = c.start()
     try:
-        deadline = time.monotonic() + 60
-        while (started := c.run(probes["startupProbe"], timeout=30)).returncode != 0:
-            assert proc.poll() is None, f"exited {proc.returncode}: {c.log()}"
-            assert time.monotonic() < deadline, f"startup probe failing after 60 s: {started.stderr} {c.log()}"
-            time.sleep(0.3)
+        wait_until_passes(c, proc, probes["startupProbe"])
         for name, probe in probes.items():
             out = c.run(probe, timeout=30)
             assert out.returncode == 0, (name, out.stderr, c.log())
@@ -832,12 +853,8 @@ def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: P
         assert c.run(probes["livenessProbe"], timeout=30).returncode == 0
     finally:
         triton.shutdown()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        triton.server_close()
+        stop(proc)
     for name, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
         assert c.run(probe, timeout=30).returncode != 0, name
 
@@ -861,3 +878,29 @@ def test_the_probe_certificate_cert_manager_makes_is_the_one_the_probes_present(
     assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
     hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
     assert 0 < hours["renewBefore"] < hours["duration"]
+
+
+def test_with_mtls_on_the_compose_and_image_healthchecks_pass_with_the_pair_as_secrets(tmp_path: Path) -> None:
+    # Compose with mTLS turned on the documented way: the secrets seekgate_client_ca, seekgate_probe_cert
+    # and seekgate_probe_key added to the service (short syntax: /run/secrets/<name>).
+    env = {**image_env(), **compose_env("seekgate")}
+    config = (REPO / "config/seekgate.yaml").read_text()
+    cert, key = "/run/secrets/seekgate_probe_cert", "/run/secrets/seekgate_probe_key"
+    c = mtls_container_here(tmp_path, env, config, None, cert, key)
+    checks = {"Dockerfile HEALTHCHECK": image_healthcheck(),
+              **{f"compose {name}": SERVICES[name]["healthcheck"]["test"][1:] for name in ("seekgate", "seekgate-a")}}
+    for where, check in checks.items():
+        assert dict(zip(check[3::2], check[4::2], strict=True)).items() >= {"--client-cert": cert, "--client-key": key}.items(), where
+    proc = c.start()
+    try:
+        wait_until_passes(c, proc, checks["Dockerfile HEALTHCHECK"])
+        for where, check in checks.items():
+            out = c.run(check, timeout=30)
+            assert out.returncode == 0, (where, out.stderr)
+        for path in (cert, key):
+            Path(c.moved(path)).rename(c.moved(path) + ".away")
+        for where, check in checks.items():   # without the pair, mTLS refuses them: the pair is what passes
+            out = c.run(check, timeout=30)
+            assert out.returncode == 1 and "no client certificate presented" in out.stderr, (where, out.stderr)
+    finally:
+        stop(proc)

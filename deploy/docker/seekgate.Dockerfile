@@ -22,7 +22,7 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && pip check &
 COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
-# The Kubernetes probes (exec, with a client certificate under mTLS): deploy/k8s/deployment.yaml.
+# The health checks (HEALTHCHECK below, Compose's, the Kubernetes probes), with a client certificate under mTLS.
 COPY deploy/docker/seekgate_probe.py /usr/local/bin/seekgate-probe
 # Settings the image fixes; everything else comes from seekgate.yaml or SEEKGATE_* (see .env.example).
 # A container listens on every interface, so TLS is on: `serve` refuses a non-loopback host without it.
@@ -45,9 +45,9 @@ EXPOSE 8000 8001 8002
 # seekgate's own health (its metrics endpoint), not Triton's: /v2/health/ready is forwarded.
 # Over TLS, like every listener, but without verifying the certificate: the probe asks whether this
 # process answers on loopback inside the container, not who it is (nothing crosses a network), and
-# the certificate names the service, not 127.0.0.1. With mTLS (server.tls_client_ca_file) the probe
-# also needs a client certificate: override the healthcheck where you turn that on.
+# the certificate names the service, not 127.0.0.1. With mTLS (server.tls_client_ca_file) it presents
+# the client pair mounted at /run/secrets/seekgate_probe_cert and _key (absent: none, as without mTLS).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import ssl, urllib.request; urllib.request.urlopen('https://127.0.0.1:8002/metrics', timeout=2, context=ssl._create_unverified_context())"]
+  CMD ["python", "/usr/local/bin/seekgate-probe", "https://127.0.0.1:8002/metrics", "--timeout", "2", "--client-cert", "/run/secrets/seekgate_probe_cert", "--client-key", "/run/secrets/seekgate_probe_key"]
 ENTRYPOINT ["python", "/usr/local/bin/seekgate-entrypoint"]
 CMD ["seekgate", "serve", "--config", "/etc/seekgate/seekgate.yaml"]
