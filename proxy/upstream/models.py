@@ -1,5 +1,6 @@
 """What seekgate reads of Triton's models: names from its repository index (metrics label by name,
-others are `other`), and a model's own max_tokens default from its config (the role cap counts it)."""
+others are `other`), and a model's own max_tokens default and cap from its config (the role cap counts the
+default; the OpenAI door's chat default is the cap)."""
 
 from __future__ import annotations
 
@@ -79,12 +80,14 @@ CLASSIFIABLE_TYPES = frozenset({"TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_I
 @dataclass(frozen=True, slots=True)
 class MaxTokensDefault:
     """Whether a model takes a `max_tokens` input, what it generates when a request names none
-    (its config's `default_max_tokens` parameter; None: it declares none), and which of its outputs
-    may be classified (numeric ones: CLASSIFIABLE_TYPES)."""
+    (its config's `default_max_tokens` parameter; None: it declares none), which of its outputs
+    may be classified (numeric ones: CLASSIFIABLE_TYPES), and the most max_tokens it accepts (its
+    `max_tokens_cap` parameter; None: it declares none)."""
 
     takes_max_tokens: bool
     default: int | None
     classifiable: frozenset[str] = frozenset()
+    cap: int | None = None
 
 
 def max_tokens_default(config: object) -> MaxTokensDefault | None:
@@ -94,14 +97,20 @@ def max_tokens_default(config: object) -> MaxTokensDefault | None:
         return None
     takes = any(isinstance(i, dict) and i.get("name") == "max_tokens" for i in config.get("input", []))
     params = config.get("parameters")
-    value = params.get("default_max_tokens") if isinstance(params, dict) else None
-    text = value.get("string_value") if isinstance(value, dict) else None
-    default = int(text) if isinstance(text, str) and text.strip().isdigit() else None
+    default = _int_parameter(params, "default_max_tokens")
+    cap = _int_parameter(params, "max_tokens_cap")
     outputs = config.get("output", [])
     classifiable = frozenset(o["name"] for o in (outputs if isinstance(outputs, list) else [])
                              if isinstance(o, dict) and isinstance(o.get("name"), str)
                              and o.get("data_type") in CLASSIFIABLE_TYPES)
-    return MaxTokensDefault(takes, default, classifiable)
+    return MaxTokensDefault(takes, default, classifiable, cap or None)   # a cap of 0 states none
+
+
+def _int_parameter(params: object, key: str) -> int | None:
+    """A config parameter's `{"string_value": "512"}` as an int; None when absent or not digits."""
+    value = params.get(key) if isinstance(params, dict) else None
+    text = value.get("string_value") if isinstance(value, dict) else None
+    return int(text) if isinstance(text, str) and text.strip().isdigit() else None
 
 
 class MaxTokensDefaults:

@@ -86,6 +86,21 @@ def test_max_tokens_default_from_a_model_config() -> None:
     assert max_tokens_default([]) is None and max_tokens_default({"input": "x"}) is None
 
 
+def test_max_tokens_cap_from_a_model_config() -> None:
+    """The OpenAI door's chat default is the model's cap: read as the default is, none when unreadable or 0."""
+    from proxy.upstream.models import max_tokens_default
+
+    def cap(value: object) -> int | None:
+        known = max_tokens_default({"input": [{"name": "max_tokens"}], "parameters": {"max_tokens_cap": value}})
+        assert known is not None
+        return known.cap
+
+    assert cap({"string_value": "512"}) == 512
+    assert cap({"string_value": "0"}) is None and cap({"string_value": "-1"}) is None and cap("512") is None
+    assert max_tokens_default({"input": []}).cap is None   # type: ignore[union-attr]
+
+
+
 def test_only_numeric_outputs_are_classifiable() -> None:
     from proxy.upstream.models import max_tokens_default
     config = {"input": [], "output": [{"name": "text_output", "data_type": "TYPE_STRING"},
