@@ -185,8 +185,13 @@ class BodySettings:
 class OpenAISettings:
     """The OpenAI-compatible API under /v1 (frontend/openai.py): what it maps onto Triton's models."""
 
-    default_max_tokens: int = _help("max_tokens sent to the model when an OpenAI request names none "
-                                    "(charged up front and checked against the role cap like any other)", 16)
+    default_max_tokens: int = _help("max_tokens sent to the model when a /v1/completions request names none "
+                                    "(OpenAI's 16), and for chat when chat_default_max_tokens is 0 and the model "
+                                    "states no max_tokens_cap; held to the role cap and the budget left", 16)
+    chat_default_max_tokens: int = _help("max_tokens sent to the model when a /v1/chat/completions request names "
+                                         "none; 0: the model's own cap (its config's max_tokens_cap), as OpenAI "
+                                         "and vLLM generate until the model stops. Held to the model's cap, the "
+                                         "role cap and the token budget left, never refused for them", 0)
     stream_suffix: str = _help("A model's decoupled twin that streams run through: <model><suffix>, "
                                "hidden from /v1/models", "_stream")
     aliases: str = _help("Extra model ids for OpenAI clients, e.g. 'deepseek-chat=deepseek' or "
@@ -422,6 +427,7 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
 _NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms",
                  "auth.sign_in_failures_per_min", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens", "openai.count_wait_s",
+                 "openai.chat_default_max_tokens",
                  *(f"limits.{t}_{f}" for t in ("app", "device", "user") for f in LIMIT_FIELDS))
 _NON_EMPTY = ("data_dir", "server.host", "triton.model_repository", "policy.directory",
               "auth.session_issuer", "auth.session_audience")

@@ -29,13 +29,23 @@ from ..errors import AuditUnavailable, Forbidden, NotFound, SeekgateError, Upstr
 from ..settings import parse_aliases
 from ..steps.app_state import AppState
 from ..steps.body_view import decode, parse_json, view_http
-from ..steps.pipeline import admit, audit_ready, authorize, check_body, commit_audit, limit, refuse
+from ..steps.pipeline import (
+    TOKEN_BOUND,
+    admit,
+    audit_ready,
+    authorize,
+    check_body,
+    commit_audit,
+    limit,
+    refuse,
+    role_cap,
+)
 from ..upstream import pool as upstream_http
 from ..upstream.forward import cancel_on_leave, client_left, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
-from .openai_errors import as_asked, message_of, model_error, refusal
+from .openai_errors import as_asked, context_room, message_of, model_error, refusal
 from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
 from .openai_shapes import (
     ChunkWriter,
@@ -99,13 +109,17 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         twin = model + settings.openai.stream_suffix
         info["runs_on"] = twin
         twin_rule = _authorize_twin(state, ctx, model, twin, req.stream)
-        generate = req.generate_body(settings.openai.default_max_tokens)
+        asked = req.max_tokens if req.max_tokens is not None else await _default_max_tokens(state, ctx, req, twin)
+        generate = req.generate_body(asked)
         raw = json.dumps(generate, ensure_ascii=False).encode()
         # The body checks on the request Triton will get, parsed as every generate body is: never a weaker path.
         view = view_http("generate", raw, [])
         await check_body(state, ctx, view)
         await audit_ready(state)
-        await limit(state, ctx, view.asked_tokens(), (twin_rule,))
+        # A default is the door's, not the client's: a token budget with less left grants what it has.
+        granted = await limit(state, ctx, view.asked_tokens(), (twin_rule,), fit=req.max_tokens is None)
+        if granted is not None and granted < generate["max_tokens"]:
+            raw = _fewer_tokens(ctx, generate, granted)   # less than was checked: every check still holds
         # Whole answers too go through the twin's token events: a plain generate answers only at the
         # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
         target = f"/v2/models/{quote(twin, safe='')}/generate_stream"
@@ -113,22 +127,30 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         # Watched from the send on: a request queued in Triton, or waiting for its first token,
         # is dropped when its client goes, not prefilled for nobody (forward.py: cancel_on_leave).
         with cancel_on_leave(request) as gone:
-            try:
-                upstream = await _send(state, ctx, target, raw)
-            except asyncio.CancelledError:
-                if not left_client(gone):
-                    raise   # not ours: the drain timeout's
-                return client_left(ctx)
-            # At the headers too (finish() charges nothing for a refusal Triton answered); set again at
-            # the last event read.
-            _upstream_done(ctx, started)
-            try:
-                if req.stream:
-                    return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model, gone,
-                                         started)
-                return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone, started)
-            finally:
-                upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
+            while True:
+                try:
+                    upstream = await _send(state, ctx, target, raw)
+                except asyncio.CancelledError:
+                    if not left_client(gone):
+                        raise   # not ours: the drain timeout's
+                    return client_left(ctx)
+                # At the headers too (finish() charges nothing for a refusal Triton answered); set again at
+                # the last event read.
+                _upstream_done(ctx, started)
+                try:
+                    if req.stream:
+                        return await _stream(request, state, ctx, req, upstream, generate["max_tokens"], model,
+                                             gone, started)
+                    return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone, started)
+                except SeekgateError as err:
+                    # A default that does not fit beside the prompt: OpenAI and vLLM generate until the
+                    # context ends, so it is asked again for what fits (once: the room is the model's count).
+                    room = context_room(err) if req.max_tokens is None and ctx.output_tokens is None else None
+                    if room is None or room >= generate["max_tokens"]:
+                        raise
+                finally:
+                    upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
+                raw = _fewer_tokens(ctx, generate, room)
     except SeekgateError as err:
         if parsed:   # a refusal about max_tokens names the field the client sent it by
             err = as_asked(err, parsed[0].max_tokens_param)
@@ -172,6 +194,32 @@ def _triton_model(aliases: str, model_id: str) -> str:
     if "/" in model:
         raise ModelNotFound(model_id)
     return model
+
+
+async def _default_max_tokens(state: AppState, ctx: RequestContext, req: OpenAIRequest, model: str) -> int:
+    """max_tokens for a request that names none, always explicit in what is forwarded (the charge and the
+    role cap read what the model gets). Chat: the most this caller may have, as OpenAI and vLLM generate
+    until the model stops: the model's own cap (config.pbtxt `max_tokens_cap`, or
+    `openai.chat_default_max_tokens` when set; `openai.default_max_tokens` when the model states none).
+    Completions: OpenAI's 16 (`openai.default_max_tokens`). Either is held to the model's cap and the
+    role's: the client asked for no more than it may have, so it is clipped, never refused. `model`: the
+    one that runs it (the twin)."""
+    settings = state.settings.openai
+    known = await state.max_tokens_defaults.get(model) if state.max_tokens_defaults is not None else None
+    model_cap = known.cap if known is not None else None
+    wanted = settings.default_max_tokens
+    if req.endpoint == CHAT:
+        wanted = settings.chat_default_max_tokens or model_cap or settings.default_max_tokens
+    assert ctx.principal is not None
+    return min(c for c in (wanted, model_cap, role_cap(state, ctx.principal)) if c is not None)
+
+
+def _fewer_tokens(ctx: RequestContext, generate: dict[str, Any], max_tokens: int) -> bytes:
+    """The generate body again with a smaller default max_tokens (the budget left, the room in the context);
+    the bound the charge settles at when no count is read (check_body's) shrinks with it."""
+    ctx.extra[TOKEN_BOUND] = ctx.extra.get(TOKEN_BOUND, 0) - (generate["max_tokens"] - max_tokens)
+    generate["max_tokens"] = max_tokens
+    return json.dumps(generate, ensure_ascii=False).encode()
 
 
 def _authorize_twin(state: AppState, ctx: RequestContext, model: str, twin: str, stream: bool) -> str:

@@ -27,6 +27,8 @@ _CLIENT_ERRORS = (
     (re.compile(r"chat template"), "messages", None),
     (re.compile(r"input '(\w+)'"), "", None),   # the input it names
 )
+# triton_models/deepseek's check_context text: what a request's max_tokens must fit in.
+_CONTEXT = re.compile(r"prompt of (\d+) tokens plus max_tokens (\d+) is over the context length of (\d+) tokens")
 _INPUT_PARAM = {"text_input": "prompt", "messages": "messages", "stop": "stop", "seed": "seed"}
 
 
@@ -72,6 +74,20 @@ def model_error(message: str, endpoint: str) -> SeekgateError:
             param = "messages"
         return OpenAIBadRequest(param, message[:1024], code, reason=f"model_refused: {message[:256]}")
     return UpstreamFailed(f"model_error: {message[:KEPT]}")
+
+
+def context_room(err: SeekgateError) -> int | None:
+    """The max_tokens that fits a refusal's prompt in the model's context (`context_length_exceeded`:
+    the context length less the prompt, as the model counted it); None when this is no such refusal or
+    nothing fits."""
+    if not isinstance(err, OpenAIBadRequest) or err.code != "context_length_exceeded":
+        return None
+    found = _CONTEXT.search(err.public_message)
+    if found is None:
+        return None
+    prompt, asked, context = (int(g) for g in found.groups())
+    room = context - prompt
+    return room if 0 < room < asked else None
 
 
 def as_asked(err: SeekgateError, max_tokens_param: str) -> SeekgateError:

@@ -17,7 +17,7 @@ from ..errors import AuditUnavailable, BadRequest, Forbidden, SeekgateError, Una
 from ..keys.sessions import MINTING_TIERS
 from ..quotas import LIMIT_FIELDS, Limits, parse_role_caps
 from ..settings import BodySettings, LimitsSettings
-from ..state.limits import Scope, max_tokens_cap
+from ..state.limits import Grant, OverLimit, Scope, max_tokens_cap
 from ..upstream.models import MaxTokensDefault
 from .app_state import AppState
 from .authn import authenticate, parse_bearer
@@ -74,7 +74,7 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
     default = (await state.max_tokens_defaults.get(model)
                if (view.max_tokens is None or classified) and state.max_tokens_defaults is not None and model
                else None)
-    cap = max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
+    cap = role_cap(state, p)
     if cap is not None and asked is not None and asked > cap:
         raise BadRequest("max_tokens_over_role_cap", public_message=f"max_tokens is over this key's cap of {cap}")
     if view.parameters and "admin" not in p.roles:
@@ -86,6 +86,11 @@ async def check_body(state: AppState, ctx: RequestContext, view: BodyView, model
         _cap_model_default(view, default, cap)
     # Last: only a message that is forwarded adds to the bound a stream may be settled at.
     _add_bound(state, ctx, view, asked, default)
+
+
+def role_cap(state: AppState, p: Principal) -> int | None:
+    """The key's max_tokens cap (`limits.max_tokens_by_role`, its most generous capped role); None: uncapped."""
+    return max_tokens_cap(p.roles, _role_caps(state.settings.limits.max_tokens_by_role))
 
 
 def _cap_model_default(view: BodyView, known: MaxTokensDefault | None, cap: int) -> None:
@@ -146,36 +151,58 @@ def tier_limits(settings: LimitsSettings, tier: str) -> Limits:
 
 
 async def limit(state: AppState, ctx: RequestContext, asked_tokens: int | None,
-                also_rules: tuple[str, ...] = ()) -> None:
+                also_rules: tuple[str, ...] = (), fit: bool = False) -> int | None:
     """The limit step: the key's and every ancestor's rates and budgets (the role cap is check_body's).
 
     `asked_tokens`: what the request asks for in all (BodyView.asked_tokens; None: it names no
     max_tokens). `also_rules`: the allow rules of other resources the request runs on (the OpenAI
     door's decoupled twin), whose `limits:` hold too. An admitted request holds a grant until
     finish() settles it with the real count.
+
+    `fit`: `asked_tokens` is a default the door chose, not what the client asked for (an OpenAI request
+    without max_tokens). A token budget (tpm, daily, monthly) with less left than that does not refuse
+    it while any is left: it is granted what is left. Returns the tokens granted, which the door then
+    sends as max_tokens (`asked_tokens` unless fitted).
     """
     p, resource = ctx.principal, ctx.resource
     if p is None or resource is None or resource.public:
-        return
+        return asked_tokens
     settings = state.settings.limits
     infer = resource.action == "infer"
     imposed = [(rule, lim) for rule in dict.fromkeys((ctx.rule, *also_rules))
                if (lim := state.authorizer.rule_limits(rule)) is not None]
     if not imposed and _no_limits(settings, p.limits):
-        return   # the common case, decided without building a scope per key
+        return asked_tokens   # the common case, decided without building a scope per key
     scopes = [Scope(key_id, tier_limits(settings, tier).with_overrides(own), inherited=i > 0)
               for i, (key_id, tier, own) in enumerate(p.limits)]
     # Counted per API key (a session counts against its parent's), like the key's own limits.
     owner = next((key_id for key_id, tier, _ in p.limits if tier != "session"), p.key_id)
     scopes += [Scope(f"rule:{rule}:{owner}", lim, inherited=True) for rule, lim in imposed]
     if all(s.limits.unlimited() for s in scopes):
-        return
+        return asked_tokens
     # Inferences are charged their estimate up front (at least one token) where tokens are counted;
     # other calls, and scopes that count only requests, are charged nothing.
     tokens = 0
     if infer and any(s.limits.counts_tokens() for s in scopes):
         tokens = max(1, settings.default_estimate_tokens if asked_tokens is None else asked_tokens)
-    ctx.limit_grant = await state.limiter.acquire(scopes, tokens)
+    ctx.limit_grant = await _acquire(state, scopes, tokens, fit and asked_tokens is not None)
+    return ctx.limit_grant.tokens if tokens and asked_tokens is not None else asked_tokens
+
+
+TOKEN_LIMITS = frozenset({"tpm", "daily_tokens", "monthly_tokens"})
+
+
+async def _acquire(state: AppState, scopes: list[Scope], tokens: int, fit: bool) -> Grant:
+    """The limiter's grant; with `fit`, a token budget that has less left than `tokens` (but some) grants
+    what it has: asked again for that much (a refusal charges nothing, in every limiter). Another scope
+    may then refuse the smaller amount with less left still; each retry asks for less, so this ends."""
+    while True:
+        try:
+            return await state.limiter.acquire(scopes, tokens)
+        except OverLimit as over:
+            if not fit or over.kind not in TOKEN_LIMITS or not 0 < over.remaining < tokens:
+                raise
+            tokens = over.remaining
 
 
 def _no_limits(settings: LimitsSettings, chain: tuple[tuple[str, str, dict[str, int]], ...]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -62,7 +63,7 @@ def gw(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFacto
     (policies / "openai.yaml").write_text(DENY_OPENAI)
     (policies / "00-twin.yaml").write_text(ON_THE_TWIN)
     # count_wait_s: the tests of what is charged past a stop or a leave read on to the model's last event.
-    with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4",
+    with gateway_via(root, *relays, **{"limits.max_tokens_by_role": "capped=4,capped40=40",
                                        "openai.aliases": f"deepseek-chat=deepseek,{HF_ID}=deepseek",
                                        "openai.count_wait_s": 1.0}) as g:
         yield g
@@ -567,9 +568,93 @@ def test_max_completion_tokens_wins_and_the_role_cap_applies(gw: Gateway) -> Non
     answer = c.completions.create(model=MODEL, prompt="Hello", max_tokens=100, temperature=0,
                                   extra_body={"max_completion_tokens": 3})
     assert answer.usage is not None and answer.usage.completion_tokens <= 3
-    with pytest.raises(openai.BadRequestError) as err:
-        c.completions.create(model=MODEL, prompt="Hello", temperature=0)   # default 16 is over the cap of 4
+    # The default of 16 is over the cap of 4: held to it, not refused (the client did not ask for more).
+    held = c.completions.create(model=MODEL, prompt="Hello", temperature=0)
+    assert held.usage is not None and 1 <= held.usage.completion_tokens <= 4
+    with pytest.raises(openai.BadRequestError) as err:   # asked for, it is refused
+        c.completions.create(model=MODEL, prompt="Hello", temperature=0, max_tokens=5)
     assert err.value.param == "max_tokens"
+
+
+# ------------------------------------------------------------------ max_tokens left out
+
+CONTEXT = 256   # the tiny checkpoint's max_position_embeddings: config.pbtxt's context_length 0 takes it
+
+
+def forwarded_max_tokens(relay: TcpRelay, marker: str) -> list[int]:
+    """The max_tokens of each generate body seekgate sent Triton for the request carrying `marker`."""
+    bodies = relay.seen().split(b'{"text_input": ')[1:]   # the door's bodies begin so (generate_body)
+    return [int(n) for body in bodies if marker.encode() in body[:300]
+            for n in re.findall(rb'"max_tokens": (\d+)', body[:300])[:1]]
+
+
+def test_chat_without_max_tokens_generates_to_the_models_cap_or_the_context_end(gw: Gateway, relay: TcpRelay) -> None:
+    """As OpenAI and vLLM: no max_tokens is no cut at 16 (that is legacy completions' default). The model's
+    cap (512) is over what fits beside the prompt in the tiny checkpoint's context: what fits is asked."""
+    key_id, key = gw.key(owner="chat-default")
+    marker = "m1234abcd Hello"   # greedy, the tiny model answers this with no end of sequence for 200 tokens
+    answer = client(gw, key, max_retries=0).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0)
+    u, choice = answer.usage, answer.choices[0]
+    assert u is not None and u.completion_tokens > 16
+    assert (choice.finish_reason, u.prompt_tokens + u.completion_tokens) == ("length", CONTEXT)
+    # Explicit in what was forwarded: the model's cap first, then the room its refusal named.
+    assert forwarded_max_tokens(relay, marker) == [512, CONTEXT - u.prompt_tokens]
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["output_tokens"]) == ("allowed", u.completion_tokens)
+
+
+def test_streamed_chat_without_max_tokens_is_not_cut_at_16(gw: Gateway) -> None:
+    c = client(gw, gw.key(owner="chat-default-stream")[1], max_retries=0)
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage   # greedy, "Hello there" runs 200 tokens and more: to the context's end
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert usage is not None and usage.completion_tokens > 16
+    assert (finals, usage.total_tokens) == (["length"], CONTEXT)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+
+def test_chat_without_max_tokens_is_held_to_the_role_cap_not_refused(gw: Gateway, relay: TcpRelay) -> None:
+    """A role cap under the model's: the default is clipped to it (no 400), and it is what the model got."""
+    c = client(gw, gw.key(owner="chat-capped40", roles=("capped40",))[1], max_retries=0)
+    marker = "m1234abcd Write a poem"   # greedy: 200 tokens and more
+    answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0)
+    u = answer.usage
+    assert u is not None and 1 <= u.completion_tokens <= 40
+    assert (answer.choices[0].finish_reason, u.completion_tokens) == ("length", 40)
+    assert forwarded_max_tokens(relay, marker) == [40]
+    streamed = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage is not None and 1 <= streamed[-1].usage.completion_tokens <= 40
+    with pytest.raises(openai.BadRequestError) as err:   # asked for over the cap: refused, as before
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=41)
+    assert err.value.param == "max_tokens"
+
+
+def test_legacy_completions_without_max_tokens_keep_openais_16(gw: Gateway, relay: TcpRelay) -> None:
+    c = client(gw, gw.key(owner="completions-default")[1], max_retries=0)
+    marker = "m1234abcd The quick brown fox"
+    answer = c.completions.create(model=MODEL, prompt=marker, temperature=0)
+    assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 16
+    assert (answer.choices[0].finish_reason == "length") == (answer.usage.completion_tokens == 16)
+    assert forwarded_max_tokens(relay, marker) == [16]
+
+
+def test_a_budget_smaller_than_the_default_grants_what_is_left(gw: Gateway, relay: TcpRelay) -> None:
+    """The default is reserved up front like any max_tokens, but it is seekgate's choice, not the client's:
+    a daily budget with 30 tokens left answers with at most 30 (what is left), not a 429 for the cap.
+    A max_tokens the client names over what is left is refused, as OpenAI's limits do."""
+    c = client(gw, gw.key(owner="small-budget", limits={"daily_tokens": 30})[1], max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=31)
+    marker = "m1234abcd Tell me a story"
+    answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0)
+    assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 30
+    assert forwarded_max_tokens(relay, marker) == [30]
+    # Settled to the real use (prompt included): the budget is spent, and the next default finds none left.
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
 
 
 def test_a_refusal_of_max_completion_tokens_names_max_completion_tokens(gw: Gateway) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.frontend.openai_errors import message_of, refusal
+from proxy.frontend.openai_errors import context_room, message_of, refusal
 from proxy.frontend.openai_request import CHAT, COMPLETIONS
 from proxy.frontend.openai_shapes import error_body
 
@@ -26,3 +26,16 @@ def test_the_prompt_param_is_the_endpoints() -> None:
     assert error_body(refusal(400, too_long, "deepseek", COMPLETIONS))["error"]["param"] == "prompt"
     assert error_body(refusal(400, too_long, "deepseek", CHAT))["error"]["code"] == "context_length_exceeded"
     assert error_body(refusal(400, "input 'stop' is not valid UTF-8", "deepseek", CHAT))["error"]["param"] == "stop"
+
+
+def test_the_room_a_context_refusal_leaves_for_a_default_max_tokens() -> None:
+    """What the door asks again for when its default did not fit: the context less the model's prompt count."""
+    def room(message: str, status: int = 400) -> int | None:
+        return context_room(refusal(status, message, "deepseek", CHAT))
+
+    assert room("prompt of 26 tokens plus max_tokens 512 is over the context length of 256 tokens") == 230
+    assert room("prompt of 300 tokens plus max_tokens 512 is over the context length of 256 tokens") is None
+    assert room("prompt of 255 tokens plus max_tokens 8 is over the context length of 256 tokens") == 1
+    assert room("prompt of 256 tokens plus max_tokens 8 is over the context length of 256 tokens") is None
+    assert room("max_tokens 600 is over this model's cap of 512") is None
+    assert room("prompt of 26 tokens plus max_tokens 512 is over the context length of 256 tokens", 500) is None

@@ -309,3 +309,41 @@ async def test_the_limit_step_charges_what_the_body_asks_for_only_where_tokens_a
             assert ctx.limit_grant is None
         else:
             assert ctx.limit_grant is not None and ctx.limit_grant.tokens == charged, (own, asked)
+
+
+async def test_a_default_is_fitted_to_every_budget_left_and_only_a_default() -> None:
+    """limit(fit=True), the OpenAI door's default max_tokens: a device key's own daily budget and its app
+    key's monthly one both have less left than asked; the grant is what the tighter leaves, charged to
+    both. Without fit (a max_tokens the client named), the same ask is a 429 that charges nothing; with
+    nothing left, fit or not, a 429 too; a refusal that is no token budget's (concurrency) is never fitted."""
+    from types import SimpleNamespace
+
+    from proxy.context import Principal, RequestContext, Resource
+    from proxy.settings import load_settings
+    from proxy.steps.authz import Authorizer
+    from proxy.steps.pipeline import limit
+
+    limiter = LocalLimiter(clock=Clock(T0))
+    state = SimpleNamespace(settings=load_settings(None, env={}), authorizer=Authorizer(), limiter=limiter)
+    chain = (("dev", "device", {"daily_tokens": 100}), ("app", "app", {"monthly_tokens": 60}))
+
+    def ctx_for(chain: tuple[tuple[str, str, dict[str, int]], ...]) -> RequestContext:
+        ctx = RequestContext(request_id="r", client_ip="127.0.0.1")
+        ctx.principal = Principal(chain[0][0], chain[0][1], "o", limits=chain)
+        ctx.resource = Resource("model:deepseek", "infer", model="deepseek")
+        return ctx
+
+    with pytest.raises(OverLimit):
+        await limit(state, ctx_for(chain), 512)  # type: ignore[arg-type]
+    ctx = ctx_for(chain)
+    assert await limit(state, ctx, 512, fit=True) == 60  # type: ignore[arg-type]
+    assert ctx.limit_grant.tokens == 60
+    assert (limiter._keys["dev"].day.used, limiter._keys["app"].month.used) == (60, 60)
+    with pytest.raises(OverLimit) as over:
+        await limit(state, ctx_for(chain), 512, fit=True)  # type: ignore[arg-type]
+    assert over.value.kind == "monthly_tokens"
+    busy = (("busy", "user", {"concurrency": 1, "daily_tokens": 10}),)
+    assert await limit(state, ctx_for(busy), 512, fit=True) == 10  # type: ignore[arg-type]
+    with pytest.raises(OverLimit) as over:
+        await limit(state, ctx_for(busy), 1, fit=True)  # type: ignore[arg-type]
+    assert over.value.kind == "concurrency"
