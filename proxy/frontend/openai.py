@@ -120,6 +120,8 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         granted = await limit(state, ctx, view.asked_tokens(), (twin_rule,), fit=req.max_tokens is None)
         if granted is not None and granted < generate["max_tokens"]:
             raw = _fewer_tokens(ctx, generate, granted)   # less than was checked: every check still holds
+        if req.max_tokens is None:   # the record says what seekgate chose (clipped: fitted below)
+            info["default_max_tokens"] = generate["max_tokens"]
         # Whole answers too go through the twin's token events: a plain generate answers only at the
         # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
         target = f"/v2/models/{quote(twin, safe='')}/generate_stream"
@@ -151,6 +153,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
                 finally:
                     upstream.release()   # mid-answer (a client gone): closes the connection, Triton cancels
                 raw = _fewer_tokens(ctx, generate, room)
+                info["default_max_tokens"] = room
     except SeekgateError as err:
         if parsed:   # a refusal about max_tokens names the field the client sent it by
             err = as_asked(err, parsed[0].max_tokens_param)

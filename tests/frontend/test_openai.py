@@ -602,6 +602,7 @@ def test_chat_without_max_tokens_generates_to_the_models_cap_or_the_context_end(
     assert forwarded_max_tokens(relay, marker) == [512, CONTEXT - u.prompt_tokens]
     (rec,) = records_of(gw, key_id)
     assert (rec["status"], rec["output_tokens"]) == ("allowed", u.completion_tokens)
+    assert rec["openai"]["default_max_tokens"] == CONTEXT - u.prompt_tokens   # what seekgate chose, in the end
 
 
 def test_streamed_chat_without_max_tokens_is_not_cut_at_16(gw: Gateway) -> None:
@@ -645,13 +646,15 @@ def test_a_budget_smaller_than_the_default_grants_what_is_left(gw: Gateway, rela
     """The default is reserved up front like any max_tokens, but it is seekgate's choice, not the client's:
     a daily budget with 30 tokens left answers with at most 30 (what is left), not a 429 for the cap.
     A max_tokens the client names over what is left is refused, as OpenAI's limits do."""
-    c = client(gw, gw.key(owner="small-budget", limits={"daily_tokens": 30})[1], max_retries=0)
+    key_id, key = gw.key(owner="small-budget", limits={"daily_tokens": 30})
+    c = client(gw, key, max_retries=0)
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=31)
     marker = "m1234abcd Tell me a story"
     answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0)
     assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 30
     assert forwarded_max_tokens(relay, marker) == [30]
+    assert records_of(gw, key_id, 2)[-1]["openai"]["default_max_tokens"] == 30
     # Settled to the real use (prompt included): the budget is spent, and the next default finds none left.
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
