@@ -42,7 +42,8 @@ class AppState:
     # Failed sign-ins per client address (state/sign_in_guard.py); None: not limited
     sign_in_guard: SignInGuard | None = None
     keyring: Keyring | None = None   # this process's envelope, signing keys and pepper: the crypto admin API
-    # Models' own max_tokens defaults, for the role cap when a request names none (None: refused then).
+    # Models' own max_tokens defaults, for the role cap when a request names none (None: refused then),
+    # and caps, the OpenAI door's chat default (None: openai.default_max_tokens then).
     max_tokens_defaults: MaxTokensDefaults | None = None
     # Set on SIGTERM: readiness answers 503 at once so load balancers move away while in-flight
     # requests finish. `grpc_stopped` is set once the gRPC front end has drained, so the
