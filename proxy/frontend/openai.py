@@ -146,7 +146,8 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
                     return await _whole(state, ctx, req, upstream, generate["max_tokens"], model, gone, started)
                 except SeekgateError as err:
                     # A default that does not fit beside the prompt: OpenAI and vLLM generate until the
-                    # context ends, so it is asked again for what fits (once: the room is the model's count).
+                    # context ends, so it is asked again for what fits (the room is the model's own count of the
+                    # prompt, so it fits; each retry asks for less, so this ends).
                     room = context_room(err) if req.max_tokens is None and ctx.output_tokens is None else None
                     if room is None or room >= generate["max_tokens"]:
                         raise
