@@ -602,12 +602,7 @@ def assert_serves_tls(c: Container, probes: dict[str, list[str]]) -> None:
             out = c.run(probe, timeout=30)
             assert out.returncode == 0, (where, out.stderr)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     for where, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
         assert c.run(probe, timeout=30).returncode != 0, where
 
