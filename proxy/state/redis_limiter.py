@@ -46,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
-from .redis_scripts import BATCH, RENEW
+from .redis_scripts import BATCH, RENEW, lease_key, scope_keys
 from .redis_slots import SlotBook, SlotPool
 
 log = logging.getLogger("seekgate.limits")
@@ -419,16 +419,7 @@ class RedisLimiter(Limiter):
 
     async def _run(self, admissions: list[_Admission], settlements: list[_Unsettled]) -> None:
         """One script call for these operations, answering each admission."""
-        keys: list[str] = []
-        mark = f"{self.prefix}batch:{self._new_gid()}" if settlements else ""
-        args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000), mark]
-        for job in settlements:
-            keys += job.keys
-            args += [len(job.keys), *job.args, job.sent_in]
-            job.sent_in = mark
-        for adm in admissions:
-            keys += adm.keys
-            args += adm.args
+        keys, args = self._batch_call(admissions, settlements)
         try:
             replies, failed = await self._run_batch(keys, args)
         except _DOWN as exc:
@@ -461,6 +452,27 @@ class RedisLimiter(Limiter):
         except (ValueError, TypeError, IndexError) as exc:   # replies of a shape the script never gives
             log.error("limits: unreadable answer to a batch of %d admissions: %s", len(admissions), exc)
             self._fail(admissions, [], StoreUnavailable("limiter_unavailable: unreadable answer"))
+
+    def _batch_call(self, admissions: list[_Admission], settlements: list[_Unsettled]) -> tuple[list[str], list[Any]]:
+        """BATCH's KEYS and ARGV for these operations: every key it touches is one of KEYS."""
+        mark = f"{self.prefix}batch:{self._new_gid()}" if settlements else ""
+        keys: list[str] = [mark] if mark else []
+        args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000),
+                           "1" if mark else ""]
+        for job in settlements:
+            _, _, day, month, _ = job.args
+            for base in job.keys:
+                keys += scope_keys(base, day, month)
+            if job.sent_in:
+                keys.append(job.sent_in)
+            args += [len(job.keys), *job.args, "1" if job.sent_in else ""]
+            job.sent_in = mark
+        for adm in admissions:
+            day, month = adm.args[3], adm.args[4]
+            for base in adm.keys:
+                keys += scope_keys(base, day, month)
+            args += adm.args
+        return keys, args
 
     async def _run_batch(self, keys: list[str], args: list[Any]) -> list[Any]:
         conn = self._batch_conn
@@ -561,7 +573,7 @@ class RedisLimiter(Limiter):
             keys: list[str] = []
             gids: list[str] = []
             for gid, lease_keys in held[start:start + 500]:
-                keys += lease_keys
+                keys += [lease_key(k) for k in lease_keys]
                 gids += [gid] * len(lease_keys)
             await self._renew(keys=keys, args=[self.lease_ms, *gids])
 

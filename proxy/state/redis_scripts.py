@@ -9,20 +9,41 @@ Keys of one limited key id (`<p>` = the configured prefix + the key id):
   <p>:m:<mon>  STRING tokens charged in a UTC month; expires a day after the month ends
 Time is Redis's own (TIME), so replicas with skewed clocks still share one window; the day and month
 ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
+
+Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the batch
+marks): Redis Cluster routes a script call by its KEYS, and a key a script builds for itself is
+invisible to that routing and to the cluster's checks.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+
+KEYS_PER_SCOPE = 6
+
+
+@lru_cache(maxsize=4096)
+def scope_keys(base: str, day: str, month: str) -> tuple[str, ...]:
+    """The keys of one scope (`base` = prefix + key id) as BATCH takes them, in its order."""
+    return (f"{base}:r", f"{base}:t", f"{base}:tc", f"{base}:c", f"{base}:d:{day}", f"{base}:m:{month}")
+
+
+def lease_key(base: str) -> str:
+    """A scope's concurrency leases (RENEW's KEYS)."""
+    return f"{base}:c"
 
 # One call admits and settles a batch: every request waiting on this replica at that moment rides
 # in one atomic script, so a burst of N costs one round trip, not N (admissions stay exactly as
 # strict: the script takes them one after another, each seeing the charges of those before it).
 #
-# KEYS: the base keys (<p>) of every operation's scopes, operation after operation.
-# ARGV[1..5]: number of settlements S, number of admissions A, lease ms, slot life ms, this batch's
-#   mark ('' for none: set, for 2 minutes, when the batch carries settlements); then
-# S settlements of 7 fields: scope count, grant id, token delta, day, month, cancel (0/1), the mark
-#   of the batch it was last sent in ('' for none: skipped if that mark exists, since that batch
-#   ran and only its answer was lost, so a retry never corrects a charge twice)
+# KEYS: this batch's mark when it carries settlements (set for 2 minutes); then operation after
+#   operation, the 6 keys of each of its scopes (scope_keys) and, for a settlement sent before,
+#   the mark of the batch it was last sent in.
+# ARGV[1..5]: number of settlements S, number of admissions A, lease ms, slot life ms, '1' when
+#   KEYS[1] is this batch's mark ('' for none); then
+# S settlements of 7 fields: scope count, grant id, token delta, day, month, cancel (0/1), '1' when
+#   it was sent before ('' for none: a retry is skipped if its last batch's mark exists, since that
+#   batch ran and only its answer was lost, so a retry never corrects a charge twice)
 #   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
 #   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
 #   used: its entries leave the rpm and tpm logs too);
@@ -44,6 +65,12 @@ from __future__ import annotations
 # index (1-based), kind, limit, remaining, reset_ms, retry_ms} having charged nothing, or
 # {-1, error} when Redis failed it.
 BATCH = """
+-- Every key it touches is in KEYS (Redis Cluster routes and checks a script by them): per scope,
+-- 6 in a row (scope_keys below). scope(first, i): scope i's keys, the scopes starting at KEYS[first].
+local function scope(first, i)
+  local b = first + (i - 1) * 6
+  return KEYS[b], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5]
+end
 -- How long a batch's mark outlives it: a settlement whose answer was lost is retried as soon as
 -- Redis answers again (a probe every 0.5 s); an outage longer than this may apply it twice.
 local MARK_MS = 120000
@@ -52,40 +79,40 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - 60000
 local lease, slot_life = tonumber(ARGV[3]), tonumber(ARGV[4])
-if ARGV[5] ~= '' then redis.call('SET', ARGV[5], '1', 'PX', MARK_MS) end
 local a, k = 6, 1   -- next ARGV field, next KEYS entry
+if ARGV[5] ~= '' then redis.call('SET', KEYS[1], '1', 'PX', MARK_MS); k = 2 end
 
 -- Settlements correct each grant's own charge; the running sums they move (a key's tpm total,
 -- its day and month budgets) are added up here and written once per batch (settle_sums).
 local sums, budgets = {}, {}
-local function settle(first, n, gid, delta, day, month, cancel)
-  for i = first, first + n - 1 do
-    local p = KEYS[i]
-    redis.call('ZREM', p .. ':c', gid)
+local function settle(first, n, gid, delta, cancel)
+  for i = 1, n do
+    local r, t, tc, c, d, m = scope(first, i)
+    redis.call('ZREM', c, gid)
     if cancel then
-      redis.call('ZREM', p .. ':r', gid)
-      redis.call('ZREM', p .. ':t', gid)
+      redis.call('ZREM', r, gid)
+      redis.call('ZREM', t, gid)
     end
     if delta ~= 0 or cancel then
-      local charged = redis.call('HGET', p .. ':tc', gid)
+      local charged = redis.call('HGET', tc, gid)
       if charged then
         if cancel then
-          sums[p] = (sums[p] or 0) - tonumber(charged)
-          redis.call('HDEL', p .. ':tc', gid)
+          sums[tc] = (sums[tc] or 0) - tonumber(charged)
+          redis.call('HDEL', tc, gid)
         else
-          redis.call('HINCRBY', p .. ':tc', gid, delta)
-          sums[p] = (sums[p] or 0) + delta
+          redis.call('HINCRBY', tc, gid, delta)
+          sums[tc] = (sums[tc] or 0) + delta
         end
       end
-      budgets[p .. ':d:' .. day] = (budgets[p .. ':d:' .. day] or 0) + delta
-      budgets[p .. ':m:' .. month] = (budgets[p .. ':m:' .. month] or 0) + delta
+      budgets[d] = (budgets[d] or 0) + delta
+      budgets[m] = (budgets[m] or 0) + delta
     end
   end
 end
 
 local function settle_sums()
-  for p, delta in pairs(sums) do
-    if delta ~= 0 then redis.call('HINCRBY', p .. ':tc', '_sum', delta) end
+  for tc, delta in pairs(sums) do
+    if delta ~= 0 then redis.call('HINCRBY', tc, '_sum', delta) end
   end
   for key, delta in pairs(budgets) do   -- a budget whose window has passed (its key expired) stays gone
     if delta ~= 0 and redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, delta) end
@@ -95,53 +122,53 @@ end
 -- lims(i, f): scope i's limit f (1 rpm, 2 tpm, 3 concurrency, 4 daily, 5 monthly)
 local function expire(first, n, lims)
   for i = 1, n do
-    local p = KEYS[first + i - 1]
-    if lims(i, 1) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':r', '-inf', cutoff) end
+    local r, t, tc, c = scope(first, i)
+    if lims(i, 1) > 0 then redis.call('ZREMRANGEBYSCORE', r, '-inf', cutoff) end
     if lims(i, 2) > 0 then
       -- In chunks (Lua's unpack takes a few thousand values at most), and at most EXPIRE_CHUNKS of
       -- them per call: a key idle after a busy minute may hold 100 000s. What is left stays in
       -- the sum until a later call: stricter meanwhile, never looser.
       for _ = 1, EXPIRE_CHUNKS do
-        local old = redis.call('ZRANGEBYSCORE', p .. ':t', '-inf', cutoff, 'LIMIT', 0, CHUNK)
+        local old = redis.call('ZRANGEBYSCORE', t, '-inf', cutoff, 'LIMIT', 0, CHUNK)
         if #old == 0 then break end
-        local vals = redis.call('HMGET', p .. ':tc', unpack(old))
+        local vals = redis.call('HMGET', tc, unpack(old))
         local gone = 0
         for j = 1, #old do gone = gone + (tonumber(vals[j]) or 0) end
-        redis.call('HINCRBY', p .. ':tc', '_sum', -gone)
-        redis.call('HDEL', p .. ':tc', unpack(old))
-        redis.call('ZREM', p .. ':t', unpack(old))
+        redis.call('HINCRBY', tc, '_sum', -gone)
+        redis.call('HDEL', tc, unpack(old))
+        redis.call('ZREM', t, unpack(old))
         if #old < CHUNK then break end
       end
     end
-    if lims(i, 3) > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':c', '-inf', now) end
+    if lims(i, 3) > 0 then redis.call('ZREMRANGEBYSCORE', c, '-inf', now) end
   end
 end
 
 -- nil when one more request fits every scope; else the refusal.
-local function refusal(first, n, tokens, day, month, to_day, to_month, lims)
+local function refusal(first, n, tokens, to_day, to_month, lims)
   for i = 1, n do
-    local p = KEYS[first + i - 1]
+    local r, t, tc, c, d, m = scope(first, i)
     local rpm, tpm, conc, daily, monthly = lims(i, 1), lims(i, 2), lims(i, 3), lims(i, 4), lims(i, 5)
-    if conc > 0 and redis.call('ZCARD', p .. ':c') >= conc then
+    if conc > 0 and redis.call('ZCARD', c) >= conc then
       return {0, i, 'concurrency', conc, 0, 1000, 1000}
     end
-    if rpm > 0 and redis.call('ZCARD', p .. ':r') >= rpm then
-      local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2])
+    if rpm > 0 and redis.call('ZCARD', r) >= rpm then
+      local oldest = tonumber(redis.call('ZRANGE', r, 0, 0, 'WITHSCORES')[2])
       local wait = oldest + 60000 - now
       return {0, i, 'rpm', rpm, 0, wait, wait}
     end
     if tokens > 0 then
       if tpm > 0 then
-        local used = tonumber(redis.call('HGET', p .. ':tc', '_sum') or '0')
+        local used = tonumber(redis.call('HGET', tc, '_sum') or '0')
         if used + tokens > tpm then
           local wait = 60000
           if tokens <= tpm then   -- else it can never fit: a full window
             -- When enough will have left; past the oldest CHUNK entries, when those have (a hint
             -- that errs early: the retry is judged again).
-            local log = redis.call('ZRANGE', p .. ':t', 0, CHUNK - 1, 'WITHSCORES')
+            local log = redis.call('ZRANGE', t, 0, CHUNK - 1, 'WITHSCORES')
             local left = used
             for j = 1, #log, 2 do
-              left = left - (tonumber(redis.call('HGET', p .. ':tc', log[j])) or 0)
+              left = left - (tonumber(redis.call('HGET', tc, log[j])) or 0)
               wait = tonumber(log[j + 1]) + 60000 - now
               if left + tokens <= tpm then break end
             end
@@ -150,11 +177,11 @@ local function refusal(first, n, tokens, day, month, to_day, to_month, lims)
         end
       end
       if daily > 0 then
-        local used = tonumber(redis.call('GET', p .. ':d:' .. day) or '0')
+        local used = tonumber(redis.call('GET', d) or '0')
         if used + tokens > daily then return {0, i, 'daily_tokens', daily, daily - used, to_day, to_day} end
       end
       if monthly > 0 then
-        local used = tonumber(redis.call('GET', p .. ':m:' .. month) or '0')
+        local used = tonumber(redis.call('GET', m) or '0')
         if used + tokens > monthly then
           return {0, i, 'monthly_tokens', monthly, monthly - used, to_month, to_month}
         end
@@ -166,7 +193,7 @@ end
 
 -- Charges every grant id in `gids` (a request, or a reservation's slots) alike, each command once
 -- for all of them: a reservation of 64 slots costs about what one request does.
-local function charge(first, n, gids, tokens, day, month, to_day, to_month, lims, stamp)
+local function charge(first, n, gids, tokens, to_day, to_month, lims, stamp)
   local count = #gids
   local stamped, charged = {}, {}
   for j = 1, count do
@@ -174,56 +201,52 @@ local function charge(first, n, gids, tokens, day, month, to_day, to_month, lims
     charged[2 * j - 1], charged[2 * j] = gids[j], tokens
   end
   for i = 1, n do
-    local p = KEYS[first + i - 1]
+    local r, t, tc, c, d, m = scope(first, i)
     local rpm, tpm, conc = lims(i, 1), lims(i, 2), lims(i, 3)
     if rpm > 0 then
-      redis.call('ZADD', p .. ':r', unpack(stamped))
-      redis.call('PEXPIRE', p .. ':r', 61000 + slot_life)
+      redis.call('ZADD', r, unpack(stamped))
+      redis.call('PEXPIRE', r, 61000 + slot_life)
     end
     if tpm > 0 then
-      redis.call('ZADD', p .. ':t', unpack(stamped))
-      redis.call('HSET', p .. ':tc', unpack(charged))
-      redis.call('HINCRBY', p .. ':tc', '_sum', tokens * count)
-      redis.call('PEXPIRE', p .. ':t', 61000 + lease + slot_life)
-      redis.call('PEXPIRE', p .. ':tc', 61000 + lease + slot_life)
+      redis.call('ZADD', t, unpack(stamped))
+      redis.call('HSET', tc, unpack(charged))
+      redis.call('HINCRBY', tc, '_sum', tokens * count)
+      redis.call('PEXPIRE', t, 61000 + lease + slot_life)
+      redis.call('PEXPIRE', tc, 61000 + lease + slot_life)
     end
     if conc > 0 then
       local leases = {}
       for j = 1, count do leases[2 * j - 1], leases[2 * j] = now + lease, gids[j] end
-      redis.call('ZADD', p .. ':c', unpack(leases))
-      redis.call('PEXPIRE', p .. ':c', lease + 1000)
+      redis.call('ZADD', c, unpack(leases))
+      redis.call('PEXPIRE', c, lease + 1000)
     end
     if tokens > 0 then   -- budgets are counted whether or not a budget is set, as the local limiter does
       -- a budget key's expiry is its calendar window's end: set once, when the charge creates it
       local total = tokens * count
-      if redis.call('INCRBY', p .. ':d:' .. day, total) == total then
-        redis.call('PEXPIRE', p .. ':d:' .. day, to_day + 86400000)
-      end
-      if redis.call('INCRBY', p .. ':m:' .. month, total) == total then
-        redis.call('PEXPIRE', p .. ':m:' .. month, to_month + 86400000)
-      end
+      if redis.call('INCRBY', d, total) == total then redis.call('PEXPIRE', d, to_day + 86400000) end
+      if redis.call('INCRBY', m, total) == total then redis.call('PEXPIRE', m, to_month + 86400000) end
     end
   end
 end
 
 -- How many slots of `tokens` fit, at most `wanted`: one after another, each while half of every
 -- limit stays free (refusal(..., 0.5) before each), counted at once from the scopes' use now.
-local function fitting(first, n, tokens, day, month, wanted, lims)
+local function fitting(first, n, tokens, wanted, lims)
   local fit = wanted
   local function room(used, limit, each)   -- how many more of `each` keep used + them <= limit / 2 ...
     return math.floor((limit * 0.5 - used) / each)
   end
   for i = 1, n do
-    local p = KEYS[first + i - 1]
+    local r, t, tc, c, d, m = scope(first, i)
     local rpm, tpm, conc, daily, monthly = lims(i, 1), lims(i, 2), lims(i, 3), lims(i, 4), lims(i, 5)
     -- ... and a count: the next one fits while count < limit / 2
-    if conc > 0 then fit = math.min(fit, math.ceil(conc * 0.5 - redis.call('ZCARD', p .. ':c'))) end
-    if rpm > 0 then fit = math.min(fit, math.ceil(rpm * 0.5 - redis.call('ZCARD', p .. ':r'))) end
+    if conc > 0 then fit = math.min(fit, math.ceil(conc * 0.5 - redis.call('ZCARD', c))) end
+    if rpm > 0 then fit = math.min(fit, math.ceil(rpm * 0.5 - redis.call('ZCARD', r))) end
     if tokens > 0 then
-      if tpm > 0 then fit = math.min(fit, room(tonumber(redis.call('HGET', p .. ':tc', '_sum') or '0'), tpm, tokens)) end
-      if daily > 0 then fit = math.min(fit, room(tonumber(redis.call('GET', p .. ':d:' .. day) or '0'), daily, tokens)) end
+      if tpm > 0 then fit = math.min(fit, room(tonumber(redis.call('HGET', tc, '_sum') or '0'), tpm, tokens)) end
+      if daily > 0 then fit = math.min(fit, room(tonumber(redis.call('GET', d) or '0'), daily, tokens)) end
       if monthly > 0 then
-        fit = math.min(fit, room(tonumber(redis.call('GET', p .. ':m:' .. month) or '0'), monthly, tokens))
+        fit = math.min(fit, room(tonumber(redis.call('GET', m) or '0'), monthly, tokens))
       end
     end
     if fit <= 0 then return 0 end
@@ -237,11 +260,11 @@ local function window(first, n, lims)
   for i = 1, n do
     local rpm = lims(i, 1)
     if rpm > 0 then
-      local p = KEYS[first + i - 1]
-      local left = rpm - redis.call('ZCARD', p .. ':r')
+      local r = scope(first, i)
+      local left = rpm - redis.call('ZCARD', r)
       if w_limit == 0 or left < w_left then
         -- empty only before a reservation alone (request 0): nothing in the window yet
-        local oldest = tonumber(redis.call('ZRANGE', p .. ':r', 0, 0, 'WITHSCORES')[2] or now)
+        local oldest = tonumber(redis.call('ZRANGE', r, 0, 0, 'WITHSCORES')[2] or now)
         w_limit, w_left, w_reset = rpm, left, math.max(0, oldest + 60000 - now)
       end
     end
@@ -249,19 +272,19 @@ local function window(first, n, lims)
   return w_limit, w_left, w_reset
 end
 
-local function acquire(first, n, gid, tokens, day, month, to_day, to_month, wanted, request, lims)
+local function acquire(first, n, gid, tokens, to_day, to_month, wanted, request, lims)
   expire(first, n, lims)
   if request then
-    local no = refusal(first, n, tokens, day, month, to_day, to_month, lims)
+    local no = refusal(first, n, tokens, to_day, to_month, lims)
     if no then return no end   -- a refusal charges nothing
-    charge(first, n, {gid}, tokens, day, month, to_day, to_month, lims, now)
+    charge(first, n, {gid}, tokens, to_day, to_month, lims, now)
   end
   local w_limit, w_left, w_reset = window(first, n, lims)
-  local slots = wanted > 0 and fitting(first, n, tokens, day, month, wanted, lims) or 0
+  local slots = wanted > 0 and fitting(first, n, tokens, wanted, lims) or 0
   if slots > 0 then
     local gids = {}
     for j = 1, slots do gids[j] = gid .. '#' .. j end
-    charge(first, n, gids, tokens, day, month, to_day, to_month, lims, now + slot_life)
+    charge(first, n, gids, tokens, to_day, to_month, lims, now + slot_life)
   end
   return {1, now, w_limit, w_left, w_reset, slots}
 end
@@ -272,11 +295,12 @@ local function failure(e) return type(e) == 'table' and (e.err or 'error') or to
 local failed = {}
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  if ARGV[a + 6] == '' or redis.call('EXISTS', ARGV[a + 6]) == 0 then
-    local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5] == '1')
+  local resent = ARGV[a + 6] ~= ''   -- its last batch's mark is the key after its scopes'
+  if not resent or redis.call('EXISTS', KEYS[k + 6 * n]) == 0 then
+    local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 5] == '1')
     if not ok then failed[#failed + 1] = failure(e) end
   end
-  a, k = a + 7, k + n
+  a, k = a + 7, k + 6 * n + (resent and 1 or 0)
 end
 local ok, e = pcall(settle_sums)   -- before the admissions: they see the corrected sums
 if not ok then failed[#failed + 1] = failure(e) end
@@ -285,25 +309,25 @@ for _ = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
   local base = a + 9
   local function lims(i, f) return tonumber(ARGV[base + (i - 1) * 5 + f - 1]) end
-  local ok, reply = pcall(acquire, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4],
+  local ok, reply = pcall(acquire, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]),
                           tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), ARGV[a + 8] == '1', lims)
   replies[#replies + 1] = ok and reply or {-1, failure(reply)}
-  a, k = base + 5 * n, k + n
+  a, k = base + 5 * n, k + 6 * n
 end
 return {replies, failed}
 """
 
-# KEYS: base keys; ARGV: lease ms, then grant ids, one per key. Extends leases still held: a lease
+# KEYS: lease keys (<p>:c); ARGV: lease ms, then grant ids, one per key. Extends leases still held: a lease
 # already past its expiry stays gone (swept or not), so a renewal never resurrects a freed slot.
 RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  local held = redis.call('ZSCORE', KEYS[i] .. ':c', ARGV[i + 1])
+  local held = redis.call('ZSCORE', KEYS[i], ARGV[i + 1])
   if held and tonumber(held) > now then
-    redis.call('ZADD', KEYS[i] .. ':c', 'XX', now + lease, ARGV[i + 1])
-    redis.call('PEXPIRE', KEYS[i] .. ':c', lease + 1000)
+    redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[i + 1])
+    redis.call('PEXPIRE', KEYS[i], lease + 1000)
   end
 end
 return 1

@@ -22,6 +22,7 @@ from proxy.errors import StoreUnavailable
 from proxy.quotas import Limits
 from proxy.state.limits import OverLimit, Scope
 from proxy.state.redis_limiter import RedisGrant, RedisLimiter
+from proxy.state.redis_scripts import scope_keys
 from tests.backends import PrivateRedis
 from tests.state.redis_worker import BURST
 
@@ -393,7 +394,7 @@ async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
     five = [s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens]
     args = [0, 1, limiter.lease_ms, 1000, "", 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
             *five]
-    replies, failed = await limiter._run_batch([f"{redis_prefix}half"], args)
+    replies, failed = await limiter._run_batch(list(scope_keys(f"{redis_prefix}half", day, month)), args)
     assert failed == [] and int(replies[0][0]) == 1
     assert int(replies[0][5]) == slots
     client = redis.asyncio.Redis.from_url(redis_server_url)
@@ -553,3 +554,49 @@ async def test_slots_reserved_by_an_admission_cancelled_in_flight_are_given_back
         assert await charged() == [10 * admitted]
     finally:
         await client.aclose()
+
+
+async def test_every_key_the_scripts_touch_is_declared_in_keys(limiter: RedisLimiter, redis_server_url: str,
+                                                               redis_prefix: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis Cluster routes a script call by its KEYS and checks them: a key the script builds for
+    itself (`<p>:r`, a batch's mark) is invisible to it. Every key in Redis after admissions, a lease
+    renewal, a settlement and its retry (carrying its lost batch's mark) was one of the calls' KEYS."""
+    declared: set[str] = set()
+    renewed: list[str] = []
+    real_batch, real_renew = limiter._run_batch, limiter._renew
+    lost = 0
+
+    async def run_batch(keys: list[str], args: list[Any]) -> Any:
+        nonlocal lost
+        declared.update(keys)
+        answer = await real_batch(keys, args)
+        if args[0] and not lost:   # the first settlement's answer is lost: its retry carries the mark
+            lost += 1
+            raise redis.exceptions.TimeoutError("reply lost")
+        return answer
+
+    async def renew(keys: list[str], args: list[Any]) -> Any:
+        renewed.extend(keys)
+        return await real_renew(keys=keys, args=args)
+
+    monkeypatch.setattr(limiter, "_run_batch", run_batch)
+    monkeypatch.setattr(limiter, "_renew", renew)
+    every = {"rpm": 50, "tpm": 10_000, "concurrency": 5, "daily_tokens": 100_000, "monthly_tokens": 1_000_000}
+    scopes = [scope("dev", **every), scope("app", True, **every), scope("rule:r1:app", True, rpm=50)]
+    grants = [await limiter.acquire(scopes, 40) for _ in range(3)]
+    await limiter._renew_leases()
+    for grant in grants:
+        limiter.settle(grant, 70)
+    async with asyncio.timeout(10):
+        while not lost or not limiter.up or limiter._unsettled or limiter._settlements:
+            await asyncio.sleep(0.05)
+    client = redis.asyncio.Redis.from_url(redis_server_url, decode_responses=True)
+    try:
+        written = {key async for key in client.scan_iter(match=f"{redis_prefix}*")}
+    finally:
+        await client.aclose()
+    assert {f"{redis_prefix}dev:r", f"{redis_prefix}app:tc", f"{redis_prefix}rule:r1:app:r"} <= written
+    assert any(":batch:" in key for key in written)   # the settlements' batch marks
+    assert written <= declared
+    assert renewed and set(renewed) <= declared and {f"{redis_prefix}dev:c", f"{redis_prefix}app:c"} <= set(renewed)
