@@ -258,12 +258,17 @@ class StoreSettings:
                              "unavailable (503, fail closed)", 2.0)
 
 
+# redis+cluster / rediss+cluster: Redis Cluster (state/redis_limiter.py), one node's address, the rest found.
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     """Where replicas share rate limits and budgets (state/redis_limiter.py)."""
 
     url: str = _help("'' = limits counted in this process (one node); redis://host:port/db = counted in one "
-                     "Redis shared by every replica, exact across them", "")
+                     "Redis shared by every replica, exact across them; redis+cluster://host:port (rediss+cluster:// "
+                     "with TLS) = the same on Redis Cluster, its keys under one hash tag", "")
     lease_s: float = _help("Lease of a concurrency slot: renewed while the request runs; a replica killed "
                            "mid-request frees its slots this long after", 30.0)
     timeout_s: float = _help("Longest wait for Redis before it counts as down (then limits.on_backend_down)", 0.5)
@@ -504,9 +509,11 @@ def validate(settings: Settings) -> list[str]:
                       f"{urlsplit(settings.store.url).scheme!r}")
     if settings.limits.on_backend_down not in ("closed", "local"):
         errors.append(f"limits.on_backend_down: must be closed or local, got {settings.limits.on_backend_down!r}")
-    if settings.redis.url and urlsplit(settings.redis.url).scheme not in ("redis", "rediss", "unix"):
-        errors.append(f"redis.url: must be empty or a redis://, rediss:// or unix:// URL, got scheme "
-                      f"{urlsplit(settings.redis.url).scheme!r}")
+    if settings.redis.url and urlsplit(settings.redis.url).scheme not in REDIS_SCHEMES:
+        errors.append(f"redis.url: must be empty or a redis://, rediss://, unix:// or (Redis Cluster) "
+                      f"redis+cluster://, rediss+cluster:// URL, got scheme {urlsplit(settings.redis.url).scheme!r}")
+    elif urlsplit(settings.redis.url).scheme.endswith("+cluster") and urlsplit(settings.redis.url).path not in ("", "/", "/0"):
+        errors.append(f"redis.url: Redis Cluster has database 0 only, got {urlsplit(settings.redis.url).path!r}")
     if not (math.isfinite(settings.redis.lease_s) and settings.redis.lease_s >= 1):
         errors.append(f"redis.lease_s: must be at least 1 second, got {settings.redis.lease_s}")
     if not (math.isfinite(settings.redis.timeout_s) and settings.redis.timeout_s > 0):

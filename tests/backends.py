@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -168,3 +169,73 @@ def redis_url_or_private() -> tuple[str, PrivateRedis | None]:
     private = PrivateRedis()
     private.start()
     return private.url, private
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of this test run alone: three masters (`redis-server --cluster-enabled yes`) on free
+    ports in a temporary directory, joined with `redis-cli --cluster create`; `destroy()` ends them."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="seekgate-redis-cluster-"))
+        # Each node's cluster bus on a port of its own (by default port + 10000, past 65535 for an
+        # ephemeral port).
+        ports = free_ports(2 * masters)
+        self.ports, self.bus_ports = ports[:masters], ports[masters:]
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The URL seekgate is configured with: the cluster scheme and one node (the rest are discovered)."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            raise RuntimeError("redis-server or redis-cli is not installed: run scripts/system-packages")
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
+            node = self.root / str(port)
+            node.mkdir()
+            self._procs.append(subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                 "--cluster-config-file", str(node / "nodes.conf"), "--cluster-node-timeout", "2000",
+                 "--save", "", "--appendonly", "no", "--dir", str(node)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            if not _wait(lambda port=port: redis_answers(f"redis://127.0.0.1:{port}/0")):
+                raise RuntimeError(f"cluster node on port {port} did not answer")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        if not _wait(self._ready, tries=400):
+            raise RuntimeError("the private Redis Cluster did not reach cluster_state:ok")
+
+    def _ready(self) -> bool:
+        import redis
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+            try:
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+                if len(client.cluster("slots")) != len(self.ports):   # every node knows every master's slots
+                    return False
+            except (redis.RedisError, OSError):
+                return False
+            finally:
+                client.close()
+        return True
+
+    def destroy(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.wait(timeout=10)
+        self._procs = []
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _wait(ready: Callable[[], bool], tries: int = 100) -> bool:
+    for _ in range(tries):
+        if ready():
+            return True
+        time.sleep(0.05)
+    return False

@@ -39,14 +39,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, MasterDownError, NoScriptError, RedisClusterUnreachableError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
-from .redis_scripts import BATCH, RENEW, lease_key, scope_keys
+from .redis_scripts import BATCH, RENEW, cluster_prefix, lease_key, scope_keys
 from .redis_slots import SlotBook, SlotPool
 
 log = logging.getLogger("seekgate.limits")
@@ -61,7 +64,17 @@ RAISE_DELAY_S = 0.01       # ... and one that raises a charge (a round trip per 
 SLOT_LIFE_S = 1.0          # how long reserved admissions may be handed out (redis_slots.py)
 SLOT_MARGIN_S = 0.05       # handed out no later than this before Redis's idea of their end
 MAX_SLOTS = 256            # reserved with one admission at most
-_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, ClusterDownError, MasterDownError,
+         RedisClusterUnreachableError)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(url: str) -> str | None:
+    """For a `redis+cluster://` (or `rediss+cluster://`) URL, the node's plain URL the cluster client
+    starts from (it finds the other nodes itself); None for a single Redis's URL."""
+    scheme, sep, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    return f"{plain}://{rest}" if plain else None
 
 
 @dataclass(eq=False)
@@ -99,7 +112,12 @@ class _Held:
 
 
 class RedisLimiter(Limiter):
-    """The shared limiter of replicas on one Redis (`url`); `prefix` namespaces its keys."""
+    """The shared limiter of replicas on one Redis (`url`); `prefix` namespaces its keys.
+
+    A `redis+cluster://host:port` URL (`rediss+cluster://` with TLS) selects Redis Cluster: the
+    cluster client, and the prefix given a hash tag (redis_scripts.cluster_prefix) so every key is in
+    one slot. Any other URL keeps the single-Redis client and key names of earlier versions.
+    """
 
     def __init__(self, url: str, *, prefix: str = "seekgate:limits:", lease_s: float = 30.0,
                  timeout_s: float = 0.5, pool_size: int = 32, on_backend_down: str = "closed",
@@ -107,7 +125,9 @@ class RedisLimiter(Limiter):
                  probe_interval_s: float = 0.5, clock: Callable[[], float] = time.time) -> None:
         if on_backend_down not in BACKEND_DOWN_MODES:
             raise ValueError(f"on_backend_down must be one of {BACKEND_DOWN_MODES}, got {on_backend_down!r}")
-        self.prefix = prefix
+        node_url = cluster_url(url)
+        self.cluster = node_url is not None
+        self.prefix = cluster_prefix(prefix) if self.cluster else prefix
         self.lease_ms = max(1000, int(lease_s * 1000))
         self.mode = on_backend_down
         self.clock = clock
@@ -117,15 +137,27 @@ class RedisLimiter(Limiter):
         self._skew = 0.0
         self._on_backend = on_backend or (lambda up, local: None)
         self._probe_interval_s = probe_interval_s
-        # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
-        # wait for a free one is longer than timeout_s: a busy pool is not a Redis that is down.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, decode_responses=True)
-        self._redis = aioredis.Redis(connection_pool=pool)
-        # The batches go over a connection of their own, written to directly: redis-py's command
-        # path (pool checkout, response callbacks) costs as much as the round trip itself.
-        self._batch_conn: AbstractConnection = pool.make_connection()
+        self._redis: aioredis.Redis | RedisCluster
+        self._batch_conn: AbstractConnection | None = None
+        if node_url is not None:
+            # The cluster client routes each call to the node that owns its keys' slot (all of them in
+            # one: the tagged prefix) and follows MOVED/ASK when slots move or a replica takes over.
+            # One retry, after it has asked the cluster again where the slot lives (a failover that is
+            # over, a dropped connection); past that Redis counts as down, as one Redis does after
+            # timeout_s, instead of a request waiting out the client's default retries with backoff.
+            self._redis = RedisCluster.from_url(
+                node_url, max_connections=pool_size, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                decode_responses=True, retry=Retry(NoBackoff(), 1))
+        else:
+            # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
+            # wait for a free one is longer than timeout_s: a busy pool is not a Redis that is down.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=pool_size, timeout=max(5.0, timeout_s), socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, decode_responses=True)
+            self._redis = aioredis.Redis(connection_pool=pool)
+            # The batches go over a connection of their own, written to directly: redis-py's command
+            # path (pool checkout, response callbacks) costs as much as the round trip itself.
+            self._batch_conn = pool.make_connection()
         self._batch_sha = hashlib.sha1(BATCH.encode()).hexdigest()
         self.round_trips = 0   # batches sent (tests and debugging: a burst shares them)
         self._renew = self._redis.register_script(RENEW)
@@ -176,7 +208,8 @@ class RedisLimiter(Limiter):
             await self._flush_unsettled()
         if self._settle_due is not None:
             self._settle_due.cancel()
-        await self._batch_conn.disconnect()
+        if self._batch_conn is not None:
+            await self._batch_conn.disconnect()
         await self._redis.aclose()
 
     # ------------------------------------------------------------------ admission
@@ -475,8 +508,13 @@ class RedisLimiter(Limiter):
         return keys, args
 
     async def _run_batch(self, keys: list[str], args: list[Any]) -> list[Any]:
-        conn = self._batch_conn
         self.round_trips += 1
+        conn = self._batch_conn
+        if conn is None:   # Redis Cluster: through the client, which sends it to the slot's node
+            try:
+                return list(await self._redis.evalsha(self._batch_sha, len(keys), *keys, *args))
+            except NoScriptError:
+                return list(await self._redis.eval(BATCH, len(keys), *keys, *args))
         try:
             try:
                 await conn.send_packed_command(_pack(["EVALSHA", self._batch_sha, len(keys), *keys, *args]),
@@ -563,7 +601,11 @@ class RedisLimiter(Limiter):
     async def _sync_clock(self) -> None:
         """Reads Redis's TIME (also the liveness probe): the offset is its clock against this one's."""
         before = self.clock()
-        seconds, micros = await self._redis.time()
+        if self.cluster:   # the clock of the node that runs the scripts: the one owning the prefix's slot
+            seconds, micros = (int(v) for v in await self._redis.eval(
+                "return redis.call('TIME')", 1, f"{self.prefix}clock"))
+        else:
+            seconds, micros = await self._redis.time()
         after = self.clock()
         self._skew = seconds + micros / 1e6 - (before + after) / 2
 

@@ -11,8 +11,10 @@ Time is Redis's own (TIME), so replicas with skewed clocks still share one windo
 ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
 
 Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the batch
-marks): Redis Cluster routes a script call by its KEYS, and a key a script builds for itself is
-invisible to that routing and to the cluster's checks.
+marks): Redis Cluster routes a script call by its KEYS and refuses one whose keys are not all in
+one slot. On a cluster the prefix carries a hash tag (`cluster_prefix`), so every key of every
+call, a request's scopes (its key, its ancestors, an owner's rule scopes) and the marks alike,
+is in one slot: admissions of different keys are judged together, atomically, in one script.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ def scope_keys(base: str, day: str, month: str) -> tuple[str, ...]:
 def lease_key(base: str) -> str:
     """A scope's concurrency leases (RENEW's KEYS)."""
     return f"{base}:c"
+
+
+def cluster_prefix(prefix: str) -> str:
+    """The key prefix on Redis Cluster: with a hash tag, so every key the limiter writes is in one slot.
+
+    A prefix that already holds a tag (`{...}`) is kept as it is; else the prefix becomes the tag:
+    `seekgate:limits:` -> `{seekgate:limits}:`.
+    """
+    start = prefix.find("{")
+    if start >= 0 and prefix.find("}", start + 2) > start:
+        return prefix
+    return "{" + prefix.rstrip(":") + "}:"
 
 # One call admits and settles a batch: every request waiting on this replica at that moment rides
 # in one atomic script, so a burst of N costs one round trip, not N (admissions stay exactly as

@@ -21,7 +21,7 @@ import redis.asyncio
 from proxy.errors import StoreUnavailable
 from proxy.quotas import Limits
 from proxy.state.limits import OverLimit, Scope
-from proxy.state.redis_limiter import RedisGrant, RedisLimiter
+from proxy.state.redis_limiter import RedisGrant, RedisLimiter, cluster_url
 from proxy.state.redis_scripts import scope_keys
 from tests.backends import PrivateRedis
 from tests.state.redis_worker import BURST
@@ -43,6 +43,15 @@ def private_redis() -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.destroy()
+
+
+def direct_client(url: str, **options: Any) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """A client reading the limiter's keys behind its back: the cluster client for a Redis Cluster URL
+    (test_redis_cluster.py runs these tests there too), else a plain one."""
+    node = cluster_url(url)
+    if node is not None:
+        return redis.asyncio.RedisCluster.from_url(node, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def scope(key_id: str, inherited: bool = False, **limits: int) -> Scope:
@@ -157,16 +166,16 @@ async def test_slots_never_used_are_given_back(limiter: RedisLimiter, redis_serv
     for _ in range(12):
         limiter.settle(await limiter.acquire(s, 5), 5)
     assert limiter.round_trips < 12   # the key got busy: later admissions came from slots
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
-        reserved = await client.zcard(f"{redis_prefix}busy:r")
+        reserved = await client.zcard(f"{limiter.prefix}busy:r")
         assert reserved > 12   # slots counted in Redis before they were handed out
         deadline = time.monotonic() + 5
-        while await client.zcard(f"{redis_prefix}busy:r") != 12:   # the unused ones cancelled after their life
+        while await client.zcard(f"{limiter.prefix}busy:r") != 12:   # the unused ones cancelled after their life
             assert time.monotonic() < deadline, "unused slots were not given back"
             await asyncio.sleep(0.1)
-        assert int(await client.hget(f"{redis_prefix}busy:tc", "_sum")) == 12 * 5
-        assert int(await client.zcard(f"{redis_prefix}busy:t")) == 12
+        assert int(await client.hget(f"{limiter.prefix}busy:tc", "_sum")) == 12 * 5
+        assert int(await client.zcard(f"{limiter.prefix}busy:t")) == 12
     finally:
         await client.aclose()
 
@@ -176,8 +185,8 @@ async def test_a_key_idle_after_a_busy_minute_expires_its_log_in_chunks(limiter:
                                                                           redis_prefix: str) -> None:
     """30 000 expired tpm entries (a key at 500 req/s for a minute, then a pause): the admission
     after the pause must not fail on Lua's unpack limit, and the window empties over a few calls."""
-    base = f"{redis_prefix}idle"
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    base = f"{limiter.prefix}idle"
+    client = direct_client(redis_server_url)
     try:
         seconds, _ = await client.time()
         old_ms = (seconds - 120) * 1000
@@ -203,9 +212,9 @@ async def test_a_key_idle_after_a_busy_minute_expires_its_log_in_chunks(limiter:
 async def test_an_admission_redis_fails_refuses_only_itself_not_its_batch(limiter: RedisLimiter,
                                                                             redis_server_url: str,
                                                                             redis_prefix: str) -> None:
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
-        await client.set(f"{redis_prefix}broken:r", "not a sorted set")   # every script on it fails: WRONGTYPE
+        await client.set(f"{limiter.prefix}broken:r", "not a sorted set")   # every script on it fails: WRONGTYPE
         trips = limiter.round_trips
         healthy, broken = await asyncio.gather(limiter.acquire([scope("fine", rpm=5)], 0),
                                                limiter.acquire([scope("broken", rpm=5)], 0),
@@ -214,7 +223,7 @@ async def test_an_admission_redis_fails_refuses_only_itself_not_its_batch(limite
         assert isinstance(healthy, RedisGrant) and healthy.rpm_window == (5, 4, pytest.approx(60, abs=0.1))
         assert isinstance(broken, StoreUnavailable) and broken.http_status == 503
         assert limiter.up   # a script error is not Redis down
-        assert await client.zcard(f"{redis_prefix}fine:r") == 1
+        assert await client.zcard(f"{limiter.prefix}fine:r") == 1
     finally:
         await client.aclose()
 
@@ -242,14 +251,14 @@ async def test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted
     s = [scope("late", rpm=1000)]
     for _ in range(2):
         await limiter.acquire(s, 0)   # busy: the second of these reserved slots
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
         await asyncio.sleep(0.5)
         seconds, micros = await client.time()
         used_at_ms = seconds * 1000 + micros // 1000
         grant = await limiter.acquire(s, 0)
         assert isinstance(grant, RedisGrant) and "#" in grant.gid   # handed out from a slot
-        score = await client.zscore(f"{redis_prefix}late:r", grant.gid)
+        score = await client.zscore(f"{limiter.prefix}late:r", grant.gid)
         assert score is not None and score >= used_at_ms   # it leaves the window no earlier than 60 s after use
     finally:
         await client.aclose()
@@ -386,6 +395,7 @@ async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
         slots: int) -> None:
     """The script counts the fitting slots at once: exactly as many as a per-request check at half
     of every limit would admit one after another, charged in every log the limits keep."""
+    limits = dict(limits)   # the parameter is shared by every run of it (test_redis_cluster.py runs it too)
     request = limits.pop("request", 1)
     s = scope("half", **limits)
     assert not s.limits.unlimited()
@@ -394,12 +404,12 @@ async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
     five = [s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens]
     args = [0, 1, limiter.lease_ms, 1000, "", 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
             *five]
-    replies, failed = await limiter._run_batch(list(scope_keys(f"{redis_prefix}half", day, month)), args)
+    replies, failed = await limiter._run_batch(list(scope_keys(f"{limiter.prefix}half", day, month)), args)
     assert failed == [] and int(replies[0][0]) == 1
     assert int(replies[0][5]) == slots
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
-        base = f"{redis_prefix}half"
+        base = f"{limiter.prefix}half"
         charged = request + slots
         if s.limits.rpm:
             assert await client.zcard(f"{base}:r") == charged
@@ -426,9 +436,9 @@ async def test_a_busy_key_refills_its_slots_before_they_run_dry(limiter: RedisLi
             await asyncio.sleep(0.01)   # a request that takes 10 ms: ~3 000 admissions a second
 
     await asyncio.gather(*(client_loop() for _ in range(32)))
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
-        logged = [m.decode() for m in await client.zrange(f"{redis_prefix}refill:r", 0, -1)]
+        logged = [m.decode() for m in await client.zrange(f"{limiter.prefix}refill:r", 0, -1)]
     finally:
         await client.aclose()
     requests = [m for m in logged if "#" not in m]   # admissions judged in Redis one by one
@@ -448,10 +458,10 @@ async def test_a_raised_charge_rides_the_next_admission_and_goes_alone_within_it
     grant = await limiter.acquire(s, 10)
     assert isinstance(grant, RedisGrant)
     limiter.settle(grant, 40)                           # raised by 30, and nothing else sent
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
     try:
         deadline = time.monotonic() + 1.0
-        while int(await client.hget(f"{redis_prefix}raise:tc", grant.gid) or 0) != 40:
+        while int(await client.hget(f"{limiter.prefix}raise:tc", grant.gid) or 0) != 40:
             assert time.monotonic() < deadline, "the raise was not written on its own"
             await asyncio.sleep(0.005)
     finally:
@@ -541,10 +551,10 @@ async def test_slots_reserved_by_an_admission_cancelled_in_flight_are_given_back
         await asking
     await sent
     await asyncio.sleep(0)                          # the answer's callbacks have run
-    client = redis.asyncio.Redis.from_url(redis_server_url)
+    client = direct_client(redis_server_url)
 
     async def charged() -> list[int]:
-        return [int(await client.get(k)) async for k in client.scan_iter(f"{redis_prefix}leaves:d:*")]
+        return [int(await client.get(k)) async for k in client.scan_iter(f"{limiter.prefix}leaves:d:*")]
 
     try:
         assert (await charged())[0] > 10 * (admitted + 1), "the cancelled admission reserved no slots"
@@ -591,12 +601,12 @@ async def test_every_key_the_scripts_touch_is_declared_in_keys(limiter: RedisLim
     async with asyncio.timeout(10):
         while not lost or not limiter.up or limiter._unsettled or limiter._settlements:
             await asyncio.sleep(0.05)
-    client = redis.asyncio.Redis.from_url(redis_server_url, decode_responses=True)
+    client = direct_client(redis_server_url, decode_responses=True)
     try:
-        written = {key async for key in client.scan_iter(match=f"{redis_prefix}*")}
+        written = {key async for key in client.scan_iter(match=f"{limiter.prefix}*")}
     finally:
         await client.aclose()
-    assert {f"{redis_prefix}dev:r", f"{redis_prefix}app:tc", f"{redis_prefix}rule:r1:app:r"} <= written
+    assert {f"{limiter.prefix}dev:r", f"{limiter.prefix}app:tc", f"{limiter.prefix}rule:r1:app:r"} <= written
     assert any(":batch:" in key for key in written)   # the settlements' batch marks
     assert written <= declared
-    assert renewed and set(renewed) <= declared and {f"{redis_prefix}dev:c", f"{redis_prefix}app:c"} <= set(renewed)
+    assert renewed and set(renewed) <= declared and {f"{limiter.prefix}dev:c", f"{limiter.prefix}app:c"} <= set(renewed)
