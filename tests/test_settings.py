@@ -252,8 +252,19 @@ def test_redis_url_from_env_and_limits_backend_down_checked() -> None:
     errors = errors_of(path=None, env={"SEEKGATE_REDIS_URL": "http://10.0.0.5", "SEEKGATE_REDIS_LEASE_S": "0.1",
                                        "SEEKGATE_LIMITS_ON_BACKEND_DOWN": "open"})
     assert errors == ["limits.on_backend_down: must be closed or local, got 'open'",
-                      "redis.url: must be empty or a redis://, rediss:// or unix:// URL, got scheme 'http'",
+                      "redis.url: must be empty or a redis://, rediss://, unix:// or (Redis Cluster) "
+                      "redis+cluster://, rediss+cluster:// URL, got scheme 'http'",
                       "redis.lease_s: must be at least 1 second, got 0.1"]
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://10.0.0.1:6379", "rediss+cluster://user:pw@cfg.example:6379/0"])
+def test_a_redis_cluster_url_is_valid(url: str) -> None:
+    assert load_settings(None, env={"SEEKGATE_REDIS_URL": url}).redis.url == url
+
+
+def test_a_redis_cluster_url_names_no_database_but_0() -> None:
+    assert errors_of(path=None, env={"SEEKGATE_REDIS_URL": "redis+cluster://10.0.0.1:6379/2"}) == [
+        "redis.url: Redis Cluster has database 0 only, got '/2'"]
 
 
 @pytest.mark.parametrize("aliases", ["deepseek-chat=deepseek", "deepseek-ai/DeepSeek-V3=deepseek, ds=deepseek", ""])

@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
-from proxy.settings import Settings, validate
 from proxy.state.redis_limiter import RedisLimiter
 from proxy.state.redis_scripts import cluster_prefix
 from tests.backends import PrivateRedisCluster
@@ -145,14 +144,3 @@ async def test_an_answered_cluster_refuses_what_a_limit_refuses_across_replicas(
     finally:
         await a.close()
         await b.close()
-
-
-def test_a_cluster_url_is_a_valid_setting_and_a_database_other_than_0_is_not() -> None:
-    from dataclasses import replace
-    base = Settings()
-    ok = replace(base, redis=replace(base.redis, url="redis+cluster://10.0.0.1:6379"))
-    assert not [e for e in validate(ok) if e.startswith("redis.url")]
-    tls = replace(base, redis=replace(base.redis, url="rediss+cluster://user:pw@cfg.example:6379/0"))
-    assert not [e for e in validate(tls) if e.startswith("redis.url")]
-    bad = replace(base, redis=replace(base.redis, url="redis+cluster://10.0.0.1:6379/2"))
-    assert [e for e in validate(bad) if e.startswith("redis.url")]
