@@ -610,3 +610,21 @@ async def test_every_key_the_scripts_touch_is_declared_in_keys(limiter: RedisLim
     assert any(":batch:" in key for key in written)   # the settlements' batch marks
     assert written <= declared
     assert renewed and set(renewed) <= declared and {f"{limiter.prefix}dev:c", f"{limiter.prefix}app:c"} <= set(renewed)
+
+
+async def test_a_single_redis_keeps_the_key_names_of_earlier_versions(limiter: RedisLimiter, redis_server_url: str,
+                                                                      redis_prefix: str) -> None:
+    """A rolling upgrade on one Redis keeps every window, lease and budget: no hash tag is added there,
+    the keys are named exactly as before Redis Cluster support."""
+    assert not limiter.cluster and limiter.prefix == redis_prefix
+    grant = await limiter.acquire([scope("old", rpm=5, tpm=100, concurrency=2, daily_tokens=1000,
+                                         monthly_tokens=1000)], 10)
+    assert isinstance(grant, RedisGrant)
+    client = direct_client(redis_server_url, decode_responses=True)
+    try:
+        written = {key async for key in client.scan_iter(match=f"{redis_prefix}*")}
+    finally:
+        await client.aclose()
+    base = f"{redis_prefix}old"
+    assert written == {f"{base}:r", f"{base}:t", f"{base}:tc", f"{base}:c", f"{base}:d:{grant.day}",
+                       f"{base}:m:{grant.month}"}
