@@ -181,7 +181,7 @@ class PrivateRedisCluster:
         # ephemeral port).
         ports = free_ports(2 * masters)
         self.ports, self.bus_ports = ports[:masters], ports[masters:]
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -192,22 +192,47 @@ class PrivateRedisCluster:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:
             raise RuntimeError("redis-server or redis-cli is not installed: run scripts/system-packages")
-        for port, bus in zip(self.ports, self.bus_ports, strict=True):
-            node = self.root / str(port)
-            node.mkdir()
-            self._procs.append(subprocess.Popen(
-                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-port", str(bus),
-                 "--cluster-config-file", str(node / "nodes.conf"), "--cluster-node-timeout", "2000",
-                 "--save", "", "--appendonly", "no", "--dir", str(node)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in self.ports:
-            if not _wait(lambda port=port: redis_answers(f"redis://127.0.0.1:{port}/0")):
-                raise RuntimeError(f"cluster node on port {port} did not answer")
+            (self.root / str(port)).mkdir()
+            self.start_node(port, joined=False)
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         if not _wait(self._ready, tries=400):
             raise RuntimeError("the private Redis Cluster did not reach cluster_state:ok")
+
+    def start_node(self, port: int, *, joined: bool = True) -> None:
+        """Starts the node of `port` (again: with its nodes.conf it rejoins with its slots, its data gone)."""
+        node = self.root / str(port)
+        bus = self.bus_ports[self.ports.index(port)]
+        self._procs[port] = subprocess.Popen(
+            [str(shutil.which("redis-server")), "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", str(node / "nodes.conf"),
+             "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(node)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not _wait(lambda: redis_answers(f"redis://127.0.0.1:{port}/0")):
+            raise RuntimeError(f"cluster node on port {port} did not answer")
+        if joined and not _wait(self._ready, tries=600):
+            raise RuntimeError("the private Redis Cluster did not reach cluster_state:ok again")
+
+    def stop_node(self, port: int) -> None:
+        proc = self._procs.pop(port)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    def port_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot."""
+        import redis
+        from redis.crc import key_slot
+        slot = key_slot(key.encode())
+        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        try:
+            for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise RuntimeError(f"no master serves slot {slot}")
 
     def _ready(self) -> bool:
         import redis
@@ -225,11 +250,11 @@ class PrivateRedisCluster:
         return True
 
     def destroy(self) -> None:
-        for proc in self._procs:
+        for proc in self._procs.values():
             proc.terminate()
-        for proc in self._procs:
+        for proc in self._procs.values():
             proc.wait(timeout=10)
-        self._procs = []
+        self._procs = {}
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
+from proxy.errors import StoreUnavailable
+from proxy.state.limits import OverLimit
 from proxy.state.redis_limiter import RedisLimiter
 from proxy.state.redis_scripts import cluster_prefix
 from tests.backends import PrivateRedisCluster
@@ -136,7 +138,6 @@ async def test_an_answered_cluster_refuses_what_a_limit_refuses_across_replicas(
             await a.acquire(s, 0)
         await b.acquire(s, 0)
         await b.acquire(s, 0)
-        from proxy.state.limits import OverLimit
         with pytest.raises(OverLimit):
             await b.acquire(s, 0)
         with pytest.raises(OverLimit):
@@ -144,3 +145,40 @@ async def test_an_answered_cluster_refuses_what_a_limit_refuses_across_replicas(
     finally:
         await a.close()
         await b.close()
+
+
+# Last in the module: it stops one of the cluster's masters and starts it again.
+@pytest.mark.parametrize("mode", ["closed", "local"])
+async def test_the_slots_master_down_then_back(redis_cluster: PrivateRedisCluster, redis_prefix: str,
+                                               mode: str) -> None:
+    """The master serving the limiter's slot stops: limited requests get 503 (closed) or this replica's
+    own limits (local), and the replica says so; started again, the shared counters take over, no restart."""
+    seen: list[tuple[bool, bool]] = []
+    lim = RedisLimiter(redis_cluster.url, prefix=redis_prefix, timeout_s=0.5, on_backend_down=mode,
+                       on_backend=lambda up, local: seen.append((up, local)), probe_interval_s=0.2)
+    await lim.start()
+    port = redis_cluster.port_of(f"{lim.prefix}x")
+    s = [scope("down", rpm=2)]
+    try:
+        await lim.acquire(s, 0)
+        redis_cluster.stop_node(port)
+        if mode == "closed":
+            with pytest.raises(StoreUnavailable):
+                await lim.acquire(s, 0)
+        else:   # this replica's own rpm=2: two, then 429
+            await lim.acquire(s, 0)
+            await lim.acquire(s, 0)
+            with pytest.raises(OverLimit):
+                await lim.acquire(s, 0)
+        assert not lim.up and seen[-1] == (False, mode == "local")
+        redis_cluster.start_node(port)
+        async with asyncio.timeout(30):
+            while not lim.up:
+                await asyncio.sleep(0.1)
+        assert seen[-1] == (True, False)
+        await lim.acquire(s, 0)   # the restarted master lost its data: a fresh window of 2
+        await lim.acquire(s, 0)
+        with pytest.raises(OverLimit):
+            await lim.acquire(s, 0)
+    finally:
+        await lim.close()
