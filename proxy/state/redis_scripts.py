@@ -41,8 +41,9 @@ def cluster_prefix(prefix: str) -> str:
     A prefix that already holds a tag (`{...}`) is kept as it is; else the prefix becomes the tag:
     `seekgate:limits:` -> `{seekgate:limits}:`.
     """
+    # Redis's rule: the tag is between the first '{' and the first '}' after it, if not empty.
     start = prefix.find("{")
-    if start >= 0 and prefix.find("}", start + 2) > start:
+    if start >= 0 and prefix.find("}", start + 1) > start + 1:
         return prefix
     return "{" + prefix.rstrip(":") + "}:"
 

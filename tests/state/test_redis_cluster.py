@@ -76,6 +76,10 @@ def test_the_cluster_prefix_is_a_hash_tag() -> None:
     assert cluster_prefix("seekgate:limits:") == "{seekgate:limits}:"
     assert cluster_prefix("{t}:limits:") == "{t}:limits:"   # already tagged: kept
     assert cluster_prefix("a{}b:") == "{a{}b}:"            # an empty tag tags nothing
+    assert cluster_prefix("a{}{b}:") == "{a{}{b}}:"        # ... and Redis reads no further for another
+    for prefix in ("seekgate:limits:", "{t}:limits:", "a{}b:", "a{}{b}:", "x{y}z:"):
+        tagged = cluster_prefix(prefix)
+        assert len({key_slot(f"{tagged}{key}:r".encode()) for key in ("dev", "app", "rule:r1:app", "a}{b")}) == 1
 
 
 async def test_every_script_call_keeps_its_keys_in_one_slot(redis_server_url: str, redis_prefix: str,
