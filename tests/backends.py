@@ -208,7 +208,8 @@ class PrivateRedisCluster:
         self._procs[port] = subprocess.Popen(
             [str(shutil.which("redis-server")), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", str(node / "nodes.conf"),
-             "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(node)],
+             "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(node),
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not _wait(lambda: redis_answers(f"redis://127.0.0.1:{port}/0")):
             raise RuntimeError(f"cluster node on port {port} did not answer")

@@ -142,12 +142,14 @@ class RedisLimiter(Limiter):
         if node_url is not None:
             # The cluster client routes each call to the node that owns its keys' slot (all of them in
             # one: the tagged prefix) and follows MOVED/ASK when slots move or a replica takes over.
-            # One retry, after it has asked the cluster again where the slot lives (a failover that is
-            # over, a dropped connection); past that Redis counts as down, as one Redis does after
-            # timeout_s, instead of a request waiting out the client's default retries with backoff.
+            # No retries of its own: a batch is not idempotent (one sent again after its answer was
+            # lost would settle twice), so only this limiter retries, with the batch's mark. A node
+            # that fails a call makes Redis count as down at once, as one Redis does after timeout_s;
+            # the probe asks the cluster again where the slot lives and takes counting back.
+            # (MOVED and ASK are redirects, not retries: the client still follows them.)
             self._redis = RedisCluster.from_url(
                 node_url, max_connections=pool_size, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                decode_responses=True, retry=Retry(NoBackoff(), 1))
+                decode_responses=True, retry=Retry(NoBackoff(), 0))
         else:
             # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The
             # wait for a free one is longer than timeout_s: a busy pool is not a Redis that is down.

@@ -151,6 +151,34 @@ async def test_an_answered_cluster_refuses_what_a_limit_refuses_across_replicas(
         await b.close()
 
 
+async def test_a_batch_whose_answer_timed_out_is_not_sent_again_by_the_cluster_client(
+        redis_cluster: PrivateRedisCluster, redis_prefix: str) -> None:
+    """The slot's master is busy (DEBUG SLEEP) past timeout_s while a settlement's batch waits in its
+    socket: the batch runs once when the master wakes. A client that sent it again by itself would
+    run it twice (Redis runs both) and give the key back 400 tokens twice; the limiter's own retry
+    carries the batch's mark and is skipped."""
+    lim = RedisLimiter(redis_cluster.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.2)
+    await lim.start()
+    s = [scope("once", daily_tokens=1000)]
+    try:
+        grant = await lim.acquire(s, 500)                      # estimate 500
+        import redis as sync_redis
+        blocker = sync_redis.Redis(port=redis_cluster.port_of(f"{lim.prefix}x"))
+        asleep = asyncio.create_task(asyncio.to_thread(blocker.execute_command, "DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.2)                               # the master is asleep
+        lim.settle(grant, 100)                                 # the response used 100: -400, once
+        await asleep
+        blocker.close()
+        async with asyncio.timeout(20):
+            while not lim.up or lim._unsettled or lim._settlements or lim._sender is not None:
+                await asyncio.sleep(0.05)
+        with pytest.raises(OverLimit) as over:
+            await lim.acquire(s, 901)
+        assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+    finally:
+        await lim.close()
+
+
 # Last in the module: it stops one of the cluster's masters and starts it again.
 @pytest.mark.parametrize("mode", ["closed", "local"])
 async def test_the_slots_master_down_then_back(redis_cluster: PrivateRedisCluster, redis_prefix: str,
