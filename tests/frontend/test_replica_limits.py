@@ -40,7 +40,7 @@ import tritonclient.grpc
 from tritonclient.utils import InferenceServerException
 
 from proxy.local.triton import TritonProcess
-from tests.backends import PrivateRedis, create_database, drop_database
+from tests.backends import PrivateRedis, PrivateRedisCluster, create_database, drop_database
 from tests.frontend.test_replicas import PATH, Replica
 from tests.gateway import wait_for
 from tests.relay import RequestHold, TcpRelay, relays_to
@@ -54,7 +54,7 @@ HOLD_LIMIT_S = 45.0    # the longest the relay keeps a request from Triton if a 
 class Cluster:
     replicas: list[Replica]
     relay: TcpRelay
-    redis: PrivateRedis
+    redis: PrivateRedis | PrivateRedisCluster
     store_url: str
     root: Path
     root_key: Path
@@ -71,14 +71,16 @@ class Cluster:
 
 
 @contextmanager
-def running_cluster(triton: TritonProcess, postgres_admin_url: str, root: Path, on_backend_down: str
-                    ) -> Iterator[Cluster]:
-    """Three replicas on a fresh database, a PrivateRedis and a relay to Triton; all stopped at exit."""
+def running_cluster(triton: TritonProcess, postgres_admin_url: str, root: Path, on_backend_down: str,
+                    redis: PrivateRedis | PrivateRedisCluster | None = None) -> Iterator[Cluster]:
+    """Three replicas on a fresh database, a PrivateRedis (or the Redis Cluster given) and a relay to
+    Triton; all stopped at exit."""
     url = asyncio.run(create_database(postgres_admin_url))
     root_key = root / "root.key"
     root_key.write_bytes(secrets.token_bytes(32))
     os.chmod(root_key, 0o600)
-    redis = PrivateRedis()
+    if redis is None:
+        redis = PrivateRedis()
     redis.start()
     with relays_to(triton.launch.http_port) as (relay,):
         extra = {"upstream": {"http_url": f"http://127.0.0.1:{relay.port}",
