@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -519,11 +520,11 @@ class RedisLimiter(Limiter):
                 return list(await self._redis.eval(BATCH, len(keys), *keys, *args))
         try:
             try:
-                await conn.send_packed_command(_pack(["EVALSHA", self._batch_sha, len(keys), *keys, *args]),
+                await conn.send_packed_command(_pack_call("EVALSHA", self._batch_sha, keys, args),
                                                check_health=False)
                 return list(await conn.read_response())
             except NoScriptError:   # a restarted Redis forgot it: EVAL sends the text and caches it again
-                await conn.send_packed_command(_pack(["EVAL", BATCH, len(keys), *keys, *args]),
+                await conn.send_packed_command(_pack_call("EVAL", BATCH, keys, args),
                                                check_health=False)
                 return list(await conn.read_response())
         except BaseException:
@@ -627,6 +628,20 @@ class RedisLimiter(Limiter):
     def in_flight_leases(self) -> int:
         """Grants of this process holding a lease (for tests and debugging)."""
         return len(self._held.leases)
+
+
+def _pack_call(command: str, script: str, keys: list[str], args: Sequence[str | int]) -> bytes:
+    """EVAL/EVALSHA `script` with `keys` and `args` in RESP. A scope's keys recur from batch to batch
+    (six per scope, settlements and admissions alike): each is encoded once, then reused."""
+    head = _pack([command, script, len(keys)])
+    return b"".join([b"*%d\r\n" % (3 + len(keys) + len(args)), head[head.index(b"\r\n") + 2:],
+                     *map(_bulk_key, keys), _pack(args)[len(b"*%d\r\n" % len(args)):]])
+
+
+@lru_cache(maxsize=16384)
+def _bulk_key(key: str) -> bytes:
+    data = key.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def _pack(args: Sequence[str | int]) -> bytes:

@@ -628,3 +628,13 @@ async def test_a_single_redis_keeps_the_key_names_of_earlier_versions(limiter: R
     base = f"{redis_prefix}old"
     assert written == {f"{base}:r", f"{base}:t", f"{base}:tc", f"{base}:c", f"{base}:d:{grant.day}",
                        f"{base}:m:{grant.month}"}
+
+
+def test_a_batch_packed_with_its_keys_encoded_once_is_the_same_command() -> None:
+    """_pack_call reuses each key's encoding from batch to batch: the bytes are those of _pack, every time."""
+    from proxy.state.redis_limiter import _pack, _pack_call
+    keys = [*scope_keys("seekgate:limits:dév", "2026-12-07", "2026-12"), "seekgate:limits:batch:x:1"]
+    args: list[str | int] = [1, 0, 30000, 1000, "1", 1, "g", -5, "2026-12-07", "2026-12", 0, ""]
+    for _ in range(2):   # the second time from the cache
+        assert _pack_call("EVALSHA", "s" * 40, keys, args) == _pack(["EVALSHA", "s" * 40, len(keys), *keys, *args])
+    assert _pack_call("EVAL", "return 1", [], [0]) == _pack(["EVAL", "return 1", 0, 0])
