@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ class RetentionClock:
         recorded: float | None = None
         try:
             boot, value = self.state.read_text().split()
-            if boot == self._boot:
+            if boot == self._boot and math.isfinite(float(value)):   # float() also reads "-inf" and "nan"
                 recorded = float(value)
         except (OSError, ValueError):
             pass   # missing, another boot's, or unreadable: ours starts it

@@ -168,3 +168,17 @@ async def test_writer_on_real_files_survives_clock_steps_both_ways(tmp_path: Pat
     assert not set(before_jump) & set(left)
     assert _ids([*left, audit_dir / "audit.jsonl"])[-12:] == [f"req-{i}" for i in range(24, 36)]
     await writer.close()
+
+
+def test_a_recorded_offset_that_is_no_number_is_ignored_and_replaced(tmp_path: Path) -> None:
+    # float() reads "-inf" and "nan": a state file holding "-inf" put now() at minus infinity, so nothing
+    # expired again until the next boot, and "nan" was never replaced.
+    state = tmp_path / ".retention-clock"
+    fake = FakeClock()
+    for corrupt in ("-inf", "nan", "inf"):
+        state.write_text(f"boot-1 {corrupt}\n")
+        clock = RetentionClock(wall=lambda: fake.wall, elapsed=lambda: fake.elapsed, state=state,
+                               boot_id=lambda: "boot-1")
+        assert clock.now() == T0, corrupt
+        assert state.read_text().split() == ["boot-1", repr(T0 - fake.elapsed)], corrupt
+
