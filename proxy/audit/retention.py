@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -79,12 +80,14 @@ class RetentionClock:
         if recorded is not None and recorded <= offset:
             return recorded
         if recorded is None or recorded - offset >= _RECORD_STEP_S:
+            tmp = self.state.with_name(f"{self.state.name}.{os.getpid()}")
             try:
-                tmp = self.state.with_name(f"{self.state.name}.{os.getpid()}")
                 tmp.write_text(f"{self._boot} {offset!r}\n")
                 os.replace(tmp, self.state)   # whole or not at all, for a reader in another process
             except OSError as exc:
                 log.warning("retention clock state %s not written: %s", self.state, exc)
+                with contextlib.suppress(OSError):   # a full disk or a failed rename left it: one more file a process
+                    tmp.unlink()
         return offset
 
 

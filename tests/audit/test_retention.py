@@ -182,3 +182,14 @@ def test_a_recorded_offset_that_is_no_number_is_ignored_and_replaced(tmp_path: P
         assert clock.now() == T0, corrupt
         assert state.read_text().split() == ["boot-1", repr(T0 - fake.elapsed)], corrupt
 
+
+def test_a_state_file_not_replaced_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    # Here the state's path is taken by a directory, so the rename over it fails; a full disk fails the write.
+    # Either way the process's .retention-clock.<pid> stayed in the audit directory, one more per process.
+    state = tmp_path / ".retention-clock"
+    (state / "in-the-way").mkdir(parents=True)
+    fake = FakeClock()
+    clock = RetentionClock(wall=lambda: fake.wall, elapsed=lambda: fake.elapsed, state=state,
+                           boot_id=lambda: "boot-1")
+    assert clock.now() == T0   # its own view stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".retention-clock"]
