@@ -22,6 +22,9 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # A smaller offset is written to the shared state only when it is smaller by this much: NTP's slewing
 # moves both clocks alike, so anything finer is noise not worth a file write.
 _RECORD_STEP_S = 1.0
+# A rotated file's newest record this far past retention's now was stamped by a clock standing ahead
+# (expired_files); an hour covers the skew between retention's view and this host's wall clock.
+FUTURE_SLACK_S = 3600.0
 
 
 def _elapsed() -> float:
@@ -112,23 +115,40 @@ def newest_epoch(path: Path, lines: int = 64) -> float:
     return rotated_epoch(path) if newest is None else newest
 
 
-def expired_files(audit_dir: Path, cutoff: float) -> list[Path]:
+def expired_files(audit_dir: Path, cutoff: float, now: float | None = None) -> list[Path]:
     """The rotated files to delete: per stream, oldest (by name) first, up to the first one still in retention.
 
     Only a leading run is ever deleted, so a stream never gets a hole: a file whose records look old
     (written while the clock stood back) is kept while an earlier one is kept, and readers that walk
     a stream in name order (tail, the shared index's catch-up) find everything after the oldest file left.
+
+    Given `now` (retention's clock), a file whose records are stamped over FUTURE_SLACK_S past it was
+    written while the wall clock stood ahead (a typo of years, corrected a minute later): it is as old
+    as the files rotated after it at most, since its records came before theirs. Without that it, and
+    every later file of its stream, would be kept until its future time plus retention. A file stamped
+    in the past is never aged by later ones: they may be the wrong ones (a backward step), and an
+    audit file is kept too long rather than deleted early.
     """
     streams: dict[str, list[Path]] = {}
     for path in rotated_files(audit_dir):   # name order: rotation order within a stream
         streams.setdefault(stream_suffix(path), []).append(path)
     out: list[Path] = []
     for files in streams.values():
+        aged: list[tuple[Path, float]] = []
         for path in files:
             try:
-                if newest_epoch(path) >= cutoff:
-                    break
+                aged.append((path, newest_epoch(path)))
             except FileNotFoundError:   # deleted by hand, or by another worker's prune of a shared stream
                 continue
+        if now is not None:
+            later = math.inf   # the least age of the files after this one
+            for i in range(len(aged) - 1, -1, -1):
+                path, age = aged[i]
+                if age > now + FUTURE_SLACK_S:
+                    aged[i] = (path, min(age, later))
+                later = min(later, aged[i][1])
+        for path, age in aged:
+            if age >= cutoff:
+                break
             out.append(path)
     return out

@@ -316,8 +316,9 @@ class AuditWriter:
 
         Older by `self.clock` (never ahead of elapsed time), and a file by its newest record, not its name.
         """
-        cutoff = (await asyncio.to_thread(self.clock.now) if now is None else now) - self.retention_days * 86400
-        await asyncio.to_thread(self._prune_files, cutoff)
+        now = await asyncio.to_thread(self.clock.now) if now is None else now
+        cutoff = now - self.retention_days * 86400
+        await asyncio.to_thread(self._prune_files, cutoff, now)
         if self._index is not None:
             await asyncio.to_thread(self._index.prune, cutoff)
         self._next_prune = time.monotonic() + 3600
@@ -533,8 +534,8 @@ class AuditWriter:
         if self._index is not None:
             await asyncio.to_thread(self._index.insert, batch)
 
-    def _prune_files(self, cutoff: float) -> None:
-        for path in expired_files(self.dir, cutoff):
+    def _prune_files(self, cutoff: float, now: float) -> None:
+        for path in expired_files(self.dir, cutoff, now):
             path.unlink(missing_ok=True)
 
 

@@ -129,6 +129,43 @@ def _rows(db: Path) -> int:
         return conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
 
 
+def test_a_file_stamped_in_the_future_is_as_old_as_the_files_after_it(tmp_path: Path) -> None:
+    a = _write(tmp_path / "audit-20260101T000000.000000Z.jsonl", T0 - 60 * DAY)
+    typo = _write(tmp_path / "audit-20260102T000000.000000Z.jsonl", T0 + 3650 * DAY)   # the clock ten years ahead
+    c = _write(tmp_path / "audit-20360101T000000.000001Z.jsonl", T0 - 50 * DAY)   # corrected: its name still after
+    d = _write(tmp_path / "audit-20360101T000000.000002Z.jsonl", T0 - DAY)
+    assert expired_files(tmp_path, T0 - 30 * DAY, now=T0) == [a, typo, c]
+    # Without retention's now nothing tells the typo from the truth: kept, and all after it.
+    assert expired_files(tmp_path, T0 - 30 * DAY) == [a]
+    # A future file last in its stream has nothing after it to be aged by: kept.
+    d.unlink()
+    c.unlink()
+    assert expired_files(tmp_path, T0 - 30 * DAY, now=T0) == [a]
+
+
+async def test_writer_prunes_files_written_while_the_clock_stood_years_ahead(tmp_path: Path) -> None:
+    fake = FakeClock()
+    audit_dir = tmp_path / "audit"
+    writer = AuditWriter(tmp_path, max_bytes=1500, retention_days=1, batch_size=2, clock=fake.retention())
+    await writer.start()
+    for n in range(36):
+        if n == 12:
+            fake.wall += 3650 * DAY    # a typo: ten years ahead ...
+        if n == 24:
+            fake.wall -= 3650 * DAY    # ... corrected twelve records later
+        writer.submit(_rec(n, fake.wall))
+        fake.wall += 1
+        fake.elapsed += 1
+        await writer.flush()
+    written = rotated_files(audit_dir)
+    assert len(written) >= 6
+    fake.elapsed += 2 * DAY        # two days really pass: every record so far is out of retention
+    fake.wall += 2 * DAY
+    await writer.prune()
+    assert rotated_files(audit_dir) == [], "files kept for ten years by a typo corrected at once"
+    await writer.close()
+
+
 async def test_writer_on_real_files_survives_clock_steps_both_ways(tmp_path: Path) -> None:
     fake = FakeClock()
     audit_dir = tmp_path / "audit"
