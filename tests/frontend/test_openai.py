@@ -660,6 +660,51 @@ def test_a_budget_smaller_than_the_default_grants_what_is_left(gw: Gateway, rela
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.fixture
+def gw_redis(relays: tuple[TcpRelay, TcpRelay], tmp_path_factory: pytest.TempPathFactory, redis_server_url: str,
+             redis_prefix: str) -> Iterator[Gateway]:
+    """A seekgate whose limits are counted in the real Redis (redis.url), under a key prefix of this test alone;
+    its keys are deleted after it (only those: the server may be shared)."""
+    import redis
+
+    root = tmp_path_factory.mktemp("gw-openai-redis")
+    try:
+        with gateway_via(root, *relays, **{"redis.url": redis_server_url, "redis.key_prefix": redis_prefix}) as g:
+            yield g
+    finally:
+        r = redis.Redis.from_url(redis_server_url)
+        for k in list(r.scan_iter(match=redis_prefix + "*", count=1000)):
+            r.delete(k)
+        r.close()
+
+
+@pytest.mark.parametrize("budget", ["daily_tokens", "tpm"])
+def test_a_budget_in_redis_smaller_than_the_default_grants_exactly_what_is_left(gw_redis: Gateway, relay: TcpRelay,
+                                                                                budget: str, redis_server_url: str,
+                                                                                redis_prefix: str) -> None:
+    """The default's fit on the shared limiter (the Lua script's refusal names what is left): a chat request
+    without max_tokens gets exactly the remainder of a budget under the model's cap (512), while a max_tokens
+    or max_completion_tokens the client names over it is a 429 that charges nothing."""
+    gw = gw_redis
+    key_id, key = gw.key(owner=f"redis-budget-{budget}", limits={budget: 30})
+    c = client(gw, key, max_retries=0)
+    hi: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MODEL, messages=hi, max_tokens=31)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model=MODEL, messages=hi, max_completion_tokens=31)
+    marker = f"m1234abcd {budget} Tell me a story"
+    answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0)
+    assert answer.usage is not None and 1 <= answer.usage.completion_tokens <= 30
+    assert forwarded_max_tokens(relay, marker) == [30]   # the refusals charged nothing: all 30 are left
+    assert records_of(gw, key_id, 3)[-1]["openai"]["default_max_tokens"] == 30
+    import redis
+    with redis.Redis.from_url(redis_server_url) as r:   # counted in Redis, not in the process
+        assert list(r.scan_iter(match=f"{redis_prefix}{key_id}:d:*"))
+    with pytest.raises(openai.RateLimitError):   # settled to the real use, prompt included: none left
+        c.chat.completions.create(model=MODEL, messages=hi)
+
+
 def test_a_refusal_of_max_completion_tokens_names_max_completion_tokens(gw: Gateway) -> None:
     """The generate body knows only max_tokens; the client that sent max_completion_tokens reads its own name."""
     _, capped = gw.key(owner="capped3", roles=("capped",))
