@@ -120,3 +120,43 @@ async def test_limiter_restart_is_survived(tmp_path: Path) -> None:
 
 async def test_socket_is_private(server: LimiterServer) -> None:
     assert server.path.stat().st_mode & 0o077 == 0
+
+
+async def test_a_default_is_fitted_to_the_budget_left_across_workers(server: LimiterServer) -> None:
+    """limit(fit=True) (the OpenAI door's default max_tokens) on the workers' limiter: the supervisor's
+    refusal carries what is left over the socket, so a default is granted exactly that, charged once in
+    the shared counters; a named max_tokens (no fit) over it is refused, charging nothing."""
+    from types import SimpleNamespace
+
+    from proxy.context import Principal, RequestContext, Resource
+    from proxy.settings import load_settings
+    from proxy.steps.authz import Authorizer
+    from proxy.steps.pipeline import limit
+
+    a, b = SocketLimiter(server.path), SocketLimiter(server.path)
+    chain = (("fit-dev", "device", {"daily_tokens": 100}), ("fit-app", "app", {"tpm": 70}))
+
+    def ctx_for() -> RequestContext:
+        ctx = RequestContext(request_id="r", client_ip="127.0.0.1")
+        ctx.principal = Principal(chain[0][0], chain[0][1], "o", limits=chain)
+        ctx.resource = Resource("model:deepseek", "infer", model="deepseek")
+        return ctx
+
+    def state(limiter: SocketLimiter) -> SimpleNamespace:
+        return SimpleNamespace(settings=load_settings(None, env={}), authorizer=Authorizer(), limiter=limiter)
+
+    first = ctx_for()
+    assert await limit(state(a), first, 30) == 30  # type: ignore[arg-type]
+    with pytest.raises(OverLimit) as over:   # named: 41 > the 40 the app's tpm has left
+        await limit(state(b), ctx_for(), 41)  # type: ignore[arg-type]
+    assert (over.value.kind, over.value.remaining) == ("tpm", 40)
+    fitted = ctx_for()
+    assert await limit(state(b), fitted, 512, fit=True) == 40  # type: ignore[arg-type]
+    assert fitted.limit_grant is not None and fitted.limit_grant.tokens == 40
+    local = server.limiter
+    assert (local._keys["fit-dev"].day.used, local._keys["fit-app"].tpm_used) == (70, 70)
+    with pytest.raises(OverLimit) as over:   # nothing left: a default too is refused
+        await limit(state(a), ctx_for(), 512, fit=True)  # type: ignore[arg-type]
+    assert over.value.kind == "tpm"
+    await a.close()
+    await b.close()
