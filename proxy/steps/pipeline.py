@@ -260,7 +260,11 @@ def _used_tokens(ctx: RequestContext, charged: int) -> int:
     if (i is None and o is None and ctx.upstream_ms is not None and ctx.http_status not in (0, 499)
             and not 200 <= ctx.http_status < 300):
         return 0
-    return max(charged, ctx.extra.get(TOKEN_BOUND, 0))
+    # The bound, not the reservation: check_body's bound holds the charge everywhere (prompt + max_tokens),
+    # but a door that asked Triton again for less than it reserved (the OpenAI door's context retry) lowered
+    # it, and the reservation it never spent is no use the request could have made.
+    bound = ctx.extra.get(TOKEN_BOUND)
+    return charged if bound is None else bound
 
 
 def refuse(ctx: RequestContext, err: SeekgateError) -> None:

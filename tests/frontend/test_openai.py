@@ -17,7 +17,15 @@ import openai
 import pytest
 
 from proxy.local.triton import TritonProcess
-from tests.frontend.test_http import bearer, call, leave_mid_answer, leave_while_held, raw_request, streaming_200
+from tests.frontend.test_http import (
+    bearer,
+    call,
+    leave_mid_answer,
+    leave_while_held,
+    raw_request,
+    read_until,
+    streaming_200,
+)
 from tests.gateway import Gateway, audit_records, gateway_via, metric, wait_for
 from tests.relay import TcpRelay
 from tests.test_model_server import settled_metrics
@@ -658,6 +666,39 @@ def test_a_budget_smaller_than_the_default_grants_what_is_left(gw: Gateway, rela
     # Settled to the real use (prompt included): the budget is spent, and the next default finds none left.
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_client_gone_during_the_context_retry_is_charged_what_the_retry_could_use(gw: Gateway,
+                                                                                   relay: TcpRelay) -> None:
+    """The default (512, the model's cap) was reserved up front; the model's context refusal had it asked again
+    for the room (about 230). A client that leaves while that retry waits for Triton has no count read, so it
+    is charged fail-closed, the most the request could have used: the retry's prompt and room, not the
+    512 that never ran. Seen through the next default, which gets exactly the budget then left."""
+    marker = f"m1234abcd {uuid.uuid4().hex[:8]}"
+    messages = [{"role": "user", "content": marker + " hello" * 45}]
+    body = json.dumps({"model": MODEL, "messages": messages}).encode()
+    headers = {**bearer(gw.key(owner="retry-probe")[1]), "Content-Type": "application/json"}
+    probe = raw_request(gw, "POST", "/v1/chat/completions", body, headers)
+    assert read_until(probe, b"\r\n").startswith(b"HTTP/1.1 200")
+    probe.close()
+    first, room = forwarded_max_tokens(relay, marker)   # 512, then what fits beside this prompt
+    assert first == 512 and 0 < room < 300
+    # The retry's generate body from its max_tokens through the prompt: over the 256 bytes of a connection's
+    # previous request the relay also matches in, so it holds the retry and not the first try.
+    retry = json.dumps({"max_tokens": room, "temperature": 1.0, "messages": json.dumps(messages)})[1:-1]
+    assert len(retry) > 256
+    key_id, key = gw.key(owner="retry-leaver", limits={"daily_tokens": 600})
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    leave_while_held(relay, retry,
+                     lambda: raw_request(gw, "POST", "/v1/chat/completions", body, headers),
+                     lambda: any(r["key_id"] == key_id for r in audit_records(gw)))
+    (gone,) = records_of(gw, key_id)
+    assert (gone["http_status"], gone["openai"]["default_max_tokens"]) == (499, room)
+    after = f"m1234abcd {uuid.uuid4().hex[:8]} hi"
+    client(gw, key, max_retries=0).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": after}], temperature=0)
+    left = forwarded_max_tokens(relay, after)[0]
+    assert left > 600 - 512, "charged the 512 that never ran, not what the retry could use"
 
 
 @pytest.fixture
