@@ -31,6 +31,7 @@ def client_address(client_ip: str) -> IPAddress | None:
     return ip
 
 
+@lru_cache(maxsize=4096)   # on every request's path: one lookup, not a parse check and a str() each time
 def client_ip_text(peer_host: str) -> str:
     """The client address a door records (audit, logs): an IPv4 client of a dual-stack ("::") listener,
     which the socket reports as ::ffff:a.b.c.d, as a.b.c.d, so that an audit search for it finds it."""
