@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 
 from ..context import PeerCert, client_ip_text
-from .listener import listen_on
+from .listener import closed_unless_served, listen_on
 from .tls import http_peer_cert
 
 log = logging.getLogger("seekgate.grpc_tls")
@@ -50,14 +50,10 @@ class GrpcTlsTerminator:
         """Listens on host:port (TLS), relaying to INNER_HOST:inner_port; returns the bound port."""
         self.inner_port = inner_port
         where = listen_on(host, port, reuse_port)   # "::": dual-stack, as grpc's own plaintext port
-        try:
+        with closed_unless_served(where):
             self._server = await asyncio.start_server(
                 self._connection, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout_s, limit=_CHUNK,
                 **where)
-        except BaseException:
-            if "sock" in where:   # ours until start_server took it
-                where["sock"].close()
-            raise
         bound: int = self._server.sockets[0].getsockname()[1]
         log.info("gRPC TLS on %s:%d, relayed to grpc on %s:%d", host, bound, INNER_HOST, inner_port)
         return bound

@@ -29,7 +29,8 @@ import ctypes
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 _SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
@@ -77,6 +78,17 @@ def listen_on(host: str | None, port: int, reuse_port: bool = False) -> dict[str
         sock.close()
         raise
     return {"sock": sock}
+
+
+@contextmanager
+def closed_unless_served(where: dict[str, Any]) -> Iterator[None]:
+    """Around create_server(**where): a socket listen_on made ("::") is closed if no server takes it."""
+    try:
+        yield
+    except BaseException:
+        if "sock" in where:
+            where["sock"].close()
+        raise
 
 
 def stop_taking(sock: ListeningSocket) -> bool:

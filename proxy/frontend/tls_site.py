@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .http_guard import check_aiohttp_internals
-from .listener import listen_on
+from .listener import closed_unless_served, listen_on
 
 
 class ListenerSite(web.TCPSite):
@@ -39,13 +39,9 @@ class ListenerSite(web.TCPSite):
         # asyncio refuses a handshake deadline without TLS.
         tls: dict[str, Any] = {} if self._ssl_context is None else {"ssl": self._ssl_context,
                                                     "ssl_handshake_timeout": self.handshake_timeout_s}
-        try:
+        with closed_unless_served(where):
             self._server = await asyncio.get_running_loop().create_server(
                 server, backlog=self._backlog, **where, **tls)
-        except BaseException:
-            if "sock" in where:   # ours until create_server took it
-                where["sock"].close()
-            raise
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
