@@ -421,7 +421,7 @@ class AuditWriter:
                 break
             except Exception as exc:  # disk full, I/O error: keep the batch
                 attempt += 1
-                delay = min(self._retry[1], self._retry[0] * 2 ** (attempt - 1))
+                delay = self._backoff(attempt)
                 self.healthy = False
                 # Strict callers refuse their responses now and audit the refusal instead,
                 # so their records leave the batch; the rest are retried.
@@ -454,7 +454,7 @@ class AuditWriter:
                 await self._insert_rows(self._unindexed)
             except Exception as exc:
                 self._index_attempt += 1
-                delay = min(self._retry[1], self._retry[0] * 2 ** (self._index_attempt - 1))
+                delay = self._backoff(self._index_attempt)
                 self._index_retry_at = time.monotonic() + delay
                 if len(self._unindexed) > _UNINDEXED_MAX:
                     log.error("audit index backlog over %d: %d records left to the next start's re-index",
@@ -478,6 +478,10 @@ class AuditWriter:
             for barrier in barriers:
                 if not barrier.done():   # done: its waiter gave up
                     barrier.set_result(None)
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry `attempt` (1, 2, ...) of a file write or an index insert: doubling, capped."""
+        return min(self._retry[1], self._retry[0] * 2 ** (attempt - 1))
 
     def _failed(self, exc: BaseException, attempt: int, delay: float, held: int = 0) -> None:
         # ERROR with a fixed prefix: an alert rule can match it as well as the metric.
