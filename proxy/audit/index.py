@@ -19,6 +19,8 @@ import aiosqlite
 
 from proxy.store.wal import enable_wal
 
+from .jsonl import names_file
+
 log = logging.getLogger(__name__)
 
 # Order is the JSONL key order and the SQLite column order; never add a credential here.
@@ -219,11 +221,8 @@ class AuditIndex:
 
     def _moved(self) -> bool:
         """The path no longer names the open file. One stat per batch indexed."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return (st.st_dev, st.st_ino) != self._file_id
+        assert self._file_id is not None
+        return not names_file(self.path, self._file_id)
 
     def _abandon(self) -> None:
         """After a failed statement: roll back, or drop a connection that cannot; the next call reconnects."""

@@ -95,12 +95,8 @@ class JsonlFile:
     def _moved(self) -> bool:
         """The path no longer names the open file. One stat per batch written."""
         assert self._fd is not None
-        try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return True
         held = os.fstat(self._fd)
-        return (named.st_ino, named.st_dev) != (held.st_ino, held.st_dev)
+        return not names_file(self.path, (held.st_dev, held.st_ino))
 
     def fsync(self) -> None:
         if self._fd is not None and self._dirty:
@@ -170,6 +166,16 @@ def _name_stamp(path: Path) -> datetime | None:
     except ValueError:
         return None
     return stamp.replace(tzinfo=timezone.utc)
+
+
+def names_file(path: Path, file_id: tuple[int, int]) -> bool:
+    """Whether `path` still names the file whose (st_dev, st_ino) is `file_id`: not once deleted, renamed
+    away or replaced (an operator freeing space, logrotate, a restore). Writers check it before writing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == file_id
 
 
 def rotated_epoch(path: Path) -> float:
