@@ -120,7 +120,7 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
         granted = await limit(state, ctx, view.asked_tokens(), (twin_rule,), fit=req.max_tokens is None)
         if granted is not None and granted < generate["max_tokens"]:
             raw = _fewer_tokens(ctx, generate, granted)   # less than was checked: every check still holds
-        if req.max_tokens is None:   # the record says what seekgate chose (clipped: fitted below)
+        if req.max_tokens is None:   # the record says what seekgate chose (fitted above; a context retry below sets it again)
             info["default_max_tokens"] = generate["max_tokens"]
         # Whole answers too go through the twin's token events: a plain generate answers only at the
         # end, so neither a client leaving mid-way could be noticed in time nor its tokens counted.
