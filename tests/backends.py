@@ -126,11 +126,17 @@ def redis_answers(url: str) -> bool:
 
 
 class PrivateRedis:
-    """A redis-server of this test alone, on a free port, no persistence: `start()`, `stop()`, `start()` again."""
+    """A redis-server of this test alone, on a free port: `start()`, `stop()`, `start()` again.
 
-    def __init__(self) -> None:
+    No persistence (a restart is an empty Redis) unless `persistent`: then every write is in its
+    append-only file before it answers, and a restart has the data (keys whose expiry passed while
+    it was stopped gone). DEBUG (SLEEP) is allowed from loopback.
+    """
+
+    def __init__(self, *, persistent: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="seekgate-redis-"))
         self.port = free_ports(1)[0]
+        self.persistent = persistent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -141,8 +147,9 @@ class PrivateRedis:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed: run scripts/system-packages")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self._proc = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(self.root)],
+                                       *persistence, "--dir", str(self.root), "--enable-debug-command", "local"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             if redis_answers(self.url):

@@ -24,6 +24,13 @@ full limits on its own: N replicas may let N times through) and says so in a log
 restart. Settlements that could not be written are kept and retried then, and the tokens this
 replica admitted on its own are added to the shared day and month budgets (`_repay`): an outage
 does not hand a key its budget again. The rpm and tpm windows (a minute) are not carried over.
+
+A settlement is applied exactly once or not at all. One whose batch's answer was lost may have been
+applied: it is retried only within `settle_retry_s` of its first send (Redis checks the deadline
+on its own clock, redis_scripts.BATCH), while the marks that say it ran still live. Past that, or
+when more than MAX_UNSETTLED wait, it is dropped: a log line naming the key, day and tokens, and
+`on_settlement_dropped(reason)` (seekgate_limits_settlements_dropped_total). The request it
+belongs to was served and audited already; only the counter's correction is left out.
 """
 
 from __future__ import annotations
@@ -50,15 +57,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
-from .redis_scripts import BATCH, RENEW, cluster_prefix, lease_key, scope_keys
+from .redis_scripts import BATCH, RENEW, cluster_prefix, lease_key, scope_keys, settled_key
 from .redis_slots import SlotBook, SlotPool
 
 log = logging.getLogger("seekgate.limits")
 
 BACKEND_DOWN_MODES = ("closed", "local")
 # Settlements kept while Redis is down; beyond this the oldest corrections are dropped (their
-# leases expire on their own; only a token count's correction is lost).
+# leases expire on their own; only a token count's correction is lost, and recorded).
 MAX_UNSETTLED = 100_000
+# How long after its first send a settlement whose answer was lost is still sent again. Its marks
+# live a third longer (MARK_LIFE): the margin covers the drift of this replica's estimate of Redis's
+# clock between two reads of it (one per lease_s / 3) and a step of Redis's clock.
+SETTLE_RETRY_S = 90.0
+MARK_LIFE = 4 / 3
 MAX_BATCH = 256            # operations per script call (its ARGV stays far below Lua's unpack limit)
 SETTLE_DELAY_S = 0.05      # the longest a settlement that only lowers a charge waits for a ride
 RAISE_DELAY_S = 0.01       # ... and one that raises a charge (a round trip per response costs more than it)
@@ -95,8 +107,9 @@ class _Unsettled:
     args: tuple[Any, ...]     # grant id, token delta, day, month, cancel (1: a slot never used)
     wait_s: float = 0.0       # the longest it waits for a ride; 0: it goes now (it frees a lease)
     due: float = 0.0          # the loop's time by which it goes, set when queued
-    sent_in: str = ""         # the mark of the batch it was last sent in ('' never sent): a retry
-                              # is skipped by Redis if that batch ran, so it is applied exactly once
+    first_mark: str = ""      # the mark of the first batch it was sent in ('' never sent): a retry is
+                              # skipped by Redis if that batch ran, so it is applied exactly once ...
+    deadline_ms: int = 0      # ... if it runs before this (Redis's clock, ms), set at the first send
 
 
 @dataclass(eq=False)
@@ -123,7 +136,9 @@ class RedisLimiter(Limiter):
     def __init__(self, url: str, *, prefix: str = "seekgate:limits:", lease_s: float = 30.0,
                  timeout_s: float = 0.5, pool_size: int = 32, on_backend_down: str = "closed",
                  on_backend: Callable[[bool, bool], None] | None = None,
-                 probe_interval_s: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+                 probe_interval_s: float = 0.5, clock: Callable[[], float] = time.time,
+                 settle_retry_s: float = SETTLE_RETRY_S,
+                 on_settlement_dropped: Callable[[str], None] | None = None) -> None:
         if on_backend_down not in BACKEND_DOWN_MODES:
             raise ValueError(f"on_backend_down must be one of {BACKEND_DOWN_MODES}, got {on_backend_down!r}")
         node_url = cluster_url(url)
@@ -136,6 +151,12 @@ class RedisLimiter(Limiter):
         # renewal: a request is charged to the UTC day and month Redis is in, so replicas whose clocks
         # disagree still share one budget window (one a minute ahead would open tomorrow's early).
         self._skew = 0.0
+        # Redis's clock minus time.monotonic(), for settlements' deadlines: a step of this host's wall
+        # clock must not move a deadline past the marks' life.
+        self._mono_skew = time.time() - time.monotonic()   # this host's wall clock until Redis's is read
+        self._retry_ms = int(settle_retry_s * 1000)
+        self._mark_ms = int(settle_retry_s * 1000 * MARK_LIFE)
+        self._on_dropped = on_settlement_dropped or (lambda reason: None)
         self._on_backend = on_backend or (lambda up, local: None)
         self._probe_interval_s = probe_interval_s
         self._redis: aioredis.Redis | RedisCluster
@@ -209,6 +230,9 @@ class RedisLimiter(Limiter):
         if self.up:
             self._repay()
             await self._flush_unsettled()
+        for job in self._unsettled:   # Redis down at the end: nothing will send them
+            self._drop(job, "shutdown", "Redis was unreachable when the limiter closed")
+        self._unsettled = []
         if self._settle_due is not None:
             self._settle_due.cancel()
         if self._batch_conn is not None:
@@ -447,7 +471,9 @@ class RedisLimiter(Limiter):
                 if not self.up:
                     self._fail(admissions, settlements, None)
                     continue
-                await self._run(admissions, settlements)
+                settlements = self._in_time(settlements)
+                if admissions or settlements:
+                    await self._run(admissions, settlements)
         finally:
             self._sender = None
         if self._settlements and not self._stopping.is_set():
@@ -457,7 +483,7 @@ class RedisLimiter(Limiter):
         """One script call for these operations, answering each admission."""
         keys, args = self._batch_call(admissions, settlements)
         try:
-            replies, failed = await self._run_batch(keys, args)
+            replies, failed, late = await self._run_batch(keys, args)
         except _DOWN as exc:
             # The script may have run before the answer was lost: its charges stand (stricter,
             # never looser) and its leases expire on their own.
@@ -476,7 +502,13 @@ class RedisLimiter(Limiter):
             return
         for error in failed:   # dropped: it would fail again (its lease, if any, expires on its own)
             log.error("limits: Redis failed a settlement: %s", error)
+            self._on_dropped("redis_error")
         try:
+            if late:   # sent again too late to tell whether an earlier send applied it: Redis left it out
+                gone = set(late)
+                for job in settlements:
+                    if job.args[0] in gone:
+                        self._drop(job, "retry_horizon", "Redis received it past its retry horizon")
             for adm, reply in zip(admissions, replies, strict=True):
                 if adm.answer.done():
                     continue
@@ -494,15 +526,18 @@ class RedisLimiter(Limiter):
         mark = f"{self.prefix}batch:{self._new_gid()}" if settlements else ""
         keys: list[str] = [mark] if mark else []
         args: list[Any] = [len(settlements), len(admissions), self.lease_ms, int(SLOT_LIFE_S * 1000),
-                           "1" if mark else ""]
+                           "1" if mark else "", self._mark_ms]
         for job in settlements:
-            _, _, day, month, _ = job.args
+            gid, _, day, month, _ = job.args
             for base in job.keys:
                 keys += scope_keys(base, day, month)
-            if job.sent_in:
-                keys.append(job.sent_in)
-            args += [len(job.keys), *job.args, "1" if job.sent_in else ""]
-            job.sent_in = mark
+            keys.append(settled_key(self.prefix, gid))
+            resent = bool(job.first_mark)
+            if resent:
+                keys.append(job.first_mark)
+            else:
+                job.first_mark, job.deadline_ms = mark, self._redis_ms() + self._retry_ms
+            args += [len(job.keys), *job.args, job.deadline_ms, "1" if resent else ""]
         for adm in admissions:
             day, month = adm.args[3], adm.args[4]
             for base in adm.keys:
@@ -544,7 +579,30 @@ class RedisLimiter(Limiter):
     def _keep(self, job: _Unsettled) -> None:
         self._unsettled.append(job)
         if len(self._unsettled) > MAX_UNSETTLED:
-            del self._unsettled[0]
+            self._drop(self._unsettled.pop(0), "overflow", f"more than {MAX_UNSETTLED} settlements waited for Redis")
+
+    def _in_time(self, settlements: list[_Unsettled]) -> list[_Unsettled]:
+        """Those still to be sent: one sent before whose retry horizon has passed is dropped here (its
+        first batch may have applied it, and the marks that would say so may be gone)."""
+        now = self._redis_ms()
+        keep = []
+        for job in settlements:
+            if job.first_mark and now >= job.deadline_ms:
+                self._drop(job, "retry_horizon", "its answer was lost and its retry horizon has passed")
+            else:
+                keep.append(job)
+        return keep
+
+    def _drop(self, job: _Unsettled, reason: str, why: str) -> None:
+        """A settlement left unapplied, on purpose: said in the log (enough to correct the budgets by
+        hand) and counted (`reason`: one of metrics.SETTLEMENT_DROP_REASONS). Its lease, if it held
+        one, expires on its own."""
+        gid, delta, day, month, cancel = job.args
+        log.error("limits: settlement of %s not applied (%s): %s tokens on %s for day %s, month %s%s; "
+                  "that day's and month's budgets may be off by that much", gid, why,
+                  f"{delta:+d}", ", ".join(key.removeprefix(self.prefix) for key in job.keys), day, month,
+                  " (an unused slot)" if cancel else "")
+        self._on_dropped(reason)
 
     async def _flush_unsettled(self) -> None:
         """Redis is back: what was kept goes out, in batches."""
@@ -609,8 +667,11 @@ class RedisLimiter(Limiter):
                 "return redis.call('TIME')", 1, f"{self.prefix}clock"))
         else:
             seconds, micros = await self._redis.time()
-        after = self.clock()
+        after, mono_after = self.clock(), time.monotonic()
         self._skew = seconds + micros / 1e6 - (before + after) / 2
+        # Redis read its clock no later than now: taken as now, the estimate is never ahead of Redis's
+        # clock (behind by a round trip at most), so a deadline computed from it comes early, never late.
+        self._mono_skew = seconds + micros / 1e6 - mono_after
 
     async def _renew_leases(self) -> None:
         held = list(self._held.leases.items())
@@ -621,6 +682,10 @@ class RedisLimiter(Limiter):
                 keys += [lease_key(k) for k in lease_keys]
                 gids += [gid] * len(lease_keys)
             await self._renew(keys=keys, args=[self.lease_ms, *gids])
+
+    def _redis_ms(self) -> int:
+        """Redis's clock now (ms), as this replica estimates it (from the last TIME read)."""
+        return int((time.monotonic() + self._mono_skew) * 1000)
 
     def _key(self, key_id: str) -> str:
         return f"{self.prefix}{key_id}"

@@ -7,11 +7,12 @@ Keys of one limited key id (`<p>` = the configured prefix + the key id):
   <p>:c        ZSET  concurrency leases: member = grant id, score = lease expiry (ms)
   <p>:d:<day>  STRING tokens charged on a UTC day;   expires a day after the day ends
   <p>:m:<mon>  STRING tokens charged in a UTC month; expires a day after the month ends
+  <p>:batch:<id>     STRING a batch that carried settlements ran; lives `mark_ms`
+  <p>:settled:<gid>  STRING a retried settlement was applied (or found applied); lives `mark_ms`
 Time is Redis's own (TIME), so replicas with skewed clocks still share one window; the day and month
 ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
 
-Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the batch
-marks): Redis Cluster routes a script call by its KEYS and refuses one whose keys are not all in
+Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the marks): Redis Cluster routes a script call by its KEYS and refuses one whose keys are not all in
 one slot. On a cluster the prefix carries a hash tag (`cluster_prefix`), so every key of every
 call, a request's scopes (its key, its ancestors, an owner's rule scopes) and the marks alike,
 is in one slot: admissions of different keys are judged together, atomically, in one script.
@@ -28,6 +29,11 @@ KEYS_PER_SCOPE = 6
 def scope_keys(base: str, day: str, month: str) -> tuple[str, ...]:
     """The keys of one scope (`base` = prefix + key id) as BATCH takes them, in its order."""
     return (f"{base}:r", f"{base}:t", f"{base}:tc", f"{base}:c", f"{base}:d:{day}", f"{base}:m:{month}")
+
+
+def settled_key(prefix: str, gid: str) -> str:
+    """The mark a retried settlement of grant `gid` leaves once applied (or found applied)."""
+    return f"{prefix}settled:{gid}"
 
 
 def lease_key(base: str) -> str:
@@ -51,20 +57,27 @@ def cluster_prefix(prefix: str) -> str:
 # in one atomic script, so a burst of N costs one round trip, not N (admissions stay exactly as
 # strict: the script takes them one after another, each seeing the charges of those before it).
 #
-# KEYS: this batch's mark when it carries settlements (set for 2 minutes); then operation after
-#   operation, the 6 keys of each of its scopes (scope_keys) and, for a settlement sent before,
-#   the mark of the batch it was last sent in.
-# ARGV[1..5]: number of settlements S, number of admissions A, lease ms, slot life ms, '1' when
-#   KEYS[1] is this batch's mark ('' for none); then
-# S settlements of 7 fields: scope count, grant id, token delta, day, month, cancel (0/1), '1' when
-#   it was sent before ('' for none: a retry is skipped if its last batch's mark exists, since that
-#   batch ran and only its answer was lost, so a retry never corrects a charge twice)
+# KEYS: this batch's mark when it carries settlements; then operation after operation, the 6 keys of
+#   each of its scopes (scope_keys), and for a settlement its own mark (settled_key) and, when it was
+#   sent before, the mark of the first batch it was sent in.
+# ARGV[1..6]: number of settlements S, number of admissions A, lease ms, slot life ms, '1' when
+#   KEYS[1] is this batch's mark ('' for none), the marks' life in ms; then
+# S settlements of 8 fields: scope count, grant id, token delta, day, month, cancel (0/1), deadline
+#   (Redis ms), '1' when it was sent before ('' for none)
 #   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
 #   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
 #   used: its entries leave the rpm and tpm logs too);
 # then A admissions of 9 fields: scope count, grant id, tokens, day, month, ms to day end,
 #   ms to month end, slots wanted, request (1: a request to admit; 0: only a reservation of slots,
 #   for a replica whose slots run low); and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
+#
+# Exactly once: a batch whose answer was lost may have run, so its settlements are sent again, and
+# each send looks for the marks an earlier run of the same settlement left: its first batch's (that
+# batch ran) and its own (a retry applied it). Either found, it is skipped. A mark is only proof while
+# it lives, so a settlement is applied only before its deadline: the limiter's estimate of Redis's
+# clock at its first send plus its retry horizon, well inside the marks' life (each set no earlier
+# than that first send). A send that runs later, however it was held up, applies nothing and says so
+# (`late`): the limiter records it as dropped, never applied twice.
 # Settlements run first: a replica's finished request frees its slot before its next one asks.
 #
 # Slots: an admission may also ask for up to N more admissions of the same shape, which the
@@ -75,7 +88,8 @@ def cluster_prefix(prefix: str) -> str:
 # free, so reserving them never refuses another replica's request that a per-request check
 # would have admitted; the replica cancels the ones it did not use when their life ends.
 #
-# Returns {replies, failed settlements' errors}: one reply per admission, in order:
+# Returns {replies, failed settlements' errors, late settlements' grant ids}: one reply per
+# admission, in order:
 # {1, now_ms, rpm_limit, remaining, reset_ms, slots} (rpm_limit 0: no rpm scope), or {0, scope
 # index (1-based), kind, limit, remaining, reset_ms, retry_ms} having charged nothing, or
 # {-1, error} when Redis failed it.
@@ -86,16 +100,13 @@ local function scope(first, i)
   local b = first + (i - 1) * 6
   return KEYS[b], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5]
 end
--- How long a batch's mark outlives it: a settlement whose answer was lost is retried as soon as
--- Redis answers again (a probe every 0.5 s); an outage longer than this may apply it twice.
-local MARK_MS = 120000
 local CHUNK, EXPIRE_CHUNKS = 500, 20
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now - 60000
-local lease, slot_life = tonumber(ARGV[3]), tonumber(ARGV[4])
-local a, k = 6, 1   -- next ARGV field, next KEYS entry
-if ARGV[5] ~= '' then redis.call('SET', KEYS[1], '1', 'PX', MARK_MS); k = 2 end
+local lease, slot_life, mark_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local a, k = 7, 1   -- next ARGV field, next KEYS entry
+if ARGV[5] ~= '' then redis.call('SET', KEYS[1], '1', 'PX', mark_ms); k = 2 end
 
 -- Settlements correct each grant's own charge; the running sums they move (a key's tpm total,
 -- its day and month budgets) are added up here and written once per batch (settle_sums).
@@ -307,15 +318,23 @@ end
 -- Each operation runs under pcall: one that Redis fails (a key of the wrong type, say) answers
 -- for itself, and the requests that shared its batch are judged as if it were not there.
 local function failure(e) return type(e) == 'table' and (e.err or 'error') or tostring(e) end
-local failed = {}
+local failed, late = {}, {}
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a])
-  local resent = ARGV[a + 6] ~= ''   -- its last batch's mark is the key after its scopes'
-  if not resent or redis.call('EXISTS', KEYS[k + 6 * n]) == 0 then
+  local own = KEYS[k + 6 * n]                  -- after its scopes' keys: its own mark, then its first batch's
+  local resent = ARGV[a + 7] ~= ''
+  if redis.call('EXISTS', own) == 1 or (resent and redis.call('EXISTS', KEYS[k + 6 * n + 1]) == 1) then
+    -- applied already (by its first batch, or by a retry): nothing more
+  elseif now >= tonumber(ARGV[a + 6]) then
+    late[#late + 1] = ARGV[a + 1]              -- a mark that proved it applied may have expired
+  else
     local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 5] == '1')
     if not ok then failed[#failed + 1] = failure(e) end
+    -- A retry leaves its own mark: a later send (this one's answer lost too) finds it. A first
+    -- send needs none: the batch's mark says so for all of its settlements.
+    if resent then redis.call('SET', own, '1', 'PX', mark_ms) end
   end
-  a, k = a + 7, k + 6 * n + (resent and 1 or 0)
+  a, k = a + 8, k + 6 * n + (resent and 2 or 1)
 end
 local ok, e = pcall(settle_sums)   -- before the admissions: they see the corrected sums
 if not ok then failed[#failed + 1] = failure(e) end
@@ -329,7 +348,7 @@ for _ = 1, tonumber(ARGV[2]) do
   replies[#replies + 1] = ok and reply or {-1, failure(reply)}
   a, k = base + 5 * n, k + 6 * n
 end
-return {replies, failed}
+return {replies, failed, late}
 """
 
 # KEYS: lease keys (<p>:c); ARGV: lease ms, then grant ids, one per key. Extends leases still held: a lease

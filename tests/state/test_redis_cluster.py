@@ -27,6 +27,7 @@ from tests.state.test_redis_limiter import (  # noqa: F401 - collected here, on 
     test_a_refusal_by_any_scope_charges_none,
     test_a_refused_admission_cancelled_in_flight_credits_no_budget_back,
     test_a_reservation_takes_slots_while_half_of_every_limit_stays_free,
+    test_a_settlement_is_applied_once_when_a_retry_of_it_never_reached_redis,
     test_a_settlement_whose_answer_was_lost_is_not_applied_twice,
     test_a_slot_stays_in_the_window_at_least_as_long_as_a_request_admitted_when_it_was_used,
     test_an_admission_redis_fails_refuses_only_itself_not_its_batch,

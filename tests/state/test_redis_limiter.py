@@ -235,7 +235,7 @@ async def test_a_batch_that_fails_in_an_unforeseen_way_refuses_its_admissions_in
     async def unforeseen(keys: list[str], args: list[object]) -> list[object]:
         if answer == "raises":
             raise RuntimeError("a bug, or a client library's surprise")
-        return [[], []] if answer == "short" else [[["not a number"], ["x"]], []]
+        return [[], [], []] if answer == "short" else [[["not a number"], ["x"]], [], []]
 
     monkeypatch.setattr(limiter, "_run_batch", unforeseen)
     async with asyncio.timeout(5):   # before the fix the admissions waited forever
@@ -402,10 +402,10 @@ async def test_a_reservation_takes_slots_while_half_of_every_limit_stays_free(
     from proxy.state.limits import _windows
     day, month, to_day, to_month = _windows(time.time())
     five = [s.limits.rpm, s.limits.tpm, s.limits.concurrency, s.limits.daily_tokens, s.limits.monthly_tokens]
-    args = [0, 1, limiter.lease_ms, 1000, "", 1, "g", tokens, day, month, int(to_day * 1000), int(to_month * 1000), 64, request,
-            *five]
-    replies, failed = await limiter._run_batch(list(scope_keys(f"{limiter.prefix}half", day, month)), args)
-    assert failed == [] and int(replies[0][0]) == 1
+    args = [0, 1, limiter.lease_ms, 1000, "", 120000, 1, "g", tokens, day, month, int(to_day * 1000),
+            int(to_month * 1000), 64, request, *five]
+    replies, failed, late = await limiter._run_batch(list(scope_keys(f"{limiter.prefix}half", day, month)), args)
+    assert failed == late == [] and int(replies[0][0]) == 1
     assert int(replies[0][5]) == slots
     client = direct_client(redis_server_url)
     try:
@@ -531,6 +531,142 @@ async def test_a_settlement_whose_answer_was_lost_is_not_applied_twice(limiter: 
     with pytest.raises(OverLimit) as over:
         await limiter.acquire(s, 901)
     assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+
+
+async def test_a_settlement_is_applied_once_when_a_retry_of_it_never_reached_redis(
+        limiter: RedisLimiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first batch ran and the answer was lost; its retry was lost on the way, never run. The next
+    retry must still find the first batch's mark, not look only for the mark of the send that never ran."""
+    s = [scope("chain", daily_tokens=1000, concurrency=5)]
+    grant = await limiter.acquire(s, 500)            # estimate 500
+    real = limiter._run_batch
+    sends = 0
+
+    async def ran_then_never_sent(keys: list[str], args: list[Any]) -> Any:
+        nonlocal sends
+        if not args[0]:                              # no settlement in it
+            return await real(keys, args)
+        sends += 1
+        if sends == 2:
+            raise redis.exceptions.TimeoutError("never reached Redis")
+        answer = await real(keys, args)
+        if sends == 1:
+            raise redis.exceptions.TimeoutError("reply lost")   # Redis ran it
+        return answer
+
+    monkeypatch.setattr(limiter, "_run_batch", ran_then_never_sent)
+    limiter.settle(grant, 100)                       # the response used 100: -400, once
+    async with asyncio.timeout(10):
+        while sends < 3 or not limiter.up or limiter._unsettled or limiter._settlements:
+            await asyncio.sleep(0.05)
+    with pytest.raises(OverLimit) as over:
+        await limiter.acquire(s, 901)
+    assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+
+
+async def test_a_settlement_lost_in_an_outage_longer_than_its_marks_life_is_dropped_and_said_not_applied_twice(
+        redis_prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settlement's batch runs, and Redis stops before its answer comes back; it stays away longer than
+    that batch's mark lives and starts again with its data. The retry can no longer tell whether the
+    batch ran: it is dropped, in the log (key, tokens) and through on_settlement_dropped, never applied
+    a second time. (The retry horizon is shortened here from its 90 s; the marks' life follows it.)"""
+    server = PrivateRedis(persistent=True)
+    server.start()
+    dropped: list[str] = []
+    lim = RedisLimiter(server.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       settle_retry_s=0.75, on_settlement_dropped=dropped.append)
+    await lim.start()
+    client = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    from proxy.state.limits import _windows
+    day = _windows(time.time())[0]
+    real = lim._run_batch
+    sends = 0
+
+    async def ran_then_redis_stopped(keys: list[str], args: list[Any]) -> Any:
+        nonlocal sends
+        answer = await real(keys, args)
+        if args[0]:
+            sends += 1
+            if sends == 1:                             # Redis ran it, then stopped before it answered
+                await asyncio.to_thread(server.stop)
+                assert lim._batch_conn is not None
+                await lim._batch_conn.disconnect()     # as _run_batch does with a connection cut off
+                raise redis.exceptions.ConnectionError("Redis stopped")
+        return answer
+
+    monkeypatch.setattr(lim, "_run_batch", ran_then_redis_stopped)
+    try:
+        s = [scope("outage", daily_tokens=1000, concurrency=5)]
+        grant = await lim.acquire(s, 500)              # estimate 500
+        lim.settle(grant, 100)                         # the response used 100: -400
+        async with asyncio.timeout(5):
+            while lim.up:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(1.5)                       # longer than the mark lives (1 s)
+        server.start()
+        async with asyncio.timeout(10):
+            while not lim.up or lim._unsettled or lim._settlements or lim._sender is not None:
+                await asyncio.sleep(0.05)
+        assert await client.get(f"{redis_prefix}outage:d:{day}") == "100"   # applied once, kept by the restart
+        assert dropped == ["retry_horizon"]
+        assert any("outage" in r.getMessage() and "-400 tokens" in r.getMessage() for r in caplog.records
+                   if r.name == "seekgate.limits" and r.levelname == "ERROR")
+        with pytest.raises(OverLimit) as over:
+            await lim.acquire(s, 901)
+        assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+    finally:
+        await client.aclose()
+        await lim.close()
+        server.destroy()
+
+
+async def test_a_retry_that_reaches_redis_past_its_horizon_applies_nothing(
+        private_redis: PrivateRedis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first batch ran and its answer was lost; the retry is sent in time, but Redis is held up
+    (DEBUG SLEEP) until past the retry horizon and the first batch's mark has expired. Redis judges the
+    deadline on its own clock when the retry runs: it applies nothing, instead of the correction again."""
+    dropped: list[str] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       settle_retry_s=1.0, on_settlement_dropped=dropped.append)
+    await lim.start()
+    import redis as sync_redis
+    blocker = sync_redis.Redis.from_url(private_redis.url)
+    s = [scope("held-up", daily_tokens=1000, concurrency=5)]
+    grant = await lim.acquire(s, 500)                # estimate 500
+    real = lim._run_batch
+    sends = 0
+    naps: list[asyncio.Task[Any]] = []
+
+    async def held_up(keys: list[str], args: list[Any]) -> Any:
+        nonlocal sends
+        if not args[0]:                              # no settlement in it
+            return await real(keys, args)
+        sends += 1
+        if sends == 2:                               # the retry, in time: Redis sleeps past the horizon
+            naps.append(asyncio.create_task(asyncio.to_thread(blocker.execute_command, "DEBUG", "SLEEP", "2")))
+            await asyncio.sleep(0.2)
+            return await real(keys, args)            # times out; runs when Redis wakes
+        answer = await real(keys, args)
+        if sends == 1:
+            raise redis.exceptions.TimeoutError("reply lost")   # Redis ran it
+        return answer
+
+    monkeypatch.setattr(lim, "_run_batch", held_up)
+    try:
+        lim.settle(grant, 100)                       # the response used 100: -400, once
+        async with asyncio.timeout(15):
+            while not naps:
+                await asyncio.sleep(0.05)
+            await naps[0]
+            while not lim.up or lim._unsettled or lim._settlements or lim._sender is not None:
+                await asyncio.sleep(0.05)
+        assert sends == 2 and dropped == ["retry_horizon"]   # not sent a third time: past its horizon
+        with pytest.raises(OverLimit) as over:
+            await lim.acquire(s, 901)
+        assert (over.value.kind, over.value.remaining) == ("daily_tokens", 900)
+    finally:
+        blocker.close()
+        await lim.close()
 
 
 async def test_slots_reserved_by_an_admission_cancelled_in_flight_are_given_back(
