@@ -40,6 +40,7 @@ AUTH_REASONS = frozenset({
     "session_wrong_audience_or_issuer", "sessions_unavailable",
     "console_key_tier", "console_no_session",
 })
+SETTLEMENT_DROP_REASONS = frozenset({"retry_horizon", "overflow", "redis_error", "shutdown"})
 HTTP_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429,
                         499, 500, 501, 502, 503, 504})
 
@@ -140,6 +141,7 @@ class Metrics:
         self._protocol = _Bounded(PROTOCOLS)
         self._reason = _Bounded(auth_reasons)
         self._rule = _Bounded(known_rules, spare=spare_rules)
+        self._drop_reason = _Bounded(SETTLEMENT_DROP_REASONS)
 
         self.requests = Counter("seekgate_requests", "Requests handled, by outcome.",
                                 ("model", "action", "tier", "status", "code", "protocol"),
@@ -193,6 +195,11 @@ class Metrics:
                                   "1 while Redis is down and this replica enforces its own limits "
                                   "(limits.on_backend_down=local).", registry=r, multiprocess_mode="livemax")
         self.limits_backend_up.set(1.0)   # no shared limiter, or one not yet found down
+        self.limits_settlements_dropped = Counter(
+            "seekgate_limits_settlements_dropped",
+            "Token settlements the shared limiter left unapplied (each also logged with its key, day and "
+            "tokens): retry_horizon = Redis away past the retry horizon after the answer was lost, so "
+            "applying it might apply it twice; overflow, redis_error, shutdown.", ("reason",), registry=r)
         self.keys_expiring = Gauge("seekgate_keys_expiring",
                                    "Active keys expiring within the warning window (72 h), by tier.",
                                    ("tier",), registry=r, multiprocess_mode="livemax")
@@ -295,6 +302,10 @@ class Metrics:
         """The shared limiter's Redis went up or down; `local`: this replica now counts alone."""
         self.limits_backend_up.set(1.0 if up else 0.0)
         self.limits_local.set(1.0 if local else 0.0)
+
+    def limits_settlement_dropped(self, reason: str) -> None:
+        """The shared limiter dropped a settlement (one of SETTLEMENT_DROP_REASONS)."""
+        self.limits_settlements_dropped.labels(self._drop_reason(reason)).inc()
 
     def set_upstream_up(self, up: bool) -> None:
         self.upstream_up.set(1.0 if up else 0.0)

@@ -230,3 +230,25 @@ def test_latency_buckets_resolve_up_to_the_request_timeout() -> None:
         finite = {float(lbl["le"]): _get(s, name, **lbl) for lbl in _series(s, name) if lbl["le"] != "+Inf"}
         assert max(finite) >= timeout, name
         assert finite[min(le for le in finite if le >= 200.0)] == 1, name
+
+
+def test_every_settlement_the_shared_limiter_drops_is_counted_by_its_reason() -> None:
+    # A token settlement left unapplied (Redis away past the retry horizon, too many kept, Redis failing
+    # it, shutdown with Redis down) must show in the metrics, not only in a log line.
+    import re
+    from pathlib import Path
+
+    from proxy.metrics import SETTLEMENT_DROP_REASONS
+
+    source = (Path(__file__).resolve().parent.parent / "proxy" / "state" / "redis_limiter.py").read_text()
+    given = set(re.findall(r'_drop\(\S+, "([a-z_]+)"', source)) | set(re.findall(r'_on_dropped\("([a-z_]+)"', source))
+    assert {"retry_horizon", "overflow", "redis_error", "shutdown"} <= given
+    assert given - SETTLEMENT_DROP_REASONS == set()
+
+    m = Metrics()
+    m.limits_settlement_dropped("retry_horizon")
+    m.limits_settlement_dropped("retry_horizon")
+    m.limits_settlement_dropped("surprise")
+    s = _scrape(m)
+    assert _get(s, "seekgate_limits_settlements_dropped_total", reason="retry_horizon") == 2
+    assert _get(s, "seekgate_limits_settlements_dropped_total", reason="other") == 1

@@ -331,7 +331,8 @@ def choose_limiter(settings: Settings, worker: WorkerRole | None, budgets: Budge
     if r.url:
         return RedisLimiter(r.url, prefix=r.key_prefix, lease_s=r.lease_s, timeout_s=r.timeout_s,
                             pool_size=r.pool_size,
-                            on_backend_down=settings.limits.on_backend_down, on_backend=metrics.set_limits_backend)
+                            on_backend_down=settings.limits.on_backend_down, on_backend=metrics.set_limits_backend,
+                            on_settlement_dropped=metrics.limits_settlement_dropped)
     return SocketLimiter(worker.limiter_socket) if worker else LocalLimiter(budgets=budgets)
 
 
