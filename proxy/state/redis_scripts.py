@@ -7,15 +7,17 @@ Keys of one limited key id (`<p>` = the configured prefix + the key id):
   <p>:c        ZSET  concurrency leases: member = grant id, score = lease expiry (ms)
   <p>:d:<day>  STRING tokens charged on a UTC day;   expires a day after the day ends
   <p>:m:<mon>  STRING tokens charged in a UTC month; expires a day after the month ends
-  <p>:batch:<id>     STRING a batch that carried settlements ran; lives `mark_ms`
-  <p>:settled:<gid>  STRING a retried settlement was applied (or found applied); lives `mark_ms`
+and of settlements sent again after a lost answer (`<prefix>` alone: not a key id's):
+  <prefix>batch:<id>      STRING a batch that carried settlements ran;      lives the marks' life (ARGV)
+  <prefix>settled:<gid>   STRING a retry applied grant <gid>'s settlement;  likewise
 Time is Redis's own (TIME), so replicas with skewed clocks still share one window; the day and month
 ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
 
-Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the marks): Redis Cluster routes a script call by its KEYS and refuses one whose keys are not all in
-one slot. On a cluster the prefix carries a hash tag (`cluster_prefix`), so every key of every
-call, a request's scopes (its key, its ancestors, an owner's rule scopes) and the marks alike,
-is in one slot: admissions of different keys are judged together, atomically, in one script.
+Every key a script touches is passed in KEYS, never built inside it (`scope_keys`, the marks):
+Redis Cluster routes a script call by its KEYS and refuses one whose keys are not all in one slot.
+On a cluster the prefix carries a hash tag (`cluster_prefix`), so every key of every call, a
+request's scopes (its key, its ancestors, an owner's rule scopes) and the marks alike, is in one
+slot: admissions of different keys are judged together, atomically, in one script.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def scope_keys(base: str, day: str, month: str) -> tuple[str, ...]:
 
 
 def settled_key(prefix: str, gid: str) -> str:
-    """The mark a retried settlement of grant `gid` leaves once applied (or found applied)."""
+    """The mark a retry of grant `gid`'s settlement leaves when it applies it."""
     return f"{prefix}settled:{gid}"
 
 
@@ -78,6 +80,7 @@ def cluster_prefix(prefix: str) -> str:
 # clock at its first send plus its retry horizon, well inside the marks' life (each set no earlier
 # than that first send). A send that runs later, however it was held up, applies nothing and says so
 # (`late`): the limiter records it as dropped, never applied twice.
+#
 # Settlements run first: a replica's finished request frees its slot before its next one asks.
 #
 # Slots: an admission may also ask for up to N more admissions of the same shape, which the
