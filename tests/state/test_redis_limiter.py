@@ -627,7 +627,7 @@ async def test_a_retry_that_reaches_redis_past_its_horizon_applies_nothing(
     deadline on its own clock when the retry runs: it applies nothing, instead of the correction again."""
     dropped: list[str] = []
     lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
-                       settle_retry_s=1.0, on_settlement_dropped=dropped.append)
+                       settle_retry_s=1.5, on_settlement_dropped=dropped.append)   # marks live 2 s
     await lim.start()
     import redis as sync_redis
     blocker = sync_redis.Redis.from_url(private_redis.url)
@@ -643,7 +643,7 @@ async def test_a_retry_that_reaches_redis_past_its_horizon_applies_nothing(
             return await real(keys, args)
         sends += 1
         if sends == 2:                               # the retry, in time: Redis sleeps past the horizon
-            naps.append(asyncio.create_task(asyncio.to_thread(blocker.execute_command, "DEBUG", "SLEEP", "2")))
+            naps.append(asyncio.create_task(asyncio.to_thread(blocker.execute_command, "DEBUG", "SLEEP", "3")))
             await asyncio.sleep(0.2)
             return await real(keys, args)            # times out; runs when Redis wakes
         answer = await real(keys, args)
