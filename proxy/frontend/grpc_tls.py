@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..context import PeerCert, client_ip_text
 from .listener import closed_unless_served, listen_on
 from .tls import http_peer_cert
+from .tls_accept import tls_protocol_factory
 
 log = logging.getLogger("seekgate.grpc_tls")
 
@@ -50,10 +51,15 @@ class GrpcTlsTerminator:
         """Listens on host:port (TLS), relaying to INNER_HOST:inner_port; returns the bound port."""
         self.inner_port = inner_port
         where = listen_on(host, port, reuse_port)   # "::": dual-stack, as grpc's own plaintext port
+        loop = asyncio.get_running_loop()
+
+        def streams() -> asyncio.BaseProtocol:   # what asyncio.start_server makes for each connection
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=_CHUNK, loop=loop), self._connection,
+                                                loop=loop)
         with closed_unless_served(where):
-            self._server = await asyncio.start_server(
-                self._connection, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout_s, limit=_CHUNK,
-                **where)
+            # TLS by the protocol tls_accept makes, which closes a refused connection once its alert is sent.
+            self._server = await loop.create_server(
+                tls_protocol_factory(streams, self.context, self.handshake_timeout_s), **where)
         bound: int = self._server.sockets[0].getsockname()[1]
         log.info("gRPC TLS on %s:%d, relayed to grpc on %s:%d", host, bound, INNER_HOST, inner_port)
         return bound

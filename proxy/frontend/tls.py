@@ -26,8 +26,11 @@ The alert reaches the client (it reads "alert certificate required", not a close
 uvloop close a connection whose handshake raised without sending what OpenSSL left for the peer (CPython
 gh-98078), so the server side of a listener context reports a refusal with an alert pending as "want read"
 once (AlertFirst): the loop sends the alert and waits; the client, told, hangs up, and the refusal is raised
-then. A client that stays silent is closed at the handshake deadline, as one that never sends a ClientHello;
-a refusal with nothing to send (plaintext on the TLS port: OpenSSL sends no alert for it) closes at once.
+then. On the listeners (tls_accept.py, which makes each connection's TLS protocol and so knows its
+transport) the refused connection is closed as soon as the alert is handed to it: close() sends what the
+transport holds, then ends the connection, so a client that stays silent holds no socket or task after its
+refusal. A context used elsewhere (no transport known) waits for the client, up to the handshake deadline.
+A refusal with nothing to send (plaintext on the TLS port: OpenSSL sends no alert for it) closes at once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import os
 import ssl
 import tempfile
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -85,10 +90,23 @@ def plaintext_refusal(s: ServerSettings) -> str | None:
             "accept plaintext explicitly with --insecure-plaintext (server.insecure_plaintext)")
 
 
+@dataclass
+class Connection:
+    """The connection a listener's TLS state is made for: its transport, once the loop has given it (tls_accept.py)."""
+
+    transport: asyncio.BaseTransport | None = None
+
+
+# Set by tls_accept.py around the calls that make a connection's TLS state (asyncio wraps the BIOs when its TLS
+# protocol is made, uvloop when it is connected): wrap_bio hands it to the AlertFirst it makes.
+OPENING: ContextVar[Connection | None] = ContextVar("seekgate_tls_opening", default=None)
+
+
 class AlertFirst(ssl.SSLObject):
     """The TLS state of one server connection, whose refused handshake sends its alert before it ends (module doc)."""
 
     to_peer: ssl.MemoryBIO | None = None   # what the loop sends the peer (set by ListenerContext.wrap_bio)
+    connection: Connection | None = None   # set by wrap_bio on the listeners: a refusal closes it, alert sent
     _refusal: ssl.SSLError | None = None
 
     def do_handshake(self) -> None:
@@ -102,6 +120,11 @@ class AlertFirst(ssl.SSLObject):
             if self.to_peer is None or not self.to_peer.pending:
                 raise   # no alert to send: the loop closes at once, as it always did
             self._refusal = exc
+            transport = self.connection.transport if self.connection is not None else None
+            if transport is not None:
+                # Called back after this call returns, by when the loop has handed the alert to the transport:
+                # close() sends it, then ends the connection (a no-op if the client hung up meanwhile).
+                asyncio.get_running_loop().call_soon(transport.close)
             # The loop's answer to "want read" during a handshake: send what is pending, wait for the peer.
             raise ssl.SSLWantReadError("handshake refused; the fatal alert goes to the peer first") from exc
 
@@ -116,6 +139,7 @@ class ListenerContext(ssl.SSLContext):
         ssl_object = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         if isinstance(ssl_object, AlertFirst) and server_side:
             ssl_object.to_peer = outgoing
+            ssl_object.connection = OPENING.get()
         return ssl_object
 
 

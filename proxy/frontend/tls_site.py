@@ -3,21 +3,21 @@
 aiohttp's TCPSite takes no handshake deadline, so asyncio's default (60 s) held a connection that never
 started one twice as long as every other read deadline (`server.read_timeout_s`, 30 s by default); the
 header deadline of http_guard starts only after the handshake. Nor can it bind "::" for IPv4 clients too:
-create_server sets IPV6_V6ONLY on the socket it makes. `start` is TCPSite's own plus `ssl_handshake_timeout`
-and the socket of `listen_on`; the private attributes it reads are in http_guard's AIOHTTP_INTERNALS,
-checked when a site is made.
+create_server sets IPV6_V6ONLY on the socket it makes. `start` is TCPSite's own plus the handshake deadline
+and the socket of `listen_on`, with TLS by tls_accept's protocol (a refused connection closes once told why);
+the private attributes it reads are in http_guard's AIOHTTP_INTERNALS, checked when a site is made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
 
 from aiohttp import web
 
 from .http_guard import check_aiohttp_internals
 from .listener import closed_unless_served, listen_on
+from .tls_accept import tls_protocol_factory
 
 
 class ListenerSite(web.TCPSite):
@@ -36,12 +36,11 @@ class ListenerSite(web.TCPSite):
         where = listen_on(self._host, self._port, bool(self._reuse_port))
         if "sock" not in where:
             where["reuse_address"] = self._reuse_address
-        # asyncio refuses a handshake deadline without TLS.
-        tls: dict[str, Any] = {} if self._ssl_context is None else {"ssl": self._ssl_context,
-                                                    "ssl_handshake_timeout": self.handshake_timeout_s}
+        # TLS by the protocol tls_accept makes, which closes a refused connection once its alert is sent.
+        factory = server if self._ssl_context is None else tls_protocol_factory(server, self._ssl_context,
+                                                                                self.handshake_timeout_s)
         with closed_unless_served(where):
-            self._server = await asyncio.get_running_loop().create_server(
-                server, backlog=self._backlog, **where, **tls)
+            self._server = await asyncio.get_running_loop().create_server(factory, backlog=self._backlog, **where)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 

@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import uvloop
 import yaml
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
@@ -36,7 +37,9 @@ from cryptography.hazmat.primitives.serialization import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli.devcert import CLIENT_SPIFFE, make_dev_certs
+from proxy.frontend.grpc_tls import GrpcTlsTerminator
 from proxy.frontend.tls import ServerTls
+from proxy.frontend.tls_site import listener_site
 from proxy.local.triton import TritonProcess, free_ports
 from proxy.settings import ServerSettings
 from tests.gateway import Gateway, audit_records, wait_for
@@ -360,6 +363,91 @@ def test_the_alert_goes_first_on_the_loop_serve_runs_too(loop_factory: Callable[
             return await asyncio.to_thread(refusal_seen_by_client, port, client_context(certs))
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         assert runner.run(main()) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+
+
+def refused_then_silent(port: int, ctx: ssl.SSLContext, alpn: str | None = None) -> tuple[str, str]:
+    """A client of `port` that finishes its side of the handshake with `ctx`, then sends nothing and never hangs up:
+    (the reason of the alert it reads, how the server ended the connection: "eof" or "reset").
+
+    The socket's 10 s timeout fails the test: a refused connection must not wait for the client (the read timeout,
+    which also ends the handshake, is 30 s on these gateways)."""
+    if alpn:
+        ctx.set_alpn_protocols([alpn])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while True:
+            try:
+                client.do_handshake()   # TLS 1.3: done before the server has checked the certificate
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+            except ssl.SSLError as refused:   # refused at the ClientHello (TLS 1.2): the server sent the alert
+                return str(refused.reason), server_end(sock)
+        sock.sendall(outgoing.read())
+        end = server_end(sock, incoming)
+    with pytest.raises(ssl.SSLError) as refused:
+        client.read(1)
+    return str(refused.value.reason), end
+
+
+def server_end(sock: socket.socket, into: ssl.MemoryBIO | None = None) -> str:
+    """Reads `sock` until the server ends the connection (what it sends goes `into`); raises at the socket timeout."""
+    try:
+        while data := sock.recv(65536):
+            if into is not None:
+                into.write(data)
+    except ConnectionResetError:
+        return "reset"
+    return "eof"
+
+
+def test_a_refused_client_that_stays_silent_is_closed_once_told_why(tls_gw: Gateway, mtls_gw: Gateway,
+                                                                    certs: dict[str, Path]) -> None:
+    """A refused connection stayed open after its alert until the client hung up or the handshake deadline
+    passed: a slowloris of refused handshakes held a socket and a task each. It is closed once the alert is sent."""
+    s, ms = tls_gw.settings.server, mtls_gw.settings.server
+    for port, alpn in ((ms.http_port, None), (ms.grpc_port, "h2"), (ms.metrics_port, None)):
+        reason, end = refused_then_silent(port, client_context(certs), alpn)
+        assert reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED", port
+        assert end in ("eof", "reset"), port
+    for port, alpn in ((s.http_port, None), (s.grpc_port, "h2")):
+        tls12 = client_context(certs)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        reason, end = refused_then_silent(port, tls12, alpn)
+        assert (reason, end in ("eof", "reset")) == ("TLSV1_ALERT_PROTOCOL_VERSION", True), port
+    # Closing refused connections leaves the listeners serving.
+    assert https_call(ms.http_port, client_context(certs, client_cert=True), "/v2/health/live")[0] == 200
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_refused_silent_client_is_closed_on_the_loop_serve_runs_too(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop], certs: dict[str, Path]) -> None:
+    """`serve` runs on uvloop, whose TLS protocol is its own (Cython): the HTTP site and the gRPC TLS listener
+    close a refused connection there too (the gateways above run on asyncio's loop)."""
+    settings = ServerSettings(tls_cert_file=str(certs["server_cert"]), tls_key_file=str(certs["server_key"]),
+                              tls_client_ca_file=str(certs["ca"]))
+
+    async def main() -> list[tuple[str, str]]:
+        tls = ServerTls(settings)
+        runner = web.AppRunner(web.Application())
+        await runner.setup()
+        site = listener_site(runner, "127.0.0.1", 0, tls.context, handshake_timeout_s=30.0)
+        grpc_door = GrpcTlsTerminator(tls.grpc_context, handshake_timeout_s=30.0)
+        try:
+            await site.start()
+            http_port = runner.addresses[0][1]
+            grpc_port = await grpc_door.start("127.0.0.1", 0, inner_port=1)   # a refused client never gets there
+            return [await asyncio.to_thread(refused_then_silent, port, client_context(certs), alpn)
+                    for port, alpn in ((http_port, None), (grpc_port, "h2"))]
+        finally:
+            grpc_door.close()
+            await grpc_door.abort_all()
+            await runner.cleanup()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        for reason, end in runner.run(main()):
+            assert (reason, end in ("eof", "reset")) == ("TLSV13_ALERT_CERTIFICATE_REQUIRED", True)
 
 
 def test_a_refusal_with_no_alert_to_send_closes_at_once(tls_gw: Gateway) -> None:
