@@ -52,6 +52,9 @@ class ServerSettings:
                                          "(a broken new file keeps the old one in force)", 2.0)
     insecure_plaintext: bool = _help("Serve plaintext on a non-loopback address (keys cross the network in "
                                      "clear); logged at every start", False)
+    status_listen: str = _help("host:port of a separate plain-HTTP listener answering only GET /v2/health/live "
+                               "and /v2/health/ready, as the API listener does, with no client certificate "
+                               "(kubelet probes under mTLS), e.g. 0.0.0.0:8101 or [::]:8101; '' = off", "")
 
 
 @dataclass(frozen=True)
@@ -455,6 +458,25 @@ def _check_url(path: str, url: str) -> str | None:
     return None
 
 
+def status_address(s: ServerSettings) -> tuple[str, int] | None:
+    """`server.status_listen` as (host, port), an IPv6 host without its brackets; None if off.
+
+    Raises ValueError, saying what is wrong, for anything but host:port with a port of 1-65535.
+    """
+    if not s.status_listen:
+        return None
+    host, colon, port = s.status_listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets, like [::]:8101")
+    if not colon or not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit()):
+        raise ValueError("must be host:port, like 0.0.0.0:8101 or [::]:8101")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"the port must be 1-65535, got {port}")
+    return host, int(port)
+
+
 def validate(settings: Settings) -> list[str]:
     """Every problem with `settings`, each as 'field.path: what is wrong'; [] if none."""
     errors: list[str] = []
@@ -462,10 +484,15 @@ def validate(settings: Settings) -> list[str]:
         port = _get(settings, path)
         if not 1 <= port <= 65535:
             errors.append(f"{path}: must be 1-65535, got {port}")
+    ports = [(path, _get(settings, path)) for path in _PORTS]
+    try:
+        if (status := status_address(settings.server)) is not None:
+            ports.append(("server.status_listen", status[1]))
+    except ValueError as exc:
+        errors.append(f"server.status_listen: {exc}, got {settings.server.status_listen!r}")
     # Everything binds on this host, so any shared port fails at start-up.
     seen: dict[int, str] = {}
-    for path in _PORTS:
-        port = _get(settings, path)
+    for path, port in ports:
         if port in seen:
             errors.append(f"{path}: port {port} clashes with {seen[port]}")
         seen.setdefault(port, path)

@@ -17,6 +17,7 @@ from proxy.settings import (
     format_settings_yaml,
     load_settings,
     parse_env_value,
+    status_address,
     validate,
 )
 
@@ -187,10 +188,30 @@ def test_all_problems_reported_at_once_with_field_names(tmp_path: Path) -> None:
     ({"audit.durability": "paranoid"}, "audit.durability: must be one of batched, strict, got 'paranoid'"),
     ({"audit.fsync_interval_s": 0}, "audit.fsync_interval_s: must be greater than 0"),
     ({"console.cookie_secure": "sometimes"}, "console.cookie_secure: must be one of auto, always, got 'sometimes'"),
+    ({"server.status_listen": "8101"}, "server.status_listen: must be host:port, like 0.0.0.0:8101 or [::]:8101, "
+                                       "got '8101'"),
+    ({"server.status_listen": ":8101"}, "server.status_listen: must be host:port"),
+    ({"server.status_listen": "0.0.0.0:http"}, "server.status_listen: must be host:port"),
+    ({"server.status_listen": "0.0.0.0:"}, "server.status_listen: must be host:port"),
+    ({"server.status_listen": "0.0.0.0:70000"}, "server.status_listen: the port must be 1-65535, got 70000"),
+    ({"server.status_listen": "0.0.0.0:0"}, "server.status_listen: the port must be 1-65535, got 0"),
+    ({"server.status_listen": "::1:8101"}, "server.status_listen: an IPv6 address goes in brackets, like [::]:8101"),
+    ({"server.status_listen": "0.0.0.0:8000"}, "server.status_listen: port 8000 clashes with server.http_port"),
+    ({"server.status_listen": "127.0.0.1:8002"}, "server.status_listen: port 8002 clashes with server.metrics_port"),
 ])
 def test_single_problems_name_their_field(overrides: dict[str, object], fragment: str) -> None:
     errors = errors_of(path=None, env={}, overrides=overrides)
     assert len(errors) == 1 and errors[0].startswith(fragment), errors
+
+
+@pytest.mark.parametrize(("listen", "address"), [
+    ("", None), ("0.0.0.0:8101", ("0.0.0.0", 8101)), ("[::]:8101", ("::", 8101)),
+    ("[::1]:9", ("::1", 9)), ("status.local:65535", ("status.local", 65535)),
+])
+def test_status_listen_is_off_by_default_or_a_host_and_port(listen: str, address: tuple[str, int] | None) -> None:
+    settings = load_settings(None, env={}, overrides={"server.status_listen": listen})
+    assert status_address(settings.server) == address
+    assert Settings().server.status_listen == ""
 
 
 @pytest.mark.parametrize("text", ["server: [\n", "- just\n- a list\n"])
