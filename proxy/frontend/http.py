@@ -7,7 +7,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -29,7 +29,7 @@ from ..keys.issue import ISSUABLE_TIERS
 from ..keys.secrets_setup import open_keyring
 from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
-from ..settings import Settings, SettingsError
+from ..settings import Settings, SettingsError, status_address
 from ..state.limits import Limiter, LocalLimiter
 from ..state.redis_limiter import RedisLimiter
 from ..state.shared_limiter import SocketLimiter
@@ -83,13 +83,26 @@ async def request_path(request: web.Request) -> web.StreamResponse:
     The handler of the app's one route, which matches every method and path: no request reaches
     anything else, and no middleware layer costs every request a coroutine of its own.
     """
+    return await served(request, answer)
+
+
+async def status_path(request: web.Request) -> web.StreamResponse:
+    """The one route of the status listener (`server.status_listen`): the health probes, nothing else."""
+    return await served(request, status_answer)
+
+
+Answer = Callable[[web.Request, AppState, RequestContext], Awaitable[web.StreamResponse]]
+
+
+async def served(request: web.Request, answer_with: Answer) -> web.StreamResponse:
+    """`answer_with`'s answer, sent, with the request's context, audit record and metrics around it."""
     state = request.app[STATE]
     ctx = new_context(request)
     if state.settings.server.tls_client_ca_file:   # mTLS: the handshake verified it; policy and audit read it
         ctx.peer_cert = http_peer_cert(request.transport)
     request[CTX] = ctx
     try:
-        response = await answer(request, state, ctx)
+        response = await answer_with(request, state, ctx)
         await send_now(request, ctx, response)
         return response
     except asyncio.CancelledError:
@@ -102,13 +115,17 @@ async def request_path(request: web.Request) -> web.StreamResponse:
         finish(state, ctx)
 
 
-async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> web.StreamResponse:
-    """The checks and the forward, or the refusal; what the client gets, on ctx what the audit says."""
+async def answer(request: web.Request, state: AppState, ctx: RequestContext,
+                 base_path: str | None = None) -> web.StreamResponse:
+    """The checks and the forward, or the refusal; what the client gets, on ctx what the audit says.
+
+    `base_path`: the prefix stripped from the path, `server.base_path` unless given (the status listener has none).
+    """
     console = False
     try:
         # First: framing aiohttp's parser let through but a proxy must not (http_guard's doc).
         check_framing(request)
-        path = route_path(request.raw_path, state.settings.server.base_path)
+        path = route_path(request.raw_path, state.settings.server.base_path if base_path is None else base_path)
         if is_console(path):   # the web console: its pages, and its data calls re-entering this path
             console = True
             return await answer_console(request, state, ctx, path, answer)
@@ -162,6 +179,14 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext) -> 
         # audited error, never aiohttp's bare 500 with an "allowed" record behind it.
         log.exception("request %s failed", ctx.request_id)
         return await refused(state, ctx, SeekgateError(f"internal_error: {type(exc).__name__}"))
+
+
+async def status_answer(request: web.Request, state: AppState, ctx: RequestContext) -> web.StreamResponse:
+    """A probe, answered as on the API listener (Triton's readiness, 503 while draining or the store is down);
+    404 for anything else: this listener takes no credential, so it must reach nothing a credential guards."""
+    if request.method == "GET" and request.raw_path.partition("?")[0] in PUBLIC_PROBES:
+        return await answer(request, state, ctx, base_path="")
+    return await refused(state, ctx, NotFound("status_listener_serves_probes_only"))
 
 
 async def send_now(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:
@@ -407,6 +432,15 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
         response.headers["Connection"] = "close"   # the headers were built before this hook runs
 
 
+def build_status_app(state: AppState) -> web.Application:
+    """The status listener's app: the health probes of the process whose `state` it shares (see status_answer)."""
+    app = web.Application()
+    app[STATE] = state
+    app.on_response_prepare.append(last_headers)
+    app.router.add_route("*", "/{tail:.*}", status_path)
+    return app
+
+
 def build_metrics_app(main: web.Application) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
         body, content_type = main[STATE].metrics.render()
@@ -457,6 +491,14 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
         metrics_runner = web.AppRunner(build_metrics_app(app), access_log=None)
         await metrics_runner.setup()
         sites.append(listener_site(metrics_runner, s.host, s.metrics_port, ssl_context, s.read_timeout_s))
+    status_runner = None
+    if (status := status_address(s)) is not None:
+        # Plaintext whatever server.host and TLS say: it serves readiness and liveness only, so kubelet's
+        # httpGet probes work when the API listener demands a client certificate. Every worker binds it too.
+        status_runner = GuardedRunner(build_status_app(state), header_timeout_s=s.read_timeout_s,
+                                      auto_decompress=False, access_log=None, shutdown_timeout=s.drain_timeout_s)
+        await status_runner.setup()
+        sites.append(listener_site(status_runner, *status, None, s.read_timeout_s, reuse_port=worker is not None))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -477,6 +519,8 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
                  "" if worker else f", metrics :{s.metrics_port}",
                  f" (TLS {s.tls_min_version}+{', client certificates required' if s.tls_client_ca_file else ''})"
                  if tls else " (plaintext)")
+        if status is not None:
+            log.info("status listener (liveness and readiness only, plaintext) on http://%s:%d", *status)
         if freeze_heap:
             freeze_startup_heap()
         if ready is not None:
@@ -502,8 +546,9 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             log.warning("%d connections still queued when the HTTP listener closed: the kernel resets them", left)
         # Both front ends drain at once; the cleanup_ctx closes the audit writer after both.
         await asyncio.gather(stop_grpc(), runner.cleanup())
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        for extra in (metrics_runner, status_runner):   # the probes answer 503 (draining) until here
+            if extra is not None:
+                await extra.cleanup()
 
 
 def _listening_sockets(site: web.BaseSite) -> list[ListeningSocket]:

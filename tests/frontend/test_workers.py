@@ -112,7 +112,7 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def workers(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    w = Workers(tmp_path_factory.mktemp("workers"), triton).start()
+    w = Workers(tmp_path_factory.mktemp("workers"), triton, status_listen=f"127.0.0.1:{free_ports(1)[0]}").start()
     yield w
     w.stop()
 
@@ -136,6 +136,28 @@ def test_both_workers_serve_and_audit_into_their_own_files(workers: Workers) -> 
     tailed = [json.loads(line) for line in out.splitlines()]
     assert ids <= {r["request_id"] for r in tailed}
     assert [r["timestamp"] for r in tailed] == sorted(r["timestamp"] for r in tailed)
+
+
+def test_every_worker_answers_on_the_status_listener(workers: Workers) -> None:
+    """`server.status_listen` under --workers: each worker binds it (SO_REUSEPORT, like the API port) and answers
+    the probes from its own state, audited in its own file; nothing else is served there."""
+    url = "http://" + yaml.safe_load(workers.config.read_text())["server"]["status_listen"]
+
+    def probes_by_file() -> dict[str, int]:
+        return {name: sum(r["action"] == "health" for r in recs) for name, recs in workers.audit_by_file().items()}
+    before = probes_by_file()
+    for _ in range(20):   # a fresh connection each: the kernel picks a worker each time
+        with urllib.request.urlopen(url + "/v2/health/ready", timeout=30) as r:
+            assert r.status == 200
+    with pytest.raises(urllib.error.HTTPError) as not_served:
+        urllib.request.urlopen(url + "/v2/models/deepseek", timeout=30)
+    assert not_served.value.code == 404
+
+    def both_answered() -> bool:
+        after = probes_by_file()
+        grown = [after[name] - before.get(name, 0) for name in after]
+        return sum(grown) == 20 and len(grown) == 2 and min(grown) > 0
+    assert wait_for(both_answered, 10), (before, probes_by_file())
 
 
 def test_supervisor_serves_the_sum_of_the_workers_metrics(workers: Workers) -> None:
