@@ -203,8 +203,8 @@ def tls12_refusal_then_silence(sock: socket.socket, certs: dict[str, Path]) -> b
 
 def test_a_connection_that_never_starts_a_handshake_is_closed_after_the_read_timeout(
         triton: TritonProcess, certs: dict[str, Path], tmp_path: Path) -> None:
-    """Every TLS listener holds a silent connection read_timeout_s, not asyncio's 60 s handshake default, whether
-    it never started a handshake or was refused one and told why."""
+    """Every TLS listener holds a silent connection read_timeout_s, not asyncio's 60 s handshake default, when it
+    never started a handshake; one refused and told why is not held at all."""
     g = Gateway(tmp_path, triton.http_url, free_ports(3),
                 **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs),
                    "server.read_timeout_s": 1.0}).start()
@@ -218,7 +218,7 @@ def test_a_connection_that_never_starts_a_handshake_is_closed_after_the_read_tim
                 except ConnectionResetError:
                     pass   # an abort is a close too
             assert time.monotonic() - started < 5, (port, time.monotonic() - started)
-            # Nor is one that got its alert (tls.AlertFirst: the connection waits for the client to hang up).
+            # Nor is one that got its alert (it is closed once the alert is out: tls_accept.py).
             started = time.monotonic()
             with socket.create_connection(("127.0.0.1", port), timeout=15) as told:
                 assert tls12_refusal_then_silence(told, certs) == b""
@@ -343,7 +343,7 @@ def test_a_refused_handshake_reaches_the_client_as_its_alert(tls_gw: Gateway, mt
         tls12 = client_context(certs)
         tls12.maximum_version = ssl.TLSVersion.TLSv1_2
         assert refusal_seen_by_client(port, tls12, alpn) == "TLSV1_ALERT_PROTOCOL_VERSION"
-    # Still served after all that: each refused connection ended when its client hung up.
+    # Still served after all that: each refused connection was closed once its alert was sent.
     assert https_call(ms.http_port, client_context(certs, client_cert=True), "/v2/health/live")[0] == 200
 
 
