@@ -179,15 +179,19 @@ def redis_url_or_private() -> tuple[str, PrivateRedis | None]:
 
 
 class PrivateRedisCluster:
-    """A Redis Cluster of this test run alone: three masters (`redis-server --cluster-enabled yes`) on free
-    ports in a temporary directory, joined with `redis-cli --cluster create`; `destroy()` ends them."""
+    """A Redis Cluster of this test run alone: `masters` masters (`redis-server --cluster-enabled yes`), each
+    with `replicas` replicas, on free ports in a temporary directory, joined with `redis-cli --cluster
+    create`; `destroy()` ends them. `node_timeout_ms` is `cluster-node-timeout`: how long a master may be
+    unreachable before the others mark it failed and a replica takes its slots."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="seekgate-redis-cluster-"))
+        self.masters, self.replicas, self.node_timeout_ms = masters, replicas, node_timeout_ms
+        nodes = masters * (1 + replicas)
         # Each node's cluster bus on a port of its own (by default port + 10000, past 65535 for an
         # ephemeral port).
-        ports = free_ports(2 * masters)
-        self.ports, self.bus_ports = ports[:masters], ports[masters:]
+        ports = free_ports(2 * nodes)
+        self.ports, self.bus_ports = ports[:nodes], ports[nodes:]
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -202,10 +206,11 @@ class PrivateRedisCluster:
         for port in self.ports:
             (self.root / str(port)).mkdir()
             self.start_node(port, joined=False)
+        # redis-cli makes the first `masters` nodes the masters and the rest their replicas.
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        if not _wait(self._ready, tries=400):
+        if not _wait(self._ready, tries=600):
             raise RuntimeError("the private Redis Cluster did not reach cluster_state:ok")
 
     def start_node(self, port: int, *, joined: bool = True) -> None:
@@ -215,8 +220,8 @@ class PrivateRedisCluster:
         self._procs[port] = subprocess.Popen(
             [str(shutil.which("redis-server")), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", str(node / "nodes.conf"),
-             "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(node),
-             "--enable-debug-command", "local"],
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--save", "", "--appendonly", "no",
+             "--dir", str(node), "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not _wait(lambda: redis_answers(f"redis://127.0.0.1:{port}/0")):
             raise RuntimeError(f"cluster node on port {port} did not answer")
@@ -228,12 +233,21 @@ class PrivateRedisCluster:
         proc.terminate()
         proc.wait(timeout=10)
 
+    def kill_node(self, port: int) -> None:
+        """SIGKILLs the node of `port`: no shutdown, no goodbye to the cluster (a crash, a lost machine)."""
+        proc = self._procs.pop(port)
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def live_ports(self) -> list[int]:
+        return [port for port in self.ports if port in self._procs]
+
     def port_of(self, key: str) -> int:
-        """The port of the master serving `key`'s slot."""
+        """The port of the master serving `key`'s slot (as a running node sees it)."""
         import redis
         from redis.crc import key_slot
         slot = key_slot(key.encode())
-        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        client = redis.Redis(port=self.live_ports()[0], socket_timeout=2)
         try:
             for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if first <= slot <= last:
@@ -242,14 +256,43 @@ class PrivateRedisCluster:
             client.close()
         raise RuntimeError(f"no master serves slot {slot}")
 
+    def replica_of(self, port: int) -> int:
+        """The port of a replica of the master on `port` whose link to it is up (data in sync)."""
+        import redis
+        client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+        try:
+            for name, value in client.info("replication").items():
+                if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online":
+                    return int(value["port"])
+        finally:
+            client.close()
+        raise RuntimeError(f"the master on port {port} has no replica online")
+
+    def wait_replicated(self, port: int, timeout_ms: int = 5000) -> int:
+        """WAIT on the master of `port`: returns once its replicas acknowledged every write so far
+        (how many did); Redis Cluster replicates asynchronously, so a write not yet acknowledged may be
+        lost when a replica takes over."""
+        import redis
+        client = redis.Redis(port=port, socket_timeout=timeout_ms / 1000 + 2)
+        try:
+            return int(client.execute_command("WAIT", self.replicas, timeout_ms))
+        finally:
+            client.close()
+
     def _ready(self) -> bool:
         import redis
-        for port in self.ports:
+        for port in self.live_ports():
             client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
             try:
                 if client.cluster("info").get("cluster_state") != "ok":
                     return False
-                if len(client.cluster("slots")) != len(self.ports):   # every node knows every master's slots
+                ranges = client.execute_command("CLUSTER", "SLOTS")
+                if len(ranges) != self.masters:   # every node knows every master's slots
+                    return False
+                if any(len(r) < 3 + self.replicas for r in ranges):   # ... and their replicas
+                    return False
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
                     return False
             except (redis.RedisError, OSError):
                 return False
