@@ -12,6 +12,7 @@ import pytest
 from proxy.errors import StoreUnavailable
 from proxy.state.limits import OverLimit
 from proxy.state.redis_limiter import RedisGrant, RedisLimiter
+from proxy.state.redis_scripts import cluster_prefix
 from tests.backends import PrivateRedisCluster
 from tests.state.test_redis_limiter import scope
 
@@ -42,11 +43,16 @@ async def test_the_slots_master_killed_fails_closed_until_its_replica_takes_over
     limiter, not restarted, admits again on the counts from before the kill: the rpm window holds its
     three, and the day's budget holds 100 + 100 + the running request's real 50, settled exactly once."""
     seen: list[tuple[bool, bool]] = []
+    # The master killed is the node the URL names: the client finds the promoted replica through the
+    # nodes it learned from the cluster, not through the address it was configured with.
+    while redis_cluster.port_of(f"{cluster_prefix(redis_prefix)}x") != redis_cluster.ports[0]:
+        redis_prefix = f"seekgate-test:{secrets.token_hex(6)}:"
     lim = RedisLimiter(redis_cluster.url, prefix=redis_prefix, timeout_s=0.5, on_backend_down="closed",
                        on_backend=lambda up, local: seen.append((up, local)), probe_interval_s=0.2)
     await lim.start()
     slot_key = f"{lim.prefix}x"
     master = redis_cluster.port_of(slot_key)
+    assert redis_cluster.url.endswith(f":{master}")
     replica = redis_cluster.replica_of(master)
     s = [scope("failover", rpm=5, daily_tokens=1000)]
     try:
