@@ -20,6 +20,7 @@ from proxy.settings import (
     status_address,
     validate,
 )
+from proxy.state.redis_limiter import cluster_url
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "seekgate.yaml"
 
@@ -228,6 +229,22 @@ def test_good_base_paths(good: str) -> None:
 
 def test_shipped_config_loads_and_equals_defaults() -> None:
     assert load_settings(SHIPPED, env={}) == Settings()
+
+
+def test_shipped_config_s_redis_cluster_examples_load_and_select_the_cluster_client(tmp_path: Path) -> None:
+    """The commented Redis Cluster URLs under redis.url, each put in place of url: '' as an operator
+    would: the file loads, and the limiter reads the URL as Redis Cluster (plain and TLS)."""
+    text = SHIPPED.read_text(encoding="utf-8")
+    examples = [line.strip().removeprefix("# ") for line in text.splitlines()
+                if line.strip().startswith("# url: ") and "+cluster://" in line]
+    assert {yaml.safe_load(e)["url"].partition("://")[0] for e in examples} == {"redis+cluster", "rediss+cluster"}
+    for example in examples:
+        config = tmp_path / "seekgate.yaml"
+        head, redis_section = text.split("\nredis:\n")
+        redis_section = redis_section.replace("\n  url: ''\n", f"\n  {example}\n", 1)
+        config.write_text(f"{head}\nredis:\n{redis_section}", encoding="utf-8")
+        url = load_settings(config, env={}).redis.url
+        assert url == yaml.safe_load(example)["url"] and cluster_url(url) is not None
 
 
 def test_shipped_config_lists_every_setting_with_a_comment() -> None:
