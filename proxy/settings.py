@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -261,8 +261,36 @@ class StoreSettings:
                              "unavailable (503, fail closed)", 2.0)
 
 
-# redis+cluster / rediss+cluster: Redis Cluster (state/redis_limiter.py), one node's address, the rest found.
+# redis+cluster / rediss+cluster: Redis Cluster (state/redis_limiter.py), one node's address or several, the rest found.
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redis_cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """A Redis Cluster URL, `redis+cluster://[user:password@]host[:port][,host[:port]...][/0][?options]`
+    (`rediss+cluster://` with TLS), as the first node's plain redis:// (rediss://) URL, whose credentials,
+    TLS and options serve every node, and every node it names as (host, port), port 6379 unless given.
+    Any one of them that answers is enough to find the cluster. None for any other URL; ValueError for a
+    node with no host or a port that is not one."""
+    scheme, sep, _ = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    if plain is None:
+        return None
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    names = [name.strip() for name in hosts.split(",")]
+    nodes: list[tuple[str, int]] = []
+    for name in names:
+        node = urlsplit(f"//{name}")
+        try:
+            port = node.port or 6379
+        except ValueError:
+            raise ValueError(f"node {name!r}: the port is not a number from 0 to 65535") from None
+        if not node.hostname:
+            raise ValueError(f"node {name!r}: no host")
+        nodes.append((node.hostname, port))
+    first = urlunsplit((plain, f"{userinfo}{at}{names[0]}", parts.path, parts.query, parts.fragment))
+    return first, nodes
 
 
 @dataclass(frozen=True)
@@ -270,8 +298,8 @@ class RedisSettings:
     """Where replicas share rate limits and budgets (state/redis_limiter.py)."""
 
     url: str = _help("'' = limits counted in this process (one node); redis://host:port/db = counted in one "
-                     "Redis shared by every replica, exact across them; redis+cluster://host:port (rediss+cluster:// "
-                     "with TLS) = the same on Redis Cluster, its keys under one hash tag", "")
+                     "Redis shared by every replica, exact across them; redis+cluster://host:port[,host:port...] "
+                     "(rediss+cluster:// with TLS) = the same on Redis Cluster, its keys under one hash tag", "")
     lease_s: float = _help("Lease of a concurrency slot: renewed while the request runs; a replica killed "
                            "mid-request frees its slots this long after", 30.0)
     timeout_s: float = _help("Longest wait for Redis before it counts as down (then limits.on_backend_down)", 0.5)
@@ -541,6 +569,11 @@ def validate(settings: Settings) -> list[str]:
                       f"redis+cluster://, rediss+cluster:// URL, got scheme {urlsplit(settings.redis.url).scheme!r}")
     elif urlsplit(settings.redis.url).scheme.endswith("+cluster") and urlsplit(settings.redis.url).path not in ("", "/", "/0"):
         errors.append(f"redis.url: Redis Cluster has database 0 only, got {urlsplit(settings.redis.url).path!r}")
+    else:
+        try:
+            redis_cluster_nodes(settings.redis.url)
+        except ValueError as exc:   # the node, not the URL: that may hold a password
+            errors.append(f"redis.url: {exc}")
     if not (math.isfinite(settings.redis.lease_s) and settings.redis.lease_s >= 1):
         errors.append(f"redis.lease_s: must be at least 1 second, got {settings.redis.lease_s}")
     if not (math.isfinite(settings.redis.timeout_s) and settings.redis.timeout_s > 0):

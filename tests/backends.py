@@ -279,6 +279,22 @@ class PrivateRedisCluster:
         finally:
             client.close()
 
+    def failed_over(self, port: int) -> bool:
+        """Whether every running node sees the slots of the (dead) master of `port` served by another."""
+        import redis
+        for live in self.live_ports():
+            client = redis.Redis(port=live, socket_timeout=2)
+            try:
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+                if any(int(master[1]) == port for _, _, master, *_ in client.execute_command("CLUSTER", "SLOTS")):
+                    return False
+            except (redis.RedisError, OSError):
+                return False
+            finally:
+                client.close()
+        return True
+
     def _ready(self) -> bool:
         import redis
         for port in self.live_ports():

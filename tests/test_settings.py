@@ -17,6 +17,7 @@ from proxy.settings import (
     format_settings_yaml,
     load_settings,
     parse_env_value,
+    redis_cluster_nodes,
     status_address,
     validate,
 )
@@ -298,6 +299,22 @@ def test_redis_url_from_env_and_limits_backend_down_checked() -> None:
 @pytest.mark.parametrize("url", ["redis+cluster://10.0.0.1:6379", "rediss+cluster://user:pw@cfg.example:6379/0"])
 def test_a_redis_cluster_url_is_valid(url: str) -> None:
     assert load_settings(None, env={"SEEKGATE_REDIS_URL": url}).redis.url == url
+
+
+def test_a_redis_cluster_url_may_name_several_nodes_each_a_start_node() -> None:
+    url = "rediss+cluster://user:pw@redis-0:7000, redis-1 ,[::1]:7002/0?ssl_cert_reqs=required"
+    assert load_settings(None, env={"SEEKGATE_REDIS_URL": url}).redis.url == url
+    assert redis_cluster_nodes(url) == ("rediss://user:pw@redis-0:7000/0?ssl_cert_reqs=required",
+                                        [("redis-0", 7000), ("redis-1", 6379), ("::1", 7002)])
+    assert redis_cluster_nodes("redis+cluster://10.0.0.1:6379") == ("redis://10.0.0.1:6379", [("10.0.0.1", 6379)])
+    assert redis_cluster_nodes("redis://10.0.0.1:6379/0") is None
+
+
+def test_a_redis_cluster_url_with_a_bad_node_is_refused_naming_the_node_not_the_password() -> None:
+    assert errors_of(path=None, env={"SEEKGATE_REDIS_URL": "redis+cluster://u:secret@a:6379,b:x,:7"}) == [
+        "redis.url: node 'b:x': the port is not a number from 0 to 65535"]
+    assert errors_of(path=None, env={"SEEKGATE_REDIS_URL": "redis+cluster://a:6379,,b:6379"}) == [
+        "redis.url: node '': no host"]
 
 
 def test_a_redis_cluster_url_names_no_database_but_0() -> None:

@@ -47,7 +47,7 @@ from functools import lru_cache
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -56,6 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
+from ..settings import redis_cluster_nodes
 from .limits import Grant, Limiter, LocalLimiter, OverLimit, Scope, _windows
 from .redis_scripts import BATCH, RENEW, cluster_prefix, lease_key, scope_keys, settled_key
 from .redis_slots import SlotBook, SlotPool
@@ -79,15 +80,13 @@ SLOT_MARGIN_S = 0.05       # handed out no later than this before Redis's idea o
 MAX_SLOTS = 256            # reserved with one admission at most
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError, ClusterDownError, MasterDownError,
          RedisClusterUnreachableError)
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def cluster_url(url: str) -> str | None:
-    """For a `redis+cluster://` (or `rediss+cluster://`) URL, the node's plain URL the cluster client
-    starts from (it finds the other nodes itself); None for a single Redis's URL."""
-    scheme, sep, rest = url.partition("://")
-    plain = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
-    return f"{plain}://{rest}" if plain else None
+    """For a `redis+cluster://` (or `rediss+cluster://`) URL, its first node's plain URL (credentials, TLS,
+    options: settings.redis_cluster_nodes); None for a single Redis's URL."""
+    found = redis_cluster_nodes(url)
+    return found[0] if found else None
 
 
 @dataclass(eq=False)
@@ -128,7 +127,7 @@ class _Held:
 class RedisLimiter(Limiter):
     """The shared limiter of replicas on one Redis (`url`); `prefix` namespaces its keys.
 
-    A `redis+cluster://host:port` URL (`rediss+cluster://` with TLS) selects Redis Cluster: the
+    A `redis+cluster://host:port[,host:port...]` URL (`rediss+cluster://` with TLS) selects Redis Cluster: the
     cluster client, and the prefix given a hash tag (redis_scripts.cluster_prefix) so every key is in
     one slot. Any other URL keeps the single-Redis client and key names of earlier versions.
     """
@@ -141,8 +140,8 @@ class RedisLimiter(Limiter):
                  on_settlement_dropped: Callable[[str], None] | None = None) -> None:
         if on_backend_down not in BACKEND_DOWN_MODES:
             raise ValueError(f"on_backend_down must be one of {BACKEND_DOWN_MODES}, got {on_backend_down!r}")
-        node_url = cluster_url(url)
-        self.cluster = node_url is not None
+        cluster = redis_cluster_nodes(url)
+        self.cluster = cluster is not None
         self.prefix = cluster_prefix(prefix) if self.cluster else prefix
         self.lease_ms = max(1000, int(lease_s * 1000))
         self.mode = on_backend_down
@@ -161,7 +160,8 @@ class RedisLimiter(Limiter):
         self._probe_interval_s = probe_interval_s
         self._redis: aioredis.Redis | RedisCluster
         self._batch_conn: AbstractConnection | None = None
-        if node_url is not None:
+        if cluster is not None:
+            node_url, nodes = cluster
             # The cluster client routes each call to the node that owns its keys' slot (all of them in
             # one: the tagged prefix) and follows MOVED/ASK when slots move or a replica takes over.
             # No retries of its own: a batch is not idempotent (one sent again after its answer was
@@ -169,8 +169,11 @@ class RedisLimiter(Limiter):
             # that fails a call makes Redis count as down at once, as one Redis does after timeout_s;
             # the probe asks the cluster again where the slot lives and takes counting back.
             # (MOVED and ASK are redirects, not retries: the client still follows them.)
+            # Every node the URL names is a start node: a process started while the first is down (a
+            # master lost in a failover, not back yet) finds the cluster through another.
             self._redis = RedisCluster.from_url(
-                node_url, max_connections=pool_size, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                node_url, startup_nodes=[ClusterNode(host, port) for host, port in nodes[1:]],
+                max_connections=pool_size, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                 decode_responses=True, retry=Retry(NoBackoff(), 0))
         else:
             # A bounded pool that queues: a burst waits for a connection instead of opening hundreds. The

@@ -134,3 +134,28 @@ async def test_under_local_the_replica_counts_alone_through_the_failover_and_rep
         assert over.value.kind == "rpm"
     finally:
         await lim.close()
+
+
+async def test_a_replica_started_after_a_failover_finds_the_cluster_through_any_node_its_url_names(
+        redis_cluster: PrivateRedisCluster, redis_prefix: str) -> None:
+    """`redis+cluster://a,b,...`: the first node named is dead (SIGKILLed, its replica promoted) when a
+    replica starts, as after a failover whose node never came back. Named alone it would leave that
+    replica refusing every limited request until the dead node answered again; with the others named
+    the client finds the cluster through the next one, and counts."""
+    dead = redis_cluster.ports[0]
+    redis_cluster.kill_node(dead)
+    async with asyncio.timeout(30):
+        while not redis_cluster.failed_over(dead):
+            await asyncio.sleep(0.1)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports)
+    lim = RedisLimiter(url, prefix=redis_prefix, timeout_s=0.5)
+    await lim.start()
+    try:
+        assert lim.up
+        s = [scope("restarted", rpm=2)]
+        await lim.acquire(s, 0)
+        await lim.acquire(s, 0)
+        with pytest.raises(OverLimit):
+            await lim.acquire(s, 0)
+    finally:
+        await lim.close()
