@@ -1,5 +1,6 @@
 """The Redis limiter on a real Redis Cluster with replicas (three masters, one replica each): the master
-serving the limiter's slot is SIGKILLed, its replica takes over, and the limiter follows it."""
+serving the limiter's slot is SIGKILLed, its replica takes over, and the limiter follows it; one
+started after the failover finds the cluster through the other nodes its URL names."""
 
 from __future__ import annotations
 
