@@ -116,31 +116,31 @@ async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float
     return Rotation(old, new, token, tuple(moved))
 
 
-def subtree(keys: Iterable[KeyRecord], key_id: str) -> list[str]:
-    """`key_id` and every descendant, breadth first."""
-    children: dict[str, list[str]] = {}
-    for k in keys:
-        if k.parent_id is not None:
-            children.setdefault(k.parent_id, []).append(k.key_id)
-    out, todo = [key_id], [key_id]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            if child not in out:
-                out.append(child)
-                todo.append(child)
-    return out
-
-
 async def subtree_records(store: KeyStore, key_id: str) -> list[KeyRecord]:
-    """`key_id` and every key under it as stored now, breadth first (an audit record's before/after)."""
-    recs = await store.list_keys()
-    by_id = {r.key_id: r for r in recs}
-    return [by_id[i] for i in subtree(recs, key_id) if i in by_id]
+    """`key_id` and every key under it as stored now, breadth first (an audit record's before/after).
+
+    Walked down through the parent index one level at a time, so the cost is the subtree's, not the fleet's.
+    """
+    root = await store.get_key(key_id)
+    if root is None:
+        return []
+    out, seen, level = [root], {key_id}, [key_id]
+    while level:
+        below: list[str] = []
+        for parent in level:
+            for child in await store.children(parent):
+                if child.key_id not in seen:   # a parent cycle in a hand-edited database must not loop
+                    seen.add(child.key_id)
+                    out.append(child)
+                    below.append(child.key_id)
+        level = below
+    return out
 
 
 async def key_and_children(store: KeyStore, key_id: str) -> list[KeyRecord]:
     """`key_id` and its direct children: what a rotation changes (an app key's devices move)."""
-    return [r for r in await store.list_keys() if key_id in (r.key_id, r.parent_id)]
+    rec = await store.get_key(key_id)
+    return [] if rec is None else [rec, *await store.children(key_id)]
 
 
 async def records_of(store: KeyStore, ids: Iterable[str]) -> list[KeyRecord | None]:
@@ -161,7 +161,7 @@ async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id:
     """
     rec = await _get(store, key_id)
     await store.revoke_key(key_id, now)
-    ids = subtree(await store.list_keys(), key_id)
+    ids = [r.key_id for r in await subtree_records(store, key_id)]
     new, token = await _successor(store, pepper, rec, now)
     flushed: bool | None = None   # None: no writer in this process (the CLI); the server's may lag
     if audit is not None:

@@ -53,6 +53,10 @@ class KeyStore(Protocol):
 
     async def list_keys(self) -> list[KeyRecord]: ...
 
+    async def children(self, parent_id: str) -> list[KeyRecord]:
+        """The keys whose parent is `parent_id`, oldest first (by the parent index, never a whole listing)."""
+        ...
+
     async def page_keys(self, limit: int, after: str | None = None,
                         expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
         """Up to `limit` keys in key id order, those after key id `after` (None: from the first).

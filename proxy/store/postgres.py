@@ -165,6 +165,11 @@ class PostgresStore:
             return [from_row(r) for r in
                     await conn.fetch(f'SELECT {COLUMNS} FROM keys ORDER BY created_at, key_id COLLATE "C"')]
 
+    async def children(self, parent_id: str) -> list[KeyRecord]:
+        async with self.read("children") as conn:
+            return [from_row(r) for r in await conn.fetch(
+                f'SELECT {COLUMNS} FROM keys WHERE parent_id = $1 ORDER BY created_at, key_id COLLATE "C"', parent_id)]
+
     async def page_keys(self, limit: int, after: str | None = None,
                         expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
         """As SqliteStore.page_keys. The database's own collation on both sides of the comparison and in

@@ -243,6 +243,13 @@ class SqliteStore:
                 rows = await cur.fetchall()
             return [_from_row(r) for r in rows]
 
+    async def children(self, parent_id: str) -> list[KeyRecord]:
+        async with _guard("children"):
+            async with self._db.execute(f"SELECT {_COLUMNS} FROM keys WHERE parent_id = ? ORDER BY created_at, key_id",
+                                        (parent_id,)) as cur:
+                rows = await cur.fetchall()
+            return [_from_row(r) for r in rows]
+
     async def page_keys(self, limit: int, after: str | None = None,
                         expiring: tuple[float, float] | None = None) -> list[KeyRecord]:
         """Up to `limit` keys in key id order, after the key id `after`; `expiring` (start, end): only

@@ -17,7 +17,7 @@ from proxy.context import Principal, RequestContext, Resource
 from proxy.errors import Unauthenticated
 from proxy.frontend.http import watch_expiring
 from proxy.keys.issue import issue_key, key_status
-from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree
+from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree_records
 from proxy.local.triton import TritonProcess, free_ports
 from proxy.metrics import Metrics
 from proxy.paths import store_path
@@ -228,10 +228,14 @@ async def test_leak_report_says_when_the_audit_flush_timed_out(tmp_path: Path) -
         assert cli_done.report["audit_flushed"] is None   # no writer in this process
 
 
-def test_subtree_walks_every_level() -> None:
-    recs = [KeyRecord(key_id=k, secret_hash="", tier="app", owner="o", parent_id=p, created_at=0)
-            for k, p in (("a", None), ("b", "a"), ("c", "b"), ("d", None), ("e", "a"))]
-    assert subtree(recs, "a") == ["a", "b", "e", "c"] and subtree(recs, "d") == ["d"]
+async def test_subtree_walks_every_level_breadth_first(tmp_path: Path) -> None:
+    async with await _store(tmp_path) as store:
+        for k, p in (("a", None), ("b", "a"), ("c", "b"), ("d", None), ("e", "a")):
+            await store.create_key(KeyRecord(key_id=k, secret_hash="", tier="app", owner="o", parent_id=p,
+                                             created_at=0))
+        assert [r.key_id for r in await subtree_records(store, "a")] == ["a", "b", "e", "c"]
+        assert [r.key_id for r in await subtree_records(store, "d")] == ["d"]
+        assert await subtree_records(store, "missing") == []
 
 
 # ---------------------------------------------------------------- expiry warning

@@ -103,6 +103,18 @@ async def test_list_keys(store: Store) -> None:
     assert [r.key_id for r in await store.list_keys()] == ["a", "b"]
 
 
+async def test_children_are_one_level_oldest_first(store: Store) -> None:
+    await store.create_key(rec("app"))
+    await store.create_key(rec("zz-dev", parent="app", tier="device", created=1001.0))
+    await store.create_key(rec("aa-dev", parent="app", tier="device", created=1002.0))
+    await store.create_key(rec("b-dev", parent="app", tier="device", created=1001.0))
+    await store.create_key(rec("grandchild", parent="b-dev", tier="device", created=1003.0))
+    await store.create_key(rec("other"))
+    assert [r.key_id for r in await store.children("app")] == ["b-dev", "zz-dev", "aa-dev"]
+    assert [r.key_id for r in await store.children("b-dev")] == ["grandchild"]
+    assert await store.children("other") == [] and await store.children("missing") == []
+
+
 async def test_page_keys_resumes_after_a_key_id_in_the_query(store: Store) -> None:
     for key_id in ("delta", "alpha", "echo", "charlie", "bravo"):
         await store.create_key(rec(key_id))
