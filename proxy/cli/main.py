@@ -21,6 +21,7 @@ from ..keys.secrets_setup import load_pepper_sync
 from ..quotas import LIMIT_FIELDS
 from ..settings import Settings, SettingsError, is_utf8
 from ..store.backend import Store, open_secret_rows, open_store
+from ..store.pages import each_key
 from .bootstrap import bootstrap_admin, bootstrap_message, triton_launch, upstream_mismatch
 from .common import DEFAULT_CONFIG, CliError, load
 from .crypto import add_crypto_commands
@@ -138,8 +139,42 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIST_HEADER = ("ID", "TIER", "OWNER", "ROLES", "STATUS", "EXPIRES", "PARENT")
+
+
+def _list_row(view: dict[str, Any]) -> tuple[str, ...]:
+    return (view["id"], view["tier"], view["owner"], ",".join(view["roles"]) or "-", view["status"],
+            view["expires_at"] or "never", view["parent_id"] or "-")
+
+
+async def _print_keys(store: Store, expiring: tuple[float, float] | None, as_json: bool, now: float) -> None:
+    """Stream the listing page by page (store/pages.py): a fleet of a million keys never sits in memory.
+
+    JSON is written as json.dumps would write {"keys": [...]}, one key at a time. The table's columns are
+    as wide as their widest cell, so it reads the keys twice: once for the widths, once to print.
+    """
+    if as_json:
+        sys.stdout.write('{"keys": [')
+        sep = ""
+        async for rec in each_key(store, expiring):
+            sys.stdout.write(sep + json.dumps(public_view(rec, now), ensure_ascii=False, default=str))
+            sep = ", "
+        sys.stdout.write("]}\n")
+        return
+    widths = [len(c) for c in _LIST_HEADER]
+    async for rec in each_key(store, expiring):
+        widths = [max(w, len(c)) for w, c in zip(widths, _list_row(public_view(rec, now)), strict=True)]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+    print(line(_LIST_HEADER))
+    async for rec in each_key(store, expiring):
+        print(line(_list_row(public_view(rec, now))))
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    within = None
+    expiring = None
+    now = time.time()
     if args.expiring is not None:
         try:
             within = parse_duration(args.expiring)
@@ -147,18 +182,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             raise CliError(f"--expiring: {exc}", 2) from None
         if within is None:
             raise CliError("--expiring: give a duration such as 72h", 2)
-    recs = with_store(load(args), lambda s: s.list_keys() if within is None
-                      else s.list_expiring(within, time.time()))
-    views = [public_view(r) for r in recs]
-    if args.json:
-        _out({"keys": views})
-        return 0
-    rows = [("ID", "TIER", "OWNER", "ROLES", "STATUS", "EXPIRES", "PARENT")] + [
-        (v["id"], v["tier"], v["owner"], ",".join(v["roles"]) or "-", v["status"],
-         v["expires_at"] or "never", v["parent_id"] or "-") for v in views]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        expiring = (now, now + within)
+    with_store(load(args), lambda s: _print_keys(s, expiring, args.json, now))
     return 0
 
 
@@ -460,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "list", cmd_keys_list, "list keys (never the secrets)")
     p.add_argument("--expiring", metavar="DURATION",
-                   help="only active keys expiring within this long, soonest first (e.g. 72h)")
+                   help="only active keys expiring within this long (e.g. 72h)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = cmd(keys, "show", cmd_keys_show, "show one key")
     p.add_argument("id")

@@ -94,7 +94,7 @@ def test_keys_list_show_revoke(cli: Cli) -> None:
                    app_key["key_id"], "--json")
     assert dev["parent_id"] == app_key["key_id"] and dev["roles"] == ["svc"]
     listed = cli.json("keys", "list", "--json")["keys"]
-    assert [k["id"] for k in listed] == [app_key["key_id"], dev["key_id"]]
+    assert [k["id"] for k in listed] == sorted([app_key["key_id"], dev["key_id"]])   # key id order, as the API
     assert app_key["key"] not in json.dumps(listed) and dev["key"] not in json.dumps(listed)
     code, out, _ = cli("keys", "list")
     assert code == 0 and out.splitlines()[0].split() == ["ID", "TIER", "OWNER", "ROLES", "STATUS",
@@ -425,3 +425,82 @@ def test_rotating_an_app_key_moves_its_devices(cli: Cli) -> None:
     assert cli.json("keys", "show", dev["key_id"], "--json")["parent_id"] == rot["key_id"]
     code, out, _ = cli("keys", "rotate", rot["key_id"], "--grace", "1h")
     assert code == 0 and "moved 1 device key(s) to " in out and dev["key_id"] in out
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_cli(request: pytest.FixtureRequest, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """The cli fixture on each backend: its SQLite file, or a fresh PostgreSQL database (migrated at open)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("SEEKGATE_STORE_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("SEEKGATE_STORE_AUTO_MIGRATE", "true")
+    return cli
+
+
+@pytest.fixture
+def paged_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Pages of 2 keys; a whole-store read (list_keys, list_expiring) fails the test. The limits asked for."""
+    from proxy.store import pages
+    from proxy.store.postgres import PostgresStore
+    from proxy.store.sqlite import SqliteStore
+    monkeypatch.setattr(pages, "PAGE_SIZE", 2)
+    limits: list[int] = []
+    for cls in (SqliteStore, PostgresStore):
+        page_keys = cls.page_keys
+
+        async def counted(self: Any, limit: int, *args: Any, _page_keys: Any = page_keys) -> Any:
+            limits.append(limit)
+            return await _page_keys(self, limit, *args)
+
+        async def whole(self: Any, *args: Any) -> Any:
+            raise AssertionError("read every key in one query")
+        monkeypatch.setattr(cls, "page_keys", counted)
+        monkeypatch.setattr(cls, "list_keys", whole)
+        monkeypatch.setattr(cls, "list_expiring", whole)
+    return limits
+
+
+def test_keys_list_streams_page_by_page_in_the_same_format(store_cli: Cli, paged_reads: list[int]) -> None:
+    cli = store_cli
+    made = [cli.json("keys", "create", "--tier", "user", "--name", name, "--role", "user", "--expires", expires,
+                     "--json") for name, expires in (("a", "90d"), ("a-much-longer-owner", "2d"), ("bo", "never"),
+                                                     ("c", "4d"), ("dee", "90d"))]
+    ids = sorted(m["key_id"] for m in made)
+    paged_reads.clear()
+    code, out, err = cli("keys", "list", "--json")
+    assert code == 0, err
+    # Byte for byte what json.dumps writes for the whole listing, from pages of 2 (2 + 2 + 1).
+    listed = json.loads(out)["keys"]
+    assert [k["id"] for k in listed] == ids and out == json.dumps({"keys": listed}, ensure_ascii=False) + "\n"
+    assert paged_reads == [2, 2, 2]
+    code, out, err = cli("keys", "list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "TIER", "OWNER", "ROLES", "STATUS", "EXPIRES", "PARENT"]
+    assert [line.split()[0] for line in lines[1:]] == ids
+    # One table: every column starts where its header does, as wide as its widest cell.
+    owner_at, roles_at, status_at = (lines[0].index(h) for h in ("OWNER", "ROLES", "STATUS"))
+    assert roles_at - owner_at == len("a-much-longer-owner") + 2
+    for line, view in zip(lines[1:], listed, strict=True):
+        assert line[owner_at:roles_at].rstrip() == view["owner"] and line[status_at:].startswith("active  ")
+    soon = cli.json("keys", "list", "--expiring", "72h", "--json")["keys"]
+    assert sorted(k["owner"] for k in soon) == ["a-much-longer-owner"]
+    assert [k["id"] for k in cli.json("keys", "list", "--expiring", "100d", "--json")["keys"]] \
+        == sorted(m["key_id"] for m in made if m["owner"] != "bo")
+
+
+def test_rotate_and_revoke_read_the_subtree_not_every_key(store_cli: Cli, paged_reads: list[int]) -> None:
+    cli = store_cli
+    app = cli.json("keys", "create", "--tier", "app", "--name", "svc", "--json")
+    devs = [cli.json("keys", "create", "--tier", "device", "--parent", app["key_id"], "--json")["key_id"]
+            for _ in range(3)]
+    other = cli.json("keys", "create", "--tier", "app", "--name", "other", "--json")
+    cli.json("keys", "create", "--tier", "device", "--parent", other["key_id"], "--json")
+    rot = cli.json("keys", "rotate", app["key_id"], "--grace", "1h", "--json")
+    assert sorted(rot["moved"]) == sorted(devs)
+    code, out, err = cli("keys", "revoke", rot["key_id"])
+    assert (code, out.strip()) == (0, "revoked 4 key(s)"), err
+    leak = cli.json("keys", "revoke", other["key_id"], "--compromised", "--json")
+    assert len(leak["revoked"]) == 2 and leak["revoked"][0] == other["key_id"]
+    record = json.loads((cli.data / "audit" / "audit.cli.jsonl").read_text().splitlines()[-2])
+    assert record["admin"]["action"] == "keys.revoke"
+    assert sorted(record["admin"]["before"]) == sorted([rot["key_id"], *devs])
