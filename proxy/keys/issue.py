@@ -91,7 +91,7 @@ def public_view(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
         "id": rec.key_id, "prefix": rec.prefix, "last4": rec.last4, "tier": rec.tier,
         "owner": rec.owner, "roles": list(rec.roles), "labels": dict(rec.labels),
         "models": list(rec.models), "allowed_cidrs": list(rec.allowed_cidrs),
-        "parent_id": rec.parent_id, "limits": dict(rec.limits),
+        "parent_id": rec.parent_id, "successor_id": rec.successor_id, "limits": dict(rec.limits),
         "created_at": iso_utc(rec.created_at), "expires_at": iso_utc(rec.expires_at),
         "revoked_at": iso_utc(rec.revoked_at),
         "status": key_status(rec, time.time() if now is None else now),

@@ -26,6 +26,7 @@ class KeyRecord:
     allowed_cidrs: tuple[str, ...] = ()         # () means any client address
     limits: dict[str, int] = field(default_factory=dict)   # set limits only; the rest: tier defaults
     parent_id: str | None = None
+    successor_id: str | None = None             # the key a rotation issued in its place (set once, never cleared)
     prefix: str = ""                            # "sgk_<key_id>", for listings
     last4: str = ""
     created_at: float
@@ -83,6 +84,14 @@ class KeyStore(Protocol):
 
     async def shorten_expiry(self, key_id: str, expires_at: float) -> bool:
         """Bring the key's expiry forward to `expires_at`, never later; True if it changed."""
+        ...
+
+    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
+        """Record `successor_id` as the key rotated in for `key_id`, unless one already is.
+
+        None if this call recorded it; else the successor recorded before, and nothing changed. Atomic,
+        so of two rotations of one key that run at once exactly one succeeds.
+        """
         ...
 
     async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:

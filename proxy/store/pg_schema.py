@@ -92,6 +92,9 @@ CREATE TABLE audit_replicas (
 -- Added to the partitioned parent: PostgreSQL adds them to every partition.
 ALTER TABLE audit_events ADD COLUMN openai JSONB, ADD COLUMN admin JSONB;
 """),
+    (4, "a rotated key names its successor, so it is rotated once (keys/lifecycle.py)", """
+ALTER TABLE keys ADD COLUMN successor_id TEXT;
+"""),
 )
 
 LATEST = MIGRATIONS[-1][0]

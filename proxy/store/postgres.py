@@ -24,7 +24,7 @@ from proxy.store.rows import COLUMNS, MAX_DEPTH, from_row, page_clauses, to_row
 
 _DECOY = ("'', repeat('0', 64), 'user', 'decoy-owner', '[\"user\"]'::jsonb, '{}'::jsonb, '[]'::jsonb, "
           "'[]'::jsonb, NULL::text, 'sgk_000000000000', '0000', 0::float8, NULL::float8, NULL::float8, "
-          "'{}'::jsonb, 1")
+          "'{}'::jsonb, 1, NULL::text")
 _CHAIN_SQL = f"""
 WITH RECURSIVE chain(id, depth) AS (
     SELECT $1::text, 0
@@ -209,6 +209,18 @@ class PostgresStore:
             if count:
                 await self.bump(conn)
         return count > 0
+
+    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
+        async with self.write("claim_successor") as conn:
+            count = command_count(await conn.execute(
+                "UPDATE keys SET successor_id = $1 WHERE key_id = $2 AND successor_id IS NULL", successor_id, key_id))
+            if count:
+                await self.bump(conn)
+                return None
+            earlier = await conn.fetchval("SELECT successor_id FROM keys WHERE key_id = $1", key_id)
+            if earlier is None:   # no such key: keys are never deleted, so the store is wrong
+                raise ValueError(f"key {key_id!r} vanished while it was rotated")
+            return str(earlier)
 
     async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
         async with self.write("reparent_children") as conn:

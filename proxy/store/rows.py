@@ -16,7 +16,7 @@ from proxy.store import KeyRecord
 MAX_DEPTH = 16
 
 COLUMNS = ("key_id, secret_hash, tier, owner, roles, labels, models, allowed_cidrs, "
-           "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits, pepper_version")
+           "parent_id, prefix, last4, created_at, expires_at, revoked_at, limits, pepper_version, successor_id")
 
 
 def to_row(rec: KeyRecord) -> tuple[Any, ...]:
@@ -24,7 +24,8 @@ def to_row(rec: KeyRecord) -> tuple[Any, ...]:
             json.dumps(list(rec.roles)), json.dumps(dict(rec.labels), sort_keys=True),
             json.dumps(list(rec.models)), json.dumps(list(rec.allowed_cidrs)),
             rec.parent_id, rec.prefix, rec.last4, rec.created_at, rec.expires_at,
-            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True), rec.pepper_version)
+            rec.revoked_at, json.dumps(dict(rec.limits), sort_keys=True), rec.pepper_version,
+            rec.successor_id)
 
 
 def _str_tuple(raw: str) -> tuple[str, ...]:
@@ -48,6 +49,7 @@ def from_row(row: Any) -> KeyRecord:
         revoked_at=None if row[13] is None else float(row[13]),
         limits=_int_map(row[14]),
         pepper_version=int(row[15]),
+        successor_id=row[16],
     )
 
 

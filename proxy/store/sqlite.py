@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS keys (
     expires_at    REAL,
     revoked_at    REAL,
     limits        TEXT NOT NULL DEFAULT '{}',   -- JSON object: the limits the key sets itself
-    pepper_version INTEGER NOT NULL DEFAULT 1   -- which pepper secret_hash was made with (keys/hashing.py)
+    pepper_version INTEGER NOT NULL DEFAULT 1,  -- which pepper secret_hash was made with (keys/hashing.py)
+    successor_id  TEXT                          -- the key a rotation issued in its place (keys/lifecycle.py)
 );
 CREATE INDEX IF NOT EXISTS keys_parent ON keys(parent_id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -51,7 +52,8 @@ INSERT OR IGNORE INTO meta(name, value) VALUES ('revision', 0);
 """
 
 # Columns added after the first release: (name, definition) for ALTER TABLE on an older database.
-_ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"))
+_ADDED_COLUMNS = (("limits", "TEXT NOT NULL DEFAULT '{}'"), ("pepper_version", "INTEGER NOT NULL DEFAULT 1"),
+                  ("successor_id", "TEXT"))
 
 # An unknown key id reads the chain of a real key instead (the first top-level one), which get_chain
 # then drops: the same lookups, the same row read and converted, so the answer time does not tell
@@ -302,6 +304,22 @@ class SqliteStore:
             if count:
                 await self._bump()
         return count > 0
+
+    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
+        """Record `successor_id` for `key_id` unless one already is; None if recorded, else the earlier one."""
+        async with self._write("claim_successor") as db:
+            cur = await db.execute("UPDATE keys SET successor_id = ? WHERE key_id = ? AND successor_id IS NULL",
+                                   (successor_id, key_id))
+            claimed = cur.rowcount == 1
+            await cur.close()
+            if claimed:
+                await self._bump()
+                return None
+            async with db.execute("SELECT successor_id FROM keys WHERE key_id = ?", (key_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] is None:   # no such key: keys are never deleted, so the store is wrong
+                raise ValueError(f"key {key_id!r} vanished while it was rotated")
+            return str(row[0])
 
     async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
         """Move every unrevoked child of `old_parent_id` under `new_parent_id`; the moved ids.

@@ -174,7 +174,7 @@ async def test_public_view_never_holds_the_secret(store: SqliteStore) -> None:
                                  expires_in_s=3600, now=NOW)
     view = public_view(rec, now=NOW)
     assert set(view) == {"id", "prefix", "last4", "tier", "owner", "roles", "labels", "models",
-                         "allowed_cidrs", "parent_id", "limits", "created_at", "expires_at", "revoked_at",
+                         "allowed_cidrs", "parent_id", "successor_id", "limits", "created_at", "expires_at", "revoked_at",
                          "status"}
     text = repr(view)
     assert token not in text and rec.secret_hash not in text

@@ -81,7 +81,7 @@ async def test_round_trip_every_field(store: Store) -> None:
     full = KeyRecord(key_id="abcdefghijkl", secret_hash="f" * 64, tier="app", owner="team-x",
                      roles=("infer", "admin"), labels={"env": "prod", "team": "x"},
                      models=("deepseek",), allowed_cidrs=("10.0.0.0/8", "::1/128"),
-                     parent_id=None, prefix="sgk_abcdefghijkl", last4="Ab3d",
+                     parent_id=None, successor_id="mnopqrstuvwx", prefix="sgk_abcdefghijkl", last4="Ab3d",
                      created_at=1700000000.5, expires_at=1800000000.0, revoked_at=None)
     await store.create_key(full)
     assert await store.get_key("abcdefghijkl") == full
@@ -113,6 +113,21 @@ async def test_children_are_one_level_oldest_first(store: Store) -> None:
     assert [r.key_id for r in await store.children("app")] == ["b-dev", "zz-dev", "aa-dev"]
     assert [r.key_id for r in await store.children("b-dev")] == ["grandchild"]
     assert await store.children("other") == [] and await store.children("missing") == []
+
+
+async def test_claim_successor_records_the_first_only(store: Store) -> None:
+    await store.create_key(rec("old"))
+    await store.create_key(rec("new"))
+    await store.create_key(rec("other"))
+    rev = await store.revision()
+    assert await store.claim_successor("old", "new") is None
+    assert (await store.get_key("old")).successor_id == "new"  # type: ignore[union-attr]
+    assert await store.revision() == rev + 1
+    assert await store.claim_successor("old", "other") == "new"   # refused: the first stands, nothing written
+    assert (await store.get_key("old")).successor_id == "new"  # type: ignore[union-attr]
+    assert await store.revision() == rev + 1
+    with pytest.raises(StoreUnavailable):   # keys are never deleted: an unknown one is a broken store
+        await store.claim_successor("missing", "new")
 
 
 async def test_page_keys_resumes_after_a_key_id_in_the_query(store: Store) -> None:
