@@ -222,7 +222,11 @@ async def _create(request: web.Request, body: bytes | None) -> web.Response:
 
 
 async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web.Response:
-    """POST /admin/v1/keys/<id>/rotate {"grace": "24h"}: a successor now, the old key until the grace ends."""
+    """POST /admin/v1/keys/<id>/rotate {"grace": "24h"}: a successor now, the old key until the grace ends.
+
+    A key already rotated (in its grace, its successor named in `successor_id`) is refused with 409
+    naming the successor: rotate that one instead (keys/lifecycle.rotate_key).
+    """
     note(request, "keys.rotate", key_id)
     if set(doc) - {"grace"} or not isinstance(doc.get("grace"), str):
         raise Reply(400, 'rotate takes {"grace": "24h"} (a duration: d, h, m or s)')
@@ -240,7 +244,7 @@ async def _rotate(request: web.Request, key_id: str, doc: dict[str, Any]) -> web
     try:
         rot = await rotate_key(state.store, state.pepper, key_id, grace, now=now)
     except LifecycleError as exc:
-        raise Reply(404 if exc.not_found else 400, str(exc)) from None
+        raise Reply(refusal_status(exc), str(exc)) from None
     note(request, "keys.rotate", key_id, f"successor {rot.new.key_id}"
           + (f"; devices moved to it: {','.join(rot.moved)}" if rot.moved else ""),
           before=audited_views(before, now),
@@ -264,7 +268,7 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
         done = await compromise_key(state.store, state.pepper, state.data_dir, key_id, now=now, actor=actor,
                                     audit=state.audit)
     except LifecycleError as exc:
-        raise Reply(404 if exc.not_found else 400, str(exc)) from None
+        raise Reply(refusal_status(exc), str(exc)) from None
     note(request, "keys.revoke_compromised", key_id,
           f"revoked {','.join(done.revoked)}; replacement {done.new.key_id}",
           before=audited_views(before, now),
@@ -274,6 +278,11 @@ async def _compromised(request: web.Request, key_id: str) -> web.Response:
                                               **public_view(done.new)},
                               "report": done.report, "report_path": str(done.report_path)},
                              headers={"Cache-Control": "no-store"})
+
+
+def refusal_status(exc: LifecycleError) -> int:
+    """404 for an unknown key, 409 for one whose state forbids the operation (rotated already), else 400."""
+    return 404 if exc.not_found else 409 if exc.conflict else 400
 
 
 def optional_json(raw: bytes) -> dict[str, Any]:

@@ -30,11 +30,14 @@ _EVENT_FIELDS = ("timestamp", "key_id", "tier", "parent_key_ids", "client_ip", "
 
 
 class LifecycleError(ValueError):
-    """A refused lifecycle operation; `not_found` tells the admin API to answer 404, not 400."""
+    """A refused lifecycle operation; the admin API answers 404 if `not_found`, 409 if `conflict`, else 400.
 
-    def __init__(self, message: str, not_found: bool = False) -> None:
+    `conflict`: the key's state forbids it (a key already rotated is not rotated again), nothing changed.
+    """
+
+    def __init__(self, message: str, not_found: bool = False, conflict: bool = False) -> None:
         super().__init__(message)
-        self.not_found = not_found
+        self.not_found, self.conflict = not_found, conflict
 
 
 class AuditFlush(Protocol):
@@ -93,6 +96,12 @@ async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float
     The old key's expiry is only ever brought forward: a key due to expire before the grace
     ends keeps its earlier expiry. Refused for a revoked or expired key.
 
+    A key is rotated once: the old key records its successor, and rotating it again while it is
+    in its grace is refused (`conflict`, nothing changed) with a message naming the successor to
+    rotate instead, as a second successor would leave two live credentials and the operator
+    unsure which one the clients hold. Two rotations of one key at once: the store's claim lets
+    one win; the other's successor, never shown to anyone, is revoked before it refuses.
+
     Rotating an app key rotates the app's credential, not its devices: the unrevoked device
     keys under it are re-parented to the successor at once, so they keep working through and
     after the grace, bounded from now on by the successor's scope, limits and expiry (the same
@@ -107,13 +116,33 @@ async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float
     status = key_status(rec, now)
     if status != "active":
         raise LifecycleError(f"key {key_id} is {status}: nothing to rotate")
+    if rec.successor_id is not None:
+        raise await _rotated_already(store, rec, rec.successor_id, now)
     new, token = await _successor(store, pepper, rec, now)
+    earlier = await store.claim_successor(key_id, new.key_id)
+    if earlier is not None:   # another rotation of this key won the race: its successor stands
+        await store.revoke_key(new.key_id, now)
+        raise await _rotated_already(store, rec, earlier, now)
     # Before the old key's expiry is brought forward: no moment where its devices die with it.
     moved = await store.reparent_children(key_id, new.key_id) if rec.tier == "app" else []
     await store.shorten_expiry(key_id, now + grace_s)
     old = await store.get_key(key_id)
     assert old is not None
     return Rotation(old, new, token, tuple(moved))
+
+
+async def _rotated_already(store: KeyStore, rec: KeyRecord, successor_id: str, now: float) -> LifecycleError:
+    """The refusal of a second rotation: which key succeeded `rec`, and what to do instead."""
+    old = await store.get_key(rec.key_id) or rec   # as stored now: the grace end the first rotation set
+    until = iso_utc(old.expires_at) or "never"
+    message = f"key {rec.key_id} was already rotated: its successor is {successor_id} ({rec.key_id} works until {until})"
+    successor = await store.get_key(successor_id)
+    status = "missing" if successor is None else key_status(successor, now)
+    if status == "active":
+        message += f"; to rotate again, rotate {successor_id}"
+    else:
+        message += f"; {successor_id} is {status}: issue a new key with the same scope instead"
+    return LifecycleError(message, conflict=True)
 
 
 async def subtree_records(store: KeyStore, key_id: str) -> list[KeyRecord]:

@@ -16,17 +16,19 @@ from proxy.audit.writer import AuditWriter, build_record
 from proxy.context import Principal, RequestContext, Resource
 from proxy.errors import Unauthenticated
 from proxy.frontend.http import watch_expiring
-from proxy.keys.issue import issue_key, key_status
+from proxy.keys.issue import iso_utc, issue_key, key_status
 from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree_records
 from proxy.local.triton import TritonProcess, free_ports
 from proxy.metrics import Metrics
 from proxy.paths import store_path
+from proxy.settings import StoreSettings
 from proxy.steps.app_state import STATE
 from proxy.steps.authn import authenticate
 from proxy.store import KeyRecord
+from proxy.store.backend import open_store
 from proxy.store.sqlite import SqliteStore
 from tests.admin.test_keys import PEPPER, SEEN, make_app
-from tests.cli.test_main import Cli, cli  # noqa: F401  (the fixture)
+from tests.cli.test_main import Cli, cli, store_cli  # noqa: F401  (the fixtures)
 from tests.frontend.test_http import call
 from tests.gateway import Gateway, audit_records, wait_for
 
@@ -91,6 +93,63 @@ async def test_rotation_never_extends_and_refuses_dead_or_unknown_keys(tmp_path:
         with pytest.raises(LifecycleError, match="not found") as info:
             await rotate_key(store, PEPPER, "aaaaaaaaaaaa", H, now=T0)
         assert info.value.not_found
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_settings(request: pytest.FixtureRequest) -> StoreSettings:
+    """Where the key store lives: a SQLite file under the test's data dir, or a fresh PostgreSQL database."""
+    return StoreSettings(url=request.getfixturevalue("pg_url") if request.param == "postgres" else "",
+                         auto_migrate=True)
+
+
+async def test_a_key_in_its_grace_is_not_rotated_again(store_settings: StoreSettings, tmp_path: Path) -> None:
+    store = await open_store(store_settings, tmp_path)
+    try:
+        old, _ = await issue_key(store, PEPPER, tier="user", owner="bob", expires_in_s=100 * H, now=T0)
+        rot = await rotate_key(store, PEPPER, old.key_id, 24 * H, now=T0)
+        assert rot.old.successor_id == rot.new.key_id and rot.new.successor_id is None
+        ids = sorted(r.key_id for r in await store.page_keys(10))
+        with pytest.raises(LifecycleError) as info:
+            await rotate_key(store, PEPPER, old.key_id, H, now=T0 + H)
+        assert info.value.conflict and not info.value.not_found
+        assert str(info.value) == (f"key {old.key_id} was already rotated: its successor is {rot.new.key_id} "
+                                   f"({old.key_id} works until {iso_utc(T0 + 24 * H)}); "
+                                   f"to rotate again, rotate {rot.new.key_id}")
+        # Nothing changed: no third key, the grace the first rotation set stands.
+        assert sorted(r.key_id for r in await store.page_keys(10)) == ids
+        assert await store.get_key(old.key_id) == rot.old
+        # The successor is rotated as any key; a revoked successor leaves the old key unrotatable too.
+        again = await rotate_key(store, PEPPER, rot.new.key_id, H, now=T0 + H)
+        await store.revoke_key(again.new.key_id, T0 + H)
+        with pytest.raises(LifecycleError, match=f"{again.new.key_id} is revoked: issue a new key") as info:
+            await rotate_key(store, PEPPER, rot.new.key_id, H, now=T0 + H)
+        assert info.value.conflict
+    finally:
+        await store.close()
+
+
+async def test_two_rotations_of_one_key_at_once_make_one_successor(store_settings: StoreSettings,
+                                                                    tmp_path: Path) -> None:
+    """Two processes (two store connections) rotate the same key at the same moment: one wins."""
+    first, second = await open_store(store_settings, tmp_path), await open_store(store_settings, tmp_path)
+    try:
+        old, _ = await issue_key(first, PEPPER, tier="user", owner="bob", expires_in_s=100 * H, now=T0)
+        results = await asyncio.gather(rotate_key(first, PEPPER, old.key_id, H, now=T0),
+                                       rotate_key(second, PEPPER, old.key_id, H, now=T0), return_exceptions=True)
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], LifecycleError) and lost[0].conflict
+        assert f"its successor is {won[0].new.key_id}" in str(lost[0])
+        # The loser's successor was never shown: it is revoked; only the winner's works.
+        # Both read the key before either wrote, so both issued; the claim refused the second.
+        status = {r.key_id: key_status(r, T0) for r in await first.page_keys(10)}
+        assert sorted(status.values()) == ["active", "active", "revoked"]
+        assert sorted(k for k, s in status.items() if s == "active") == sorted([old.key_id, won[0].new.key_id])
+        assert (await first.get_key(old.key_id)).successor_id == won[0].new.key_id  # type: ignore[union-attr]
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_rotating_an_app_key_moves_its_devices_to_the_successor(tmp_path: Path) -> None:
@@ -302,7 +361,47 @@ def test_cli_rotate_list_expiring_and_revoke_compromised(cli: Cli) -> None:  # n
     assert code == 1 and "not found" in err
 
 
+def test_cli_refuses_to_rotate_a_key_in_its_grace(store_cli: Cli) -> None:  # noqa: F811
+    run = store_cli
+    made = run.json("keys", "create", "--tier", "app", "--name", "svc", "--json")
+    rot = run.json("keys", "rotate", made["key_id"], "--grace", "24h", "--json")
+    assert rot["old"]["successor_id"] == rot["key_id"]
+    before = run.json("keys", "list", "--json")["keys"]
+    code, out, err = run("keys", "rotate", made["key_id"], "--grace", "1h")
+    assert (code, out) == (1, "")
+    assert err.strip() == (f"seekgate: key {made['key_id']} was already rotated: its successor is {rot['key_id']} "
+                           f"({made['key_id']} works until {rot['old']['expires_at']}); "
+                           f"to rotate again, rotate {rot['key_id']}")
+    assert run.json("keys", "list", "--json")["keys"] == before   # nothing issued, nothing moved
+    assert run.json("keys", "show", made["key_id"], "--json")["successor_id"] == rot["key_id"]
+    actions = [json.loads(line)["admin"]["action"]
+               for line in (run.data / "audit" / "audit.cli.jsonl").read_text().splitlines()]
+    assert actions == ["keys.create", "keys.rotate"]   # a refusal changed nothing, so nothing to audit
+
+
 # ---------------------------------------------------------------- admin API
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_admin_refuses_to_rotate_a_key_in_its_grace_with_409(aiohttp_client: Any, tmp_path: Path) -> None:
+    SEEN.clear()
+    client: TestClient = await aiohttp_client(await make_app(tmp_path))  # type: ignore[type-arg]
+    made = await (await client.post("/admin/v1/keys", json={"tier": "user", "name": "alice"})).json()
+    rot = await (await client.post(f"/admin/v1/keys/{made['key_id']}/rotate", json={"grace": "24h"})).json()
+    assert rot["old"]["successor_id"] == rot["key_id"]
+    resp = await client.post(f"/admin/v1/keys/{made['key_id']}/rotate", json={"grace": "1h"})
+    assert resp.status == 409
+    assert await resp.json() == {"error": f"key {made['key_id']} was already rotated: its successor is "
+                                          f"{rot['key_id']} ({made['key_id']} works until "
+                                          f"{rot['old']['expires_at']}); to rotate again, rotate {rot['key_id']}"}
+    admin = build_record(SEEN[-1])["admin"]
+    assert (admin["action"], admin["target"]) == ("keys.rotate", made["key_id"]) and "after" not in admin
+    listed = (await (await client.get("/admin/v1/keys")).json())["keys"]
+    assert sorted(k["id"] for k in listed) == sorted([made["key_id"], rot["key_id"]])
+    # The successor rotates as any key.
+    resp = await client.post(f"/admin/v1/keys/{rot['key_id']}/rotate", json={"grace": "1h"})
+    assert resp.status == 201
+
+
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_admin_rotate_compromise_expiring_and_audited(aiohttp_client: Any, tmp_path: Path) -> None:
