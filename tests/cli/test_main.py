@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -504,3 +506,18 @@ def test_rotate_and_revoke_read_the_subtree_not_every_key(store_cli: Cli, paged_
     record = json.loads((cli.data / "audit" / "audit.cli.jsonl").read_text().splitlines()[-2])
     assert record["admin"]["action"] == "keys.revoke"
     assert sorted(record["admin"]["before"]) == sorted([rot["key_id"], *devs])
+
+
+def test_keys_list_into_a_closed_pipe_stops_quietly(cli: Cli) -> None:
+    """`seekgate keys list | head`: the reader leaves before the listing ends; no traceback, status 141."""
+    for name in ("a", "b", "c"):
+        cli.json("keys", "create", "--tier", "user", "--name", name, "--json")
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader is gone before the first line: the first flush meets a broken pipe
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "proxy", "--data-dir", str(cli.data), "keys", "list"],
+                              stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr.decode()) == (141, "")
