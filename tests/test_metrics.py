@@ -252,3 +252,13 @@ def test_every_settlement_the_shared_limiter_drops_is_counted_by_its_reason() ->
     s = _scrape(m)
     assert _get(s, "seekgate_limits_settlements_dropped_total", reason="retry_horizon") == 2
     assert _get(s, "seekgate_limits_settlements_dropped_total", reason="other") == 1
+
+
+def test_the_dropped_settlements_counter_starts_at_zero_for_every_reason() -> None:
+    # A series that first appears at 1 has no earlier sample: increase() and rate() miss that first drop,
+    # and the dashboard's panel reads "no data" on every replica that never dropped one.
+    from proxy.metrics import SETTLEMENT_DROP_REASONS
+
+    s = _scrape(Metrics())
+    for reason in SETTLEMENT_DROP_REASONS:
+        assert _get(s, "seekgate_limits_settlements_dropped_total", reason=reason) == 0, reason

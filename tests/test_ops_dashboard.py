@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.dashboard import (
     Panel,
     dashboard_panels,
+    dashboard_queries,
     division_operands,
     equality_matchers,
     grouping_labels,
@@ -64,11 +67,15 @@ def ratio(numerator: Callable[[str], bool], denominator: Callable[[str], bool],
 
 
 def error_rate(panel: Panel) -> bool:
-    # Errors over all requests: the denominator must not filter on status.
+    # Failures over served requests, as the ApiErrorRateHigh alert: refusals (status="denied") are in
+    # neither part, so the denominator counts the requests served (status="allowed") and no refusal.
+    # What it computes, value for value, is test_error_rate_panel_computes_the_alerts_ratio's.
     return ratio(lambda num: rated(num, "seekgate_requests_total")
-                 and selects(num, "seekgate_requests_total", status="error"),
+                 and selects(num, "seekgate_requests_total", status="error")
+                 and not selects(num, "seekgate_requests_total", status="allowed"),
                  lambda den: rated(den, "seekgate_requests_total")
-                 and all("status" not in equality_matchers(s) for s in selectors(den)))(panel) \
+                 and selects(den, "seekgate_requests_total", status="allowed")
+                 and not selects(den, "seekgate_requests_total", status="denied"))(panel) \
         and panel.unit == "percentunit"
 
 
@@ -111,6 +118,9 @@ REQUIRED: dict[str, Callable[[Panel], bool]] = {
     "tokens per decode step": ratio(lambda n: rated(n, "deepseek_generated_tokens_total"),
                                     lambda d: rated(d, "deepseek_decode_steps_total")),
     "KV cache use": lambda p: gauge("deepseek_kv_cache_usage_ratio", job="triton")(p) and p.unit == "percentunit",
+    # The shared limiter (redis_limiter.py): whether Redis counts, and the corrections it left out.
+    "shared limiter backend": lambda p: gauge("seekgate_limits_backend_up")(p) and gauge("seekgate_limits_local")(p),
+    "settlements dropped by reason": counter_rate_by("seekgate_limits_settlements_dropped_total", "reason"),
 }
 
 
@@ -142,7 +152,7 @@ def test_titles_do_not_matter() -> None:
      "histogram_quantile(0.9, sum by (le) (rate(seekgate_request_duration"),
     ("p50/p95/p99 upstream latency", "seekgate_upstream_duration_seconds_bucket", "seekgate_upstream_duration_seconds_count"),
     ("seekgate overhead", "seekgate_overhead_seconds_bucket", "seekgate_request_duration_seconds_bucket"),
-    ("auth failures by reason", "by (reason)", ""),
+    ("auth failures by reason", "by (reason) (rate(seekgate_auth_failures_total", "(rate(seekgate_auth_failures_total"),
     ("denials by rule", "seekgate_policy_denials_total", "seekgate_auth_failures_total"),
     ("tokens in/out by model", "by (model, direction)", "by (model)"),
     ("tokens in/out by key tier", "by (tier, direction)", "by (tier)"),
@@ -158,6 +168,11 @@ def test_titles_do_not_matter() -> None:
     ("time to first token", "deepseek_time_to_first_token_seconds_bucket", "deepseek_time_to_first_token_seconds_count"),
     ("tokens per decode step", "deepseek_decode_steps_total", "deepseek_generated_tokens_total"),
     ("KV cache use", "deepseek_kv_cache_usage_ratio", "deepseek_kv_cache_used"),
+    # The old error rate: every request, refusals included, in the denominator.
+    ("error rate", 'job="seekgate", status="allowed", code!~"5.."', 'job="seekgate"'),
+    ("shared limiter backend", "seekgate_limits_local", "seekgate_limits_backend_up"),
+    ("settlements dropped by reason", "sum by (reason) (increase(seekgate_limits_settlements_dropped_total",
+     "sum(increase(seekgate_limits_settlements_dropped_total"),
 ])
 def test_a_panel_that_computes_something_else_is_missed(requirement: str, old: str, new: str) -> None:
     # The checks look at what a query computes: change that and the requirement is unmet.
@@ -178,3 +193,47 @@ def test_selects_reads_matchers() -> None:
     assert not selects(expr, "seekgate_requests_total", status="denied")
     assert division_operands(expr) == [expr.split(" / ")[0], "sum(rate(x[5m]))"]
     assert division_operands("a / (b / c) / 1e6") == ["a", "(b / c)", "1e6"]
+
+
+# Mixes of seekgate_requests_total per minute, and the failure rate of served requests in each.
+SERVED_MIXES = [
+    # 100 served a minute, 10 failed (Triton's 503, seekgate's 504, a stream broken after its 200),
+    # among 2000 refusals and clients that hung up (499) or never sent their request whole (408).
+    ({("allowed", "200"): 90, ("error", "503"): 5, ("error", "504"): 3, ("error", "200"): 2,
+      ("error", "499"): 30, ("error", "408"): 7, ("denied", "401"): 1500, ("denied", "429"): 500}, 0.1),
+    # A replica whose Triton never came up: no status="allowed" series at all, everything it served failed.
+    ({("error", "503"): 20, ("denied", "401"): 500}, 1.0),
+]
+
+
+def test_error_rate_panel_computes_the_alerts_ratio(tmp_path: Path) -> None:
+    # The panel an operator looks at when ApiErrorRateHigh pages must draw the number the alert
+    # judged: evaluated by promtool on the same series, the panel's query and the alert's ratio agree,
+    # and both are the share of served requests that failed.
+    from tests.test_ops_prometheus import PROMETHEUS_DIR, PROMTOOL_GRAFANA_VARIABLES, promtool
+
+    # The dashboard's error ratio: the query whose numerator reads status="error".
+    query = next(q for q in dashboard_queries()
+                 if selects(division_operands(q.expr)[0], "seekgate_requests_total", status="error")
+                 ).with_variables(PROMTOOL_GRAFANA_VARIABLES)
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    alert = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "ApiErrorRateHigh")
+    alert_ratio = alert["expr"].strip().removesuffix("> 0.05").strip()
+    assert alert_ratio != alert["expr"].strip()
+
+    tests = []
+    for mix, served_failed in SERVED_MIXES:
+        series = [{"series": f'seekgate_requests_total{{job="seekgate", instance="a:8002", model="deepseek", '
+                             f'status="{status}", code="{code}"}}', "values": f"0+{per_minute}x15"}
+                  for (status, code), per_minute in mix.items()]
+        # `< bool`: 1 when the two agree (to rounding), 0 when not; promtool compares values exactly.
+        cases = [{"expr": f"abs(({query}) - ({alert_ratio})) < bool 1e-9", "eval_time": "10m",
+                  "exp_samples": [{"labels": "{}", "value": 1}]},
+                 {"expr": f"abs(({query}) - {served_failed}) < bool 1e-9", "eval_time": "10m",
+                  "exp_samples": [{"labels": "{}", "value": 1}]}]
+        tests.append({"interval": "1m", "input_series": series, "promql_expr_test": cases})
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    (tmp_path / "panel_test.yml").write_text(yaml.safe_dump(
+        {"rule_files": ["empty.yml"], "evaluation_interval": "1m", "tests": tests}))
+    out = promtool("test", "rules", "panel_test.yml", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
