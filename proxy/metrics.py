@@ -199,7 +199,9 @@ class Metrics:
             "seekgate_limits_settlements_dropped",
             "Token settlements the shared limiter left unapplied (each also logged with its key, day and "
             "tokens): retry_horizon = Redis away past the retry horizon after the answer was lost, so "
-            "applying it might apply it twice; overflow, redis_error, shutdown.", ("reason",), registry=r)
+            "applying it might apply it twice; overflow, redis_error, shutdown (Redis down when the limiter "
+            "closed; also tokens admitted under on_backend_down=local and owed to the shared budgets).",
+            ("reason",), registry=r)
         for reason in SETTLEMENT_DROP_REASONS:   # a series at 0 from the start: increase() sees the first drop
             self.limits_settlements_dropped.labels(reason)
         self.keys_expiring = Gauge("seekgate_keys_expiring",

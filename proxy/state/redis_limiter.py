@@ -30,7 +30,9 @@ applied: it is retried only within `settle_retry_s` of its first send (Redis che
 on its own clock, redis_scripts.BATCH), while the marks that say it ran still live. Past that, or
 when more than MAX_UNSETTLED wait, it is dropped: a log line naming the key, day and tokens, and
 `on_settlement_dropped(reason)` (seekgate_limits_settlements_dropped_total). The request it
-belongs to was served and audited already; only the counter's correction is left out.
+belongs to was served and audited already; only the counter's correction is left out. So are the
+tokens the local fallback admitted and still owes the shared budgets when the limiter closes with
+Redis down (reason `shutdown`, one per key, day and month).
 """
 
 from __future__ import annotations
@@ -231,11 +233,14 @@ class RedisLimiter(Limiter):
         if self._sender is not None:
             await self._sender
         if self.up:
-            self._repay()
+            repaid = self._repay()
             await self._flush_unsettled()
+            # Their answers' callbacks put back what Redis did not take (gathered after them: run by then).
+            await asyncio.gather(*repaid, return_exceptions=True)
         for job in self._unsettled:   # Redis down at the end: nothing will send them
             self._drop(job, "shutdown", "Redis was unreachable when the limiter closed")
         self._unsettled = []
+        self._drop_owed("Redis was unreachable when the limiter closed")
         if self._settle_due is not None:
             self._settle_due.cancel()
         if self._batch_conn is not None:
@@ -410,12 +415,13 @@ class RedisLimiter(Limiter):
         owed = self._owed.setdefault((key, day, month), [0, *ends])
         owed[0] += tokens
 
-    def _repay(self) -> None:
+    def _repay(self) -> list[asyncio.Future[list[Any]]]:
         """Adds what the local fallback admitted to Redis's day and month budgets, as admissions with no
         limit to check (the script's charge creates a budget's key with its expiry, as for any request).
-        One that fails stays owed, for the next recovery."""
+        One that fails stays owed, for the next recovery. Returns their answers."""
         owed, self._owed = self._owed, {}
         now = self.clock() + self._skew
+        answers = []
         for (key, day, month), (tokens, day_end, month_end) in owed.items():
             admission = self._admit((key,), [(0, 0, 0, 0, 0)], self._new_gid(), tokens, day, month,
                                     max(0.0, day_end - now), max(0.0, month_end - now), 0, request=True)
@@ -426,6 +432,19 @@ class RedisLimiter(Limiter):
                     self._add_owed(key, day, month, tokens, ends)
 
             admission.answer.add_done_callback(done)
+            answers.append(admission.answer)
+        return answers
+
+    def _drop_owed(self, why: str) -> None:
+        """Tokens the local fallback admitted that will never reach the shared budgets (the limiter is
+        closing and Redis did not take them): said in the log, one line per key, day and month (enough
+        to correct the budgets by hand), and counted like a dropped settlement, reason `shutdown`."""
+        owed, self._owed = self._owed, {}
+        for (key, day, month), (tokens, _, _) in owed.items():
+            log.error("limits: tokens admitted under limits.on_backend_down=local not added to the shared "
+                      "budgets (%s): %+d tokens on %s for day %s, month %s; that day's and month's budgets "
+                      "may be short by that much", why, tokens, key.removeprefix(self.prefix), day, month)
+            self._on_dropped("shutdown")
 
     def _enqueue_settlement(self, job: _Unsettled) -> None:
         job.due = asyncio.get_running_loop().time() + job.wait_s

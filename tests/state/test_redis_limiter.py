@@ -379,6 +379,29 @@ async def test_tokens_admitted_locally_are_added_to_the_shared_budgets_once_redi
     await lim.close()
 
 
+async def test_tokens_admitted_locally_and_still_owed_when_the_limiter_closes_with_redis_down_are_said_and_counted(
+        private_redis: PrivateRedis, redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis is down at shutdown: what this replica admitted on its own can no longer reach the shared
+    budgets. Like a settlement dropped then, it is logged (key, day, tokens) and counted, reason shutdown."""
+    dropped: list[str] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       on_backend_down="local", on_settlement_dropped=dropped.append)
+    await lim.start()
+    s = [scope("owing", daily_tokens=1000), scope("owing-app", inherited=True, monthly_tokens=10_000)]
+    private_redis.stop()
+    lim.settle(await lim.acquire(s, 30), 45)        # admitted alone, used 45
+    lim.settle(await lim.acquire(s, 30), 5)         # and 5: 50 owed to each scope
+    assert not lim.up
+    await lim.close()
+    assert dropped == ["shutdown", "shutdown"]      # one per scope's day and month
+    from proxy.state.limits import _windows
+    day = _windows(time.time())[0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "seekgate.limits" and r.levelname == "ERROR"]
+    for key in ("owing", "owing-app"):
+        assert any(f"+50 tokens on {key} for day {day}" in line and "on_backend_down=local" in line
+                   for line in lines), lines
+
+
 @pytest.mark.parametrize(("limits", "tokens", "slots"), [
     ({"rpm": 20}, 0, 9),                      # its own charge makes 1; slots while the count stays under 10
     ({"rpm": 20, "request": 0}, 0, 10),       # a reservation alone charges no request of its own
