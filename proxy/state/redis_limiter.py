@@ -24,6 +24,8 @@ full limits on its own: N replicas may let N times through) and says so in a log
 restart. Settlements that could not be written are kept and retried then, and the tokens this
 replica admitted on its own are added to the shared day and month budgets (`_repay`): an outage
 does not hand a key its budget again. The rpm and tpm windows (a minute) are not carried over.
+A Redis restarted between two batches is no outage: the batch connection it closed is replaced
+before the next batch is sent on it (`_fresh`).
 
 A settlement is applied exactly once or not at all. One whose batch's answer was lost may have been
 applied: it is retried only within `settle_retry_s` of its first send (Redis checks the deadline
@@ -575,6 +577,7 @@ class RedisLimiter(Limiter):
                 return list(await self._redis.evalsha(self._batch_sha, len(keys), *keys, *args))
             except NoScriptError:
                 return list(await self._redis.eval(BATCH, len(keys), *keys, *args))
+        await _fresh(conn)
         try:
             try:
                 await conn.send_packed_command(_pack_call("EVALSHA", self._batch_sha, keys, args),
@@ -715,6 +718,27 @@ class RedisLimiter(Limiter):
     def in_flight_leases(self) -> int:
         """Grants of this process holding a lease (for tests and debugging)."""
         return len(self._held.leases)
+
+
+async def _fresh(conn: AbstractConnection) -> None:
+    """Drops the batch connection if the server closed it while it sat idle (a Redis restarted or failed
+    over between two batches), so the next send opens a new one.
+
+    The batches bypass the pool, whose checkout does this check for every other command. Sent on the
+    dead socket, a batch would fail once and count as an outage (a 503 under `closed`, a flip to the
+    local fallback), and could not simply be sent again: its answer lost, nothing would tell whether it
+    ran. Checked before the send, nothing has left, so nothing can apply twice. The check costs no
+    system call: the event loop has already read the server's close (EOF or a reset) off the socket.
+    """
+    if not conn.is_connected:
+        return
+    try:
+        # Bytes waiting between two batches would be an answer out of step: never read as the next one.
+        stale = await conn.can_read()
+    except (RedisConnectionError, OSError):   # closed by the server (EOF or reset)
+        stale = True
+    if stale:
+        await conn.disconnect()
 
 
 def _pack_call(command: str, script: str, keys: list[str], args: Sequence[str | int]) -> bytes:

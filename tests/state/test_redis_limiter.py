@@ -344,6 +344,63 @@ async def test_redis_down_local_enforces_this_replicas_limits_and_says_so(privat
     await lim.close()
 
 
+async def test_a_redis_restarted_between_batches_is_no_outage(private_redis: PrivateRedis, redis_prefix: str) -> None:
+    """Redis restarts while the limiter is idle (a quick restart, a failover to the same address): the
+    batch connection still holds the old server's closed socket. The next batch must go over a fresh
+    one, not fail once on the stale one and count as an outage (a 503 under `closed`, a flip of
+    seekgate_limits_backend_up)."""
+    seen: list[tuple[bool, bool]] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1,
+                       on_backend=lambda up, local: seen.append((up, local)))
+    await lim.start()
+    try:
+        s = [scope("restarted", rpm=100, concurrency=5)]   # a lease: every admission is a batch (no slots)
+        lim.settle(await lim.acquire(s, 0), 0)       # the batch connection is open
+        for round_ in range(2):
+            await asyncio.sleep(0.2)                 # the settlement has gone
+            private_redis.stop()
+            private_redis.start()                    # the same port, before anything was sent
+            await asyncio.sleep(0.2)                 # the old server's close has reached this process
+            sent = lim.round_trips
+            grant = await lim.acquire(s, 0)          # closed mode: a batch that failed would raise 503
+            assert lim.round_trips == sent + 1 and grant.rpm_window is not None
+            assert grant.rpm_window[:2] == (100, 99), round_   # counted in the fresh Redis
+            assert lim.up and seen == [(True, False)], seen
+            lim.settle(grant, 0)
+    finally:
+        await lim.close()
+
+
+async def test_after_an_outage_found_by_the_lease_renewal_the_first_batch_is_no_second_outage(
+        private_redis: PrivateRedis, redis_prefix: str) -> None:
+    """Redis stops while no batch is out: the lease renewal finds it down, the probe finds it back. The
+    batch connection, untouched meanwhile, still holds the old server's socket: the first batch after
+    the recovery must not fail on it and count as a second outage."""
+    seen: list[tuple[bool, bool]] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1, lease_s=1.0,
+                       on_backend=lambda up, local: seen.append((up, local)))
+    await lim.start()
+    try:
+        s = [scope("renewed", rpm=100, concurrency=5)]
+        held = await lim.acquire(s, 0)               # a lease to renew; the batch connection is open
+        private_redis.stop()
+        async with asyncio.timeout(5):
+            while lim.up:                            # found by the renewal (every lease_s / 3), not a batch
+                await asyncio.sleep(0.05)
+        private_redis.start()
+        async with asyncio.timeout(5):
+            while not lim.up:
+                await asyncio.sleep(0.05)
+        assert seen == [(True, False), (False, False), (True, False)]
+        grant = await lim.acquire(s, 0)              # closed mode: a batch that failed would raise 503
+        assert grant.rpm_window is not None and grant.rpm_window[:2] == (100, 99)
+        assert lim.up and seen == [(True, False), (False, False), (True, False)], seen
+        lim.settle(held, 0)
+        lim.settle(grant, 0)
+    finally:
+        await lim.close()
+
+
 async def test_tokens_admitted_locally_are_added_to_the_shared_budgets_once_redis_is_back(
         private_redis: PrivateRedis, redis_prefix: str) -> None:
     """An outage under on_backend_down=local does not hand a key its day's budget again."""
