@@ -52,9 +52,10 @@ class ServerSettings:
                                          "(a broken new file keeps the old one in force)", 2.0)
     insecure_plaintext: bool = _help("Serve plaintext on a non-loopback address (keys cross the network in "
                                      "clear); logged at every start", False)
-    status_listen: str = _help("host:port of a separate plain-HTTP listener answering only GET /v2/health/live "
-                               "and /v2/health/ready, as the API listener does, with no client certificate "
-                               "(kubelet probes under mTLS), e.g. 0.0.0.0:8101 or [::]:8101; '' = off", "")
+    status_listen: str = _help("host:port of a separate plain-HTTP listener answering only GET /v2/health/ready "
+                               "(as the API listener does) and /v2/health/live (this process's own, never "
+                               "Triton's), with no client certificate (kubelet probes under mTLS), e.g. "
+                               "0.0.0.0:8101 or [::]:8101; '' = off", "")
 
 
 @dataclass(frozen=True)

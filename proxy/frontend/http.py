@@ -182,11 +182,28 @@ async def answer(request: web.Request, state: AppState, ctx: RequestContext,
 
 
 async def status_answer(request: web.Request, state: AppState, ctx: RequestContext) -> web.StreamResponse:
-    """A probe, answered as on the API listener (Triton's readiness, 503 while draining or the store is down);
-    404 for anything else: this listener takes no credential, so it must reach nothing a credential guards."""
-    if request.method == "GET" and request.raw_path.partition("?")[0] in PUBLIC_PROBES:
+    """Readiness answered as on the API listener (Triton's, 503 while draining or the store is down); liveness
+    by this process itself; 404 for anything else: this listener takes no credential, so it must reach nothing
+    a credential guards."""
+    path = request.raw_path.partition("?")[0]
+    if request.method == "GET" and path == "/v2/health/live":
+        return own_liveness(ctx, path)
+    if request.method == "GET" and path in PUBLIC_PROBES:
         return await answer(request, state, ctx, base_path="")
     return await refused(state, ctx, NotFound("status_listener_serves_probes_only"))
+
+
+def own_liveness(ctx: RequestContext, path: str) -> web.Response:
+    """200 from this process's event loop, asking nothing else (audited by finish() like any answer).
+
+    Not Triton's liveness, which the API listener forwards: a liveness probe that failed with Triton would
+    restart seekgate whenever Triton restarts or reloads its checkpoint (minutes), into a crash-loop back-off
+    that outlasts Triton's return. Nor gated on the audit backlog or the store: a load spike or a slow disk
+    must not kill the proxy mid-stream; readiness is where those take the pod out of service.
+    """
+    ctx.resource = classify_http("GET", path)
+    ctx.http_status = 200
+    return web.Response(status=200, headers={"X-Request-Id": ctx.request_id})
 
 
 async def send_now(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:

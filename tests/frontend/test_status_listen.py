@@ -90,6 +90,25 @@ def test_the_status_listener_serves_nothing_else(status_gw: Gateway) -> None:
                                 for r in audit_records(status_gw)), 10)
 
 
+def test_liveness_there_is_seekgates_own_and_holds_with_triton_unreachable(tmp_path: Path) -> None:
+    """The kubelet restarts a container whose liveness fails: through Triton's own /v2/health/live (what the
+    API listener forwards) a Triton restart or checkpoint load would restart seekgate too. Readiness still
+    follows Triton, so the pod leaves the Service instead."""
+    http, grpc_, metrics, status_port, dead = free_ports(5)   # nothing listens on `dead`
+    gw = Gateway(tmp_path, f"http://127.0.0.1:{dead}", [http, grpc_, metrics],
+                 **{"server.status_listen": f"127.0.0.1:{status_port}"}).start()
+    try:
+        assert plain_call(gw.url + "/v2/health/live")[0] == 503   # the API listener: Triton's liveness
+        status, headers, body = plain_call(status_url(gw) + "/v2/health/live")
+        assert (status, body) == (200, b"") and headers["X-Request-Id"]
+        assert plain_call(status_url(gw) + "/v2/health/ready")[0] == 503
+        assert wait_for(lambda: any(r["request_id"] == headers["X-Request-Id"] and r["action"] == "health"
+                                    and (r["status"], r["http_status"]) == ("allowed", 200)
+                                    for r in audit_records(gw)), 10), audit_records(gw)[-3:]
+    finally:
+        gw.stop()
+
+
 def test_readiness_fails_on_the_status_listener_too_while_draining(status_gw: Gateway) -> None:
     """The same readiness as the API listener's: 503 from the moment a shutdown starts (shutdown_delay_s 5 s
     here, while requests are still taken), so the kubelet takes the pod out of service. Runs last: it stops it."""
