@@ -559,6 +559,8 @@ def container_here(tmp_path: Path, env: dict[str, str], config: str, command: li
     full = {
         # Only what a container has: no SEEKGATE_* of the test run leaks in.
         "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
+        # This checkout's proxy package, not the one the venv's editable install points at (a shared venv).
+        "PYTHONPATH": str(REPO),
         **{k: move_paths(v, root) for k, v in env.items()},
         # The entrypoint reads the mounted secrets here; /data/secrets is a tmpfs in every shipped
         # deployment (tested above), not on this machine, hence its documented override.
