@@ -25,6 +25,7 @@ from tests.conftest import REPO
 from tests.test_deploy_manifests import CONTAINERS as BASE_CONTAINERS
 from tests.test_deploy_manifests import (
     assert_dns_egress_reaches_kube_dns_and_nodelocal_dnscache,
+    assert_probes_are_the_kubelets_on_the_status_listener,
     assert_refuses_without_tls,
     assert_serves_tls,
     compose_env,
@@ -32,7 +33,6 @@ from tests.test_deploy_manifests import (
     dockerfile_instructions,
     image_env,
     pod_env,
-    probe_command,
 )
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -178,20 +178,22 @@ def test_dns_egress_survives_the_overlay() -> None:
 
 
 def test_readiness_goes_through_seekgate() -> None:
-    command = probe_command(CONTAINERS["seekgate"]["readinessProbe"])
-    assert command[2] == "https://127.0.0.1:8000/v2/health/ready"   # seekgate serves TLS only
+    # The status listener's readiness is the client port's: forwarded to Triton, 503 while draining.
+    assert CONTAINERS["seekgate"]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "status",
+                                                                   "scheme": "HTTP"}
 
 
-def test_ha_probes_are_the_bases_and_work_under_mtls() -> None:
-    # Each replica's probes run in the container with the optional client pair (test_deploy_manifests:
-    # test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only runs them): none is the kubelet's.
+def test_ha_probes_are_the_bases_on_the_status_listener_the_overlays_config_opens(tmp_path: Path) -> None:
+    # config-ha.yaml replaces the base's seekgate.yaml whole: without its own server.status_listen every
+    # replica's probes would ask a closed port and no pod would ever start. test_deploy_manifests runs the
+    # probes under mTLS (test_with_mtls_on_the_pods_kubelet_probes_pass_without_a_certificate).
     for name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = CONTAINERS["seekgate"][name]
-        assert probe == BASE_SEEKGATE[name], name
-        assert not {"httpGet", "tcpSocket", "grpc"} & set(probe), name
+        assert CONTAINERS["seekgate"][name] == BASE_SEEKGATE[name], name
+    stand_ins = {("seekgate-backends", "store-url"): "postgresql://stand-in/seekgate",
+                 ("seekgate-backends", "redis-url"): "redis://stand-in:6379/0"}
+    assert_probes_are_the_kubelets_on_the_status_listener(RENDERED, tmp_path, stand_ins)
     sources = VOLUMES["seekgate-secret-mount"]["projected"]["sources"]
-    assert {s["secret"]["name"] for s in sources if s["secret"].get("optional")} == {"seekgate-probe-tls",
-                                                                                       "seekgate-client-ca"}
+    assert {s["secret"]["name"] for s in sources if s["secret"].get("optional")} == {"seekgate-client-ca"}
 
 
 def test_a_headless_service_for_per_request_grpc_balancing() -> None:
@@ -336,11 +338,10 @@ def test_haproxy_check_catches_a_broken_config(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ TLS: each replica starts
 
-def test_ha_pods_mount_the_tls_pair_and_probe_over_https() -> None:
+def test_ha_pods_mount_the_tls_pair() -> None:
     [tls] = [s["secret"] for s in VOLUMES["seekgate-secret-mount"]["projected"]["sources"]
              if "secret" in s and s["secret"]["name"] == "seekgate-tls"]
     assert {i["path"] for i in tls["items"]} == {"seekgate_tls_cert", "seekgate_tls_key"}
-    assert probe_command(CONTAINERS["seekgate"]["readinessProbe"])[2].startswith("https://")
     assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
 
 
@@ -360,10 +361,11 @@ def test_ha_pod_serves_tls_on_the_shared_store_and_its_probes_pass(tmp_path: Pat
     config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
     sg, migrate = CONTAINERS["seekgate"], CONTAINERS["migrate"]
     env = {**image_env(), **pod_env(sg, stand_ins)}
-    c = container_here(tmp_path / "tls", env, config, [*entrypoint, *sg["args"]])
+    c = container_here(tmp_path / "tls", env, config, [*entrypoint, *sg["args"]], pod_container=sg)
     migrated = c.run([*entrypoint, *migrate["args"]])
     assert migrated.returncode == 0, migrated.stderr
-    assert_serves_tls(c, {p: probe_command(sg[p]) for p in ("startupProbe", "livenessProbe")})
+    # The kubelet's probes for real; readiness needs Triton, which is not there.
+    assert_serves_tls(c, {p: sg[p] for p in ("startupProbe", "livenessProbe")})
     assert_refuses_without_tls(tmp_path / "plain", env, config, [*entrypoint, *sg["args"]])
 
 

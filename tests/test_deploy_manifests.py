@@ -19,10 +19,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import tomllib
@@ -502,6 +501,9 @@ class Container:
     command: list[str]
     ports: dict[str, int]
     ca: Path
+    # The pod container's named ports (name -> containerPort), for its httpGet probes.
+    declared: dict[str, int] = field(default_factory=dict)
+    status_in_pod: int | None = None   # the status listener's port in the config; here on ports["status"]
 
     def run(self, command: list[str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.localize(command or self.command), env=self.env, capture_output=True,
@@ -531,6 +533,33 @@ class Container:
     def log(self) -> str:
         return (self.root / "serve.log").read_text()[-3000:]
 
+    def check(self, check: list[str] | dict[str, Any]) -> tuple[bool, str]:
+        """Whether a health check passes, as its runner judges it, and why not: a command (Docker's
+        healthchecks, an exec probe) exits 0; the kubelet's httpGet gets a status of 200-399."""
+        if isinstance(check, dict) and "httpGet" in check:
+            return kubelet_http_get(self, check["httpGet"])
+        out = self.run(check if isinstance(check, list) else probe_command(check), timeout=30)
+        return out.returncode == 0, out.stderr
+
+
+def kubelet_http_get(c: Container, get: dict[str, Any]) -> tuple[bool, str]:
+    """The kubelet's httpGet probe: plain HTTP (scheme HTTP) to the pod's address, here loopback, on the
+    container port it names; no client certificate, no credential. A status of 200-399 passes."""
+    assert get.get("scheme", "HTTP") == "HTTP" and "host" not in get, get
+    container_port = c.declared[get["port"]] if isinstance(get["port"], str) else get["port"]
+    here = {8000: c.ports["http"], 8001: c.ports["grpc"], 8002: c.ports["metrics"]}
+    if c.status_in_pod is not None:
+        here[c.status_in_pod] = c.ports["status"]
+    port = here[container_port]   # a port the container does not serve here is a KeyError: the test is wrong
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{get['path']}", headers={"User-Agent": "kube-probe/1.29"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return 200 <= r.status < 400, f"HTTP {r.status}"
+    except urllib.error.HTTPError as err:
+        return 200 <= err.code < 400, f"HTTP {err.code}"
+    except OSError as err:
+        return False, str(err)
+
 
 # Where a container finds what is mounted into it; moved under the test's root.
 CONTAINER_PATHS = ("/run/secrets", "/data", "/etc/seekgate")
@@ -541,8 +570,11 @@ def move_paths(text: str, root: Path) -> str:
     return re.sub(pattern, lambda m: str(root) + m.group(1), text)
 
 
-def container_here(tmp_path: Path, env: dict[str, str], config: str, command: list[str] | None = None) -> Container:
-    """The container's filesystem under tmp_path/root: mounted secrets (a new TLS pair among them), config, policies."""
+def container_here(tmp_path: Path, env: dict[str, str], config: str, command: list[str] | None = None,
+                   pod_container: dict[str, Any] | None = None) -> Container:
+    """The container's filesystem under tmp_path/root: mounted secrets (a new TLS pair among them), config, policies.
+
+    `pod_container`: the Deployment's container, whose named ports its httpGet probes use."""
     root = tmp_path / "root"
     secrets_dir = root / "run/secrets"
     secrets_dir.mkdir(parents=True)
@@ -555,7 +587,14 @@ def container_here(tmp_path: Path, env: dict[str, str], config: str, command: li
     (root / "etc/seekgate").mkdir(parents=True)
     shutil.copytree(REPO / "policies", root / "etc/seekgate/policies")
     (root / "etc/seekgate/seekgate.yaml").write_text(move_paths(config, root))
-    http, grpc_, metrics, dead = free_ports(4)
+    http, grpc_, metrics, dead, status = free_ports(5)
+    ports = {"http": http, "grpc": grpc_, "metrics": metrics}
+    status_in_pod = None
+    status_listen = (yaml.safe_load(config).get("server") or {}).get("status_listen")
+    if status_listen:   # the config's status listener, its host kept, on a free port
+        host, _, in_pod = status_listen.rpartition(":")
+        env = {**env, "SEEKGATE_SERVER_STATUS_LISTEN": f"{host}:{status}"}
+        ports["status"], status_in_pod = status, int(in_pod)
     full = {
         # Only what a container has: no SEEKGATE_* of the test run leaks in.
         "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
@@ -570,8 +609,8 @@ def container_here(tmp_path: Path, env: dict[str, str], config: str, command: li
         # Triton is not started here: a port nothing listens on (seekgate's own health does not need it).
         "SEEKGATE_UPSTREAM_HTTP_URL": f"http://127.0.0.1:{dead}", "SEEKGATE_UPSTREAM_GRPC_TARGET": f"127.0.0.1:{dead}",
     }
-    return Container(root, full, command or image_command(), {"http": http, "grpc": grpc_, "metrics": metrics},
-                     certs["ca"])
+    declared = {p["name"]: p["containerPort"] for p in (pod_container or {}).get("ports", [])}
+    return Container(root, full, command or image_command(), ports, certs["ca"], declared, status_in_pod)
 
 
 def https_status(url: str, ca: Path) -> int:
@@ -584,7 +623,7 @@ def https_status(url: str, ca: Path) -> int:
         return err.code
 
 
-def assert_serves_tls(c: Container, probes: dict[str, list[str]]) -> None:
+def assert_serves_tls(c: Container, probes: dict[str, list[str] | dict[str, Any]]) -> None:
     """Starts the container's command; its listeners answer over TLS and every probe passes; then it stops."""
     proc = c.start()
     try:
@@ -601,12 +640,12 @@ def assert_serves_tls(c: Container, probes: dict[str, list[str]]) -> None:
         # The client port too: any answer over a verified TLS connection (Triton is not there).
         assert https_status(f"https://127.0.0.1:{c.ports['http']}/v2/health/live", c.ca) in (200, 502, 503, 504)
         for where, probe in probes.items():
-            out = c.run(probe, timeout=30)
-            assert out.returncode == 0, (where, out.stderr)
+            passed, why = c.check(probe)
+            assert passed, (where, why)
     finally:
         stop(proc)
     for where, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
-        assert c.run(probe, timeout=30).returncode != 0, where
+        assert not c.check(probe)[0], where
 
 
 def assert_refuses_without_tls(tmp_path: Path, env: dict[str, str], config: str,
@@ -705,10 +744,7 @@ def test_k8s_mounts_the_tls_secret_where_the_image_reads_it() -> None:
     env = {**image_env(), **pod_env(CONTAINERS["seekgate"])}
     assert not any("INSECURE" in k for k in env)
     assert "insecure_plaintext" not in one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
-    # Kubernetes' TLS Secret keys, and the probes (readiness: the client port) and Prometheus over HTTPS.
-    assert probe_command(CONTAINERS["seekgate"]["readinessProbe"])[2] == "https://127.0.0.1:8000/v2/health/ready"
-    for probe in ("startupProbe", "livenessProbe"):
-        assert probe_command(CONTAINERS["seekgate"][probe])[2] == "https://127.0.0.1:8002/metrics", probe
+    # Kubernetes' TLS Secret keys, and Prometheus over HTTPS (the probes: the status listener, below).
     [endpoint] = [e for e in one("PodMonitor")["spec"]["podMetricsEndpoints"] if e["port"] == "metrics"]
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"] == {"name": "seekgate-tls",
                                                                                         "key": "ca.crt"}
@@ -720,8 +756,9 @@ def test_the_pod_serves_tls_and_its_probes_pass(tmp_path: Path) -> None:
     env = {**image_env(), **pod_env(sg)}
     config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
     command = [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]]   # args replace the CMD
-    c = container_here(tmp_path / "tls", env, config, command)
-    assert_serves_tls(c, {p: probe_command(sg[p]) for p in ("startupProbe", "livenessProbe")})
+    c = container_here(tmp_path / "tls", env, config, command, pod_container=sg)
+    # Readiness needs Triton, which is not there: startup and liveness are seekgate's alone.
+    assert_serves_tls(c, {p: sg[p] for p in ("startupProbe", "livenessProbe")})
     assert_refuses_without_tls(tmp_path / "plain", env, config, command)
 
 
@@ -730,6 +767,9 @@ def test_the_pod_serves_tls_and_its_probes_pass(tmp_path: Path) -> None:
 SEEKGATE_PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 PROBE_SCRIPT = "/usr/local/bin/seekgate-probe"
 MTLS_CLIENT_CA = "/run/secrets/seekgate_client_ca"   # server.tls_client_ca_file with mTLS on (deploy/README.md)
+# What each seekgate probe asks the status listener: liveness and startup seekgate's own, readiness Triton's too.
+PROBE_PATHS = {"startupProbe": "/v2/health/live", "livenessProbe": "/v2/health/live",
+               "readinessProbe": "/v2/health/ready"}
 
 
 def projected_items(secret: str) -> dict[str, str]:
@@ -740,53 +780,76 @@ def projected_items(secret: str) -> dict[str, str]:
     return {i["key"]: f"{mount['mountPath']}/{i['path']}" for i in source["items"]}
 
 
-def test_seekgate_probes_need_no_kubelet_certificate_and_ask_listeners_the_pod_serves(tmp_path: Path) -> None:
-    # Under mTLS (server.tls_client_ca_file) every listener, /metrics included, refuses a client without
-    # a certificate, and the kubelet's httpGet/tcpSocket/grpc probes have none to present: seekgate's
-    # probes run in the container (exec) and present the optional Secret seekgate-probe-tls.
+def assert_probes_are_the_kubelets_on_the_status_listener(rendered: list[dict[str, Any]], tmp_path: Path,
+                                                          stand_ins: dict[tuple[str, str], str] | None = None) -> None:
+    """seekgate's probes in a rendered set: the kubelet's httpGet, plain HTTP, on the named port that the
+    config map's server.status_listen (parsed by seekgate's own loader) binds on every pod address; that port
+    is in no Service and opened to no pod by the NetworkPolicy (the kubelet probes from the node)."""
     from proxy.frontend.http import PUBLIC_PROBES
-    sg = CONTAINERS["seekgate"]
-    (tmp_path / "seekgate.yaml").write_text(one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
-    server = load_settings(tmp_path / "seekgate.yaml", env={**image_env(), **pod_env(sg)}).server
-    assert server.tls_cert_file, "the image serves TLS: the probes must speak https"
-    listeners = {"startupProbe": (server.metrics_port, "/metrics"), "livenessProbe": (server.metrics_port, "/metrics"),
-                 "readinessProbe": (server.http_port, "/v2/health/ready")}
-    assert "/v2/health/ready" in PUBLIC_PROBES   # answered without a key
-    declared = {p["containerPort"] for p in sg["ports"]}
-    pair = projected_items("seekgate-probe-tls")
-    for name in SEEKGATE_PROBES:
+    from proxy.settings import status_address
+    [deployment] = [d for d in rendered if d["kind"] == "Deployment"]
+    [sg] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "seekgate"]
+    [config] = [d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "seekgate-config"]
+    (tmp_path / "seekgate.yaml").write_text(config["data"]["seekgate.yaml"])
+    server = load_settings(tmp_path / "seekgate.yaml", env={**image_env(), **pod_env(sg, stand_ins)}).server
+    status = status_address(server)
+    assert status is not None, "server.status_listen is off: the kubelet's probes have nothing to ask"
+    assert status[0] == "0.0.0.0", status   # the kubelet dials the pod IP, not the pod's loopback
+    declared = {p["name"]: p["containerPort"] for p in sg["ports"]}
+    for name, path in PROBE_PATHS.items():
         probe = sg[name]
-        assert not {"httpGet", "tcpSocket", "grpc"} & set(probe), name
-        command = probe_command(probe)
-        assert command[:2] == ["python", PROBE_SCRIPT], name
-        url = urlsplit(command[2])
-        assert (url.scheme, url.hostname, (url.port, url.path)) == ("https", "127.0.0.1", listeners[name]), name
-        assert url.port in declared, name
-        assert dict(zip(command[3::2], command[4::2], strict=True)) == {
-            "--client-cert": pair["tls.crt"], "--client-key": pair["tls.key"]}, name
-    assert f"COPY deploy/docker/seekgate_probe.py {PROBE_SCRIPT}" in DOCKERFILE   # where the probes run it
-    # Both mTLS Secrets are optional: without mTLS the pod starts as before, neither of them created.
+        assert not {"exec", "tcpSocket", "grpc"} & set(probe), name   # no process started in the container
+        get = probe["httpGet"]
+        assert get.get("scheme", "HTTP") == "HTTP" and "host" not in get, (name, get)
+        assert (get["path"], declared[get["port"]]) == (path, status[1]), name
+        assert path in PUBLIC_PROBES, name
+    [port_name] = {sg[name]["httpGet"]["port"] for name in SEEKGATE_PROBES}
+    for service in (d for d in rendered if d["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort") not in (port_name, status[1]) and port["port"] != status[1], port
+    [policy] = [d["spec"] for d in rendered if d["kind"] == "NetworkPolicy"]
+    opened = {p["port"] for rule in policy["ingress"] for p in rule.get("ports", [])}
+    assert not {port_name, status[1]} & opened, opened
+    for monitor in (d for d in rendered if d["kind"] == "PodMonitor"):
+        assert all(e["port"] != port_name for e in monitor["spec"]["podMetricsEndpoints"])
+
+
+def test_seekgate_probes_are_the_kubelets_on_the_status_listener_and_need_no_certificate(tmp_path: Path) -> None:
+    # Under mTLS (server.tls_client_ca_file) every TLS listener, /metrics included, refuses a client without
+    # a certificate, and the kubelet has none: its probes ask the plain-HTTP status listener instead, and
+    # nothing of the former exec probes' client certificate is left to issue, mount or rotate.
+    assert_probes_are_the_kubelets_on_the_status_listener(RENDERED, tmp_path)
     sources = VOLUMES[mounts("seekgate")["/run/secrets"]["name"]]["projected"]["sources"]
     optional = {s["secret"]["name"] for s in sources if "secret" in s and s["secret"].get("optional")}
-    assert optional == {"seekgate-probe-tls", "seekgate-client-ca"}
+    assert optional == {"seekgate-client-ca"}   # without mTLS the pod starts as before, the Secret absent
     assert projected_items("seekgate-client-ca") == {"ca.crt": MTLS_CLIENT_CA}
+    assert "seekgate-probe" not in json.dumps(RENDERED)   # no probe Secret, no probe script
+    assert not (REPO / "deploy/cert-manager/probe-certificate.yaml").exists()
+    # Docker has no kubelet: the image's HEALTHCHECK and Compose's still run the script, so the image keeps it.
+    assert f"COPY deploy/docker/seekgate_probe.py {PROBE_SCRIPT}" in DOCKERFILE
 
 
 def mtls_container_here(tmp_path: Path, env: dict[str, str], config: str, command: list[str] | None,
-                        probe_cert: str, probe_key: str) -> Container:
-    """container_here with mTLS on: the client CA at MTLS_CLIENT_CA, a client pair it signed at probe_cert/_key."""
-    c = container_here(tmp_path, {**env, "SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": MTLS_CLIENT_CA}, config, command)
+                        probe_cert: str | None = None, probe_key: str | None = None,
+                        pod_container: dict[str, Any] | None = None) -> Container:
+    """container_here with mTLS on: the client CA at MTLS_CLIENT_CA, and a client pair it signed at
+    probe_cert/_key if given."""
+    c = container_here(tmp_path, {**env, "SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": MTLS_CLIENT_CA}, config, command,
+                       pod_container)
     certs = tmp_path / "certs"   # container_here's CA, which signed a client certificate too
-    for src, dst in (("ca.pem", MTLS_CLIENT_CA), ("client.pem", probe_cert), ("client-key.pem", probe_key)):
+    copies = [("ca.pem", MTLS_CLIENT_CA)]
+    if probe_cert and probe_key:
+        copies += [("client.pem", probe_cert), ("client-key.pem", probe_key)]
+    for src, dst in copies:
         shutil.copy(certs / src, c.moved(dst))
     return c
 
 
-def wait_until_passes(c: Container, proc: subprocess.Popen[str], check: list[str]) -> None:
+def wait_until_passes(c: Container, proc: subprocess.Popen[str], check: list[str] | dict[str, Any]) -> None:
     deadline = time.monotonic() + 60
-    while (out := c.run(check, timeout=30)).returncode != 0:
+    while not (result := c.check(check))[0]:
         assert proc.poll() is None, f"exited {proc.returncode}: {c.log()}"
-        assert time.monotonic() < deadline, f"{check} failing after 60 s: {out.stderr} {c.log()}"
+        assert time.monotonic() < deadline, f"{check} failing after 60 s: {result[1]} {c.log()}"
         time.sleep(0.3)
 
 
@@ -800,12 +863,12 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 class _Triton(http.server.BaseHTTPRequestHandler):
-    """Triton's readiness, as seekgate's /v2/health/ready forwards it: `status` answers."""
+    """Triton's health, as seekgate's /v2/health/* forwards it: `status` answers."""
 
     status = 200
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-        self.send_response(self.status if self.path == "/v2/health/ready" else 404)
+        self.send_response(self.status if self.path in ("/v2/health/ready", "/v2/health/live") else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -813,47 +876,44 @@ class _Triton(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_with_mtls_on_the_pod_probes_pass_with_the_mounted_pair_only(tmp_path: Path) -> None:
-    # The pod as rendered, mTLS turned on the documented way: the client CA from the Secret
-    # seekgate-client-ca, the probes' pair from seekgate-probe-tls (here: dev certificates).
+def test_with_mtls_on_the_pods_kubelet_probes_pass_without_a_certificate(tmp_path: Path) -> None:
+    # The pod as rendered, mTLS turned on the documented way (the client CA from the Secret
+    # seekgate-client-ca), its probes made as the kubelet makes them: plain HTTP, no certificate.
     sg = CONTAINERS["seekgate"]
     env = {**image_env(), **pod_env(sg)}
     config = one("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"]
-    pair = projected_items("seekgate-probe-tls")
-    c = mtls_container_here(tmp_path, env, config, [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]), *sg["args"]],
-                            pair["tls.crt"], pair["tls.key"])
+    c = mtls_container_here(tmp_path, env, config, [*json.loads(dockerfile_instructions("ENTRYPOINT")[0]),
+                                                    *sg["args"]], pod_container=sg)
     triton_answers = type("TritonAnswers", (_Triton,), {})
     triton = http.server.ThreadingHTTPServer(("127.0.0.1", 0), triton_answers)
     threading.Thread(target=triton.serve_forever, daemon=True).start()
     c.env["SEEKGATE_UPSTREAM_HTTP_URL"] = f"http://127.0.0.1:{triton.server_address[1]}"
-    probes = {name: probe_command(sg[name]) for name in SEEKGATE_PROBES}
+    probes = {name: sg[name] for name in SEEKGATE_PROBES}
     proc = c.start()
     try:
         wait_until_passes(c, proc, probes["startupProbe"])
         for name, probe in probes.items():
-            out = c.run(probe, timeout=30)
-            assert out.returncode == 0, (name, out.stderr, c.log())
-        # mTLS is on: a client without a certificate is refused at the handshake ...
+            assert c.check(probe) == (True, "HTTP 200"), (name, c.log())
+        # mTLS is on: a client without a certificate is refused at the handshake on the metrics port ...
         with pytest.raises(OSError):
             https_status(f"https://127.0.0.1:{c.ports['metrics']}/metrics", c.ca)
-        # ... and so is each probe without its Secret: the pair is what lets them in.
-        for path in pair.values():
-            Path(c.moved(path)).rename(c.moved(path) + ".away")
-        for name, probe in probes.items():
-            out = c.run(probe, timeout=30)
-            assert out.returncode == 1 and "no client certificate presented" in out.stderr, (name, out.stderr)
-        for path in pair.values():
-            Path(c.moved(path) + ".away").rename(c.moved(path))
-        # Readiness still follows Triton through seekgate (the pod leaves the Service); liveness does not.
+        # ... while the status listener asks for none, and serves nothing but the two probes.
+        assert c.check({"httpGet": {**probes["livenessProbe"]["httpGet"], "path": "/metrics"}}) == (False, "HTTP 404")
+        # Readiness follows Triton through seekgate (the pod leaves the Service); liveness and startup do not,
+        # with Triton unready or gone altogether (a sidecar restart reloading the checkpoint).
         triton_answers.status = 503
-        assert c.run(probes["readinessProbe"], timeout=30).returncode == 1
-        assert c.run(probes["livenessProbe"], timeout=30).returncode == 0
+        assert c.check(probes["readinessProbe"]) == (False, "HTTP 503")
+        triton.shutdown()
+        triton.server_close()
+        assert not c.check(probes["readinessProbe"])[0]
+        for name in ("startupProbe", "livenessProbe"):
+            assert c.check(probes[name]) == (True, "HTTP 200"), name
     finally:
         triton.shutdown()
         triton.server_close()
         stop(proc)
     for name, probe in probes.items():   # a probe that passes with seekgate gone proves nothing
-        assert c.run(probe, timeout=30).returncode != 0, name
+        assert not c.check(probe)[0], name
 
 
 def test_the_probe_blames_a_missing_client_certificate_only_when_the_handshake_is_refused() -> None:
@@ -863,18 +923,6 @@ def test_the_probe_blames_a_missing_client_certificate_only_when_the_handshake_i
     out = subprocess.run([sys.executable, script, f"https://127.0.0.1:{port}/metrics", "--client-cert",
                           "/nonexistent/seekgate_probe_cert"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "refused" in out.stderr.lower() and "client certificate" not in out.stderr
-
-
-def test_the_probe_certificate_cert_manager_makes_is_the_one_the_probes_present() -> None:
-    # An expired probe certificate fails liveness and restarts seekgate: cert-manager renews it.
-    cert = yaml.safe_load((REPO / "deploy/cert-manager/probe-certificate.yaml").read_text())
-    spec = cert["spec"]
-    assert cert["kind"] == "Certificate" and cert["metadata"]["namespace"] == one("Namespace")["metadata"]["name"]
-    assert spec["secretName"] == "seekgate-probe-tls" and set(projected_items(spec["secretName"])) == {"tls.crt",
-                                                                                                        "tls.key"}
-    assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
-    hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
-    assert 0 < hours["renewBefore"] < hours["duration"]
 
 
 def test_with_mtls_on_the_compose_and_image_healthchecks_pass_with_the_pair_as_secrets(tmp_path: Path) -> None:

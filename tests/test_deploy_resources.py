@@ -119,3 +119,13 @@ def test_the_units_read_as_docker_and_kubernetes_read_them() -> None:
     assert docker_bytes("128m") == k8s_bytes("128Mi") != k8s_bytes("128M")
     assert docker_bytes("${TRITON_SHM_SIZE:-2gb}") == 2 * 2**30
     assert k8s_cpus("200m") == Decimal("0.2") and k8s_cpus("8") == 8 and k8s_cpus(2) == 2
+
+
+def test_no_probe_starts_a_process_in_the_seekgate_container() -> None:
+    # An exec probe is a process started in the container every period, on its CPU, memory and pids limits
+    # above (a Python interpreter, tens of MiB, per check); the kubelet's httpGet costs it one plain request.
+    # Triton's exec probes stay: it listens on the pod's loopback, which the kubelet cannot reach.
+    for pod in (POD, HA_POD):
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = pod["seekgate"][kind]
+            assert "exec" not in probe and probe["httpGet"]["port"] == "status", kind

@@ -120,3 +120,21 @@ def test_kubernetes_validate_rejects_an_unknown_field(rendered: Path, tmp_path: 
     bad.write_text(yaml.safe_dump_all(docs))
     out = subprocess.run([tool("kubernetes-validate"), "--strict", str(bad)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "runAsUser" in out.stdout + out.stderr
+
+
+def test_every_named_probe_port_is_one_its_container_declares(rendered: Path) -> None:
+    # Neither the API server, kubernetes-validate nor checkov checks that an httpGet probe's named port
+    # exists: a misspelt one passes them all and fails the probe at the kubelet, so the pod never starts.
+    docs = [d for d in yaml.safe_load_all(rendered.read_text()) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    probed = set()
+    for container in pod["containers"] + pod.get("initContainers", []):
+        declared = {p["name"] for p in container.get("ports", [])}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = container.get(kind, {}).get("httpGet")
+            if get is not None and isinstance(get["port"], str):
+                assert get["port"] in declared, (container["name"], kind, get["port"], declared)
+                probed.add((container["name"], kind, get["port"]))
+    # seekgate's three: the kubelet's, on the status listener's port (test_deploy_manifests checks the rest).
+    assert {(name, kind) for name, kind, port in probed if port == "status"} == {
+        ("seekgate", "startupProbe"), ("seekgate", "readinessProbe"), ("seekgate", "livenessProbe")}

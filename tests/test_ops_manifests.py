@@ -371,9 +371,9 @@ def test_k8s_seekgate_non_root_read_only_and_ready_through_itself() -> None:
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     ports = {p["name"]: p["containerPort"] for p in sg["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    # Ready: the whole path, through seekgate to Triton (its client port, over TLS, from inside the container).
-    assert _probe_url(sg["readinessProbe"]["exec"]["command"]) == f"https://127.0.0.1:{ports['http']}/v2/health/ready"
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "status": 8101}
+    # Ready: the whole path, through seekgate to Triton (the status listener's readiness is the client port's).
+    assert sg["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "status", "scheme": "HTTP"}
     assert "startupProbe" in _containers()["triton"] and "livenessProbe" in _containers()["triton"]
 
 
@@ -391,37 +391,46 @@ def _probe_url(command: list[str]) -> str:
 
 
 def _seekgate_local_checks() -> dict[str, list[str]]:
-    """Every check that decides whether the seekgate container is restarted or marked unhealthy."""
-    sg = _containers()["seekgate"]
+    """Every command that decides whether the seekgate container is marked unhealthy (Docker's checks)."""
     dockerfile = DOCKERFILES["seekgate.Dockerfile"]
     healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.M | re.S)
     assert healthcheck, "seekgate.Dockerfile has no HEALTHCHECK"
     compose = SERVICES["seekgate"]["healthcheck"]["test"]
     assert compose[0] == "CMD"
-    return {"k8s livenessProbe": sg["livenessProbe"]["exec"]["command"],
-            "k8s startupProbe": sg["startupProbe"]["exec"]["command"],
-            "compose healthcheck": compose[1:],
-            "Dockerfile HEALTHCHECK": json.loads(healthcheck.group(1))}
+    return {"compose healthcheck": compose[1:], "Dockerfile HEALTHCHECK": json.loads(healthcheck.group(1))}
+
+
+def _k8s_restart_probes() -> dict[str, dict[str, Any]]:
+    """The kubelet's probes that restart the seekgate container: its httpGet, on the status listener."""
+    sg = _containers()["seekgate"]
+    return {name: sg[name]["httpGet"] for name in ("livenessProbe", "startupProbe")}
+
+
+def _k8s_settings(tmp_path: Path, image_env: dict[str, str]) -> Any:
+    (tmp_path / "seekgate.yaml").write_text(k8s("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
+    k8s_env = {e["name"]: e["value"] for e in _containers()["seekgate"]["env"]}
+    return load_settings(tmp_path / "seekgate.yaml", env={**image_env, **k8s_env})
 
 
 def test_seekgate_liveness_does_not_depend_on_triton(tmp_path: Path) -> None:
-    # A liveness or startup probe through seekgate's public /v2/health/* is forwarded to
-    # Triton: a dead Triton would restart seekgate too. They ask seekgate's metrics port,
-    # the one its settings give in each deployment.
+    # A liveness or startup probe through seekgate's client port's /v2/health/* is forwarded to
+    # Triton: a dead Triton would restart seekgate too. Docker's checks ask seekgate's metrics port,
+    # the one its settings give in each deployment; the kubelet's the status listener's
+    # /v2/health/live, which seekgate answers itself.
+    from proxy.settings import status_address
     image_env = dict(re.findall(r"(SEEKGATE_\w+)=(\S+)", DOCKERFILES["seekgate.Dockerfile"]))
     compose_env = {k: interpolate(v) for k, v in env_of(SERVICES["seekgate"]).items()}
     image_port = load_settings(REPO / "config" / "seekgate.yaml", env=image_env).server.metrics_port
     compose_port = load_settings(REPO / "config" / "seekgate.yaml", env={**image_env, **compose_env}).server.metrics_port
-    (tmp_path / "seekgate.yaml").write_text(k8s("ConfigMap", "seekgate-config")["data"]["seekgate.yaml"])
-    k8s_env = {e["name"]: e["value"] for e in _containers()["seekgate"]["env"]}
-    k8s_port = load_settings(tmp_path / "seekgate.yaml", env={**image_env, **k8s_env}).server.metrics_port
-    expected = {"k8s livenessProbe": k8s_port, "k8s startupProbe": k8s_port,
-                "compose healthcheck": compose_port, "Dockerfile HEALTHCHECK": image_port}
+    expected = {"compose healthcheck": compose_port, "Dockerfile HEALTHCHECK": image_port}
     for where, command in _seekgate_local_checks().items():
         url = urlsplit(_probe_url(command))
         assert (url.hostname, url.port, url.path) == ("127.0.0.1", expected[where], "/metrics"), where
-    sg = _containers()["seekgate"]
-    assert not any("httpGet" in sg[p] or "tcpSocket" in sg[p] for p in ("livenessProbe", "startupProbe"))
+    status = status_address(_k8s_settings(tmp_path, image_env).server)
+    assert status is not None
+    ports = {p["name"]: p["containerPort"] for p in _containers()["seekgate"]["ports"]}
+    for where, get in _k8s_restart_probes().items():
+        assert (ports[get["port"]], get["path"]) == (status[1], "/v2/health/live"), where
 
 
 def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down(tmp_path: Path) -> None:
@@ -429,8 +438,11 @@ def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down
     dead_triton = free_ports(1)[0]   # nothing listens there
     certs = make_dev_certs(tmp_path / "certs")
     # TLS on, as every shipped deployment serves it (the checks below speak https).
+    status_port = free_ports(1)[0]   # the pod's status listener, its host kept, on a free port
+    pod_status = _k8s_settings(tmp_path, {}).server.status_listen
     gw = Gateway(tmp_path, f"http://127.0.0.1:{dead_triton}", free_ports(3),
-                 **{"server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"])})
+                 **{"server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"]),
+                    "server.status_listen": f"{pod_status.rpartition(':')[0]}:{status_port}"})
     port = int(gw.metrics_url.split(":")[2].split("/")[0])
     here = {"python": sys.executable, PROBE_SCRIPT: str(REPO / "deploy" / "docker" / "seekgate_probe.py")}
     checks = {where: [here.get(a, a.replace("127.0.0.1:8002/", f"127.0.0.1:{port}/")) for a in c]
@@ -443,10 +455,15 @@ def test_seekgate_local_checks_pass_with_triton_dead_and_fail_with_seekgate_down
         for where, command in checks.items():
             out = subprocess.run(command, capture_output=True, text=True, timeout=30)
             assert out.returncode == 0, (where, out.stderr)
+        for where, get in _k8s_restart_probes().items():   # as the kubelet asks: plain HTTP, no certificate
+            assert call_status(f"http://127.0.0.1:{status_port}{get['path']}") == 200, where
     finally:
         gw.stop()
     for where, command in checks.items():
         assert subprocess.run(command, capture_output=True, timeout=30).returncode != 0, where
+    for get in _k8s_restart_probes().values():
+        with pytest.raises(OSError):
+            call_status(f"http://127.0.0.1:{status_port}{get['path']}")
 
 
 def test_k8s_service_exposes_only_seekgate() -> None:
@@ -460,9 +477,8 @@ def test_k8s_secrets_are_referenced_never_inlined() -> None:
     assert not [d for d in K8S if d["kind"] == "Secret"]
     volumes = {v["name"]: v for v in k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
     names = {s["secret"]["name"] for s in volumes["seekgate-secret-mount"]["projected"]["sources"]}
-    # The last two for mTLS only, optional: the clients' CA and the probes' client certificate.
-    assert names == {"seekgate-kek", "seekgate-triton-internal", "seekgate-tls", "seekgate-client-ca",
-                     "seekgate-probe-tls"}
+    # The last for mTLS only, optional: the clients' CA (the probes need no certificate: the status listener).
+    assert names == {"seekgate-kek", "seekgate-triton-internal", "seekgate-tls", "seekgate-client-ca"}
     assert volumes["triton-secret"]["secret"]["secretName"] == "seekgate-triton-internal"
     assert volumes["elasticsearch-secret"]["secret"]["secretName"] == "seekgate-elasticsearch"
     for container in _containers().values():

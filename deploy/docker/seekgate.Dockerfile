@@ -22,7 +22,8 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && pip check &
 COPY config/seekgate.yaml /etc/seekgate/seekgate.yaml
 COPY policies /etc/seekgate/policies
 COPY deploy/docker/seekgate_entrypoint.py /usr/local/bin/seekgate-entrypoint
-# The health checks (HEALTHCHECK below, Compose's, the Kubernetes probes), with a client certificate under mTLS.
+# The health checks that run in the container (HEALTHCHECK below, Compose's), with a client certificate under
+# mTLS. Not the Kubernetes probes: those are the kubelet's httpGet on the status listener (deploy/k8s).
 COPY deploy/docker/seekgate_probe.py /usr/local/bin/seekgate-probe
 # Settings the image fixes; everything else comes from seekgate.yaml or SEEKGATE_* (see .env.example).
 # A container listens on every interface, so TLS is on: `serve` refuses a non-loopback host without it.

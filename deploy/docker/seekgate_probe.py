@@ -5,11 +5,12 @@
 Exits 0 on a 2xx answer and 1 otherwise (an error status such as readiness's 503, a refused
 handshake, nothing listening), the reason on stderr, where `kubectl describe pod` shows it.
 
-Why not the kubelet's own httpGet: under mTLS (`server.tls_client_ca_file`) every seekgate listener,
-the metrics port included, refuses a client without a certificate, and the kubelet has none to
-present. So the probes run here and present the pair at --client-cert/--client-key (the Secret
-seekgate-probe-tls, deploy/README.md "mTLS"), when those files exist: without mTLS nothing asks
-for one and the Secret need not exist.
+It serves the checks Docker runs in the container (the image's HEALTHCHECK, Compose's healthchecks),
+where there is no kubelet. Under mTLS (`server.tls_client_ca_file`) every TLS listener, the metrics
+port included, refuses a client without a certificate, so it presents the pair at
+--client-cert/--client-key (Compose's secrets seekgate_probe_cert/_key, deploy/README.md "mTLS"),
+when those files exist: without mTLS nothing asks for one. Kubernetes needs none of this: its probes
+are the kubelet's httpGet on the plain-HTTP status listener (`server.status_listen`).
 
 The server's certificate is not verified: the probe asks, over loopback inside the container,
 whether this process answers, not who it is (the certificate names the Service, not 127.0.0.1).
