@@ -361,7 +361,8 @@ async def _whole(state: AppState, ctx: RequestContext, req: OpenAIRequest, upstr
     if stops.stopped:
         await _final_count(upstream, events, batch, ctx, wait_s, ctx.extra["openai"])
     _upstream_done(ctx, started)
-    ctx.input_tokens, ctx.output_tokens = prompt_tokens, ctx.output_tokens or 0   # the record: all generated
+    # The record keeps ctx's counts (all generated), None where the model told none: a count never read is
+    # charged the bound (pipeline._used_tokens), not the 0 that usage has to show.
     ctx.http_status = 200
     reason = "stop" if stops.stopped else finish_reason(req, max_tokens, completion_tokens)
     answer = completion(req, _response_id(req, ctx), int(ctx.started_wall), "".join(pieces), reason,

@@ -154,6 +154,23 @@ def test_models_hides_a_model_without_a_twin(echo_triton: TritonProcess, tmp_pat
         g.stop()
 
 
+def test_a_whole_answer_without_token_counts_is_charged_its_bound(echo_triton: TritonProcess, tmp_path: Path) -> None:
+    """tests/models' echo_stream answers with no input_tokens/output_tokens, as a model may: unread counts are
+    charged the bound (fail closed), as on /v2 and on a stream, never read as 0 tokens used."""
+    from tests.conftest import free_ports
+    g = Gateway(tmp_path, echo_triton.http_url, free_ports(3)).start()
+    try:
+        key_id, key = g.key(owner="countless", limits={"daily_tokens": 100})
+        c = client(g, key, max_retries=0)
+        assert c.completions.create(model="echo", prompt="hello", max_tokens=30).choices
+        (rec,) = records_of(g, key_id)
+        assert (rec["http_status"], rec["input_tokens"], rec["output_tokens"]) == (200, None, None)
+        with pytest.raises(openai.RateLimitError):   # charged: the whole budget is no longer left
+            c.completions.create(model="echo", prompt="hello", max_tokens=100)
+    finally:
+        g.stop()
+
+
 # ------------------------------------------------------------------ chat and completions
 
 def test_chat_not_streamed_usage_matches_the_audit_record(gw: Gateway) -> None:
