@@ -2,7 +2,7 @@
 
 Tests use it to prove a refused request never reached Triton: the bytes of that
 request must not appear in what the relay saw. It also lets a test cut Triton off, hold
-Triton's answers back mid-stream, hold one request of seekgate's (by a tag in its bytes) so it
+Triton's answers back mid-stream, break one connection off mid-answer, hold one request of seekgate's (by a tag in its bytes) so it
 stays in flight, and see when seekgate closed a given upstream connection.
 """
 
@@ -96,6 +96,7 @@ class RelayedConnection:
     """One connection from seekgate to Triton: what seekgate sent on it, and whether seekgate closed it."""
     seen: bytearray = field(default_factory=bytearray)
     closed: threading.Event = field(default_factory=threading.Event)
+    ends: tuple[asyncio.StreamWriter, ...] = ()   # seekgate's side, Triton's side: what cut() closes
 
 
 class TcpRelay:
@@ -192,7 +193,7 @@ class TcpRelay:
             writer.close()
             return
         self._writers.update((writer, up_writer))
-        conn = RelayedConnection()
+        conn = RelayedConnection(ends=(writer, up_writer))
         with self._lock:
             self.connections.append(conn)
         try:
@@ -226,6 +227,14 @@ class TcpRelay:
         with self._lock:
             self._request_holds[tag] = hold
         return hold
+
+    def cut(self, conn: RelayedConnection) -> None:
+        """That one connection broken off in both directions, mid-answer: seekgate sees Triton's answer
+        end before it is complete (as when Triton crashes), Triton sees its client go."""
+        def close() -> None:
+            for w in conn.ends:
+                w.close()
+        self._loop.call_soon_threadsafe(close)
 
     def let_flow(self) -> None:
         self._loop.call_soon_threadsafe(self._flowing.set)

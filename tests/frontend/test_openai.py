@@ -437,6 +437,71 @@ def test_tokens_generated_after_a_client_left_are_charged(gw: Gateway, triton: T
     assert rec["output_tokens"] == generated > 1
 
 
+def test_triton_breaking_off_mid_stream_is_an_error_event_the_sdk_raises(gw: Gateway,
+                                                                          relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Headers and the first chunks are out when Triton's answer breaks off: the stream ends with OpenAI's
+    error event (the SDK raises APIError from it), never a finish_reason and [DONE] the SDK would take for a
+    whole answer; one record, an error, with the tokens counted before the break."""
+    relay = relays[0]
+    key_id, key = gw.key(owner="broken-stream")
+    marker = f"broken-{uuid.uuid4().hex}"
+    relay.hold_after(b"data:")
+    try:
+        stream = client(gw, key, max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": marker}], max_tokens=50, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        it = iter(stream)
+        assert next(it).choices[0].delta.role == "assistant"
+        upstream = relay.connection_carrying(marker.encode())
+        assert upstream is not None
+        relay.cut(upstream)
+        assert upstream.closed.wait(30)
+    finally:
+        relay.let_flow()
+    got: list[Any] = []
+    with pytest.raises(openai.APIError) as err:
+        got.extend(it)
+    assert not isinstance(err.value, openai.APIStatusError)   # raised from the event, the status was 200
+    assert isinstance(err.value.body, dict) and (err.value.body["type"], err.value.body["code"]) == (
+        "server_error", "service_unavailable")
+    assert not any(ch.choices and ch.choices[0].finish_reason for ch in got) and all(ch.usage is None for ch in got)
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["http_status"]) == ("error", 200)
+    assert rec["reason"].startswith("upstream_broke_mid_response") and 1 <= rec["output_tokens"] < 50
+
+
+def test_triton_breaking_off_mid_answer_is_a_503_the_sdk_retries(gw: Gateway,
+                                                                  relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Not streamed, nothing was sent yet: a clean 503 (InternalServerError, retried by the SDK), never the
+    part gathered so far as if it were the answer; one record, with the tokens Triton made before the break."""
+    relay = relays[0]
+    key_id, key = gw.key(owner="broken-whole")
+    marker = f"broken-whole-{uuid.uuid4().hex}"
+    relay.hold_after(b"data:")
+
+    def cut_when_held() -> None:
+        try:
+            assert relay.holding.wait(60), "no token from Triton"
+            upstream = relay.connection_carrying(marker.encode())
+            assert upstream is not None
+            relay.cut(upstream)
+            upstream.closed.wait(30)
+        finally:
+            relay.let_flow()
+    cutter = threading.Thread(target=cut_when_held)
+    cutter.start()
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            client(gw, key, max_retries=0).completions.create(model=MODEL, prompt=marker, max_tokens=50,
+                                                              temperature=0)
+    finally:
+        cutter.join(90)
+    assert (err.value.status_code, err.value.code) == (503, "service_unavailable")
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["http_status"]) == ("error", 503)
+    assert rec["reason"].startswith("upstream_broke_mid_response") and 1 <= rec["output_tokens"] < 50
+
+
 # ------------------------------------------------------------------ refusals, as the SDK raises them
 
 def test_a_wrong_key_is_authentication_error(gw: Gateway) -> None:
