@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import socket
@@ -616,6 +617,45 @@ def test_bad_parameters_are_bad_request_naming_the_param(gw: Gateway, kwargs: di
     with pytest.raises(openai.BadRequestError) as err:
         client(gw, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **kwargs)
     assert err.value.status_code == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"model": "deepseek", "messages": [', "malformed JSON"),
+    (b"", "malformed JSON"),
+    (b'[{"model": "deepseek"}]', "request JSON must be an object"),
+    (b'{"model": "deepseek", "prompt": "\xff"}', "request body is not UTF-8"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_is_no_json_object_is_a_bad_request_in_openais_shape(gw: Gateway, relay: TcpRelay, path: str,
+                                                                        body: bytes, message: str) -> None:
+    """What the SDK cannot send (raw HTTP can): 400 in OpenAI's shape, which every OpenAI client parses, audited
+    as denied, and nothing reaches Triton."""
+    key_id, key = gw.key(owner=f"unparsed-{uuid.uuid4().hex[:6]}")
+    seen = len(relay.seen())
+    status, headers, answer = call(gw.url + path, "POST", body, key, {"Content-Type": "application/json"})
+    assert (status, headers["Content-Type"].split(";")[0]) == (400, "application/json")
+    error = json.loads(answer)["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, None)
+    assert error["message"].startswith(message)
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["http_status"], rec["protocol"]) == ("denied", 400, "openai")
+    assert len(relay.seen()) == seen
+
+
+def test_no_credential_and_a_compressed_body_are_refused_in_openais_shape(gw: Gateway) -> None:
+    """Raw HTTP without an Authorization header (the SDK always sends one): 401 with OpenAI's invalid_api_key;
+    a gzip body, which OpenAI's API does not take either: 415, in the same shape."""
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    for path in ("/v1/completions", "/v1/models"):
+        status, headers, answer = call(gw.url + path, "POST" if path != "/v1/models" else "GET",
+                                       body if path != "/v1/models" else None)
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="seekgate"')
+        assert json.loads(answer)["error"]["code"] == "invalid_api_key"
+    _, key = gw.key(owner="gzipper")
+    status, _, answer = call(gw.url + "/v1/completions", "POST", gzip.compress(body), key,
+                             {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert status == 415
+    assert json.loads(answer)["error"]["type"] == "invalid_request_error"
 
 
 def test_an_integer_past_pythons_digit_limit_is_a_bad_request_not_a_500(gw: Gateway) -> None:
