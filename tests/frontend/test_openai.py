@@ -398,6 +398,31 @@ def test_client_leaving_a_whole_answer_cancels_in_triton_and_the_audit_counts(
     assert rec["openai"]["endpoint"] == "/v1/completions"
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_cut_short_by_its_client_is_charged_exactly_its_records_counts(gw: Gateway, relay: TcpRelay,
+                                                                               endpoint: str) -> None:
+    """One record for the stream the client left (usage asked for, never sent), and the budget spent is exactly
+    that record's tokens: seen through the next chat without max_tokens, which gets all that is left."""
+    key_id, key = gw.key(owner=f"cut-short-{endpoint[4:8]}", limits={"daily_tokens": 300})
+    marker = f"cut-short-{uuid.uuid4().hex}"
+    asked: dict[str, Any] = ({"messages": [{"role": "user", "content": marker}]} if endpoint.endswith("chat/completions")
+                             else {"prompt": marker})
+    body = json.dumps({"model": MODEL, **asked, "max_tokens": 200, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    leave_mid_answer(relay, marker,
+                     lambda: raw_request(gw, "POST", endpoint, body, {**bearer(key), "Content-Type": "application/json"}),
+                     streaming_200)
+    (rec,) = records_of(gw, key_id)
+    assert (rec["reason"], rec["http_status"]) == ("client_disconnected", 499)
+    assert rec["input_tokens"] >= 1 and 1 <= rec["output_tokens"] < 200
+    time.sleep(0.5)   # nothing more comes of it: still one record
+    assert sum(r["key_id"] == key_id for r in audit_records(gw)) == 1
+    after = f"m1234abcd {uuid.uuid4().hex[:8]} hi"
+    client(gw, key, max_retries=0).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": after}],
+                                                           temperature=0)
+    assert forwarded_max_tokens(relay, after)[0] == 300 - rec["input_tokens"] - rec["output_tokens"]
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_leaving_before_the_first_token_is_499_at_once(gw: Gateway, relays: tuple[TcpRelay, TcpRelay],
                                                               stream: bool) -> None:
