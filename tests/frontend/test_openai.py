@@ -797,6 +797,41 @@ def test_legacy_completions_without_max_tokens_keep_openais_16(gw: Gateway, rela
     assert forwarded_max_tokens(relay, marker) == [16]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_completions_default_that_does_not_fit_is_asked_again_for_the_room(gw: Gateway, relay: TcpRelay,
+                                                                                  triton: TritonProcess,
+                                                                                  stream: bool) -> None:
+    """The context retry on /v1/completions (chat's is above): OpenAI's default of 16 beside a prompt that leaves
+    fewer is asked again for what fits, read from the model's refusal, and answers to the context's end."""
+    marker = f"m1234abcd {uuid.uuid4().hex[:8]}"
+    prompt, prompt_tokens = "", 0
+    for words in range(70, 90):   # a prompt that leaves room, under 16 tokens of it, in the context
+        prompt = marker + " word" * words
+        status, _, direct = call(triton.http_url + "/v2/models/deepseek/generate", "POST",
+                                 {"text_input": prompt, "max_tokens": 1})
+        prompt_tokens = json.loads(direct).get("input_tokens", CONTEXT) if status == 200 else CONTEXT
+        if CONTEXT - 16 < prompt_tokens < CONTEXT:
+            break
+    assert CONTEXT - 16 < prompt_tokens < CONTEXT
+    key_id, key = gw.key(owner=f"completions-room-{stream}")
+    c = client(gw, key, max_retries=0)
+    if stream:
+        chunks = list(c.completions.create(model=MODEL, prompt=prompt, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        usage, reason = chunks[-1].usage, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+    else:
+        answer = c.completions.create(model=MODEL, prompt=prompt, temperature=0)
+        usage, reason = answer.usage, answer.choices[0].finish_reason
+    assert usage is not None and (usage.prompt_tokens, usage.total_tokens, reason) == (prompt_tokens, CONTEXT,
+                                                                                        "length")
+    sent = re.findall(rb'"text_input": "' + re.escape(prompt.encode()) + rb'", "max_tokens": (\d+)', relay.seen())
+    assert [int(n) for n in sent] == [16, CONTEXT - prompt_tokens]
+    (rec,) = records_of(gw, key_id)
+    assert (rec["status"], rec["input_tokens"], rec["output_tokens"]) == ("allowed", prompt_tokens,
+                                                                          CONTEXT - prompt_tokens)
+    assert rec["openai"]["default_max_tokens"] == CONTEXT - prompt_tokens
+
+
 def test_a_budget_smaller_than_the_default_grants_what_is_left(gw: Gateway, relay: TcpRelay) -> None:
     """The default is reserved up front like any max_tokens, but it is seekgate's choice, not the client's:
     a daily budget with 30 tokens left answers with at most 30 (what is left), not a 429 for the cap.
