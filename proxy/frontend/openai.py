@@ -45,7 +45,7 @@ from ..upstream.forward import cancel_on_leave, client_left, left_client
 from ..upstream.models import repository_models
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
-from .openai_errors import as_asked, context_room, message_of, model_error, refusal
+from .openai_errors import as_asked, context_room, message_of, model_error, refusal, without_default
 from .openai_request import CHAT, COMPLETIONS, OpenAIRequest, parse_request
 from .openai_shapes import (
     ChunkWriter,
@@ -156,8 +156,9 @@ async def openai_answer(request: web.Request, state: AppState, ctx: RequestConte
                 raw = _fewer_tokens(ctx, generate, room)
                 info["default_max_tokens"] = room
     except SeekgateError as err:
-        if parsed:   # a refusal about max_tokens names the field the client sent it by
-            err = as_asked(err, parsed[0].max_tokens_param)
+        if parsed:   # a refusal about max_tokens names the field the client sent it by, or none it did not send
+            err = as_asked(err, parsed[0].max_tokens_param) if parsed[0].max_tokens is not None \
+                else without_default(err)
         return await refused(state, ctx, err)
 
 

@@ -90,6 +90,20 @@ def context_room(err: SeekgateError) -> int | None:
     return room if 0 < room < asked else None
 
 
+def without_default(err: SeekgateError) -> SeekgateError:
+    """A context refusal of a request that named no max_tokens (no room was left to ask again for): said as
+    the prompt over the context, without the max_tokens the door chose, which the client never sent and
+    no smaller one of which would fit."""
+    if not isinstance(err, OpenAIBadRequest) or err.code != "context_length_exceeded":
+        return err
+    found = _CONTEXT.search(err.public_message)
+    if found is None:
+        return err
+    prompt, _, context = found.groups()
+    return OpenAIBadRequest(err.param, f"prompt of {prompt} tokens is over the context length of {context} tokens",
+                            err.code, reason=err.reason)
+
+
 def as_asked(err: SeekgateError, max_tokens_param: str) -> SeekgateError:
     """A refusal about max_tokens (the role's cap, the model's) naming the field the client sent instead:
     the generate body only knows `max_tokens`, but a client that sent `max_completion_tokens` must find

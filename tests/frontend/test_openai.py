@@ -628,6 +628,28 @@ def test_the_models_own_refusals_are_clean_and_name_the_param(gw: Gateway, strea
     assert "data:" not in err.value.body["message"]
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_prompt_that_fills_the_context_without_max_tokens_is_refused_without_naming_one(gw: Gateway,
+                                                                                          relay: TcpRelay,
+                                                                                          endpoint: str) -> None:
+    """No max_tokens named and no room beside the prompt: 400 context_length_exceeded after one try, whose
+    message names the prompt and the context, not the max_tokens seekgate chose (the client sent none, and
+    no smaller one would fit)."""
+    c = client(gw, gw.key(owner=f"fills-{endpoint}")[1], max_retries=0)
+    marker = f"m1234abcd {uuid.uuid4().hex[:8]}"
+    with pytest.raises(openai.BadRequestError) as err:
+        if endpoint == "chat":
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": marker + " word" * 300}])
+        else:
+            c.completions.create(model=MODEL, prompt=marker + " word" * 300)
+    assert (err.value.param, err.value.code) == ("messages" if endpoint == "chat" else "prompt",
+                                                 "context_length_exceeded")
+    assert isinstance(err.value.body, dict)
+    assert re.fullmatch(rf"prompt of \d+ tokens is over the context length of {CONTEXT} tokens",
+                        err.value.body["message"]), err.value.body
+    assert relay.seen().count(marker.encode()) == 1   # one try: no retry asks for a room that is not there
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
