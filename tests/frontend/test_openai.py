@@ -528,6 +528,28 @@ def test_triton_breaking_off_mid_answer_is_a_503_the_sdk_retries(gw: Gateway,
     assert rec["reason"].startswith("upstream_broke_mid_response") and 1 <= rec["output_tokens"] < 50
 
 
+def test_under_strict_audit_each_answer_is_recorded_once_before_the_client_has_it(
+        relays: tuple[TcpRelay, TcpRelay], tmp_path: Path) -> None:
+    """audit.durability strict on /v1: a whole answer and a stream's last chunk (usage, [DONE]) leave only once
+    their record is durable, so it is there when the SDK returns; one record each, with usage's counts."""
+    with gateway_via(tmp_path, *relays, **{"audit.durability": "strict"}) as g:
+        key_id, key = g.key(owner="strict-openai")
+        c = client(g, key, max_retries=0)
+        whole = c.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0)
+        now = [r for r in audit_records(g) if r["key_id"] == key_id]   # read at once: no waiting for the writer
+        assert whole.usage is not None and [(r["http_status"], r["input_tokens"], r["output_tokens"]) for r in now] \
+            == [(200, whole.usage.prompt_tokens, whole.usage.completion_tokens)]
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                                max_tokens=6, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        now = [r for r in audit_records(g) if r["key_id"] == key_id]
+        assert usage is not None and [(r["http_status"], r["input_tokens"], r["output_tokens"]) for r in now[1:]] \
+            == [(200, usage.prompt_tokens, usage.completion_tokens)]
+        time.sleep(0.5)   # finish() adds no second record for either
+        assert len([r for r in audit_records(g) if r["key_id"] == key_id]) == 2
+
+
 # ------------------------------------------------------------------ refusals, as the SDK raises them
 
 def test_a_wrong_key_is_authentication_error(gw: Gateway) -> None:
