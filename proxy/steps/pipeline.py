@@ -6,10 +6,12 @@ the two front ends can never disagree about who may do what.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import lru_cache
+from typing import Any
 
 from ..audit.writer import build_record
 from ..context import Principal, RequestContext, Resource
@@ -273,6 +275,8 @@ def refuse(ctx: RequestContext, err: SeekgateError) -> None:
 
 
 _COMMITTED = "audit_committed"   # ctx.extra key: the record is durable already, finish() must not add another
+# ctx.extra key: commit_audit's write, whose caller was cancelled while it ran: finish() adds a record only if it fails
+_COMMITTING = "audit_committing"
 
 
 def _audit_can_take(state: AppState) -> None:
@@ -304,7 +308,14 @@ async def commit_audit(state: AppState, ctx: RequestContext) -> None:
     _audit_can_take(state)   # known unwritable: refuse now rather than wait out the writer's retries
     if ctx.http_status >= 500 and ctx.status == "allowed":
         ctx.status = "error"
-    await state.audit.submit_durable(build_record(ctx))
+    durable = state.audit.submit_durable(build_record(ctx))
+    try:
+        # Shielded: a caller cancelled meanwhile (its client left, the drain timeout) leaves the record queued,
+        # and it is written all the same; finish() then must not write a second one for the request.
+        await asyncio.shield(durable)
+    except asyncio.CancelledError:
+        ctx.extra[_COMMITTING] = durable
+        raise
     ctx.extra[_COMMITTED] = True
 
 
@@ -318,5 +329,16 @@ def finish(state: AppState, ctx: RequestContext) -> None:
         ctx.status = "error"
     duration_ms = ctx.elapsed_ms()
     if not ctx.extra.get(_COMMITTED):
-        state.audit.submit(build_record(ctx, duration_ms=duration_ms))
+        record = build_record(ctx, duration_ms=duration_ms)
+        committing: asyncio.Future[None] | None = ctx.extra.get(_COMMITTING)
+        if committing is None:
+            state.audit.submit(record)
+        else:   # one record either way: commit_audit's if its write succeeds, else this one
+            committing.add_done_callback(lambda done: _unless_written(state, done, record))
     state.metrics.observe_request(ctx, duration_s=duration_ms / 1000.0)
+
+
+def _unless_written(state: AppState, durable: asyncio.Future[None], record: dict[str, Any]) -> None:
+    """finish()'s record for a request whose cancelled commit_audit write failed (or never ran), else nothing."""
+    if durable.cancelled() or durable.exception() is not None:
+        state.audit.submit(record)
