@@ -535,8 +535,11 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
     if failed is not None:
         _upstream_done(ctx, started)
         ctx.status, ctx.reason = "error", failed.reason
-        await response.write(writer.error(failed))
-        await response.write_eof()
+        try:
+            await response.write(writer.error(failed))
+            await response.write_eof()
+        except ConnectionError:   # gone too: the record keeps the failure's reason
+            ctx.http_status = 499
         return response
     shown = ctx.output_tokens or 0
     if stops.stopped:
@@ -551,6 +554,11 @@ async def _stream(request: web.Request, state: AppState, ctx: RequestContext, re
         if request.transport is not None:
             request.transport.abort()
         return response
-    await response.write(last)
-    await response.write_eof()
+    try:
+        await response.write(last)
+        await response.write_eof()
+    except ConnectionError:
+        # Gone after the relay's last await (nothing cancelled it): its finish_reason, usage and [DONE] never
+        # reached it. A 499, as a leave anywhere else is, not a bug's 500 (an error escaping the handler).
+        ctx.status, ctx.reason, ctx.http_status = "error", "client_disconnected", 499
     return response
