@@ -498,10 +498,9 @@ def test_triton_breaking_off_mid_stream_is_an_error_event_the_sdk_raises(gw: Gat
     assert rec["reason"].startswith("upstream_broke_mid_response") and 1 <= rec["output_tokens"] < 50
 
 
-def test_triton_breaking_off_mid_answer_is_a_503_the_sdk_retries(gw: Gateway,
-                                                                  relays: tuple[TcpRelay, TcpRelay]) -> None:
-    """Not streamed, nothing was sent yet: a clean 503 (InternalServerError, retried by the SDK), never the
-    part gathered so far as if it were the answer; one record, with the tokens Triton made before the break."""
+def test_triton_breaking_off_mid_answer_is_a_clean_503(gw: Gateway, relays: tuple[TcpRelay, TcpRelay]) -> None:
+    """Not streamed, nothing was sent yet: a clean 503 (InternalServerError, which the SDK would retry), never
+    the part gathered so far as if it were the answer; one record, with the tokens Triton made before the break."""
     relay = relays[0]
     key_id, key = gw.key(owner="broken-whole")
     marker = f"broken-whole-{uuid.uuid4().hex}"
