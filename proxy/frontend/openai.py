@@ -42,7 +42,7 @@ from ..steps.pipeline import (
 )
 from ..upstream import pool as upstream_http
 from ..upstream.forward import cancel_on_leave, client_left, left_client
-from ..upstream.models import repository_models
+from ..upstream.models import model_names, repository_index
 from ..upstream.pool import UpstreamResponse
 from .http_guard import durable_refusal, read_body
 from .openai_errors import as_asked, context_room, message_of, model_error, refusal, without_default
@@ -259,14 +259,15 @@ async def _models(request: web.Request, state: AppState, ctx: RequestContext, pa
 
     await _authenticated(state, ctx, request, classify, wanted)
     try:
-        names = await repository_models(state.upstream)
+        index = await repository_index(state.upstream)
     except upstream_http.UpstreamError as exc:
         raise UpstreamUnavailable(f"upstream_unreachable: {exc}") from exc
+    names, ready = model_names(index), model_names(index, ready_only=True)
     suffix = state.settings.openai.stream_suffix
     served = [n for n in names if not (suffix and n.endswith(suffix) and n[:-len(suffix)] in names)]
     ids = served + [a for a, target in sorted(aliases.items()) if target in served]
     now = int(time.time())
-    visible = [m for m in ids if _usable(state, ctx, aliases.get(m, m), suffix, names)]
+    visible = [m for m in ids if _usable(state, ctx, aliases.get(m, m), suffix, ready)]
     ctx.http_status = 200
     if wanted is not None:
         if wanted not in visible:
@@ -290,14 +291,15 @@ async def _authenticated(state: AppState, ctx: RequestContext, request: web.Requ
         raise ModelNotFound(wanted, "model_not_readable") from None
 
 
-def _usable(state: AppState, ctx: RequestContext, model: str, suffix: str, names: list[str]) -> bool:
-    """Listed: the key may read the model and run its twin (streamed or not): every /v1 answer runs
-    there, so a model whose twin refuses the key could only ever answer 403, and one without a twin
-    (a model that is no generator) 404."""
+def _usable(state: AppState, ctx: RequestContext, model: str, suffix: str, ready: list[str]) -> bool:
+    """Listed: the key may read the model and run its twin (streamed or not), and the twin is ready: every
+    /v1 answer runs there, so a model whose twin refuses the key could only ever answer 403, and one
+    without a twin (a model that is no generator) or whose twin is unloaded 404. (The named model's
+    own version need not be loaded: it only names the twin.)"""
     if not _may(state, ctx, Resource(f"model:{model}", "read", model=model, api="openai")):
         return False
     twin = model + suffix
-    return not suffix or (twin in names and any(
+    return (not suffix and model in ready) or (bool(suffix) and twin in ready and any(
         _may(state, ctx, Resource(f"model:{twin}", "infer", model=twin, stream=stream, api="openai"))
         for stream in (False, True)))
 

@@ -21,20 +21,22 @@ MAX_MODELS = 64   # label values per model label: a repository of thousands must
 REFRESH_S = 60.0   # models load rarely; each read is one request through to Triton
 
 
-def model_names(index: object, limit: int = MAX_MODELS) -> list[str]:
+def model_names(index: object, limit: int = MAX_MODELS, ready_only: bool = False) -> list[str]:
     """Distinct names in a repository-index answer (`[{"name": ..., "version": ..., "state": ...}]`), at most `limit`.
 
     Sorted, so which names make the cut does not depend on the order Triton lists them in.
-    Anything that is not a list of objects with a string name yields no names.
+    Anything that is not a list of objects with a string name yields no names. `ready_only`: only
+    those with a READY version (an entry that states no state counts as ready: older Tritons list none).
     """
     if not isinstance(index, list):
         return []
-    names = {entry["name"] for entry in index if isinstance(entry, dict) and isinstance(entry.get("name"), str)}
+    names = {entry["name"] for entry in index if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+             and (not ready_only or entry.get("state", "READY") == "READY")}
     return sorted(names)[:limit]
 
 
-async def repository_models(pool: UpstreamPool, limit: int = MAX_MODELS) -> list[str]:
-    """Triton's model names (ready or not) from POST /v2/repository/index; raises UpstreamError if Triton is away."""
+async def repository_index(pool: UpstreamPool) -> object:
+    """Triton's answer to POST /v2/repository/index, decoded; raises UpstreamError if Triton is away."""
     answer = await pool.request("POST", INDEX, (("Content-Type", "application/json"),), b"{}")
     try:
         body = await answer.read()
@@ -43,9 +45,14 @@ async def repository_models(pool: UpstreamPool, limit: int = MAX_MODELS) -> list
     if answer.status != 200:
         raise UpstreamError(f"{INDEX} answered {answer.status}")
     try:
-        return model_names(json.loads(body), limit)
+        return json.loads(body)
     except ValueError as exc:
         raise UpstreamError(f"{INDEX}: not JSON ({exc})") from None
+
+
+async def repository_models(pool: UpstreamPool, limit: int = MAX_MODELS) -> list[str]:
+    """Triton's model names (ready or not) from its repository index; raises UpstreamError if Triton is away."""
+    return model_names(await repository_index(pool), limit)
 
 
 async def refresh_models(pool: UpstreamPool, apply: Callable[[Iterable[str]], None]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.local.triton import TritonProcess
+from proxy.local.triton import TritonLaunch, TritonProcess
 from tests.frontend.test_http import (
     bearer,
     call,
@@ -153,6 +153,39 @@ def test_models_hides_a_model_without_a_twin(echo_triton: TritonProcess, tmp_pat
             c.completions.create(model="busy", prompt="hi", max_tokens=2)
     finally:
         g.stop()
+
+
+def test_models_hides_a_model_whose_twin_is_not_ready(tmp_path: Path) -> None:
+    """Triton under explicit model control (production's, where an operator unloads models): every /v1 answer runs
+    on the twin, so a model whose twin is unloaded could only ever fail and is not listed or retrieved; one whose
+    own version is unloaded still answers on its ready twin and stays listed."""
+    from tests.conftest import REPO, free_ports
+    http, grpc_, metrics = free_ports(3)
+    launch = TritonLaunch(REPO / "tests" / "models", tmp_path / "triton", None, http_port=http, grpc_port=grpc_,
+                          metrics_port=metrics, config_name="default", startup_timeout_s=120,
+                          extra_args=("--model-control-mode=explicit", "--load-model=*"))
+    triton = TritonProcess(launch).__enter__()
+
+    def unload(model: str) -> None:
+        assert call(f"{triton.http_url}/v2/repository/models/{model}/unload", "POST", {})[0] == 200
+        assert wait_for(lambda: all(m["state"] == "UNAVAILABLE" for m in json.loads(
+            call(triton.http_url + "/v2/repository/index", "POST", {})[2]) if m["name"] == model), 30.0)
+    try:
+        g = Gateway(tmp_path / "gw", triton.http_url, free_ports(3)).start()
+        try:
+            c = client(g, g.key(owner="twin-unloaded")[1], max_retries=0)
+            assert [m.id for m in c.models.list()] == ["echo"]
+            unload("echo")   # its twin still answers every /v1 request for it
+            assert [m.id for m in c.models.list()] == ["echo"]
+            assert c.completions.create(model="echo", prompt="hi", max_tokens=2).choices
+            unload("echo_stream")
+            assert [m.id for m in c.models.list()] == []
+            with pytest.raises(openai.NotFoundError):
+                c.models.retrieve("echo")
+        finally:
+            g.stop()
+    finally:
+        triton.stop()
 
 
 def test_a_whole_answer_without_token_counts_is_charged_its_bound(echo_triton: TritonProcess, tmp_path: Path) -> None:

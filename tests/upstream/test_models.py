@@ -24,6 +24,9 @@ def test_model_names_from_an_index_answer() -> None:
              {"name": "b", "version": "2"}, {"version": "3"}, "junk", {"name": 7}]
     assert model_names(index) == ["a", "b"]
     assert model_names({"name": "a"}) == []
+    # Ready only: a READY version (b's first), or no state stated; "a" is unloaded.
+    assert model_names(index, ready_only=True) == ["b"]
+    assert model_names([{"name": "c"}, {"name": "d", "state": "UNLOADING"}], ready_only=True) == ["c"]
 
 
 def test_model_names_are_bounded_for_labels() -> None:
