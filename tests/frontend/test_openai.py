@@ -399,7 +399,8 @@ def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Ga
     relay = relays[0]
     key_id, key = gw.key(owner="leaver")
     marker = f"leave-{uuid.uuid4().hex}"
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 200,
+    # 150: with the chat template the marker is 51 to 56 tokens, and 200 beside the longest is at the context's end.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 150,
                        "stream": True}).encode()
     leave_mid_answer(relay, marker,
                      lambda: raw_request(gw, "POST", "/v1/chat/completions", body,
@@ -407,7 +408,7 @@ def test_client_leaving_mid_stream_cancels_in_triton_and_the_audit_counts(gw: Ga
                      streaming_200)
     (rec,) = records_of(gw, key_id)
     assert (rec["status"], rec["reason"], rec["http_status"]) == ("error", "client_disconnected", 499)
-    assert 1 <= rec["output_tokens"] < 200 and rec["openai"]["endpoint"] == "/v1/chat/completions"
+    assert 1 <= rec["output_tokens"] < 150 and rec["openai"]["endpoint"] == "/v1/chat/completions"
 
 
 def test_client_leaving_a_whole_answer_cancels_in_triton_and_the_audit_counts(
