@@ -10,6 +10,9 @@ read exactly as Triton would is refused (`BadRequest`), never waved through unch
 - JSON that Triton's parser (rapidjson) and Python's could read differently: duplicate keys (Triton
   takes the first, Python the last), bytes that are not UTF-8, a byte-order mark, lone surrogates,
   NUL in a key (Triton's C strings end there), nesting deeper than Python's parser goes;
+- NUL in a tensor's name or datatype, over HTTP and gRPC alike: Triton hands them on as C strings, so
+  an input named "max_tokens\\u0000x" reaches the model as max_tokens while a check comparing the
+  whole name would see some other input;
 - a `Content-Encoding` Triton would not apply on that route (415), several of them, or compressed
   data followed by anything (Triton inflates one stream and ignores the rest);
 - an `Inference-Header-Content-Length` that is not plain digits (Triton's `stoi` reads "12abc" as 12)
@@ -308,6 +311,13 @@ def _params(owner: dict[str, Any], where: str, tensor: str) -> list[Parameter]:
     return [Parameter(where, tensor, k, v) for k, v in params.items()]
 
 
+def _c_string(value: str, what: str) -> None:
+    """A tensor's name or datatype, refused where it holds NUL: Triton reads it as a C string, cut there
+    ("max_tokens\\x00x" names max_tokens), where this view would read the whole."""
+    if "\x00" in value:
+        raise bad("nul_in_name", f"{what} {value.partition(chr(0))[0][:64]!r} contains NUL")
+
+
 def _tensors(doc: dict[str, Any], field: str) -> list[dict[str, Any]]:
     tensors = doc.get(field, [])
     if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
@@ -324,6 +334,9 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
         name = tensor.get("name")
         if not isinstance(name, str):
             raise bad("input_without_name", "every input needs a string 'name'")
+        _c_string(name, "input name")
+        if isinstance(tensor.get("datatype"), str):
+            _c_string(tensor["datatype"], f"datatype of input {name[:64]!r}")
         if name in names:
             raise bad("duplicate_input", f"input {name[:64]!r} given twice")
         names.add(name)
@@ -351,6 +364,8 @@ def _view_infer(doc: dict[str, Any], binary: bytes) -> BodyView:
     outputs: list[tuple[str, list[str]]] = []
     for tensor in _tensors(doc, "outputs"):
         name = tensor.get("name")
+        if isinstance(name, str):
+            _c_string(name, "output name")
         own = _params(tensor, "output", name if isinstance(name, str) else "")
         params += own
         outputs.append((name if isinstance(name, str) else "", [p.key for p in own]))
@@ -444,6 +459,8 @@ def view_grpc(request: Any) -> BodyView:
     prompt_bytes, prompts = 0, 0
     names = set()
     for i, tensor in enumerate(request.inputs):
+        _c_string(tensor.name, "input name")
+        _c_string(tensor.datatype, f"datatype of input {tensor.name[:64]!r}")
         if tensor.name in names:
             raise bad("duplicate_input", f"input {tensor.name[:64]!r} given twice")
         names.add(tensor.name)
@@ -459,6 +476,7 @@ def view_grpc(request: Any) -> BodyView:
             prompt_bytes, prompts = prompt_bytes + b, prompts + n
     outputs: list[tuple[str, list[str]]] = []
     for tensor in request.outputs:
+        _c_string(tensor.name, "output name")
         params += _grpc_params(tensor.parameters, "output", tensor.name)
         outputs.append((tensor.name, list(tensor.parameters)))
     return BodyView(tuple(params), max_tokens, prompt_bytes, prompts, _hides_counts(_unique_outputs(outputs)))
@@ -490,6 +508,8 @@ def _grpc_text_size(request: Any, i: int, tensor: Any) -> tuple[int, int]:
 def _grpc_params(parameters: Any, where: str, tensor: str) -> list[Parameter]:
     out = []
     for key, value in parameters.items():
+        if "\x00" in key:   # as HTTP's JSON keys: Triton passes a parameter's key on as a C string
+            raise bad("nul_in_key", "parameter key contains NUL")
         which = value.WhichOneof("parameter_choice")
         out.append(Parameter(where, tensor, key, getattr(value, which) if which else None))
     return out

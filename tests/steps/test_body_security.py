@@ -229,6 +229,8 @@ CAP_CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("infer json", "echo/infer", infer_json("200"), {}),
     ("infer json escaped name", "echo/infer", infer_json("[200]", "max\\u005ftokens"), {}),
     ("infer json wrapped", "echo/infer", infer_json("4294967496"), {}),
+    # Triton reads a tensor's name as a C string: "max_tokens\0x" is max_tokens to it.
+    ("infer json NUL in the name", "echo/infer", infer_json("200", "max_tokens\\u0000x"), {}),
     ("infer binary", "echo/infer", *infer_binary(200)),
     ("infer gzip", "echo/infer", gzip.compress(infer_json("200")), {"Content-Encoding": "gzip"}),
     ("infer deflate", "echo/infer", zlib.compress(infer_json("200", "max\\u005ftokens")),
@@ -253,7 +255,7 @@ def test_the_role_cap_holds_for_every_encoding_triton_accepts(
     status, _, raw = call(f"{gw.url}/v2/models/{route}", "POST", body, user_key, headers)
     assert status == 400, (status, raw)
     assert wait_for(lambda: any(r["http_status"] == 400 and r["reason"] in
-                                ("max_tokens_over_role_cap", "body: max_tokens_not_integer")
+                                ("max_tokens_over_role_cap", "body: max_tokens_not_integer", "body: nul_in_name")
                                 for r in audit_records(gw)[before:]), 5)
 
 
@@ -265,10 +267,10 @@ def test_under_the_cap_every_encoding_is_served(gw: Gateway, user_key: str) -> N
         assert status == 200 and echoed_max_tokens(raw) == [7], raw
 
 
-def grpc_max_tokens(value: int, raw: bool) -> service_pb2.ModelInferRequest:
+def grpc_max_tokens(value: int, raw: bool, name: str = "max_tokens") -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name="echo")
     text = req.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1])
-    mt = req.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1])
+    mt = req.inputs.add(name=name, datatype="INT32", shape=[1, 1])
     if raw:
         req.raw_input_contents.extend([struct.pack("<I", 2) + b"hi", struct.pack("<i", value)])
     else:
@@ -290,6 +292,12 @@ def test_the_role_cap_holds_over_grpc(echo_triton: TritonProcess, gw: Gateway, u
                     stub.ModelInfer(grpc_max_tokens(200, raw), metadata=md, compression=compression, timeout=30)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert stub.ModelInfer(grpc_max_tokens(7, True), metadata=md, timeout=30).model_name == "echo"
+        # NUL in the name: Triton reads max_tokens (test_body_view_triton shows it), seekgate refuses the name.
+        before = len(audit_records(gw))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(grpc_max_tokens(200, True, "max_tokens\x00x"), metadata=md, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert wait_for(lambda: any(r["reason"] == "body: nul_in_name" for r in audit_records(gw)[before:]), 5)
         # A stream whose first message is under the cap and whose second is over it.
         stream = stub.ModelStreamInfer(iter([grpc_max_tokens(7, True), grpc_max_tokens(200, True)]),
                                        metadata=md, timeout=30)

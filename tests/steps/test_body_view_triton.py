@@ -20,13 +20,15 @@ import urllib.request
 import zlib
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from proxy.errors import BadRequest
 from proxy.local.triton import TritonProcess
-from proxy.steps.body_view import BodyView, decode, view_http
+from proxy.steps.body_view import BodyView, decode, view_grpc, view_http
 
 CAP = 1 << 20
 ECHO_INPUTS = frozenset({"text_input", "max_tokens", "temperature", "INPUT0"})
@@ -226,3 +228,47 @@ def test_known_encodings_are_admitted_and_read_as_triton_reads_them(
     assert view is not None and echo is not None
     assert view.max_tokens == (200,) or "max_tokens" not in json.dumps(echo["inputs"])
     assert_same(view, echo, kind)
+
+
+# NUL in a tensor's name or datatype: Triton passes them on as C strings, cut at the NUL, so each of these
+# reaches the model as a tensor seekgate's whole-string reading does not see (max_tokens above all).
+MT_NUL_NAME = ('{"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}, '
+               '{"name": "max_tokens\\u0000x", "shape": [1, 1], "datatype": "INT32", "data": [200]}]}')
+MT_NUL_BINARY = (b'{"inputs": [{"name": "max_tokens\\u0000", "shape": [1, 1], "datatype": "INT32", '
+                 b'"parameters": {"binary_data_size": 4}}]}')
+NUL_CASES = [
+    ("input name", MT_NUL_NAME.encode(), {}),
+    ("input name, gzip", gzip.compress(MT_NUL_NAME.encode()), {"Content-Encoding": "gzip"}),
+    ("input name, binary", MT_NUL_BINARY + struct.pack("<i", 200),
+     {"Inference-Header-Content-Length": str(len(MT_NUL_BINARY))}),
+    ("output name", b'{"inputs": [{"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [200]}], '
+                    b'"outputs": [{"name": "echo\\u0000zz"}]}', {}),
+]
+
+
+@pytest.mark.parametrize("name,body,headers", NUL_CASES, ids=[c[0] for c in NUL_CASES])
+def test_nul_in_a_tensor_name_is_refused_as_triton_cuts_it_there(
+        echo_triton: TritonProcess, name: str, body: bytes, headers: dict[str, str]) -> None:
+    echo = triton_echo(echo_triton, "/v2/models/echo/infer", body, {"Content-Type": "application/json", **headers})
+    assert echo is not None and echo["inputs"]["max_tokens"]["values"] == [200], echo   # Triton runs max_tokens 200
+    assert seekgate_view("infer", body, headers) is None
+
+
+def test_nul_in_a_grpc_tensor_name_is_refused_as_triton_cuts_it_there(echo_triton: TritonProcess) -> None:
+    request = service_pb2.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"hi")
+    request.inputs.add(name="max_tokens\x00x", datatype="INT32", shape=[1, 1]).contents.int_contents.append(200)
+    with grpc.insecure_channel(f"127.0.0.1:{echo_triton.launch.grpc_port}") as channel:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    echo = json.loads(answer.raw_output_contents[0][4:])
+    assert echo["inputs"]["max_tokens"]["values"] == [200], echo   # Triton runs max_tokens 200
+    with pytest.raises(BadRequest, match="nul_in_name"):
+        view_grpc(request)
+    for field in ("output", "parameter"):
+        request = service_pb2.ModelInferRequest(model_name="echo")
+        if field == "output":
+            request.outputs.add(name="echo\x00zz")
+        else:
+            request.parameters["binary_data_output\x00"].bool_param = True
+        with pytest.raises(BadRequest, match="nul_in_"):
+            view_grpc(request)
