@@ -458,21 +458,27 @@ def view_grpc(request: Any) -> BodyView:
     max_tokens: tuple[int, ...] | None = None
     prompt_bytes, prompts = 0, 0
     names = set()
-    for i, tensor in enumerate(request.inputs):
+    raw_index = 0
+    for tensor in request.inputs:
         _c_string(tensor.name, "input name")
         _c_string(tensor.datatype, f"datatype of input {tensor.name[:64]!r}")
         if tensor.name in names:
             raise bad("duplicate_input", f"input {tensor.name[:64]!r} given twice")
         names.add(tensor.name)
         params += _grpc_params(tensor.parameters, "input", tensor.name)
-        if tensor.name == MAX_TOKENS and not any(k.startswith("shared_memory_") for k in tensor.parameters):
-            if request.raw_input_contents:
-                raw = request.raw_input_contents[i] if i < len(request.raw_input_contents) else b""
-                max_tokens = _unpack(tensor.datatype, raw)
-            else:
-                max_tokens = _grpc_contents(tensor)
+        # Triton hands raw_input_contents out in order to the inputs not in a region (one naming
+        # "shared_memory_region"), not by the input's position: after a region input, input i's
+        # bytes are raw_input_contents[i - 1]. (With raw contents, Triton refuses typed ones.)
+        in_region = "shared_memory_region" in tensor.parameters
+        raw: bytes | None = None
+        if request.raw_input_contents and not in_region:
+            contents = request.raw_input_contents
+            raw = contents[raw_index] if raw_index < len(contents) else b""
+            raw_index += 1
+        if tensor.name == MAX_TOKENS and not in_region:
+            max_tokens = _unpack(tensor.datatype, raw) if raw is not None else _grpc_contents(tensor)
         if tensor.name in PROMPT_INPUTS:
-            b, n = _grpc_text_size(request, i, tensor)
+            b, n = _grpc_text_size(raw, tensor)
             prompt_bytes, prompts = prompt_bytes + b, prompts + n
     outputs: list[tuple[str, list[str]]] = []
     for tensor in request.outputs:
@@ -493,10 +499,9 @@ def _elements(raw: bytes) -> int:
     return count if offset == len(raw) else 1 + len(raw) // 4
 
 
-def _grpc_text_size(request: Any, i: int, tensor: Any) -> tuple[int, int]:
+def _grpc_text_size(raw: bytes | None, tensor: Any) -> tuple[int, int]:
     """A prompt tensor's bytes and elements: raw (with length prefixes), typed, or a region's size."""
-    if request.raw_input_contents:
-        raw = request.raw_input_contents[i] if i < len(request.raw_input_contents) else b""
+    if raw is not None:
         return len(raw), _elements(raw)
     region = tensor.parameters.get("shared_memory_byte_size")
     if region is not None:   # admins only: the region's size bounds the text in it

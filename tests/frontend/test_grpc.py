@@ -303,6 +303,9 @@ def assert_nothing_forwarded(grpc_relay: TcpRelay) -> None:
 def test_shared_memory_in_infer_request_is_refused_for_users(stub: Any, grpc_relay: TcpRelay, user_key: str) -> None:
     req = infer_request("deepseek")
     req.inputs[0].parameters["shared_memory_region"].string_param = "stolen"
+    # The request as Triton would run it: raw contents only for the inputs not in a region (with text_input's
+    # left in, Triton would read max_tokens from text_input's bytes, and seekgate refuses that as malformed).
+    del req.raw_input_contents[0]
     quiet(grpc_relay)
     assert code_of(lambda: stub.ModelInfer(req, metadata=md(user_key))) == grpc.StatusCode.PERMISSION_DENIED
     assert_nothing_forwarded(grpc_relay)

@@ -307,6 +307,38 @@ def test_the_role_cap_holds_over_grpc(echo_triton: TritonProcess, gw: Gateway, u
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+
+def shifted_raw_contents() -> service_pb2.ModelInferRequest:
+    """temperature read from the region, then max_tokens 200 and an empty text_input as raw contents.
+
+    Triton hands raw_input_contents out in order to the inputs not in a region: max_tokens gets the
+    first (200), text_input the second (an empty string, whose 4-byte length reads as 0 in INT32)."""
+    req = service_pb2.ModelInferRequest(model_name="echo")
+    temperature = req.inputs.add(name="temperature", datatype="FP32", shape=[1, 1])
+    temperature.parameters["shared_memory_region"].string_param = REGION
+    temperature.parameters["shared_memory_byte_size"].int64_param = 4
+    req.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1])
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1, 1])
+    req.raw_input_contents.extend([struct.pack("<i", 200), struct.pack("<I", 0)])
+    return req
+
+
+def test_the_role_cap_holds_when_a_region_input_comes_before_raw_contents(
+        echo_triton: TritonProcess, gw: Gateway, region: Any) -> None:
+    """A key with the admin role and a capped one (the cap still binds it) reads an input from shared
+    memory: the raw contents after it belong to the next inputs, as Triton reads them, not by position."""
+    with grpc.insecure_channel(f"127.0.0.1:{echo_triton.launch.grpc_port}") as direct:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(direct).ModelInfer(shifted_raw_contents(), timeout=30)
+    assert json.loads(answer.raw_output_contents[0][4:])["inputs"]["max_tokens"]["values"] == [200]   # the control
+    md = (("authorization", f"Bearer {gw.key(owner='ops', roles=('admin', 'user'))[1]}"),)
+    before = len(audit_records(gw))
+    with grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(shifted_raw_contents(), metadata=md,
+                                                                          timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert wait_for(lambda: any(r["reason"] == "max_tokens_over_role_cap" for r in audit_records(gw)[before:]), 5)
+
 # ------------------------------------------------------------------ the parameter allowlist
 
 @pytest.mark.parametrize("params,status,word", [
