@@ -17,7 +17,8 @@ read exactly as Triton would is refused (`BadRequest`), never waved through unch
   data followed by anything (Triton inflates one stream and ignores the rest);
 - an `Inference-Header-Content-Length` that is not plain digits (Triton's `stoi` reads "12abc" as 12)
   or does not fit the body, and binary tensor sizes that do not add up to the bytes sent;
-- a `max_tokens` that is not an integer in its datatype's range (Triton wraps 2**32 + 200 to 200).
+- a `max_tokens` that is not an integer in its datatype's range (Triton wraps 2**32 + 200 to 200), or
+  a negative one on generate (no datatype named: Triton casts it to the model's, INT16 wraps -65336 to 200).
 
 Probed against tritonserver 2.51 (tests/steps/test_body_view_triton.py keeps the two in step).
 """
@@ -250,9 +251,13 @@ def _view_generate(doc: dict[str, Any]) -> BodyView:
         if key in doc:
             raise bad("duplicate_key", f"{key[:64]!r} given both at top level and in 'parameters'")
     fields += list(nested.items())
-    # Generate bodies name no datatype; Triton converts to the model's (INT32 for deepseek) and wraps:
-    # what would not fit INT32 is refused.
+    # Generate bodies name no datatype; Triton casts to the model's (INT32 for deepseek) and wraps:
+    # what would not fit INT32 is refused. So is a negative count: a model whose max_tokens is INT8 or
+    # INT16 gets it wrapped into a positive one (-65336 is 200 in INT16), where the meter counts it as
+    # none. A positive value it wraps comes out smaller than the count the meter and the cap read.
     max_tokens = next((_ints(v, "INT32", MAX_TOKENS) for k, v in fields if k == MAX_TOKENS), None)
+    if max_tokens is not None and min(max_tokens, default=0) < 0:
+        raise bad("max_tokens_negative", f"{MAX_TOKENS} must not be negative")
     size, count = 0, 0
     for k, v in fields:
         if k in PROMPT_INPUTS:

@@ -224,6 +224,8 @@ CAP_CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
      {}),
     ("generate as a list", "echo/generate", b'{"text_input": "hi", "max_tokens": [[200]]}', {}),
     ("generate wrapped past int32", "echo/generate", b'{"text_input": "hi", "max_tokens": -4294967096}', {}),
+    # A generate body names no datatype: Triton casts the number to the model's (INT16 here), -65336 to 200.
+    ("generate wrapped past int16", "echo_int16/generate", b'{"text_input": "hi", "max_tokens": -65336}', {}),
     ("generate_stream escaped", "echo_stream/generate_stream",
      b'{"text_input": "hi", "\\u006dax_tokens": 200}', {}),
     ("infer json", "echo/infer", infer_json("200"), {}),
@@ -255,7 +257,8 @@ def test_the_role_cap_holds_for_every_encoding_triton_accepts(
     status, _, raw = call(f"{gw.url}/v2/models/{route}", "POST", body, user_key, headers)
     assert status == 400, (status, raw)
     assert wait_for(lambda: any(r["http_status"] == 400 and r["reason"] in
-                                ("max_tokens_over_role_cap", "body: max_tokens_not_integer", "body: nul_in_name")
+                                ("max_tokens_over_role_cap", "body: max_tokens_not_integer", "body: nul_in_name",
+                                 "body: max_tokens_negative")
                                 for r in audit_records(gw)[before:]), 5)
 
 
