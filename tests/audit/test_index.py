@@ -17,7 +17,9 @@ from proxy.context import new_id
 
 
 def _rec(i: int) -> dict[str, Any]:
-    return {"timestamp": _iso_utc(time.time()), "event_id": new_id(), "request_id": f"req-{i}", "status": "allowed"}
+    # i ms on top of now: records made within one millisecond still sort in the order they were made
+    # (search orders by ts, then rowid, and a rebuilt index's rowids need not follow the records' order).
+    return {"timestamp": _iso_utc(time.time() + i / 1000), "event_id": new_id(), "request_id": f"req-{i}", "status": "allowed"}
 
 
 def _ids(db: Path) -> list[str]:

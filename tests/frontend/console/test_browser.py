@@ -190,10 +190,10 @@ def test_the_keys_page_shows_keys_past_the_first_page_of_the_api(page: Page, gw:
     """1000 revoked keys sorting first fill the API's largest page: the admin keys are on its second."""
     # Ids "2222" + 8 letters: digits sort before letters, so these come before the issued (random) ids.
     ids = ("2222" + f"{n:08d}".translate(str.maketrans("0123456789", "abcdefghij")) for n in range(1000))
-    rows = [(key_id, "ab" * 32, "user", "filler", "[]", "{}", "[]", "[]", None, "", "", 1.0, None, 2.0, "{}", 1)
+    rows = [(key_id, "ab" * 32, "user", "filler", "[]", "{}", "[]", "[]", None, "", "", 1.0, None, 2.0, "{}", 1, None)
             for key_id in ids]
     with sqlite3.connect(gw.data_dir / "seekgate.db") as db:
-        db.executemany(f"INSERT INTO keys ({COLUMNS}) VALUES ({', '.join('?' * 16)})", rows)
+        db.executemany(f"INSERT INTO keys ({COLUMNS}) VALUES ({', '.join('?' * len(rows[0]))})", rows)
     try:
         page.goto(gw.url + "/console/keys")
         expect(page.locator("[data-key-id]").filter(has_text="ops-lead").first).to_be_visible()
