@@ -7,6 +7,7 @@
     │   ├── FramingError               400 INVALID_ARGUMENT   (+ connection closed)
     │   └── RequestTimeout             408 DEADLINE_EXCEEDED  (+ connection closed)
     ├── NotFound                       404 NOT_FOUND          (route Triton does not have)
+    ├── MethodNotAllowed               405 UNIMPLEMENTED      (a Triton route, a method it does not take; + Allow)
     ├── Unauthenticated                401 UNAUTHENTICATED    (one body for every reason)
     ├── Forbidden                      403 PERMISSION_DENIED
     ├── RateLimited                    429 RESOURCE_EXHAUSTED (+ Retry-After)
@@ -83,6 +84,22 @@ class NotFound(SeekgateError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     default_message = "not found"
     audit_status = "denied"
+
+
+class MethodNotAllowed(SeekgateError):
+    """A Triton route asked for with a method Triton does not take there: Triton's own 405 and message."""
+
+    http_status = 405
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    default_message = "Method Not Allowed"   # Triton's words for it
+    audit_status = "denied"
+
+    def __init__(self, reason: str, allowed: frozenset[str]) -> None:
+        super().__init__(reason)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(sorted(self.allowed))}
 
 
 class Unauthenticated(SeekgateError):

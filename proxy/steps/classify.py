@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from proxy.context import Resource
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, MethodNotAllowed, NotFound
 from proxy.upstream.grpc_forward import GRPC_SERVICE
 
 MAX_PATH_LENGTH = 2048
@@ -117,6 +117,13 @@ def _require(method: str, allowed: frozenset[str], resource: Resource, path: str
     return resource
 
 
+def _require_triton(method: str, allowed: frozenset[str], resource: Resource, path: str) -> Resource:
+    """A route of Triton's own: a method it does not take there is its 405, as Triton itself answers."""
+    if method not in allowed:
+        raise MethodNotAllowed(f"method not allowed: {method} {path}", allowed)
+    return resource
+
+
 def _classify_model(method: str, rest: tuple[str, ...], path: str) -> Resource:
     """rest = (<m>, [versions, <v>,] tail...)."""
     model = _check_name(rest[0], "model")
@@ -126,12 +133,12 @@ def _classify_model(method: str, rest: tuple[str, ...], path: str) -> Resource:
             raise BadRequest("invalid model version")
         tail = tail[2:]
     if tail == ("trace", "setting"):
-        return _require(method, _GET_POST, Resource("trace", "admin", model=model), path)
+        return _require_triton(method, _GET_POST, Resource("trace", "admin", model=model), path)
     spec = _MODEL_TAILS.get(tail)
     if spec is None:
         raise _not_found(method, path)
     methods, action, stream = spec
-    return _require(method, methods, Resource(f"model:{model}", action, model=model, stream=stream), path)
+    return _require_triton(method, methods, Resource(f"model:{model}", action, model=model, stream=stream), path)
 
 
 def _classify_repository(method: str, rest: tuple[str, ...], path: str) -> Resource:
@@ -144,10 +151,10 @@ def _classify_repository(method: str, rest: tuple[str, ...], path: str) -> Resou
     else:
         raise _not_found(method, path)
     if body == ("index",):
-        return _require(method, _POST, _REPOSITORY, path)
+        return _require_triton(method, _POST, _REPOSITORY, path)
     if len(body) == 3 and body[0] == "models" and body[2] in ("load", "unload"):
         model = _check_name(body[1], "model")
-        return _require(method, _POST, Resource("repository", "admin", model=model), path)
+        return _require_triton(method, _POST, Resource("repository", "admin", model=model), path)
     raise _not_found(method, path)
 
 
@@ -157,29 +164,29 @@ def _classify_shared_memory(method: str, rest: tuple[str, ...], path: str) -> Re
         _check_name(rest[1], "region")
         rest = rest[2:]
     if len(rest) == 1 and rest[0] in _SHM_OPS:
-        return _require(method, _SHM_OPS[rest[0]], _SHARED_MEMORY, path)
+        return _require_triton(method, _SHM_OPS[rest[0]], _SHARED_MEMORY, path)
     raise _not_found(method, path)
 
 
 def _classify_v2(method: str, rest: tuple[str, ...], path: str) -> Resource:
     if not rest:
-        return _require(method, _GET, _SERVER_READ, path)
+        return _require_triton(method, _GET, _SERVER_READ, path)
     head = rest[0]
     if head == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
-        return _require(method, _GET, _HEALTH, path)
+        return _require_triton(method, _GET, _HEALTH, path)
     if head == "models" and len(rest) >= 2:
         # Triton checks the exact server-wide path before its per-model regex.
         if rest[1:] == ("stats",):
-            return _require(method, _GET, _STATISTICS, path)
+            return _require_triton(method, _GET, _STATISTICS, path)
         return _classify_model(method, rest[1:], path)
     if head == "repository":
         return _classify_repository(method, rest[1:], path)
     if head in ("systemsharedmemory", "cudasharedmemory"):
         return _classify_shared_memory(method, rest[1:], path)
     if rest == ("trace", "setting"):
-        return _require(method, _GET_POST, _TRACE, path)
+        return _require_triton(method, _GET_POST, _TRACE, path)
     if rest == ("logging",):
-        return _require(method, _GET_POST, _LOGGING, path)
+        return _require_triton(method, _GET_POST, _LOGGING, path)
     raise _not_found(method, path)
 
 
@@ -189,8 +196,9 @@ def classify_http(method: str, raw_path: str) -> Resource:
 
     `raw_path` is the path as sent on the wire (not percent-decoded), without the
     query string and without any configured base path. `method` is compared
-    case-sensitively, as Triton does. Raises BadRequest for any path trick and
-    NotFound for a route (or method) Triton does not serve.
+    case-sensitively, as Triton does. Raises BadRequest for any path trick,
+    NotFound for a route Triton does not serve and MethodNotAllowed for a method
+    one of Triton's routes does not take (seekgate's own routes: NotFound).
     """
     segments = _check_raw_path(raw_path)
     if not segments:

@@ -261,6 +261,30 @@ def test_https_answer_is_triton_s(tls_gw: Gateway, triton: TritonProcess, tls_ke
                 send(tls_gw.settings.server.http_port, case, tls_key, client_tls(certs)))
 
 
+# A method one of Triton's routes does not take: seekgate answers it itself (nothing unclassified is
+# forwarded), with Triton's status and message; the body is seekgate's rendering, with an Allow header.
+WRONG_METHODS: list[Case] = [
+    Case("HEAD of live", "HEAD", "/v2/health/live"),
+    Case("POST to live", "POST", "/v2/health/live", {}),
+    Case("HEAD of model metadata", "HEAD", M),
+    Case("metadata by POST", "POST", M, {"x": 1}),
+    Case("infer by GET", "GET", f"{M}/infer"),
+    Case("generate_stream by GET", "GET", f"/v2/models/{STREAM_MODEL}/generate_stream"),
+    Case("config by PUT", "PUT", f"{M}/config", {}),
+    Case("server metadata by DELETE", "DELETE", "/v2"),
+]
+
+
+@pytest.mark.parametrize("case", WRONG_METHODS, ids=lambda c: c.name)
+def test_a_method_a_triton_route_does_not_take_is_triton_s_405(gw: Gateway, triton: TritonProcess, key: str,
+                                                               case: Case) -> None:
+    direct, proxied = send(triton.launch.http_port, case), send(gw.settings.server.http_port, case, key)
+    assert direct.status == proxied.status == 405
+    if case.method != "HEAD":
+        assert json.loads(proxied.body) == json.loads(direct.body) == {"error": "Method Not Allowed"}
+    assert {n.lower() for n, _ in proxied.headers} >= SEEKGATE_HEADERS | {"allow"}
+
+
 @pytest.mark.parametrize("case", REFUSED, ids=lambda c: c.name)
 def test_seekgate_s_own_refusals_are_its_400_before_triton(gw: Gateway, triton: TritonProcess, key: str,
                                                            case: Case) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.context import Resource
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, MethodNotAllowed, NotFound
 from proxy.steps.classify import GRPC_METHODS, classify_grpc, classify_http
 
 M = "deepseek"
@@ -175,20 +175,7 @@ NOT_FOUND = [
     ("GET", "/admin/v1/keysx"),
     ("GET", "/admin/v1"),
     ("GET", "/v1/sessions/x"),
-    # Wrong methods.
-    ("GET", f"/v2/models/{M}/infer"),
-    ("GET", f"/v2/models/{M}/generate_stream"),
-    ("POST", f"/v2/models/{M}"),
-    ("POST", "/v2/models/stats"),
-    ("PUT", "/v2/logging"),
-    ("DELETE", "/v2/trace/setting"),
-    ("GET", "/v2/repository/index"),
-    ("GET", f"/v2/repository/models/{M}/load"),
-    ("GET", "/v2/cudasharedmemory/register"),
-    ("POST", "/v2/cudasharedmemory/status"),
-    ("POST", "/v2/health/live"),
-    ("HEAD", "/v2/health/live"),
-    ("get", "/v2/health/live"),
+    # Wrong methods on seekgate's own routes.
     ("GET", "/v1/sessions"),
     ("GET", "/admin/v1/crypto"),
     ("POST", "/admin/v1/crypto/rotate-everything"),
@@ -209,6 +196,34 @@ NOT_FOUND = [
 def test_unknown_routes_and_wrong_methods_are_not_found(method: str, path: str) -> None:
     with pytest.raises(NotFound):
         classify_http(method, path)
+
+
+# Triton's routes under a method Triton does not take there: Triton's own 405 (tests/frontend/test_faithful.py
+# shows Triton answering these so), with the methods it does take.
+WRONG_METHOD: list[tuple[str, str, str]] = [
+    ("GET", f"/v2/models/{M}/infer", "POST"),
+    ("GET", f"/v2/models/{M}/versions/1/generate_stream", "POST"),
+    ("POST", f"/v2/models/{M}", "GET"),
+    ("POST", "/v2/models/stats", "GET"),
+    ("PUT", "/v2/logging", "GET, POST"),
+    ("DELETE", "/v2/trace/setting", "GET, POST"),
+    ("GET", "/v2/repository/index", "POST"),
+    ("GET", f"/v2/repository/models/{M}/load", "POST"),
+    ("GET", "/v2/cudasharedmemory/register", "POST"),
+    ("POST", "/v2/cudasharedmemory/status", "GET"),
+    ("POST", "/v2/health/live", "GET"),
+    ("HEAD", "/v2/health/live", "GET"),
+    ("get", "/v2/health/live", "GET"),
+    ("DELETE", "/v2", "GET"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), WRONG_METHOD)
+def test_a_method_a_triton_route_does_not_take_is_405(method: str, path: str, allow: str) -> None:
+    with pytest.raises(MethodNotAllowed) as info:
+        classify_http(method, path)
+    assert info.value.http_status == 405 and info.value.headers() == {"Allow": allow}
+    assert info.value.public_message == "Method Not Allowed"
 
 
 GRPC_ROUTES: list[tuple[str, str, Resource]] = [
@@ -314,7 +329,7 @@ def _reaches_admin(path: str) -> bool:
 def _check(method: str, path: str) -> None:
     try:
         result = classify_http(method, path)
-    except (BadRequest, NotFound):
+    except (BadRequest, NotFound, MethodNotAllowed):
         return
     assert isinstance(result, Resource)
     # Anything accepted is already canonical: nothing left to decode or normalise.
