@@ -172,8 +172,10 @@ class BodySettings:
     `admin_parameters`, else 400 naming it. Admins may set any parameter.
     """
 
+    # triton_enable_empty_final_response: tritonclient's own switch (async_stream_infer's
+    # enable_empty_final_response); it only adds an empty final response to a decoupled model's stream.
     request_parameters: str = _help("Request-level `parameters` (HTTP infer and gRPC) non-admins may set",
-                                    "binary_data_output")
+                                    "binary_data_output,triton_enable_empty_final_response")
     input_parameters: str = _help("Input tensors' `parameters` non-admins may set", "binary_data_size")
     output_parameters: str = _help("Output tensors' `parameters` non-admins may set", "binary_data,classification")
     generate_fields: str = _help("Fields of a generate / generate_stream body (top level or in its "

@@ -593,7 +593,7 @@ STREAM_CALLS = [(STREAM_MODEL, "first", 3), (MODEL, "not-decoupled", 2), ("nosuc
                 (STREAM_MODEL, "last", 2)]
 
 
-@pytest.mark.parametrize("empty_final", [False], ids=["plain"])
+@pytest.mark.parametrize("empty_final", [False, True], ids=["plain", "empty-final-response"])
 def test_tritonclient_grpc_stream_sees_the_same_results_and_errors(gw: Gateway, triton: TritonProcess, key: str,
                                                                    empty_final: bool) -> None:
     direct = _stream_results(f"127.0.0.1:{triton.launch.grpc_port}", None, STREAM_CALLS, empty_final)
