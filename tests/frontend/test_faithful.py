@@ -13,6 +13,7 @@ import gzip
 import http.client
 import json
 import queue
+import socket
 import ssl
 import struct
 from collections.abc import Iterator
@@ -182,6 +183,21 @@ def send(port: int, case: Case, key: str | None = None, tls: ssl.SSLContext | No
         conn.close()
 
 
+def send_on(conn: http.client.HTTPConnection, case: Case, key: str | None = None, chunked: bool = False) -> Answer:
+    """The case on an open keep-alive connection (its body chunked, when asked)."""
+    headers = {**({"Content-Type": "application/json"} if isinstance(case.body, dict) else {}),
+               **case.headers, **({"Authorization": f"Bearer {key}"} if key else {})}
+    payload = case.payload()
+    if chunked and payload:
+        # Pieces of 1000 bytes: a binary header's split falls inside a chunk, not on its edge.
+        conn.request(case.method, case.path, iter([payload[i:i + 1000] for i in range(0, len(payload), 1000)]),
+                     headers, encode_chunked=True)
+    else:
+        conn.request(case.method, case.path, payload, headers)
+    resp = conn.getresponse()
+    return Answer(resp.status, resp.reason, resp.getheaders(), resp.read())
+
+
 def header_differences(direct: Answer, proxied: Answer) -> list[str]:
     """Every header difference not on the documented list, both ways."""
     def values(answer: Answer, skip: frozenset[str]) -> dict[str, list[str]]:
@@ -252,6 +268,22 @@ def client_tls(certs: dict[str, Path]) -> ssl.SSLContext:
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
 def test_http_answer_is_triton_s(gw: Gateway, triton: TritonProcess, key: str, case: Case) -> None:
     assert_same(send(triton.launch.http_port, case), send(gw.settings.server.http_port, case, key))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_the_corpus_over_one_keep_alive_connection(gw: Gateway, triton: TritonProcess, key: str,
+                                                   chunked: bool) -> None:
+    # tritonclient and perf tools keep their connection: every answer must end where Triton's did, or the
+    # next one on the connection is read from the wrong byte.
+    direct = http.client.HTTPConnection("127.0.0.1", triton.launch.http_port, timeout=120)
+    proxied = http.client.HTTPConnection("127.0.0.1", gw.settings.server.http_port, timeout=120)
+    try:
+        for case in CORPUS:
+            if case.headers.get("Connection") != "close":
+                assert_same(send_on(direct, case, chunked=chunked), send_on(proxied, case, key, chunked))
+    finally:
+        direct.close()
+        proxied.close()
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
@@ -489,16 +521,31 @@ def echo_gw(echo_triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def echo_key(echo_gw: Gateway) -> str:
-    return echo_gw.key(owner="faithful-large", roles=("user",))[1]
+def echo_tls_gw(echo_triton: TritonProcess, certs: dict[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-faithful-echo-tls"), echo_triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{echo_triton.launch.grpc_port}",
+                   "server.tls_cert_file": str(certs["server_cert"]), "server.tls_key_file": str(certs["server_key"])}
+                ).start()
+    yield g
+    g.stop()
 
 
+@pytest.fixture(scope="module")
+def echo_gws(echo_gw: Gateway, echo_tls_gw: Gateway) -> dict[str, tuple[Gateway, str]]:
+    """The echo gateways, plain and TLS, each with a user key."""
+    return {name: (g, g.key(owner=f"faithful-large-{name}", roles=("user",))[1])
+            for name, g in (("plain", echo_gw), ("tls", echo_tls_gw))}
+
+
+@pytest.mark.parametrize("over", ["plain", "tls"])
 @pytest.mark.parametrize("case", LARGE, ids=lambda c: c.name)
-def test_large_http_answer_is_triton_s(echo_gw: Gateway, echo_triton: TritonProcess, echo_key: str,
-                                       case: Case) -> None:
+def test_large_http_answer_is_triton_s(echo_gws: dict[str, tuple[Gateway, str]], echo_triton: TritonProcess,
+                                       certs: dict[str, Path], over: str, case: Case) -> None:
     direct = send(echo_triton.launch.http_port, case)
     assert len(direct.body) > 1 << 20 or direct.status >= 400
-    assert_same(direct, send(echo_gw.settings.server.http_port, case, echo_key))
+    g, key = echo_gws[over]
+    assert_same(direct, send(g.settings.server.http_port, case, key, client_tls(certs) if over == "tls" else None))
 
 
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -509,15 +556,20 @@ def _big_grpc(model: str, rid: str) -> bytes:
     return _with_input(req, "INPUT0", "FP32", [1, BIG], _BIG_TENSOR.tobytes()).SerializeToString()
 
 
+@pytest.mark.parametrize("over", ["plain", "tls"])
 @pytest.mark.parametrize(("method", "model"), [("ModelInfer", "echo"), ("ModelStreamInfer", "echo_stream")])
-def test_large_grpc_answer_is_triton_s(echo_gw: Gateway, echo_triton: TritonProcess, echo_key: str,
-                                       method: str, model: str) -> None:
+def test_large_grpc_answer_is_triton_s(echo_gws: dict[str, tuple[Gateway, str]], echo_triton: TritonProcess,
+                                       certs: dict[str, Path], over: str, method: str, model: str) -> None:
+    g, key = echo_gws[over]
+    port = g.settings.server.grpc_port
+    creds = grpc.ssl_channel_credentials(root_certificates=certs["ca"].read_bytes())
     with grpc.insecure_channel(f"127.0.0.1:{echo_triton.launch.grpc_port}", options=UNLIMITED) as direct, \
-            grpc.insecure_channel(f"127.0.0.1:{echo_gw.settings.server.grpc_port}", options=UNLIMITED) as proxied:
+            (grpc.secure_channel(f"localhost:{port}", creds, options=UNLIMITED) if over == "tls"
+             else grpc.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED)) as proxied:
         raw = [_big_grpc(model, "big")]
         theirs = _grpc_call(direct, method, raw, None)
         assert theirs.code == grpc.StatusCode.OK and sum(map(len, theirs.responses)) > 1 << 20
-        assert_same_grpc(theirs, _grpc_call(proxied, method, raw, echo_key))
+        assert_same_grpc(theirs, _grpc_call(proxied, method, raw, key))
 
 
 # ------------------------------------------------------------------ tritonclient
@@ -601,16 +653,60 @@ def test_tritonclient_grpc_stream_sees_the_same_results_and_errors(gw: Gateway, 
     assert _stream_results(f"127.0.0.1:{gw.settings.server.grpc_port}", key, STREAM_CALLS, empty_final) == direct
 
 
-def test_tritonclient_grpc_infer_reads_the_same_result(gw: Gateway, triton: TritonProcess, key: str) -> None:
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_tritonclient_grpc_infer_reads_the_same_result(gw: Gateway, triton: TritonProcess, key: str,
+                                                       compression: str | None) -> None:
     results = []
     for port, headers in ((triton.launch.grpc_port, None), (gw.settings.server.grpc_port,
                                                             {"authorization": f"Bearer {key}"})):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         try:
             results.append(client.infer(MODEL, _inputs(grpcclient), request_id="tc-2", headers=headers,
+                                        compression_algorithm=compression,
                                         outputs=[grpcclient.InferRequestedOutput("output_tokens", class_count=1),
                                                  grpcclient.InferRequestedOutput("text_output")]))
         finally:
             client.close()
     direct, proxied = results
     assert proxied.get_response(as_json=True) == direct.get_response(as_json=True)
+
+
+
+def sse_chunks(port: int, key: str | None, body: dict[str, Any], tls: ssl.SSLContext | None = None) -> list[bytes]:
+    """generate_stream's answer as the chunks on the wire, read off a raw socket (http.client would join them)."""
+    payload = json.dumps(body).encode()
+    raw = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock = tls.wrap_socket(raw) if tls else raw
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    sock.sendall(f"POST /v2/models/{STREAM_MODEL}/generate_stream HTTP/1.1\r\nHost: triton\r\n{auth}"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                 .encode() + payload)
+    data = b""
+    while piece := sock.recv(65536):
+        data += piece
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"\r\ntransfer-encoding: chunked" in head.lower()
+    chunks = []
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        chunks.append(rest[:n])
+        assert rest[n:n + 2] == b"\r\n"
+        rest = rest[n + 2:]
+    assert chunks[-1] == b"", "the stream ends with its last chunk"
+    return chunks[:-1]
+
+
+@pytest.mark.parametrize("over", ["plain", "tls"])
+def test_generate_stream_is_relayed_event_by_event(gw: Gateway, tls_gw: Gateway, triton: TritonProcess, key: str,
+                                                   tls_key: str, certs: dict[str, Path], over: str) -> None:
+    body = {"text_input": "stream", "max_tokens": 6}
+    direct = sse_chunks(triton.launch.http_port, None, body)
+    assert len(direct) > 1 and all(c.startswith(b"data: ") and c.endswith(b"\n\n") for c in direct)
+    proxied = (sse_chunks(gw.settings.server.http_port, key, body) if over == "plain"
+               else sse_chunks(tls_gw.settings.server.http_port, tls_key, body, client_tls(certs)))
+    # Events may share a chunk when two arrive together, but none is ever split or held to the end.
+    assert b"".join(proxied) == b"".join(direct)
+    assert len(proxied) > 1 and all(c.endswith(b"\n\n") for c in proxied)
+
