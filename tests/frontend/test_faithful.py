@@ -135,6 +135,9 @@ CORPUS: list[Case] = [
     Case("infer, unknown input", "POST", f"{M}/infer",
          {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]},
                      {"name": "nonesuch", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}),
+    Case("infer, an unknown input named outside ASCII", "POST", f"{M}/infer",
+         {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]},
+                     {"name": "eingabe_\u00fc\u4e2d", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}),
     Case("infer, required input missing", "POST", f"{M}/infer",
          {"inputs": [{"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [2]}]}),
     Case("infer, unknown output", "POST", f"{M}/infer", text_infer(outputs=[{"name": "nonesuch"}])),
@@ -145,6 +148,9 @@ CORPUS: list[Case] = [
          {"text_input": "hello", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 5}),
     Case("generate, input missing", "POST", f"{M}/generate", {"max_tokens": 4}),
     Case("generate of an unknown version", "POST", f"{M}/versions/7/generate", {"text_input": "hello"}),
+    Case("infer on a decoupled model", "POST", f"/v2/models/{STREAM_MODEL}/infer", text_infer()),
+    Case("generate on a decoupled model", "POST", f"/v2/models/{STREAM_MODEL}/generate",
+         {"text_input": "hello", "max_tokens": 3}),
     Case("generate_stream", "POST", f"/v2/models/{STREAM_MODEL}/generate_stream",
          {"text_input": "stream", "max_tokens": 5}),
     Case("generate_stream, input missing", "POST", f"/v2/models/{STREAM_MODEL}/generate_stream", {"max_tokens": 2}),
@@ -293,6 +299,25 @@ def test_https_answer_is_triton_s(tls_gw: Gateway, triton: TritonProcess, tls_ke
                 send(tls_gw.settings.server.http_port, case, tls_key, client_tls(certs)))
 
 
+@pytest.fixture(scope="module")
+def admin_key(gw: Gateway) -> str:
+    return gw.key(owner="faithful-admin", roles=("admin",))[1]
+
+
+def test_statistics_of_every_model_are_triton_s_where_policy_allows_them(gw: Gateway, triton: TritonProcess,
+                                                                         key: str, admin_key: str) -> None:
+    # Server-wide statistics are an admin view (resource `statistics` in policies/): a user key is refused.
+    case = Case("statistics of every model", "GET", "/v2/models/stats")
+    assert send(gw.settings.server.http_port, case, key).status == 403
+    assert_same(send(triton.launch.http_port, case), send(gw.settings.server.http_port, case, admin_key))
+    with grpc.insecure_channel(f"127.0.0.1:{triton.launch.grpc_port}") as direct, \
+            grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as proxied:
+        raw = [service_pb2.ModelStatisticsRequest().SerializeToString()]
+        assert _grpc_call(proxied, "ModelStatistics", raw, key).code == grpc.StatusCode.PERMISSION_DENIED
+        assert_same_grpc(_grpc_call(direct, "ModelStatistics", raw, None),
+                         _grpc_call(proxied, "ModelStatistics", raw, admin_key))
+
+
 # A method one of Triton's routes does not take: seekgate answers it itself (nothing unclassified is
 # forwarded), with Triton's status and message; the body is seekgate's rendering, with an Allow header.
 WRONG_METHODS: list[Case] = [
@@ -351,6 +376,18 @@ def _with_input(req: service_pb2.ModelInferRequest, name: str, dtype: str, shape
     return req
 
 
+def _typed_contents() -> service_pb2.ModelInferRequest:
+    """Values in the typed `contents` fields instead of raw_input_contents, as other clients than tritonclient send."""
+    req = service_pb2.ModelInferRequest(model_name=MODEL)
+    text = req.inputs.add(name="text_input", datatype="BYTES")
+    text.shape.extend([1, 1])
+    text.contents.bytes_contents.append(b"typed")
+    count = req.inputs.add(name="max_tokens", datatype="INT32")
+    count.shape.extend([1, 1])
+    count.contents.int_contents.append(2)
+    return req
+
+
 def _wrong_shape() -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=MODEL)
     return _with_input(req, "text_input", "BYTES", [1, 2], bytes_tensor(b"a", b"b"))
@@ -377,9 +414,12 @@ GRPC_CORPUS: list[tuple[str, str, Any]] = [
     ("infer of a version", "ModelInfer", grpc_infer(version="1")),
     ("infer, one output asked for", "ModelInfer",
      grpc_infer(outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="text_output")])),
+    ("infer, typed contents", "ModelInfer", _typed_contents()),
     ("infer, wrong shape", "ModelInfer", _wrong_shape()),
     ("infer, wrong datatype", "ModelInfer", _wrong_datatype()),
     ("infer, unknown input", "ModelInfer", _with_input(grpc_infer(), "nonesuch", "FP32", [1, 1], b"\0\0\x80?")),
+    ("infer, an unknown input named outside ASCII", "ModelInfer",
+     _with_input(grpc_infer(), "eingabe_\u00fc\u4e2d", "FP32", [1, 1], b"\0\0\x80?")),
     ("infer, unknown version", "ModelInfer", grpc_infer(version="7")),
     ("infer, unknown model", "ModelInfer", grpc_infer(model="nosuch")),
     ("infer, generation model over the unary call", "ModelInfer", grpc_infer(model=STREAM_MODEL)),
@@ -709,4 +749,5 @@ def test_generate_stream_is_relayed_event_by_event(gw: Gateway, tls_gw: Gateway,
     # Events may share a chunk when two arrive together, but none is ever split or held to the end.
     assert b"".join(proxied) == b"".join(direct)
     assert len(proxied) > 1 and all(c.endswith(b"\n\n") for c in proxied)
+
 
