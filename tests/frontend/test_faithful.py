@@ -252,6 +252,17 @@ def tls_gw(triton: TritonProcess, certs: dict[str, Path], tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="module")
+def strict_gw(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Strict audit: every answer is held until its record is durable (forward.py reads plain bodies whole
+    first), another path through the relay for the same bytes."""
+    g = Gateway(tmp_path_factory.mktemp("gw-faithful-strict"), triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", "audit.durability": "strict"}
+                ).start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
 def key(gw: Gateway) -> str:
     # A plain user's key: what a well-behaved client holds. Every case is one it may send.
     return gw.key(owner="faithful", roles=("user",))[1]
@@ -260,6 +271,11 @@ def key(gw: Gateway) -> str:
 @pytest.fixture(scope="module")
 def tls_key(tls_gw: Gateway) -> str:
     return tls_gw.key(owner="faithful-tls", roles=("user",))[1]
+
+
+@pytest.fixture(scope="module")
+def strict_key(strict_gw: Gateway) -> str:
+    return strict_gw.key(owner="faithful-strict", roles=("user",))[1]
 
 
 def client_tls(certs: dict[str, Path]) -> ssl.SSLContext:
@@ -274,6 +290,12 @@ def client_tls(certs: dict[str, Path]) -> ssl.SSLContext:
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
 def test_http_answer_is_triton_s(gw: Gateway, triton: TritonProcess, key: str, case: Case) -> None:
     assert_same(send(triton.launch.http_port, case), send(gw.settings.server.http_port, case, key))
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
+def test_http_answer_under_strict_audit_is_triton_s(strict_gw: Gateway, triton: TritonProcess, strict_key: str,
+                                                    case: Case) -> None:
+    assert_same(send(triton.launch.http_port, case), send(strict_gw.settings.server.http_port, case, strict_key))
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
@@ -313,9 +335,9 @@ def test_statistics_of_every_model_are_triton_s_where_policy_allows_them(gw: Gat
     with grpc.insecure_channel(f"127.0.0.1:{triton.launch.grpc_port}") as direct, \
             grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}") as proxied:
         raw = [service_pb2.ModelStatisticsRequest().SerializeToString()]
-        assert _grpc_call(proxied, "ModelStatistics", raw, key).code == grpc.StatusCode.PERMISSION_DENIED
-        assert_same_grpc(_grpc_call(direct, "ModelStatistics", raw, None),
-                         _grpc_call(proxied, "ModelStatistics", raw, admin_key))
+        assert _grpc_call(proxied, key, "ModelStatistics", raw).code == grpc.StatusCode.PERMISSION_DENIED
+        assert_same_grpc(_grpc_call(direct, None, "ModelStatistics", raw),
+                         _grpc_call(proxied, admin_key, "ModelStatistics", raw))
 
 
 # A method one of Triton's routes does not take: seekgate answers it itself (nothing unclassified is
@@ -440,7 +462,7 @@ class GrpcAnswer:
 SEEKGATE_METADATA = frozenset({"x-request-id"})
 
 
-def _grpc_call(channel: grpc.Channel, method: str, requests: list[bytes], key: str | None) -> GrpcAnswer:
+def _grpc_call(channel: grpc.Channel, key: str | None, method: str, requests: list[bytes]) -> GrpcAnswer:
     metadata = (("authorization", f"Bearer {key}"),) if key else ()
     if method == "ModelStreamInfer":
         call = channel.stream_stream(S + method)(iter(requests), metadata=metadata, timeout=120)
@@ -480,24 +502,26 @@ def assert_same_grpc(direct: GrpcAnswer, proxied: GrpcAnswer, method: str = "") 
 
 
 @pytest.fixture(scope="module")
-def grpc_channels(gw: Gateway, tls_gw: Gateway, triton: TritonProcess,
-                  certs: dict[str, Path]) -> Iterator[dict[str, grpc.Channel]]:
+def grpc_channels(gw: Gateway, tls_gw: Gateway, strict_gw: Gateway, triton: TritonProcess, key: str, tls_key: str,
+                  strict_key: str, certs: dict[str, Path]) -> Iterator[dict[str, tuple[grpc.Channel, str | None]]]:
+    """Triton's own port, and seekgate's plain, TLS and strict-audit ones, each with the key it takes."""
     creds = grpc.ssl_channel_credentials(root_certificates=certs["ca"].read_bytes())
-    channels = {"direct": grpc.insecure_channel(f"127.0.0.1:{triton.launch.grpc_port}"),
-                "plain": grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}"),
-                "tls": grpc.secure_channel(f"localhost:{tls_gw.settings.server.grpc_port}", creds)}
+    channels = {"direct": (grpc.insecure_channel(f"127.0.0.1:{triton.launch.grpc_port}"), None),
+                "plain": (grpc.insecure_channel(f"127.0.0.1:{gw.settings.server.grpc_port}"), key),
+                "tls": (grpc.secure_channel(f"localhost:{tls_gw.settings.server.grpc_port}", creds), tls_key),
+                "strict": (grpc.insecure_channel(f"127.0.0.1:{strict_gw.settings.server.grpc_port}"), strict_key)}
     yield channels
-    for channel in channels.values():
+    for channel, _ in channels.values():
         channel.close()
 
 
-@pytest.mark.parametrize("over", ["plain", "tls"])
+@pytest.mark.parametrize("over", ["plain", "tls", "strict"])
 @pytest.mark.parametrize(("name", "method", "request_"), GRPC_CORPUS, ids=[c[0] for c in GRPC_CORPUS])
-def test_grpc_answer_is_triton_s(grpc_channels: dict[str, grpc.Channel], key: str, tls_key: str, over: str,
+def test_grpc_answer_is_triton_s(grpc_channels: dict[str, tuple[grpc.Channel, str | None]], over: str,
                                  name: str, method: str, request_: Any) -> None:
     raw = [request_.SerializeToString()]
-    assert_same_grpc(_grpc_call(grpc_channels["direct"], method, raw, None),
-                     _grpc_call(grpc_channels[over], method, raw, key if over == "plain" else tls_key), method)
+    assert_same_grpc(_grpc_call(*grpc_channels["direct"], method, raw),
+                     _grpc_call(*grpc_channels[over], method, raw), method)
 
 
 def _stream_request(text: bytes, max_tokens: int, rid: str, model: str = STREAM_MODEL) -> bytes:
@@ -514,13 +538,12 @@ GRPC_STREAMS: list[tuple[str, list[bytes]]] = [
 ]
 
 
-@pytest.mark.parametrize("over", ["plain", "tls"])
+@pytest.mark.parametrize("over", ["plain", "tls", "strict"])
 @pytest.mark.parametrize(("name", "requests"), GRPC_STREAMS, ids=[c[0] for c in GRPC_STREAMS])
-def test_grpc_stream_answers_are_triton_s(grpc_channels: dict[str, grpc.Channel], key: str, tls_key: str,
+def test_grpc_stream_answers_are_triton_s(grpc_channels: dict[str, tuple[grpc.Channel, str | None]],
                                           over: str, name: str, requests: list[bytes]) -> None:
-    assert_same_grpc(_grpc_call(grpc_channels["direct"], "ModelStreamInfer", requests, None),
-                     _grpc_call(grpc_channels[over], "ModelStreamInfer", requests,
-                                key if over == "plain" else tls_key))
+    assert_same_grpc(_grpc_call(*grpc_channels["direct"], "ModelStreamInfer", requests),
+                     _grpc_call(*grpc_channels[over], "ModelStreamInfer", requests))
 
 
 
@@ -607,9 +630,9 @@ def test_large_grpc_answer_is_triton_s(echo_gws: dict[str, tuple[Gateway, str]],
             (grpc.secure_channel(f"localhost:{port}", creds, options=UNLIMITED) if over == "tls"
              else grpc.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED)) as proxied:
         raw = [_big_grpc(model, "big")]
-        theirs = _grpc_call(direct, method, raw, None)
+        theirs = _grpc_call(direct, None, method, raw)
         assert theirs.code == grpc.StatusCode.OK and sum(map(len, theirs.responses)) > 1 << 20
-        assert_same_grpc(theirs, _grpc_call(proxied, method, raw, key))
+        assert_same_grpc(theirs, _grpc_call(proxied, key, method, raw))
 
 
 # ------------------------------------------------------------------ tritonclient
