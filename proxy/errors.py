@@ -8,6 +8,7 @@
     │   └── RequestTimeout             408 DEADLINE_EXCEEDED  (+ connection closed)
     ├── NotFound                       404 NOT_FOUND          (route Triton does not have)
     ├── MethodNotAllowed               405 UNIMPLEMENTED      (a Triton route, a method it does not take; + Allow)
+    ├── Unimplemented                  501 UNIMPLEMENTED      (a gRPC method the service does not have)
     ├── Unauthenticated                401 UNAUTHENTICATED    (one body for every reason)
     ├── Forbidden                      403 PERMISSION_DENIED
     ├── RateLimited                    429 RESOURCE_EXHAUSTED (+ Retry-After)
@@ -100,6 +101,19 @@ class MethodNotAllowed(SeekgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(sorted(self.allowed))}
+
+
+class Unimplemented(SeekgateError):
+    """A gRPC method GRPCInferenceService does not have: UNIMPLEMENTED with no message, as Triton answers."""
+
+    http_status = 501
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    default_message = ""   # Triton's: grpc's own default ("Method not found!") would tell seekgate apart
+    audit_status = "denied"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.public_message = ""
 
 
 class Unauthenticated(SeekgateError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from ..errors import (
     SeekgateError,
     StoreUnavailable,
     Unauthenticated,
+    Unimplemented,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -144,6 +146,7 @@ class GrpcFrontEnd:
             grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),
             grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
                 "Check": grpc.unary_unary_rpc_method_handler(self._health)}),
+            _EveryOtherMethod(self._unimplemented),   # last: asked only for a method the two above lack
         ))
         if tls is None:
             # grpc reads host:port as a URI authority: an IPv6 literal ("::", "::1") without its brackets is
@@ -351,6 +354,17 @@ class GrpcFrontEnd:
                 ctx.extra[UNANSWERED] = True
             finish(state, ctx)
 
+    async def _unimplemented(self, path: str, requests: AsyncIterator[bytes],
+                             context: grpc.aio.ServicerContext) -> None:
+        """A method no service here has: Triton's UNIMPLEMENTED with no message, audited like any refusal.
+
+        Answered before any key, as Triton answers it: the method names are the public proto's."""
+        ctx = self._context(context, path[:200])
+        try:
+            await self._abort(context, ctx, Unimplemented(f"no gRPC method: {ctx.path}"))
+        finally:
+            finish(self.state, ctx)
+
     # ------------------------------------------------------------------ health
 
     async def _health(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -478,6 +492,20 @@ class GrpcFrontEnd:
         if details.startswith(_TRANSPORT_FAILURES):
             return False
         return self.channel is not None and self.channel.get_state() == grpc.ChannelConnectivity.READY
+
+
+class _EveryOtherMethod(grpc.GenericRpcHandler):
+    """The handler for every method the server's services lack (grpc's own answer says "Method not found!")."""
+
+    def __init__(self, handle: Callable[[str, AsyncIterator[bytes], grpc.aio.ServicerContext],
+                                        Awaitable[None]]) -> None:
+        self._handle = handle
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        # Any call shape (a stream handler reads none of the bytes) bound to the method's path.
+        method: Any = getattr(handler_call_details, "method", b"")   # grpc's stubs do not declare it
+        path = method.decode("ascii", "replace") if isinstance(method, bytes) else str(method)
+        return grpc.stream_stream_rpc_method_handler(functools.partial(self._handle, path))
 
 
 async def _refused_by_core(ctx: RequestContext) -> None:

@@ -30,7 +30,7 @@ from tritonclient.grpc import service_pb2
 
 from proxy.cli.devcert import make_dev_certs
 from proxy.local.triton import TritonProcess, free_ports
-from tests.gateway import Gateway
+from tests.gateway import Gateway, audit_records, wait_for
 
 # Headers every seekgate answer carries, documented in README ("How a request flows", "TLS"): Triton's
 # answer never has them, so they are seekgate's to set.
@@ -531,6 +531,29 @@ def test_grpc_answer_is_triton_s(grpc_channels: dict[str, tuple[grpc.Channel, st
                      _grpc_call(*grpc_channels[over], method, raw), method)
 
 
+@pytest.mark.parametrize("over", ["plain", "tls"])
+@pytest.mark.parametrize("path", ["/inference.GRPCInferenceService/ModelTrain", "/other.Service/ModelInfer"])
+def test_an_unknown_grpc_method_is_triton_s_unimplemented(gw: Gateway, grpc_channels: dict[str, Any], over: str,
+                                                         path: str) -> None:
+    # Triton answers it before any key is read, with no message; grpc's own answer says "Method not found!".
+    def call(entry: tuple[grpc.Channel, str | None]) -> GrpcAnswer:
+        channel, key = entry
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        try:
+            channel.unary_unary(path)(b"", metadata=metadata, timeout=30)
+        except grpc.RpcError as err:
+            return GrpcAnswer(err.code(), err.details() or "", [], list(err.initial_metadata() or ()),
+                              list(err.trailing_metadata() or ()))
+        raise AssertionError(f"{path} answered")
+    direct = call(grpc_channels["direct"])
+    assert direct.code == grpc.StatusCode.UNIMPLEMENTED
+    assert_same_grpc(direct, call(grpc_channels[over]))
+    assert_same_grpc(direct, call((grpc_channels[over][0], None)))   # no key: the same answer
+    if over == "plain":
+        assert wait_for(lambda: any(r["reason"] == f"no gRPC method: {path}" and r["status"] == "denied"
+                                    for r in audit_records(gw)), 10)
+
+
 def _stream_request(text: bytes, max_tokens: int, rid: str, model: str = STREAM_MODEL) -> bytes:
     return grpc_infer(model=model, text=text, max_tokens=max_tokens, id=rid).SerializeToString()
 
@@ -779,5 +802,6 @@ def test_generate_stream_is_relayed_event_by_event(gw: Gateway, tls_gw: Gateway,
     # Events may share a chunk when two arrive together, but none is ever split or held to the end.
     assert b"".join(proxied) == b"".join(direct)
     assert len(proxied) > 1 and all(c.endswith(b"\n\n") for c in proxied)
+
 
 
