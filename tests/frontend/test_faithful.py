@@ -2,9 +2,11 @@
 
 A client that holds a key must not be able to tell seekgate is there: for a request seekgate allows, the
 status, the body bytes and every header Triton sent reach the client as Triton sent them, over HTTP/1.1,
-HTTP over TLS, gRPC and gRPC over TLS. The only differences allowed are the ones README documents
-("How a request flows", "TLS"), listed here once (SEEKGATE_HEADERS, REFRAMED) and checked in both
-directions: a header seekgate adds that is not on the list, or one of Triton's it drops, fails the case.
+HTTP over TLS, gRPC and gRPC over TLS, and under strict audit. The only differences allowed are the ones
+README documents ("What a client sees of seekgate"), listed here once (SEEKGATE_HEADERS, REFRAMED,
+SEEKGATE_METADATA, UNORDERED) and checked in both directions: a header seekgate adds that is not on the
+list, or one of Triton's it drops, fails the case. seekgate's own answers (REFUSED, WRONG_METHODS, policy
+refusals, unknown gRPC methods) are checked against what README says of them.
 """
 
 from __future__ import annotations
