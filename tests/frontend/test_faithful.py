@@ -807,3 +807,16 @@ def test_generate_stream_is_relayed_event_by_event(gw: Gateway, tls_gw: Gateway,
 
 
 
+
+
+def test_a_stream_with_tritonclients_empty_final_response_is_metered_as_without(gw: Gateway, key: str) -> None:
+    """The switch only adds an empty final response: the record counts the same tokens, not the bound."""
+    counted = {}
+    for empty_final in (False, True):
+        before = len(audit_records(gw))
+        _stream_results(f"127.0.0.1:{gw.settings.server.grpc_port}", key, [(STREAM_MODEL, "metered", 5)], empty_final)
+        assert wait_for(lambda seen=before: len(audit_records(gw)) > seen, 10)
+        record = audit_records(gw)[-1]
+        assert record["status"] == "allowed", record
+        counted[empty_final] = (record["input_tokens"], record["output_tokens"])
+    assert counted[True] == counted[False] and counted[False][1] == 5, counted
