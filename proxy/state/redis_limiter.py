@@ -29,8 +29,9 @@ before the next batch is sent on it (`_fresh`).
 
 A settlement is applied exactly once or not at all. One whose batch's answer was lost may have been
 applied: it is retried only within `settle_retry_s` of its first send (Redis checks the deadline
-on its own clock, redis_scripts.BATCH), while the marks that say it ran still live. Past that, or
-when more than MAX_UNSETTLED wait, it is dropped: a log line naming the key, day and tokens, and
+on its own clock, redis_scripts.BATCH), while the marks that say it ran still live. Past that, when
+more than MAX_UNSETTLED wait, or when the limiter closes with Redis down (reason `shutdown`, sent or
+still waiting for a ride alike), it is dropped: a log line naming the key, day and tokens, and
 `on_settlement_dropped(reason)` (seekgate_limits_settlements_dropped_total). The request it
 belongs to was served and audited already; only the counter's correction is left out. So are the
 tokens the local fallback admitted and still owes the shared budgets when the limiter closes with
@@ -239,9 +240,11 @@ class RedisLimiter(Limiter):
             await self._flush_unsettled()
             # Their answers' callbacks put back what Redis did not take (gathered after them: run by then).
             await asyncio.gather(*repaid, return_exceptions=True)
-        for job in self._unsettled:   # Redis down at the end: nothing will send them
+        # Redis down at the end: nothing will send them. Those still waiting for a ride count too: Redis was
+        # found down (by a clock read, not a batch, which would have kept them) before their timer fired.
+        for job in [*self._unsettled, *self._settlements]:
             self._drop(job, "shutdown", "Redis was unreachable when the limiter closed")
-        self._unsettled = []
+        self._unsettled, self._settlements = [], []
         self._drop_owed("Redis was unreachable when the limiter closed")
         if self._settle_due is not None:
             self._settle_due.cancel()

@@ -459,6 +459,31 @@ async def test_tokens_admitted_locally_and_still_owed_when_the_limiter_closes_wi
                    for line in lines), lines
 
 
+async def test_a_settlement_still_waiting_for_its_ride_when_the_limiter_closes_with_redis_down_is_said_and_counted(
+        private_redis: PrivateRedis, redis_prefix: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settlement that only lowers a charge waits a moment for a batch to ride; Redis is found down
+    meanwhile (by the clock read, not by a batch that would have kept it), and the limiter closes. The
+    settlement never reaches Redis: like every other one left out then, it is logged and counted
+    (shutdown), not lost without a word."""
+    import proxy.state.redis_limiter as redis_limiter
+    monkeypatch.setattr(redis_limiter, "SETTLE_DELAY_S", 30.0)   # still waiting when the limiter closes
+    dropped: list[str] = []
+    lim = RedisLimiter(private_redis.url, prefix=redis_prefix, timeout_s=0.3, probe_interval_s=0.1, lease_s=1.0,
+                       on_settlement_dropped=dropped.append)
+    await lim.start()
+    grant = await lim.acquire([scope("waiting", daily_tokens=1000)], 500)   # no lease: its settlement waits
+    lim.settle(grant, 100)                         # -400, waiting for a ride
+    private_redis.stop()
+    async with asyncio.timeout(5):
+        while lim.up:                              # found by the clock read every lease_s / 3
+            await asyncio.sleep(0.05)
+    await lim.close()
+    assert dropped == ["shutdown"]
+    assert any("waiting" in r.getMessage() and "-400 tokens" in r.getMessage() for r in caplog.records
+               if r.name == "seekgate.limits" and r.levelname == "ERROR")
+
+
 @pytest.mark.parametrize(("limits", "tokens", "slots"), [
     ({"rpm": 20}, 0, 9),                      # its own charge makes 1; slots while the count stays under 10
     ({"rpm": 20, "request": 0}, 0, 10),       # a reservation alone charges no request of its own
