@@ -101,12 +101,28 @@ _from_row = from_row
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
-    """Add the columns a database made by an older seekgate lacks (CREATE IF NOT EXISTS skips them)."""
+    """Add the columns a database made by an older seekgate lacks (CREATE IF NOT EXISTS skips them).
+
+    The workers of the first start after an upgrade all open the old database at once: the look at the
+    table and the ALTER TABLE are one write transaction, so a worker that waited for another's sees the
+    column it added instead of adding it again ("duplicate column name", a failed start).
+    """
+    if not await _missing_columns(db):
+        return   # the usual open: no write lock taken
+    await db.execute("BEGIN IMMEDIATE")   # waits out another connection's migration (busy_timeout)
+    try:
+        for name, definition in await _missing_columns(db):
+            await db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+async def _missing_columns(db: aiosqlite.Connection) -> list[tuple[str, str]]:
     async with db.execute("PRAGMA table_info(keys)") as cur:
         have = {row[1] for row in await cur.fetchall()}
-    for name, definition in _ADDED_COLUMNS:
-        if name not in have:
-            await db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
+    return [(name, definition) for name, definition in _ADDED_COLUMNS if name not in have]
 
 
 @asynccontextmanager

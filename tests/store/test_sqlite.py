@@ -89,3 +89,30 @@ async def test_limits_round_trip_and_old_databases_gain_the_column(tmp_path: Pat
     async with await SqliteStore.open(path) as s:   # reopening does not add the column twice
         new = await s.get_key("new")
         assert new is not None and new.limits == {"rpm": 5, "daily_tokens": 0}
+
+
+async def test_connections_upgrading_one_old_database_at_once_all_open_it(tmp_path: Path) -> None:
+    """The workers of the first start after an upgrade open a database that lacks a column (here successor_id,
+    of a database made before key rotation recorded successors), at the same moment: each must open it, not
+    fail on the column another worker added between its look at the table and its ALTER TABLE."""
+    for attempt in range(30):
+        path = tmp_path / f"round{attempt}" / "keys.db"
+        path.parent.mkdir()
+        with sqlite3.connect(path) as raw:   # a database from before successor_id existed
+            raw.executescript("""
+                CREATE TABLE keys (key_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, tier TEXT NOT NULL,
+                    owner TEXT NOT NULL, roles TEXT NOT NULL DEFAULT '[]', labels TEXT NOT NULL DEFAULT '{}',
+                    models TEXT NOT NULL DEFAULT '[]', allowed_cidrs TEXT NOT NULL DEFAULT '[]',
+                    parent_id TEXT REFERENCES keys(key_id), prefix TEXT NOT NULL DEFAULT '',
+                    last4 TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, expires_at REAL, revoked_at REAL,
+                    limits TEXT NOT NULL DEFAULT '{}', pepper_version INTEGER NOT NULL DEFAULT 1);
+                INSERT INTO keys (key_id, secret_hash, tier, owner, created_at) VALUES ('old', 'ab', 'app', 'o', 1.0);
+            """)
+        opened = await asyncio.gather(*[SqliteStore.open(path) for _ in range(8)], return_exceptions=True)
+        failed = [r for r in opened if isinstance(r, BaseException)]
+        for store in opened:
+            if isinstance(store, SqliteStore):
+                old = await store.get_key("old")
+                assert old is not None and old.successor_id is None
+                await store.close()
+        assert not failed, (attempt, failed)
