@@ -352,6 +352,8 @@ def resources(settings: Settings, worker: WorkerRole | None = None) -> Callable[
             await pool.close()
             if state.grpc_stopped is not None:   # its last requests audit into the writer closed below
                 await state.grpc_stopped.wait()
+            if state.close_status is not None:   # so do the status listener's probes, answered until now
+                await state.close_status()
             await state.limiter.close()   # after the last request settled: its charges are written
             metrics.flush()   # workers: the last second's batched updates into the shared files
             # Last: requests still finishing above submit their records before the final flush.
@@ -516,6 +518,14 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
                                       auto_decompress=False, access_log=None, shutdown_timeout=s.drain_timeout_s)
         await status_runner.setup()
         sites.append(listener_site(status_runner, *status, None, s.read_timeout_s, reuse_port=worker is not None))
+
+    async def close_status() -> None:
+        """The status listener closed, its last probes answered and audited (once, whoever asks first)."""
+        nonlocal status_runner
+        closing, status_runner = status_runner, None
+        if closing is not None:
+            await closing.cleanup()
+    state.close_status = close_status
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -563,9 +573,11 @@ async def run(settings: Settings, ready: asyncio.Event | None = None,
             log.warning("%d connections still queued when the HTTP listener closed: the kernel resets them", left)
         # Both front ends drain at once; the cleanup_ctx closes the audit writer after both.
         await asyncio.gather(stop_grpc(), runner.cleanup())
-        for extra in (metrics_runner, status_runner):   # the probes answer 503 (draining) until here
-            if extra is not None:
-                await extra.cleanup()
+        # The status listener closed in the app's cleanup, before the audit writer (its probes answer 503,
+        # draining, until both front ends have drained); here only if that cleanup never ran.
+        await close_status()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
 
 
 def _listening_sockets(site: web.BaseSite) -> list[ListeningSocket]:

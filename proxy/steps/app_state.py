@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class AppState:
     # audit writer closes only after its last records.
     draining: bool = False
     grpc_stopped: asyncio.Event | None = None
+    # Closes the status listener (server.status_listen), once both front ends have drained and before the
+    # audit writer closes: a probe it answered later would be served with no record. None: no such listener.
+    close_status: Callable[[], Awaitable[None]] | None = None
 
     def store_down(self) -> bool:
         """A shared store this process cannot reach (its listener pings every 0.25 s): readiness fails meanwhile.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import urllib.error
@@ -107,6 +108,34 @@ def test_liveness_there_is_seekgates_own_and_holds_with_triton_unreachable(tmp_p
                                     for r in audit_records(gw)), 10), audit_records(gw)[-3:]
     finally:
         gw.stop()
+
+
+def test_the_status_listener_is_closed_before_the_audit_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shutdown drains the API listeners and then closes the audit writer. A probe the status listener answered
+    after that would be a served request whose record is lost ("audit writer closed, record not persisted"):
+    the listener must be closed by then, its last probes audited."""
+    from proxy.audit.writer import AuditWriter
+    real_close = AuditWriter.close
+    http, grpc_, metrics, status_port, dead = free_ports(5)
+    after: list[object] = []
+
+    async def close_then_probe(self: AuditWriter) -> None:
+        await real_close(self)
+        # A kubelet's probe at this moment, from another thread: the loop is free to answer it.
+        try:
+            after.append(await asyncio.to_thread(plain_call, f"http://127.0.0.1:{status_port}/v2/health/live"))
+        except OSError as exc:   # refused: nothing listens any more
+            after.append(exc)
+
+    monkeypatch.setattr(AuditWriter, "close", close_then_probe)
+    gw = Gateway(tmp_path, f"http://127.0.0.1:{dead}", [http, grpc_, metrics],
+                 **{"server.status_listen": f"127.0.0.1:{status_port}"}).start()
+    status, headers, _ = plain_call(status_url(gw) + "/v2/health/live")
+    assert status == 200
+    gw.stop()
+    assert len(after) == 1 and isinstance(after[0], OSError), after
+    # The probe answered before the shutdown was audited: it was served while the writer was open.
+    assert any(r["request_id"] == headers["X-Request-Id"] for r in audit_records(gw))
 
 
 def test_readiness_fails_on_the_status_listener_too_while_draining(status_gw: Gateway) -> None:
