@@ -136,7 +136,7 @@ async def _form(request: web.Request, state: AppState) -> dict[str, str]:
 
 
 def _same_origin(request: web.Request, state: AppState) -> bool:
-    """A browser's Origin, when it sends one, must be ours: a sign-in posted from another site is refused.
+    """A browser's Origin, when it sends one, must be ours: a sign-in or sign-out posted from another site is refused.
 
     Without an Origin, a browser's own Sec-Fetch-Site still says where the post came from (a client that
     sends neither is a script, not a page another site made a browser submit)."""
@@ -204,6 +204,11 @@ def _secure(request: web.Request, state: AppState) -> bool | None:
 
 async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, base: str) -> web.StreamResponse:
     """POST /console/session/end (form field `csrf`): the session token is revoked, the cookie cleared."""
+    if not _same_origin(request, state):
+        # Before the cookie is looked at: a post from another site carries no SameSite=Strict cookie, so it
+        # would reach the dead-session answer below, whose Set-Cookie the browser applies all the same
+        # (a top-level navigation): any site could sign an operator out.
+        raise Forbidden("console_cross_origin")
     token = request.cookies.get(COOKIE)
     try:
         if not token:
