@@ -237,21 +237,39 @@ async def _sign_out(request: web.Request, state: AppState, ctx: RequestContext, 
     return response
 
 
+def _relayed_headers(request: web.Request, bearer: str) -> CIMultiDict[str]:
+    """The data call's headers as the /admin/v1 request gets them: the session as its bearer, no cookie.
+
+    request.clone re-encodes every header as UTF-8; one that arrived as other bytes (a Latin-1 value,
+    held with lone surrogates) would raise there, a 500: it is refused first, saying why."""
+    headers = CIMultiDict(request.headers)
+    headers.pop("Cookie", None)
+    headers["Authorization"] = bearer
+    for name, value in headers.items():
+        try:
+            name.encode(), value.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("console_header_encoding", public_message="a request header is not UTF-8") from None
+    return headers
+
+
 async def _relay(request: web.Request, state: AppState, ctx: RequestContext, rest: str,
                  answer: Answer) -> web.StreamResponse:
     """/console/api/<rest> as /admin/v1/<rest>, the session token as bearer; a state change needs the CSRF token."""
     token = request.cookies.get(COOKIE)
     if not token:
         raise Unauthenticated("console_no_session")   # 401: a data call is not redirected
+    if not token.isascii():
+        # A session token is ASCII (a JWT); other bytes are no session of ours, and would not survive the
+        # re-encoding of the relayed request's headers below.
+        raise Unauthenticated("console_session_malformed")
     bearer = f"Bearer {token}"
     target = f"{state.settings.server.base_path}/admin/v1/{rest}"
     if request.method in _STATE_CHANGING and not csrf_valid(token, request.headers.get(CSRF_HEADER)):
         # Who tried is worth knowing: the session is authenticated first, so the refusal's record names it.
         await admit(state, ctx, bearer, lambda: classify_http(request.method, target))
         raise Forbidden("csrf_token_invalid", public_message="missing or wrong CSRF token")
-    headers = CIMultiDict(request.headers)
-    headers.pop("Cookie", None)
-    headers["Authorization"] = bearer
+    headers = _relayed_headers(request, bearer)
     query = request.raw_path.partition("?")[2]
     relayed = request.clone(rel_url=URL(target + ("?" + query if query else ""), encoded=True), headers=headers)
     response = await answer(relayed, state, ctx)

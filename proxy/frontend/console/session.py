@@ -18,12 +18,19 @@ CSRF_FIELD = "csrf"
 _CSRF_CONTEXT = b"seekgate console csrf v1"
 
 
+def _utf8(text: str) -> bytes:
+    # A cookie or header of bytes that are not UTF-8 reaches us with lone surrogates (surrogateescape),
+    # which plain encode() refuses: any text a client sends must become bytes, never a 500.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def csrf_token(session_token: str) -> str:
     """The CSRF token of one session: HMAC-SHA256 keyed by the session token (secret, HttpOnly)."""
-    mac = hmac.new(session_token.encode(), _CSRF_CONTEXT, hashlib.sha256).digest()
+    mac = hmac.new(_utf8(session_token), _CSRF_CONTEXT, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
 
 def csrf_valid(session_token: str, presented: str | None) -> bool:
-    # compare_digest: the comparison time says nothing about how much of a guess was right.
-    return bool(presented) and hmac.compare_digest(csrf_token(session_token), presented or "")
+    # compare_digest: the comparison time says nothing about how much of a guess was right. On bytes:
+    # given str it raises TypeError for any non-ASCII character, and a forged token may hold any.
+    return bool(presented) and hmac.compare_digest(_utf8(csrf_token(session_token)), _utf8(presented or ""))

@@ -166,6 +166,33 @@ def test_sign_out_revokes_the_session_and_needs_the_csrf_token(gw: Gateway, admi
     assert client.request("GET", "/console/")[0] == 303
 
 
+def test_a_forged_csrf_token_or_cookie_of_any_characters_is_refused_not_a_server_error(
+        gw: Gateway, admin_key: str) -> None:
+    """hmac.compare_digest refuses str with non-ASCII characters (TypeError), and a cookie of bytes that are not
+    UTF-8 reaches us with lone surrogates, which str.encode refuses: both were a 500 internal_error."""
+    client = signed_in(gw, admin_key)
+    spec = {"tier": "user", "owner": "forged-latin", "roles": ["user"]}
+    # http.client sends a header as Latin-1: é arrives as the byte 0xe9, not UTF-8.
+    for token in ("\u00e9", "\u00e9" * 43):
+        status, body = client.api("POST", "keys", spec, csrf=token)
+        assert status == 403 and body == {"error": "missing or wrong CSRF token"}, (status, body)
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": gw.url}
+    status, _, body = client.request("POST", "/console/session/end", b"csrf=%C3%A9", form)
+    assert status == 403 and b"CSRF" in body, (status, body)
+    assert client.api("GET", "keys")[0] == 200   # still signed in: the forged sign-out ended nothing
+    garbled = ConsoleClient(gw.url)
+    garbled.cookie = "\xff\xfe"   # Latin-1 on the wire: bytes that are not UTF-8
+    assert garbled.api("POST", "keys", spec, csrf="x")[0] == 401
+    assert garbled.api("GET", "keys")[0] == 401
+    assert garbled.request("GET", "/console/keys")[0] == 303
+    assert garbled.request("POST", "/console/session/end", b"csrf=x", form)[0] == 303
+    # The relay re-sends the request's headers to /admin/v1, which needs each to be UTF-8: a header that is
+    # not (a Latin-1 User-Agent) is a 400 that says so, on a live session too.
+    status, _, body = client.request("GET", "/console/api/keys", headers={"User-Agent": "caf\u00e9"})
+    assert status == 400 and b"UTF-8" in body, (status, body)
+    assert not [r for r in audit_records(gw) if str(r.get("reason", "")).startswith("internal_error")]
+
+
 def test_the_key_never_reaches_the_logs(gw: Gateway, admin_key: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("DEBUG"):
         client = signed_in(gw, admin_key)
