@@ -172,10 +172,12 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
                    else "That key was not accepted.")
         return _html(signin_page(message), err.http_status)
     now = time.time()
-    await _end_prior_session(state, request.cookies.get(COOKIE), now)
+    ended = await _end_prior_session(state, request.cookies.get(COOKIE), now)
     minted = state.sessions.mint(ctx.principal, now)
     ctx.extra["admin_action"] = "console.signin"
     ctx.extra["admin_target"] = minted.jti
+    if ended is not None:   # a revocation is an admin action too: the record says which session it ended
+        ctx.extra["admin_detail"] = {"ended_session": ended}
     ctx.http_status = 303
     response = _redirect(f"{base}/console/")
     response.set_cookie(COOKIE, minted.token, path=f"{base}/console", httponly=True, samesite="Strict",
@@ -183,16 +185,18 @@ async def _sign_in(request: web.Request, state: AppState, ctx: RequestContext, b
     return response
 
 
-async def _end_prior_session(state: AppState, prior: str | None, now: float) -> None:
+async def _end_prior_session(state: AppState, prior: str | None, now: float) -> str | None:
     """A sign-in replaces the browser's session: the one its cookie still names is revoked, not left live
-    until it expires for whoever copied that cookie. Only a token we signed names a session to revoke."""
+    until it expires for whoever copied that cookie. Only a token we signed names a session to revoke.
+    Returns the jti this call revoked, None if it revoked nothing."""
     if not prior or state.sessions is None:
-        return
+        return None
     try:
         jti = state.sessions.verify(prior, now).jti
     except Unauthenticated:
-        return   # expired, forged or not a session token: nothing of ours to end
-    await (await open_secret_rows(state.store)).revoke_session(jti, now)
+        return None   # expired, forged or not a session token: nothing of ours to end
+    added = await (await open_secret_rows(state.store)).revoke_session(jti, now)
+    return jti if added else None
 
 
 def _secure(request: web.Request, state: AppState) -> bool | None:

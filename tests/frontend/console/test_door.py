@@ -246,6 +246,24 @@ def test_signing_in_again_ends_the_session_the_browser_held(gw: Gateway, admin_k
     assert stale.api("GET", "keys")[0] == 401
 
 
+def test_the_session_a_sign_in_ends_is_named_in_its_audit_record(gw: Gateway) -> None:
+    """Who revoked what: the sign-in that revokes the browser's prior session says so, as sessions.revoke would."""
+    key = gw.key(owner="ops-signs-in-twice", roles=("admin",))[1]   # its own owner: its records alone
+
+    def signins() -> list[dict]:
+        return [r for r in audit_records(gw) if r.get("admin", {}).get("action") == "console.signin"
+                and r.get("actor") == "ops-signs-in-twice"]
+    client = signed_in(gw, key)
+    assert wait_for(lambda: len(signins()) == 1, 5.0)
+    first = signins()[0]["admin"]["target"]
+    assert "detail" not in signins()[0]["admin"]   # a fresh browser ended nothing
+    assert client.sign_in(key)[0] == 303
+    assert wait_for(lambda: len(signins()) == 2, 5.0)
+    record = signins()[1]
+    assert record["admin"].get("detail") == {"ended_session": first}, record
+    assert record["key_id"] and record["status"] == "allowed"   # and who did it
+
+
 def test_console_refusals_carry_the_pages_security_headers(gw: Gateway, admin_key: str) -> None:
     """A 404, 401 or 403 from the console reaches a browser too: never cached, sniffed or framed."""
     client, anonymous = signed_in(gw, admin_key), ConsoleClient(gw.url)
