@@ -18,6 +18,12 @@ SECURITY_HEADERS = {
     # sign-in refuses as cross-site; same-origin still tells other sites nothing.
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
+    # A console opened by another site's window.open is cut off from it, both ways: that site could otherwise
+    # send the signed-in tab to a look-alike sign-in page later (tabnabbing) or count its frames.
+    "Cross-Origin-Opener-Policy": "same-origin",
+    # No other origin (a sibling port is the same site, so it gets the Strict cookie) may embed a console
+    # response, an API answer included, with <script>, <img> or the like.
+    "Cross-Origin-Resource-Policy": "same-origin",
 }
 PAGES = {"overview": "Overview", "keys": "Keys", "usage": "Usage", "audit": "Audit",
          "policies": "Policies", "crypto": "Crypto"}

@@ -96,3 +96,24 @@ def test_a_sign_out_posted_from_another_site_leaves_the_operator_signed_in(
         return [r for r in audit_records(gw) if r.get("reason") == "console_cross_origin"
                 and r.get("http_status") == 403]
     assert wait_for(lambda: bool(refused()), 5.0)   # the forged post is on the record
+
+
+def test_a_console_another_site_opened_is_cut_off_from_it(browser: BrowserContext, gw: Gateway) -> None:
+    """Tabnabbing: a site that window.open()s the console kept a handle on it, with which it could later send
+    that tab, signed in by then, to a look-alike "session expired, sign in again" page that collects the admin
+    key. Cross-Origin-Opener-Policy: same-origin severs the handle both ways."""
+    opener = ('<button type="button" id="open">Open the console</button><script>'
+              f'document.getElementById("open").onclick = () => {{ window.console_tab = window.open("{gw.url}/console/signin"); }};'
+              '</script>')
+    with _AttackerSite(opener.encode()) as site:
+        attacker = browser.new_page()
+        attacker.goto(site.url)
+        with browser.expect_page() as opened:
+            attacker.get_by_role("button", name="Open the console").click()
+        console = opened.value
+        console.wait_for_load_state()
+        assert console.url == gw.url + "/console/signin"
+        assert console.evaluate("() => window.opener === null")   # the console cannot be reached from its opener
+        assert attacker.evaluate("() => window.console_tab.closed")   # nor the opener's handle reach the console
+        attacker.close()
+        console.close()

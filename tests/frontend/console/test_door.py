@@ -62,6 +62,7 @@ def test_every_page_carries_a_strict_csp_and_denies_framing(gw: Gateway, admin_k
         csp = headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
         assert "frame-ancestors 'none'" in csp and headers["X-Frame-Options"] == "DENY"
+        assert headers["Cross-Origin-Opener-Policy"] == headers["Cross-Origin-Resource-Policy"] == "same-origin"
     status, headers, body = client.request("GET", "/console/")
     assert b"<script>" not in body and b" on" + b"click=" not in body   # no inline script or handler
 
