@@ -26,6 +26,9 @@ from .paging import decode_cursor, next_link, parse_size
 
 PREFIX = ("admin", "v1")
 RESOURCES = ("keys", "sessions")
+# The only query parameters GET /admin/v1/keys takes: any other (owner=, status=) would filter nothing, and
+# a client would take every key for the ones it asked for. Refused, as the audit search refuses its own.
+_LIST_PARAMS = frozenset({"size", "offset", "expiring"})
 # Everything POST /admin/v1/keys accepts; anything else is a typo and refused, not ignored.
 _CREATE_FIELDS = frozenset({"tier", "name", "owner", "roles", "labels", "models",
                             "allowed_cidrs", "parent_id", "expires", "limits"})
@@ -114,6 +117,9 @@ async def _list(request: web.Request) -> web.Response:
     note(request, "keys.list")
     state = request.app[STATE]
     now = time.time()
+    unknown = sorted(set(request.query) - _LIST_PARAMS)
+    if unknown:
+        raise Reply(400, f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(_LIST_PARAMS))})")
     try:
         size = parse_size(request.query.get("size"))
         after = decode_cursor(request.query.get("offset"))

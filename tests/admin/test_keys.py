@@ -213,6 +213,10 @@ async def test_expiring_filter_pages_and_next_keeps_it(client: Client) -> None:
     ("offset=azE6Tk9ULUEtS0VZLUlE", "offset is not a cursor from this API"),
     ("offset=eDE6YWFhYWFhYWFhYWFh", "offset is not a cursor from this API"),
     ("offset=azE6YWFhYW!FhYWFhYWFh", "offset is not a cursor from this API"),
+    # The listing filters by nothing but `expiring`: a filter it ignored answered every key, which a script
+    # asking for alice's keys (to revoke them, say) would have taken for hers.
+    ("owner=alice", "unknown parameter(s): owner (known: expiring, offset, size)"),
+    ("size=3&status=revoked&tier=app", "unknown parameter(s): status, tier (known: expiring, offset, size)"),
 ])
 async def test_bad_size_or_offset_is_400_and_says_which(client: Client, query: str, message: str) -> None:
     resp = await client.get("/admin/v1/keys?" + query)
