@@ -141,7 +141,10 @@ async def _principal(request: web.Request, doc: dict[str, Any], client_ip: str,
     labels = attrs.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise Reply(400, "principal.labels must be an object of string values")
-    return Principal(key_id="(evaluated)", tier=tier, owner=str(attrs.get("owner", "")), labels=labels,
+    owner = attrs.get("owner", "")
+    if not isinstance(owner, str):   # str() of a list would be an owner no key has, and a wrong answer
+        raise Reply(400, "principal.owner must be a string")
+    return Principal(key_id="(evaluated)", tier=tier, owner=owner, labels=labels,
                      **lists), None
 
 

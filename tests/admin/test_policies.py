@@ -77,6 +77,9 @@ def test_the_evaluator_reads_a_stored_key_as_authentication_would(gw: Gateway, a
     ({"path": "/v2", "principal": {"tier": "root"}}, "principal.tier must be one of"),
     ({"path": "/v2", "principal": {}, "method": ["GET"]}, "method must be one of"),
     ({"path": "/v2", "principal": {"tier": ["user"]}}, "principal.tier must be one of"),
+    # Not read as the owner "['alice']", which an owners: [alice] rule would then wrongly deny.
+    ({"path": "/v2", "principal": {"owner": ["alice"]}}, "principal.owner must be a string"),
+    ({"path": "/v2", "principal": {"owner": 5}}, "principal.owner must be a string"),
     ({"path": "/v2", "principal": {}, "client_ip": 5}, "client_ip: 5 is not an IP address"),
 ])
 def test_bad_questions_get_400_and_say_why(gw: Gateway, admin: str, question: dict[str, Any], message: str) -> None:
