@@ -192,7 +192,20 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str | N
                     models: Iterable[str] = (), allowed_cidrs: Iterable[str] = (),
                     parent_id: str | None = None, expires_in_s: ExpiresIn = TIER_DEFAULT,
                     limits: Mapping[str, int] | None = None, now: float) -> tuple[KeyRecord, str]:
-    """Create and store a key; returns (record, plaintext token). The token is shown once.
+    """Create and store a key (as `new_key` makes it); returns (record, plaintext token). The token is shown once."""
+    rec, token = await new_key(store, pepper, tier=tier, owner=owner, roles=roles, labels=labels, models=models,
+                               allowed_cidrs=allowed_cidrs, parent_id=parent_id, expires_in_s=expires_in_s,
+                               limits=limits, now=now)
+    await store.create_key(rec)
+    return rec, token
+
+
+async def new_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str | None,
+                  roles: Iterable[str] = (), labels: Mapping[str, str] | None = None,
+                  models: Iterable[str] = (), allowed_cidrs: Iterable[str] = (),
+                  parent_id: str | None = None, expires_in_s: ExpiresIn = TIER_DEFAULT,
+                  limits: Mapping[str, int] | None = None, now: float) -> tuple[KeyRecord, str]:
+    """A key validated and made, not stored yet (the store only reads a device's parent); (record, token).
 
     `expires_in_s`: seconds from `now`, None for never, TIER_DEFAULT for the tier's
     default (app 365 days, user 90 days, device its parent's expiry). A device key
@@ -238,7 +251,6 @@ async def issue_key(store: KeyStore, pepper: bytes, *, tier: str, owner: str | N
                     owner=key_id if owner is None else owner, roles=role_t, labels=label_d, models=model_t,
                     allowed_cidrs=cidr_t, limits=limit_d, parent_id=parent_id if tier == "device" else None,
                     prefix=prefix, last4=last4, created_at=now, expires_at=expires_at)
-    await store.create_key(rec)
     return rec, token
 
 

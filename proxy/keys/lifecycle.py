@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from proxy.audit import pg_index
 from proxy.audit.writer import query_audit as query_sqlite
 from proxy.errors import AuditUnavailable
-from proxy.keys.issue import ISSUABLE_TIERS, MAX_AUDITED_KEYS, ExpiresIn, iso_utc, issue_key, key_status
-from proxy.store import KeyRecord, KeyStore
+from proxy.keys.issue import ISSUABLE_TIERS, MAX_AUDITED_KEYS, ExpiresIn, iso_utc, key_status, new_key
+from proxy.store import KeyRecord, KeyStore, StoreConflict
 
 # A report lists every use, but a key hammered for months would make it unreadable; the
 # aggregates (ips, models, tokens) always cover everything, the event list stops here.
@@ -74,19 +74,24 @@ async def _get(store: KeyStore, key_id: str) -> KeyRecord:
 
 async def _successor(store: KeyStore, pepper: bytes, rec: KeyRecord, now: float
                      ) -> tuple[KeyRecord, str]:
-    """A new key with the same scope: tier, owner, roles, labels, models, CIDRs, parent, limits.
+    """A new key with the same scope: tier, owner, roles, labels, models, CIDRs, parent, limits; not stored yet.
 
     It gets as long a life as the old key was given (never, if it never expired); a device's
-    is still clamped to its parent's expiry by issue_key.
+    is still clamped to its parent's expiry by new_key.
     """
     lifetime: ExpiresIn = None if rec.expires_at is None else max(1.0, rec.expires_at - rec.created_at)
     try:
-        return await issue_key(store, pepper, tier=rec.tier, owner=rec.owner, roles=rec.roles,
-                               labels=rec.labels, models=rec.models, allowed_cidrs=rec.allowed_cidrs,
-                               parent_id=rec.parent_id, expires_in_s=lifetime, limits=rec.limits,
-                               now=now)
+        return await new_key(store, pepper, tier=rec.tier, owner=rec.owner, roles=rec.roles,
+                             labels=rec.labels, models=rec.models, allowed_cidrs=rec.allowed_cidrs,
+                             parent_id=rec.parent_id, expires_in_s=lifetime, limits=rec.limits,
+                             now=now)
     except ValueError as exc:
-        raise LifecycleError(f"cannot issue a successor for {rec.key_id}: {exc}") from None
+        raise _not_issued(rec, exc) from None
+
+
+def _not_issued(rec: KeyRecord, exc: ValueError) -> LifecycleError:
+    """The refusal when `rec`'s successor can't be made or stored (StoreConflict is a ValueError)."""
+    return LifecycleError(f"cannot issue a successor for {rec.key_id}: {exc}")
 
 
 async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float, *,
@@ -96,11 +101,16 @@ async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float
     The old key's expiry is only ever brought forward: a key due to expire before the grace
     ends keeps its earlier expiry. Refused for a revoked or expired key.
 
+    All or nothing: the successor is stored, recorded as the old key's successor, given the old
+    key's devices, and the old key's expiry brought forward in one store transaction
+    (KeyStore.rotate). If the store fails part-way (StoreUnavailable), nothing is left behind, no
+    successor whose secret nobody was shown, so the same rotation can simply be retried.
+
     A key is rotated once: the old key records its successor, and rotating it again while it is
     in its grace is refused (`conflict`, nothing changed) with a message naming the successor to
     rotate instead, as a second successor would leave two live credentials and the operator
     unsure which one the clients hold. Two rotations of one key at once: the store's claim lets
-    one win; the other's successor, never shown to anyone, is revoked before it refuses.
+    one win; the other's successor, never shown to anyone, is never stored either.
 
     Rotating an app key rotates the app's credential, not its devices: the unrevoked device
     keys under it are re-parented to the successor at once, so they keep working through and
@@ -119,16 +129,12 @@ async def rotate_key(store: KeyStore, pepper: bytes, key_id: str, grace_s: float
     if rec.successor_id is not None:
         raise await _rotated_already(store, rec, rec.successor_id, now)
     new, token = await _successor(store, pepper, rec, now)
-    earlier = await store.claim_successor(key_id, new.key_id)
-    if earlier is not None:   # another rotation of this key won the race: its successor stands
-        await store.revoke_key(new.key_id, now)
-        raise await _rotated_already(store, rec, earlier, now)
-    # Before the old key's expiry is brought forward: no moment where its devices die with it.
-    moved = await store.reparent_children(key_id, new.key_id) if rec.tier == "app" else []
-    await store.shorten_expiry(key_id, now + grace_s)
+    done = await store.rotate(key_id, new, now + grace_s, move_children=rec.tier == "app")
+    if done.earlier is not None:   # another rotation of this key won the race: its successor stands
+        raise await _rotated_already(store, rec, done.earlier, now)
     old = await store.get_key(key_id)
     assert old is not None
-    return Rotation(old, new, token, tuple(moved))
+    return Rotation(old, new, token, done.moved)
 
 
 async def _rotated_already(store: KeyStore, rec: KeyRecord, successor_id: str, now: float) -> LifecycleError:
@@ -192,6 +198,10 @@ async def compromise_key(store: KeyStore, pepper: bytes, data_dir: Path, key_id:
     await store.revoke_key(key_id, now)
     ids = [r.key_id for r in await subtree_records(store, key_id)]
     new, token = await _successor(store, pepper, rec, now)
+    try:
+        await store.create_key(new)
+    except StoreConflict as exc:
+        raise _not_issued(rec, exc) from None
     flushed: bool | None = None   # None: no writer in this process (the CLI); the server's may lag
     if audit is not None:
         try:

@@ -35,6 +35,14 @@ class KeyRecord:
     pepper_version: int = 1                     # the pepper secret_hash was made with (keys/hashing.py)
 
 
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    """What KeyStore.rotate did: nothing, as `earlier` succeeds the key already; or all of the rotation."""
+
+    earlier: str | None = None       # the successor recorded before this call: nothing was written
+    moved: tuple[str, ...] = ()      # the children moved under the successor, oldest first
+
+
 @runtime_checkable
 class KeyStore(Protocol):
     """What authn, the admin API and the CLI need from a key store.
@@ -86,16 +94,16 @@ class KeyStore(Protocol):
         """Bring the key's expiry forward to `expires_at`, never later; True if it changed."""
         ...
 
-    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
-        """Record `successor_id` as the key rotated in for `key_id`, unless one already is.
+    async def rotate(self, key_id: str, successor: KeyRecord, expires_at: float, *,
+                     move_children: bool) -> Rotated:
+        """Rotate `successor` in for `key_id`: all of it in one transaction, or nothing.
 
-        None if this call recorded it; else the successor recorded before, and nothing changed. Atomic,
-        so of two rotations of one key that run at once exactly one succeeds.
+        Unless `key_id` records a successor already (then nothing is written: `Rotated(earlier=...)`):
+        store `successor`, record it as `key_id`'s successor_id, move `key_id`'s unrevoked children under
+        it if `move_children`, and bring `key_id`'s expiry forward to `expires_at` (never later). Of two
+        rotations of one key at once exactly one succeeds; any failure part-way (StoreUnavailable) leaves
+        the store as it was, so no key names a successor whose secret nobody was shown.
         """
-        ...
-
-    async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
-        """Move every unrevoked child of `old_parent_id` under `new_parent_id`; the moved ids."""
         ...
 
     async def claim_expiry_notice(self, key_id: str, expires_at: float, now: float) -> bool:
@@ -121,4 +129,4 @@ class KeyStore(Protocol):
         ...
 
 
-__all__ = ["TIERS", "KeyRecord", "KeyStore", "StoreConflict"]
+__all__ = ["TIERS", "KeyRecord", "KeyStore", "Rotated", "StoreConflict"]

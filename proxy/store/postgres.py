@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from proxy.errors import StoreUnavailable
-from proxy.store import KeyRecord, StoreConflict
+from proxy.store import KeyRecord, Rotated, StoreConflict
 from proxy.store.pg_changes import CHANNEL, ChangeListener
 from proxy.store.pg_schema import LATEST, migrate, schema_version
 from proxy.store.rows import COLUMNS, MAX_DEPTH, from_row, page_clauses, to_row
@@ -210,27 +210,26 @@ class PostgresStore:
                 await self.bump(conn)
         return count > 0
 
-    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
-        async with self.write("claim_successor") as conn:
-            count = command_count(await conn.execute(
-                "UPDATE keys SET successor_id = $1 WHERE key_id = $2 AND successor_id IS NULL", successor_id, key_id))
-            if count:
-                await self.bump(conn)
-                return None
-            earlier = await conn.fetchval("SELECT successor_id FROM keys WHERE key_id = $1", key_id)
-            if earlier is None:   # no such key: keys are never deleted, so the store is wrong
-                raise ValueError(f"key {key_id!r} vanished while it was rotated")
-            return str(earlier)
-
-    async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
-        async with self.write("reparent_children") as conn:
+    async def rotate(self, key_id: str, successor: KeyRecord, expires_at: float, *,
+                     move_children: bool) -> Rotated:
+        """Claim, store the successor, move the children, shorten the expiry: one transaction (KeyStore.rotate)."""
+        async with self.write("rotate") as conn:
+            if not command_count(await conn.execute(
+                    "UPDATE keys SET successor_id = $1 WHERE key_id = $2 AND successor_id IS NULL",
+                    successor.key_id, key_id)):
+                earlier = await conn.fetchval("SELECT successor_id FROM keys WHERE key_id = $1", key_id)
+                if earlier is None:   # no such key: keys are never deleted, so the store is wrong
+                    raise ValueError(f"key {key_id!r} vanished while it was rotated")
+                return Rotated(earlier=str(earlier))
+            await conn.execute(_INSERT_SQL, *to_row(successor))
             rows = await conn.fetch(
                 "UPDATE keys SET parent_id = $1 WHERE parent_id = $2 AND revoked_at IS NULL RETURNING key_id, "
-                "created_at", new_parent_id, old_parent_id)
-            moved = [str(r[0]) for r in sorted(rows, key=lambda r: (r[1], r[0].encode()))]
-            if moved:
-                await self.bump(conn)
-        return moved
+                "created_at", successor.key_id, key_id) if move_children else []
+            await conn.execute(
+                "UPDATE keys SET expires_at = $1 WHERE key_id = $2 AND (expires_at IS NULL OR expires_at > $1)",
+                expires_at, key_id)
+            await self.bump(conn)
+        return Rotated(moved=tuple(str(r[0]) for r in sorted(rows, key=lambda r: (r[1], r[0].encode()))))
 
     async def claim_expiry_notice(self, key_id: str, expires_at: float, now: float) -> bool:
         async with self.write("claim_expiry_notice") as conn:

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiosqlite
 
 from proxy.errors import StoreUnavailable
-from proxy.store import KeyRecord, StoreConflict
+from proxy.store import KeyRecord, Rotated, StoreConflict
 from proxy.store.change_signal import ChangeSignal
 from proxy.store.rows import COLUMNS as _COLUMNS
 from proxy.store.rows import MAX_DEPTH, from_row, page_clauses
@@ -83,6 +83,8 @@ WHERE revoked_at IS NULL AND key_id IN (
     SELECT id FROM tree
 )
 """
+
+_INSERT_SQL = f"INSERT INTO keys ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
 
 _HAS_ADMIN_SQL = """
 SELECT EXISTS (
@@ -227,8 +229,7 @@ class SqliteStore:
         """Insert a key. Raises StoreConflict on a duplicate id or an unknown parent."""
         try:
             async with self._write("create_key") as db:
-                await db.execute(f"INSERT INTO keys ({_COLUMNS}) VALUES "
-                                 f"({', '.join('?' * len(_COLUMNS.split(',')))})", _to_row(rec))
+                await db.execute(_INSERT_SQL, _to_row(rec))
                 await self._bump()
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
@@ -321,36 +322,35 @@ class SqliteStore:
                 await self._bump()
         return count > 0
 
-    async def claim_successor(self, key_id: str, successor_id: str) -> str | None:
-        """Record `successor_id` for `key_id` unless one already is; None if recorded, else the earlier one."""
-        async with self._write("claim_successor") as db:
-            cur = await db.execute("UPDATE keys SET successor_id = ? WHERE key_id = ? AND successor_id IS NULL",
-                                   (successor_id, key_id))
-            claimed = cur.rowcount == 1
-            await cur.close()
-            if claimed:
-                await self._bump()
-                return None
-            async with db.execute("SELECT successor_id FROM keys WHERE key_id = ?", (key_id,)) as cur:
-                row = await cur.fetchone()
-            if row is None or row[0] is None:   # no such key: keys are never deleted, so the store is wrong
-                raise ValueError(f"key {key_id!r} vanished while it was rotated")
-            return str(row[0])
-
-    async def reparent_children(self, old_parent_id: str, new_parent_id: str) -> list[str]:
-        """Move every unrevoked child of `old_parent_id` under `new_parent_id`; the moved ids.
+    async def rotate(self, key_id: str, successor: KeyRecord, expires_at: float, *,
+                     move_children: bool) -> Rotated:
+        """Claim, store the successor, move the children, shorten the expiry: one transaction (KeyStore.rotate).
 
         Revoked children stay where they were revoked, so the record of what was under whom holds.
         """
-        async with self._write("reparent_children") as db:
-            async with db.execute("SELECT key_id FROM keys WHERE parent_id = ? AND revoked_at IS NULL "
-                                  "ORDER BY created_at, key_id", (old_parent_id,)) as cur:
-                moved = [str(r[0]) for r in await cur.fetchall()]
-            if moved:
+        async with self._write("rotate") as db:
+            cur = await db.execute("UPDATE keys SET successor_id = ? WHERE key_id = ? AND successor_id IS NULL",
+                                   (successor.key_id, key_id))
+            claimed = cur.rowcount == 1
+            await cur.close()
+            if not claimed:
+                async with db.execute("SELECT successor_id FROM keys WHERE key_id = ?", (key_id,)) as cur:
+                    row = await cur.fetchone()
+                if row is None or row[0] is None:   # no such key: keys are never deleted, so the store is wrong
+                    raise ValueError(f"key {key_id!r} vanished while it was rotated")
+                return Rotated(earlier=str(row[0]))
+            await db.execute(_INSERT_SQL, _to_row(successor))
+            moved: list[str] = []
+            if move_children:
+                async with db.execute("SELECT key_id FROM keys WHERE parent_id = ? AND revoked_at IS NULL "
+                                      "ORDER BY created_at, key_id", (key_id,)) as cur:
+                    moved = [str(r[0]) for r in await cur.fetchall()]
                 await db.execute("UPDATE keys SET parent_id = ? WHERE parent_id = ? AND revoked_at IS NULL",
-                                 (new_parent_id, old_parent_id))
-                await self._bump()
-        return moved
+                                 (successor.key_id, key_id))
+            await db.execute("UPDATE keys SET expires_at = ? WHERE key_id = ? "
+                             "AND (expires_at IS NULL OR expires_at > ?)", (expires_at, key_id, expires_at))
+            await self._bump()
+        return Rotated(moved=tuple(moved))
 
     async def claim_expiry_notice(self, key_id: str, expires_at: float, now: float) -> bool:
         """Record that `key_id`'s expiry `expires_at` is announced; False if it already was."""

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.audit.writer import AuditWriter, build_record
 from proxy.context import Principal, RequestContext, Resource
-from proxy.errors import Unauthenticated
+from proxy.errors import StoreUnavailable, Unauthenticated
 from proxy.frontend.http import watch_expiring
 from proxy.keys.issue import iso_utc, issue_key, key_status
 from proxy.keys.lifecycle import LifecycleError, compromise_key, rotate_key, subtree_records
@@ -141,15 +143,61 @@ async def test_two_rotations_of_one_key_at_once_make_one_successor(store_setting
         assert len(won) == 1 and len(lost) == 1, results
         assert isinstance(lost[0], LifecycleError) and lost[0].conflict
         assert f"its successor is {won[0].new.key_id}" in str(lost[0])
-        # The loser's successor was never shown: it is revoked; only the winner's works.
-        # Both read the key before either wrote, so both issued; the claim refused the second.
+        # Both read the key before either wrote, so both made a successor; the claim refused the second,
+        # whose successor, never shown, was never stored: the old key and the winner's, nothing else.
         status = {r.key_id: key_status(r, T0) for r in await first.page_keys(10)}
-        assert sorted(status.values()) == ["active", "active", "revoked"]
-        assert sorted(k for k, s in status.items() if s == "active") == sorted([old.key_id, won[0].new.key_id])
+        assert status == {old.key_id: "active", won[0].new.key_id: "active"}
         assert (await first.get_key(old.key_id)).successor_id == won[0].new.key_id  # type: ignore[union-attr]
     finally:
         await first.close()
         await second.close()
+
+
+async def _raw_sql(settings: StoreSettings, data_dir: Path, sqlite_sql: str, postgres_sql: str) -> None:
+    """Edit the database behind the store's back, as an operator (or a failing disk) would."""
+    if not settings.url:
+        with sqlite3.connect(store_path(data_dir)) as db:
+            db.execute(sqlite_sql)
+        return
+    conn = await asyncpg.connect(settings.url)
+    try:
+        await conn.execute(postgres_sql)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("failing", ["parent_id", "expires_at"])
+async def test_a_rotation_the_store_fails_part_way_leaves_nothing_and_a_retry_works(
+        store_settings: StoreSettings, tmp_path: Path, failing: str) -> None:
+    """The store fails after the successor is claimed: moving the devices, or bringing the expiry forward.
+
+    A real failure inside the database (a trigger raising on that UPDATE), not a stand-in store. Half a
+    rotation would leave the key naming a successor whose secret nobody was shown, and every retry refused.
+    """
+    store = await open_store(store_settings, tmp_path)
+    try:
+        app, _ = await issue_key(store, PEPPER, tier="app", owner="svc", expires_in_s=100 * H, now=T0)
+        dev, _ = await issue_key(store, PEPPER, tier="device", owner="cam", parent_id=app.key_id, now=T0)
+        stored = await store.page_keys(10)
+        await _raw_sql(store_settings, tmp_path,
+                       f"CREATE TRIGGER fail_rotation BEFORE UPDATE OF {failing} ON keys "
+                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+                       "CREATE FUNCTION fail_rotation() RETURNS trigger LANGUAGE plpgsql AS "
+                       "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$; "
+                       f"CREATE TRIGGER fail_rotation BEFORE UPDATE OF {failing} ON keys "
+                       "FOR EACH ROW EXECUTE FUNCTION fail_rotation()")
+        with pytest.raises(StoreUnavailable, match="injected failure"):
+            await rotate_key(store, PEPPER, app.key_id, H, now=T0 + H)
+        after_failure = await store.page_keys(10)
+
+        await _raw_sql(store_settings, tmp_path, "DROP TRIGGER fail_rotation", "DROP TRIGGER fail_rotation ON keys")
+        rot = await rotate_key(store, PEPPER, app.key_id, H, now=T0 + 2 * H)   # not "rotate <a key nobody holds>"
+        assert after_failure == stored   # the failed one left nothing: no successor, none claimed, no device moved
+        assert sorted(r.key_id for r in await store.page_keys(10)) == sorted([app.key_id, dev.key_id, rot.new.key_id])
+        assert rot.old.successor_id == rot.new.key_id and rot.old.expires_at == T0 + 3 * H
+        assert rot.moved == (dev.key_id,)
+    finally:
+        await store.close()
 
 
 async def test_rotating_an_app_key_moves_its_devices_to_the_successor(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from proxy.errors import StoreUnavailable
 from proxy.settings import StoreSettings
-from proxy.store import KeyRecord, KeyStore, StoreConflict
+from proxy.store import KeyRecord, KeyStore, Rotated, StoreConflict
 from proxy.store.backend import Store, open_secret_rows, open_store
 
 BACKENDS = ("sqlite", "postgres")
@@ -115,19 +115,37 @@ async def test_children_are_one_level_oldest_first(store: Store) -> None:
     assert await store.children("other") == [] and await store.children("missing") == []
 
 
-async def test_claim_successor_records_the_first_only(store: Store) -> None:
-    await store.create_key(rec("old"))
-    await store.create_key(rec("new"))
-    await store.create_key(rec("other"))
+async def test_rotate_claims_stores_moves_and_shortens_in_one_go(store: Store) -> None:
+    await store.create_key(replace(rec("old"), expires_at=100.0))
+    for key_id, created in (("d2", 3.0), ("d1", 2.0), ("gone", 1.0)):
+        await store.create_key(rec(key_id, parent="old", tier="device", created=created))
+    await store.revoke_key("gone", now=1.0)
     rev = await store.revision()
-    assert await store.claim_successor("old", "new") is None
-    assert (await store.get_key("old")).successor_id == "new"  # type: ignore[union-attr]
+    done = await store.rotate("old", rec("new"), 50.0, move_children=True)
+    assert done == Rotated(moved=("d1", "d2"))   # revoked children stay where they were revoked
+    old = await store.get_key("old")
+    assert old is not None and (old.successor_id, old.expires_at) == ("new", 50.0)
+    assert await store.get_key("new") == rec("new")
+    assert (await store.get_key("gone")).parent_id == "old"  # type: ignore[union-attr]
+    assert [r.key_id for r in await store.get_chain("d1")] == ["d1", "new"]
     assert await store.revision() == rev + 1
-    assert await store.claim_successor("old", "other") == "new"   # refused: the first stands, nothing written
-    assert (await store.get_key("old")).successor_id == "new"  # type: ignore[union-attr]
+
+    # Refused: the first successor stands, nothing written (not even the would-be successor).
+    assert await store.rotate("old", rec("other"), 10.0, move_children=True) == Rotated(earlier="new")
+    assert await store.get_key("old") == old and await store.get_key("other") is None
     assert await store.revision() == rev + 1
+    # The expiry is never extended; a device's rotation leaves its siblings where they are.
+    await store.create_key(replace(rec("short"), expires_at=5.0))
+    await store.create_key(rec("sibling", parent="short", tier="device"))
+    assert await store.rotate("short", rec("short2"), 60.0, move_children=False) == Rotated()
+    assert (await store.get_key("short")).expires_at == 5.0  # type: ignore[union-attr]
+    assert (await store.get_key("sibling")).parent_id == "short"  # type: ignore[union-attr]
     with pytest.raises(StoreUnavailable):   # keys are never deleted: an unknown one is a broken store
-        await store.claim_successor("missing", "new")
+        await store.rotate("missing", rec("new2"), 1.0, move_children=False)
+    await store.create_key(replace(rec("fresh"), expires_at=100.0))
+    with pytest.raises(StoreUnavailable):   # a successor that can't be stored (a taken id): nothing claimed either
+        await store.rotate("fresh", rec("old"), 1.0, move_children=False)
+    assert await store.get_key("fresh") == replace(rec("fresh"), expires_at=100.0)
 
 
 async def test_page_keys_resumes_after_a_key_id_in_the_query(store: Store) -> None:
@@ -283,17 +301,10 @@ async def test_rehash_and_pepper_versions(store: Store) -> None:
     assert await store.pepper_versions(now=10.0) == {2: 1}   # b has expired by then
 
 
-async def test_shorten_expiry_and_reparent(store: Store) -> None:
+async def test_shorten_expiry(store: Store) -> None:
     await store.create_key(replace(rec("old"), expires_at=100.0))
-    await store.create_key(rec("new"))
-    for key_id, created in (("d2", 3.0), ("d1", 2.0), ("gone", 1.0)):
-        await store.create_key(rec(key_id, parent="old", tier="device", created=created))
-    await store.revoke_key("gone", now=1.0)
     assert await store.shorten_expiry("old", 50.0)
     assert not await store.shorten_expiry("old", 60.0)   # never later
-    assert await store.reparent_children("old", "new") == ["d1", "d2"]
-    assert (await store.get_key("gone")).parent_id == "old"  # type: ignore[union-attr]
-    assert [r.key_id for r in await store.get_chain("d1")] == ["d1", "new"]
 
 
 async def test_expiry_notices_are_claimed_once(store: Store) -> None:
