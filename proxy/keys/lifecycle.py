@@ -154,16 +154,22 @@ async def _rotated_already(store: KeyStore, rec: KeyRecord, successor_id: str, n
 async def subtree_records(store: KeyStore, key_id: str) -> list[KeyRecord]:
     """`key_id` and every key under it as stored now, breadth first (an audit record's before/after).
 
-    Walked down through the parent index one level at a time, so the cost is the subtree's, not the fleet's.
+    Walked down through the parent index one level at a time, a query per level, so the cost is the
+    subtree's depth in round trips and its size in rows, never the fleet's.
     """
     root = await store.get_key(key_id)
     if root is None:
         return []
     out, seen, level = [root], {key_id}, [key_id]
     while level:
+        # The whole level in one query (10k devices: one round trip, not 10k), then put back in
+        # breadth-first order: by parent as the level lists them, each parent's children oldest first.
+        under: dict[str | None, list[KeyRecord]] = {}
+        for child in await store.children(level):
+            under.setdefault(child.parent_id, []).append(child)
         below: list[str] = []
         for parent in level:
-            for child in await store.children(parent):
+            for child in under.get(parent, []):
                 if child.key_id not in seen:   # a parent cycle in a hand-edited database must not loop
                     seen.add(child.key_id)
                     out.append(child)
@@ -175,7 +181,7 @@ async def subtree_records(store: KeyStore, key_id: str) -> list[KeyRecord]:
 async def key_and_children(store: KeyStore, key_id: str) -> list[KeyRecord]:
     """`key_id` and its direct children: what a rotation changes (an app key's devices move)."""
     rec = await store.get_key(key_id)
-    return [] if rec is None else [rec, *await store.children(key_id)]
+    return [] if rec is None else [rec, *await store.children([key_id])]
 
 
 async def records_of(store: KeyStore, ids: Iterable[str]) -> list[KeyRecord | None]:

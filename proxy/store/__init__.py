@@ -62,8 +62,12 @@ class KeyStore(Protocol):
 
     async def list_keys(self) -> list[KeyRecord]: ...
 
-    async def children(self, parent_id: str) -> list[KeyRecord]:
-        """The keys whose parent is `parent_id`, oldest first (by the parent index, never a whole listing)."""
+    async def children(self, parent_ids: list[str]) -> list[KeyRecord]:
+        """The keys whose parent is one of `parent_ids`, oldest first (created_at, then key id).
+
+        One level of a subtree in one query (a few on SQLite, whose statements take a bounded number of
+        values), by the parent index, never a whole listing.
+        """
         ...
 
     async def page_keys(self, limit: int, after: str | None = None,

@@ -165,10 +165,12 @@ class PostgresStore:
             return [from_row(r) for r in
                     await conn.fetch(f'SELECT {COLUMNS} FROM keys ORDER BY created_at, key_id COLLATE "C"')]
 
-    async def children(self, parent_id: str) -> list[KeyRecord]:
+    async def children(self, parent_ids: list[str]) -> list[KeyRecord]:
+        """The keys under any of `parent_ids`, oldest first: one query, the ids as one array value."""
         async with self.read("children") as conn:
             return [from_row(r) for r in await conn.fetch(
-                f'SELECT {COLUMNS} FROM keys WHERE parent_id = $1 ORDER BY created_at, key_id COLLATE "C"', parent_id)]
+                f'SELECT {COLUMNS} FROM keys WHERE parent_id = ANY($1::text[]) ORDER BY created_at, key_id COLLATE "C"',
+                parent_ids)]
 
     async def page_keys(self, limit: int, after: str | None = None,
                         expiring: tuple[float, float] | None = None) -> list[KeyRecord]:

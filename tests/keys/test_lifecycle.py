@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -26,7 +27,7 @@ from proxy.paths import store_path
 from proxy.settings import StoreSettings
 from proxy.steps.app_state import STATE
 from proxy.steps.authn import authenticate
-from proxy.store import KeyRecord
+from proxy.store import KeyRecord, KeyStore
 from proxy.store.backend import open_store
 from proxy.store.sqlite import SqliteStore
 from tests.admin.test_keys import PEPPER, SEEN, make_app
@@ -343,6 +344,63 @@ async def test_subtree_walks_every_level_breadth_first(tmp_path: Path) -> None:
         assert [r.key_id for r in await subtree_records(store, "a")] == ["a", "b", "e", "c"]
         assert [r.key_id for r in await subtree_records(store, "d")] == ["d"]
         assert await subtree_records(store, "missing") == []
+
+
+class CountingStore:
+    """The real store, counting the calls made through it: each one a query (or a few, chunked)."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store, self.calls = store, Counter[str]()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+def reference_subtree(keys: list[KeyRecord], key_id: str) -> list[str]:
+    """Breadth first, each key's children oldest first (created_at, then key id): what the walk returns."""
+    below: dict[str | None, list[KeyRecord]] = {}
+    for k in sorted(keys, key=lambda k: (k.created_at, k.key_id)):
+        below.setdefault(k.parent_id, []).append(k)
+    out, level = [key_id], [key_id]
+    while level:
+        level = [c.key_id for p in level for c in below.get(p, [])]
+        out += level
+    return out
+
+
+async def test_subtree_walk_is_one_query_per_level(store_settings: StoreSettings, tmp_path: Path) -> None:
+    """A wide subtree (more keys on one level than one SQLite IN (...) takes) in as many calls as it is deep."""
+    store = await open_store(store_settings, tmp_path)
+    try:
+        def make(key_id: str, parent: str | None, created: float) -> KeyRecord:
+            return KeyRecord(key_id=key_id, secret_hash="", tier="app", owner="o", parent_id=parent,
+                             created_at=created)
+        await store.create_key(make("root", None, 0.0))
+        await store.create_key(make("other", None, 0.0))
+        await store.create_key(make("not-mine", "other", 1.0))
+        # Creation times out of id order, and ties broken by the id, on every level.
+        for i in range(1100):
+            await store.create_key(make(f"d{i:04d}", "root", float((i * 7) % 50)))
+        for i in range(0, 1100, 100):
+            for j in range(3):
+                await store.create_key(make(f"g{i:04d}-{j}", f"d{i:04d}", float(3 - j)))
+        await store.create_key(make("deepest", "g0500-1", 9.0))
+        await store.revoke_key("d0300", now=5.0)   # revoked keys are walked too: what a revocation's audit shows
+        counting = CountingStore(store)
+        got = [r.key_id for r in await subtree_records(cast(KeyStore, counting), "root")]
+        assert got == reference_subtree(await store.list_keys(), "root")
+        assert len(got) == 1 + 1100 + 33 + 1 and "not-mine" not in got
+        depth = 3   # root -> d -> g -> deepest
+        assert sum(counting.calls.values()) <= 1 + depth + 1, counting.calls   # the root, each level, the empty one
+    finally:
+        await store.close()
 
 
 # ---------------------------------------------------------------- expiry warning

@@ -110,9 +110,22 @@ async def test_children_are_one_level_oldest_first(store: Store) -> None:
     await store.create_key(rec("b-dev", parent="app", tier="device", created=1001.0))
     await store.create_key(rec("grandchild", parent="b-dev", tier="device", created=1003.0))
     await store.create_key(rec("other"))
-    assert [r.key_id for r in await store.children("app")] == ["b-dev", "zz-dev", "aa-dev"]
-    assert [r.key_id for r in await store.children("b-dev")] == ["grandchild"]
-    assert await store.children("other") == [] and await store.children("missing") == []
+    assert [r.key_id for r in await store.children(["app"])] == ["b-dev", "zz-dev", "aa-dev"]
+    assert [r.key_id for r in await store.children(["b-dev"])] == ["grandchild"]
+    assert [r.key_id for r in await store.children(["b-dev", "other", "app"])] == [
+        "b-dev", "zz-dev", "aa-dev", "grandchild"]   # one level of several parents: oldest first across them
+    assert await store.children(["other", "missing"]) == [] and await store.children([]) == []
+
+
+async def test_children_of_more_parents_than_one_statement_takes(store: Store) -> None:
+    """A level of 1100 parents (past SQLite's 999 values a statement before 3.32), each child once, oldest first."""
+    await store.create_key(rec("app"))
+    for i in range(1100):
+        await store.create_key(rec(f"dev{i:04d}", parent="app", tier="device", created=float(1100 - i)))
+    for i in (1099, 0, 999, 500, 499):
+        await store.create_key(rec(f"sub{i:04d}", parent=f"dev{i:04d}", tier="device", created=float(i % 3)))
+    got = await store.children([f"dev{i:04d}" for i in range(1100)])
+    assert [r.key_id for r in got] == ["sub0000", "sub0999", "sub0499", "sub1099", "sub0500"]
 
 
 async def test_rotate_claims_stores_moves_and_shortens_in_one_go(store: Store) -> None:
