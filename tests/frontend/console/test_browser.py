@@ -186,6 +186,26 @@ def test_the_label_filter_matches_a_value_that_holds_an_equals_sign(page: Page, 
     expect(page.locator(f'[data-key-id="{made["https://hooks.example/x?team=ops"]}"]')).to_have_count(0)
 
 
+def test_the_label_filter_matches_only_a_keys_own_labels_not_object_builtins(page: Page, gw: Gateway,
+                                                                             admin_key: str) -> None:
+    """Label names like `constructor` or `toString` exist on every JS object: the filter must not match them there."""
+    made = {}
+    for name, labels in (("plain", {"team": "nlp"}), ("ctor", {"constructor": "yes"})):
+        status, _, raw = call(gw.url + "/admin/v1/keys", "POST", {"tier": "user", "owner": f"svc-proto-{name}",
+                                                                  "roles": ["user"], "labels": labels}, admin_key)
+        assert status == 201, raw
+        made[name] = json.loads(raw)["key_id"]
+    page.goto(gw.url + "/console/keys")
+    label = page.get_by_role("search", name="Filter keys").get_by_label("Label")
+    plain, ctor = (page.locator(f'[data-key-id="{made[n]}"]') for n in ("plain", "ctor"))
+    label.fill("constructor")
+    expect(ctor).to_be_visible()
+    expect(plain).to_have_count(0)
+    for builtin in ("toString", "__proto__", "hasOwnProperty", "toString=x"):
+        label.fill(builtin)
+        expect(page.locator('[data-key-id]')).to_have_count(0)
+
+
 def test_the_keys_page_shows_keys_past_the_first_page_of_the_api(page: Page, gw: Gateway, admin_key: str) -> None:
     """1000 revoked keys sorting first fill the API's largest page: the admin keys are on its second."""
     # Ids "2222" + 8 letters: digits sort before letters, so these come before the issued (random) ids.

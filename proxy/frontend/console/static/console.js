@@ -147,7 +147,8 @@
       const lv = eq < 0 ? undefined : f.label.value.slice(eq + 1);
       return (!f.owner.value || k.owner.includes(f.owner.value)) && (!f.tier.value || k.tier === f.tier.value)
         && (!f.role.value || k.roles.includes(f.role.value))
-        && (!f.label.value || (lv === undefined ? lk in k.labels : k.labels[lk] === lv))
+        // Own labels only: `in` (or a bare lookup) also finds Object.prototype's constructor, toString, __proto__.
+        && (!f.label.value || (Object.hasOwn(k.labels, lk) && (lv === undefined || k.labels[lk] === lv)))
         && (!f.status.value || (f.status.value === "expiring" ? expiringSoon(k) : k.status === f.status.value));
     }
     async function act(what, k) {
