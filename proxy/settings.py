@@ -50,6 +50,11 @@ class ServerSettings:
     tls_min_version: str = _help("Lowest TLS version accepted: 1.3, or 1.2 (1.3 still preferred)", "1.3")
     tls_reload_interval_s: float = _help("Seconds between checks of the TLS files for a renewed certificate "
                                          "(a broken new file keeps the old one in force)", 2.0)
+    hsts_max_age_s: int = _help("Over TLS that ends here, every API and console answer carries "
+                                "Strict-Transport-Security with this max-age: browsers then refuse plain HTTP to "
+                                "this hostname on every port for that long; 0 = off (never sent on plain HTTP)", 0)
+    hsts_include_subdomains: bool = _help("Add includeSubDomains to Strict-Transport-Security (needs "
+                                          "hsts_max_age_s): every subdomain is held to HTTPS too", False)
     insecure_plaintext: bool = _help("Serve plaintext on a non-loopback address (keys cross the network in "
                                      "clear); logged at every start", False)
     status_listen: str = _help("host:port of a separate plain-HTTP listener answering only GET /v2/health/ready "
@@ -463,7 +468,8 @@ _POSITIVE = ("server.max_body_bytes", "server.grpc_max_message_bytes", "server.r
              "auth.expiry_warning_s", "auth.expiry_check_interval_s", "auth.sign_in_failure_burst", "audit.max_bytes",
              "audit.retention_days", "audit.queue_max", "audit.fsync_interval_s", "store.pool_size", "store.timeout_s",
              "redis.pool_size")
-_NON_NEGATIVE = ("server.shutdown_delay_s", "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms",
+_NON_NEGATIVE = ("server.shutdown_delay_s", "server.hsts_max_age_s",
+                 "auth.key_cache_ttl_s", "auth.key_cache_size", "auth.key_cache_revision_check_ms",
                  "auth.sign_in_failures_per_min", "audit.batch_linger_ms", "audit.queue_soft_max",
                  "limits.default_estimate_tokens", "openai.count_wait_s",
                  "openai.chat_default_max_tokens",
@@ -644,7 +650,21 @@ def _validate_tls(s: ServerSettings) -> list[str]:
         errors.append("server.tls_client_ca_file: needs server.tls_cert_file (mTLS is TLS first)")
     if s.tls_min_version not in TLS_VERSIONS:
         errors.append(f"server.tls_min_version: must be one of {', '.join(TLS_VERSIONS)}, got {s.tls_min_version!r}")
+    # HSTS is sent only over TLS that ends here: set without it, it would silently do nothing (a TLS-terminating
+    # proxy in front sends its own).
+    if s.hsts_max_age_s > 0 and not s.tls_cert_file:
+        errors.append("server.hsts_max_age_s: needs server.tls_cert_file (Strict-Transport-Security is sent only "
+                      "over TLS that ends here; a TLS-terminating proxy in front sends its own)")
+    if s.hsts_include_subdomains and not s.hsts_max_age_s > 0:
+        errors.append("server.hsts_include_subdomains: needs server.hsts_max_age_s greater than 0")
     return errors
+
+
+def strict_transport_security(s: ServerSettings) -> str:
+    """The Strict-Transport-Security value `s` asks for (RFC 6797), or '' when HSTS is off."""
+    if not s.hsts_max_age_s > 0:
+        return ""
+    return f"max-age={s.hsts_max_age_s}" + ("; includeSubDomains" if s.hsts_include_subdomains else "")
 STORE_SCHEMES = ("postgresql", "postgres")
 
 

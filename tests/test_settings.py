@@ -19,6 +19,7 @@ from proxy.settings import (
     parse_env_value,
     redis_cluster_nodes,
     status_address,
+    strict_transport_security,
     validate,
 )
 from proxy.state.redis_limiter import cluster_url
@@ -282,6 +283,26 @@ def test_tls_settings_are_checked_together() -> None:
         load_settings(None, env={"SEEKGATE_SERVER_TLS_CLIENT_CA_FILE": "/ca.pem"})
     s = load_settings(None, env={"SEEKGATE_UPSTREAM_REDACT_ERRORS": "true", "SEEKGATE_SERVER_INSECURE_PLAINTEXT": "1"})
     assert s.upstream.redact_errors and s.server.insecure_plaintext and s.server.tls_min_version == "1.3"
+
+
+def test_hsts_is_off_by_default_and_needs_tls_that_ends_here() -> None:
+    assert Settings().server.hsts_max_age_s == 0
+    assert strict_transport_security(Settings().server) == ""
+    tls = {"server.tls_cert_file": "/c.pem", "server.tls_key_file": "/k.pem"}
+    s = load_settings(None, env={}, overrides={**tls, "server.hsts_max_age_s": 600})
+    assert strict_transport_security(s.server) == "max-age=600"
+    s = load_settings(None, env={"SEEKGATE_SERVER_HSTS_MAX_AGE_S": "31536000",
+                                 "SEEKGATE_SERVER_HSTS_INCLUDE_SUBDOMAINS": "true"}, overrides=tls)
+    assert strict_transport_security(s.server) == "max-age=31536000; includeSubDomains"
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, env={}, overrides={"server.hsts_max_age_s": 600})
+    assert err.value.errors == ["server.hsts_max_age_s: needs server.tls_cert_file (Strict-Transport-Security is "
+                                "sent only over TLS that ends here; a TLS-terminating proxy in front sends its own)"]
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, env={}, overrides={**tls, "server.hsts_max_age_s": -1,
+                                               "server.hsts_include_subdomains": True})
+    assert err.value.errors == ["server.hsts_max_age_s: must be 0 or more, got -1",
+                                "server.hsts_include_subdomains: needs server.hsts_max_age_s greater than 0"]
 
 
 def test_redis_url_from_env_and_limits_backend_down_checked() -> None:
