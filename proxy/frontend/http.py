@@ -29,7 +29,7 @@ from ..keys.issue import ISSUABLE_TIERS
 from ..keys.secrets_setup import open_keyring
 from ..local.triton import INTERNAL_HEADER
 from ..metrics import Metrics
-from ..settings import Settings, SettingsError, status_address
+from ..settings import Settings, SettingsError, status_address, strict_transport_security
 from ..state.limits import Limiter, LocalLimiter
 from ..state.redis_limiter import RedisLimiter
 from ..state.shared_limiter import SocketLimiter
@@ -417,9 +417,15 @@ async def refresh_gauges(metrics: Metrics, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
+# The Strict-Transport-Security value of the API listener's app (server.hsts_max_age_s), '' when off. Only
+# build_app sets it: the status listener (plain HTTP by design) never sends HSTS, nor does a plain-HTTP answer.
+HSTS = web.AppKey("HSTS", str)
+
+
 def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Application:
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app[HSTS] = strict_transport_security(settings.server)
     app.cleanup_ctx.append(resources(settings, worker))
     app.on_response_prepare.append(last_headers)
     app.router.add_route("*", "/{tail:.*}", request_path)
@@ -439,8 +445,13 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
       aiohttp 3.14 leaves Connection out accordingly but still keeps the connection open (its
       `_prepare_headers` stores keep-alive before clearing it): the client would wait for the end
       of the body until the keep-alive timeout.
+    - Strict-Transport-Security (server.hsts_max_age_s) on an answer over TLS that ends here: a browser
+      ignores it over plain HTTP (RFC 6797 8.1), and there it could only be a lie; the API and the console
+      both answer from this app.
     """
     ctx = request.get(CTX)
+    if request.secure and (hsts := request.app.get(HSTS)):
+        response.headers["Strict-Transport-Security"] = hsts
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
     response.headers["Server"] = SERVER_NAME   # not aiohttp's name and version (http_guard.SERVER_NAME)

@@ -950,6 +950,47 @@ def test_a_renewal_to_an_encrypted_key_is_a_broken_file_even_with_a_terminal(tri
 # ------------------------------------------------------------------ secure by default
 
 
+@pytest.fixture(scope="module")
+def hsts_gw(triton: TritonProcess, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """TLS with HSTS turned on, and the plain-HTTP status listener beside it."""
+    status_port = free_ports(1)[0]
+    g = Gateway(tmp_path_factory.mktemp("gw-hsts"), triton.http_url, free_ports(3),
+                **{"upstream.grpc_target": f"127.0.0.1:{triton.launch.grpc_port}", **tls_overrides(certs),
+                   "server.hsts_max_age_s": 31536000, "server.hsts_include_subdomains": True,
+                   "server.status_listen": f"127.0.0.1:{status_port}"}).start()
+    yield g
+    g.stop()
+
+
+def test_hsts_when_turned_on_is_sent_over_tls_by_the_api_and_the_console_never_by_the_status_listener(
+        hsts_gw: Gateway, tls_gw: Gateway, certs: dict[str, Path]) -> None:
+    s, ctx = hsts_gw.settings.server, client_context(certs)
+    _, key = hsts_gw.key(owner="hsts-user")
+    answers = {"ready": https_call(s.http_port, ctx, "/v2/health/ready"),
+               "served": https_call(s.http_port, ctx, GENERATE, key, {"text_input": "Hi", "max_tokens": 2}),
+               "refused": https_call(s.http_port, ctx, GENERATE, "sgk_not_a_key", {"text_input": "Hi"}),
+               "unknown route": https_call(s.http_port, ctx, "/nope", key),
+               "console": https_call(s.http_port, ctx, "/console/signin")}
+    assert [(name, status) for name, (status, _, _) in answers.items()] == [
+        ("ready", 200), ("served", 200), ("refused", 401), ("unknown route", 404), ("console", 200)]
+    for name, (_, headers, _) in answers.items():
+        assert headers.get("Strict-Transport-Security") == "max-age=31536000; includeSubDomains", name
+    # The status listener is plain HTTP (kubelet probes): HSTS there would be a header over plaintext.
+    host, port = s.status_listen.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        probe = conn.getresponse()
+        probe.read()
+    finally:
+        conn.close()
+    assert probe.status == 200 and probe.getheader("Strict-Transport-Security") is None
+    # Off by default, TLS or not: HSTS holds every port of the hostname to HTTPS (a plain-HTTP Grafana beside it too).
+    for path in ("/v2/health/ready", "/console/signin"):
+        status, headers, _ = https_call(tls_gw.settings.server.http_port, client_context(certs), path)
+        assert status == 200 and "Strict-Transport-Security" not in headers, path
+
+
 def test_serve_refuses_a_public_bind_without_tls_and_names_the_fix(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "SEEKGATE_SERVER_HOST": "0.0.0.0", "SEEKGATE_DATA_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "proxy", "serve"], capture_output=True, text=True, env=env,
