@@ -3,7 +3,8 @@
 Tests use it to prove a refused request never reached Triton: the bytes of that
 request must not appear in what the relay saw. It also lets a test cut Triton off, hold
 Triton's answers back mid-stream, break one connection off mid-answer, hold one request of seekgate's (by a tag in its bytes) so it
-stays in flight, and see when seekgate closed a given upstream connection.
+stays in flight, and see when seekgate closed a given upstream connection. Byte-level, it relays
+any backend: with Redis behind it, a test can lose the answer to one command after Redis ran it.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class RelayedConnection:
     seen: bytearray = field(default_factory=bytearray)
     closed: threading.Event = field(default_factory=threading.Event)
     ends: tuple[asyncio.StreamWriter, ...] = ()   # seekgate's side, Triton's side: what cut() closes
+    answer_lost: threading.Event | None = None     # set: the next answer on it is thrown away (lose_answer)
 
 
 class TcpRelay:
@@ -114,6 +116,7 @@ class TcpRelay:
         self._hold_marker: bytes | None = None
         self.holding = threading.Event()   # set while hold_after's hold is in force
         self._request_holds: dict[bytes, RequestHold] = {}   # tag -> its hold, until a request carries it
+        self._answer_losses: dict[bytes, threading.Event] = {}   # tag -> lose_answer's event, likewise
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -131,8 +134,9 @@ class TcpRelay:
         self._loop.run_forever()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    conn: RelayedConnection | None) -> None:
-        """Copies one direction; `conn` for seekgate's side (recorded), None for Triton's answers."""
+                    conn: RelayedConnection | None, answers_of: RelayedConnection | None = None) -> None:
+        """Copies one direction; `conn` for seekgate's side (recorded), None for Triton's answers
+        (those to `answers_of`'s requests)."""
         units = _UnitEnds() if conn is None else None
         cut_at_next_end = False   # the marker was seen, but its unit goes on in the next read
         tail = b""                # seekgate's side: the end of the previous read, for a tag split across two
@@ -146,6 +150,9 @@ class TcpRelay:
                         hold = next((h for t, h in self._request_holds.items() if t in tail + data), None)
                         if hold is not None:
                             del self._request_holds[hold.tag]
+                        lost = next((t for t in self._answer_losses if t in tail + data), None)
+                        if lost is not None:   # marked before it goes on: its answer cannot come first
+                            conn.answer_lost = self._answer_losses.pop(lost)
                     tail = data[-256:]
                     if hold is not None:   # kept from Triton (this connection only) until released
                         await hold.wait()
@@ -153,6 +160,14 @@ class TcpRelay:
                     await writer.drain()
                     continue
                 assert units is not None
+                if answers_of is not None and (lost_event := answers_of.answer_lost) is not None:
+                    # The backend has acted on the request and answered: its answer is dropped and the
+                    # connection cut both ways, so the client sees it break with no answer.
+                    answers_of.answer_lost = None
+                    for end in answers_of.ends:
+                        end.close()
+                    lost_event.set()
+                    return
                 await self._flowing.wait()
                 ends = units.ends(data)
                 marker = self._hold_marker
@@ -197,7 +212,8 @@ class TcpRelay:
         with self._lock:
             self.connections.append(conn)
         try:
-            await asyncio.gather(self._pipe(reader, up_writer, conn), self._pipe(up_reader, writer, None))
+            await asyncio.gather(self._pipe(reader, up_writer, conn),
+                                 self._pipe(up_reader, writer, None, answers_of=conn))
         except asyncio.CancelledError:   # stop(): asyncio logs a handler task that ends cancelled
             pass
 
@@ -227,6 +243,16 @@ class TcpRelay:
         with self._lock:
             self._request_holds[tag] = hold
         return hold
+
+    def lose_answer(self, tag: bytes) -> threading.Event:
+        """The next request carrying `tag` (up to 256 bytes) goes through to the backend, which acts on it;
+        its answer is thrown away and that connection cut both ways as the answer arrives: the client
+        sees its connection drop after the backend ran the request (an answer lost on the way). The
+        event is set once that happened."""
+        lost = threading.Event()
+        with self._lock:
+            self._answer_losses[tag] = lost
+        return lost
 
     def cut(self, conn: RelayedConnection) -> None:
         """That one connection broken off in both directions, mid-answer: seekgate sees Triton's answer
