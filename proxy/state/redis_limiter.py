@@ -23,7 +23,9 @@ full limits on its own: N replicas may let N times through) and says so in a log
 `on_backend(up, local)`. A probe finds Redis back and the shared counters take over again, no
 restart. Settlements that could not be written are kept and retried then, and the tokens this
 replica admitted on its own are added to the shared day and month budgets (`_repay`): an outage
-does not hand a key its budget again. The rpm and tpm windows (a minute) are not carried over.
+does not hand a key its budget again. Each such repayment is a settlement of a grant id of its own
+(one that creates a budget's key if it is missing), so it is applied exactly once like any other.
+The rpm and tpm windows (a minute) are not carried over.
 A Redis restarted between two batches is no outage: the batch connection it closed is replaced
 before the next batch is sent on it (`_fresh`).
 
@@ -35,7 +37,7 @@ still waiting for a ride alike), it is dropped: a log line naming the key, day a
 `on_settlement_dropped(reason)` (seekgate_limits_settlements_dropped_total). The request it
 belongs to was served and audited already; only the counter's correction is left out. So are the
 tokens the local fallback admitted and still owes the shared budgets when the limiter closes with
-Redis down (reason `shutdown`, one per key, day and month).
+Redis down (reason `shutdown`, one per key, day and month), and a repayment dropped like a settlement.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class _Unsettled:
     first_mark: str = ""      # the mark of the first batch it was sent in ('' never sent): a retry is
                               # skipped by Redis if that batch ran, so it is applied exactly once ...
     deadline_ms: int = 0      # ... if it runs before this (Redis's clock, ms), set at the first send
+    ends: tuple[int, int] | None = None   # a repayment (_repay): its day's and month's end (Redis's clock, ms)
 
 
 @dataclass(eq=False)
@@ -236,10 +239,8 @@ class RedisLimiter(Limiter):
         if self._sender is not None:
             await self._sender
         if self.up:
-            repaid = self._repay()
-            await self._flush_unsettled()
-            # Their answers' callbacks put back what Redis did not take (gathered after them: run by then).
-            await asyncio.gather(*repaid, return_exceptions=True)
+            self._repay()
+            await self._flush_unsettled()   # the repayments with them: what Redis did not take is dropped below
         # Redis down at the end: nothing will send them. Those still waiting for a ride count too: Redis was
         # found down (by a clock read, not a batch, which would have kept them) before their timer fired.
         for job in [*self._unsettled, *self._settlements]:
@@ -420,25 +421,19 @@ class RedisLimiter(Limiter):
         owed = self._owed.setdefault((key, day, month), [0, *ends])
         owed[0] += tokens
 
-    def _repay(self) -> list[asyncio.Future[list[Any]]]:
-        """Adds what the local fallback admitted to Redis's day and month budgets, as admissions with no
-        limit to check (the script's charge creates a budget's key with its expiry, as for any request).
-        One that fails stays owed, for the next recovery. Returns their answers."""
+    def _repay(self) -> None:
+        """Adds what the local fallback admitted to Redis's day and month budgets: one settlement per key,
+        day and month, of a grant id of its own, that raises the budgets by the tokens (creating a
+        missing budget's key with the expiry a charge gives it, redis_scripts.BATCH).
+
+        As a settlement it is applied exactly once or not at all: one whose batch's answer was lost is
+        sent again with that batch's mark, and Redis skips it if the batch ran. (Sent as an admission,
+        it was owed again whenever its answer was lost, and charged a second time at the next recovery.)
+        It goes at once: it is sent on recovery, at close, and when a local grant ends after recovery."""
         owed, self._owed = self._owed, {}
-        now = self.clock() + self._skew
-        answers = []
         for (key, day, month), (tokens, day_end, month_end) in owed.items():
-            admission = self._admit((key,), [(0, 0, 0, 0, 0)], self._new_gid(), tokens, day, month,
-                                    max(0.0, day_end - now), max(0.0, month_end - now), 0, request=True)
-
-            def done(answer: asyncio.Future[list[Any]], key: str = key, day: str = day, month: str = month,
-                     tokens: int = tokens, ends: tuple[float, float] = (day_end, month_end)) -> None:
-                if answer.cancelled() or answer.exception() is not None or int(answer.result()[0]) != 1:
-                    self._add_owed(key, day, month, tokens, ends)
-
-            admission.answer.add_done_callback(done)
-            answers.append(admission.answer)
-        return answers
+            self._enqueue_settlement(_Unsettled((key,), (self._new_gid(), tokens, day, month, 0),
+                                                ends=(int(day_end * 1000), int(month_end * 1000))))
 
     def _drop_owed(self, why: str) -> None:
         """Tokens the local fallback admitted that will never reach the shared budgets (the limiter is
@@ -446,10 +441,16 @@ class RedisLimiter(Limiter):
         to correct the budgets by hand), and counted like a dropped settlement, reason `shutdown`."""
         owed, self._owed = self._owed, {}
         for (key, day, month), (tokens, _, _) in owed.items():
-            log.error("limits: tokens admitted under limits.on_backend_down=local not added to the shared "
-                      "budgets (%s): %+d tokens on %s for day %s, month %s; that day's and month's budgets "
-                      "may be short by that much", why, tokens, key.removeprefix(self.prefix), day, month)
+            self._said_unrepaid(why, tokens, key, day, month)
             self._on_dropped("shutdown")
+
+    def _said_unrepaid(self, why: str, tokens: int, key: str, day: str, month: str, *,
+                       maybe_added: bool = False) -> None:
+        """The log line of a repayment left out: `maybe_added`, one sent whose answer was lost (it may have run)."""
+        log.error("limits: tokens admitted under limits.on_backend_down=local not added to the shared "
+                  "budgets (%s): %+d tokens on %s for day %s, month %s; that day's and month's budgets "
+                  "may be short by that much%s", why, tokens, key.removeprefix(self.prefix), day, month,
+                  " (or not: a send of it whose answer was lost may have added them)" if maybe_added else "")
 
     def _enqueue_settlement(self, job: _Unsettled) -> None:
         job.due = asyncio.get_running_loop().time() + job.wait_s
@@ -564,7 +565,7 @@ class RedisLimiter(Limiter):
                 keys.append(job.first_mark)
             else:
                 job.first_mark, job.deadline_ms = mark, self._redis_ms() + self._retry_ms
-            args += [len(job.keys), *job.args, job.deadline_ms, "1" if resent else ""]
+            args += [len(job.keys), *job.args, job.deadline_ms, "1" if resent else "", *(job.ends or ("", ""))]
         for adm in admissions:
             day, month = adm.args[3], adm.args[4]
             for base in adm.keys:
@@ -626,6 +627,10 @@ class RedisLimiter(Limiter):
         hand) and counted (`reason`: one of metrics.SETTLEMENT_DROP_REASONS). Its lease, if it held
         one, expires on its own."""
         gid, delta, day, month, cancel = job.args
+        if job.ends is not None:   # a repayment
+            self._said_unrepaid(why, delta, job.keys[0], day, month, maybe_added=bool(job.first_mark))
+            self._on_dropped(reason)
+            return
         log.error("limits: settlement of %s not applied (%s): %s tokens on %s for day %s, month %s%s; "
                   "that day's and month's budgets may be off by that much", gid, why,
                   f"{delta:+d}", ", ".join(key.removeprefix(self.prefix) for key in job.keys), day, month,

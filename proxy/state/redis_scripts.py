@@ -10,6 +10,8 @@ Keys of one limited key id (`<p>` = the configured prefix + the key id):
 and of settlements sent again after a lost answer (`<prefix>` alone: not a key id's):
   <prefix>batch:<id>      STRING a batch that carried settlements ran;      lives the marks' life (ARGV)
   <prefix>settled:<gid>   STRING a retry applied grant <gid>'s settlement;  likewise
+A repayment (the tokens a replica admitted on its own while Redis was down, redis_limiter._repay)
+is a settlement of a grant id of its own, so it is applied exactly once the same way.
 Time is Redis's own (TIME), so replicas with skewed clocks still share one window; the day and month
 ids are chosen by the limiter on Redis's clock too (redis_limiter._sync_clock).
 
@@ -64,11 +66,13 @@ def cluster_prefix(prefix: str) -> str:
 #   sent before, the mark of the first batch it was sent in.
 # ARGV[1..6]: number of settlements S, number of admissions A, lease ms, slot life ms, '1' when
 #   KEYS[1] is this batch's mark ('' for none), the marks' life in ms; then
-# S settlements of 8 fields: scope count, grant id, token delta, day, month, cancel (0/1), deadline
-#   (Redis ms), '1' when it was sent before ('' for none)
+# S settlements of 10 fields: scope count, grant id, token delta, day, month, cancel (0/1), deadline
+#   (Redis ms), '1' when it was sent before ('' for none), the day's and the month's end (Redis ms) of
+#   a repayment ('' for a settlement)
 #   (frees the lease and corrects the charge; a charge that left the window, or a budget whose
 #   calendar window has passed (its key expired), is no longer corrected; cancel = a slot never
-#   used: its entries leave the rpm and tpm logs too);
+#   used: its entries leave the rpm and tpm logs too; a repayment adds its tokens to the budgets,
+#   creating a missing one with the expiry a charge gives it: a day after its window ends);
 # then A admissions of 9 fields: scope count, grant id, tokens, day, month, ms to day end,
 #   ms to month end, slots wanted, request (1: a request to admit; 0: only a reservation of slots,
 #   for a replica whose slots run low); and per scope 5 more: rpm, tpm, concurrency, daily, monthly.
@@ -113,8 +117,8 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[1], '1', 'PX', mark_ms); k = 2 end
 
 -- Settlements correct each grant's own charge; the running sums they move (a key's tpm total,
 -- its day and month budgets) are added up here and written once per batch (settle_sums).
-local sums, budgets = {}, {}
-local function settle(first, n, gid, delta, cancel)
+local sums, budgets, ends = {}, {}, {}   -- ends: a repaid budget's window end (Redis ms)
+local function settle(first, n, gid, delta, cancel, day_end, month_end)
   for i = 1, n do
     local r, t, tc, c, d, m = scope(first, i)
     redis.call('ZREM', c, gid)
@@ -135,6 +139,7 @@ local function settle(first, n, gid, delta, cancel)
       end
       budgets[d] = (budgets[d] or 0) + delta
       budgets[m] = (budgets[m] or 0) + delta
+      if day_end then ends[d], ends[m] = day_end, month_end end
     end
   end
 end
@@ -143,8 +148,15 @@ local function settle_sums()
   for tc, delta in pairs(sums) do
     if delta ~= 0 then redis.call('HINCRBY', tc, '_sum', delta) end
   end
-  for key, delta in pairs(budgets) do   -- a budget whose window has passed (its key expired) stays gone
-    if delta ~= 0 and redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, delta) end
+  for key, delta in pairs(budgets) do
+    if delta ~= 0 then
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('INCRBY', key, delta)
+      elseif ends[key] then   -- repaid: created as a charge creates it, expiring a day after its window
+        redis.call('INCRBY', key, delta)
+        redis.call('PEXPIRE', key, math.max(0, ends[key] - now) + 86400000)
+      end                     -- else a budget whose window has passed (its key expired) stays gone
+    end
   end
 end
 
@@ -331,13 +343,14 @@ for _ = 1, tonumber(ARGV[1]) do
   elseif now >= tonumber(ARGV[a + 6]) then
     late[#late + 1] = ARGV[a + 1]              -- a mark that proved it applied may have expired
   else
-    local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 5] == '1')
+    local ok, e = pcall(settle, k, n, ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 5] == '1',
+                        tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]))   -- nil for a settlement ('')
     if not ok then failed[#failed + 1] = failure(e) end
     -- A retry leaves its own mark: a later send (this one's answer lost too) finds it. A first
     -- send needs none: the batch's mark says so for all of its settlements.
     if resent then redis.call('SET', own, '1', 'PX', mark_ms) end
   end
-  a, k = a + 8, k + 6 * n + (resent and 2 or 1)
+  a, k = a + 10, k + 6 * n + (resent and 2 or 1)
 end
 local ok, e = pcall(settle_sums)   -- before the admissions: they see the corrected sums
 if not ok then failed[#failed + 1] = failure(e) end

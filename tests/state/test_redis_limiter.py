@@ -24,6 +24,7 @@ from proxy.state.limits import OverLimit, Scope
 from proxy.state.redis_limiter import RedisGrant, RedisLimiter, cluster_url
 from proxy.state.redis_scripts import scope_keys
 from tests.backends import PrivateRedis
+from tests.relay import TcpRelay
 from tests.state.redis_worker import BURST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -434,6 +435,83 @@ async def test_tokens_admitted_locally_are_added_to_the_shared_budgets_once_redi
         await lim.acquire(s, 1)
     assert over.value.kind == "daily_tokens"
     await lim.close()
+
+
+async def test_a_repayment_whose_answer_was_lost_after_redis_ran_it_is_charged_once(
+        private_redis: PrivateRedis, redis_prefix: str) -> None:
+    """Tokens admitted locally are repaid once Redis is back; Redis runs the repayment but its answer is
+    lost (the connection cut as the answer comes back). The retry must find that it ran: the day's and
+    month's budgets hold the tokens once, not once per recovery."""
+    relay = TcpRelay("127.0.0.1", private_redis.port).start()
+    lim = RedisLimiter(f"redis://127.0.0.1:{relay.port}/0", prefix=redis_prefix, timeout_s=0.3,
+                       probe_interval_s=0.1, on_backend_down="local")
+    client = redis.asyncio.Redis.from_url(private_redis.url, decode_responses=True)   # behind the relay's back
+    try:
+        await lim.start()
+        s = [scope("repaid", daily_tokens=100), scope("repaid-app", inherited=True, monthly_tokens=1000)]
+        # A batch before the outage: Redis has the script, so the repayment's send runs it (a first
+        # send would be answered NOSCRIPT, and that answer lost would prove nothing).
+        lim.settle(await lim.acquire(s, 0), 0)
+        relay.block()                                 # Redis unreachable: new connections refused, open ones cut
+        lim.settle(await lim.acquire(s, 30), 60)      # admitted alone, used 60: owed to both scopes
+        assert not lim.up
+        # The first batch to carry the key after the recovery is its repayment: Redis runs it, its
+        # answer never arrives.
+        lost = relay.lose_answer(f"{redis_prefix}repaid:d:".encode())
+        relay.block(False)
+        async with asyncio.timeout(10):
+            while not lost.is_set():
+                await asyncio.sleep(0.05)
+            while not lim.up or lim._owed or lim._unsettled or lim._settlements or lim._sender is not None:
+                await asyncio.sleep(0.05)
+        grant = await lim.acquire(s, 0)               # counted in Redis again, after the repayment's retry
+        assert isinstance(grant, RedisGrant) and grant.local is None
+        assert await client.get(f"{redis_prefix}repaid:d:{grant.day}") == "60"
+        assert await client.get(f"{redis_prefix}repaid-app:m:{grant.month}") == "60"
+        assert 86400 < await client.ttl(f"{redis_prefix}repaid:d:{grant.day}") <= 2 * 86400   # the budget's expiry
+        with pytest.raises(OverLimit) as over:
+            await lim.acquire(s, 41)
+        assert (over.value.kind, over.value.remaining) == ("daily_tokens", 40)
+    finally:
+        await client.aclose()
+        await lim.close()
+        relay.stop()
+
+
+async def test_a_repayment_whose_answer_was_lost_and_whose_retry_comes_past_its_horizon_is_dropped_and_said(
+        private_redis: PrivateRedis, redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis runs a repayment and its answer is lost; the probe finds Redis back only after the retry
+    horizon (shortened here to 0.75 s; the probe waits 2 s). Nothing can tell any more whether it ran:
+    it is dropped, logged (key, day, tokens) and counted, never added a second time."""
+    dropped: list[str] = []
+    relay = TcpRelay("127.0.0.1", private_redis.port).start()
+    lim = RedisLimiter(f"redis://127.0.0.1:{relay.port}/0", prefix=redis_prefix, timeout_s=0.3,
+                       probe_interval_s=2.0, on_backend_down="local", settle_retry_s=0.75,
+                       on_settlement_dropped=dropped.append)
+    client = redis.asyncio.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        await lim.start()
+        s = [scope("late-repaid", daily_tokens=100)]
+        lim.settle(await lim.acquire(s, 0), 0)        # the script cached: the repayment's send runs it
+        relay.block()
+        lim.settle(await lim.acquire(s, 30), 60)      # admitted alone, used 60
+        lost = relay.lose_answer(f"{redis_prefix}late-repaid:d:".encode())
+        relay.block(False)
+        async with asyncio.timeout(15):
+            while not lost.is_set():
+                await asyncio.sleep(0.05)
+            while not dropped or not lim.up or lim._owed or lim._unsettled or lim._settlements:
+                await asyncio.sleep(0.05)
+        assert dropped == ["retry_horizon"]
+        grant = await lim.acquire(s, 0)
+        assert isinstance(grant, RedisGrant) and grant.local is None
+        assert await client.get(f"{redis_prefix}late-repaid:d:{grant.day}") == "60"   # the lost send's, once
+        assert any("+60 tokens on late-repaid for day" in r.getMessage() and "may have added them" in r.getMessage()
+                   for r in caplog.records if r.name == "seekgate.limits" and r.levelname == "ERROR")
+    finally:
+        await client.aclose()
+        await lim.close()
+        relay.stop()
 
 
 async def test_tokens_admitted_locally_and_still_owed_when_the_limiter_closes_with_redis_down_are_said_and_counted(
