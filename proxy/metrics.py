@@ -38,7 +38,7 @@ AUTH_REASONS = frozenset({
     "session_header_refused", "session_lifetime_too_long", "session_missing_claim",
     "session_not_yet_valid", "session_revoked", "session_token_too_large", "session_unknown_kid",
     "session_wrong_audience_or_issuer", "sessions_unavailable",
-    "console_key_tier", "console_no_session",
+    "console_key_tier", "console_no_session", "console_session_malformed",
 })
 SETTLEMENT_DROP_REASONS = frozenset({"retry_horizon", "overflow", "redis_error", "shutdown"})
 HTTP_CODES = frozenset({200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429,
