@@ -570,7 +570,8 @@ def test_grpc_stream_whose_first_message_is_over_the_cap_is_audited(grpc_gw: Gat
         with pytest.raises(grpc.RpcError) as info:
             list(responses)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5)
+    # Failed once in four full runs (not reproduced since): the records say what was audited instead.
+    assert wait_for(lambda: len(over_cap_records(grpc_gw)) == before + 1, 5), json.dumps(audit_records(grpc_gw)[-3:])
     rec = over_cap_records(grpc_gw)[-1]
     assert rec["http_status"] == 413
     # Only seekgate's own refusal names the request (core's carries no metadata of ours).
