@@ -77,32 +77,26 @@ _REHASH_DRAIN_S = 5.0
 
 # ------------------------------------------------------------------ the request path
 
+Answer = Callable[[web.Request, AppState, RequestContext], Awaitable[web.StreamResponse]]
+# What an app's one route answers with: `answer` on the API listener, `status_answer` on the status listener.
+# Read from the app, not passed down by a wrapper: a wrapper coroutine would cost every request another frame.
+ANSWER: web.AppKey[Answer] = web.AppKey("ANSWER")
+
+
 async def request_path(request: web.Request) -> web.StreamResponse:
     """context -> authenticate -> classify -> authorize -> limit -> forward -> audit + metrics.
 
-    The handler of the app's one route, which matches every method and path: no request reaches
-    anything else, and no middleware layer costs every request a coroutine of its own.
+    The handler of each app's one route, which matches every method and path: no request reaches
+    anything else, and no middleware layer costs every request a coroutine of its own. The app's
+    ANSWER gives the answer; around it, the request's context, audit record and metrics.
     """
-    return await served(request, answer)
-
-
-async def status_path(request: web.Request) -> web.StreamResponse:
-    """The one route of the status listener (`server.status_listen`): the health probes, nothing else."""
-    return await served(request, status_answer)
-
-
-Answer = Callable[[web.Request, AppState, RequestContext], Awaitable[web.StreamResponse]]
-
-
-async def served(request: web.Request, answer_with: Answer) -> web.StreamResponse:
-    """`answer_with`'s answer, sent, with the request's context, audit record and metrics around it."""
     state = request.app[STATE]
     ctx = new_context(request)
     if state.settings.server.tls_client_ca_file:   # mTLS: the handshake verified it; policy and audit read it
         ctx.peer_cert = http_peer_cert(request.transport)
     request[CTX] = ctx
     try:
-        response = await answer_with(request, state, ctx)
+        response = await request.app[ANSWER](request, state, ctx)
         await send_now(request, ctx, response)
         return response
     except asyncio.CancelledError:
@@ -426,6 +420,7 @@ def build_app(settings: Settings, worker: WorkerRole | None = None) -> web.Appli
     # client_max_size is irrelevant: bodies are read by read_body() with the configured cap.
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[HSTS] = strict_transport_security(settings.server)
+    app[ANSWER] = answer
     app.cleanup_ctx.append(resources(settings, worker))
     app.on_response_prepare.append(last_headers)
     app.router.add_route("*", "/{tail:.*}", request_path)
@@ -450,7 +445,8 @@ async def last_headers(request: web.Request, response: web.StreamResponse) -> No
       both answer from this app.
     """
     ctx = request.get(CTX)
-    if request.secure and (hsts := request.app.get(HSTS)):
+    # HSTS first: it is off by default, so most answers look up nothing more.
+    if (hsts := request.app.get(HSTS)) and request.secure:
         response.headers["Strict-Transport-Security"] = hsts
     if ctx is not None and ctx.limit_grant is not None:
         response.headers.update(ctx.limit_grant.headers())
@@ -467,7 +463,8 @@ def build_status_app(state: AppState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.on_response_prepare.append(last_headers)
-    app.router.add_route("*", "/{tail:.*}", status_path)
+    app[ANSWER] = status_answer
+    app.router.add_route("*", "/{tail:.*}", request_path)
     return app
 
 
