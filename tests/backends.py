@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -281,34 +282,27 @@ class PrivateRedisCluster:
 
     def failed_over(self, port: int) -> bool:
         """Whether every running node sees the slots of the (dead) master of `port` served by another."""
-        import redis
-        for live in self.live_ports():
-            client = redis.Redis(port=live, socket_timeout=2)
-            try:
-                if client.cluster("info").get("cluster_state") != "ok":
-                    return False
-                if any(int(master[1]) == port for _, _, master, *_ in client.execute_command("CLUSTER", "SLOTS")):
-                    return False
-            except (redis.RedisError, OSError):
-                return False
-            finally:
-                client.close()
-        return True
+        return self._every_live_node(lambda client: not any(
+            int(master[1]) == port for _, _, master, *_ in client.execute_command("CLUSTER", "SLOTS")))
 
     def _ready(self) -> bool:
+        def ready(client: Any) -> bool:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+            if len(ranges) != self.masters:   # every node knows every master's slots
+                return False
+            if any(len(r) < 3 + self.replicas for r in ranges):   # ... and their replicas
+                return False
+            info = client.info("replication")
+            return not (info.get("role") == "slave" and info.get("master_link_status") != "up")
+        return self._every_live_node(ready, decode_responses=True)
+
+    def _every_live_node(self, check: Callable[[Any], bool], **options: Any) -> bool:
+        """Whether every running node says its cluster is ok and passes `check` (a client to it); False on any error."""
         import redis
         for port in self.live_ports():
-            client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+            client = redis.Redis(port=port, socket_timeout=2, **options)
             try:
-                if client.cluster("info").get("cluster_state") != "ok":
-                    return False
-                ranges = client.execute_command("CLUSTER", "SLOTS")
-                if len(ranges) != self.masters:   # every node knows every master's slots
-                    return False
-                if any(len(r) < 3 + self.replicas for r in ranges):   # ... and their replicas
-                    return False
-                info = client.info("replication")
-                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                if client.cluster("info").get("cluster_state") != "ok" or not check(client):
                     return False
             except (redis.RedisError, OSError):
                 return False
