@@ -304,11 +304,14 @@ class GrpcFrontEnd:
                     nonlocal sent
                     raw: bytes | None = first
                     while raw is not None:
+                        # Counted before the write: a cancel during it may come after grpc took the
+                        # bytes, and Triton then runs a message the meter would not charge (fail closed).
+                        sent += 1
                         try:
                             await call.write(raw)
                         except asyncio.InvalidStateError:
-                            return   # the upstream call is over; relay() reports how it ended
-                        sent += 1
+                            sent -= 1   # the upstream call was over: this one never left
+                            return   # relay() reports how it ended
                         raw = await admitted()
                     await call.done_writing()
 
